@@ -1,0 +1,75 @@
+"""KV cache for offline generation: one buffer per layer, owned by the caller.
+
+Every slot remembers the absolute position of the token it holds (-1 = empty), and attention masks
+are computed from positions, never from slot indices. That makes padding, chunked prefill and the
+rolling buffer one mechanism.
+
+Rolling buffer (sliding window W smaller than the capacity): the buffer has W slots and the token at
+position p lives in slot p mod W. Worked example, W = 4, after decoding position 9:
+
+    slot        0  1  2  3
+    position    8  9  6  7      (9 mod 4 = 1 overwrote position 5)
+
+The query at position 9 attends positions 6..9: exactly i - W < j <= i (DESIGN.md). When a chunk of
+T > 1 tokens arrives, the early queries of the chunk may still need slots the chunk's own later tokens
+would overwrite, so such chunks attend the old buffer concatenated with the new keys and only then
+write their last W tokens. A single decoding token may write first: the slot it overwrites holds
+position p - W, which it must not see anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        window = config.sliding_window
+        self.rolling = window is not None and window < capacity
+        self.size = window if self.rolling else capacity
+        shape = (batch_size, config.n_kv_heads, self.size, config.head_dim)  # [B,Hkv,S,D]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.pos = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)  # [B,S]
+        self._step: tuple | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.shape[0]
+
+    def begin(self, positions: torch.Tensor) -> None:
+        """Prepare to store the tokens at `positions` [B,T] (-1 = padding, not stored)."""
+        size = self.size
+        newest = positions.max(dim=1, keepdim=True).values  # [B,1]
+        keep = (positions >= 0) & (positions > newest - size)  # only the last S positions stay
+        rows, cols = keep.nonzero(as_tuple=True)  # [N] each
+        slots = positions[rows, cols] % size  # [N]
+        concat = self.rolling and positions.shape[1] > 1
+        old_pos = self.pos.clone() if concat else None
+        self.pos[rows, slots] = positions[rows, cols]
+        self._step = (rows, cols, slots, concat, old_pos, positions)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store k, v [B,T,Hkv,D] for `layer`; return keys, values [B,Hkv,S',D] and their positions [B,S']."""
+        if self._step is None:
+            raise RuntimeError("KVCache.update called before KVCache.begin")
+        rows, cols, slots, concat, old_pos, positions = self._step
+        if concat:
+            keys = torch.cat((self.k[layer], k.transpose(1, 2)), dim=2)  # [B,Hkv,S+T,D]
+            values = torch.cat((self.v[layer], v.transpose(1, 2)), dim=2)
+            key_pos = torch.cat((old_pos, positions), dim=1)  # [B,S+T]
+        self.k[layer][rows, :, slots] = k[rows, cols].to(self.k[layer].dtype)  # [N,Hkv,D]
+        self.v[layer][rows, :, slots] = v[rows, cols].to(self.v[layer].dtype)
+        if concat:
+            return keys, values, key_pos
+        return self.k[layer], self.v[layer], self.pos
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index` (finished sequences leave the batch)."""
+        self.k = [t[index] for t in self.k]
+        self.v = [t[index] for t in self.v]
+        self.pos = self.pos[index]

@@ -1,0 +1,59 @@
+"""RMSNorm, rotary embedding and the SwiGLU feed-forward: pure tensor code."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and cast back (as mistral-inference and HF do)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D) for i in [0, D/2), float32: [D/2]."""
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim
+    return 1.0 / (theta**exponents)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency: positions [B,T] -> two [B,T,D/2] float32 tensors.
+
+    Positions are absolute (padding slots carry -1; their values are never attended)."""
+    angles = positions.float()[..., None] * inv_freq  # [B,T,1] * [D/2] -> [B,T,D/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by the position's angle, Mistral's native layout.
+
+    x [B,T,H,D]; cos, sin [B,T,D/2]. Computed in float32, returned in x's dtype."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B,T,H,D] -> [B,T,H,D/2,2]
+    even, odd = pairs[..., 0], pairs[..., 1]  # [B,T,H,D/2] each
+    c, s = cos[:, :, None, :], sin[:, :, None, :]  # [B,T,1,D/2]
+    rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)  # [B,T,H,D/2,2]
+    return rotated.flatten(-2).to(x.dtype)  # [B,T,H,D]
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

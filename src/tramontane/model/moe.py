@@ -1,0 +1,70 @@
+"""Mixtral's sparse mixture-of-experts feed-forward.
+
+Routing (DESIGN.md, mistral-inference MoeLayer): logits = gate(x) without bias; take the top K; softmax
+over those K logits in float32; output = sum over the K chosen experts of weight * SwiGLU_e(x)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MoeConfig
+
+
+class MoeFeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, moe: MoeConfig) -> None:
+        super().__init__()
+        e = moe.num_experts
+        self.top_k = moe.num_experts_per_tok
+        self.gate = nn.Linear(dim, e, bias=False)
+        self.w1 = nn.Parameter(torch.empty(e, hidden_dim, dim))  # [E,F,dim]
+        self.w2 = nn.Parameter(torch.empty(e, dim, hidden_dim))  # [E,dim,F]
+        self.w3 = nn.Parameter(torch.empty(e, hidden_dim, dim))  # [E,F,dim]
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N,dim] -> weights [N,K] (x's dtype) and expert ids [N,K]."""
+        logits = self.gate(x)  # [N,E]
+        top_logits, experts = torch.topk(logits, self.top_k, dim=-1)  # [N,K]
+        weights = F.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)
+        return weights, experts
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU of expert e: x [n,dim] -> [n,dim]."""
+        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Batched path: group the (token, expert) pairs by expert, one matmul chain per used expert."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [N,dim]
+        weights, experts = self.route(flat)  # [N,K]
+        order = experts.reshape(-1).argsort(stable=True)  # [N*K], grouped by expert
+        token = order // self.top_k  # [N*K] token row of each pair
+        counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts).tolist()  # one sync/layer
+        grouped = flat[token]  # [N*K,dim]
+        out = torch.empty_like(grouped)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                out[start:start + n] = self.expert(e, grouped[start:start + n])
+                start += n
+        out *= weights.reshape(-1)[order, None]  # [N*K,dim]
+        y = torch.zeros_like(flat).index_add_(0, token, out)  # [N,dim]
+        return y.view(shape)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The test oracle: a plain loop over every expert, masking the tokens that chose it."""
+        flat = x.reshape(-1, x.shape[-1])  # [N,dim]
+        weights, experts = self.route(flat)  # [N,K]
+        y = torch.zeros_like(flat)
+        for e in range(self.num_experts):
+            chosen = experts == e  # [N,K]
+            rows = chosen.any(dim=-1).nonzero().flatten()
+            if len(rows):
+                w = (weights * chosen).sum(dim=-1)[rows, None]  # [n,1]
+                y[rows] += w * self.expert(e, flat[rows])
+        return y.view(x.shape)

@@ -1,0 +1,65 @@
+"""The transformer: Mistral, Mixtral (= Mistral + config.moe) and Llama-shaped models."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import Attention
+from .cache import KVCache
+from .layers import FeedForward, RMSNorm, rope_cos_sin, rope_frequencies
+from .moe import MoeFeedForward
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward: nn.Module
+        if config.moe is None:
+            self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        else:
+            self.feed_forward = MoeFeedForward(config.dim, config.hidden_dim, config.moe)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), positions, rope, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """tokens [B,T] and absolute positions [B,T] (-1 = padding) in, logits [B,T,V] out."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_frequencies(config.head_dim, config.rope_theta), persistent=False)
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """Final normed hidden states [B,T,dim]."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+        if cache is not None:
+            cache.begin(positions)
+        rope = rope_cos_sin(positions, self.inv_freq)  # [B,T,D/2] each
+        h = self.tok_embeddings(tokens.clamp(min=0))  # [B,T,dim]
+        for block in self.layers:
+            h = block(h, positions, rope, cache)
+        return self.norm(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Hidden states [...,dim] -> logits [...,V] in float32."""
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return torch.nn.functional.linear(h, weight).float()
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        return self.logits(self.hidden_states(tokens, positions, cache))

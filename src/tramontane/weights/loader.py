@@ -1,0 +1,233 @@
+"""Find a model's weights, build its config, and assemble a `Transformer` from them.
+
+Formats: a Hugging Face folder (config.json + model.safetensors, or shards with an index), Mistral's
+native folder (params.json + consolidated.safetensors or numbered shards), or a GGUF file. The model is
+built on the meta device and each tensor is read once, straight into its final dtype, then assigned:
+peak memory is the model plus one tensor in flight (plus the packed GGUF file, which is mapped)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError, LoadError
+from ..model import Transformer
+from ..model.layers import rope_frequencies
+from . import names
+from .safetensors import SafetensorsFile
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_MESSAGE = ("pickle checkpoints (.bin, .pt, .pth) are refused: unpickling runs arbitrary code from "
+                  "the file. tramontane loads Hugging Face safetensors folders, Mistral native folders "
+                  "(params.json + consolidated.safetensors) and GGUF files; convert the checkpoint to "
+                  "safetensors first")
+
+
+class TensorSource(Protocol):
+    path: Path
+
+    def items(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]: ...
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    config: ModelConfig
+    format: str  # "hf", "mistral", "gguf"
+    path: Path
+    weight_types: dict[str, int] = field(default_factory=dict)  # stored type name -> tensor count
+    metadata: dict[str, Any] = field(default_factory=dict)  # GGUF metadata (tokenizer lives there)
+
+
+def detect_format(path: Path) -> str:
+    if not path.exists():
+        raise LoadError(path, "no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise LoadError(path, PICKLE_MESSAGE)
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise LoadError(path, "not a GGUF file (no GGUF magic); for safetensors, pass the model's folder")
+    if (path / "config.json").is_file() and _hf_files(path):
+        return "hf"
+    if (path / "params.json").is_file() and _native_files(path):
+        return "mistral"
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise LoadError(path, f"only pickle weights found ({', '.join(pickles[:3])}): {PICKLE_MESSAGE}")
+    raise LoadError(path, "no weights found: expected config.json + model*.safetensors (Hugging Face), "
+                          "params.json + consolidated*.safetensors (Mistral) or a .gguf file")
+
+
+def _hf_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [folder / n for n in sorted(set(weight_map.values()))]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise LoadError(index, f"malformed shard index: {e!r}") from None
+    return sorted(folder.glob("model*.safetensors"))
+
+
+def _native_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("consolidated*.safetensors"))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(path, f"cannot read JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise LoadError(path, "expected a JSON object")
+    return data
+
+
+class SafetensorsSource:
+    def __init__(self, path: Path, files: list[Path]) -> None:
+        self.path = path
+        self.files = files
+        self.types: dict[str, int] = {}
+
+    def items(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+        seen: set[str] = set()
+        for file in self.files:
+            if not file.is_file():
+                raise LoadError(file, "shard listed in the index is missing")
+            with SafetensorsFile(file) as st:
+                for name, entry in st.tensors.items():
+                    if name in seen:
+                        raise LoadError(file, f"tensor {name!r} appears in more than one shard")
+                    seen.add(name)
+                    key = str(entry.dtype).removeprefix("torch.")
+                    self.types[key] = self.types.get(key, 0) + 1
+                    yield name, (lambda st=st, name=name: st.read(name))
+
+
+class GGUFSource:
+    def __init__(self, path: Path) -> None:
+        from .gguf import open_gguf
+
+        self.path = path
+        self.file = open_gguf(path)
+        self.types: dict[str, int] = {}
+        for info in self.file.tensors.values():
+            self.types[info.type_name] = self.types.get(info.type_name, 0) + 1
+
+    def items(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+        for name in self.file.tensors:
+            yield name, (lambda name=name: self.file.load(name, torch.float32))
+
+
+def open_source(path: Path) -> tuple[str, ModelConfig, Any, names.NameMap]:
+    fmt = detect_format(path)
+    if fmt == "hf":
+        cfg_path = path / "config.json"
+        config = _config(cfg_path, ModelConfig.from_hf_config)
+        return fmt, config, SafetensorsSource(path, _hf_files(path)), names.HF
+    if fmt == "mistral":
+        cfg_path = path / "params.json"
+        config = _config(cfg_path, ModelConfig.from_params_json)
+        return fmt, config, SafetensorsSource(path, _native_files(path)), names.NATIVE
+    source = GGUFSource(path)
+    try:
+        config = ModelConfig.from_gguf_metadata(source.file.metadata, source=str(path))
+    except ConfigError as e:
+        raise LoadError(path, str(e)) from None
+    config = config.with_(tie_embeddings="output.weight" not in source.file.tensors)
+    return fmt, config, source, names.GGUF
+
+
+def _config(path: Path, build: Callable[..., ModelConfig]) -> ModelConfig:
+    try:
+        return build(_read_json(path), source=str(path))
+    except ConfigError as e:
+        raise LoadError(path, str(e).removeprefix(f"{path}: ")) from None
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> LoadedModel:
+    """Read a model folder or GGUF file into a ready `Transformer` (eval mode, no gradients)."""
+    path = Path(path)
+    fmt, config, source, name_map = open_source(path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    state = _assemble(model, config, source, name_map, dtype, progress)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = rope_frequencies(config.head_dim, config.rope_theta)
+    model.eval().requires_grad_(False)
+    meta = source.file.metadata if fmt == "gguf" else {}
+    return LoadedModel(model, config, fmt, path, dict(source.types), meta)
+
+
+def _assemble(model: Transformer, config: ModelConfig, source: Any, name_map: names.NameMap,
+              dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    experts: dict[str, set[int]] = {}
+    items = list(source.items()) if progress else source.items()
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="loading weights", unit="tensor", leave=False)
+    for name, read in items:
+        try:
+            m = name_map.map(name)
+        except KeyError:
+            raise LoadError(source.path, f"unexpected tensor {name!r}: not part of a "
+                                         f"{config.architecture} model") from None
+        if m is None or (m.target == "output.weight" and config.tie_embeddings):
+            continue
+        if m.target not in expected:
+            raise LoadError(source.path, f"tensor {name!r} maps to {m.target!r}, which this "
+                                         f"configuration ({config.n_layers} layers, moe={config.moe}) lacks")
+        tensor = _transform(read(), m.transform, config).to(dtype)
+        _place(source.path, name, m, tensor, expected[m.target], state, experts, dtype)
+    _check_complete(source.path, expected, state, experts)
+    return state
+
+
+def _transform(t: torch.Tensor, transform: str | None, config: ModelConfig) -> torch.Tensor:
+    if transform == "q":
+        return names.unpermute_rotary(t, config.n_heads)
+    if transform == "k":
+        return names.unpermute_rotary(t, config.n_kv_heads)
+    return t
+
+
+def _place(path: Path, name: str, m: names.Mapping, tensor: torch.Tensor, shape: tuple[int, ...],
+           state: dict[str, torch.Tensor], experts: dict[str, set[int]], dtype: torch.dtype) -> None:
+    want = shape[1:] if m.expert is not None else shape
+    if tuple(tensor.shape) != want:
+        raise LoadError(path, f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(want)}")
+    if m.expert is None:
+        if m.target in state:
+            raise LoadError(path, f"tensor {name!r} duplicates {m.target!r}")
+        state[m.target] = tensor
+        return
+    if not 0 <= m.expert < shape[0]:
+        raise LoadError(path, f"tensor {name!r}: expert {m.expert} but the model has {shape[0]} experts")
+    stacked = state.setdefault(m.target, torch.empty(shape, dtype=dtype))
+    seen = experts.setdefault(m.target, set())
+    if m.expert in seen:
+        raise LoadError(path, f"tensor {name!r} duplicates expert {m.expert}")
+    stacked[m.expert].copy_(tensor)
+    seen.add(m.expert)
+
+
+def _check_complete(path: Path, expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor],
+                    experts: dict[str, set[int]]) -> None:
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise LoadError(path, f"missing tensors: {', '.join(missing[:5])}{more}")
+    for target, seen in experts.items():
+        if len(seen) != expected[target][0]:
+            absent = sorted(set(range(expected[target][0])) - seen)
+            raise LoadError(path, f"{target}: experts {absent} are missing")
