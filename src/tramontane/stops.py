@@ -5,6 +5,11 @@ not to be part of a stop string, withholds any tail that could still grow into o
 earliest occurrence of any stop string (which may span several deltas), and never emits the stop
 string itself, as OpenAI's API does.
 
+"Earliest" means the first stop string to be completed as the text is read (the earliest end position;
+on a tie, the one starting first), and the text is cut where that occurrence starts. This is what a
+character-by-character stream would do, so the result never depends on how the text was split into
+deltas. (Stop strings "cd" and "abcdef" on "xxabcdefyy": "cd" completes first, the output is "xxab".)
+
 Worked example with stop strings ("###",):
 
     push("Hello #")  -> ("Hello ", False)   "#" is withheld: it may start "###"
@@ -54,13 +59,14 @@ class StopChecker:
 
 
 def _earliest_match(text: str, stops: Sequence[str]) -> tuple[int, str | None]:
-    """(start, stop string) of the earliest complete occurrence; the shorter string wins a tie."""
-    best, matched = len(text) + 1, None
+    """(start, stop string) of the first occurrence to complete: least end, then least start."""
+    best: tuple[int, int] | None = None
+    matched = None
     for s in stops:
-        i = text.find(s, 0, best + len(s))  # only occurrences starting at or before `best` matter
-        if i != -1 and (i < best or (i == best and matched is not None and len(s) < len(matched))):
-            best, matched = i, s
-    return best, matched
+        i = text.find(s)  # the first occurrence of s also ends first
+        if i != -1 and (best is None or (i + len(s), i) < best):
+            best, matched = (i + len(s), i), s
+    return (best[1] if best else len(text)), matched
 
 
 def _partial_start(text: str, stops: Sequence[str]) -> int:

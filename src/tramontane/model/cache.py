@@ -28,6 +28,7 @@ class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         window = config.sliding_window
+        self._window = window
         self.rolling = window is not None and window < capacity
         self.size = window if self.rolling else capacity
         shape = (batch_size, config.n_kv_heads, self.size, config.head_dim)  # [B,Hkv,S,D]
@@ -73,3 +74,32 @@ class KVCache:
         self.k = [t[index] for t in self.k]
         self.v = [t[index] for t in self.v]
         self.pos = self.pos[index]
+
+    def ensure_capacity(self, n_positions: int, limit: int) -> None:
+        """Make room for positions 0..n_positions-1 (doubling, at most `limit` slots).
+
+        A rolling buffer never grows. A full-size buffer that grows past the sliding window becomes
+        a rolling buffer of W slots, keeping the last W positions at slot p mod W."""
+        if self.rolling or n_positions <= self.size:
+            return
+        target = min(max(n_positions, 2 * self.size), max(limit, n_positions))
+        window = self._window
+        if window is not None and window < target:
+            self._resize(window, rolling=True)
+        else:
+            self._resize(target, rolling=False)
+
+    def _resize(self, size: int, rolling: bool) -> None:
+        old_k, old_v, old_pos = self.k, self.v, self.pos
+        b, hkv, _, d = old_k[0].shape
+        self.k = [torch.zeros(b, hkv, size, d, dtype=t.dtype, device=t.device) for t in old_k]
+        self.v = [torch.zeros(b, hkv, size, d, dtype=t.dtype, device=t.device) for t in old_v]
+        self.pos = torch.full((b, size), -1, dtype=torch.long, device=old_pos.device)
+        newest = old_pos.max(dim=1, keepdim=True).values  # [B,1]
+        keep = (old_pos >= 0) & (old_pos > newest - size)
+        rows, cols = keep.nonzero(as_tuple=True)  # [N]
+        slots = old_pos[rows, cols] % size
+        self.pos[rows, slots] = old_pos[rows, cols]
+        for new, old in zip(self.k + self.v, old_k + old_v):
+            new[rows, :, slots] = old[rows, :, cols]  # [N,Hkv,D]
+        self.size, self.rolling = size, rolling

@@ -96,6 +96,16 @@ class SafetensorsSource:
         self.files = files
         self.types: dict[str, int] = {}
 
+    def type_counts(self) -> dict[str, int]:
+        """Stored dtype -> tensor count, from the headers alone."""
+        counts: dict[str, int] = {}
+        for file in self.files:
+            with SafetensorsFile(file) as st:
+                for entry in st.tensors.values():
+                    key = str(entry.dtype).removeprefix("torch.")
+                    counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def items(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
         seen: set[str] = set()
         for file in self.files:
@@ -120,6 +130,9 @@ class GGUFSource:
         self.types: dict[str, int] = {}
         for info in self.file.tensors.values():
             self.types[info.type_name] = self.types.get(info.type_name, 0) + 1
+
+    def type_counts(self) -> dict[str, int]:
+        return dict(self.types)
 
     def items(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
         for name in self.file.tensors:

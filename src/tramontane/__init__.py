@@ -1,0 +1,10 @@
+"""tramontane: run, serve, quantize and fine-tune Mistral-family open-weight models."""
+
+from .api import LLM, load
+from .config import ModelConfig, MoeConfig
+from .errors import ConfigError, LoadError, RequestError, TemplateError, TokenizerError, TramontaneError
+from .sampling import SamplingParams
+
+__all__ = ["LLM", "load", "ModelConfig", "MoeConfig", "SamplingParams", "TramontaneError", "ConfigError",
+           "LoadError", "RequestError", "TemplateError", "TokenizerError"]
+__version__ = "0.1.0"

@@ -1,0 +1,82 @@
+"""The offline Python API: `tramontane.load(model)` returns an `LLM`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import RequestError
+from .generate import Completion, Delta, Generator, collect
+from .resolve import resolve_model
+from .sampling import SamplingParams
+from .weights.loader import LoadedModel, load_model
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    def __init__(self, loaded: LoadedModel, tokenizer: Any, dtype: torch.dtype = torch.float32) -> None:
+        self.loaded, self.tokenizer = loaded, tokenizer
+        self.model, self.config = loaded.model, loaded.config
+        self._generator = Generator(loaded.model, tokenizer, dtype)
+
+    def _params(self, params: SamplingParams | Sequence[SamplingParams] | None, n: int,
+                kwargs: dict[str, Any]) -> list[SamplingParams]:
+        if params is None:
+            params = SamplingParams(**kwargs)
+        elif kwargs:
+            raise RequestError("pass either a SamplingParams or keyword sampling options, not both")
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        if len(params) != n:
+            raise RequestError(f"{len(params)} SamplingParams for {n} prompts")
+        return list(params)
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_bos=True)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+        return ids
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
+                 | None = None, *, stream: bool = False, **kwargs: Any) -> list[Completion] | Iterator[Delta]:
+        """Complete a batch of prompts (text or token ids). With stream=True, yields `Delta`s as they come
+        (each names its prompt's index); otherwise returns one `Completion` per prompt."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        ids = [self.encode_prompt(p) for p in prompts]  # type: ignore[union-attr]
+        deltas = self._generator.run(ids, self._params(params, len(ids), kwargs))
+        return deltas if stream else collect(deltas, ids)
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
+             stream: bool = False, **kwargs: Any) -> Completion | Iterator[str]:
+        """Answer a conversation (OpenAI-style message dicts). With stream=True, yields text deltas."""
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        deltas = self._generator.run([ids], self._params(params, 1, kwargs))
+        if stream:
+            return (d.text for d in deltas if d.text)
+        return collect(deltas, [ids])[0]
+
+    def score(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Log-probability of every token after the first, given the tokens before it."""
+        return self._generator.score(self.encode_prompt(token_ids))
+
+
+def load(model: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
+         progress: bool = False) -> LLM:
+    """Load a model folder (Hugging Face or Mistral native) or GGUF file; None = the default model."""
+    from .tokenizer import load_tokenizer, tokenizer_from_gguf
+
+    path = resolve_model(model)
+    loaded = load_model(path, dtype=dtype, progress=progress)
+    if loaded.format == "gguf":
+        tokenizer = tokenizer_from_gguf(loaded.metadata, str(path))
+    else:
+        tokenizer = load_tokenizer(path)
+    return LLM(loaded, tokenizer, dtype)

@@ -1,0 +1,1 @@
+"""Weight file readers: bounds-checked, memory-mapped, producing tensors and metadata."""
