@@ -75,11 +75,17 @@ def native_state(model) -> tuple[dict, dict[str, torch.Tensor]]:
               "n_kv_heads": c.num_key_value_heads, "norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size}
     if getattr(c, "sliding_window", None):
         params["sliding_window"] = c.sliding_window  # v0.1 style: no rope_theta (10000 by rule)
+    theta = float((getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 1e4)))
+    if theta != (10_000.0 if params.get("sliding_window") else 1e6):
+        params["rope_theta"] = theta  # v0.1 files omit it when the rule gives the right value
     if c.model_type == "mixtral":
         params["moe"] = {"num_experts": c.num_local_experts, "num_experts_per_tok": c.num_experts_per_tok}
     hf = {k: v.contiguous() for k, v in model.state_dict().items()}
-    out = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
-           "output.weight": hf["lm_head.weight"]}
+    out = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    if getattr(c, "tie_word_embeddings", False):
+        params["tied_embeddings"] = True
+    else:
+        out["output.weight"] = hf["lm_head.weight"]
     for i in range(c.num_hidden_layers):
         p, q = f"model.layers.{i}.", f"layers.{i}."
         out[q + "attention.wq.weight"] = unpermute_rotary(hf[p + "self_attn.q_proj.weight"], c.num_attention_heads)
@@ -144,8 +150,6 @@ def save_gguf(model, path: Path, qtype: str = "F32") -> Path:
         w.add_expert_count(c.num_local_experts)
         w.add_expert_used_count(c.num_experts_per_tok)
     tensors = _gguf_tensors(c, state)
-    if getattr(c, "tie_word_embeddings", False):
-        tensors.pop("output.weight")
     for name, t in tensors.items():
         _add_gguf_tensor(w, name, t.float().numpy(), qtype)
     w.write_header_to_file()
@@ -156,8 +160,9 @@ def save_gguf(model, path: Path, qtype: str = "F32") -> Path:
 
 
 def _gguf_tensors(c, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {"token_embd.weight": state["tok_embeddings.weight"], "output_norm.weight": state["norm.weight"],
-           "output.weight": state["output.weight"]}
+    out = {"token_embd.weight": state["tok_embeddings.weight"], "output_norm.weight": state["norm.weight"]}
+    if "output.weight" in state:
+        out["output.weight"] = state["output.weight"]
     for i in range(c.num_hidden_layers):
         for ours, theirs in GGUF_NAMES.items():
             if f"layers.{i}.{ours}" in state:

@@ -161,9 +161,9 @@ def count_tokens(token_lists: Sequence[Sequence[int]], vocab_size: int,
     """Per-row token counts [B, V] int64 from per-row lists of token ids (one bincount, no V loop)."""
     rows, ids = [], []
     for row, toks in enumerate(token_lists):
-        for t in toks:
-            if not 0 <= t < vocab_size:
-                raise RequestError(f"token id {t!r} is outside the vocabulary (size {vocab_size})")
+        if toks and not (0 <= min(toks) and max(toks) < vocab_size):
+            bad = next(t for t in toks if not 0 <= t < vocab_size)
+            raise RequestError(f"token id {bad!r} is outside the vocabulary (size {vocab_size})")
         rows.extend([row] * len(toks))
         ids.extend(toks)
     b = len(token_lists)
@@ -261,7 +261,7 @@ def _top_k_top_p(logits: torch.Tensor, params_list: Sequence[SamplingParams],
         # Threshold 1 - top_p computed in float64 on the host, like transformers; -1 switches a row off.
         limit = _row_values(logits, [1.0 - p.top_p if p.top_p < 1.0 else -1.0 for p in params_list])
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # [B, V] ascending cumulative probability
-        drop = cum < limit
+        drop = cum <= limit
         drop[:, -1] = False  # the most probable token always survives
         sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)  # back to vocabulary order
