@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from models import hf_model, save_gguf, save_hf, save_native
+
 from tramontane.errors import LoadError
 from tramontane.weights.loader import load_model
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models import hf_model, save_hf
 
 import tramontane.generate as gen_mod
-from models import hf_model, save_hf
 from tramontane.api import LLM
 from tramontane.sampling import SamplingParams
 from tramontane.weights.loader import load_model

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from models import hf_model, save_hf
+
 from tramontane.model import KVCache
 from tramontane.weights.loader import load_model
 

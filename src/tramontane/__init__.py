@@ -5,6 +5,17 @@ from .config import ModelConfig, MoeConfig
 from .errors import ConfigError, LoadError, RequestError, TemplateError, TokenizerError, TramontaneError
 from .sampling import SamplingParams
 
-__all__ = ["LLM", "load", "ModelConfig", "MoeConfig", "SamplingParams", "TramontaneError", "ConfigError",
-           "LoadError", "RequestError", "TemplateError", "TokenizerError"]
+__all__ = [
+           "LLM",
+           "ConfigError",
+           "LoadError",
+           "ModelConfig",
+           "MoeConfig",
+           "RequestError",
+           "SamplingParams",
+           "TemplateError",
+           "TokenizerError",
+           "TramontaneError",
+           "load",
+]
 __version__ = "0.1.0"

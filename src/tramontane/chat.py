@@ -139,7 +139,7 @@ class _ChatSandbox(ImmutableSandboxedEnvironment):
         _tick()
         return super().getitem(obj, argument)
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         _tick()
         for arg in (*args, *kwargs.values()):
             _check_size(arg)

@@ -129,8 +129,8 @@ def cmd_chat(ns: argparse.Namespace) -> int:
 
 
 def cmd_show(ns: argparse.Namespace) -> int:
-    from .show import describe
     from .resolve import resolve_model
+    from .show import describe
 
     for key, value in describe(resolve_model(ns.model)).items():
         print(f"{key:<20} {value}")

@@ -5,8 +5,9 @@ never guesses from paths or file names."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 
@@ -170,7 +171,7 @@ def _getter(m: Mapping[str, Any], source: str):
         try:
             value = kind(m[key])
         except (TypeError, ValueError):
-            raise ConfigError(f"{source}: field {key!r} has value {m[key]!r}, expected {kind.__name__}")
+            raise ConfigError(f"{source}: field {key!r} has value {m[key]!r}, expected {kind.__name__}") from None
         return value
     return get
 
@@ -191,7 +192,7 @@ def _window(value: Any, source: str) -> int | None:
     try:
         w = int(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{source}: sliding_window {value!r} is not an integer")
+        raise ConfigError(f"{source}: sliding_window {value!r} is not an integer") from None
     if w < 0:
         raise ConfigError(f"{source}: sliding_window {w} must be positive")
     return w

@@ -14,7 +14,14 @@ import torch
 
 from .errors import RequestError
 from .model import KVCache, Transformer
-from .sampling import SamplingParams, apply_penalties, compute_logprobs, make_generator, process_logits, sample
+from .sampling import (
+    SamplingParams,
+    apply_penalties,
+    compute_logprobs,
+    make_generator,
+    process_logits,
+    sample,
+)
 from .stops import StopChecker
 
 PREFILL_CHUNK = 512  # tokens per row per prefill step: bounds activation memory on long prompts

@@ -8,9 +8,10 @@ peak memory is the model plus one tensor in flight (plus the packed GGUF file, w
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
