@@ -1,0 +1,62 @@
+"""Corrupt safetensors files raise LoadError naming the file and the problem, quickly."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tramontane.errors import LoadError
+from tramontane.weights.safetensors import SafetensorsFile
+
+
+def raw(header: dict, data: bytes = b"", length: int | None = None) -> bytes:
+    body = json.dumps(header).encode()
+    return struct.pack("<Q", len(body) if length is None else length) + body + data
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}
+CASES = {
+    "empty file": (b"", "header length"),
+    "header length past the end": (raw(GOOD, bytes(16), length=1 << 40), "header length"),
+    "header length 2^64-1": (struct.pack("<Q", (1 << 64) - 1) + b"{}", "header length"),
+    "header not JSON": (struct.pack("<Q", 4) + b"{{{{", "JSON"),
+    "header not an object": (raw([1, 2]), "not a JSON object"),  # type: ignore[arg-type]
+    "unknown dtype": (raw({"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)), "dtype"),
+    "negative dim": (raw({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4)), "shape"),
+    "size mismatch": (raw({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 4]}}, bytes(4)), "needs 12"),
+    "huge shape": (raw({"a": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 4]}}, bytes(4)),
+                   "needs"),
+    "offsets past end": (raw(GOOD, bytes(8)), "past the end"),
+    "reversed offsets": (raw({"a": {"dtype": "F32", "shape": [0], "data_offsets": [4, 0]}}, bytes(4)),
+                         "data_offsets"),
+    "overlap": (raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)), "overlaps"),
+    "gap": (raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8)), "gap"),
+    "trailing bytes": (raw(GOOD, bytes(20)), "cover 16 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_corrupt_file(tmp_path, case):
+    data, message = CASES[case]
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    start = time.perf_counter()
+    with pytest.raises(LoadError, match=message) as err:
+        SafetensorsFile(path)
+    assert time.perf_counter() - start < 1.0
+    assert str(path) in str(err.value)
+
+
+def test_reads_what_safetensors_wrote(tmp_path):
+    tensors = {"x": torch.randn(3, 5), "y": torch.randn(7).to(torch.bfloat16), "z": torch.arange(6).int()}
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    with SafetensorsFile(tmp_path / "t.safetensors") as f:
+        assert f.metadata == {"format": "pt"}
+        for name, t in tensors.items():
+            assert torch.equal(f.read(name), t)
