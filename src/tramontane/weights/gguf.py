@@ -43,21 +43,22 @@ _MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, smallest value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # empty name, n_dims, one dim, type, offset
 
 _STRING, _ARRAY, _BOOL = 8, 9, 7
-# metadata value type -> (name, numpy dtype); all fixed-size scalar types.
-_SCALARS: dict[int, tuple[str, np.dtype[Any]]] = {
-    0: ("uint8", np.dtype("<u1")),
-    1: ("int8", np.dtype("<i1")),
-    2: ("uint16", np.dtype("<u2")),
-    3: ("int16", np.dtype("<i2")),
-    4: ("uint32", np.dtype("<u4")),
-    5: ("int32", np.dtype("<i4")),
-    6: ("float32", np.dtype("<f4")),
-    7: ("bool", np.dtype("<u1")),
-    10: ("uint64", np.dtype("<u8")),
-    11: ("int64", np.dtype("<i8")),
-    12: ("float64", np.dtype("<f8")),
+# metadata value type -> (name, struct format); all fixed-size scalar types.
+_SCALAR_FORMATS: dict[int, tuple[str, str]] = {
+    0: ("uint8", "<B"),
+    1: ("int8", "<b"),
+    2: ("uint16", "<H"),
+    3: ("int16", "<h"),
+    4: ("uint32", "<I"),
+    5: ("int32", "<i"),
+    6: ("float32", "<f"),
+    7: ("bool", "<B"),
+    10: ("uint64", "<Q"),
+    11: ("int64", "<q"),
+    12: ("float64", "<d"),
 }
-_STRUCTS = {vt: struct.Struct("<" + dt.char) for vt, (_, dt) in _SCALARS.items()}
+_SCALARS = {vt: (name, np.dtype(fmt)) for vt, (name, fmt) in _SCALAR_FORMATS.items()}
+_STRUCTS = {vt: struct.Struct(fmt) for vt, (_, fmt) in _SCALAR_FORMATS.items()}
 _TRUNCATED = "the file is truncated or corrupt"
 
 
@@ -206,7 +207,7 @@ def _read_metadata(cur: _Cursor, n_kv: int) -> dict[str, Any]:
 def _alignment(cur: _Cursor, metadata: dict[str, Any]) -> int:
     value = metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
     if type(value) is not int or value <= 0 or value & (value - 1):
-        cur.fail(f"metadata 'general.alignment' is {value!r}; it must be a power of two")
+        cur.fail(f"metadata 'general.alignment' is {value!r}; it must be a non-zero power of two")
     return value
 
 
