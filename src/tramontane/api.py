@@ -37,7 +37,7 @@ class LLM:
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_bos=True)
+            return self.tokenizer.encode(prompt, add_bos=self.tokenizer.default_add_bos)
         ids = [int(t) for t in prompt]
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:

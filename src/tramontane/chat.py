@@ -34,9 +34,15 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tramontane.errors import TemplateError
 
 MAX_OUTPUT_CHARS = 1_000_000  # plus twice the size of the messages, see `render_chat_template`
-MAX_SECONDS = 2.0
-_MAX_INT_ARG = 100_000  # widths, repeat counts and exponents above this are refused
+MAX_SECONDS = 1.0
+_MAX_INT_ARG = 100_000  # widths and repeat counts above this are refused
+_MAX_INT_BITS = 100_000  # no integer arithmetic beyond this size (repeated squaring would not end)
 _BIG_FORMAT_WIDTH = re.compile(r"[%{:][^%{}\s]{0,8}?\d{6,}")
+# Filters and str methods whose int arguments size their output (`'x'|center(10**9)`).
+_WIDTH_FILTERS = frozenset({"center", "indent", "wordwrap", "slice", "batch"})
+_WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
+_FORMAT_METHODS = frozenset({"format", "format_map"})
+_WIDTH_FROM_ARGS = re.compile(r"\*|\{[^{}]*\{")  # '%*d', '{:{w}}': the width is an argument
 
 
 class _BudgetExceeded(Exception):
@@ -62,19 +68,30 @@ def _tick() -> None:
         budget.check()
 
 
-def _check_size(value: Any) -> None:
-    """Refuse an int argument or str/list value that would blow the output budget."""
+def _check_len(value: Any) -> None:
+    """Refuse a str/list value longer than the output budget."""
     budget = _BUDGET.get()
-    limit = budget.max_chars if budget is not None else MAX_OUTPUT_CHARS
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > max(limit, _MAX_INT_ARG):
-        raise _BudgetExceeded(f"uses an oversized number ({value})")
-    if isinstance(value, (str, list, tuple)) and len(value) > limit:
+    if isinstance(value, (str, list, tuple)) and len(value) > (budget.max_chars if budget else MAX_OUTPUT_CHARS):
         raise _BudgetExceeded("builds a value larger than its output budget")
 
 
-def _check_format(fmt: Any) -> None:
-    if isinstance(fmt, str) and _BIG_FORMAT_WIDTH.search(fmt):
+def _check_ints(values: Iterable[Any]) -> None:
+    for value in values:
+        if _is_int(value) and abs(value) > _MAX_INT_ARG:
+            raise _BudgetExceeded(f"uses an oversized number ({value})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_format(fmt: Any, args: Iterable[Any]) -> None:
+    if not isinstance(fmt, str):
+        return
+    if _BIG_FORMAT_WIDTH.search(fmt):
         raise _BudgetExceeded("uses an oversized format width")
+    if _WIDTH_FROM_ARGS.search(fmt):
+        _check_ints(args)
 
 
 def _budget_loop(iterable: Iterable[Any]) -> Iterator[Any]:
@@ -85,21 +102,22 @@ def _budget_loop(iterable: Iterable[Any]) -> Iterator[Any]:
         yield item
 
 
-def _guard_filter(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _guard_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A filter that checks the deadline, refuses oversized widths and results."""
+    value_at = 1 if hasattr(fn, "jinja_pass_arg") else 0  # @pass_context & co. get the context first
+
     def guarded(*args: Any, **kwargs: Any) -> Any:
         _tick()
-        for arg in (*args[1:], *kwargs.values()):
-            _check_size(arg)
-        if fn.__name__.startswith("do_format") and args:
-            _check_format(args[0])
+        if name in _WIDTH_FILTERS:
+            _check_ints((*args[value_at + 1:], *kwargs.values()))
+        if name == "format" and len(args) > value_at:
+            _check_format(args[value_at], (*args[value_at + 1:], *kwargs.values()))
         result = fn(*args, **kwargs)
-        _check_size(result)
+        _check_len(result)
         return result
 
-    for attr in ("jinja_pass_arg",):  # keep @pass_context / @pass_eval_context markers
-        if hasattr(fn, attr):
-            setattr(guarded, attr, getattr(fn, attr))
-    guarded.__name__ = fn.__name__
+    if hasattr(fn, "jinja_pass_arg"):
+        guarded.jinja_pass_arg = fn.jinja_pass_arg  # type: ignore[attr-defined]
     return guarded
 
 
@@ -132,41 +150,52 @@ class _ChatSandbox(ImmutableSandboxedEnvironment):
     def getattr(self, obj: Any, attribute: str) -> Any:
         _tick()
         value = super().getattr(obj, attribute)
-        _check_size(value)
+        _check_len(value)
         return value
 
     def getitem(self, obj: Any, argument: Any) -> Any:
         _tick()
         return super().getitem(obj, argument)
 
-    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         _tick()
-        for arg in (*args, *kwargs.values()):
-            _check_size(arg)
-        if getattr(__obj, "__name__", "") in ("format", "format_map"):
-            _check_format(getattr(__obj, "__self__", None))
-        return super().call(__context, __obj, *args, **kwargs)
+        name = getattr(__obj, "__name__", "")
+        if name in _WIDTH_METHODS:
+            _check_ints((*args, *kwargs.values()))
+        if name in _FORMAT_METHODS:  # str.format, which jinja wraps
+            fmt = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+            _check_format(fmt, (*args, *kwargs.values(), *(v for a in args if isinstance(a, dict) for v in a.values())))
+        result = super().call(__context, __obj, *args, **kwargs)
+        _check_len(result)
+        return result
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         _tick()
-        if operator == "*":
-            _check_size(left)
-            _check_size(right)
-        elif operator == "**" and isinstance(right, int) and abs(right) > 4096:
-            raise _BudgetExceeded(f"raises to an oversized power ({right})")
-        elif operator == "%" and isinstance(left, str):
-            _check_format(left)
-            for arg in right if isinstance(right, tuple) else (right,):
-                _check_size(arg)
+        _check_binop(operator, left, right)
         result = super().call_binop(context, operator, left, right)
-        _check_size(result)
+        _check_len(result)
         return result
+
+
+def _check_binop(operator: str, left: Any, right: Any) -> None:
+    """Refuse `'x' * 10**9`, `9 ** 10**6`, repeated squaring and `'%0999999999d' % 1` before they run."""
+    if operator == "*":  # sequence repetition
+        sizes = [len(v) for v in (left, right) if isinstance(v, (str, list, tuple))]
+        counts = [v for v in (left, right) if _is_int(v)]
+        if sizes and counts and sizes[0] * counts[0] > _MAX_INT_ARG * 10:
+            raise _BudgetExceeded(f"repeats a value to an oversized length ({sizes[0]} x {counts[0]})")
+    if operator in ("*", "**") and _is_int(left) and _is_int(right):
+        bits = abs(left).bit_length() * (abs(right) if operator == "**" else 1) + abs(right).bit_length()
+        if bits > _MAX_INT_BITS:
+            raise _BudgetExceeded("computes an oversized number")
+    if operator == "%" and isinstance(left, str):
+        _check_format(left, right if isinstance(right, tuple) else (right,))
 
 
 def _make_environment() -> _ChatSandbox:
     env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters = {name: _guard_filter(fn) for name, fn in env.filters.items()}
-    env.filters["tojson"] = _guard_filter(_tojson)
+    env.filters = {name: _guard_filter(name, fn) for name, fn in env.filters.items()}
+    env.filters["tojson"] = _guard_filter("tojson", _tojson)
     env.filters["_tramontane_budget"] = _budget_loop
     env.globals.pop("lipsum", None)  # unbounded Python loop, and no template needs it
     env.globals["raise_exception"] = _raise_exception

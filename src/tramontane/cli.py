@@ -12,9 +12,9 @@ from .errors import TramontaneError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _sampling_flags(p: argparse.ArgumentParser) -> None:
+def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature:g})")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--min-p", type=float, default=0.0)
@@ -33,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer one question (reads stdin when no prompt is given)")
     run.add_argument("args", nargs="*", metavar="[MODEL] [PROMPT]")
-    _sampling_flags(run)
+    _sampling_flags(run, temperature=0.0)  # one-shot answers repeat unless asked otherwise
     chat = sub.add_parser("chat", help="interactive multi-turn chat (/bye or Ctrl-D leaves)")
     chat.add_argument("model", nargs="?", default=None, metavar="MODEL")
-    _sampling_flags(chat)
+    _sampling_flags(chat, temperature=0.7)
     show = sub.add_parser("show", help="print a model's architecture")
     show.add_argument("model", nargs="?", default=None, metavar="MODEL")
     return parser
