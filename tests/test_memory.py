@@ -12,13 +12,16 @@ import torch
 from safetensors.torch import save_file
 
 SCRIPT = textwrap.dedent("""
-    import resource, sys, torch
+    import sys, torch
     from tramontane.weights.loader import load_model
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * 4096
+    def high_water():  # VmHWM belongs to this image; ru_maxrss would inherit the forking parent's
+        line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
     base = rss()
     model = load_model(sys.argv[1]).model
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = high_water()
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     print(base, peak, size)
 """)
