@@ -185,11 +185,12 @@ def _assemble(model: Transformer, config: ModelConfig, source: Any, name_map: na
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     experts: dict[str, set[int]] = {}
-    items = list(source.items()) if progress else source.items()
+    items = source.items()
     if progress:
         from tqdm import tqdm
 
-        items = tqdm(items, desc="loading weights", unit="tensor", leave=False)
+        # Shown only when loading takes more than a moment (tqdm's delay).
+        items = tqdm(items, desc="loading weights", unit=" tensors", leave=False, delay=0.5)
     for name, read in items:
         try:
             m = name_map.map(name)
