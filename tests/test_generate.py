@@ -54,11 +54,13 @@ def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("initial_capacity", [256, 3])
-def test_greedy_batch_equals_transformers(models, monkeypatch, initial_capacity):
-    """24 tokens, past the window of 8; capacity 3 forces the cache to grow (and turn rolling)."""
+@pytest.mark.parametrize("initial_capacity,prefill_chunk", [(256, 512), (3, 512), (256, 4)])
+def test_greedy_batch_equals_transformers(models, monkeypatch, initial_capacity, prefill_chunk):
+    """24 tokens, past the window of 8; capacity 3 forces the cache to grow (and turn rolling);
+    chunks of 4 prefill the 11-token prompt in three steps, the shorter prompt ending in the first."""
     hf, llm = models
     monkeypatch.setattr(gen_mod, "INITIAL_CAPACITY", initial_capacity)
+    monkeypatch.setattr(gen_mod, "PREFILL_CHUNK", prefill_chunk)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     got = llm.generate(PROMPTS, params)
     for prompt, completion in zip(PROMPTS, got):
