@@ -57,11 +57,15 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None
 
 
-class _Sequence:
-    """One prompt's generation state."""
+class SequenceState:
+    """One prompt's generation state: output tokens, sampler, detokenizer, stop rules.
+
+    Shared by the offline loop and the serving engine. The sequence ends with "stop" (stop token or
+    string, honoured once `min_tokens` exist), "length" (max_tokens reached) or, when the model's
+    context is what ran out, `context_reason` ("length" offline, "model_length" when serving)."""
 
     def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer: Any,
-                 max_len: int) -> None:
+                 max_len: int, min_tokens: int = 0, context_reason: str = "length") -> None:
         self.index, self.prompt, self.params = index, prompt, params
         self.output: list[int] = []
         self.generator = None if params.is_greedy else make_generator(params.seed)
@@ -70,6 +74,8 @@ class _Sequence:
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.stop_ids))
         room = max_len - len(prompt)
         self.max_tokens = min(params.max_tokens or room, room)
+        self.length_reason = context_reason if params.max_tokens is None or params.max_tokens > room else "length"
+        self.min_tokens = min_tokens
         self.finish_reason: str | None = None
 
     @property
@@ -79,14 +85,15 @@ class _Sequence:
     def append(self, token: int, logprob: TokenLogprob | None) -> Delta:
         """Take one sampled token; returns the text it releases and, at the end, the finish reason."""
         self.output.append(token)
-        if token in self.stop_ids:
+        may_stop = len(self.output) > self.min_tokens
+        if token in self.stop_ids and may_stop:
             self.finish_reason = "stop"
             return Delta(self.index, self._drain(), [token], [logprob] if logprob else [], self.finish_reason)
         text, hit = self.stops.push(self.decoder.push(token))
-        if hit:
+        if hit and may_stop:
             self.finish_reason = "stop"
         elif len(self.output) >= self.max_tokens:
-            self.finish_reason = "length"
+            self.finish_reason = self.length_reason
             text += self._drain()
         return Delta(self.index, text, [token], [logprob] if logprob else [], self.finish_reason)
 
@@ -104,7 +111,7 @@ class Generator:
         self.config = model.config
 
     def run(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Iterator[Delta]:
-        seqs = [_Sequence(i, list(p), sp, self.tokenizer, self.config.max_seq_len)
+        seqs = [SequenceState(i, list(p), sp, self.tokenizer, self.config.max_seq_len)
                 for i, (p, sp) in enumerate(zip(prompts, params))]
         for s in seqs:
             if not s.prompt:
@@ -118,7 +125,7 @@ class Generator:
             logits = self._prefill(seqs, cache)
             yield from self._decode(seqs, cache, logits)
 
-    def _prefill(self, seqs: list[_Sequence], cache: KVCache) -> torch.Tensor:
+    def _prefill(self, seqs: list[SequenceState], cache: KVCache) -> torch.Tensor:
         """Run the prompts in chunks; return the logits after each prompt's last token [B,V]."""
         lengths = torch.tensor([len(s.prompt) for s in seqs])  # [B]
         width = int(lengths.max())
@@ -135,10 +142,10 @@ class Generator:
             last[rows] = h[rows, lengths[rows] - 1 - start]
         return self.model.logits(last)  # [B,V]
 
-    def _decode(self, seqs: list[_Sequence], cache: KVCache, logits: torch.Tensor) -> Iterator[Delta]:
+    def _decode(self, seqs: list[SequenceState], cache: KVCache, logits: torch.Tensor) -> Iterator[Delta]:
         active = list(seqs)
         while active:
-            tokens, logprobs = self._pick(active, logits)
+            tokens, logprobs = pick_tokens(active, logits, self.tokenizer)
             for s, token, lp in zip(active, tokens.tolist(), logprobs):  # the one host sync per step
                 yield s.append(token, lp)
             keep = [i for i, s in enumerate(active) if s.finish_reason is None]
@@ -151,38 +158,41 @@ class Generator:
             cache.ensure_capacity(int(positions.max()) + 1, limit=self.config.max_seq_len)
             logits = self.model(tokens[:, None], positions, cache)[:, -1]  # [B,V]
 
-    def _pick(self, seqs: list[_Sequence], logits: torch.Tensor
-              ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
-        params = [s.params for s in seqs]
-        processed = logits
-        if any(p.has_penalties for p in params):
-            processed = apply_penalties(logits, [s.prompt for s in seqs], [s.output for s in seqs], params)
-        processed = process_logits(processed, params)
-        tokens = sample(processed, params, [s.generator for s in seqs])  # [B]
-        wanted = [p.logprobs for p in params if p.logprobs is not None]
-        if not wanted:
-            return tokens, [None] * len(seqs)
-        chosen, top_ids, top_lp = compute_logprobs(logits, tokens, max(wanted))
-        return tokens, self._logprobs(params, tokens, chosen, top_ids, top_lp)
-
-    def _logprobs(self, params: list[SamplingParams], tokens: torch.Tensor, chosen: torch.Tensor,
-                  top_ids: torch.Tensor, top_lp: torch.Tensor) -> list[TokenLogprob | None]:
-        out: list[TokenLogprob | None] = []
-        piece = self.tokenizer.decode
-        for p, t, c, ids, lps in zip(params, tokens.tolist(), chosen.tolist(), top_ids.tolist(), top_lp.tolist()):
-            if p.logprobs is None:
-                out.append(None)
-                continue
-            top = [(i, piece([i], skip_special=False), lp) for i, lp in zip(ids[: p.logprobs], lps[: p.logprobs])]
-            out.append(TokenLogprob(t, piece([t], skip_special=False), c, top))
-        return out
-
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Log-probability of each token given the ones before it, in one pass: [len - 1] float32."""
         ids = torch.tensor([list(token_ids)])  # [1,T]
         with torch.inference_mode():
             logp = self.model(ids).log_softmax(dim=-1)  # [1,T,V]
         return logp[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)  # [T-1]
+
+
+def pick_tokens(seqs: Sequence[SequenceState], logits: torch.Tensor, tokenizer: Any
+                ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
+    """Sample each sequence's next token from its logits row [B,V]; logprobs where asked."""
+    params = [s.params for s in seqs]
+    processed = logits
+    if any(p.has_penalties for p in params):
+        processed = apply_penalties(logits, [s.prompt for s in seqs], [s.output for s in seqs], params)
+    processed = process_logits(processed, params)
+    tokens = sample(processed, params, [s.generator for s in seqs])  # [B]
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    if not wanted:
+        return tokens, [None] * len(seqs)
+    chosen, top_ids, top_lp = compute_logprobs(logits, tokens, max(wanted))
+    return tokens, _logprobs(params, tokens, chosen, top_ids, top_lp, tokenizer)
+
+
+def _logprobs(params: list[SamplingParams], tokens: torch.Tensor, chosen: torch.Tensor, top_ids: torch.Tensor,
+              top_lp: torch.Tensor, tokenizer: Any) -> list[TokenLogprob | None]:
+    out: list[TokenLogprob | None] = []
+    for p, t, c, ids, lps in zip(params, tokens.tolist(), chosen.tolist(), top_ids.tolist(), top_lp.tolist()):
+        if p.logprobs is None:
+            out.append(None)
+            continue
+        top = [(i, tokenizer.decode([i], skip_special=False), lp)
+               for i, lp in zip(ids[: p.logprobs], lps[: p.logprobs])]
+        out.append(TokenLogprob(t, tokenizer.decode([t], skip_special=False), c, top))
+    return out
 
 
 def collect(deltas: Iterator[Delta], prompts: Sequence[Sequence[int]]) -> list[Completion]:

@@ -8,20 +8,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .cache import KVCache
-from .layers import apply_rope
-
-
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean mask, True = may attend: q_pos [B,T], k_pos [B,S] -> [B,1,T,S].
-
-    A query at position i sees keys at positions j with 0 <= j <= i and, with a window W, i - W < j."""
-    qi, kj = q_pos[:, :, None], k_pos[:, None, :]  # [B,T,1], [B,1,S]
-    allowed = (kj >= 0) & (kj <= qi)
-    if window is not None:
-        allowed &= qi - kj < window
-    # Padding queries (position -1) see nothing; let them see everything so SDPA returns no NaN.
-    allowed |= ~allowed.any(dim=-1, keepdim=True)
-    return allowed[:, None]  # [B,1,T,S]
+from .layers import apply_rope, attention_mask
 
 
 class Attention(nn.Module):
@@ -44,10 +31,11 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)  # [B,T,Hkv,D]
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
-            keys, values, key_pos = k.transpose(1, 2), v.transpose(1, 2), positions  # [B,Hkv,T,D]
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B,Hkv,T,D]
+            mask = attention_mask(positions, positions, self.window)  # [B,1,T,T]
         else:
             keys, values, key_pos = cache.update(self.layer, k, v)  # [B,Hkv,S,D], [B,S]
-        mask = attention_mask(positions, key_pos, self.window)  # [B,1,T,S]
+            mask = cache.mask(positions, key_pos, self.window)  # [B,1,T,S]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),  # [B,H,T,D], [B,Hkv,S,D]
             attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads,

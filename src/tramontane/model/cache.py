@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from .layers import attention_mask
 
 
 class KVCache:
@@ -68,6 +69,10 @@ class KVCache:
         if concat:
             return keys, values, key_pos
         return self.k[layer], self.v[layer], self.pos
+
+    def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+        """Which keys each query may see: [B,1,T,S] (the cache decides, as it knows the layout)."""
+        return attention_mask(q_pos, k_pos, window)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (finished sequences leave the batch)."""

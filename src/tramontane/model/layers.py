@@ -46,6 +46,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.flatten(-2).to(x.dtype)  # [B,T,H,D]
 
 
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask, True = may attend: q_pos [B,T], k_pos [B,S] -> [B,1,T,S].
+
+    A query at position i sees keys at positions j with 0 <= j <= i and, with a window W, i - W < j."""
+    qi, kj = q_pos[:, :, None], k_pos[:, None, :]  # [B,T,1], [B,1,S]
+    allowed = (kj >= 0) & (kj <= qi)
+    if window is not None:
+        allowed &= qi - kj < window
+    # Padding queries (position -1) see nothing; let them see everything so SDPA returns no NaN.
+    allowed |= ~allowed.any(dim=-1, keepdim=True)
+    return allowed[:, None]  # [B,1,T,S]
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
