@@ -22,6 +22,12 @@ $(VENV)/.runtime: $(VENV)/.base pyproject.toml
 
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install torch==2.13.0 -e '.[test]'
+	# Debian's Chromium for the web page's browser test (Playwright drives it; it never downloads a
+	# browser). Without it that test is skipped.
+	command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update && apt-get install -y chromium; \
+	  else sudo apt-get update && sudo apt-get install -y chromium; fi; } \
+	  || echo "warning: chromium not installed; the browser test will be skipped"
 	touch $@
 
 setup: $(VENV)/.runtime

@@ -4,38 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from chartok import CharTokenizer
 from models import hf_model, save_hf
 
 import tramontane.generate as gen_mod
 from tramontane.api import LLM
 from tramontane.sampling import SamplingParams
 from tramontane.weights.loader import load_model
-
-
-class CharTokenizer:
-    """A stand-in tokenizer: token i is one character; id 2 ends a sequence."""
-
-    stop_ids = frozenset({2})
-
-    def piece(self, i: int) -> str:
-        return chr(0x41 + i)
-
-    def decode(self, ids, skip_special: bool = True) -> str:
-        return "".join(self.piece(i) for i in ids if not (skip_special and i in self.stop_ids))
-
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        return [ord(c) - 0x41 for c in text]
-
-    def incremental_decoder(self):
-        tok = self
-
-        class Dec:
-            def push(self, i: int) -> str:
-                return tok.decode([i])
-
-            def flush(self) -> str:
-                return ""
-        return Dec()
 
 
 @pytest.fixture(scope="module", params=["mistral", "llama", "mixtral"])

@@ -1,0 +1,103 @@
+"""The paged KV block pool: storage, allocation, reference counts and the prefix cache.
+
+KV memory is `num_blocks` blocks of `block_size` token slots per layer. A request owns a block table
+(list of block ids); the token at position p lives in slot `table[p // block_size] * block_size +
+p % block_size`. Worked example, block_size 4, table [7, 2]: position 5 -> block 2, offset 1 -> slot 9.
+
+Prefix caching: once a block is full its key is SHA-256 over (model name, previous block's key, the
+block's token ids). A later request whose prompt starts with the same tokens finds the same keys and
+shares those blocks (reference count + 1) instead of recomputing them. A block whose count drops to 0
+keeps its key and stays findable until the space is needed (least recently freed goes first)."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+
+from ..config import ModelConfig
+
+
+def block_key(model: str, previous: bytes | None, tokens: Sequence[int]) -> bytes:
+    h = hashlib.sha256()
+    h.update(model.encode())
+    h.update(previous or b"\0" * 32)
+    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    return h.digest()
+
+
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """K and V for every layer: 2 x layers x block_size x kv_heads x head_dim x itemsize."""
+    return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
+
+
+class BlockPool:
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if num_blocks < 1:
+            raise ValueError("the KV pool needs at least one block")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (num_blocks * block_size, config.n_kv_heads, config.head_dim)  # [slots,Hkv,D]
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        self.refs = [0] * num_blocks
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # never hashed; pop() = lowest id
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # refs 0 but hashed, oldest first
+        self._by_key: dict[bytes, int] = {}
+        self._key_of: dict[int, bytes] = {}
+        self.hits = self.queries = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    def allocate(self, n: int) -> list[int] | None:
+        """n fresh blocks (reference count 1), or None when fewer than n are free."""
+        if n > self.num_free:
+            return None
+        out = []
+        for _ in range(n):
+            if self._free:
+                block = self._free.pop()
+            else:
+                block, _ = self._evictable.popitem(last=False)
+                del self._by_key[self._key_of.pop(block)]
+            self.refs[block] = 1
+            out.append(block)
+        return out
+
+    def release(self, blocks: Sequence[int | None]) -> None:
+        for block in blocks:
+            if block is None:
+                continue
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if block in self._key_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    def lookup(self, key: bytes) -> int | None:
+        """A cached block with this key, its reference taken; None on a miss."""
+        self.queries += 1
+        block = self._by_key.get(key)
+        if block is None:
+            return None
+        self.hits += 1
+        if self.refs[block] == 0:
+            del self._evictable[block]
+        self.refs[block] += 1
+        return block
+
+    def register(self, block: int, key: bytes) -> None:
+        """Make a full block findable by its key (the first block with a given key wins)."""
+        if key not in self._by_key and block not in self._key_of:
+            self._by_key[key] = block
+            self._key_of[block] = key

@@ -1,0 +1,247 @@
+"""The engine loop (one thread: schedule -> run -> update) and its asyncio front: submit, stream, abort.
+
+The model runs in the engine thread only; the asyncio side talks to it through an inbox queue and
+receives outputs through `loop.call_soon_threadsafe`. An exception inside a step fails the requests of
+that step (finish_reason "error") and the loop goes on with the others."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Future
+from typing import Any
+
+import torch
+
+from ..generate import SequenceState, pick_tokens
+from .blocks import BlockPool, bytes_per_block
+from .metrics import EngineMetrics
+from .runner import embed, run_step
+from .scheduler import EngineSequence, Scheduler
+from .types import (ContextLengthError, EngineRequest, EngineUnavailableError, QueueFullError,
+                    RequestOutput)
+
+log = logging.getLogger("tramontane.engine")
+
+
+class AsyncEngine:
+    def __init__(self, llm: Any, *, model_name: str, kv_cache_memory: int, block_size: int = 16,
+                 max_num_batched_tokens: int = 512, max_running: int = 64, max_queued: int = 256,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.model, self.tokenizer, self.config = llm.model, llm.tokenizer, llm.config
+        self.model_name, self.max_model_len, self.max_queued = model_name, llm.config.max_seq_len, max_queued
+        num_blocks = kv_cache_memory // bytes_per_block(self.config, block_size, dtype)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory {kv_cache_memory} bytes holds no block of {block_size} tokens")
+        self.pool = BlockPool(self.config, num_blocks, block_size, dtype)
+        self.scheduler = Scheduler(self.pool, model_name=model_name, window=self.config.sliding_window,
+                                   max_num_batched_tokens=max_num_batched_tokens, max_running=max_running)
+        self.metrics = EngineMetrics()
+        self._inbox: queue.Queue = queue.Queue()
+        self._seqs: dict[str, EngineSequence] = {}
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._arrival: dict[str, float] = {}
+        self._last_token: dict[str, float] = {}
+        self._pending_adds = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.accepting = False
+        self._update_gauges()
+
+    # ---- asyncio side -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="tramontane-engine", daemon=True)
+        self._thread.start()
+        self.accepting = True
+
+    def is_healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _check_admission(self, request: EngineRequest) -> None:
+        if not self.accepting or not self.is_healthy():
+            raise EngineUnavailableError("the engine is not accepting requests (loading, draining or stopped)")
+        prompt, wanted = len(request.prompt_token_ids), request.params.max_tokens or 0
+        if prompt == 0:
+            raise ContextLengthError("the prompt is empty")
+        if prompt + max(wanted, 1) > self.max_model_len:
+            raise ContextLengthError(f"this model's maximum context length is {self.max_model_len} tokens; "
+                                     f"the request has {prompt} prompt tokens and asks for {wanted} more")
+        if len(self.scheduler.waiting) + self._pending_adds >= self.max_queued:
+            raise QueueFullError(f"{self.max_queued} requests are already waiting; try again later")
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        self._check_admission(request)
+        rid = request.request_id
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[rid] = stream
+        self._arrival[rid] = time.monotonic()
+        self._pending_adds += 1
+        self._inbox.put(("add", request))
+        finished = False
+        try:
+            while True:
+                out = await stream.get()
+                finished = out.finish_reason is not None
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self.abort(rid)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
+        if not self.accepting or not self.is_healthy():
+            raise EngineUnavailableError("the engine is not accepting requests (loading, draining or stopped)")
+        future: Future = Future()
+        self._inbox.put(("embed", token_ids, future))
+        return await asyncio.wrap_future(future)
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Refuse new work, let running and waiting requests finish (up to the timeout), stop the thread."""
+        self.accepting = False
+        deadline = time.monotonic() + drain_timeout
+        while (self._seqs or self._pending_adds) and time.monotonic() < deadline and self.is_healthy():
+            await asyncio.sleep(0.05)
+        self._inbox.put(("stop",))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 5.0)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is not None:
+            stream.put_nowait(out)
+
+    # ---- engine thread ----------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            if not self._drain_inbox(block=not self._seqs):
+                return
+            if self._seqs:
+                self._step()
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued commands; False when told to stop."""
+        try:
+            command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if command[0] == "stop":
+                return False
+            getattr(self, "_on_" + command[0])(*command[1:])
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _on_add(self, request: EngineRequest) -> None:
+        self._pending_adds -= 1
+        if request.request_id not in self._streams:
+            return  # the client left before the engine saw the request
+        try:
+            state = SequenceState(0, list(request.prompt_token_ids), request.params, self.tokenizer,
+                                  self.max_model_len, request.min_tokens, context_reason="model_length")
+        except Exception as e:  # noqa: BLE001 - a bad request fails alone
+            self._emit(RequestOutput(request.request_id, finish_reason="error", error=str(e)))
+            return
+        seq = EngineSequence(request, state)
+        self._seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def _on_abort(self, request_id: str) -> None:
+        seq = self._seqs.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.remove(seq)
+            self.metrics.finished.labels(reason="abort").inc()
+            self._forget(request_id)
+            self._update_gauges()
+
+    def _on_embed(self, token_ids: list[list[int]], future: Future) -> None:
+        try:
+            future.set_result(embed(self.model, token_ids))
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            future.set_exception(e)
+
+    def _step(self) -> None:
+        batch, hopeless = self.scheduler.schedule()
+        for seq in hopeless:
+            self._finish(seq, RequestOutput(seq.request_id, finish_reason="length",
+                                            prompt_tokens=len(seq.state.prompt)))
+        if not batch:
+            self._update_gauges()
+            time.sleep(0.001)
+            return
+        try:
+            logits = run_step(self.model, self.pool, batch, self.config.sliding_window)
+            self.scheduler.after_step(batch)
+            self._sample(batch, logits)
+        except Exception as e:  # noqa: BLE001 - this step's requests fail; the engine goes on
+            log.exception("engine step failed")
+            for seq, _ in batch:
+                if seq.request_id in self._seqs:
+                    self._finish(seq, RequestOutput(seq.request_id, finish_reason="error", error=repr(e)))
+        self.metrics.step_requests.observe(len(batch))
+        self.metrics.step_tokens.observe(sum(n for _, n in batch))
+        self._update_gauges()
+
+    def _sample(self, batch: list[tuple[EngineSequence, int]], logits: torch.Tensor) -> None:
+        rows = [i for i, (seq, _) in enumerate(batch) if seq.num_computed == len(seq.tokens)]
+        if not rows:
+            return
+        seqs = [batch[i][0] for i in rows]
+        tokens, logprobs = pick_tokens([s.state for s in seqs], logits[rows], self.tokenizer)
+        now = time.monotonic()
+        for seq, token, lp in zip(seqs, tokens.tolist(), logprobs):
+            delta = seq.state.append(token, lp)
+            self._time_token(seq.request_id, now)
+            out = RequestOutput(seq.request_id, delta.text, [token], delta.logprobs, delta.finish_reason,
+                                len(seq.state.prompt), len(seq.state.output), seq.num_cached)
+            if delta.finish_reason:
+                self._finish(seq, out)
+            else:
+                self._emit(out)
+
+    def _time_token(self, rid: str, now: float) -> None:
+        previous = self._last_token.get(rid)
+        if previous is None:
+            self.metrics.ttft.observe(now - self._arrival.get(rid, now))
+        else:
+            self.metrics.itl.observe(now - previous)
+        self._last_token[rid] = now
+        self.metrics.generation_tokens.inc()
+
+    def _finish(self, seq: EngineSequence, out: RequestOutput) -> None:
+        self.scheduler.remove(seq)
+        self._seqs.pop(seq.request_id, None)
+        self.metrics.finished.labels(reason=out.finish_reason).inc()
+        self.metrics.prompt_tokens.inc(len(seq.state.prompt))
+        self._forget(seq.request_id)
+        self._emit(out)
+
+    def _forget(self, rid: str) -> None:
+        self._arrival.pop(rid, None)
+        self._last_token.pop(rid, None)
+
+    def _emit(self, out: RequestOutput) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, out)
+
+    def _update_gauges(self) -> None:
+        m, pool = self.metrics, self.pool
+        m.queue_depth.set(len(self.scheduler.waiting))
+        m.running.set(len(self.scheduler.running))
+        m.kv_used.set(pool.num_used)
+        m.kv_free.set(pool.num_free)
+        m.prefix_queries.set(pool.queries)
+        m.prefix_hits.set(pool.hits)
+        m.prefix_hit_rate.set(pool.hits / pool.queries if pool.queries else 0.0)
+        m.preemptions.set(self.scheduler.preemptions)

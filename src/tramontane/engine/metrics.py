@@ -1,0 +1,43 @@
+"""Prometheus metrics of one engine (its own registry, so tests can run several engines)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 512, 1024, 2048, 4096)
+
+
+class EngineMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.http_requests = Counter("tramontane_http_requests", "HTTP requests by status code", ["status"],
+                                     registry=r)
+        self.finished = Counter("tramontane_requests_finished", "Engine requests by finish reason",
+                                ["reason"], registry=r)
+        self.prompt_tokens = Counter("tramontane_prompt_tokens", "Prompt tokens of finished requests",
+                                     registry=r)
+        self.generation_tokens = Counter("tramontane_generation_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("tramontane_time_to_first_token_seconds", "Submit to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("tramontane_inter_token_latency_seconds", "Time between a request's tokens",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.step_requests = Histogram("tramontane_step_requests", "Requests in one forward step",
+                                       buckets=BATCH_BUCKETS, registry=r)
+        self.step_tokens = Histogram("tramontane_step_tokens", "Tokens in one forward step",
+                                     buckets=TOKEN_BUCKETS, registry=r)
+        self.queue_depth = Gauge("tramontane_queue_depth", "Requests waiting to run", registry=r)
+        self.running = Gauge("tramontane_running_requests", "Requests running", registry=r)
+        self.kv_used = Gauge("tramontane_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.kv_free = Gauge("tramontane_kv_blocks_free", "KV cache blocks free", registry=r)
+        self.prefix_queries = Gauge("tramontane_prefix_cache_queries", "Prefix-cache block look-ups", registry=r)
+        self.prefix_hits = Gauge("tramontane_prefix_cache_hits", "Prefix-cache block hits", registry=r)
+        self.prefix_hit_rate = Gauge("tramontane_prefix_cache_hit_rate", "Hits / look-ups", registry=r)
+        self.preemptions = Gauge("tramontane_preemptions", "Requests preempted so far", registry=r)
+
+    def record_http(self, status: int) -> None:
+        self.http_requests.labels(status=str(status)).inc()
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()

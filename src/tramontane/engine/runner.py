@@ -1,0 +1,99 @@
+"""The runner: one batched forward pass over the scheduled tokens of many requests, then sampling.
+
+All scheduled tokens are laid out as one row [1,N] (no padding): a prefill chunk of 200 tokens and 15
+decode tokens make N = 215. Each layer writes the new keys and values into their pool slots, then
+gathers, for every request, the keys it may attend (its whole context, or the last W positions with a
+sliding window); the mask keeps each query to its own request and to the causal / window rule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..model import Transformer
+from .blocks import BlockPool
+from .scheduler import EngineSequence
+
+
+class PagedStep:
+    """The cache seen by the model for one step: same interface as `model.KVCache`."""
+
+    def __init__(self, pool: BlockPool, slots: torch.Tensor, key_slots: torch.Tensor, key_pos: torch.Tensor,
+                 key_seq: torch.Tensor, query_seq: torch.Tensor) -> None:
+        self.pool, self.slots = pool, slots  # [N] pool slot of each new token
+        self.key_slots, self.key_pos, self.key_seq = key_slots, key_pos[None], key_seq  # [S], [1,S], [S]
+        self.query_seq = query_seq  # [N]
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def begin(self, positions: torch.Tensor) -> None:
+        pass  # slots were laid out by the runner
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v [1,N,Hkv,D] -> keys, values [1,Hkv,S,D] and their positions [1,S]."""
+        pk, pv = self.pool.k[layer], self.pool.v[layer]  # [slots,Hkv,D]
+        pk[self.slots] = k[0].to(pk.dtype)
+        pv[self.slots] = v[0].to(pv.dtype)
+        keys = pk[self.key_slots].transpose(0, 1)[None]  # [S,Hkv,D] -> [1,Hkv,S,D]
+        values = pv[self.key_slots].transpose(0, 1)[None]
+        return keys, values, self.key_pos
+
+    def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+        """[1,1,N,S]: same request, key not after the query, and inside the window."""
+        if window not in self._masks:
+            qi, kj = q_pos[0][:, None], k_pos[0][None, :]  # [N,1], [1,S]
+            allowed = (self.query_seq[:, None] == self.key_seq[None, :]) & (kj <= qi)
+            if window is not None:
+                allowed &= qi - kj < window
+            self._masks[window] = allowed[None, None]
+        return self._masks[window]
+
+
+def _slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Pool slot of each position: table[p // block_size] * block_size + p % block_size."""
+    return table[positions // block_size] * block_size + positions % block_size
+
+
+def layout(pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]], window: int | None
+           ) -> tuple[torch.Tensor, torch.Tensor, PagedStep, list[int]]:
+    """tokens [1,N], positions [1,N], the step's cache view, and the row of each request's last token."""
+    tokens, positions, slots, key_slots, key_pos, key_seq, query_seq, last = [], [], [], [], [], [], [], []
+    offset = 0
+    for i, (seq, n) in enumerate(batch):
+        start = seq.num_computed
+        table = torch.tensor([b if b is not None else -1 for b in seq.blocks])
+        pos = torch.arange(start, start + n)
+        tokens.append(torch.tensor(seq.tokens[start:start + n]))
+        positions.append(pos)
+        slots.append(_slots(table, pos, pool.block_size))
+        lo = max(0, start - window + 1) if window is not None else 0
+        kpos = torch.arange(lo, start + n)
+        key_slots.append(_slots(table, kpos, pool.block_size))
+        key_pos.append(kpos)
+        key_seq.append(torch.full((len(kpos),), i))
+        query_seq.append(torch.full((n,), i))
+        offset += n
+        last.append(offset - 1)
+    step = PagedStep(pool, torch.cat(slots), torch.cat(key_slots), torch.cat(key_pos), torch.cat(key_seq),
+                     torch.cat(query_seq))
+    return torch.cat(tokens)[None], torch.cat(positions)[None], step, last
+
+
+def run_step(model: Transformer, pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]],
+             window: int | None) -> torch.Tensor:
+    """Forward the batch; return the logits [B,V] after each request's last scheduled token."""
+    tokens, positions, step, last = layout(pool, batch, window)
+    with torch.inference_mode():
+        h = model.hidden_states(tokens, positions, step)  # [1,N,dim]
+        return model.logits(h[0, last])  # [B,V]
+
+
+def embed(model: Transformer, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+    """Mean of the final (normed) hidden states over each input's tokens, L2-normalised."""
+    out = []
+    with torch.inference_mode():
+        for ids in token_ids:
+            h = model.hidden_states(torch.tensor([list(ids)]))[0].float()  # [T,dim]
+            out.append(torch.nn.functional.normalize(h.mean(dim=0), dim=0).tolist())
+    return out

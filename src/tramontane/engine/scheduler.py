@@ -1,0 +1,194 @@
+"""The scheduler: pure Python bookkeeping that decides, each step, how many tokens of which requests run.
+
+Every request has a list of tokens (prompt + output) of which `num_computed` already have KV in the
+pool. A step runs tokens[num_computed : num_computed + n]: a prefill chunk, one decode token, or the
+recomputation of a preempted request; when a request's last token has run, a new one is sampled.
+Running requests go first, oldest first (decode steps and prefill chunks mix in one batch up to
+`max_num_batched_tokens`); waiting requests join while the token budget and blocks last. When blocks run
+out, the youngest running request is preempted: its blocks are released and it waits to be recomputed."""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+from .blocks import BlockPool, block_key
+from .types import EngineRequest
+from ..generate import SequenceState
+
+_arrivals = itertools.count()
+
+
+@dataclass(eq=False)
+class EngineSequence:
+    request: EngineRequest
+    state: SequenceState
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    blocks: list[int | None] = field(default_factory=list)  # None: released, fell out of the window
+    keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of the full blocks so far
+    num_computed: int = 0
+    num_cached: int = 0  # prompt tokens found in the prefix cache at first admission
+    admitted: bool = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.state.prompt + self.state.output
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, *, model_name: str, window: int | None,
+                 max_num_batched_tokens: int, max_running: int) -> None:
+        self.pool, self.model_name, self.window = pool, model_name, window
+        self.max_batched, self.max_running = max_num_batched_tokens, max_running
+        self.waiting: deque[EngineSequence] = deque()
+        self.running: list[EngineSequence] = []
+        self.preemptions = 0
+
+    # ---- membership ----------------------------------------------------------------------------------
+    def add(self, seq: EngineSequence) -> None:
+        self.waiting.append(seq)
+
+    def remove(self, seq: EngineSequence) -> None:
+        """Take a request out (finished or aborted) and release its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks = []
+
+    def never_fits(self, seq: EngineSequence) -> bool:
+        """True when even an empty pool cannot hold what this request needs for its next token."""
+        return self._blocks_needed(seq, len(seq.tokens)) > self.pool.num_blocks
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def schedule(self) -> tuple[list[tuple[EngineSequence, int]], list[EngineSequence]]:
+        """(sequence, n_tokens) pairs to run now, and requests that can never fit (to end with `length`)."""
+        budget, chosen, hopeless = self.max_batched, [], []
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq not in self.running:  # preempted by an older request this step
+                continue
+            n = self._chunk(seq, budget)
+            if self._make_room(seq, seq.num_computed + n, chosen):
+                chosen.append((seq, n))
+                budget -= n
+            elif seq in self.running:  # alone and still too big: it can never fit
+                self.running.remove(seq)
+                hopeless.append(seq)
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            if self.never_fits(seq):
+                hopeless.append(self.waiting.popleft())
+                continue
+            if not seq.blocks:
+                self._take_prefix(seq)
+            n = self._chunk(seq, budget)
+            if not self._reserve(seq, seq.num_computed + n):
+                self._drop_prefix(seq)
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            seq.admitted = True
+            chosen.append((seq, n))
+            budget -= n
+        return chosen, hopeless
+
+    def after_step(self, ran: list[tuple[EngineSequence, int]]) -> None:
+        """Count the tokens that ran, publish newly full blocks, release blocks out of the window."""
+        size = self.pool.block_size
+        for seq, n in ran:
+            seq.num_computed += n
+            tokens = seq.tokens
+            for i in range(len(seq.keys), seq.num_computed // size):
+                key = block_key(self.model_name, seq.keys[-1] if seq.keys else None,
+                                tokens[i * size:(i + 1) * size])
+                seq.keys.append(key)
+                if seq.blocks[i] is not None:
+                    self.pool.register(seq.blocks[i], key)
+            self._release_out_of_window(seq)
+
+    # ---- helpers -------------------------------------------------------------------------------------
+    def _blocks_needed(self, seq: EngineSequence, upto: int) -> int:
+        size = self.pool.block_size
+        total = -(-upto // size)
+        if self.window is None:
+            return total
+        return min(total, -(-self.window // size) + 1)
+
+    def _chunk(self, seq: EngineSequence, budget: int) -> int:
+        """Tokens to run now: what is left, within the step's budget and what the whole pool can hold
+        (with a window, blocks before it are released, so long prompts still go through in pieces)."""
+        size = self.pool.block_size
+        released = sum(1 for b in seq.blocks if b is None)
+        room = (self.pool.num_blocks + released) * size - seq.num_computed
+        return max(1, min(len(seq.tokens) - seq.num_computed, budget, room))
+
+    def _drop_prefix(self, seq: EngineSequence) -> None:
+        """Give back what an admission attempt took (shared prefix blocks), to try again later."""
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.keys, seq.num_computed = [], [], 0
+
+    def _reserve(self, seq: EngineSequence, upto: int) -> bool:
+        """Blocks for positions < upto; False (nothing taken) when the pool is short."""
+        missing = -(-upto // self.pool.block_size) - len(seq.blocks)
+        if missing <= 0:
+            return True
+        fresh = self.pool.allocate(missing)
+        if fresh is None:
+            return False
+        seq.blocks.extend(fresh)
+        return True
+
+    def _make_room(self, seq: EngineSequence, upto: int, chosen: list[tuple[EngineSequence, int]]) -> bool:
+        """Reserve for `seq`, preempting the youngest other running requests not yet scheduled."""
+        scheduled = {s for s, _ in chosen}
+        while not self._reserve(seq, upto):
+            victims = [s for s in self.running if s is not seq and s not in scheduled]
+            if not victims:
+                if len(self.running) > 1 or scheduled:
+                    self._preempt(seq)  # others hold the blocks: wait for them
+                return False
+            self._preempt(max(victims, key=lambda s: s.arrival))
+        return True
+
+    def _preempt(self, seq: EngineSequence) -> None:
+        self.running.remove(seq)
+        self._drop_prefix(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _take_prefix(self, seq: EngineSequence) -> None:
+        """Share the cached blocks that start this request's tokens; at least one token is left to run."""
+        size, tokens = self.pool.block_size, seq.tokens
+        previous: bytes | None = None
+        for i in range(len(tokens) // size):
+            key = block_key(self.model_name, previous, tokens[i * size:(i + 1) * size])
+            block = self.pool.lookup(key)
+            if block is None:
+                break
+            seq.blocks.append(block)
+            seq.keys.append(key)
+            previous = key
+        if seq.blocks and len(seq.blocks) * size >= len(tokens):
+            self.pool.release([seq.blocks.pop()])
+            seq.keys.pop()
+        seq.num_computed = len(seq.blocks) * size
+        if not seq.admitted:
+            seq.num_cached = min(seq.num_computed, len(seq.state.prompt))
+
+    def _release_out_of_window(self, seq: EngineSequence) -> None:
+        """Blocks whose every position is outside the window of the next query can go."""
+        if self.window is None:
+            return
+        first_needed = seq.num_computed - self.window + 1  # oldest key the next query attends
+        for i in range(min(len(seq.blocks), max(0, first_needed) // self.pool.block_size)):
+            if seq.blocks[i] is not None:
+                self.pool.release([seq.blocks[i]])
+                seq.blocks[i] = None

@@ -1,0 +1,65 @@
+"""The web chat page of `tramontane serve`: one static HTML page with its stylesheet and script.
+
+`GET /` returns the page; `GET /web/{name}` returns the files next to it (`chat.css`, `chat.js`).
+Everything is plain files under `serve/static/`: no build step, and nothing is fetched from outside
+the server (the Content-Security-Policy header forbids it). The page talks to the server's own
+OpenAI-compatible routes, with URLs relative to the page (`v1/models`, `v1/chat/completions`), so it
+also works behind a reverse proxy that mounts the server under a path prefix.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib import resources
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import Response
+
+router = APIRouter()
+
+# The files the router serves, by name, and their media types. A fixed table: no path from a
+# request ever reaches the file system.
+_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "chat.css": "text/css; charset=utf-8",
+    "chat.js": "text/javascript; charset=utf-8",
+}
+
+# The page and its files hold no secrets and must load before the user can type an API key: an
+# API key check should let these paths through (the API calls the page makes still carry the key).
+PUBLIC_PATHS = frozenset({"/"} | {f"/web/{name}" for name in _FILES if name != "index.html"})
+
+# Same-origin only: the page loads its own script and stylesheet and calls its own API, nothing else.
+_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_HEADERS = {
+    "Content-Security-Policy": _CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+@cache
+def _read(name: str) -> bytes:
+    return resources.files("tramontane.serve").joinpath("static", name).read_bytes()
+
+
+def _file_response(name: str) -> Response:
+    return Response(content=_read(name), media_type=_FILES[name], headers=_HEADERS)
+
+
+@router.get("/", include_in_schema=False)
+def chat_page() -> Response:
+    """The chat page."""
+    return _file_response("index.html")
+
+
+@router.get("/web/{name}", include_in_schema=False)
+def chat_asset(name: str) -> Response:
+    """The page's stylesheet and script."""
+    if name not in _FILES or name == "index.html":
+        raise HTTPException(status_code=404, detail=f"no such file: {name}")
+    return _file_response(name)
