@@ -1,4 +1,4 @@
-"""The `tramontane` command: run, chat, show."""
+"""The `tramontane` command: run, chat, show, serve."""
 
 from __future__ import annotations
 
@@ -39,7 +39,32 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_flags(chat, temperature=0.7)
     show = sub.add_parser("show", help="print a model's architecture")
     show.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    _serve_flags(sub.add_parser("serve", help="serve an OpenAI- and Mistral-compatible HTTP API"))
     return parser
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $TRAMONTANE_API_KEY, else no key)")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: the file or folder name)")
+    p.add_argument("--kv-cache-memory", default="10%",
+                   help="KV cache size: bytes with K/M/G suffixes (2G) or a percentage of free RAM (default 10%%)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (default 512)")
+    p.add_argument("--max-running", type=int, default=64, help="requests decoded together (default 64)")
+    p.add_argument("--max-queued", type=int, default=256, help="waiting requests before 429 (default 256)")
+    p.add_argument("--max-body-bytes", default="16M", help="largest request body, K/M/G suffixes (default 16M)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for running requests before stopping them (default 30)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from this origin (CORS; repeatable; * for any)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log level (default warning; info logs every request)")
 
 
 def _looks_like_model(arg: str) -> bool:
@@ -137,9 +162,32 @@ def cmd_show(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import os
+
+    from .serve.server import ServeOptions, model_name_of, parse_size, serve
+
+    for flag, value, low in (("--port", ns.port, 0), ("--block-size", ns.block_size, 1),
+                             ("--max-num-batched-tokens", ns.max_num_batched_tokens, 1),
+                             ("--max-running", ns.max_running, 1), ("--max-queued", ns.max_queued, 0)):
+        if value < low or (flag == "--port" and value > 65535):
+            raise TramontaneError(f"{flag} must be {'in 0..65535' if flag == '--port' else f'at least {low}'}, "
+                                  f"got {value}")
+    name = model_name_of(ns.model)  # also checks that the model exists before the server starts
+    opts = ServeOptions(
+        model=ns.model, name=ns.served_model_name or name, host=ns.host, port=ns.port,
+        api_key=ns.api_key if ns.api_key is not None else os.environ.get("TRAMONTANE_API_KEY") or None,
+        kv_cache_memory=parse_size(ns.kv_cache_memory, "--kv-cache-memory", allow_percent=True),
+        max_queued=ns.max_queued, max_running=ns.max_running,
+        max_body_bytes=parse_size(ns.max_body_bytes, "--max-body-bytes"), block_size=ns.block_size,
+        max_num_batched_tokens=ns.max_num_batched_tokens, dtype=ns.dtype, drain_timeout=ns.drain_timeout,
+        allow_origins=ns.allow_origin, log_level=ns.log_level)
+    return serve(opts)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    commands = {"run": cmd_run, "chat": cmd_chat, "show": cmd_show}
+    commands = {"run": cmd_run, "chat": cmd_chat, "show": cmd_show, "serve": cmd_serve}
     try:
         return commands[ns.command](ns)
     except TramontaneError as e:

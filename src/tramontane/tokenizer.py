@@ -76,6 +76,7 @@ class Tokenizer(Protocol):
     stop_ids: frozenset[int]  # ids that end generation (eos, <|im_end|>, <|eot_id|> ...)
     chat_format: str  # human-readable: "mistral-common v3", "jinja (tokenizer_config.json)", ...
     default_add_bos: bool  # whether a plain completion prompt should start with BOS
+    supports_fim: bool  # whether `encode_fim` works (Mistral's v3+ tokenizers through mistral-common)
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]: ...
 
@@ -87,6 +88,8 @@ class Tokenizer(Protocol):
     ) -> list[int]: ...
 
     def incremental_decoder(self, *, skip_special: bool = True) -> IncrementalDecoder: ...
+
+    def encode_fim(self, prompt: str, suffix: str) -> list[int]: ...  # TokenizerError unless supports_fim
 
 
 class MistralCommonTokenizer:
@@ -108,6 +111,28 @@ class MistralCommonTokenizer:
         self.default_add_bos = True
         kind = " tekken" if path.suffix == ".json" else ""
         self.chat_format = f"mistral-common {raw.version.value}{kind}"
+        self.supports_fim = self._probe_fim()
+
+    def _probe_fim(self) -> bool:
+        """FIM needs the [PREFIX]/[SUFFIX] control tokens of v3 and later: mistral-common refuses v1,
+        and encodes v2's missing markers as <unk> (id 0)."""
+        version = re.match(r"v(\d+)", str(self._raw.version.value))
+        if version is None or int(version.group(1)) < 3:
+            return False
+        try:
+            self.encode_fim("a", "b")
+        except TokenizerError:
+            return False
+        return True
+
+    def encode_fim(self, prompt: str, suffix: str) -> list[int]:
+        """Fill-in-the-middle prompt: the model writes what goes between `prompt` and `suffix`."""
+        from mistral_common.protocol.fim.request import FIMRequest
+
+        try:
+            return list(self._mistral.encode_fim(FIMRequest(prompt=prompt, suffix=suffix)).tokens)
+        except Exception as exc:  # TokenizerException for versions without FIM tokens, validation errors
+            raise TokenizerError(f"fill-in-the-middle is not available with {self.chat_format}: {exc}") from exc
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         return list(self._raw.encode(text, bos=add_bos, eos=False))
@@ -187,6 +212,7 @@ class HFTokenizer:
         self.stop_ids = frozenset(i for i in (eos_id, *stop_ids) if i is not None)
         self.chat_format = chat_format
         self.default_add_bos = default_add_bos
+        self.supports_fim = False  # no FIM token convention is read from tokenizer.json or GGUF files
         self._template = chat_template
         added = {i: t for i, t in backend.get_added_tokens_decoder().items() if t.special}
         specials = {t.content: i for i, t in added.items()}
@@ -201,6 +227,9 @@ class HFTokenizer:
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         ids = self._first.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
+
+    def encode_fim(self, prompt: str, suffix: str) -> list[int]:
+        raise TokenizerError(f"fill-in-the-middle is not supported by this tokenizer ({self.chat_format})")
 
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)

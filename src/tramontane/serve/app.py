@@ -1,0 +1,82 @@
+"""The FastAPI application: routes, error handlers and middleware around one engine.
+
+    app = create_app(engine, api_key="secret", max_body_bytes=16 << 20)
+
+`engine` is an `AsyncEngine` (or anything with its interface), already started, or None while the
+model is still loading: then every API route answers 503 until `attach_engine` is called. `drain`
+refuses new work (503) and lets the running requests finish."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from fastapi import FastAPI
+
+from .common import ServerState
+from .errors import install_handlers
+from .middleware import LimitBody, RecordStatus, RequireKey
+from .routes_generate import router as generate_router
+from .routes_misc import router as misc_router
+
+log = logging.getLogger("tramontane.serve")
+
+DEFAULT_MAX_BODY_BYTES = 16 << 20
+# Reachable without the API key: the health probe (load balancers), plus the web page's static files
+# when serve/web.py lists them (the page must load before its user can type the key).
+PUBLIC_PATHS = frozenset({"/health"})
+
+
+def create_app(engine: Any | None, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               allow_origins: Sequence[str] = (), model_name: str | None = None,
+               lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None) -> FastAPI:
+    """The HTTP server for `engine`. `model_name` defaults to `engine.model_name`; `allow_origins`
+    turns on CORS for those browser origins ("*" for any)."""
+    if engine is None and not model_name:
+        raise ValueError("create_app needs a model_name when the engine is not there yet")
+    state = ServerState(model_name=model_name or engine.model_name, engine=engine)
+    app = FastAPI(title="tramontane", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.tramontane = state
+    install_handlers(app)
+    app.include_router(generate_router)
+    app.include_router(misc_router)
+    public = set(PUBLIC_PATHS)
+    if importlib.util.find_spec(f"{__package__}.web") is not None:  # the web chat page, at GET /
+        from . import web
+
+        app.include_router(web.router)
+        public |= set(getattr(web, "PUBLIC_PATHS", ()))  # the page's static files hold no secret
+    app.add_middleware(LimitBody, limit=max_body_bytes)
+    if api_key:
+        app.add_middleware(RequireKey, key=api_key, public=frozenset(public))
+    if allow_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["*"],
+                           allow_headers=["*"])
+
+    def record(status: int) -> None:
+        if state.engine is not None:
+            state.engine.metrics.record_http(status)
+
+    app.add_middleware(RecordStatus, record=record)
+    return app
+
+
+def attach_engine(app: FastAPI, engine: Any) -> None:
+    """The model has loaded: serve requests with this (started) engine."""
+    app.state.tramontane.engine = engine
+
+
+async def drain(app: FastAPI, timeout: float = 30.0) -> None:
+    """New requests get 503 from now on; running ones finish (up to `timeout` s); the engine stops."""
+    state: ServerState = app.state.tramontane
+    if state.draining:
+        return
+    state.draining = True
+    if state.engine is not None:
+        log.info("draining: waiting for running requests (up to %g s)", timeout)
+        await state.engine.shutdown(drain_timeout=timeout)

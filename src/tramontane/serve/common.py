@@ -1,0 +1,121 @@
+"""What every route needs: the server state, body parsing, the engine (or a 503/404), response helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from ..generate import TokenLogprob
+from .errors import APIError, bad_request, validation_error
+from .protocol import ChatLogprobs, CompletionLogprobs, PromptTokensDetails, TokenLogprobOut, TopLogprob, Usage
+
+M = TypeVar("M", bound=BaseModel)
+LOGPROB_FLOOR = -9999.0  # -inf is not JSON: reported as this, like other OpenAI-compatible servers
+
+
+@dataclass
+class ServerState:
+    """Shared by the routes through `app.state.tramontane`. `engine` is None while the model loads."""
+
+    model_name: str
+    engine: Any = None
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def server_state(request: Request) -> ServerState:
+    return request.app.state.tramontane
+
+
+def engine_for(request: Request, model: str | None) -> Any:
+    """The engine, for a request naming `model` (None or "" = the served model)."""
+    state = server_state(request)
+    if state.engine is None:
+        raise APIError(503, "the model is still loading; retry shortly", code="model_loading")
+    if state.draining:
+        raise APIError(503, "the server is shutting down and takes no new requests", code="draining")
+    if model and model != state.model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
+                       param="model", code="model_not_found")
+    return state.engine
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The JSON body as `model`: 400 for a body that is not JSON, 422 for one of the wrong shape."""
+    raw = await request.body()
+    if not raw.strip():
+        raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, over-long integers, nesting
+        raise bad_request(f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
+    if _LONE_SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(data):
+        raise bad_request("the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+                          "pair), which is not Unicode text", code="invalid_json")
+    if not isinstance(data, dict):
+        raise APIError(422, f"the request body must be a JSON object, not {type(data).__name__}",
+                       code="invalid_type")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc.errors(include_input=False)) from None
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply", code="invalid_json") from None
+
+
+# json.loads turns an unpaired "\ud800" escape into a str that no tokenizer can encode.
+_LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int = 0, cached_tokens: int | None = None) -> Usage:
+    details = PromptTokensDetails(cached_tokens=cached_tokens) if cached_tokens is not None else None
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
+
+
+def finite(value: float) -> float:
+    return value if math.isfinite(value) else LOGPROB_FLOOR
+
+
+def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(content=[
+        TokenLogprobOut(token=lp.token, logprob=finite(lp.logprob), bytes=list(lp.token.encode()),
+                        top_logprobs=[TopLogprob(token=t, logprob=finite(v), bytes=list(t.encode()))
+                                      for _, t, v in lp.top])
+        for lp in items])
+
+
+def completion_logprobs(items: list[TokenLogprob], offset: int) -> CompletionLogprobs:
+    """OpenAI's legacy logprobs; `offset` is where the first token's text starts in the answer."""
+    out = CompletionLogprobs()
+    for lp in items:
+        out.tokens.append(lp.token)
+        out.token_logprobs.append(finite(lp.logprob))
+        out.top_logprobs.append({t: finite(v) for _, t, v in lp.top})
+        out.text_offset.append(offset)
+        offset += len(lp.token)
+    return out

@@ -1,0 +1,133 @@
+"""Engine outputs as API bodies: chat-shaped (chat completions and Mistral's FIM) and text completions,
+whole or as server-sent event chunks."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..engine.types import RequestOutput
+from .common import chat_logprobs, completion_logprobs, now, usage
+from .errors import APIError
+from .generation import SSE_DONE, Choice, Run, sse
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionResponse,
+    DeltaMessage,
+    Usage,
+)
+
+
+def total_usage(choices: list[Choice], n: int) -> Usage:
+    """Prompt tokens count once per prompt (not per choice); completion tokens add up."""
+    firsts = choices[::n]
+    return usage(sum(c.prompt_tokens for c in firsts), sum(c.completion_tokens for c in choices),
+                 sum(c.cached_tokens for c in firsts))
+
+
+def check_errors(choices: list[Choice]) -> None:
+    for c in choices:
+        if c.finish_reason == "error":
+            raise APIError(500, f"generation failed: {c.error or 'engine error'}", code="engine_error")
+
+
+class Format:
+    """How one API shapes answers. `id` and `model` are fixed for the whole response."""
+
+    def __init__(self, response_id: str, model: str, n: int, logprobs: bool) -> None:
+        self.id, self.model, self.n, self.logprobs = response_id, model, n, logprobs
+        self.created = now()
+
+    def response(self, choices: list[Choice]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def opening(self, choice: Choice) -> dict[str, Any] | None:
+        return None
+
+    def chunk(self, choice: Choice, out: RequestOutput, offset: int) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def usage_chunk(self, choices: list[Choice]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    async def events(self, run: Run, choices: list[Choice], include_usage: bool) -> AsyncIterator[str]:
+        """The SSE stream: chunks as outputs come, an error event if the engine fails, the usage chunk
+        when asked, then `data: [DONE]`."""
+        try:
+            for c in choices:
+                opening = self.opening(c)
+                if opening is not None:
+                    yield sse(opening)
+            async with contextlib.aclosing(run.outputs()) as outputs:
+                async for i, out in outputs:
+                    c = choices[i]
+                    offset = len(c.text)
+                    c.add(out)
+                    if out.finish_reason == "error":
+                        check_errors([c])
+                    chunk = self.chunk(c, out, offset)
+                    if chunk is not None:
+                        yield sse(chunk)
+            if include_usage:
+                yield sse(self.usage_chunk(choices))
+        except APIError as exc:
+            yield sse(exc.body())
+        yield SSE_DONE
+
+
+class ChatFormat(Format):
+    """chat.completion / chat.completion.chunk (also Mistral's FIM answers)."""
+
+    def response(self, choices: list[Choice]) -> dict[str, Any]:
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, usage=total_usage(choices, self.n),
+            choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+                                logprobs=chat_logprobs(c.logprobs) if self.logprobs else None,
+                                finish_reason=c.finish_reason) for c in choices],
+        ).model_dump(mode="json")
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage_: Usage | None = None) -> dict[str, Any]:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
+                                   usage=usage_).model_dump(mode="json")
+
+    def opening(self, choice: Choice) -> dict[str, Any] | None:
+        return self._chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
+
+    def chunk(self, choice: Choice, out: RequestOutput, offset: int) -> dict[str, Any] | None:
+        if not out.text and not out.finish_reason and not (self.logprobs and out.logprobs):
+            return None
+        logprobs = chat_logprobs(out.logprobs) if self.logprobs and out.logprobs else None
+        return self._chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(content=out.text),
+                                            logprobs=logprobs, finish_reason=out.finish_reason)])
+
+    def usage_chunk(self, choices: list[Choice]) -> dict[str, Any]:
+        return self._chunk([], total_usage(choices, self.n))
+
+
+class CompletionFormat(Format):
+    """text_completion, whole and streamed (the chunks have the same shape)."""
+
+    def _body(self, choices: list[CompletionChoice], usage_: Usage | None) -> dict[str, Any]:
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
+                                  usage=usage_).model_dump(mode="json")
+
+    def response(self, choices: list[Choice]) -> dict[str, Any]:
+        return self._body([CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
+                                            logprobs=completion_logprobs(c.logprobs, 0) if self.logprobs else None)
+                           for c in choices], total_usage(choices, self.n))
+
+    def chunk(self, choice: Choice, out: RequestOutput, offset: int) -> dict[str, Any] | None:
+        if not out.text and not out.finish_reason and not (self.logprobs and out.logprobs):
+            return None
+        logprobs = completion_logprobs(out.logprobs, offset) if self.logprobs else None
+        return self._body([CompletionChoice(index=choice.index, text=out.text, logprobs=logprobs,
+                                            finish_reason=out.finish_reason)], None)
+
+    def usage_chunk(self, choices: list[Choice]) -> dict[str, Any]:
+        return self._body([], total_usage(choices, self.n))

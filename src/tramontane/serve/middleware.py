@@ -1,0 +1,91 @@
+"""Pure ASGI middleware (no buffering, so streaming and disconnects pass through untouched):
+status counting for the metrics, the API key check, and the request body size limit."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable, Container
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import APIError, BodyTooLarge
+
+
+class RecordStatus:
+    """Counts every HTTP response by status through `record(status)` (the engine's metrics)."""
+
+    def __init__(self, app: ASGIApp, record: Callable[[int], None]) -> None:
+        self.app, self.record = app, record
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.record(int(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+class RequireKey:
+    """401 unless the request carries `Authorization: Bearer KEY`, compared in constant time.
+    Paths in `public` (the health probe) need no key."""
+
+    def __init__(self, app: ASGIApp, key: str, public: Container[str]) -> None:
+        self.app, self.key, self.public = app, key.encode(), public
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.public:
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key):
+            return await self.app(scope, receive, send)
+        problem = "missing API key" if not header else "invalid API key"
+        await APIError(401, f"{problem}: send it as 'Authorization: Bearer KEY'",
+                       code="invalid_api_key").response()(scope, receive, send)
+
+
+class LimitBody:
+    """413 for a body over `limit` bytes: at once when Content-Length says so, else as soon as the
+    bytes received (a chunked body has no Content-Length) pass the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                too_large = int(declared) > self.limit
+            except ValueError:
+                return await APIError(400, "invalid Content-Length header").response()(scope, receive, send)
+            if too_large:
+                return await BodyTooLarge(self.limit).response()(scope, receive, send)
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, watching_send)
+        except BodyTooLarge as exc:  # raised where the route did not turn it into a response itself
+            if started:
+                raise
+            await exc.response()(scope, receive, watching_send)

@@ -1,0 +1,96 @@
+"""The generating routes: POST /v1/chat/completions, /v1/completions and /v1/fim/completions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..engine.types import EngineRequest
+from .common import engine_for, new_id, parse_body, server_state
+from .convert import (
+    MAX_CHOICES,
+    Settings,
+    chat_logprobs,
+    chat_messages,
+    check_context,
+    completion_logprobs,
+    encode_chat,
+    encode_fim,
+    encode_inputs,
+    settings,
+)
+from .errors import bad_request
+from .formats import ChatFormat, CompletionFormat, Format, check_errors
+from .generation import Choice, ClientGone, EventStream, Run, until_disconnect
+from .protocol import ChatCompletionRequest, CompletionRequest, FIMCompletionRequest, SamplingFields
+
+router = APIRouter()
+
+CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it, the metrics count it
+
+
+async def _respond(request: Request, engine: Any, body: SamplingFields, prompts: list[list[int]],
+                   s: Settings, fmt: Format) -> Response:
+    """Submit n choices per prompt, then answer whole or as an event stream."""
+    if len(prompts) * s.n > MAX_CHOICES:
+        raise bad_request(f"{len(prompts)} prompts x n={s.n} is more than {MAX_CHOICES} choices", "n")
+    requests, choices = [], []
+    for p, ids in enumerate(prompts):
+        for i in range(s.n):
+            k = p * s.n + i
+            requests.append(EngineRequest(f"{fmt.id}-{k}", ids, s.for_choice(i), s.min_tokens))
+            choices.append(Choice(index=k, prompt_tokens=len(ids)))
+    run = Run(engine, requests)
+    try:
+        await until_disconnect(request, run.start())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventStream(fmt.events(run, choices, include_usage), on_close=run.aclose)
+        await until_disconnect(request, run.collect(choices))
+    except ClientGone:
+        await run.aclose()
+        return Response(status_code=CLIENT_CLOSED)
+    check_errors(choices)
+    return JSONResponse(fmt.response(choices))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    body = await parse_body(request, ChatCompletionRequest)
+    engine = engine_for(request, body.model)
+    s = settings(body, logprobs=chat_logprobs(body))
+    ids = await encode_chat(engine.tokenizer, chat_messages(body.messages, body.safe_prompt))
+    check_context(len(ids), s.max_tokens, engine.max_model_len, "messages")
+    fmt = ChatFormat(new_id("chatcmpl"), server_state(request).model_name, s.n, s.params.logprobs is not None)
+    return await _respond(request, engine, body, [ids], s, fmt)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    body = await parse_body(request, CompletionRequest)
+    engine = engine_for(request, body.model)
+    s = settings(body, logprobs=completion_logprobs(body))
+    if body.suffix is not None:
+        if not isinstance(body.prompt, str):
+            raise bad_request("with a suffix, the prompt must be one string", "prompt")
+        prompts = [await encode_fim(engine.tokenizer, body.prompt, body.suffix, server_state(request).model_name)]
+    else:
+        prompts = await encode_inputs(engine.tokenizer, body.prompt, engine.config.vocab_size, "prompt")
+    for ids in prompts:
+        check_context(len(ids), s.max_tokens, engine.max_model_len, "prompt")
+    fmt = CompletionFormat(new_id("cmpl"), server_state(request).model_name, s.n, s.params.logprobs is not None)
+    return await _respond(request, engine, body, prompts, s, fmt)
+
+
+@router.post("/v1/fim/completions")
+async def fim_completions(request: Request) -> Response:
+    """Mistral's fill-in-the-middle: the model writes what goes between `prompt` and `suffix`."""
+    body = await parse_body(request, FIMCompletionRequest)
+    engine = engine_for(request, body.model)
+    s = settings(body)
+    name = server_state(request).model_name
+    ids = await encode_fim(engine.tokenizer, body.prompt, body.suffix or "", name)
+    check_context(len(ids), s.max_tokens, engine.max_model_len, "prompt")
+    return await _respond(request, engine, body, [ids], s, ChatFormat(new_id("fim"), name, s.n, False))

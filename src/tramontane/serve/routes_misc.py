@@ -1,0 +1,140 @@
+"""The other routes: models, embeddings, tokenize / detokenize, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from .common import engine_for, new_id, parse_body, server_state, usage
+from .convert import chat_messages, check_ids, encode_chat, encode_inputs, encode_text
+from .errors import APIError, bad_request
+from .generation import ClientGone, engine_error, until_disconnect
+from .protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelCapabilities,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+router = APIRouter()
+
+MAX_EMBED_TOKENS = 1 << 17
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _card(request: Request) -> ModelCard:
+    state = server_state(request)
+    engine = engine_for(request, None)
+    fim = bool(getattr(engine.tokenizer, "supports_fim", False))
+    return ModelCard(id=state.model_name, created=state.created, max_context_length=engine.max_model_len,
+                     capabilities=ModelCapabilities(completion_fim=fim))
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> JSONResponse:
+    return JSONResponse(ModelList(data=[_card(request)]).model_dump(mode="json"))
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(request: Request, model_id: str) -> JSONResponse:
+    card = _card(request)
+    if model_id != card.id:
+        raise APIError(404, f"the model {model_id!r} does not exist; this server serves {card.id!r}",
+                       param="model", code="model_not_found")
+    return JSONResponse(card.model_dump(mode="json"))
+
+
+def _encode_vector(vector: list[float], fmt: str) -> list[float] | str:
+    if fmt == "base64":  # little-endian float32, as OpenAI's API sends it
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
+    return vector
+
+
+@router.post("/v1/embeddings")
+async def embeddings(request: Request) -> Response:
+    """Mean-pooled final hidden states, L2-normalised."""
+    body = await parse_body(request, EmbeddingRequest)
+    engine = engine_for(request, body.model)
+    fmt = body.encoding_format or "float"
+    if fmt not in ("float", "base64"):
+        raise bad_request(f"encoding_format must be 'float' or 'base64', got {fmt!r}", "encoding_format")
+    for name in ("dimensions", "output_dimension"):
+        value = getattr(body, name)
+        if value is not None and value != engine.config.dim:
+            raise bad_request(f"{name} can only be {engine.config.dim} (the model's width), got {value}", name)
+    inputs = await encode_inputs(engine.tokenizer, body.input, engine.config.vocab_size, "input")
+    for i, ids in enumerate(inputs):
+        if len(ids) > engine.max_model_len:
+            raise APIError(400, f"input {i} has {len(ids)} tokens, more than the model's maximum context length "
+                                f"of {engine.max_model_len}", param="input", code="context_length_exceeded")
+    if sum(map(len, inputs)) > MAX_EMBED_TOKENS:
+        raise bad_request(f"the inputs hold more than {MAX_EMBED_TOKENS} tokens in all; split the request", "input")
+    try:
+        vectors = await until_disconnect(request, engine.embed(inputs))
+    except ClientGone:
+        return Response(status_code=499)
+    except Exception as exc:  # the engine's refusals (draining...) and failures
+        raise engine_error(exc) from exc
+    n_tokens = sum(len(ids) for ids in inputs)
+    data = [EmbeddingData(index=i, embedding=_encode_vector(v, fmt)) for i, v in enumerate(vectors)]
+    return JSONResponse(EmbeddingResponse(id=new_id("embd"), model=server_state(request).model_name, data=data,
+                                          usage=usage(n_tokens)).model_dump(mode="json"))
+
+
+@router.post("/v1/tokenize")
+async def tokenize(request: Request) -> JSONResponse:
+    """Token ids of a prompt (with the tokenizer's BOS when add_special_tokens) or of a chat."""
+    body = await parse_body(request, TokenizeRequest)
+    engine = engine_for(request, body.model)
+    if (body.prompt is None) == (body.messages is None):
+        raise bad_request("give exactly one of prompt and messages", "prompt")
+    if body.messages is not None:
+        ids = await encode_chat(engine.tokenizer, chat_messages(body.messages, False))
+    else:
+        add_bos = engine.tokenizer.default_add_bos and body.add_special_tokens
+        ids = await encode_text(engine.tokenizer, body.prompt or "", "prompt", add_bos=add_bos)
+    return JSONResponse(TokenizeResponse(tokens=ids, count=len(ids),
+                                         max_model_len=engine.max_model_len).model_dump(mode="json"))
+
+
+@router.post("/v1/detokenize")
+async def detokenize(request: Request) -> JSONResponse:
+    body = await parse_body(request, DetokenizeRequest)
+    engine = engine_for(request, body.model)
+    ids = check_ids(body.tokens, engine.config.vocab_size, "tokens")
+    text = await asyncio.to_thread(engine.tokenizer.decode, ids)
+    return JSONResponse(DetokenizeResponse(prompt=text).model_dump(mode="json"))
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 {"status": "ok"} when requests can be served; 503 with the reason otherwise."""
+    state = server_state(request)
+    if state.engine is None:
+        status = "loading"
+    elif state.draining:
+        status = "draining"
+    elif not state.engine.is_healthy():
+        status = "unhealthy"
+    else:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": status}, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    """Prometheus text format of the engine's counters, gauges and histograms."""
+    engine = server_state(request).engine
+    if engine is None:
+        raise APIError(503, "the model is still loading; retry shortly", code="model_loading")
+    return PlainTextResponse(engine.metrics.render(), media_type=PROMETHEUS_TEXT)

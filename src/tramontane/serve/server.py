@@ -1,0 +1,190 @@
+"""`tramontane serve`: load the model behind a running HTTP server, serve, drain on SIGTERM.
+
+The server listens at once and answers 503 (and /health "loading") while the model loads in a
+background thread; then it prints "tramontane serving MODEL on http://HOST:PORT". The first SIGTERM
+(or Ctrl-C) drains: new requests get 503, running ones finish, then the process exits with status 0.
+A second signal stops at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from ..errors import TramontaneError
+from .app import attach_engine, create_app, drain
+
+log = logging.getLogger("tramontane.serve")
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def available_memory() -> int:
+    """Bytes of RAM available to new allocations (MemAvailable), or free pages where /proc is absent."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def parse_size(text: str, flag: str, *, allow_percent: bool = False) -> int:
+    """'512M', '8G', '1.5G', '1000000' (bytes; K/M/G/T are powers of 1024), or with `allow_percent`,
+    '20%' of the RAM available now."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT%]?)", value)
+    if not found or (found.group(2) == "%" and not allow_percent):
+        kinds = "a size like 512M or 8G" + (", or a percentage of free RAM like 20%" if allow_percent else "")
+        raise TramontaneError(f"{flag} must be {kinds}, got {text!r}")
+    number, unit = float(found.group(1)), found.group(2)
+    if unit == "%":
+        if not 0 < number <= 95:
+            raise TramontaneError(f"{flag} percentage must be in (0, 95], got {text!r}")
+        size = int(available_memory() * number / 100)
+    else:
+        size = int(number * _UNITS[unit])
+    if size < 1:
+        raise TramontaneError(f"{flag} must be at least 1 byte, got {text!r}")
+    return size
+
+
+def model_name_of(model: str | None) -> str:
+    """The id the API serves a model under: the GGUF file's stem or the folder's name. Checks that
+    the model exists, so that a typo fails before the server starts."""
+    from ..errors import LoadError
+    from ..resolve import resolve_model
+
+    path = resolve_model(model)
+    if not path.exists():
+        raise LoadError(path, "no such file or folder")
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+@dataclass
+class ServeOptions:
+    model: str | None
+    name: str
+    host: str
+    port: int
+    api_key: str | None
+    kv_cache_memory: int
+    max_queued: int
+    max_running: int
+    max_body_bytes: int
+    block_size: int
+    max_num_batched_tokens: int
+    dtype: str
+    drain_timeout: float
+    allow_origins: list[str]
+    log_level: str
+
+
+def _load_engine(opts: ServeOptions) -> Any:
+    """Runs in a thread: the model, then the engine around it (which allocates the KV cache)."""
+    import torch
+
+    from ..api import load
+    from ..engine import AsyncEngine
+
+    dtype = getattr(torch, opts.dtype)
+    llm = load(opts.model, dtype=dtype)
+    return AsyncEngine(llm, model_name=opts.name, kv_cache_memory=opts.kv_cache_memory,
+                       block_size=opts.block_size, max_num_batched_tokens=opts.max_num_batched_tokens,
+                       max_running=opts.max_running, max_queued=opts.max_queued, dtype=dtype)
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """Like asyncio.to_thread, but a signal that stops the server does not wait for the thread."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(exc: BaseException | None, result: Any) -> None:
+        if not future.done():
+            future.set_result(result) if exc is None else future.set_exception(exc)
+
+    def target() -> None:
+        try:
+            outcome: tuple[BaseException | None, Any] = (None, fn())
+        except BaseException as exc:  # handed to the event loop
+            outcome = (exc, None)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=target, name="tramontane-load", daemon=True).start()
+    return await future
+
+
+def serve(opts: ServeOptions) -> int:
+    failure: list[BaseException] = []
+    server: _Server
+
+    async def load(app: Any) -> None:
+        try:
+            engine = await _in_daemon_thread(lambda: _load_engine(opts))
+            engine.start()
+            attach_engine(app, engine)
+            while not server.started:
+                await asyncio.sleep(0.02)
+            print(f"tramontane serving {opts.name} on http://{opts.host}:{opts.port}", flush=True)
+        except Exception as exc:  # a bad model or flag: report it and stop the server
+            failure.append(exc)
+            server.should_exit = True
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        server.loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(load(app))
+        yield
+        task.cancel()
+        await drain(app, opts.drain_timeout)
+
+    app = create_app(None, model_name=opts.name, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes,
+                     allow_origins=opts.allow_origins, lifespan=lifespan)
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, lifespan="on",
+                            timeout_graceful_shutdown=max(5, int(opts.drain_timeout)))
+    server = _Server(config, lambda: drain(app, opts.drain_timeout))
+    server.run()
+    if failure:
+        exc = failure[0]
+        if isinstance(exc, TramontaneError):
+            raise exc
+        raise TramontaneError(f"could not start the engine: {type(exc).__name__}: {exc}") from exc
+    return 0 if server.started else 1
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with a first SIGTERM / SIGINT that drains before exiting."""
+
+    def __init__(self, config: Any, drain_fn: Callable[[], Any]) -> None:
+        super().__init__(config)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._drain_fn = drain_fn
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self.loop is None:
+            super().handle_exit(sig, frame)  # a second signal, or before start-up: stop now
+            return
+        self._draining = True
+        print(f"tramontane: {signal.Signals(sig).name}: draining, then exiting", file=sys.stderr, flush=True)
+        self.loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain_then_exit()))
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain_fn()
+        except Exception:
+            log.exception("draining failed")
+        finally:
+            self.should_exit = True
