@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,47 +14,21 @@ import httpx
 import pytest
 
 import tramontane
+from serving import running_server
 
 KEY = "test-key-123"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 N = 24
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(smollm2_path, tmp_path_factory):
-    port = free_port()
     log = tmp_path_factory.mktemp("serve") / "stderr.txt"
-    proc = subprocess.Popen(  # stderr to a file: an unread pipe could fill up and block the server
-        [sys.executable, "-m", "tramontane", "serve", "--port", str(port), "--kv-cache-memory", "128M"],
-        stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env={**os.environ, "TRAMONTANE_API_KEY": KEY})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"server did not come up: {log.read_text()[-3000:]}")
+    with running_server(log, "--kv-cache-memory", "128M", env={"TRAMONTANE_API_KEY": KEY}) as (base, proc):
         line = proc.stdout.readline().strip()
+        port = base.rsplit(":", 1)[1]
         assert line == f"tramontane serving SmolLM2-135M-Instruct.Q4_1 on http://127.0.0.1:{port}", line
         yield base, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 @pytest.fixture(scope="module")
