@@ -322,3 +322,26 @@ def test_awkward_but_legal_event_streams(page):
     # which here falls inside the JSON text, between two tokens: still valid JSON.
     assert answers(page).last.locator(".text").text_content() == "".join(AWKWARD_PIECES)
     assert page.locator("#error").is_hidden()
+
+
+def test_real_server_streams_an_answer(browser, smollm2_path, tmp_path):
+    """The page served by a real `tramontane serve` with SmolLM2 streams a real answer."""
+    from serving import running_server
+
+    with running_server(tmp_path / "log.txt", "--kv-cache-memory", "64M") as (base, _):
+        context = browser.new_context(viewport={"width": 900, "height": 720})
+        tab = context.new_page()
+        tab.set_default_timeout(60000)
+        tab.goto(base)
+        expect(tab.locator("#model")).to_have_value("SmolLM2-135M-Instruct.Q4_1")
+        tab.click("#settings summary")
+        tab.fill("#temperature", "0")
+        tab.fill("#max-tokens", "24")
+        tab.fill("#prompt", "What is the capital of France?")
+        tab.press("#prompt", "Enter")
+        seen = watch_answer(tab, timeout_s=60)
+        assert len(seen) > 2  # the answer grew in several steps
+        assert "Paris" in seen[-1]
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        tab.screenshot(path=str(ARTIFACTS / "web_chat_smollm2.png"))
+        context.close()
