@@ -55,11 +55,13 @@ def start_server(model: str | None, port: int) -> subprocess.Popen:
 
 
 async def one_request(client: httpx.AsyncClient, question: str, max_tokens: int, stats: dict) -> None:
-    body = {"model": "default", "messages": [{"role": "user", "content": question}], "temperature": 0,
+    body = {"model": stats["model"], "messages": [{"role": "user", "content": question}], "temperature": 0,
             "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     start = last = time.perf_counter()
     first = True
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            raise SystemExit(f"server answered {response.status_code}: {(await response.aread())[:500]!r}")
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -77,6 +79,7 @@ async def load(port: int, clients: int, duration: float, max_tokens: int) -> dic
     stats: dict = {"tokens": 0, "ttft": [], "itl": []}
     stop = time.perf_counter() + duration
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+        stats["model"] = (await client.get("/v1/models")).json()["data"][0]["id"]
         async def worker(i: int) -> None:
             k = i
             while time.perf_counter() < stop:
