@@ -1,0 +1,60 @@
+"""Random weights with real shapes (`--random mistral-7b|mixtral-8x7b|CONFIG.json`), for benchmarks.
+
+Nothing is downloaded: presets are the published v0.1 shapes (DESIGN.md); a CONFIG.json may be a Mistral
+`params.json` or a Hugging Face `config.json`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import ConfigError, LoadError
+from ..model import Transformer
+from ..model.layers import rope_frequencies
+
+_COMMON = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
+           "norm_eps": 1e-5, "vocab_size": 32000}
+PRESETS: dict[str, dict] = {
+    "mistral-7b": {**_COMMON, "sliding_window": 4096},
+    "mixtral-8x7b": {**_COMMON, "moe": {"num_experts": 8, "num_experts_per_tok": 2}},
+}
+
+
+def random_config(spec: str) -> ModelConfig:
+    """A preset name or the path of a params.json / config.json."""
+    if spec in PRESETS:
+        return ModelConfig.from_params_json(PRESETS[spec], source=f"preset {spec}")
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--random {spec!r}: not a preset ({', '.join(PRESETS)}) nor a config file")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LoadError(path, f"cannot read JSON: {e}") from None
+    if "model_type" in data:
+        return ModelConfig.from_hf_config(data, source=str(path))
+    return ModelConfig.from_params_json(data, source=str(path))
+
+
+def meta_model(config: ModelConfig) -> Transformer:
+    """The model on the meta device: shapes and parameter counts without memory."""
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0) -> Transformer:
+    """Weights ~ N(0, 0.02) (norms 1), materialised one tensor at a time."""
+    model = meta_model(config)
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, p in model.state_dict().items():
+        if name.endswith("norm.weight"):
+            state[name] = torch.ones(p.shape, dtype=dtype)
+        else:
+            state[name] = (torch.randn(p.shape, generator=gen) * 0.02).to(dtype)
+    model.load_state_dict(state, assign=True)
+    model.inv_freq = rope_frequencies(config.head_dim, config.rope_theta)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,43 @@
+"""The random-weights loader builds the documented shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tramontane.errors import ConfigError
+from tramontane.weights.random import meta_model, random_config, random_model
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_mistral_7b_shapes_on_meta():
+    model = meta_model(random_config("mistral-7b"))
+    assert abs(count(model) - 7.24e9) / 7.24e9 < 0.01
+    assert count(model) == model.config.parameter_count()
+    assert model.layers[0].attention.wk.weight.shape == (1024, 4096)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_mixtral_shapes_on_meta():
+    model = meta_model(random_config("mixtral-8x7b"))
+    assert abs(count(model) - 46.7e9) / 46.7e9 < 0.01
+    assert model.layers[0].feed_forward.w1.shape == (8, 14336, 4096)
+
+
+def test_config_file_and_forward(tmp_path):
+    path = tmp_path / "params.json"
+    path.write_text(json.dumps({"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128, "n_heads": 4,
+                                "n_kv_heads": 2, "norm_eps": 1e-5, "vocab_size": 100, "sliding_window": 8}))
+    model = random_model(random_config(str(path)))
+    logits = model(torch.randint(0, 100, (1, 12)))
+    assert logits.shape == (1, 12, 100) and torch.isfinite(logits).all()
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ConfigError, match="not a preset"):
+        random_config("mistral-8b")
