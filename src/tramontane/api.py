@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .device import resolve_dtype
 from .errors import RequestError
 from .generate import Completion, Delta, Generator, collect
 from .resolve import resolve_model
@@ -19,7 +20,7 @@ Prompt = str | Sequence[int]
 
 class LLM:
     def __init__(self, loaded: LoadedModel, tokenizer: Any, dtype: torch.dtype = torch.float32) -> None:
-        self.loaded, self.tokenizer = loaded, tokenizer
+        self.loaded, self.tokenizer, self.dtype = loaded, tokenizer, dtype
         self.model, self.config = loaded.model, loaded.config
         self._generator = Generator(loaded.model, tokenizer, dtype)
 
@@ -68,13 +69,26 @@ class LLM:
         return self._generator.score(self.encode_prompt(token_ids))
 
 
-def load(model: str | Path | None = None, *, dtype: torch.dtype = torch.float32,
-         progress: bool = False) -> LLM:
-    """Load a model folder (Hugging Face or Mistral native) or GGUF file; None = the default model."""
+def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
+         progress: bool = False, packed: bool | None = None, quant: str | None = None) -> LLM:
+    """Load a model folder (Hugging Face or Mistral native) or GGUF file; None = the default model.
+
+    dtype: None/"auto" = bfloat16 for float checkpoints where the CPU supports it, else float32.
+    packed: keep a GGUF file's quantized matrices packed and run them with the packed kernels
+    (default: when the compiled kernels are available).
+    quant: "int8" or "int4" weight-only quantization of the float matrices after loading (quant/)."""
+    from .quant.kernels import available
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
+    from .weights.loader import detect_format
 
     path = resolve_model(model)
-    loaded = load_model(path, dtype=dtype, progress=progress)
+    dtype = resolve_dtype(dtype, detect_format(path))
+    loaded = load_model(path, dtype=dtype, progress=progress, packed=available() if packed is None else packed)
+    if quant is not None:
+        from .quant.quantize import quantize_model
+
+        quantize_model(loaded.model, quant)
+        loaded.config = loaded.model.config
     if loaded.format == "gguf":
         tokenizer = tokenizer_from_gguf(loaded.metadata, str(path))
     else:

@@ -9,7 +9,7 @@ from typing import Any
 
 from .errors import TramontaneError
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -25,7 +25,10 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--max-tokens", type=int, default=None, help="default: until the context is full")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--system", default=None, help="system message")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)")
+    p.add_argument("--quant", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +65,10 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="seconds SIGTERM waits for running requests before stopping them (default 30)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from this origin (CORS; repeatable; * for any)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)")
+    p.add_argument("--quant", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1)")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level (default warning; info logs every request)")
 
@@ -93,11 +99,9 @@ def _sampling(ns: argparse.Namespace):
 
 
 def _load(model: str | None, ns: argparse.Namespace):
-    import torch
-
     from .api import load
 
-    return load(model, dtype=getattr(torch, ns.dtype), progress=sys.stderr.isatty())
+    return load(model, dtype=ns.dtype, progress=sys.stderr.isatty(), quant=ns.quant)
 
 
 def _stream_answer(llm: Any, messages: list[dict[str, Any]], params: Any) -> str:
@@ -180,7 +184,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         kv_cache_memory=parse_size(ns.kv_cache_memory, "--kv-cache-memory", allow_percent=True),
         max_queued=ns.max_queued, max_running=ns.max_running,
         max_body_bytes=parse_size(ns.max_body_bytes, "--max-body-bytes"), block_size=ns.block_size,
-        max_num_batched_tokens=ns.max_num_batched_tokens, dtype=ns.dtype, drain_timeout=ns.drain_timeout,
+        max_num_batched_tokens=ns.max_num_batched_tokens, dtype=ns.dtype, quant=ns.quant,
+        drain_timeout=ns.drain_timeout,
         allow_origins=ns.allow_origin, log_level=ns.log_level)
     return serve(opts)
 

@@ -41,6 +41,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     moe: MoeConfig | None = None
     architecture: str = "mistral"
+    quant: str | None = None  # how weights are held after loading: None (float), "gguf" (packed blocks)
 
     def __post_init__(self) -> None:
         _validate(self)

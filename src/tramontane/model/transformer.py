@@ -57,8 +57,9 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [...,dim] -> logits [...,V] in float32."""
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return torch.nn.functional.linear(h, weight).float()
+        if self.output is None:
+            return torch.nn.functional.linear(h, self.tok_embeddings.weight).float()
+        return self.output(h).float()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:

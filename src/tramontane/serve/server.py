@@ -86,6 +86,7 @@ class ServeOptions:
     block_size: int
     max_num_batched_tokens: int
     dtype: str
+    quant: str | None
     drain_timeout: float
     allow_origins: list[str]
     log_level: str
@@ -93,16 +94,13 @@ class ServeOptions:
 
 def _load_engine(opts: ServeOptions) -> Any:
     """Runs in a thread: the model, then the engine around it (which allocates the KV cache)."""
-    import torch
-
     from ..api import load
     from ..engine import AsyncEngine
 
-    dtype = getattr(torch, opts.dtype)
-    llm = load(opts.model, dtype=dtype)
+    llm = load(opts.model, dtype=opts.dtype, quant=opts.quant)
     return AsyncEngine(llm, model_name=opts.name, kv_cache_memory=opts.kv_cache_memory,
                        block_size=opts.block_size, max_num_batched_tokens=opts.max_num_batched_tokens,
-                       max_running=opts.max_running, max_queued=opts.max_queued, dtype=dtype)
+                       max_running=opts.max_running, max_queued=opts.max_queued, dtype=llm.dtype)
 
 
 async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:

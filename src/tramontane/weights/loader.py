@@ -8,6 +8,7 @@ peak memory is the model plus one tensor in flight (plus the packed GGUF file, w
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,16 @@ class GGUFSource:
         for name in self.file.tensors:
             yield name, (lambda name=name: self.file.load(name, torch.float32))
 
+    def packed(self, name: str) -> tuple[torch.Tensor, int] | None:
+        """A 2-D tensor's blocks as uint8 rows [out, row_bytes] when the packed kernels run its type."""
+        from ..quant.linear import PACKED_TYPES
+
+        info = self.file.tensors[name]
+        if len(info.shape) != 2 or info.type_name not in PACKED_TYPES:
+            return None
+        rows = torch.from_numpy(self.file.raw(name).copy())  # [nbytes], owned: the file closes after load
+        return rows.view(info.shape[0], -1), info.ggml_type
+
 
 def open_source(path: Path) -> tuple[str, ModelConfig, Any, names.NameMap]:
     fmt = detect_format(path)
@@ -166,24 +177,31 @@ def _config(path: Path, build: Callable[..., ModelConfig]) -> ModelConfig:
         raise LoadError(path, str(e).removeprefix(f"{path}: ")) from None
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False) -> LoadedModel:
-    """Read a model folder or GGUF file into a ready `Transformer` (eval mode, no gradients)."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
+               packed: bool = False) -> LoadedModel:
+    """Read a model folder or GGUF file into a ready `Transformer` (eval mode, no gradients).
+
+    packed=True keeps a GGUF file's quantized matrices as their blocks (see quant/linear.py)."""
     path = Path(path)
     fmt, config, source, name_map = open_source(path)
+    packed = packed and fmt == "gguf"
     with torch.device("meta"):
-        model = Transformer(config)
-    state = _assemble(model, config, source, name_map, dtype, progress)
+        model = Transformer(config.with_(quant="gguf") if packed else config)
+    state = _assemble(model, model.config, source, name_map, dtype, progress, packed)
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = rope_frequencies(config.head_dim, config.rope_theta)
     model.eval().requires_grad_(False)
     meta = source.file.metadata if fmt == "gguf" else {}
-    return LoadedModel(model, config, fmt, path, dict(source.types), meta)
+    if fmt == "gguf":
+        source.file.close()  # every tensor was copied out; unmapping drops the file's pages from RSS
+    return LoadedModel(model, model.config, fmt, path, dict(source.types), meta)
 
 
 def _assemble(model: Transformer, config: ModelConfig, source: Any, name_map: names.NameMap,
-              dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
+              dtype: torch.dtype, progress: bool, packed: bool = False) -> dict[str, torch.Tensor]:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
+    swapped: set[str] = set()
     experts: dict[str, set[int]] = {}
     items = source.items()
     if progress:
@@ -202,10 +220,44 @@ def _assemble(model: Transformer, config: ModelConfig, source: Any, name_map: na
         if m.target not in expected:
             raise LoadError(source.path, f"tensor {name!r} maps to {m.target!r}, which this "
                                          f"configuration ({config.n_layers} layers, moe={config.moe}) lacks")
+        if packed and m.transform is None and PACKABLE.fullmatch(m.target):
+            blocks = source.packed(name)
+            if blocks is not None:
+                _swap_packed(model, source.path, name, m.target, blocks, expected, state)
+                swapped.add(m.target)
+                continue
         tensor = _transform(read(), m.transform, config).to(dtype)
         _place(source.path, name, m, tensor, expected[m.target], state, experts, dtype)
-    _check_complete(source.path, expected, state, experts)
+    if config.tie_embeddings and "tok_embeddings.weight" in swapped:
+        from ..quant.linear import PackedEmbedding
+
+        embedding = model.tok_embeddings
+        assert isinstance(embedding, PackedEmbedding)
+        model.output = embedding.as_linear()
+        state["output.packed"] = state["tok_embeddings.packed"]
+    _check_complete(source.path, {k: v for k, v in expected.items() if k not in swapped}, state, experts)
     return state
+
+
+# Matrices that may stay packed: the attention and dense feed-forward projections, output, embedding.
+PACKABLE = re.compile(r"(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output|tok_embeddings)\.weight")
+
+
+def _swap_packed(model: Transformer, path: Path, name: str, target: str, blocks: tuple[torch.Tensor, int],
+                 expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor]) -> None:
+    """Put a packed module where the float one was; its blocks go into the state dict."""
+    from ..quant.linear import GGUFLinear, PackedEmbedding, set_module
+
+    rows, qtype = blocks
+    out_features, in_features = expected[target]
+    if rows.shape[0] != out_features:
+        raise LoadError(path, f"tensor {name!r} has {rows.shape[0]} rows, expected {out_features}")
+    module_path = target.removesuffix(".weight")
+    with torch.device("meta"):
+        module = (PackedEmbedding if module_path == "tok_embeddings" else GGUFLinear)(
+            torch.empty(rows.shape, dtype=torch.uint8), qtype, in_features)
+    set_module(model, module_path, module)
+    state[module_path + ".packed"] = rows
 
 
 def _transform(t: torch.Tensor, transform: str | None, config: ModelConfig) -> torch.Tensor:

@@ -1,0 +1,188 @@
+"""Decode and prefill speed, load time and peak memory, next to transformers and llama.cpp.
+
+    python benchmarks/decode_speed.py [--model FILE.gguf] [--threads 2] [--engines a,b,...]
+
+Engines: tramontane (packed GGUF kernels), tramontane-f32 (dequantized at load), transformers-fp32,
+transformers-bf16, llama.cpp (only when `llama_cpp` is importable). Each engine runs in its own process,
+so load time and peak RSS (VmHWM) are its own. Prints tokens/s for a 512-token prefill, 256 decoded tokens
+at batch 1, and aggregate decode at batch 4 and 16, with ratios to the first engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+PREFILL, DECODE, BATCH_TOKENS = 512, 256, 64
+
+
+def peak_rss() -> int:
+    line = next(x for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(100, min(vocab, 30000)) for _ in range(n)]
+
+
+def run_tramontane(model: str | None, packed: bool) -> dict:
+    import torch
+
+    import tramontane
+    from tramontane.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    llm = tramontane.load(model, packed=packed)
+    load = time.perf_counter() - t0
+    vocab = llm.config.vocab_size
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate([prompt_ids(vocab, 16)], one)  # warm-up
+    t = time.perf_counter()
+    llm.generate([prompt_ids(vocab, PREFILL)], one)
+    prefill = PREFILL / (time.perf_counter() - t)
+    times = [time.perf_counter() for _ in llm.generate(prompt_ids(vocab, 8), SamplingParams(
+        temperature=0, max_tokens=DECODE, ignore_eos=True), stream=True)]
+    decode = (len(times) - 1) / (times[-1] - times[0])
+    batched = {}
+    for b in (4, 16):
+        params = SamplingParams(temperature=0, max_tokens=BATCH_TOKENS, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate([prompt_ids(vocab, 8, seed=i) for i in range(b)], params)
+        batched[b] = b * BATCH_TOKENS / (time.perf_counter() - t)
+    del torch
+    return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": batched[4], "batch16": batched[16]}
+
+
+def run_transformers(model: str, dtype_name: str) -> dict:
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, dtype_name)
+    path = Path(model)
+    t0 = time.perf_counter()
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    load = time.perf_counter() - t0
+    vocab = hf.config.vocab_size
+    with torch.inference_mode():
+        hf(torch.tensor([prompt_ids(vocab, 16)]))
+        t = time.perf_counter()
+        hf(torch.tensor([prompt_ids(vocab, PREFILL)]))
+        prefill = PREFILL / (time.perf_counter() - t)
+        ids = torch.tensor([prompt_ids(vocab, 8)])
+        kw = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=DECODE, min_new_tokens=DECODE, **kw)
+        decode = (DECODE - 1) / (time.perf_counter() - t - first)
+        batched = {}
+        for b in (4, 16):
+            ids = torch.tensor([prompt_ids(vocab, 8, seed=i) for i in range(b)])
+            t = time.perf_counter()
+            hf.generate(ids, max_new_tokens=BATCH_TOKENS, min_new_tokens=BATCH_TOKENS, **kw)
+            batched[b] = b * BATCH_TOKENS / (time.perf_counter() - t)
+    return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": batched[4], "batch16": batched[16]}
+
+
+def run_llama_cpp(model: str, threads: int) -> dict:
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=model, n_threads=threads, n_ctx=2048, n_batch=512, verbose=False)
+    load = time.perf_counter() - t0
+    vocab = llm.n_vocab()
+    t = time.perf_counter()
+    llm.eval(prompt_ids(vocab, PREFILL))
+    prefill = PREFILL / (time.perf_counter() - t)
+    llm.reset()
+    llm.eval(prompt_ids(vocab, 8))
+    t = time.perf_counter()
+    for _ in range(DECODE):
+        token = llm.sample(top_k=1)
+        llm.eval([token])
+    decode = DECODE / (time.perf_counter() - t)
+    return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": None, "batch16": None}
+
+
+def worker(engine: str, model: str | None, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    if engine == "tramontane":
+        out = run_tramontane(model, packed=True)
+    elif engine == "tramontane-f32":
+        out = run_tramontane(model, packed=False)
+    elif engine.startswith("transformers-"):
+        out = run_transformers(model, {"fp32": "float32", "bf16": "bfloat16"}[engine.split("-")[1]])
+    elif engine == "llama.cpp":
+        out = run_llama_cpp(model, threads)
+    else:
+        raise SystemExit(f"unknown engine {engine!r}")
+    out["peak_rss_gb"] = peak_rss() / 1e9
+    print(json.dumps(out))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engines", default="tramontane,tramontane-f32,transformers-fp32,transformers-bf16,llama.cpp")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.model is None:
+        from tramontane.resolve import default_model_path
+
+        args.model = str(default_model_path())
+    if args.worker:
+        worker(args.worker, args.model, args.threads)
+        return
+    engines = args.engines.split(",")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        engines = [e for e in engines if e != "llama.cpp"]
+    results = {}
+    for engine in engines:
+        proc = subprocess.run([sys.executable, __file__, "--worker", engine, "--model", args.model,
+                               "--threads", str(args.threads)], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        if proc.returncode:
+            print(f"{engine}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+            continue
+        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+    print_table(args, results)
+
+
+def print_table(args: argparse.Namespace, results: dict) -> None:
+    base = next(iter(results.values()), None)
+    cols = [("prefill", "prefill tok/s"), ("decode", "decode tok/s"), ("batch4", "batch 4 tok/s"),
+            ("batch16", "batch 16 tok/s"), ("load_s", "load s"), ("peak_rss_gb", "peak RSS GB")]
+    print(f"\nmodel: {args.model}, {args.threads} threads; ratios are to {next(iter(results), '-')}")
+    print("| engine | " + " | ".join(c[1] for c in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for engine, r in results.items():
+        cells = []
+        for key, _ in cols:
+            v = r.get(key)
+            if v is None:
+                cells.append("-")
+            elif engine == next(iter(results)):
+                cells.append(f"{v:.2f}" if key in ("load_s", "peak_rss_gb") else f"{v:.1f}")
+            else:
+                ratio = v / base[key] if base and base.get(key) else float("nan")
+                cells.append(f"{v:.2f} ({ratio:.2f}x)" if key in ("load_s", "peak_rss_gb") else
+                             f"{v:.1f} ({ratio:.2f}x)")
+        print(f"| {engine} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

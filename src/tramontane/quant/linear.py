@@ -1,0 +1,76 @@
+"""Module swaps that keep GGUF weights packed in memory and execute them packed.
+
+`GGUFLinear` replaces an `nn.Linear` whose weight arrived as GGUF blocks (Q4_0, Q4_1, Q8_0, K-quants,
+F16...): the rows stay as the file's blocks, and the matmul decodes them on the fly (see kernels.py).
+`PackedEmbedding` does the same for the token embedding, decoding only the rows looked up. Both have a
+`dequantize()` path, used by tests to compare with the dequantize-at-load model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..weights.gguf_quants import GGML_TYPES, dequantize
+
+# GGML type ids the packed kernels execute; other types are dequantized at load.
+PACKED_TYPES = {GGML_TYPES[i].name: i for i in GGML_TYPES
+                if GGML_TYPES[i].name in {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K",
+                                          "Q6_K"}}
+
+
+def _rows(packed: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
+    """Dequantize packed rows [R,row_bytes] -> float32 [R,in_features]."""
+    flat = dequantize(packed.reshape(-1), qtype)  # [R*in_features]
+    return flat.view(packed.shape[0], in_features)
+
+
+class GGUFLinear(nn.Module):
+    def __init__(self, packed: torch.Tensor, qtype: int, in_features: int) -> None:
+        super().__init__()
+        self.register_buffer("packed", packed)  # [out_features, row_bytes] uint8
+        self.qtype, self.in_features, self.out_features = qtype, in_features, packed.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .kernels import qmatmul
+
+        flat = x.reshape(-1, self.in_features).float()  # [M,K]
+        y = qmatmul(flat, self.packed, self.qtype, self.in_features)  # [M,N]
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        return _rows(self.packed, self.qtype, self.in_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (for code that reads `.weight`; costs a full decode)."""
+        return self.dequantize()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, type={GGML_TYPES[self.qtype].name}"
+
+
+class PackedEmbedding(nn.Module):
+    def __init__(self, packed: torch.Tensor, qtype: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("packed", packed)  # [vocab, row_bytes] uint8
+        self.qtype, self.dim = qtype, dim
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        rows = _rows(self.packed[tokens.reshape(-1)], self.qtype, self.dim)  # [B*T,dim]
+        return rows.view(*tokens.shape, self.dim)
+
+    def as_linear(self) -> GGUFLinear:
+        """The tied output head over the same packed rows (no copy)."""
+        return GGUFLinear(self.packed, self.qtype, self.dim)
+
+    def dequantize(self) -> torch.Tensor:
+        return _rows(self.packed, self.qtype, self.dim)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantize()
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)

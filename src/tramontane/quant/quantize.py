@@ -1,0 +1,64 @@
+"""Weight-only quantization of float checkpoints (`--quant int8|int4`) as a module swap.
+
+The weights are written in GGUF's own block layouts, so they run on the same packed kernels as GGUF
+files: int8 = Q8_0 (int8 values, one float16 scale per 32 weights), int4 = Q4_1 (4-bit values, a float16
+scale and minimum per group of 32). The scheme is recorded in `config.quant`."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..errors import RequestError
+from ..weights.gguf_quants import GGML_TYPES
+from .linear import GGUFLinear, set_module
+
+SCHEMES = {"int8": "Q8_0", "int4": "Q4_1"}
+GROUP = 32
+# Which linear layers are quantized: attention and dense feed-forward projections, and the output head.
+TARGETS = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output")
+
+
+def _type_id(name: str) -> int:
+    return next(i for i, t in GGML_TYPES.items() if t.name == name)
+
+
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """[N,K] float -> [N, K/32*34] uint8 Q8_0 blocks (d = max|x| / 127, q = round(x / d))."""
+    n, k = w.shape
+    groups = w.float().reshape(n, k // GROUP, GROUP)  # [N,G,32]
+    d = groups.abs().amax(dim=-1, keepdim=True) / 127.0  # [N,G,1]
+    q = torch.where(d > 0, groups / torch.where(d > 0, d, 1.0), 0.0).round().clamp(-128, 127).to(torch.int8)
+    scale = d.to(torch.float16).view(torch.uint8).view(n, k // GROUP, 2)  # [N,G,2]
+    return torch.cat((scale, q.view(torch.uint8)), dim=-1).reshape(n, -1)  # [N,G*34]
+
+
+def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
+    """[N,K] float -> [N, K/32*20] uint8 Q4_1 blocks (x = d * q + m, q in 0..15)."""
+    n, k = w.shape
+    groups = w.float().reshape(n, k // GROUP, GROUP)  # [N,G,32]
+    lo, hi = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)  # [N,G,1]
+    d = (hi - lo) / 15.0
+    inv = torch.where(d > 0, 1.0 / torch.where(d > 0, d, 1.0), 0.0)
+    q = ((groups - lo) * inv + 0.5).floor().clamp(0, 15).to(torch.uint8)  # [N,G,32]
+    nibbles = q[..., :16] | (q[..., 16:] << 4)  # element j in the low nibble, j + 16 in the high one
+    header = torch.cat((d.to(torch.float16), lo.to(torch.float16)), dim=-1).view(torch.uint8)  # [N,G,4]
+    return torch.cat((header, nibbles), dim=-1).reshape(n, -1)  # [N,G*20]
+
+
+QUANTIZERS = {"Q8_0": quantize_q8_0, "Q4_1": quantize_q4_1}
+
+
+def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
+    """Swap the float linear layers for packed ones in place; record the scheme in the config."""
+    if scheme not in SCHEMES:
+        raise RequestError(f"--quant {scheme!r} is not one of {', '.join(SCHEMES)}")
+    qname = SCHEMES[scheme]
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and TARGETS.fullmatch(name) and module.in_features % GROUP == 0:
+            packed = QUANTIZERS[qname](module.weight.detach())
+            set_module(model, name, GGUFLinear(packed, _type_id(qname), module.in_features))
+    model.config = model.config.with_(quant=scheme)
+    return model

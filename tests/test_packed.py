@@ -1,0 +1,84 @@
+"""Packed GGUF execution gives the logits of the dequantize-at-load path, for every packed type."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from models import hf_model, save_gguf
+from test_gguf_dequant import _random_blocks
+from tramontane.quant.linear import GGUFLinear, PackedEmbedding
+from tramontane.weights.loader import load_model
+
+QUANTIZABLE = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants can write these
+K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]  # written as random valid blocks
+
+
+def compare(path) -> None:
+    packed = load_model(path, packed=True)
+    plain = load_model(path)
+    assert packed.config.quant == "gguf" and plain.config.quant is None
+    swapped = [m for m in packed.model.modules() if isinstance(m, (GGUFLinear, PackedEmbedding))]
+    assert len(swapped) >= 2 * 7 + 1
+    tokens = torch.randint(0, packed.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = packed.model(tokens), plain.model(tokens)
+    assert (a - b).abs().max().item() <= 1e-3 * max(1.0, b.abs().max().item() / 10)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "llama"])
+@pytest.mark.parametrize("qtype", QUANTIZABLE)
+def test_packed_equals_dequantized(tmp_path, kind, qtype):
+    compare(save_gguf(hf_model(kind, seed=6), tmp_path / "m.gguf", qtype))
+
+
+def write_random_kquant_model(path, qtype: str) -> None:
+    """A tiny llama-architecture GGUF (dim 256, ffn 512) whose matrices are random valid blocks."""
+    dim, ffn, layers, vocab, heads, kv = 256, 512, 2, 96, 4, 2
+    kind = gguf.GGMLQuantizationType[qtype]
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in ((w.add_block_count, layers), (w.add_context_length, 128), (w.add_embedding_length, dim),
+                       (w.add_feed_forward_length, ffn), (w.add_head_count, heads), (w.add_head_count_kv, kv),
+                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
+                       (w.add_vocab_size, vocab)):
+        add(value)
+    hd = dim // heads
+    shapes = {"token_embd.weight": (vocab, dim), "output.weight": (vocab, dim)}
+    for i in range(layers):
+        shapes |= {f"blk.{i}.attn_q.weight": (dim, dim), f"blk.{i}.attn_k.weight": (kv * hd, dim),
+                   f"blk.{i}.attn_v.weight": (kv * hd, dim), f"blk.{i}.attn_output.weight": (dim, dim),
+                   f"blk.{i}.ffn_gate.weight": (ffn, dim), f"blk.{i}.ffn_up.weight": (ffn, dim),
+                   f"blk.{i}.ffn_down.weight": (dim, ffn)}
+    for seed, (name, (rows, cols)) in enumerate(shapes.items()):
+        blocks = _random_blocks(kind, rows, cols, seed)
+        w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=kind)
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(dim, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(dim, np.float32))
+    w.add_tensor("output_norm.weight", np.ones(dim, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS)
+def test_packed_k_quants_equal_dequantized(tmp_path, qtype):
+    write_random_kquant_model(tmp_path / "k.gguf", qtype)
+    compare(tmp_path / "k.gguf")
+
+
+def test_smollm2_packed_logits_and_greedy_answer(smollm2_path):
+    import tramontane
+
+    packed = load_model(smollm2_path, packed=True).model
+    plain = load_model(smollm2_path).model
+    tokens = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (packed(tokens) - plain(tokens)).abs().max().item()
+    assert diff <= 1e-3, diff
+    llm = tramontane.load(smollm2_path, packed=True)
+    question = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    assert "Paris" in llm.chat(question, temperature=0, max_tokens=24).text

@@ -1,0 +1,63 @@
+"""Weight-only int8 / int4 quantization of float checkpoints (Q8_0 / Q4_1 layouts, run packed)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from models import hf_model, save_hf
+from tramontane.errors import RequestError
+from tramontane.quant.linear import GGUFLinear
+from tramontane.quant.quantize import quantize_model, quantize_q4_1, quantize_q8_0
+from tramontane.weights.loader import load_model
+
+
+@pytest.mark.parametrize("fn,qtype", [(quantize_q8_0, "Q8_0"), (quantize_q4_1, "Q4_1")])
+def test_blocks_are_bit_identical_to_gguf_quantize(fn, qtype):
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(3))
+    w[0, :32] = 0.0  # an all-zero group
+    ref = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[qtype])
+    assert np.array_equal(fn(w).numpy(), ref)
+
+
+# Relative error of the logits on the harsh tiny test model (weights ~N(0, 0.15)); random logits give ~1.4.
+@pytest.mark.parametrize("scheme,tolerance", [("int8", 0.05), ("int4", 0.5)])
+def test_quantized_model_is_a_module_swap_close_to_float(tmp_path, scheme, tolerance):
+    folder = save_hf(hf_model("mistral", seed=2), tmp_path / "m", shard=None)
+    plain = load_model(folder).model
+    quant = quantize_model(load_model(folder).model, scheme)
+    assert quant.config.quant == scheme
+    layers = [m for m in quant.modules() if isinstance(m, GGUFLinear)]
+    assert len(layers) == 2 * 7 + 1  # q k v o w1 w2 w3 per layer, and the output head
+    w = plain.layers[0].attention.wq.weight
+    deq = quant.layers[0].attention.wq.dequantize()
+    step = (w.abs().max() / 127) if scheme == "int8" else (w.max() - w.min()) / 15
+    assert (deq - w).abs().max() <= step  # within one quantization step
+    tokens = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = quant(tokens), plain(tokens)
+    assert ((a - b).norm() / b.norm()).item() <= tolerance
+
+
+def test_unknown_scheme():
+    with pytest.raises(RequestError, match="int3"):
+        quantize_model(torch.nn.Linear(2, 2), "int3")
+
+
+def test_smollm2_int8_perplexity_within_one_percent(smollm2_path):
+    from test_smollm2 import TEXT
+
+    import tramontane
+
+    plain = tramontane.load(smollm2_path, packed=False)
+    ids = plain.tokenizer.encode(TEXT)
+
+    def perplexity(llm) -> float:
+        return float(torch.exp(-llm.score(ids).mean()))
+
+    base = perplexity(plain)
+    quantize_model(plain.model, "int8")
+    quantized = perplexity(plain)
+    assert abs(quantized - base) / base <= 0.01, (base, quantized)
