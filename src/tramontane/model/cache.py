@@ -45,27 +45,43 @@ class KVCache:
     def begin(self, positions: torch.Tensor) -> None:
         """Prepare to store the tokens at `positions` [B,T] (-1 = padding, not stored)."""
         size = self.size
-        newest = positions.max(dim=1, keepdim=True).values  # [B,1]
-        keep = (positions >= 0) & (positions > newest - size)  # only the last S positions stay
-        rows, cols = keep.nonzero(as_tuple=True)  # [N] each
-        slots = positions[rows, cols] % size  # [N]
+        valid = None
+        if positions.shape[1] == 1:
+            # One token per row (the decoding loop): every row writes, padding rows (-1) rewrite what
+            # their slot already holds. No nonzero(), so no host sync.
+            rows = torch.arange(positions.shape[0], device=positions.device)  # [B]
+            cols = torch.zeros_like(rows)
+            valid = positions[:, 0] >= 0  # [B]
+        else:
+            newest = positions.max(dim=1, keepdim=True).values  # [B,1]
+            keep = (positions >= 0) & (positions > newest - size)  # only the last S positions stay
+            rows, cols = keep.nonzero(as_tuple=True)  # [N] each
+        slots = positions[rows, cols].clamp(min=0) % size  # [N]
         concat = self.rolling and positions.shape[1] > 1
         old_pos = self.pos.clone() if concat else None
-        self.pos[rows, slots] = positions[rows, cols]
-        self._step = (rows, cols, slots, concat, old_pos, positions)
+        self.pos[rows, slots] = self._keep_old(valid, positions[rows, cols], self.pos[rows, slots])
+        self._step = (rows, cols, slots, concat, old_pos, positions, valid)
+
+    @staticmethod
+    def _keep_old(valid: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """`new` where the row is valid, else what the slot held ([N] or [N,Hkv,D])."""
+        if valid is None:
+            return new
+        return torch.where(valid.view(-1, *([1] * (new.dim() - 1))), new, old)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store k, v [B,T,Hkv,D] for `layer`; return keys, values [B,Hkv,S',D] and their positions [B,S']."""
         if self._step is None:
             raise RuntimeError("KVCache.update called before KVCache.begin")
-        rows, cols, slots, concat, old_pos, positions = self._step
+        rows, cols, slots, concat, old_pos, positions, valid = self._step
         if concat:
             keys = torch.cat((self.k[layer], k.transpose(1, 2)), dim=2)  # [B,Hkv,S+T,D]
             values = torch.cat((self.v[layer], v.transpose(1, 2)), dim=2)
             key_pos = torch.cat((old_pos, positions), dim=1)  # [B,S+T]
-        self.k[layer][rows, :, slots] = k[rows, cols].to(self.k[layer].dtype)  # [N,Hkv,D]
-        self.v[layer][rows, :, slots] = v[rows, cols].to(self.v[layer].dtype)
+        ck, cv = self.k[layer], self.v[layer]
+        ck[rows, :, slots] = self._keep_old(valid, k[rows, cols].to(ck.dtype), ck[rows, :, slots])  # [N,Hkv,D]
+        cv[rows, :, slots] = self._keep_old(valid, v[rows, cols].to(cv.dtype), cv[rows, :, slots])
         if concat:
             return keys, values, key_pos
         return self.k[layer], self.v[layer], self.pos
