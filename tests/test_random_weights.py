@@ -41,3 +41,15 @@ def test_config_file_and_forward(tmp_path):
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ConfigError, match="not a preset"):
         random_config("mistral-8b")
+
+
+def test_quantized_random_model_is_packed(tmp_path):
+    from tramontane.quant.linear import GGUFLinear
+
+    config = random_config("mistral-7b").with_(n_layers=1, vocab_size=512)
+    model = random_model(config, quant="int4")
+    assert model.config.quant == "int4"
+    assert isinstance(model.layers[0].feed_forward.w1, GGUFLinear)
+    assert model.layers[0].feed_forward.w1.packed.numel() == 14336 * 4096 // 32 * 20  # Q4_1 blocks
+    logits = model(torch.tensor([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()

@@ -21,7 +21,7 @@ GROUP = 32
 TARGETS = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output")
 
 
-def _type_id(name: str) -> int:
+def type_id(name: str) -> int:
     return next(i for i, t in GGML_TYPES.items() if t.name == name)
 
 
@@ -59,6 +59,6 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and TARGETS.fullmatch(name) and module.in_features % GROUP == 0:
             packed = QUANTIZERS[qname](module.weight.detach())
-            set_module(model, name, GGUFLinear(packed, _type_id(qname), module.in_features))
+            set_module(model, name, GGUFLinear(packed, type_id(qname), module.in_features))
     model.config = model.config.with_(quant=scheme)
     return model
