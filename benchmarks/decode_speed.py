@@ -59,6 +59,68 @@ def run_tramontane(model: str | None, packed: bool) -> dict:
     return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": batched[4], "batch16": batched[16]}
 
 
+class IdTokenizer:
+    """Random weights have no vocabulary: token i reads as "<i>"."""
+
+    stop_ids: frozenset[int] = frozenset()
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+    def incremental_decoder(self):
+        tok = self
+
+        class Decoder:
+            def push(self, i: int) -> str:
+                return tok.decode([i])
+
+            def flush(self) -> str:
+                return ""
+        return Decoder()
+
+
+def memory_bandwidth() -> float:
+    """Bytes per second of summing a 1 GiB tensor (best of 3), the bound decoding cannot beat."""
+    import torch
+
+    x = torch.ones(1 << 28)  # 1 GiB of float32
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def run_random(spec: str, quant: str | None) -> dict:
+    import torch
+
+    from tramontane.generate import Generator
+    from tramontane.sampling import SamplingParams
+    from tramontane.weights.random import random_config, random_model
+
+    t0 = time.perf_counter()
+    model = random_model(random_config(spec), quant=quant)
+    load = time.perf_counter() - t0
+    weight_bytes = sum(b.numel() * b.element_size() for n, b in model.state_dict().items()
+                       if not n.startswith("tok_embeddings"))
+    gen = Generator(model, IdTokenizer())
+    vocab, n = model.config.vocab_size, 32
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    list(gen.run([prompt_ids(vocab, 4)], [one]))
+    t = time.perf_counter()
+    list(gen.run([prompt_ids(vocab, 64)], [one]))
+    prefill = 64 / (time.perf_counter() - t)
+    times = [time.perf_counter() for _ in gen.run([prompt_ids(vocab, 8)], [SamplingParams(
+        temperature=0, max_tokens=n, ignore_eos=True)])]
+    decode = (len(times) - 1) / (times[-1] - times[0])
+    bandwidth = memory_bandwidth()
+    del torch
+    return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": None, "batch16": None,
+            "weights_gb": weight_bytes / 1e9, "bandwidth_gbs": bandwidth / 1e9,
+            "roofline": bandwidth / weight_bytes, "roofline_share": decode / (bandwidth / weight_bytes)}
+
+
 def run_transformers(model: str, dtype_name: str) -> dict:
     from pathlib import Path
 
@@ -113,11 +175,14 @@ def run_llama_cpp(model: str, threads: int) -> dict:
     return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": None, "batch16": None}
 
 
-def worker(engine: str, model: str | None, threads: int) -> None:
+def worker(engine: str, model: str | None, threads: int, random: str | None = None,
+           quant: str | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    if engine == "tramontane":
+    if random:
+        out = run_random(random, quant)
+    elif engine == "tramontane":
         out = run_tramontane(model, packed=True)
     elif engine == "tramontane-f32":
         out = run_tramontane(model, packed=False)
@@ -136,8 +201,28 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default="tramontane,tramontane-f32,transformers-fp32,transformers-bf16,llama.cpp")
+    ap.add_argument("--random", default=None, metavar="mistral-7b|mixtral-8x7b|CONFIG.json",
+                    help="random weights of these shapes instead of a file (tramontane only)")
+    ap.add_argument("--quant", default=None, choices=("int8", "int4"), help="with --random: quantize")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.random:
+        if args.worker:
+            worker(args.worker, None, args.threads, args.random, args.quant)
+            return
+        proc = subprocess.run([sys.executable, __file__, "--worker", "random", "--random", args.random,
+                               *(["--quant", args.quant] if args.quant else []), "--threads", str(args.threads)],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"\nrandom {args.random}, quant {args.quant or 'none (float32)'}, {args.threads} threads")
+        print("| build s | prefill 64 tok/s | decode tok/s | weights GB | bandwidth GB/s | roofline tok/s "
+              "| share of roofline | peak RSS GB |")
+        print("|---|---|---|---|---|---|---|---|")
+        print(f"| {r['load_s']:.1f} | {r['prefill']:.2f} | {r['decode']:.2f} | {r['weights_gb']:.2f} "
+              f"| {r['bandwidth_gbs']:.1f} | {r['roofline']:.2f} | {r['roofline_share']:.0%} | {r['peak_rss_gb']:.2f} |")
+        return
     if args.model is None:
         from tramontane.resolve import default_model_path
 
