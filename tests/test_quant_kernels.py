@@ -1,0 +1,256 @@
+"""Packed GGUF matmul kernels (tramontane.quant.kernels / _kernels) against the `gguf` package's numpy
+dequantizer: every supported type, several shapes and activation counts, every instruction set the CPU
+has, thread counts, the pure-torch fallback, and input validation."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as QT  # noqa: E402
+from gguf.quants import QuantError  # noqa: E402
+from gguf.quants import dequantize as ref_dequantize  # noqa: E402
+from gguf.quants import quantize as ref_quantize  # noqa: E402
+
+from tramontane.quant import kernels  # noqa: E402
+from tramontane.weights.gguf_quants import GGML_TYPES  # noqa: E402
+
+ext = kernels._ext
+needs_ext = pytest.mark.skipif(ext is None, reason="the compiled extension tramontane.quant._kernels did not build")
+
+# Byte offsets of the float16 scale fields of the block types the gguf package cannot quantize.
+F16_FIELDS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
+LEGACY = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
+K_QUANTS = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
+ALL = LEGACY + K_QUANTS
+SHAPES = {True: [(96, 512), (1536, 768)], False: [(96, 256), (1536, 576)]}  # keyed by "is a K-quant"
+MS = [1, 3, 16, 40]
+ISAS = list(ext.isas()) if ext is not None else []
+
+
+@cache
+def weight(qtype: QT, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 [n, row_bytes], reference float32 [n, k] from gguf's dequantizer)."""
+    rng = np.random.default_rng(n * 1000 + k + int(qtype))
+    info = GGML_TYPES[int(qtype)]
+    try:
+        raw = ref_quantize(rng.standard_normal((n, k), dtype=np.float32), qtype)
+        raw = np.ascontiguousarray(raw).view(np.uint8).reshape(n, -1)
+    except (NotImplementedError, QuantError):
+        n_blocks = n * k // info.block_size
+        raw = rng.integers(0, 256, (n_blocks, info.type_size), dtype=np.uint8)
+        for pos in F16_FIELDS[qtype]:
+            raw[:, pos : pos + 2] = rng.uniform(-0.05, 0.05, (n_blocks, 1)).astype(np.float16).view(np.uint8)
+        raw = raw.reshape(n, -1)
+    dense = ref_dequantize(raw, qtype).reshape(n, k).astype(np.float32)
+    return torch.from_numpy(raw.copy()), torch.from_numpy(dense)
+
+
+def activations(m: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+
+
+def reference(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    return x.double() @ dense.double().T
+
+
+@pytest.fixture(params=ISAS or ["none"])
+def isa(request):
+    """Runs a test once per instruction set the CPU can run (AVX-512, AVX2, portable C)."""
+    if ext is None:
+        pytest.skip("the compiled extension did not build")
+    previous = ext.set_isa(request.param)
+    yield request.param
+    ext.set_isa("best")
+    assert previous in ISAS
+
+
+def cases():
+    for qtype in ALL:
+        for n, k in SHAPES[qtype in K_QUANTS]:
+            yield pytest.param(qtype, n, k, id=f"{qtype.name}-{n}x{k}")
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype,n,k", list(cases()))
+def test_qmatmul_matches_reference(isa: str, qtype: QT, n: int, k: int) -> None:
+    packed, dense = weight(qtype, n, k)
+    for m in MS:
+        x = activations(m, k, seed=m)
+        y = kernels.qmatmul(x, packed, int(qtype), k)
+        assert y.shape == (m, n) and y.dtype == torch.float32
+        assert rel_err(y, reference(x, dense)) < 1e-4, (isa, m)
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+def test_raw_kernel_every_m_and_ragged_n(isa: str, qtype: QT) -> None:
+    # The raw kernel, bypassing the wrapper's dense route: ragged N (not a multiple of the 4-row
+    # groups), every M from 1 to 6 (the fused kernels and the tiled path), and M past one 64-row tile.
+    k = 512 if qtype in K_QUANTS else 160
+    packed, dense = weight(qtype, 7, k)
+    for m in [1, 2, 3, 4, 5, 6, 70]:
+        x = activations(m, k, seed=m)
+        for n in [1, 3, 7]:
+            y = torch.full((m, n), float("nan"))
+            ext.matmul(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, n, k, int(qtype), 2)
+            assert rel_err(y, reference(x, dense[:n])) < 1e-4, (isa, m, n)
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", [QT.F16, QT.BF16, QT.F32], ids=lambda t: t.name)
+def test_float_rows_of_odd_length(isa: str, qtype: QT) -> None:
+    # Block size 1: K need not be a multiple of the vector width.
+    k = 99
+    packed, dense = weight(qtype, 9, k)
+    for m in [1, 5]:
+        x = activations(m, k)
+        assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), reference(x, dense)) < 1e-4
+    np.testing.assert_array_equal(kernels.dequantize_packed(packed, int(qtype), k).numpy(), dense.numpy())
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype,n,k", list(cases()))
+def test_dequantize_packed_matches_reference(isa: str, qtype: QT, n: int, k: int) -> None:
+    packed, dense = weight(qtype, n, k)
+    got = kernels.dequantize_packed(packed, int(qtype), k, n_threads=2)
+    assert got.shape == (n, k) and got.dtype == torch.float32
+    # Same formulas; a fused multiply-add may round the last bit differently.
+    torch.testing.assert_close(got, dense, rtol=1e-6, atol=1e-6 * dense.abs().max().item())
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+def test_thread_counts_agree(qtype: QT) -> None:
+    n, k = SHAPES[qtype in K_QUANTS][1]
+    packed, _ = weight(qtype, n, k)
+    for m in [1, 3, 16]:
+        x = activations(m, k)
+        one = kernels.qmatmul(x, packed, int(qtype), k, n_threads=1)
+        for threads in [2, 3]:
+            torch.testing.assert_close(kernels.qmatmul(x, packed, int(qtype), k, n_threads=threads), one,
+                                       rtol=1e-6, atol=1e-6)
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+def test_compiled_and_fallback_agree(monkeypatch: pytest.MonkeyPatch, qtype: QT) -> None:
+    n, k = SHAPES[qtype in K_QUANTS][0]
+    packed, _ = weight(qtype, n, k)
+    x = activations(3, k)
+    compiled = kernels.qmatmul(x, packed, int(qtype), k)
+    compiled_rows = kernels.dequantize_packed(packed, int(qtype), k)
+    monkeypatch.setattr(kernels, "_ext", None)
+    assert not kernels.available()
+    fallback = kernels.qmatmul(x, packed, int(qtype), k)
+    assert rel_err(compiled, fallback) < 1e-5
+    torch.testing.assert_close(kernels.dequantize_packed(packed, int(qtype), k), compiled_rows,
+                               rtol=1e-6, atol=1e-6 * compiled_rows.abs().max().item())
+
+
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q6_K], ids=lambda t: t.name)
+def test_fallback_alone_matches_reference(monkeypatch: pytest.MonkeyPatch, qtype: QT) -> None:
+    # Runs whether or not the extension built.
+    monkeypatch.setattr(kernels, "_ext", None)
+    n, k = SHAPES[qtype in K_QUANTS][0]
+    packed, dense = weight(qtype, n, k)
+    for m in [1, 40]:
+        x = activations(m, k)
+        assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), reference(x, dense)) < 1e-4
+
+
+@needs_ext
+def test_dense_route_for_many_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The dequantize + F.linear route taken above DEQUANTIZE_ABOVE_M rows gives the same numbers.
+    packed, dense = weight(QT.Q4_1, 96, 256)
+    x = activations(40, 256)
+    packed_route = kernels.qmatmul(x, packed, int(QT.Q4_1), 256)
+    monkeypatch.setitem(kernels.DEQUANTIZE_ABOVE_M, ext.isa(), 16)
+    dense_route = kernels.qmatmul(x, packed, int(QT.Q4_1), 256)
+    assert rel_err(packed_route, dense_route) < 1e-5
+    assert rel_err(dense_route, reference(x, dense)) < 1e-4
+
+
+def test_shapes_batches_and_views() -> None:
+    packed, dense = weight(QT.Q8_0, 96, 256)
+    q = int(QT.Q8_0)
+    x = activations(6, 256).view(2, 3, 256)
+    y = kernels.qmatmul(x, packed, q, 256)
+    assert y.shape == (2, 3, 96)
+    assert rel_err(y.reshape(6, 96), reference(x.reshape(6, 256), dense)) < 1e-4
+    xt = activations(256, 4).T  # non-contiguous [4, 256]
+    assert rel_err(kernels.qmatmul(xt, packed, q, 256), reference(xt, dense)) < 1e-4
+    assert kernels.qmatmul(activations(256, 1)[:, 0], packed, q, 256).shape == (96,)
+    assert kernels.qmatmul(torch.empty(0, 256), packed, q, 256).shape == (0, 96)
+    assert kernels.qmatmul(activations(2, 256), packed[:0], q, 256).shape == (2, 0)
+
+
+def test_available_and_isa() -> None:
+    assert kernels.available() == (ext is not None)
+    assert kernels.isa() in {"avx512", "avx2", "scalar", "none"}
+
+
+def test_bad_inputs_raise_value_error() -> None:
+    packed, _ = weight(QT.Q4_1, 96, 256)
+    q = int(QT.Q4_1)
+    x = activations(2, 256)
+    bad_calls = [
+        lambda: kernels.qmatmul(x, packed, int(QT.Q2_K), 256),  # a type the kernels do not run
+        lambda: kernels.qmatmul(x, packed, 999, 256),
+        lambda: kernels.qmatmul(x, packed, q, 250),  # not a whole number of blocks
+        lambda: kernels.qmatmul(x, packed, q, 512),  # row bytes do not match
+        lambda: kernels.qmatmul(x, packed.float(), q, 256),
+        lambda: kernels.qmatmul(x, packed.reshape(-1), q, 256),
+        lambda: kernels.qmatmul(x, torch.cat([packed, packed], 0)[::2], q, 256),  # non-contiguous
+        lambda: kernels.qmatmul(x, packed.numpy(), q, 256),
+        lambda: kernels.qmatmul(x.double(), packed, q, 256),
+        lambda: kernels.qmatmul(x.bfloat16(), packed, q, 256),
+        lambda: kernels.qmatmul(activations(2, 128), packed, q, 256),
+        lambda: kernels.qmatmul(torch.tensor(1.0), packed, q, 256),
+        lambda: kernels.qmatmul(x.numpy(), packed, q, 256),
+        lambda: kernels.qmatmul(x, packed, q, 256, n_threads=0),
+        lambda: kernels.qmatmul(x, packed, q, 256, n_threads=-2),
+        lambda: kernels.dequantize_packed(packed, q, 250),
+        lambda: kernels.dequantize_packed(packed.reshape(-1), q, 256),
+    ]
+    for call in bad_calls:
+        with pytest.raises(ValueError):
+            call()
+
+
+@needs_ext
+def test_raw_extension_validates_its_arguments() -> None:
+    packed, _ = weight(QT.Q4_1, 96, 256)
+    x = activations(1, 256)
+    y = torch.empty(1, 96)
+    ptrs = (x.data_ptr(), packed.data_ptr(), y.data_ptr())
+    for m, n, k, qtype, threads in [(1, 96, 256, 10, 1), (1, 96, 256, -1, 1), (1, 96, 250, 3, 1),
+                                    (1, 96, 256, 3, 0), (-1, 96, 256, 3, 1), (1, -1, 256, 3, 1)]:
+        with pytest.raises(ValueError):
+            ext.matmul(*ptrs, m, n, k, qtype, threads)
+    with pytest.raises(ValueError):
+        ext.matmul(0, packed.data_ptr(), y.data_ptr(), 1, 96, 256, 3, 1)
+    with pytest.raises(ValueError):
+        ext.dequantize_rows(packed.data_ptr(), y.data_ptr(), 96, 256, 11, 1)
+    with pytest.raises(ValueError):
+        ext.set_isa("sse9")
+
+
+def test_gradient_with_respect_to_x() -> None:
+    packed, dense = weight(QT.Q4_0, 96, 256)
+    x = activations(3, 256).requires_grad_()
+    grad_y = activations(3, 96, seed=5)
+    kernels.qmatmul(x, packed, int(QT.Q4_0), 256).backward(grad_y)
+    x_ref = x.detach().clone().requires_grad_()
+    (x_ref @ dense.T).backward(grad_y)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert kernels.qmatmul(x, packed, int(QT.Q4_0), 256).grad_fn is None
