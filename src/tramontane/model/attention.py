@@ -21,14 +21,22 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.wqkv: nn.Module | None = None  # set by quant.linear.fuse_projections (replaces wq, wk, wv)
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.wqkv is None:
+            return self.wq(x), self.wk(x), self.wv(x)
+        kv = self.n_kv_heads * self.head_dim
+        return self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)  # [B,T,(H+2Hkv)*D]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: KVCache | None) -> torch.Tensor:
         """x [B,T,dim], positions [B,T] -> [B,T,dim]."""
         b, t, _ = x.shape
-        q = self.wq(x).view(b, t, self.n_heads, self.head_dim)  # [B,T,H,D]
-        k = self.wk(x).view(b, t, self.n_kv_heads, self.head_dim)  # [B,T,Hkv,D]
-        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)  # [B,T,Hkv,D]
+        q, k, v = self._project(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)  # [B,T,H*D] -> [B,T,H,D]
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)  # [B,T,Hkv*D] -> [B,T,Hkv,D]
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B,Hkv,T,D]

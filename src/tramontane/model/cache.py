@@ -37,6 +37,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.pos = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)  # [B,S]
         self._step: tuple | None = None
+        self._masks = {}
 
     @property
     def batch_size(self) -> int:
@@ -61,6 +62,7 @@ class KVCache:
         old_pos = self.pos.clone() if concat else None
         self.pos[rows, slots] = self._keep_old(valid, positions[rows, cols], self.pos[rows, slots])
         self._step = (rows, cols, slots, concat, old_pos, positions, valid)
+        self._masks: dict[int | None, torch.Tensor] = {}  # one mask per step, shared by every layer
 
     @staticmethod
     def _keep_old(valid: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,9 @@ class KVCache:
 
     def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
         """Which keys each query may see: [B,1,T,S] (the cache decides, as it knows the layout)."""
-        return attention_mask(q_pos, k_pos, window)
+        if window not in self._masks:
+            self._masks[window] = attention_mask(q_pos, k_pos, window)
+        return self._masks[window]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (finished sequences leave the batch)."""

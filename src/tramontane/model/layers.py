@@ -67,6 +67,11 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w13: nn.Module | None = None  # set by quant.linear.fuse_projections (replaces w1, w3)
+        self.hidden_dim = hidden_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).split(self.hidden_dim, dim=-1)  # [B,T,2F] -> 2 x [B,T,F]
+        return self.w2(F.silu(gate) * up)

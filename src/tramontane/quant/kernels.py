@@ -104,7 +104,7 @@ def dequantize_packed(packed: torch.Tensor, qtype: int, k: int, n_threads: int |
     return out
 
 
-def _matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, threads: int) -> torch.Tensor:
+def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, threads: int) -> torch.Tensor:
     """x2 contiguous float32 [M, k] -> [M, N] (arguments already checked)."""
     m, n = x2.shape[0], packed.shape[0]
     if _ext is None or _use_dense(m):
@@ -122,7 +122,7 @@ class _PackedLinear(torch.autograd.Function):
     def forward(ctx, x2, packed, qtype, k, threads):
         ctx.save_for_backward(packed)
         ctx.qtype, ctx.k, ctx.threads = qtype, k, threads
-        return _matmul_2d(x2, packed, qtype, k, threads)
+        return matmul_2d(x2, packed, qtype, k, threads)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -144,5 +144,5 @@ def qmatmul(x: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, n_threads
     if x.requires_grad and torch.is_grad_enabled():
         y = _PackedLinear.apply(x2, packed, qtype, k, threads)
     else:
-        y = _matmul_2d(x2, packed, qtype, k, threads)  # [M, N]
+        y = matmul_2d(x2, packed, qtype, k, threads)  # [M, N]
     return y if flat else y.view(*x.shape[:-1], packed.shape[0])

@@ -31,11 +31,21 @@ class GGUFLinear(nn.Module):
         self.qtype, self.in_features, self.out_features = qtype, in_features, packed.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import qmatmul
+        from .kernels import matmul_2d, qmatmul
 
+        if x.dtype is torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
+            # The decoding hot path: the packed rows were checked when the module was built.
+            x2 = x.reshape(-1, self.in_features).contiguous()  # [M,K], a view when x is contiguous
+            y = matmul_2d(x2, self.packed, self.qtype, self.in_features, torch.get_num_threads())
+            return y.view(*x.shape[:-1], self.out_features)
         flat = x.reshape(-1, self.in_features).float()  # [M,K]
         y = qmatmul(flat, self.packed, self.qtype, self.in_features)  # [M,N]
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    @classmethod
+    def concat(cls, parts: list[GGUFLinear]) -> GGUFLinear:
+        """One module computing several projections of the same input (rows stacked): fewer calls."""
+        return cls(torch.cat([p.packed for p in parts]), parts[0].qtype, parts[0].in_features)
 
     def dequantize(self) -> torch.Tensor:
         return _rows(self.packed, self.qtype, self.in_features)
@@ -69,6 +79,23 @@ class PackedEmbedding(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         return self.dequantize()
+
+
+def _fusable(parts: list[object]) -> bool:
+    return (all(isinstance(p, GGUFLinear) for p in parts)
+            and len({(p.qtype, p.in_features) for p in parts}) == 1)  # type: ignore[union-attr]
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Stack q/k/v and gate/up of packed layers of one type into single modules (wqkv, w13)."""
+    for block in model.layers:  # type: ignore[union-attr]
+        att, ff = block.attention, block.feed_forward
+        if _fusable([att.wq, att.wk, att.wv]):
+            att.wqkv = GGUFLinear.concat([att.wq, att.wk, att.wv])
+            del att.wq, att.wk, att.wv
+        if hasattr(ff, "w3") and _fusable([getattr(ff, "w1", None), ff.w3]):
+            ff.w13 = GGUFLinear.concat([ff.w1, ff.w3])
+            del ff.w1, ff.w3
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
