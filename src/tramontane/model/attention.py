@@ -29,7 +29,7 @@ class Attention(nn.Module):
         kv = self.n_kv_heads * self.head_dim
         return self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)  # [B,T,(H+2Hkv)*D]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
                 cache: KVCache | None) -> torch.Tensor:
         """x [B,T,dim], positions [B,T] -> [B,T,dim]."""
         b, t, _ = x.shape
@@ -37,7 +37,7 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, self.head_dim)  # [B,T,H*D] -> [B,T,H,D]
         k = k.view(b, t, self.n_kv_heads, self.head_dim)  # [B,T,Hkv*D] -> [B,T,Hkv,D]
         v = v.view(b, t, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B,Hkv,T,D]
             mask = attention_mask(positions, positions, self.window)  # [B,1,T,T]

@@ -16,6 +16,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype is torch.float32 and self.weight.dtype is torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused op, same formula
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
@@ -27,23 +29,19 @@ def rope_frequencies(head_dim: int, theta: float, device: torch.device | None = 
     return 1.0 / (theta**exponents)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency: positions [B,T] -> two [B,T,D/2] float32 tensors.
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """e^(i * position * frequency): positions [B,T] -> complex64 [B,T,1,D/2] (broadcast over heads).
 
     Positions are absolute (padding slots carry -1; their values are never attended)."""
     angles = positions.float()[..., None] * inv_freq  # [B,T,1] * [D/2] -> [B,T,D/2]
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)[:, :, None, :]  # [B,T,1,D/2]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) by the position's angle, Mistral's native layout.
-
-    x [B,T,H,D]; cos, sin [B,T,D/2]. Computed in float32, returned in x's dtype."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B,T,H,D] -> [B,T,H,D/2,2]
-    even, odd = pairs[..., 0], pairs[..., 1]  # [B,T,H,D/2] each
-    c, s = cos[:, :, None, :], sin[:, :, None, :]  # [B,T,1,D/2]
-    rotated = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1)  # [B,T,H,D/2,2]
-    return rotated.flatten(-2).to(x.dtype)  # [B,T,H,D]
+def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by the position's angle, Mistral's native layout: the
+    pair read as the complex number x[2i] + i x[2i+1], times e^(i angle). x [B,T,H,D] -> [B,T,H,D]."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B,T,H,D] -> complex [B,T,H,D/2]
+    return torch.view_as_real(pairs * cis).flatten(-2).to(x.dtype)  # [B,T,H,D/2,2] -> [B,T,H,D]
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -24,7 +24,7 @@ class TransformerBlock(nn.Module):
         else:
             self.feed_forward = MoeFeedForward(config.dim, config.hidden_dim, config.moe)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
                 cache: KVCache | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), positions, rope, cache)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -49,7 +49,7 @@ class Transformer(nn.Module):
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
         if cache is not None:
             cache.begin(positions)
-        rope = rope_cos_sin(positions, self.inv_freq)  # [B,T,D/2] each
+        rope = rope_cos_sin(positions, self.inv_freq)  # complex [B,T,1,D/2]
         h = self.tok_embeddings(tokens.clamp(min=0))  # [B,T,dim]
         for block in self.layers:
             h = block(h, positions, rope, cache)
