@@ -7,6 +7,7 @@ scale and minimum per group of 32). The scheme is recorded in `config.quant`."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -49,6 +50,13 @@ def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
 
 
 QUANTIZERS = {"Q8_0": quantize_q8_0, "Q4_1": quantize_q4_1}
+ROW_CHUNK = 1024  # rows quantized at a time: bounds the float temporaries of a large matrix
+
+
+def quantize_rows(rows: int, make: Callable[[int, int], torch.Tensor], qname: str) -> torch.Tensor:
+    """Quantize a [rows, K] matrix produced chunk by chunk by `make(start, stop)` -> packed rows."""
+    parts = [QUANTIZERS[qname](make(start, min(start + ROW_CHUNK, rows))) for start in range(0, rows, ROW_CHUNK)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
@@ -58,7 +66,8 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
     qname = SCHEMES[scheme]
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and TARGETS.fullmatch(name) and module.in_features % GROUP == 0:
-            packed = QUANTIZERS[qname](module.weight.detach())
+            weight = module.weight.detach()
+            packed = quantize_rows(weight.shape[0], lambda a, b, w=weight: w[a:b], qname)
             set_module(model, name, GGUFLinear(packed, type_id(qname), module.in_features))
     model.config = model.config.with_(quant=scheme)
     return model

@@ -50,7 +50,7 @@ def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: 
     """Weights ~ N(0, 0.02) (norms 1), materialised one tensor at a time. With quant ("int8", "int4")
     each matrix is quantized as soon as it exists, so peak memory is the packed model plus one matrix."""
     from ..quant.linear import GGUFLinear, set_module
-    from ..quant.quantize import QUANTIZERS, SCHEMES, TARGETS, type_id
+    from ..quant.quantize import SCHEMES, TARGETS, quantize_rows, type_id
 
     model = meta_model(config.with_(quant=quant) if quant else config)
     gen = torch.Generator().manual_seed(seed)
@@ -59,18 +59,18 @@ def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: 
         if name.endswith("norm.weight"):
             state[name] = torch.ones(p.shape, dtype=dtype)
             continue
-        value = torch.randn(p.shape, generator=gen) * 0.02
         module = name.removesuffix(".weight")
         if quant and TARGETS.fullmatch(module):
             qname = SCHEMES[quant]
-            packed = QUANTIZERS[qname](value)
+            cols = p.shape[1]
+            packed = quantize_rows(p.shape[0], lambda a, b, c=cols: torch.randn(b - a, c, generator=gen) * 0.02,
+                                   qname)
             with torch.device("meta"):
                 set_module(model, module, GGUFLinear(torch.empty(packed.shape, dtype=torch.uint8),
-                                                     type_id(qname), p.shape[1]))
+                                                     type_id(qname), cols))
             state[module + ".packed"] = packed
         else:
-            state[name] = value.to(dtype)
-        del value
+            state[name] = (torch.randn(p.shape, generator=gen) * 0.02).to(dtype)
     model.load_state_dict(state, assign=True)
     model.inv_freq = rope_frequencies(config.head_dim, config.rope_theta)
     return model.eval().requires_grad_(False)
