@@ -272,3 +272,21 @@ def test_metrics_count_http_statuses(api):
     api.post(CHAT, json={"messages": []})
     text = api.get("/metrics").text
     assert 'status="200"} 1' in text and 'status="400"} 1' in text
+
+
+def test_chat_page_is_guarded_and_asks_a_browser_for_the_key():
+    import base64
+
+    with client(api_key="sekret") as c:
+        denied = c.get("/")
+        assert denied.status_code == 401 and denied.headers["www-authenticate"].startswith("Basic")
+        assert denied.json()["error"]["code"] == "invalid_api_key"
+        basic = "Basic " + base64.b64encode(b"anyone:sekret").decode()
+        assert c.get("/", headers={"Authorization": basic}).status_code == 200
+        assert c.get("/web/chat.js", headers={"Authorization": basic}).status_code == 200
+        assert c.get("/v1/models", headers={"Authorization": basic}).status_code == 200
+        assert c.get("/", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        wrong = "Basic " + base64.b64encode(b"anyone:nope").decode()
+        assert c.get("/v1/models", headers={"Authorization": wrong}).status_code == 401
+        assert c.get("/v1/models").headers["www-authenticate"] == "Bearer"
+        assert c.get("/health").status_code == 200

@@ -325,11 +325,13 @@ def test_awkward_but_legal_event_streams(page):
 
 
 def test_real_server_streams_an_answer(browser, smollm2_path, tmp_path):
-    """The page served by a real `tramontane serve` with SmolLM2 streams a real answer."""
+    """The page served by a real `tramontane serve` with SmolLM2, behind --api-key: the browser answers
+    the page's Basic-auth challenge with the key and the page streams a real answer."""
     from serving import running_server
 
-    with running_server(tmp_path / "log.txt", "--kv-cache-memory", "64M") as (base, _):
-        context = browser.new_context(viewport={"width": 900, "height": 720})
+    with running_server(tmp_path / "log.txt", "--kv-cache-memory", "64M", "--api-key", "k3y") as (base, _):
+        context = browser.new_context(viewport={"width": 900, "height": 720},
+                                      http_credentials={"username": "me", "password": "k3y"})
         tab = context.new_page()
         tab.set_default_timeout(60000)
         tab.goto(base)

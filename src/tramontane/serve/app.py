@@ -43,15 +43,15 @@ def create_app(engine: Any | None, *, api_key: str | None = None, max_body_bytes
     install_handlers(app)
     app.include_router(generate_router)
     app.include_router(misc_router)
-    public = set(PUBLIC_PATHS)
+    browser: set[str] = set()
     if importlib.util.find_spec(f"{__package__}.web") is not None:  # the web chat page, at GET /
         from . import web
 
         app.include_router(web.router)
-        public |= set(getattr(web, "PUBLIC_PATHS", ()))  # the page's static files hold no secret
+        browser = set(web.PAGE_PATHS)  # guarded too, but a browser is asked for the key (Basic auth)
     app.add_middleware(LimitBody, limit=max_body_bytes)
     if api_key:
-        app.add_middleware(RequireKey, key=api_key, public=frozenset(public))
+        app.add_middleware(RequireKey, key=api_key, public=PUBLIC_PATHS, browser=frozenset(browser))
     if allow_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

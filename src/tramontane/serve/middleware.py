@@ -3,6 +3,8 @@ status counting for the metrics, the API key check, and the request body size li
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 from collections.abc import Callable, Container
 
@@ -30,22 +32,37 @@ class RecordStatus:
 
 
 class RequireKey:
-    """401 unless the request carries `Authorization: Bearer KEY`, compared in constant time.
-    Paths in `public` (the health probe) need no key."""
+    """401 unless the request carries the key, compared in constant time: `Authorization: Bearer KEY`
+    (the SDKs) or HTTP Basic with KEY as the password (a browser asks for it natively). Paths in
+    `public` (the health probe) need no key; a 401 on a `browser` path (the chat page) asks for Basic."""
 
-    def __init__(self, app: ASGIApp, key: str, public: Container[str]) -> None:
-        self.app, self.key, self.public = app, key.encode(), public
+    def __init__(self, app: ASGIApp, key: str, public: Container[str], browser: Container[str] = ()) -> None:
+        self.app, self.key, self.public, self.browser = app, key.encode(), public, browser
+
+    def _authorized(self, header: bytes) -> bool:
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() == b"bearer":
+            return hmac.compare_digest(given.strip(), self.key)
+        if scheme.lower() == b"basic":
+            try:
+                password = base64.b64decode(given.strip(), validate=True).partition(b":")[2]
+            except (binascii.Error, ValueError):
+                return False
+            return hmac.compare_digest(password, self.key)
+        return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.public:
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, given = header.partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.key):
+        if self._authorized(header):
             return await self.app(scope, receive, send)
         problem = "missing API key" if not header else "invalid API key"
-        await APIError(401, f"{problem}: send it as 'Authorization: Bearer KEY'",
-                       code="invalid_api_key").response()(scope, receive, send)
+        response = APIError(401, f"{problem}: send it as 'Authorization: Bearer KEY'",
+                            code="invalid_api_key").response()
+        if scope["path"] in self.browser:
+            response.headers["WWW-Authenticate"] = 'Basic realm="tramontane (any user name, the API key as password)"'
+        await response(scope, receive, send)
 
 
 class LimitBody:

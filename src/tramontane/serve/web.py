@@ -25,9 +25,9 @@ _FILES = {
     "chat.js": "text/javascript; charset=utf-8",
 }
 
-# The page and its files hold no secrets and must load before the user can type an API key: an
-# API key check should let these paths through (the API calls the page makes still carry the key).
-PUBLIC_PATHS = frozenset({"/"} | {f"/web/{name}" for name in _FILES if name != "index.html"})
+# The page and its files. Behind --api-key they answer 401 with a Basic-auth challenge, so a browser
+# asks for the key itself (any user name, the key as password) and sends it with the page's API calls.
+PAGE_PATHS = frozenset({"/"} | {f"/web/{name}" for name in _FILES if name != "index.html"})
 
 # Same-origin only: the page loads its own script and stylesheet and calls its own API, nothing else.
 _CSP = (
