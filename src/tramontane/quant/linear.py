@@ -10,18 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..weights.gguf_quants import GGML_TYPES, dequantize
+from ..weights.gguf_quants import GGML_TYPES
+from .kernels import dequantize_packed
 
 # GGML type ids the packed kernels execute; other types are dequantized at load.
 PACKED_TYPES = {GGML_TYPES[i].name: i for i in GGML_TYPES
                 if GGML_TYPES[i].name in {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K",
                                           "Q6_K"}}
-
-
-def _rows(packed: torch.Tensor, qtype: int, in_features: int) -> torch.Tensor:
-    """Dequantize packed rows [R,row_bytes] -> float32 [R,in_features]."""
-    flat = dequantize(packed.reshape(-1), qtype)  # [R*in_features]
-    return flat.view(packed.shape[0], in_features)
 
 
 class GGUFLinear(nn.Module):
@@ -48,7 +43,7 @@ class GGUFLinear(nn.Module):
         return cls(torch.cat([p.packed for p in parts]), parts[0].qtype, parts[0].in_features)
 
     def dequantize(self) -> torch.Tensor:
-        return _rows(self.packed, self.qtype, self.in_features)
+        return dequantize_packed(self.packed, self.qtype, self.in_features)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -66,7 +61,7 @@ class PackedEmbedding(nn.Module):
         self.qtype, self.dim = qtype, dim
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = _rows(self.packed[tokens.reshape(-1)], self.qtype, self.dim)  # [B*T,dim]
+        rows = dequantize_packed(self.packed[tokens.reshape(-1)], self.qtype, self.dim)  # [B*T,dim]
         return rows.view(*tokens.shape, self.dim)
 
     def as_linear(self) -> GGUFLinear:
@@ -74,7 +69,7 @@ class PackedEmbedding(nn.Module):
         return GGUFLinear(self.packed, self.qtype, self.dim)
 
     def dequantize(self) -> torch.Tensor:
-        return _rows(self.packed, self.qtype, self.dim)
+        return dequantize_packed(self.packed, self.qtype, self.dim)
 
     @property
     def weight(self) -> torch.Tensor:
