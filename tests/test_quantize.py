@@ -30,9 +30,9 @@ def test_quantized_model_is_a_module_swap_close_to_float(tmp_path, scheme, toler
     quant = quantize_model(load_model(folder).model, scheme)
     assert quant.config.quant == scheme
     layers = [m for m in quant.modules() if isinstance(m, GGUFLinear)]
-    assert len(layers) == 2 * 7 + 1  # q k v o w1 w2 w3 per layer, and the output head
+    assert len(layers) == 2 * 4 + 1  # fused qkv, o, fused w1/w3, w2 per layer, and the output head
     w = plain.layers[0].attention.wq.weight
-    deq = quant.layers[0].attention.wq.dequantize()
+    deq = quant.layers[0].attention.wqkv.dequantize()[:w.shape[0]]  # q rows come first
     step = (w.abs().max() / 127) if scheme == "int8" else (w.max() - w.min()) / 15
     assert (deq - w).abs().max() <= step  # within one quantization step
     tokens = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))

@@ -49,7 +49,8 @@ def test_quantized_random_model_is_packed(tmp_path):
     config = random_config("mistral-7b").with_(n_layers=1, vocab_size=512)
     model = random_model(config, quant="int4")
     assert model.config.quant == "int4"
-    assert isinstance(model.layers[0].feed_forward.w1, GGUFLinear)
-    assert model.layers[0].feed_forward.w1.packed.numel() == 14336 * 4096 // 32 * 20  # Q4_1 blocks
+    assert isinstance(model.layers[0].feed_forward.w13, GGUFLinear)  # gate and up, fused
+    assert model.layers[0].feed_forward.w13.packed.numel() == 2 * 14336 * 4096 // 32 * 20  # Q4_1 blocks
+    assert model.step_kernel is not None
     logits = model(torch.tensor([[1, 2, 3]]))
     assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()

@@ -41,6 +41,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_frequencies(config.head_dim, config.rope_theta), persistent=False)
+        # Optional compiled path for one-token steps, attached by quant.fused.install: an object with
+        # accepts(h, cache) and __call__(h, positions, rope, cache) -> h, computing what the blocks do.
+        self.step_kernel = None
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                       cache: KVCache | None = None) -> torch.Tensor:
@@ -51,6 +54,8 @@ class Transformer(nn.Module):
             cache.begin(positions)
         rope = rope_cos_sin(positions, self.inv_freq)  # complex [B,T,1,D/2]
         h = self.tok_embeddings(tokens.clamp(min=0))  # [B,T,dim]
+        if self.step_kernel is not None and self.step_kernel.accepts(h, cache):
+            return self.norm(self.step_kernel(h, positions, rope, cache))
         for block in self.layers:
             h = block(h, positions, rope, cache)
         return self.norm(h)

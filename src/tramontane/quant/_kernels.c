@@ -41,6 +41,7 @@
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 
 #ifdef _OPENMP
@@ -81,12 +82,26 @@ typedef void (*fused_fn)(const uint8_t *w, size_t rb, long n, const float *x, co
 typedef void (*tile_fn)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long n0, long n1,
                         const float *x, long M, long K, float *y, long N);
 
+/* One query head over one kv head's cache rows: out[D] = softmax(q . k_s * scale) . v_s over the slots
+ * s whose position kpos[s] is visible from qpos (0 <= kpos <= qpos, qpos - kpos < window when window
+ * > 0); sc: S floats of scratch. */
+typedef void (*attend_fn)(const float *q, const float *k, const float *v, long S, long D,
+                          const int64_t *kpos, int64_t qpos, long window, float scale, float *sc, float *out);
+/* out[i] = silu(g[i]) * u[i], silu(g) = g / (1 + e^-g). */
+typedef void (*silu_fn)(const float *g, const float *u, float *out, long n);
+
 typedef struct {
     const char *name;
     dec_fn dec[T_COUNT];
     fused_fn fused[T_COUNT];
     tile_fn tile;
+    attend_fn attend;
+    silu_fn silu_mul;
 } isa_ops;
+
+static inline int visible(int64_t kp, int64_t qpos, long window) {
+    return kp >= 0 && kp <= qpos && (window <= 0 || qpos - kp < window);
+}
 
 static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
@@ -257,6 +272,28 @@ static void tile_c(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long
     }
 }
 
+static void attend_c(const float *q, const float *k, const float *v, long S, long D, const int64_t *kpos,
+                     int64_t qpos, long window, float scale, float *sc, float *out) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (long s = 0; s < S; s++) {
+        sc[s] = visible(kpos[s], qpos, window) ? dot_c(q, k + s * D, D) * scale : -INFINITY;
+        if (sc[s] > mx) mx = sc[s];
+    }
+    for (long d = 0; d < D; d++) out[d] = 0.0f;
+    if (mx == -INFINITY) return;
+    for (long s = 0; s < S; s++) {
+        if (sc[s] == -INFINITY) continue;
+        float p = expf(sc[s] - mx);
+        sum += p;
+        for (long d = 0; d < D; d++) out[d] += p * v[s * D + d];
+    }
+    for (long d = 0; d < D; d++) out[d] /= sum;
+}
+
+static void silu_mul_c(const float *g, const float *u, float *out, long n) {
+    for (long i = 0; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 static const isa_ops OPS_C = {
     "scalar",
     {[T_F32] = dec_f32_c, [T_F16] = dec_f16_c, [T_BF16] = dec_bf16_c, [T_Q4_0] = dec_q4_0_c,
@@ -264,6 +301,8 @@ static const isa_ops OPS_C = {
      [T_Q4_K] = dec_q4_k_c, [T_Q5_K] = dec_q5_k_c, [T_Q6_K] = dec_q6_k_c},
     {0},
     tile_c,
+    attend_c,
+    silu_mul_c,
 };
 
 /* ------------------------------------------------------------------------------------------------
@@ -389,6 +428,110 @@ static void run_dequant(const isa_ops *ops, const uint8_t *w, float *out, long N
     }
 }
 
+
+/* ------------------------------------------------------------------------------------------------
+ * One transformer block for a step of one new token per sequence (the decoding loop), in place on
+ * the residual stream x [B, dim]:
+ *     x += wo . attention(rope(q), cache)      with q, k, v = wqkv . rmsnorm(x), k/v stored first
+ *     x += w2 . (silu(g) * u)                  with g, u = w13 . rmsnorm(x)
+ * the same arithmetic as model/transformer.py (RMSNorm in float32, RoPE on interleaved pairs, softmax
+ * attention over the visible cache slots, SwiGLU), with the projections as packed matmuls. Rows whose
+ * position is -1 (padding) write nothing to the cache and get no attention output. */
+
+typedef struct {
+    float *x;                           /* [B, dim] residual stream, updated in place */
+    long B, dim, H, Hkv, D, F;          /* rows, model dim, heads, kv heads, head dim, ffn hidden */
+    const float *norm1, *norm2;         /* [dim] attention_norm and ffn_norm weights */
+    float eps;
+    const uint8_t *wqkv, *wo, *w13, *w2;  /* packed [(H+2Hkv)D, dim], [dim, HD], [2F, dim], [dim, F] */
+    int tqkv, to, t13, t2;              /* their GGML types */
+    const float *cs;                    /* [B, D/2, 2] cos, sin of each row's position */
+    float *kc, *vc;                     /* this layer's cache [B, Hkv, S, D] */
+    long S;
+    const int64_t *kpos;                /* [B, S] position held by each slot (-1 = empty), this step's included */
+    const int64_t *qpos;                /* [B] position of each row's new token (-1 = padding) */
+    long window;                        /* sliding window, 0 = none */
+    int threads;
+} block_args;
+
+static void rms_norm_rows(const float *x, const float *w, float eps, long B, long n, float *out) {
+    for (long b = 0; b < B; b++) {
+        const float *xr = x + b * n;
+        float ss = 0.0f;
+        for (long i = 0; i < n; i++) ss += xr[i] * xr[i];
+        float r = 1.0f / sqrtf(ss / (float)n + eps);
+        for (long i = 0; i < n; i++) out[b * n + i] = xr[i] * r * w[i];
+    }
+}
+
+/* Rotate q and k heads of each row (interleaved pairs) and store k, v in the row's cache slot. */
+static void rope_and_store(const block_args *a, float *qkv) {
+    const long D = a->D, half = D / 2, width = (a->H + 2 * a->Hkv) * D;
+    for (long b = 0; b < a->B; b++) {
+        if (a->qpos[b] < 0) continue;
+        float *row = qkv + b * width;
+        const float *cs = a->cs + b * D;
+        for (long h = 0; h < a->H + a->Hkv; h++)
+            for (long i = 0; i < half; i++) {
+                float *p = row + h * D + 2 * i, x0 = p[0], x1 = p[1], c = cs[2 * i], s = cs[2 * i + 1];
+                p[0] = x0 * c - x1 * s;
+                p[1] = x0 * s + x1 * c;
+            }
+        const long slot = a->qpos[b] % a->S;
+        for (long g = 0; g < a->Hkv; g++) {
+            size_t at = (((size_t)b * a->Hkv + g) * a->S + slot) * D;
+            memcpy(a->kc + at, row + (a->H + g) * D, sizeof(float) * D);
+            memcpy(a->vc + at, row + (a->H + a->Hkv + g) * D, sizeof(float) * D);
+        }
+    }
+}
+
+static void attend_rows(const isa_ops *ops, const block_args *a, const float *qkv, float *att, float *sc) {
+    const long D = a->D, width = (a->H + 2 * a->Hkv) * D, items = a->B * a->H, group = a->H / a->Hkv;
+    const float scale = 1.0f / sqrtf((float)D);
+    int nth = a->threads < items ? a->threads : (int)items;
+    if ((long)a->S * D * items < 32768) nth = 1;
+    (void)nth;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
+#endif
+    for (long it = 0; it < items; it++) {
+        const long b = it / a->H, h = it % a->H, g = h / group;
+        float *out = att + it * D;
+        if (a->qpos[b] < 0) {
+            memset(out, 0, sizeof(float) * D);
+            continue;
+        }
+        const size_t base = ((size_t)b * a->Hkv + g) * a->S * D;
+        ops->attend(qkv + b * width + h * D, a->kc + base, a->vc + base, a->S, D, a->kpos + b * a->S,
+                    a->qpos[b], a->window, scale, sc + it * a->S, out);
+    }
+}
+
+/* Returns 0, or -1 when out of memory. */
+static int run_block(const isa_ops *ops, const block_args *a) {
+    const long B = a->B, dim = a->dim, HD = a->H * a->D, width = (a->H + 2 * a->Hkv) * a->D, F = a->F;
+    size_t floats = (size_t)B * (dim + width + HD + 3 * F + dim) + (size_t)B * a->H * a->S;
+    float *buf = malloc(sizeof(float) * floats);
+    if (!buf) return -1;
+    float *xn = buf, *qkv = xn + B * dim, *att = qkv + B * width, *h13 = att + B * HD, *gu = h13 + B * 2 * F;
+    float *y = gu + B * F, *sc = y + B * dim;
+    int rc = 0;
+    rms_norm_rows(a->x, a->norm1, a->eps, B, dim, xn);
+    rc |= run_matmul(ops, xn, a->wqkv, qkv, B, width, dim, a->tqkv, a->threads);
+    rope_and_store(a, qkv);
+    attend_rows(ops, a, qkv, att, sc);
+    rc |= run_matmul(ops, att, a->wo, y, B, dim, HD, a->to, a->threads);
+    for (long i = 0; i < B * dim; i++) a->x[i] += y[i];
+    rms_norm_rows(a->x, a->norm2, a->eps, B, dim, xn);
+    rc |= run_matmul(ops, xn, a->w13, h13, B, 2 * F, dim, a->t13, a->threads);
+    for (long b = 0; b < B; b++) ops->silu_mul(h13 + b * 2 * F, h13 + b * 2 * F + F, gu + b * F, F);
+    rc |= run_matmul(ops, gu, a->w2, y, B, dim, F, a->t2, a->threads);
+    for (long i = 0; i < B * dim; i++) a->x[i] += y[i];
+    free(buf);
+    return rc ? -1 : 0;
+}
+
 /* ------------------------------------------------------------------------------------------------
  * Python bindings. */
 
@@ -450,6 +593,47 @@ static PyObject *py_dequantize_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static int check_type_k(int qtype, long K, const char *what) {
+    if (qtype < 0 || qtype >= T_COUNT || TYPES[qtype].block == 0 || K <= 0 || K % TYPES[qtype].block) {
+        PyErr_Format(PyExc_ValueError, "%s: GGML type %d cannot hold rows of %ld", what, qtype, K);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_decode_block(PyObject *self, PyObject *args) {
+    unsigned long long x, n1, n2, wqkv, wo, w13, w2, cs, kc, vc, kpos, qpos;
+    Py_ssize_t B, dim, H, Hkv, D, F, S, window;
+    float eps;
+    int tqkv, to, t13, t2, nth;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnnnnnnKKfKiKiKiKiKKKnKKni", &x, &B, &dim, &H, &Hkv, &D, &F, &n1, &n2, &eps,
+                          &wqkv, &tqkv, &wo, &to, &w13, &t13, &w2, &t2, &cs, &kc, &vc, &S, &kpos, &qpos,
+                          &window, &nth))
+        return NULL;
+    if (B < 1 || dim < 1 || H < 1 || Hkv < 1 || H % Hkv || D < 2 || D % 2 || F < 1 || S < 1 || nth < 1)
+        return PyErr_Format(PyExc_ValueError, "bad block shape B=%zd dim=%zd H=%zd Hkv=%zd D=%zd F=%zd S=%zd",
+                            B, dim, H, Hkv, D, F, S);
+    if (check_type_k(tqkv, dim, "wqkv") || check_type_k(to, H * D, "wo") || check_type_k(t13, dim, "w13") ||
+        check_type_k(t2, F, "w2"))
+        return NULL;
+    if (!x || !n1 || !n2 || !wqkv || !wo || !w13 || !w2 || !cs || !kc || !vc || !kpos || !qpos)
+        return PyErr_Format(PyExc_ValueError, "null pointer");
+    block_args a = {(float *)(uintptr_t)x, B, dim, H, Hkv, D, F,
+                    (const float *)(uintptr_t)n1, (const float *)(uintptr_t)n2, eps,
+                    (const uint8_t *)(uintptr_t)wqkv, (const uint8_t *)(uintptr_t)wo,
+                    (const uint8_t *)(uintptr_t)w13, (const uint8_t *)(uintptr_t)w2, tqkv, to, t13, t2,
+                    (const float *)(uintptr_t)cs, (float *)(uintptr_t)kc, (float *)(uintptr_t)vc, S,
+                    (const int64_t *)(uintptr_t)kpos, (const int64_t *)(uintptr_t)qpos, window, nth};
+    const isa_ops *ops = g_ops;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_block(ops, &a);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_isas(PyObject *self, PyObject *noargs) {
     (void)self;
     (void)noargs;
@@ -499,6 +683,10 @@ static PyMethodDef METHODS[] = {
      "rows of GGML blocks. Raw addresses: the caller guarantees the buffers' sizes."},
     {"dequantize_rows", py_dequantize_rows, METH_VARARGS,
      "dequantize_rows(w_ptr, out_ptr, N, K, qtype, n_threads): W -> float32 [N,K]."},
+    {"decode_block", py_decode_block, METH_VARARGS,
+     "decode_block(x, B, dim, H, Hkv, D, F, norm1, norm2, eps, wqkv, tqkv, wo, to, w13, t13, w2, t2, cs, "
+     "kc, vc, S, kpos, qpos, window, n_threads): one transformer block for one new token per row, in "
+     "place on x (see run_block). Raw addresses: the caller guarantees the buffers' sizes."},
     {"isas", py_isas, METH_NOARGS, "Instruction sets this CPU can run, best first."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
     {"set_isa", py_set_isa, METH_VARARGS,
@@ -1198,6 +1386,90 @@ KFN void SFX(tile)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long
     }
 }
 
+/* ---- attention and SwiGLU helpers for the fused decode step ---- */
+
+#if VL == 16
+KINL VF SFX(vclamp)(VF x, float lo, float hi) {
+    return (VF)_mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+}
+#else
+KINL VF SFX(vclamp)(VF x, float lo, float hi) {
+    return (VF)_mm256_min_ps(_mm256_max_ps((__m256)x, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
+}
+#endif
+
+/* e^x: x = n ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^7 (relative error < 1e-7 on
+ * that range), 2^n built in the exponent bits. Inputs are clamped to [-88, 88]; e^-88 comes out as 0. */
+KINL VF SFX(vexp)(VF x) {
+    x = SFX(vclamp)(x, -88.0f, 88.0f);
+    VI n = __builtin_convertvector(x * splat(1.44269504f) + splat(128.5f), VI) - 128;  /* round(x/ln2) */
+    VF nf = cvt(n);
+    VF r = x - nf * splat(0.693145752f) - nf * splat(1.42860677e-06f);  /* ln2 split hi + lo */
+    VF p = splat(1.0f / 5040);
+    p = p * r + splat(1.0f / 720);
+    p = p * r + splat(1.0f / 120);
+    p = p * r + splat(1.0f / 24);
+    p = p * r + splat(1.0f / 6);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    return p * (VF)((n + 127) << 23);
+}
+
+KFN void SFX(silu_mul)(const float *g, const float *u, float *out, long n) {
+    long i = 0;
+    for (; i + VL <= n; i += VL) {
+        VF gv = ldf(g + i);
+        stf(out + i, gv / (splat(1.0f) + SFX(vexp)(-gv)) * ldf(u + i));
+    }
+    for (; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+KFN void SFX(attend)(const float *q, const float *k, const float *v, long S, long D, const int64_t *kpos,
+                     int64_t qpos, long window, float scale, float *sc, float *out) {
+    float mx = -INFINITY;
+    for (long s = 0; s < S; s++) {
+        if (!visible(kpos[s], qpos, window)) {
+            sc[s] = -INFINITY;
+            continue;
+        }
+        const float *ks = k + s * D;
+        VF acc = splat(0.0f);
+        long d = 0;
+        for (; d + VL <= D; d += VL) acc += ldf(q + d) * ldf(ks + d);
+        float t = hsum(acc);
+        for (; d < D; d++) t += q[d] * ks[d];
+        sc[s] = t * scale;
+        if (sc[s] > mx) mx = sc[s];
+    }
+    if (mx == -INFINITY) {  /* nothing visible (callers skip such rows) */
+        memset(out, 0, sizeof(float) * (size_t)D);
+        return;
+    }
+    long s = 0;
+    VF sumv = splat(0.0f);
+    for (; s + VL <= S; s += VL) {  /* masked slots hold -inf: clamped to -88, e^-88 -> 0 */
+        VF e = SFX(vexp)(ldf(sc + s) - splat(mx));
+        stf(sc + s, e);
+        sumv += e;
+    }
+    float sum = hsum(sumv);
+    for (; s < S; s++) {
+        sc[s] = sc[s] == -INFINITY ? 0.0f : expf(sc[s] - mx);
+        sum += sc[s];
+    }
+    for (long d = 0; d < D; d++) out[d] = 0.0f;
+    for (s = 0; s < S; s++) {
+        if (sc[s] == 0.0f) continue;
+        const float *vs = v + s * D;
+        VF p = splat(sc[s]);
+        long d = 0;
+        for (; d + VL <= D; d += VL) stf(out + d, ldf(out + d) + p * ldf(vs + d));
+        for (; d < D; d++) out[d] += sc[s] * vs[d];
+    }
+    for (long d = 0; d < D; d++) out[d] /= sum;
+}
+
 static const isa_ops SFX(OPS) = {
 #if VL == 16
     "avx512",
@@ -1213,6 +1485,8 @@ static const isa_ops SFX(OPS) = {
      [T_Q5_K] = SFX(fused_q5_k), [T_Q6_K] = SFX(fused_q6_k), [T_F16] = SFX(fused_f16),
      [T_BF16] = SFX(fused_bf16)},
     SFX(tile),
+    SFX(attend),
+    SFX(silu_mul),
 };
 
 #undef RM

@@ -40,6 +40,11 @@ def available() -> bool:
     return _ext is not None
 
 
+def extension():
+    """The compiled module itself (None when it was not built), for callers of its other entry points."""
+    return _ext
+
+
 def isa() -> str:
     """The instruction set the compiled kernels use ('avx512', 'avx2', 'scalar'), or 'none'."""
     return _ext.isa() if _ext is not None else "none"

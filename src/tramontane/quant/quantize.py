@@ -70,4 +70,7 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
             packed = quantize_rows(weight.shape[0], lambda a, b, w=weight: w[a:b], qname)
             set_module(model, name, GGUFLinear(packed, type_id(qname), module.in_features))
     model.config = model.config.with_(quant=scheme)
+    from .fused import install  # fused q/k/v and gate/up, and the compiled decoding step where it fits
+
+    install(model)
     return model

@@ -190,9 +190,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     state = _assemble(model, model.config, source, name_map, dtype, progress, packed)
     model.load_state_dict(state, strict=True, assign=True)
     if packed:
-        from ..quant.linear import fuse_projections
+        from ..quant.fused import install
 
-        fuse_projections(model)
+        install(model)
     model.inv_freq = rope_frequencies(config.head_dim, config.rope_theta)
     model.eval().requires_grad_(False)
     meta = source.file.metadata if fmt == "gguf" else {}

@@ -73,4 +73,8 @@ def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: 
             state[name] = (torch.randn(p.shape, generator=gen) * 0.02).to(dtype)
     model.load_state_dict(state, assign=True)
     model.inv_freq = rope_frequencies(config.head_dim, config.rope_theta)
+    if quant:
+        from ..quant.fused import install
+
+        install(model)
     return model.eval().requires_grad_(False)
