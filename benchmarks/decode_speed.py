@@ -121,6 +121,27 @@ def run_random(spec: str, quant: str | None) -> dict:
             "roofline": bandwidth / weight_bytes, "roofline_share": decode / (bandwidth / weight_bytes)}
 
 
+def placeholder_vocabulary(size: int) -> dict:
+    """A SentencePiece-style GGUF vocabulary of `size` made-up pieces (random weights have no real one):
+    <unk>, <s>, </s>, the 256 byte tokens, then "▁p3", "▁p4", ... Enough for llama.cpp to load the file."""
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces += [f"\u2581p{i}" for i in range(len(pieces), size)]
+    types = [2, 3, 3] + [6] * 256 + [1] * (size - 259)  # unknown, control, byte, normal
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces,
+            "tokenizer.ggml.scores": [-float(i) for i in range(size)], "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+            "tokenizer.ggml.unknown_token_id": 0}
+
+
+def write_random_gguf(spec: str, quant: str | None, path: str) -> None:
+    """Random weights of `spec` shapes, quantized, written as a GGUF file both engines can load."""
+    from tramontane.weights.gguf_writer import write_gguf
+    from tramontane.weights.random import random_config, random_model
+
+    model = random_model(random_config(spec), quant=quant)
+    write_gguf(model, path, placeholder_vocabulary(model.config.vocab_size), name=f"random {spec}")
+
+
 def run_transformers(model: str, dtype_name: str) -> dict:
     from pathlib import Path
 
@@ -204,8 +225,17 @@ def main() -> None:
     ap.add_argument("--random", default=None, metavar="mistral-7b|mixtral-8x7b|CONFIG.json",
                     help="random weights of these shapes instead of a file (tramontane only)")
     ap.add_argument("--quant", default=None, choices=("int8", "int4"), help="with --random: quantize")
+    ap.add_argument("--write-gguf", default=None, metavar="FILE.gguf",
+                    help="with --random: write the random model to this GGUF file (placeholder vocabulary) "
+                         "and compare the engines on it")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.random and args.write_gguf:
+        if not os.path.exists(args.write_gguf):
+            t = time.perf_counter()
+            write_random_gguf(args.random, args.quant, args.write_gguf)
+            print(f"wrote {args.write_gguf} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        args.model, args.random = args.write_gguf, None
     if args.random:
         if args.worker:
             worker(args.worker, None, args.threads, args.random, args.quant)

@@ -1,0 +1,153 @@
+"""Write a built model as a GGUF file the way llama.cpp's converter lays it out.
+
+Architecture `llama` (llama.cpp runs Mistral, Mixtral and Llama-shaped models under it), llama.cpp's
+tensor names (the inverse of names.GGUF_NAMES), q/k rows in the interleaved order our model already
+uses, no output.weight when the embeddings are tied, Mixtral experts stacked as *_exps. Packed modules
+(GGUF blocks from a file or from `--quant`) are written as their blocks, unchanged; fused q/k/v and
+gate/up modules are split back into their rows. Float matrices are written as F32 or F16, norms as F32.
+The tokenizer is given as GGUF key/values (`tokenizer.ggml.*`), e.g. the metadata of the source file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+
+# Our module path (per layer "{i}") -> llama.cpp tensor name, for 2-D matrices and norms.
+TENSOR_NAMES = {
+    "tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
+    "layers.{i}.attention.wq": "blk.{i}.attn_q", "layers.{i}.attention.wk": "blk.{i}.attn_k",
+    "layers.{i}.attention.wv": "blk.{i}.attn_v", "layers.{i}.attention.wo": "blk.{i}.attn_output",
+    "layers.{i}.attention_norm": "blk.{i}.attn_norm", "layers.{i}.ffn_norm": "blk.{i}.ffn_norm",
+    "layers.{i}.feed_forward.w1": "blk.{i}.ffn_gate", "layers.{i}.feed_forward.w2": "blk.{i}.ffn_down",
+    "layers.{i}.feed_forward.w3": "blk.{i}.ffn_up", "layers.{i}.feed_forward.gate": "blk.{i}.ffn_gate_inp",
+}
+EXPERT_NAMES = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
+FLOAT_TYPES = {"f32": (np.float32, 0), "f16": (np.float16, 1)}  # name -> (numpy dtype, GGUF file_type)
+
+
+def architecture_metadata(config: ModelConfig) -> dict[str, Any]:
+    """The llama.* keys llama.cpp reads for this configuration."""
+    p = "llama."
+    meta: dict[str, Any] = {
+        p + "context_length": config.max_seq_len, p + "embedding_length": config.dim,
+        p + "block_count": config.n_layers, p + "feed_forward_length": config.hidden_dim,
+        p + "attention.head_count": config.n_heads, p + "attention.head_count_kv": config.n_kv_heads,
+        p + "attention.layer_norm_rms_epsilon": float(config.norm_eps), p + "rope.freq_base": float(config.rope_theta),
+        p + "rope.dimension_count": config.head_dim, p + "vocab_size": config.vocab_size,
+    }
+    if config.head_dim * config.n_heads != config.dim:
+        meta[p + "attention.key_length"] = meta[p + "attention.value_length"] = config.head_dim
+    if config.sliding_window is not None:
+        meta[p + "attention.sliding_window"] = config.sliding_window
+    if config.moe is not None:
+        meta[p + "expert_count"] = config.moe.num_experts
+        meta[p + "expert_used_count"] = config.moe.num_experts_per_tok
+    return meta
+
+
+def _weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module | torch.Tensor]]:
+    """(our module path, module or expert tensor) for everything written, fused modules split later."""
+    yield "tok_embeddings", model.tok_embeddings
+    for i, block in enumerate(model.layers):
+        yield f"layers.{i}.attention_norm", block.attention_norm
+        for name in ("wq", "wk", "wv", "wo"):
+            if name in block.attention._modules:
+                yield f"layers.{i}.attention.{name}", block.attention._modules[name]
+        yield f"layers.{i}.ffn_norm", block.ffn_norm
+        ff = block.feed_forward
+        for name in ("gate", "w1", "w2", "w3"):
+            if name in ff._modules or name in ff._parameters:
+                yield f"layers.{i}.feed_forward.{name}", getattr(ff, name)
+    yield "norm", model.norm
+    if model.output is not None and not model.config.tie_embeddings:
+        yield "output", model.output
+
+
+def _split_fused(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, int]]:
+    """Packed rows of fused modules split back into q, k, v and w1, w3: (our path, rows, qtype)."""
+    c = model.config
+    kv = c.n_kv_heads * c.head_dim
+    for i, block in enumerate(model.layers):
+        att, ff = block.attention, block.feed_forward
+        if getattr(att, "wqkv", None) is not None:
+            q, k, v = att.wqkv.packed.split([c.n_heads * c.head_dim, kv, kv])  # [(H+2Hkv)*D, bytes] rows
+            for name, rows in (("wq", q), ("wk", k), ("wv", v)):
+                yield f"layers.{i}.attention.{name}", rows, att.wqkv.qtype
+        if getattr(ff, "w13", None) is not None:
+            w1, w3 = ff.w13.packed.split(ff.hidden_dim)  # [2F, bytes] -> 2 x [F, bytes]
+            yield f"layers.{i}.feed_forward.w1", w1, ff.w13.qtype
+            yield f"layers.{i}.feed_forward.w3", w3, ff.w13.qtype
+
+
+def _gguf_name(path: str) -> str:
+    """Our module path -> llama.cpp tensor name ("layers.3.attention.wq" -> "blk.3.attn_q.weight")."""
+    parts = path.split(".")
+    if parts[0] == "layers":
+        return TENSOR_NAMES["layers.{i}." + ".".join(parts[2:])].format(i=parts[1]) + ".weight"
+    return TENSOR_NAMES[path] + ".weight"
+
+
+def tensors(model: torch.nn.Module, float_type: str = "f32") -> Iterator[tuple[str, np.ndarray, int | None]]:
+    """(GGUF name, array, GGML type of packed rows, or None for a float array)."""
+    np_dtype = FLOAT_TYPES[float_type][0]
+    for path, item in _weights(model):
+        if getattr(item, "packed", None) is not None:
+            yield _gguf_name(path), item.packed.numpy(), item.qtype
+            continue
+        weight = (item if isinstance(item, torch.Tensor) else item.weight).detach().float()
+        if weight.dim() == 3:  # Mixtral experts [E, rows, cols]
+            layer, name = path.split(".")[1], path.rsplit(".", 1)[1]
+            yield f"blk.{layer}.{EXPERT_NAMES[name]}.weight", weight.numpy().astype(np_dtype), None
+        else:  # norms stay float32, as llama.cpp's converter keeps them
+            yield _gguf_name(path), weight.numpy().astype(np.float32 if weight.dim() == 1 else np_dtype), None
+    for path, rows, qtype in _split_fused(model):
+        yield _gguf_name(path), rows.numpy(), qtype
+
+
+def write_gguf(model: torch.nn.Module, path: str | Path, tokenizer: Mapping[str, Any] | None = None,
+               name: str = "tramontane", float_type: str = "f32") -> Path:
+    """Write `model` (built, packed or float) to `path` as GGUF; returns the path."""
+    import gguf
+
+    if float_type not in FLOAT_TYPES:
+        raise ValueError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_file_type(FLOAT_TYPES[float_type][1])
+    for key, value in {**architecture_metadata(model.config), **dict(tokenizer or {})}.items():
+        _add_value(writer, key, value)
+    for gguf_name, array, qtype in tensors(model, float_type):
+        if qtype is None:
+            writer.add_tensor(gguf_name, array)
+        else:
+            writer.add_tensor(gguf_name, array, raw_shape=array.shape, raw_dtype=gguf.GGMLQuantizationType(qtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _add_value(writer: Any, key: str, value: Any) -> None:
+    if key in ("general.architecture",) or key.startswith("GGUF."):
+        return  # written by the writer itself
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value) if 0 <= value < 2**32 else writer.add_int64(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        writer.add_array(key, list(value))
+    else:
+        raise ValueError(f"GGUF metadata {key!r}: cannot write a {type(value).__name__}")
