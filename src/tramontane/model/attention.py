@@ -30,8 +30,9 @@ class Attention(nn.Module):
         return self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)  # [B,T,(H+2Hkv)*D]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
-                cache: KVCache | None) -> torch.Tensor:
-        """x [B,T,dim], positions [B,T] -> [B,T,dim]."""
+                cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B,T,dim], positions [B,T] -> [B,T,dim]. Without a cache, `mask` [B,1,T,T] (default: causal
+        over positions, with the window) says which tokens see which."""
         b, t, _ = x.shape
         q, k, v = self._project(x)
         q = q.view(b, t, self.n_heads, self.head_dim)  # [B,T,H*D] -> [B,T,H,D]
@@ -40,7 +41,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # [B,Hkv,T,D]
-            mask = attention_mask(positions, positions, self.window)  # [B,1,T,T]
+            if mask is None:
+                mask = attention_mask(positions, positions, self.window)  # [B,1,T,T]
         else:
             keys, values, key_pos = cache.update(self.layer, k, v)  # [B,Hkv,S,D], [B,S]
             mask = cache.mask(positions, key_pos, self.window)  # [B,1,T,S]

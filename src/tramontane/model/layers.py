@@ -44,14 +44,19 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * cis).flatten(-2).to(x.dtype)  # [B,T,H,D/2,2] -> [B,T,H,D]
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+                   segments: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask, True = may attend: q_pos [B,T], k_pos [B,S] -> [B,1,T,S].
 
-    A query at position i sees keys at positions j with 0 <= j <= i and, with a window W, i - W < j."""
+    A query at position i sees keys at positions j with 0 <= j <= i and, with a window W, i - W < j.
+    With segments [B,T] (queries and keys are the same tokens: packed training rows), a token sees only
+    its own segment: sequences packed into one row stay independent."""
     qi, kj = q_pos[:, :, None], k_pos[:, None, :]  # [B,T,1], [B,1,S]
     allowed = (kj >= 0) & (kj <= qi)
     if window is not None:
         allowed &= qi - kj < window
+    if segments is not None:
+        allowed &= segments[:, :, None] == segments[:, None, :]  # [B,T,1] == [B,1,T]
     # Padding queries (position -1) see nothing; let them see everything so SDPA returns no NaN.
     allowed |= ~allowed.any(dim=-1, keepdim=True)
     return allowed[:, None]  # [B,1,T,S]

@@ -21,6 +21,8 @@ class MoeFeedForward(nn.Module):
         self.w1 = nn.Parameter(torch.empty(e, hidden_dim, dim))  # [E,F,dim]
         self.w2 = nn.Parameter(torch.empty(e, dim, hidden_dim))  # [E,dim,F]
         self.w3 = nn.Parameter(torch.empty(e, hidden_dim, dim))  # [E,F,dim]
+        # Set by lora.apply_lora: per-expert adapters, `delta(proj, e, x, tokens)` -> [n,out] or None.
+        self.expert_lora: nn.Module | None = None
 
     @property
     def num_experts(self) -> int:
@@ -33,9 +35,19 @@ class MoeFeedForward(nn.Module):
         weights = F.softmax(top_logits, dim=-1, dtype=torch.float32).to(x.dtype)
         return weights, experts
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU of expert e: x [n,dim] -> [n,dim]."""
-        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+    def expert(self, e: int, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """SwiGLU of expert e: x [n,dim] -> [n,dim]. tokens [n]: each row's index in the flattened input
+        (tells per-row LoRA adapters which row is which)."""
+        if self.expert_lora is None:
+            return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+        h = F.silu(self._project("w1", e, x, tokens)) * self._project("w3", e, x, tokens)
+        return self._project("w2", e, h, tokens)
+
+    def _project(self, name: str, e: int, x: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        """x @ W[e]^T plus the adapters' term for this expert's projection `name`."""
+        y = F.linear(x, getattr(self, name)[e])
+        delta = self.expert_lora.delta(name, e, x, tokens)  # type: ignore[union-attr]
+        return y if delta is None else y + delta.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Batched path: group the (token, expert) pairs by expert, one matmul chain per used expert."""
@@ -50,7 +62,7 @@ class MoeFeedForward(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n:
-                out[start:start + n] = self.expert(e, grouped[start:start + n])
+                out[start:start + n] = self.expert(e, grouped[start:start + n], token[start:start + n])
                 start += n
         out *= weights.reshape(-1)[order, None]  # [N*K,dim]
         y = torch.zeros_like(flat).index_add_(0, token, out)  # [N,dim]
@@ -66,5 +78,5 @@ class MoeFeedForward(nn.Module):
             rows = chosen.any(dim=-1).nonzero().flatten()
             if len(rows):
                 w = (weights * chosen).sum(dim=-1)[rows, None]  # [n,1]
-                y[rows] += w * self.expert(e, flat[rows])
+                y[rows] += w * self.expert(e, flat[rows], rows)
         return y.view(x.shape)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import KVCache
-from .layers import FeedForward, RMSNorm, rope_cos_sin, rope_frequencies
+from .layers import FeedForward, RMSNorm, attention_mask, rope_cos_sin, rope_frequencies
 from .moe import MoeFeedForward
 
 
@@ -25,8 +26,8 @@ class TransformerBlock(nn.Module):
             self.feed_forward = MoeFeedForward(config.dim, config.hidden_dim, config.moe)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
-                cache: KVCache | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), positions, rope, cache)
+                cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), positions, rope, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -44,20 +45,30 @@ class Transformer(nn.Module):
         # Optional compiled path for one-token steps, attached by quant.fused.install: an object with
         # accepts(h, cache) and __call__(h, positions, rope, cache) -> h, computing what the blocks do.
         self.step_kernel = None
+        # Recompute each block's activations in the backward pass instead of keeping them (training).
+        self.gradient_checkpointing = False
 
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                      cache: KVCache | None = None) -> torch.Tensor:
-        """Final normed hidden states [B,T,dim]."""
+                      cache: KVCache | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B,T,dim]. segments [B,T] (no cache): packed sequences of a row
+        attend only within their segment."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+        mask = None
         if cache is not None:
             cache.begin(positions)
+        else:
+            mask = attention_mask(positions, positions, self.config.sliding_window, segments)  # [B,1,T,T]
         rope = rope_cos_sin(positions, self.inv_freq)  # complex [B,T,1,D/2]
         h = self.tok_embeddings(tokens.clamp(min=0))  # [B,T,dim]
         if self.step_kernel is not None and self.step_kernel.accepts(h, cache):
             return self.norm(self.step_kernel(h, positions, rope, cache))
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
-            h = block(h, positions, rope, cache)
+            if checkpointing:
+                h = checkpoint(block, h, positions, rope, cache, mask, use_reentrant=False)
+            else:
+                h = block(h, positions, rope, cache, mask)
         return self.norm(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -67,5 +78,5 @@ class Transformer(nn.Module):
         return self.output(h).float()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        return self.logits(self.hidden_states(tokens, positions, cache))
+                cache: KVCache | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+        return self.logits(self.hidden_states(tokens, positions, cache, segments))

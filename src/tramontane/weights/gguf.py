@@ -295,6 +295,14 @@ class GGUFFile:
         arr.flags.writeable = False
         return arr
 
+    def copy_raw(self, name: str) -> torch.Tensor:
+        """The tensor's bytes copied into a new uint8 tensor [nbytes]; the mapped pages they came from
+        are released at once, so loading a model never holds the file and its copy in memory together."""
+        buf, info = self._locate(name)
+        out = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=info.offset).clone()
+        _release_pages(buf, info.offset, info.nbytes)
+        return out
+
     def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor dequantized into a new (file-independent) tensor of `info.shape` and `dtype`."""
         buf, info = self._locate(name)
@@ -303,8 +311,7 @@ class GGUFFile:
             raise LoadError(self.path, f"tensor '{name}' has type {info.type_name}, which tramontane "
                                        f"cannot dequantize (supported: {supported})")
         # Copy out of the mapping first: aligned memory, and no export pinning the mmap open.
-        raw = torch.frombuffer(buf, dtype=torch.uint8, count=info.nbytes, offset=info.offset).clone()
-        return dequantize(raw, info.ggml_type).reshape(info.shape).to(dtype)
+        return dequantize(self.copy_raw(name), info.ggml_type).reshape(info.shape).to(dtype)
 
     def close(self) -> None:
         """Release the mapping (at once, or when the last raw() view is garbage-collected)."""
@@ -318,6 +325,15 @@ class GGUFFile:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _release_pages(buf: mmap.mmap, offset: int, length: int) -> None:
+    """Drop the whole pages inside [offset, offset + length) from this process's memory (they are
+    read again from the file if touched; the mapping is private and never written)."""
+    page = mmap.PAGESIZE
+    start, end = -(-offset // page) * page, (offset + length) // page * page
+    if end > start and hasattr(buf, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        buf.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _close_quietly(buf: mmap.mmap) -> None:

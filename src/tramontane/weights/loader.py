@@ -147,7 +147,7 @@ class GGUFSource:
         info = self.file.tensors[name]
         if len(info.shape) != 2 or info.type_name not in PACKED_TYPES:
             return None
-        rows = torch.from_numpy(self.file.raw(name).copy())  # [nbytes], owned: the file closes after load
+        rows = self.file.copy_raw(name)  # [nbytes], owned: the file closes after load
         return rows.view(info.shape[0], -1), info.ggml_type
 
 
@@ -189,6 +189,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
         model = Transformer(config.with_(quant="gguf") if packed else config)
     state = _assemble(model, model.config, source, name_map, dtype, progress, packed)
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the modules own the tensors now: fusing projections below must not double them
     if packed:
         from ..quant.fused import install
 

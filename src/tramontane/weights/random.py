@@ -72,6 +72,7 @@ def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: 
         else:
             state[name] = (torch.randn(p.shape, generator=gen) * 0.02).to(dtype)
     model.load_state_dict(state, assign=True)
+    del state  # the modules own the tensors now: fusing projections below must not double them
     model.inv_freq = rope_frequencies(config.head_dim, config.rope_theta)
     if quant:
         from ..quant.fused import install
