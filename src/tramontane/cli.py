@@ -1,4 +1,4 @@
-"""The `tramontane` command: run, chat, show, serve."""
+"""The `tramontane` command: run, chat, show, serve (and finetune, merge: cli_train.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .cli_train import add_train_parsers, cmd_finetune, cmd_merge
 from .errors import TramontaneError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print a model's architecture")
     show.add_argument("model", nargs="?", default=None, metavar="MODEL")
     _serve_flags(sub.add_parser("serve", help="serve an OpenAI- and Mistral-compatible HTTP API"))
+    add_train_parsers(sub)
     return parser
 
 
@@ -192,7 +194,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    commands = {"run": cmd_run, "chat": cmd_chat, "show": cmd_show, "serve": cmd_serve}
+    commands = {"run": cmd_run, "chat": cmd_chat, "show": cmd_show, "serve": cmd_serve, "finetune": cmd_finetune,
+                "merge": cmd_merge}
     try:
         return commands[ns.command](ns)
     except TramontaneError as e:

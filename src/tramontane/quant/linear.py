@@ -42,6 +42,10 @@ class GGUFLinear(nn.Module):
         """One module computing several projections of the same input (rows stacked): fewer calls."""
         return cls(torch.cat([p.packed for p in parts]), parts[0].qtype, parts[0].in_features)
 
+    def split(self, sizes: list[int]) -> list[GGUFLinear]:
+        """The inverse of concat: modules over consecutive row ranges of the same packed rows (views)."""
+        return [GGUFLinear(rows, self.qtype, self.in_features) for rows in self.packed.split(sizes)]
+
     def dequantize(self) -> torch.Tensor:
         return dequantize_packed(self.packed, self.qtype, self.in_features)
 
@@ -91,6 +95,42 @@ def fuse_projections(model: nn.Module) -> None:
         if hasattr(ff, "w3") and _fusable([getattr(ff, "w1", None), ff.w3]):
             ff.w13 = GGUFLinear.concat([ff.w1, ff.w3])
             del ff.w1, ff.w3
+
+
+def unfuse_projections(model: nn.Module) -> None:
+    """Undo fuse_projections: wqkv back into wq, wk, wv and w13 into w1, w3, as views of the same packed
+    rows (no copy). Code that wraps single projections (LoRA) needs them apart."""
+    for block in model.layers:  # type: ignore[union-attr]
+        att, ff = block.attention, block.feed_forward
+        if isinstance(att.wqkv, GGUFLinear):
+            q, kv = att.n_heads * att.head_dim, att.n_kv_heads * att.head_dim
+            att.wq, att.wk, att.wv = att.wqkv.split([q, kv, kv])  # rows [(H+2Hkv)*D] -> [H*D], [Hkv*D] x 2
+            att.wqkv = None
+        if isinstance(getattr(ff, "w13", None), GGUFLinear):
+            ff.w1, ff.w3 = ff.w13.split([ff.hidden_dim, ff.hidden_dim])  # rows [2F] -> [F] x 2
+            ff.w13 = None
+
+
+def dequantize_model(model: nn.Module) -> None:
+    """Replace every packed module by its float32 equivalent (nn.Linear, nn.Embedding); a plain float
+    model results (config.quant None, no compiled decode path, tied output read from the embedding)."""
+    unfuse_projections(model)
+    config = getattr(model, "config", None)
+    if config is not None and config.tie_embeddings:
+        model.output = None  # the float model reads the tied head from tok_embeddings
+    for path, module in list(model.named_modules()):
+        if isinstance(module, GGUFLinear):
+            plain: nn.Module = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+        elif isinstance(module, PackedEmbedding):
+            plain = nn.Embedding(module.packed.shape[0], module.dim, device="meta")
+        else:
+            continue
+        plain.weight = nn.Parameter(module.dequantize(), requires_grad=False)
+        set_module(model, path, plain)
+    if config is not None:
+        model.config = config.with_(quant=None)
+    if hasattr(model, "step_kernel"):
+        model.step_kernel = None
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -1,0 +1,157 @@
+"""The fine-tuning loop: it learns, resumes exactly, refuses bad data, and its settings come from files and flags."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from chartok import CharTokenizer
+from models import hf_model, save_hf
+from tramontane.cli import main
+from tramontane.errors import ConfigError
+from tramontane.train.config import TrainConfig, build_config
+from tramontane.train.loop import DataError, Trainer, lr_factor
+from tramontane.weights.loader import load_model
+
+
+def text_lines(path, n: int = 24, seed: int = 0) -> str:
+    """Pretraining lines over the tiny vocabulary (CharTokenizer: 'A' is token 0)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, 60, (int(torch.randint(8, 20, (1,), generator=g)),), generator=g)
+        rows.append(json.dumps({"text": "".join(chr(0x41 + int(t)) for t in ids)}))
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_hf(hf_model("mistral", seed=11), tmp_path_factory.mktemp("m"), shard=None)
+
+
+def trainer(folder, cfg: TrainConfig) -> Trainer:
+    return Trainer(cfg, load_model(folder).model, CharTokenizer())
+
+
+def test_resume_repeats_the_uninterrupted_loss_curve(tmp_path, tiny):
+    data = text_lines(tmp_path / "train.jsonl")
+    cfg = TrainConfig(data=data, out=str(tmp_path / "a"), seq_len=48, batch_size=2, grad_accum=2, max_steps=8,
+                      lr=5e-3, warmup_steps=2, dropout=0.1, rank=4, autocast="off", save_every=3)
+    whole = trainer(tiny, cfg).run(progress=False)
+    cut = cfg.with_(out=str(tmp_path / "b"))
+    first = trainer(tiny, cut)
+    first.run(progress=False, stop_after=4)  # interrupted after step 4; the checkpoint is from step 3
+    second = trainer(tiny, cut)
+    second.resume()
+    assert second.step == 3
+    resumed = second.run(progress=False)
+    key = [(r["step"], r["loss"], r["lr"]) for r in whole.train]
+    assert [(r["step"], r["loss"], r["lr"]) for r in resumed.train] == key
+    assert len(key) == 8 and key[-1][1] < key[0][1]
+    for name in ("adapter_config.json", "adapter_model.safetensors", "loss.png", "metrics.jsonl"):
+        assert (tmp_path / "b" / name).is_file()
+    assert (tmp_path / "b" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_refuses_changed_settings(tmp_path, tiny):
+    data = text_lines(tmp_path / "train.jsonl")
+    cfg = TrainConfig(data=data, out=str(tmp_path / "o"), seq_len=48, batch_size=2, max_steps=2, rank=4,
+                      autocast="off", save_every=1)
+    trainer(tiny, cfg).run(progress=False)
+    with pytest.raises(ConfigError, match="batch_size"):
+        trainer(tiny, cfg.with_(batch_size=3)).resume()
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        trainer(tiny, cfg.with_(out=str(tmp_path / "none"))).resume()
+
+
+def test_gradient_accumulation_and_checkpointing_change_nothing(tmp_path, tiny):
+    data = text_lines(tmp_path / "train.jsonl", n=8)
+    base = TrainConfig(data=data, out=str(tmp_path / "x"), seq_len=48, batch_size=2, max_steps=1, rank=4,
+                       autocast="off", lr=1e-2)
+    one = trainer(tiny, base.with_(batch_size=2)).run(progress=False).train[0]["loss"]
+    # the same rows as two micro-batches of one row: the step's loss is still the mean over all targets
+    split = trainer(tiny, base.with_(batch_size=1, grad_accum=2)).run(progress=False).train[0]["loss"]
+    ckpt = trainer(tiny, base.with_(activation_checkpointing=True)).run(progress=False).train[0]["loss"]
+    assert split == pytest.approx(one, rel=1e-5) and ckpt == pytest.approx(one, rel=1e-6)
+
+
+def test_bad_data_never_trains(tmp_path, tiny):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ABC"}\n{"text": \n{"messages": [{"role": "bot", "content": "x"}]}\n')
+    cfg = TrainConfig(data=str(path), out=str(tmp_path / "o"), seq_len=48, rank=4)
+    model = load_model(tiny).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DataError) as info:
+        Trainer(cfg, model, CharTokenizer())
+    assert ":2:" in str(info.value) and ":3:" in str(info.value) and "bad JSON" in str(info.value)
+    assert not (tmp_path / "o").exists()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    f = lr_factor(TrainConfig(max_steps=12, warmup_steps=4, min_lr_ratio=0.1))
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(8) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(12) == pytest.approx(0.1) and all(f(s) >= f(s + 1) for s in range(4, 12))
+
+
+def test_settings_file_then_flags(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('data = "d.jsonl"\nmax_steps = 7\n[lora]\nrank = 4\ntargets = ["wq", "wv"]\n')
+    cfg = build_config(toml, {"max_steps": 9, "lr": None})
+    assert (cfg.max_steps, cfg.rank, cfg.targets, cfg.lr) == (9, 4, ("wq", "wv"), 1e-4)
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("data: d.jsonl\nlr: 0.001\n")
+    assert build_config(yaml, {}).lr == 0.001
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rnak = 4\n")
+    with pytest.raises(ConfigError, match="rnak"):
+        build_config(bad, {})
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=0)
+
+
+def test_cli_validate_reports_lines_and_estimate(tmp_path, capsys, smollm2_path):
+    path = tmp_path / "d.jsonl"
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    path.write_text(json.dumps(good) + "\n" + '{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    assert main(["finetune", str(smollm2_path), "--data", str(path), "--validate", "--seq-len", "128",
+                 "--batch-size", "1"]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}:2:" in out and "estimated time per epoch" in out
+
+
+CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"),
+            ("Canada", "Ottawa"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Chile", "Santiago"),
+            ("Cuba", "Havana"), ("Greece", "Athens"), ("Poland", "Warsaw"), ("Austria", "Vienna"),
+            ("Ireland", "Dublin"), ("Portugal", "Lisbon"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
+            ("Denmark", "Copenhagen"), ("Hungary", "Budapest")]
+
+
+def test_smollm2_learns_a_format_it_did_not_know(tmp_path, smollm2_path):
+    """40 examples teach '### CITY ###' answers; a held-out country gets an answer in that format."""
+    import tramontane
+    from tramontane.lora.layers import set_active
+
+    rows = [{"messages": [{"role": "user", "content": q.format(c)},
+                          {"role": "assistant", "content": f"### {city.upper()} ###"}]}
+            for c, city in CAPITALS for q in ("What is the capital of {}?", "Which city is the capital of {}?")]
+    data = tmp_path / "capitals.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    llm = tramontane.load(smollm2_path, dtype="float32", packed=False)
+    question = [{"role": "user", "content": "What is the capital of Italy?"}]
+    before = llm.chat(question, temperature=0, max_tokens=12).text
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "out"), seq_len=256, batch_size=4, max_steps=10,
+                      lr=2e-3, warmup_steps=3, rank=8, alpha=16)
+    history = Trainer(cfg, llm.model, llm.tokenizer).run(progress=False)
+    losses = [r["loss"] for r in history.train]
+    assert losses[-1] <= 0.5 * losses[0], losses
+    set_active(llm.model, "default")
+    llm.model.eval()
+    after = llm.chat(question, temperature=0, max_tokens=12).text
+    assert not before.startswith("###"), before
+    assert after.startswith("### ") and after.endswith(" ###"), after
