@@ -64,19 +64,35 @@ class LLM:
             return (d.text for d in deltas if d.text)
         return collect(deltas, [ids])[0]
 
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load a LoRA adapter folder (PEFT layout) under `name`; it applies once `use_adapter(name)`."""
+        from .lora.layers import set_active
+        from .lora.peft import load_adapter
+
+        load_adapter(self.model, Path(path), name)
+        set_active(self.model, None)
+
+    def use_adapter(self, name: str | None) -> None:
+        """Generate with LoRA adapter `name` from now on (None: the base model)."""
+        from .lora.layers import set_active
+
+        set_active(self.model, name)
+
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Log-probability of every token after the first, given the tokens before it."""
         return self._generator.score(self.encode_prompt(token_ids))
 
 
 def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
-         progress: bool = False, packed: bool | None = None, quant: str | None = None) -> LLM:
+         progress: bool = False, packed: bool | None = None, quant: str | None = None,
+         lora: dict[str, str | Path] | None = None) -> LLM:
     """Load a model folder (Hugging Face or Mistral native) or GGUF file; None = the default model.
 
     dtype: None/"auto" = bfloat16 for float checkpoints where the CPU supports it, else float32.
     packed: keep a GGUF file's quantized matrices packed and run them with the packed kernels
     (default: when the compiled kernels are available).
-    quant: "int8" or "int4" weight-only quantization of the float matrices after loading (quant/)."""
+    quant: "int8" or "int4" weight-only quantization of the float matrices after loading (quant/).
+    lora: {name: adapter folder} LoRA adapters to load (none applies until `use_adapter(name)`)."""
     from .quant.kernels import available
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
     from .weights.loader import detect_format
@@ -93,4 +109,7 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = N
         tokenizer = tokenizer_from_gguf(loaded.metadata, str(path))
     else:
         tokenizer = load_tokenizer(path)
-    return LLM(loaded, tokenizer, dtype)
+    llm = LLM(loaded, tokenizer, dtype)
+    for name, adapter in (lora or {}).items():
+        llm.load_adapter(name, adapter)
+    return llm

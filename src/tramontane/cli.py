@@ -30,6 +30,30 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
                    help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)")
     p.add_argument("--quant", choices=("int8", "int4"), default=None,
                    help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1)")
+    _lora_flag(p)
+    p.add_argument("--adapter", default=None, metavar="NAME",
+                   help="which --lora adapter answers (default: the only one given)")
+
+
+def _lora_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="load a LoRA adapter folder (PEFT layout) under NAME (repeatable)")
+
+
+def parse_loras(specs: list[str], reserved: str | None = None) -> dict[str, str]:
+    """--lora NAME=PATH values -> {NAME: PATH}; names are unique, non-empty, without '.' or '/'."""
+    loras: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not path or "." in name or "/" in name:
+            raise TramontaneError(f"--lora takes NAME=PATH with a name without '.' or '/', got {spec!r}")
+        if name in loras or name == reserved:
+            raise TramontaneError(f"--lora name {name!r} is used twice (or is the served model's name)")
+        if not Path(path).expanduser().is_dir():
+            raise TramontaneError(f"--lora {name}: {path} is not an adapter folder")
+        loras[name] = str(Path(path).expanduser())
+    return loras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +95,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)")
     p.add_argument("--quant", choices=("int8", "int4"), default=None,
                    help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1)")
+    _lora_flag(p)
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level (default warning; info logs every request)")
 
@@ -103,7 +128,15 @@ def _sampling(ns: argparse.Namespace):
 def _load(model: str | None, ns: argparse.Namespace):
     from .api import load
 
-    return load(model, dtype=ns.dtype, progress=sys.stderr.isatty(), quant=ns.quant)
+    loras = parse_loras(ns.lora)
+    if ns.adapter is not None and ns.adapter not in loras:
+        raise TramontaneError(f"--adapter {ns.adapter!r} is not one of the --lora names ({', '.join(loras) or 'none'})")
+    if ns.adapter is None and len(loras) > 1:
+        raise TramontaneError("several --lora adapters: choose the one that answers with --adapter NAME")
+    llm = load(model, dtype=ns.dtype, progress=sys.stderr.isatty(), quant=ns.quant, lora=loras)
+    if loras:
+        llm.use_adapter(ns.adapter or next(iter(loras)))
+    return llm
 
 
 def _stream_answer(llm: Any, messages: list[dict[str, Any]], params: Any) -> str:
@@ -187,7 +220,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         max_queued=ns.max_queued, max_running=ns.max_running,
         max_body_bytes=parse_size(ns.max_body_bytes, "--max-body-bytes"), block_size=ns.block_size,
         max_num_batched_tokens=ns.max_num_batched_tokens, dtype=ns.dtype, quant=ns.quant,
-        drain_timeout=ns.drain_timeout,
+        drain_timeout=ns.drain_timeout, loras=parse_loras(ns.lora, reserved=ns.served_model_name or name),
         allow_origins=ns.allow_origin, log_level=ns.log_level)
     return serve(opts)
 

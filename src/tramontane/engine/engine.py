@@ -22,7 +22,7 @@ from .blocks import BlockPool, bytes_per_block
 from .metrics import EngineMetrics
 from .runner import embed, run_step
 from .scheduler import EngineSequence, Scheduler
-from .types import (ContextLengthError, EngineRequest, EngineUnavailableError, QueueFullError,
+from .types import (ContextLengthError, EngineRequest, EngineUnavailableError, QueueFullError, UnknownAdapterError,
                     RequestOutput)
 
 log = logging.getLogger("tramontane.engine")
@@ -59,6 +59,12 @@ class AsyncEngine:
         self._thread.start()
         self.accepting = True
 
+    @property
+    def adapters(self) -> set[str]:
+        """Names of the LoRA adapters loaded into the model (requests pick one by name)."""
+        selection = getattr(self.model, "lora_selection", None)
+        return set(selection.adapters) if selection is not None else set()
+
     def is_healthy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
@@ -68,6 +74,9 @@ class AsyncEngine:
         prompt, wanted = len(request.prompt_token_ids), request.params.max_tokens or 0
         if prompt == 0:
             raise ContextLengthError("the prompt is empty")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            raise UnknownAdapterError(f"no LoRA adapter named {request.adapter!r} is loaded "
+                                      f"(loaded: {', '.join(sorted(self.adapters)) or 'none'})")
         if prompt + max(wanted, 1) > self.max_model_len:
             raise ContextLengthError(f"this model's maximum context length is {self.max_model_len} tokens; "
                                      f"the request has {prompt} prompt tokens and asks for {wanted} more")

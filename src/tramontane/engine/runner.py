@@ -80,13 +80,35 @@ def layout(pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]], window:
     return torch.cat(tokens)[None], torch.cat(positions)[None], step, last
 
 
+def adapter_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[torch.Tensor, list[str]] | None:
+    """Per token of the flattened step, the slot of its request's LoRA adapter in `names` (-1 = none);
+    None when no request of the step has one."""
+    names = sorted({seq.request.adapter for seq, _ in batch if seq.request.adapter is not None})
+    if not names:
+        return None
+    slot = {name: i for i, name in enumerate(names)}
+    rows = [slot[seq.request.adapter] if seq.request.adapter is not None else -1 for seq, _ in batch]
+    counts = torch.tensor([n for _, n in batch])
+    return torch.tensor(rows).repeat_interleave(counts), names  # [N]
+
+
 def run_step(model: Transformer, pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]],
              window: int | None) -> torch.Tensor:
-    """Forward the batch; return the logits [B,V] after each request's last scheduled token."""
+    """Forward the batch; return the logits [B,V] after each request's last scheduled token. Requests
+    with different LoRA adapters (and none) share the step: each token gets its request's adapter."""
     tokens, positions, step, last = layout(pool, batch, window)
-    with torch.inference_mode():
-        h = model.hidden_states(tokens, positions, step)  # [1,N,dim]
-        return model.logits(h[0, last])  # [B,V]
+    adapters = adapter_rows(batch)
+    if adapters is not None:
+        from ..lora.layers import set_rows
+
+        set_rows(model, *adapters)
+    try:
+        with torch.inference_mode():
+            h = model.hidden_states(tokens, positions, step)  # [1,N,dim]
+            return model.logits(h[0, last])  # [B,V]
+    finally:
+        if adapters is not None:
+            set_rows(model, None, [])
 
 
 def embed(model: Transformer, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:

@@ -107,7 +107,7 @@ class Scheduler:
             seq.num_computed += n
             tokens = seq.tokens
             for i in range(len(seq.keys), seq.num_computed // size):
-                key = block_key(self.model_name, seq.keys[-1] if seq.keys else None,
+                key = block_key(self._namespace(seq), seq.keys[-1] if seq.keys else None,
                                 tokens[i * size:(i + 1) * size])
                 seq.keys.append(key)
                 if seq.blocks[i] is not None:
@@ -115,6 +115,12 @@ class Scheduler:
             self._release_out_of_window(seq)
 
     # ---- helpers -------------------------------------------------------------------------------------
+    def _namespace(self, seq: EngineSequence) -> str:
+        """Prefix-cache keys of requests with a LoRA adapter differ from the base model's (and from
+        other adapters'): adapters on wk/wv change the cached keys and values."""
+        adapter = seq.request.adapter
+        return self.model_name if adapter is None else f"{self.model_name}\0lora:{adapter}"
+
     def _blocks_needed(self, seq: EngineSequence, upto: int) -> int:
         size = self.pool.block_size
         total = -(-upto // size)
@@ -169,7 +175,7 @@ class Scheduler:
         size, tokens = self.pool.block_size, seq.tokens
         previous: bytes | None = None
         for i in range(len(tokens) // size):
-            key = block_key(self.model_name, previous, tokens[i * size:(i + 1) * size])
+            key = block_key(self._namespace(seq), previous, tokens[i * size:(i + 1) * size])
             block = self.pool.lookup(key)
             if block is None:
                 break

@@ -25,12 +25,17 @@ class ContextLengthError(EngineError):
     """Prompt + max_tokens exceed the model's context (HTTP 400, code context_length_exceeded)."""
 
 
+class UnknownAdapterError(EngineError):
+    """The request names a LoRA adapter the engine does not hold (HTTP 404, code model_not_found)."""
+
+
 @dataclass
 class EngineRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     min_tokens: int = 0  # stop tokens and stop strings are ignored until this many tokens exist
+    adapter: str | None = None  # LoRA adapter applied to this request (None: the base model)
 
 
 @dataclass

@@ -35,17 +35,30 @@ def server_state(request: Request) -> ServerState:
     return request.app.state.tramontane
 
 
-def engine_for(request: Request, model: str | None) -> Any:
-    """The engine, for a request naming `model` (None or "" = the served model)."""
+def engine_for(request: Request, model: str | None, *, adapters: bool = False) -> Any:
+    """The engine, for a request naming `model` (None or "" = the served model; with `adapters`, also
+    the name of a LoRA adapter loaded with --lora)."""
     state = server_state(request)
     if state.engine is None:
         raise APIError(503, "the model is still loading; retry shortly", code="model_loading")
     if state.draining:
         raise APIError(503, "the server is shutting down and takes no new requests", code="draining")
-    if model and model != state.model_name:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}",
+    known = adapter_names(state.engine) if adapters else set()
+    if model and model != state.model_name and model not in known:
+        served = ", ".join(repr(n) for n in [state.model_name, *sorted(known)])
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served}",
                        param="model", code="model_not_found")
     return state.engine
+
+
+def adapter_names(engine: Any) -> set[str]:
+    return set(getattr(engine, "adapters", ()))
+
+
+def adapter_for(request: Request, model: str | None) -> str | None:
+    """The LoRA adapter a request's `model` names, or None for the served model itself."""
+    state = server_state(request)
+    return model if model and model != state.model_name else None
 
 
 async def parse_body(request: Request, model: type[M]) -> M:

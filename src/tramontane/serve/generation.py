@@ -25,6 +25,7 @@ from ..engine.types import (
     EngineUnavailableError,
     QueueFullError,
     RequestOutput,
+    UnknownAdapterError,
 )
 from ..errors import RequestError, TramontaneError
 from ..generate import TokenLogprob
@@ -46,6 +47,8 @@ def engine_error(exc: BaseException) -> APIError:
         return APIError(429, f"the server is busy: {exc}", code="queue_full")
     if isinstance(exc, EngineUnavailableError):
         return APIError(503, f"the engine is not accepting requests: {exc}", code="engine_unavailable")
+    if isinstance(exc, UnknownAdapterError):
+        return APIError(404, str(exc), param="model", code="model_not_found")
     if isinstance(exc, ContextLengthError):
         return APIError(400, str(exc), param="messages", code="context_length_exceeded")
     if isinstance(exc, (RequestError, TramontaneError)):

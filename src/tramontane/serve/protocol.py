@@ -248,9 +248,25 @@ class ModelCard(_Response):
     capabilities: ModelCapabilities
 
 
+class AdapterCard(_Response):
+    """A LoRA adapter served on top of the base model (Mistral's fine-tuned card; `parent` as vLLM)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tramontane"
+    type: Literal["fine-tuned"] = "fine-tuned"
+    root: str  # the base model's id
+    parent: str
+    job: str = "local"
+    archived: bool = False
+    max_context_length: int
+    capabilities: ModelCapabilities
+
+
 class ModelList(_Response):
     object: Literal["list"] = "list"
-    data: list[ModelCard]
+    data: list[ModelCard | AdapterCard]
 
 
 class TokenizeResponse(_Response):

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..engine.types import EngineRequest
-from .common import engine_for, new_id, parse_body, server_state
+from .common import adapter_for, engine_for, new_id, parse_body, server_state
 from .convert import (
     MAX_CHOICES,
     Settings,
@@ -33,14 +33,16 @@ CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it
 
 async def _respond(request: Request, engine: Any, body: SamplingFields, prompts: list[list[int]],
                    s: Settings, fmt: Format) -> Response:
-    """Submit n choices per prompt, then answer whole or as an event stream."""
+    """Submit n choices per prompt, then answer whole or as an event stream (with the LoRA adapter the
+    request's `model` names, if any)."""
+    adapter = adapter_for(request, body.model)
     if len(prompts) * s.n > MAX_CHOICES:
         raise bad_request(f"{len(prompts)} prompts x n={s.n} is more than {MAX_CHOICES} choices", "n")
     requests, choices = [], []
     for p, ids in enumerate(prompts):
         for i in range(s.n):
             k = p * s.n + i
-            requests.append(EngineRequest(f"{fmt.id}-{k}", ids, s.for_choice(i), s.min_tokens))
+            requests.append(EngineRequest(f"{fmt.id}-{k}", ids, s.for_choice(i), s.min_tokens, adapter))
             choices.append(Choice(index=k, prompt_tokens=len(ids)))
     run = Run(engine, requests)
     try:
@@ -56,31 +58,36 @@ async def _respond(request: Request, engine: Any, body: SamplingFields, prompts:
     return JSONResponse(fmt.response(choices))
 
 
+def _answering(request: Request, model: str | None) -> str:
+    """The model id a response names: the adapter's name when the request chose one."""
+    return adapter_for(request, model) or server_state(request).model_name
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
-    engine = engine_for(request, body.model)
+    engine = engine_for(request, body.model, adapters=True)
     s = settings(body, logprobs=chat_logprobs(body))
     ids = await encode_chat(engine.tokenizer, chat_messages(body.messages, body.safe_prompt))
     check_context(len(ids), s.max_tokens, engine.max_model_len, "messages")
-    fmt = ChatFormat(new_id("chatcmpl"), server_state(request).model_name, s.n, s.params.logprobs is not None)
+    fmt = ChatFormat(new_id("chatcmpl"), _answering(request, body.model), s.n, s.params.logprobs is not None)
     return await _respond(request, engine, body, [ids], s, fmt)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
-    engine = engine_for(request, body.model)
+    engine = engine_for(request, body.model, adapters=True)
     s = settings(body, logprobs=completion_logprobs(body))
     if body.suffix is not None:
         if not isinstance(body.prompt, str):
             raise bad_request("with a suffix, the prompt must be one string", "prompt")
-        prompts = [await encode_fim(engine.tokenizer, body.prompt, body.suffix, server_state(request).model_name)]
+        prompts = [await encode_fim(engine.tokenizer, body.prompt, body.suffix, _answering(request, body.model))]
     else:
         prompts = await encode_inputs(engine.tokenizer, body.prompt, engine.config.vocab_size, "prompt")
     for ids in prompts:
         check_context(len(ids), s.max_tokens, engine.max_model_len, "prompt")
-    fmt = CompletionFormat(new_id("cmpl"), server_state(request).model_name, s.n, s.params.logprobs is not None)
+    fmt = CompletionFormat(new_id("cmpl"), _answering(request, body.model), s.n, s.params.logprobs is not None)
     return await _respond(request, engine, body, prompts, s, fmt)
 
 
@@ -88,9 +95,9 @@ async def completions(request: Request) -> Response:
 async def fim_completions(request: Request) -> Response:
     """Mistral's fill-in-the-middle: the model writes what goes between `prompt` and `suffix`."""
     body = await parse_body(request, FIMCompletionRequest)
-    engine = engine_for(request, body.model)
+    engine = engine_for(request, body.model, adapters=True)
     s = settings(body)
-    name = server_state(request).model_name
+    name = _answering(request, body.model)
     ids = await encode_fim(engine.tokenizer, body.prompt, body.suffix or "", name)
     check_context(len(ids), s.max_tokens, engine.max_model_len, "prompt")
     return await _respond(request, engine, body, [ids], s, ChatFormat(new_id("fim"), name, s.n, False))

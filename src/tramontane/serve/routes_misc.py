@@ -9,11 +9,12 @@ import struct
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from .common import engine_for, new_id, parse_body, server_state, usage
+from .common import adapter_names, engine_for, new_id, parse_body, server_state, usage
 from .convert import chat_messages, check_ids, encode_chat, encode_inputs, encode_text
 from .errors import APIError, bad_request
 from .generation import ClientGone, engine_error, until_disconnect
 from .protocol import (
+    AdapterCard,
     DetokenizeRequest,
     DetokenizeResponse,
     EmbeddingData,
@@ -32,26 +33,32 @@ MAX_EMBED_TOKENS = 1 << 17
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _card(request: Request) -> ModelCard:
+def _cards(request: Request) -> list[ModelCard | AdapterCard]:
+    """The served model, then each LoRA adapter loaded on it."""
     state = server_state(request)
     engine = engine_for(request, None)
     fim = bool(getattr(engine.tokenizer, "supports_fim", False))
-    return ModelCard(id=state.model_name, created=state.created, max_context_length=engine.max_model_len,
+    base = ModelCard(id=state.model_name, created=state.created, max_context_length=engine.max_model_len,
                      capabilities=ModelCapabilities(completion_fim=fim))
+    return [base] + [AdapterCard(id=name, created=state.created, root=base.id, parent=base.id,
+                                 max_context_length=base.max_context_length, capabilities=base.capabilities)
+                     for name in sorted(adapter_names(engine))]
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
-    return JSONResponse(ModelList(data=[_card(request)]).model_dump(mode="json"))
+    return JSONResponse(ModelList(data=_cards(request)).model_dump(mode="json"))
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> JSONResponse:
-    card = _card(request)
-    if model_id != card.id:
-        raise APIError(404, f"the model {model_id!r} does not exist; this server serves {card.id!r}",
-                       param="model", code="model_not_found")
-    return JSONResponse(card.model_dump(mode="json"))
+    cards = _cards(request)
+    for card in cards:
+        if card.id == model_id:
+            return JSONResponse(card.model_dump(mode="json"))
+    served = ", ".join(repr(c.id) for c in cards)
+    raise APIError(404, f"the model {model_id!r} does not exist; this server serves {served}",
+                   param="model", code="model_not_found")
 
 
 def _encode_vector(vector: list[float], fmt: str) -> list[float] | str:

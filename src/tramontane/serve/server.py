@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -90,6 +90,7 @@ class ServeOptions:
     drain_timeout: float
     allow_origins: list[str]
     log_level: str
+    loras: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> folder
 
 
 def _load_engine(opts: ServeOptions) -> Any:
@@ -97,7 +98,7 @@ def _load_engine(opts: ServeOptions) -> Any:
     from ..api import load
     from ..engine import AsyncEngine
 
-    llm = load(opts.model, dtype=opts.dtype, quant=opts.quant)
+    llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras)
     return AsyncEngine(llm, model_name=opts.name, kv_cache_memory=opts.kv_cache_memory,
                        block_size=opts.block_size, max_num_batched_tokens=opts.max_num_batched_tokens,
                        max_running=opts.max_running, max_queued=opts.max_queued, dtype=llm.dtype)
