@@ -155,3 +155,37 @@ def test_smollm2_learns_a_format_it_did_not_know(tmp_path, smollm2_path):
     after = llm.chat(question, temperature=0, max_tokens=12).text
     assert not before.startswith("###"), before
     assert after.startswith("### ") and after.endswith(" ###"), after
+
+
+def test_cli_finetune_then_merge(tmp_path, smollm2_path):
+    """`finetune` with a settings file and flags, then `merge`: the merged folder loads in transformers and
+    here, with the logits of the base model plus the adapter."""
+    import transformers
+
+    import tramontane
+
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w.upper()}]}
+            for w in ("apple", "river", "cloud", "stone")]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    settings = tmp_path / "ft.toml"
+    settings.write_text(f'data = "{data}"\nseq_len = 128\nmax_steps = 50\nlr = 0.01\n[lora]\nrank = 4\n')
+    out = tmp_path / "adapter"
+    assert main(["finetune", str(smollm2_path), "--config", str(settings), "--out", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--autocast", "off"]) == 0
+    assert json.loads((out / "training_config.json").read_text())["max_steps"] == 2  # the flag won
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4  # the file's [lora] table
+    merged = tmp_path / "merged"
+    assert main(["merge", str(smollm2_path), str(out), "--out", str(merged)]) == 0
+
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173]])
+    llm = tramontane.load(smollm2_path, dtype="float32", packed=False, lora={"ft": out})
+    llm.use_adapter("ft")
+    with torch.no_grad():
+        ours = llm.model(ids)[0]
+        hf = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits[0]
+        again = tramontane.load(merged, dtype="float32").model(ids)[0]
+    # logits of SmolLM2 reach ~30; 1e-4 of an fp32 dot product's rounding across 30 layers
+    assert (hf - ours).abs().max().item() <= 5e-4 and (again - ours).abs().max().item() <= 5e-4
+    tok = transformers.AutoTokenizer.from_pretrained(merged)
+    assert tok("Say apple.")["input_ids"] == llm.tokenizer.encode("Say apple.")

@@ -134,6 +134,9 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     llm = load(path, dtype="float32", packed=False)
     load_adapter(llm.model, Path(ns.adapter), "default")
     merge_lora(llm.model, "default")
-    write_hf(llm.model, Path(ns.out), tokenizer_source=path if Path(path).is_dir() else None)
+    source_folder = Path(path).is_dir()
+    write_hf(llm.model, Path(ns.out), tokenizer_source=path if source_folder else None)
+    if not source_folder and hasattr(llm.tokenizer, "save_hf"):  # a GGUF file: its vocabulary as tokenizer.json
+        llm.tokenizer.save_hf(Path(ns.out))
     print(f"merged model written to {ns.out}")
     return 0

@@ -224,6 +224,23 @@ class HFTokenizer:
     def _token_text(self, token_id: int | None) -> str | None:
         return self._backend.id_to_token(token_id) if token_id is not None else None
 
+    def save_hf(self, folder: Path | str) -> None:
+        """Write tokenizer.json, tokenizer_config.json (special tokens, BOS rule, chat template) and
+        generation_config.json (stop ids) so that this folder's tokenizer loads here and in transformers
+        (e.g. for a model merged or converted from a GGUF file)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "tokenizer.json").write_text(self._backend.to_str(), encoding="utf-8")
+        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.default_add_bos,
+                                  "bos_token": self._token_text(self.bos_id), "eos_token": self._token_text(self.eos_id)}
+        if self._template is not None:
+            config["chat_template"] = self._template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                                      encoding="utf-8")
+        stops = sorted(self.stop_ids)
+        generation = {"bos_token_id": self.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         ids = self._first.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
