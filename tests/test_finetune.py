@@ -39,8 +39,10 @@ def trainer(folder, cfg: TrainConfig) -> Trainer:
 
 def test_resume_repeats_the_uninterrupted_loss_curve(tmp_path, tiny):
     data = text_lines(tmp_path / "train.jsonl")
-    cfg = TrainConfig(data=data, out=str(tmp_path / "a"), seq_len=48, batch_size=2, grad_accum=2, max_steps=8,
-                      lr=5e-3, warmup_steps=2, dropout=0.1, rank=4, autocast="off", save_every=3)
+    held_out = text_lines(tmp_path / "eval.jsonl", n=6, seed=1)
+    cfg = TrainConfig(data=data, eval=held_out, out=str(tmp_path / "a"), seq_len=48, batch_size=2, grad_accum=2,
+                      max_steps=8, lr=5e-3, warmup_steps=2, dropout=0.1, rank=4, autocast="off", save_every=3,
+                      eval_every=4)
     whole = trainer(tiny, cfg).run(progress=False)
     cut = cfg.with_(out=str(tmp_path / "b"))
     first = trainer(tiny, cut)
@@ -52,6 +54,8 @@ def test_resume_repeats_the_uninterrupted_loss_curve(tmp_path, tiny):
     key = [(r["step"], r["loss"], r["lr"]) for r in whole.train]
     assert [(r["step"], r["loss"], r["lr"]) for r in resumed.train] == key
     assert len(key) == 8 and key[-1][1] < key[0][1]
+    assert [e["step"] for e in resumed.eval] == [4, 8] and resumed.eval == whole.eval
+    assert resumed.eval[-1]["loss"] < resumed.eval[0]["loss"]
     for name in ("adapter_config.json", "adapter_model.safetensors", "loss.png", "metrics.jsonl"):
         assert (tmp_path / "b" / name).is_file()
     assert (tmp_path / "b" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -189,3 +193,18 @@ def test_cli_finetune_then_merge(tmp_path, smollm2_path):
     assert (hf - ours).abs().max().item() <= 5e-4 and (again - ours).abs().max().item() <= 5e-4
     tok = transformers.AutoTokenizer.from_pretrained(merged)
     assert tok("Say apple.")["input_ids"] == llm.tokenizer.encode("Say apple.")
+
+
+def test_packed_sequences_do_not_see_each_other(tiny):
+    """Two sequences packed in one row (positions restart, segments differ) give each one's own logits."""
+    model = load_model(tiny).model
+    a, b = torch.tensor([5, 9, 14, 3, 7]), torch.tensor([17, 4, 60, 8])
+    row = torch.cat([a, b])[None]
+    positions = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    segments = torch.tensor([[0] * 5 + [1] * 4])
+    with torch.no_grad():
+        packed = model(row, positions, segments=segments)[0]
+        alone = torch.cat([model(a[None])[0], model(b[None])[0]])
+        leaky = model(row, positions)[0]  # without segments the second sequence would see the first
+    assert (packed - alone).abs().max().item() <= 1e-5
+    assert (leaky[5:] - alone[5:]).abs().max().item() > 1e-3

@@ -61,3 +61,4 @@ def test_smollm2_int8_perplexity_within_one_percent(smollm2_path):
     quantize_model(plain.model, "int8")
     quantized = perplexity(plain)
     assert abs(quantized - base) / base <= 0.01, (base, quantized)
+

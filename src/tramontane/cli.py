@@ -29,7 +29,7 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)")
     p.add_argument("--quant", choices=("int8", "int4"), default=None,
-                   help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1)")
+                   help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)")
     _lora_flag(p)
     p.add_argument("--adapter", default=None, metavar="NAME",
                    help="which --lora adapter answers (default: the only one given)")
@@ -94,7 +94,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)")
     p.add_argument("--quant", choices=("int8", "int4"), default=None,
-                   help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1)")
+                   help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)")
     _lora_flag(p)
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level (default warning; info logs every request)")

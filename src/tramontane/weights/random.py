@@ -64,7 +64,7 @@ def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: 
             qname = SCHEMES[quant]
             cols = p.shape[1]
             packed = quantize_rows(p.shape[0], lambda a, b, c=cols: torch.randn(b - a, c, generator=gen) * 0.02,
-                                   qname)
+                                   quant)
             with torch.device("meta"):
                 set_module(model, module, GGUFLinear(torch.empty(packed.shape, dtype=torch.uint8),
                                                      type_id(qname), cols))
