@@ -80,16 +80,20 @@ class IdTokenizer:
 
 
 def memory_bandwidth() -> float:
-    """Bytes per second of summing a 256 MiB tensor (best of 3), the bound decoding cannot beat."""
+    """Bytes per second of summing a 512 MiB tensor, the bound decoding cannot beat: the median of 5
+    (a single best run picks up the host's occasional bursts, which no decode step can count on)."""
+    import statistics
+
     import torch
 
-    x = torch.ones(1 << 26)  # 256 MiB of float32: far beyond the caches
-    best = float("inf")
-    for _ in range(3):
+    x = torch.ones(1 << 27)  # 512 MiB of float32: far beyond the caches
+    x.sum()  # pages touched once
+    times = []
+    for _ in range(5):
         t = time.perf_counter()
         x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times)
 
 
 def run_random(spec: str, quant: str | None) -> dict:
@@ -114,11 +118,9 @@ def run_random(spec: str, quant: str | None) -> dict:
     times = [time.perf_counter() for _ in gen.run([prompt_ids(vocab, 8)], [SamplingParams(
         temperature=0, max_tokens=n, ignore_eos=True)])]
     decode = (len(times) - 1) / (times[-1] - times[0])
-    bandwidth = memory_bandwidth()
     del torch
     return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": None, "batch16": None,
-            "weights_gb": weight_bytes / 1e9, "bandwidth_gbs": bandwidth / 1e9,
-            "roofline": bandwidth / weight_bytes, "roofline_share": decode / (bandwidth / weight_bytes)}
+            "weights_gb": weight_bytes / 1e9}
 
 
 def placeholder_vocabulary(size: int) -> dict:
@@ -246,6 +248,13 @@ def main() -> None:
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         r = json.loads(proc.stdout.strip().splitlines()[-1])
+        # measured here, not in the worker: the probe's buffer must not count in the model's peak RSS
+        import torch
+
+        torch.set_num_threads(args.threads)
+        bandwidth = memory_bandwidth()
+        r["bandwidth_gbs"], r["roofline"] = bandwidth / 1e9, bandwidth / (r["weights_gb"] * 1e9)
+        r["roofline_share"] = r["decode"] / r["roofline"]
         print(f"\nrandom {args.random}, quant {args.quant or 'none (float32)'}, {args.threads} threads")
         print("| build s | prefill 64 tok/s | decode tok/s | weights GB | bandwidth GB/s | roofline tok/s "
               "| share of roofline | peak RSS GB |")

@@ -18,11 +18,12 @@ from torch import nn
 
 from ..errors import RequestError
 from ..weights.gguf_quants import GGML_TYPES
-from .linear import GGUFLinear, set_module
+from .linear import GGUFLinear, PackedEmbedding, set_module
 
 SCHEMES = {"int8": "Q8_0", "int4": "Q4_1"}
 GROUP = 32
-# Which linear layers are quantized: attention and dense feed-forward projections, and the output head.
+# Which linear layers are quantized: attention and dense feed-forward projections, and the output head
+# (the token embedding too, as packed rows).
 TARGETS = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output")
 
 
@@ -69,6 +70,14 @@ def quantize_rows(rows: int, make: Callable[[int, int], torch.Tensor], scheme: s
     return out
 
 
+def set_packed_embedding(model: nn.Module, packed: torch.Tensor, qtype: int) -> None:
+    """The token embedding as packed rows (only the rows looked up are decoded); a tied output head
+    reads the same rows."""
+    model.tok_embeddings = PackedEmbedding(packed, qtype, model.config.dim)
+    if model.config.tie_embeddings:
+        model.output = model.tok_embeddings.as_linear()
+
+
 def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
     """Swap the float linear layers for packed ones in place; record the scheme in the config."""
     if scheme not in SCHEMES:
@@ -79,6 +88,11 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
             weight = module.weight.detach()
             packed = quantize_rows(weight.shape[0], lambda a, b, w=weight: w[a:b], scheme)
             set_module(model, name, GGUFLinear(packed, type_id(qname), module.in_features))
+    embedding = model.tok_embeddings
+    if isinstance(embedding, nn.Embedding) and embedding.embedding_dim % GROUP == 0:
+        weight = embedding.weight.detach()
+        packed = quantize_rows(weight.shape[0], lambda a, b, w=weight: w[a:b], scheme)
+        set_packed_embedding(model, packed, type_id(qname))
     model.config = model.config.with_(quant=scheme)
     from .fused import install  # fused q/k/v and gate/up, and the compiled decoding step where it fits
 

@@ -49,7 +49,7 @@ def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: 
                  quant: str | None = None) -> Transformer:
     """Weights ~ N(0, 0.02) (norms 1), materialised one tensor at a time. With quant ("int8", "int4")
     each matrix is quantized as soon as it exists, so peak memory is the packed model plus one matrix."""
-    from ..quant.linear import GGUFLinear, set_module
+    from ..quant.linear import GGUFLinear, PackedEmbedding, set_module
     from ..quant.quantize import SCHEMES, TARGETS, quantize_rows, type_id
 
     model = meta_model(config.with_(quant=quant) if quant else config)
@@ -60,14 +60,14 @@ def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: 
             state[name] = torch.ones(p.shape, dtype=dtype)
             continue
         module = name.removesuffix(".weight")
-        if quant and TARGETS.fullmatch(module):
-            qname = SCHEMES[quant]
+        if quant and (TARGETS.fullmatch(module) or module == "tok_embeddings"):
             cols = p.shape[1]
             packed = quantize_rows(p.shape[0], lambda a, b, c=cols: torch.randn(b - a, c, generator=gen) * 0.02,
                                    quant)
+            kind = PackedEmbedding if module == "tok_embeddings" else GGUFLinear
             with torch.device("meta"):
-                set_module(model, module, GGUFLinear(torch.empty(packed.shape, dtype=torch.uint8),
-                                                     type_id(qname), cols))
+                set_module(model, module, kind(torch.empty(packed.shape, dtype=torch.uint8),
+                                               type_id(SCHEMES[quant]), cols))
             state[module + ".packed"] = packed
         else:
             state[name] = (torch.randn(p.shape, generator=gen) * 0.02).to(dtype)
@@ -77,5 +77,7 @@ def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: 
     if quant:
         from ..quant.fused import install
 
+        if config.tie_embeddings:
+            model.output = model.tok_embeddings.as_linear()
         install(model)
     return model.eval().requires_grad_(False)
