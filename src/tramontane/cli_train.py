@@ -39,8 +39,8 @@ def add_train_parsers(sub: Any) -> None:
     ft.add_argument("--config", default=None, metavar="FILE", help="settings file (.toml, .yaml, .json); flags win")
     for flag, dest, kind, text in TRAIN_FLAGS:
         ft.add_argument(flag, dest=dest, type=kind, default=None, help=text)
-    ft.add_argument("--targets", default=None, help="comma-separated modules (default wq,wk,wv,wo,w1,w2,w3; "
-                                                    "Mixtral also gate,experts)")
+    ft.add_argument("--targets", default=None, help="comma-separated modules (default wq,wk,wv,wo,w1,w2,w3,gate: "
+                                                    "on Mixtral, w1-w3 are every expert's and gate the router)")
     ft.add_argument("--activation-checkpointing", action="store_true", default=None,
                     help="recompute activations in the backward pass (less memory, slower)")
     ft.add_argument("--quantized-base", action="store_true", default=None,

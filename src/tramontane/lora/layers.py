@@ -23,7 +23,9 @@ from ..model.moe import MoeFeedForward
 from ..quant.linear import GGUFLinear, dequantize_model, set_module, unfuse_projections
 
 DENSE_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-MOE_TARGETS = ("gate", "experts")  # Mixtral only: the router, and every expert's w1/w2/w3
+# Mixtral: the router, and every expert's w1/w2/w3 (on a Mixtral block "w1" etc. name the experts' too)
+MOE_TARGETS = ("gate", "experts")
+DEFAULT_TARGETS = DENSE_TARGETS + ("gate",)  # dense models have no router: "gate" matches nothing there
 EXPERT_PROJECTIONS = ("w1", "w2", "w3")
 
 
@@ -34,7 +36,7 @@ class LoraSpec:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = DENSE_TARGETS
+    targets: tuple[str, ...] = DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -192,7 +194,8 @@ def _targets(model: nn.Module, spec: LoraSpec) -> list[str]:
         paths += [f"{p}attention.{t}" for t in ("wq", "wk", "wv", "wo") if t in spec.targets]
         if isinstance(ff, MoeFeedForward):
             paths += [f"{p}feed_forward.gate"] if "gate" in spec.targets else []
-            paths += [f"{p}feed_forward.{w}" for w in EXPERT_PROJECTIONS] if "experts" in spec.targets else []
+            paths += [f"{p}feed_forward.{w}" for w in EXPERT_PROJECTIONS
+                      if w in spec.targets or "experts" in spec.targets]
         else:
             paths += [f"{p}feed_forward.{t}" for t in EXPERT_PROJECTIONS if t in spec.targets]
     if not paths:

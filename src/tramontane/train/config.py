@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+DEFAULT_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "gate")  # "gate": Mixtral's router
 
 
 @dataclass(frozen=True)
