@@ -23,6 +23,9 @@ class MoeFeedForward(nn.Module):
         self.w3 = nn.Parameter(torch.empty(e, hidden_dim, dim))  # [E,F,dim]
         # Set by lora.apply_lora: per-expert adapters, `delta(proj, e, x, tokens)` -> [n,out] or None.
         self.expert_lora: nn.Module | None = None
+        # Expert parallelism (parallel/shard.py): this module holds experts [first, stop) of all E; the
+        # others' tokens contribute zeros here and are summed in from the ranks that hold them.
+        self.expert_range: tuple[int, int] = (0, e)
 
     @property
     def num_experts(self) -> int:
@@ -56,14 +59,15 @@ class MoeFeedForward(nn.Module):
         weights, experts = self.route(flat)  # [N,K]
         order = experts.reshape(-1).argsort(stable=True)  # [N*K], grouped by expert
         token = order // self.top_k  # [N*K] token row of each pair
-        counts = torch.bincount(experts.reshape(-1), minlength=self.num_experts).tolist()  # one sync/layer
+        first, stop = self.expert_range
+        counts = torch.bincount(experts.reshape(-1), minlength=stop).tolist()  # one sync/layer
         grouped = flat[token]  # [N*K,dim]
-        out = torch.empty_like(grouped)
+        out = torch.empty_like(grouped) if stop - first == len(counts) else torch.zeros_like(grouped)
         start = 0
         for e, n in enumerate(counts):
-            if n:
-                out[start:start + n] = self.expert(e, grouped[start:start + n], token[start:start + n])
-                start += n
+            if n and first <= e < stop:
+                out[start:start + n] = self.expert(e - first, grouped[start:start + n], token[start:start + n])
+            start += n
         out *= weights.reshape(-1)[order, None]  # [N*K,dim]
         y = torch.zeros_like(flat).index_add_(0, token, out)  # [N,dim]
         return y.view(shape)
@@ -73,10 +77,11 @@ class MoeFeedForward(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # [N,dim]
         weights, experts = self.route(flat)  # [N,K]
         y = torch.zeros_like(flat)
-        for e in range(self.num_experts):
+        first, stop = self.expert_range
+        for e in range(first, stop):
             chosen = experts == e  # [N,K]
             rows = chosen.any(dim=-1).nonzero().flatten()
             if len(rows):
                 w = (weights * chosen).sum(dim=-1)[rows, None]  # [n,1]
-                y[rows] += w * self.expert(e, flat[rows], rows)
+                y[rows] += w * self.expert(e - first, flat[rows], rows)
         return y.view(x.shape)

@@ -178,16 +178,28 @@ def _config(path: Path, build: Callable[..., ModelConfig]) -> ModelConfig:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
-               packed: bool = False) -> LoadedModel:
+               packed: bool = False, shard: tuple[str, int, int] | None = None) -> LoadedModel:
     """Read a model folder or GGUF file into a ready `Transformer` (eval mode, no gradients).
 
-    packed=True keeps a GGUF file's quantized matrices as their blocks (see quant/linear.py)."""
+    packed=True keeps a GGUF file's quantized matrices as their blocks (see quant/linear.py).
+    shard = (mode, rank, world): keep only this rank's part of each tensor under the parallel plan `mode`
+    ("tp", "ep", "tp+ep"; see parallel/plan.py); tensors are sliced as they are read, so the rank never
+    holds the whole model."""
     path = Path(path)
     fmt, config, source, name_map = open_source(path)
-    packed = packed and fmt == "gguf"
+    layout = None
+    if shard is not None:
+        from ..parallel.plan import layout_for
+
+        layout = layout_for(config, *shard)
+    packed = packed and fmt == "gguf" and layout is None
     with torch.device("meta"):
         model = Transformer(config.with_(quant="gguf") if packed else config)
-    state = _assemble(model, model.config, source, name_map, dtype, progress, packed)
+    if layout is not None:
+        from ..parallel.shard import shard_model
+
+        shard_model(model, layout)
+    state = _assemble(model, config, source, name_map, dtype, progress, packed, layout)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the modules own the tensors now: fusing projections below must not double them
     if packed:
@@ -203,7 +215,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
 
 
 def _assemble(model: Transformer, config: ModelConfig, source: Any, name_map: names.NameMap,
-              dtype: torch.dtype, progress: bool, packed: bool = False) -> dict[str, torch.Tensor]:
+              dtype: torch.dtype, progress: bool, packed: bool = False, layout: Any = None
+              ) -> dict[str, torch.Tensor]:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     swapped: set[str] = set()
@@ -231,8 +244,12 @@ def _assemble(model: Transformer, config: ModelConfig, source: Any, name_map: na
                 _swap_packed(model, source.path, name, m.target, blocks, expected, state)
                 swapped.add(m.target)
                 continue
-        tensor = _transform(read(), m.transform, config).to(dtype)
-        _place(source.path, name, m, tensor, expected[m.target], state, experts, dtype)
+        tensor = _transform(read(), m.transform, config)
+        if layout is not None:
+            m, tensor = _rank_part(m, tensor, layout)
+            if tensor is None:
+                continue  # an expert another rank holds
+        _place(source.path, name, m, tensor.to(dtype), expected[m.target], state, experts, dtype)
     if config.tie_embeddings and "tok_embeddings.weight" in swapped:
         from ..quant.linear import PackedEmbedding
 
@@ -271,6 +288,25 @@ def _transform(t: torch.Tensor, transform: str | None, config: ModelConfig) -> t
     if transform == "k":
         return names.unpermute_rotary(t, config.n_kv_heads)
     return t
+
+
+def _rank_part(m: names.Mapping, tensor: torch.Tensor, layout: Any
+               ) -> tuple[names.Mapping, torch.Tensor | None]:
+    """This rank's slice of a tensor just read (owned: the full tensor can go). Per-expert tensors of
+    HF/native files are slices of the stacked [E,...] target: their dims shift by one."""
+    from ..parallel.plan import slice_of
+
+    part = slice_of(m.target, layout)
+    if part is None:
+        return m, tensor
+    dim, start, stop = part
+    if m.expert is not None:
+        if dim == 0:  # whole experts per rank
+            if not start <= m.expert < stop:
+                return m, None
+            return names.Mapping(m.target, m.transform, m.expert - start), tensor
+        dim -= 1
+    return m, tensor.narrow(dim, start, stop - start).clone()
 
 
 def _place(path: Path, name: str, m: names.Mapping, tensor: torch.Tensor, shape: tuple[int, ...],

@@ -1,0 +1,65 @@
+"""torch.distributed set-up and the few collectives the sharded model uses.
+
+Launched with `torchrun`, every process (rank) holds a slice of the model and runs the same steps;
+backend gloo on CPU, nccl on CUDA. Without torchrun (WORLD_SIZE unset or 1) nothing is initialised and
+every helper is the identity, so the same code runs single-process."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_parallel() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if is_parallel() else (0, 1)
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...); False when the
+    process runs alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("LOCAL_RANK") is not None else "gloo"
+        dist.init_process_group(backend)
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group (every rank, at the end: an abrupt exit can abort the others)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (partial sums of row-parallel matmuls, experts, embedding slices)."""
+    if is_parallel():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_last(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenate each rank's slice along the last dim; rank r holds sizes[r] columns (uneven allowed)."""
+    if not is_parallel():
+        return t
+    width = max(sizes)
+    padded = torch.nn.functional.pad(t, (0, width - t.shape[-1])).contiguous()  # [..., width]
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)  # [..., sum(sizes)]
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank src's value on every rank (small Python objects: a prompt line, a seed, a step's layout)."""
+    if not is_parallel():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

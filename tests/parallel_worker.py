@@ -1,0 +1,67 @@
+"""Run by tests/test_parallel.py under torchrun: every (model, mode) case on this rank; rank 0 saves.
+
+    torchrun --nproc-per-node 2 tests/parallel_worker.py OUT.pt CASES.json
+CASES.json: [[folder, mode], ...]; mode "single" runs the unsharded model (a reference run)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from tramontane.generate import Generator
+from tramontane.model.cache import KVCache
+from tramontane.parallel.dist import init_from_env, rank_and_world, shutdown
+from tramontane.sampling import SamplingParams
+from tramontane.weights.loader import load_model
+
+TOKENS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+class Ids:
+    """Token ids as text: enough of a tokenizer for greedy generation."""
+
+    stop_ids = frozenset({2})
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return " ".join(map(str, ids))
+
+    def incremental_decoder(self):
+        tok = self
+
+        class Decoder:
+            def push(self, i: int) -> str:
+                return tok.decode([i])
+
+            def flush(self) -> str:
+                return ""
+        return Decoder()
+
+
+def run(folder: str, mode: str) -> dict:
+    rank, world = rank_and_world()
+    model = load_model(folder, shard=None if mode == "single" else (mode, rank, world)).model
+    with torch.no_grad():
+        prefill = model(TOKENS)  # [2,12,V]
+        cache = KVCache(model.config, 2, 32)  # window 8 < 32: a rolling buffer for Mistral
+        steps = torch.stack([model(TOKENS[:, t:t + 1], torch.full((2, 1), t), cache)[:, -1]
+                             for t in range(TOKENS.shape[1])], 1)  # [2,12,V]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outs = list(Generator(model, Ids()).run([[5, 9, 14, 3, 7, 22, 31, 40, 8, 11], [17, 4, 60]], [params] * 2))
+    greedy = [[t for d in outs if d.index == i for t in d.token_ids] for i in (0, 1)]
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"prefill": prefill, "steps": steps, "greedy": greedy, "weight_bytes": weight_bytes}
+
+
+def main() -> None:
+    out, cases = sys.argv[1], json.loads(open(sys.argv[2]).read())
+    init_from_env()
+    results = {f"{folder}|{mode}": run(folder, mode) for folder, mode in cases}
+    if rank_and_world()[0] == 0:
+        torch.save(results, out)
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
