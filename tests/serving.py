@@ -31,17 +31,7 @@ def running_server(log: Path, *args: str, env: dict[str, str] | None = None
         stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        else:
-            pytest.fail(f"server did not come up: {log.read_text()[-3000:]}")
-        yield base, proc
+        yield wait_healthy(base, proc, log), proc
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -49,6 +39,19 @@ def running_server(log: Path, *args: str, env: dict[str, str] | None = None
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, log: Path) -> str:
+    """`base` once its /health answers 200; fails the test if the process dies or 120 s pass."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return base
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"server did not come up: {log.read_text()[-3000:]}")
 
 
 def metric(base: str, name: str, headers: dict | None = None) -> float:

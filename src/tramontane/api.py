@@ -85,21 +85,29 @@ class LLM:
 
 def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
          progress: bool = False, packed: bool | None = None, quant: str | None = None,
-         lora: dict[str, str | Path] | None = None) -> LLM:
+         lora: dict[str, str | Path] | None = None, parallel: str | None = None) -> LLM:
     """Load a model folder (Hugging Face or Mistral native) or GGUF file; None = the default model.
 
     dtype: None/"auto" = bfloat16 for float checkpoints where the CPU supports it, else float32.
     packed: keep a GGUF file's quantized matrices packed and run them with the packed kernels
     (default: when the compiled kernels are available).
     quant: "int8" or "int4" weight-only quantization of the float matrices after loading (quant/).
-    lora: {name: adapter folder} LoRA adapters to load (none applies until `use_adapter(name)`)."""
+    lora: {name: adapter folder} LoRA adapters to load (none applies until `use_adapter(name)`).
+    parallel: "tp", "ep" or "tp+ep" when this process is one rank of a torch.distributed group (torchrun):
+    it loads only its part of the model (parallel/plan.py); every rank then runs the same calls."""
     from .quant.kernels import available
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
     from .weights.loader import detect_format
 
     path = resolve_model(model)
     dtype = resolve_dtype(dtype, detect_format(path))
-    loaded = load_model(path, dtype=dtype, progress=progress, packed=available() if packed is None else packed)
+    shard = None
+    if parallel is not None:
+        from .parallel.dist import rank_and_world
+
+        shard = (parallel, *rank_and_world())
+    loaded = load_model(path, dtype=dtype, progress=progress, packed=available() if packed is None else packed,
+                        shard=shard)
     if quant is not None:
         from .quant.quantize import quantize_model
 

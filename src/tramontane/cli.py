@@ -33,6 +33,13 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
     _lora_flag(p)
     p.add_argument("--adapter", default=None, metavar="NAME",
                    help="which --lora adapter answers (default: the only one given)")
+    _parallel_flag(p)
+
+
+def _parallel_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", choices=("tp", "ep", "tp+ep"), default=None,
+                   help="under torchrun: split the model by tensor parallelism (tp, default), whole experts "
+                        "per rank (ep, Mixtral) or both (tp+ep)")
 
 
 def _lora_flag(p: argparse.ArgumentParser) -> None:
@@ -96,6 +103,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=("int8", "int4"), default=None,
                    help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)")
     _lora_flag(p)
+    _parallel_flag(p)
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log level (default warning; info logs every request)")
 
@@ -122,7 +130,18 @@ def _sampling(ns: argparse.Namespace):
     return SamplingParams(
         temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
         repetition_penalty=ns.repetition_penalty, presence_penalty=ns.presence_penalty,
-        frequency_penalty=ns.frequency_penalty, seed=ns.seed, max_tokens=ns.max_tokens, stop=tuple(ns.stop))
+        frequency_penalty=ns.frequency_penalty, seed=_seed(ns), max_tokens=ns.max_tokens, stop=tuple(ns.stop))
+
+
+def _seed(ns: argparse.Namespace) -> int | None:
+    """--seed, or under torchrun one drawn by rank 0 for every rank (they must sample the same tokens)."""
+    from .parallel.dist import is_parallel
+
+    if ns.seed is not None or not is_parallel():
+        return ns.seed
+    import secrets
+
+    return _shared(secrets.randbits(63))
 
 
 def _load(model: str | None, ns: argparse.Namespace):
@@ -133,31 +152,60 @@ def _load(model: str | None, ns: argparse.Namespace):
         raise TramontaneError(f"--adapter {ns.adapter!r} is not one of the --lora names ({', '.join(loras) or 'none'})")
     if ns.adapter is None and len(loras) > 1:
         raise TramontaneError("several --lora adapters: choose the one that answers with --adapter NAME")
-    llm = load(model, dtype=ns.dtype, progress=sys.stderr.isatty(), quant=ns.quant, lora=loras)
+    llm = load(model, dtype=ns.dtype, progress=sys.stderr.isatty() and _leader(), quant=ns.quant, lora=loras,
+               parallel=_parallel_mode(ns))
     if loras:
         llm.use_adapter(ns.adapter or next(iter(loras)))
     return llm
 
 
+def _leader() -> bool:
+    """Whether this process talks to the user: always, unless it is a rank > 0 under torchrun."""
+    from .parallel.dist import rank_and_world
+
+    return rank_and_world()[0] == 0
+
+
+def _parallel_mode(ns: argparse.Namespace) -> str | None:
+    from .parallel.dist import is_parallel
+
+    if not is_parallel():
+        if ns.parallel is not None:
+            raise TramontaneError("--parallel needs several processes: launch with torchrun --nproc-per-node N")
+        return None
+    return ns.parallel or "tp"
+
+
+def _shared(value: Any) -> Any:
+    """Rank 0's value on every rank (what only rank 0 read: stdin, a random seed)."""
+    from .parallel.dist import broadcast_object
+
+    return broadcast_object(value)
+
+
 def _stream_answer(llm: Any, messages: list[dict[str, Any]], params: Any) -> str:
-    """Print the answer as it streams; Ctrl-C stops it early. Returns the text printed."""
+    """Print the answer as it streams (rank 0 only; other ranks compute along); Ctrl-C stops it early.
+    Returns the text."""
     pieces: list[str] = []
+    show = _leader()
     try:
         for delta in llm.chat(messages, params, stream=True):
             pieces.append(delta)
-            sys.stdout.write(delta)
-            sys.stdout.flush()
+            if show:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
     except KeyboardInterrupt:
         sys.stdout.write(" [stopped]")
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    if show:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
     return "".join(pieces)
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
     model, prompt = _split_run_args(ns.args)
     if prompt is None:
-        prompt = sys.stdin.read().strip()
+        prompt = _shared(sys.stdin.read().strip() if _leader() else None)
         if not prompt:
             raise TramontaneError("no prompt given: pass one as an argument or on stdin")
     params = _sampling(ns)
@@ -168,28 +216,35 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
-    params = _sampling(ns)
     llm = _load(ns.model, ns)
     history: list[dict[str, Any]] = [{"role": "system", "content": ns.system}] if ns.system else []
-    interactive = sys.stdin.isatty()
+    leader = _leader()
+    interactive = leader and sys.stdin.isatty()
     if interactive:
         print("Type a message; /bye or Ctrl-D leaves, Ctrl-C stops an answer.", file=sys.stderr)
     while True:
-        try:
-            line = input(">>> " if interactive else "")
-        except EOFError:
+        text = _shared(_read_line(interactive) if leader else None)
+        if text is None:
             break
-        except KeyboardInterrupt:
-            print("\nUse Ctrl-D or /bye to leave.", file=sys.stderr)
-            continue
-        text = line.strip()
         if text in ("/bye", "/exit", "/quit"):
             break
         if not text:
             continue
         history.append({"role": "user", "content": text})
+        params = _sampling(ns)  # per answer: under torchrun a fresh seed shared by every rank
         history.append({"role": "assistant", "content": _stream_answer(llm, history, params)})
     return 0
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next message typed (stripped), "" for an interrupted line, None at the end of input."""
+    try:
+        return input(">>> " if interactive else "").strip()
+    except EOFError:
+        return None
+    except KeyboardInterrupt:
+        print("\nUse Ctrl-D or /bye to leave.", file=sys.stderr)
+        return ""
 
 
 def cmd_show(ns: argparse.Namespace) -> int:
@@ -221,7 +276,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         max_body_bytes=parse_size(ns.max_body_bytes, "--max-body-bytes"), block_size=ns.block_size,
         max_num_batched_tokens=ns.max_num_batched_tokens, dtype=ns.dtype, quant=ns.quant,
         drain_timeout=ns.drain_timeout, loras=parse_loras(ns.lora, reserved=ns.served_model_name or name),
-        allow_origins=ns.allow_origin, log_level=ns.log_level)
+        allow_origins=ns.allow_origin, log_level=ns.log_level, parallel=_parallel_mode(ns))
+    if not _leader():
+        from .serve.server import follow_leader
+
+        return follow_leader(opts)  # only rank 0 listens; the others compute its steps
     return serve(opts)
 
 
@@ -229,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     commands = {"run": cmd_run, "chat": cmd_chat, "show": cmd_show, "serve": cmd_serve, "finetune": cmd_finetune,
                 "merge": cmd_merge}
+    from .parallel.dist import init_from_env, shutdown
+
+    if ns.command in ("run", "chat", "serve"):
+        init_from_env()  # under torchrun: join the group; every rank runs this same command
     try:
         return commands[ns.command](ns)
     except TramontaneError as e:
@@ -236,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 from ..generate import SequenceState, pick_tokens
 from .blocks import BlockPool, bytes_per_block
 from .metrics import EngineMetrics
+from ..parallel.dist import broadcast_object, is_parallel
 from .runner import embed, run_step
 from .scheduler import EngineSequence, Scheduler
 from .types import (ContextLengthError, EngineRequest, EngineUnavailableError, QueueFullError, UnknownAdapterError,
@@ -34,10 +35,12 @@ class AsyncEngine:
                  dtype: torch.dtype = torch.float32) -> None:
         self.model, self.tokenizer, self.config = llm.model, llm.tokenizer, llm.config
         self.model_name, self.max_model_len, self.max_queued = model_name, llm.config.max_seq_len, max_queued
-        num_blocks = kv_cache_memory // bytes_per_block(self.config, block_size, dtype)
+        num_blocks = kv_cache_memory // bytes_per_block(self.model.config, block_size, dtype)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {kv_cache_memory} bytes holds no block of {block_size} tokens")
-        self.pool = BlockPool(self.config, num_blocks, block_size, dtype)
+        if is_parallel():  # the other ranks build the same pool over their heads (runner.follow)
+            broadcast_object(("pool", num_blocks, block_size, dtype))
+        self.pool = BlockPool(self.model.config, num_blocks, block_size, dtype)
         self.scheduler = Scheduler(self.pool, model_name=model_name, window=self.config.sliding_window,
                                    max_num_batched_tokens=max_num_batched_tokens, max_running=max_running)
         self.metrics = EngineMetrics()
@@ -131,11 +134,15 @@ class AsyncEngine:
 
     # ---- engine thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            if not self._drain_inbox(block=not self._seqs):
-                return
-            if self._seqs:
-                self._step()
+        try:
+            while True:
+                if not self._drain_inbox(block=not self._seqs):
+                    return
+                if self._seqs:
+                    self._step()
+        finally:
+            if is_parallel():
+                broadcast_object(("stop",))  # the other ranks' follow loops end with this one
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued commands; False when told to stop."""

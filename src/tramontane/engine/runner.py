@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from ..model import Transformer
+from ..parallel.dist import broadcast_object, is_parallel
 from .blocks import BlockPool
 from .scheduler import EngineSequence
 
@@ -25,6 +26,10 @@ class PagedStep:
         self.key_slots, self.key_pos, self.key_seq = key_slots, key_pos[None], key_seq  # [S], [1,S], [S]
         self.query_seq = query_seq  # [N]
         self._masks: dict[int | None, torch.Tensor] = {}
+
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """What rebuilds this step over another rank's pool (the same slots, its own heads)."""
+        return self.slots, self.key_slots, self.key_pos[0], self.key_seq, self.query_seq
 
     def begin(self, positions: torch.Tensor) -> None:
         pass  # slots were laid out by the runner
@@ -95,9 +100,17 @@ def adapter_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[torch.Ten
 def run_step(model: Transformer, pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]],
              window: int | None) -> torch.Tensor:
     """Forward the batch; return the logits [B,V] after each request's last scheduled token. Requests
-    with different LoRA adapters (and none) share the step: each token gets its request's adapter."""
+    with different LoRA adapters (and none) share the step: each token gets its request's adapter.
+    Under torchrun the other ranks are told the step first (see `follow`)."""
     tokens, positions, step, last = layout(pool, batch, window)
     adapters = adapter_rows(batch)
+    if is_parallel():
+        broadcast_object(("step", tokens, positions, step.parts(), last, adapters))
+    return forward_step(model, tokens, positions, step, last, adapters)
+
+
+def forward_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, step: PagedStep,
+                 last: list[int], adapters: tuple[torch.Tensor, list[str]] | None) -> torch.Tensor:
     if adapters is not None:
         from ..lora.layers import set_rows
 
@@ -111,8 +124,28 @@ def run_step(model: Transformer, pool: BlockPool, batch: Sequence[tuple[EngineSe
             set_rows(model, None, [])
 
 
+def follow(model: Transformer, pool: BlockPool) -> None:
+    """A rank > 0 of a sharded server: run every step rank 0 announces, on this rank's part of the model
+    and its own KV pool (same slots, its own heads), until rank 0 stops."""
+    while True:
+        message = broadcast_object(None)
+        if message[0] == "step":
+            _, tokens, positions, parts, last, adapters = message
+            forward_step(model, tokens, positions, PagedStep(pool, *parts), last, adapters)
+        elif message[0] == "embed":
+            _embed(model, message[1])
+        elif message[0] == "stop":
+            return
+
+
 def embed(model: Transformer, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
     """Mean of the final (normed) hidden states over each input's tokens, L2-normalised."""
+    if is_parallel():
+        broadcast_object(("embed", [list(ids) for ids in token_ids]))
+    return _embed(model, token_ids)
+
+
+def _embed(model: Transformer, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
     out = []
     with torch.inference_mode():
         for ids in token_ids:

@@ -91,6 +91,7 @@ class ServeOptions:
     allow_origins: list[str]
     log_level: str
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> folder
+    parallel: str | None = None  # under torchrun: the sharding plan ("tp", "ep", "tp+ep")
 
 
 def _load_engine(opts: ServeOptions) -> Any:
@@ -98,7 +99,7 @@ def _load_engine(opts: ServeOptions) -> Any:
     from ..api import load
     from ..engine import AsyncEngine
 
-    llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras)
+    llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel)
     return AsyncEngine(llm, model_name=opts.name, kv_cache_memory=opts.kv_cache_memory,
                        block_size=opts.block_size, max_num_batched_tokens=opts.max_num_batched_tokens,
                        max_running=opts.max_running, max_queued=opts.max_queued, dtype=llm.dtype)
@@ -123,6 +124,22 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
 
     threading.Thread(target=target, name="tramontane-load", daemon=True).start()
     return await future
+
+
+def follow_leader(opts: ServeOptions) -> int:
+    """A rank > 0 under torchrun: load this rank's part of the model, build the same KV pool over its
+    heads, and run every step rank 0's engine announces. Never listens on HTTP."""
+    from ..api import load
+    from ..engine.blocks import BlockPool
+    from ..engine.runner import follow
+    from ..parallel.dist import broadcast_object
+
+    llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel)
+    kind, num_blocks, block_size, dtype = broadcast_object(None)  # sent by rank 0's AsyncEngine
+    if kind != "pool":
+        raise TramontaneError(f"rank 0 sent {kind!r} before the KV pool's size")
+    follow(llm.model, BlockPool(llm.model.config, num_blocks, block_size, dtype))
+    return 0
 
 
 def serve(opts: ServeOptions) -> int:
