@@ -7,10 +7,16 @@ every helper is the identity, so the same code runs single-process."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+# Time spent inside the model's collectives (all-reduce, all-gather) in this process: benchmarks read it
+# to report the communication share of a step.
+COMM = {"seconds": 0.0, "calls": 0}
 
 
 def is_parallel() -> bool:
@@ -41,7 +47,10 @@ def shutdown() -> None:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place (partial sums of row-parallel matmuls, experts, embedding slices)."""
     if is_parallel():
+        start = time.perf_counter()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        COMM["seconds"] += time.perf_counter() - start
+        COMM["calls"] += 1
     return t
 
 
@@ -49,11 +58,15 @@ def all_gather_last(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Concatenate each rank's slice along the last dim; rank r holds sizes[r] columns (uneven allowed)."""
     if not is_parallel():
         return t
+    start = time.perf_counter()
     width = max(sizes)
     padded = torch.nn.functional.pad(t, (0, width - t.shape[-1])).contiguous()  # [..., width]
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)  # [..., sum(sizes)]
+    out = torch.cat([p[..., :n] for p, n in zip(parts, sizes)], dim=-1)  # [..., sum(sizes)]
+    COMM["seconds"] += time.perf_counter() - start
+    COMM["calls"] += 1
+    return out
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
