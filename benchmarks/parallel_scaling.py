@@ -30,7 +30,7 @@ def worker(args: argparse.Namespace) -> None:
     from tramontane.parallel.shard import shard_model
     from tramontane.weights.random import random_model
 
-    init_from_env()
+    init_from_env(args.device)
     rank, world = rank_and_world()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
     config = ModelConfig(vocab_size=32000, dim=args.dim, n_layers=args.layers, n_heads=args.heads,

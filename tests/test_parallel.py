@@ -70,3 +70,14 @@ def test_plans_refuse_models_that_do_not_split():
     one_kv = layout_for(config.with_(n_kv_heads=1), "tp", 1, 2)  # fewer kv heads than ranks: replicated
     assert one_kv.q_rows == (48, 96) and one_kv.kv_rows == (0, 16)
     assert layout_for(config.with_(vocab_size=97), "tp", 1, 2).vocab == (49, 97)  # uneven vocabulary
+
+
+def test_parallel_refuses_what_it_cannot_shard(tmp_path):
+    import tramontane
+    from tramontane.errors import RequestError
+
+    folder = save_hf(hf_model("mistral", seed=1), tmp_path / "m", shard=None)
+    with pytest.raises(RequestError, match="--parallel"):
+        tramontane.load(folder, parallel="tp", quant="int8")
+    with pytest.raises(RequestError, match="--parallel"):
+        tramontane.load(folder, parallel="tp", lora={"a": tmp_path})

@@ -102,6 +102,9 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = N
     path = resolve_model(model)
     dtype = resolve_dtype(dtype, detect_format(path))
     shard = None
+    if parallel is not None and (quant is not None or lora):
+        raise RequestError("--quant and --lora cannot be combined with --parallel yet: the sharded model runs "
+                           "float weights without adapters")
     if parallel is not None:
         from .parallel.dist import rank_and_world
 

@@ -292,15 +292,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if ns.command in ("run", "chat", "serve"):
         init_from_env()  # under torchrun: join the group; every rank runs this same command
+    finished = False
     try:
-        return commands[ns.command](ns)
+        code = commands[ns.command](ns)
+        finished = True
+        return code
     except TramontaneError as e:
         print(f"tramontane: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
     finally:
-        shutdown()
+        shutdown(barrier=finished)
 
 
 if __name__ == "__main__":

@@ -27,20 +27,24 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_parallel() else (0, 1)
 
 
-def init_from_env() -> bool:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...); False when the
-    process runs alone."""
+def init_from_env(device: str = "cpu") -> bool:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...): nccl when the model
+    runs on CUDA devices (one per local rank), gloo on CPU. False when the process runs alone."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
         return False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("LOCAL_RANK") is not None else "gloo"
-        dist.init_process_group(backend)
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
     return True
 
 
-def shutdown() -> None:
-    """Leave the process group (every rank, at the end: an abrupt exit can abort the others)."""
+def shutdown(barrier: bool = True) -> None:
+    """Leave the process group. After a normal end every rank waits for the others first (an abrupt
+    teardown aborts peers still talking); after an error it does not wait (torchrun stops the rest)."""
     if dist.is_available() and dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()  # nobody tears the group down while a peer still talks to it
         dist.destroy_process_group()
 
 
