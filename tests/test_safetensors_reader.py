@@ -60,3 +60,21 @@ def test_reads_what_safetensors_wrote(tmp_path):
         assert f.metadata == {"format": "pt"}
         for name, t in tensors.items():
             assert torch.equal(f.read(name), t)
+
+
+def test_read_part_reads_the_narrowed_tensor(tmp_path):
+    """A rank's part along any dimension equals narrowing the whole tensor (bf16 and float32)."""
+    from safetensors.torch import save_file
+
+    from tramontane.weights.safetensors import SafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(6, 4, 5, generator=g), "b": torch.randn(8, 12, generator=g).bfloat16()}
+    save_file(tensors, tmp_path / "t.safetensors")
+    with SafetensorsFile(tmp_path / "t.safetensors") as st:
+        for name, t in tensors.items():
+            for dim in range(t.dim()):
+                for start, stop in ((0, t.shape[dim] // 2), (t.shape[dim] // 2, t.shape[dim]), (1, 2)):
+                    assert torch.equal(st.read_part(name, dim, start, stop), t.narrow(dim, start, stop - start))
+        with pytest.raises(ValueError, match="no part"):
+            st.read_part("a", 1, 3, 9)

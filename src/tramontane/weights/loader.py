@@ -92,6 +92,23 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+@dataclass(frozen=True)
+class Reader:
+    """Reads one tensor of a file: whole (call it), or only the part along one dimension that a rank of
+    a sharded model keeps (formats that cannot read a part read the whole and narrow it)."""
+
+    whole: Callable[[], torch.Tensor]
+    part_reader: Callable[[int, int, int], torch.Tensor] | None = None
+
+    def __call__(self) -> torch.Tensor:
+        return self.whole()
+
+    def part(self, dim: int, start: int, stop: int) -> torch.Tensor:
+        if self.part_reader is not None:
+            return self.part_reader(dim, start, stop)
+        return self.whole().narrow(dim, start, stop - start).clone()
+
+
 class SafetensorsSource:
     def __init__(self, path: Path, files: list[Path]) -> None:
         self.path = path
@@ -120,7 +137,8 @@ class SafetensorsSource:
                     seen.add(name)
                     key = str(entry.dtype).removeprefix("torch.")
                     self.types[key] = self.types.get(key, 0) + 1
-                    yield name, (lambda st=st, name=name: st.read(name))
+                    yield name, Reader(lambda st=st, name=name: st.read(name),
+                                       lambda d, a, b, st=st, name=name: st.read_part(name, d, a, b))
 
 
 class GGUFSource:
@@ -138,7 +156,7 @@ class GGUFSource:
 
     def items(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
         for name in self.file.tensors:
-            yield name, (lambda name=name: self.file.load(name, torch.float32))
+            yield name, Reader(lambda name=name: self.file.load(name, torch.float32))
 
     def packed(self, name: str) -> tuple[torch.Tensor, int] | None:
         """A 2-D tensor's blocks as uint8 rows [out, row_bytes] when the packed kernels run its type."""
@@ -244,11 +262,12 @@ def _assemble(model: Transformer, config: ModelConfig, source: Any, name_map: na
                 _swap_packed(model, source.path, name, m.target, blocks, expected, state)
                 swapped.add(m.target)
                 continue
-        tensor = _transform(read(), m.transform, config)
         if layout is not None:
-            m, tensor = _rank_part(m, tensor, layout)
+            m, tensor = _rank_part(m, read, layout, config)
             if tensor is None:
                 continue  # an expert another rank holds
+        else:
+            tensor = _transform(read(), m.transform, config)
         _place(source.path, name, m, tensor.to(dtype), expected[m.target], state, experts, dtype)
     if config.tie_embeddings and "tok_embeddings.weight" in swapped:
         from ..quant.linear import PackedEmbedding
@@ -290,23 +309,27 @@ def _transform(t: torch.Tensor, transform: str | None, config: ModelConfig) -> t
     return t
 
 
-def _rank_part(m: names.Mapping, tensor: torch.Tensor, layout: Any
+def _rank_part(m: names.Mapping, read: Reader, layout: Any, config: ModelConfig
                ) -> tuple[names.Mapping, torch.Tensor | None]:
-    """This rank's slice of a tensor just read (owned: the full tensor can go). Per-expert tensors of
-    HF/native files are slices of the stacked [E,...] target: their dims shift by one."""
+    """Read only this rank's part of a tensor. Per-expert tensors of HF/native files are slices of the
+    stacked [E,...] target: their dims shift by one. The HF q/k row permutation acts within each head,
+    and parts are whole heads: it is undone on the part, over the heads the part holds."""
     from ..parallel.plan import slice_of
 
     part = slice_of(m.target, layout)
     if part is None:
-        return m, tensor
+        return m, _transform(read(), m.transform, config)
     dim, start, stop = part
     if m.expert is not None:
         if dim == 0:  # whole experts per rank
             if not start <= m.expert < stop:
                 return m, None
-            return names.Mapping(m.target, m.transform, m.expert - start), tensor
+            return names.Mapping(m.target, m.transform, m.expert - start), _transform(read(), m.transform, config)
         dim -= 1
-    return m, tensor.narrow(dim, start, stop - start).clone()
+    tensor = read.part(dim, start, stop)
+    if m.transform in ("q", "k"):
+        tensor = names.unpermute_rotary(tensor, (stop - start) // config.head_dim)
+    return m, tensor
 
 
 def _place(path: Path, name: str, m: names.Mapping, tensor: torch.Tensor, shape: tuple[int, ...],

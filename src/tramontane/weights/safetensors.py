@@ -60,6 +60,25 @@ class SafetensorsFile:
             raise LoadError(self.path, f"tensor {name!r}: file ended after {got} of {entry.nbytes} bytes")
         return buf.view(entry.dtype).reshape(entry.shape)
 
+    def read_part(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """tensor.narrow(dim, start, stop - start) reading only those bytes: one read for dim 0, one per
+        leading index otherwise (the part a rank of a sharded model keeps)."""
+        entry = self.tensors[name]
+        shape = entry.shape
+        if not 0 <= dim < len(shape) or not 0 <= start <= stop <= shape[dim]:
+            raise ValueError(f"tensor {name!r} {list(shape)}: no part [{start}, {stop}) along dim {dim}")
+        item = entry.dtype.itemsize
+        inner = item * math.prod(shape[dim + 1:])  # bytes per step along dim
+        outer = math.prod(shape[:dim])
+        chunk = (stop - start) * inner
+        buf = torch.empty(outer * chunk, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        for i in range(outer):
+            self._file.seek(entry.begin + (i * shape[dim] + start) * inner)
+            if self._file.readinto(view[i * chunk:(i + 1) * chunk]) != chunk:
+                raise LoadError(self.path, f"tensor {name!r}: file ended inside the tensor")
+        return buf.view(entry.dtype).reshape(*shape[:dim], stop - start, *shape[dim + 1:])
+
     def close(self) -> None:
         self._file.close()
 
