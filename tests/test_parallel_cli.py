@@ -86,3 +86,14 @@ def test_serve_under_torchrun_answers_as_one_process(model, tmp_path):
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_chat_under_torchrun_keeps_history_like_one_process(model):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["chat", str(model), "--max-tokens", "6", "--temperature", "0", "--dtype", "float32"]
+    lines = "Hello there.\nAnd again?\n/bye\n"
+    single = subprocess.run([sys.executable, "-m", "tramontane", *args], input=lines, capture_output=True,
+                            text=True, env=env, timeout=120)
+    split = subprocess.run(torchrun(*args), input=lines, capture_output=True, text=True, env=env, timeout=180)
+    assert split.returncode == 0, split.stderr[-2000:]
+    assert split.stdout == single.stdout and len(single.stdout.strip().splitlines()) == 2
