@@ -77,6 +77,11 @@ class SequenceState:
         self.length_reason = context_reason if params.max_tokens is None or params.max_tokens > room else "length"
         self.min_tokens = min_tokens
         self.finish_reason: str | None = None
+        self.guide = None
+        if params.grammar is not None:  # structured output: a matcher constrains every token
+            from .structured import Guide
+
+            self.guide = Guide(tokenizer, params.grammar)
 
     @property
     def length(self) -> int:
@@ -85,6 +90,8 @@ class SequenceState:
     def append(self, token: int, logprob: TokenLogprob | None) -> Delta:
         """Take one sampled token; returns the text it releases and, at the end, the finish reason."""
         self.output.append(token)
+        if self.guide is not None:
+            self.guide.advance(token)
         may_stop = len(self.output) > self.min_tokens
         if token in self.stop_ids and may_stop:
             self.finish_reason = "stop"
@@ -171,6 +178,11 @@ def pick_tokens(seqs: Sequence[SequenceState], logits: torch.Tensor, tokenizer: 
     """Sample each sequence's next token from its logits row [B,V]; logprobs where asked."""
     params = [s.params for s in seqs]
     processed = logits
+    if any(s.guide is not None for s in seqs):
+        from .structured import FINISH_WITHIN, mask_logits
+
+        finishing = [s.guide is not None and s.max_tokens - len(s.output) <= FINISH_WITHIN for s in seqs]
+        processed = mask_logits(processed, [s.guide for s in seqs], finishing)
     if any(p.has_penalties for p in params):
         processed = apply_penalties(logits, [s.prompt for s in seqs], [s.output for s in seqs], params)
     processed = process_logits(processed, params)

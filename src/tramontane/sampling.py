@@ -62,6 +62,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    grammar: str | None = None  # llguidance grammar the output must follow (structured.py), None = free
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -99,6 +100,8 @@ class SamplingParams:
             _bad("ignore_eos", self.ignore_eos, "a boolean")
         _validate_stop(self.stop)
         _validate_stop_token_ids(self.stop_token_ids)
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            _bad("grammar", type(self.grammar).__name__, "a grammar string (see structured.json_grammar)")
 
 
 def _bad(field: str, value: object, rule: str) -> None:

@@ -224,6 +224,13 @@ class HFTokenizer:
     def _token_text(self, token_id: int | None) -> str | None:
         return self._backend.id_to_token(token_id) if token_id is not None else None
 
+    def guidance_tokenizer(self) -> Any:
+        """This vocabulary for llguidance (structured output; see structured.py)."""
+        import llguidance
+
+        return llguidance.LLTokenizer(self._backend.to_str(), n_vocab=self.vocab_size,
+                                      eos_token=sorted(self.stop_ids) or None)
+
     def save_hf(self, folder: Path | str) -> None:
         """Write tokenizer.json, tokenizer_config.json (special tokens, BOS rule, chat template) and
         generation_config.json (stop ids) so that this folder's tokenizer loads here and in transformers

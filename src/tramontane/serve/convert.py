@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import RequestError, TemplateError, TokenizerError
+from ..structured import check_grammar, response_format_grammar
 from ..sampling import SamplingParams
 from .errors import APIError, bad_request
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
@@ -42,10 +43,18 @@ class Settings:
         return replace(self.params, seed=seed)
 
 
+def _grammar(req: SamplingFields, tokenizer: Any) -> str | None:
+    """The grammar of the request's response_format, compiled for this tokenizer (400 when it cannot be)."""
+    try:
+        grammar = response_format_grammar(req.response_format)
+        if grammar is not None and tokenizer is not None:
+            check_grammar(grammar, tokenizer)
+    except RequestError as exc:
+        raise bad_request(str(exc), "response_format") from None
+    return grammar
+
+
 def _unsupported(req: SamplingFields) -> None:
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise APIError(400, "response_format is not supported yet", param="response_format",
-                       code="not_supported")
     if req.tools:
         raise APIError(400, "tools are not supported yet", param="tools", code="not_supported")
     if req.tool_choice not in (None, "none", "auto"):
@@ -66,9 +75,11 @@ def _max_tokens(req: SamplingFields) -> tuple[int | None, str]:
     return req.max_completion_tokens, "max_completion_tokens"
 
 
-def settings(req: SamplingFields, *, logprobs: int | None = None) -> Settings:
-    """Sampling settings of a request; a bad value is a 400 naming its field."""
+def settings(req: SamplingFields, *, logprobs: int | None = None, tokenizer: Any = None) -> Settings:
+    """Sampling settings of a request; a bad value is a 400 naming its field. With the tokenizer, a
+    response_format's schema is compiled here, before anything is scheduled."""
     _unsupported(req)
+    grammar = _grammar(req, tokenizer)
     seed, seed_name = _seed(req)
     max_tokens, max_name = _max_tokens(req)
     n = 1 if req.n is None else req.n
@@ -88,7 +99,7 @@ def settings(req: SamplingFields, *, logprobs: int | None = None) -> Settings:
             presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
             frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
             seed=seed, max_tokens=max_tokens, stop=() if req.stop is None else req.stop,
-            ignore_eos=req.ignore_eos, logprobs=logprobs)
+            ignore_eos=req.ignore_eos, logprobs=logprobs, grammar=grammar)
     except RequestError as exc:
         found = re.search(r"sampling parameter '(\w+)'", str(exc))
         field = found.group(1) if found else None

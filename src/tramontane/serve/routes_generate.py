@@ -67,7 +67,7 @@ def _answering(request: Request, model: str | None) -> str:
 async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     engine = engine_for(request, body.model, adapters=True)
-    s = settings(body, logprobs=chat_logprobs(body))
+    s = settings(body, logprobs=chat_logprobs(body), tokenizer=engine.tokenizer)
     ids = await encode_chat(engine.tokenizer, chat_messages(body.messages, body.safe_prompt))
     check_context(len(ids), s.max_tokens, engine.max_model_len, "messages")
     fmt = ChatFormat(new_id("chatcmpl"), _answering(request, body.model), s.n, s.params.logprobs is not None)
@@ -78,7 +78,7 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     engine = engine_for(request, body.model, adapters=True)
-    s = settings(body, logprobs=completion_logprobs(body))
+    s = settings(body, logprobs=completion_logprobs(body), tokenizer=engine.tokenizer)
     if body.suffix is not None:
         if not isinstance(body.prompt, str):
             raise bad_request("with a suffix, the prompt must be one string", "prompt")
@@ -96,7 +96,7 @@ async def fim_completions(request: Request) -> Response:
     """Mistral's fill-in-the-middle: the model writes what goes between `prompt` and `suffix`."""
     body = await parse_body(request, FIMCompletionRequest)
     engine = engine_for(request, body.model, adapters=True)
-    s = settings(body)
+    s = settings(body, tokenizer=engine.tokenizer)
     name = _answering(request, body.model)
     ids = await encode_fim(engine.tokenizer, body.prompt, body.suffix or "", name)
     check_context(len(ids), s.max_tokens, engine.max_model_len, "prompt")

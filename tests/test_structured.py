@@ -1,0 +1,130 @@
+"""Structured outputs: answers under a JSON schema (or json_object mode) always parse and validate."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import jsonschema
+import pytest
+
+import tramontane
+from serving import running_server
+from tramontane.errors import RequestError
+from tramontane.structured import MAX_SCHEMA_BYTES, check_grammar, json_grammar, response_format_grammar
+
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+PERSON = {  # nested objects, arrays, enums, required fields; bounded so that answers end
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["engineer", "doctor", "artist", "farmer"]},
+        "skills": {"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 1, "maxItems": 3},
+        "home": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                  "country": {"enum": ["France", "Spain", "Italy"]}},
+                 "required": ["city", "country"], "additionalProperties": False},
+    },
+    "required": ["name", "age", "role", "skills", "home"],
+    "additionalProperties": False,
+}
+ASK = [{"role": "user", "content": "Invent a person and describe them as JSON."}]
+FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+
+def test_bad_schemas_are_request_errors(smollm2_path):
+    tok = tramontane.load(smollm2_path).tokenizer
+    with pytest.raises(RequestError, match="must be an object"):
+        json_grammar(["not", "a", "schema"])
+    with pytest.raises(RequestError, match="limit"):
+        json_grammar({"type": "object", "description": "x" * MAX_SCHEMA_BYTES})
+    with pytest.raises(RequestError):
+        check_grammar(json_grammar({"type": "integer", "minimum": 5, "maximum": 1}), tok)
+    with pytest.raises(RequestError, match="json_schema"):
+        response_format_grammar({"type": "json_schema"})
+    with pytest.raises(RequestError, match="yaml"):
+        response_format_grammar({"type": "yaml"})
+    assert response_format_grammar({"type": "text"}) is None
+
+
+def test_offline_sampled_answers_follow_the_schema(smollm2_path):
+    llm = tramontane.load(smollm2_path)
+    grammar = json_grammar(PERSON)
+    prompt = llm.tokenizer.encode_chat(ASK)
+    outs = llm.generate([prompt] * 6, [tramontane.SamplingParams(temperature=1.0, seed=i, max_tokens=160,
+                                                                 grammar=grammar) for i in range(6)])
+    for out in outs:
+        assert out.finish_reason == "stop", out.text
+        jsonschema.validate(json.loads(out.text), PERSON)
+    assert len({o.text for o in outs}) > 1  # sampling still samples
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
+    with running_server(log, str(smollm2_path), "--kv-cache-memory", "256M") as (base, _):
+        yield base
+
+
+def test_fifty_sampled_answers_through_both_sdks_validate(server):
+    from openai import OpenAI
+
+    try:
+        from mistralai import Mistral
+    except ImportError:
+        from mistralai.client import Mistral
+    oai = OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+    mistral = Mistral(api_key="none", server_url=server)
+
+    def via_openai(seed: int, response_format: dict) -> str:
+        r = oai.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=seed, max_tokens=200,
+                                        response_format=response_format)
+        return r.choices[0].message.content
+
+    def via_mistral(seed: int, response_format: dict) -> str:
+        r = mistral.chat.complete(model=MODEL, messages=ASK, temperature=1.0, random_seed=seed, max_tokens=200,
+                                  response_format=response_format)
+        return r.choices[0].message.content
+
+    jobs = [(via_openai if i % 2 else via_mistral, i, FORMAT) for i in range(50)]
+    jobs += [(via_openai if i % 2 else via_mistral, 100 + i, {"type": "json_object"}) for i in range(50)]
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(lambda job: job[0](job[1], job[2]), jobs))
+    for (_, _, fmt), text in zip(jobs, texts):
+        value = json.loads(text)
+        if fmt is FORMAT:
+            jsonschema.validate(value, PERSON)
+        else:
+            assert isinstance(value, dict)
+
+
+def test_streamed_answer_validates(server):
+    from openai import OpenAI
+
+    oai = OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+    chunks = oai.chat.completions.create(model=MODEL, messages=ASK, temperature=1.0, seed=7, max_tokens=200,
+                                         response_format=FORMAT, stream=True)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks if c.choices)), PERSON)
+
+
+def test_invalid_schema_is_a_400_before_scheduling(server):
+    import openai
+
+    oai = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 3,
+                                                                           "maximum": 1}}}
+    for fmt in (bad, {"type": "json_schema"}, {"type": "xml"}):
+        with pytest.raises(openai.BadRequestError) as info:
+            oai.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, response_format=fmt)
+        assert info.value.body["param"] == "response_format"
+
+
+def test_answers_close_before_a_short_budget_runs_out(smollm2_path):
+    """With little room left, a guided answer is steered to its end instead of being cut mid-string."""
+    llm = tramontane.load(smollm2_path)
+    prompt = llm.tokenizer.encode_chat(ASK)
+    grammar = json_grammar(None)
+    outs = llm.generate([prompt] * 6, [tramontane.SamplingParams(temperature=1.0, seed=i, max_tokens=40,
+                                                                 grammar=grammar) for i in range(6)])
+    for out in outs:
+        assert isinstance(json.loads(out.text), dict) and len(out.token_ids) <= 40, out.text
