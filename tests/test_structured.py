@@ -128,3 +128,26 @@ def test_answers_close_before_a_short_budget_runs_out(smollm2_path):
                                                                  grammar=grammar) for i in range(6)])
     for out in outs:
         assert isinstance(json.loads(out.text), dict) and len(out.token_ids) <= 40, out.text
+
+
+def test_cli_json_and_schema_flags(smollm2_path, tmp_path, capsys):
+    from tramontane.cli import main
+
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    assert main(["run", str(smollm2_path), ASK[0]["content"], "--schema", str(schema), "--temperature", "1",
+                 "--seed", "3", "--max-tokens", "160"]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), PERSON)
+    assert main(["run", str(smollm2_path), "List three fruits.", "--json", "--max-tokens", "80"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out), dict)
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["run", str(smollm2_path), "hi", "--schema", str(tmp_path / "bad.json")]) == 1
+    assert "--schema" in capsys.readouterr().err
+
+
+def test_offline_chat_takes_response_format(smollm2_path):
+    llm = tramontane.load(smollm2_path)
+    answer = llm.chat(ASK, temperature=0, max_tokens=160, response_format=FORMAT)
+    jsonschema.validate(json.loads(answer.text), PERSON)
+    with pytest.raises(RequestError):
+        llm.chat(ASK, max_tokens=5, response_format={"type": "json_schema"})

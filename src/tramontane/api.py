@@ -26,6 +26,13 @@ class LLM:
 
     def _params(self, params: SamplingParams | Sequence[SamplingParams] | None, n: int,
                 kwargs: dict[str, Any]) -> list[SamplingParams]:
+        if "response_format" in kwargs:  # {"type": "json_object"} or {"type": "json_schema", ...}
+            from .structured import check_grammar, response_format_grammar
+
+            grammar = response_format_grammar(kwargs.pop("response_format"))
+            if grammar is not None:
+                check_grammar(grammar, self.tokenizer)
+                kwargs["grammar"] = grammar
         if params is None:
             params = SamplingParams(**kwargs)
         elif kwargs:

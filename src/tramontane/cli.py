@@ -26,6 +26,8 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--max-tokens", type=int, default=None, help="default: until the context is full")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--system", default=None, help="system message")
+    g.add_argument("--json", action="store_true", help="answer with a JSON object (constrained decoding)")
+    g.add_argument("--schema", default=None, metavar="FILE", help="answer with JSON following this JSON schema")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)")
     p.add_argument("--quant", choices=("int8", "int4"), default=None,
@@ -130,7 +132,23 @@ def _sampling(ns: argparse.Namespace):
     return SamplingParams(
         temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
         repetition_penalty=ns.repetition_penalty, presence_penalty=ns.presence_penalty,
-        frequency_penalty=ns.frequency_penalty, seed=_seed(ns), max_tokens=ns.max_tokens, stop=tuple(ns.stop))
+        frequency_penalty=ns.frequency_penalty, seed=_seed(ns), max_tokens=ns.max_tokens, stop=tuple(ns.stop),
+        grammar=_grammar(ns))
+
+
+def _grammar(ns: argparse.Namespace) -> str | None:
+    """--json / --schema FILE as a grammar for constrained decoding (None: free text)."""
+    import json
+
+    from .structured import json_grammar
+
+    if ns.schema is None:
+        return json_grammar(None) if ns.json else None
+    try:
+        schema = json.loads(Path(ns.schema).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TramontaneError(f"--schema {ns.schema}: not a readable JSON file: {exc}") from None
+    return json_grammar(schema)
 
 
 def _seed(ns: argparse.Namespace) -> int | None:
