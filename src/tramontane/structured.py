@@ -15,6 +15,7 @@ than MAX_SCHEMA_BYTES, is a RequestError naming the problem (HTTP 400)."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -89,10 +90,14 @@ def guidance_tokenizer(tokenizer: Any) -> Any:
 
 
 class Guide:
-    """One sequence's matcher: which tokens may come next, and the tokens taken so far."""
+    """One sequence's matcher: which tokens may come next, and the tokens taken so far.
+
+    The mask of the next step is computed in a background thread as soon as a token is taken, so that it
+    overlaps the model's forward pass (llguidance releases the GIL while it computes)."""
 
     def __init__(self, tokenizer: Any, grammar: str) -> None:
         import llguidance
+        import llguidance.torch as lt
 
         vocabulary = guidance_tokenizer(tokenizer)
         self.vocab_size = vocabulary.vocab_size
@@ -100,13 +105,27 @@ class Guide:
         self.matcher = llguidance.LLMatcher(vocabulary, grammar)
         if self.matcher.is_error():
             raise RequestError(f"the grammar does not compile: {self.matcher.get_error()[:300]}")
+        self.bitmask = lt.allocate_token_bitmask(1, self.vocab_size)  # [1, ceil(V/32)] int32
+        self._pending = _POOL.submit(lt.fill_next_token_bitmask, self.matcher, self.bitmask, 0)
+
+    def next_mask(self) -> torch.Tensor:
+        """The allowed next tokens as a bitmask [1, ceil(V/32)] (waits for the background fill)."""
+        self._pending.result()
+        return self.bitmask
 
     def advance(self, token: int) -> None:
+        import llguidance.torch as lt
+
+        self._pending.result()  # never consume while the mask is being read
         self.matcher.consume_token(token)
+        self._pending = _POOL.submit(lt.fill_next_token_bitmask, self.matcher, self.bitmask, 0)
 
     @property
     def failed(self) -> str | None:
         return self.matcher.get_error() if self.matcher.is_error() else None
+
+
+_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tramontane-guide")
 
 
 def closing_rank(tokenizer: Any) -> torch.Tensor:
@@ -141,21 +160,18 @@ def mask_logits(logits: torch.Tensor, guides: list[Guide | None], finishing: lis
         return logits
     import llguidance.torch as lt
 
-    masked = logits.clone()
-    width = logits.shape[1]
-    for i, guide in enumerate(guides):
-        if guide is None:
-            continue
-        n = guide.vocab_size
-        bitmask = lt.allocate_token_bitmask(1, n)  # [1, ceil(n/32)] int32
-        lt.fill_next_token_bitmask(guide.matcher, bitmask, 0)
-        row = torch.full((1, n), float("-inf"), dtype=logits.dtype)
-        row[:, :min(n, width)] = masked[i:i + 1, :min(n, width)]
-        lt.apply_token_bitmask_inplace(row, bitmask)
+    rows = [i for i, g in enumerate(guides) if g is not None]
+    n = guides[rows[0]].vocab_size  # one tokenizer per model: every guide has the same vocabulary
+    bitmask = torch.cat([guides[i].next_mask() for i in rows])  # [R, ceil(n/32)] int32
+    sub = logits[rows]  # [R,V], a copy of the guided rows
+    lt.apply_token_bitmask_inplace(sub, bitmask)
+    sub[:, n:] = float("-inf")  # ids the grammar's vocabulary does not have
+    for j, i in enumerate(rows):
         if finishing and finishing[i]:
-            best = torch.where(row[0] > float("-inf"), guide.rank, -1.0).argmax()
-            row = torch.full_like(row, float("-inf"))
-            row[0, best] = 0.0
-        masked[i, :min(n, width)] = row[0, :min(n, width)]
-        masked[i, n:] = float("-inf")
+            width = min(n, sub.shape[1])
+            best = torch.where(sub[j, :width] > float("-inf"), guides[i].rank[:width], -1.0).argmax()
+            sub[j] = float("-inf")
+            sub[j, best] = 0.0
+    masked = logits.clone()
+    masked[rows] = sub
     return masked
