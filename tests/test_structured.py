@@ -151,3 +151,29 @@ def test_offline_chat_takes_response_format(smollm2_path):
     jsonschema.validate(json.loads(answer.text), PERSON)
     with pytest.raises(RequestError):
         llm.chat(ASK, max_tokens=5, response_format={"type": "json_schema"})
+
+
+@pytest.mark.parametrize(("shipped", "name", "vocab"), [
+    ("tokenizer.model.v1", "tokenizer.model.v1", 32000),
+    ("mistral_instruct_tokenizer_240323.model.v3", "tokenizer.model.v3", 32768),
+    ("tekken_240718.json", "tekken.json", 131072),
+])
+def test_mistral_tokenizers_are_guided_too(tmp_path, shipped, name, vocab):
+    """SentencePiece (v1, v3) and tekken vocabularies: random weights still give valid answers."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from models import hf_model, save_hf
+
+    data = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
+    folder = save_hf(hf_model("mistral", seed=3, vocab_size=vocab, max_position_embeddings=512), tmp_path / "m",
+                     shard=None)
+    shutil.copy(data / shipped, folder / name)
+    llm = tramontane.load(folder, dtype="float32")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
+              "required": ["a", "b"], "additionalProperties": False}
+    outs = llm.generate(["hello"] * 3, [tramontane.SamplingParams(temperature=1.0, seed=i, max_tokens=60,
+                                                                  grammar=json_grammar(schema)) for i in range(3)])
+    for out in outs:
+        jsonschema.validate(json.loads(out.text), schema)

@@ -92,6 +92,39 @@ class Tokenizer(Protocol):
     def encode_fim(self, prompt: str, suffix: str) -> list[int]: ...  # TokenizerError unless supports_fim
 
 
+class _SentencePieceVocabulary:
+    """A mistral-common SentencePiece vocabulary as llguidance's TokenizerWrapper reads it: each token's
+    bytes ("▁" as a space, <0xHH> pieces as that byte), control tokens written <NAME> and listed."""
+
+    CONTROL = re.compile(r"\[(.*)\]|<(.*)>")
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.bos_token_id, self.eos_token_id = raw.bos_id, raw.eos_id
+        self.tokens: list[bytes] = []
+        self.special_token_ids: list[int] = []
+        for i in range(raw.n_words):
+            piece = raw.id_to_piece(i)
+            control = self.CONTROL.fullmatch(piece)
+            if raw.is_special(i) or (control and piece in ("<unk>", "<s>", "</s>")):
+                name = control.group(1) or control.group(2) if control else f"special_{i}"
+                self.tokens.append(f"<{name}>".encode())
+                self.special_token_ids.append(i)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                self.tokens.append(bytes([int(piece[3:5], 16)]))
+            else:
+                self.tokens.append(piece.replace("\u2581", " ").encode("utf-8"))
+
+    def __call__(self, text: str) -> list[int]:
+        """Token ids of `text` as a continuation: without the "▁" SentencePiece puts before a text's
+        first word (encoded after a newline, whose ids are then dropped)."""
+        anchor = list(self._raw.encode("\n", bos=False, eos=False))
+        ids = list(self._raw.encode("\n" + text, bos=False, eos=False))
+        if ids[:len(anchor)] == anchor:
+            return ids[len(anchor):]
+        return list(self._raw.encode(text, bos=False, eos=False))
+
+
 class MistralCommonTokenizer:
     """Mistral's own tokenizer files, with mistral-common's instruct encoding for chat."""
 
@@ -112,6 +145,18 @@ class MistralCommonTokenizer:
         kind = " tekken" if path.suffix == ".json" else ""
         self.chat_format = f"mistral-common {raw.version.value}{kind}"
         self.supports_fim = self._probe_fim()
+
+    def guidance_tokenizer(self) -> Any:
+        """This vocabulary for llguidance (structured output; see structured.py): mistral-common's own
+        wrapper for tekken files, the same conventions for SentencePiece ones (control tokens as <...>)."""
+        import llguidance
+        from mistral_common.tokens.tokenizers.tekken import is_tekkenizer
+
+        if is_tekkenizer(self._raw):
+            from mistral_common.guidance.tokenizer import from_mistral_tokenizer
+
+            return from_mistral_tokenizer(self._mistral)
+        return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_SentencePieceVocabulary(self._raw)))
 
     def _probe_fim(self) -> bool:
         """FIM needs the [PREFIX]/[SUFFIX] control tokens of v3 and later: mistral-common refuses v1,
