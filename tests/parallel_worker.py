@@ -6,6 +6,7 @@ CASES.json: [[folder, mode], ...]; mode "single" runs the unsharded model (a ref
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import torch
@@ -61,6 +62,8 @@ def main() -> None:
     if rank_and_world()[0] == 0:
         torch.save(results, out)
     shutdown()
+    sys.stdout.flush()
+    os._exit(0)  # skip interpreter teardown: gloo's threads can abort a finishing process (std::terminate)
 
 
 if __name__ == "__main__":

@@ -95,10 +95,11 @@ def test_context_length_exceeded(api, engine):
     assert not engine.requests
 
 
-def test_response_format_and_tools_are_not_supported_yet(api):
-    err = assert_error(api.post(CHAT, json={"messages": HI, "response_format": {"type": "json_object"}}), 400,
-                       param="response_format", code="not_supported")
-    assert "not supported yet" in err["message"]
+def test_bad_response_format_and_tools_are_400s(api):
+    assert_error(api.post(CHAT, json={"messages": HI, "response_format": {"type": "yaml"}}), 400,
+                 param="response_format", contains="yaml")
+    assert_error(api.post(CHAT, json={"messages": HI, "response_format": {"type": "json_schema"}}), 400,
+                 param="response_format", contains="json_schema")
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     assert_error(api.post(CHAT, json={"messages": HI, "tools": tools}), 400, param="tools", contains="not supported yet")
     assert api.post(CHAT, json={"messages": HI, "response_format": {"type": "text"}}).status_code == 200

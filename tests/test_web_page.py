@@ -186,7 +186,8 @@ def watch_answer(tab, timeout_s: float = 30) -> list[str]:
         if not seen or seen[-1] != text:
             seen.append(text)
         if last.get_attribute("data-state") == "done":
-            return seen
+            final = last.locator(".text").text_content()  # the text may have grown since it was read
+            return seen if seen[-1] == final else [*seen, final]
         time.sleep(0.03)
     raise AssertionError(f"the answer did not finish in {timeout_s} s; saw {seen!r}")
 

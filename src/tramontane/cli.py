@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -308,20 +309,24 @@ def main(argv: list[str] | None = None) -> int:
                 "merge": cmd_merge}
     from .parallel.dist import init_from_env, shutdown
 
-    if ns.command in ("run", "chat", "serve"):
-        init_from_env()  # under torchrun: join the group; every rank runs this same command
+    # under torchrun: join the group; every rank runs this same command
+    joined = ns.command in ("run", "chat", "serve") and init_from_env()
     finished = False
     try:
         code = commands[ns.command](ns)
         finished = True
-        return code
     except TramontaneError as e:
         print(f"tramontane: error: {e}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt:
-        return 130
+        code = 130
     finally:
         shutdown(barrier=finished)
+    if joined:  # skip interpreter teardown: gloo's threads can abort a finishing rank (std::terminate)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
