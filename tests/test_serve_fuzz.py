@@ -51,7 +51,7 @@ BAD = {
     "tokens": [[-1], [10 ** 9], "abc", None, [1.5], [[1]]],
     "encoding_format": ["hex", 5],
     "logprobs": [-1, 50, "x", [1]],
-    "response_format": [{"type": "json_object"}, "json", 5],
+    "response_format": [{"type": "yaml"}, "json", 5],
     "tools": [[{"type": "function", "function": {"name": "f"}}], "tools", 7],
     "model": ["gpt-4", 5, ["fake-model"]],
 }
