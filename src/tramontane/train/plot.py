@@ -12,6 +12,7 @@ def plot_losses(history: Any, path: str | Path) -> Path:
 
     matplotlib.use("Agg")  # files only: never opens a window
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     try:
@@ -19,6 +20,7 @@ def plot_losses(history: Any, path: str | Path) -> Path:
             ax.plot([r["step"] for r in history.train], [r["loss"] for r in history.train], label="train")
         if history.eval:
             ax.plot([r["step"] for r in history.eval], [r["loss"] for r in history.eval], "o-", label="eval")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps are whole numbers
         ax.set_xlabel("step")
         ax.set_ylabel("loss (mean cross-entropy per target token)")
         ax.grid(alpha=0.3)
