@@ -23,6 +23,7 @@ from .sampling import (
     sample,
 )
 from .stops import StopChecker
+from .structured import FINISH_WITHIN, Guide, mask_logits
 
 PREFILL_CHUNK = 512  # tokens per row per prefill step: bounds activation memory on long prompts
 INITIAL_CAPACITY = 256  # KV slots allocated beyond the prompt before the cache has to grow
@@ -77,11 +78,8 @@ class SequenceState:
         self.length_reason = context_reason if params.max_tokens is None or params.max_tokens > room else "length"
         self.min_tokens = min_tokens
         self.finish_reason: str | None = None
-        self.guide = None
-        if params.grammar is not None:  # structured output: a matcher constrains every token
-            from .structured import Guide
-
-            self.guide = Guide(tokenizer, params.grammar)
+        # structured output: a matcher constrains every token
+        self.guide = Guide(tokenizer, params.grammar) if params.grammar is not None else None
 
     @property
     def length(self) -> int:
@@ -179,8 +177,6 @@ def pick_tokens(seqs: Sequence[SequenceState], logits: torch.Tensor, tokenizer: 
     params = [s.params for s in seqs]
     processed = logits
     if any(s.guide is not None for s in seqs):
-        from .structured import FINISH_WITHIN, mask_logits
-
         finishing = [s.guide is not None and s.max_tokens - len(s.output) <= FINISH_WITHIN for s in seqs]
         processed = mask_logits(processed, [s.guide for s in seqs], finishing)
     if any(p.has_penalties for p in params):

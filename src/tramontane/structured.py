@@ -120,10 +120,6 @@ class Guide:
         self.matcher.consume_token(token)
         self._pending = _POOL.submit(lt.fill_next_token_bitmask, self.matcher, self.bitmask, 0)
 
-    @property
-    def failed(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None
-
 
 _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tramontane-guide")
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError, LoadError
 from ..weights.names import permute_rotary, unpermute_rotary
+from ..weights.loader import read_json_object
 from ..weights.safetensors import SafetensorsFile
 from .layers import LoraSpec, add_adapter, lora_scales, lora_state
 
@@ -114,12 +115,7 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str) -> LoraSpec:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoadError(path, f"cannot read adapter config: {e}") from None
-    if not isinstance(cfg, dict):
-        raise LoadError(path, "expected a JSON object")
+    cfg = read_json_object(path)
     if cfg.get("peft_type") != "LORA":
         raise LoadError(path, f"field 'peft_type' is {cfg.get('peft_type')!r}; only 'LORA' adapters are supported")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")

@@ -931,6 +931,25 @@ KINL float SFX(hsum8)(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* lo . x[0:16] + hi . x[16:32] in VL lanes (summed later): one 32-weight block of a 4- or 5-bit type,
+ * low nibbles first. */
+KINL VF SFX(dot32)(const VF *lo, const VF *hi, const float *xr) {
+    VF p = lo[0] * ldf(xr) + hi[0] * ldf(xr + 16);
+    for (int g = 1; g < 16 / VL; g++) p += lo[g] * ldf(xr + g * VL) + hi[g] * ldf(xr + 16 + g * VL);
+    return p;
+}
+
+/* Blocks holding y = d q + m (Q4_1, Q5_1): acc += d (q . x) per activation row; macc += [d, m] * xs, the
+ * m part through the block sums (lane 1). dm = [d, m, -, -]. */
+KINL void SFX(acc_scale_min)(const VF *lo, const VF *hi, __m128 dm, const float *x, long ldx, const int MX,
+                             const float *xs, long ldxs, VF *acc, __m128 *macc) {
+    VF d = bcast0(dm);
+    for (int mx = 0; mx < MX; mx++) {
+        acc[mx] += d * SFX(dot32)(lo, hi, x + mx * ldx);
+        macc[mx] = _mm_fmadd_ps(dm, _mm_set1_ps(xs[mx * ldxs]), macc[mx]);
+    }
+}
+
 /* Q4_0: y = d (q - 8). With AVX-512 the -8 rides in the permute table; with AVX2 it goes through the
  * block sums instead (d (q . x) - 8 d xs: cheaper than a subtraction per lane); macc lane 0 collects
  * d * xs. */
@@ -946,10 +965,7 @@ KINL void SFX(blk_q4_0)(const uint8_t *b, const float *x, long ldx, const int MX
     __m128 dv = SFX(h4)(b);  /* [d, -, -, -] */
     VF d = bcast0(dv);
     for (int mx = 0; mx < MX; mx++) {
-        const float *xr = x + mx * ldx;
-        VF p = lo[0] * ldf(xr) + hi[0] * ldf(xr + 16);
-        for (int g = 1; g < 16 / VL; g++) p += lo[g] * ldf(xr + g * VL) + hi[g] * ldf(xr + 16 + g * VL);
-        acc[mx] += d * p;
+        acc[mx] += d * SFX(dot32)(lo, hi, x + mx * ldx);
         if (!off) macc[mx] = _mm_fmadd_ps(dv, _mm_set1_ps(xs[mx * ldxs]), macc[mx]);
     }
 }
@@ -963,15 +979,7 @@ KINL void SFX(blk_q4_1)(const uint8_t *b, const float *x, long ldx, const int MX
         lo[g] = q4f(v, 0);
         hi[g] = q4f(v >> 4, 0);
     }
-    __m128 dm = SFX(h4)(b);  /* [d, m, -, -] */
-    VF d = bcast0(dm);
-    for (int mx = 0; mx < MX; mx++) {
-        const float *xr = x + mx * ldx;
-        VF p = lo[0] * ldf(xr) + hi[0] * ldf(xr + 16);
-        for (int g = 1; g < 16 / VL; g++) p += lo[g] * ldf(xr + g * VL) + hi[g] * ldf(xr + 16 + g * VL);
-        acc[mx] += d * p;
-        macc[mx] = _mm_fmadd_ps(dm, _mm_set1_ps(xs[mx * ldxs]), macc[mx]);
-    }
+    SFX(acc_scale_min)(lo, hi, SFX(h4)(b), x, ldx, MX, xs, ldxs, acc, macc);
 }
 
 KINL void SFX(blk_q8_0)(const uint8_t *b, const float *x, long ldx, const int MX, const float *xs,
@@ -1130,10 +1138,7 @@ KINL void SFX(blk_q5_0)(const uint8_t *b, const float *x, long ldx, const int MX
     SFX(q5_block)(b + 6, rd32(b + 2), 16, lo, hi);
     VF d = bcast0(SFX(h4)(b));
     for (int mx = 0; mx < MX; mx++) {
-        const float *xr = x + mx * ldx;
-        VF p = lo[0] * ldf(xr) + hi[0] * ldf(xr + 16);
-        for (int g = 1; g < 16 / VL; g++) p += lo[g] * ldf(xr + g * VL) + hi[g] * ldf(xr + 16 + g * VL);
-        acc[mx] += d * p;
+        acc[mx] += d * SFX(dot32)(lo, hi, x + mx * ldx);
     }
     (void)xs, (void)ldxs, (void)macc;
 }
@@ -1143,15 +1148,7 @@ KINL void SFX(blk_q5_1)(const uint8_t *b, const float *x, long ldx, const int MX
                        long ldxs, VF *acc, __m128 *macc) {
     VF lo[16 / VL], hi[16 / VL];
     SFX(q5_block)(b + 8, rd32(b + 4), 0, lo, hi);
-    __m128 dm = SFX(h4)(b);  /* [d, m, -, -] */
-    VF d = bcast0(dm);
-    for (int mx = 0; mx < MX; mx++) {
-        const float *xr = x + mx * ldx;
-        VF p = lo[0] * ldf(xr) + hi[0] * ldf(xr + 16);
-        for (int g = 1; g < 16 / VL; g++) p += lo[g] * ldf(xr + g * VL) + hi[g] * ldf(xr + 16 + g * VL);
-        acc[mx] += d * p;
-        macc[mx] = _mm_fmadd_ps(dm, _mm_set1_ps(xs[mx * ldxs]), macc[mx]);
-    }
+    SFX(acc_scale_min)(lo, hi, SFX(h4)(b), x, ldx, MX, xs, ldxs, acc, macc);
 }
 
 /* Q4_K / Q5_K: sum over sub-blocks s of (d sc_s) (q . x)_s - (dmin mn_s) xs_s; macc collects the

@@ -82,7 +82,8 @@ def _native_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("consolidated*.safetensors"))
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON object file; LoadError naming the file when it is unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -190,7 +191,7 @@ def open_source(path: Path) -> tuple[str, ModelConfig, Any, names.NameMap]:
 
 def _config(path: Path, build: Callable[..., ModelConfig]) -> ModelConfig:
     try:
-        return build(_read_json(path), source=str(path))
+        return build(read_json_object(path), source=str(path))
     except ConfigError as e:
         raise LoadError(path, str(e).removeprefix(f"{path}: ")) from None
 
