@@ -101,7 +101,12 @@ def test_bad_response_format_and_tools_are_400s(api):
     assert_error(api.post(CHAT, json={"messages": HI, "response_format": {"type": "json_schema"}}), 400,
                  param="response_format", contains="json_schema")
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    assert_error(api.post(CHAT, json={"messages": HI, "tools": tools}), 400, param="tools", contains="not supported yet")
+    bad = [{"type": "function", "function": {"name": "f(x)", "parameters": {}}}]
+    assert_error(api.post(CHAT, json={"messages": HI, "tools": bad}), 400, param="tools[0].function.name",
+                 contains="f(x)")
+    assert_error(api.post(CHAT, json={"messages": HI, "tools": tools, "tool_choice": {"type": "function"}}), 400,
+                 param="tool_choice", contains="name a function")
+    assert api.post(CHAT, json={"messages": HI, "tools": tools}).status_code == 200
     assert api.post(CHAT, json={"messages": HI, "response_format": {"type": "text"}}).status_code == 200
 
 

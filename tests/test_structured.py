@@ -177,3 +177,13 @@ def test_mistral_tokenizers_are_guided_too(tmp_path, shipped, name, vocab):
                                                                   grammar=json_grammar(schema)) for i in range(3)])
     for out in outs:
         jsonschema.validate(json.loads(out.text), schema)
+
+
+def test_penalties_do_not_lift_the_grammar_mask(smollm2_path):
+    """Repetition and presence penalties apply before the mask (they once replaced the masked logits)."""
+    llm = tramontane.load(smollm2_path)
+    prompt = llm.tokenizer.encode_chat(ASK)
+    params = [tramontane.SamplingParams(temperature=1.0, seed=i, max_tokens=160, grammar=json_grammar(PERSON),
+                                        presence_penalty=2.0, repetition_penalty=1.3) for i in range(3)]
+    for out in llm.generate([prompt] * 3, params):
+        jsonschema.validate(json.loads(out.text), PERSON)

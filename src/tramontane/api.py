@@ -63,13 +63,36 @@ class LLM:
         return deltas if stream else collect(deltas, ids)
 
     def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
-             stream: bool = False, **kwargs: Any) -> Completion | Iterator[str]:
-        """Answer a conversation (OpenAI-style message dicts). With stream=True, yields text deltas."""
-        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+             stream: bool = False, tools: list[dict[str, Any]] | None = None, tool_choice: Any = None,
+             parallel_tool_calls: bool | None = None, **kwargs: Any) -> Completion | Iterator[str]:
+        """Answer a conversation (OpenAI-style message dicts). With stream=True, yields text deltas.
+
+        tools / tool_choice / parallel_tool_calls as in the chat completions API: the calls the model
+        makes are in the Completion's `tool_calls` (finish_reason "tool_calls"); a required call
+        ("required"/"any" or a named function) is constrained to valid arguments (tools.py)."""
+        from .tools import call_grammar, call_reserve, call_text, prepare_messages, read_calls, read_tools
+
+        use = read_tools(tools, tool_choice, parallel_tool_calls, self.tokenizer)
+        messages, offered = prepare_messages(messages, use, self.tokenizer)
+        extra = {"tools": offered} if offered is not None else {}
+        ids = self.tokenizer.encode_chat(messages, add_generation_prompt=True, **extra)
+        grammar = call_grammar(use, self.tokenizer) if use is not None else None
+        if grammar is not None:
+            if params is not None or "response_format" in kwargs:
+                raise RequestError("a required tool call brings its own grammar: pass sampling options as "
+                                   "keywords, without response_format")
+            kwargs["grammar"], kwargs["grammar_reserve"] = grammar, call_reserve(use, self.tokenizer)
         deltas = self._generator.run([ids], self._params(params, 1, kwargs))
         if stream:
+            if use is not None and use.mode != "none":
+                raise RequestError("stream=True with tools is not available offline; stream=False gives the calls")
             return (d.text for d in deltas if d.text)
-        return collect(deltas, [ids])[0]
+        done = collect(deltas, [ids])[0]
+        if use is not None and use.mode != "none":
+            parsed = read_calls(call_text(self.tokenizer, done.token_ids), use, self.tokenizer)
+            if parsed.calls:
+                done.text, done.tool_calls, done.finish_reason = parsed.content, parsed.calls, "tool_calls"
+        return done
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load a LoRA adapter folder (PEFT layout) under `name`; it applies once `use_adapter(name)`."""

@@ -26,7 +26,7 @@ from functools import lru_cache
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
+from jinja2 import meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -217,6 +217,25 @@ def _compile(template: str) -> jinja2.Template:
         return _ENV.from_string(tree)
     except jinja2.exceptions.TemplateSyntaxError as exc:
         raise TemplateError(f"chat template has a syntax error at line {exc.lineno}: {exc.message}") from exc
+
+
+def template_tool_format(template: str | None) -> str | None:
+    """How a chat template writes tool calls, read from its text: None when it never looks at `tools`
+    (tramontane then describes the tools in a system prompt itself, see tools.py), else "mistral-v11"
+    (`[TOOL_CALLS]name[ARGS]{...}`), "mistral-v3" (`[TOOL_CALLS][{...}]`), "hermes"
+    (`<tool_call>{...}</tool_call>`) or "json" (a bare `{"name": ..., "parameters": ...}` object)."""
+    if not template:
+        return None
+    try:
+        if "tools" not in meta.find_undeclared_variables(_ENV.parse(template)):
+            return None
+    except jinja2.exceptions.TemplateSyntaxError:
+        return None
+    if "[TOOL_CALLS]" in template:
+        return "mistral-v11" if "[ARGS]" in template else "mistral-v3"
+    if "<tool_call>" in template:
+        return "hermes"
+    return "json"
 
 
 def _content_size(messages: Sequence[dict[str, Any]]) -> int:

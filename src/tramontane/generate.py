@@ -24,6 +24,7 @@ from .sampling import (
 )
 from .stops import StopChecker
 from .structured import FINISH_WITHIN, Guide, mask_logits
+from .toolcalls import ToolCall
 
 PREFILL_CHUNK = 512  # tokens per row per prefill step: bounds activation memory on long prompts
 INITIAL_CAPACITY = 256  # KV slots allocated beyond the prompt before the cache has to grow
@@ -56,6 +57,7 @@ class Completion:
     prompt_token_ids: list[int]
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)  # LLM.chat with tools: the calls made
 
 
 class SequenceState:
@@ -176,11 +178,12 @@ def pick_tokens(seqs: Sequence[SequenceState], logits: torch.Tensor, tokenizer: 
     """Sample each sequence's next token from its logits row [B,V]; logprobs where asked."""
     params = [s.params for s in seqs]
     processed = logits
-    if any(s.guide is not None for s in seqs):
-        finishing = [s.guide is not None and s.max_tokens - len(s.output) <= FINISH_WITHIN for s in seqs]
-        processed = mask_logits(processed, [s.guide for s in seqs], finishing)
     if any(p.has_penalties for p in params):
         processed = apply_penalties(logits, [s.prompt for s in seqs], [s.output for s in seqs], params)
+    if any(s.guide is not None for s in seqs):  # after the penalties, which would otherwise lift masked tokens
+        finishing = [s.guide is not None and s.max_tokens - len(s.output) <= FINISH_WITHIN + s.params.grammar_reserve
+                     for s in seqs]
+        processed = mask_logits(processed, [s.guide for s in seqs], finishing)
     processed = process_logits(processed, params)
     tokens = sample(processed, params, [s.generator for s in seqs])  # [B]
     wanted = [p.logprobs for p in params if p.logprobs is not None]

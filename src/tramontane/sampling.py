@@ -63,6 +63,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     grammar: str | None = None  # llguidance grammar the output must follow (structured.py), None = free
+    grammar_reserve: int = 0  # tokens a whole new grammar item may take (a tool call); widens the finishing window
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -100,6 +101,7 @@ class SamplingParams:
             _bad("ignore_eos", self.ignore_eos, "a boolean")
         _validate_stop(self.stop)
         _validate_stop_token_ids(self.stop_token_ids)
+        _check_int(self, "grammar_reserve", lambda v: 0 <= v <= 1 << 20, "an integer >= 0")
         if self.grammar is not None and not isinstance(self.grammar, str):
             _bad("grammar", type(self.grammar).__name__, "a grammar string (see structured.json_grammar)")
 

@@ -7,7 +7,7 @@ chosen token advances the matcher. End-of-sequence is allowed only once the answ
 finished answer always parses. Rows of a batch are guided independently (rows without a grammar are left
 alone). Near the end of its token budget (FINISH_WITHIN tokens left) a guided sequence stops following
 the model and takes the allowed token that closes the answer fastest (end of sequence when the answer is
-complete, then closing quotes and brackets, then the shortest continuation): a small model sampling at
+complete, then closing quotes and brackets, then the longest allowed token): a small model sampling at
 temperature 1 can otherwise wander inside a string until max_tokens cuts a half-written object. Schemas
 are checked before anything is scheduled: an invalid or unsupported one, or one larger
 than MAX_SCHEMA_BYTES, is a RequestError naming the problem (HTTP 400)."""
@@ -65,6 +65,33 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT)
     except Exception as exc:  # llguidance reports schema errors as ValueError/RuntimeError
         raise RequestError(f"invalid JSON schema: {str(exc)[:300]}") from None
+
+
+def smallest_instance(schema: Any, depth: int = 0) -> Any:
+    """A short value that follows `schema` (required keys only, shortest enum value, minimal lengths):
+    an estimate of how long the shortest valid answer is, for the finishing window of tool calls."""
+    if not isinstance(schema, dict) or depth > 16:
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return min(schema["enum"], key=lambda v: len(json.dumps(v)))
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            options = [smallest_instance(s, depth + 1) for s in schema[key]]
+            return min(options, key=lambda v: len(json.dumps(v)))
+    kind = schema.get("type", "object")
+    kind = kind[0] if isinstance(kind, list) and kind else kind
+    if kind == "object":
+        properties = schema.get("properties", {})
+        return {k: smallest_instance(properties.get(k), depth + 1) for k in schema.get("required", [])}
+    if kind == "array":
+        return [smallest_instance(schema.get("items"), depth + 1)] * int(schema.get("minItems", 0))
+    if kind == "string":
+        return "x" * int(schema.get("minLength", 0))
+    if kind in ("integer", "number"):
+        return schema.get("minimum", 0)
+    return False if kind == "boolean" else None
 
 
 def check_grammar(grammar: str, tokenizer: Any) -> None:
@@ -127,8 +154,9 @@ _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tramontane-guide")
 def closing_rank(tokenizer: Any) -> torch.Tensor:
     """Per token id, how directly it ends a JSON answer: the end-of-sequence ids first (taken once the
     answer is complete), then tokens made only of closing quotes and brackets (longer first, those
-    starting with a quote before the others), then one-character tokens, then the rest. Built once per
-    tokenizer (decodes the vocabulary) and cached on it."""
+    starting with a quote before the others), then the rest, longer first: where the grammar leaves no
+    choice (a required key, an enum value, a tool call's closing tag) the longest allowed token is the
+    fastest way through. Built once per tokenizer (decodes the vocabulary) and cached on it."""
     cached = getattr(tokenizer, "_closing_rank", None)
     if cached is None:
         n = guidance_tokenizer(tokenizer).vocab_size
@@ -138,8 +166,8 @@ def closing_rank(tokenizer: Any) -> torch.Tensor:
             if text and set(text) <= set('"]}'):
                 # a quote first: inside a string brackets are mere text, the quote is what ends it
                 rank[i] = 3 + len(text) + (10 if text[0] == '"' else 0)
-            elif len(text) == 1:
-                rank[i] = 1
+            elif text:
+                rank[i] = 1 + min(len(text), 64) / 65  # in (1, 2): below every closing token
         for i in tokenizer.stop_ids:
             if i < n:
                 rank[i] = 100  # when the answer is complete, ending it beats anything

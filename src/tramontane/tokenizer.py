@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from tokenizers import Tokenizer as HFBackend
 
-from tramontane.chat import field_strings, mistral_request, render_chat_parts
+from tramontane.chat import field_strings, mistral_request, render_chat_parts, template_tool_format
 from tramontane.errors import LoadError, TemplateError, TokenizerError
 
 Message = dict[str, Any]
@@ -77,6 +77,7 @@ class Tokenizer(Protocol):
     chat_format: str  # human-readable: "mistral-common v3", "jinja (tokenizer_config.json)", ...
     default_add_bos: bool  # whether a plain completion prompt should start with BOS
     supports_fim: bool  # whether `encode_fim` works (Mistral's v3+ tokenizers through mistral-common)
+    tool_format: str | None  # how encode_chat's tools and the model's calls look (chat.template_tool_format)
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]: ...
 
@@ -90,6 +91,8 @@ class Tokenizer(Protocol):
     def incremental_decoder(self, *, skip_special: bool = True) -> IncrementalDecoder: ...
 
     def encode_fim(self, prompt: str, suffix: str) -> list[int]: ...  # TokenizerError unless supports_fim
+
+    def control_id(self, text: str) -> int | None: ...  # a control token's id, None if `text` is not one
 
 
 class _SentencePieceVocabulary:
@@ -145,6 +148,17 @@ class MistralCommonTokenizer:
         kind = " tekken" if path.suffix == ".json" else ""
         self.chat_format = f"mistral-common {raw.version.value}{kind}"
         self.supports_fim = self._probe_fim()
+        version = int(re.match(r"v(\d+)", str(raw.version.value)).group(1))  # type: ignore[union-attr]
+        # v2-v7 write [TOOL_CALLS] and a JSON list of calls, v11 and later name[ARGS]{...}; v1 has no tools
+        self.tool_format = None if version < 2 else "mistral-v11" if version >= 11 else "mistral-v3"
+
+    def control_id(self, text: str) -> int | None:
+        """The id of control token `text` ("[TOOL_CALLS]"), None when this vocabulary has none."""
+        try:
+            token_id = int(self._raw.get_special_token(text))
+        except Exception:  # tekken raises for unknown control tokens (SentencePiece answers <unk>)
+            return None
+        return token_id if self._raw.id_to_piece(token_id) == text else None
 
     def guidance_tokenizer(self) -> Any:
         """This vocabulary for llguidance (structured output; see structured.py): mistral-common's own
@@ -259,12 +273,17 @@ class HFTokenizer:
         self.default_add_bos = default_add_bos
         self.supports_fim = False  # no FIM token convention is read from tokenizer.json or GGUF files
         self._template = chat_template
+        self.tool_format = template_tool_format(chat_template)
         added = {i: t for i, t in backend.get_added_tokens_decoder().items() if t.special}
         specials = {t.content: i for i, t in added.items()}
         self._specials = specials
         self._strips = {i: (t.lstrip, t.rstrip) for i, t in added.items()}
         alternatives = sorted(specials, key=len, reverse=True)  # leftmost-longest, like tokenizers
         self._special_re = re.compile("|".join(map(re.escape, alternatives))) if specials else None
+
+    def control_id(self, text: str) -> int | None:
+        """The id of special token `text` ("<tool_call>", "[TOOL_CALLS]"), None when it is not one."""
+        return self._specials.get(text)
 
     def _token_text(self, token_id: int | None) -> str | None:
         return self._backend.id_to_token(token_id) if token_id is not None else None

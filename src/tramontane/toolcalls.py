@@ -4,8 +4,11 @@ Two call formats are read:
 - "mistral": Mistral's tokenizers (v3 and later) write `[TOOL_CALLS]` and then either a JSON list
   `[{"name": ..., "arguments": {...}}, ...]` (v3) or one or more `name[ARGS]{...}` (v11 and later, the
   control tokens appearing as text once decoded with special tokens kept);
-- "hermes": `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks, the format of ChatML-style
-  templates (and the one tramontane asks for when a model's template has no tool support).
+  (v11 may put `[CALL_ID]id` after the name);
+- "hermes": `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (or a JSON list of such
+  objects in one block), the format of ChatML-style templates (and the one tramontane asks for when a
+  model's template has no tool support);
+- "json": the whole answer is one `{"name": ..., "parameters": {...}}` object (Llama 3.1-style templates).
 Anything malformed (truncated JSON, a name not offered, arguments that are not an object, a block never
 closed) never raises: the result keeps the whole text as content and says what was wrong in `problem`.
 """
@@ -21,6 +24,7 @@ from typing import Any
 
 MISTRAL_PREFIX = "[TOOL_CALLS]"
 MISTRAL_ARGS = "[ARGS]"
+MISTRAL_CALL_ID = "[CALL_ID]"
 HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 ALPHANUMERIC = string.ascii_letters + string.digits
 
@@ -54,6 +58,8 @@ def parse_tool_calls(text: str, fmt: str, tools: list[str], id_style: str = "mis
         return _parse_mistral(text, tools, id_style)
     if fmt == "hermes":
         return _parse_hermes(text, tools, id_style)
+    if fmt == "json":
+        return _parse_json(text, tools, id_style)
     raise ValueError(f"unknown tool call format {fmt!r}")
 
 
@@ -94,7 +100,7 @@ def _parse_mistral(text: str, tools: list[str], id_style: str) -> ParsedOutput:
         items: list[ToolCall | str] = []
         for part in body.split(MISTRAL_PREFIX):
             name, sep, args = part.strip().partition(MISTRAL_ARGS)
-            name = name.strip()
+            name = name.partition(MISTRAL_CALL_ID)[0].strip()
             items.append(_decoded(args, lambda a, n=name: _named(n, a, tools, id_style))
                          if sep else "a [TOOL_CALLS] without [ARGS]")
         return _collect(items, text, content)
@@ -108,7 +114,7 @@ def _parse_mistral(text: str, tools: list[str], id_style: str) -> ParsedOutput:
     return _collect([_call(v, tools, id_style) for v in value], text, content)
 
 
-def _decoded(raw: str, make: Any) -> ToolCall | str:
+def _decoded(raw: str, make: Any) -> Any:
     try:
         value, end = json.JSONDecoder().raw_decode(raw.strip())
     except ValueError:
@@ -124,6 +130,20 @@ def _parse_hermes(text: str, tools: list[str], id_style: str) -> ParsedOutput:
         return ParsedOutput(text)
     items: list[ToolCall | str] = []
     for block in blocks:
-        items.append(_decoded(block.group(1), lambda v: _call(v, tools, id_style)))
+        found = _decoded(block.group(1), lambda v: v if isinstance(v, list) else [v])  # a list of calls, or a reason
+        items += [found] if isinstance(found, str) else [_call(v, tools, id_style) for v in found]
     content = HERMES.sub("", text).strip()
     return _collect(items, text, content)
+
+
+def _parse_json(text: str, tools: list[str], id_style: str) -> ParsedOutput:
+    body = text.strip()
+    if not body.startswith("{"):
+        return ParsedOutput(text)
+    try:
+        value, end = json.JSONDecoder().raw_decode(body)
+    except ValueError:
+        return ParsedOutput(text, [], "the tool call JSON is truncated or malformed")
+    if not isinstance(value, dict) or "name" not in value:
+        return ParsedOutput(text)  # a JSON answer, not a call
+    return _collect([_call(value, tools, id_style)], text, body[end:].strip())

@@ -6,13 +6,15 @@ the OpenAI API where it has them (`context_length_exceeded`)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import RequestError, TemplateError, TokenizerError
-from ..structured import check_grammar, response_format_grammar
 from ..sampling import SamplingParams
+from ..structured import check_grammar, response_format_grammar
+from ..tools import ToolError, ToolUse, call_grammar, call_reserve, prepare_messages, read_tools
 from .errors import APIError, bad_request
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
@@ -54,11 +56,20 @@ def _grammar(req: SamplingFields, tokenizer: Any) -> str | None:
     return grammar
 
 
-def _unsupported(req: SamplingFields) -> None:
+def tool_use(req: SamplingFields, tokenizer: Any) -> ToolUse | None:
+    """The request's tools and tool_choice, checked (a 400 naming the field), schemas compiled."""
+    try:
+        return read_tools(req.tools, req.tool_choice, req.parallel_tool_calls, tokenizer)
+    except ToolError as exc:
+        raise bad_request(str(exc), exc.field) from None
+
+
+def _no_tools(req: SamplingFields) -> None:
+    """Tools belong to chat completions."""
     if req.tools:
-        raise APIError(400, "tools are not supported yet", param="tools", code="not_supported")
+        raise bad_request("tools are only available with chat completions", "tools")
     if req.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tool_choice is not supported yet", param="tool_choice", code="not_supported")
+        raise bad_request("tool_choice is only available with chat completions", "tool_choice")
 
 
 def _seed(req: SamplingFields) -> tuple[int | None, str]:
@@ -75,11 +86,20 @@ def _max_tokens(req: SamplingFields) -> tuple[int | None, str]:
     return req.max_completion_tokens, "max_completion_tokens"
 
 
-def settings(req: SamplingFields, *, logprobs: int | None = None, tokenizer: Any = None) -> Settings:
+def settings(req: SamplingFields, *, logprobs: int | None = None, tokenizer: Any = None,
+             tools: ToolUse | None = None) -> Settings:
     """Sampling settings of a request; a bad value is a 400 naming its field. With the tokenizer, a
-    response_format's schema is compiled here, before anything is scheduled."""
-    _unsupported(req)
+    response_format's schema is compiled here, before anything is scheduled; a required tool call
+    (`tools`, chat only) brings its own grammar."""
+    if tools is None:
+        _no_tools(req)
     grammar = _grammar(req, tokenizer)
+    calls = call_grammar(tools, tokenizer) if tools is not None else None
+    reserve = 0
+    if calls is not None and tools is not None:
+        if grammar is not None:
+            raise bad_request("a required tool call cannot be combined with a response_format", "tool_choice")
+        grammar, reserve = calls, call_reserve(tools, tokenizer)
     seed, seed_name = _seed(req)
     max_tokens, max_name = _max_tokens(req)
     n = 1 if req.n is None else req.n
@@ -99,7 +119,8 @@ def settings(req: SamplingFields, *, logprobs: int | None = None, tokenizer: Any
             presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
             frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
             seed=seed, max_tokens=max_tokens, stop=() if req.stop is None else req.stop,
-            ignore_eos=req.ignore_eos, logprobs=logprobs, grammar=grammar)
+            ignore_eos=req.ignore_eos, logprobs=logprobs, grammar=grammar,
+            grammar_reserve=reserve)
     except RequestError as exc:
         found = re.search(r"sampling parameter '(\w+)'", str(exc))
         field = found.group(1) if found else None
@@ -153,9 +174,14 @@ def chat_messages(messages: list[ChatMessage], safe_prompt: bool) -> list[dict[s
         if content is None and not (m.role == "assistant" and m.tool_calls):
             raise bad_request(f"message {i} ({m.role}) has no content", f"messages[{i}].content")
         d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content}
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_call_id"):
             if getattr(m, key) is not None:
                 d[key] = getattr(m, key)
+        if m.tool_calls:
+            d["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(m.tool_calls)]
+        if m.role == "tool" and m.tool_call_id is None:
+            raise bad_request(f"message {i} (tool) needs the tool_call_id of the call it answers",
+                              f"messages[{i}].tool_call_id")
         if m.prefix:
             d["prefix"] = True
         out.append(d)
@@ -167,10 +193,30 @@ def chat_messages(messages: list[ChatMessage], safe_prompt: bool) -> list[dict[s
     return out
 
 
-async def encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """Chat formatting off the event loop (a chat template may take up to its time budget)."""
+def _tool_call(call: dict[str, Any], where: str) -> dict[str, Any]:
+    """An assistant message's earlier tool call as {"id", "type", "function": {"name", "arguments"}}
+    (arguments as JSON text; the Mistral SDK may send an object)."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise bad_request(f"{where} must be {{\"id\": ..., \"function\": {{\"name\": ..., \"arguments\": ...}}}}",
+                          where)
+    arguments = function.get("arguments", "{}")
+    if not isinstance(arguments, str):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    call_id = call.get("id")
+    if not isinstance(call_id, str) or not call_id:
+        raise bad_request(f"{where}.id must be the call's id", f"{where}.id")
+    return {"id": call_id, "type": "function", "function": {"name": function["name"], "arguments": arguments}}
+
+
+async def encode_chat(tokenizer: Any, messages: list[dict[str, Any]], tools: ToolUse | None = None) -> list[int]:
+    """Chat formatting off the event loop (a chat template may take up to its time budget), with the
+    request's tools (tools.py)."""
+    messages, offered = prepare_messages(messages, tools, tokenizer)
     try:
-        return await asyncio.to_thread(tokenizer.encode_chat, messages, add_generation_prompt=True)
+        if offered is None:
+            return await asyncio.to_thread(tokenizer.encode_chat, messages, add_generation_prompt=True)
+        return await asyncio.to_thread(tokenizer.encode_chat, messages, add_generation_prompt=True, tools=offered)
     except (TemplateError, TokenizerError, RequestError) as exc:
         raise bad_request(str(exc), "messages") from exc
 

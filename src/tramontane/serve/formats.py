@@ -53,6 +53,11 @@ class Format:
     def chunk(self, choice: Choice, out: RequestOutput, offset: int) -> dict[str, Any] | None:
         raise NotImplementedError
 
+    def chunks(self, choice: Choice, out: RequestOutput, offset: int) -> list[dict[str, Any]]:
+        """The events for one engine output (after `choice.add(out)`): usually one chunk, or none."""
+        chunk = self.chunk(choice, out, offset)
+        return [] if chunk is None else [chunk]
+
     def usage_chunk(self, choices: list[Choice]) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -71,8 +76,7 @@ class Format:
                     c.add(out)
                     if out.finish_reason == "error":
                         check_errors([c])
-                    chunk = self.chunk(c, out, offset)
-                    if chunk is not None:
+                    for chunk in self.chunks(c, out, offset):
                         yield sse(chunk)
             if include_usage:
                 yield sse(self.usage_chunk(choices))

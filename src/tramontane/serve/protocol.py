@@ -71,6 +71,7 @@ class SamplingFields(_Request):
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -147,9 +148,27 @@ class ChatLogprobs(_Response):
     content: list[TokenLogprobOut] | None = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # the arguments object as JSON text
+
+
+class ToolCallOut(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(ToolCallOut):
+    """A streamed call: whole in one delta (the APIs allow the arguments in pieces; one piece is valid)."""
+
+    index: int
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = Field(default=None, exclude_if=lambda v: v is None)  # absent, as OpenAI
 
 
 class ChatChoice(_Response):
@@ -171,6 +190,7 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(_Response):

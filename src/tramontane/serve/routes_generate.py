@@ -20,10 +20,12 @@ from .convert import (
     encode_fim,
     encode_inputs,
     settings,
+    tool_use,
 )
 from .errors import bad_request
 from .formats import ChatFormat, CompletionFormat, Format, check_errors
 from .generation import Choice, ClientGone, EventStream, Run, until_disconnect
+from .tool_format import ToolChatFormat
 from .protocol import ChatCompletionRequest, CompletionRequest, FIMCompletionRequest, SamplingFields
 
 router = APIRouter()
@@ -67,10 +69,12 @@ def _answering(request: Request, model: str | None) -> str:
 async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     engine = engine_for(request, body.model, adapters=True)
-    s = settings(body, logprobs=chat_logprobs(body), tokenizer=engine.tokenizer)
-    ids = await encode_chat(engine.tokenizer, chat_messages(body.messages, body.safe_prompt))
+    use = tool_use(body, engine.tokenizer)
+    s = settings(body, logprobs=chat_logprobs(body), tokenizer=engine.tokenizer, tools=use)
+    ids = await encode_chat(engine.tokenizer, chat_messages(body.messages, body.safe_prompt), use)
     check_context(len(ids), s.max_tokens, engine.max_model_len, "messages")
-    fmt = ChatFormat(new_id("chatcmpl"), _answering(request, body.model), s.n, s.params.logprobs is not None)
+    args = (new_id("chatcmpl"), _answering(request, body.model), s.n, s.params.logprobs is not None)
+    fmt = ChatFormat(*args) if use is None or use.mode == "none" else ToolChatFormat(*args, use, engine.tokenizer)
     return await _respond(request, engine, body, [ids], s, fmt)
 
 

@@ -38,8 +38,9 @@ def _cards(request: Request) -> list[ModelCard | AdapterCard]:
     state = server_state(request)
     engine = engine_for(request, None)
     fim = bool(getattr(engine.tokenizer, "supports_fim", False))
+    tools = hasattr(engine.tokenizer, "guidance_tokenizer")  # calls are constrained through llguidance
     base = ModelCard(id=state.model_name, created=state.created, max_context_length=engine.max_model_len,
-                     capabilities=ModelCapabilities(completion_fim=fim))
+                     capabilities=ModelCapabilities(completion_fim=fim, function_calling=tools))
     return [base] + [AdapterCard(id=name, created=state.created, root=base.id, parent=base.id,
                                  max_context_length=base.max_context_length, capabilities=base.capabilities)
                      for name in sorted(adapter_names(engine))]
