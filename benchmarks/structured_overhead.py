@@ -1,13 +1,15 @@
 """Decode speed with and without a JSON schema on the same prompts (constrained decoding's cost).
 
-    python benchmarks/structured_overhead.py [--model FILE] [--threads 2]
+    python benchmarks/structured_overhead.py [--model FILE] [--threads 2] [--rounds 5]
 
 Greedy and sampled (temperature 1) generation, batch 1 and batch 8, 128 new tokens per sequence; the
-schema runs every token through llguidance's mask. Prints tokens/s side by side and the slowdown."""
+schema runs every token through llguidance's mask. Prints tokens/s side by side and the slowdown (medians of
+--rounds alternated runs: this host's speed drifts by +-10% between runs)."""
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 SCHEMA = {
@@ -47,6 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5, help="alternated runs per cell; medians are printed")
     args = ap.parse_args()
     import torch
 
@@ -63,7 +66,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for batch in (1, 8):
         for temperature in (0.0, 1.0):
-            free, guided = speed(llm, None, batch, temperature), speed(llm, grammar, batch, temperature)
+            runs = [(speed(llm, None, batch, temperature), speed(llm, grammar, batch, temperature))
+                    for _ in range(args.rounds)]  # alternated, so that host noise hits both alike
+            free, guided = (statistics.median(r[k] for r in runs) for k in (0, 1))
             print(f"| {batch} | {temperature:g} | {free:.1f} | {guided:.1f} | {guided / free:.2f}x |")
 
 

@@ -187,3 +187,30 @@ def test_penalties_do_not_lift_the_grammar_mask(smollm2_path):
                                         presence_penalty=2.0, repetition_penalty=1.3) for i in range(3)]
     for out in llm.generate([prompt] * 3, params):
         jsonschema.validate(json.loads(out.text), PERSON)
+
+
+def test_mask_matches_llguidances_own_apply():
+    """Our unpacking of the bitmask agrees with llguidance.torch's (the reference) on a vocabulary that is
+    not a multiple of 32, for several rows, and ids past the grammar's vocabulary stay masked."""
+    import llguidance.torch as lt
+    import torch
+
+    from tramontane.structured import mask_logits
+
+    class FakeGuide:
+        def __init__(self, bits):
+            self.bits, self.vocab_size = bits, 1000
+
+        def next_mask(self):
+            return self.bits
+
+    gen = torch.Generator().manual_seed(0)
+    guides = [FakeGuide(torch.randint(-2**31, 2**31 - 1, (1, 32), dtype=torch.int32, generator=gen)) for _ in range(3)]
+    logits = torch.randn(4, 1003, generator=gen)
+    masked = mask_logits(logits, [guides[0], None, guides[1], guides[2]])
+    for row, guide in zip((0, 2, 3), guides):
+        reference = logits[row:row + 1, :1000].clone()
+        lt.apply_token_bitmask_inplace(reference, guide.bits)
+        assert torch.equal(masked[row:row + 1, :1000], reference)
+        assert torch.isinf(masked[row, 1000:]).all()
+    assert torch.equal(masked[1], logits[1])
