@@ -228,6 +228,7 @@ def test_hermes_grammar_accepts_what_the_prompt_shows(smollm2_path, hermes_folde
         assert not _accepts(grammar, tokenizer, tokenizer.encode(block.replace('"days": 3', '"days": "3"')))
         parsed = read_calls(block + "\n" + block, read_tools(TOOLS, "required"), tokenizer)
         assert [c.name for c in parsed.calls] == ["get_weather", "get_weather"] and parsed.content == ""
+        assert len(read_calls(block + "\n" + block, read_tools(TOOLS, "auto", False), tokenizer).calls) == 1
 
 
 @pytest.mark.parametrize("shipped", ["mistral_instruct_tokenizer_240323.model.v3", "tekken_240718.json", "v11"])

@@ -334,7 +334,10 @@ def read_calls(text: str, use: ToolUse, tokenizer: Any) -> ParsedOutput:
     formats, which its tokenizers check when the conversation comes back, OpenAI's otherwise."""
     fmt = getattr(tokenizer, "tool_format", None) or "hermes"
     kind = "mistral" if fmt.startswith("mistral") else fmt
-    return parse_tool_calls(text, kind, [f.name for f in use.functions], "mistral" if kind == "mistral" else "openai")
+    parsed = parse_tool_calls(text, kind, [f.name for f in use.functions], "mistral" if kind == "mistral" else "openai")
+    if not use.parallel and len(parsed.calls) > 1:  # parallel_tool_calls false: at most one call
+        parsed.calls = parsed.calls[:1]
+    return parsed
 
 
 def call_marker(tokenizer: Any) -> str:
