@@ -99,6 +99,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", default="16M", help="largest request body, K/M/G suffixes (default 16M)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for running requests before stopping them (default 30)")
+    p.add_argument("--allow-request-chat-template", action="store_true",
+                   help="accept a Jinja chat_template in chat requests (rendered in the sandbox; off by default)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from this origin (CORS; repeatable; * for any)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -295,7 +297,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         max_body_bytes=parse_size(ns.max_body_bytes, "--max-body-bytes"), block_size=ns.block_size,
         max_num_batched_tokens=ns.max_num_batched_tokens, dtype=ns.dtype, quant=ns.quant,
         drain_timeout=ns.drain_timeout, loras=parse_loras(ns.lora, reserved=ns.served_model_name or name),
-        allow_origins=ns.allow_origin, log_level=ns.log_level, parallel=_parallel_mode(ns))
+        allow_origins=ns.allow_origin, log_level=ns.log_level, parallel=_parallel_mode(ns),
+        allow_request_templates=ns.allow_request_chat_template)
     if not _leader():
         from .serve.server import follow_leader
 

@@ -9,6 +9,7 @@ content is located in a rendered template).
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -281,6 +282,12 @@ class HFTokenizer:
         alternatives = sorted(specials, key=len, reverse=True)  # leftmost-longest, like tokenizers
         self._special_re = re.compile("|".join(map(re.escape, alternatives))) if specials else None
 
+    def with_template(self, template: str) -> HFTokenizer:
+        """This tokenizer with another chat template (a request's own, see serve --allow-request-chat-template)."""
+        other = copy.copy(self)
+        other._template, other.tool_format = template, template_tool_format(template)
+        return other
+
     def control_id(self, text: str) -> int | None:
         """The id of special token `text` ("<tool_call>", "[TOOL_CALLS]"), None when it is not one."""
         return self._specials.get(text)
@@ -486,10 +493,14 @@ def load_tokenizer(folder: Path | str) -> Tokenizer:
 
 def tokenizer_from_gguf(metadata: dict[str, Any], source: str) -> Tokenizer:
     """The tokenizer a GGUF file's metadata describes (see gguf_vocab.py); `source` names the file
-    in error messages."""
+    in error messages. Bad tokenizer metadata (an id past the vocabulary, merges that do not fit) is a
+    LoadError of that file, like any other defect of it."""
     from tramontane.gguf_vocab import build_gguf_vocab
 
-    vocab = build_gguf_vocab(metadata, source)
+    try:
+        vocab = build_gguf_vocab(metadata, source)
+    except TokenizerError as exc:
+        raise LoadError(source, str(exc).removeprefix(f"{source}: ")) from None
     chat_format = "jinja (GGUF tokenizer.chat_template)" if vocab.chat_template else "none (no chat template)"
     return HFTokenizer(vocab.tokenizer, bos_id=vocab.bos_id, eos_id=vocab.eos_id, stop_ids=vocab.stop_ids,
                        chat_template=vocab.chat_template, chat_format=chat_format,

@@ -4,14 +4,16 @@ KV memory is `num_blocks` blocks of `block_size` token slots per layer. A reques
 (list of block ids); the token at position p lives in slot `table[p // block_size] * block_size +
 p % block_size`. Worked example, block_size 4, table [7, 2]: position 5 -> block 2, offset 1 -> slot 9.
 
-Prefix caching: once a block is full its key is SHA-256 over (model name, previous block's key, the
-block's token ids). A later request whose prompt starts with the same tokens finds the same keys and
+Prefix caching: once a block is full its key is SHA-256 over (a random salt drawn once per process, model
+name, previous block's key, the block's token ids): the salt keeps anyone from computing keys offline
+and crafting prompts whose keys collide with another user's. A later request whose prompt starts with the same tokens finds the same keys and
 shares those blocks (reference count + 1) instead of recomputing them. A block whose count drops to 0
 keeps its key and stays findable until the space is needed (least recently freed goes first)."""
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 import struct
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -21,8 +23,12 @@ import torch
 from ..config import ModelConfig
 
 
+_SALT = secrets.token_bytes(32)  # per process; keys never leave it
+
+
 def block_key(model: str, previous: bytes | None, tokens: Sequence[int]) -> bytes:
-    h = hashlib.sha256()
+    h = hashlib.sha256(_SALT)
+    h.update(struct.pack("<Q", len(model.encode())))  # length-prefixed: ("ab", ...) never reads as ("a", "b...")
     h.update(model.encode())
     h.update(previous or b"\0" * 32)
     h.update(struct.pack(f"<{len(tokens)}q", *tokens))

@@ -214,10 +214,18 @@ class AsyncEngine:
         if not rows:
             return
         seqs = [batch[i][0] for i in rows]
-        tokens, logprobs = pick_tokens([s.state for s in seqs], logits[rows], self.tokenizer)
+        try:
+            tokens, logprobs = pick_tokens([s.state for s in seqs], logits[rows], self.tokenizer)
+            picked = list(zip(seqs, tokens.tolist(), logprobs))
+        except Exception:  # noqa: BLE001 - find the request at fault: sample the rows one by one
+            picked = self._pick_each(seqs, logits[rows])
         now = time.monotonic()
-        for seq, token, lp in zip(seqs, tokens.tolist(), logprobs):
-            delta = seq.state.append(token, lp)
+        for seq, token, lp in picked:
+            try:
+                delta = seq.state.append(token, lp)
+            except Exception as e:  # noqa: BLE001 - detokenizing, a grammar or a stop rule failed this request
+                self._fail(seq, e)
+                continue
             self._time_token(seq.request_id, now)
             out = RequestOutput(seq.request_id, delta.text, [token], delta.logprobs, delta.finish_reason,
                                 len(seq.state.prompt), len(seq.state.output), seq.num_cached)
@@ -225,6 +233,23 @@ class AsyncEngine:
                 self._finish(seq, out)
             else:
                 self._emit(out)
+
+    def _pick_each(self, seqs: list[EngineSequence], logits: torch.Tensor) -> list[tuple[EngineSequence, int, Any]]:
+        """Sampling row by row after a batched failure: a row that fails again fails its request alone."""
+        picked = []
+        for i, seq in enumerate(seqs):
+            try:
+                tokens, logprobs = pick_tokens([seq.state], logits[i:i + 1], self.tokenizer)
+            except Exception as e:  # noqa: BLE001 - this request's sampling (grammar, logprobs) failed
+                self._fail(seq, e)
+                continue
+            picked.append((seq, int(tokens[0]), logprobs[0]))
+        return picked
+
+    def _fail(self, seq: EngineSequence, exc: Exception) -> None:
+        log.error("request %s failed: %s: %s", seq.request_id, type(exc).__name__, exc)
+        self._finish(seq, RequestOutput(seq.request_id, finish_reason="error", error=f"{type(exc).__name__}: {exc}",
+                                        prompt_tokens=len(seq.state.prompt)))
 
     def _time_token(self, rid: str, now: float) -> None:
         previous = self._last_token.get(rid)

@@ -18,7 +18,9 @@ from fastapi import FastAPI
 
 from .common import ServerState
 from .errors import install_handlers
+from .. import __version__
 from .middleware import LimitBody, RecordStatus, RequireKey
+from .openapi import install_openapi
 from .routes_generate import router as generate_router
 from .routes_misc import router as misc_router
 
@@ -31,18 +33,20 @@ PUBLIC_PATHS = frozenset({"/health"})
 
 
 def create_app(engine: Any | None, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               allow_origins: Sequence[str] = (), model_name: str | None = None,
+               allow_origins: Sequence[str] = (), model_name: str | None = None, allow_request_templates: bool = False,
                lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None) -> FastAPI:
     """The HTTP server for `engine`. `model_name` defaults to `engine.model_name`; `allow_origins`
     turns on CORS for those browser origins ("*" for any)."""
     if engine is None and not model_name:
         raise ValueError("create_app needs a model_name when the engine is not there yet")
-    state = ServerState(model_name=model_name or engine.model_name, engine=engine)
-    app = FastAPI(title="tramontane", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    state = ServerState(model_name=model_name or engine.model_name, engine=engine,
+                        allow_request_templates=allow_request_templates)
+    app = FastAPI(title="tramontane", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
     app.state.tramontane = state
     install_handlers(app)
     app.include_router(generate_router)
     app.include_router(misc_router)
+    install_openapi(app, __version__)
     browser: set[str] = set()
     if importlib.util.find_spec(f"{__package__}.web") is not None:  # the web chat page, at GET /
         from . import web

@@ -28,6 +28,7 @@ class ServerState:
     model_name: str
     engine: Any = None
     draining: bool = False
+    allow_request_templates: bool = False  # --allow-request-chat-template
     created: int = field(default_factory=lambda: int(time.time()))
 
 

@@ -25,6 +25,8 @@ SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts x n in one request
 MAX_TOP_LOGPROBS = 20
+MAX_MESSAGES = 2048  # messages in one conversation
+MAX_TEMPLATE_CHARS = 64 * 1024  # a request's own chat template (--allow-request-chat-template)
 
 
 @dataclass
@@ -54,6 +56,24 @@ def _grammar(req: SamplingFields, tokenizer: Any) -> str | None:
     except RequestError as exc:
         raise bad_request(str(exc), "response_format") from None
     return grammar
+
+
+def request_template(tokenizer: Any, template: str | None, allowed: bool) -> Any:
+    """The tokenizer to format this chat with: the model's, or (when the server allows it) one with the
+    request's own Jinja template, which renders in the same sandbox and budget as the model's."""
+    if template is None:
+        return tokenizer
+    if not allowed:
+        raise APIError(400, "this server does not accept chat templates in requests (start it with "
+                            "--allow-request-chat-template to allow them)", param="chat_template",
+                       code="chat_template_not_allowed")
+    if not hasattr(tokenizer, "with_template"):
+        raise bad_request(f"this model's chat format ({tokenizer.chat_format}) does not use a Jinja template",
+                          "chat_template")
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise bad_request(f"chat_template holds {len(template)} characters, more than {MAX_TEMPLATE_CHARS}",
+                          "chat_template")
+    return tokenizer.with_template(template)
 
 
 def tool_use(req: SamplingFields, tokenizer: Any) -> ToolUse | None:
@@ -168,6 +188,9 @@ def chat_messages(messages: list[ChatMessage], safe_prompt: bool) -> list[dict[s
     """Request messages as the plain dicts the tokenizer's chat formatting takes."""
     if not messages:
         raise bad_request("messages must hold at least one message", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise bad_request(f"messages holds {len(messages)} messages, more than the limit of {MAX_MESSAGES}",
+                          "messages")
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         content = _content(m, f"messages[{i}]")

@@ -65,9 +65,13 @@ class RequireKey:
         await response(scope, receive, send)
 
 
+MAX_HEADERS = 100
+
+
 class LimitBody:
     """413 for a body over `limit` bytes: at once when Content-Length says so, else as soon as the
-    bytes received (a chunked body has no Content-Length) pass the limit."""
+    bytes received (a chunked body has no Content-Length) pass the limit. 431 for more than MAX_HEADERS
+    headers."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -75,6 +79,9 @@ class LimitBody:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if len(scope["headers"]) > MAX_HEADERS:  # their total size is capped by the HTTP parser (server.py)
+            return await APIError(431, f"the request has {len(scope['headers'])} headers, more than {MAX_HEADERS}",
+                                  code="request_header_fields_too_large").response()(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             try:

@@ -79,6 +79,7 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     safe_prompt: bool = False
+    chat_template: str | None = None  # vLLM's extension; refused unless the server allows request templates
 
 
 class CompletionRequest(SamplingFields):

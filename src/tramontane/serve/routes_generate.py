@@ -19,6 +19,7 @@ from .convert import (
     encode_chat,
     encode_fim,
     encode_inputs,
+    request_template,
     settings,
     tool_use,
 )
@@ -69,12 +70,13 @@ def _answering(request: Request, model: str | None) -> str:
 async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     engine = engine_for(request, body.model, adapters=True)
-    use = tool_use(body, engine.tokenizer)
-    s = settings(body, logprobs=chat_logprobs(body), tokenizer=engine.tokenizer, tools=use)
-    ids = await encode_chat(engine.tokenizer, chat_messages(body.messages, body.safe_prompt), use)
+    tokenizer = request_template(engine.tokenizer, body.chat_template, server_state(request).allow_request_templates)
+    use = tool_use(body, tokenizer)
+    s = settings(body, logprobs=chat_logprobs(body), tokenizer=tokenizer, tools=use)
+    ids = await encode_chat(tokenizer, chat_messages(body.messages, body.safe_prompt), use)
     check_context(len(ids), s.max_tokens, engine.max_model_len, "messages")
     args = (new_id("chatcmpl"), _answering(request, body.model), s.n, s.params.logprobs is not None)
-    fmt = ChatFormat(*args) if use is None or use.mode == "none" else ToolChatFormat(*args, use, engine.tokenizer)
+    fmt = ChatFormat(*args) if use is None or use.mode == "none" else ToolChatFormat(*args, use, tokenizer)
     return await _respond(request, engine, body, [ids], s, fmt)
 
 

@@ -27,6 +27,8 @@ from ..errors import TramontaneError
 from .app import attach_engine, create_app, drain
 
 log = logging.getLogger("tramontane.serve")
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers together; more is a 400 from the HTTP parser
+MAX_CONNECTIONS = 1024  # open connections and requests in progress; more get 503 from uvicorn
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -92,6 +94,7 @@ class ServeOptions:
     log_level: str
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> folder
     parallel: str | None = None  # under torchrun: the sharding plan ("tp", "ep", "tp+ep")
+    allow_request_templates: bool = False  # --allow-request-chat-template
 
 
 def _load_engine(opts: ServeOptions) -> Any:
@@ -167,9 +170,12 @@ def serve(opts: ServeOptions) -> int:
         await drain(app, opts.drain_timeout)
 
     app = create_app(None, model_name=opts.name, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes,
-                     allow_origins=opts.allow_origins, lifespan=lifespan)
+                     allow_origins=opts.allow_origins, allow_request_templates=opts.allow_request_templates,
+                     lifespan=lifespan)
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, lifespan="on",
-                            timeout_graceful_shutdown=max(5, int(opts.drain_timeout)))
+                            timeout_graceful_shutdown=max(5, int(opts.drain_timeout)),
+                            http="h11", h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # request line + headers
+                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
     server = _Server(config, lambda: drain(app, opts.drain_timeout))
     server.run()
     if failure:

@@ -184,7 +184,7 @@ def open_source(path: Path) -> tuple[str, ModelConfig, Any, names.NameMap]:
     try:
         config = ModelConfig.from_gguf_metadata(source.file.metadata, source=str(path))
     except ConfigError as e:
-        raise LoadError(path, str(e)) from None
+        raise LoadError(path, str(e).removeprefix(f"{path}: ")) from None
     config = config.with_(tie_embeddings="output.weight" not in source.file.tensors)
     return fmt, config, source, names.GGUF
 

@@ -1,0 +1,131 @@
+"""Hardening: a request or file can fail only itself. Faults inside one request's engine step, salted
+prefix-cache keys, request-supplied chat templates, request size limits, hostile tokenizer metadata."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+
+import tramontane
+from chartok import CharTokenizer
+from fake_engine import FakeEngine
+from models import hf_model, save_hf
+from test_engine import GREEDY, engine_for, prompts, sequential
+from tramontane.api import LLM
+from tramontane.engine import EngineRequest
+from tramontane.engine import engine as engine_module
+from tramontane.engine.blocks import block_key
+from tramontane.errors import TemplateError
+from tramontane.generate import SequenceState
+from tramontane.serve.app import create_app
+from tramontane.serve.convert import MAX_MESSAGES, request_template
+from tramontane.serve.errors import APIError
+from tramontane.weights.loader import load_model
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM(load_model(save_hf(hf_model("mistral", seed=8), tmp_path_factory.mktemp("e"), shard=None)),
+               CharTokenizer())
+
+
+def _serve(engine, ps: list[list[int]]) -> dict[str, tuple[list[int], str | None, str | None]]:
+    async def one(rid: str, prompt: list[int]):
+        tokens, last = [], None
+        async for out in engine.generate(EngineRequest(rid, prompt, GREEDY)):
+            tokens += out.token_ids
+            last = out
+        return rid, (tokens, last.finish_reason, last.error)
+
+    async def main():
+        engine.start()
+        try:
+            results = dict(await asyncio.gather(*(one(f"r{i}", p) for i, p in enumerate(ps))))
+            assert engine.is_healthy()  # the loop went on
+            return results
+        finally:
+            await engine.shutdown(1.0)
+    return asyncio.run(main())
+
+
+def test_a_request_failing_in_its_step_fails_alone(llm, monkeypatch):
+    """Detokenizing / stop rules (SequenceState.append) and sampling (pick_tokens) raise for one request:
+    that request ends with "error", the others get their exact answers, every KV block comes back."""
+    ps = prompts(6, seed=3)
+    expected = sequential(llm, ps)
+    append = SequenceState.append
+
+    def failing_append(self, token, logprob=None):
+        if self.prompt == ps[2] and len(self.output) == 5:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return append(self, token, logprob)
+
+    pick = engine_module.pick_tokens
+
+    def failing_pick(states, logits, tokenizer):
+        if any(s.prompt == ps[4] and len(s.output) == 9 for s in states):
+            raise RuntimeError("injected sampling failure")
+        return pick(states, logits, tokenizer)
+
+    monkeypatch.setattr(SequenceState, "append", failing_append)
+    monkeypatch.setattr(engine_module, "pick_tokens", failing_pick)
+    engine = engine_for(llm, blocks=400)
+    results = _serve(engine, ps)
+    for i in range(len(ps)):
+        tokens, finish, error = results[f"r{i}"]
+        if i in (2, 4):
+            assert finish == "error" and "injected" in error
+        else:
+            assert (tokens, finish) == (expected[i], "length")
+    assert engine.pool.num_used == 0
+
+
+def test_prefix_cache_keys_are_salted_per_process():
+    here = block_key("m", None, [1, 2, 3])
+    assert here == block_key("m", None, [1, 2, 3]) and here != block_key("m", None, [1, 2, 4])
+    code = "from tramontane.engine.blocks import block_key; print(block_key('m', None, [1, 2, 3]).hex())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other != here.hex()  # another process cannot compute this process's keys
+    assert block_key("ab", None, [1]) != block_key("a", None, [1])
+
+
+def test_request_chat_templates_are_refused_unless_allowed(smollm2_path):
+    messages = [{"role": "user", "content": "hi"}]
+    tokenizer = tramontane.load(smollm2_path).tokenizer
+    with pytest.raises(APIError) as info:
+        request_template(tokenizer, "{{ messages[0].content }}", allowed=False)
+    assert info.value.status == 400 and info.value.param == "chat_template"
+    own = request_template(tokenizer, "[{{ messages[0]['content'] }}]", allowed=True)
+    assert own.encode_chat(messages) == tokenizer.encode("[hi]")
+    assert tokenizer.encode_chat(messages) != own.encode_chat(messages)  # the model's own is untouched
+    for hostile in ("{{ cycler.__init__.__globals__.os.system('id') }}",
+                    "{% for i in range(10**5) %}{% for j in range(10**5) %}{% endfor %}{% endfor %}"):
+        with pytest.raises(TemplateError):
+            request_template(tokenizer, hostile, allowed=True).encode_chat(messages)
+    with pytest.raises(APIError):  # mistral-common formats chats without a template
+        request_template(FakeEngine().tokenizer, "{{ x }}", allowed=True)
+
+
+def test_request_template_flag_through_the_api():
+    body = {"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ messages }}"}
+    refused = TestClient(create_app(FakeEngine())).post("/v1/chat/completions", json=body)
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "chat_template_not_allowed"
+    allowed = TestClient(create_app(FakeEngine(), allow_request_templates=True)).post("/v1/chat/completions", json=body)
+    assert allowed.status_code == 400 and "Jinja" in allowed.json()["error"]["message"]
+
+
+def test_too_many_messages_is_a_400():
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] * (MAX_MESSAGES // 2 + 1)
+    r = TestClient(create_app(FakeEngine())).post("/v1/chat/completions", json={"messages": messages})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and len(r.content) < 1000
+
+
+def test_too_many_headers_is_a_431():
+    api = TestClient(create_app(FakeEngine()))
+    headers = {f"x-h{i}": "v" for i in range(150)}
+    r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}, headers=headers)
+    assert r.status_code == 431 and r.json()["error"]["code"] == "request_header_fields_too_large"
