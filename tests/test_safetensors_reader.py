@@ -38,6 +38,13 @@ CASES = {
                      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)), "overlaps"),
     "gap": (raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8)), "gap"),
     "trailing bytes": (raw(GOOD, bytes(20)), "cover 16 bytes"),
+    # found by fuzz/fuzz_safetensors.py: a list as dtype was looked up in a dict (TypeError)
+    "dtype a list": (raw({"a": {"dtype": [4, 4], "shape": [4], "data_offsets": [0, 16]}}, bytes(16)), "dtype"),
+    "dtype null": (raw({"a": {"dtype": None, "shape": [4], "data_offsets": [0, 16]}}, bytes(16)), "dtype"),
+    "shape of booleans": (raw({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4)), "shape"),
+    "65 dims": (raw({"a": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, bytes(4)), "shape"),
+    "huge name not echoed": (raw({"n" * 100_000: {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
+                             r"^.{0,400}$"),
 }
 
 

@@ -10,7 +10,10 @@ import json
 import os
 import random
 import shutil
+import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -152,6 +155,24 @@ def test_thirty_two_clients_with_faults_for_a_minute(server):
 async def _run(base: str, seconds: float, tally: dict) -> None:
     deadline = time.monotonic() + seconds
     await asyncio.gather(*(_client(base, k, deadline, tally) for k in range(CLIENTS)))
+
+
+def test_schemathesis_finds_no_server_error(server, tmp_path):
+    """schemathesis against /openapi.json, positive and negative cases for every route: no 5xx."""
+    base, proc, log = server
+    st = Path(sys.executable).parent / "schemathesis"
+    if not st.exists():
+        pytest.skip("schemathesis is not installed (a test extra)")
+    for mode in ("positive", "negative"):
+        r = subprocess.run([str(st), "run", f"{base}/openapi.json", "--checks", "not_a_server_error", "--mode", mode,
+                            "--max-examples", "4", "--seed", "11", "--phases", "examples,coverage,fuzzing",
+                            "--request-timeout", "60", "--workers", "2", "--no-color"],
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout[-4000:]
+        cases = re.search(r"(\d+) generated", r.stdout)
+        assert cases and int(cases.group(1)) >= 50, r.stdout[-2000:]
+        print(f"\nschemathesis {mode}: {cases.group(0)}")
+    assert proc.poll() is None and "Traceback" not in log.read_text()
 
 
 async def _stream_to_end(base: str, events: list) -> None:

@@ -37,6 +37,8 @@ _U64 = struct.Struct("<Q")
 _SUPPORTED_VERSIONS = (2, 3)
 _DEFAULT_ALIGNMENT = 32
 _MAX_ARRAY_DEPTH = 8  # arrays of arrays nest at most this deep
+_MAX_KEY_BYTES = 1024  # metadata keys are short dotted names ("llama.block_count")
+_MAX_NAME_BYTES = 256  # llama.cpp itself keeps tensor names under 64 bytes
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 _INT64_MAX = (1 << 63) - 1  # ggml counts elements and bytes in int64
 _MIN_KV_BYTES = 8 + 4 + 1  # empty key, value type, smallest value
@@ -97,8 +99,10 @@ class _Cursor:
     def unpack(self, st: struct.Struct, what: str) -> Any:
         return st.unpack_from(self.buf, self.take(st.size, what))[0]
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, limit: int | None = None) -> str:
         n = self.unpack(_U64, f"length of {what}")
+        if limit is not None and n > limit:
+            self.fail(f"{what} is {n} bytes long; names longer than {limit} bytes are refused")
         start = self.take(n, f"{what} ({n} bytes)")
         try:
             return str(self.buf[start : start + n], "utf-8")
@@ -196,7 +200,7 @@ def _read_header(cur: _Cursor) -> tuple[int, int, int]:
 def _read_metadata(cur: _Cursor, n_kv: int) -> dict[str, Any]:
     metadata: dict[str, Any] = {}
     for i in range(n_kv):
-        key = cur.string(f"key of metadata entry {i}")
+        key = cur.string(f"key of metadata entry {i}", _MAX_KEY_BYTES)
         if key in metadata:
             cur.fail(f"duplicate metadata key '{key}' (entry {i})")
         vtype = cur.unpack(_U32, f"value type of metadata '{key}'")
@@ -223,7 +227,7 @@ def _read_tensor_infos(cur: _Cursor, n_tensors: int) -> list[_RawTensor]:
     infos: list[_RawTensor] = []
     seen: set[str] = set()
     for i in range(n_tensors):
-        name = cur.string(f"name of tensor {i}")
+        name = cur.string(f"name of tensor {i}", _MAX_NAME_BYTES)
         if name in seen:
             cur.fail(f"duplicate tensor name '{name}' (tensor {i})")
         seen.add(name)

@@ -21,6 +21,7 @@ import torch
 from ..errors import LoadError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own cap
+MAX_DIMS = 64
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -115,24 +116,32 @@ def _parse_header(path: Path, f) -> tuple[dict[str, str], dict[str, TensorEntry]
 
 def _entry(path: Path, name: str, spec: object, data_start: int, data_size: int) -> TensorEntry:
     if not isinstance(spec, dict):
-        raise LoadError(path, f"tensor {name!r}: entry is not an object")
-    dtype = DTYPES.get(spec.get("dtype"))  # type: ignore[arg-type]
+        raise LoadError(path, f"tensor {_short(name)}: entry is not an object")
+    label = _short(name)
+    dtype_name = spec.get("dtype")
+    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise LoadError(path, f"tensor {name!r}: unknown dtype {spec.get('dtype')!r}")
+        raise LoadError(path, f"tensor {label}: unknown dtype {_short(dtype_name)}")
     shape, offsets = spec.get("shape"), spec.get("data_offsets")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise LoadError(path, f"tensor {name!r}: bad shape {shape!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
+        raise LoadError(path, f"tensor {label}: bad shape {_short(shape)}")
     if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-        raise LoadError(path, f"tensor {name!r}: bad data_offsets {offsets!r}")
+            or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        raise LoadError(path, f"tensor {label}: bad data_offsets {_short(offsets)}")
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes != offsets[1] - offsets[0]:
-        raise LoadError(path, f"tensor {name!r}: shape {shape} of {spec['dtype']} needs {nbytes} bytes "
+        raise LoadError(path, f"tensor {label}: shape {_short(shape)} of {dtype_name} needs {nbytes} bytes "
                               f"but data_offsets {offsets} cover {offsets[1] - offsets[0]}")
     if offsets[1] > data_size:
-        raise LoadError(path, f"tensor {name!r}: data_offsets {offsets} lie past the end of the data "
+        raise LoadError(path, f"tensor {label}: data_offsets {offsets} lie past the end of the data "
                               f"({data_size} bytes): file truncated or corrupt")
     return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], nbytes)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr of a header value for an error message, cut: a hostile header must not come back whole."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _check_tiling(path: Path, entries: dict[str, TensorEntry], data_start: int, data_size: int) -> None:
@@ -141,7 +150,7 @@ def _check_tiling(path: Path, entries: dict[str, TensorEntry], data_start: int, 
     for e in sorted(entries.values(), key=lambda e: (e.begin, e.nbytes)):
         if e.begin != cursor:
             kind = "overlaps another tensor" if e.begin < cursor else "leaves a gap before it"
-            raise LoadError(path, f"tensor {e.name!r} at offset {e.begin - data_start} {kind}")
+            raise LoadError(path, f"tensor {_short(e.name)} at offset {e.begin - data_start} {kind}")
         cursor += e.nbytes
     if cursor != data_start + data_size:
         raise LoadError(path, f"tensors cover {cursor - data_start} bytes but the data section has "
