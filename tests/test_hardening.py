@@ -129,3 +129,15 @@ def test_too_many_headers_is_a_431():
     headers = {f"x-h{i}": "v" for i in range(150)}
     r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}, headers=headers)
     assert r.status_code == 431 and r.json()["error"]["code"] == "request_header_fields_too_large"
+
+
+def test_errors_never_echo_a_large_input():
+    api = TestClient(create_app(FakeEngine()))
+    hi = [{"role": "user", "content": "x"}]
+    for body in ({"messages": hi, "stop": ["s" * 5000]}, {"messages": hi, "model": "m" * 10_000},
+                 {"messages": hi, "temperature": "t" * 10_000}, {"messages": [{"role": "r" * 10_000}]},
+                 {"messages": hi, "response_format": {"type": "json_schema", "json_schema": {"schema": {
+                     "type": "object", "properties": {f"k{i}": {"type": "bogus"} for i in range(2000)}}}}}):
+        r = api.post("/v1/chat/completions", json=body)
+        assert 400 <= r.status_code < 500 and len(r.content) < 1200, (r.status_code, len(r.content))
+    assert len(api.get("/v1/" + "a" * 10_000).content) < 1000

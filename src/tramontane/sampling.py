@@ -107,7 +107,9 @@ class SamplingParams:
 
 
 def _bad(field: str, value: object, rule: str) -> None:
-    raise RequestError(f"sampling parameter {field!r} must be {rule}, got {value!r}")
+    shown = repr(value)
+    shown = shown if len(shown) <= 100 else shown[:97] + "..."  # errors never echo a large input back
+    raise RequestError(f"sampling parameter {field!r} must be {rule}, got {shown}")
 
 
 def _is_int(value: object) -> bool:

@@ -47,7 +47,7 @@ def engine_for(request: Request, model: str | None, *, adapters: bool = False) -
     known = adapter_names(state.engine) if adapters else set()
     if model and model != state.model_name and model not in known:
         served = ", ".join(repr(n) for n in [state.model_name, *sorted(known)])
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {served}",
+        raise APIError(404, f"the model {model[:100]!r} does not exist; this server serves {served}",
                        param="model", code="model_not_found")
     return state.engine
 

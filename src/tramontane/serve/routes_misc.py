@@ -58,7 +58,7 @@ async def get_model(request: Request, model_id: str) -> JSONResponse:
         if card.id == model_id:
             return JSONResponse(card.model_dump(mode="json"))
     served = ", ".join(repr(c.id) for c in cards)
-    raise APIError(404, f"the model {model_id!r} does not exist; this server serves {served}",
+    raise APIError(404, f"the model {model_id[:100]!r} does not exist; this server serves {served}",
                    param="model", code="model_not_found")
 
 
