@@ -21,3 +21,4 @@ def smollm2_path() -> Path:
         return default_model_path()
     except LoadError as e:
         pytest.skip(str(e))
+

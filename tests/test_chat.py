@@ -304,9 +304,27 @@ def test_render_matches_transformers(smol_hf: tuple[Any, Path]) -> None:
     "{{ messages.__class__.__base__.__subclasses__() }}",
     "{{ self._TemplateReference__context }}",
     "{% set x = messages.append(1) %}",
+    "{{ joiner.__init__.__globals__ }}",
+    "{{ namespace.__init__.__globals__ }}",
+    "{{ raise_exception.__globals__ }}",
+    "{{ strftime_now.__globals__['__builtins__'] }}",
+    "{{ ''|attr('__class__') }}",
+    "{{ messages[0].items.__self__.__class__ }}",
+    "{{ ().__class__.__base__.__subclasses__()[0] }}",
+    "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
 ])
 def test_hostile_templates(template: str) -> None:
     with pytest.raises(TemplateError, match="security|unsafe"):
+        render(template)
+
+
+@pytest.mark.parametrize("template", [
+    "{{ lipsum.__globals__.os.popen('id').read() }}",  # lipsum is not there at all
+    "{{ request.application.__globals__ }}",
+    "{{ config.items() }}",
+])
+def test_flask_style_ssti_finds_nothing(template: str) -> None:
+    with pytest.raises(TemplateError, match="undefined"):
         render(template)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from rss import rss_growth
 from tramontane.errors import LoadError
 from tramontane.weights.gguf import open_gguf
 
@@ -290,11 +291,12 @@ def test_hostile_file_is_refused(tmp_path: Path, make: Callable[[], bytes], expe
     try:
         start = time.perf_counter()
         with pytest.raises(LoadError) as info:
-            open_gguf(path)
+            rss_growth(lambda: open_gguf(path))
         elapsed = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
+    assert rss_growth.last < 50 << 20, f"RSS grew by {rss_growth.last >> 20} MiB"
     assert info.value.path == str(path) and str(info.value).startswith(str(path))
     assert info.value.problem
     assert re.search(expected, info.value.problem), info.value.problem

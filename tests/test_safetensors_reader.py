@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from rss import rss_growth
 from tramontane.errors import LoadError
 from tramontane.weights.safetensors import SafetensorsFile
 
@@ -55,8 +56,9 @@ def test_corrupt_file(tmp_path, case):
     path.write_bytes(data)
     start = time.perf_counter()
     with pytest.raises(LoadError, match=message) as err:
-        SafetensorsFile(path)
+        rss_growth(lambda: SafetensorsFile(path))
     assert time.perf_counter() - start < 1.0
+    assert rss_growth.last < 50 << 20, f"RSS grew by {rss_growth.last >> 20} MiB"
     assert str(path) in str(err.value)
 
 

@@ -38,6 +38,10 @@ MALFORMED = [
 ]
 
 
+def server_folder(server) -> str:
+    return str(server[3])
+
+
 def rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -66,7 +70,7 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "stderr.txt"
     with running_server(log, str(folder), "--served-model-name", "tiny", "--kv-cache-memory", "64M",
                         "--drain-timeout", str(DRAIN_TIMEOUT), "--dtype", "float32") as (base, proc):
-        yield base, proc, log
+        yield base, proc, log, folder
 
 
 async def _well_formed(client: httpx.AsyncClient, rng: random.Random, tally: dict) -> None:
@@ -137,7 +141,7 @@ def _settled(base: str) -> dict[str, float]:
 
 
 def test_thirty_two_clients_with_faults_for_a_minute(server):
-    base, proc, log = server
+    base, proc, log, _ = server
     asyncio.run(_run(base, 5.0, {"complete": 0, "gone": 0, "malformed": 0}))  # warm-up
     before = rss(proc.pid)
     tally = {"complete": 0, "gone": 0, "malformed": 0}
@@ -157,9 +161,41 @@ async def _run(base: str, seconds: float, tally: dict) -> None:
     await asyncio.gather(*(_client(base, k, deadline, tally) for k in range(CLIENTS)))
 
 
+def test_echo_scores_the_prompt_as_transformers_does(server):
+    """/v1/completions with echo, logprobs and max_tokens 0 (lm-eval-harness' log-likelihood request):
+    the prompt's token log-probabilities equal transformers' on the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base, _, _, _ = server
+    ids = [1, 1500, 2000, 31, 400, 7, 9000, 12]
+    r = httpx.post(f"{base}/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 3,
+                                                    "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None and len(lp["tokens"]) == len(ids)
+    assert r.json()["usage"]["completion_tokens"] == 0 and choice["finish_reason"] == "length"
+    model = AutoModelForCausalLM.from_pretrained(server_folder(server), dtype=torch.float32).eval()
+    with torch.inference_mode():
+        reference = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    expected = [float(reference[k - 1, ids[k]]) for k in range(1, len(ids))]
+    assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:], expected)) < 1e-4
+    assert all(len(top) == 3 and max(top.values()) >= v - 1e-6 for top, v in zip(lp["top_logprobs"][1:],
+                                                                                   lp["token_logprobs"][1:]))
+    both = httpx.post(f"{base}/v1/completions", json={"prompt": ids, "max_tokens": 4, "echo": True, "logprobs": 1,
+                                                       "temperature": 0, "ignore_eos": True}, timeout=60).json()
+    generated = both["choices"][0]["logprobs"]
+    assert generated["token_logprobs"][:len(ids)] == lp["token_logprobs"] and len(generated["tokens"]) == len(ids) + 4
+    assert both["choices"][0]["text"].startswith(choice["text"]) and generated["text_offset"] == sorted(
+        generated["text_offset"])
+    bad = httpx.post(f"{base}/v1/completions", json={"prompt": ids, "max_tokens": 0}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
 def test_schemathesis_finds_no_server_error(server, tmp_path):
     """schemathesis against /openapi.json, positive and negative cases for every route: no 5xx."""
-    base, proc, log = server
+    base, proc, log, _ = server
     st = Path(sys.executable).parent / "schemathesis"
     if not st.exists():
         pytest.skip("schemathesis is not installed (a test extra)")
@@ -189,7 +225,7 @@ async def _stream_to_end(base: str, events: list) -> None:
 def test_sigterm_under_load_drains_in_time(server):
     """Last in the module: running requests complete, new ones get 503, the process exits within the
     drain timeout, and no child process outlives it."""
-    base, proc, _ = server
+    base, proc, _, _ = server
     kids = children(proc.pid)
 
     async def scenario() -> tuple[list[list[str]], int, float]:

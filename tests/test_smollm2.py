@@ -50,3 +50,67 @@ def test_greedy_chat_answer_matches_transformers(both):
     assert ours.token_ids == theirs[: len(ours.token_ids)]
     assert len(ours.token_ids) == 32 or ours.finish_reason == "stop"
     assert "Paris" in ours.text
+
+
+def _transformers_perplexity(hf, ids: list[int], context: int, stride: int) -> float:
+    """The sliding-window recipe of transformers' perplexity guide, with the exact token count."""
+    nll_sum, n_tokens, prev_end = 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + context, len(ids))
+        trg_len = end - prev_end
+        input_ids = torch.tensor([ids[begin:end]])
+        target = input_ids.clone()
+        target[:, :-trg_len] = -100
+        with torch.inference_mode():
+            loss = hf(input_ids, labels=target).loss
+        valid = int((target[:, 1:] != -100).sum())  # the labels are shifted inside the model
+        nll_sum += float(loss) * valid
+        n_tokens += valid
+        prev_end = end
+        if end == len(ids):
+            break
+    return float(torch.tensor(nll_sum / n_tokens).exp())
+
+
+def test_perplexity_equals_transformers(both, smollm2_path, tmp_path, capsys):
+    """`tramontane eval --perplexity` on a fixed text equals transformers' perplexity (same windows)."""
+    from tramontane.cli import main
+    from tramontane.evaluate import perplexity
+
+    llm, hf, hf_tok = both
+    text = " ".join([TEXT] * 4)
+    ids = llm.tokenizer.encode(text)
+    assert ids == hf_tok(text, add_special_tokens=False)["input_ids"] and len(ids) > 400
+    for context, stride in ((128, 64), (256, 256)):
+        ours = perplexity(llm, ids, context, stride)
+        reference = _transformers_perplexity(hf, ids, context, stride)
+        assert ours.tokens == len(ids) - 1
+        assert abs(ours.perplexity / reference - 1) < 0.005, (context, stride, ours.perplexity, reference)
+    (tmp_path / "text.txt").write_text(text)
+    assert main(["eval", str(smollm2_path), "--perplexity", str(tmp_path / "text.txt"), "--context", "128",
+                 "--stride", "64"]) == 0
+    printed = float(capsys.readouterr().out.split()[1])
+    assert abs(printed - perplexity(llm, ids, 128, 64).perplexity) < 1e-3
+
+
+def test_multiple_choice_scores_equal_transformers_loglikelihood(both, smollm2_path, tmp_path, capsys):
+    from tramontane.cli import main
+    from tramontane.evaluate import continuation_logprob
+
+    llm, hf, hf_tok = both
+    question, choice = "The capital of France is", " Paris"
+    whole = hf_tok(question + choice, add_special_tokens=False)["input_ids"]
+    head = len(hf_tok(question, add_special_tokens=False)["input_ids"])
+    with torch.inference_mode():
+        logp = hf(torch.tensor([whole])).logits.float().log_softmax(-1)[0]
+    reference = sum(float(logp[k - 1, whole[k]]) for k in range(head, len(whole)))
+    assert abs(continuation_logprob(llm, question, choice) - reference) < 2e-3
+    items = [{"question": "The capital of France is", "choices": ["Paris", "a banana", "blue"], "answer": 0},
+             {"question": "Two plus two equals", "choices": ["seven hundred", "four"], "answer": "four"},
+             {"question": "The opposite of hot is", "choices": ["cold", "purple"], "answer": 0}]
+    (tmp_path / "mc.jsonl").write_text("\n".join(map(__import__("json").dumps, items)))
+    assert main(["eval", str(smollm2_path), "--choice", str(tmp_path / "mc.jsonl")]) == 0
+    assert capsys.readouterr().out.startswith("accuracy 1.0000")
+    (tmp_path / "bad.jsonl").write_text('{"question": "q", "choices": ["a"], "answer": 0}')
+    assert main(["eval", str(smollm2_path), "--choice", str(tmp_path / "bad.jsonl")]) == 1
+    assert "bad.jsonl:1" in capsys.readouterr().err

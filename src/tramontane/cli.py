@@ -1,4 +1,4 @@
-"""The `tramontane` command: run, chat, show, serve (and finetune, merge: cli_train.py)."""
+"""The `tramontane` command: run, chat, show, serve, eval (and finetune, merge: cli_train.py)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print a model's architecture")
     show.add_argument("model", nargs="?", default=None, metavar="MODEL")
     _serve_flags(sub.add_parser("serve", help="serve an OpenAI- and Mistral-compatible HTTP API"))
+    ev = sub.add_parser("eval", help="perplexity of a text file, or accuracy on multiple-choice items")
+    ev.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--perplexity", type=Path, metavar="FILE", help="a UTF-8 text file")
+    what.add_argument("--choice", type=Path, metavar="FILE",
+                      help='JSONL: {"question": ..., "choices": [...], "answer": index or text}')
+    ev.add_argument("--context", type=int, default=1024, help="tokens per window (default 1024)")
+    ev.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
+    ev.add_argument("--dtype", choices=DTYPES, default="auto")
     add_train_parsers(sub)
     return parser
 
@@ -277,6 +286,29 @@ def cmd_show(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from . import load
+    from .evaluate import choice_accuracy, perplexity, read_choices
+
+    path = ns.perplexity or ns.choice
+    if not path.is_file():
+        raise TramontaneError(f"{path}: no such file")
+    llm = load(ns.model, dtype=ns.dtype)
+    if ns.perplexity is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise TramontaneError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        ids = llm.tokenizer.encode(text, add_bos=llm.tokenizer.default_add_bos)
+        result = perplexity(llm, ids, ns.context, ns.stride)
+        print(f"perplexity {result.perplexity:.4f}  (mean NLL {result.nll:.4f} nats over {result.tokens} tokens, "
+              f"{result.windows} windows of {ns.context} tokens, stride {ns.stride})")
+    else:
+        choices = choice_accuracy(llm, read_choices(path))
+        print(f"accuracy {choices.accuracy:.4f}  acc_norm {choices.accuracy_norm:.4f}  ({choices.items} items)")
+    return 0
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     import os
 
@@ -309,7 +341,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     commands = {"run": cmd_run, "chat": cmd_chat, "show": cmd_show, "serve": cmd_serve, "finetune": cmd_finetune,
-                "merge": cmd_merge}
+                "merge": cmd_merge, "eval": cmd_eval}
     from .parallel.dist import init_from_env, shutdown
 
     # under torchrun: join the group; every rank runs this same command

@@ -21,7 +21,7 @@ from ..generate import SequenceState, pick_tokens
 from .blocks import BlockPool, bytes_per_block
 from .metrics import EngineMetrics
 from ..parallel.dist import broadcast_object, is_parallel
-from .runner import embed, run_step
+from .runner import embed, prompt_logprobs, run_step
 from .scheduler import EngineSequence, Scheduler
 from .types import (ContextLengthError, EngineRequest, EngineUnavailableError, QueueFullError, UnknownAdapterError,
                     RequestOutput)
@@ -117,6 +117,15 @@ class AsyncEngine:
         self._inbox.put(("embed", token_ids, future))
         return await asyncio.wrap_future(future)
 
+    async def prompt_logprobs(self, token_ids: list[list[int]], top: int
+                              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The prompts' own token log-probabilities (runner.prompt_logprobs), computed between steps."""
+        if not self.accepting or not self.is_healthy():
+            raise EngineUnavailableError("the engine is not accepting requests (loading, draining or stopped)")
+        future: Future = Future()
+        self._inbox.put(("score", token_ids, top, future))
+        return await asyncio.wrap_future(future)
+
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Refuse new work, let running and waiting requests finish (up to the timeout), stop the thread."""
         self.accepting = False
@@ -180,6 +189,12 @@ class AsyncEngine:
             self.metrics.finished.labels(reason="abort").inc()
             self._forget(request_id)
             self._update_gauges()
+
+    def _on_score(self, token_ids: list[list[int]], top: int, future: Future) -> None:
+        try:
+            future.set_result(prompt_logprobs(self.model, token_ids, top))
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            future.set_exception(e)
 
     def _on_embed(self, token_ids: list[list[int]], future: Future) -> None:
         try:

@@ -134,6 +134,8 @@ def follow(model: Transformer, pool: BlockPool) -> None:
             forward_step(model, tokens, positions, PagedStep(pool, *parts), last, adapters)
         elif message[0] == "embed":
             _embed(model, message[1])
+        elif message[0] == "score":
+            _prompt_logprobs(model, message[1], message[2])
         elif message[0] == "stop":
             return
 
@@ -143,6 +145,37 @@ def embed(model: Transformer, token_ids: Sequence[Sequence[int]]) -> list[list[f
     if is_parallel():
         broadcast_object(("embed", [list(ids) for ids in token_ids]))
     return _embed(model, token_ids)
+
+
+def prompt_logprobs(model: Transformer, token_ids: Sequence[Sequence[int]], top: int
+                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per prompt, log p(token k | tokens before k) for k = 1..T-1 [T-1], and the `top` most likely ids
+    and their log-probabilities at each of those positions [T-1, top] (echo with logprobs, lm-eval)."""
+    if is_parallel():
+        broadcast_object(("score", [list(ids) for ids in token_ids], top))
+    return _prompt_logprobs(model, token_ids, top)
+
+
+SCORE_CHUNK = 256  # positions whose vocabulary-wide log-softmax is held at once
+
+
+def _prompt_logprobs(model: Transformer, token_ids: Sequence[Sequence[int]], top: int
+                     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    out = []
+    with torch.inference_mode():
+        for ids in token_ids:
+            tokens = torch.tensor([list(ids)])  # [1,T]
+            h = model.hidden_states(tokens)[0, :-1]  # [T-1,dim]: position k predicts token k+1
+            chosen, top_ids, top_lp = [], [], []
+            for start in range(0, h.shape[0], SCORE_CHUNK):
+                logp = model.logits(h[start:start + SCORE_CHUNK]).log_softmax(-1)  # [C,V]
+                nxt = tokens[0, start + 1:start + 1 + logp.shape[0], None]  # [C,1]
+                chosen.append(logp.gather(-1, nxt).squeeze(-1))
+                values, indices = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
+                top_lp.append(values)
+                top_ids.append(indices)
+            out.append((torch.cat(chosen), torch.cat(top_ids), torch.cat(top_lp)))
+    return out
 
 
 def _embed(model: Transformer, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:

@@ -161,8 +161,6 @@ def chat_logprobs(req: ChatCompletionRequest) -> int | None:
 def completion_logprobs(req: CompletionRequest) -> int | None:
     if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
         raise bad_request(f"logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {req.logprobs}", "logprobs")
-    if req.echo:
-        raise APIError(400, "echo is not supported", param="echo", code="not_supported")
     if req.best_of is not None and req.best_of != (req.n or 1):
         raise APIError(400, "best_of other than n is not supported", param="best_of", code="not_supported")
     return req.logprobs
@@ -291,7 +289,7 @@ async def encode_fim(tokenizer: Any, prompt: str, suffix: str, model: str) -> li
 
 def check_context(n_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> None:
     """400 context_length_exceeded when the prompt leaves no room, or no room for max_tokens."""
-    wanted = n_prompt + (max_tokens or 1)
+    wanted = n_prompt + (1 if max_tokens is None else max_tokens)  # 0: an echo that only scores the prompt
     if wanted > max_model_len:
         asked = f" + {max_tokens} for the completion" if max_tokens else ""
         raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, but the request "

@@ -25,7 +25,8 @@ from .convert import (
 )
 from .errors import bad_request
 from .formats import ChatFormat, CompletionFormat, Format, check_errors
-from .generation import Choice, ClientGone, EventStream, Run, until_disconnect
+from .echo import EchoCompletionFormat, echoes
+from .generation import Choice, ClientGone, EventStream, Run, engine_error, until_disconnect
 from .tool_format import ToolChatFormat
 from .protocol import ChatCompletionRequest, CompletionRequest, FIMCompletionRequest, SamplingFields
 
@@ -84,16 +85,32 @@ async def chat_completions(request: Request) -> Response:
 async def completions(request: Request) -> Response:
     body = await parse_body(request, CompletionRequest)
     engine = engine_for(request, body.model, adapters=True)
+    score_only = body.echo and 0 in (body.max_tokens, body.max_completion_tokens)  # lm-eval's log-likelihoods
+    if score_only:
+        body = body.model_copy(update={"max_tokens": 1, "max_completion_tokens": None})
     s = settings(body, logprobs=completion_logprobs(body), tokenizer=engine.tokenizer)
     if body.suffix is not None:
-        if not isinstance(body.prompt, str):
-            raise bad_request("with a suffix, the prompt must be one string", "prompt")
+        if not isinstance(body.prompt, str) or body.echo:
+            raise bad_request("with a suffix, the prompt must be one string, without echo", "prompt")
         prompts = [await encode_fim(engine.tokenizer, body.prompt, body.suffix, _answering(request, body.model))]
     else:
         prompts = await encode_inputs(engine.tokenizer, body.prompt, engine.config.vocab_size, "prompt")
     for ids in prompts:
-        check_context(len(ids), s.max_tokens, engine.max_model_len, "prompt")
-    fmt = CompletionFormat(new_id("cmpl"), _answering(request, body.model), s.n, s.params.logprobs is not None)
+        check_context(len(ids), 0 if score_only else s.max_tokens, engine.max_model_len, "prompt")
+    args = (new_id("cmpl"), _answering(request, body.model), s.n, s.params.logprobs is not None)
+    if not body.echo:
+        return await _respond(request, engine, body, prompts, s, CompletionFormat(*args))
+    scored = None
+    if s.params.logprobs is not None:
+        try:
+            scored = await until_disconnect(request, engine.prompt_logprobs(prompts, s.params.logprobs))
+        except ClientGone:
+            return Response(status_code=CLIENT_CLOSED)
+        except Exception as exc:  # noqa: BLE001 - the engine's refusal or failure, as an HTTP error
+            raise engine_error(exc) from None
+    fmt = EchoCompletionFormat(*args, echoes(engine.tokenizer, prompts, scored))
+    if score_only:
+        return JSONResponse(fmt.scored_only(prompts))
     return await _respond(request, engine, body, prompts, s, fmt)
 
 

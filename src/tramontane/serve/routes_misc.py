@@ -99,6 +99,22 @@ async def embeddings(request: Request) -> Response:
                                           usage=usage(n_tokens)).model_dump(mode="json"))
 
 
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> JSONResponse:
+    """vLLM's tokenizer description (lm-eval-harness' remote tokenizer reads it); /tokenize and
+    /detokenize answer at the root as well as under /v1."""
+    engine = engine_for(request, None)
+    tok = engine.tokenizer
+
+    def text(token_id: int | None) -> str | None:
+        return None if token_id is None else tok.decode([token_id], skip_special=False)
+
+    return JSONResponse({"eos_token": text(tok.eos_id), "bos_token": text(tok.bos_id), "pad_token": None,
+                         "model_max_length": engine.max_model_len, "vocab_size": tok.vocab_size,
+                         "chat_format": tok.chat_format})
+
+
+@router.post("/tokenize")
 @router.post("/v1/tokenize")
 async def tokenize(request: Request) -> JSONResponse:
     """Token ids of a prompt (with the tokenizer's BOS when add_special_tokens) or of a chat."""
@@ -115,6 +131,7 @@ async def tokenize(request: Request) -> JSONResponse:
                                          max_model_len=engine.max_model_len).model_dump(mode="json"))
 
 
+@router.post("/detokenize")
 @router.post("/v1/detokenize")
 async def detokenize(request: Request) -> JSONResponse:
     body = await parse_body(request, DetokenizeRequest)
