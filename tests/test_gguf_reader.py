@@ -241,7 +241,7 @@ HOSTILE: list[tuple[str, Callable[[], bytes], str]] = [
     ("kv-count-minus-1", _with(_set(n_kv=2**64 - 1)), "18446744073709551615 metadata entries"),
     # (the tensor infos read as one more key: its "length" is the name length and first tensor dims, too long)
     ("kv-count-one-too-many", _with(lambda b: setattr(b, "n_kv", len(b.kvs) + 1)), "truncated|bytes long"),
-    ("key-length-past-end", _with(lambda b: b.kvs.insert(0, p64(2**62) + b"abc")), "2\^62|4611686018427387904 bytes"),
+    ("key-length-past-end", _with(lambda b: b.kvs.insert(0, p64(2**62) + b"abc")), "4611686018427387904 bytes"),
     ("string-length-past-end", _with(lambda b: b.kv("s", STR, p64(10**6) + b"abc")), "truncated"),
     ("string-length-2^64-1", _with(lambda b: b.kv("s", STR, p64(2**64 - 1))), "truncated"),
     ("array-length-past-end", _with(lambda b: b.kv("a", ARR, p32(U32) + p64(10**6) + p32(1))), "claims 1000000"),
