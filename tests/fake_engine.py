@@ -61,6 +61,7 @@ class FakeEngine:
         self.closed = False
         self.started = False
         self.embedded: list[list[int]] = []
+        self.fail_seed: int | None = None  # a request with this seed fails at its third token (finish "error")
 
     def start(self) -> None:
         self.started = True
@@ -93,6 +94,11 @@ class FakeEngine:
                 if request.params.logprobs is not None:
                     top = [(100 + j, f"t{j}", -0.5 - j) for j in range(request.params.logprobs)]
                     logprobs = [TokenLogprob(100 + i, word, -0.25 if i else -math.inf, top)]
+                if i == 2 and self.fail_seed is not None and request.params.seed == self.fail_seed:
+                    done = True
+                    yield RequestOutput(request.request_id, finish_reason="error", error="injected step failure",
+                                        prompt_tokens=len(request.prompt_token_ids), completion_tokens=i)
+                    return
                 yield RequestOutput(request.request_id, text=word, token_ids=[100 + i], logprobs=logprobs,
                                     finish_reason=reason, prompt_tokens=len(request.prompt_token_ids),
                                     completion_tokens=i + 1)

@@ -4,6 +4,7 @@ prefix-cache keys, request-supplied chat templates, request size limits, hostile
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 
@@ -141,3 +142,18 @@ def test_errors_never_echo_a_large_input():
         r = api.post("/v1/chat/completions", json=body)
         assert 400 <= r.status_code < 500 and len(r.content) < 1200, (r.status_code, len(r.content))
     assert len(api.get("/v1/" + "a" * 10_000).content) < 1000
+
+
+def test_a_failed_request_is_a_500_or_an_error_event_then_done():
+    engine = FakeEngine()
+    engine.fail_seed = 13
+    api = TestClient(create_app(engine))
+    ask = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 6}
+    failed = api.post("/v1/chat/completions", json={**ask, "seed": 13})
+    assert failed.status_code == 500 and failed.json()["error"]["code"] == "engine_error"
+    assert "injected" in failed.json()["error"]["message"]
+    with api.stream("POST", "/v1/chat/completions", json={**ask, "seed": 13, "stream": True}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
+    assert any(json.loads(e).get("choices") and json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2])
+    assert api.post("/v1/chat/completions", json={**ask, "seed": 1}).status_code == 200  # the others go on
