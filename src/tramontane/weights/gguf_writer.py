@@ -30,6 +30,8 @@ TENSOR_NAMES = {
 }
 EXPERT_NAMES = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
 FLOAT_TYPES = {"f32": (np.float32, 0), "f16": (np.float16, 1)}  # name -> (numpy dtype, GGUF file_type)
+# name -> (GGML type, llama.cpp's file_type "MOSTLY_*"): block formats the gguf package can quantize to
+BLOCK_TYPES = {"q8_0": (8, 7), "q4_0": (2, 2), "q4_1": (3, 3), "q5_0": (6, 8), "q5_1": (7, 9)}
 
 
 def architecture_metadata(config: ModelConfig) -> dict[str, Any]:
@@ -112,19 +114,26 @@ def tensors(model: torch.nn.Module, float_type: str = "f32") -> Iterator[tuple[s
 
 
 def write_gguf(model: torch.nn.Module, path: str | Path, tokenizer: Mapping[str, Any] | None = None,
-               name: str = "tramontane", float_type: str = "f32") -> Path:
-    """Write `model` (built, packed or float) to `path` as GGUF; returns the path."""
+               name: str = "tramontane", float_type: str = "f32", quant: str | None = None) -> Path:
+    """Write `model` (built, packed or float) to `path` as GGUF; returns the path. `quant` (q8_0, q4_0,
+    q4_1, q5_0, q5_1) quantizes the float matrices from float32 (norms, and matrices whose rows are not
+    whole blocks, stay float32)."""
     import gguf
 
     if float_type not in FLOAT_TYPES:
         raise ValueError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
+    if quant is not None and quant not in BLOCK_TYPES:
+        raise ValueError(f"quant must be one of {', '.join(BLOCK_TYPES)}, got {quant!r}")
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(name)
-    writer.add_file_type(FLOAT_TYPES[float_type][1])
+    writer.add_file_type(BLOCK_TYPES[quant][1] if quant else FLOAT_TYPES[float_type][1])
     for key, value in {**architecture_metadata(model.config), **dict(tokenizer or {})}.items():
         _add_value(writer, key, value)
-    for gguf_name, array, qtype in tensors(model, float_type):
+    for gguf_name, array, qtype in tensors(model, "f32" if quant else float_type):  # quantize from float32
+        if qtype is None and quant is not None and array.ndim >= 2 and array.shape[-1] % 32 == 0:
+            qtype = BLOCK_TYPES[quant][0]
+            array = gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType(qtype))
         if qtype is None:
             writer.add_tensor(gguf_name, array)
         else:

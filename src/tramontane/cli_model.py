@@ -1,0 +1,79 @@
+"""`tramontane convert`: a model between the three weight formats.
+
+    tramontane convert MODEL --to hf|mistral|gguf [--quant f16|q8_0|q4_0|q4_1|q5_0|q5_1] --out PATH
+
+The model is loaded in float32 (GGUF blocks dequantized), then written by the format's writer
+(weights/hf_writer.py, native_writer.py, gguf_writer.py). Tokenizers: a folder's tokenizer files are
+copied to hf/mistral outputs and a GGUF file's vocabulary is written as tokenizer.json; a GGUF output
+takes a GGUF source's `tokenizer.*` metadata (vocabulary, merges, chat template) unchanged."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .errors import TramontaneError
+
+TARGETS = ("hf", "mistral", "gguf")
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+
+
+def add_model_parsers(sub: Any) -> None:
+    conv = sub.add_parser("convert", help="convert a model between Hugging Face, Mistral native and GGUF files")
+    conv.add_argument("model", metavar="MODEL")
+    conv.add_argument("--to", required=True, choices=TARGETS)
+    conv.add_argument("--quant", choices=QUANTS, default=None,
+                      help="GGUF output: f32, f16 (default) or a block format; hf/mistral: f32 (default) or f16")
+    conv.add_argument("--out", required=True, type=Path, metavar="PATH", help="folder (hf, mistral) or .gguf file")
+
+
+def _tokenizer_metadata(loaded: Any, source: Path) -> dict[str, Any] | None:
+    """A GGUF output's tokenizer keys: a GGUF source's own; None for a source without a tokenizer."""
+    if loaded.format == "gguf":
+        return {k: v for k, v in loaded.metadata.items() if k.startswith("tokenizer.")}
+    from .tokenizer import HF_FILES, MISTRAL_FILES
+
+    if any(any(source.glob(p)) for p in (*MISTRAL_FILES, *HF_FILES[:1])):
+        raise TramontaneError(f"{source}: writing this folder's tokenizer into a GGUF file is not available yet; "
+                              "convert from a GGUF file, or to hf/mistral")
+    return None
+
+
+def cmd_convert(ns: argparse.Namespace) -> int:
+    import torch
+
+    from .resolve import resolve_model
+    from .weights.loader import load_model
+
+    source = resolve_model(ns.model)
+    quant = ns.quant or ("f16" if ns.to == "gguf" else "f32")
+    if ns.to != "gguf" and quant not in ("f32", "f16"):
+        raise TramontaneError(f"--quant {quant} is a GGUF block format; --to {ns.to} writes f32 or f16")
+    loaded = load_model(source, dtype=torch.float32, packed=False)
+    model = loaded.model
+    if ns.to == "gguf":
+        from .weights.gguf_writer import write_gguf
+
+        tokenizer = _tokenizer_metadata(loaded, Path(source))
+        float_type = "f32" if quant == "f32" else "f16"
+        write_gguf(model, ns.out, tokenizer, name=Path(source).stem, float_type=float_type,
+                   quant=None if quant in ("f32", "f16") else quant)
+    else:
+        if quant == "f16":
+            model = model.to(torch.float16)
+        folder_source = Path(source) if Path(source).is_dir() else None
+        if ns.to == "hf":
+            from .weights.hf_writer import write_hf
+
+            write_hf(model, ns.out, tokenizer_source=folder_source)
+        else:
+            from .weights.native_writer import write_native
+
+            write_native(model, ns.out, tokenizer_source=folder_source)
+        if folder_source is None and "tokenizer.ggml.tokens" in loaded.metadata:  # a GGUF file's vocabulary
+            from .tokenizer import tokenizer_from_gguf
+
+            tokenizer_from_gguf(loaded.metadata, str(source)).save_hf(ns.out)
+    print(f"{source} -> {ns.out} ({ns.to}, {quant})")
+    return 0

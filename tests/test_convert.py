@@ -1,0 +1,88 @@
+"""`tramontane convert`: HF -> mistral -> gguf round trips keep the logits (exactly in float32, within
+f16 / block-format error otherwise); GGUF output carries what llama.cpp reads (gguf package's reader)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models import hf_model, save_hf
+from tramontane.cli import main
+from tramontane.weights.loader import load_model
+
+TOKENS = torch.tensor([[1, 5, 9, 33, 2, 17, 60, 4, 88, 12, 3, 41]])
+
+
+def logits(path) -> torch.Tensor:
+    with torch.inference_mode():
+        return load_model(path, dtype=torch.float32).model(TOKENS)
+
+
+@pytest.mark.parametrize("kind", ["mistral", "mixtral"])
+def test_hf_to_mistral_to_gguf_keeps_the_logits(kind, tmp_path):
+    hf = hf_model(kind, seed=21)
+    source = save_hf(hf, tmp_path / "hf", shard=None)
+    with torch.inference_mode():
+        reference = hf(TOKENS).logits.float()
+    scale = reference.abs().max().item()
+    assert main(["convert", str(source), "--to", "mistral", "--out", str(tmp_path / "native")]) == 0
+    assert (tmp_path / "native" / "params.json").is_file()
+    assert torch.allclose(logits(tmp_path / "native"), reference, atol=1e-5 * scale)
+    assert main(["convert", str(tmp_path / "native"), "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    assert (logits(tmp_path / "m.gguf") - reference).abs().max().item() < 5e-3 * scale  # f16 weights
+    assert main(["convert", str(tmp_path / "m.gguf"), "--to", "hf", "--out", str(tmp_path / "back")]) == 0
+    assert (logits(tmp_path / "back") - reference).abs().max().item() < 5e-3 * scale
+
+
+@pytest.mark.parametrize(("quant", "ggml_type", "tolerance"), [("q8_0", 8, 0.08), ("q4_0", 2, 0.5),
+                                                                 ("q5_1", 7, 0.25)])
+def test_block_formats_load_back_within_their_error(quant, ggml_type, tolerance, tmp_path):
+    import gguf
+
+    hf = hf_model("mistral", seed=22)
+    source = save_hf(hf, tmp_path / "hf", shard=None)
+    out = tmp_path / f"m-{quant}.gguf"
+    assert main(["convert", str(source), "--to", "gguf", "--quant", quant, "--out", str(out)]) == 0
+    reader = gguf.GGUFReader(str(out))
+    tensors = {t.name: t for t in reader.tensors}
+    assert int(tensors["blk.0.attn_q.weight"].tensor_type) == ggml_type
+    assert int(tensors["blk.0.attn_norm.weight"].tensor_type) == 0  # norms stay float32
+    # the blocks are what the gguf package's own quantizer writes for the source weights (interleaved q rows)
+    ours = load_model(source, dtype=torch.float32).model.state_dict()["layers.0.feed_forward.w2.weight"].numpy()
+    expected = gguf.quants.quantize(ours, gguf.GGMLQuantizationType(ggml_type))
+    assert np.array_equal(np.asarray(tensors["blk.0.ffn_down.weight"].data).reshape(expected.shape), expected)
+    loaded = load_model(out, dtype=torch.float32, packed=False).model.state_dict()["layers.0.feed_forward.w2.weight"]
+    assert np.array_equal(loaded.numpy(), gguf.quants.dequantize(expected, gguf.GGMLQuantizationType(ggml_type)))
+    with torch.inference_mode():
+        reference = hf(TOKENS).logits.float()
+    diff = (logits(out) - reference).abs().max().item()
+    print(f"{quant}: max |logit diff| {diff:.4f} of {reference.abs().max().item():.3f}")
+    assert diff < tolerance * reference.abs().max().item(), diff
+
+
+def test_gguf_output_has_what_llama_cpp_reads(smollm2_path, tmp_path):
+    """SmolLM2's GGUF converted to q8_0: architecture, sizes, rope base, vocabulary, merges and chat
+    template, read back by the gguf package's reader; and it loads and answers here."""
+    import gguf
+
+    import tramontane
+
+    out = tmp_path / "smol-q8_0.gguf"
+    assert main(["convert", str(smollm2_path), "--to", "gguf", "--quant", "q8_0", "--out", str(out)]) == 0
+    fields = gguf.GGUFReader(str(out)).fields
+    source = gguf.GGUFReader(str(smollm2_path)).fields
+
+    def value(fs, key):
+        f = fs[key]
+        return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]]
+
+    for key in ("general.architecture", "llama.context_length", "llama.embedding_length", "llama.block_count",
+                "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
+                "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+        assert value(fields, key) == value(source, key), key
+    llm = tramontane.load(out)
+    answer = llm.chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+                      temperature=0, max_tokens=12)
+    assert "Paris" in answer.text
