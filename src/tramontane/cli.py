@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli_model import add_model_parsers, cmd_convert
+from .cli_model import add_model_parsers, add_store_parsers, cmd_convert, cmd_list, cmd_pull, cmd_rm
 from .cli_train import add_train_parsers, cmd_finetune, cmd_merge
 from .errors import TramontaneError
 
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", choices=DTYPES, default="auto")
     add_train_parsers(sub)
     add_model_parsers(sub)
+    add_store_parsers(sub)
     return parser
 
 
@@ -343,7 +344,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     commands = {"run": cmd_run, "chat": cmd_chat, "show": cmd_show, "serve": cmd_serve, "finetune": cmd_finetune,
-                "merge": cmd_merge, "eval": cmd_eval, "convert": cmd_convert}
+                "merge": cmd_merge, "eval": cmd_eval, "convert": cmd_convert, "list": cmd_list, "rm": cmd_rm,
+                "pull": cmd_pull}
     from .parallel.dist import init_from_env, shutdown
 
     # under torchrun: join the group; every rank runs this same command

@@ -19,6 +19,51 @@ TARGETS = ("hf", "mistral", "gguf")
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 
+def add_store_parsers(sub: Any) -> None:
+    sub.add_parser("list", help="list the models in the local store ($TRAMONTANE_HOME)")
+    rm = sub.add_parser("rm", help="remove a model from the local store")
+    rm.add_argument("name", metavar="NAME")
+    pull = sub.add_parser("pull", help="add a model to the local store: a Hugging Face repo id, or a local path")
+    pull.add_argument("source", metavar="REPO_ID|PATH")
+    pull.add_argument("--revision", default=None, help="branch, tag or commit (Hub only)")
+    pull.add_argument("--name", default=None, help="name in the store (default: the repo's or file's name)")
+    pull.add_argument("--file", default=None, metavar="FILE.gguf", help="the one GGUF file to download (Hub only)")
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    from .store import home, list_models
+
+    models = list_models()
+    if not models:
+        print(f"no models in {home()} (add one with `tramontane pull`)")
+    for m in models:
+        size = m.info.get("size", 0) / 1e9
+        print(f"{m.name:<32} {m.info.get('format', '?'):<26} {size:7.2f} GB  {m.info.get('source', '')}")
+    return 0
+
+
+def cmd_rm(ns: argparse.Namespace) -> int:
+    from .store import remove
+
+    print(f"removed {remove(ns.name)}")
+    return 0
+
+
+def cmd_pull(ns: argparse.Namespace) -> int:
+    from .store import pull_hub, pull_local
+
+    local = Path(ns.source).expanduser()
+    if local.exists():
+        if ns.revision or ns.file:
+            raise TramontaneError("--revision and --file apply to Hub downloads, not to a local path")
+        stored = pull_local(local, ns.name)
+    else:
+        stored = pull_hub(ns.source, ns.revision, ns.name, ns.file)
+    print(f"pulled {ns.source} as {stored.name} ({stored.info['format']}, {stored.info['size'] / 1e9:.2f} GB): "
+          f"`tramontane run {stored.name}`")
+    return 0
+
+
 def add_model_parsers(sub: Any) -> None:
     conv = sub.add_parser("convert", help="convert a model between Hugging Face, Mistral native and GGUF files")
     conv.add_argument("model", metavar="MODEL")

@@ -25,6 +25,14 @@ def default_model_path() -> Path:
 
 
 def resolve_model(model: str | Path | None) -> Path:
+    """None: the default model; an existing path; else the name of a model in the store (store.py)."""
     if model is None or str(model) == "":
         return default_model_path()
-    return Path(model).expanduser()
+    path = Path(model).expanduser()
+    if not path.exists():
+        from .store import find
+
+        stored = find(str(model))
+        if stored is not None:
+            return stored.path
+    return path
