@@ -64,7 +64,7 @@ def children(pid: int) -> set[int]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = save_hf(hf_model("mistral", seed=5, vocab_size=32768, max_position_embeddings=1024),
+    folder = save_hf(hf_model("mistral", seed=5, vocab_size=32768, max_position_embeddings=512),
                      tmp_path_factory.mktemp("model"), shard=None)
     shutil.copy(DATA / "mistral_instruct_tokenizer_240323.model.v3", folder / "tokenizer.model.v3")
     log = tmp_path_factory.mktemp("serve") / "stderr.txt"
@@ -99,7 +99,7 @@ async def _well_formed(client: httpx.AsyncClient, rng: random.Random, tally: dic
 
 
 async def _goes_away(client: httpx.AsyncClient, rng: random.Random, tally: dict) -> None:
-    body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 400,
+    body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 300,
             "ignore_eos": True, "stream": rng.random() < 0.5}
     try:
         await asyncio.wait_for(client.post("/v1/chat/completions", json=body), timeout=rng.uniform(0.05, 1.5))
@@ -194,19 +194,20 @@ def test_echo_scores_the_prompt_as_transformers_does(server):
 
 
 def test_schemathesis_finds_no_server_error(server, tmp_path):
-    """schemathesis against /openapi.json, positive and negative cases for every route: no 5xx."""
+    """schemathesis against /openapi.json, positive and negative cases for every route: no 5xx. (A short
+    run; `schemathesis run URL/openapi.json --checks not_a_server_error` with every phase is the long one.)"""
     base, proc, log, _ = server
     st = Path(sys.executable).parent / "schemathesis"
     if not st.exists():
         pytest.skip("schemathesis is not installed (a test extra)")
     for mode in ("positive", "negative"):
         r = subprocess.run([str(st), "run", f"{base}/openapi.json", "--checks", "not_a_server_error", "--mode", mode,
-                            "--max-examples", "4", "--seed", "11", "--phases", "examples,coverage,fuzzing",
+                            "--max-examples", "12", "--seed", "11", "--phases", "examples,fuzzing",
                             "--request-timeout", "60", "--workers", "2", "--no-color"],
                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert r.returncode == 0, r.stdout[-4000:]
         cases = re.search(r"(\d+) generated", r.stdout)
-        assert cases and int(cases.group(1)) >= 50, r.stdout[-2000:]
+        assert cases and int(cases.group(1)) >= 60, r.stdout[-2000:]
         print(f"\nschemathesis {mode}: {cases.group(0)}")
     assert proc.poll() is None and "Traceback" not in log.read_text()
 
