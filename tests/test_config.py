@@ -50,6 +50,11 @@ def test_hf_and_gguf_constructors_agree():
     ({"n_heads": 30}, "n_kv_heads"),
     ({"dim": None}, "dim"),
     ({"n_layers": "many"}, "n_layers"),
+    ({"n_layers": 10**9}, "n_layers 1000000000 must be in 1..1024"),  # layer counts within reason
+    ({"n_layers": 2**63}, "n_layers"),
+    ({"dim": 2**40, "head_dim": 128}, "dim"),
+    ({"vocab_size": 2**40}, "vocab_size"),
+    ({"hidden_dim": 2**50}, "hidden_dim"),
     ({"sliding_window": -3}, "sliding_window"),
     ({"moe": {"num_experts": 2, "num_experts_per_tok": 3}}, "moe"),
 ])
