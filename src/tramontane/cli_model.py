@@ -1,6 +1,6 @@
 """`tramontane convert`: a model between the three weight formats.
 
-    tramontane convert MODEL --to hf|mistral|gguf [--quant f16|q8_0|q4_0|q4_1|q5_0|q5_1] --out PATH
+    tramontane convert MODEL --to hf|mistral|gguf [--quant f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q6_k] --out PATH
 
 The model is loaded in float32 (GGUF blocks dequantized), then written by the format's writer
 (weights/hf_writer.py, native_writer.py, gguf_writer.py). Tokenizers: a folder's tokenizer files are
@@ -16,7 +16,7 @@ from typing import Any
 from .errors import TramontaneError
 
 TARGETS = ("hf", "mistral", "gguf")
-QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k")
 
 
 def add_store_parsers(sub: Any) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 QK_K = 256  # elements per K-quant super-block
@@ -250,3 +251,55 @@ def dequantize(raw: torch.Tensor, ggml_type: int) -> torch.Tensor:
     for start in range(0, n_blocks, step):
         out[start : start + step] = kernel(blocks[start : start + step])
     return out.reshape(-1)
+
+
+# ---- quantizing to K-quant blocks (the gguf package quantizes only the simple formats) ----------
+# Plain round-to-nearest with min/max scales per sub-block, in exactly the layouts the dequantizers
+# above read (llama.cpp's quantizers also search scales iteratively; these are simpler, a little less
+# accurate, and read the same everywhere).
+
+
+def _f16_bytes(values: np.ndarray) -> np.ndarray:
+    """[N] float -> [N, 2] bytes of float16."""
+    return values.astype(np.float16).reshape(-1, 1).view(np.uint8)
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """float32 [..., K] (K a multiple of 256) -> Q4_K blocks [..., K // 256 * 144] uint8."""
+    rows = x.reshape(-1, QK_K // 32, 32).astype(np.float32)  # [N, S=8, 32]
+    low = np.minimum(rows.min(axis=-1), 0.0)  # [N, 8]
+    sub_scale = (rows.max(axis=-1) - low) / 15.0
+    d = sub_scale.max(axis=-1) / 63.0  # [N]
+    dmin = (-low).max(axis=-1) / 63.0
+    d16, dmin16 = d.astype(np.float16).astype(np.float32), dmin.astype(np.float16).astype(np.float32)
+    sc = np.clip(np.rint(sub_scale / np.where(d16 > 0, d16, 1)[:, None]), 0, 63).astype(np.uint8)
+    mn = np.clip(np.rint(-low / np.where(dmin16 > 0, dmin16, 1)[:, None]), 0, 63).astype(np.uint8)
+    step = (d16[:, None] * sc)[..., None]  # [N, 8, 1]
+    offset = (dmin16[:, None] * mn)[..., None]
+    q = np.clip(np.rint((rows + offset) / np.where(step > 0, step, 1)), 0, 15).astype(np.uint8)  # [N, 8, 32]
+    packed = np.empty((rows.shape[0], 12), np.uint8)  # get_scale_min_k4, inverted
+    packed[:, 0:4] = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
+    packed[:, 4:8] = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
+    packed[:, 8:12] = (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4)
+    pairs = q.reshape(-1, 4, 2, 32)  # sub-blocks 2j (low nibbles) and 2j+1 (high) share qs[32j:32j+32]
+    qs = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(-1, 128)
+    blocks = np.concatenate([_f16_bytes(d16), _f16_bytes(dmin16), packed, qs], axis=1)  # [N, 144]
+    return blocks.reshape(*x.shape[:-1], -1)
+
+
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """float32 [..., K] (K a multiple of 256) -> Q6_K blocks [..., K // 256 * 210] uint8."""
+    rows = x.reshape(-1, QK_K // 16, 16).astype(np.float32)  # [N, S=16, 16]
+    sub_scale = np.abs(rows).max(axis=-1) / 31.0  # q in -31..31 (-32 is never needed)
+    d16 = (sub_scale.max(axis=-1) / 127.0).astype(np.float16).astype(np.float32)  # [N]
+    sc = np.clip(np.rint(sub_scale / np.where(d16 > 0, d16, 1)[:, None]), 0, 127).astype(np.int8)
+    step = (d16[:, None] * sc)[..., None]
+    q = (np.clip(np.rint(rows / np.where(step > 0, step, 1)), -32, 31) + 32).astype(np.uint8).reshape(-1, 2, 4, 32)
+    low, high = q & 0x0F, q >> 4  # [N, h=2, k=4, l=32]
+    ql = (low[:, :, 0:2] | (low[:, :, 2:4] << 4)).reshape(-1, 128)  # ql[64h + 32m + l]: k = m and m + 2
+    qh = (high[:, :, 0] | (high[:, :, 1] << 2) | (high[:, :, 2] << 4) | (high[:, :, 3] << 6)).reshape(-1, 64)
+    blocks = np.concatenate([ql, qh, sc.view(np.uint8), _f16_bytes(d16)], axis=1)  # [N, 210]
+    return blocks.reshape(*x.shape[:-1], -1)
+
+
+QUANTIZERS = {12: quantize_q4_k, 14: quantize_q6_k}  # GGML type -> quantizer (K-quants, 256 per block)

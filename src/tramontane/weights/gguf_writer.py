@@ -30,8 +30,10 @@ TENSOR_NAMES = {
 }
 EXPERT_NAMES = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
 FLOAT_TYPES = {"f32": (np.float32, 0), "f16": (np.float16, 1)}  # name -> (numpy dtype, GGUF file_type)
-# name -> (GGML type, llama.cpp's file_type "MOSTLY_*"): block formats the gguf package can quantize to
-BLOCK_TYPES = {"q8_0": (8, 7), "q4_0": (2, 2), "q4_1": (3, 3), "q5_0": (6, 8), "q5_1": (7, 9)}
+# name -> (GGML type, llama.cpp's file_type "MOSTLY_*", elements per block): the gguf package quantizes the
+# simple formats, gguf_quants.QUANTIZERS the K-quants
+BLOCK_TYPES = {"q8_0": (8, 7, 32), "q4_0": (2, 2, 32), "q4_1": (3, 3, 32), "q5_0": (6, 8, 32), "q5_1": (7, 9, 32),
+               "q4_k": (12, 15, 256), "q6_k": (14, 18, 256)}
 
 
 def architecture_metadata(config: ModelConfig) -> dict[str, Any]:
@@ -116,7 +118,7 @@ def tensors(model: torch.nn.Module, float_type: str = "f32") -> Iterator[tuple[s
 def write_gguf(model: torch.nn.Module, path: str | Path, tokenizer: Mapping[str, Any] | None = None,
                name: str = "tramontane", float_type: str = "f32", quant: str | None = None) -> Path:
     """Write `model` (built, packed or float) to `path` as GGUF; returns the path. `quant` (q8_0, q4_0,
-    q4_1, q5_0, q5_1) quantizes the float matrices from float32 (norms, and matrices whose rows are not
+    q4_1, q5_0, q5_1, q4_k, q6_k) quantizes the float matrices from float32 (norms, and matrices whose rows are not
     whole blocks, stay float32)."""
     import gguf
 
@@ -131,9 +133,9 @@ def write_gguf(model: torch.nn.Module, path: str | Path, tokenizer: Mapping[str,
     for key, value in {**architecture_metadata(model.config), **dict(tokenizer or {})}.items():
         _add_value(writer, key, value)
     for gguf_name, array, qtype in tensors(model, "f32" if quant else float_type):  # quantize from float32
-        if qtype is None and quant is not None and array.ndim >= 2 and array.shape[-1] % 32 == 0:
+        if qtype is None and quant is not None and array.ndim >= 2 and array.shape[-1] % BLOCK_TYPES[quant][2] == 0:
             qtype = BLOCK_TYPES[quant][0]
-            array = gguf.quants.quantize(array.astype(np.float32), gguf.GGMLQuantizationType(qtype))
+            array = _quantize(array.astype(np.float32), qtype)
         if qtype is None:
             writer.add_tensor(gguf_name, array)
         else:
@@ -143,6 +145,16 @@ def write_gguf(model: torch.nn.Module, path: str | Path, tokenizer: Mapping[str,
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _quantize(array: np.ndarray, qtype: int) -> np.ndarray:
+    import gguf
+
+    from .gguf_quants import QUANTIZERS
+
+    if qtype in QUANTIZERS:
+        return QUANTIZERS[qtype](array)
+    return gguf.quants.quantize(array, gguf.GGMLQuantizationType(qtype))
 
 
 def _add_value(writer: Any, key: str, value: Any) -> None:
