@@ -3,6 +3,8 @@ f16 / block-format error otherwise); GGUF output carries what llama.cpp reads (g
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +117,33 @@ def test_k_quants_are_read_back_by_the_gguf_package(name, ggml_type, bound, tmp_
     expected = gguf.quants.dequantize(np.asarray(down.data), gguf.GGMLQuantizationType(ggml_type))
     assert np.array_equal(loaded.numpy(), expected.reshape(loaded.shape))
     assert torch.isfinite(logits(out)).all()
+
+
+def test_folder_tokenizers_are_written_into_gguf(smollm2_path, tmp_path):
+    """GGUF -> hf -> gguf gives back SmolLM2's vocabulary, merges, token types, pre-tokenizer, BOS/EOS and
+    chat template; a Mistral SentencePiece tokenizer written into GGUF encodes as mistral-common does."""
+    import gguf
+
+    import tramontane
+    from tramontane.tokenizer import MistralCommonTokenizer
+
+    assert main(["convert", str(smollm2_path), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert main(["convert", str(tmp_path / "hf"), "--to", "gguf", "--quant", "q8_0", "--out", str(tmp_path / "b.gguf")]) == 0
+    original, back = gguf.GGUFReader(str(smollm2_path)).fields, gguf.GGUFReader(str(tmp_path / "b.gguf")).fields
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                "tokenizer.chat_template"):
+        assert original[key].contents() == back[key].contents(), key
+    answer = tramontane.load(tmp_path / "b.gguf").chat(
+        [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], temperature=0,
+        max_tokens=12)
+    assert "Paris" in answer.text
+
+    data = __import__("importlib").util.find_spec("mistral_common").submodule_search_locations[0]
+    folder = save_hf(hf_model("mistral", seed=5, vocab_size=32768), tmp_path / "m", shard=None)
+    spm = Path(data) / "data" / "mistral_instruct_tokenizer_240323.model.v3"
+    (folder / "tokenizer.model.v3").write_bytes(spm.read_bytes())
+    assert main(["convert", str(folder), "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
+    ours, reference = tramontane.load(tmp_path / "m.gguf").tokenizer, MistralCommonTokenizer(spm)
+    for text in ("Hello world", "  two  spaces, digits 12345 and émoji 🙂", "[INST] stays text", "日本語"):
+        assert ours.encode(text, add_bos=True) == reference.encode(text, add_bos=True), text

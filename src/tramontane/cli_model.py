@@ -5,7 +5,8 @@
 The model is loaded in float32 (GGUF blocks dequantized), then written by the format's writer
 (weights/hf_writer.py, native_writer.py, gguf_writer.py). Tokenizers: a folder's tokenizer files are
 copied to hf/mistral outputs and a GGUF file's vocabulary is written as tokenizer.json; a GGUF output
-takes a GGUF source's `tokenizer.*` metadata (vocabulary, merges, chat template) unchanged."""
+takes a GGUF source's `tokenizer.*` metadata unchanged, or a folder's tokenizer converted by
+gguf_tokenizer.py (byte-level BPE tokenizer.json, Mistral SentencePiece files)."""
 
 from __future__ import annotations
 
@@ -77,12 +78,12 @@ def _tokenizer_metadata(loaded: Any, source: Path) -> dict[str, Any] | None:
     """A GGUF output's tokenizer keys: a GGUF source's own; None for a source without a tokenizer."""
     if loaded.format == "gguf":
         return {k: v for k, v in loaded.metadata.items() if k.startswith("tokenizer.")}
-    from .tokenizer import HF_FILES, MISTRAL_FILES
+    from .gguf_tokenizer import gguf_tokenizer_metadata
+    from .tokenizer import HF_FILES, MISTRAL_FILES, load_tokenizer
 
-    if any(any(source.glob(p)) for p in (*MISTRAL_FILES, *HF_FILES[:1])):
-        raise TramontaneError(f"{source}: writing this folder's tokenizer into a GGUF file is not available yet; "
-                              "convert from a GGUF file, or to hf/mistral")
-    return None
+    if not any(any(source.glob(p)) for p in (*MISTRAL_FILES, *HF_FILES[:1])):
+        return None  # weights only (a test model, say): the GGUF file has no vocabulary
+    return gguf_tokenizer_metadata(load_tokenizer(source))
 
 
 def cmd_convert(ns: argparse.Namespace) -> int:

@@ -1,0 +1,105 @@
+"""A tokenizer as GGUF `tokenizer.*` metadata (the inverse of gguf_vocab.py), for `tramontane convert
+--to gguf` from a folder.
+
+* A byte-level BPE `tokenizer.json` (GPT-2 style: SmolLM2, Llama 3, Qwen) becomes `gpt2`: tokens by id,
+  merges, token types (3 control for special added tokens, 4 user-defined for other added tokens).
+  llama.cpp names its pre-tokenizer regexes (`tokenizer.ggml.pre`); the name is found by building the
+  tokenizer back from the metadata with each known name and keeping the first that encodes a probe text
+  exactly as the source tokenizer does (none fits: a TokenizerError).
+* Mistral's SentencePiece files (`tokenizer.model.v1`..`v7`) become `llama`: pieces, scores and types
+  (control, unknown, byte) from the SentencePiece model.
+BOS/EOS ids, whether a prompt starts with BOS, and the chat template come along. Tekken files and
+SentencePiece-style `tokenizer.json` (byte_fallback BPE) are refused with a TokenizerError."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import TokenizerError
+from .gguf_vocab import BYTE, CONTROL, NORMAL, PRE_TOKENIZERS, UNKNOWN, USER_DEFINED, build_gguf_vocab
+
+PROBE = ("Hello world! It's 2024: 12345 apples, 3.14 pies -- naïve café; tabs\tand\nnew lines...  "
+         "  spaces, CamelCase, snake_case, émoji 🙂, 日本語のテキスト, don't WE'LL")
+
+
+def gguf_tokenizer_metadata(tokenizer: Any) -> dict[str, Any]:
+    if hasattr(tokenizer, "_raw") and hasattr(tokenizer._raw, "_model"):  # mistral-common SentencePiece
+        return _sentencepiece(tokenizer)
+    if hasattr(tokenizer, "_backend"):
+        return _byte_level_bpe(tokenizer)
+    raise TokenizerError(f"writing this tokenizer ({tokenizer.chat_format}) into a GGUF file is not supported")
+
+
+def _common(tokenizer: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"tokenizer.ggml.add_bos_token": bool(tokenizer.default_add_bos)}
+    if tokenizer.bos_id is not None:
+        meta["tokenizer.ggml.bos_token_id"] = int(tokenizer.bos_id)
+    if tokenizer.eos_id is not None:
+        meta["tokenizer.ggml.eos_token_id"] = int(tokenizer.eos_id)
+    template = getattr(tokenizer, "_template", None)
+    if template:
+        meta["tokenizer.chat_template"] = template
+    return meta
+
+
+def _sentencepiece(tokenizer: Any) -> dict[str, Any]:
+    sp = tokenizer._raw._model
+    n = sp.get_piece_size()
+    types = [CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i) else BYTE if sp.is_byte(i) else NORMAL
+             for i in range(n)]
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+            "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)], "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.unknown_token_id": int(sp.unk_id()), **_common(tokenizer)}
+    return meta
+
+
+def _byte_level_bpe(tokenizer: Any) -> dict[str, Any]:
+    spec = json.loads(tokenizer._backend.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise TokenizerError(f"writing a {model.get('type')} tokenizer.json "
+                             f"{'with byte_fallback ' if model.get('byte_fallback') else ''}into a GGUF file is not "
+                             "supported (byte-level BPE and Mistral's SentencePiece files are)")
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {int(t["id"]): t for t in spec.get("added_tokens", [])}
+    n = max([*vocab.values(), *added]) + 1
+    tokens = [""] * n
+    for text, index in vocab.items():
+        tokens[index] = text
+    types = [NORMAL] * n
+    for index, token in added.items():
+        tokens[index] = token["content"]
+        types[index] = CONTROL if token.get("special") else USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.merges": merges, **_common(tokenizer)}
+    meta["tokenizer.ggml.pre"] = _pre_name(tokenizer, meta, spec.get("pre_tokenizer"))
+    return meta
+
+
+def _walk(spec: Any) -> list[dict[str, Any]]:
+    """Every pre-tokenizer of a (possibly nested Sequence) tokenizer.json pre_tokenizer."""
+    if not isinstance(spec, dict):
+        return []
+    return [spec, *[p for child in spec.get("pretokenizers", []) for p in _walk(child)]]
+
+
+def _pre_name(tokenizer: Any, meta: dict[str, Any], pre_spec: Any) -> str:
+    """The llama.cpp pre-tokenizer name whose shape matches the source's (digits split one by one, own
+    split regex or GPT-2's) and under which the metadata encodes PROBE as the source does."""
+    parts = _walk(pre_spec)
+    digits = any(p.get("type") == "Digits" and p.get("individual_digits") for p in parts)
+    regex = any(p.get("type") == "Split" for p in parts)
+    expected = tokenizer.encode(PROBE)
+    for name, (pattern, split_digits, _) in PRE_TOKENIZERS.items():
+        if split_digits != digits or (pattern is not None) != regex:
+            continue
+        try:
+            candidate = build_gguf_vocab({**meta, "tokenizer.ggml.pre": name}, "candidate").tokenizer
+        except TokenizerError:
+            continue
+        if candidate.encode(PROBE, add_special_tokens=False).ids == expected:
+            return name
+    raise TokenizerError("no llama.cpp pre-tokenizer (tokenizer.ggml.pre) splits text as this tokenizer.json "
+                         f"does (tried {', '.join(PRE_TOKENIZERS)})")
