@@ -139,11 +139,14 @@ def test_folder_tokenizers_are_written_into_gguf(smollm2_path, tmp_path):
         max_tokens=12)
     assert "Paris" in answer.text
 
-    data = __import__("importlib").util.find_spec("mistral_common").submodule_search_locations[0]
-    folder = save_hf(hf_model("mistral", seed=5, vocab_size=32768), tmp_path / "m", shard=None)
-    spm = Path(data) / "data" / "mistral_instruct_tokenizer_240323.model.v3"
-    (folder / "tokenizer.model.v3").write_bytes(spm.read_bytes())
-    assert main(["convert", str(folder), "--to", "gguf", "--out", str(tmp_path / "m.gguf")]) == 0
-    ours, reference = tramontane.load(tmp_path / "m.gguf").tokenizer, MistralCommonTokenizer(spm)
-    for text in ("Hello world", "  two  spaces, digits 12345 and émoji 🙂", "[INST] stays text", "日本語"):
-        assert ours.encode(text, add_bos=True) == reference.encode(text, add_bos=True), text
+    data = Path(__import__("importlib").util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
+    for shipped, name, vocab in (("mistral_instruct_tokenizer_240323.model.v3", "tokenizer.model.v3", 32768),
+                                 ("tekken_240911.json", "tekken.json", 131072)):
+        folder = save_hf(hf_model("mistral", seed=5, vocab_size=vocab), tmp_path / name, shard=None)
+        (folder / name).write_bytes((data / shipped).read_bytes())
+        out = tmp_path / f"{name}.gguf"
+        assert main(["convert", str(folder), "--to", "gguf", "--out", str(out)]) == 0
+        ours, reference = tramontane.load(out).tokenizer, MistralCommonTokenizer(data / shipped)
+        for text in ("Hello world", "  two  spaces, digits 12345 and émoji 🙂", "[INST] stays text", "日本語",
+                     "don't WE'LL x12345y\n\ttabs"):
+            assert ours.encode(text, add_bos=True) == reference.encode(text, add_bos=True), (shipped, text)

@@ -8,8 +8,11 @@
   exactly as the source tokenizer does (none fits: a TokenizerError).
 * Mistral's SentencePiece files (`tokenizer.model.v1`..`v7`) become `llama`: pieces, scores and types
   (control, unknown, byte) from the SentencePiece model.
-BOS/EOS ids, whether a prompt starts with BOS, and the chat template come along. Tekken files and
-SentencePiece-style `tokenizer.json` (byte_fallback BPE) are refused with a TokenizerError."""
+* Mistral's tekken files become `gpt2` with llama.cpp's `tekken` pre-tokenizer: the control tokens, then
+  each rank's bytes in GPT-2's alphabet, merges recovered from the ranks (tiktoken's BPE restricted to
+  lower ranks splits each token into the two it was merged from).
+BOS/EOS ids, whether a prompt starts with BOS, and the chat template come along. SentencePiece-style
+`tokenizer.json` (byte_fallback BPE) is refused with a TokenizerError."""
 
 from __future__ import annotations
 
@@ -24,8 +27,11 @@ PROBE = ("Hello world! It's 2024: 12345 apples, 3.14 pies -- naïve café; tabs\
 
 
 def gguf_tokenizer_metadata(tokenizer: Any) -> dict[str, Any]:
-    if hasattr(tokenizer, "_raw") and hasattr(tokenizer._raw, "_model"):  # mistral-common SentencePiece
-        return _sentencepiece(tokenizer)
+    raw = getattr(tokenizer, "_raw", None)
+    if raw is not None:  # mistral-common
+        from mistral_common.tokens.tokenizers.tekken import is_tekkenizer
+
+        return _tekken(tokenizer) if is_tekkenizer(raw) else _sentencepiece(tokenizer)
     if hasattr(tokenizer, "_backend"):
         return _byte_level_bpe(tokenizer)
     raise TokenizerError(f"writing this tokenizer ({tokenizer.chat_format}) into a GGUF file is not supported")
@@ -52,6 +58,52 @@ def _sentencepiece(tokenizer: Any) -> dict[str, Any]:
             "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)], "tokenizer.ggml.token_type": types,
             "tokenizer.ggml.unknown_token_id": int(sp.unk_id()), **_common(tokenizer)}
     return meta
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the alphabet of byte-level BPE vocabularies)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _bpe_parts(ranks: dict[bytes, int], token: bytes, below: int) -> list[bytes]:
+    """tiktoken's BPE of `token` with only merges ranked below `below`: the two tokens it is made of."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 2:
+        best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], below))
+        if ranks.get(parts[best] + parts[best + 1], below) >= below:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+def _tekken(tokenizer: Any) -> dict[str, Any]:
+    """Mistral's tekken (tiktoken ranks) as `gpt2` with the `tekken` pre-tokenizer: the control tokens
+    first, then every rank's bytes in GPT-2's alphabet, merges recovered from the ranks."""
+    raw = tokenizer._raw
+    n_special, chars = raw.num_special_tokens, _byte_chars()
+    ranks: dict[bytes, int] = raw._model._mergeable_ranks
+    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])[: raw.n_words - n_special]
+
+    def text(b: bytes) -> str:
+        return "".join(chars[x] for x in b)
+
+    merges = []
+    for token, rank in by_rank:
+        if len(token) > 1:
+            parts = _bpe_parts(ranks, token, rank)
+            if len(parts) != 2:
+                raise TokenizerError(f"tekken token {rank} ({token!r}) is not the merge of two lower-ranked tokens")
+            merges.append(f"{text(parts[0])} {text(parts[1])}")
+    tokens = [raw.id_to_piece(i) for i in range(n_special)] + [text(t) for t, _ in by_rank]
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "tekken", "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": [CONTROL] * n_special + [NORMAL] * len(by_rank),
+            "tokenizer.ggml.merges": merges, **_common(tokenizer)}
 
 
 def _byte_level_bpe(tokenizer: Any) -> dict[str, Any]:
