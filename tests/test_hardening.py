@@ -130,6 +130,9 @@ def test_too_many_headers_is_a_431():
     headers = {f"x-h{i}": "v" for i in range(150)}
     r = api.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}, headers=headers)
     assert r.status_code == 431 and r.json()["error"]["code"] == "request_header_fields_too_large"
+    big = api.get("/health", headers={"x-big": "a" * 40_000})
+    assert big.status_code == 431 and len(big.content) < 500
+    assert api.get("/health", headers={"x-ok": "a" * 20_000}).status_code == 200
 
 
 def test_errors_never_echo_a_large_input():

@@ -66,12 +66,13 @@ class RequireKey:
 
 
 MAX_HEADERS = 100
+MAX_HEADER_BYTES = 32 * 1024
 
 
 class LimitBody:
     """413 for a body over `limit` bytes: at once when Content-Length says so, else as soon as the
     bytes received (a chunked body has no Content-Length) pass the limit. 431 for more than MAX_HEADERS
-    headers."""
+    headers or MAX_HEADER_BYTES of them."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -79,8 +80,10 @@ class LimitBody:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if len(scope["headers"]) > MAX_HEADERS:  # their total size is capped by the HTTP parser (server.py)
-            return await APIError(431, f"the request has {len(scope['headers'])} headers, more than {MAX_HEADERS}",
+        size = sum(len(k) + len(v) for k, v in scope["headers"])
+        if len(scope["headers"]) > MAX_HEADERS or size > MAX_HEADER_BYTES:  # (h11 also caps a head still arriving)
+            return await APIError(431, f"the request has {len(scope['headers'])} headers of {size} bytes; the limits "
+                                       f"are {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes",
                                   code="request_header_fields_too_large").response()(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:

@@ -27,7 +27,7 @@ from ..errors import TramontaneError
 from .app import attach_engine, create_app, drain
 
 log = logging.getLogger("tramontane.serve")
-MAX_HEAD_BYTES = 64 * 1024  # request line and headers together; more is a 400 from the HTTP parser
+MAX_HEAD_BYTES = 64 * 1024  # a request head still arriving past this is a 400 from h11 (middleware: 431 > 32 KiB)
 MAX_CONNECTIONS = 1024  # open connections and requests in progress; more get 503 from uvicorn
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
