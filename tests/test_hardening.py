@@ -160,3 +160,15 @@ def test_a_failed_request_is_a_500_or_an_error_event_then_done():
     assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
     assert any(json.loads(e).get("choices") and json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2])
     assert api.post("/v1/chat/completions", json={**ask, "seed": 1}).status_code == 200  # the others go on
+
+
+def test_streamed_events_survive_line_splitting_readers():
+    """A token decoding to NEL, LINE or PARAGRAPH SEPARATOR (a random model produced one) must not cut its
+    event for readers that split lines the way Python's str.splitlines does (httpx's iter_lines)."""
+    from tramontane.serve.generation import sse
+
+    text = "a\x85b\u2028c\u2029d\re\nf\x1cg"
+    event = sse({"choices": [{"delta": {"content": text}}]})
+    lines = [line for line in event.splitlines() if line]
+    assert len(lines) == 1 and lines[0].startswith("data: ") and event.endswith("\n\n")
+    assert json.loads(lines[0][6:])["choices"][0]["delta"]["content"] == text
