@@ -198,6 +198,5 @@ def pull_hub(repo_id: str, revision: str | None = None, name: str | None = None,
         raise StoreError(f"cannot download {repo_id!r} from {endpoint}: {type(exc).__name__}: {str(exc)[:200]}; "
                          "offline machines can import a local copy with `tramontane pull PATH`") from None
     shutil.rmtree(Path(local) / ".cache", ignore_errors=True)
-    stored = _register(Path(local), name, {"source": f"hf://{repo_id}", "revision": revision or "main",
-                                           "files": wanted})
-    return stored
+    return _register(Path(local), name, {"source": f"hf://{repo_id}", "revision": revision or "main",
+                                         "files": wanted})

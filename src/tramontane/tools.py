@@ -44,7 +44,6 @@ class ToolError(RequestError):
 @dataclass(frozen=True)
 class Function:
     name: str
-    description: str | None
     parameters: dict[str, Any]  # JSON schema of the arguments object
     definition: dict[str, Any]  # the tool as the request gave it (templates render it as is)
 
@@ -130,7 +129,7 @@ def _function(tool: Any, i: int, tokenizer: Any) -> Function:
             check_grammar(grammar, tokenizer)
     except RequestError as exc:
         raise ToolError(f"{where}.function.parameters: {exc}", f"{where}.function.parameters") from None
-    return Function(name, description, parameters, {"type": "function", **tool})
+    return Function(name, parameters, {"type": "function", **tool})
 
 
 def _choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:

@@ -8,7 +8,6 @@ index, as both APIs allow), or, when it holds no valid call, it goes out as cont
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from ..engine.types import RequestOutput
@@ -29,17 +28,12 @@ from .protocol import (
 )
 
 
-@dataclass
-class _Sent:
-    text: str = ""  # content already streamed
-
-
 class ToolChatFormat(ChatFormat):
     def __init__(self, response_id: str, model: str, n: int, logprobs: bool, use: ToolUse, tokenizer: Any) -> None:
         super().__init__(response_id, model, n, logprobs)
         self.use, self.tokenizer = use, tokenizer
         self.marker = call_marker(tokenizer)
-        self._sent: dict[int, _Sent] = {}
+        self._sent: dict[int, str] = {}  # choice index -> content already streamed
 
     def _parsed(self, choice: Choice) -> tuple[str, ParsedOutput]:
         text = call_text(self.tokenizer, choice.token_ids)
@@ -74,22 +68,22 @@ class ToolChatFormat(ChatFormat):
         return text.rstrip("\ufffd")  # an unfinished UTF-8 character waits for its next bytes
 
     def chunks(self, choice: Choice, out: RequestOutput, offset: int) -> list[dict[str, Any]]:
-        sent = self._sent.setdefault(choice.index, _Sent())
+        sent = self._sent.get(choice.index, "")
         logprobs = chat_logprobs(out.logprobs) if self.logprobs and out.logprobs else None
         if not out.finish_reason:
             safe = self._safe(call_text(self.tokenizer, choice.token_ids))
-            delta = safe[len(sent.text):] if safe.startswith(sent.text) else ""
+            delta = safe[len(sent):] if safe.startswith(sent) else ""
             if not delta and logprobs is None:
                 return []
-            sent.text += delta
+            self._sent[choice.index] = sent + delta
             return [self._delta(choice, DeltaMessage(content=delta), logprobs)]
         text, parsed = self._parsed(choice)
         if not parsed.calls:
-            rest = text[len(sent.text):] if text.startswith(sent.text) else ""
+            rest = text[len(sent):] if text.startswith(sent) else ""
             return [self._delta(choice, DeltaMessage(content=rest), logprobs, out.finish_reason)]
         events = []
-        if parsed.content.startswith(sent.text) and parsed.content != sent.text:
-            events.append(self._delta(choice, DeltaMessage(content=parsed.content[len(sent.text):]), None))
+        if parsed.content.startswith(sent) and parsed.content != sent:
+            events.append(self._delta(choice, DeltaMessage(content=parsed.content[len(sent):]), None))
         calls = [ToolCallDelta(index=i, id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
                  for i, c in enumerate(parsed.calls)]
         events.append(self._delta(choice, DeltaMessage(tool_calls=calls), logprobs))
