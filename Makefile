@@ -1,11 +1,11 @@
-# Two entry points for a fresh machine: `make run` and `make test`.
+# Two entry points for a fresh machine: `make run` and `make test`. `make check` is the fast inner loop.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 PROMPT ?= What is the capital of France? Answer in one sentence.
 
-.PHONY: run test setup setup-test clean
+.PHONY: run test check typecheck setup setup-test clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +36,24 @@ setup-test: $(VENV)/.test
 run: setup
 	$(VENV)/bin/tramontane run "$(PROMPT)"
 
-test: setup-test
+test: setup-test typecheck
 	$(PY) -m pytest -q
+
+# Lint and every test but the slow ones (browser, server load, torchrun, SmolLM2 end to end): ~2 min.
+check: setup-test
+	$(PY) -m ruff check src tests benchmarks fuzz scripts
+	$(PY) -m ruff format --check src tests benchmarks fuzz scripts
+	$(PY) -m pytest -q -m "not slow"
+
+# mypy: no error in the core packages, no more than the baseline elsewhere (scripts/mypy_gate.py).
+typecheck: setup-test
+	$(PY) scripts/mypy_gate.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
+
+# Sanitizer run of the compiled kernels (not part of `make test`): an ASan + UBSan build of
+# tramontane.quant._kernels into /tmp/tramontane-asan, and the kernel tests against it.
+.PHONY: asan
+asan:
+	PY=$(PY) scripts/asan.sh tests/test_quant_kernels.py tests/test_compiled_step.py

@@ -35,7 +35,7 @@ def run_tramontane(model: str | None, packed: bool) -> dict:
     import torch
 
     import tramontane
-    from tramontane.sampling import SamplingParams
+    from tramontane.decoding.sampling import SamplingParams
 
     t0 = time.perf_counter()
     llm = tramontane.load(model, packed=packed)
@@ -99,16 +99,22 @@ def memory_bandwidth() -> float:
 def run_random(spec: str, quant: str | None) -> dict:
     import torch
 
-    from tramontane.generate import Generator
-    from tramontane.sampling import SamplingParams
-    from tramontane.weights.random import random_config, random_model
+    from tramontane.decoding.offline import Generator
+    from tramontane.decoding.sampling import SamplingParams
+    from tramontane.weights.random import random_config
+    from tramontane.build.random import random_model
 
     t0 = time.perf_counter()
     model = random_model(random_config(spec), quant=quant)
     load = time.perf_counter() - t0
     weight_bytes = sum(b.numel() * b.element_size() for n, b in model.state_dict().items()
                        if not n.startswith("tok_embeddings"))
-    gen = Generator(model, IdTokenizer())
+    from tramontane.build import select_backend
+    from tramontane.model import KVCache
+
+    backend = select_backend(model, KVCache, torch.float32)  # as tramontane.load picks it
+    print(f"decode backend: {backend.name}", file=sys.stderr)
+    gen = Generator(model, IdTokenizer(), backend)
     vocab, n = model.config.vocab_size, 32
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     list(gen.run([prompt_ids(vocab, 4)], [one]))
@@ -138,7 +144,8 @@ def placeholder_vocabulary(size: int) -> dict:
 def write_random_gguf(spec: str, quant: str | None, path: str) -> None:
     """Random weights of `spec` shapes, quantized, written as a GGUF file both engines can load."""
     from tramontane.weights.gguf_writer import write_gguf
-    from tramontane.weights.random import random_config, random_model
+    from tramontane.weights.random import random_config
+    from tramontane.build.random import random_model
 
     model = random_model(random_config(spec), quant=quant)
     write_gguf(model, path, placeholder_vocabulary(model.config.vocab_size), name=f"random {spec}")
@@ -263,7 +270,7 @@ def main() -> None:
               f"| {r['bandwidth_gbs']:.1f} | {r['roofline']:.2f} | {r['roofline_share']:.0%} | {r['peak_rss_gb']:.2f} |")
         return
     if args.model is None:
-        from tramontane.resolve import default_model_path
+        from tramontane.hub.resolve import default_model_path
 
         args.model = str(default_model_path())
     if args.worker:

@@ -28,7 +28,7 @@ def worker(args: argparse.Namespace) -> None:
     from tramontane.parallel.dist import COMM, init_from_env, rank_and_world, shutdown
     from tramontane.parallel.plan import layout_for
     from tramontane.parallel.shard import shard_model
-    from tramontane.weights.random import random_model
+    from tramontane.build.random import random_model
 
     init_from_env(args.device)
     rank, world = rank_and_world()

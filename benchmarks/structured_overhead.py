@@ -54,7 +54,8 @@ def main() -> None:
     import torch
 
     import tramontane
-    from tramontane.structured import FINISH_WITHIN, json_grammar
+    from tramontane.decoding.structured import FINISH_WITHIN
+    from tramontane.text.grammar import json_grammar
 
     torch.set_num_threads(args.threads)
     llm = tramontane.load(args.model)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tramontane.config import ModelConfig
 from tramontane.errors import TramontaneError
-from tramontane.tokenizer import tokenizer_from_gguf
+from tramontane.text.tokenizer import tokenizer_from_gguf
 from tramontane.weights.gguf import open_gguf
 from tramontane.weights.safetensors import SafetensorsFile
 

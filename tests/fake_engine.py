@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import mistral_common
+import torch
 
 from tramontane.engine.types import (
     ContextLengthError,
@@ -21,8 +22,8 @@ from tramontane.engine.types import (
     EngineUnavailableError,
     RequestOutput,
 )
-from tramontane.generate import TokenLogprob
-from tramontane.tokenizer import MistralCommonTokenizer
+from tramontane.decoding.sequence import TokenLogprob
+from tramontane.text.tokenizer import MistralCommonTokenizer
 
 DATA = Path(mistral_common.__file__).parent / "data"
 V3 = DATA / "mistral_instruct_tokenizer_240323.model.v3"
@@ -56,12 +57,14 @@ class FakeEngine:
         self.requests: list[EngineRequest] = []
         self.aborted: list[str] = []
         self.finished: list[str] = []
+        self.produced: dict[str, int] = {}  # request id -> tokens yielded so far
         self.running = 0
         self.healthy = True
         self.closed = False
         self.started = False
         self.embedded: list[list[int]] = []
         self.fail_seed: int | None = None  # a request with this seed fails at its third token (finish "error")
+        self.adapters: set[str] = set()
 
     def start(self) -> None:
         self.started = True
@@ -99,6 +102,7 @@ class FakeEngine:
                     yield RequestOutput(request.request_id, finish_reason="error", error="injected step failure",
                                         prompt_tokens=len(request.prompt_token_ids), completion_tokens=i)
                     return
+                self.produced[request.request_id] = i + 1
                 yield RequestOutput(request.request_id, text=word, token_ids=[100 + i], logprobs=logprobs,
                                     finish_reason=reason, prompt_tokens=len(request.prompt_token_ids),
                                     completion_tokens=i + 1)
@@ -117,6 +121,11 @@ class FakeEngine:
             norm = math.sqrt(sum(v * v for v in raw))
             out.append([v / norm for v in raw])
         return out
+
+    async def prompt_logprobs(self, token_ids: list[list[int]], top: int):
+        """Every prompt token at log-probability -1, with `top` made-up alternatives."""
+        return [(torch.full((len(ids) - 1,), -1.0), torch.arange(top).repeat(len(ids) - 1, 1),
+                 torch.full((len(ids) - 1, top), -2.0)) for ids in token_ids]
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         self.closed = True

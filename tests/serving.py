@@ -42,8 +42,9 @@ def running_server(log: Path, *args: str, env: dict[str, str] | None = None
 
 
 def wait_healthy(base: str, proc: subprocess.Popen, log: Path) -> str:
-    """`base` once its /health answers 200; fails the test if the process dies or 120 s pass."""
-    deadline = time.monotonic() + 120
+    """`base` once its /health answers 200; fails the test if the process dies or 600 s pass (a loaded
+    machine loads slowly)."""
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.get(f"{base}/health", timeout=2).status_code == 200:

@@ -10,7 +10,7 @@ import pytest
 import mistral_common
 import tramontane
 from models import hf_model, save_hf, save_native
-from tramontane.show import describe
+from tramontane.hub.describe import describe
 
 V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
 

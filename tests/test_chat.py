@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from tramontane.chat import render_chat_parts, render_chat_template
+from tramontane.text.chat_template import render_chat_parts, render_chat_template
 from tramontane.errors import TemplateError
-from tramontane.tokenizer import HFTokenizer, Tokenizer, load_tokenizer, tokenizer_from_gguf
+from tramontane.text.tokenizer import HFTokenizer, Tokenizer, load_tokenizer, tokenizer_from_gguf
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -348,10 +348,10 @@ def test_flask_style_ssti_finds_nothing(template: str) -> None:
     "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
 ])
 def test_runaway_templates(template: str) -> None:
-    start = time.monotonic()
+    start = time.process_time()  # CPU time: a loaded machine slows the clock on the wall, not this count
     with pytest.raises(TemplateError, match="budget|oversized|larger|longer"):
         render(template)
-    assert time.monotonic() - start < 2.5
+    assert time.process_time() - start < 2.5
 
 
 def test_budget_allows_ordinary_values() -> None:

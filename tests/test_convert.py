@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from models import hf_model, save_hf
-from tramontane.cli import main
-from tramontane.weights.loader import load_model
+from tramontane.cli.main import main
+from tramontane.build.load import load_model
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 2, 17, 60, 4, 88, 12, 3, 41]])
 
@@ -125,7 +125,7 @@ def test_folder_tokenizers_are_written_into_gguf(smollm2_path, tmp_path):
     import gguf
 
     import tramontane
-    from tramontane.tokenizer import MistralCommonTokenizer
+    from tramontane.text.tokenizer import MistralCommonTokenizer
 
     assert main(["convert", str(smollm2_path), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
     assert main(["convert", str(tmp_path / "hf"), "--to", "gguf", "--quant", "q8_0", "--out", str(tmp_path / "b.gguf")]) == 0

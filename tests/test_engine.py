@@ -12,8 +12,8 @@ from models import hf_model, save_hf
 from tramontane.api import LLM
 from tramontane.engine import AsyncEngine, EngineRequest
 from tramontane.engine.blocks import bytes_per_block
-from tramontane.sampling import SamplingParams
-from tramontane.weights.loader import load_model
+from tramontane.decoding.sampling import SamplingParams
+from tramontane.build.load import load_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 

@@ -10,11 +10,11 @@ import torch
 
 from chartok import CharTokenizer
 from models import hf_model, save_hf
-from tramontane.cli import main
+from tramontane.cli.main import main
 from tramontane.errors import ConfigError
 from tramontane.train.config import TrainConfig, build_config
 from tramontane.train.loop import DataError, Trainer, lr_factor
-from tramontane.weights.loader import load_model
+from tramontane.build.load import load_model
 
 
 def text_lines(path, n: int = 24, seed: int = 0) -> str:

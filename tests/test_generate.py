@@ -7,10 +7,10 @@ import torch
 from chartok import CharTokenizer
 from models import hf_model, save_hf
 
-import tramontane.generate as gen_mod
+import tramontane.decoding.offline as gen_mod
 from tramontane.api import LLM
-from tramontane.sampling import SamplingParams
-from tramontane.weights.loader import load_model
+from tramontane.decoding.sampling import SamplingParams
+from tramontane.build.load import load_model
 
 
 @pytest.fixture(scope="module", params=["mistral", "llama", "mixtral"])

@@ -8,7 +8,7 @@ import torch
 
 from models import hf_model, save_gguf, save_hf
 from tramontane.weights.gguf_writer import write_gguf
-from tramontane.weights.loader import load_model
+from tramontane.build.load import load_model
 
 TOKENS = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(0))
 

@@ -21,11 +21,11 @@ from tramontane.engine import EngineRequest
 from tramontane.engine import engine as engine_module
 from tramontane.engine.blocks import block_key
 from tramontane.errors import TemplateError
-from tramontane.generate import SequenceState
+from tramontane.decoding.sequence import SequenceState
 from tramontane.serve.app import create_app
-from tramontane.serve.convert import MAX_MESSAGES, request_template
+from tramontane.serve.requests import MAX_MESSAGES, request_template
 from tramontane.serve.errors import APIError
-from tramontane.weights.loader import load_model
+from tramontane.build.load import load_model
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_a_failed_request_is_a_500_or_an_error_event_then_done():
 def test_streamed_events_survive_line_splitting_readers():
     """A token decoding to NEL, LINE or PARAGRAPH SEPARATOR (a random model produced one) must not cut its
     event for readers that split lines the way Python's str.splitlines does (httpx's iter_lines)."""
-    from tramontane.serve.generation import sse
+    from tramontane.serve.streaming import sse
 
     text = "a\x85b\u2028c\u2029d\re\nf\x1cg"
     event = sse({"choices": [{"delta": {"content": text}}]})

@@ -21,9 +21,10 @@ from tramontane.lora import (
     set_rows,
 )
 from tramontane.lora.layers import ExpertLoRA
-from tramontane.quant.linear import GGUFLinear
+from tramontane.quant.linear import PackedLinear
 from tramontane.weights.hf_writer import write_hf
-from tramontane.weights.loader import load_model
+from tramontane.build.load import load_model
+from tramontane.quant.step import CompiledStep
 
 peft = pytest.importorskip("peft")
 
@@ -226,9 +227,9 @@ def test_packed_base_unfuses_and_trains_only_the_adapter(tmp_path):
     packed_before = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("packed")}
     params = apply_lora(model, LoraSpec(rank=4), "a", seed=0)
     att, ff = model.layers[0].attention, model.layers[0].feed_forward
-    assert model.step_kernel is None and att.wqkv is None and ff.w13 is None
-    assert isinstance(att.wq, LoRALinear) and isinstance(att.wq.base, GGUFLinear)
-    assert isinstance(ff.w3.base, GGUFLinear)
+    assert not CompiledStep.fits(model) and att.wqkv is None and ff.w13 is None
+    assert isinstance(att.wq, LoRALinear) and isinstance(att.wq.base, PackedLinear)
+    assert isinstance(ff.w3.base, PackedLinear)
     assert_close(logits(model), logits(plain), 1e-5, "zero B equals the plain packed model")
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in params}
     model.train()
@@ -252,7 +253,7 @@ def test_merge_of_packed_model_gives_float_model(tmp_path):
     randomize(model, "a", seed=1)
     adapted = logits(model)
     merge_lora(model, "a")
-    assert not any(isinstance(m, GGUFLinear | LoRALinear) for m in model.modules())
+    assert not any(isinstance(m, PackedLinear | LoRALinear) for m in model.modules())
     assert model.config.quant is None and model.output is None
     assert_close(logits(model), adapted, 1e-4, "merged packed")
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 SCRIPT = textwrap.dedent("""
     import sys, torch
-    from tramontane.weights.loader import load_model
+    from tramontane.build import load_model
     def rss():
         return int(open("/proc/self/statm").read().split()[1]) * 4096
     def high_water():  # VmHWM belongs to this image; ru_maxrss would inherit the forking parent's
@@ -66,7 +66,7 @@ def test_safetensors_load_peak_rss(tmp_path):
 
 
 def test_gguf_load_peak_rss():
-    from tramontane.resolve import default_model_path
+    from tramontane.hub.resolve import default_model_path
 
     try:
         path = default_model_path()

@@ -7,7 +7,7 @@ import torch
 from models import hf_model, save_hf
 
 from tramontane.model import KVCache
-from tramontane.weights.loader import load_model
+from tramontane.build.load import load_model
 
 LENGTHS = (20, 13)  # two prompts of different lengths, both past the sliding window of 8
 

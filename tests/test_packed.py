@@ -9,8 +9,8 @@ import torch
 
 from models import hf_model, save_gguf
 from test_gguf_dequant import _random_blocks
-from tramontane.quant.linear import GGUFLinear, PackedEmbedding
-from tramontane.weights.loader import load_model
+from tramontane.quant.linear import PackedLinear, PackedEmbedding
+from tramontane.build.load import load_model
 
 QUANTIZABLE = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants can write these
 K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]  # written as random valid blocks
@@ -20,7 +20,7 @@ def compare(path) -> None:
     packed = load_model(path, packed=True)
     plain = load_model(path)
     assert packed.config.quant == "gguf" and plain.config.quant is None
-    swapped = [m for m in packed.model.modules() if isinstance(m, (GGUFLinear, PackedEmbedding))]
+    swapped = [m for m in packed.model.modules() if isinstance(m, (PackedLinear, PackedEmbedding))]
     assert len(swapped) >= 2 * 4 + 1  # per layer: fused qkv, o, fused gate/up, down; and the embedding
     assert all(block.attention.wqkv is not None for block in packed.model.layers)
     tokens = torch.randint(0, packed.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))

@@ -37,8 +37,8 @@ def test_run_under_torchrun_prints_once_the_single_process_answer(model):
     args = ["run", str(model), QUESTION, "--max-tokens", "12", "--dtype", "float32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "tramontane", *args], capture_output=True, text=True, env=env,
-                            timeout=120)
-    split = subprocess.run(torchrun(*args), capture_output=True, text=True, env=env, timeout=180)
+                            timeout=600)
+    split = subprocess.run(torchrun(*args), capture_output=True, text=True, env=env, timeout=900)
     assert single.returncode == 0 and split.returncode == 0, split.stderr[-2000:]
     assert single.stdout.strip() and split.stdout == single.stdout  # rank 1 printed nothing
 
@@ -47,8 +47,8 @@ def test_stdin_prompt_is_read_by_rank_zero_only(model):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["run", str(model), "--max-tokens", "6", "--dtype", "float32"]
     single = subprocess.run([sys.executable, "-m", "tramontane", *args], input=QUESTION, capture_output=True,
-                            text=True, env=env, timeout=120)
-    split = subprocess.run(torchrun(*args), input=QUESTION, capture_output=True, text=True, env=env, timeout=180)
+                            text=True, env=env, timeout=600)
+    split = subprocess.run(torchrun(*args), input=QUESTION, capture_output=True, text=True, env=env, timeout=900)
     assert split.returncode == 0, split.stderr[-2000:]
     assert split.stdout == single.stdout and single.stdout.strip()
 
@@ -93,7 +93,7 @@ def test_chat_under_torchrun_keeps_history_like_one_process(model):
     args = ["chat", str(model), "--max-tokens", "6", "--temperature", "0", "--dtype", "float32"]
     lines = "Hello there.\nAnd again?\n/bye\n"
     single = subprocess.run([sys.executable, "-m", "tramontane", *args], input=lines, capture_output=True,
-                            text=True, env=env, timeout=120)
-    split = subprocess.run(torchrun(*args), input=lines, capture_output=True, text=True, env=env, timeout=180)
+                            text=True, env=env, timeout=600)
+    split = subprocess.run(torchrun(*args), input=lines, capture_output=True, text=True, env=env, timeout=900)
     assert split.returncode == 0, split.stderr[-2000:]
     assert split.stdout == single.stdout and len(single.stdout.strip().splitlines()) == 2

@@ -62,6 +62,11 @@ def reference(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return x.double() @ dense.double().T
 
 
+def buf(t: torch.Tensor) -> tuple[int, int]:
+    """The (data_ptr, nbytes) form the raw extension takes for a buffer."""
+    return t.data_ptr(), t.numel() * t.element_size()
+
+
 @pytest.fixture(params=ISAS or ["none"])
 def isa(request):
     """Runs a test once per instruction set the CPU can run (AVX-512, AVX2, portable C)."""
@@ -101,7 +106,7 @@ def test_raw_kernel_every_m_and_ragged_n(isa: str, qtype: QT) -> None:
         x = activations(m, k, seed=m)
         for n in [1, 3, 7]:
             y = torch.full((m, n), float("nan"))
-            ext.matmul(x.data_ptr(), packed.data_ptr(), y.data_ptr(), m, n, k, int(qtype), 2)
+            ext.matmul(buf(x), buf(packed), buf(y), m, n, k, int(qtype), 2)
             assert rel_err(y, reference(x, dense[:n])) < 1e-4, (isa, m, n)
 
 
@@ -231,17 +236,171 @@ def test_raw_extension_validates_its_arguments() -> None:
     packed, _ = weight(QT.Q4_1, 96, 256)
     x = activations(1, 256)
     y = torch.empty(1, 96)
-    ptrs = (x.data_ptr(), packed.data_ptr(), y.data_ptr())
+    ptrs = (buf(x), buf(packed), buf(y))
     for m, n, k, qtype, threads in [(1, 96, 256, 10, 1), (1, 96, 256, -1, 1), (1, 96, 250, 3, 1),
                                     (1, 96, 256, 3, 0), (-1, 96, 256, 3, 1), (1, -1, 256, 3, 1)]:
         with pytest.raises(ValueError):
             ext.matmul(*ptrs, m, n, k, qtype, threads)
-    with pytest.raises(ValueError):
-        ext.matmul(0, packed.data_ptr(), y.data_ptr(), 1, 96, 256, 3, 1)
-    with pytest.raises(ValueError):
-        ext.dequantize_rows(packed.data_ptr(), y.data_ptr(), 96, 256, 11, 1)
+    with pytest.raises(ValueError, match="null pointer"):
+        ext.matmul((0, buf(x)[1]), buf(packed), buf(y), 1, 96, 256, 3, 1)
+    with pytest.raises(ValueError, match="unsupported GGML type"):
+        ext.dequantize_rows(buf(packed), buf(y), 96, 256, 11, 1)
     with pytest.raises(ValueError):
         ext.set_isa("sse9")
+
+
+@needs_ext
+def test_raw_matmul_and_dequantize_refuse_short_buffers() -> None:
+    # Each buffer's nbytes is checked against the extent M, N, K need, before any memory is touched.
+    packed, _ = weight(QT.Q4_1, 96, 256)
+    rb = packed.shape[1]
+    x = activations(3, 256)
+    y = torch.full((3, 96), 7.0)
+    short = {"x": (buf(x.reshape(-1)[:-1]), buf(packed), buf(y)),  # one element short
+             "w": (buf(x), buf(packed[:-1]), buf(y)),  # one row short
+             "y": (buf(x), buf(packed), buf(y.reshape(-1)[:-1]))}
+    for name, args in short.items():
+        need, have = {"x": (3 * 256 * 4, 3 * 256 * 4 - 4), "w": (96 * rb, 95 * rb), "y": (3 * 96 * 4, 3 * 96 * 4 - 4)}[name]
+        with pytest.raises(ValueError, match=rf"^matmul: buffer {name} holds {have} bytes, its shape needs {need}$"):
+            ext.matmul(*args, 3, 96, 256, int(QT.Q4_1), 1)
+    assert (y == 7.0).all()
+    out = torch.full((96, 256), 7.0)
+    with pytest.raises(ValueError, match=rf"buffer w holds {95 * rb} bytes, its shape needs {96 * rb}"):
+        ext.dequantize_rows(buf(packed[:-1]), buf(out), 96, 256, int(QT.Q4_1), 1)
+    with pytest.raises(ValueError, match=r"buffer out holds"):
+        ext.dequantize_rows(buf(packed), buf(out[:-1]), 96, 256, int(QT.Q4_1), 1)
+    assert (out == 7.0).all()
+    ext.matmul(buf(x), buf(packed), buf(y), 3, 96, 256, int(QT.Q4_1), 1)  # exact sizes run
+    ext.dequantize_rows(buf(packed), buf(out), 96, 256, int(QT.Q4_1), 1)
+    assert not (y == 7.0).any() and not (out == 7.0).all()
+
+
+# ---- the block step binding: decode_block(shape, buffers, eps, window, n_threads) ----
+
+BLOCK_SHAPE = (3, 64, 4, 2, 16, 96, 8)  # B, dim, H, Hkv, D, F, S
+PACKED = ("wqkv", "wo", "w13", "w2")
+
+
+def block_case(qtype: QT = QT.Q8_0, window: int = 0) -> dict:
+    """Tensors of one decode_block call (row 2 is padding), with the weights' dense references."""
+    b, dim, h, hkv, d, f, s = BLOCK_SHAPE
+    g = torch.Generator().manual_seed(7)
+    case = {"x": torch.randn(b, dim, generator=g), "attn_norm": torch.rand(dim, generator=g) + 0.5,
+            "ffn_norm": torch.rand(dim, generator=g) + 0.5,
+            "k_cache": torch.randn(b, hkv, s, d, generator=g), "v_cache": torch.randn(b, hkv, s, d, generator=g)}
+    for name, (n, k) in {"wqkv": ((h + 2 * hkv) * d, dim), "wo": (dim, h * d), "w13": (2 * f, dim),
+                         "w2": (dim, f)}.items():
+        case[name], case[name + "_dense"] = weight(qtype, n, k)
+    case["qpos"] = torch.tensor([5, 11, -1])
+    case["kpos"] = torch.full((b, s), -1, dtype=torch.long)
+    for row, q in enumerate(case["qpos"].tolist()):  # every earlier position that fits, this step's included
+        for p in range(max(0, q - s + 1), q + 1):
+            case["kpos"][row, p % s] = p
+    angles = torch.randn(b, d // 2, generator=g)
+    case["cos_sin"] = torch.stack([angles.cos(), angles.sin()], -1).contiguous()  # [B, D/2, 2]
+    case["qtype"], case["window"] = int(qtype), window
+    return case
+
+
+def run_block(case: dict, short: str | None = None, threads: int = 2) -> None:
+    """decode_block on `case`; buffer `short` passed one element (packed weights: one row) short."""
+    buffers = {}
+    for name in ("x", "attn_norm", "ffn_norm", *PACKED, "cos_sin", "k_cache", "v_cache", "kpos", "qpos"):
+        t = case[name]
+        if name == short:
+            t = t[:-1] if name in PACKED else t.reshape(-1)[:-1]
+        buffers[name] = (*buf(t), case["qtype"]) if name in PACKED else buf(t)
+    ext.decode_block(BLOCK_SHAPE, buffers, 1e-5, case["window"], threads)
+
+
+def block_reference(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, k_cache, v_cache after the block, in float64 torch (model/transformer.py's arithmetic)."""
+    b, dim, h, hkv, d, f, s = BLOCK_SHAPE
+    x, kc, vc = case["x"].double(), case["k_cache"].double().clone(), case["v_cache"].double().clone()
+    cs = case["cos_sin"].double()[:, None]  # [B, 1, D/2, 2]
+
+    def norm(v, w):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+
+    def rope(z, n):
+        z = z.view(b, n, d // 2, 2)
+        c, sn = cs[..., 0], cs[..., 1]
+        return torch.stack([z[..., 0] * c - z[..., 1] * sn, z[..., 0] * sn + z[..., 1] * c], -1).view(b, n, d)
+
+    q, k, v = (norm(x, case["attn_norm"]) @ case["wqkv_dense"].double().T).split([h * d, hkv * d, hkv * d], -1)
+    q, k, v = rope(q, h), rope(k, hkv), v.view(b, hkv, d)
+    att = torch.zeros(b, h, d, dtype=torch.float64)
+    for row, qp in enumerate(case["qpos"].tolist()):
+        if qp < 0:
+            continue
+        kc[row, :, qp % s], vc[row, :, qp % s] = k[row], v[row]
+        kp = case["kpos"][row]
+        seen = (kp >= 0) & (kp <= qp) & ((qp - kp < case["window"]) if case["window"] > 0 else True)
+        for head in range(h):
+            grp = head // (h // hkv)
+            p = torch.softmax(kc[row, grp][seen] @ q[row, head] / d ** 0.5, 0)
+            att[row, head] = p @ vc[row, grp][seen]
+    x = x + att.view(b, h * d) @ case["wo_dense"].double().T
+    gate, up = (norm(x, case["ffn_norm"]) @ case["w13_dense"].double().T).split(f, -1)
+    return x + (torch.nn.functional.silu(gate) * up) @ case["w2_dense"].double().T, kc, vc
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype,window", [(QT.Q8_0, 0), (QT.Q4_1, 4)], ids=["Q8_0", "Q4_1-window"])
+def test_decode_block_runs_with_exact_sizes(isa: str, qtype: QT, window: int) -> None:
+    case = block_case(qtype, window)
+    want_x, want_k, want_v = block_reference(case)
+    run_block(case)
+    assert rel_err(case["x"], want_x) < 1e-4, isa
+    assert rel_err(case["k_cache"], want_k) < 1e-4 and rel_err(case["v_cache"], want_v) < 1e-4
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["x", "attn_norm", "ffn_norm", *PACKED, "cos_sin", "k_cache", "v_cache", "kpos",
+                                  "qpos"])
+def test_decode_block_refuses_a_short_buffer(name: str) -> None:
+    # One element (a packed weight: one row) short: a ValueError naming the buffer and both sizes, and
+    # nothing read or written.
+    case = block_case()
+    before = {k: case[k].clone() for k in ("x", "k_cache", "v_cache")}
+    need = case[name].numel() * case[name].element_size()
+    have = need - (need // case[name].shape[0] if name in PACKED else case[name].element_size())
+    with pytest.raises(ValueError, match=rf"^decode_block: buffer {name} holds {have} bytes, its shape needs {need}$"):
+        run_block(case, short=name)
+    for k, t in before.items():
+        assert torch.equal(case[k], t), k
+    run_block(case)  # the same buffers at their full sizes run
+    assert not torch.equal(case["x"], before["x"])
+
+
+@needs_ext
+def test_decode_block_validates_its_arguments() -> None:
+    case = block_case()
+    full = {}
+    for name in ("x", "attn_norm", "ffn_norm", *PACKED, "cos_sin", "k_cache", "v_cache", "kpos", "qpos"):
+        full[name] = (*buf(case[name]), case["qtype"]) if name in PACKED else buf(case[name])
+    b, dim, h, hkv, d, f, s = BLOCK_SHAPE
+    bad = [
+        ((b, dim, h, 3, d, f, s), full, ValueError, "bad block shape"),  # H not a multiple of Hkv
+        ((b, dim, h, hkv, d + 1, f, s), full, ValueError, "bad block shape"),  # odd head dim
+        ((0, dim, h, hkv, d, f, s), full, ValueError, "bad block shape"),
+        ((b, dim, h, hkv, d, f), full, TypeError, "shape must be"),
+        (BLOCK_SHAPE, {k: v for k, v in full.items() if k != "kpos"}, ValueError, "buffer kpos missing"),
+        (BLOCK_SHAPE, {**full, "kpso": full["kpos"]}, ValueError, "unknown buffer 'kpso'"),
+        (BLOCK_SHAPE, {**full, "wo": full["wo"][:2]}, TypeError, r"wo must be a tuple \(data_ptr, nbytes, qtype\)"),
+        (BLOCK_SHAPE, {**full, "x": (*full["x"], 0)}, TypeError, r"x must be a tuple \(data_ptr, nbytes\)"),
+        (BLOCK_SHAPE, {**full, "w2": (*full["w2"][:2], 11)}, ValueError, "w2: GGML type 11"),
+        (BLOCK_SHAPE, {**full, "w13": (*full["w13"][:2], int(QT.Q4_K))}, ValueError, "w13: GGML type 12 cannot"),
+        (BLOCK_SHAPE, {**full, "qpos": (0, full["qpos"][1])}, ValueError, "qpos is a null pointer"),
+        (BLOCK_SHAPE, {**full, "v_cache": (full["v_cache"][0], -4)}, ValueError, "negative size"),
+    ]
+    before = case["x"].clone()
+    for shape, buffers, error, match in bad:
+        with pytest.raises(error, match=match):
+            ext.decode_block(shape, buffers, 1e-5, 0, 1)
+    with pytest.raises(ValueError, match="n_threads"):
+        ext.decode_block(BLOCK_SHAPE, full, 1e-5, 0, 0)
+    assert torch.equal(case["x"], before)
 
 
 def test_gradient_with_respect_to_x() -> None:

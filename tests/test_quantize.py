@@ -9,9 +9,9 @@ import torch
 
 from models import hf_model, save_hf
 from tramontane.errors import RequestError
-from tramontane.quant.linear import GGUFLinear
+from tramontane.quant.linear import PackedLinear
 from tramontane.quant.quantize import quantize_model, quantize_q4_1, quantize_q8_0
-from tramontane.weights.loader import load_model
+from tramontane.build.load import load_model
 
 
 @pytest.mark.parametrize("fn,qtype", [(quantize_q8_0, "Q8_0"), (quantize_q4_1, "Q4_1")])
@@ -29,7 +29,7 @@ def test_quantized_model_is_a_module_swap_close_to_float(tmp_path, scheme, toler
     plain = load_model(folder).model
     quant = quantize_model(load_model(folder).model, scheme)
     assert quant.config.quant == scheme
-    layers = [m for m in quant.modules() if isinstance(m, GGUFLinear)]
+    layers = [m for m in quant.modules() if isinstance(m, PackedLinear)]
     assert len(layers) == 2 * 4 + 1  # fused qkv, o, fused w1/w3, w2 per layer, and the output head
     w = plain.layers[0].attention.wq.weight
     deq = quant.layers[0].attention.wqkv.dequantize()[:w.shape[0]]  # q rows come first

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tramontane.errors import ConfigError
-from tramontane.weights.random import meta_model, random_config, random_model
+from tramontane.build.random import meta_model, random_model
+from tramontane.weights.random import random_config
 
 
 def count(model) -> int:
@@ -44,13 +45,16 @@ def test_unknown_preset_is_a_clear_error():
 
 
 def test_quantized_random_model_is_packed(tmp_path):
-    from tramontane.quant.linear import GGUFLinear
+    from tramontane.quant.linear import PackedLinear
 
     config = random_config("mistral-7b").with_(n_layers=1, vocab_size=512)
     model = random_model(config, quant="int4")
     assert model.config.quant == "int4"
-    assert isinstance(model.layers[0].feed_forward.w13, GGUFLinear)  # gate and up, fused
+    assert isinstance(model.layers[0].feed_forward.w13, PackedLinear)  # gate and up, fused
     assert model.layers[0].feed_forward.w13.packed.numel() == 2 * 14336 * 4096 // 32 * 20  # Q4_1 blocks
-    assert model.step_kernel is not None
+    from tramontane.quant.step import CompiledStep
+    from tramontane.quant import kernels
+
+    assert CompiledStep.fits(model) == kernels.available()
     logits = model(torch.tensor([[1, 2, 3]]))
     assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()

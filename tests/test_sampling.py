@@ -17,7 +17,7 @@ from transformers.generation.logits_process import (
 )
 
 from tramontane.errors import RequestError
-from tramontane.sampling import (
+from tramontane.decoding.sampling import (
     SamplingParams,
     apply_penalties,
     compute_logprobs,

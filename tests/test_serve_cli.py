@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tramontane.cli import main
+from tramontane.cli.main import main
 from tramontane.errors import TramontaneError
 from tramontane.serve.server import available_memory, parse_size
 

@@ -67,11 +67,14 @@ def test_disconnect_aborts_within_a_step(served, stream, n):
     if stream:
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # the stream has begun
     time.sleep(0.1)
-    sock.close()
-    closed = time.monotonic()
     ids = running_ids(engine, before)
-    assert wait_for(lambda: set(ids) <= set(engine.aborted), timeout=2.0), (ids, engine.aborted[-5:])
-    assert time.monotonic() - closed < 0.5  # a few 20 ms steps, not the 4 s the answer would take
+    at_close = {i: engine.produced.get(i, 0) for i in ids}
+    sock.close()
+    assert wait_for(lambda: set(ids) <= set(engine.aborted), timeout=60.0), (ids, engine.aborted[-5:])
+    # Counted in engine steps, not seconds (a loaded machine slows both alike): a few steps after the
+    # close, not the 200 the answer would take.
+    late = {i: engine.produced.get(i, 0) - at_close[i] for i in ids}
+    assert max(late.values()) <= 20, late
     assert not set(ids) & set(engine.finished)
 
 

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from fake_engine import V1, FakeEngine
 from tramontane.engine.types import EngineUnavailableError, QueueFullError
 from tramontane.serve import create_app, drain
-from tramontane.serve.convert import SAFE_PROMPT
+from tramontane.serve.requests import SAFE_PROMPT
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "hi"}]
@@ -296,3 +296,19 @@ def test_chat_page_is_guarded_and_asks_a_browser_for_the_key():
         assert c.get("/v1/models", headers={"Authorization": wrong}).status_code == 401
         assert c.get("/v1/models").headers["www-authenticate"] == "Bearer"
         assert c.get("/health").status_code == 200
+
+
+def test_the_fake_engine_and_the_real_one_fit_the_engine_protocol():
+    """serve/ is typed against `engine.types.Engine`; both engines it is tested with declare every member."""
+    import inspect
+
+    from fake_engine import FakeEngine
+    from tramontane.engine import AsyncEngine
+    from tramontane.engine.types import Engine
+
+    assert isinstance(FakeEngine(), Engine)
+    members = {n for n in dir(Engine) if not n.startswith("_")} | set(Engine.__annotations__)
+    real = set(dir(AsyncEngine)) | set(inspect.signature(AsyncEngine.__init__).parameters)
+    source = inspect.getsource(AsyncEngine.__init__)
+    missing = {m for m in members if m not in real and f"self.{m}" not in source}
+    assert not missing, missing

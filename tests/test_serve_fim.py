@@ -16,7 +16,7 @@ from models import hf_model, save_native
 from tramontane.engine import AsyncEngine
 from tramontane.errors import TokenizerError
 from tramontane.serve import create_app, drain
-from tramontane.tokenizer import MistralCommonTokenizer
+from tramontane.text.tokenizer import MistralCommonTokenizer
 
 PROMPT, SUFFIX = "def add(a, b):\n    c = ", "\n    return c"
 

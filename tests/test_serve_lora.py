@@ -10,7 +10,7 @@ import torch
 
 import tramontane
 from serving import running_server
-from tramontane.cli import main
+from tramontane.cli.main import main
 from tramontane.lora.layers import LoraSpec, apply_lora, lora_state
 from tramontane.lora.peft import save_adapter
 

@@ -27,7 +27,9 @@ def server(smollm2_path, tmp_path_factory):
     with running_server(log, "--kv-cache-memory", "128M", env={"TRAMONTANE_API_KEY": KEY}) as (base, proc):
         line = proc.stdout.readline().strip()
         port = base.rsplit(":", 1)[1]
-        assert line == f"tramontane serving SmolLM2-135M-Instruct.Q4_1 on http://127.0.0.1:{port}", line
+        # The served SmolLM2 (packed Q4_1) decodes on the backend build.select_backend picks for the paged cache.
+        assert line == (f"tramontane serving SmolLM2-135M-Instruct.Q4_1 on http://127.0.0.1:{port} "
+                        "(decode backend: module)"), line
         yield base, proc
 
 

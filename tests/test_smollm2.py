@@ -74,7 +74,7 @@ def _transformers_perplexity(hf, ids: list[int], context: int, stride: int) -> t
 
 def test_perplexity_equals_transformers(both, smollm2_path, tmp_path, capsys):
     """`tramontane eval --perplexity` on a fixed text equals transformers' perplexity (same windows)."""
-    from tramontane.cli import main
+    from tramontane.cli.main import main
     from tramontane.evaluate import perplexity
 
     llm, hf, hf_tok = both
@@ -94,7 +94,7 @@ def test_perplexity_equals_transformers(both, smollm2_path, tmp_path, capsys):
 
 
 def test_multiple_choice_scores_equal_transformers_loglikelihood(both, smollm2_path, tmp_path, capsys):
-    from tramontane.cli import main
+    from tramontane.cli.main import main
     from tramontane.evaluate import continuation_logprob
 
     llm, hf, hf_tok = both

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from tramontane.errors import RequestError
-from tramontane.stops import StopChecker
+from tramontane.decoding.stops import StopChecker
 
 
 def run(stops: list[str], deltas: list[str]) -> tuple[list[str], bool, str]:

@@ -11,7 +11,7 @@ import pytest
 import tramontane
 from serving import running_server
 from tramontane.errors import RequestError
-from tramontane.structured import MAX_SCHEMA_BYTES, check_grammar, json_grammar, response_format_grammar
+from tramontane.text.grammar import MAX_SCHEMA_BYTES, check_grammar, json_grammar, response_format_grammar
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 PERSON = {  # nested objects, arrays, enums, required fields; bounded so that answers end
@@ -131,7 +131,7 @@ def test_answers_close_before_a_short_budget_runs_out(smollm2_path):
 
 
 def test_cli_json_and_schema_flags(smollm2_path, tmp_path, capsys):
-    from tramontane.cli import main
+    from tramontane.cli.main import main
 
     schema = tmp_path / "person.json"
     schema.write_text(json.dumps(PERSON))
@@ -195,7 +195,7 @@ def test_mask_matches_llguidances_own_apply():
     import llguidance.torch as lt
     import torch
 
-    from tramontane.structured import mask_logits
+    from tramontane.decoding.structured import mask_logits
 
     class FakeGuide:
         def __init__(self, bits):

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tramontane.errors import LoadError, TokenizerError
-from tramontane.tokenizer import (
+from tramontane.text.tokenizer import (
     HFTokenizer,
     IncrementalDecoder,
     MistralCommonTokenizer,

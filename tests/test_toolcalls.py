@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tramontane.toolcalls import call_id, parse_tool_calls
+from tramontane.tools.parser import call_id, parse_tool_calls
 
 TOOLS = ["get_weather", "add"]
 

@@ -15,9 +15,9 @@ import pytest
 import tramontane
 from models import hf_model, save_hf
 from serving import running_server
-from tramontane.structured import MAX_SCHEMA_BYTES, guidance_tokenizer
-from tramontane.tokenizer import MistralCommonTokenizer, load_tokenizer
-from tramontane.tools import (
+from tramontane.text.grammar import MAX_SCHEMA_BYTES, guidance_tokenizer
+from tramontane.text.tokenizer import MistralCommonTokenizer, load_tokenizer
+from tramontane.tools.request import (
     ToolError,
     call_grammar,
     call_text,
@@ -362,7 +362,7 @@ def test_bad_tool_requests_are_400s(server):
 def _stream(tokenizer, text: str, use) -> tuple[str, list, str | None]:
     """Feed `text` token by token through ToolChatFormat's streaming: (content, calls, finish_reason)."""
     from tramontane.engine.types import RequestOutput
-    from tramontane.serve.generation import Choice
+    from tramontane.serve.streaming import Choice
     from tramontane.serve.tool_format import ToolChatFormat
 
     fmt = ToolChatFormat("chatcmpl-1", MODEL, 1, False, use, tokenizer)

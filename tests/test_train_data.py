@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tramontane.errors import ConfigError, LoadError
-from tramontane.tokenizer import MistralCommonTokenizer, Tokenizer, tokenizer_from_gguf
+from tramontane.text.tokenizer import MistralCommonTokenizer, Tokenizer, tokenizer_from_gguf
 from tramontane.train.data import Example, batches, collate, pack, read_dataset
 from tramontane.weights.gguf import open_gguf
 

@@ -3,7 +3,7 @@
 from .api import LLM, load
 from .config import ModelConfig, MoeConfig
 from .errors import ConfigError, LoadError, RequestError, TemplateError, TokenizerError, TramontaneError
-from .sampling import SamplingParams
+from .decoding.sampling import SamplingParams
 
 __all__ = [
            "LLM",

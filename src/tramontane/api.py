@@ -8,26 +8,42 @@ from typing import Any
 
 import torch
 
+from .build import LoadedModel, load_model, select_backend
+from .decoding.offline import Generator, collect
+from .decoding.sampling import SamplingParams
+from .decoding.sequence import Completion, Delta
 from .device import resolve_dtype
 from .errors import RequestError
-from .generate import Completion, Delta, Generator, collect
-from .resolve import resolve_model
-from .sampling import SamplingParams
-from .weights.loader import LoadedModel, load_model
+from .hub.resolve import resolve_model
+from .model import Backend, KVCache
+from .text.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 
 
 class LLM:
-    def __init__(self, loaded: LoadedModel, tokenizer: Any, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> None:
         self.loaded, self.tokenizer, self.dtype = loaded, tokenizer, dtype
         self.model, self.config = loaded.model, loaded.config
-        self._generator = Generator(loaded.model, tokenizer, dtype)
+        self._select_backend()
+
+    def _select_backend(self) -> None:
+        """Pick the decode backend for the offline cache (again after a module swap such as LoRA)."""
+        self.backend: Backend = select_backend(self.model, KVCache, self.dtype)
+        self._runner = Generator(self.model, self.tokenizer, self.backend, self.dtype)
+
+    @property
+    def _generator(self) -> Generator:
+        """The offline runner, its backend picked again if the model's modules were swapped since (a
+        LoRA adapter applied to `llm.model` directly, say): a backend never runs modules it did not see."""
+        if not self.backend.current():
+            self._select_backend()
+        return self._runner
 
     def _params(self, params: SamplingParams | Sequence[SamplingParams] | None, n: int,
                 kwargs: dict[str, Any]) -> list[SamplingParams]:
         if "response_format" in kwargs:  # {"type": "json_object"} or {"type": "json_schema", ...}
-            from .structured import check_grammar, response_format_grammar
+            from .text.grammar import check_grammar, response_format_grammar
 
             grammar = response_format_grammar(kwargs.pop("response_format"))
             if grammar is not None:
@@ -70,7 +86,7 @@ class LLM:
         tools / tool_choice / parallel_tool_calls as in the chat completions API: the calls the model
         makes are in the Completion's `tool_calls` (finish_reason "tool_calls"); a required call
         ("required"/"any" or a named function) is constrained to valid arguments (tools.py)."""
-        from .tools import call_grammar, call_reserve, call_text, prepare_messages, read_calls, read_tools
+        from .tools.request import call_grammar, call_reserve, call_text, prepare_messages, read_calls, read_tools
 
         use = read_tools(tools, tool_choice, parallel_tool_calls, self.tokenizer)
         messages, offered = prepare_messages(messages, use, self.tokenizer)
@@ -101,6 +117,7 @@ class LLM:
 
         load_adapter(self.model, Path(path), name)
         set_active(self.model, None)
+        self._select_backend()  # the adapters wrap projections: the compiled step no longer fits
 
     def use_adapter(self, name: str | None) -> None:
         """Generate with LoRA adapter `name` from now on (None: the base model)."""
@@ -126,8 +143,8 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = N
     parallel: "tp", "ep" or "tp+ep" when this process is one rank of a torch.distributed group (torchrun):
     it loads only its part of the model (parallel/plan.py); every rank then runs the same calls."""
     from .quant.kernels import available
-    from .tokenizer import load_tokenizer, tokenizer_from_gguf
-    from .weights.loader import detect_format
+    from .text.tokenizer import load_tokenizer, tokenizer_from_gguf
+    from .weights.sources import detect_format
 
     path = resolve_model(model)
     dtype = resolve_dtype(dtype, detect_format(path))

@@ -17,20 +17,21 @@ from typing import Any
 
 import torch
 
-from ..generate import SequenceState, pick_tokens
+from ..build.backend import select_backend
+from ..decoding.sequence import SequenceState, pick_tokens
 from .blocks import BlockPool, bytes_per_block
 from .metrics import EngineMetrics
 from ..parallel.dist import broadcast_object, is_parallel
-from .runner import embed, prompt_logprobs, run_step
+from .runner import PagedStep, embed, prompt_logprobs, run_step
 from .scheduler import EngineSequence, Scheduler
-from .types import (ContextLengthError, EngineRequest, EngineUnavailableError, QueueFullError, UnknownAdapterError,
+from .types import (ServedModel, ContextLengthError, EngineRequest, EngineUnavailableError, QueueFullError, UnknownAdapterError,
                     RequestOutput)
 
 log = logging.getLogger("tramontane.engine")
 
 
 class AsyncEngine:
-    def __init__(self, llm: Any, *, model_name: str, kv_cache_memory: int, block_size: int = 16,
+    def __init__(self, llm: ServedModel, *, model_name: str, kv_cache_memory: int, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_running: int = 64, max_queued: int = 256,
                  dtype: torch.dtype = torch.float32) -> None:
         self.model, self.tokenizer, self.config = llm.model, llm.tokenizer, llm.config
@@ -41,6 +42,9 @@ class AsyncEngine:
         if is_parallel():  # the other ranks build the same pool over their heads (runner.follow)
             broadcast_object(("pool", num_blocks, block_size, dtype))
         self.pool = BlockPool(self.model.config, num_blocks, block_size, dtype)
+        self.backend = select_backend(self.model, PagedStep, dtype)
+        log.info("decode backend: %s (paged cache; offline generation: %s)", self.backend.name,
+                 getattr(llm, "backend", self.backend).name)
         self.scheduler = Scheduler(self.pool, model_name=model_name, window=self.config.sliding_window,
                                    max_num_batched_tokens=max_num_batched_tokens, max_running=max_running)
         self.metrics = EngineMetrics()
@@ -192,13 +196,13 @@ class AsyncEngine:
 
     def _on_score(self, token_ids: list[list[int]], top: int, future: Future) -> None:
         try:
-            future.set_result(prompt_logprobs(self.model, token_ids, top))
+            future.set_result(prompt_logprobs(self.backend, token_ids, top))
         except Exception as e:  # noqa: BLE001 - handed to the caller
             future.set_exception(e)
 
     def _on_embed(self, token_ids: list[list[int]], future: Future) -> None:
         try:
-            future.set_result(embed(self.model, token_ids))
+            future.set_result(embed(self.backend, token_ids))
         except Exception as e:  # noqa: BLE001 - handed to the caller
             future.set_exception(e)
 
@@ -212,7 +216,7 @@ class AsyncEngine:
             time.sleep(0.001)
             return
         try:
-            logits = run_step(self.model, self.pool, batch, self.config.sliding_window)
+            logits = run_step(self.backend, self.pool, batch, self.config.sliding_window)
             self.scheduler.after_step(batch)
             self._sample(batch, logits)
         except Exception as e:  # noqa: BLE001 - this step's requests fail; the engine goes on

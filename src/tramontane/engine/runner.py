@@ -11,14 +11,15 @@ from collections.abc import Sequence
 
 import torch
 
-from ..model import Transformer
+from ..build.backend import select_backend
+from ..model import Backend, Cache, Transformer
 from ..parallel.dist import broadcast_object, is_parallel
 from .blocks import BlockPool
 from .scheduler import EngineSequence
 
 
-class PagedStep:
-    """The cache seen by the model for one step: same interface as `model.KVCache`."""
+class PagedStep(Cache):
+    """The cache seen by the model for one step: the block pool through each request's block table."""
 
     def __init__(self, pool: BlockPool, slots: torch.Tensor, key_slots: torch.Tensor, key_pos: torch.Tensor,
                  key_seq: torch.Tensor, query_seq: torch.Tensor) -> None:
@@ -97,7 +98,7 @@ def adapter_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[torch.Ten
     return torch.tensor(rows).repeat_interleave(counts), names  # [N]
 
 
-def run_step(model: Transformer, pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]],
+def run_step(backend: Backend, pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]],
              window: int | None) -> torch.Tensor:
     """Forward the batch; return the logits [B,V] after each request's last scheduled token. Requests
     with different LoRA adapters (and none) share the step: each token gets its request's adapter.
@@ -106,18 +107,19 @@ def run_step(model: Transformer, pool: BlockPool, batch: Sequence[tuple[EngineSe
     adapters = adapter_rows(batch)
     if is_parallel():
         broadcast_object(("step", tokens, positions, step.parts(), last, adapters))
-    return forward_step(model, tokens, positions, step, last, adapters)
+    return forward_step(backend, tokens, positions, step, last, adapters)
 
 
-def forward_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, step: PagedStep,
+def forward_step(backend: Backend, tokens: torch.Tensor, positions: torch.Tensor, step: PagedStep,
                  last: list[int], adapters: tuple[torch.Tensor, list[str]] | None) -> torch.Tensor:
+    model = backend.model
     if adapters is not None:
         from ..lora.layers import set_rows
 
         set_rows(model, *adapters)
     try:
         with torch.inference_mode():
-            h = model.hidden_states(tokens, positions, step)  # [1,N,dim]
+            h = backend.prefill(tokens, positions, step)  # [1,N,dim]: prefill chunks and decode tokens together
             return model.logits(h[0, last])  # [B,V]
     finally:
         if adapters is not None:
@@ -126,46 +128,48 @@ def forward_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tens
 
 def follow(model: Transformer, pool: BlockPool) -> None:
     """A rank > 0 of a sharded server: run every step rank 0 announces, on this rank's part of the model
-    and its own KV pool (same slots, its own heads), until rank 0 stops."""
+    and its own KV pool (same slots, its own heads), until rank 0 stops. The backend is chosen as rank
+    0's engine chooses it."""
+    backend = select_backend(model, PagedStep, pool.k[0].dtype)
     while True:
         message = broadcast_object(None)
         if message[0] == "step":
             _, tokens, positions, parts, last, adapters = message
-            forward_step(model, tokens, positions, PagedStep(pool, *parts), last, adapters)
+            forward_step(backend, tokens, positions, PagedStep(pool, *parts), last, adapters)
         elif message[0] == "embed":
-            _embed(model, message[1])
+            _embed(backend, message[1])
         elif message[0] == "score":
-            _prompt_logprobs(model, message[1], message[2])
+            _prompt_logprobs(backend, message[1], message[2])
         elif message[0] == "stop":
             return
 
 
-def embed(model: Transformer, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+def embed(backend: Backend, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
     """Mean of the final (normed) hidden states over each input's tokens, L2-normalised."""
     if is_parallel():
         broadcast_object(("embed", [list(ids) for ids in token_ids]))
-    return _embed(model, token_ids)
+    return _embed(backend, token_ids)
 
 
-def prompt_logprobs(model: Transformer, token_ids: Sequence[Sequence[int]], top: int
+def prompt_logprobs(backend: Backend, token_ids: Sequence[Sequence[int]], top: int
                     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per prompt, log p(token k | tokens before k) for k = 1..T-1 [T-1], and the `top` most likely ids
     and their log-probabilities at each of those positions [T-1, top] (echo with logprobs, lm-eval)."""
     if is_parallel():
         broadcast_object(("score", [list(ids) for ids in token_ids], top))
-    return _prompt_logprobs(model, token_ids, top)
+    return _prompt_logprobs(backend, token_ids, top)
 
 
 SCORE_CHUNK = 256  # positions whose vocabulary-wide log-softmax is held at once
 
 
-def _prompt_logprobs(model: Transformer, token_ids: Sequence[Sequence[int]], top: int
+def _prompt_logprobs(backend: Backend, token_ids: Sequence[Sequence[int]], top: int
                      ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    out = []
+    model, out = backend.model, []
     with torch.inference_mode():
         for ids in token_ids:
             tokens = torch.tensor([list(ids)])  # [1,T]
-            h = model.hidden_states(tokens)[0, :-1]  # [T-1,dim]: position k predicts token k+1
+            h = backend.prefill(tokens, _positions(tokens), None)[0, :-1]  # [T-1,dim]: k predicts token k+1
             chosen, top_ids, top_lp = [], [], []
             for start in range(0, h.shape[0], SCORE_CHUNK):
                 logp = model.logits(h[start:start + SCORE_CHUNK]).log_softmax(-1)  # [C,V]
@@ -178,10 +182,16 @@ def _prompt_logprobs(model: Transformer, token_ids: Sequence[Sequence[int]], top
     return out
 
 
-def _embed(model: Transformer, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+def _embed(backend: Backend, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
     out = []
     with torch.inference_mode():
         for ids in token_ids:
-            h = model.hidden_states(torch.tensor([list(ids)]))[0].float()  # [T,dim]
+            tokens = torch.tensor([list(ids)])  # [1,T]
+            h = backend.prefill(tokens, _positions(tokens), None)[0].float()  # [T,dim]
             out.append(torch.nn.functional.normalize(h.mean(dim=0), dim=0).tolist())
     return out
+
+
+def _positions(tokens: torch.Tensor) -> torch.Tensor:
+    """0..T-1 for every row of tokens [B,T] (a whole prompt, no cache)."""
+    return torch.arange(tokens.shape[1]).expand(tokens.shape)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from .blocks import BlockPool, block_key
 from .types import EngineRequest
-from ..generate import SequenceState
+from ..decoding.sequence import SequenceState
 
 _arrivals = itertools.count()
 
@@ -69,7 +69,9 @@ class Scheduler:
     # ---- one step ------------------------------------------------------------------------------------
     def schedule(self) -> tuple[list[tuple[EngineSequence, int]], list[EngineSequence]]:
         """(sequence, n_tokens) pairs to run now, and requests that can never fit (to end with `length`)."""
-        budget, chosen, hopeless = self.max_batched, [], []
+        budget = self.max_batched
+        chosen: list[tuple[EngineSequence, int]] = []
+        hopeless: list[EngineSequence] = []
         for seq in list(self.running):
             if budget == 0:
                 break
@@ -110,8 +112,9 @@ class Scheduler:
                 key = block_key(self._namespace(seq), seq.keys[-1] if seq.keys else None,
                                 tokens[i * size:(i + 1) * size])
                 seq.keys.append(key)
-                if seq.blocks[i] is not None:
-                    self.pool.register(seq.blocks[i], key)
+                block = seq.blocks[i]
+                if block is not None:
+                    self.pool.register(block, key)
             self._release_out_of_window(seq)
 
     # ---- helpers -------------------------------------------------------------------------------------

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
+import torch
+
+from ..config import ModelConfig
 from ..errors import TramontaneError
-from ..generate import TokenLogprob
-from ..sampling import SamplingParams
+from ..decoding.sequence import TokenLogprob
+from ..decoding.sampling import SamplingParams
+from ..model.transformer import Transformer
+from ..text.tokenizer import Tokenizer
 
 
 class EngineError(TramontaneError):
@@ -55,3 +62,56 @@ class RequestOutput:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error: str | None = None
+
+
+class ModelShape(Protocol):
+    """What the routes read of the served model's config."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def max_seq_len(self) -> int | None: ...
+
+
+class HttpMetrics(Protocol):
+    def record_http(self, status: int) -> None: ...
+
+    def render(self) -> str: ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What serve/ calls on an engine: `AsyncEngine`, or the tests' fake (tests/fake_engine.py)."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Tokenizer
+    config: ModelShape
+    metrics: HttpMetrics
+
+    @property
+    def adapters(self) -> set[str]: ...  # LoRA adapters requests may name
+
+    def start(self) -> None: ...
+
+    def is_healthy(self) -> bool: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]: ...
+
+    async def embed(self, token_ids: list[list[int]]) -> list[list[float]]: ...
+
+    async def prompt_logprobs(self, token_ids: list[list[int]], top: int
+                              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None: ...
+
+
+class ServedModel(Protocol):
+    """What the engine is built from (an `api.LLM`): the model, its tokenizer and config."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    config: ModelConfig

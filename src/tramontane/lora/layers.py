@@ -1,6 +1,6 @@
 """LoRA as a module swap: adapters wrap the built model's projections, several named adapters at once.
 
-`apply_lora` wraps the target projections (nn.Linear or packed GGUFLinear) in `LoRALinear`, and gives
+`apply_lora` wraps the target projections (nn.Linear or packed PackedLinear) in `LoRALinear`, and gives
 Mixtral's experts per-expert A/B stacks through `ExpertLoRA` (MoeFeedForward calls its `delta` hook).
 Each adapter adds scale * B(A(dropout(x))) with scale = alpha / r, as PEFT's lora.Linear computes it
 (Hu et al. 2021, "LoRA", eq. 3). Which adapter applies comes from one `AdapterSelection` shared by all
@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.moe import MoeFeedForward
-from ..quant.linear import GGUFLinear, dequantize_model, set_module, unfuse_projections
+from ..quant.linear import PackedLinear, dequantize_model, set_module, unfuse_projections
 
 DENSE_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 # Mixtral: the router, and every expert's w1/w2/w3 (on a Mixtral block "w1" etc. name the experts' too)
@@ -87,7 +87,7 @@ def _adapter_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: flo
 
 
 class LoRALinear(nn.Module):
-    """A frozen base projection (nn.Linear or GGUFLinear) plus named adapters A [r,in], B [out,r]."""
+    """A frozen base projection (nn.Linear or PackedLinear) plus named adapters A [r,in], B [out,r]."""
 
     def __init__(self, base: nn.Module, selection: AdapterSelection) -> None:
         super().__init__()
@@ -248,7 +248,6 @@ def add_adapter(model: nn.Module, name: str, state: dict[str, torch.Tensor], sca
     sel = selection_of(model)
     _check_new_name(sel, name)
     unfuse_projections(model)
-    model.step_kernel = None
     paths = sorted({k.rpartition(".")[0] for k in state})
     params: list[nn.Parameter] = []
     for path in paths:
@@ -289,11 +288,11 @@ def _install(model: nn.Module, path: str, name: str, a: torch.Tensor, b: torch.T
         return owner.expert_lora.add(leaf, name, a.float().to(device), b.float().to(device), scale, dropout)
     module = owner.get_submodule(leaf)
     if not isinstance(module, LoRALinear):
-        if not isinstance(module, nn.Linear | GGUFLinear):
+        if not isinstance(module, nn.Linear | PackedLinear):
             raise ConfigError(f"{path}: cannot put LoRA on a {type(module).__name__}")
         module = LoRALinear(module, sel)
         set_module(model, path, module)
-    device = next(iter(module.base.buffers() if isinstance(module.base, GGUFLinear) else module.base.parameters())).device
+    device = next(iter(module.base.buffers() if isinstance(module.base, PackedLinear) else module.base.parameters())).device
     return module.add(name, a.float().to(device), b.float().to(device), scale, dropout)
 
 
@@ -366,9 +365,9 @@ def merge_lora(model: nn.Module, name: str) -> None:
     for path, m in list(_wrappers(model)):
         if isinstance(m, LoRALinear) and name in m.lora_A:
             base = m.base
-            weight = base.dequantize() if isinstance(base, GGUFLinear) else base.weight.float()  # [out,in]
+            weight = base.dequantize() if isinstance(base, PackedLinear) else base.weight.float()  # [out,in]
             merged = weight + m.scales[name] * (m.lora_B[name].float() @ m.lora_A[name].float())
-            dtype = torch.float32 if isinstance(base, GGUFLinear) else base.weight.dtype
+            dtype = torch.float32 if isinstance(base, PackedLinear) else base.weight.dtype
             linear = nn.Linear(m.in_features, m.out_features, bias=False, device=merged.device, dtype=dtype)
             linear.weight = nn.Parameter(merged.to(dtype), requires_grad=False)
             m.remove(name)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError, LoadError
 from ..weights.names import permute_rotary, unpermute_rotary
-from ..weights.loader import read_json_object
+from ..weights.sources import read_json_object
 from ..weights.safetensors import SafetensorsFile
 from .layers import LoraSpec, add_adapter, lora_scales, lora_state
 

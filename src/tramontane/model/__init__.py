@@ -1,6 +1,7 @@
 """Model code: tensors in, tensors out. No I/O, no tokenizers, no sampling."""
 
-from .cache import KVCache
+from .backend import Backend, ModuleBackend
+from .cache import Cache, KVCache
 from .transformer import Transformer
 
-__all__ = ["KVCache", "Transformer"]
+__all__ = ["Backend", "Cache", "KVCache", "ModuleBackend", "Transformer"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .cache import KVCache
+from .cache import Cache
 from .layers import apply_rope, attention_mask
 
 
@@ -17,10 +17,11 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.window = config.sliding_window
-        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
-        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.wq: nn.Module = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk: nn.Module = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wv: nn.Module = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+        self.wo: nn.Module = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        # Each projection is an nn.Linear until a module swap makes it packed, LoRA-wrapped or sharded.
         self.wqkv: nn.Module | None = None  # set by quant.linear.fuse_projections (replaces wq, wk, wv)
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -30,7 +31,7 @@ class Attention(nn.Module):
         return self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)  # [B,T,(H+2Hkv)*D]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
-                cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: Cache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x [B,T,dim], positions [B,T] -> [B,T,dim]. Without a cache, `mask` [B,1,T,T] (default: causal
         over positions, with the window) says which tokens see which."""
         b, t, _ = x.shape

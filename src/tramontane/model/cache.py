@@ -19,25 +19,51 @@ position p - W, which it must not see anyway.
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from ..config import ModelConfig
 from .layers import attention_mask
 
 
-class KVCache:
+class Cache(abc.ABC):
+    """What attention reads and writes through, whatever the layout (rolling offline buffer, paged pool).
+
+    A step calls `begin(positions)` once, then, in every layer, `update(layer, k, v)` (store this step's
+    keys and values; get back every key the step's queries may look at, with their positions) and
+    `mask(q_pos, k_pos, window)` (which of those keys each query sees). Implementations declare
+    themselves by subclassing, so a backend can ask `issubclass(kind, KVCache)` and know the layout."""
+
+    @abc.abstractmethod
+    def begin(self, positions: torch.Tensor) -> None:
+        """Prepare to store the tokens at `positions` [B,T] (-1 = padding)."""
+
+    @abc.abstractmethod
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v [B,T,Hkv,D] -> keys, values [B,Hkv,S,D] and their positions [B,S]."""
+
+    @abc.abstractmethod
+    def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+        """Boolean [B,1,T,S]: which keys each query may attend."""
+
+
+class KVCache(Cache):
+    """The offline cache: one [B,Hkv,S,D] buffer per layer, rolling when a window is smaller than S."""
+
     def __init__(self, config: ModelConfig, batch_size: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         window = config.sliding_window
         self._window = window
-        self.rolling = window is not None and window < capacity
-        self.size = window if self.rolling else capacity
+        self.size = capacity if window is None else min(window, capacity)  # W slots when the window is smaller
+        self.rolling = self.size < capacity
         shape = (batch_size, config.n_kv_heads, self.size, config.head_dim)  # [B,Hkv,S,D]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.pos = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)  # [B,S]
         self._step: tuple | None = None
-        self._masks = {}
+        self._masks: dict[int | None, torch.Tensor] = {}
 
     @property
     def batch_size(self) -> int:
@@ -62,7 +88,7 @@ class KVCache:
         old_pos = self.pos.clone() if concat else None
         self.pos[rows, slots] = self._keep_old(valid, positions[rows, cols], self.pos[rows, slots])
         self._step = (rows, cols, slots, concat, old_pos, positions, valid)
-        self._masks: dict[int | None, torch.Tensor] = {}  # one mask per step, shared by every layer
+        self._masks = {}  # one mask per step, shared by every layer
 
     @staticmethod
     def _keep_old(valid: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

@@ -67,9 +67,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1: nn.Module = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2: nn.Module = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3: nn.Module = nn.Linear(dim, hidden_dim, bias=False)
         self.w13: nn.Module | None = None  # set by quant.linear.fuse_projections (replaces w1, w3)
         self.hidden_dim = hidden_dim
 

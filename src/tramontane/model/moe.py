@@ -5,11 +5,21 @@ over those K logits in float32; output = sum over the K chosen experts of weight
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoeConfig
+
+
+class ExpertAdapters(Protocol):
+    """Per-expert LoRA adapters (lora.layers.ExpertLoRA, a module set by lora.apply_lora)."""
+
+    def delta(self, proj: str, e: int, x: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """The adapters' term for expert e's projection `proj` ("w1", "w2", "w3"): [n,out], or None."""
+        ...
 
 
 class MoeFeedForward(nn.Module):
@@ -22,7 +32,7 @@ class MoeFeedForward(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, dim, hidden_dim))  # [E,dim,F]
         self.w3 = nn.Parameter(torch.empty(e, hidden_dim, dim))  # [E,F,dim]
         # Set by lora.apply_lora: per-expert adapters, `delta(proj, e, x, tokens)` -> [n,out] or None.
-        self.expert_lora: nn.Module | None = None
+        self.expert_lora: ExpertAdapters | None = None
         # Expert parallelism (parallel/shard.py): this module holds experts [first, stop) of all E; the
         # others' tokens contribute zeros here and are summed in from the ranks that hold them.
         self.expert_range: tuple[int, int] = (0, e)
@@ -41,15 +51,17 @@ class MoeFeedForward(nn.Module):
     def expert(self, e: int, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """SwiGLU of expert e: x [n,dim] -> [n,dim]. tokens [n]: each row's index in the flattened input
         (tells per-row LoRA adapters which row is which)."""
-        if self.expert_lora is None:
+        lora = self.expert_lora
+        if lora is None:
             return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
-        h = F.silu(self._project("w1", e, x, tokens)) * self._project("w3", e, x, tokens)
-        return self._project("w2", e, h, tokens)
+        h = F.silu(self._project(lora, "w1", e, x, tokens)) * self._project(lora, "w3", e, x, tokens)
+        return self._project(lora, "w2", e, h, tokens)
 
-    def _project(self, name: str, e: int, x: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    def _project(self, lora: ExpertAdapters, name: str, e: int, x: torch.Tensor,
+                 tokens: torch.Tensor | None) -> torch.Tensor:
         """x @ W[e]^T plus the adapters' term for this expert's projection `name`."""
         y = F.linear(x, getattr(self, name)[e])
-        delta = self.expert_lora.delta(name, e, x, tokens)  # type: ignore[union-attr]
+        delta = lora.delta(name, e, x, tokens)
         return y if delta is None else y + delta.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from .attention import Attention
-from .cache import KVCache
+from .cache import Cache
 from .layers import FeedForward, RMSNorm, attention_mask, rope_cos_sin, rope_frequencies
 from .moe import MoeFeedForward
 
@@ -26,7 +28,7 @@ class TransformerBlock(nn.Module):
             self.feed_forward = MoeFeedForward(config.dim, config.hidden_dim, config.moe)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
-                cache: KVCache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache: Cache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), positions, rope, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -34,35 +36,33 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """tokens [B,T] and absolute positions [B,T] (-1 = padding) in, logits [B,T,V] out."""
 
+    inv_freq: torch.Tensor  # a buffer (register_buffer below): RoPE inverse frequencies [D/2]
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        # nn.Embedding, or a packed / vocabulary-parallel one after a module swap (quant/, parallel/)
+        self.tok_embeddings: nn.Module = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        # The head: nn.Linear, a packed or tensor-parallel module once loaded; None when tied to tok_embeddings.
+        self.output: nn.Module | None = (
+            None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False))
         self.register_buffer("inv_freq", rope_frequencies(config.head_dim, config.rope_theta), persistent=False)
-        # Optional compiled path for one-token steps, attached by quant.fused.install: an object with
-        # accepts(h, cache) and __call__(h, positions, rope, cache) -> h, computing what the blocks do.
-        self.step_kernel = None
         # Recompute each block's activations in the backward pass instead of keeping them (training).
         self.gradient_checkpointing = False
 
+    def blocks(self) -> list[TransformerBlock]:
+        """The blocks, typed (an nn.ModuleList yields plain Modules to a type checker)."""
+        return cast(list[TransformerBlock], list(self.layers))
+
     def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                      cache: KVCache | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
-        """Final normed hidden states [B,T,dim]. segments [B,T] (no cache): packed sequences of a row
-        attend only within their segment."""
+                      cache: Cache | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normed hidden states [B,T,dim] through the modules. segments [B,T] (no cache): packed
+        sequences of a row attend only within their segment."""
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
-        mask = None
-        if cache is not None:
-            cache.begin(positions)
-        else:
-            mask = attention_mask(positions, positions, self.config.sliding_window, segments)  # [B,1,T,T]
-        rope = rope_cos_sin(positions, self.inv_freq)  # complex [B,T,1,D/2]
-        h = self.tok_embeddings(tokens.clamp(min=0))  # [B,T,dim]
-        if self.step_kernel is not None and self.step_kernel.accepts(h, cache):
-            return self.norm(self.step_kernel(h, positions, rope, cache))
+        h, rope, mask = self.embed(tokens, positions, cache, segments)
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.layers:
             if checkpointing:
@@ -71,12 +71,26 @@ class Transformer(nn.Module):
                 h = block(h, positions, rope, cache, mask)
         return self.norm(h)
 
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache | None,
+              segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What every backend does before the blocks: embeddings [B,T,dim], RoPE rotations (complex
+        [B,T,1,D/2]) and, without a cache, the mask [B,1,T,T]; with one, the cache is told the positions."""
+        mask = None
+        if cache is not None:
+            cache.begin(positions)
+        else:
+            mask = attention_mask(positions, positions, self.config.sliding_window, segments)  # [B,1,T,T]
+        rope = rope_cos_sin(positions, self.inv_freq)  # complex [B,T,1,D/2]
+        return self.tok_embeddings(tokens.clamp(min=0)), rope, mask
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Hidden states [...,dim] -> logits [...,V] in float32."""
-        if self.output is None:
-            return torch.nn.functional.linear(h, self.tok_embeddings.weight).float()
+        if self.output is None:  # tied: the embedding's weight (packed and sharded models set an output)
+            weight = self.tok_embeddings.weight
+            assert isinstance(weight, torch.Tensor)
+            return torch.nn.functional.linear(h, weight).float()
         return self.output(h).float()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+                cache: Cache | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
         return self.logits(self.hidden_states(tokens, positions, cache, segments))

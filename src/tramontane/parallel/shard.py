@@ -95,7 +95,6 @@ def shard_model(model: nn.Module, layout: Layout) -> nn.Module:
         model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings.weight.data, layout.vocab[0])
         model.output = (GatheredHead(layout.vocab_sizes, tied=model.tok_embeddings) if full.tie_embeddings
                         else GatheredHead(layout.vocab_sizes, weight=model.output.weight.data))
-    model.step_kernel = None
     model.config = local
     model.parallel = layout
     return model

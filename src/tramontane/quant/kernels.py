@@ -1,7 +1,7 @@
 """Packed GGUF matmul: float32 activations times weights kept as GGUF blocks.
 
 `qmatmul(x, packed, qtype, k)` computes `x @ W.T` where W [N, k] is stored as N rows of GGML blocks
-(`packed`, uint8 [N, row_bytes]). The compiled extension `_kernels` (see _kernels.c; built by
+(`packed`, uint8 [N, row_bytes]). The compiled extension `_kernels` (C sources in csrc/; built by
 setup.py, optional) decodes the blocks in registers and accumulates in float32, threaded over the N
 output rows; without it, the weight is dequantized with `weights.gguf_quants` and F.linear runs.
 
@@ -12,13 +12,17 @@ The activations are never quantized: results match `x @ dequantize(W).T` to floa
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 
 from ..weights.gguf_quants import GGML_TYPES, dequantize
 
-try:  # the compiled kernels are optional (a failed build leaves the fallback)
-    from . import _kernels as _ext
+_ext: ModuleType | None
+try:  # the compiled kernels are optional (a failed build leaves the fallback); types: _kernels.pyi
+    _ext = importlib.import_module("._kernels", __package__)
 except ImportError:  # pragma: no cover - depends on the build
     _ext = None
 
@@ -40,7 +44,7 @@ def available() -> bool:
     return _ext is not None
 
 
-def extension():
+def extension() -> ModuleType | None:
     """The compiled module itself (None when it was not built), for callers of its other entry points."""
     return _ext
 
@@ -84,7 +88,7 @@ def _check_x(x: torch.Tensor, k: int) -> None:
 
 
 def _use_dense(m: int) -> bool:
-    limit = DEQUANTIZE_ABOVE_M.get(_ext.isa(), 16)
+    limit = DEQUANTIZE_ABOVE_M.get(isa(), 16)
     return limit is not None and m > limit
 
 
@@ -105,7 +109,8 @@ def dequantize_packed(packed: torch.Tensor, qtype: int, k: int, n_threads: int |
         return dequantize(packed.reshape(-1), qtype).view(n, k)
     out = torch.empty(n, k, dtype=torch.float32)
     if n:
-        _ext.dequantize_rows(packed.data_ptr(), out.data_ptr(), n, k, qtype, threads)
+        _ext.dequantize_rows((packed.data_ptr(), packed.numel()), (out.data_ptr(), out.numel() * 4), n, k, qtype,
+                             threads)
     return out
 
 
@@ -116,7 +121,8 @@ def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, thread
         return F.linear(x2, dequantize_packed(packed, qtype, k, threads))
     y = torch.empty(m, n, dtype=torch.float32)
     if m and n:
-        _ext.matmul(x2.data_ptr(), packed.data_ptr(), y.data_ptr(), m, n, k, qtype, threads)
+        _ext.matmul((x2.data_ptr(), x2.numel() * 4), (packed.data_ptr(), packed.numel()),
+                    (y.data_ptr(), y.numel() * 4), m, n, k, qtype, threads)
     return y
 
 

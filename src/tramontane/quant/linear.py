@@ -1,15 +1,20 @@
-"""Module swaps that keep GGUF weights packed in memory and execute them packed.
+"""Module swaps that keep weights packed in GGML block layouts in memory and execute them packed.
 
-`GGUFLinear` replaces an `nn.Linear` whose weight arrived as GGUF blocks (Q4_0, Q4_1, Q8_0, K-quants,
-F16...): the rows stay as the file's blocks, and the matmul decodes them on the fly (see kernels.py).
+`PackedLinear` replaces an `nn.Linear` whose weight is stored as GGML blocks: read so from a GGUF file
+(Q4_0, Q4_1, Q8_0, K-quants, F16...) or quantized from a float checkpoint by `--quant int8|int4`
+(quantize.py). The rows stay as blocks, and the matmul decodes them on the fly (see kernels.py).
 `PackedEmbedding` does the same for the token embedding, decoding only the rows looked up. Both have a
 `dequantize()` path, used by tests to compare with the dequantize-at-load model."""
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch import nn
 
+from ..model.layers import FeedForward
+from ..model.transformer import Transformer
 from ..weights.gguf_quants import GGML_TYPES
 from .kernels import dequantize_packed
 
@@ -19,7 +24,9 @@ PACKED_TYPES = {GGML_TYPES[i].name: i for i in GGML_TYPES
                                           "Q6_K"}}
 
 
-class GGUFLinear(nn.Module):
+class PackedLinear(nn.Module):
+    packed: torch.Tensor  # a buffer: [out_features, row_bytes] uint8
+
     def __init__(self, packed: torch.Tensor, qtype: int, in_features: int) -> None:
         super().__init__()
         self.register_buffer("packed", packed)  # [out_features, row_bytes] uint8
@@ -38,13 +45,13 @@ class GGUFLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     @classmethod
-    def concat(cls, parts: list[GGUFLinear]) -> GGUFLinear:
+    def concat(cls, parts: list[PackedLinear]) -> PackedLinear:
         """One module computing several projections of the same input (rows stacked): fewer calls."""
         return cls(torch.cat([p.packed for p in parts]), parts[0].qtype, parts[0].in_features)
 
-    def split(self, sizes: list[int]) -> list[GGUFLinear]:
+    def split(self, sizes: list[int]) -> list[PackedLinear]:
         """The inverse of concat: modules over consecutive row ranges of the same packed rows (views)."""
-        return [GGUFLinear(rows, self.qtype, self.in_features) for rows in self.packed.split(sizes)]
+        return [PackedLinear(rows, self.qtype, self.in_features) for rows in self.packed.split(sizes)]
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_packed(self.packed, self.qtype, self.in_features)
@@ -59,6 +66,8 @@ class GGUFLinear(nn.Module):
 
 
 class PackedEmbedding(nn.Module):
+    packed: torch.Tensor  # a buffer: [vocab, row_bytes] uint8
+
     def __init__(self, packed: torch.Tensor, qtype: int, dim: int) -> None:
         super().__init__()
         self.register_buffer("packed", packed)  # [vocab, row_bytes] uint8
@@ -68,9 +77,9 @@ class PackedEmbedding(nn.Module):
         rows = dequantize_packed(self.packed[tokens.reshape(-1)], self.qtype, self.dim)  # [B*T,dim]
         return rows.view(*tokens.shape, self.dim)
 
-    def as_linear(self) -> GGUFLinear:
+    def as_linear(self) -> PackedLinear:
         """The tied output head over the same packed rows (no copy)."""
-        return GGUFLinear(self.packed, self.qtype, self.dim)
+        return PackedLinear(self.packed, self.qtype, self.dim)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_packed(self.packed, self.qtype, self.dim)
@@ -80,46 +89,49 @@ class PackedEmbedding(nn.Module):
         return self.dequantize()
 
 
-def _fusable(parts: list[object]) -> bool:
-    return (all(isinstance(p, GGUFLinear) for p in parts)
-            and len({(p.qtype, p.in_features) for p in parts}) == 1)  # type: ignore[union-attr]
+def _fusable(parts: list[object]) -> TypeGuard[list[PackedLinear]]:
+    """Packed projections of one type and input width (an empty list is not)."""
+    packed = [p for p in parts if isinstance(p, PackedLinear)]
+    return len(packed) == len(parts) and len({(p.qtype, p.in_features) for p in packed}) == 1
 
 
-def fuse_projections(model: nn.Module) -> None:
+def fuse_projections(model: Transformer) -> None:
     """Stack q/k/v and gate/up of packed layers of one type into single modules (wqkv, w13)."""
-    for block in model.layers:  # type: ignore[union-attr]
+    for block in model.blocks():
         att, ff = block.attention, block.feed_forward
-        if _fusable([att.wq, att.wk, att.wv]):
-            att.wqkv = GGUFLinear.concat([att.wq, att.wk, att.wv])
+        qkv: list[object] = [att.wq, att.wk, att.wv]
+        if _fusable(qkv):
+            att.wqkv = PackedLinear.concat(qkv)
             del att.wq, att.wk, att.wv
-        if hasattr(ff, "w3") and _fusable([getattr(ff, "w1", None), ff.w3]):
-            ff.w13 = GGUFLinear.concat([ff.w1, ff.w3])
+        gate_up: list[object] = [ff.w1, ff.w3] if isinstance(ff, FeedForward) else []  # MoE: experts stay apart
+        if isinstance(ff, FeedForward) and _fusable(gate_up):
+            ff.w13 = PackedLinear.concat(gate_up)
             del ff.w1, ff.w3
 
 
-def unfuse_projections(model: nn.Module) -> None:
+def unfuse_projections(model: Transformer) -> None:
     """Undo fuse_projections: wqkv back into wq, wk, wv and w13 into w1, w3, as views of the same packed
     rows (no copy). Code that wraps single projections (LoRA) needs them apart."""
-    for block in model.layers:  # type: ignore[union-attr]
+    for block in model.blocks():
         att, ff = block.attention, block.feed_forward
-        if isinstance(att.wqkv, GGUFLinear):
+        if isinstance(att.wqkv, PackedLinear):
             q, kv = att.n_heads * att.head_dim, att.n_kv_heads * att.head_dim
             att.wq, att.wk, att.wv = att.wqkv.split([q, kv, kv])  # rows [(H+2Hkv)*D] -> [H*D], [Hkv*D] x 2
             att.wqkv = None
-        if isinstance(getattr(ff, "w13", None), GGUFLinear):
+        if isinstance(ff, FeedForward) and isinstance(ff.w13, PackedLinear):
             ff.w1, ff.w3 = ff.w13.split([ff.hidden_dim, ff.hidden_dim])  # rows [2F] -> [F] x 2
             ff.w13 = None
 
 
-def dequantize_model(model: nn.Module) -> None:
+def dequantize_model(model: Transformer) -> None:
     """Replace every packed module by its float32 equivalent (nn.Linear, nn.Embedding); a plain float
     model results (config.quant None, no compiled decode path, tied output read from the embedding)."""
     unfuse_projections(model)
-    config = getattr(model, "config", None)
-    if config is not None and config.tie_embeddings:
+    config = model.config
+    if config.tie_embeddings:
         model.output = None  # the float model reads the tied head from tok_embeddings
     for path, module in list(model.named_modules()):
-        if isinstance(module, GGUFLinear):
+        if isinstance(module, PackedLinear):
             plain: nn.Module = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
         elif isinstance(module, PackedEmbedding):
             plain = nn.Embedding(module.packed.shape[0], module.dim, device="meta")
@@ -127,10 +139,7 @@ def dequantize_model(model: nn.Module) -> None:
             continue
         plain.weight = nn.Parameter(module.dequantize(), requires_grad=False)
         set_module(model, path, plain)
-    if config is not None:
-        model.config = config.with_(quant=None)
-    if hasattr(model, "step_kernel"):
-        model.step_kernel = None
+    model.config = config.with_(quant=None)
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import RequestError
+from ..model.transformer import Transformer
 from ..weights.gguf_quants import GGML_TYPES
-from .linear import GGUFLinear, PackedEmbedding, set_module
+from .linear import PackedLinear, PackedEmbedding, set_module
 
 SCHEMES = {"int8": "Q8_0", "int4": "Q4_1"}
 GROUP = 32
@@ -70,31 +71,35 @@ def quantize_rows(rows: int, make: Callable[[int, int], torch.Tensor], scheme: s
     return out
 
 
-def set_packed_embedding(model: nn.Module, packed: torch.Tensor, qtype: int) -> None:
+def set_packed_embedding(model: Transformer, packed: torch.Tensor, qtype: int) -> None:
     """The token embedding as packed rows (only the rows looked up are decoded); a tied output head
     reads the same rows."""
-    model.tok_embeddings = PackedEmbedding(packed, qtype, model.config.dim)
+    embedding = PackedEmbedding(packed, qtype, model.config.dim)
+    model.tok_embeddings = embedding
     if model.config.tie_embeddings:
-        model.output = model.tok_embeddings.as_linear()
+        model.output = embedding.as_linear()
 
 
-def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
+def quantize_model(model: Transformer, scheme: str) -> Transformer:
     """Swap the float linear layers for packed ones in place; record the scheme in the config."""
     if scheme not in SCHEMES:
         raise RequestError(f"--quant {scheme!r} is not one of {', '.join(SCHEMES)}")
     qname = SCHEMES[scheme]
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and TARGETS.fullmatch(name) and module.in_features % GROUP == 0:
-            weight = module.weight.detach()
-            packed = quantize_rows(weight.shape[0], lambda a, b, w=weight: w[a:b], scheme)
-            set_module(model, name, GGUFLinear(packed, type_id(qname), module.in_features))
+            packed = quantize_rows(module.out_features, _rows_of(module.weight.detach()), scheme)
+            set_module(model, name, PackedLinear(packed, type_id(qname), module.in_features))
     embedding = model.tok_embeddings
     if isinstance(embedding, nn.Embedding) and embedding.embedding_dim % GROUP == 0:
-        weight = embedding.weight.detach()
-        packed = quantize_rows(weight.shape[0], lambda a, b, w=weight: w[a:b], scheme)
+        packed = quantize_rows(embedding.num_embeddings, _rows_of(embedding.weight.detach()), scheme)
         set_packed_embedding(model, packed, type_id(qname))
     model.config = model.config.with_(quant=scheme)
-    from .fused import install  # fused q/k/v and gate/up, and the compiled decoding step where it fits
+    from .step import fuse  # fused q/k/v and gate/up (the builder then picks the decode backend)
 
-    install(model)
+    fuse(model)
     return model
+
+
+def _rows_of(weight: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """Rows [a, b) of a float matrix, as `quantize_rows` asks for them."""
+    return lambda a, b: weight[a:b]

@@ -12,12 +12,12 @@ import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any
 
 from fastapi import FastAPI
 
 from .common import ServerState
 from .errors import install_handlers
+from ..engine.types import Engine
 from .. import __version__
 from .middleware import LimitBody, RecordStatus, RequireKey
 from .openapi import install_openapi
@@ -32,7 +32,7 @@ DEFAULT_MAX_BODY_BYTES = 16 << 20
 PUBLIC_PATHS = frozenset({"/health"})
 
 
-def create_app(engine: Any | None, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+def create_app(engine: Engine | None, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                allow_origins: Sequence[str] = (), model_name: str | None = None, allow_request_templates: bool = False,
                lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None) -> FastAPI:
     """The HTTP server for `engine`. `model_name` defaults to `engine.model_name`; `allow_origins`
@@ -70,7 +70,7 @@ def create_app(engine: Any | None, *, api_key: str | None = None, max_body_bytes
     return app
 
 
-def attach_engine(app: FastAPI, engine: Any) -> None:
+def attach_engine(app: FastAPI, engine: Engine) -> None:
     """The model has loaded: serve requests with this (started) engine."""
     app.state.tramontane.engine = engine
 

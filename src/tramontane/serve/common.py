@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from ..generate import TokenLogprob
+from ..engine.types import Engine
+from ..decoding.sequence import TokenLogprob
 from .errors import APIError, bad_request, validation_error
 from .protocol import ChatLogprobs, CompletionLogprobs, PromptTokensDetails, TokenLogprobOut, TopLogprob, Usage
 
@@ -26,7 +27,7 @@ class ServerState:
     """Shared by the routes through `app.state.tramontane`. `engine` is None while the model loads."""
 
     model_name: str
-    engine: Any = None
+    engine: Engine | None = None
     draining: bool = False
     allow_request_templates: bool = False  # --allow-request-chat-template
     created: int = field(default_factory=lambda: int(time.time()))
@@ -36,7 +37,7 @@ def server_state(request: Request) -> ServerState:
     return request.app.state.tramontane
 
 
-def engine_for(request: Request, model: str | None, *, adapters: bool = False) -> Any:
+def engine_for(request: Request, model: str | None, *, adapters: bool = False) -> Engine:
     """The engine, for a request naming `model` (None or "" = the served model; with `adapters`, also
     the name of a LoRA adapter loaded with --lora)."""
     state = server_state(request)
@@ -52,8 +53,8 @@ def engine_for(request: Request, model: str | None, *, adapters: bool = False) -
     return state.engine
 
 
-def adapter_names(engine: Any) -> set[str]:
-    return set(getattr(engine, "adapters", ()))
+def adapter_names(engine: Engine) -> set[str]:
+    return set(engine.adapters)
 
 
 def adapter_for(request: Request, model: str | None) -> str | None:

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
+from ..text.tokenizer import Tokenizer
 from ..engine.types import RequestOutput
 from .common import completion_logprobs, finite
 from .formats import CompletionFormat, total_usage
-from .generation import Choice
+from .streaming import Choice
 from .protocol import CompletionChoice, CompletionLogprobs
 
 
@@ -25,7 +26,7 @@ class Echo:
     logprobs: CompletionLogprobs | None
 
 
-def echoes(tokenizer: Any, prompts: list[list[int]], scored: list[tuple[torch.Tensor, ...]] | None) -> list[Echo]:
+def echoes(tokenizer: Tokenizer, prompts: list[list[int]], scored: list[tuple[torch.Tensor, ...]] | None) -> list[Echo]:
     """scored: per prompt (chosen [T-1], top ids [T-1,k], top logprobs [T-1,k]), or None without logprobs."""
     out = []
     for p, ids in enumerate(prompts):

@@ -10,7 +10,7 @@ from typing import Any
 from ..engine.types import RequestOutput
 from .common import chat_logprobs, completion_logprobs, now, usage
 from .errors import APIError
-from .generation import SSE_DONE, Choice, Run, sse
+from .streaming import SSE_DONE, Choice, Run, sse
 from .protocol import (
     AssistantMessage,
     ChatChoice,

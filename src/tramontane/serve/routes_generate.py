@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..engine.types import Engine
 from ..engine.types import EngineRequest
 from .common import adapter_for, engine_for, new_id, parse_body, server_state
-from .convert import (
+from .requests import (
     MAX_CHOICES,
     Settings,
     chat_logprobs,
@@ -26,7 +26,7 @@ from .convert import (
 from .errors import bad_request
 from .formats import ChatFormat, CompletionFormat, Format, check_errors
 from .echo import EchoCompletionFormat, echoes
-from .generation import Choice, ClientGone, EventStream, Run, engine_error, until_disconnect
+from .streaming import Choice, ClientGone, EventStream, Run, engine_error, until_disconnect
 from .tool_format import ToolChatFormat
 from .protocol import ChatCompletionRequest, CompletionRequest, FIMCompletionRequest, SamplingFields
 
@@ -35,7 +35,7 @@ router = APIRouter()
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it, the metrics count it
 
 
-async def _respond(request: Request, engine: Any, body: SamplingFields, prompts: list[list[int]],
+async def _respond(request: Request, engine: Engine, body: SamplingFields, prompts: list[list[int]],
                    s: Settings, fmt: Format) -> Response:
     """Submit n choices per prompt, then answer whole or as an event stream (with the LoRA adapter the
     request's `model` names, if any)."""

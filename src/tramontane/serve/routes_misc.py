@@ -10,9 +10,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .common import adapter_names, engine_for, new_id, parse_body, server_state, usage
-from .convert import chat_messages, check_ids, encode_chat, encode_inputs, encode_text
+from .requests import chat_messages, check_ids, encode_chat, encode_inputs, encode_text
 from .errors import APIError, bad_request
-from .generation import ClientGone, engine_error, until_disconnect
+from .streaming import ClientGone, engine_error, until_disconnect
 from .protocol import (
     AdapterCard,
     DetokenizeRequest,

@@ -66,7 +66,7 @@ def model_name_of(model: str | None) -> str:
     """The id the API serves a model under: the GGUF file's stem or the folder's name. Checks that
     the model exists, so that a typo fails before the server starts."""
     from ..errors import LoadError
-    from ..resolve import resolve_model
+    from ..hub.resolve import resolve_model
 
     path = resolve_model(model)
     if not path.exists():
@@ -156,7 +156,8 @@ def serve(opts: ServeOptions) -> int:
             attach_engine(app, engine)
             while not server.started:
                 await asyncio.sleep(0.02)
-            print(f"tramontane serving {opts.name} on http://{opts.host}:{opts.port}", flush=True)
+            print(f"tramontane serving {opts.name} on http://{opts.host}:{opts.port} "
+                  f"(decode backend: {engine.backend.name})", flush=True)
         except Exception as exc:  # a bad model or flag: report it and stop the server
             failure.append(exc)
             server.should_exit = True

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..text.tokenizer import Tokenizer
 from ..engine.types import RequestOutput
-from ..toolcalls import ParsedOutput
-from ..tools import ToolUse, call_marker, call_text, read_calls
+from ..tools.parser import ParsedOutput
+from ..tools.request import ToolUse, call_marker, call_text, read_calls
 from .common import chat_logprobs
 from .formats import ChatFormat, total_usage
-from .generation import Choice
+from .streaming import Choice
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -29,7 +30,7 @@ from .protocol import (
 
 
 class ToolChatFormat(ChatFormat):
-    def __init__(self, response_id: str, model: str, n: int, logprobs: bool, use: ToolUse, tokenizer: Any) -> None:
+    def __init__(self, response_id: str, model: str, n: int, logprobs: bool, use: ToolUse, tokenizer: Tokenizer) -> None:
         super().__init__(response_id, model, n, logprobs)
         self.use, self.tokenizer = use, tokenizer
         self.marker = call_marker(tokenizer)

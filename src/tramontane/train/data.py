@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from tramontane.chat import mistral_request
+from tramontane.text.chat_template import mistral_request
 from tramontane.errors import ConfigError, LoadError, TemplateError, TokenizerError
-from tramontane.tokenizer import MistralCommonTokenizer, Tokenizer
+from tramontane.text.tokenizer import MistralCommonTokenizer, Tokenizer
 
 IGNORE_INDEX = -100  # target of positions without loss (torch's cross_entropy default ignore_index)
 ROLES = ("system", "user", "assistant", "tool")

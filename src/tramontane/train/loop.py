@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..text.tokenizer import Tokenizer
 from ..errors import ConfigError, TramontaneError
 from .config import TrainConfig
 from .data import Batch, DataReport, batches, read_dataset
@@ -94,7 +95,7 @@ def evaluate(model: torch.nn.Module, report: DataReport, cfg: TrainConfig) -> fl
     return total / max(1, count)
 
 
-def read_checked(path: str, tokenizer: Any, cfg: TrainConfig) -> DataReport:
+def read_checked(path: str, tokenizer: Tokenizer, cfg: TrainConfig) -> DataReport:
     report = read_dataset(path, tokenizer, cfg.seq_len)
     if report.problems:
         raise DataError(f"{path}: {len(report.problems)} bad line(s); nothing was trained\n{report.summary()}")
@@ -106,7 +107,7 @@ def read_checked(path: str, tokenizer: Any, cfg: TrainConfig) -> DataReport:
 class Trainer:
     """One fine-tuning run: model with LoRA applied, optimizer, schedule, data cursor and history."""
 
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any) -> None:
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, tokenizer: Tokenizer) -> None:
         from ..lora.layers import LoraSpec, apply_lora
 
         if not cfg.data or not cfg.out:

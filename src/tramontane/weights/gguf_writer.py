@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ._protocols import fused, is_packed, layers, model_config
 
 # Our module path (per layer "{i}") -> llama.cpp tensor name, for 2-D matrices and norms.
 TENSOR_NAMES = {
@@ -58,36 +59,39 @@ def architecture_metadata(config: ModelConfig) -> dict[str, Any]:
 
 def _weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module | torch.Tensor]]:
     """(our module path, module or expert tensor) for everything written, fused modules split later."""
-    yield "tok_embeddings", model.tok_embeddings
-    for i, block in enumerate(model.layers):
-        yield f"layers.{i}.attention_norm", block.attention_norm
+    yield "tok_embeddings", model.get_submodule("tok_embeddings")
+    for i, block in enumerate(layers(model)):
+        yield f"layers.{i}.attention_norm", block.get_submodule("attention_norm")
+        att = block.get_submodule("attention")
         for name in ("wq", "wk", "wv", "wo"):
-            if name in block.attention._modules:
-                yield f"layers.{i}.attention.{name}", block.attention._modules[name]
-        yield f"layers.{i}.ffn_norm", block.ffn_norm
-        ff = block.feed_forward
+            if name in att._modules:  # wq, wk, wv are gone once fused into wqkv
+                yield f"layers.{i}.attention.{name}", att.get_submodule(name)
+        yield f"layers.{i}.ffn_norm", block.get_submodule("ffn_norm")
+        ff = block.get_submodule("feed_forward")
         for name in ("gate", "w1", "w2", "w3"):
-            if name in ff._modules or name in ff._parameters:
-                yield f"layers.{i}.feed_forward.{name}", getattr(ff, name)
-    yield "norm", model.norm
-    if model.output is not None and not model.config.tie_embeddings:
-        yield "output", model.output
+            if name in ff._modules:  # dense projections (w1, w3 gone once fused into w13), the experts' gate
+                yield f"layers.{i}.feed_forward.{name}", ff.get_submodule(name)
+            elif name in ff._parameters:  # the experts' stacked matrices [E, out, in]
+                yield f"layers.{i}.feed_forward.{name}", ff.get_parameter(name)
+    yield "norm", model.get_submodule("norm")
+    if getattr(model, "output", None) is not None and not model_config(model).tie_embeddings:  # None: tied
+        yield "output", model.get_submodule("output")
 
 
 def _split_fused(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, int]]:
     """Packed rows of fused modules split back into q, k, v and w1, w3: (our path, rows, qtype)."""
-    c = model.config
+    c = model_config(model)
     kv = c.n_kv_heads * c.head_dim
-    for i, block in enumerate(model.layers):
-        att, ff = block.attention, block.feed_forward
-        if getattr(att, "wqkv", None) is not None:
-            q, k, v = att.wqkv.packed.split([c.n_heads * c.head_dim, kv, kv])  # [(H+2Hkv)*D, bytes] rows
+    for i, block in enumerate(layers(model)):
+        wqkv, w13 = fused(block.get_submodule("attention"), "wqkv"), fused(block.get_submodule("feed_forward"), "w13")
+        if wqkv is not None:
+            q, k, v = wqkv.packed.split([c.n_heads * c.head_dim, kv, kv])  # [(H+2Hkv)*D, bytes] rows
             for name, rows in (("wq", q), ("wk", k), ("wv", v)):
-                yield f"layers.{i}.attention.{name}", rows, att.wqkv.qtype
-        if getattr(ff, "w13", None) is not None:
-            w1, w3 = ff.w13.packed.split(ff.hidden_dim)  # [2F, bytes] -> 2 x [F, bytes]
-            yield f"layers.{i}.feed_forward.w1", w1, ff.w13.qtype
-            yield f"layers.{i}.feed_forward.w3", w3, ff.w13.qtype
+                yield f"layers.{i}.attention.{name}", rows, wqkv.qtype
+        if w13 is not None:
+            w1, w3 = w13.packed.split(c.hidden_dim)  # [2F, bytes] -> 2 x [F, bytes]
+            yield f"layers.{i}.feed_forward.w1", w1, w13.qtype
+            yield f"layers.{i}.feed_forward.w3", w3, w13.qtype
 
 
 def _gguf_name(path: str) -> str:
@@ -102,10 +106,10 @@ def tensors(model: torch.nn.Module, float_type: str = "f32") -> Iterator[tuple[s
     """(GGUF name, array, GGML type of packed rows, or None for a float array)."""
     np_dtype = FLOAT_TYPES[float_type][0]
     for path, item in _weights(model):
-        if getattr(item, "packed", None) is not None:
+        if is_packed(item):
             yield _gguf_name(path), item.packed.numpy(), item.qtype
             continue
-        weight = (item if isinstance(item, torch.Tensor) else item.weight).detach().float()
+        weight = (item if isinstance(item, torch.Tensor) else item.get_parameter("weight")).detach().float()
         if weight.dim() == 3:  # Mixtral experts [E, rows, cols]
             layer, name = path.split(".")[1], path.rsplit(".", 1)[1]
             yield f"blk.{layer}.{EXPERT_NAMES[name]}.weight", weight.numpy().astype(np_dtype), None
@@ -130,7 +134,7 @@ def write_gguf(model: torch.nn.Module, path: str | Path, tokenizer: Mapping[str,
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(name)
     writer.add_file_type(BLOCK_TYPES[quant][1] if quant else FLOAT_TYPES[float_type][1])
-    for key, value in {**architecture_metadata(model.config), **dict(tokenizer or {})}.items():
+    for key, value in {**architecture_metadata(model_config(model)), **dict(tokenizer or {})}.items():
         _add_value(writer, key, value)
     for gguf_name, array, qtype in tensors(model, "f32" if quant else float_type):  # quantize from float32
         if qtype is None and quant is not None and array.ndim >= 2 and array.shape[-1] % BLOCK_TYPES[quant][2] == 0:

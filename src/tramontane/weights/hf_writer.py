@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError, LoadError
+from ._protocols import as_packed, fused, layers, model_config
 from .names import permute_rotary
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tekken.json")
@@ -37,12 +38,12 @@ def write_hf(model: nn.Module, folder: str | Path, tokenizer_source: Path | None
     if any(hasattr(m, "lora_A") for m in model.modules()):
         raise ConfigError("write_hf: the model has LoRA adapters installed; merge them (lora.merge_lora) "
                           "or save them apart (lora.save_adapter)")
-    config: ModelConfig = model.config  # type: ignore[assignment]
+    config = model_config(model)
     tokenizer = _tokenizer_files(Path(tokenizer_source)) if tokenizer_source is not None else []
     entries = _entries(model, config)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    dtype = _dtype(model.tok_embeddings)  # type: ignore[arg-type]
+    dtype = _dtype(model.get_submodule("tok_embeddings"))
     (folder / "config.json").write_text(json.dumps(hf_config(config, dtype), indent=2))
     _write_shards(folder, entries, max_shard_bytes)
     for p in tokenizer:
@@ -87,10 +88,11 @@ def _dtype(module: nn.Module) -> torch.dtype:
     return module.weight.dtype if isinstance(module, nn.Linear | nn.Embedding) else torch.float32
 
 
-def _entry(name: str, module: nn.Module, shape: tuple[int, int], transform: Callable | None = None) -> Entry:
+def _entry(name: str, module: nn.Module, shape: tuple[int, int],
+           transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Entry:
     """A 2-D weight of a float (nn.Linear / nn.Embedding) or packed (dequantize()) module."""
     def produce() -> torch.Tensor:
-        w = module.weight.detach() if isinstance(module, nn.Linear | nn.Embedding) else module.dequantize()
+        w = module.weight.detach() if isinstance(module, nn.Linear | nn.Embedding) else as_packed(module).dequantize()
         return (transform(w) if transform else w).contiguous()
     return name, produce, shape[0] * shape[1] * _dtype(module).itemsize
 
@@ -100,37 +102,39 @@ def _tensor(name: str, t: torch.Tensor) -> Entry:
 
 
 def _entries(model: nn.Module, c: ModelConfig) -> list[Entry]:
-    entries = [_entry("model.embed_tokens.weight", model.tok_embeddings, (c.vocab_size, c.dim))]
-    for i, block in enumerate(model.layers):  # type: ignore[union-attr]
+    entries = [_entry("model.embed_tokens.weight", model.get_submodule("tok_embeddings"), (c.vocab_size, c.dim))]
+    for i, block in enumerate(layers(model)):
         entries += _block_entries(f"model.layers.{i}.", block, c)
-    entries.append(_tensor("model.norm.weight", model.norm.weight))  # type: ignore[union-attr]
+    entries.append(_tensor("model.norm.weight", model.get_parameter("norm.weight")))
     if not c.tie_embeddings:
-        entries.append(_entry("lm_head.weight", model.output, (c.vocab_size, c.dim)))  # type: ignore[arg-type]
+        entries.append(_entry("lm_head.weight", model.get_submodule("output"), (c.vocab_size, c.dim)))
     return entries
 
 
 def _block_entries(p: str, block: nn.Module, c: ModelConfig) -> list[Entry]:
-    att, ff = block.attention, block.feed_forward
+    att, ff = block.get_submodule("attention"), block.get_submodule("feed_forward")
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    wq, wk, wv = att.wqkv.split([q, kv, kv]) if att.wqkv is not None else (att.wq, att.wk, att.wv)
+    wqkv = fused(att, "wqkv")
+    wq, wk, wv = wqkv.split([q, kv, kv]) if wqkv is not None else [att.get_submodule(n) for n in ("wq", "wk", "wv")]
     out = [
         _entry(p + "self_attn.q_proj.weight", wq, (q, c.dim), lambda w: permute_rotary(w, c.n_heads)),
         _entry(p + "self_attn.k_proj.weight", wk, (kv, c.dim), lambda w: permute_rotary(w, c.n_kv_heads)),
         _entry(p + "self_attn.v_proj.weight", wv, (kv, c.dim)),
-        _entry(p + "self_attn.o_proj.weight", att.wo, (c.dim, q)),
-        _tensor(p + "input_layernorm.weight", block.attention_norm.weight),
-        _tensor(p + "post_attention_layernorm.weight", block.ffn_norm.weight),
+        _entry(p + "self_attn.o_proj.weight", att.get_submodule("wo"), (c.dim, q)),
+        _tensor(p + "input_layernorm.weight", block.get_parameter("attention_norm.weight")),
+        _tensor(p + "post_attention_layernorm.weight", block.get_parameter("ffn_norm.weight")),
     ]
     if c.moe is not None:
-        out.append(_entry(p + "block_sparse_moe.gate.weight", ff.gate, (c.moe.num_experts, c.dim)))
+        out.append(_entry(p + "block_sparse_moe.gate.weight", ff.get_submodule("gate"), (c.moe.num_experts, c.dim)))
         for e in range(c.moe.num_experts):
-            out += [_tensor(f"{p}block_sparse_moe.experts.{e}.{w}.weight", getattr(ff, w)[e])  # [E,out,in] -> [out,in]
+            out += [_tensor(f"{p}block_sparse_moe.experts.{e}.{w}.weight", ff.get_parameter(w)[e])  # [E,out,in] -> [out,in]
                     for w in ("w1", "w2", "w3")]
         return out
     f = c.hidden_dim
-    w1, w3 = ff.w13.split([f, f]) if getattr(ff, "w13", None) is not None else (ff.w1, ff.w3)
+    w13 = fused(ff, "w13")
+    w1, w3 = w13.split([f, f]) if w13 is not None else (ff.get_submodule("w1"), ff.get_submodule("w3"))
     return out + [_entry(p + "mlp.gate_proj.weight", w1, (f, c.dim)), _entry(p + "mlp.up_proj.weight", w3, (f, c.dim)),
-                  _entry(p + "mlp.down_proj.weight", ff.w2, (c.dim, f))]
+                  _entry(p + "mlp.down_proj.weight", ff.get_submodule("w2"), (c.dim, f))]
 
 
 def _write_shards(folder: Path, entries: list[Entry], max_shard_bytes: int) -> None:

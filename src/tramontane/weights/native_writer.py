@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ._protocols import model_config
 
 STACKED = re.compile(r"layers\.(\d+)\.feed_forward\.(w[123])$")
 TOKENIZER_FILES = ("tekken.json", "tokenizer.model", "tokenizer.model.v*", "tokenizer.json", "tokenizer_config.json",
@@ -41,7 +42,7 @@ def params_json(config: ModelConfig) -> dict[str, Any]:
 
 def native_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Our state dict under native names (float tensors, contiguous, as safetensors wants them)."""
-    config: ModelConfig = model.config  # type: ignore[assignment]
+    config = model_config(model)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         if not tensor.is_floating_point():
@@ -65,7 +66,7 @@ def write_native(model: nn.Module, folder: str | Path, tokenizer_source: Path | 
         raise ConfigError("write_native: the model has LoRA adapters installed; merge them first")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.json").write_text(json.dumps(params_json(model.config), indent=2) + "\n")  # type: ignore[arg-type]
+    (folder / "params.json").write_text(json.dumps(params_json(model_config(model)), indent=2) + "\n")
     save_file(native_state(model), str(folder / "consolidated.safetensors"), metadata={"format": "pt"})
     if tokenizer_source is not None and Path(tokenizer_source).is_dir():
         for pattern in TOKENIZER_FILES:

@@ -56,7 +56,7 @@ class SafetensorsFile:
         entry = self.tensors[name]
         buf = torch.empty(entry.nbytes, dtype=torch.uint8)
         self._file.seek(entry.begin)
-        got = self._file.readinto(memoryview(buf.numpy()))
+        got = self._file.readinto(buf.numpy().data)  # ndarray.data: a memoryview of buf's bytes
         if got != entry.nbytes:
             raise LoadError(self.path, f"tensor {name!r}: file ended after {got} of {entry.nbytes} bytes")
         return buf.view(entry.dtype).reshape(entry.shape)
@@ -73,7 +73,7 @@ class SafetensorsFile:
         outer = math.prod(shape[:dim])
         chunk = (stop - start) * inner
         buf = torch.empty(outer * chunk, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        view = buf.numpy().data  # a memoryview of buf's bytes
         for i in range(outer):
             self._file.seek(entry.begin + (i * shape[dim] + start) * inner)
             if self._file.readinto(view[i * chunk:(i + 1) * chunk]) != chunk:

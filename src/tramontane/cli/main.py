@@ -1,0 +1,372 @@
+"""The `tramontane` command: run, chat, show, serve, eval (and finetune, merge: cli_train.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .model import add_model_parsers, add_store_parsers, cmd_convert, cmd_list, cmd_pull, cmd_rm
+from .train import add_train_parsers, cmd_finetune, cmd_merge
+from ..errors import TramontaneError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature:g})")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", "--repeat-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None, help="makes sampling repeat exactly")
+    g.add_argument("--max-tokens", type=int, default=None, help="default: until the context is full")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--system", default=None, help="system message")
+    g.add_argument("--json", action="store_true", help="answer with a JSON object (constrained decoding)")
+    g.add_argument("--schema", default=None, metavar="FILE", help="answer with JSON following this JSON schema")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)")
+    p.add_argument("--quant", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)")
+    _lora_flag(p)
+    p.add_argument("--adapter", default=None, metavar="NAME",
+                   help="which --lora adapter answers (default: the only one given)")
+    _parallel_flag(p)
+
+
+def _parallel_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", choices=("tp", "ep", "tp+ep"), default=None,
+                   help="under torchrun: split the model by tensor parallelism (tp, default), whole experts "
+                        "per rank (ep, Mixtral) or both (tp+ep)")
+
+
+def _lora_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="load a LoRA adapter folder (PEFT layout) under NAME (repeatable)")
+
+
+def parse_loras(specs: list[str], reserved: str | None = None) -> dict[str, str]:
+    """--lora NAME=PATH values -> {NAME: PATH}; names are unique, non-empty, without '.' or '/'."""
+    loras: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name = name.strip()
+        if not sep or not name or not path or "." in name or "/" in name:
+            raise TramontaneError(f"--lora takes NAME=PATH with a name without '.' or '/', got {spec!r}")
+        if name in loras or name == reserved:
+            raise TramontaneError(f"--lora name {name!r} is used twice (or is the served model's name)")
+        if not Path(path).expanduser().is_dir():
+            raise TramontaneError(f"--lora {name}: {path} is not an adapter folder")
+        loras[name] = str(Path(path).expanduser())
+    return loras
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tramontane", description="Run Mistral-family open-weight models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="answer one question (reads stdin when no prompt is given)")
+    run.add_argument("args", nargs="*", metavar="[MODEL] [PROMPT]")
+    _sampling_flags(run, temperature=0.0)  # one-shot answers repeat unless asked otherwise
+    chat = sub.add_parser("chat", help="interactive multi-turn chat (/bye or Ctrl-D leaves)")
+    chat.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    _sampling_flags(chat, temperature=0.7)
+    show = sub.add_parser("show", help="print a model's architecture")
+    show.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    _serve_flags(sub.add_parser("serve", help="serve an OpenAI- and Mistral-compatible HTTP API"))
+    ev = sub.add_parser("eval", help="perplexity of a text file, or accuracy on multiple-choice items")
+    ev.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--perplexity", type=Path, metavar="FILE", help="a UTF-8 text file")
+    what.add_argument("--choice", type=Path, metavar="FILE",
+                      help='JSONL: {"question": ..., "choices": [...], "answer": index or text}')
+    ev.add_argument("--context", type=int, default=1024, help="tokens per window (default 1024)")
+    ev.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
+    ev.add_argument("--dtype", choices=DTYPES, default="auto")
+    add_train_parsers(sub)
+    add_model_parsers(sub)
+    add_store_parsers(sub)
+    return parser
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health "
+                        "(default: $TRAMONTANE_API_KEY, else no key)")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: the file or folder name)")
+    p.add_argument("--kv-cache-memory", default="10%",
+                   help="KV cache size: bytes with K/M/G suffixes (2G) or a percentage of free RAM (default 10%%)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (default 512)")
+    p.add_argument("--max-running", type=int, default=64, help="requests decoded together (default 64)")
+    p.add_argument("--max-queued", type=int, default=256, help="waiting requests before 429 (default 256)")
+    p.add_argument("--max-body-bytes", default="16M", help="largest request body, K/M/G suffixes (default 16M)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for running requests before stopping them (default 30)")
+    p.add_argument("--allow-request-chat-template", action="store_true",
+                   help="accept a Jinja chat_template in chat requests (rendered in the sandbox; off by default)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser requests from this origin (CORS; repeatable; * for any)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)")
+    p.add_argument("--quant", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)")
+    _lora_flag(p)
+    _parallel_flag(p)
+    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log level (default warning; info logs every request)")
+
+
+def _looks_like_model(arg: str) -> bool:
+    path = Path(arg).expanduser()
+    return path.exists() or arg.endswith(".gguf")
+
+
+def _split_run_args(args: list[str]) -> tuple[str | None, str | None]:
+    if len(args) > 2:
+        raise TramontaneError(f"run takes at most a MODEL and a PROMPT, got {len(args)} arguments "
+                              "(quote the prompt)")
+    if len(args) == 2:
+        return args[0], args[1]
+    if len(args) == 1:
+        return (args[0], None) if _looks_like_model(args[0]) else (None, args[0])
+    return None, None
+
+
+def _sampling(ns: argparse.Namespace):
+    from ..decoding.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
+        repetition_penalty=ns.repetition_penalty, presence_penalty=ns.presence_penalty,
+        frequency_penalty=ns.frequency_penalty, seed=_seed(ns), max_tokens=ns.max_tokens, stop=tuple(ns.stop),
+        grammar=_grammar(ns))
+
+
+def _grammar(ns: argparse.Namespace) -> str | None:
+    """--json / --schema FILE as a grammar for constrained decoding (None: free text)."""
+    import json
+
+    from ..text.grammar import json_grammar
+
+    if ns.schema is None:
+        return json_grammar(None) if ns.json else None
+    try:
+        schema = json.loads(Path(ns.schema).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise TramontaneError(f"--schema {ns.schema}: not a readable JSON file: {exc}") from None
+    return json_grammar(schema)
+
+
+def _seed(ns: argparse.Namespace) -> int | None:
+    """--seed, or under torchrun one drawn by rank 0 for every rank (they must sample the same tokens)."""
+    from ..parallel.dist import is_parallel
+
+    if ns.seed is not None or not is_parallel():
+        return ns.seed
+    import secrets
+
+    return _shared(secrets.randbits(63))
+
+
+def _load(model: str | None, ns: argparse.Namespace):
+    from ..api import load
+
+    loras = parse_loras(ns.lora)
+    if ns.adapter is not None and ns.adapter not in loras:
+        raise TramontaneError(f"--adapter {ns.adapter!r} is not one of the --lora names ({', '.join(loras) or 'none'})")
+    if ns.adapter is None and len(loras) > 1:
+        raise TramontaneError("several --lora adapters: choose the one that answers with --adapter NAME")
+    llm = load(model, dtype=ns.dtype, progress=sys.stderr.isatty() and _leader(), quant=ns.quant, lora=loras,
+               parallel=_parallel_mode(ns))
+    if loras:
+        llm.use_adapter(ns.adapter or next(iter(loras)))
+    return llm
+
+
+def _leader() -> bool:
+    """Whether this process talks to the user: always, unless it is a rank > 0 under torchrun."""
+    from ..parallel.dist import rank_and_world
+
+    return rank_and_world()[0] == 0
+
+
+def _parallel_mode(ns: argparse.Namespace) -> str | None:
+    from ..parallel.dist import is_parallel
+
+    if not is_parallel():
+        if ns.parallel is not None:
+            raise TramontaneError("--parallel needs several processes: launch with torchrun --nproc-per-node N")
+        return None
+    return ns.parallel or "tp"
+
+
+def _shared(value: Any) -> Any:
+    """Rank 0's value on every rank (what only rank 0 read: stdin, a random seed)."""
+    from ..parallel.dist import broadcast_object
+
+    return broadcast_object(value)
+
+
+def _stream_answer(llm: Any, messages: list[dict[str, Any]], params: Any) -> str:
+    """Print the answer as it streams (rank 0 only; other ranks compute along); Ctrl-C stops it early.
+    Returns the text."""
+    pieces: list[str] = []
+    show = _leader()
+    try:
+        for delta in llm.chat(messages, params, stream=True):
+            pieces.append(delta)
+            if show:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write(" [stopped]")
+    if show:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return "".join(pieces)
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    model, prompt = _split_run_args(ns.args)
+    if prompt is None:
+        prompt = _shared(sys.stdin.read().strip() if _leader() else None)
+        if not prompt:
+            raise TramontaneError("no prompt given: pass one as an argument or on stdin")
+    params = _sampling(ns)
+    llm = _load(model, ns)
+    messages = ([{"role": "system", "content": ns.system}] if ns.system else [])
+    _stream_answer(llm, messages + [{"role": "user", "content": prompt}], params)
+    return 0
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    llm = _load(ns.model, ns)
+    history: list[dict[str, Any]] = [{"role": "system", "content": ns.system}] if ns.system else []
+    leader = _leader()
+    interactive = leader and sys.stdin.isatty()
+    if interactive:
+        print("Type a message; /bye or Ctrl-D leaves, Ctrl-C stops an answer.", file=sys.stderr)
+    while True:
+        text = _shared(_read_line(interactive) if leader else None)
+        if text is None:
+            break
+        if text in ("/bye", "/exit", "/quit"):
+            break
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        params = _sampling(ns)  # per answer: under torchrun a fresh seed shared by every rank
+        history.append({"role": "assistant", "content": _stream_answer(llm, history, params)})
+    return 0
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next message typed (stripped), "" for an interrupted line, None at the end of input."""
+    try:
+        return input(">>> " if interactive else "").strip()
+    except EOFError:
+        return None
+    except KeyboardInterrupt:
+        print("\nUse Ctrl-D or /bye to leave.", file=sys.stderr)
+        return ""
+
+
+def cmd_show(ns: argparse.Namespace) -> int:
+    from ..hub.resolve import resolve_model
+    from ..hub.describe import describe
+
+    for key, value in describe(resolve_model(ns.model)).items():
+        print(f"{key:<20} {value}")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from .. import load
+    from ..evaluate import choice_accuracy, perplexity, read_choices
+
+    path = ns.perplexity or ns.choice
+    if not path.is_file():
+        raise TramontaneError(f"{path}: no such file")
+    llm = load(ns.model, dtype=ns.dtype)
+    if ns.perplexity is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise TramontaneError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        ids = llm.tokenizer.encode(text, add_bos=llm.tokenizer.default_add_bos)
+        result = perplexity(llm, ids, ns.context, ns.stride)
+        print(f"perplexity {result.perplexity:.4f}  (mean NLL {result.nll:.4f} nats over {result.tokens} tokens, "
+              f"{result.windows} windows of {ns.context} tokens, stride {ns.stride})")
+    else:
+        choices = choice_accuracy(llm, read_choices(path))
+        print(f"accuracy {choices.accuracy:.4f}  acc_norm {choices.accuracy_norm:.4f}  ({choices.items} items)")
+    return 0
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    import os
+
+    from ..serve.server import ServeOptions, model_name_of, parse_size, serve
+
+    for flag, value, low in (("--port", ns.port, 0), ("--block-size", ns.block_size, 1),
+                             ("--max-num-batched-tokens", ns.max_num_batched_tokens, 1),
+                             ("--max-running", ns.max_running, 1), ("--max-queued", ns.max_queued, 0)):
+        if value < low or (flag == "--port" and value > 65535):
+            raise TramontaneError(f"{flag} must be {'in 0..65535' if flag == '--port' else f'at least {low}'}, "
+                                  f"got {value}")
+    name = model_name_of(ns.model)  # also checks that the model exists before the server starts
+    opts = ServeOptions(
+        model=ns.model, name=ns.served_model_name or name, host=ns.host, port=ns.port,
+        api_key=ns.api_key if ns.api_key is not None else os.environ.get("TRAMONTANE_API_KEY") or None,
+        kv_cache_memory=parse_size(ns.kv_cache_memory, "--kv-cache-memory", allow_percent=True),
+        max_queued=ns.max_queued, max_running=ns.max_running,
+        max_body_bytes=parse_size(ns.max_body_bytes, "--max-body-bytes"), block_size=ns.block_size,
+        max_num_batched_tokens=ns.max_num_batched_tokens, dtype=ns.dtype, quant=ns.quant,
+        drain_timeout=ns.drain_timeout, loras=parse_loras(ns.lora, reserved=ns.served_model_name or name),
+        allow_origins=ns.allow_origin, log_level=ns.log_level, parallel=_parallel_mode(ns),
+        allow_request_templates=ns.allow_request_chat_template)
+    if not _leader():
+        from ..serve.server import follow_leader
+
+        return follow_leader(opts)  # only rank 0 listens; the others compute its steps
+    return serve(opts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    commands = {"run": cmd_run, "chat": cmd_chat, "show": cmd_show, "serve": cmd_serve, "finetune": cmd_finetune,
+                "merge": cmd_merge, "eval": cmd_eval, "convert": cmd_convert, "list": cmd_list, "rm": cmd_rm,
+                "pull": cmd_pull}
+    from ..parallel.dist import init_from_env, shutdown
+
+    # under torchrun: join the group; every rank runs this same command
+    joined = ns.command in ("run", "chat", "serve") and init_from_env()
+    finished = False
+    try:
+        code = commands[ns.command](ns)
+        finished = True
+    except TramontaneError as e:
+        print(f"tramontane: error: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        shutdown(barrier=finished)
+    if joined:  # skip interpreter teardown: gloo's threads can abort a finishing rank (std::terminate)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

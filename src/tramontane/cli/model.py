@@ -1,0 +1,125 @@
+"""`tramontane convert`: a model between the three weight formats.
+
+    tramontane convert MODEL --to hf|mistral|gguf [--quant f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q6_k] --out PATH
+
+The model is loaded in float32 (GGUF blocks dequantized), then written by the format's writer
+(weights/hf_writer.py, native_writer.py, gguf_writer.py). Tokenizers: a folder's tokenizer files are
+copied to hf/mistral outputs and a GGUF file's vocabulary is written as tokenizer.json; a GGUF output
+takes a GGUF source's `tokenizer.*` metadata unchanged, or a folder's tokenizer converted by
+gguf_tokenizer.py (byte-level BPE tokenizer.json, Mistral SentencePiece files)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ..errors import TramontaneError
+
+TARGETS = ("hf", "mistral", "gguf")
+QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k")
+
+
+def add_store_parsers(sub: Any) -> None:
+    sub.add_parser("list", help="list the models in the local store ($TRAMONTANE_HOME)")
+    rm = sub.add_parser("rm", help="remove a model from the local store")
+    rm.add_argument("name", metavar="NAME")
+    pull = sub.add_parser("pull", help="add a model to the local store: a Hugging Face repo id, or a local path")
+    pull.add_argument("source", metavar="REPO_ID|PATH")
+    pull.add_argument("--revision", default=None, help="branch, tag or commit (Hub only)")
+    pull.add_argument("--name", default=None, help="name in the store (default: the repo's or file's name)")
+    pull.add_argument("--file", default=None, metavar="FILE.gguf", help="the one GGUF file to download (Hub only)")
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    from ..hub.store import home, list_models
+
+    models = list_models()
+    if not models:
+        print(f"no models in {home()} (add one with `tramontane pull`)")
+    for m in models:
+        size = m.info.get("size", 0) / 1e9
+        print(f"{m.name:<32} {m.info.get('format', '?'):<26} {size:7.2f} GB  {m.info.get('source', '')}")
+    return 0
+
+
+def cmd_rm(ns: argparse.Namespace) -> int:
+    from ..hub.store import remove
+
+    print(f"removed {remove(ns.name)}")
+    return 0
+
+
+def cmd_pull(ns: argparse.Namespace) -> int:
+    from ..hub.store import pull_hub, pull_local
+
+    local = Path(ns.source).expanduser()
+    if local.exists():
+        if ns.revision or ns.file:
+            raise TramontaneError("--revision and --file apply to Hub downloads, not to a local path")
+        stored = pull_local(local, ns.name)
+    else:
+        stored = pull_hub(ns.source, ns.revision, ns.name, ns.file)
+    print(f"pulled {ns.source} as {stored.name} ({stored.info['format']}, {stored.info['size'] / 1e9:.2f} GB): "
+          f"`tramontane run {stored.name}`")
+    return 0
+
+
+def add_model_parsers(sub: Any) -> None:
+    conv = sub.add_parser("convert", help="convert a model between Hugging Face, Mistral native and GGUF files")
+    conv.add_argument("model", metavar="MODEL")
+    conv.add_argument("--to", required=True, choices=TARGETS)
+    conv.add_argument("--quant", choices=QUANTS, default=None,
+                      help="GGUF output: f32, f16 (default) or a block format; hf/mistral: f32 (default) or f16")
+    conv.add_argument("--out", required=True, type=Path, metavar="PATH", help="folder (hf, mistral) or .gguf file")
+
+
+def _tokenizer_metadata(loaded: Any, source: Path) -> dict[str, Any] | None:
+    """A GGUF output's tokenizer keys: a GGUF source's own; None for a source without a tokenizer."""
+    if loaded.format == "gguf":
+        return {k: v for k, v in loaded.metadata.items() if k.startswith("tokenizer.")}
+    from ..text.gguf_tokenizer import gguf_tokenizer_metadata
+    from ..text.tokenizer import HF_FILES, MISTRAL_FILES, load_tokenizer
+
+    if not any(any(source.glob(p)) for p in (*MISTRAL_FILES, *HF_FILES[:1])):
+        return None  # weights only (a test model, say): the GGUF file has no vocabulary
+    return gguf_tokenizer_metadata(load_tokenizer(source))
+
+
+def cmd_convert(ns: argparse.Namespace) -> int:
+    import torch
+
+    from ..hub.resolve import resolve_model
+    from ..build.load import load_model
+
+    source = resolve_model(ns.model)
+    quant = ns.quant or ("f16" if ns.to == "gguf" else "f32")
+    if ns.to != "gguf" and quant not in ("f32", "f16"):
+        raise TramontaneError(f"--quant {quant} is a GGUF block format; --to {ns.to} writes f32 or f16")
+    loaded = load_model(source, dtype=torch.float32, packed=False)
+    model = loaded.model
+    if ns.to == "gguf":
+        from ..weights.gguf_writer import write_gguf
+
+        tokenizer = _tokenizer_metadata(loaded, Path(source))
+        float_type = "f32" if quant == "f32" else "f16"
+        write_gguf(model, ns.out, tokenizer, name=Path(source).stem, float_type=float_type,
+                   quant=None if quant in ("f32", "f16") else quant)
+    else:
+        if quant == "f16":
+            model = model.to(torch.float16)
+        folder_source = Path(source) if Path(source).is_dir() else None
+        if ns.to == "hf":
+            from ..weights.hf_writer import write_hf
+
+            write_hf(model, ns.out, tokenizer_source=folder_source)
+        else:
+            from ..weights.native_writer import write_native
+
+            write_native(model, ns.out, tokenizer_source=folder_source)
+        if folder_source is None and "tokenizer.ggml.tokens" in loaded.metadata:  # a GGUF file's vocabulary
+            from ..text.tokenizer import tokenizer_from_gguf
+
+            tokenizer_from_gguf(loaded.metadata, str(source)).save_hf(ns.out)
+    print(f"{source} -> {ns.out} ({ns.to}, {quant})")
+    return 0

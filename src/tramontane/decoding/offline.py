@@ -1,0 +1,100 @@
+"""Offline generation: a batch of prompts in, text out (streamed or whole).
+
+`LLM.generate` runs all prompts of a batch together: a chunked prefill over right-padded prompts,
+then one decoding step per token for every unfinished sequence. Finished sequences leave the batch
+(their cache rows are dropped); logits, penalties, sampling and logprobs are computed per row. The
+forward steps run on the decode backend the builder picked (model/backend.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..errors import RequestError
+from ..model import Backend, KVCache, Transformer
+from ..text.tokenizer import Tokenizer
+from .sampling import SamplingParams
+from .sequence import Completion, Delta, SequenceState, pick_tokens
+
+PREFILL_CHUNK = 512  # tokens per row per prefill step: bounds activation memory on long prompts
+INITIAL_CAPACITY = 256  # KV slots allocated beyond the prompt before the cache has to grow
+
+
+class Generator:
+    """Runs batches of token-id prompts through a model with a tokenizer for output text."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, backend: Backend,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.model, self.tokenizer, self.backend, self.dtype = model, tokenizer, backend, dtype
+        self.config = model.config
+
+    def run(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Iterator[Delta]:
+        seqs = [SequenceState(i, list(p), sp, self.tokenizer, self.config.max_seq_len)
+                for i, (p, sp) in enumerate(zip(prompts, params))]
+        for s in seqs:
+            if not s.prompt:
+                raise RequestError(f"prompt {s.index} is empty")
+            if s.max_tokens < 1:
+                raise RequestError(f"prompt {s.index} has {len(s.prompt)} tokens: no room left in the "
+                                   f"model's context of {self.config.max_seq_len}")
+        capacity = max(len(s.prompt) for s in seqs) + min(INITIAL_CAPACITY, max(s.max_tokens for s in seqs))
+        cache = KVCache(self.config, len(seqs), capacity, self.dtype)
+        with torch.inference_mode():
+            logits = self._prefill(seqs, cache)
+            yield from self._decode(seqs, cache, logits)
+
+    def _prefill(self, seqs: list[SequenceState], cache: KVCache) -> torch.Tensor:
+        """Run the prompts in chunks; return the logits after each prompt's last token [B,V]."""
+        lengths = torch.tensor([len(s.prompt) for s in seqs])  # [B]
+        width = int(lengths.max())
+        tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s.prompt)] = torch.tensor(s.prompt)
+        positions = torch.arange(width).expand(len(seqs), width).clone()  # [B,T]
+        positions[positions >= lengths[:, None]] = -1  # right padding
+        last = torch.empty(len(seqs), self.config.dim, dtype=self.dtype)  # [B,dim]
+        for start in range(0, width, PREFILL_CHUNK):
+            end = start + PREFILL_CHUNK
+            h = self.backend.prefill(tokens[:, start:end], positions[:, start:end], cache)
+            rows = ((lengths > start) & (lengths <= end)).nonzero().flatten()
+            last[rows] = h[rows, lengths[rows] - 1 - start]
+        return self.model.logits(last)  # [B,V]
+
+    def _decode(self, seqs: list[SequenceState], cache: KVCache, logits: torch.Tensor) -> Iterator[Delta]:
+        active = list(seqs)
+        while active:
+            tokens, logprobs = pick_tokens(active, logits, self.tokenizer)
+            for s, token, lp in zip(active, tokens.tolist(), logprobs):  # the one host sync per step
+                yield s.append(token, lp)
+            keep = [i for i, s in enumerate(active) if s.finish_reason is None]
+            if not keep:
+                return
+            if len(keep) < len(active):
+                cache.reorder(torch.tensor(keep))
+                tokens, active = tokens[keep], [active[i] for i in keep]
+            positions = torch.tensor([[s.length - 1] for s in active])  # [B,1]
+            cache.ensure_capacity(int(positions.max()) + 1, limit=self.config.max_seq_len)
+            logits = self.model.logits(self.backend.decode(tokens[:, None], positions, cache)[:, -1])  # [B,V]
+
+    def score(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Log-probability of each token given the ones before it, in one pass: [len - 1] float32."""
+        ids = torch.tensor([list(token_ids)])  # [1,T]
+        with torch.inference_mode():
+            logp = self.model.logits(self.backend.prefill(ids, torch.arange(ids.shape[1])[None], None))
+            logp = logp.log_softmax(dim=-1)  # [1,T,V]
+        return logp[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)  # [T-1]
+
+
+def collect(deltas: Iterator[Delta], prompts: Sequence[Sequence[int]]) -> list[Completion]:
+    """Gather streamed deltas into one Completion per prompt."""
+    done = [Completion(i, "", [], list(p), "", None) for i, p in enumerate(prompts)]
+    for d in deltas:
+        c = done[d.index]
+        c.text += d.text
+        c.token_ids += d.token_ids
+        if d.logprobs:
+            c.logprobs = (c.logprobs or []) + d.logprobs
+        if d.finish_reason:
+            c.finish_reason = d.finish_reason
+    return done

@@ -1,0 +1,138 @@
+"""One sequence's decoding state, and picking the next token of many sequences at once.
+
+Shared by both front ends: the offline generator (offline.py) and the serving engine (engine/) keep a
+`SequenceState` per prompt and call `pick_tokens` on a step's logits rows; what they stream out is a
+`Delta` (offline) or the engine's output records, built from the same fields."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..text.tokenizer import Tokenizer
+from ..tools.parser import ToolCall
+from .sampling import (
+    SamplingParams,
+    apply_penalties,
+    compute_logprobs,
+    make_generator,
+    process_logits,
+    sample,
+)
+from .stops import StopChecker
+from .structured import FINISH_WITHIN, Guide, mask_logits
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob), best first
+
+
+@dataclass
+class Delta:
+    """A piece of one sequence's output, as streamed."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)  # LLM.chat with tools: the calls made
+
+
+class SequenceState:
+    """One prompt's generation state: output tokens, sampler, detokenizer, stop rules.
+
+    Shared by the offline loop and the serving engine. The sequence ends with "stop" (stop token or
+    string, honoured once `min_tokens` exist), "length" (max_tokens reached) or, when the model's
+    context is what ran out, `context_reason` ("length" offline, "model_length" when serving)."""
+
+    def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer,
+                 max_len: int, min_tokens: int = 0, context_reason: str = "length") -> None:
+        self.index, self.prompt, self.params = index, prompt, params
+        self.output: list[int] = []
+        self.generator = None if params.is_greedy else make_generator(params.seed)
+        self.decoder = tokenizer.incremental_decoder()
+        self.stops = StopChecker(params.stop)
+        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(tokenizer.stop_ids))
+        room = max_len - len(prompt)
+        self.max_tokens = min(params.max_tokens or room, room)
+        self.length_reason = context_reason if params.max_tokens is None or params.max_tokens > room else "length"
+        self.min_tokens = min_tokens
+        self.finish_reason: str | None = None
+        # structured output: a matcher constrains every token
+        self.guide = Guide(tokenizer, params.grammar) if params.grammar is not None else None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def append(self, token: int, logprob: TokenLogprob | None) -> Delta:
+        """Take one sampled token; returns the text it releases and, at the end, the finish reason."""
+        self.output.append(token)
+        if self.guide is not None:
+            self.guide.advance(token)
+        may_stop = len(self.output) > self.min_tokens
+        if token in self.stop_ids and may_stop:
+            self.finish_reason = "stop"
+            return Delta(self.index, self._drain(), [token], [logprob] if logprob else [], self.finish_reason)
+        text, hit = self.stops.push(self.decoder.push(token))
+        if hit and may_stop:
+            self.finish_reason = "stop"
+        elif len(self.output) >= self.max_tokens:
+            self.finish_reason = self.length_reason
+            text += self._drain()
+        return Delta(self.index, text, [token], [logprob] if logprob else [], self.finish_reason)
+
+    def _drain(self) -> str:
+        """Text still held by the detokenizer and the stop checker, at the end of the sequence."""
+        text, hit = self.stops.push(self.decoder.flush())
+        return text if hit else text + self.stops.flush()
+
+
+def pick_tokens(seqs: Sequence[SequenceState], logits: torch.Tensor, tokenizer: Tokenizer
+                ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
+    """Sample each sequence's next token from its logits row [B,V]; logprobs where asked."""
+    params = [s.params for s in seqs]
+    processed = logits
+    if any(p.has_penalties for p in params):
+        processed = apply_penalties(logits, [s.prompt for s in seqs], [s.output for s in seqs], params)
+    if any(s.guide is not None for s in seqs):  # after the penalties, which would otherwise lift masked tokens
+        finishing = [s.guide is not None and s.max_tokens - len(s.output) <= FINISH_WITHIN + s.params.grammar_reserve
+                     for s in seqs]
+        processed = mask_logits(processed, [s.guide for s in seqs], finishing)
+    processed = process_logits(processed, params)
+    tokens = sample(processed, params, [s.generator for s in seqs])  # [B]
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    if not wanted:
+        return tokens, [None] * len(seqs)
+    chosen, top_ids, top_lp = compute_logprobs(logits, tokens, max(wanted))
+    return tokens, _logprobs(params, tokens, chosen, top_ids, top_lp, tokenizer)
+
+
+def _logprobs(params: list[SamplingParams], tokens: torch.Tensor, chosen: torch.Tensor, top_ids: torch.Tensor,
+              top_lp: torch.Tensor, tokenizer: Tokenizer) -> list[TokenLogprob | None]:
+    out: list[TokenLogprob | None] = []
+    for p, t, c, ids, lps in zip(params, tokens.tolist(), chosen.tolist(), top_ids.tolist(), top_lp.tolist()):
+        if p.logprobs is None:
+            out.append(None)
+            continue
+        top = [(i, tokenizer.decode([i], skip_special=False), lp)
+               for i, lp in zip(ids[: p.logprobs], lps[: p.logprobs])]
+        out.append(TokenLogprob(t, tokenizer.decode([t], skip_special=False), c, top))
+    return out

@@ -1,0 +1,202 @@
+"""The local model store: `$TRAMONTANE_HOME` (default ~/.cache/tramontane), one folder per model under
+`models/NAME/`, with the weights (a Hugging Face or Mistral folder's files, or one GGUF file) and
+`tramontane.json` (where it came from, when, its size). A stored model's NAME works wherever a MODEL
+is taken (resolve.resolve_model).
+
+`pull` takes a local folder or GGUF file (copied in), or a Hugging Face Hub repository id, downloaded
+with huggingface_hub (resumable, with progress bars; `HF_ENDPOINT` points it at another hub): only the
+files a model needs (safetensors or consolidated weights, configs, tokenizer files; or the one GGUF
+file chosen with --file), never pickle files. A pulled model must load (config, tensor index and
+tokenizer are read) before it is registered."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import LoadError, TramontaneError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+INFO = "tramontane.json"
+WANTED = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json", "params.json",
+          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tekken.json",
+          "tokenizer.model", "tokenizer.model.v*")
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt", "*.pickle")
+
+
+class StoreError(TramontaneError):
+    """A store operation failed: unknown name, bad name, unreachable hub, nothing to download."""
+
+
+@dataclass
+class StoredModel:
+    name: str
+    path: Path  # the folder, or the GGUF file inside it
+    info: dict[str, Any]
+
+
+def home() -> Path:
+    return Path(os.environ.get("TRAMONTANE_HOME") or Path.home() / ".cache" / "tramontane").expanduser()
+
+
+def models_dir() -> Path:
+    return home() / "models"
+
+
+def _check_name(name: str) -> str:
+    if not NAME.fullmatch(name) or name in (".", ".."):
+        raise StoreError(f"model name {name!r} must be 1-128 letters, digits, '.', '_' or '-'")
+    return name
+
+
+def _weights_path(folder: Path) -> Path:
+    ggufs = sorted(folder.glob("*.gguf"))
+    return ggufs[0] if len(ggufs) == 1 and not (folder / "config.json").exists() else folder
+
+
+def find(name: str) -> StoredModel | None:
+    if not NAME.fullmatch(name):
+        return None
+    folder = models_dir() / name
+    info_file = folder / INFO
+    if not info_file.is_file():
+        return None
+    try:
+        info = json.loads(info_file.read_text())
+    except ValueError:
+        info = {}
+    return StoredModel(name, _weights_path(folder), info)
+
+
+def list_models() -> list[StoredModel]:
+    root = models_dir()
+    if not root.is_dir():
+        return []
+    found = (find(p.name) for p in sorted(root.iterdir()) if p.is_dir())
+    return [m for m in found if m is not None]
+
+
+def remove(name: str) -> Path:
+    model = find(_check_name(name))
+    if model is None:
+        raise StoreError(f"no stored model named {name!r} (see `tramontane list`)")
+    folder = models_dir() / name
+    shutil.rmtree(folder)
+    return folder
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _verify(path: Path) -> str:
+    """The model loads: config, tensor index and tokenizer are read (LoadError otherwise)."""
+    from .describe import describe
+
+    try:
+        return describe(path)["format"]
+    except TramontaneError as exc:
+        raise LoadError(path, f"the pulled model does not load: {exc}") from None
+
+
+def _register(staging: Path, name: str, source: dict[str, Any]) -> StoredModel:
+    kind = _verify(_weights_path(staging))
+    info = {**source, "format": kind, "size": _size(staging), "pulled": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (staging / INFO).write_text(json.dumps(info, indent=2) + "\n")
+    final = models_dir() / name
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)
+    return StoredModel(name, _weights_path(final), info)
+
+
+def pull_local(path: Path, name: str | None = None) -> StoredModel:
+    """Copy a local model folder (its model files only) or GGUF file into the store."""
+    path = path.expanduser()
+    name = _check_name(name or (path.stem if path.is_file() else path.name))
+    staging = models_dir() / f".{name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if path.is_file():
+            shutil.copyfile(path, staging / path.name)
+        elif path.is_dir():
+            for p in sorted(path.iterdir()):
+                if p.is_file() and _wanted(p.name):
+                    shutil.copyfile(p, staging / p.name)
+        else:
+            raise StoreError(f"{path}: no such file or folder")
+        return _register(staging, name, {"source": str(path.resolve())})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _wanted(filename: str) -> bool:
+    base = filename.rsplit("/", 1)[-1]
+    if any(fnmatch.fnmatch(base, p) for p in PICKLES):
+        return False
+    return any(fnmatch.fnmatch(base, p) for p in WANTED) and "/" not in filename
+
+
+def choose_files(files: list[str], gguf_file: str | None) -> list[str]:
+    """What to download from a repository's file list (see the module docstring)."""
+    if gguf_file is not None:
+        if gguf_file not in files:
+            raise StoreError(f"--file {gguf_file!r} is not in the repository (GGUF files there: "
+                             f"{', '.join(f for f in files if f.endswith('.gguf')) or 'none'})")
+        return [gguf_file]
+    chosen = [f for f in files if _wanted(f)]
+    consolidated = [f for f in chosen if f.startswith("consolidated") and f.endswith(".safetensors")]
+    if "config.json" in chosen and any(f.startswith("model") and f.endswith(".safetensors") for f in chosen):
+        chosen = [f for f in chosen if f not in consolidated and f != "params.json"]  # the HF layout
+    if not any(f.endswith(".safetensors") for f in chosen):
+        ggufs = [f for f in files if f.endswith(".gguf")]
+        hint = f"; choose a GGUF file with --file ({', '.join(ggufs[:8])})" if ggufs else ""
+        raise StoreError(f"the repository has no safetensors weights{hint}")
+    return chosen
+
+
+def _http_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client errors huggingface_hub lets through (httpx, or its own copy `httpx2`)."""
+    import importlib
+
+    found = []
+    for module in ("httpx", "httpx2"):
+        try:
+            found.append(importlib.import_module(module).HTTPError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+def pull_hub(repo_id: str, revision: str | None = None, name: str | None = None,
+             gguf_file: str | None = None) -> StoredModel:
+    """Download a Hub repository's model files into the store (resumable: an interrupted pull picks up
+    where it stopped the next time)."""
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    name = _check_name(name or repo_id.rsplit("/", 1)[-1])
+    staging = models_dir() / f".{name}.partial"  # kept on failure: huggingface_hub resumes from it
+    staging.mkdir(parents=True, exist_ok=True)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        files = huggingface_hub.list_repo_files(repo_id, revision=revision)
+        wanted = choose_files(files, gguf_file)
+        local = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=wanted,
+                                                  local_dir=staging)
+    except RepositoryNotFoundError:
+        raise StoreError(f"no repository {repo_id!r} on {endpoint} (or it needs a token: set HF_TOKEN)") from None
+    except (LocalEntryNotFoundError, OSError, HfHubHTTPError) + _http_errors() as exc:
+        raise StoreError(f"cannot download {repo_id!r} from {endpoint}: {type(exc).__name__}: {str(exc)[:200]}; "
+                         "offline machines can import a local copy with `tramontane pull PATH`") from None
+    shutil.rmtree(Path(local) / ".cache", ignore_errors=True)
+    return _register(Path(local), name, {"source": f"hf://{repo_id}", "revision": revision or "main",
+                                         "files": wanted})

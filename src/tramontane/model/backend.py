@@ -1,0 +1,67 @@
+"""Decode backends: what runs a model's forward step for a runner, chosen once, explicitly.
+
+A runner (the offline generator in decoding/offline.py, the serving engine in engine/) holds one
+`Backend` and calls `prefill` for chunks of prompt tokens and `decode` for one-token steps; both return
+the final normed hidden states [B,T,dim], from which `model.logits` makes logits. The backend is picked
+by `build.select_backend(model, cache_kind, dtype)` when the runner is built; no package grafts a fast
+path onto the model.
+
+`ModuleBackend` (here) is the portable default: the PyTorch modules, every cache layout, every model
+(dense, MoE, LoRA, sharded, training). `quant.step.CompiledStep` runs whole decode blocks in the
+compiled C step where the model and the cache fit it (see its `fits` and `supports`).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from .cache import Cache
+from .transformer import Transformer
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One model's forward step, for one kind of cache."""
+
+    name: str  # shown in the server's start-up log line and by `tramontane show --backend`
+    model: Transformer  # what it runs (logits, adapters and embeddings are read from it)
+
+    def supports(self, cache_kind: type[Cache], dtype: torch.dtype) -> bool:
+        """Whether this backend can run steps on caches of this class holding `dtype` keys/values."""
+        ...
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        """tokens, positions [B,T] (-1 = padding) -> final normed hidden states [B,T,dim]."""
+        ...
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One token per row: tokens, positions [B,1] -> [B,1,dim]."""
+        ...
+
+    def current(self) -> bool:
+        """Whether the model still holds the modules this backend was built over (a module swap since,
+        such as LoRA, means the runner must pick again)."""
+        ...
+
+
+class ModuleBackend:
+    """The PyTorch module path: every layer as modules, any cache."""
+
+    name = "module"
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+
+    def supports(self, cache_kind: type[Cache], dtype: torch.dtype) -> bool:
+        return True
+
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+        return self.model.hidden_states(tokens, positions, cache)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
+        return self.model.hidden_states(tokens, positions, cache)
+
+    def current(self) -> bool:
+        return True  # runs whatever modules the model holds

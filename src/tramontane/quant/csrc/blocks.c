@@ -1,0 +1,117 @@
+/*
+ * blocks.c: the GGML type table and the portable (plain C) per-type block decoders. They are the
+ * scalar instruction set's decoders (scalar.c) and the reference the vector decoders (simd_decode.inc)
+ * follow; aarch64 and any other non-x86 build runs these.
+ */
+#include "kernels.h"
+
+const tinfo tram_types[T_COUNT] = {
+    [T_F32] = {1, 4},      [T_F16] = {1, 2},       [T_BF16] = {1, 2},
+    [T_Q4_0] = {32, 18},   [T_Q4_1] = {32, 20},    [T_Q5_0] = {32, 22},
+    [T_Q5_1] = {32, 24},   [T_Q8_0] = {32, 34},
+    [T_Q4_K] = {256, 144}, [T_Q5_K] = {256, 176},  [T_Q6_K] = {256, 210},
+};
+
+void tram_dec_f32_c(const uint8_t *b, int n, float *o) { memcpy(o, b, (size_t)n * 4); }
+
+void tram_dec_f16_c(const uint8_t *b, int n, float *o) {
+    for (int i = 0; i < n; i++) o[i] = f16_to_f32(rd16(b + 2 * i));
+}
+
+void tram_dec_bf16_c(const uint8_t *b, int n, float *o) {
+    for (int i = 0; i < n; i++) o[i] = bf16_to_f32(rd16(b + 2 * i));
+}
+
+void tram_dec_q4_0_c(const uint8_t *b, int nb, float *o) {
+    for (int i = 0; i < nb; i++, b += 18, o += 32) {
+        float d = f16_to_f32(rd16(b));
+        for (int j = 0; j < 16; j++) {
+            o[j] = d * (float)((b[2 + j] & 15) - 8);
+            o[j + 16] = d * (float)((b[2 + j] >> 4) - 8);
+        }
+    }
+}
+
+void tram_dec_q4_1_c(const uint8_t *b, int nb, float *o) {
+    for (int i = 0; i < nb; i++, b += 20, o += 32) {
+        float d = f16_to_f32(rd16(b)), m = f16_to_f32(rd16(b + 2));
+        for (int j = 0; j < 16; j++) {
+            o[j] = d * (float)(b[4 + j] & 15) + m;
+            o[j + 16] = d * (float)(b[4 + j] >> 4) + m;
+        }
+    }
+}
+
+void tram_dec_q5_0_c(const uint8_t *b, int nb, float *o) {
+    for (int i = 0; i < nb; i++, b += 22, o += 32) {
+        float d = f16_to_f32(rd16(b));
+        uint32_t qh = rd32(b + 2);
+        for (int j = 0; j < 16; j++) {
+            int lo = (b[6 + j] & 15) | (int)(((qh >> j) & 1) << 4);
+            int hi = (b[6 + j] >> 4) | (int)(((qh >> (j + 16)) & 1) << 4);
+            o[j] = d * (float)(lo - 16);
+            o[j + 16] = d * (float)(hi - 16);
+        }
+    }
+}
+
+void tram_dec_q5_1_c(const uint8_t *b, int nb, float *o) {
+    for (int i = 0; i < nb; i++, b += 24, o += 32) {
+        float d = f16_to_f32(rd16(b)), m = f16_to_f32(rd16(b + 2));
+        uint32_t qh = rd32(b + 4);
+        for (int j = 0; j < 16; j++) {
+            int lo = (b[8 + j] & 15) | (int)(((qh >> j) & 1) << 4);
+            int hi = (b[8 + j] >> 4) | (int)(((qh >> (j + 16)) & 1) << 4);
+            o[j] = d * (float)lo + m;
+            o[j + 16] = d * (float)hi + m;
+        }
+    }
+}
+
+void tram_dec_q8_0_c(const uint8_t *b, int nb, float *o) {
+    for (int i = 0; i < nb; i++, b += 34, o += 32) {
+        float d = f16_to_f32(rd16(b));
+        for (int j = 0; j < 32; j++) o[j] = d * (float)(int8_t)b[2 + j];
+    }
+}
+
+/* Q4_K: d | dmin | scales[12] | qs[128]; element 64j + 32h + l is nibble h of qs[32j + l], in
+ * sub-block s = 2j + h: y = (d * sc[s]) * q - dmin * mn[s]. Q5_K adds qh[32] before qs: the fifth bit
+ * of element l of sub-block s is bit s of qh[l]. */
+static void dec_qk_c(const uint8_t *b, int nb, float *o, int five) {
+    const int ts = five ? 176 : 144;
+    for (int i = 0; i < nb; i++, b += ts, o += 256) {
+        float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
+        uint8_t sc[8], mn[8];
+        k4_scales(b + 4, sc, mn);
+        const uint8_t *qh = b + 16, *qs = b + (five ? 48 : 16);
+        for (int s = 0; s < 8; s++) {
+            float dl = d * (float)sc[s], ml = dmin * (float)mn[s];
+            for (int l = 0; l < 32; l++) {
+                int q = (qs[32 * (s / 2) + l] >> (4 * (s & 1))) & 15;
+                if (five) q |= ((qh[l] >> s) & 1) << 4;
+                o[32 * s + l] = dl * (float)q - ml;
+            }
+        }
+    }
+}
+
+void tram_dec_q4_k_c(const uint8_t *b, int nb, float *o) { dec_qk_c(b, nb, o, 0); }
+void tram_dec_q5_k_c(const uint8_t *b, int nb, float *o) { dec_qk_c(b, nb, o, 1); }
+
+/* Q6_K: ql[128] | qh[64] | scales int8[16] | d. Element 128h + 32k + l takes nibble k/2 of
+ * ql[64h + 32(k%2) + l] and bits 2k..2k+1 of qh[32h + l]; q - 32, scaled by d * sc[element / 16]. */
+void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o) {
+    for (int i = 0; i < nb; i++, b += 210, o += 256) {
+        float d = f16_to_f32(rd16(b + 208));
+        const int8_t *sc = (const int8_t *)(b + 192);
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++)
+                for (int l = 0; l < 32; l++) {
+                    int lo = (b[64 * h + 32 * (k & 1) + l] >> (4 * (k >> 1))) & 15;
+                    int hi = (b[128 + 32 * h + l] >> (2 * k)) & 3;
+                    int e = 128 * h + 32 * k + l;
+                    o[e] = (d * (float)sc[e / 16]) * (float)((lo | (hi << 4)) - 32);
+                }
+    }
+}

@@ -1,0 +1,96 @@
+/*
+ * blocks.h: the GGML block types the kernels read. Owns the type ids and their geometry (elements
+ * and bytes per block), the little-endian byte readers, IEEE half / bfloat16 to float conversion, the
+ * unpacking of the K-quants' six-bit scales, and the declarations of the portable per-type decoders
+ * (defined in blocks.c).
+ *
+ * Block layouts are ggml's `block_*` structs, all little-endian (weights/gguf_quants.py states the
+ * same facts in torch). No alignment is assumed: every read goes through memcpy.
+ */
+#ifndef TRAM_BLOCKS_H
+#define TRAM_BLOCKS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* Symbols shared between the files of the module but not exported from the shared object. */
+#if defined(__GNUC__) || defined(__clang__)
+#define TRAM_HIDDEN __attribute__((visibility("hidden")))
+#else
+#define TRAM_HIDDEN
+#endif
+
+/* GGML type ids (ggml.h enum ggml_type). */
+enum {
+    T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+    T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_COUNT = 31
+};
+
+typedef struct { int block; int size; } tinfo;
+
+/* Elements per block and bytes per block of each supported type; {0,0} = unsupported. */
+extern TRAM_HIDDEN const tinfo tram_types[T_COUNT];
+
+/* Whether the kernels run GGML type `qtype`. */
+static inline int tram_type_ok(int qtype) {
+    return qtype >= 0 && qtype < T_COUNT && tram_types[qtype].block != 0;
+}
+
+/* Bytes of one packed row of K elements (K a multiple of the type's block size). */
+static inline size_t tram_row_bytes(int qtype, long K) {
+    return (size_t)(K / tram_types[qtype].block) * (size_t)tram_types[qtype].size;
+}
+
+static inline uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+
+/* IEEE half -> float, exactly (normals, subnormals, inf, nan). */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    float f;
+    if (exp == 0) {
+        f = (float)man * (1.0f / 16777216.0f);  /* man * 2^-24 */
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112u) << 23) | (man << 13);
+    }
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* ggml's get_scale_min_k4: 12 bytes -> 8 six-bit scales and 8 six-bit mins (Q4_K, Q5_K). */
+static inline void k4_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
+    for (int i = 0; i < 4; i++) {
+        sc[i] = s[i] & 63;
+        mn[i] = s[i + 4] & 63;
+        sc[i + 4] = (uint8_t)((s[i + 8] & 0x0f) | ((s[i] >> 6) << 4));
+        mn[i + 4] = (uint8_t)((s[i + 8] >> 4) | ((s[i + 4] >> 6) << 4));
+    }
+}
+
+/* Portable decoders, nb blocks (for the float types: n elements) -> float32, the same arithmetic as
+ * weights/gguf_quants.py. */
+TRAM_HIDDEN void tram_dec_f32_c(const uint8_t *b, int n, float *o);
+TRAM_HIDDEN void tram_dec_f16_c(const uint8_t *b, int n, float *o);
+TRAM_HIDDEN void tram_dec_bf16_c(const uint8_t *b, int n, float *o);
+TRAM_HIDDEN void tram_dec_q4_0_c(const uint8_t *b, int nb, float *o);
+TRAM_HIDDEN void tram_dec_q4_1_c(const uint8_t *b, int nb, float *o);
+TRAM_HIDDEN void tram_dec_q5_0_c(const uint8_t *b, int nb, float *o);
+TRAM_HIDDEN void tram_dec_q5_1_c(const uint8_t *b, int nb, float *o);
+TRAM_HIDDEN void tram_dec_q8_0_c(const uint8_t *b, int nb, float *o);
+TRAM_HIDDEN void tram_dec_q4_k_c(const uint8_t *b, int nb, float *o);
+TRAM_HIDDEN void tram_dec_q5_k_c(const uint8_t *b, int nb, float *o);
+TRAM_HIDDEN void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o);
+
+#endif /* TRAM_BLOCKS_H */

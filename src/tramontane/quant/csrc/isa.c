@@ -1,0 +1,48 @@
+/*
+ * isa.c: run-time choice of the instruction set. At module init the best table this CPU runs is
+ * picked with __builtin_cpu_supports (AVX-512 F/BW/VL/DQ, else AVX2 + FMA, else the portable C);
+ * tests may switch to any table the CPU can run (set_isa) and back.
+ */
+#include <string.h>
+
+#include "kernels.h"
+
+static const isa_ops *g_ops = NULL;   /* in use */
+static const isa_ops *g_best = NULL;  /* the best this CPU runs */
+
+void tram_isa_init(void) {
+    g_best = &tram_ops_scalar;
+#ifdef TRAM_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) g_best = &tram_ops_avx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        g_best = &tram_ops_avx512;
+#endif
+    g_ops = g_best;
+}
+
+const isa_ops *tram_isa_current(void) { return g_ops; }
+
+int tram_isa_names(const char *names[3]) {
+    int n = 0;
+#ifdef TRAM_X86
+    if (g_best == &tram_ops_avx512) names[n++] = tram_ops_avx512.name;
+    if (g_best == &tram_ops_avx512 || g_best == &tram_ops_avx2) names[n++] = tram_ops_avx2.name;
+#endif
+    names[n++] = tram_ops_scalar.name;
+    return n;
+}
+
+int tram_isa_select(const char *name) {
+    const isa_ops *want = NULL;
+    if (!strcmp(name, "scalar")) want = &tram_ops_scalar;
+#ifdef TRAM_X86
+    if (!strcmp(name, "avx2") && (g_best == &tram_ops_avx2 || g_best == &tram_ops_avx512)) want = &tram_ops_avx2;
+    if (!strcmp(name, "avx512") && g_best == &tram_ops_avx512) want = &tram_ops_avx512;
+#endif
+    if (!strcmp(name, "best")) want = g_best;
+    if (!want) return -1;
+    g_ops = want;
+    return 0;
+}

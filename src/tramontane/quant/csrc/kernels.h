@@ -1,0 +1,151 @@
+/*
+ * kernels.h: the internal interface between the files of tramontane.quant._kernels (float32
+ * activations times GGUF-packed weights, without unpacking the weights to float in memory).
+ * Owns the tiling constants, the kernel function types, the per-instruction-set `isa_ops` table and
+ * the declarations each file provides to the others.
+ *
+ * Files:
+ *   blocks.h / blocks.c   GGML block types, fp16/bf16 conversion, the portable per-type decoders
+ *   scalar.c              the portable instruction set: tiled matmul, attention, SwiGLU in plain C
+ *   simd.inc (+ simd_*.inc), compiled once per vector instruction set by simd_avx2.c and
+ *                         simd_avx512.c: decoders, fused small-M kernels, tiled path, attention
+ *   isa.c                 which instruction set runs (chosen at run time, settable for tests)
+ *   matmul.c              matmul and dequantize over threads (row splitting)
+ *   block_step.c          one transformer block of a one-token decoding step
+ *   module.c              the Python bindings: argument parsing, extent checks, module init
+ *
+ * Structure. The portable path is plain C (what aarch64 gets). On x86-64 the vector source is
+ * compiled twice more, once for AVX2+FMA and once for AVX-512 (F/BW/VL/DQ), with the ISA given per
+ * function by __attribute__((target)), so the binary needs no -march flag and picks its path at run
+ * time with __builtin_cpu_supports. Each vector pass provides, per type:
+ *   - a block decoder (blocks -> float32), used by dequantize_rows and by the tiled path;
+ *   - for every type but F32, a fused kernel for M <= FUSED_M activation rows: a block is widened
+ *     to float in registers once and multiplied into each activation row; the block's scale
+ *     multiplies each partial sum once and additive offsets go through per-32 sums of x; the
+ *     weights of the group of rows a few KiB ahead are software-prefetched (streaming from DRAM the
+ *     hardware prefetchers alone reach about half the bandwidth);
+ * and one tiled path for larger M (and for the types without a fused kernel): RN weight rows are
+ * decoded KC elements at a time into a small float buffer that stays in L1, then a register-blocked
+ * RM x RN micro-kernel multiplies it into every activation row, so each weight block is decoded once
+ * per MB activation rows.
+ * Threads (OpenMP, count given per call; the team is libgomp's, shared with torch's when torch is
+ * loaded first) split the N output rows in contiguous ranges of whole RN-row groups, so the result
+ * does not depend on the thread count.
+ */
+#ifndef TRAM_KERNELS_H
+#define TRAM_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "blocks.h"
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && !defined(TRAM_PORTABLE_ONLY)
+#define TRAM_X86 1
+#endif
+
+#define RN 4     /* weight rows per tile */
+#define KC 256   /* elements of a row decoded per step (a multiple of every block size) */
+#define MB 64    /* activation rows sharing one decode of a weight tile */
+#define FUSED_M 4  /* up to this many activation rows, the fused kernels (where a type has one) */
+
+typedef void (*dec_fn)(const uint8_t *blocks, int nblocks, float *out);
+/* Fused, M <= FUSED_M activation rows: y[m, 0..n) (rows ldy apart) = rows of w (rb bytes apart) . x[m];
+ * xs: sums of x per 32 elements, [M][K/32]. */
+typedef void (*fused_fn)(const uint8_t *w, size_t rb, long n, const float *x, const float *xs, long M,
+                         long K, float *y, long ldy);
+/* Tiled: y[m, n] (rows N apart) for n in [n0, n1), every m < M, from rows of w decoded with `dec`. */
+typedef void (*tile_fn)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long n0, long n1,
+                        const float *x, long M, long K, float *y, long N);
+
+/* One query head over one kv head's cache rows: out[D] = softmax(q . k_s * scale) . v_s over the slots
+ * s whose position kpos[s] is visible from qpos (0 <= kpos <= qpos, qpos - kpos < window when window
+ * > 0); sc: S floats of scratch. */
+typedef void (*attend_fn)(const float *q, const float *k, const float *v, long S, long D,
+                          const int64_t *kpos, int64_t qpos, long window, float scale, float *sc, float *out);
+/* out[i] = silu(g[i]) * u[i], silu(g) = g / (1 + e^-g). */
+typedef void (*silu_fn)(const float *g, const float *u, float *out, long n);
+
+/* The kernels of one instruction set. */
+typedef struct {
+    const char *name;
+    dec_fn dec[T_COUNT];
+    fused_fn fused[T_COUNT];
+    tile_fn tile;
+    attend_fn attend;
+    silu_fn silu_mul;
+} isa_ops;
+
+static inline int visible(int64_t kp, int64_t qpos, long window) {
+    return kp >= 0 && kp <= qpos && (window <= 0 || qpos - kp < window);
+}
+
+/* *out = unit * a * b * c * d bytes (factors >= 0); returns 0, or -1 when that overflows size_t. */
+static inline int tram_extent(size_t *out, size_t unit, long a, long b, long c, long d) {
+    size_t n = unit;
+    if (__builtin_mul_overflow(n, (size_t)a, &n) || __builtin_mul_overflow(n, (size_t)b, &n) ||
+        __builtin_mul_overflow(n, (size_t)c, &n) || __builtin_mul_overflow(n, (size_t)d, &n))
+        return -1;
+    *out = n;
+    return 0;
+}
+
+/* *out = bytes of `rows` packed rows of K elements of qtype (K a multiple of its block size). */
+static inline int tram_packed_extent(size_t *out, int qtype, long rows, long K) {
+    return tram_extent(out, (size_t)tram_types[qtype].size, K / tram_types[qtype].block, rows, 1, 1);
+}
+
+/* scalar.c, simd_avx2.c, simd_avx512.c */
+extern TRAM_HIDDEN const isa_ops tram_ops_scalar;
+#ifdef TRAM_X86
+extern TRAM_HIDDEN const isa_ops tram_ops_avx2;
+extern TRAM_HIDDEN const isa_ops tram_ops_avx512;
+#endif
+
+/* isa.c: the instruction set in use (the best this CPU runs unless a test chose another). */
+TRAM_HIDDEN void tram_isa_init(void);
+TRAM_HIDDEN const isa_ops *tram_isa_current(void);
+/* The instruction sets this CPU runs, best first, into names[3]; returns their count. */
+TRAM_HIDDEN int tram_isa_names(const char *names[3]);
+/* Use `name` ('avx512', 'avx2', 'scalar' or 'best'); returns 0, or -1 when this CPU cannot. */
+TRAM_HIDDEN int tram_isa_select(const char *name);
+
+/* matmul.c. y[M,N] = x[M,K] @ W^T, W as N rows of GGML blocks of type qtype (row r at w + r * row
+ * bytes); returns 0, or -1 when out of memory. */
+TRAM_HIDDEN int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N,
+                            long K, int qtype, int n_threads);
+/* out[N,K] = W as float32. */
+TRAM_HIDDEN void tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, long K, int qtype,
+                                 int n_threads);
+
+/* block_step.c: one transformer block for a step of one new token per sequence (see there). */
+typedef struct {
+    float *x;                           /* [B, dim] residual stream, updated in place */
+    long B, dim, H, Hkv, D, F;          /* rows, model dim, heads, kv heads, head dim, ffn hidden */
+    const float *norm1, *norm2;         /* [dim] attention_norm and ffn_norm weights */
+    float eps;
+    const uint8_t *wqkv, *wo, *w13, *w2;  /* packed [(H+2Hkv)D, dim], [dim, HD], [2F, dim], [dim, F] */
+    int tqkv, to, t13, t2;              /* their GGML types */
+    const float *cs;                    /* [B, D/2, 2] cos, sin of each row's position */
+    float *kc, *vc;                     /* this layer's cache [B, Hkv, S, D] */
+    long S;
+    const int64_t *kpos;                /* [B, S] position held by each slot (-1 = empty), this step's included */
+    const int64_t *qpos;                /* [B] position of each row's new token (-1 = padding) */
+    long window;                        /* sliding window, 0 = none */
+    int threads;
+} block_args;
+
+/* The buffers of a block step, in the order of tram_block_buffer_names. */
+enum {
+    BUF_X, BUF_NORM1, BUF_NORM2, BUF_WQKV, BUF_WO, BUF_W13, BUF_W2, BUF_CS, BUF_KC, BUF_VC, BUF_KPOS,
+    BUF_QPOS, BUF_COUNT
+};
+/* Their names in the Python binding. */
+extern TRAM_HIDDEN const char *const tram_block_buffer_names[BUF_COUNT];
+/* Bytes each buffer must hold for the shapes and types in `a` (validated first: positive dims, supported
+ * types whose blocks divide the rows); returns 0, or -1 when a size does not fit in size_t. */
+TRAM_HIDDEN int tram_block_extents(const block_args *a, size_t need[BUF_COUNT]);
+/* Returns 0, or -1 when out of memory. */
+TRAM_HIDDEN int tram_run_block(const isa_ops *ops, const block_args *a);
+
+#endif /* TRAM_KERNELS_H */

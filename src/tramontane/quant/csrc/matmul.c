@@ -1,0 +1,98 @@
+/*
+ * matmul.c: the packed matmul and the row dequantizer over OpenMP threads. Owns the split of the N
+ * output rows between threads (contiguous ranges of whole RN-row groups, so the result does not depend
+ * on the thread count), the choice between an instruction set's fused small-M kernel and its tiled
+ * path, and the per-32 sums of x the fused kernels take. Pointers are trusted: module.c checked the
+ * buffers' extents.
+ */
+#include <stdlib.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.h"
+
+/* Row range [*n0, *n1) of thread t out of nt: contiguous, whole RN-row groups. */
+static void split_rows(long N, int t, int nt, long *n0, long *n1) {
+    long units = (N + RN - 1) / RN;
+    long u0 = units * t / nt, u1 = units * (t + 1) / nt;
+    *n0 = u0 * RN < N ? u0 * RN : N;
+    *n1 = u1 * RN < N ? u1 * RN : N;
+}
+
+static int thread_count(int n_threads, long N, long work_bytes) {
+    long groups = (N + RN - 1) / RN;
+    if (work_bytes < (32L << 10)) return 1;  /* waking a second thread costs more than it saves */
+    if (n_threads > groups) n_threads = (int)groups;
+    return n_threads < 1 ? 1 : n_threads;
+}
+
+static int needs_xs(int qtype) {
+    return qtype == T_Q4_0 || qtype == T_Q4_1 || qtype == T_Q5_1 || qtype == T_Q4_K || qtype == T_Q5_K;
+}
+
+/* Sums of x [M, K] per 32 elements -> malloc'd [M][K/32] (K % 32 == 0), or NULL when out of memory. */
+static float *block_sums(const float *x, long M, long K) {
+    float *xs = malloc(sizeof(float) * (size_t)(M * (K / 32)));
+    if (!xs) return NULL;
+    for (long b = 0; b < M * (K / 32); b++) {
+        float s = 0.0f;
+        for (int j = 0; j < 32; j++) s += x[32 * b + j];
+        xs[b] = s;
+    }
+    return xs;
+}
+
+int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N, long K,
+                int qtype, int n_threads) {
+    const tinfo ti = tram_types[qtype];
+    const size_t rb = tram_row_bytes(qtype, K);
+    fused_fn fused = M <= FUSED_M && K % 32 == 0 ? ops->fused[qtype] : NULL;  /* F16/BF16: 32 at a time */
+    float *xs = NULL;
+    if (fused && needs_xs(qtype) && !(xs = block_sums(x, M, K))) return -1;
+    int nth = thread_count(n_threads, N, (long)(rb * (size_t)N) + M * K * 4);
+    (void)nth;  /* unused without OpenMP */
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        long n0, n1;
+        split_rows(N, t, nt, &n0, &n1);
+        if (n1 > n0) {
+            if (fused)
+                fused(w + (size_t)n0 * rb, rb, n1 - n0, x, xs, M, K, y + n0, N);
+            else
+                ops->tile(ops->dec[qtype], ti.block, ti.size, w, rb, n0, n1, x, M, K, y, N);
+        }
+    }
+    free(xs);
+    return 0;
+}
+
+void tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, long K, int qtype,
+                     int n_threads) {
+    const tinfo ti = tram_types[qtype];
+    const size_t rb = tram_row_bytes(qtype, K);
+    const dec_fn dec = ops->dec[qtype];
+    int nth = thread_count(n_threads, N, (long)(rb * (size_t)N));
+    (void)nth;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nth) if (nth > 1)
+#endif
+    {
+        int t = 0, nt = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        long n0, n1;
+        split_rows(N, t, nt, &n0, &n1);
+        for (long n = n0; n < n1; n++) dec(w + (size_t)n * rb, (int)(K / ti.block), out + (size_t)n * (size_t)K);
+    }
+}

@@ -1,0 +1,352 @@
+/*
+ * module.c: the Python bindings of tramontane.quant._kernels and its init. Only argument parsing and
+ * checking lives here: every buffer comes as a (data_ptr, nbytes) tuple (data_ptr a raw address, such
+ * as torch's data_ptr()), and before any pointer is followed its nbytes is checked against the extent
+ * the shapes and types require, a ValueError naming the buffer when it is too small. The computing is
+ * in matmul.c and block_step.c, on the instruction set isa.c chose. No alignment is assumed anywhere.
+ *
+ *   matmul(x, w, y, M, N, K, qtype, n_threads)
+ *       y[M,N] = x[M,K] @ W^T, W stored as N rows of GGML blocks of type `qtype` (row r starts at
+ *       w + r * row_bytes, row_bytes = K / block_size * type_size). float32 accumulation, the
+ *       activations are never quantized.
+ *   dequantize_rows(w, out, N, K, qtype, n_threads)
+ *       W -> float32 [N,K].
+ *   decode_block(shape, buffers, eps, window, n_threads)
+ *       one transformer block for one new token per row (block_step.c).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <limits.h>
+
+#include "kernels.h"
+
+/* A caller's buffer: its address and its size in bytes. */
+typedef struct {
+    unsigned long long ptr;
+    Py_ssize_t nbytes;
+} buffer;
+
+/* The buffer names of decode_block as interned strings (the dict keys), made at init. */
+static PyObject *g_block_keys[BUF_COUNT];
+
+/* 0 when buffer `name` of `fn` holds at least `need` bytes and is not null (unless empty); else -1
+ * with a ValueError. */
+static int check_extent(const char *fn, const char *name, const buffer *b, size_t need) {
+    if (b->nbytes < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: buffer %s has a negative size (%zd bytes)", fn, name, b->nbytes);
+        return -1;
+    }
+    if ((size_t)b->nbytes < need) {
+        PyErr_Format(PyExc_ValueError, "%s: buffer %s holds %zd bytes, its shape needs %zu", fn, name,
+                     b->nbytes, need);
+        return -1;
+    }
+    if (need && !b->ptr) {
+        PyErr_Format(PyExc_ValueError, "%s: buffer %s is a null pointer", fn, name);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *too_large(const char *fn) {
+    return PyErr_Format(PyExc_ValueError, "%s: the shapes' byte sizes overflow", fn);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * matmul, dequantize_rows */
+
+static int check_common(long N, long K, int qtype, int n_threads) {
+    if (!tram_type_ok(qtype)) {
+        PyErr_Format(PyExc_ValueError, "unsupported GGML type id %d for the packed kernels", qtype);
+        return -1;
+    }
+    if (N < 0 || K <= 0 || K % tram_types[qtype].block) {
+        PyErr_Format(PyExc_ValueError, "bad shape N=%ld K=%ld: K must be a positive multiple of %d",
+                     N, K, tram_types[qtype].block);
+        return -1;
+    }
+    if (K / tram_types[qtype].block > 0x7fffffffL) {
+        PyErr_SetString(PyExc_ValueError, "K too large");
+        return -1;
+    }
+    if (n_threads < 1) {
+        PyErr_Format(PyExc_ValueError, "n_threads must be >= 1, got %d", n_threads);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_matmul(PyObject *self, PyObject *args) {
+    buffer x, w, y;
+    Py_ssize_t M, N, K;
+    int qtype, nth;
+    size_t need_x, need_w, need_y;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "(Kn)(Kn)(Kn)nnnii", &x.ptr, &x.nbytes, &w.ptr, &w.nbytes, &y.ptr, &y.nbytes,
+                          &M, &N, &K, &qtype, &nth))
+        return NULL;
+    if (check_common((long)N, (long)K, qtype, nth)) return NULL;
+    if (M < 0) return PyErr_Format(PyExc_ValueError, "bad M=%zd", M);
+    if (tram_extent(&need_x, 4, M, K, 1, 1) || tram_packed_extent(&need_w, qtype, N, K) ||
+        tram_extent(&need_y, 4, M, N, 1, 1))
+        return too_large("matmul");
+    if (check_extent("matmul", "x", &x, need_x) || check_extent("matmul", "w", &w, need_w) ||
+        check_extent("matmul", "y", &y, need_y))
+        return NULL;
+    if (M == 0 || N == 0) Py_RETURN_NONE;
+    const isa_ops *ops = tram_isa_current();
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = tram_matmul(ops, (const float *)(uintptr_t)x.ptr, (const uint8_t *)(uintptr_t)w.ptr,
+                     (float *)(uintptr_t)y.ptr, (long)M, (long)N, (long)K, qtype, nth);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_dequantize_rows(PyObject *self, PyObject *args) {
+    buffer w, out;
+    Py_ssize_t N, K;
+    int qtype, nth;
+    size_t need_w, need_out;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "(Kn)(Kn)nnii", &w.ptr, &w.nbytes, &out.ptr, &out.nbytes, &N, &K, &qtype, &nth))
+        return NULL;
+    if (check_common((long)N, (long)K, qtype, nth)) return NULL;
+    if (tram_packed_extent(&need_w, qtype, N, K) || tram_extent(&need_out, 4, N, K, 1, 1))
+        return too_large("dequantize_rows");
+    if (check_extent("dequantize_rows", "w", &w, need_w) || check_extent("dequantize_rows", "out", &out, need_out))
+        return NULL;
+    if (N == 0) Py_RETURN_NONE;
+    const isa_ops *ops = tram_isa_current();
+    Py_BEGIN_ALLOW_THREADS
+    tram_dequantize(ops, (const uint8_t *)(uintptr_t)w.ptr, (float *)(uintptr_t)out.ptr, (long)N, (long)K,
+                    qtype, nth);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * decode_block */
+
+static int is_packed_weight(int i) { return i == BUF_WQKV || i == BUF_WO || i == BUF_W13 || i == BUF_W2; }
+
+/* One entry of the buffers dict: (data_ptr, nbytes), or (data_ptr, nbytes, qtype) for a packed weight. */
+static int parse_entry(PyObject *item, int i, buffer *b, int *qtype) {
+    const char *name = tram_block_buffer_names[i];
+    const Py_ssize_t want = is_packed_weight(i) ? 3 : 2;
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != want) {
+        PyErr_Format(PyExc_TypeError, "decode_block: buffer %s must be a tuple %s", name,
+                     want == 3 ? "(data_ptr, nbytes, qtype)" : "(data_ptr, nbytes)");
+        return -1;
+    }
+    b->ptr = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(item, 0));
+    if (b->ptr == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    b->nbytes = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 1));
+    if (b->nbytes == -1 && PyErr_Occurred()) return -1;
+    if (want == 3) {
+        long t = PyLong_AsLong(PyTuple_GET_ITEM(item, 2));
+        if (t == -1 && PyErr_Occurred()) return -1;
+        *qtype = t < INT_MIN || t > INT_MAX ? -1 : (int)t;
+    }
+    return 0;
+}
+
+/* Names the first key of `dict` that is not a buffer of decode_block. */
+static int unknown_key(PyObject *dict) {
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(dict, &pos, &key, &value)) {
+        int known = 0;
+        for (int i = 0; i < BUF_COUNT && !known; i++) {
+            int eq = PyObject_RichCompareBool(key, g_block_keys[i], Py_EQ);
+            if (eq < 0) return -1;
+            known = eq;
+        }
+        if (!known) {
+            PyErr_Format(PyExc_ValueError, "decode_block: unknown buffer %R", key);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Fills b[] and the weights' types in a from the buffers dict. */
+static int parse_block_buffers(PyObject *dict, buffer b[BUF_COUNT], block_args *a) {
+    int types[BUF_COUNT] = {0};
+    for (int i = 0; i < BUF_COUNT; i++) {
+        PyObject *item = PyDict_GetItemWithError(dict, g_block_keys[i]);
+        if (!item) {
+            if (!PyErr_Occurred())
+                PyErr_Format(PyExc_ValueError, "decode_block: buffer %s missing", tram_block_buffer_names[i]);
+            return -1;
+        }
+        if (parse_entry(item, i, &b[i], &types[i])) return -1;
+    }
+    if (PyDict_GET_SIZE(dict) != BUF_COUNT && unknown_key(dict)) return -1;
+    a->tqkv = types[BUF_WQKV];
+    a->to = types[BUF_WO];
+    a->t13 = types[BUF_W13];
+    a->t2 = types[BUF_W2];
+    return 0;
+}
+
+static int check_type_k(int qtype, long K, const char *what) {
+    if (!tram_type_ok(qtype) || K <= 0 || K % tram_types[qtype].block) {
+        PyErr_Format(PyExc_ValueError, "decode_block: %s: GGML type %d cannot hold rows of %ld", what, qtype, K);
+        return -1;
+    }
+    return 0;
+}
+
+/* Shapes: each in [1, INT_MAX] (so that the products below fit in a long), H a multiple of Hkv, D even. */
+static int parse_block_shape(PyObject *shape, block_args *a) {
+    Py_ssize_t B, dim, H, Hkv, D, F, S;
+    if (!PyArg_ParseTuple(shape, "nnnnnnn;decode_block: shape must be (B, dim, H, Hkv, D, F, S)", &B, &dim, &H,
+                          &Hkv, &D, &F, &S))
+        return -1;
+    const Py_ssize_t dims[] = {B, dim, H, Hkv, D, F, S};
+    int ok = 1;
+    for (int i = 0; i < 7; i++) ok = ok && dims[i] >= 1 && dims[i] <= INT_MAX;
+    ok = ok && H % Hkv == 0 && D % 2 == 0;
+    if (!ok) {
+        PyErr_Format(PyExc_ValueError, "decode_block: bad block shape B=%zd dim=%zd H=%zd Hkv=%zd D=%zd F=%zd "
+                     "S=%zd", B, dim, H, Hkv, D, F, S);
+        return -1;
+    }
+    a->B = B, a->dim = dim, a->H = H, a->Hkv = Hkv, a->D = D, a->F = F, a->S = S;
+    return 0;
+}
+
+/* The extents of every buffer against what the shapes and types need; then the pointers into a. */
+static int check_block_buffers(const buffer b[BUF_COUNT], block_args *a) {
+    size_t need[BUF_COUNT];
+    if (check_type_k(a->tqkv, a->dim, "wqkv") || check_type_k(a->to, a->H * a->D, "wo") ||
+        check_type_k(a->t13, a->dim, "w13") || check_type_k(a->t2, a->F, "w2"))
+        return -1;
+    if (tram_block_extents(a, need)) {
+        too_large("decode_block");
+        return -1;
+    }
+    for (int i = 0; i < BUF_COUNT; i++)
+        if (check_extent("decode_block", tram_block_buffer_names[i], &b[i], need[i])) return -1;
+    a->x = (float *)(uintptr_t)b[BUF_X].ptr;
+    a->norm1 = (const float *)(uintptr_t)b[BUF_NORM1].ptr;
+    a->norm2 = (const float *)(uintptr_t)b[BUF_NORM2].ptr;
+    a->wqkv = (const uint8_t *)(uintptr_t)b[BUF_WQKV].ptr;
+    a->wo = (const uint8_t *)(uintptr_t)b[BUF_WO].ptr;
+    a->w13 = (const uint8_t *)(uintptr_t)b[BUF_W13].ptr;
+    a->w2 = (const uint8_t *)(uintptr_t)b[BUF_W2].ptr;
+    a->cs = (const float *)(uintptr_t)b[BUF_CS].ptr;
+    a->kc = (float *)(uintptr_t)b[BUF_KC].ptr;
+    a->vc = (float *)(uintptr_t)b[BUF_VC].ptr;
+    a->kpos = (const int64_t *)(uintptr_t)b[BUF_KPOS].ptr;
+    a->qpos = (const int64_t *)(uintptr_t)b[BUF_QPOS].ptr;
+    return 0;
+}
+
+static PyObject *py_decode_block(PyObject *self, PyObject *args) {
+    PyObject *shape, *buffers;
+    float eps;
+    Py_ssize_t window;
+    int nth;
+    block_args a;
+    buffer b[BUF_COUNT];
+    (void)self;
+    memset(&a, 0, sizeof a);
+    if (!PyArg_ParseTuple(args, "O!O!fni", &PyTuple_Type, &shape, &PyDict_Type, &buffers, &eps, &window, &nth))
+        return NULL;
+    if (nth < 1) return PyErr_Format(PyExc_ValueError, "n_threads must be >= 1, got %d", nth);
+    if (parse_block_shape(shape, &a) || parse_block_buffers(buffers, b, &a) || check_block_buffers(b, &a))
+        return NULL;
+    a.eps = eps;
+    a.window = window;
+    a.threads = nth;
+    const isa_ops *ops = tram_isa_current();
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = tram_run_block(ops, &a);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Instruction sets, build facts, module init */
+
+static PyObject *py_isas(PyObject *self, PyObject *noargs) {
+    const char *names[3];
+    (void)self;
+    (void)noargs;
+    int n = tram_isa_names(names);
+    PyObject *out = PyTuple_New(n);
+    for (int i = 0; out && i < n; i++) {
+        PyObject *s = PyUnicode_FromString(names[i]);
+        if (!s) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, s);
+    }
+    return out;
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    return PyUnicode_FromString(tram_isa_current()->name);
+}
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    const char *prev = tram_isa_current()->name;
+    if (tram_isa_select(name)) return PyErr_Format(PyExc_ValueError, "instruction set %s not available here", name);
+    return PyUnicode_FromString(prev);
+}
+
+static PyObject *py_has_openmp(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+#ifdef _OPENMP
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
+static PyMethodDef METHODS[] = {
+    {"matmul", py_matmul, METH_VARARGS,
+     "matmul(x, w, y, M, N, K, qtype, n_threads): y[M,N] = x[M,K] @ W^T, float32, W as N rows of GGML "
+     "blocks. x, w, y: (data_ptr, nbytes) tuples, each checked against the extent M, N, K need."},
+    {"dequantize_rows", py_dequantize_rows, METH_VARARGS,
+     "dequantize_rows(w, out, N, K, qtype, n_threads): W -> float32 [N,K]. w, out: (data_ptr, nbytes) "
+     "tuples, checked against the extent N, K need."},
+    {"decode_block", py_decode_block, METH_VARARGS,
+     "decode_block(shape, buffers, eps, window, n_threads): one transformer block for one new token per "
+     "row, in place on x. shape = (B, dim, H, Hkv, D, F, S); buffers = dict of (data_ptr, nbytes): x "
+     "float32 [B,dim], attn_norm and ffn_norm float32 [dim], cos_sin float32 [B,D/2,2], k_cache and "
+     "v_cache float32 [B,Hkv,S,D], kpos int64 [B,S], qpos int64 [B]; and of (data_ptr, nbytes, qtype): "
+     "wqkv [(H+2Hkv)D rows of dim], wo [dim rows of H*D], w13 [2F rows of dim], w2 [dim rows of F]. Each "
+     "nbytes is checked against that extent (ValueError naming the buffer)."},
+    {"isas", py_isas, METH_NOARGS, "Instruction sets this CPU can run, best first."},
+    {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
+    {"set_isa", py_set_isa, METH_VARARGS,
+     "set_isa(name): use 'avx512', 'avx2', 'scalar' or 'best' (for tests); returns the previous one."},
+    {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the module was built with OpenMP threads."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {PyModuleDef_HEAD_INIT, "_kernels",
+                                    "Packed GGUF matmul kernels (see kernels.py).", -1, METHODS,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+    tram_isa_init();
+    for (int i = 0; i < BUF_COUNT; i++)
+        if (!g_block_keys[i] && !(g_block_keys[i] = PyUnicode_InternFromString(tram_block_buffer_names[i])))
+            return NULL;
+    return PyModule_Create(&MODULE);
+}

@@ -1,0 +1,66 @@
+/*
+ * scalar.c: the portable instruction set ("scalar"): a tiled matmul that decodes KC elements of one
+ * row at a time (blocks.c's decoders) and dots them with every activation row, the attention of one
+ * head over its cache rows, and SwiGLU's silu(g) * u, all in plain C. No fused small-M kernels here:
+ * every M takes the tiled path.
+ */
+#include <math.h>
+
+#include "kernels.h"
+
+static float dot_c(const float *a, const float *b, long n) {
+    float s[8] = {0};
+    long i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) s[j] += a[i + j] * b[i + j];
+    for (; i < n; i++) s[0] += a[i] * b[i];
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
+static void tile_c(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long n0, long n1,
+                   const float *x, long M, long K, float *y, long N) {
+    float buf[KC];
+    for (long n = n0; n < n1; n++) {
+        const uint8_t *row = w + (size_t)n * rb;
+        for (long m = 0; m < M; m++) y[m * N + n] = 0.0f;
+        for (long kc = 0; kc < K; kc += KC) {
+            long kcl = K - kc < KC ? K - kc : KC;
+            dec(row + (size_t)(kc / bs) * ts, (int)(kcl / bs), buf);
+            for (long m = 0; m < M; m++) y[m * N + n] += dot_c(buf, x + m * K + kc, kcl);
+        }
+    }
+}
+
+static void attend_c(const float *q, const float *k, const float *v, long S, long D, const int64_t *kpos,
+                     int64_t qpos, long window, float scale, float *sc, float *out) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (long s = 0; s < S; s++) {
+        sc[s] = visible(kpos[s], qpos, window) ? dot_c(q, k + s * D, D) * scale : -INFINITY;
+        if (sc[s] > mx) mx = sc[s];
+    }
+    for (long d = 0; d < D; d++) out[d] = 0.0f;
+    if (mx == -INFINITY) return;
+    for (long s = 0; s < S; s++) {
+        if (sc[s] == -INFINITY) continue;
+        float p = expf(sc[s] - mx);
+        sum += p;
+        for (long d = 0; d < D; d++) out[d] += p * v[s * D + d];
+    }
+    for (long d = 0; d < D; d++) out[d] /= sum;
+}
+
+static void silu_mul_c(const float *g, const float *u, float *out, long n) {
+    for (long i = 0; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+const isa_ops tram_ops_scalar = {
+    "scalar",
+    {[T_F32] = tram_dec_f32_c, [T_F16] = tram_dec_f16_c, [T_BF16] = tram_dec_bf16_c,
+     [T_Q4_0] = tram_dec_q4_0_c, [T_Q4_1] = tram_dec_q4_1_c, [T_Q5_0] = tram_dec_q5_0_c,
+     [T_Q5_1] = tram_dec_q5_1_c, [T_Q8_0] = tram_dec_q8_0_c, [T_Q4_K] = tram_dec_q4_k_c,
+     [T_Q5_K] = tram_dec_q5_k_c, [T_Q6_K] = tram_dec_q6_k_c},
+    {0},
+    tile_c,
+    attend_c,
+    silu_mul_c,
+};

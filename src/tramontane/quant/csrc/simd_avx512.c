@@ -1,0 +1,18 @@
+/*
+ * simd_avx512.c: the AVX-512 (F/BW/VL/DQ) pass of the vector kernels (16 float lanes),
+ * `tram_ops_avx512`. simd.inc compiled with per-function target attributes: the module needs no
+ * -march flag, and isa.c uses this table only where the CPU reports all four extensions. Empty on
+ * other architectures.
+ */
+#include "kernels.h"
+
+#ifdef TRAM_X86
+#define VL 16
+#define SFX(n) n##_avx512
+#define KTARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
+#define TRAM_OPS tram_ops_avx512
+#define TRAM_OPS_NAME "avx512"
+#include "simd.inc"
+#else
+typedef int tram_no_avx512;  /* an empty translation unit is not ISO C */
+#endif

@@ -1,0 +1,190 @@
+"""The compiled decode backend (quant/step.py, run_block in quant/csrc) computes what the module path does,
+and the builder picks it only where it fits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chartok import CharTokenizer
+from models import hf_model, save_gguf
+from tramontane.api import LLM
+from tramontane.build import load_model, select_backend
+from tramontane.engine.runner import PagedStep
+from tramontane.model import ModuleBackend
+from tramontane.model.cache import KVCache
+from tramontane.quant import kernels
+from tramontane.quant.step import CompiledStep
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="compiled kernels not built")
+ISAS = list(kernels.extension().isas()) if kernels.available() else []
+
+
+def backend_of(model, fused: bool):
+    return CompiledStep(model) if fused else ModuleBackend(model)
+
+
+def decode_steps(model, positions: torch.Tensor, tokens: torch.Tensor, fused: bool):
+    """Feed tokens [B,T] one column at a time at positions [B,T] (-1 = padding); logits [T,B,V] and cache.
+
+    The cache keeps every position (no rolling buffer), so the sliding window is the mask's job."""
+    backend = backend_of(model, fused)
+    cache = KVCache(model.config.with_(sliding_window=None), tokens.shape[0], 32)
+    with torch.inference_mode():
+        out = [model.logits(backend.decode(tokens[:, t:t + 1], positions[:, t:t + 1], cache))[:, -1]
+               for t in range(tokens.shape[1])]
+    return torch.stack(out), cache
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("kind", "qtype", "overrides"), [
+    ("mistral", "Q4_0", {}),  # window 8 < 14 steps
+    ("mistral", "Q8_0", {"hidden_size": 96}),  # head dim 24: vector tails
+    ("llama", "Q4_1", {}),  # tied embeddings, no window
+    ("llama", "F16", {"num_key_value_heads": 4}),  # no grouping
+])
+def test_fused_steps_equal_module_steps(tmp_path, isa, kind, qtype, overrides):
+    model = load_model(save_gguf(hf_model(kind, seed=3, **overrides), tmp_path / "m.gguf", qtype), packed=True).model
+    assert isinstance(select_backend(model, KVCache, torch.float32), CompiledStep)
+    tokens = torch.randint(0, model.config.vocab_size, (3, 14), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(14).repeat(3, 1)
+    positions[1, :4] = -1  # a row that starts late (left padding): nothing written, nothing attended
+    positions[1, 4:] -= 4
+    positions[2, 9] = -1  # a padding step in the middle
+    positions[2, 10:] -= 1
+    prev = kernels.extension().set_isa(isa)
+    try:
+        fused, fused_cache = decode_steps(model, positions, tokens, fused=True)
+        plain, plain_cache = decode_steps(model, positions, tokens, fused=False)
+    finally:
+        kernels.extension().set_isa(prev)
+    valid = positions.T >= 0  # [T,B]
+    scale = plain[valid].abs().max().item()
+    assert (fused - plain)[valid].abs().max().item() <= 1e-5 * max(1.0, scale), scale
+    assert torch.equal(fused_cache.pos, plain_cache.pos)
+    for a, b in zip(fused_cache.k + fused_cache.v, plain_cache.k + plain_cache.v):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_rolling_buffer(tmp_path):
+    model = load_model(save_gguf(hf_model("mistral", seed=5), tmp_path / "m.gguf", "Q4_1"), packed=True).model
+    tokens = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(20).repeat(2, 1)
+    runs = []
+    for fused in (True, False):
+        backend = backend_of(model, fused)
+        cache = KVCache(model.config, 2, 32)  # window 8 < 32: 8 slots, wrapping twice
+        assert cache.rolling and cache.size == 8
+        with torch.inference_mode():
+            runs.append(torch.stack([model.logits(backend.decode(tokens[:, t:t + 1], positions[:, t:t + 1], cache))
+                                     [:, -1] for t in range(20)]))
+    assert (runs[0] - runs[1]).abs().max().item() <= 1e-5 * max(1.0, runs[1].abs().max().item())
+
+
+def test_greedy_generation_is_the_same_with_and_without_the_fused_step(tmp_path):
+    path = save_gguf(hf_model("mistral", seed=4), tmp_path / "m.gguf", "Q8_0")
+    llm = LLM(load_model(path, packed=True), CharTokenizer())
+    assert isinstance(llm.backend, CompiledStep)
+    prompts = [[1, 5, 9, 33, 7], [1, 60, 2, 8]]
+    fast = [c.token_ids for c in llm.generate(prompts, temperature=0, max_tokens=20, ignore_eos=True)]
+    llm._generator.backend = ModuleBackend(llm.model)
+    plain = [c.token_ids for c in llm.generate(prompts, temperature=0, max_tokens=20, ignore_eos=True)]
+    assert fast == plain and all(len(t) == 20 for t in fast)
+
+
+def chosen(model, cache_kind=KVCache, dtype=torch.float32) -> type:
+    return type(select_backend(model, cache_kind, dtype))
+
+
+def test_chosen_only_where_it_fits(tmp_path, monkeypatch):
+    moe = load_model(save_gguf(hf_model("mixtral", seed=1), tmp_path / "x.gguf", "Q8_0"), packed=True).model
+    assert chosen(moe) is ModuleBackend  # experts take the module path
+    dense = load_model(tmp_path / "x.gguf").model  # dequantized at load: nothing packed
+    assert chosen(dense) is ModuleBackend
+    monkeypatch.setattr(kernels, "_ext", None)
+    path = save_gguf(hf_model("llama", seed=1), tmp_path / "l.gguf", "Q8_0")
+    assert chosen(load_model(path, packed=True).model) is ModuleBackend
+
+
+def test_caches_it_does_not_take(tmp_path):
+    model = load_model(save_gguf(hf_model("llama", seed=2), tmp_path / "m.gguf", "Q8_0"), packed=True).model
+    assert chosen(model) is CompiledStep
+    assert chosen(model, KVCache, torch.bfloat16) is ModuleBackend
+    assert chosen(model, PagedStep) is ModuleBackend  # the paged pool: module path (for now)
+    step, cache = CompiledStep(model), KVCache(model.config, 1, 8)
+    with pytest.raises(TypeError, match="one token per row"):
+        step.decode(torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None], cache)  # a prefill chunk
+    with pytest.raises(TypeError, match="float32 KVCache"):
+        step.decode(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                    KVCache(model.config, 1, 8, dtype=torch.bfloat16))
+
+
+def test_int4_swap_installs_it_on_float32_models():
+    from tramontane.config import ModelConfig
+    from tramontane.build.random import random_model
+
+    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
+                         vocab_size=96, norm_eps=1e-5, rope_theta=1e4, max_seq_len=64)
+    assert chosen(random_model(config, quant="int4")) is CompiledStep
+    assert chosen(random_model(config, dtype=torch.bfloat16, quant="int4")) is ModuleBackend  # bf16 norms
+
+
+def test_server_and_offline_pick_through_the_same_call(tmp_path, caplog):
+    """A dense packed model: offline generation runs the compiled step; the server engine asks the same
+    `select_backend` for its paged cache and gets the compiled step only where that supports the paged
+    cache (the module path otherwise), and says which in its start-up log line. Both answer alike."""
+    import asyncio
+    import logging
+
+    from tramontane.decoding.sampling import SamplingParams
+    from tramontane.engine import AsyncEngine, EngineRequest
+
+    llm = LLM(load_model(save_gguf(hf_model("mistral", seed=4), tmp_path / "m.gguf", "Q8_0"), packed=True),
+              CharTokenizer())
+    with caplog.at_level(logging.INFO, logger="tramontane.engine"):
+        engine = AsyncEngine(llm, model_name="tiny", kv_cache_memory=1 << 22, block_size=4)
+    assert isinstance(llm.backend, CompiledStep)
+    if llm.backend.supports(PagedStep, torch.float32):
+        assert type(engine.backend) is type(llm.backend)
+    else:
+        assert type(engine.backend) is ModuleBackend
+    assert f"decode backend: {engine.backend.name} (paged cache; offline generation: compiled)" in caplog.text
+
+    prompt = [1, 5, 9, 33, 7]
+    offline = llm.generate([prompt], temperature=0, max_tokens=12, ignore_eos=True)[0].token_ids
+
+    async def serve_one():
+        engine.start()
+        try:
+            params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+            return [t async for out in engine.generate(EngineRequest("r", prompt, params)) for t in out.token_ids]
+        finally:
+            await engine.shutdown(1.0)
+    assert asyncio.run(serve_one()) == offline
+
+
+def test_a_module_swap_after_loading_is_seen(tmp_path):
+    """LoRA applied to `llm.model` directly (not through `llm.load_adapter`): the next generation picks
+    its backend again instead of running the compiled step over the base weights."""
+    from tramontane.lora.layers import LoraSpec, apply_lora
+
+    llm = LLM(load_model(save_gguf(hf_model("llama", seed=6), tmp_path / "m.gguf", "Q8_0"), packed=True),
+              CharTokenizer())
+    assert isinstance(llm.backend, CompiledStep) and llm.backend.current()
+    prompt = [1, 5, 9, 33, 7]
+    base = llm.generate([prompt], temperature=0, max_tokens=8, ignore_eos=True)[0].token_ids
+    apply_lora(llm.model, LoraSpec(rank=2), "a", seed=0)
+    gen = torch.Generator().manual_seed(1)
+    for name, p in llm.model.named_parameters():  # make the adapter matter: B = 0 would change nothing
+        if "lora_B" in name:
+            p.data.normal_(0, 2.0, generator=gen)
+    from tramontane.lora.layers import set_active
+
+    set_active(llm.model, "a")
+    assert not llm.backend.current()
+    adapted = llm.generate([prompt], temperature=0, max_tokens=8, ignore_eos=True)[0].token_ids
+    assert isinstance(llm.backend, ModuleBackend)
+    with torch.inference_mode():
+        ids = torch.tensor([prompt + adapted[:-1]])
+        expected = llm.model(ids)[0, len(prompt) - 1:].argmax(-1).tolist()
+    assert adapted == expected and adapted != base
