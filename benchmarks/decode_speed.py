@@ -46,8 +46,12 @@ def run_tramontane(model: str | None, packed: bool) -> dict:
     t = time.perf_counter()
     llm.generate([prompt_ids(vocab, PREFILL)], one)
     prefill = PREFILL / (time.perf_counter() - t)
-    times = [time.perf_counter() for _ in llm.generate(prompt_ids(vocab, 8), SamplingParams(
-        temperature=0, max_tokens=DECODE, ignore_eos=True), stream=True)]
+    times = [
+        time.perf_counter()
+        for _ in llm.generate(
+            prompt_ids(vocab, 8), SamplingParams(temperature=0, max_tokens=DECODE, ignore_eos=True), stream=True
+        )
+    ]
     decode = (len(times) - 1) / (times[-1] - times[0])
     batched = {}
     for b in (4, 16):
@@ -76,6 +80,7 @@ class IdTokenizer:
 
             def flush(self) -> str:
                 return ""
+
         return Decoder()
 
 
@@ -99,16 +104,17 @@ def memory_bandwidth() -> float:
 def run_random(spec: str, quant: str | None) -> dict:
     import torch
 
+    from tramontane.build.random import random_model
     from tramontane.decoding.offline import Generator
     from tramontane.decoding.sampling import SamplingParams
     from tramontane.weights.random import random_config
-    from tramontane.build.random import random_model
 
     t0 = time.perf_counter()
     model = random_model(random_config(spec), quant=quant)
     load = time.perf_counter() - t0
-    weight_bytes = sum(b.numel() * b.element_size() for n, b in model.state_dict().items()
-                       if not n.startswith("tok_embeddings"))
+    weight_bytes = sum(
+        b.numel() * b.element_size() for n, b in model.state_dict().items() if not n.startswith("tok_embeddings")
+    )
     from tramontane.build import select_backend
     from tramontane.model import KVCache
 
@@ -121,12 +127,20 @@ def run_random(spec: str, quant: str | None) -> dict:
     t = time.perf_counter()
     list(gen.run([prompt_ids(vocab, 64)], [one]))
     prefill = 64 / (time.perf_counter() - t)
-    times = [time.perf_counter() for _ in gen.run([prompt_ids(vocab, 8)], [SamplingParams(
-        temperature=0, max_tokens=n, ignore_eos=True)])]
+    times = [
+        time.perf_counter()
+        for _ in gen.run([prompt_ids(vocab, 8)], [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)])
+    ]
     decode = (len(times) - 1) / (times[-1] - times[0])
     del torch
-    return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": None, "batch16": None,
-            "weights_gb": weight_bytes / 1e9}
+    return {
+        "load_s": load,
+        "prefill": prefill,
+        "decode": decode,
+        "batch4": None,
+        "batch16": None,
+        "weights_gb": weight_bytes / 1e9,
+    }
 
 
 def placeholder_vocabulary(size: int) -> dict:
@@ -135,17 +149,22 @@ def placeholder_vocabulary(size: int) -> dict:
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     pieces += [f"\u2581p{i}" for i in range(len(pieces), size)]
     types = [2, 3, 3] + [6] * 256 + [1] * (size - 259)  # unknown, control, byte, normal
-    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": pieces,
-            "tokenizer.ggml.scores": [-float(i) for i in range(size)], "tokenizer.ggml.token_type": types,
-            "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
-            "tokenizer.ggml.unknown_token_id": 0}
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": pieces,
+        "tokenizer.ggml.scores": [-float(i) for i in range(size)],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+    }
 
 
 def write_random_gguf(spec: str, quant: str | None, path: str) -> None:
     """Random weights of `spec` shapes, quantized, written as a GGUF file both engines can load."""
+    from tramontane.build.random import random_model
     from tramontane.weights.gguf_writer import write_gguf
     from tramontane.weights.random import random_config
-    from tramontane.build.random import random_model
 
     model = random_model(random_config(spec), quant=quant)
     write_gguf(model, path, placeholder_vocabulary(model.config.vocab_size), name=f"random {spec}")
@@ -205,8 +224,7 @@ def run_llama_cpp(model: str, threads: int) -> dict:
     return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": None, "batch16": None}
 
 
-def worker(engine: str, model: str | None, threads: int, random: str | None = None,
-           quant: str | None = None) -> None:
+def worker(engine: str, model: str | None, threads: int, random: str | None = None, quant: str | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -231,12 +249,20 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engines", default="tramontane,tramontane-f32,transformers-fp32,transformers-bf16,llama.cpp")
-    ap.add_argument("--random", default=None, metavar="mistral-7b|mixtral-8x7b|CONFIG.json",
-                    help="random weights of these shapes instead of a file (tramontane only)")
+    ap.add_argument(
+        "--random",
+        default=None,
+        metavar="mistral-7b|mixtral-8x7b|CONFIG.json",
+        help="random weights of these shapes instead of a file (tramontane only)",
+    )
     ap.add_argument("--quant", default=None, choices=("int8", "int4"), help="with --random: quantize")
-    ap.add_argument("--write-gguf", default=None, metavar="FILE.gguf",
-                    help="with --random: write the random model to this GGUF file (placeholder vocabulary) "
-                         "and compare the engines on it")
+    ap.add_argument(
+        "--write-gguf",
+        default=None,
+        metavar="FILE.gguf",
+        help="with --random: write the random model to this GGUF file (placeholder vocabulary) "
+        "and compare the engines on it",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.random and args.write_gguf:
@@ -249,9 +275,21 @@ def main() -> None:
         if args.worker:
             worker(args.worker, None, args.threads, args.random, args.quant)
             return
-        proc = subprocess.run([sys.executable, __file__, "--worker", "random", "--random", args.random,
-                               *(["--quant", args.quant] if args.quant else []), "--threads", str(args.threads)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                "random",
+                "--random",
+                args.random,
+                *(["--quant", args.quant] if args.quant else []),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -263,11 +301,15 @@ def main() -> None:
         r["bandwidth_gbs"], r["roofline"] = bandwidth / 1e9, bandwidth / (r["weights_gb"] * 1e9)
         r["roofline_share"] = r["decode"] / r["roofline"]
         print(f"\nrandom {args.random}, quant {args.quant or 'none (float32)'}, {args.threads} threads")
-        print("| build s | prefill 64 tok/s | decode tok/s | weights GB | bandwidth GB/s | roofline tok/s "
-              "| share of roofline | peak RSS GB |")
+        print(
+            "| build s | prefill 64 tok/s | decode tok/s | weights GB | bandwidth GB/s | roofline tok/s "
+            "| share of roofline | peak RSS GB |"
+        )
         print("|---|---|---|---|---|---|---|---|")
-        print(f"| {r['load_s']:.1f} | {r['prefill']:.2f} | {r['decode']:.2f} | {r['weights_gb']:.2f} "
-              f"| {r['bandwidth_gbs']:.1f} | {r['roofline']:.2f} | {r['roofline_share']:.0%} | {r['peak_rss_gb']:.2f} |")
+        print(
+            f"| {r['load_s']:.1f} | {r['prefill']:.2f} | {r['decode']:.2f} | {r['weights_gb']:.2f} "
+            f"| {r['bandwidth_gbs']:.1f} | {r['roofline']:.2f} | {r['roofline_share']:.0%} | {r['peak_rss_gb']:.2f} |"
+        )
         return
     if args.model is None:
         from tramontane.hub.resolve import default_model_path
@@ -283,9 +325,12 @@ def main() -> None:
         engines = [e for e in engines if e != "llama.cpp"]
     results = {}
     for engine in engines:
-        proc = subprocess.run([sys.executable, __file__, "--worker", engine, "--model", args.model,
-                               "--threads", str(args.threads)], capture_output=True, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", engine, "--model", args.model, "--threads", str(args.threads)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+        )
         if proc.returncode:
             print(f"{engine}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
             continue
@@ -295,8 +340,14 @@ def main() -> None:
 
 def print_table(args: argparse.Namespace, results: dict) -> None:
     base = next(iter(results.values()), None)
-    cols = [("prefill", "prefill tok/s"), ("decode", "decode tok/s"), ("batch4", "batch 4 tok/s"),
-            ("batch16", "batch 16 tok/s"), ("load_s", "load s"), ("peak_rss_gb", "peak RSS GB")]
+    cols = [
+        ("prefill", "prefill tok/s"),
+        ("decode", "decode tok/s"),
+        ("batch4", "batch 4 tok/s"),
+        ("batch16", "batch 16 tok/s"),
+        ("load_s", "load s"),
+        ("peak_rss_gb", "peak RSS GB"),
+    ]
     print(f"\nmodel: {args.model}, {args.threads} threads; ratios are to {next(iter(results), '-')}")
     print("| engine | " + " | ".join(c[1] for c in cols) + " |")
     print("|---|" + "---|" * len(cols))
@@ -310,8 +361,9 @@ def print_table(args: argparse.Namespace, results: dict) -> None:
                 cells.append(f"{v:.2f}" if key in ("load_s", "peak_rss_gb") else f"{v:.1f}")
             else:
                 ratio = v / base[key] if base and base.get(key) else float("nan")
-                cells.append(f"{v:.2f} ({ratio:.2f}x)" if key in ("load_s", "peak_rss_gb") else
-                             f"{v:.1f} ({ratio:.2f}x)")
+                cells.append(
+                    f"{v:.2f} ({ratio:.2f}x)" if key in ("load_s", "peak_rss_gb") else f"{v:.1f} ({ratio:.2f}x)"
+                )
         print(f"| {engine} | " + " | ".join(cells) + " |")
 
 

@@ -74,9 +74,21 @@ def main() -> None:
         data.write_text("\n".join(json.dumps({"question": q, "choices": c, "answer": a}) for q, c, a in ITEMS))
         (folder / "tramontane_mc.yaml").write_text(TASK.format(data=data))
         port = free_port()
-        server = subprocess.Popen([sys.executable, "-m", "tramontane", "serve", *([args.model] if args.model else []),
-                                   "--port", str(port), "--served-model-name", "local"],
-                                  stdout=subprocess.DEVNULL, stderr=open(folder / "serve.log", "w"))
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tramontane",
+                "serve",
+                *([args.model] if args.model else []),
+                "--port",
+                str(port),
+                "--served-model-name",
+                "local",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(folder / "serve.log", "w"),
+        )
         try:
             base = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 120
@@ -87,16 +99,32 @@ def main() -> None:
                 except httpx.TransportError:
                     time.sleep(0.3)
             start = time.monotonic()
-            subprocess.run([str(bin_dir / "lm_eval"), "run", "--model", "local-completions", "--model_args",
-                            f"model=local,base_url={base}/v1/completions,num_concurrent=1,max_retries=1",
-                            "--tasks", "tramontane_mc", "--include_path", str(folder)], check=True,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+            subprocess.run(
+                [
+                    str(bin_dir / "lm_eval"),
+                    "run",
+                    "--model",
+                    "local-completions",
+                    "--model_args",
+                    f"model=local,base_url={base}/v1/completions,num_concurrent=1,max_retries=1",
+                    "--tasks",
+                    "tramontane_mc",
+                    "--include_path",
+                    str(folder),
+                ],
+                check=True,
+                env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+            )
             print(f"lm-eval: {time.monotonic() - start:.1f} s")
         finally:
             server.terminate()
             server.wait(60)
-        own = subprocess.run([sys.executable, "-m", "tramontane", "eval", *([args.model] if args.model else []),
-                              "--choice", str(data)], check=True, capture_output=True, text=True)
+        own = subprocess.run(
+            [sys.executable, "-m", "tramontane", "eval", *([args.model] if args.model else []), "--choice", str(data)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         print(f"tramontane eval --choice: {own.stdout.strip()}")
 
 

@@ -23,20 +23,29 @@ PREFILL, DECODE = 128, 32
 def worker(args: argparse.Namespace) -> None:
     import torch
 
+    from tramontane.build.random import random_model
     from tramontane.config import ModelConfig, MoeConfig
     from tramontane.model.cache import KVCache
     from tramontane.parallel.dist import COMM, init_from_env, rank_and_world, shutdown
     from tramontane.parallel.plan import layout_for
     from tramontane.parallel.shard import shard_model
-    from tramontane.build.random import random_model
 
     init_from_env(args.device)
     rank, world = rank_and_world()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
-    config = ModelConfig(vocab_size=32000, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                         n_kv_heads=args.kv_heads, head_dim=args.dim // args.heads, hidden_dim=args.hidden,
-                         norm_eps=1e-5, rope_theta=1e4, max_seq_len=4096,
-                         moe=MoeConfig(args.experts, 2) if args.experts else None)
+    config = ModelConfig(
+        vocab_size=32000,
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.heads,
+        n_kv_heads=args.kv_heads,
+        head_dim=args.dim // args.heads,
+        hidden_dim=args.hidden,
+        norm_eps=1e-5,
+        rope_theta=1e4,
+        max_seq_len=4096,
+        moe=MoeConfig(args.experts, 2) if args.experts else None,
+    )
     model = random_model(config, dtype=torch.bfloat16 if args.device == "cuda" else torch.float32, seed=0)
     params = sum(p.numel() for p in model.parameters())
     if world > 1:
@@ -57,21 +66,46 @@ def worker(args: argparse.Namespace) -> None:
         COMM["seconds"], COMM["calls"] = 0.0, 0
         t = time.perf_counter()
         for i in range(PREFILL, PREFILL + DECODE):
-            model(tokens[:, i:i + 1], torch.tensor([[i]], device=device), cache)
+            model(tokens[:, i : i + 1], torch.tensor([[i]], device=device), cache)
         sync()
         decode = time.perf_counter() - t
     if rank == 0:
-        print(json.dumps({"params": params, "prefill_ms_per_token": 1e3 * prefill / PREFILL,
-                          "decode_ms_per_token": 1e3 * decode / DECODE, "comm_share": COMM["seconds"] / decode,
-                          "collectives_per_token": COMM["calls"] / DECODE, "weights_gb_per_rank": weight_gb}))
+        print(
+            json.dumps(
+                {
+                    "params": params,
+                    "prefill_ms_per_token": 1e3 * prefill / PREFILL,
+                    "decode_ms_per_token": 1e3 * decode / DECODE,
+                    "comm_share": COMM["seconds"] / decode,
+                    "collectives_per_token": COMM["calls"] / DECODE,
+                    "weights_gb_per_rank": weight_gb,
+                }
+            )
+        )
     shutdown()
 
 
 def launch(args: argparse.Namespace, ranks: int, mode: str) -> dict:
     threads = max(1, args.threads // ranks)
-    flags = ["--worker", "--mode", mode, "--dim", str(args.dim), "--layers", str(args.layers), "--heads",
-             str(args.heads), "--kv-heads", str(args.kv_heads), "--hidden", str(args.hidden), "--device", args.device,
-             "--experts", str(args.experts)]
+    flags = [
+        "--worker",
+        "--mode",
+        mode,
+        "--dim",
+        str(args.dim),
+        "--layers",
+        str(args.layers),
+        "--heads",
+        str(args.heads),
+        "--kv-heads",
+        str(args.kv_heads),
+        "--hidden",
+        str(args.hidden),
+        "--device",
+        args.device,
+        "--experts",
+        str(args.experts),
+    ]
     if ranks == 1:
         cmd = [sys.executable, __file__, *flags]
     else:
@@ -103,15 +137,20 @@ def main() -> None:
     rows = [("1 rank", launch(args, 1, "tp"))] + [(f"2 ranks {m}", launch(args, 2, m)) for m in args.modes.split(",")]
     base = rows[0][1]
     kind = f"{args.experts} experts (2 per token)" if args.experts else "dense"
-    print(f"\nrandom {kind} model, {base['params'] / 1e9:.2f}B parameters, {args.device}, "
-          f"{args.threads} threads in all")
-    print("| ranks | prefill ms/token | decode ms/token | decode speed-up | comm share of decode "
-          "| collectives/token | weights GB/rank |")
+    print(
+        f"\nrandom {kind} model, {base['params'] / 1e9:.2f}B parameters, {args.device}, {args.threads} threads in all"
+    )
+    print(
+        "| ranks | prefill ms/token | decode ms/token | decode speed-up | comm share of decode "
+        "| collectives/token | weights GB/rank |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, r in rows:
-        print(f"| {name} | {r['prefill_ms_per_token']:.2f} | {r['decode_ms_per_token']:.1f} "
-              f"| {base['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x | {r['comm_share']:.0%} "
-              f"| {r['collectives_per_token']:.0f} | {r['weights_gb_per_rank']:.2f} |")
+        print(
+            f"| {name} | {r['prefill_ms_per_token']:.2f} | {r['decode_ms_per_token']:.1f} "
+            f"| {base['decode_ms_per_token'] / r['decode_ms_per_token']:.2f}x | {r['comm_share']:.0%} "
+            f"| {r['collectives_per_token']:.0f} | {r['weights_gb_per_rank']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,10 @@ def measure(qtype: QT, m: int, n: int, k: int, threads: int, budget: float, rng:
     t_d = per_call_us(lambda: F.linear(x, dense), budget)
     t_dl = per_call_us(lambda: F.linear(x, kernels.dequantize_packed(packed, q, k, threads)), budget)
     mb = packed.numel() / 1e6
-    print(f"{qtype.name:5} {m:3} {n:6} {k:5} {mb:6.2f} | {t_q:10.1f} {mb * 1e3 / t_q:6.1f} | "
-          f"{t_d:9.1f} | {t_dl:10.1f}", flush=True)
+    print(
+        f"{qtype.name:5} {m:3} {n:6} {k:5} {mb:6.2f} | {t_q:10.1f} {mb * 1e3 / t_q:6.1f} | {t_d:9.1f} | {t_dl:10.1f}",
+        flush=True,
+    )
     return t_q
 
 
@@ -92,8 +94,10 @@ def smollm2_token(threads: int, m: int, budget: float, rng: np.random.Generator)
 
     total = sum(p.numel() for p, _ in weights) / 1e6
     t = per_call_us(token, budget * 4) / 1e3
-    print(f"SmolLM2-135M Q4_1 step, M={m}: {len(weights)} matmuls, {total:.1f} MB packed: {t:.2f} ms "
-          f"({total / t:.1f} GB/s)")
+    print(
+        f"SmolLM2-135M Q4_1 step, M={m}: {len(weights)} matmuls, {total:.1f} MB packed: {t:.2f} ms "
+        f"({total / t:.1f} GB/s)"
+    )
 
 
 def main() -> None:
@@ -107,8 +111,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     ms = [int(v) for v in args.m.split(",")]
     print(f"compiled kernels: {kernels.available()} ({kernels.isa()}), threads {args.threads}")
-    print(f"{'type':5} {'M':>3} {'N':>6} {'K':>5} {'MB':>6} | {'qmatmul µs':>10} {'GB/s':>6} | "
-          f"{'dense µs':>9} | {'deq+lin µs':>10}")
+    print(
+        f"{'type':5} {'M':>3} {'N':>6} {'K':>5} {'MB':>6} | {'qmatmul µs':>10} {'GB/s':>6} | "
+        f"{'dense µs':>9} | {'deq+lin µs':>10}"
+    )
     totals: dict[tuple[str, int], float] = {}
     for name in args.types.split(","):
         for m in ms:

@@ -21,11 +21,21 @@ import time
 import httpx
 
 QUESTIONS = [
-    "What is the capital of France?", "Name three primary colours.", "Why is the sky blue?",
-    "Give a short tip for learning to cook.", "What does a compiler do?", "Describe a cat in one sentence.",
-    "How many days are in a leap year?", "What is photosynthesis?", "Suggest a name for a sailing boat.",
-    "Translate 'good morning' into French.", "What is the boiling point of water?", "Who wrote Hamlet?",
-    "What is a prime number?", "Explain gravity to a child.", "What is the largest ocean?",
+    "What is the capital of France?",
+    "Name three primary colours.",
+    "Why is the sky blue?",
+    "Give a short tip for learning to cook.",
+    "What does a compiler do?",
+    "Describe a cat in one sentence.",
+    "How many days are in a leap year?",
+    "What is photosynthesis?",
+    "Suggest a name for a sailing boat.",
+    "Translate 'good morning' into French.",
+    "What is the boiling point of water?",
+    "Who wrote Hamlet?",
+    "What is a prime number?",
+    "Explain gravity to a child.",
+    "What is the largest ocean?",
     "Write a haiku about wind.",
 ]
 
@@ -37,8 +47,17 @@ def free_port() -> int:
 
 
 def start_server(model: str | None, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tramontane", "serve", *([model] if model else []), "--port", str(port),
-           "--kv-cache-memory", "1G"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tramontane",
+        "serve",
+        *([model] if model else []),
+        "--port",
+        str(port),
+        "--kv-cache-memory",
+        "1G",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -55,8 +74,14 @@ def start_server(model: str | None, port: int) -> subprocess.Popen:
 
 
 async def one_request(client: httpx.AsyncClient, question: str, max_tokens: int, stats: dict) -> None:
-    body = {"model": stats["model"], "messages": [{"role": "user", "content": question}], "temperature": 0,
-            "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": stats["model"],
+        "messages": [{"role": "user", "content": question}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = last = time.perf_counter()
     first = True
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -80,11 +105,13 @@ async def load(port: int, clients: int, duration: float, max_tokens: int) -> dic
     stop = time.perf_counter() + duration
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
         stats["model"] = (await client.get("/v1/models")).json()["data"][0]["id"]
+
         async def worker(i: int) -> None:
             k = i
             while time.perf_counter() < stop:
                 await one_request(client, QUESTIONS[k % len(QUESTIONS)], max_tokens, stats)
                 k += clients
+
         start = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(clients)))
         stats["elapsed"] = time.perf_counter() - start
@@ -100,8 +127,12 @@ def offline(model: str | None, max_tokens: int, count: int) -> dict:
     for question in QUESTIONS[:count]:
         t0 = last = time.perf_counter()
         first = True
-        for delta in llm.generate(llm.tokenizer.encode_chat([{"role": "user", "content": question}]),
-                                  temperature=0, max_tokens=max_tokens, stream=True):
+        for delta in llm.generate(
+            llm.tokenizer.encode_chat([{"role": "user", "content": question}]),
+            temperature=0,
+            max_tokens=max_tokens,
+            stream=True,
+        ):
             stats["tokens"] += len(delta.token_ids)
             now = time.perf_counter()
             (stats["ttft"] if first else stats["itl"]).append(now - (t0 if first else last))
@@ -118,8 +149,10 @@ def pct(values: list[float], q: float) -> str:
 
 
 def row(name: str, s: dict) -> str:
-    return (f"| {name:<22} | {s['tokens'] / s['elapsed']:>9.1f} | {pct(s['ttft'], .5):>8} | {pct(s['ttft'], .99):>8} "
-            f"| {pct(s['itl'], .5):>7} | {pct(s['itl'], .99):>7} |")
+    return (
+        f"| {name:<22} | {s['tokens'] / s['elapsed']:>9.1f} | {pct(s['ttft'], 0.5):>8} | {pct(s['ttft'], 0.99):>8} "
+        f"| {pct(s['itl'], 0.5):>7} | {pct(s['itl'], 0.99):>7} |"
+    )
 
 
 def main() -> None:
@@ -134,14 +167,20 @@ def main() -> None:
     rows = []
     try:
         for n in (int(c) for c in args.clients.split(",")):
-            rows.append(row(f"serve, {n} client{'s' if n > 1 else ''}", asyncio.run(load(port, n, args.duration,
-                                                                                      args.max_tokens))))
+            rows.append(
+                row(
+                    f"serve, {n} client{'s' if n > 1 else ''}",
+                    asyncio.run(load(port, n, args.duration, args.max_tokens)),
+                )
+            )
     finally:
         proc.terminate()
         proc.wait(60)
     rows.append(row("offline, sequential", offline(args.model, args.max_tokens, len(QUESTIONS))))
-    print(f"\nmodel: {args.model or 'default (SmolLM2-135M-Instruct Q4_1)'}, {os.cpu_count()} CPUs, "
-          f"greedy, max_tokens {args.max_tokens}, {args.duration:g} s per row")
+    print(
+        f"\nmodel: {args.model or 'default (SmolLM2-135M-Instruct Q4_1)'}, {os.cpu_count()} CPUs, "
+        f"greedy, max_tokens {args.max_tokens}, {args.duration:g} s per row"
+    )
     print("| run                    | tokens/s  | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
     print("|------------------------|-----------|----------|----------|---------|---------|")
     print("\n".join(rows))

@@ -15,7 +15,8 @@ import time
 SCHEMA = {
     "type": "object",
     "properties": {
-        "name": {"type": "string"}, "age": {"type": "integer"},
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
         "skills": {"type": "array", "items": {"type": "string"}},
         "home": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
     },
@@ -31,8 +32,12 @@ def speed(llm, grammar: str | None, batch: int, temperature: float) -> float:
     import tramontane
 
     prompt = llm.tokenizer.encode_chat(ASK)
-    params = [tramontane.SamplingParams(temperature=temperature, seed=i, max_tokens=TOKENS, grammar=grammar,
-                                        ignore_eos=grammar is None) for i in range(batch)]
+    params = [
+        tramontane.SamplingParams(
+            temperature=temperature, seed=i, max_tokens=TOKENS, grammar=grammar, ignore_eos=grammar is None
+        )
+        for i in range(batch)
+    ]
     llm.generate([prompt] * batch, params)  # warm-up (and the grammar's tokenizer)
     first, count, end = None, 0, 0.0
     for delta in llm.generate([prompt] * batch, params, stream=True):
@@ -60,15 +65,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     llm = tramontane.load(args.model)
     grammar = json_grammar(SCHEMA)
-    print(f"\n{args.model or 'default model (SmolLM2-135M-Instruct Q4_1)'}, {args.threads} threads, up to {TOKENS} "
-          f"tokens per answer (guided answers end when the JSON is complete; steered closed {FINISH_WITHIN} "
-          "tokens before the limit)")
+    print(
+        f"\n{args.model or 'default model (SmolLM2-135M-Instruct Q4_1)'}, {args.threads} threads, up to {TOKENS} "
+        f"tokens per answer (guided answers end when the JSON is complete; steered closed {FINISH_WITHIN} "
+        "tokens before the limit)"
+    )
     print("| batch | temperature | free text tok/s | JSON schema tok/s | schema / free |")
     print("|---|---|---|---|---|")
     for batch in (1, 8):
         for temperature in (0.0, 1.0):
-            runs = [(speed(llm, None, batch, temperature), speed(llm, grammar, batch, temperature))
-                    for _ in range(args.rounds)]  # alternated, so that host noise hits both alike
+            runs = [
+                (speed(llm, None, batch, temperature), speed(llm, grammar, batch, temperature))
+                for _ in range(args.rounds)
+            ]  # alternated, so that host noise hits both alike
             free, guided = (statistics.median(r[k] for r in runs) for k in (0, 1))
             print(f"| {batch} | {temperature:g} | {free:.1f} | {guided:.1f} | {guided / free:.2f}x |")
 

@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of the safetensors reader with atheris (libFuzzer); see README.md.
 
-    python fuzz/fuzz_safetensors.py fuzz/corpus/safetensors -max_total_time=1200 -timeout=2 -rss_limit_mb=2048"""
+python fuzz/fuzz_safetensors.py fuzz/corpus/safetensors -max_total_time=1200 -timeout=2 -rss_limit_mb=2048"""
 
 import sys
 

@@ -82,9 +82,17 @@ def safetensors_seeds() -> dict[str, bytes]:
     from safetensors.torch import save
 
     return {
-        "float.safetensors": save({"a": torch.randn(4, 4), "b": torch.randn(3).half(), "c": torch.randn(2, 2).bfloat16()}),
-        "mixed.safetensors": save({"i": torch.arange(6, dtype=torch.int64).reshape(2, 3), "e": torch.zeros(0, 4),
-                                   "u": torch.ones(5, dtype=torch.uint8)}, metadata={"format": "pt"}),
+        "float.safetensors": save(
+            {"a": torch.randn(4, 4), "b": torch.randn(3).half(), "c": torch.randn(2, 2).bfloat16()}
+        ),
+        "mixed.safetensors": save(
+            {
+                "i": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+                "e": torch.zeros(0, 4),
+                "u": torch.ones(5, dtype=torch.uint8),
+            },
+            metadata={"format": "pt"},
+        ),
     }
 
 

@@ -27,8 +27,11 @@ def count_errors(output: str) -> Counter[str]:
 def verdict(counts: Counter[str], baseline: dict[str, int]) -> list[str]:
     """What fails the gate (empty: it passes)."""
     problems = [f"{unit}: {n} mypy errors; this package must have none" for unit, n in counts.items() if unit in GATED]
-    problems += [f"{unit}: {n} mypy errors, more than the baseline's {baseline.get(unit, 0)}"
-                 for unit, n in counts.items() if unit not in GATED and n > baseline.get(unit, 0)]
+    problems += [
+        f"{unit}: {n} mypy errors, more than the baseline's {baseline.get(unit, 0)}"
+        for unit, n in counts.items()
+        if unit not in GATED and n > baseline.get(unit, 0)
+    ]
     return sorted(problems)
 
 

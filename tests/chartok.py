@@ -25,4 +25,5 @@ class CharTokenizer:
 
             def flush(self) -> str:
                 return ""
+
         return Dec()

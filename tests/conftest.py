@@ -23,18 +23,69 @@ def smollm2_path() -> Path:
         pytest.skip(str(e))
 
 
-
-# Whole modules that `make check` skips (pytest -m "not slow"): real browsers, servers under load,
-# torchrun, subprocess memory probes, fine-tuning runs. Tests using the real SmolLM2 file are slow too.
+# What `make check` (pytest -m "not slow") skips, to stay near two minutes on 2 cores: whole modules
+# (real browsers, servers under load, torchrun, subprocess memory probes, fine-tuning runs), tests on the
+# real SmolLM2 file (the smollm2_path fixture, or "smollm" in the name), and single tests measured over ~1 s on a loaded machine
+# (SDK round trips against a served model, subprocess CLIs, hub pulls, large vocabularies).
 SLOW_MODULES = {
-    "test_web_page", "test_serve_load", "test_parallel", "test_parallel_cli", "test_smollm2", "test_serve_sdk",
-    "test_serve_engine", "test_serve_lora", "test_memory", "test_finetune",
+    "test_web_page",
+    "test_serve_load",
+    "test_parallel",
+    "test_parallel_cli",
+    "test_smollm2",
+    "test_serve_sdk",
+    "test_serve_engine",
+    "test_serve_lora",
+    "test_memory",
+    "test_finetune",
+    "test_cli",
+    "test_store",
 }
+SLOW_TESTS = {
+    "test_chat.py::test_metaspace_tokenizer_json_matches_transformers",
+    "test_chat.py::test_mistral_chat_matches_mistral_common",
+    "test_convert.py::test_folder_tokenizers_are_written_into_gguf",
+    "test_convert.py::test_gguf_output_has_what_llama_cpp_reads",
+    "test_structured.py::test_answers_close_before_a_short_budget_runs_out",
+    "test_structured.py::test_cli_json_and_schema_flags",
+    "test_structured.py::test_fifty_sampled_answers_through_both_sdks_validate",
+    "test_structured.py::test_mask_matches_llguidances_own_apply",
+    "test_structured.py::test_mistral_tokenizers_are_guided_too",
+    "test_structured.py::test_offline_chat_takes_response_format",
+    "test_structured.py::test_offline_sampled_answers_follow_the_schema",
+    "test_structured.py::test_penalties_do_not_lift_the_grammar_mask",
+    "test_structured.py::test_streamed_answer_validates",
+    "test_tokenizer.py::test_gguf_sentencepiece_matches_sentencepiece",
+    "test_tokenizer.py::test_gguf_tekken_matches_mistral_common",
+    "test_tokenizer.py::test_load_tokenizer_precedence",
+    "test_tokenizer.py::test_mistral_common_ids_match_reference",
+    "test_tools.py::test_bad_tools_name_their_field",
+    "test_tools.py::test_hermes_grammar_accepts_what_the_prompt_shows",
+    "test_tools.py::test_jinja_template_gets_the_tools_as_transformers_passes_them",
+    "test_tools.py::test_mistral_grammar_accepts_mistral_commons_calls",
+    "test_tools.py::test_mistral_prompt_is_mistral_commons_encoding",
+    "test_tools.py::test_required_calls_of_a_random_mistral_model_validate",
+    "test_tools.py::test_required_calls_through_both_sdks",
+    "test_tools.py::test_round_trip_through_both_sdks",
+    "test_tools.py::test_streamed_calls_through_both_sdks",
+    "test_tools.py::test_streaming_holds_back_calls_and_releases_text",
+    "test_random_weights.py::test_quantized_random_model_is_packed",
+    "test_hardening.py::test_prefix_cache_keys_are_salted_per_process",
+}
+
+
+def is_slow(item: pytest.Item) -> bool:
+    module = getattr(item, "module", None)
+    name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
+    return (
+        (module is not None and module.__name__ in SLOW_MODULES)
+        or name in SLOW_TESTS
+        or "smollm" in item.name.lower()
+        or "smollm2_path" in getattr(item, "fixturenames", ())
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        module = getattr(item, "module", None)
-        if (module is not None and module.__name__ in SLOW_MODULES) or "smollm2_path" in getattr(
-                item, "fixturenames", ()):
+        if is_slow(item):
             item.add_marker(pytest.mark.slow)

@@ -16,13 +16,13 @@ from types import SimpleNamespace
 import mistral_common
 import torch
 
+from tramontane.decoding.sequence import TokenLogprob
 from tramontane.engine.types import (
     ContextLengthError,
     EngineRequest,
     EngineUnavailableError,
     RequestOutput,
 )
-from tramontane.decoding.sequence import TokenLogprob
 from tramontane.text.tokenizer import MistralCommonTokenizer
 
 DATA = Path(mistral_common.__file__).parent / "data"
@@ -45,8 +45,9 @@ class FakeMetrics:
 
 
 class FakeEngine:
-    def __init__(self, *, tokenizer_file: Path = V3, model_name: str = "fake-model", max_model_len: int = 256,
-                 delay: float = 0.0) -> None:
+    def __init__(
+        self, *, tokenizer_file: Path = V3, model_name: str = "fake-model", max_model_len: int = 256, delay: float = 0.0
+    ) -> None:
         self.model_name = model_name
         self.tokenizer = MistralCommonTokenizer(tokenizer_file)
         self.config = SimpleNamespace(vocab_size=self.tokenizer.vocab_size, dim=8, max_seq_len=max_model_len)
@@ -99,13 +100,24 @@ class FakeEngine:
                     logprobs = [TokenLogprob(100 + i, word, -0.25 if i else -math.inf, top)]
                 if i == 2 and self.fail_seed is not None and request.params.seed == self.fail_seed:
                     done = True
-                    yield RequestOutput(request.request_id, finish_reason="error", error="injected step failure",
-                                        prompt_tokens=len(request.prompt_token_ids), completion_tokens=i)
+                    yield RequestOutput(
+                        request.request_id,
+                        finish_reason="error",
+                        error="injected step failure",
+                        prompt_tokens=len(request.prompt_token_ids),
+                        completion_tokens=i,
+                    )
                     return
                 self.produced[request.request_id] = i + 1
-                yield RequestOutput(request.request_id, text=word, token_ids=[100 + i], logprobs=logprobs,
-                                    finish_reason=reason, prompt_tokens=len(request.prompt_token_ids),
-                                    completion_tokens=i + 1)
+                yield RequestOutput(
+                    request.request_id,
+                    text=word,
+                    token_ids=[100 + i],
+                    logprobs=logprobs,
+                    finish_reason=reason,
+                    prompt_tokens=len(request.prompt_token_ids),
+                    completion_tokens=i + 1,
+                )
                 if last:
                     done = True
                     return
@@ -124,8 +136,14 @@ class FakeEngine:
 
     async def prompt_logprobs(self, token_ids: list[list[int]], top: int):
         """Every prompt token at log-probability -1, with `top` made-up alternatives."""
-        return [(torch.full((len(ids) - 1,), -1.0), torch.arange(top).repeat(len(ids) - 1, 1),
-                 torch.full((len(ids) - 1, top), -2.0)) for ids in token_ids]
+        return [
+            (
+                torch.full((len(ids) - 1,), -1.0),
+                torch.arange(top).repeat(len(ids) - 1, 1),
+                torch.full((len(ids) - 1, top), -2.0),
+            )
+            for ids in token_ids
+        ]
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         self.closed = True

@@ -72,10 +72,22 @@ class FakeHub:
             if repo is None:
                 return self._missing(h, body)
             if api.group(2) == "tree":
-                return self._json(h, [{"type": "file", "path": name, "size": len(data),
-                                       "oid": hashlib.sha1(data).hexdigest()} for name, data in sorted(repo.items())])
-            return self._json(h, {"id": api.group(1), "sha": COMMIT, "private": False,
-                                  "siblings": [{"rfilename": name} for name in sorted(repo)]})
+                return self._json(
+                    h,
+                    [
+                        {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                        for name, data in sorted(repo.items())
+                    ],
+                )
+            return self._json(
+                h,
+                {
+                    "id": api.group(1),
+                    "sha": COMMIT,
+                    "private": False,
+                    "siblings": [{"rfilename": name} for name in sorted(repo)],
+                },
+            )
         resolve = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)
         repo = self.repos.get(resolve.group(1)) if resolve else None
         if repo is None or resolve.group(3) not in repo:

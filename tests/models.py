@@ -21,14 +21,24 @@ VOCAB = 96
 def hf_config(kind: str, **overrides):
     from transformers import LlamaConfig, MistralConfig, MixtralConfig
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if kind == "mistral":
         cfg = MistralConfig(**{**common, "sliding_window": 8, "rope_theta": 10000.0, **overrides})
     elif kind == "mixtral":
-        cfg = MixtralConfig(**{**common, "num_local_experts": 8, "num_experts_per_tok": 2,
-                               "rope_theta": 1e6, **overrides})
+        cfg = MixtralConfig(
+            **{**common, "num_local_experts": 8, "num_experts_per_tok": 2, "rope_theta": 1e6, **overrides}
+        )
     elif kind == "llama":
         cfg = LlamaConfig(**{**common, "tie_word_embeddings": True, "rope_theta": 500.0, **overrides})
     else:
@@ -70,9 +80,16 @@ def native_state(model) -> tuple[dict, dict[str, torch.Tensor]]:
     from tramontane.weights.names import unpermute_rotary
 
     c = model.config
-    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "head_dim": c.hidden_size // c.num_attention_heads,
-              "hidden_dim": c.intermediate_size, "n_heads": c.num_attention_heads,
-              "n_kv_heads": c.num_key_value_heads, "norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size}
+    params = {
+        "dim": c.hidden_size,
+        "n_layers": c.num_hidden_layers,
+        "head_dim": c.hidden_size // c.num_attention_heads,
+        "hidden_dim": c.intermediate_size,
+        "n_heads": c.num_attention_heads,
+        "n_kv_heads": c.num_key_value_heads,
+        "norm_eps": c.rms_norm_eps,
+        "vocab_size": c.vocab_size,
+    }
     if getattr(c, "sliding_window", None):
         params["sliding_window"] = c.sliding_window  # v0.1 style: no rope_theta (10000 by rule)
     theta = float((getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 1e4)))
@@ -119,11 +136,18 @@ def save_native(model, folder: Path) -> Path:
     return folder
 
 
-GGUF_NAMES = {"attention.wq.weight": "attn_q", "attention.wk.weight": "attn_k", "attention.wv.weight": "attn_v",
-              "attention.wo.weight": "attn_output", "attention_norm.weight": "attn_norm",
-              "ffn_norm.weight": "ffn_norm", "feed_forward.w1.weight": "ffn_gate",
-              "feed_forward.w2.weight": "ffn_down", "feed_forward.w3.weight": "ffn_up",
-              "feed_forward.gate.weight": "ffn_gate_inp"}
+GGUF_NAMES = {
+    "attention.wq.weight": "attn_q",
+    "attention.wk.weight": "attn_k",
+    "attention.wv.weight": "attn_v",
+    "attention.wo.weight": "attn_output",
+    "attention_norm.weight": "attn_norm",
+    "ffn_norm.weight": "ffn_norm",
+    "feed_forward.w1.weight": "ffn_gate",
+    "feed_forward.w2.weight": "ffn_down",
+    "feed_forward.w3.weight": "ffn_up",
+    "feed_forward.gate.weight": "ffn_gate_inp",
+}
 
 
 def save_gguf(model, path: Path, qtype: str = "F32") -> Path:
@@ -141,8 +165,11 @@ def save_gguf(model, path: Path, qtype: str = "F32") -> Path:
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]) if hasattr(c, "rope_parameters") and c.rope_parameters
-                         else float(c.rope_theta))
+    w.add_rope_freq_base(
+        float(c.rope_parameters["rope_theta"])
+        if hasattr(c, "rope_parameters") and c.rope_parameters
+        else float(c.rope_theta)
+    )
     w.add_vocab_size(c.vocab_size)
     if getattr(c, "sliding_window", None):
         w.add_sliding_window(c.sliding_window)
@@ -169,8 +196,9 @@ def _gguf_tensors(c, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 out[f"blk.{i}.{theirs}.weight"] = state[f"layers.{i}.{ours}"]
         if c.model_type == "mixtral":
             for ours, theirs in (("w1", "ffn_gate_exps"), ("w2", "ffn_down_exps"), ("w3", "ffn_up_exps")):
-                experts = [state[f"layers.{i}.feed_forward.experts.{e}.{ours}.weight"]
-                           for e in range(c.num_local_experts)]
+                experts = [
+                    state[f"layers.{i}.feed_forward.experts.{e}.{ours}.weight"] for e in range(c.num_local_experts)
+                ]
                 out[f"blk.{i}.{theirs}.weight"] = torch.stack(experts)  # [E, out, in]
     return out
 
@@ -179,8 +207,12 @@ def _add_gguf_tensor(w, name: str, data: np.ndarray, qtype: str) -> None:
     import gguf
 
     kind = gguf.GGMLQuantizationType[qtype]
-    if data.ndim == 1 or kind == gguf.GGMLQuantizationType.F32 or name == "blk.0.ffn_gate_inp.weight" \
-            or "ffn_gate_inp" in name:
+    if (
+        data.ndim == 1
+        or kind == gguf.GGMLQuantizationType.F32
+        or name == "blk.0.ffn_gate_inp.weight"
+        or "ffn_gate_inp" in name
+    ):
         w.add_tensor(name, data.astype(np.float32))
         return
     packed = gguf.quants.quantize(data.astype(np.float32), kind)

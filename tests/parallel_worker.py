@@ -10,13 +10,13 @@ import os
 import sys
 
 import torch
-
 from chartok import CharTokenizer  # this script's folder is on sys.path
+
+from tramontane.build import load_model, select_backend
 from tramontane.decoding.offline import Generator
+from tramontane.decoding.sampling import SamplingParams
 from tramontane.model.cache import KVCache
 from tramontane.parallel.dist import init_from_env, rank_and_world, shutdown
-from tramontane.decoding.sampling import SamplingParams
-from tramontane.build import load_model, select_backend
 
 TOKENS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
 
@@ -27,11 +27,14 @@ def run(folder: str, mode: str) -> dict:
     with torch.no_grad():
         prefill = model(TOKENS)  # [2,12,V]
         cache = KVCache(model.config, 2, 32)  # window 8 < 32: a rolling buffer for Mistral
-        steps = torch.stack([model(TOKENS[:, t:t + 1], torch.full((2, 1), t), cache)[:, -1]
-                             for t in range(TOKENS.shape[1])], 1)  # [2,12,V]
+        steps = torch.stack(
+            [model(TOKENS[:, t : t + 1], torch.full((2, 1), t), cache)[:, -1] for t in range(TOKENS.shape[1])], 1
+        )  # [2,12,V]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     backend = select_backend(model, KVCache, torch.float32)  # the module path: a sharded model has no packed blocks
-    outs = list(Generator(model, CharTokenizer(), backend).run([[5, 9, 14, 3, 7, 22, 31, 40, 8, 11], [17, 4, 60]], [params] * 2))
+    outs = list(
+        Generator(model, CharTokenizer(), backend).run([[5, 9, 14, 3, 7, 22, 31, 40, 8, 11], [17, 4, 60]], [params] * 2)
+    )
     greedy = [[t for d in outs if d.index == i for t in d.token_ids] for i in (0, 1)]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"prefill": prefill, "steps": steps, "greedy": greedy, "weight_bytes": weight_bytes}

@@ -8,6 +8,7 @@ from pathlib import Path
 def rss_growth(work) -> int:
     """Peak resident memory growth in bytes while `work()` runs (Linux: the peak is reset through
     /proc/self/clear_refs, then read from VmHWM); the work's exception propagates."""
+
     def status(field: str) -> int:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):

@@ -22,13 +22,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(log: Path, *args: str, env: dict[str, str] | None = None
-                   ) -> Iterator[tuple[str, subprocess.Popen]]:
+def running_server(log: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """(base URL, process) of a healthy server; terminated on exit."""
     port = free_port()
     proc = subprocess.Popen(  # stderr to a file: an unread pipe could fill up and block the server
         [sys.executable, "-m", "tramontane", "serve", "--port", str(port), *args],
-        stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env={**os.environ, **(env or {})})
+        stdout=subprocess.PIPE,
+        stderr=log.open("w"),
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         yield wait_healthy(base, proc, log), proc

@@ -5,11 +5,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
-
 import mistral_common
-import tramontane
+import pytest
 from models import hf_model, save_hf, save_native
+
+import tramontane
 from tramontane.hub.describe import describe
 
 V1 = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
@@ -53,4 +53,6 @@ def test_show_describes_native_and_hf_folders(native_folder, tmp_path):
     shutil.copy(V1, hf / "tokenizer.model.v1")
     info = describe(hf)
     assert info["experts"] == "2 of 8 per token" and info["format"] == "Hugging Face safetensors"
-    assert info["weight types"] == f"float32 x{3 + 2 * (4 + 2 + 1 + 8 * 3)}"  # per layer: attention, norms, router, experts
+    assert (
+        info["weight types"] == f"float32 x{3 + 2 * (4 + 2 + 1 + 8 * 3)}"
+    )  # per layer: attention, norms, router, experts

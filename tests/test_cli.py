@@ -9,8 +9,9 @@ import pytest
 
 
 def tramontane(*args: str, stdin: str | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tramontane", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tramontane", *args], input=stdin, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_run_answers_paris(smollm2_path):

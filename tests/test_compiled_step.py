@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from chartok import CharTokenizer
 from models import hf_model, save_gguf
+
 from tramontane.api import LLM
 from tramontane.build import load_model, select_backend
 from tramontane.engine.runner import PagedStep
@@ -31,18 +31,23 @@ def decode_steps(model, positions: torch.Tensor, tokens: torch.Tensor, fused: bo
     backend = backend_of(model, fused)
     cache = KVCache(model.config.with_(sliding_window=None), tokens.shape[0], 32)
     with torch.inference_mode():
-        out = [model.logits(backend.decode(tokens[:, t:t + 1], positions[:, t:t + 1], cache))[:, -1]
-               for t in range(tokens.shape[1])]
+        out = [
+            model.logits(backend.decode(tokens[:, t : t + 1], positions[:, t : t + 1], cache))[:, -1]
+            for t in range(tokens.shape[1])
+        ]
     return torch.stack(out), cache
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize(("kind", "qtype", "overrides"), [
-    ("mistral", "Q4_0", {}),  # window 8 < 14 steps
-    ("mistral", "Q8_0", {"hidden_size": 96}),  # head dim 24: vector tails
-    ("llama", "Q4_1", {}),  # tied embeddings, no window
-    ("llama", "F16", {"num_key_value_heads": 4}),  # no grouping
-])
+@pytest.mark.parametrize(
+    ("kind", "qtype", "overrides"),
+    [
+        ("mistral", "Q4_0", {}),  # window 8 < 14 steps
+        ("mistral", "Q8_0", {"hidden_size": 96}),  # head dim 24: vector tails
+        ("llama", "Q4_1", {}),  # tied embeddings, no window
+        ("llama", "F16", {"num_key_value_heads": 4}),  # no grouping
+    ],
+)
 def test_fused_steps_equal_module_steps(tmp_path, isa, kind, qtype, overrides):
     model = load_model(save_gguf(hf_model(kind, seed=3, **overrides), tmp_path / "m.gguf", qtype), packed=True).model
     assert isinstance(select_backend(model, KVCache, torch.float32), CompiledStep)
@@ -76,8 +81,14 @@ def test_rolling_buffer(tmp_path):
         cache = KVCache(model.config, 2, 32)  # window 8 < 32: 8 slots, wrapping twice
         assert cache.rolling and cache.size == 8
         with torch.inference_mode():
-            runs.append(torch.stack([model.logits(backend.decode(tokens[:, t:t + 1], positions[:, t:t + 1], cache))
-                                     [:, -1] for t in range(20)]))
+            runs.append(
+                torch.stack(
+                    [
+                        model.logits(backend.decode(tokens[:, t : t + 1], positions[:, t : t + 1], cache))[:, -1]
+                        for t in range(20)
+                    ]
+                )
+            )
     assert (runs[0] - runs[1]).abs().max().item() <= 1e-5 * max(1.0, runs[1].abs().max().item())
 
 
@@ -115,16 +126,29 @@ def test_caches_it_does_not_take(tmp_path):
     with pytest.raises(TypeError, match="one token per row"):
         step.decode(torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None], cache)  # a prefill chunk
     with pytest.raises(TypeError, match="float32 KVCache"):
-        step.decode(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
-                    KVCache(model.config, 1, 8, dtype=torch.bfloat16))
+        step.decode(
+            torch.zeros(1, 1, dtype=torch.long),
+            torch.zeros(1, 1, dtype=torch.long),
+            KVCache(model.config, 1, 8, dtype=torch.bfloat16),
+        )
 
 
 def test_int4_swap_installs_it_on_float32_models():
-    from tramontane.config import ModelConfig
     from tramontane.build.random import random_model
+    from tramontane.config import ModelConfig
 
-    config = ModelConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
-                         vocab_size=96, norm_eps=1e-5, rope_theta=1e4, max_seq_len=64)
+    config = ModelConfig(
+        dim=64,
+        n_layers=2,
+        head_dim=16,
+        hidden_dim=128,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=96,
+        norm_eps=1e-5,
+        rope_theta=1e4,
+        max_seq_len=64,
+    )
     assert chosen(random_model(config, quant="int4")) is CompiledStep
     assert chosen(random_model(config, dtype=torch.bfloat16, quant="int4")) is ModuleBackend  # bf16 norms
 
@@ -139,8 +163,9 @@ def test_server_and_offline_pick_through_the_same_call(tmp_path, caplog):
     from tramontane.decoding.sampling import SamplingParams
     from tramontane.engine import AsyncEngine, EngineRequest
 
-    llm = LLM(load_model(save_gguf(hf_model("mistral", seed=4), tmp_path / "m.gguf", "Q8_0"), packed=True),
-              CharTokenizer())
+    llm = LLM(
+        load_model(save_gguf(hf_model("mistral", seed=4), tmp_path / "m.gguf", "Q8_0"), packed=True), CharTokenizer()
+    )
     with caplog.at_level(logging.INFO, logger="tramontane.engine"):
         engine = AsyncEngine(llm, model_name="tiny", kv_cache_memory=1 << 22, block_size=4)
     assert isinstance(llm.backend, CompiledStep)
@@ -160,6 +185,7 @@ def test_server_and_offline_pick_through_the_same_call(tmp_path, caplog):
             return [t async for out in engine.generate(EngineRequest("r", prompt, params)) for t in out.token_ids]
         finally:
             await engine.shutdown(1.0)
+
     assert asyncio.run(serve_one()) == offline
 
 
@@ -168,8 +194,9 @@ def test_a_module_swap_after_loading_is_seen(tmp_path):
     its backend again instead of running the compiled step over the base weights."""
     from tramontane.lora.layers import LoraSpec, apply_lora
 
-    llm = LLM(load_model(save_gguf(hf_model("llama", seed=6), tmp_path / "m.gguf", "Q8_0"), packed=True),
-              CharTokenizer())
+    llm = LLM(
+        load_model(save_gguf(hf_model("llama", seed=6), tmp_path / "m.gguf", "Q8_0"), packed=True), CharTokenizer()
+    )
     assert isinstance(llm.backend, CompiledStep) and llm.backend.current()
     prompt = [1, 5, 9, 33, 7]
     base = llm.generate([prompt], temperature=0, max_tokens=8, ignore_eos=True)[0].token_ids
@@ -186,5 +213,5 @@ def test_a_module_swap_after_loading_is_seen(tmp_path):
     assert isinstance(llm.backend, ModuleBackend)
     with torch.inference_mode():
         ids = torch.tensor([prompt + adapted[:-1]])
-        expected = llm.model(ids)[0, len(prompt) - 1:].argmax(-1).tolist()
+        expected = llm.model(ids)[0, len(prompt) - 1 :].argmax(-1).tolist()
     assert adapted == expected and adapted != base

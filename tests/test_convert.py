@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from models import hf_model, save_hf
-from tramontane.cli.main import main
+
 from tramontane.build.load import load_model
+from tramontane.cli.main import main
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 2, 17, 60, 4, 88, 12, 3, 41]])
 
@@ -37,8 +37,7 @@ def test_hf_to_mistral_to_gguf_keeps_the_logits(kind, tmp_path):
     assert (logits(tmp_path / "back") - reference).abs().max().item() < 5e-3 * scale
 
 
-@pytest.mark.parametrize(("quant", "ggml_type", "tolerance"), [("q8_0", 8, 0.08), ("q4_0", 2, 0.5),
-                                                                 ("q5_1", 7, 0.25)])
+@pytest.mark.parametrize(("quant", "ggml_type", "tolerance"), [("q8_0", 8, 0.08), ("q4_0", 2, 0.5), ("q5_1", 7, 0.25)])
 def test_block_formats_load_back_within_their_error(quant, ggml_type, tolerance, tmp_path):
     import gguf
 
@@ -79,14 +78,29 @@ def test_gguf_output_has_what_llama_cpp_reads(smollm2_path, tmp_path):
         f = fs[key]
         return f.contents() if hasattr(f, "contents") else f.parts[f.data[0]]
 
-    for key in ("general.architecture", "llama.context_length", "llama.embedding_length", "llama.block_count",
-                "llama.attention.head_count", "llama.attention.head_count_kv", "llama.rope.freq_base",
-                "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+    for key in (
+        "general.architecture",
+        "llama.context_length",
+        "llama.embedding_length",
+        "llama.block_count",
+        "llama.attention.head_count",
+        "llama.attention.head_count_kv",
+        "llama.rope.freq_base",
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.chat_template",
+    ):
         assert value(fields, key) == value(source, key), key
     llm = tramontane.load(out)
-    answer = llm.chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
-                      temperature=0, max_tokens=12)
+    answer = llm.chat(
+        [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        temperature=0,
+        max_tokens=12,
+    )
     assert "Paris" in answer.text
 
 
@@ -128,25 +142,44 @@ def test_folder_tokenizers_are_written_into_gguf(smollm2_path, tmp_path):
     from tramontane.text.tokenizer import MistralCommonTokenizer
 
     assert main(["convert", str(smollm2_path), "--to", "hf", "--out", str(tmp_path / "hf")]) == 0
-    assert main(["convert", str(tmp_path / "hf"), "--to", "gguf", "--quant", "q8_0", "--out", str(tmp_path / "b.gguf")]) == 0
+    assert (
+        main(["convert", str(tmp_path / "hf"), "--to", "gguf", "--quant", "q8_0", "--out", str(tmp_path / "b.gguf")])
+        == 0
+    )
     original, back = gguf.GGUFReader(str(smollm2_path)).fields, gguf.GGUFReader(str(tmp_path / "b.gguf")).fields
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                "tokenizer.chat_template"):
+    for key in (
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.chat_template",
+    ):
         assert original[key].contents() == back[key].contents(), key
     answer = tramontane.load(tmp_path / "b.gguf").chat(
-        [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}], temperature=0,
-        max_tokens=12)
+        [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        temperature=0,
+        max_tokens=12,
+    )
     assert "Paris" in answer.text
 
     data = Path(__import__("importlib").util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
-    for shipped, name, vocab in (("mistral_instruct_tokenizer_240323.model.v3", "tokenizer.model.v3", 32768),
-                                 ("tekken_240911.json", "tekken.json", 131072)):
+    for shipped, name, vocab in (
+        ("mistral_instruct_tokenizer_240323.model.v3", "tokenizer.model.v3", 32768),
+        ("tekken_240911.json", "tekken.json", 131072),
+    ):
         folder = save_hf(hf_model("mistral", seed=5, vocab_size=vocab), tmp_path / name, shard=None)
         (folder / name).write_bytes((data / shipped).read_bytes())
         out = tmp_path / f"{name}.gguf"
         assert main(["convert", str(folder), "--to", "gguf", "--out", str(out)]) == 0
         ours, reference = tramontane.load(out).tokenizer, MistralCommonTokenizer(data / shipped)
-        for text in ("Hello world", "  two  spaces, digits 12345 and émoji 🙂", "[INST] stays text", "日本語",
-                     "don't WE'LL x12345y\n\ttabs"):
+        for text in (
+            "Hello world",
+            "  two  spaces, digits 12345 and émoji 🙂",
+            "[INST] stays text",
+            "日本語",
+            "don't WE'LL x12345y\n\ttabs",
+        ):
             assert ours.encode(text, add_bos=True) == reference.encode(text, add_bos=True), (shipped, text)

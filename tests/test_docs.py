@@ -22,11 +22,12 @@ def targets(page: Path) -> list[str]:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_links_resolve(page):
-    missing = [t for t in targets(page)
-               if not (page.parent / t).exists() and not (ROOT / t).exists()]
+    missing = [t for t in targets(page) if not (page.parent / t).exists() and not (ROOT / t).exists()]
     assert not missing, missing
 
 
 def test_the_checker_reads_links():
     assert LINK.findall("see [map](docs/architecture.md) and [x](https://e.org)") == [
-        "docs/architecture.md", "https://e.org"]
+        "docs/architecture.md",
+        "https://e.org",
+    ]

@@ -6,14 +6,14 @@ import asyncio
 import random
 
 import pytest
-
 from chartok import CharTokenizer
 from models import hf_model, save_hf
+
 from tramontane.api import LLM
+from tramontane.build.load import load_model
+from tramontane.decoding.sampling import SamplingParams
 from tramontane.engine import AsyncEngine, EngineRequest
 from tramontane.engine.blocks import bytes_per_block
-from tramontane.decoding.sampling import SamplingParams
-from tramontane.build.load import load_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
@@ -50,6 +50,7 @@ def run_all(engine: AsyncEngine, ps: list[list[int]], params=GREEDY):
             return await asyncio.gather(*(collect(engine, f"r{i}", p, params) for i, p in enumerate(ps)))
         finally:
             await engine.shutdown(1.0)
+
     return asyncio.run(main())
 
 
@@ -90,7 +91,7 @@ def test_request_that_can_never_fit_ends_with_length(llm):
     engine = engine_for(llm, blocks=3)  # 12 token slots
     if llm.config.sliding_window:  # a window model needs only the window's blocks: make the prompt huge
         engine = engine_for(llm, blocks=2, block_size=2)
-    (tokens, last), = run_all(engine, [list(range(3, 60))])
+    ((tokens, last),) = run_all(engine, [list(range(3, 60))])
     assert last.finish_reason == "length" and tokens == []
 
 
@@ -111,6 +112,7 @@ def test_abort_frees_blocks_within_a_step(llm):
         used = engine.pool.num_used
         await engine.shutdown(1.0)
         return before, used
+
     before, after = asyncio.run(main())
     assert after == before
 
@@ -126,6 +128,7 @@ def test_prefix_cache_shares_a_common_prompt(llm):
         b = await collect(engine, "b", second)
         await engine.shutdown(1.0)
         return engine, a, b
+
     engine, a, b = asyncio.run(main())
     assert a[1].cached_tokens == 0
     assert b[1].cached_tokens == (len(system) // 4) * 4

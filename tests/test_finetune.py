@@ -7,14 +7,14 @@ import math
 
 import pytest
 import torch
-
 from chartok import CharTokenizer
 from models import hf_model, save_hf
+
+from tramontane.build.load import load_model
 from tramontane.cli.main import main
 from tramontane.errors import ConfigError
 from tramontane.train.config import TrainConfig, build_config
 from tramontane.train.loop import DataError, Trainer, lr_factor
-from tramontane.build.load import load_model
 
 
 def text_lines(path, n: int = 24, seed: int = 0) -> str:
@@ -40,9 +40,22 @@ def trainer(folder, cfg: TrainConfig) -> Trainer:
 def test_resume_repeats_the_uninterrupted_loss_curve(tmp_path, tiny):
     data = text_lines(tmp_path / "train.jsonl")
     held_out = text_lines(tmp_path / "eval.jsonl", n=6, seed=1)
-    cfg = TrainConfig(data=data, eval=held_out, out=str(tmp_path / "a"), seq_len=48, batch_size=2, grad_accum=2,
-                      max_steps=8, lr=5e-3, warmup_steps=2, dropout=0.1, rank=4, autocast="off", save_every=3,
-                      eval_every=4)
+    cfg = TrainConfig(
+        data=data,
+        eval=held_out,
+        out=str(tmp_path / "a"),
+        seq_len=48,
+        batch_size=2,
+        grad_accum=2,
+        max_steps=8,
+        lr=5e-3,
+        warmup_steps=2,
+        dropout=0.1,
+        rank=4,
+        autocast="off",
+        save_every=3,
+        eval_every=4,
+    )
     whole = trainer(tiny, cfg).run(progress=False)
     cut = cfg.with_(out=str(tmp_path / "b"))
     first = trainer(tiny, cut)
@@ -63,8 +76,9 @@ def test_resume_repeats_the_uninterrupted_loss_curve(tmp_path, tiny):
 
 def test_resume_refuses_changed_settings(tmp_path, tiny):
     data = text_lines(tmp_path / "train.jsonl")
-    cfg = TrainConfig(data=data, out=str(tmp_path / "o"), seq_len=48, batch_size=2, max_steps=2, rank=4,
-                      autocast="off", save_every=1)
+    cfg = TrainConfig(
+        data=data, out=str(tmp_path / "o"), seq_len=48, batch_size=2, max_steps=2, rank=4, autocast="off", save_every=1
+    )
     trainer(tiny, cfg).run(progress=False)
     with pytest.raises(ConfigError, match="batch_size"):
         trainer(tiny, cfg.with_(batch_size=3)).resume()
@@ -74,8 +88,9 @@ def test_resume_refuses_changed_settings(tmp_path, tiny):
 
 def test_gradient_accumulation_and_checkpointing_change_nothing(tmp_path, tiny):
     data = text_lines(tmp_path / "train.jsonl", n=8)
-    base = TrainConfig(data=data, out=str(tmp_path / "x"), seq_len=48, batch_size=2, max_steps=1, rank=4,
-                       autocast="off", lr=1e-2)
+    base = TrainConfig(
+        data=data, out=str(tmp_path / "x"), seq_len=48, batch_size=2, max_steps=1, rank=4, autocast="off", lr=1e-2
+    )
     one = trainer(tiny, base.with_(batch_size=2)).run(progress=False).train[0]["loss"]
     # the same rows as two micro-batches of one row: the step's loss is still the mean over all targets
     split = trainer(tiny, base.with_(batch_size=1, grad_accum=2)).run(progress=False).train[0]["loss"]
@@ -123,17 +138,38 @@ def test_cli_validate_reports_lines_and_estimate(tmp_path, capsys, smollm2_path)
     path = tmp_path / "d.jsonl"
     good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
     path.write_text(json.dumps(good) + "\n" + '{"messages": [{"role": "user", "content": "no answer"}]}\n')
-    assert main(["finetune", str(smollm2_path), "--data", str(path), "--validate", "--seq-len", "128",
-                 "--batch-size", "1"]) == 1
+    assert (
+        main(
+            ["finetune", str(smollm2_path), "--data", str(path), "--validate", "--seq-len", "128", "--batch-size", "1"]
+        )
+        == 1
+    )
     out = capsys.readouterr().out
     assert f"{path}:2:" in out and "estimated time per epoch" in out
 
 
-CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Spain", "Madrid"), ("Japan", "Tokyo"), ("Egypt", "Cairo"),
-            ("Canada", "Ottawa"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Norway", "Oslo"), ("Chile", "Santiago"),
-            ("Cuba", "Havana"), ("Greece", "Athens"), ("Poland", "Warsaw"), ("Austria", "Vienna"),
-            ("Ireland", "Dublin"), ("Portugal", "Lisbon"), ("Sweden", "Stockholm"), ("Finland", "Helsinki"),
-            ("Denmark", "Copenhagen"), ("Hungary", "Budapest")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Spain", "Madrid"),
+    ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"),
+    ("Canada", "Ottawa"),
+    ("Peru", "Lima"),
+    ("Kenya", "Nairobi"),
+    ("Norway", "Oslo"),
+    ("Chile", "Santiago"),
+    ("Cuba", "Havana"),
+    ("Greece", "Athens"),
+    ("Poland", "Warsaw"),
+    ("Austria", "Vienna"),
+    ("Ireland", "Dublin"),
+    ("Portugal", "Lisbon"),
+    ("Sweden", "Stockholm"),
+    ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"),
+    ("Hungary", "Budapest"),
+]
 
 
 def test_smollm2_learns_a_format_it_did_not_know(tmp_path, smollm2_path):
@@ -141,16 +177,32 @@ def test_smollm2_learns_a_format_it_did_not_know(tmp_path, smollm2_path):
     import tramontane
     from tramontane.lora.layers import set_active
 
-    rows = [{"messages": [{"role": "user", "content": q.format(c)},
-                          {"role": "assistant", "content": f"### {city.upper()} ###"}]}
-            for c, city in CAPITALS for q in ("What is the capital of {}?", "Which city is the capital of {}?")]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": q.format(c)},
+                {"role": "assistant", "content": f"### {city.upper()} ###"},
+            ]
+        }
+        for c, city in CAPITALS
+        for q in ("What is the capital of {}?", "Which city is the capital of {}?")
+    ]
     data = tmp_path / "capitals.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     llm = tramontane.load(smollm2_path, dtype="float32", packed=False)
     question = [{"role": "user", "content": "What is the capital of Italy?"}]
     before = llm.chat(question, temperature=0, max_tokens=12).text
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "out"), seq_len=256, batch_size=4, max_steps=10,
-                      lr=2e-3, warmup_steps=3, rank=8, alpha=16)
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "out"),
+        seq_len=256,
+        batch_size=4,
+        max_steps=10,
+        lr=2e-3,
+        warmup_steps=3,
+        rank=8,
+        alpha=16,
+    )
     history = Trainer(cfg, llm.model, llm.tokenizer).run(progress=False)
     losses = [r["loss"] for r in history.train]
     assert losses[-1] <= 0.5 * losses[0], losses
@@ -168,15 +220,34 @@ def test_cli_finetune_then_merge(tmp_path, smollm2_path):
 
     import tramontane
 
-    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w.upper()}]}
-            for w in ("apple", "river", "cloud", "stone")]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w.upper()}]}
+        for w in ("apple", "river", "cloud", "stone")
+    ]
     data = tmp_path / "d.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     settings = tmp_path / "ft.toml"
     settings.write_text(f'data = "{data}"\nseq_len = 128\nmax_steps = 50\nlr = 0.01\n[lora]\nrank = 4\n')
     out = tmp_path / "adapter"
-    assert main(["finetune", str(smollm2_path), "--config", str(settings), "--out", str(out),
-                 "--max-steps", "2", "--batch-size", "2", "--autocast", "off"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(smollm2_path),
+                "--config",
+                str(settings),
+                "--out",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--autocast",
+                "off",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "training_config.json").read_text())["max_steps"] == 2  # the flag won
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4  # the file's [lora] table
     merged = tmp_path / "merged"

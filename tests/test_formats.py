@@ -8,8 +8,8 @@ import pytest
 import torch
 from models import hf_model, save_gguf, save_hf, save_native
 
-from tramontane.errors import LoadError
 from tramontane.build.load import load_model
+from tramontane.errors import LoadError
 
 KINDS = ["mistral", "mixtral", "llama"]
 GGUF_TYPES = ["F32", "F16", "Q8_0", "Q4_0"]

@@ -9,8 +9,8 @@ from models import hf_model, save_hf
 
 import tramontane.decoding.offline as gen_mod
 from tramontane.api import LLM
-from tramontane.decoding.sampling import SamplingParams
 from tramontane.build.load import load_model
+from tramontane.decoding.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module", params=["mistral", "llama", "mixtral"])
@@ -24,9 +24,15 @@ PROMPTS = [[5, 9, 14, 3, 7, 22, 31, 40, 8, 11, 12], [17, 4, 60]]
 
 
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                      pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+    out = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=n,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("initial_capacity,prefill_chunk", [(256, 512), (3, 512), (256, 4)])
@@ -48,7 +54,7 @@ def test_logprobs_match_one_pass_scoring(models):
     params = SamplingParams(temperature=1.0, seed=11, max_tokens=20, ignore_eos=True, logprobs=3)
     for prompt, completion in zip(PROMPTS, llm.generate(PROMPTS, params)):
         incremental = torch.tensor([lp.logprob for lp in completion.logprobs])
-        scored = llm.score(prompt + completion.token_ids)[len(prompt) - 1:]
+        scored = llm.score(prompt + completion.token_ids)[len(prompt) - 1 :]
         assert (incremental - scored).abs().max().item() <= 5e-4
         for lp in completion.logprobs:
             assert [t[2] for t in lp.top] == sorted((t[2] for t in lp.top), reverse=True)
@@ -61,8 +67,9 @@ def test_seeded_sampling_repeats_and_ignores_batch(models):
     first = llm.generate([PROMPTS[0]], params)[0].token_ids
     again = llm.generate([PROMPTS[0]], params)[0].token_ids
     batched = llm.generate([PROMPTS[1], PROMPTS[0], PROMPTS[1]], params)[1].token_ids
-    other = llm.generate([PROMPTS[0]], SamplingParams(temperature=1.3, top_p=0.95, seed=99, max_tokens=16,
-                                                      ignore_eos=True))[0].token_ids
+    other = llm.generate(
+        [PROMPTS[0]], SamplingParams(temperature=1.3, top_p=0.95, seed=99, max_tokens=16, ignore_eos=True)
+    )[0].token_ids
     assert first == again == batched
     assert other != first
 
@@ -82,8 +89,7 @@ def test_stop_string_and_stop_token(models):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     full = llm.generate([PROMPTS[0]], params)[0]
     stop = full.text[5:7]
-    cut = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
-                                                     stop=(stop,)))[0]
+    cut = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=(stop,)))[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
     token = full.token_ids[4]
     by_id = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(token,)))[0]

@@ -23,8 +23,16 @@ from tramontane.weights.gguf_quants import DEQUANTIZERS, GGML_TYPES, dequantize 
 # Byte offsets of the float16 scale fields in each block (ggml-common.h); random bytes there could be
 # inf/nan, so the tests overwrite them with small finite values.
 F16_FIELDS: dict[QT, tuple[int, ...]] = {
-    QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q8_0: (0,),
-    QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,),
+    QT.Q4_0: (0,),
+    QT.Q4_1: (0, 2),
+    QT.Q5_0: (0,),
+    QT.Q5_1: (0, 2),
+    QT.Q8_0: (0,),
+    QT.Q2_K: (80, 82),
+    QT.Q3_K: (108,),
+    QT.Q4_K: (0, 2),
+    QT.Q5_K: (0, 2),
+    QT.Q6_K: (208,),
 }
 QUANTIZABLE = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
 SUPPORTED = [QT.F32, QT.F16, QT.BF16, *F16_FIELDS]
@@ -122,8 +130,13 @@ def _write_reference_file(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray,
     for key in ("test.strings", "test.ints", "test.nested"):
         w.add_array(key, WRITER_META[key])
     tensors: dict[str, tuple[np.ndarray, np.ndarray, QT]] = {}
-    for name, shape, qtype in [("a.f32", (3, 5), QT.F32), ("b.f16", (2, 3, 4), QT.F16),
-                               ("c.q8", (4, 64), QT.Q8_0), ("d.q4", (6, 96), QT.Q4_0), ("e.vec", (7,), QT.F32)]:
+    for name, shape, qtype in [
+        ("a.f32", (3, 5), QT.F32),
+        ("b.f16", (2, 3, 4), QT.F16),
+        ("c.q8", (4, 64), QT.Q8_0),
+        ("d.q4", (6, 96), QT.Q4_0),
+        ("e.vec", (7,), QT.F32),
+    ]:
         data = rng.standard_normal(shape).astype(np.float32)
         stored = ref_quantize(data, qtype)
         tensors[name] = (stored, ref_dequantize(stored, qtype).reshape(shape), qtype)

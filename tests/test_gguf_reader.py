@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from rss import rss_growth
+
 from tramontane.errors import LoadError
 from tramontane.weights.gguf import open_gguf
 
@@ -87,8 +87,13 @@ class Builder:
 
 
 F32_VALUES = np.arange(32, dtype=np.float32) / 4  # tensor "w": ne [8, 4] -> torch shape (4, 8)
-Q8_BLOCKS = np.concatenate([np.float16([0.5, -0.25]).view(np.uint8).reshape(2, 2),
-                            np.arange(64, dtype=np.int8).view(np.uint8).reshape(2, 32) - 32], axis=1)
+Q8_BLOCKS = np.concatenate(
+    [
+        np.float16([0.5, -0.25]).view(np.uint8).reshape(2, 2),
+        np.arange(64, dtype=np.int8).view(np.uint8).reshape(2, 32) - 32,
+    ],
+    axis=1,
+)
 
 
 def valid() -> Builder:
@@ -112,10 +117,23 @@ def valid() -> Builder:
 
 
 EXPECTED_META = {
-    "general.architecture": "llama", "k.u8": 255, "k.i8": -1, "k.u16": 65535, "k.i16": -2,
-    "k.u32": 4_000_000_000, "k.i32": -3, "k.f32": 1.5, "k.bool": True, "k.u64": 2**64 - 1,
-    "k.i64": -(2**63), "k.f64": 0.1, "k.strs": ["a", "", "ß"], "k.ints": [1, -2, 3],
-    "k.bools": [False, True], "k.nested": [[1, 2], ["x"]], "k.empty": [],
+    "general.architecture": "llama",
+    "k.u8": 255,
+    "k.i8": -1,
+    "k.u16": 65535,
+    "k.i16": -2,
+    "k.u32": 4_000_000_000,
+    "k.i32": -3,
+    "k.f32": 1.5,
+    "k.bool": True,
+    "k.u64": 2**64 - 1,
+    "k.i64": -(2**63),
+    "k.f64": 0.1,
+    "k.strs": ["a", "", "ß"],
+    "k.ints": [1, -2, 3],
+    "k.bools": [False, True],
+    "k.nested": [[1, 2], ["x"]],
+    "k.empty": [],
     "general.name": "tiny test model",
 }
 
@@ -140,8 +158,10 @@ def test_valid_file_parses_field_by_field(tmp_path: Path) -> None:
         assert (q.shape, q.type_name, q.nbytes) == ((1, 64), "Q8_0", 68)
         assert q.offset == w.offset + 128 and w.offset % 32 == 0
         assert torch.equal(f.load("w"), torch.from_numpy(F32_VALUES.reshape(4, 8)))
-        expected_q = (Q8_BLOCKS[:, 2:].view(np.int8).astype(np.float32)
-                      * Q8_BLOCKS[:, :2].copy().view(np.float16).astype(np.float32)).reshape(1, 64)
+        expected_q = (
+            Q8_BLOCKS[:, 2:].view(np.int8).astype(np.float32)
+            * Q8_BLOCKS[:, :2].copy().view(np.float16).astype(np.float32)
+        ).reshape(1, 64)
         assert torch.equal(f.load("q"), torch.from_numpy(expected_q))
         assert f.raw("q").tobytes() == Q8_BLOCKS.tobytes()
 
@@ -217,13 +237,24 @@ def _cut_points() -> list[tuple[str, int]]:
     head, infos, data = valid().sections()
     first_key_end = 24 + 8 + len("general.architecture")
     return [
-        ("empty", 0), ("in-magic", 2), ("in-version", 6), ("in-counts", 20), ("after-header", 24),
-        ("in-key-length", 28), ("in-key", first_key_end - 5), ("in-value-type", first_key_end + 2),
-        ("in-string-value", first_key_end + 4 + 10), ("in-array", head.index(pstr("ß")) + 9),
-        ("in-late-key", head.index(b"k.ints") + 3), ("in-late-string", head.index(b"tiny test") + 4),
-        ("end-of-metadata", len(head)), ("in-tensor-name", len(head) + 9),
-        ("in-tensor-dims", len(head) + 8 + 1 + 4 + 3), ("end-of-infos", len(head) + len(infos)),
-        ("in-padding", len(head) + len(infos) + 1), ("in-first-tensor", len(head) + len(infos) + len(data) - 150),
+        ("empty", 0),
+        ("in-magic", 2),
+        ("in-version", 6),
+        ("in-counts", 20),
+        ("after-header", 24),
+        ("in-key-length", 28),
+        ("in-key", first_key_end - 5),
+        ("in-value-type", first_key_end + 2),
+        ("in-string-value", first_key_end + 4 + 10),
+        ("in-array", head.index(pstr("ß")) + 9),
+        ("in-late-key", head.index(b"k.ints") + 3),
+        ("in-late-string", head.index(b"tiny test") + 4),
+        ("end-of-metadata", len(head)),
+        ("in-tensor-name", len(head) + 9),
+        ("in-tensor-dims", len(head) + 8 + 1 + 4 + 3),
+        ("end-of-infos", len(head) + len(infos)),
+        ("in-padding", len(head) + len(infos) + 1),
+        ("in-first-tensor", len(head) + len(infos) + len(data) - 150),
         ("in-last-tensor", len(head) + len(infos) + len(data) - 1),
     ]
 
@@ -247,8 +278,11 @@ HOSTILE: list[tuple[str, Callable[[], bytes], str]] = [
     ("array-length-past-end", _with(lambda b: b.kv("a", ARR, p32(U32) + p64(10**6) + p32(1))), "claims 1000000"),
     ("string-array-2^62", _with(lambda b: b.kv("a", ARR, p32(STR) + p64(2**62) + pstr("x"))), "claims"),
     ("array-of-arrays-2^60", _with(lambda b: b.kv("a", ARR, p32(ARR) + p64(2**60))), "claims"),
-    ("string-in-array-past-end", _with(lambda b: b.kv("a", ARR, p32(STR) + p64(2) + pstr("x") + p64(999))),
-     r"'a'\[1\].*truncated"),
+    (
+        "string-in-array-past-end",
+        _with(lambda b: b.kv("a", ARR, p32(STR) + p64(2) + pstr("x") + p64(999))),
+        r"'a'\[1\].*truncated",
+    ),
     ("key-1MB", _with(lambda b: b.kv("k" * (1 << 20), U8, b"\x01")), "1048576 bytes long"),
     ("tensor-name-1MB", _with(_tensor(0, name=b"w" * (1 << 20))), "1048576 bytes long"),
     ("duplicate-key", _with(lambda b: b.kv("k.u8", U8, b"\x01")), "duplicate metadata key 'k.u8'"),

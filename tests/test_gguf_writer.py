@@ -5,10 +5,10 @@ from __future__ import annotations
 import gguf
 import pytest
 import torch
-
 from models import hf_model, save_gguf, save_hf
-from tramontane.weights.gguf_writer import write_gguf
+
 from tramontane.build.load import load_model
+from tramontane.weights.gguf_writer import write_gguf
 
 TOKENS = torch.randint(0, 96, (2, 13), generator=torch.Generator().manual_seed(0))
 
@@ -24,8 +24,7 @@ def test_float_model_round_trip(tmp_path, kind):
     path = write_gguf(source.model, tmp_path / "out.gguf")
     back = load_model(path)
     assert back.config.norm_eps == pytest.approx(source.config.norm_eps, rel=1e-7)  # stored as float32
-    assert back.config.with_(architecture=source.config.architecture, norm_eps=source.config.norm_eps) \
-        == source.config
+    assert back.config.with_(architecture=source.config.architecture, norm_eps=source.config.norm_eps) == source.config
     assert (logits(back.model) - logits(source.model)).abs().max().item() <= 1e-5
     reader = gguf.GGUFReader(path)
     names = {t.name for t in reader.tensors}
@@ -49,9 +48,14 @@ def test_packed_model_writes_its_blocks_unchanged(tmp_path, qtype):
 
 def test_metadata_llama_cpp_reads(tmp_path):
     source = load_model(save_hf(hf_model("mistral", seed=9), tmp_path / "hf", shard=None))
-    tokenizer = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [f"t{i}" for i in range(96)],
-                 "tokenizer.ggml.scores": [0.0] * 96, "tokenizer.ggml.token_type": [1] * 96,
-                 "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}
+    tokenizer = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(96)],
+        "tokenizer.ggml.scores": [0.0] * 96,
+        "tokenizer.ggml.token_type": [1] * 96,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+    }
     reader = gguf.GGUFReader(write_gguf(source.model, tmp_path / "m.gguf", tokenizer, name="tiny"))
     fields = {k: f.contents() for k, f in reader.fields.items()}
     c = source.config

@@ -9,29 +9,30 @@ import subprocess
 import sys
 
 import pytest
-from fastapi.testclient import TestClient
-
-import tramontane
 from chartok import CharTokenizer
 from fake_engine import FakeEngine
+from fastapi.testclient import TestClient
 from models import hf_model, save_hf
 from test_engine import GREEDY, engine_for, prompts, sequential
+
+import tramontane
 from tramontane.api import LLM
+from tramontane.build.load import load_model
+from tramontane.decoding.sequence import SequenceState
 from tramontane.engine import EngineRequest
 from tramontane.engine import engine as engine_module
 from tramontane.engine.blocks import block_key
 from tramontane.errors import TemplateError
-from tramontane.decoding.sequence import SequenceState
 from tramontane.serve.app import create_app
-from tramontane.serve.requests import MAX_MESSAGES, request_template
 from tramontane.serve.errors import APIError
-from tramontane.build.load import load_model
+from tramontane.serve.requests import MAX_MESSAGES, request_template
 
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    return LLM(load_model(save_hf(hf_model("mistral", seed=8), tmp_path_factory.mktemp("e"), shard=None)),
-               CharTokenizer())
+    return LLM(
+        load_model(save_hf(hf_model("mistral", seed=8), tmp_path_factory.mktemp("e"), shard=None)), CharTokenizer()
+    )
 
 
 def _serve(engine, ps: list[list[int]]) -> dict[str, tuple[list[int], str | None, str | None]]:
@@ -50,6 +51,7 @@ def _serve(engine, ps: list[list[int]]) -> dict[str, tuple[list[int], str | None
             return results
         finally:
             await engine.shutdown(1.0)
+
     return asyncio.run(main())
 
 
@@ -103,8 +105,10 @@ def test_request_chat_templates_are_refused_unless_allowed(smollm2_path):
     own = request_template(tokenizer, "[{{ messages[0]['content'] }}]", allowed=True)
     assert own.encode_chat(messages) == tokenizer.encode("[hi]")
     assert tokenizer.encode_chat(messages) != own.encode_chat(messages)  # the model's own is untouched
-    for hostile in ("{{ cycler.__init__.__globals__.os.system('id') }}",
-                    "{% for i in range(10**5) %}{% for j in range(10**5) %}{% endfor %}{% endfor %}"):
+    for hostile in (
+        "{{ cycler.__init__.__globals__.os.system('id') }}",
+        "{% for i in range(10**5) %}{% for j in range(10**5) %}{% endfor %}{% endfor %}",
+    ):
         with pytest.raises(TemplateError):
             request_template(tokenizer, hostile, allowed=True).encode_chat(messages)
     with pytest.raises(APIError):  # mistral-common formats chats without a template
@@ -138,10 +142,21 @@ def test_too_many_headers_is_a_431():
 def test_errors_never_echo_a_large_input():
     api = TestClient(create_app(FakeEngine()))
     hi = [{"role": "user", "content": "x"}]
-    for body in ({"messages": hi, "stop": ["s" * 5000]}, {"messages": hi, "model": "m" * 10_000},
-                 {"messages": hi, "temperature": "t" * 10_000}, {"messages": [{"role": "r" * 10_000}]},
-                 {"messages": hi, "response_format": {"type": "json_schema", "json_schema": {"schema": {
-                     "type": "object", "properties": {f"k{i}": {"type": "bogus"} for i in range(2000)}}}}}):
+    for body in (
+        {"messages": hi, "stop": ["s" * 5000]},
+        {"messages": hi, "model": "m" * 10_000},
+        {"messages": hi, "temperature": "t" * 10_000},
+        {"messages": [{"role": "r" * 10_000}]},
+        {
+            "messages": hi,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "schema": {"type": "object", "properties": {f"k{i}": {"type": "bogus"} for i in range(2000)}}
+                },
+            },
+        },
+    ):
         r = api.post("/v1/chat/completions", json=body)
         assert 400 <= r.status_code < 500 and len(r.content) < 1200, (r.status_code, len(r.content))
     assert len(api.get("/v1/" + "a" * 10_000).content) < 1000
@@ -158,7 +173,9 @@ def test_a_failed_request_is_a_500_or_an_error_event_then_done():
     with api.stream("POST", "/v1/chat/completions", json={**ask, "seed": 13, "stream": True}) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and "error" in json.loads(events[-2])
-    assert any(json.loads(e).get("choices") and json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2])
+    assert any(
+        json.loads(e).get("choices") and json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-2]
+    )
     assert api.post("/v1/chat/completions", json={**ask, "seed": 1}).status_code == 200  # the others go on
 
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 from models import VOCAB, hf_model, save_gguf, save_hf
 
+from tramontane.build.load import load_model
 from tramontane.errors import ConfigError, LoadError
 from tramontane.lora import (
-    LoraSpec,
     LoRALinear,
+    LoraSpec,
     apply_lora,
     load_adapter,
     lora_state,
@@ -22,9 +23,8 @@ from tramontane.lora import (
 )
 from tramontane.lora.layers import ExpertLoRA
 from tramontane.quant.linear import PackedLinear
-from tramontane.weights.hf_writer import write_hf
-from tramontane.build.load import load_model
 from tramontane.quant.step import CompiledStep
+from tramontane.weights.hf_writer import write_hf
 
 peft = pytest.importorskip("peft")
 
@@ -62,8 +62,17 @@ def setup(tmp_path, kind: str, seed: int):
 
 # ---- spec validation --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,field", [({"rank": 0}, "rank"), ({"alpha": 0.0}, "alpha"), ({"dropout": 1.0}, "dropout"),
-                                          ({"targets": ("wq", "q_proj")}, "targets"), ({"rank": 2.5}, "rank")])
+
+@pytest.mark.parametrize(
+    "kwargs,field",
+    [
+        ({"rank": 0}, "rank"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"targets": ("wq", "q_proj")}, "targets"),
+        ({"rank": 2.5}, "rank"),
+    ],
+)
 def test_spec_validation_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"LoraSpec.{field}"):
         LoraSpec(**kwargs)
@@ -74,10 +83,16 @@ def test_spec_validation_names_the_field(kwargs, field):
 DEFAULT = LoraSpec().targets  # on Mixtral: attention, the router and every expert's w1/w2/w3
 
 
-@pytest.mark.parametrize("kind,targets,read_back", [
-    ("mistral", DEFAULT, DENSE), ("llama", DEFAULT, DENSE), ("mixtral", ATTENTION + ("gate",), None),
-    ("mixtral", ("experts",), None), ("mixtral", DEFAULT, ATTENTION + ("gate", "experts")),
-])
+@pytest.mark.parametrize(
+    "kind,targets,read_back",
+    [
+        ("mistral", DEFAULT, DENSE),
+        ("llama", DEFAULT, DENSE),
+        ("mixtral", ATTENTION + ("gate",), None),
+        ("mixtral", ("experts",), None),
+        ("mixtral", DEFAULT, ATTENTION + ("gate", "experts")),
+    ],
+)
 def test_our_adapter_loads_in_peft(tmp_path, kind, targets, read_back):
     hf, folder, ours = setup(tmp_path, kind, seed=3)
     base = logits(ours)
@@ -96,12 +111,16 @@ def test_our_adapter_loads_in_peft(tmp_path, kind, targets, read_back):
     assert_close(logits(fresh), mine, 1e-5, "our adapter read back")
 
 
-@pytest.mark.parametrize("kind,config", [
-    ("mistral", {"target_modules": HF_DENSE}), ("llama", {"target_modules": HF_DENSE}),
-    ("mixtral", {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate"]}),
-    ("mixtral", {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}),  # transformers 5 layout
-    ("mixtral", {"target_modules": ["w1", "w2", "w3"]}),  # transformers 4 names, converted by PEFT
-])
+@pytest.mark.parametrize(
+    "kind,config",
+    [
+        ("mistral", {"target_modules": HF_DENSE}),
+        ("llama", {"target_modules": HF_DENSE}),
+        ("mixtral", {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate"]}),
+        ("mixtral", {"target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}),  # transformers 5 layout
+        ("mixtral", {"target_modules": ["w1", "w2", "w3"]}),  # transformers 4 names, converted by PEFT
+    ],
+)
 def test_peft_adapter_loads_in_ours(tmp_path, kind, config):
     hf, _, ours = setup(tmp_path, kind, seed=4)
     model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, **config))
@@ -140,7 +159,10 @@ def test_load_adapter_errors_name_file_and_key(tmp_path):
 
 # ---- merge ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,targets", [("mistral", LoraSpec().targets), ("mixtral", ATTENTION + ("gate", "experts"))])
+
+@pytest.mark.parametrize(
+    "kind,targets", [("mistral", LoraSpec().targets), ("mixtral", ATTENTION + ("gate", "experts"))]
+)
 def test_merge_then_write_hf(tmp_path, kind, targets):
     _, _, ours = setup(tmp_path, kind, seed=6)
     apply_lora(ours, LoraSpec(rank=4, alpha=6.0, targets=targets), "a", seed=3)
@@ -160,7 +182,10 @@ def test_merge_then_write_hf(tmp_path, kind, targets):
 
 # ---- per-row selection ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,targets", [("mistral", LoraSpec().targets), ("mixtral", ("wq", "wo", "gate", "experts"))])
+
+@pytest.mark.parametrize(
+    "kind,targets", [("mistral", LoraSpec().targets), ("mixtral", ("wq", "wo", "gate", "experts"))]
+)
 def test_rows_with_different_adapters_equal_separate_runs(tmp_path, kind, targets):
     _, _, ours = setup(tmp_path, kind, seed=8)
     tokens = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(2))
@@ -173,8 +198,8 @@ def test_rows_with_different_adapters_equal_separate_runs(tmp_path, kind, target
     batch = logits(ours, tokens)
     for i, name in enumerate(("a", "b", None)):
         set_active(ours, name)
-        alone = logits(ours, tokens[i:i + 1])
-        assert_close(batch[i:i + 1], alone, 1e-5, f"row {i} (adapter {name})")
+        alone = logits(ours, tokens[i : i + 1])
+        assert_close(batch[i : i + 1], alone, 1e-5, f"row {i} (adapter {name})")
     if kind == "mixtral":  # the other rows' routing changed, so each expert's matmul has other shapes
         assert_close(batch[2], base[2], 1e-5, "row without adapter vs base")
     else:
@@ -219,6 +244,7 @@ def test_set_active_and_rows_validate(tmp_path):
 
 # ---- packed base ------------------------------------------------------------------------------------
 
+
 def test_packed_base_unfuses_and_trains_only_the_adapter(tmp_path):
     path = save_gguf(hf_model("mistral", seed=5), tmp_path / "m.gguf", "Q8_0")
     plain = load_model(path, packed=True).model
@@ -260,6 +286,7 @@ def test_merge_of_packed_model_gives_float_model(tmp_path):
 
 # ---- HF writer --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["mistral", "llama", "mixtral"])
 def test_write_hf_round_trip(tmp_path, kind):
     from transformers import AutoModelForCausalLM
@@ -286,8 +313,11 @@ def test_write_hf_packed_sharded_with_tokenizer(tmp_path):
     write_hf(packed, tmp_path / "out", tokenizer_source=source, max_shard_bytes=20_000)
     out = tmp_path / "out"
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
-    assert {p.name for p in out.iterdir() if "token" in p.name} == {"tokenizer.json", "tokenizer.model.v3",
-                                                                    "tokenizer_config.json"}
+    assert {p.name for p in out.iterdir() if "token" in p.name} == {
+        "tokenizer.json",
+        "tokenizer.model.v3",
+        "tokenizer_config.json",
+    }
     assert not (out / "notes.txt").exists()
     expected = logits(packed)
     assert_close(logits(AutoModelForCausalLM.from_pretrained(out)), expected, 1e-3, "transformers vs packed")

@@ -35,19 +35,34 @@ def measure(path) -> tuple[int, int, int]:
 
 def write_hf_model(folder, dim=1024, layers=6, hidden=3072, vocab=16000) -> None:
     folder.mkdir()
-    cfg = {"model_type": "mistral", "hidden_size": dim, "num_hidden_layers": layers, "num_attention_heads": 8,
-           "num_key_value_heads": 4, "intermediate_size": hidden, "vocab_size": vocab, "rms_norm_eps": 1e-5,
-           "sliding_window": 4096, "tie_word_embeddings": False}
+    cfg = {
+        "model_type": "mistral",
+        "hidden_size": dim,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "intermediate_size": hidden,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
+        "sliding_window": 4096,
+        "tie_word_embeddings": False,
+    }
     (folder / "config.json").write_text(json.dumps(cfg))
     kv = dim // 2
     shapes = {"model.embed_tokens.weight": (vocab, dim), "lm_head.weight": (vocab, dim), "model.norm.weight": (dim,)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (dim, dim), p + "self_attn.k_proj.weight": (kv, dim),
-                   p + "self_attn.v_proj.weight": (kv, dim), p + "self_attn.o_proj.weight": (dim, dim),
-                   p + "mlp.gate_proj.weight": (hidden, dim), p + "mlp.up_proj.weight": (hidden, dim),
-                   p + "mlp.down_proj.weight": (dim, hidden), p + "input_layernorm.weight": (dim,),
-                   p + "post_attention_layernorm.weight": (dim,)}
+        shapes |= {
+            p + "self_attn.q_proj.weight": (dim, dim),
+            p + "self_attn.k_proj.weight": (kv, dim),
+            p + "self_attn.v_proj.weight": (kv, dim),
+            p + "self_attn.o_proj.weight": (dim, dim),
+            p + "mlp.gate_proj.weight": (hidden, dim),
+            p + "mlp.up_proj.weight": (hidden, dim),
+            p + "mlp.down_proj.weight": (dim, hidden),
+            p + "input_layernorm.weight": (dim,),
+            p + "post_attention_layernorm.weight": (dim,),
+        }
     names = list(shapes)
     half = len(names) // 2
     index = {}

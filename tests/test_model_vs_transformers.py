@@ -6,8 +6,8 @@ import pytest
 import torch
 from models import hf_model, save_hf
 
-from tramontane.model import KVCache
 from tramontane.build.load import load_model
+from tramontane.model import KVCache
 
 LENGTHS = (20, 13)  # two prompts of different lengths, both past the sliding window of 8
 
@@ -59,7 +59,7 @@ def test_chunked_prefill_and_decode_with_cache(pair, chunk):
     outs = []
     with torch.no_grad():
         for s in range(0, tokens.shape[1], chunk):
-            outs.append(model(tokens[:, s:s + chunk], positions[:, s:s + chunk], cache))
+            outs.append(model(tokens[:, s : s + chunk], positions[:, s : s + chunk], cache))
     assert_close(torch.cat(outs, dim=1), prompts, reference, f"chunk {chunk}")
 
 

@@ -6,11 +6,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from models import hf_model, save_gguf
 from test_gguf_dequant import _random_blocks
-from tramontane.quant.linear import PackedLinear, PackedEmbedding
+
 from tramontane.build.load import load_model
+from tramontane.quant.linear import PackedEmbedding, PackedLinear
 
 QUANTIZABLE = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants can write these
 K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]  # written as random valid blocks
@@ -40,18 +40,30 @@ def write_random_kquant_model(path, qtype: str) -> None:
     dim, ffn, layers, vocab, heads, kv = 256, 512, 2, 96, 4, 2
     kind = gguf.GGMLQuantizationType[qtype]
     w = gguf.GGUFWriter(str(path), "llama")
-    for add, value in ((w.add_block_count, layers), (w.add_context_length, 128), (w.add_embedding_length, dim),
-                       (w.add_feed_forward_length, ffn), (w.add_head_count, heads), (w.add_head_count_kv, kv),
-                       (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 10000.0),
-                       (w.add_vocab_size, vocab)):
+    for add, value in (
+        (w.add_block_count, layers),
+        (w.add_context_length, 128),
+        (w.add_embedding_length, dim),
+        (w.add_feed_forward_length, ffn),
+        (w.add_head_count, heads),
+        (w.add_head_count_kv, kv),
+        (w.add_layer_norm_rms_eps, 1e-5),
+        (w.add_rope_freq_base, 10000.0),
+        (w.add_vocab_size, vocab),
+    ):
         add(value)
     hd = dim // heads
     shapes = {"token_embd.weight": (vocab, dim), "output.weight": (vocab, dim)}
     for i in range(layers):
-        shapes |= {f"blk.{i}.attn_q.weight": (dim, dim), f"blk.{i}.attn_k.weight": (kv * hd, dim),
-                   f"blk.{i}.attn_v.weight": (kv * hd, dim), f"blk.{i}.attn_output.weight": (dim, dim),
-                   f"blk.{i}.ffn_gate.weight": (ffn, dim), f"blk.{i}.ffn_up.weight": (ffn, dim),
-                   f"blk.{i}.ffn_down.weight": (dim, ffn)}
+        shapes |= {
+            f"blk.{i}.attn_q.weight": (dim, dim),
+            f"blk.{i}.attn_k.weight": (kv * hd, dim),
+            f"blk.{i}.attn_v.weight": (kv * hd, dim),
+            f"blk.{i}.attn_output.weight": (dim, dim),
+            f"blk.{i}.ffn_gate.weight": (ffn, dim),
+            f"blk.{i}.ffn_up.weight": (ffn, dim),
+            f"blk.{i}.ffn_down.weight": (dim, ffn),
+        }
     for seed, (name, (rows, cols)) in enumerate(shapes.items()):
         blocks = _random_blocks(kind, rows, cols, seed)
         w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=kind)

@@ -10,24 +10,45 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from models import hf_model, save_hf
 from serving import free_port
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
-CASES = [("mistral", "tp"), ("mistral-mqa", "tp"), ("llama", "tp"), ("mixtral", "tp"), ("mixtral", "ep"),
-         ("mixtral", "tp+ep")]
-MODELS = {"mistral": ("mistral", {}), "mistral-mqa": ("mistral", {"num_key_value_heads": 1}),  # 1 kv head, 2 ranks
-          "llama": ("llama", {}), "mixtral": ("mixtral", {})}
+CASES = [
+    ("mistral", "tp"),
+    ("mistral-mqa", "tp"),
+    ("llama", "tp"),
+    ("mixtral", "tp"),
+    ("mixtral", "ep"),
+    ("mixtral", "tp+ep"),
+]
+MODELS = {
+    "mistral": ("mistral", {}),
+    "mistral-mqa": ("mistral", {"num_key_value_heads": 1}),  # 1 kv head, 2 ranks
+    "llama": ("llama", {}),
+    "mixtral": ("mixtral", {}),
+}
 
 
 def torchrun(tmp: Path, cases: list[tuple[str, str]], nproc: int) -> dict:
     spec, out = tmp / f"cases{nproc}.json", tmp / f"out{nproc}.pt"
     spec.write_text(json.dumps(cases))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), str(WORKER), str(out), str(spec)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-port",
+        str(free_port()),
+        str(WORKER),
+        str(out),
+        str(spec),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)  # hang guards, generous for a loaded machine
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=900, env=env
+    )  # hang guards, generous for a loaded machine
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out)
 
@@ -35,8 +56,10 @@ def torchrun(tmp: Path, cases: list[tuple[str, str]], nproc: int) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel")
-    folders = {kind: str(save_hf(hf_model(MODELS[kind][0], seed=5, **MODELS[kind][1]), tmp / kind, shard="60KB"))
-               for kind, _ in CASES}
+    folders = {
+        kind: str(save_hf(hf_model(MODELS[kind][0], seed=5, **MODELS[kind][1]), tmp / kind, shard="60KB"))
+        for kind, _ in CASES
+    }
     single = torchrun(tmp, [(folders[k], "single") for k in folders], nproc=1)
     split = torchrun(tmp, [(folders[k], mode) for k, mode in CASES], nproc=2)
     return {k: single[f"{folders[k]}|single"] for k in folders}, {(k, m): split[f"{folders[k]}|{m}"] for k, m in CASES}
@@ -61,8 +84,17 @@ def test_plans_refuse_models_that_do_not_split():
     from tramontane.errors import ConfigError
     from tramontane.parallel.plan import layout_for
 
-    config = ModelConfig(vocab_size=96, dim=64, n_layers=1, n_heads=6, n_kv_heads=2, head_dim=16,
-                         hidden_dim=96, norm_eps=1e-5, rope_theta=1e4)
+    config = ModelConfig(
+        vocab_size=96,
+        dim=64,
+        n_layers=1,
+        n_heads=6,
+        n_kv_heads=2,
+        head_dim=16,
+        hidden_dim=96,
+        norm_eps=1e-5,
+        rope_theta=1e4,
+    )
     with pytest.raises(ConfigError, match="n_heads = 6"):
         layout_for(config, "tp", 0, 4)
     with pytest.raises(ConfigError, match="has none"):

@@ -141,8 +141,9 @@ def test_thread_counts_agree(qtype: QT) -> None:
         x = activations(m, k)
         one = kernels.qmatmul(x, packed, int(qtype), k, n_threads=1)
         for threads in [2, 3]:
-            torch.testing.assert_close(kernels.qmatmul(x, packed, int(qtype), k, n_threads=threads), one,
-                                       rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                kernels.qmatmul(x, packed, int(qtype), k, n_threads=threads), one, rtol=1e-6, atol=1e-6
+            )
 
 
 @needs_ext
@@ -157,8 +158,12 @@ def test_compiled_and_fallback_agree(monkeypatch: pytest.MonkeyPatch, qtype: QT)
     assert not kernels.available()
     fallback = kernels.qmatmul(x, packed, int(qtype), k)
     assert rel_err(compiled, fallback) < 1e-5
-    torch.testing.assert_close(kernels.dequantize_packed(packed, int(qtype), k), compiled_rows,
-                               rtol=1e-6, atol=1e-6 * compiled_rows.abs().max().item())
+    torch.testing.assert_close(
+        kernels.dequantize_packed(packed, int(qtype), k),
+        compiled_rows,
+        rtol=1e-6,
+        atol=1e-6 * compiled_rows.abs().max().item(),
+    )
 
 
 @pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q6_K], ids=lambda t: t.name)
@@ -237,8 +242,14 @@ def test_raw_extension_validates_its_arguments() -> None:
     x = activations(1, 256)
     y = torch.empty(1, 96)
     ptrs = (buf(x), buf(packed), buf(y))
-    for m, n, k, qtype, threads in [(1, 96, 256, 10, 1), (1, 96, 256, -1, 1), (1, 96, 250, 3, 1),
-                                    (1, 96, 256, 3, 0), (-1, 96, 256, 3, 1), (1, -1, 256, 3, 1)]:
+    for m, n, k, qtype, threads in [
+        (1, 96, 256, 10, 1),
+        (1, 96, 256, -1, 1),
+        (1, 96, 250, 3, 1),
+        (1, 96, 256, 3, 0),
+        (-1, 96, 256, 3, 1),
+        (1, -1, 256, 3, 1),
+    ]:
         with pytest.raises(ValueError):
             ext.matmul(*ptrs, m, n, k, qtype, threads)
     with pytest.raises(ValueError, match="null pointer"):
@@ -256,11 +267,15 @@ def test_raw_matmul_and_dequantize_refuse_short_buffers() -> None:
     rb = packed.shape[1]
     x = activations(3, 256)
     y = torch.full((3, 96), 7.0)
-    short = {"x": (buf(x.reshape(-1)[:-1]), buf(packed), buf(y)),  # one element short
-             "w": (buf(x), buf(packed[:-1]), buf(y)),  # one row short
-             "y": (buf(x), buf(packed), buf(y.reshape(-1)[:-1]))}
+    short = {
+        "x": (buf(x.reshape(-1)[:-1]), buf(packed), buf(y)),  # one element short
+        "w": (buf(x), buf(packed[:-1]), buf(y)),  # one row short
+        "y": (buf(x), buf(packed), buf(y.reshape(-1)[:-1])),
+    }
     for name, args in short.items():
-        need, have = {"x": (3 * 256 * 4, 3 * 256 * 4 - 4), "w": (96 * rb, 95 * rb), "y": (3 * 96 * 4, 3 * 96 * 4 - 4)}[name]
+        need, have = {"x": (3 * 256 * 4, 3 * 256 * 4 - 4), "w": (96 * rb, 95 * rb), "y": (3 * 96 * 4, 3 * 96 * 4 - 4)}[
+            name
+        ]
         with pytest.raises(ValueError, match=rf"^matmul: buffer {name} holds {have} bytes, its shape needs {need}$"):
             ext.matmul(*args, 3, 96, 256, int(QT.Q4_1), 1)
     assert (y == 7.0).all()
@@ -285,11 +300,19 @@ def block_case(qtype: QT = QT.Q8_0, window: int = 0) -> dict:
     """Tensors of one decode_block call (row 2 is padding), with the weights' dense references."""
     b, dim, h, hkv, d, f, s = BLOCK_SHAPE
     g = torch.Generator().manual_seed(7)
-    case = {"x": torch.randn(b, dim, generator=g), "attn_norm": torch.rand(dim, generator=g) + 0.5,
-            "ffn_norm": torch.rand(dim, generator=g) + 0.5,
-            "k_cache": torch.randn(b, hkv, s, d, generator=g), "v_cache": torch.randn(b, hkv, s, d, generator=g)}
-    for name, (n, k) in {"wqkv": ((h + 2 * hkv) * d, dim), "wo": (dim, h * d), "w13": (2 * f, dim),
-                         "w2": (dim, f)}.items():
+    case = {
+        "x": torch.randn(b, dim, generator=g),
+        "attn_norm": torch.rand(dim, generator=g) + 0.5,
+        "ffn_norm": torch.rand(dim, generator=g) + 0.5,
+        "k_cache": torch.randn(b, hkv, s, d, generator=g),
+        "v_cache": torch.randn(b, hkv, s, d, generator=g),
+    }
+    for name, (n, k) in {
+        "wqkv": ((h + 2 * hkv) * d, dim),
+        "wo": (dim, h * d),
+        "w13": (2 * f, dim),
+        "w2": (dim, f),
+    }.items():
         case[name], case[name + "_dense"] = weight(qtype, n, k)
     case["qpos"] = torch.tensor([5, 11, -1])
     case["kpos"] = torch.full((b, s), -1, dtype=torch.long)
@@ -338,7 +361,7 @@ def block_reference(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         seen = (kp >= 0) & (kp <= qp) & ((qp - kp < case["window"]) if case["window"] > 0 else True)
         for head in range(h):
             grp = head // (h // hkv)
-            p = torch.softmax(kc[row, grp][seen] @ q[row, head] / d ** 0.5, 0)
+            p = torch.softmax(kc[row, grp][seen] @ q[row, head] / d**0.5, 0)
             att[row, head] = p @ vc[row, grp][seen]
     x = x + att.view(b, h * d) @ case["wo_dense"].double().T
     gate, up = (norm(x, case["ffn_norm"]) @ case["w13_dense"].double().T).split(f, -1)
@@ -356,8 +379,9 @@ def test_decode_block_runs_with_exact_sizes(isa: str, qtype: QT, window: int) ->
 
 
 @needs_ext
-@pytest.mark.parametrize("name", ["x", "attn_norm", "ffn_norm", *PACKED, "cos_sin", "k_cache", "v_cache", "kpos",
-                                  "qpos"])
+@pytest.mark.parametrize(
+    "name", ["x", "attn_norm", "ffn_norm", *PACKED, "cos_sin", "k_cache", "v_cache", "kpos", "qpos"]
+)
 def test_decode_block_refuses_a_short_buffer(name: str) -> None:
     # One element (a packed weight: one row) short: a ValueError naming the buffer and both sizes, and
     # nothing read or written.

@@ -6,12 +6,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-
 from models import hf_model, save_hf
+
+from tramontane.build.load import load_model
 from tramontane.errors import RequestError
 from tramontane.quant.linear import PackedLinear
 from tramontane.quant.quantize import quantize_model, quantize_q4_1, quantize_q8_0
-from tramontane.build.load import load_model
 
 
 @pytest.mark.parametrize("fn,qtype", [(quantize_q8_0, "Q8_0"), (quantize_q4_1, "Q4_1")])
@@ -32,7 +32,7 @@ def test_quantized_model_is_a_module_swap_close_to_float(tmp_path, scheme, toler
     layers = [m for m in quant.modules() if isinstance(m, PackedLinear)]
     assert len(layers) == 2 * 4 + 1  # fused qkv, o, fused w1/w3, w2 per layer, and the output head
     w = plain.layers[0].attention.wq.weight
-    deq = quant.layers[0].attention.wqkv.dequantize()[:w.shape[0]]  # q rows come first
+    deq = quant.layers[0].attention.wqkv.dequantize()[: w.shape[0]]  # q rows come first
     step = (w.abs().max() / 127) if scheme == "int8" else (w.max() - w.min()) / 15
     assert (deq - w).abs().max() <= step  # within one quantization step
     tokens = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -61,4 +61,3 @@ def test_smollm2_int8_perplexity_within_one_percent(smollm2_path):
     quantize_model(plain.model, "int8")
     quantized = perplexity(plain)
     assert abs(quantized - base) / base <= 0.01, (base, quantized)
-

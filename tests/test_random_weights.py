@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from tramontane.errors import ConfigError
 from tramontane.build.random import meta_model, random_model
+from tramontane.errors import ConfigError
 from tramontane.weights.random import random_config
 
 
@@ -32,8 +32,21 @@ def test_mixtral_shapes_on_meta():
 
 def test_config_file_and_forward(tmp_path):
     path = tmp_path / "params.json"
-    path.write_text(json.dumps({"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128, "n_heads": 4,
-                                "n_kv_heads": 2, "norm_eps": 1e-5, "vocab_size": 100, "sliding_window": 8}))
+    path.write_text(
+        json.dumps(
+            {
+                "dim": 64,
+                "n_layers": 2,
+                "head_dim": 16,
+                "hidden_dim": 128,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "norm_eps": 1e-5,
+                "vocab_size": 100,
+                "sliding_window": 8,
+            }
+        )
+    )
     model = random_model(random_config(str(path)))
     logits = model(torch.randint(0, 100, (1, 12)))
     assert logits.shape == (1, 12, 100) and torch.isfinite(logits).all()
@@ -52,8 +65,8 @@ def test_quantized_random_model_is_packed(tmp_path):
     assert model.config.quant == "int4"
     assert isinstance(model.layers[0].feed_forward.w13, PackedLinear)  # gate and up, fused
     assert model.layers[0].feed_forward.w13.packed.numel() == 2 * 14336 * 4096 // 32 * 20  # Q4_1 blocks
-    from tramontane.quant.step import CompiledStep
     from tramontane.quant import kernels
+    from tramontane.quant.step import CompiledStep
 
     assert CompiledStep.fits(model) == kernels.available()
     logits = model(torch.tensor([[1, 2, 3]]))

@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
+from rss import rss_growth
 from safetensors.torch import save_file
 
-from rss import rss_growth
 from tramontane.errors import LoadError
 from tramontane.weights.safetensors import SafetensorsFile
 
@@ -30,13 +30,22 @@ CASES = {
     "unknown dtype": (raw({"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)), "dtype"),
     "negative dim": (raw({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4)), "shape"),
     "size mismatch": (raw({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 4]}}, bytes(4)), "needs 12"),
-    "huge shape": (raw({"a": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 4]}}, bytes(4)),
-                   "needs"),
+    "huge shape": (
+        raw({"a": {"dtype": "F32", "shape": [1 << 40, 1 << 40], "data_offsets": [0, 4]}}, bytes(4)),
+        "needs",
+    ),
     "offsets past end": (raw(GOOD, bytes(8)), "past the end"),
-    "reversed offsets": (raw({"a": {"dtype": "F32", "shape": [0], "data_offsets": [4, 0]}}, bytes(4)),
-                         "data_offsets"),
-    "overlap": (raw({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                     "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)), "overlaps"),
+    "reversed offsets": (raw({"a": {"dtype": "F32", "shape": [0], "data_offsets": [4, 0]}}, bytes(4)), "data_offsets"),
+    "overlap": (
+        raw(
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            bytes(12),
+        ),
+        "overlaps",
+    ),
     "gap": (raw({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8)), "gap"),
     "trailing bytes": (raw(GOOD, bytes(20)), "cover 16 bytes"),
     # found by fuzz/fuzz_safetensors.py: a list as dtype was looked up in a dict (TypeError)
@@ -44,8 +53,10 @@ CASES = {
     "dtype null": (raw({"a": {"dtype": None, "shape": [4], "data_offsets": [0, 16]}}, bytes(16)), "dtype"),
     "shape of booleans": (raw({"a": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}, bytes(4)), "shape"),
     "65 dims": (raw({"a": {"dtype": "F32", "shape": [1] * 65, "data_offsets": [0, 4]}}, bytes(4)), "shape"),
-    "huge name not echoed": (raw({"n" * 100_000: {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
-                             r"^.{0,400}$"),
+    "huge name not echoed": (
+        raw({"n" * 100_000: {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
+        r"^.{0,400}$",
+    ),
 }
 
 

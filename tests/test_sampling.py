@@ -16,7 +16,6 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from tramontane.errors import RequestError
 from tramontane.decoding.sampling import (
     SamplingParams,
     apply_penalties,
@@ -26,6 +25,7 @@ from tramontane.decoding.sampling import (
     process_logits,
     sample,
 )
+from tramontane.errors import RequestError
 
 V = 64
 
@@ -49,20 +49,46 @@ def hf(processor: object, logits: torch.Tensor, input_ids: torch.Tensor | None =
 # ---- SamplingParams validation -----------------------------------------------------------------------
 
 BAD_FIELDS = [
-    ("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf), ("temperature", "1"),
-    ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan), ("top_p", -0.2),
-    ("min_p", -0.01), ("min_p", 1.01), ("min_p", math.nan),
-    ("top_k", -2), ("top_k", 1.5), ("top_k", True),
-    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.inf),
+    ("temperature", -0.1),
+    ("temperature", math.nan),
+    ("temperature", math.inf),
+    ("temperature", "1"),
+    ("top_p", 0.0),
+    ("top_p", 1.5),
+    ("top_p", math.nan),
+    ("top_p", -0.2),
+    ("min_p", -0.01),
+    ("min_p", 1.01),
+    ("min_p", math.nan),
+    ("top_k", -2),
+    ("top_k", 1.5),
+    ("top_k", True),
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", -1.0),
+    ("repetition_penalty", math.inf),
     ("repetition_penalty", math.nan),
-    ("presence_penalty", 2.5), ("presence_penalty", -2.01), ("presence_penalty", math.nan),
-    ("frequency_penalty", 2.01), ("frequency_penalty", -3.0),
-    ("seed", 1.5), ("seed", 1 << 64), ("seed", -(1 << 63) - 1),
-    ("max_tokens", 0), ("max_tokens", -5), ("max_tokens", 2.0),
-    ("logprobs", -1), ("logprobs", 21), ("logprobs", 1.0),
-    ("stop", ("",)), ("stop", ("ok", 3)), ("stop", tuple(f"s{i}" for i in range(17))), ("stop", 7),
+    ("presence_penalty", 2.5),
+    ("presence_penalty", -2.01),
+    ("presence_penalty", math.nan),
+    ("frequency_penalty", 2.01),
+    ("frequency_penalty", -3.0),
+    ("seed", 1.5),
+    ("seed", 1 << 64),
+    ("seed", -(1 << 63) - 1),
+    ("max_tokens", 0),
+    ("max_tokens", -5),
+    ("max_tokens", 2.0),
+    ("logprobs", -1),
+    ("logprobs", 21),
+    ("logprobs", 1.0),
+    ("stop", ("",)),
+    ("stop", ("ok", 3)),
+    ("stop", tuple(f"s{i}" for i in range(17))),
+    ("stop", 7),
     ("stop", ("x" * 1025,)),
-    ("stop_token_ids", (-1,)), ("stop_token_ids", ("2",)), ("stop_token_ids", 5),
+    ("stop_token_ids", (-1,)),
+    ("stop_token_ids", ("2",)),
+    ("stop_token_ids", 5),
     ("ignore_eos", "yes"),
 ]
 
@@ -81,8 +107,19 @@ def _members(value: object) -> list[object]:
 
 
 def test_valid_params_and_normalisation() -> None:
-    p = SamplingParams(temperature=0, top_k=-1, min_p=1.0, top_p=1.0, seed=-3, max_tokens=1, logprobs=20,
-                       stop=["a", "b"], stop_token_ids=[2], presence_penalty=-2, frequency_penalty=2)
+    p = SamplingParams(
+        temperature=0,
+        top_k=-1,
+        min_p=1.0,
+        top_p=1.0,
+        seed=-3,
+        max_tokens=1,
+        logprobs=20,
+        stop=["a", "b"],
+        stop_token_ids=[2],
+        presence_penalty=-2,
+        frequency_penalty=2,
+    )
     assert p.stop == ("a", "b") and p.stop_token_ids == (2,) and p.is_greedy
     assert SamplingParams(stop="###").stop == ("###",)
     assert not SamplingParams().is_greedy and not SamplingParams().has_penalties
@@ -91,6 +128,7 @@ def test_valid_params_and_normalisation() -> None:
 
 
 # ---- masks vs transformers ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("temperature", [0.3, 0.7, 1.0, 1.8])
 def test_temperature_matches_transformers(temperature: float) -> None:
@@ -162,22 +200,32 @@ def test_repetition_penalty_matches_transformers(penalty: float) -> None:
 def test_full_chain_per_row_matches_transformers_row_by_row() -> None:
     """Different params per row in one batch == transformers' chain (same order) run on each row alone."""
     logits = random_logits(5, seed=4)
-    settings = [(1.2, 0.7, 10, 0.9, 0.05), (1.0, 1.0, 0, 1.0, 0.0), (0.8, 1.5, 3, 0.5, 0.2),
-                (1.5, 0.4, 0, 0.8, 0.0), (2.0, 1.0, 20, 1.0, 0.1)]
-    params = [SamplingParams(repetition_penalty=r, temperature=t, top_k=k, top_p=p, min_p=m)
-              for r, t, k, p, m in settings]
+    settings = [
+        (1.2, 0.7, 10, 0.9, 0.05),
+        (1.0, 1.0, 0, 1.0, 0.0),
+        (0.8, 1.5, 3, 0.5, 0.2),
+        (1.5, 0.4, 0, 0.8, 0.0),
+        (2.0, 1.0, 20, 1.0, 0.1),
+    ]
+    params = [
+        SamplingParams(repetition_penalty=r, temperature=t, top_k=k, top_p=p, min_p=m) for r, t, k, p, m in settings
+    ]
     seen = torch.tensor([[1, 7, 9, 2, 2], [3, 3, 3, 3, 3], [0, 1, 2, 3, 4], [50, 51, 52, 0, 0], [8, 8, 9, 9, 9]])
     prompt, output = seen[:, :3].tolist(), seen[:, 3:].tolist()
     ours = process_logits(apply_penalties(logits, prompt, output, params), params)
     for row, (r, t, k, p, m) in enumerate(settings):
-        chain = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(r), TemperatureLogitsWarper(t)]
-                                    + ([TopKLogitsWarper(k)] if k else []) + [TopPLogitsWarper(p)]
-                                    + ([MinPLogitsWarper(m)] if m else []))
-        ref = chain(seen[row:row + 1], logits[row:row + 1].clone())
-        assert_same_distribution(ours[row:row + 1], ref)
+        chain = LogitsProcessorList(
+            [RepetitionPenaltyLogitsProcessor(r), TemperatureLogitsWarper(t)]
+            + ([TopKLogitsWarper(k)] if k else [])
+            + [TopPLogitsWarper(p)]
+            + ([MinPLogitsWarper(m)] if m else [])
+        )
+        ref = chain(seen[row : row + 1], logits[row : row + 1].clone())
+        assert_same_distribution(ours[row : row + 1], ref)
 
 
 # ---- order of the steps (hand-computed) ---------------------------------------------------------------
+
 
 def survivors(logits: torch.Tensor) -> int:
     return int(torch.isfinite(logits).sum())
@@ -220,15 +268,17 @@ def test_greedy_rows_are_not_scaled_and_neutral_params_are_identity() -> None:
 
 # ---- presence / frequency penalties (hand-computed) ---------------------------------------------------
 
+
 def test_presence_and_frequency_penalties_hand_computed() -> None:
     logits = torch.tensor([[1.0, -1.0, 2.0, 0.0, 3.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
-    prompt = [[0, 0, 1], [4]]          # prompt tokens never count for the OpenAI penalties
+    prompt = [[0, 0, 1], [4]]  # prompt tokens never count for the OpenAI penalties
     output = [[2, 2, 2, 3], [1]]
-    params = [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
-              SamplingParams(presence_penalty=-1.0, frequency_penalty=0.0)]
+    params = [
+        SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+        SamplingParams(presence_penalty=-1.0, frequency_penalty=0.0),
+    ]
     out = apply_penalties(logits, prompt, output, params)
-    expected = torch.tensor([[1.0, -1.0, 2.0 - 0.5 - 0.75, 0.0 - 0.5 - 0.25, 3.0],
-                             [1.0, 2.0, 1.0, 1.0, 1.0]])
+    expected = torch.tensor([[1.0, -1.0, 2.0 - 0.5 - 0.75, 0.0 - 0.5 - 0.25, 3.0], [1.0, 2.0, 1.0, 1.0, 1.0]])
     torch.testing.assert_close(out, expected)
 
 
@@ -250,6 +300,7 @@ def test_count_tokens_rejects_out_of_vocabulary_ids() -> None:
 
 
 # ---- sampling ----------------------------------------------------------------------------------------
+
 
 def test_greedy_is_argmax_and_touches_no_generator() -> None:
     logits = random_logits(3, seed=5)
@@ -281,8 +332,9 @@ def test_sampling_never_uses_the_global_rng() -> None:
     assert torch.equal(torch.get_rng_state(), global_state)
 
 
-def draw(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None],
-         steps: int) -> torch.Tensor:
+def draw(
+    logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None], steps: int
+) -> torch.Tensor:
     processed = process_logits(logits, params)
     return torch.stack([sample(processed, params, gens) for _ in range(steps)], dim=-1)  # [B, steps]
 
@@ -304,8 +356,13 @@ def test_seeded_row_is_independent_of_batch_composition() -> None:
     alone = draw(row, [target], [make_generator(1234)], 30)
     others = random_logits(4, seed=9)
     batch = torch.cat([others[:2], row, others[2:]])
-    params = [SamplingParams(temperature=0.0), SamplingParams(seed=1, top_k=5), target,
-              SamplingParams(temperature=1.5), SamplingParams(seed=99, min_p=0.1)]
+    params = [
+        SamplingParams(temperature=0.0),
+        SamplingParams(seed=1, top_k=5),
+        target,
+        SamplingParams(temperature=1.5),
+        SamplingParams(seed=99, min_p=0.1),
+    ]
     gens = [None, make_generator(1), make_generator(1234), make_generator(None), make_generator(99)]
     together = draw(batch, params, gens, 30)
     assert torch.equal(together[2], alone[0])
@@ -336,13 +393,14 @@ def test_make_generator_is_seed_deterministic() -> None:
     a = torch.rand(4, generator=make_generator(5))
     b = torch.rand(4, generator=make_generator(5))
     assert torch.equal(a, b)
-    assert not torch.equal(torch.rand(4, generator=make_generator(None)),
-                           torch.rand(4, generator=make_generator(None)))
-    assert torch.equal(torch.rand(2, generator=make_generator(-1)),
-                       torch.rand(2, generator=make_generator((1 << 64) - 1)))
+    assert not torch.equal(torch.rand(4, generator=make_generator(None)), torch.rand(4, generator=make_generator(None)))
+    assert torch.equal(
+        torch.rand(2, generator=make_generator(-1)), torch.rand(2, generator=make_generator((1 << 64) - 1))
+    )
 
 
 # ---- logprobs ----------------------------------------------------------------------------------------
+
 
 def test_logprobs_match_log_softmax_and_are_sorted() -> None:
     logits = random_logits(3, seed=10)

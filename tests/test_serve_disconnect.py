@@ -10,8 +10,8 @@ import time
 
 import pytest
 import uvicorn
-
 from fake_engine import FakeEngine
+
 from tramontane.serve import create_app
 
 
@@ -39,8 +39,10 @@ def served():
 def open_request(port: int, body: dict) -> socket.socket:
     data = json.dumps(body).encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(data), data)
+    )
     return sock
 
 
@@ -61,8 +63,9 @@ def running_ids(engine: FakeEngine, before: int) -> list[str]:
 def test_disconnect_aborts_within_a_step(served, stream, n):
     engine, port = served
     before = len(engine.requests)
-    sock = open_request(port, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200,
-                               "stream": stream, "n": n})
+    sock = open_request(
+        port, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": stream, "n": n}
+    )
     assert wait_for(lambda: len(engine.requests) - before == n and engine.running >= n)
     if stream:
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # the stream has begun

@@ -9,9 +9,9 @@ import time
 
 import httpx
 import pytest
+from serving import metric, running_server
 
 import tramontane
-from serving import metric, running_server
 
 QUESTIONS = [f"In one sentence, what is special about the number {i}?" for i in range(16)]
 MAX_TOKENS = 24
@@ -25,15 +25,21 @@ def llm(smollm2_path):
 @pytest.fixture(scope="module")
 def sequential(llm):
     """Offline greedy answers, one request at a time."""
-    return [llm.chat([{"role": "user", "content": q}], temperature=0, max_tokens=MAX_TOKENS).text
-            for q in QUESTIONS]
+    return [llm.chat([{"role": "user", "content": q}], temperature=0, max_tokens=MAX_TOKENS).text for q in QUESTIONS]
 
 
-async def stream_chat(client: httpx.AsyncClient, messages: list[dict], max_tokens: int = MAX_TOKENS
-                      ) -> tuple[str, dict, float]:
+async def stream_chat(
+    client: httpx.AsyncClient, messages: list[dict], max_tokens: int = MAX_TOKENS
+) -> tuple[str, dict, float]:
     """(text, final usage, time to first token) of one streaming greedy chat request."""
-    body = {"model": "m", "messages": messages, "temperature": 0, "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": "m",
+        "messages": messages,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     text, usage, ttft, start = "", {}, None, time.perf_counter()
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200, await response.aread()
@@ -52,15 +58,16 @@ async def stream_chat(client: httpx.AsyncClient, messages: list[dict], max_token
 def concurrent_answers(base: str) -> list[str]:
     async def main():
         async with httpx.AsyncClient(base_url=base, timeout=300) as client:
-            return await asyncio.gather(*(stream_chat(client, [{"role": "user", "content": q}])
-                                          for q in QUESTIONS))
+            return await asyncio.gather(*(stream_chat(client, [{"role": "user", "content": q}]) for q in QUESTIONS))
+
     return [text for text, _, _ in asyncio.run(main())]
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_path, tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("s") / "log.txt", "--kv-cache-memory", "256M",
-                        "--served-model-name", "m") as (base, _):
+    with running_server(
+        tmp_path_factory.mktemp("s") / "log.txt", "--kv-cache-memory", "256M", "--served-model-name", "m"
+    ) as (base, _):
         yield base
 
 
@@ -73,8 +80,13 @@ def test_sixteen_concurrent_streams_equal_sequential(server, sequential):
 
 def test_dropped_stream_is_aborted_and_frees_its_blocks(server):
     before = metric(server, "tramontane_kv_blocks_used")
-    body = {"model": "m", "messages": [{"role": "user", "content": "Tell me a very long story."}],
-            "max_tokens": 400, "stream": True, "ignore_eos": True}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "max_tokens": 400,
+        "stream": True,
+        "ignore_eos": True,
+    }
     with httpx.Client(base_url=server, timeout=60) as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()
@@ -100,6 +112,7 @@ def test_shared_system_prompt_hits_the_prefix_cache(server):
             first = await stream_chat(client, [system, {"role": "user", "content": "Name a colour."}], 4)
             second = await stream_chat(client, [system, {"role": "user", "content": "Name a fruit."}], 4)
             return first, second
+
     hits_before = metric(server, "tramontane_prefix_cache_hits")
     (_, usage1, ttft1), (_, usage2, ttft2) = asyncio.run(main())
     assert usage1["prompt_tokens"] > 200
@@ -117,8 +130,8 @@ def test_tight_kv_budget_preempts_and_stays_exact(smollm2_path, tmp_path, sequen
 
         async def impossible():
             async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-                r = await client.post("/v1/completions", json={"model": "m", "prompt": long_prompt,
-                                                                "max_tokens": 5})
+                r = await client.post("/v1/completions", json={"model": "m", "prompt": long_prompt, "max_tokens": 5})
                 return r.json()
+
         answer = asyncio.run(asyncio.wait_for(impossible(), 60))
         assert answer["choices"][0]["finish_reason"] == "length"

@@ -9,9 +9,9 @@ import json
 import struct
 
 import pytest
+from fake_engine import V1, FakeEngine
 from fastapi.testclient import TestClient
 
-from fake_engine import V1, FakeEngine
 from tramontane.engine.types import EngineUnavailableError, QueueFullError
 from tramontane.serve import create_app, drain
 from tramontane.serve.requests import SAFE_PROMPT
@@ -50,12 +50,29 @@ def assert_error(r, status: int, *, param=None, code=None, contains: str = "") -
 
 # ---- 400: invalid values, naming the parameter ---------------------------------------------------------
 
-@pytest.mark.parametrize("field,value", [
-    ("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("top_k", -2), ("min_p", 2),
-    ("presence_penalty", 3), ("frequency_penalty", -3), ("repetition_penalty", 0),
-    ("max_tokens", 0), ("n", 0), ("n", 1000), ("min_tokens", -1), ("seed", 1 << 70), ("random_seed", -(1 << 70)),
-    ("stop", [""]), ("stop", ["x"] * 40), ("top_logprobs", 2),
-])
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -1),
+        ("top_p", 0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("min_p", 2),
+        ("presence_penalty", 3),
+        ("frequency_penalty", -3),
+        ("repetition_penalty", 0),
+        ("max_tokens", 0),
+        ("n", 0),
+        ("n", 1000),
+        ("min_tokens", -1),
+        ("seed", 1 << 70),
+        ("random_seed", -(1 << 70)),
+        ("stop", [""]),
+        ("stop", ["x"] * 40),
+        ("top_logprobs", 2),
+    ],
+)
 def test_invalid_value_is_400_naming_the_field(api, field, value):
     assert_error(api.post(CHAT, json={"messages": HI, field: value}), 400, param=field)
 
@@ -69,50 +86,77 @@ def test_nan_and_infinity_are_400(api):
 def test_value_rules_of_combinations(api):
     assert_error(api.post(CHAT, json={"messages": HI, "max_tokens": 2, "min_tokens": 3}), 400, param="min_tokens")
     assert_error(api.post(CHAT, json={"messages": HI, "seed": 1, "random_seed": 2}), 400, param="random_seed")
-    assert_error(api.post(CHAT, json={"messages": HI, "logprobs": True, "top_logprobs": 21}), 400,
-                 param="top_logprobs")
+    assert_error(api.post(CHAT, json={"messages": HI, "logprobs": True, "top_logprobs": 21}), 400, param="top_logprobs")
     assert_error(api.post(CHAT, json={"messages": []}), 400, param="messages")
     assert_error(api.post(CHAT, json={"messages": [{"role": "user"}]}), 400, param="messages[0].content")
-    assert_error(api.post(CHAT, json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400,
-                 param="messages[0].content[0]")
+    assert_error(
+        api.post(CHAT, json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
+        400,
+        param="messages[0].content[0]",
+    )
     assert_error(api.post("/v1/completions", json={"prompt": [], "max_tokens": 1}), 400, param="prompt")
-    assert_error(api.post("/v1/completions", json={"prompt": [1, 10 ** 6]}), 400, param="prompt")
+    assert_error(api.post("/v1/completions", json={"prompt": [1, 10**6]}), 400, param="prompt")
     assert_error(api.post("/v1/completions", json={"prompt": "x", "logprobs": 30}), 400, param="logprobs")
-    assert_error(api.post("/v1/embeddings", json={"input": "x", "encoding_format": "hex"}), 400,
-                 param="encoding_format")
+    assert_error(
+        api.post("/v1/embeddings", json={"input": "x", "encoding_format": "hex"}), 400, param="encoding_format"
+    )
     assert_error(api.post("/v1/detokenize", json={"tokens": [-1]}), 400, param="tokens")
 
 
 def test_context_length_exceeded(api, engine):
-    err = assert_error(api.post(CHAT, json={"messages": HI, "max_tokens": 10 ** 30}), 400, param="messages",
-                       code="context_length_exceeded")
+    err = assert_error(
+        api.post(CHAT, json={"messages": HI, "max_tokens": 10**30}),
+        400,
+        param="messages",
+        code="context_length_exceeded",
+    )
     assert str(engine.max_model_len) in err["message"]
     long = "word " * (engine.max_model_len + 10)
-    assert_error(api.post("/v1/completions", json={"prompt": long}), 400, param="prompt",
-                 code="context_length_exceeded")
-    assert_error(api.post("/v1/embeddings", json={"input": [long]}), 400, param="input",
-                 code="context_length_exceeded")
+    assert_error(
+        api.post("/v1/completions", json={"prompt": long}), 400, param="prompt", code="context_length_exceeded"
+    )
+    assert_error(api.post("/v1/embeddings", json={"input": [long]}), 400, param="input", code="context_length_exceeded")
     assert not engine.requests
 
 
 def test_bad_response_format_and_tools_are_400s(api):
-    assert_error(api.post(CHAT, json={"messages": HI, "response_format": {"type": "yaml"}}), 400,
-                 param="response_format", contains="yaml")
-    assert_error(api.post(CHAT, json={"messages": HI, "response_format": {"type": "json_schema"}}), 400,
-                 param="response_format", contains="json_schema")
+    assert_error(
+        api.post(CHAT, json={"messages": HI, "response_format": {"type": "yaml"}}),
+        400,
+        param="response_format",
+        contains="yaml",
+    )
+    assert_error(
+        api.post(CHAT, json={"messages": HI, "response_format": {"type": "json_schema"}}),
+        400,
+        param="response_format",
+        contains="json_schema",
+    )
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     bad = [{"type": "function", "function": {"name": "f(x)", "parameters": {}}}]
-    assert_error(api.post(CHAT, json={"messages": HI, "tools": bad}), 400, param="tools[0].function.name",
-                 contains="f(x)")
-    assert_error(api.post(CHAT, json={"messages": HI, "tools": tools, "tool_choice": {"type": "function"}}), 400,
-                 param="tool_choice", contains="name a function")
+    assert_error(
+        api.post(CHAT, json={"messages": HI, "tools": bad}), 400, param="tools[0].function.name", contains="f(x)"
+    )
+    assert_error(
+        api.post(CHAT, json={"messages": HI, "tools": tools, "tool_choice": {"type": "function"}}),
+        400,
+        param="tool_choice",
+        contains="name a function",
+    )
     assert api.post(CHAT, json={"messages": HI, "tools": tools}).status_code == 200
     assert api.post(CHAT, json={"messages": HI, "response_format": {"type": "text"}}).status_code == 200
 
 
 def test_invalid_json_is_400(api):
-    for body in (b"", b"{", b"{'messages': []}", b"\xff\xfe\x00", b"[" * 50_000, b'{"n": 1' + b"0" * 5000 + b"}",
-                 b'{"messages": [{"role": "user", "content": "\\ud800"}]}'):  # a lone surrogate is not text
+    for body in (
+        b"",
+        b"{",
+        b"{'messages': []}",
+        b"\xff\xfe\x00",
+        b"[" * 50_000,
+        b'{"n": 1' + b"0" * 5000 + b"}",
+        b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+    ):  # a lone surrogate is not text
         assert_error(api.post(CHAT, content=body), 400, code="invalid_json")
     for path in ("/v1/completions", "/v1/tokenize", "/v1/embeddings"):
         body = b'{"prompt": "a\\udfffb", "input": "\\udc00"}'
@@ -123,8 +167,12 @@ def test_invalid_json_is_400(api):
 
 def test_fim_needs_a_tokenizer_with_fim_tokens():
     api = client(FakeEngine(tokenizer_file=V1))
-    err = assert_error(api.post("/v1/fim/completions", json={"prompt": "def f(", "suffix": "return 1"}), 400,
-                       param="suffix", code="fim_not_supported")
+    err = assert_error(
+        api.post("/v1/fim/completions", json={"prompt": "def f(", "suffix": "return 1"}),
+        400,
+        param="suffix",
+        code="fim_not_supported",
+    )
     assert "fill-in-the-middle" in err["message"]
     assert_error(api.post("/v1/completions", json={"prompt": "def f(", "suffix": "x"}), 400, param="suffix")
     assert api.get("/v1/models").json()["data"][0]["capabilities"]["completion_fim"] is False
@@ -132,10 +180,16 @@ def test_fim_needs_a_tokenizer_with_fim_tokens():
 
 # ---- 401, 404, 413, 422, 429, 503 ----------------------------------------------------------------------
 
+
 def test_api_key_guards_every_route_but_health():
     api = client(api_key="s3cret")
-    for method, path in (("GET", "/v1/models"), ("POST", CHAT), ("GET", "/metrics"), ("POST", "/v1/tokenize"),
-                         ("GET", "/no/such/route")):
+    for method, path in (
+        ("GET", "/v1/models"),
+        ("POST", CHAT),
+        ("GET", "/metrics"),
+        ("POST", "/v1/tokenize"),
+        ("GET", "/no/such/route"),
+    ):
         assert_error(api.request(method, path, json={}), 401, code="invalid_api_key", contains="missing")
         r = api.request(method, path, json={}, headers={"Authorization": "Bearer s3cre"})
         assert_error(r, 401, code="invalid_api_key", contains="invalid")
@@ -145,9 +199,12 @@ def test_api_key_guards_every_route_but_health():
 
 
 def test_unknown_model_and_route_are_404(api, engine):
-    for path, body in ((CHAT, {"model": "gpt-4", "messages": HI}), ("/v1/completions", {"model": "x", "prompt": "a"}),
-                       ("/v1/embeddings", {"model": "x", "input": "a"}), ("/v1/fim/completions",
-                                                                         {"model": "x", "prompt": "a"})):
+    for path, body in (
+        (CHAT, {"model": "gpt-4", "messages": HI}),
+        ("/v1/completions", {"model": "x", "prompt": "a"}),
+        ("/v1/embeddings", {"model": "x", "input": "a"}),
+        ("/v1/fim/completions", {"model": "x", "prompt": "a"}),
+    ):
         assert_error(api.post(path, json=body), 404, param="model", code="model_not_found")
     assert_error(api.get("/v1/models/gpt-4"), 404, param="model", code="model_not_found")
     assert api.get("/v1/models/fake-model").json()["id"] == "fake-model"
@@ -162,18 +219,25 @@ def test_body_over_the_limit_is_413_with_or_without_content_length(api, engine):
 
     def chunks():  # no Content-Length: the body arrives in pieces (Transfer-Encoding: chunked)
         for i in range(0, len(big), 8192):
-            yield big[i:i + 8192]
+            yield big[i : i + 8192]
 
     assert_error(api.post(CHAT, content=chunks()), 413, code="request_too_large")
     assert not engine.requests
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"messages": "hi"}, "messages"), ({"messages": [{"role": "king", "content": "x"}]}, "messages[0].role"),
-    ({"messages": HI, "temperature": "hot"}, "temperature"), ({"messages": HI, "max_tokens": 1.5}, "max_tokens"),
-    ({"messages": HI, "stream": "sometimes"}, "stream"), ({"messages": [{"content": "x"}]}, "messages[0].role"),
-    ({"messages": HI, "stop": [1, 2]}, "stop"), ({"temperature": 0}, "messages"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "king", "content": "x"}]}, "messages[0].role"),
+        ({"messages": HI, "temperature": "hot"}, "temperature"),
+        ({"messages": HI, "max_tokens": 1.5}, "max_tokens"),
+        ({"messages": HI, "stream": "sometimes"}, "stream"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"messages": HI, "stop": [1, 2]}, "stop"),
+        ({"temperature": 0}, "messages"),
+    ],
+)
 def test_schema_violation_is_422(api, body, param):
     assert_error(api.post(CHAT, json=body), 422, param=param)
 
@@ -211,15 +275,31 @@ def test_503_while_loading_draining_or_refused(engine):
 
 # ---- what reaches the engine ---------------------------------------------------------------------------
 
+
 def test_chat_request_translation(api, engine):
-    r = api.post(CHAT, json={"model": "fake-model", "messages": HI, "random_seed": 7, "temperature": 0.5,
-                             "top_k": 5, "min_tokens": 2, "max_tokens": 3, "stop": "zz", "n": 2, "safe_prompt": True})
+    r = api.post(
+        CHAT,
+        json={
+            "model": "fake-model",
+            "messages": HI,
+            "random_seed": 7,
+            "temperature": 0.5,
+            "top_k": 5,
+            "min_tokens": 2,
+            "max_tokens": 3,
+            "stop": "zz",
+            "n": 2,
+            "safe_prompt": True,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion" and [c["index"] for c in body["choices"]] == [0, 1]
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello from the"}
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"]["completion_tokens"] == 6 and body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 6
+    assert (
+        body["usage"]["completion_tokens"] == 6 and body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 6
+    )
     first, second = engine.requests
     assert (first.params.seed, second.params.seed) == (7, 8)  # seed + i per choice
     assert first.params.temperature == 0.5 and first.params.top_k == 5 and first.params.stop == ("zz",)
@@ -228,7 +308,9 @@ def test_chat_request_translation(api, engine):
 
 
 def test_streaming_chunks_usage_and_done(api):
-    r = api.post(CHAT, json={"messages": HI, "stream": True, "max_tokens": 3, "stream_options": {"include_usage": True}})
+    r = api.post(
+        CHAT, json={"messages": HI, "stream": True, "max_tokens": 3, "stream_options": {"include_usage": True}}
+    )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = [e.removeprefix("data: ") for e in r.text.strip().split("\n\n")]
     assert events[-1] == "[DONE]"
@@ -303,6 +385,7 @@ def test_the_fake_engine_and_the_real_one_fit_the_engine_protocol():
     import inspect
 
     from fake_engine import FakeEngine
+
     from tramontane.engine import AsyncEngine
     from tramontane.engine.types import Engine
 

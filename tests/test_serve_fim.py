@@ -8,11 +8,11 @@ import json
 import shutil
 
 import pytest
+from fake_engine import DATA, V1, V3
 from fastapi.testclient import TestClient
+from models import hf_model, save_native
 
 import tramontane
-from fake_engine import DATA, V1, V3
-from models import hf_model, save_native
 from tramontane.engine import AsyncEngine
 from tramontane.errors import TokenizerError
 from tramontane.serve import create_app, drain
@@ -26,7 +26,7 @@ def test_supports_fim_only_with_fim_tokens():
     ids = v3.encode_fim("def f(", "return 1")
     suffix, prefix = v3.encode_fim("", "")[1:3]  # [BOS, SUFFIX, PREFIX] when both parts are empty
     assert ids[:2] == [v3.bos_id, suffix] and ids.index(prefix) > 2 and 0 not in ids
-    assert ids[ids.index(prefix) + 1:] == v3.encode("def f(")
+    assert ids[ids.index(prefix) + 1 :] == v3.encode("def f(")
     assert MistralCommonTokenizer(DATA / "tekken_240718.json").supports_fim
     for no_fim in (V1, DATA / "mistral_instruct_tokenizer_240216.model.v2"):  # v2 encodes [PREFIX] as <unk>
         assert not MistralCommonTokenizer(no_fim).supports_fim
@@ -59,15 +59,17 @@ def test_fim_completion_equals_offline_generation(api, tiny):
     assert tiny.tokenizer.supports_fim
     ids = tiny.tokenizer.encode_fim(PROMPT, SUFFIX)
     expected = tiny.generate(ids, temperature=0, max_tokens=6, ignore_eos=True)[0]
-    body = {"model": "tiny", "prompt": PROMPT, "suffix": SUFFIX, "max_tokens": 6, "temperature": 0,
-            "ignore_eos": True}
+    body = {"model": "tiny", "prompt": PROMPT, "suffix": SUFFIX, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     r = api.post("/v1/fim/completions", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["choices"][0]["message"]["content"] == expected.text
-    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 6, "total_tokens": len(ids) + 6,
-                            "prompt_tokens_details": {"cached_tokens": out["usage"]["prompt_tokens_details"]
-                                                      ["cached_tokens"]}}
+    assert out["usage"] == {
+        "prompt_tokens": len(ids),
+        "completion_tokens": 6,
+        "total_tokens": len(ids) + 6,
+        "prompt_tokens_details": {"cached_tokens": out["usage"]["prompt_tokens_details"]["cached_tokens"]},
+    }
     same = api.post("/v1/completions", json={**body, "stream": True}).text  # suffix on /v1/completions
     chunks = [line[6:] for line in same.splitlines() if line.startswith("data: ")]
     assert chunks[-1] == "[DONE]"

@@ -9,8 +9,8 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from models import hf_model, save_hf
 from serving import metric, running_server
 
@@ -28,7 +27,10 @@ CLIENTS = 32
 SECONDS = 60.0
 DRAIN_TIMEOUT = 30
 MALFORMED = [
-    b"{", b"[]", b'{"messages": "hi"}', b'{"messages": [{"role": "wizard", "content": "x"}]}',
+    b"{",
+    b"[]",
+    b'{"messages": "hi"}',
+    b'{"messages": [{"role": "wizard", "content": "x"}]}',
     json.dumps({"messages": [{"role": "user", "content": "x"}], "n": 10_000}).encode(),
     json.dumps({"messages": [{"role": "user", "content": "x"}], "temperature": -3}).encode(),
     json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}).encode(),
@@ -64,18 +66,36 @@ def children(pid: int) -> set[int]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = save_hf(hf_model("mistral", seed=5, vocab_size=32768, max_position_embeddings=512),
-                     tmp_path_factory.mktemp("model"), shard=None)
+    folder = save_hf(
+        hf_model("mistral", seed=5, vocab_size=32768, max_position_embeddings=512),
+        tmp_path_factory.mktemp("model"),
+        shard=None,
+    )
     shutil.copy(DATA / "mistral_instruct_tokenizer_240323.model.v3", folder / "tokenizer.model.v3")
     log = tmp_path_factory.mktemp("serve") / "stderr.txt"
-    with running_server(log, str(folder), "--served-model-name", "tiny", "--kv-cache-memory", "64M",
-                        "--drain-timeout", str(DRAIN_TIMEOUT), "--dtype", "float32") as (base, proc):
+    with running_server(
+        log,
+        str(folder),
+        "--served-model-name",
+        "tiny",
+        "--kv-cache-memory",
+        "64M",
+        "--drain-timeout",
+        str(DRAIN_TIMEOUT),
+        "--dtype",
+        "float32",
+    ) as (base, proc):
         yield base, proc, log, folder
 
 
 async def _well_formed(client: httpx.AsyncClient, rng: random.Random, tally: dict) -> None:
-    body = {"messages": [{"role": "user", "content": f"Count to {rng.randint(1, 99)}."}], "temperature": 1.0,
-            "seed": rng.randint(0, 1 << 30), "max_tokens": rng.randint(4, 48), "n": rng.choice([1, 1, 2])}
+    body = {
+        "messages": [{"role": "user", "content": f"Count to {rng.randint(1, 99)}."}],
+        "temperature": 1.0,
+        "seed": rng.randint(0, 1 << 30),
+        "max_tokens": rng.randint(4, 48),
+        "n": rng.choice([1, 1, 2]),
+    }
     if rng.random() < 0.5:
         r = await client.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text[:300]
@@ -99,8 +119,12 @@ async def _well_formed(client: httpx.AsyncClient, rng: random.Random, tally: dic
 
 
 async def _goes_away(client: httpx.AsyncClient, rng: random.Random, tally: dict) -> None:
-    body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 300,
-            "ignore_eos": True, "stream": rng.random() < 0.5}
+    body = {
+        "messages": [{"role": "user", "content": "Tell a long story."}],
+        "max_tokens": 300,
+        "ignore_eos": True,
+        "stream": rng.random() < 0.5,
+    }
     try:
         await asyncio.wait_for(client.post("/v1/chat/completions", json=body), timeout=rng.uniform(0.05, 1.5))
     except TimeoutError:
@@ -108,8 +132,9 @@ async def _goes_away(client: httpx.AsyncClient, rng: random.Random, tally: dict)
 
 
 async def _malformed(client: httpx.AsyncClient, rng: random.Random, tally: dict) -> None:
-    r = await client.post("/v1/chat/completions", content=rng.choice(MALFORMED),
-                          headers={"Content-Type": "application/json"})
+    r = await client.post(
+        "/v1/chat/completions", content=rng.choice(MALFORMED), headers={"Content-Type": "application/json"}
+    )
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     assert len(r.content) < 4096  # the error names the problem without echoing the input
     tally["malformed"] += 1
@@ -147,8 +172,11 @@ def test_thirty_two_clients_with_faults_for_a_minute(server):
     tally = {"complete": 0, "gone": 0, "malformed": 0}
     asyncio.run(_run(base, SECONDS, tally))
     assert tally["complete"] >= 100 and tally["gone"] >= 20 and tally["malformed"] >= 20, tally
-    assert _settled(base) == {"tramontane_running_requests": 0, "tramontane_queue_depth": 0,
-                              "tramontane_kv_blocks_used": 0}
+    assert _settled(base) == {
+        "tramontane_running_requests": 0,
+        "tramontane_queue_depth": 0,
+        "tramontane_kv_blocks_used": 0,
+    }
     growth = rss(proc.pid) - before
     assert growth < 64 << 20, f"RSS grew by {growth / 2**20:.1f} MiB during the minute"
     assert proc.poll() is None and httpx.get(f"{base}/health").status_code == 200
@@ -169,8 +197,11 @@ def test_echo_scores_the_prompt_as_transformers_does(server):
 
     base, _, _, _ = server
     ids = [1, 1500, 2000, 31, 400, 7, 9000, 12]
-    r = httpx.post(f"{base}/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 3,
-                                                    "temperature": 0}, timeout=60)
+    r = httpx.post(
+        f"{base}/v1/completions",
+        json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 3, "temperature": 0},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     lp = choice["logprobs"]
@@ -181,14 +212,20 @@ def test_echo_scores_the_prompt_as_transformers_does(server):
         reference = model(torch.tensor([ids])).logits[0].log_softmax(-1)
     expected = [float(reference[k - 1, ids[k]]) for k in range(1, len(ids))]
     assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:], expected)) < 1e-4
-    assert all(len(top) == 3 and max(top.values()) >= v - 1e-6 for top, v in zip(lp["top_logprobs"][1:],
-                                                                                   lp["token_logprobs"][1:]))
-    both = httpx.post(f"{base}/v1/completions", json={"prompt": ids, "max_tokens": 4, "echo": True, "logprobs": 1,
-                                                       "temperature": 0, "ignore_eos": True}, timeout=60).json()
+    assert all(
+        len(top) == 3 and max(top.values()) >= v - 1e-6
+        for top, v in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:])
+    )
+    both = httpx.post(
+        f"{base}/v1/completions",
+        json={"prompt": ids, "max_tokens": 4, "echo": True, "logprobs": 1, "temperature": 0, "ignore_eos": True},
+        timeout=60,
+    ).json()
     generated = both["choices"][0]["logprobs"]
-    assert generated["token_logprobs"][:len(ids)] == lp["token_logprobs"] and len(generated["tokens"]) == len(ids) + 4
+    assert generated["token_logprobs"][: len(ids)] == lp["token_logprobs"] and len(generated["tokens"]) == len(ids) + 4
     assert both["choices"][0]["text"].startswith(choice["text"]) and generated["text_offset"] == sorted(
-        generated["text_offset"])
+        generated["text_offset"]
+    )
     bad = httpx.post(f"{base}/v1/completions", json={"prompt": ids, "max_tokens": 0}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
 
@@ -201,10 +238,32 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
     if not st.exists():
         pytest.skip("schemathesis is not installed (a test extra)")
     for mode in ("positive", "negative"):
-        r = subprocess.run([str(st), "run", f"{base}/openapi.json", "--checks", "not_a_server_error", "--mode", mode,
-                            "--max-examples", "12", "--seed", "11", "--phases", "examples,fuzzing",
-                            "--request-timeout", "600", "--workers", "2", "--no-color"],
-                           capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+        r = subprocess.run(
+            [
+                str(st),
+                "run",
+                f"{base}/openapi.json",
+                "--checks",
+                "not_a_server_error",
+                "--mode",
+                mode,
+                "--max-examples",
+                "12",
+                "--seed",
+                "11",
+                "--phases",
+                "examples,fuzzing",
+                "--request-timeout",
+                "600",
+                "--workers",
+                "2",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=1500,
+            cwd=tmp_path,
+        )
         assert r.returncode == 0, r.stdout[-4000:]
         cases = re.search(r"(\d+) generated", r.stdout)
         assert cases and int(cases.group(1)) >= 60, r.stdout[-2000:]
@@ -213,8 +272,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
 
 
 async def _stream_to_end(base: str, events: list) -> None:
-    body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 300, "ignore_eos": True,
-            "stream": True}
+    body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 300, "ignore_eos": True, "stream": True}
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
@@ -239,8 +297,9 @@ def test_sigterm_under_load_drains_in_time(server):
         async with httpx.AsyncClient(base_url=base, timeout=30) as client:
             status = 0
             while status != 503 and time.monotonic() - sent < 60:  # polled: a loaded machine is slow to react
-                status = (await client.post("/v1/chat/completions",
-                                            json={"messages": [{"role": "user", "content": "x"}]})).status_code
+                status = (
+                    await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+                ).status_code
         await asyncio.gather(*tasks)
         return streams, status, sent
 

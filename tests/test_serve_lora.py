@@ -7,9 +7,9 @@ import asyncio
 import httpx
 import pytest
 import torch
+from serving import running_server
 
 import tramontane
-from serving import running_server
 from tramontane.cli.main import main
 from tramontane.lora.layers import LoraSpec, apply_lora, lora_state
 from tramontane.lora.peft import save_adapter
@@ -52,8 +52,16 @@ def offline_answers(smollm2_path, adapters) -> dict[str | None, str]:
 def test_requests_choose_adapters_in_shared_batches(smollm2_path, adapters, tmp_path):
     expected = offline_answers(smollm2_path, adapters)
     assert len(set(expected.values())) == 3, expected  # each adapter changes the answer
-    with running_server(tmp_path / "log", str(smollm2_path), "--kv-cache-memory", "64M",
-                        "--lora", f"pirate={adapters / 'pirate'}", "--lora", f"poet={adapters / 'poet'}") as (base, _):
+    with running_server(
+        tmp_path / "log",
+        str(smollm2_path),
+        "--kv-cache-memory",
+        "64M",
+        "--lora",
+        f"pirate={adapters / 'pirate'}",
+        "--lora",
+        f"poet={adapters / 'poet'}",
+    ) as (base, _):
         models = httpx.get(f"{base}/v1/models").json()["data"]
         assert [m["id"] for m in models] == ["SmolLM2-135M-Instruct.Q4_1", "pirate", "poet"]
         assert models[1]["type"] == "fine-tuned" and models[1]["root"] == models[0]["id"]
@@ -68,14 +76,19 @@ def test_requests_choose_adapters_in_shared_batches(smollm2_path, adapters, tmp_
         async def together() -> list[dict]:
             async with httpx.AsyncClient(timeout=120) as client:
                 names = ["pirate", models[0]["id"], "poet", "pirate"]
-                replies = await asyncio.gather(*(client.post(f"{base}/v1/chat/completions", json=ask(n))
-                                                 for n in names))
+                replies = await asyncio.gather(
+                    *(client.post(f"{base}/v1/chat/completions", json=ask(n)) for n in names)
+                )
                 return [r.json() for r in replies]
 
         replies = asyncio.run(together())
         got = [(r["model"], r["choices"][0]["message"]["content"]) for r in replies]
-        assert got == [("pirate", expected["pirate"]), (models[0]["id"], expected[None]),
-                       ("poet", expected["poet"]), ("pirate", expected["pirate"])]
+        assert got == [
+            ("pirate", expected["pirate"]),
+            (models[0]["id"], expected[None]),
+            ("poet", expected["poet"]),
+            ("pirate", expected["pirate"]),
+        ]
         missing = httpx.post(f"{base}/v1/chat/completions", json=ask("nobody"), timeout=30)
         assert missing.status_code == 404 and "pirate" in missing.json()["error"]["message"]
 
@@ -86,6 +99,18 @@ def test_cli_lora_flags(smollm2_path, adapters, capsys):
     args = ["run", str(smollm2_path), "hi", "--lora", f"a={adapters / 'pirate'}", "--lora", f"b={adapters / 'poet'}"]
     assert main(args) == 1
     assert "--adapter" in capsys.readouterr().err
-    assert main(["run", str(smollm2_path), QUESTION[0]["content"], "--max-tokens", "16",
-                 "--lora", f"poet={adapters / 'poet'}"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(smollm2_path),
+                QUESTION[0]["content"],
+                "--max-tokens",
+                "16",
+                "--lora",
+                f"poet={adapters / 'poet'}",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == offline_answers(smollm2_path, adapters)["poet"].strip()

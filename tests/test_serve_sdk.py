@@ -12,9 +12,9 @@ import time
 
 import httpx
 import pytest
+from serving import running_server
 
 import tramontane
-from serving import running_server
 
 KEY = "test-key-123"
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -28,8 +28,9 @@ def server(smollm2_path, tmp_path_factory):
         line = proc.stdout.readline().strip()
         port = base.rsplit(":", 1)[1]
         # The served SmolLM2 (packed Q4_1) decodes on the backend build.select_backend picks for the paged cache.
-        assert line == (f"tramontane serving SmolLM2-135M-Instruct.Q4_1 on http://127.0.0.1:{port} "
-                        "(decode backend: module)"), line
+        assert line == (
+            f"tramontane serving SmolLM2-135M-Instruct.Q4_1 on http://127.0.0.1:{port} (decode backend: module)"
+        ), line
         yield base, proc
 
 
@@ -66,8 +67,7 @@ def test_models(oai):
 
 
 def test_openai_greedy_chat_equals_offline(oai, llm, offline):
-    r = oai.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=QUESTION, temperature=0,
-                                    max_tokens=N)
+    r = oai.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=QUESTION, temperature=0, max_tokens=N)
     answer = r.choices[0]
     assert answer.message.content == llm.tokenizer.decode(offline.token_ids) == offline.text
     assert "Paris" in answer.message.content
@@ -77,8 +77,14 @@ def test_openai_greedy_chat_equals_offline(oai, llm, offline):
 
 
 def test_openai_chat_stream(oai, offline):
-    stream = oai.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=QUESTION, temperature=0,
-                                         max_tokens=N, stream=True, stream_options={"include_usage": True})
+    stream = oai.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=N,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == offline.text
@@ -97,16 +103,22 @@ def test_openai_embeddings(oai, server, llm):
     r = oai.embeddings.create(model="SmolLM2-135M-Instruct.Q4_1", input=["The mistral blows.", "Bonjour"])
     assert len(r.data) == 2 and all(len(d.embedding) == llm.config.dim for d in r.data)  # decoded from base64
     assert all(abs(math.fsum(v * v for v in d.embedding) - 1) < 1e-4 for d in r.data)
-    floats = httpx.post(f"{server[0]}/v1/embeddings", json={"input": "Bonjour", "encoding_format": "float"},
-                        headers={"Authorization": f"Bearer {KEY}"}).json()
+    floats = httpx.post(
+        f"{server[0]}/v1/embeddings",
+        json={"input": "Bonjour", "encoding_format": "float"},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ).json()
     assert floats["data"][0]["embedding"] == pytest.approx(r.data[1].embedding, abs=1e-6)
 
 
 def test_mistral_chat_plain_and_stream(mistral, offline):
     r = mistral.chat.complete(model="SmolLM2-135M-Instruct.Q4_1", messages=QUESTION, temperature=0, max_tokens=N)
     assert r.choices[0].message.content == offline.text and r.usage.completion_tokens == len(offline.token_ids)
-    events = list(mistral.chat.stream(model="SmolLM2-135M-Instruct.Q4_1", messages=QUESTION, temperature=0,
-                                      max_tokens=N, random_seed=3))
+    events = list(
+        mistral.chat.stream(
+            model="SmolLM2-135M-Instruct.Q4_1", messages=QUESTION, temperature=0, max_tokens=N, random_seed=3
+        )
+    )
     text = "".join(e.data.choices[0].delta.content or "" for e in events if e.data.choices)
     assert text == offline.text
 

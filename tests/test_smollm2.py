@@ -7,12 +7,14 @@ import torch
 
 import tramontane
 
-TEXT = ("The mistral is a strong, cold wind that blows from the north into the Gulf of Lion. It brings "
-        "clear skies and sunshine to Provence, but it can last for days and is said to make people "
-        "restless. Farmers plant rows of cypress trees to shelter their fields, and the old houses of the "
-        "region turn their backs to the north, with few windows on that side. Sailors know it well: the sea "
-        "rises quickly, and small boats stay in harbour until it drops. Its cousin, the tramontane, blows "
-        "across Languedoc and Roussillon from the mountains.")
+TEXT = (
+    "The mistral is a strong, cold wind that blows from the north into the Gulf of Lion. It brings "
+    "clear skies and sunshine to Provence, but it can last for days and is said to make people "
+    "restless. Farmers plant rows of cypress trees to shelter their fields, and the old houses of the "
+    "region turn their backs to the north, with few windows on that side. Sailors know it well: the sea "
+    "rises quickly, and small boats stay in harbour until it drops. Its cousin, the tramontane, blows "
+    "across Languedoc and Roussillon from the mountains."
+)
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
@@ -40,12 +42,15 @@ def test_logits_over_100_tokens_match_transformers(both):
 def test_greedy_chat_answer_matches_transformers(both):
     llm, hf, hf_tok = both
     prompt = llm.tokenizer.encode_chat(QUESTION)
-    assert prompt == hf_tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True,
-                                                return_dict=False)
+    assert prompt == hf_tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=True, return_dict=False)
     with torch.inference_mode():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    theirs = out[0, len(prompt):].tolist()
+        out = hf.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=32,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+    theirs = out[0, len(prompt) :].tolist()
     ours = llm.chat(QUESTION, temperature=0, max_tokens=32)
     assert ours.token_ids == theirs[: len(ours.token_ids)]
     assert len(ours.token_ids) == 32 or ours.finish_reason == "stop"
@@ -87,8 +92,21 @@ def test_perplexity_equals_transformers(both, smollm2_path, tmp_path, capsys):
         assert ours.tokens == scored  # (with stride == context each window's first token has no history)
         assert abs(ours.perplexity / reference - 1) < 0.005, (context, stride, ours.perplexity, reference)
     (tmp_path / "text.txt").write_text(text)
-    assert main(["eval", str(smollm2_path), "--perplexity", str(tmp_path / "text.txt"), "--context", "128",
-                 "--stride", "64"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(smollm2_path),
+                "--perplexity",
+                str(tmp_path / "text.txt"),
+                "--context",
+                "128",
+                "--stride",
+                "64",
+            ]
+        )
+        == 0
+    )
     printed = float(capsys.readouterr().out.split()[1])
     assert abs(printed - perplexity(llm, ids, 128, 64).perplexity) < 1e-3
 
@@ -105,9 +123,11 @@ def test_multiple_choice_scores_equal_transformers_loglikelihood(both, smollm2_p
         logp = hf(torch.tensor([whole])).logits.float().log_softmax(-1)[0]
     reference = sum(float(logp[k - 1, whole[k]]) for k in range(head, len(whole)))
     assert abs(continuation_logprob(llm, question, choice) - reference) < 2e-3
-    items = [{"question": "The capital of France is", "choices": ["Paris", "a banana", "blue"], "answer": 0},
-             {"question": "Two plus two equals", "choices": ["seven hundred", "four"], "answer": "four"},
-             {"question": "The opposite of hot is", "choices": ["cold", "purple"], "answer": 0}]
+    items = [
+        {"question": "The capital of France is", "choices": ["Paris", "a banana", "blue"], "answer": 0},
+        {"question": "Two plus two equals", "choices": ["seven hundred", "four"], "answer": "four"},
+        {"question": "The opposite of hot is", "choices": ["cold", "purple"], "answer": 0},
+    ]
     (tmp_path / "mc.jsonl").write_text("\n".join(map(__import__("json").dumps, items)))
     assert main(["eval", str(smollm2_path), "--choice", str(tmp_path / "mc.jsonl")]) == 0
     assert capsys.readouterr().out.startswith("accuracy 1.0000")

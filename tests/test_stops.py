@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from tramontane.errors import RequestError
 from tramontane.decoding.stops import StopChecker
+from tramontane.errors import RequestError
 
 
 def run(stops: list[str], deltas: list[str]) -> tuple[list[str], bool, str]:
@@ -30,7 +30,7 @@ def reference(stops: list[str], text: str) -> tuple[str, bool]:
     for end in range(len(text) + 1):
         starts = [i for s in stops if (i := text[:end].find(s)) != -1]
         if starts:
-            return text[:min(starts)], True
+            return text[: min(starts)], True
     return text, False
 
 

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fakehub import FakeHub
 from models import hf_model, save_hf
 
@@ -32,8 +31,9 @@ def repo(tmp_path_factory) -> dict[str, bytes]:
 def cli(home: Path, *args: str, endpoint: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(TRAMONTANE_HOME=str(home), HF_ENDPOINT=endpoint or "http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1")
-    return subprocess.run([sys.executable, "-m", "tramontane", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tramontane", *args], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_pull_from_the_hub_resumes_skips_pickles_and_runs_by_name(repo, tmp_path):
@@ -64,8 +64,9 @@ def test_pull_from_the_hub_resumes_skips_pickles_and_runs_by_name(repo, tmp_path
 def test_gguf_repositories_need_a_file_choice(tmp_path, smollm2_path):
     home = tmp_path / "home"
     gguf = smollm2_path.read_bytes()
-    with FakeHub({"acme/smol-gguf": {"smol-q4_1.gguf": gguf, "smol-q8_0.gguf": b"GGUF-not-this-one",
-                                     "README.md": b"# smol"}}) as hub:
+    with FakeHub(
+        {"acme/smol-gguf": {"smol-q4_1.gguf": gguf, "smol-q8_0.gguf": b"GGUF-not-this-one", "README.md": b"# smol"}}
+    ) as hub:
         refused = cli(home, "pull", "acme/smol-gguf", endpoint=hub.url)
         assert refused.returncode == 1 and "--file" in refused.stderr and "smol-q4_1.gguf" in refused.stderr
         r = cli(home, "pull", "acme/smol-gguf", "--file", "smol-q4_1.gguf", "--name", "smol", endpoint=hub.url)

@@ -50,8 +50,7 @@ def gguf_metadata(path: str | Path) -> dict[str, Any]:
     """A trusted GGUF's key/values as plain Python (the shape tramontane.weights.gguf returns)."""
     from gguf import GGUFReader
 
-    return {key: field.contents() for key, field in GGUFReader(str(path)).fields.items()
-            if not key.startswith("GGUF.")}
+    return {key: field.contents() for key, field in GGUFReader(str(path)).fields.items() if not key.startswith("GGUF.")}
 
 
 def smollm_file() -> Path:
@@ -122,7 +121,9 @@ def tekken_metadata() -> dict[str, Any]:
     the ranks (each token is the merge of the two parts that rank-limited BPE leaves)."""
     data = json.loads((MC_DATA / "tekken_240718.json").read_text())
     n_special = data["config"]["default_num_special_tokens"]
-    ranked = [base64.b64decode(v["token_bytes"]) for v in data["vocab"][: data["config"]["default_vocab_size"] - n_special]]
+    ranked = [
+        base64.b64decode(v["token_bytes"]) for v in data["vocab"][: data["config"]["default_vocab_size"] - n_special]
+    ]
     ranks = {token: rank for rank, token in enumerate(ranked)}
     spelling = _byte_spelling()
 
@@ -135,7 +136,7 @@ def tekken_metadata() -> dict[str, Any]:
             found = [(ranks.get(a + b, 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
             rank, i = min(found)
             assert rank < ranks[token]
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
         return parts
 
     from mistral_common.tokens.tokenizers.tekken import Tekkenizer
@@ -277,8 +278,7 @@ def test_incremental_decoding_window_stays_small(mistral_folders: dict[str, Path
     assert len(ids) > 1000 and max(seen) <= 8
 
 
-def test_incremental_decoding_across_skipped_specials(mistral_folders: dict[str, Path],
-                                                      smol_gguf: Tokenizer) -> None:
+def test_incremental_decoding_across_skipped_specials(mistral_folders: dict[str, Path], smol_gguf: Tokenizer) -> None:
     spm_gguf = tokenizer_from_gguf(spm_metadata(MC_DATA / "tokenizer.model.v1"), "v1.gguf")
     for tok in (load_tokenizer(mistral_folders["v1"]), load_tokenizer(mistral_folders["v3"]), smol_gguf, spm_gguf):
         assert tok.eos_id is not None
@@ -331,8 +331,12 @@ def test_load_tokenizer_precedence(tmp_path: Path, smol_reference: tuple[Any, Pa
 
 def test_tokenizer_config_fields(tmp_path: Path, smol_reference: tuple[Any, Path]) -> None:
     shutil.copy(smol_reference[1] / "tokenizer.json", tmp_path / "tokenizer.json")
-    config = {"bos_token": {"content": "<|endoftext|>"}, "eos_token": "<|im_end|>", "add_bos_token": True,
-              "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "{{ 1 }}"}]}
+    config = {
+        "bos_token": {"content": "<|endoftext|>"},
+        "eos_token": "<|im_end|>",
+        "add_bos_token": True,
+        "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "{{ 1 }}"}],
+    }
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     tok = load_tokenizer(tmp_path)
@@ -346,9 +350,14 @@ def test_tokenizer_config_fields(tmp_path: Path, smol_reference: tuple[Any, Path
 
 
 def _small_bpe() -> dict[str, Any]:
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
-            "tokenizer.ggml.tokens": ["<|end|>", "a", "b", "ab"], "tokenizer.ggml.merges": ["a b"],
-            "tokenizer.ggml.token_type": [3, 1, 1, 1], "tokenizer.ggml.eos_token_id": 0}
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt2",
+        "tokenizer.ggml.tokens": ["<|end|>", "a", "b", "ab"],
+        "tokenizer.ggml.merges": ["a b"],
+        "tokenizer.ggml.token_type": [3, 1, 1, 1],
+        "tokenizer.ggml.eos_token_id": 0,
+    }
 
 
 def test_gguf_small_vocabulary() -> None:
@@ -359,31 +368,38 @@ def test_gguf_small_vocabulary() -> None:
 
 def test_gguf_numpy_values() -> None:
     np = pytest.importorskip("numpy")
-    meta = {**_small_bpe(), "tokenizer.ggml.token_type": np.array([3, 1, 1, 1], dtype=np.int32),
-            "tokenizer.ggml.eos_token_id": np.uint32(0), "tokenizer.ggml.add_bos_token": np.bool_(False),
-            "tokenizer.ggml.tokens": ("<|end|>", "a", "b", "ab")}
+    meta = {
+        **_small_bpe(),
+        "tokenizer.ggml.token_type": np.array([3, 1, 1, 1], dtype=np.int32),
+        "tokenizer.ggml.eos_token_id": np.uint32(0),
+        "tokenizer.ggml.add_bos_token": np.bool_(False),
+        "tokenizer.ggml.tokens": ("<|end|>", "a", "b", "ab"),
+    }
     tok = tokenizer_from_gguf(meta, "numpy.gguf")
     assert tok.eos_id == 0 and tok.encode("ab") == [3] and tok.default_add_bos is False
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"tokenizer.ggml.model": "bert"}, "tokenizer.ggml.model = 'bert'"),
-    ({"tokenizer.ggml.pre": "mystery-bpe"}, "tokenizer.ggml.pre = 'mystery-bpe'"),
-    ({"tokenizer.ggml.merges": ["a b c"]}, "merge 0"),
-    ({"tokenizer.ggml.merges": ["a x"]}, "merge 0"),
-    ({"tokenizer.ggml.merges": None}, "needs tokenizer.ggml.merges"),
-    ({"tokenizer.ggml.token_type": [3, 1, 1]}, "token_type has 3 entries"),
-    ({"tokenizer.ggml.token_type": [3, 1, 1, 9]}, "outside 1..6"),
-    ({"tokenizer.ggml.eos_token_id": 4}, "eos_token_id = 4 is outside"),
-    ({"tokenizer.ggml.bos_token_id": -1}, "bos_token_id = -1"),
-    ({"tokenizer.ggml.tokens": []}, "tokens is missing"),
-    ({"tokenizer.ggml.tokens": ["a", 5, "b", "ab"]}, r"tokens\[1\]"),
-    ({"tokenizer.ggml.model": "llama"}, "needs tokenizer.ggml.scores"),
-    ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0]}, "scores has 1 entries"),
-    ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0, "x", 0, 0]}, r"scores\[1\] is 'x'"),
-    ({"tokenizer.ggml.merges": "a b"}, "expected an array"),
-    ({"tokenizer.ggml.add_bos_token": "yes"}, "add_bos_token has type str"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tokenizer.ggml.model": "bert"}, "tokenizer.ggml.model = 'bert'"),
+        ({"tokenizer.ggml.pre": "mystery-bpe"}, "tokenizer.ggml.pre = 'mystery-bpe'"),
+        ({"tokenizer.ggml.merges": ["a b c"]}, "merge 0"),
+        ({"tokenizer.ggml.merges": ["a x"]}, "merge 0"),
+        ({"tokenizer.ggml.merges": None}, "needs tokenizer.ggml.merges"),
+        ({"tokenizer.ggml.token_type": [3, 1, 1]}, "token_type has 3 entries"),
+        ({"tokenizer.ggml.token_type": [3, 1, 1, 9]}, "outside 1..6"),
+        ({"tokenizer.ggml.eos_token_id": 4}, "eos_token_id = 4 is outside"),
+        ({"tokenizer.ggml.bos_token_id": -1}, "bos_token_id = -1"),
+        ({"tokenizer.ggml.tokens": []}, "tokens is missing"),
+        ({"tokenizer.ggml.tokens": ["a", 5, "b", "ab"]}, r"tokens\[1\]"),
+        ({"tokenizer.ggml.model": "llama"}, "needs tokenizer.ggml.scores"),
+        ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0]}, "scores has 1 entries"),
+        ({"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0, "x", 0, 0]}, r"scores\[1\] is 'x'"),
+        ({"tokenizer.ggml.merges": "a b"}, "expected an array"),
+        ({"tokenizer.ggml.add_bos_token": "yes"}, "add_bos_token has type str"),
+    ],
+)
 def test_gguf_validation(change: dict[str, Any], message: str) -> None:
     meta = {**_small_bpe(), **change}
     meta = {k: v for k, v in meta.items() if v is not None}

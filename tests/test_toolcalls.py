@@ -13,20 +13,29 @@ TOOLS = ["get_weather", "add"]
 
 
 def test_mistral_v3_json_list():
-    out = parse_tool_calls('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
-                           '{"name": "add", "arguments": {"a": 1, "b": 2}}]', "mistral", TOOLS)
+    out = parse_tool_calls(
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+        '{"name": "add", "arguments": {"a": 1, "b": 2}}]',
+        "mistral",
+        TOOLS,
+    )
     assert out.problem is None and out.content == ""
-    assert [(c.name, json.loads(c.arguments)) for c in out.calls] == [("get_weather", {"city": "Paris"}),
-                                                                      ("add", {"a": 1, "b": 2})]
+    assert [(c.name, json.loads(c.arguments)) for c in out.calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("add", {"a": 1, "b": 2}),
+    ]
     assert all(re.fullmatch(r"[A-Za-z0-9]{9}", c.id) for c in out.calls)
     assert len({c.id for c in out.calls}) == 2
 
 
 def test_mistral_v11_name_args():
-    out = parse_tool_calls('[TOOL_CALLS]get_weather[ARGS]{"city": "Lyon"}[TOOL_CALLS]add[ARGS]{"a": 2, "b": 3}',
-                           "mistral", TOOLS)
-    assert [(c.name, json.loads(c.arguments)) for c in out.calls] == [("get_weather", {"city": "Lyon"}),
-                                                                      ("add", {"a": 2, "b": 3})]
+    out = parse_tool_calls(
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Lyon"}[TOOL_CALLS]add[ARGS]{"a": 2, "b": 3}', "mistral", TOOLS
+    )
+    assert [(c.name, json.loads(c.arguments)) for c in out.calls] == [
+        ("get_weather", {"city": "Lyon"}),
+        ("add", {"a": 2, "b": 3}),
+    ]
 
 
 def test_hermes_blocks_and_surrounding_text():
@@ -42,20 +51,23 @@ def test_plain_text_is_content():
         assert (out.content, out.calls, out.problem) == ("The weather is fine.", [], None)
 
 
-@pytest.mark.parametrize(("fmt", "text", "problem"), [
-    ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Pa', "truncated"),
-    ("mistral", '[TOOL_CALLS][{"name": "launch_rockets", "arguments": {}}]', "not one of the tools"),
-    ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": [1, 2]}]', "must be a JSON object"),
-    ("mistral", '[TOOL_CALLS][{"arguments": {}}]', "string 'name'"),
-    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": ', "truncated"),
-    ("mistral", '[TOOL_CALLS]get_weather{"city": "x"}', "malformed"),
-    ("mistral", '[TOOL_CALLS]add[ARGS]{"a": 1}[TOOL_CALLS]get_weather', "without [ARGS]"),
-    ("mistral", "[TOOL_CALLS]", "truncated"),
-    ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}', "never closed"),
-    ("hermes", "<tool_call>not json</tool_call>", "malformed"),
-    ("hermes", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', "not one of the tools"),
-    ("hermes", '<tool_call>{"name": "add", "arguments": "{broken"}</tool_call>', "not JSON"),
-])
+@pytest.mark.parametrize(
+    ("fmt", "text", "problem"),
+    [
+        ("mistral", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Pa', "truncated"),
+        ("mistral", '[TOOL_CALLS][{"name": "launch_rockets", "arguments": {}}]', "not one of the tools"),
+        ("mistral", '[TOOL_CALLS][{"name": "add", "arguments": [1, 2]}]', "must be a JSON object"),
+        ("mistral", '[TOOL_CALLS][{"arguments": {}}]', "string 'name'"),
+        ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": ', "truncated"),
+        ("mistral", '[TOOL_CALLS]get_weather{"city": "x"}', "malformed"),
+        ("mistral", '[TOOL_CALLS]add[ARGS]{"a": 1}[TOOL_CALLS]get_weather', "without [ARGS]"),
+        ("mistral", "[TOOL_CALLS]", "truncated"),
+        ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}', "never closed"),
+        ("hermes", "<tool_call>not json</tool_call>", "malformed"),
+        ("hermes", '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', "not one of the tools"),
+        ("hermes", '<tool_call>{"name": "add", "arguments": "{broken"}</tool_call>', "not JSON"),
+    ],
+)
 def test_malformed_output_is_kept_as_content_with_a_reason(fmt, text, problem):
     out = parse_tool_calls(text, fmt, TOOLS)
     assert out.calls == [] and out.content == text and problem in out.problem

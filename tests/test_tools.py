@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import jsonschema
 import pytest
-
-import tramontane
 from models import hf_model, save_hf
 from serving import running_server
+
+import tramontane
 from tramontane.text.grammar import MAX_SCHEMA_BYTES, guidance_tokenizer
 from tramontane.text.tokenizer import MistralCommonTokenizer, load_tokenizer
 from tramontane.tools.request import (
@@ -31,22 +31,39 @@ MODEL = "SmolLM2-135M-Instruct.Q4_1"
 DATA = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
 WEATHER = {  # enum, bounded string, integer range, required fields, nested object
     "type": "object",
-    "properties": {"city": {"type": "string", "maxLength": 24}, "unit": {"enum": ["celsius", "fahrenheit"]},
-                   "days": {"type": "integer", "minimum": 1, "maximum": 7},
-                   "where": {"type": "object", "properties": {"country": {"type": "string", "maxLength": 16}},
-                             "required": ["country"], "additionalProperties": False}},
+    "properties": {
+        "city": {"type": "string", "maxLength": 24},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "where": {
+            "type": "object",
+            "properties": {"country": {"type": "string", "maxLength": 16}},
+            "required": ["country"],
+            "additionalProperties": False,
+        },
+    },
     "required": ["city", "unit", "days", "where"],
     "additionalProperties": False,
 }
-ADD = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"],
-       "additionalProperties": False}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather forecast for a city",
-                                           "parameters": WEATHER}},
-         {"type": "function", "function": {"name": "add", "description": "Add two integers", "parameters": ADD}}]
+ADD = {
+    "type": "object",
+    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    "required": ["a", "b"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather forecast for a city", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "add", "description": "Add two integers", "parameters": ADD}},
+]
 SCHEMAS = {"get_weather": WEATHER, "add": ADD}
 ASK = [{"role": "user", "content": "What will the weather be in Paris for the next 3 days?"}]
-CALL = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius", "days": 3,
-                                             "where": {"country": "France"}}}
+CALL = {
+    "name": "get_weather",
+    "arguments": {"city": "Paris", "unit": "celsius", "days": 3, "where": {"country": "France"}},
+}
 
 
 def _tool(name: str, parameters: object) -> dict:
@@ -69,19 +86,22 @@ def tekken_v11(folder: Path) -> Path:
 # ---- request checks ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("tools", "choice", "field"), [
-    ([_tool("bad name!", {})], None, "tools[0].function.name"),
-    (TOOLS, {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
-    (TOOLS, "sometimes", "tool_choice"),
-    (TOOLS, {"type": "function"}, "tool_choice"),
-    (None, "required", "tool_choice"),
-    ([TOOLS[1], TOOLS[1]], None, "tools"),
-    ({"not": "a list"}, None, "tools"),
-    ([{"type": "retrieval"}], None, "tools[0]"),
-    ([_tool("f", {"type": "integer", "minimum": 3, "maximum": 1})], None, "tools[0].function.parameters"),
-    ([_tool("f", {"type": "bogus"})], None, "tools[0].function.parameters"),
-    ([_tool("f", {"enum": ["x" * 100] * (MAX_SCHEMA_BYTES // 100)})], None, "tools[0].function.parameters"),
-])
+@pytest.mark.parametrize(
+    ("tools", "choice", "field"),
+    [
+        ([_tool("bad name!", {})], None, "tools[0].function.name"),
+        (TOOLS, {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
+        (TOOLS, "sometimes", "tool_choice"),
+        (TOOLS, {"type": "function"}, "tool_choice"),
+        (None, "required", "tool_choice"),
+        ([TOOLS[1], TOOLS[1]], None, "tools"),
+        ({"not": "a list"}, None, "tools"),
+        ([{"type": "retrieval"}], None, "tools[0]"),
+        ([_tool("f", {"type": "integer", "minimum": 3, "maximum": 1})], None, "tools[0].function.parameters"),
+        ([_tool("f", {"type": "bogus"})], None, "tools[0].function.parameters"),
+        ([_tool("f", {"enum": ["x" * 100] * (MAX_SCHEMA_BYTES // 100)})], None, "tools[0].function.parameters"),
+    ],
+)
 def test_bad_tools_name_their_field(smollm2_path, tools, choice, field):
     tokenizer = tramontane.load(smollm2_path).tokenizer
     with pytest.raises(ToolError) as info:
@@ -103,8 +123,11 @@ def test_tool_choice_forms():
 
 def _history(call_id: str) -> list[dict]:
     call = {"id": call_id, "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
-    return [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
-            {"role": "tool", "tool_call_id": call_id, "name": "add", "content": "5"}]
+    return [
+        {"role": "user", "content": "2+3?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call_id, "name": "add", "content": "5"},
+    ]
 
 
 @pytest.mark.parametrize("shipped", ["mistral_instruct_tokenizer_240323.model.v3", "tekken_240718.json"])
@@ -119,7 +142,8 @@ def test_mistral_prompt_is_mistral_commons_encoding(shipped):
     messages, offered = prepare_messages(_history("call_AbC123xyz456"), use, tokenizer)
     ours = tokenizer.encode_chat(messages, tools=offered)
     reference = MistralTokenizer.from_file(str(DATA / shipped)).encode_chat_completion(
-        ChatCompletionRequest.from_openai(_history(mistral_id("call_AbC123xyz456")), tools=TOOLS))
+        ChatCompletionRequest.from_openai(_history(mistral_id("call_AbC123xyz456")), tools=TOOLS)
+    )
     assert ours == reference.tokens
     assert "[AVAILABLE_TOOLS]" in reference.text and reference.text.count(mistral_id("call_AbC123xyz456")) == 2
     assert mistral_id("abcDEF123") == "abcDEF123" and len(mistral_id("call_1")) == 9
@@ -135,7 +159,8 @@ HERMES_TEMPLATE = (
     "{%- elif message.role == 'tool' %}\n<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
     "</tool_response><|im_end|>"
     "{%- else %}\n<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>{%- endif %}{%- endfor %}"
-    "{%- if add_generation_prompt %}\n<|im_start|>assistant\n{%- endif %}")
+    "{%- if add_generation_prompt %}\n<|im_start|>assistant\n{%- endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +191,10 @@ def test_template_without_tools_gets_them_in_a_system_turn(smollm2_path):
     assert tokenizer.tool_format is None
     messages, offered = prepare_messages(_history("call_1"), read_tools(TOOLS, "auto"), tokenizer)
     assert offered is None and messages[0]["role"] == "system" and '"name": "get_weather"' in messages[0]["content"]
-    assert messages[2] == {"role": "assistant",
-                           "content": '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'}
+    assert messages[2] == {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>',
+    }
     assert messages[3] == {"role": "user", "content": "<tool_response>\n5\n</tool_response>"}
     none, _ = prepare_messages(_history("call_1"), read_tools(TOOLS, "none"), tokenizer)
     assert none[0]["role"] == "user"  # tool_choice none: the tools are not described
@@ -190,13 +217,19 @@ def _reference_call_ids(shipped: Path, call: dict) -> list[int]:
 
     mistral = MistralTokenizer.from_file(str(shipped))
     raw = mistral.instruct_tokenizer.tokenizer
-    openai_call = {"id": "abcDEF123", "type": "function",
-                   "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [openai_call]},
-                {"role": "tool", "tool_call_id": "abcDEF123", "name": call["name"], "content": "ok"}]
+    openai_call = {
+        "id": "abcDEF123",
+        "type": "function",
+        "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])},
+    }
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [openai_call]},
+        {"role": "tool", "tool_call_id": "abcDEF123", "name": call["name"], "content": "ok"},
+    ]
     ids = list(mistral.encode_chat_completion(ChatCompletionRequest.from_openai(messages, tools=TOOLS)).tokens)
     start = ids.index(raw.get_special_token("[/INST]")) + 1
-    return ids[start:ids.index(raw.eos_id)]  # between [/INST] and </s>
+    return ids[start : ids.index(raw.eos_id)]  # between [/INST] and </s>
 
 
 @pytest.mark.parametrize("shipped", ["mistral_instruct_tokenizer_240323.model.v3", "tekken_240718.json", "v11"])
@@ -236,13 +269,21 @@ def test_required_calls_of_a_random_mistral_model_validate(shipped, tmp_path):
     """Random weights, temperature 1: every answer is still a valid call of the named function."""
     path = tekken_v11(tmp_path) if shipped == "v11" else DATA / shipped
     vocab = 32768 if path.suffix != ".json" else 131072
-    folder = save_hf(hf_model("mistral", seed=3, vocab_size=vocab, max_position_embeddings=512), tmp_path / "m",
-                     shard=None)
+    folder = save_hf(
+        hf_model("mistral", seed=3, vocab_size=vocab, max_position_embeddings=512), tmp_path / "m", shard=None
+    )
     shutil.copy(path, folder / ("tekken.json" if path.suffix == ".json" else "tokenizer.model.v3"))
     llm = tramontane.load(folder, dtype="float32")
     for seed in range(3):
-        out = llm.chat(ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                       parallel_tool_calls=seed != 0, temperature=1.0, seed=seed, max_tokens=120)
+        out = llm.chat(
+            ASK,
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            parallel_tool_calls=seed != 0,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=120,
+        )
         assert out.finish_reason == "tool_calls" and out.tool_calls, call_text(llm.tokenizer, out.token_ids)
         for call in out.tool_calls:
             assert call.name == "get_weather"
@@ -277,14 +318,22 @@ def _check(name: str, arguments: str | dict) -> None:
 def test_required_calls_through_both_sdks(server, choice):
     oai, mistral = _clients(server)
     for seed in range(4):
-        r = oai.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, seed=seed,
-                                        temperature=1.0, max_tokens=160)
+        r = oai.chat.completions.create(
+            model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, seed=seed, temperature=1.0, max_tokens=160
+        )
         assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
         for call in r.choices[0].message.tool_calls:
             assert call.id.startswith("call_") and call.type == "function"
             _check(call.function.name, call.function.arguments)
-        m = mistral.chat.complete(model=MODEL, messages=ASK, tools=TOOLS, random_seed=seed, temperature=1.0,
-                                  tool_choice="any" if choice == "required" else choice, max_tokens=160)
+        m = mistral.chat.complete(
+            model=MODEL,
+            messages=ASK,
+            tools=TOOLS,
+            random_seed=seed,
+            temperature=1.0,
+            tool_choice="any" if choice == "required" else choice,
+            max_tokens=160,
+        )
         assert m.choices[0].finish_reason == "tool_calls"
         for call in m.choices[0].message.tool_calls:
             _check(call.function.name, call.function.arguments)
@@ -297,8 +346,16 @@ def test_streamed_calls_through_both_sdks(server):
     for seed in range(3):
         calls: dict[int, dict] = {}
         finish = None
-        for chunk in oai.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
-                                                 seed=seed, temperature=1.0, max_tokens=160, stream=True):
+        for chunk in oai.chat.completions.create(
+            model=MODEL,
+            messages=ASK,
+            tools=TOOLS,
+            tool_choice="required",
+            seed=seed,
+            temperature=1.0,
+            max_tokens=160,
+            stream=True,
+        ):
             delta = chunk.choices[0].delta
             for c in delta.tool_calls or []:  # the way OpenAI's docs accumulate streamed calls
                 entry = calls.setdefault(c.index, {"name": "", "arguments": ""})
@@ -308,8 +365,17 @@ def test_streamed_calls_through_both_sdks(server):
         assert finish == "tool_calls" and calls
         for entry in calls.values():
             _check(entry["name"], entry["arguments"])
-        events = list(mistral.chat.stream(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="any", random_seed=seed,
-                                          temperature=1.0, max_tokens=160))
+        events = list(
+            mistral.chat.stream(
+                model=MODEL,
+                messages=ASK,
+                tools=TOOLS,
+                tool_choice="any",
+                random_seed=seed,
+                temperature=1.0,
+                max_tokens=160,
+            )
+        )
         streamed = [c for e in events for c in e.data.choices[0].delta.tool_calls or []]
         assert events[-1].data.choices[0].finish_reason == "tool_calls" and streamed
         for call in streamed:
@@ -319,20 +385,48 @@ def test_streamed_calls_through_both_sdks(server):
 def test_round_trip_through_both_sdks(server):
     """Assistant tool_calls message, tool result, final answer: the conversation the APIs define."""
     oai, mistral = _clients(server)
-    first = oai.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
-                                        parallel_tool_calls=False, temperature=0, max_tokens=160)
+    first = oai.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=160,
+    )
     message = first.choices[0].message
     assert len(message.tool_calls) == 1
     results = [{"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "Sunny, 21 C every day."}]
-    final = oai.chat.completions.create(model=MODEL, messages=[*ASK, message.model_dump(exclude_none=True), *results],
-                                        tools=TOOLS, temperature=0, max_tokens=40)
+    final = oai.chat.completions.create(
+        model=MODEL,
+        messages=[*ASK, message.model_dump(exclude_none=True), *results],
+        tools=TOOLS,
+        temperature=0,
+        max_tokens=40,
+    )
     assert final.choices[0].finish_reason in ("stop", "length") and final.choices[0].message.content
-    m_first = mistral.chat.complete(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="any", temperature=0,
-                                    parallel_tool_calls=False, max_tokens=160)
+    m_first = mistral.chat.complete(
+        model=MODEL,
+        messages=ASK,
+        tools=TOOLS,
+        tool_choice="any",
+        temperature=0,
+        parallel_tool_calls=False,
+        max_tokens=160,
+    )
     m_message = m_first.choices[0].message
     call = m_message.tool_calls[0]
-    m_final = mistral.chat.complete(model=MODEL, tools=TOOLS, temperature=0, max_tokens=40, messages=[
-        *ASK, m_message, {"role": "tool", "tool_call_id": call.id, "name": call.function.name, "content": "21 C"}])
+    m_final = mistral.chat.complete(
+        model=MODEL,
+        tools=TOOLS,
+        temperature=0,
+        max_tokens=40,
+        messages=[
+            *ASK,
+            m_message,
+            {"role": "tool", "tool_call_id": call.id, "name": call.function.name, "content": "21 C"},
+        ],
+    )
     assert m_final.choices[0].finish_reason in ("stop", "length") and m_final.choices[0].message.content
 
 
@@ -370,7 +464,9 @@ def _stream(tokenizer, text: str, use) -> tuple[str, list, str | None]:
     ids = [*tokenizer.encode(text), 2]  # then <|im_end|>
     content, calls, finish = "", [], None
     for k, token in enumerate(ids):
-        out = RequestOutput("r", tokenizer.decode([token]), [token], finish_reason="stop" if k == len(ids) - 1 else None)
+        out = RequestOutput(
+            "r", tokenizer.decode([token]), [token], finish_reason="stop" if k == len(ids) - 1 else None
+        )
         offset = len(choice.text)
         choice.add(out)
         for chunk in fmt.chunks(choice, out, offset):
@@ -388,8 +484,13 @@ def test_streaming_holds_back_calls_and_releases_text(smollm2_path):
     block = "<tool_call>\n" + json.dumps(CALL) + "\n</tool_call>"
     content, calls, finish = _stream(tokenizer, "Let me check.\n" + block, use)
     assert content == "Let me check.\n" and finish == "tool_calls"
-    assert [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
-        [(0, "get_weather", CALL["arguments"])] and calls[0]["id"].startswith("call_")
-    for text in ("No call here, only text.", 'A <tool_call> never closed {"name": "add"',
-                 '<tool_call>\n{"name": "unknown", "arguments": {}}\n</tool_call>', "a < b, and <tool is a word"):
+    assert [(c["index"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        (0, "get_weather", CALL["arguments"])
+    ] and calls[0]["id"].startswith("call_")
+    for text in (
+        "No call here, only text.",
+        'A <tool_call> never closed {"name": "add"',
+        '<tool_call>\n{"name": "unknown", "arguments": {}}\n</tool_call>',
+        "a < b, and <tool is a word",
+    ):
         assert _stream(tokenizer, text, use) == (text, [], "stop")  # no valid call: all of it is content

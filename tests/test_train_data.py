@@ -18,10 +18,17 @@ from tramontane.weights.gguf import open_gguf
 
 MC_DATA = Path(importlib.util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
 SYSTEM, QUESTION, ANSWER = "Be brief.", "What is the capital of France?", "Paris is the capital of France."
-CHAT = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION},
-        {"role": "assistant", "content": ANSWER}]
-TWO_TURNS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
-             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]
+CHAT = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": QUESTION},
+    {"role": "assistant", "content": ANSWER},
+]
+TWO_TURNS = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello there."},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Bye!"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +54,9 @@ def any_tokenizer(request: pytest.FixtureRequest) -> Tokenizer:
 
 def write(tmp_path: Path, lines: list[Any], name: str = "data.jsonl") -> Path:
     path = tmp_path / name
-    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n",
-                    encoding="utf-8")
+    path.write_text(
+        "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n", encoding="utf-8"
+    )
     return path
 
 
@@ -120,15 +128,28 @@ def test_weight_zero_turn_not_trained(tmp_path: Path, smol: Tokenizer, v3: Token
 
 def test_mistral_v3_tool_call_and_answer_trained(tmp_path: Path, v3: Tokenizer) -> None:
     call = {"id": "abcdefghi", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
-    tool = {"type": "function", "function": {"name": "weather", "description": "Weather of a city",
-                                             "parameters": {"type": "object", "properties": {}}}}
-    line = {"tools": [tool], "messages": [
-        {"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "abcdefghi", "name": "weather", "content": "sunny"},
-        {"role": "assistant", "content": "It is sunny."}]}
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "weather",
+            "description": "Weather of a city",
+            "parameters": {"type": "object", "properties": {}},
+        },
+    }
+    line = {
+        "tools": [tool],
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "abcdefghi", "name": "weather", "content": "sunny"},
+            {"role": "assistant", "content": "It is sunny."},
+        ],
+    }
     trained = runs(v3, one_example(tmp_path, v3, line))
-    assert trained == ['[TOOL_CALLS][{"name": "weather", "arguments": {"city": "Paris"}, "id": "abcdefghi"}]</s>',
-                       "It is sunny.</s>"]
+    assert trained == [
+        '[TOOL_CALLS][{"name": "weather", "arguments": {"city": "Paris"}, "id": "abcdefghi"}]</s>',
+        "It is sunny.</s>",
+    ]
 
 
 def test_pretrain_lines_fully_trained(tmp_path: Path, smol: Tokenizer, v3: Tokenizer) -> None:
@@ -140,10 +161,14 @@ def test_pretrain_lines_fully_trained(tmp_path: Path, smol: Tokenizer, v3: Token
 
 
 def test_template_without_prefix_property_reported(tmp_path: Path, smol_metadata: dict[str, Any]) -> None:
-    moving = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{% if loop.last %} (last)"
-              "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    unstopped = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    moving = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{% if loop.last %} (last)"
+        "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    unstopped = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     for template, reason in ((moving, "growing prefixes"), (unstopped, "no stop token")):
         tokenizer = tokenizer_from_gguf({**smol_metadata, "tokenizer.chat_template": template}, "custom.gguf")
         report = read_dataset(write(tmp_path, [{"messages": CHAT}, {"text": "ok"}]), tokenizer, 4096)
@@ -158,13 +183,18 @@ BAD_LINES: list[tuple[Any, str | None]] = [  # (line, expected reason; None for 
     ({"messages": CHAT}, None),
     ('{"messages": [}', "bad JSON: Expecting value (column 15)"),
     ("   ", None),  # blank: skipped, neither an example nor a problem
-    ({"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}, "unknown role 'bot' in message 2"),
+    (
+        {"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]},
+        "unknown role 'bot' in message 2",
+    ),
     ({"text": "Some plain text."}, None),
     ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}, "no assistant turn"),
     ({"text": "word " * 300}, "{long} tokens, over the sequence length 200"),
     ({"prompt": "x", "completion": "y"}, "neither 'messages' nor 'text' (keys: prompt, completion)"),
-    ({"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}]},
-     "content of message 1 is not a string (found a list)"),
+    (
+        {"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}]},
+        "content of message 1 is not a string (found a list)",
+    ),
     ({"messages": "hello"}, "'messages' is not a list (found a string)"),
     ({"messages": TWO_TURNS}, None),
     ({"messages": TWO_TURNS[:3]}, "the last message (3) is a user message; it must be the assistant's"),
@@ -195,14 +225,18 @@ def test_kind_of_single_kind_files(tmp_path: Path, smol: Tokenizer) -> None:
     assert read_dataset(write(tmp_path, [{"messages": CHAT}, "{"]), smol, 64).kind == "instruct"
 
 
-@pytest.mark.parametrize("content, problem", [
-    (None, "does not exist"),
-    (b"", "no data"),
-    (b"\n  \n\n", "no data"),
-    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2 is not UTF-8"),
-])
-def test_unreadable_files_raise_naming_the_file(tmp_path: Path, smol: Tokenizer, content: bytes | None,
-                                                problem: str) -> None:
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (None, "does not exist"),
+        (b"", "no data"),
+        (b"\n  \n\n", "no data"),
+        (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', "line 2 is not UTF-8"),
+    ],
+)
+def test_unreadable_files_raise_naming_the_file(
+    tmp_path: Path, smol: Tokenizer, content: bytes | None, problem: str
+) -> None:
     path = tmp_path / "broken.jsonl"
     if content is not None:
         path.write_bytes(content)
@@ -229,8 +263,10 @@ def test_pack_and_collate_by_hand() -> None:
     assert batch.targets.tolist() == [[6, 7, -100, 9, -100, -100], [11, -100, 13, -100, -100, -100]]
     assert batch.positions.tolist() == [[0, 1, 2, 0, 1, -1], [0, 1, 2, 3, -1, -1]]
     assert batch.segments.tolist() == [[0, 0, 0, 1, 1, -1], [0, 0, 0, 0, -1, -1]]
-    assert all(t.dtype == torch.int64 and t.device.type == "cpu" for t in
-               (batch.tokens, batch.targets, batch.positions, batch.segments))
+    assert all(
+        t.dtype == torch.int64 and t.device.type == "cpu"
+        for t in (batch.tokens, batch.targets, batch.positions, batch.segments)
+    )
 
 
 def test_pack_best_fit_keeps_whole_examples() -> None:

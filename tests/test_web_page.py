@@ -26,8 +26,14 @@ from tramontane.serve import web
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
@@ -53,7 +59,10 @@ def _sse(obj: object) -> str:
 
 def _chunk(delta: dict, finish: str | None = None) -> dict:
     return {
-        "id": "chatcmpl-test", "object": "chat.completion.chunk", "created": 0, "model": MODEL_ID,
+        "id": "chatcmpl-test",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": MODEL_ID,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
 
@@ -331,8 +340,9 @@ def test_real_server_streams_an_answer(browser, smollm2_path, tmp_path):
     from serving import running_server
 
     with running_server(tmp_path / "log.txt", "--kv-cache-memory", "64M", "--api-key", "k3y") as (base, _):
-        context = browser.new_context(viewport={"width": 900, "height": 720},
-                                      http_credentials={"username": "me", "password": "k3y"})
+        context = browser.new_context(
+            viewport={"width": 900, "height": 720}, http_credentials={"username": "me", "password": "k3y"}
+        )
         tab = context.new_page()
         tab.set_default_timeout(60000)
         tab.goto(base)

@@ -2,20 +2,20 @@
 
 from .api import LLM, load
 from .config import ModelConfig, MoeConfig
-from .errors import ConfigError, LoadError, RequestError, TemplateError, TokenizerError, TramontaneError
 from .decoding.sampling import SamplingParams
+from .errors import ConfigError, LoadError, RequestError, TemplateError, TokenizerError, TramontaneError
 
 __all__ = [
-           "LLM",
-           "ConfigError",
-           "LoadError",
-           "ModelConfig",
-           "MoeConfig",
-           "RequestError",
-           "SamplingParams",
-           "TemplateError",
-           "TokenizerError",
-           "TramontaneError",
-           "load",
+    "LLM",
+    "ConfigError",
+    "LoadError",
+    "ModelConfig",
+    "MoeConfig",
+    "RequestError",
+    "SamplingParams",
+    "TemplateError",
+    "TokenizerError",
+    "TramontaneError",
+    "load",
 ]
 __version__ = "0.1.0"

@@ -40,8 +40,9 @@ class LLM:
             self._select_backend()
         return self._runner
 
-    def _params(self, params: SamplingParams | Sequence[SamplingParams] | None, n: int,
-                kwargs: dict[str, Any]) -> list[SamplingParams]:
+    def _params(
+        self, params: SamplingParams | Sequence[SamplingParams] | None, n: int, kwargs: dict[str, Any]
+    ) -> list[SamplingParams]:
         if "response_format" in kwargs:  # {"type": "json_object"} or {"type": "json_schema", ...}
             from .text.grammar import check_grammar, response_format_grammar
 
@@ -68,8 +69,14 @@ class LLM:
             raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
         return ids
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams]
-                 | None = None, *, stream: bool = False, **kwargs: Any) -> list[Completion] | Iterator[Delta]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        stream: bool = False,
+        **kwargs: Any,
+    ) -> list[Completion] | Iterator[Delta]:
         """Complete a batch of prompts (text or token ids). With stream=True, yields `Delta`s as they come
         (each names its prompt's index); otherwise returns one `Completion` per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -78,9 +85,17 @@ class LLM:
         deltas = self._generator.run(ids, self._params(params, len(ids), kwargs))
         return deltas if stream else collect(deltas, ids)
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams | None = None, *,
-             stream: bool = False, tools: list[dict[str, Any]] | None = None, tool_choice: Any = None,
-             parallel_tool_calls: bool | None = None, **kwargs: Any) -> Completion | Iterator[str]:
+    def chat(
+        self,
+        messages: list[dict[str, Any]],
+        params: SamplingParams | None = None,
+        *,
+        stream: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool | None = None,
+        **kwargs: Any,
+    ) -> Completion | Iterator[str]:
         """Answer a conversation (OpenAI-style message dicts). With stream=True, yields text deltas.
 
         tools / tool_choice / parallel_tool_calls as in the chat completions API: the calls the model
@@ -95,8 +110,10 @@ class LLM:
         grammar = call_grammar(use, self.tokenizer) if use is not None else None
         if grammar is not None:
             if params is not None or "response_format" in kwargs:
-                raise RequestError("a required tool call brings its own grammar: pass sampling options as "
-                                   "keywords, without response_format")
+                raise RequestError(
+                    "a required tool call brings its own grammar: pass sampling options as "
+                    "keywords, without response_format"
+                )
             kwargs["grammar"], kwargs["grammar_reserve"] = grammar, call_reserve(use, self.tokenizer)
         deltas = self._generator.run([ids], self._params(params, 1, kwargs))
         if stream:
@@ -130,9 +147,16 @@ class LLM:
         return self._generator.score(self.encode_prompt(token_ids))
 
 
-def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
-         progress: bool = False, packed: bool | None = None, quant: str | None = None,
-         lora: dict[str, str | Path] | None = None, parallel: str | None = None) -> LLM:
+def load(
+    model: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype | None = None,
+    progress: bool = False,
+    packed: bool | None = None,
+    quant: str | None = None,
+    lora: dict[str, str | Path] | None = None,
+    parallel: str | None = None,
+) -> LLM:
     """Load a model folder (Hugging Face or Mistral native) or GGUF file; None = the default model.
 
     dtype: None/"auto" = bfloat16 for float checkpoints where the CPU supports it, else float32.
@@ -150,14 +174,17 @@ def load(model: str | Path | None = None, *, dtype: str | torch.dtype | None = N
     dtype = resolve_dtype(dtype, detect_format(path))
     shard = None
     if parallel is not None and (quant is not None or lora):
-        raise RequestError("--quant and --lora cannot be combined with --parallel yet: the sharded model runs "
-                           "float weights without adapters")
+        raise RequestError(
+            "--quant and --lora cannot be combined with --parallel yet: the sharded model runs "
+            "float weights without adapters"
+        )
     if parallel is not None:
         from .parallel.dist import rank_and_world
 
         shard = (parallel, *rank_and_world())
-    loaded = load_model(path, dtype=dtype, progress=progress, packed=available() if packed is None else packed,
-                        shard=shard)
+    loaded = load_model(
+        path, dtype=dtype, progress=progress, packed=available() if packed is None else packed, shard=shard
+    )
     if quant is not None:
         from .quant.quantize import quantize_model
 

@@ -58,20 +58,27 @@ class ModelConfig:
             m = params["moe"]
             if not isinstance(m, Mapping):
                 raise ConfigError(f"{source}: field 'moe' must be an object, got {m!r}")
-            moe = MoeConfig(_getter(m, source + ":moe")("num_experts", int),
-                            _getter(m, source + ":moe")("num_experts_per_tok", int))
+            moe = MoeConfig(
+                _getter(m, source + ":moe")("num_experts", int), _getter(m, source + ":moe")("num_experts_per_tok", int)
+            )
         theta = params.get("rope_theta")
         if theta is None:
             theta = ROPE_THETA_WITH_SLIDING_WINDOW if sliding_window else ROPE_THETA_WITHOUT_SLIDING_WINDOW
         return _build(
             source,
-            vocab_size=get("vocab_size", int), dim=dim, n_layers=get("n_layers", int),
-            n_heads=n_heads, n_kv_heads=int(params.get("n_kv_heads", n_heads)),
+            vocab_size=get("vocab_size", int),
+            dim=dim,
+            n_layers=get("n_layers", int),
+            n_heads=n_heads,
+            n_kv_heads=int(params.get("n_kv_heads", n_heads)),
             head_dim=int(params.get("head_dim") or _div(dim, n_heads, source)),
-            hidden_dim=get("hidden_dim", int), norm_eps=float(params.get("norm_eps", 1e-5)),
-            rope_theta=float(theta), sliding_window=sliding_window,
+            hidden_dim=get("hidden_dim", int),
+            norm_eps=float(params.get("norm_eps", 1e-5)),
+            rope_theta=float(theta),
+            sliding_window=sliding_window,
             max_seq_len=int(params.get("max_seq_len") or params.get("max_position_embeddings") or 32768),
-            tie_embeddings=bool(params.get("tied_embeddings", False)), moe=moe,
+            tie_embeddings=bool(params.get("tied_embeddings", False)),
+            moe=moe,
             architecture="mixtral" if moe else "mistral",
         )
 
@@ -80,8 +87,9 @@ class ModelConfig:
         """A Hugging Face `config.json` with model_type mistral, mixtral or llama."""
         model_type = cfg.get("model_type")
         if model_type not in ("mistral", "mixtral", "llama"):
-            raise ConfigError(f"{source}: model_type {model_type!r} is not supported "
-                              "(supported: mistral, mixtral, llama)")
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not supported (supported: mistral, mixtral, llama)"
+            )
         get = _getter(cfg, source)
         _check_rope_scaling(cfg.get("rope_scaling"), source)
         dim, n_heads = get("hidden_size", int), get("num_attention_heads", int)
@@ -98,13 +106,19 @@ class ModelConfig:
             theta = 10_000.0
         return _build(
             source,
-            vocab_size=get("vocab_size", int), dim=dim, n_layers=get("num_hidden_layers", int),
-            n_heads=n_heads, n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+            vocab_size=get("vocab_size", int),
+            dim=dim,
+            n_layers=get("num_hidden_layers", int),
+            n_heads=n_heads,
+            n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
             head_dim=int(cfg.get("head_dim") or _div(dim, n_heads, source)),
-            hidden_dim=get("intermediate_size", int), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta), sliding_window=window,
+            hidden_dim=get("intermediate_size", int),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            sliding_window=window,
             max_seq_len=int(cfg.get("max_position_embeddings") or 32768),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), moe=moe,
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            moe=moe,
             architecture=model_type,
         )
 
@@ -129,15 +143,19 @@ class ModelConfig:
         head_dim = meta.get(p + "attention.key_length") or meta.get(p + "rope.dimension_count")
         return _build(
             source,
-            vocab_size=int(vocab), dim=dim, n_layers=get(p + "block_count", int),
-            n_heads=n_heads, n_kv_heads=int(n_kv),
+            vocab_size=int(vocab),
+            dim=dim,
+            n_layers=get(p + "block_count", int),
+            n_heads=n_heads,
+            n_kv_heads=int(n_kv),
             head_dim=int(head_dim or _div(dim, n_heads, source)),
             hidden_dim=get(p + "feed_forward_length", int),
             norm_eps=float(meta.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(meta.get(p + "rope.freq_base", 10_000.0)),
             sliding_window=_window(meta.get(p + "attention.sliding_window"), source),
             max_seq_len=int(meta.get(p + "context_length") or 4096),
-            tie_embeddings=bool(meta.get("_tramontane.tied", False)), moe=moe,
+            tie_embeddings=bool(meta.get("_tramontane.tied", False)),
+            moe=moe,
             architecture="mixtral" if moe else "llama",
         )
 
@@ -174,6 +192,7 @@ def _getter(m: Mapping[str, Any], source: str):
         except (TypeError, ValueError):
             raise ConfigError(f"{source}: field {key!r} has value {m[key]!r}, expected {kind.__name__}") from None
         return value
+
     return get
 
 
@@ -221,16 +240,22 @@ def _validate(c: ModelConfig) -> None:
         (0 < c.hidden_dim <= 16 * MAX_DIM, f"hidden_dim {c.hidden_dim} out of range"),
         (0 < c.vocab_size <= MAX_VOCAB, f"vocab_size {c.vocab_size} must be in 1..{MAX_VOCAB}"),
         (c.n_heads > 0 and c.n_kv_heads > 0, f"head counts {c.n_heads}/{c.n_kv_heads} must be positive"),
-        (c.n_kv_heads > 0 and c.n_heads % c.n_kv_heads == 0,
-         f"n_heads {c.n_heads} is not a multiple of n_kv_heads {c.n_kv_heads}"),
+        (
+            c.n_kv_heads > 0 and c.n_heads % c.n_kv_heads == 0,
+            f"n_heads {c.n_heads} is not a multiple of n_kv_heads {c.n_kv_heads}",
+        ),
         (0 < c.head_dim <= 4096 and c.head_dim % 2 == 0, f"head_dim {c.head_dim} must be even and positive"),
         (c.rope_theta > 0, f"rope_theta {c.rope_theta} must be positive"),
         (c.norm_eps > 0, f"norm_eps {c.norm_eps} must be positive"),
         (c.max_seq_len > 0, f"max_seq_len {c.max_seq_len} must be positive"),
     ]
     if c.moe is not None:
-        checks.append((0 < c.moe.num_experts_per_tok <= c.moe.num_experts <= 1024,
-                       f"moe: {c.moe.num_experts_per_tok} of {c.moe.num_experts} experts is not valid"))
+        checks.append(
+            (
+                0 < c.moe.num_experts_per_tok <= c.moe.num_experts <= 1024,
+                f"moe: {c.moe.num_experts_per_tok} of {c.moe.num_experts} experts is not valid",
+            )
+        )
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

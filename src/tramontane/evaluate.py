@@ -53,7 +53,7 @@ def perplexity(llm: Any, ids: list[int], context: int, stride: int) -> Perplexit
     total, count, spans = 0.0, 0, windows(len(ids), context, stride)
     for begin, end, first in spans:
         logp = llm.score(ids[begin:end])  # [end-begin-1]: log p(ids[k] | ids[begin:k]) for k in begin+1..end-1
-        scored = logp[first - begin - 1:]
+        scored = logp[first - begin - 1 :]
         total -= float(scored.double().sum())
         count += scored.numel()
     nll = total / count
@@ -81,11 +81,17 @@ def read_choices(path: Path) -> list[dict[str, Any]]:
         answer = item.get("answer") if isinstance(item, dict) else None
         if answer in (choices or []) and isinstance(answer, str):
             answer = choices.index(answer)
-        if (not isinstance(item.get("question") if isinstance(item, dict) else None, str)
-                or not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices)
-                or type(answer) is not int or not 0 <= answer < len(choices)):
-            raise RequestError(f"{path}:{number}: expected {{\"question\": str, \"choices\": [str, ...], "
-                               "\"answer\": index or choice text}")
+        if (
+            not isinstance(item.get("question") if isinstance(item, dict) else None, str)
+            or not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) for c in choices)
+            or type(answer) is not int
+            or not 0 <= answer < len(choices)
+        ):
+            raise RequestError(
+                f'{path}:{number}: expected {{"question": str, "choices": [str, ...], "answer": index or choice text}}'
+            )
         items.append({"question": item["question"], "choices": choices, "answer": answer})
     if not items:
         raise RequestError(f"{path}: no items")
@@ -103,7 +109,7 @@ def continuation_logprob(llm: Any, context: str, continuation: str) -> float:
         start -= 1  # the boundary token merged across context and continuation
     start = max(start, 1)
     logp = llm.score(whole)  # [len-1]
-    return float(logp[start - 1:].double().sum())
+    return float(logp[start - 1 :].double().sum())
 
 
 def choice_accuracy(llm: Any, items: list[dict[str, Any]]) -> ChoiceResult:

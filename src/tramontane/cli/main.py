@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import TramontaneError
 from .model import add_model_parsers, add_store_parsers, cmd_convert, cmd_list, cmd_pull, cmd_rm
 from .train import add_train_parsers, cmd_finetune, cmd_merge
-from ..errors import TramontaneError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -30,25 +30,43 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
     g.add_argument("--system", default=None, help="system message")
     g.add_argument("--json", action="store_true", help="answer with a JSON object (constrained decoding)")
     g.add_argument("--schema", default=None, metavar="FILE", help="answer with JSON following this JSON schema")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)")
-    p.add_argument("--quant", choices=("int8", "int4"), default=None,
-                   help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)",
+    )
+    p.add_argument(
+        "--quant",
+        choices=("int8", "int4"),
+        default=None,
+        help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)",
+    )
     _lora_flag(p)
-    p.add_argument("--adapter", default=None, metavar="NAME",
-                   help="which --lora adapter answers (default: the only one given)")
+    p.add_argument(
+        "--adapter", default=None, metavar="NAME", help="which --lora adapter answers (default: the only one given)"
+    )
     _parallel_flag(p)
 
 
 def _parallel_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--parallel", choices=("tp", "ep", "tp+ep"), default=None,
-                   help="under torchrun: split the model by tensor parallelism (tp, default), whole experts "
-                        "per rank (ep, Mixtral) or both (tp+ep)")
+    p.add_argument(
+        "--parallel",
+        choices=("tp", "ep", "tp+ep"),
+        default=None,
+        help="under torchrun: split the model by tensor parallelism (tp, default), whole experts "
+        "per rank (ep, Mixtral) or both (tp+ep)",
+    )
 
 
 def _lora_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
-                   help="load a LoRA adapter folder (PEFT layout) under NAME (repeatable)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="load a LoRA adapter folder (PEFT layout) under NAME (repeatable)",
+    )
 
 
 def parse_loras(specs: list[str], reserved: str | None = None) -> dict[str, str]:
@@ -83,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", nargs="?", default=None, metavar="MODEL")
     what = ev.add_mutually_exclusive_group(required=True)
     what.add_argument("--perplexity", type=Path, metavar="FILE", help="a UTF-8 text file")
-    what.add_argument("--choice", type=Path, metavar="FILE",
-                      help='JSONL: {"question": ..., "choices": [...], "answer": index or text}')
+    what.add_argument(
+        "--choice",
+        type=Path,
+        metavar="FILE",
+        help='JSONL: {"question": ..., "choices": [...], "answer": index or text}',
+    )
     ev.add_argument("--context", type=int, default=1024, help="tokens per window (default 1024)")
     ev.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
     ev.add_argument("--dtype", choices=DTYPES, default="auto")
@@ -98,31 +120,61 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, metavar="MODEL")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on every route but /health "
-                        "(default: $TRAMONTANE_API_KEY, else no key)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health "
+        "(default: $TRAMONTANE_API_KEY, else no key)",
+    )
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: the file or folder name)")
-    p.add_argument("--kv-cache-memory", default="10%",
-                   help="KV cache size: bytes with K/M/G suffixes (2G) or a percentage of free RAM (default 10%%)")
+    p.add_argument(
+        "--kv-cache-memory",
+        default="10%",
+        help="KV cache size: bytes with K/M/G suffixes (2G) or a percentage of free RAM (default 10%%)",
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default 16)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (default 512)")
     p.add_argument("--max-running", type=int, default=64, help="requests decoded together (default 64)")
     p.add_argument("--max-queued", type=int, default=256, help="waiting requests before 429 (default 256)")
     p.add_argument("--max-body-bytes", default="16M", help="largest request body, K/M/G suffixes (default 16M)")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds SIGTERM waits for running requests before stopping them (default 30)")
-    p.add_argument("--allow-request-chat-template", action="store_true",
-                   help="accept a Jinja chat_template in chat requests (rendered in the sandbox; off by default)")
-    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser requests from this origin (CORS; repeatable; * for any)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)")
-    p.add_argument("--quant", choices=("int8", "int4"), default=None,
-                   help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)")
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for running requests before stopping them (default 30)",
+    )
+    p.add_argument(
+        "--allow-request-chat-template",
+        action="store_true",
+        help="accept a Jinja chat_template in chat requests (rendered in the sandbox; off by default)",
+    )
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser requests from this origin (CORS; repeatable; * for any)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="compute dtype (default auto: bfloat16 for float checkpoints where the CPU supports it)",
+    )
+    p.add_argument(
+        "--quant",
+        choices=("int8", "int4"),
+        default=None,
+        help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)",
+    )
     _lora_flag(p)
     _parallel_flag(p)
-    p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"),
-                   help="server log level (default warning; info logs every request)")
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        choices=("critical", "error", "warning", "info", "debug"),
+        help="server log level (default warning; info logs every request)",
+    )
 
 
 def _looks_like_model(arg: str) -> bool:
@@ -132,8 +184,7 @@ def _looks_like_model(arg: str) -> bool:
 
 def _split_run_args(args: list[str]) -> tuple[str | None, str | None]:
     if len(args) > 2:
-        raise TramontaneError(f"run takes at most a MODEL and a PROMPT, got {len(args)} arguments "
-                              "(quote the prompt)")
+        raise TramontaneError(f"run takes at most a MODEL and a PROMPT, got {len(args)} arguments (quote the prompt)")
     if len(args) == 2:
         return args[0], args[1]
     if len(args) == 1:
@@ -145,10 +196,18 @@ def _sampling(ns: argparse.Namespace):
     from ..decoding.sampling import SamplingParams
 
     return SamplingParams(
-        temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
-        repetition_penalty=ns.repetition_penalty, presence_penalty=ns.presence_penalty,
-        frequency_penalty=ns.frequency_penalty, seed=_seed(ns), max_tokens=ns.max_tokens, stop=tuple(ns.stop),
-        grammar=_grammar(ns))
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        top_k=ns.top_k,
+        min_p=ns.min_p,
+        repetition_penalty=ns.repetition_penalty,
+        presence_penalty=ns.presence_penalty,
+        frequency_penalty=ns.frequency_penalty,
+        seed=_seed(ns),
+        max_tokens=ns.max_tokens,
+        stop=tuple(ns.stop),
+        grammar=_grammar(ns),
+    )
 
 
 def _grammar(ns: argparse.Namespace) -> str | None:
@@ -185,8 +244,14 @@ def _load(model: str | None, ns: argparse.Namespace):
         raise TramontaneError(f"--adapter {ns.adapter!r} is not one of the --lora names ({', '.join(loras) or 'none'})")
     if ns.adapter is None and len(loras) > 1:
         raise TramontaneError("several --lora adapters: choose the one that answers with --adapter NAME")
-    llm = load(model, dtype=ns.dtype, progress=sys.stderr.isatty() and _leader(), quant=ns.quant, lora=loras,
-               parallel=_parallel_mode(ns))
+    llm = load(
+        model,
+        dtype=ns.dtype,
+        progress=sys.stderr.isatty() and _leader(),
+        quant=ns.quant,
+        lora=loras,
+        parallel=_parallel_mode(ns),
+    )
     if loras:
         llm.use_adapter(ns.adapter or next(iter(loras)))
     return llm
@@ -243,7 +308,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
             raise TramontaneError("no prompt given: pass one as an argument or on stdin")
     params = _sampling(ns)
     llm = _load(model, ns)
-    messages = ([{"role": "system", "content": ns.system}] if ns.system else [])
+    messages = [{"role": "system", "content": ns.system}] if ns.system else []
     _stream_answer(llm, messages + [{"role": "user", "content": prompt}], params)
     return 0
 
@@ -281,8 +346,8 @@ def _read_line(interactive: bool) -> str | None:
 
 
 def cmd_show(ns: argparse.Namespace) -> int:
-    from ..hub.resolve import resolve_model
     from ..hub.describe import describe
+    from ..hub.resolve import resolve_model
 
     for key, value in describe(resolve_model(ns.model)).items():
         print(f"{key:<20} {value}")
@@ -304,8 +369,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
             raise TramontaneError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         ids = llm.tokenizer.encode(text, add_bos=llm.tokenizer.default_add_bos)
         result = perplexity(llm, ids, ns.context, ns.stride)
-        print(f"perplexity {result.perplexity:.4f}  (mean NLL {result.nll:.4f} nats over {result.tokens} tokens, "
-              f"{result.windows} windows of {ns.context} tokens, stride {ns.stride})")
+        print(
+            f"perplexity {result.perplexity:.4f}  (mean NLL {result.nll:.4f} nats over {result.tokens} tokens, "
+            f"{result.windows} windows of {ns.context} tokens, stride {ns.stride})"
+        )
     else:
         choices = choice_accuracy(llm, read_choices(path))
         print(f"accuracy {choices.accuracy:.4f}  acc_norm {choices.accuracy_norm:.4f}  ({choices.items} items)")
@@ -317,23 +384,39 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     from ..serve.server import ServeOptions, model_name_of, parse_size, serve
 
-    for flag, value, low in (("--port", ns.port, 0), ("--block-size", ns.block_size, 1),
-                             ("--max-num-batched-tokens", ns.max_num_batched_tokens, 1),
-                             ("--max-running", ns.max_running, 1), ("--max-queued", ns.max_queued, 0)):
+    for flag, value, low in (
+        ("--port", ns.port, 0),
+        ("--block-size", ns.block_size, 1),
+        ("--max-num-batched-tokens", ns.max_num_batched_tokens, 1),
+        ("--max-running", ns.max_running, 1),
+        ("--max-queued", ns.max_queued, 0),
+    ):
         if value < low or (flag == "--port" and value > 65535):
-            raise TramontaneError(f"{flag} must be {'in 0..65535' if flag == '--port' else f'at least {low}'}, "
-                                  f"got {value}")
+            raise TramontaneError(
+                f"{flag} must be {'in 0..65535' if flag == '--port' else f'at least {low}'}, got {value}"
+            )
     name = model_name_of(ns.model)  # also checks that the model exists before the server starts
     opts = ServeOptions(
-        model=ns.model, name=ns.served_model_name or name, host=ns.host, port=ns.port,
+        model=ns.model,
+        name=ns.served_model_name or name,
+        host=ns.host,
+        port=ns.port,
         api_key=ns.api_key if ns.api_key is not None else os.environ.get("TRAMONTANE_API_KEY") or None,
         kv_cache_memory=parse_size(ns.kv_cache_memory, "--kv-cache-memory", allow_percent=True),
-        max_queued=ns.max_queued, max_running=ns.max_running,
-        max_body_bytes=parse_size(ns.max_body_bytes, "--max-body-bytes"), block_size=ns.block_size,
-        max_num_batched_tokens=ns.max_num_batched_tokens, dtype=ns.dtype, quant=ns.quant,
-        drain_timeout=ns.drain_timeout, loras=parse_loras(ns.lora, reserved=ns.served_model_name or name),
-        allow_origins=ns.allow_origin, log_level=ns.log_level, parallel=_parallel_mode(ns),
-        allow_request_templates=ns.allow_request_chat_template)
+        max_queued=ns.max_queued,
+        max_running=ns.max_running,
+        max_body_bytes=parse_size(ns.max_body_bytes, "--max-body-bytes"),
+        block_size=ns.block_size,
+        max_num_batched_tokens=ns.max_num_batched_tokens,
+        dtype=ns.dtype,
+        quant=ns.quant,
+        drain_timeout=ns.drain_timeout,
+        loras=parse_loras(ns.lora, reserved=ns.served_model_name or name),
+        allow_origins=ns.allow_origin,
+        log_level=ns.log_level,
+        parallel=_parallel_mode(ns),
+        allow_request_templates=ns.allow_request_chat_template,
+    )
     if not _leader():
         from ..serve.server import follow_leader
 
@@ -343,9 +426,19 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    commands = {"run": cmd_run, "chat": cmd_chat, "show": cmd_show, "serve": cmd_serve, "finetune": cmd_finetune,
-                "merge": cmd_merge, "eval": cmd_eval, "convert": cmd_convert, "list": cmd_list, "rm": cmd_rm,
-                "pull": cmd_pull}
+    commands = {
+        "run": cmd_run,
+        "chat": cmd_chat,
+        "show": cmd_show,
+        "serve": cmd_serve,
+        "finetune": cmd_finetune,
+        "merge": cmd_merge,
+        "eval": cmd_eval,
+        "convert": cmd_convert,
+        "list": cmd_list,
+        "rm": cmd_rm,
+        "pull": cmd_pull,
+    }
     from ..parallel.dist import init_from_env, shutdown
 
     # under torchrun: join the group; every rank runs this same command

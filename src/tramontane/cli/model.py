@@ -60,8 +60,10 @@ def cmd_pull(ns: argparse.Namespace) -> int:
         stored = pull_local(local, ns.name)
     else:
         stored = pull_hub(ns.source, ns.revision, ns.name, ns.file)
-    print(f"pulled {ns.source} as {stored.name} ({stored.info['format']}, {stored.info['size'] / 1e9:.2f} GB): "
-          f"`tramontane run {stored.name}`")
+    print(
+        f"pulled {ns.source} as {stored.name} ({stored.info['format']}, {stored.info['size'] / 1e9:.2f} GB): "
+        f"`tramontane run {stored.name}`"
+    )
     return 0
 
 
@@ -69,8 +71,12 @@ def add_model_parsers(sub: Any) -> None:
     conv = sub.add_parser("convert", help="convert a model between Hugging Face, Mistral native and GGUF files")
     conv.add_argument("model", metavar="MODEL")
     conv.add_argument("--to", required=True, choices=TARGETS)
-    conv.add_argument("--quant", choices=QUANTS, default=None,
-                      help="GGUF output: f32, f16 (default) or a block format; hf/mistral: f32 (default) or f16")
+    conv.add_argument(
+        "--quant",
+        choices=QUANTS,
+        default=None,
+        help="GGUF output: f32, f16 (default) or a block format; hf/mistral: f32 (default) or f16",
+    )
     conv.add_argument("--out", required=True, type=Path, metavar="PATH", help="folder (hf, mistral) or .gguf file")
 
 
@@ -89,8 +95,8 @@ def _tokenizer_metadata(loaded: Any, source: Path) -> dict[str, Any] | None:
 def cmd_convert(ns: argparse.Namespace) -> int:
     import torch
 
-    from ..hub.resolve import resolve_model
     from ..build.load import load_model
+    from ..hub.resolve import resolve_model
 
     source = resolve_model(ns.model)
     quant = ns.quant or ("f16" if ns.to == "gguf" else "f32")
@@ -103,8 +109,14 @@ def cmd_convert(ns: argparse.Namespace) -> int:
 
         tokenizer = _tokenizer_metadata(loaded, Path(source))
         float_type = "f32" if quant == "f32" else "f16"
-        write_gguf(model, ns.out, tokenizer, name=Path(source).stem, float_type=float_type,
-                   quant=None if quant in ("f32", "f16") else quant)
+        write_gguf(
+            model,
+            ns.out,
+            tokenizer,
+            name=Path(source).stem,
+            float_type=float_type,
+            quant=None if quant in ("f32", "f16") else quant,
+        )
     else:
         if quant == "f16":
             model = model.to(torch.float16)

@@ -11,7 +11,7 @@ from ..errors import TramontaneError
 
 # flag -> (TrainConfig field, type, help); every flag defaults to None = "not given" (file or default wins)
 TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--data", "data", str, "training data, JSONL: {\"messages\": [...]} or {\"text\": ...} per line"),
+    ("--data", "data", str, 'training data, JSONL: {"messages": [...]} or {"text": ...} per line'),
     ("--eval", "eval", str, "eval data in the same formats (eval loss every --eval-every steps)"),
     ("--out", "out", str, "output folder: adapter (PEFT layout), checkpoint/, metrics.jsonl, loss.png"),
     ("--seq-len", "seq_len", int, "tokens per packed row (default 1024); longer lines are errors"),
@@ -39,12 +39,24 @@ def add_train_parsers(sub: Any) -> None:
     ft.add_argument("--config", default=None, metavar="FILE", help="settings file (.toml, .yaml, .json); flags win")
     for flag, dest, kind, text in TRAIN_FLAGS:
         ft.add_argument(flag, dest=dest, type=kind, default=None, help=text)
-    ft.add_argument("--targets", default=None, help="comma-separated modules (default wq,wk,wv,wo,w1,w2,w3,gate: "
-                                                    "on Mixtral, w1-w3 are every expert's and gate the router)")
-    ft.add_argument("--activation-checkpointing", action="store_true", default=None,
-                    help="recompute activations in the backward pass (less memory, slower)")
-    ft.add_argument("--quantized-base", action="store_true", default=None,
-                    help="keep a GGUF base packed (QLoRA-style) instead of dequantizing it")
+    ft.add_argument(
+        "--targets",
+        default=None,
+        help="comma-separated modules (default wq,wk,wv,wo,w1,w2,w3,gate: "
+        "on Mixtral, w1-w3 are every expert's and gate the router)",
+    )
+    ft.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute activations in the backward pass (less memory, slower)",
+    )
+    ft.add_argument(
+        "--quantized-base",
+        action="store_true",
+        default=None,
+        help="keep a GGUF base packed (QLoRA-style) instead of dequantizing it",
+    )
     ft.add_argument("--validate", action="store_true", help="check the data files and estimate time; no training")
     ft.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     merge = sub.add_parser("merge", help="fold a LoRA adapter into the model; writes Hugging Face safetensors")
@@ -90,8 +102,10 @@ def validate(cfg: Any) -> int:
     train = reports[0]
     if train.examples:
         seconds = _seconds_per_token(llm.model, train, cfg)
-        print(f"estimated time per epoch on this machine: {_duration(seconds * train.tokens)} "
-              f"({1 / seconds:.0f} tokens/s forward and backward)")
+        print(
+            f"estimated time per epoch on this machine: {_duration(seconds * train.tokens)} "
+            f"({1 / seconds:.0f} tokens/s forward and backward)"
+        )
     return 1 if any(r.problems for r in reports) else 0
 
 
@@ -125,9 +139,9 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..api import load
+    from ..hub.resolve import resolve_model
     from ..lora.layers import merge_lora
     from ..lora.peft import load_adapter
-    from ..hub.resolve import resolve_model
     from ..weights.hf_writer import write_hf
 
     path = resolve_model(ns.model)

@@ -24,20 +24,25 @@ INITIAL_CAPACITY = 256  # KV slots allocated beyond the prompt before the cache 
 class Generator:
     """Runs batches of token-id prompts through a model with a tokenizer for output text."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, backend: Backend,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, backend: Backend, dtype: torch.dtype = torch.float32
+    ) -> None:
         self.model, self.tokenizer, self.backend, self.dtype = model, tokenizer, backend, dtype
         self.config = model.config
 
     def run(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Iterator[Delta]:
-        seqs = [SequenceState(i, list(p), sp, self.tokenizer, self.config.max_seq_len)
-                for i, (p, sp) in enumerate(zip(prompts, params))]
+        seqs = [
+            SequenceState(i, list(p), sp, self.tokenizer, self.config.max_seq_len)
+            for i, (p, sp) in enumerate(zip(prompts, params))
+        ]
         for s in seqs:
             if not s.prompt:
                 raise RequestError(f"prompt {s.index} is empty")
             if s.max_tokens < 1:
-                raise RequestError(f"prompt {s.index} has {len(s.prompt)} tokens: no room left in the "
-                                   f"model's context of {self.config.max_seq_len}")
+                raise RequestError(
+                    f"prompt {s.index} has {len(s.prompt)} tokens: no room left in the "
+                    f"model's context of {self.config.max_seq_len}"
+                )
         capacity = max(len(s.prompt) for s in seqs) + min(INITIAL_CAPACITY, max(s.max_tokens for s in seqs))
         cache = KVCache(self.config, len(seqs), capacity, self.dtype)
         with torch.inference_mode():

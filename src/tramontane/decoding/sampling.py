@@ -79,8 +79,7 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
-                or self.frequency_penalty != 0.0)
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self) -> None:
         """Raise RequestError naming the first bad field and its value."""
@@ -151,6 +150,7 @@ def _validate_stop_token_ids(ids: object) -> None:
 
 # ---- generators --------------------------------------------------------------------------------------
 
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A private generator for one request: seeded from `seed`, or from OS entropy when None.
 
@@ -163,8 +163,10 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 # ---- penalties ---------------------------------------------------------------------------------------
 
-def count_tokens(token_lists: Sequence[Sequence[int]], vocab_size: int,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
+
+def count_tokens(
+    token_lists: Sequence[Sequence[int]], vocab_size: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Per-row token counts [B, V] int64 from per-row lists of token ids (one bincount, no V loop)."""
     rows: list[int] = []
     ids: list[int] = []
@@ -192,9 +194,12 @@ def _as_counts(tokens: TokenCounts | None, shape: torch.Size, device: torch.devi
     return count_tokens(tokens, shape[1], device)
 
 
-def apply_penalties(logits: torch.Tensor, prompt_tokens: TokenCounts | None,
-                    output_tokens: TokenCounts | None,
-                    params_list: Sequence[SamplingParams]) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_tokens: TokenCounts | None,
+    output_tokens: TokenCounts | None,
+    params_list: Sequence[SamplingParams],
+) -> torch.Tensor:
     """Repetition, then frequency and presence penalties. Returns new float32 logits [B, V].
 
     `prompt_tokens` / `output_tokens`: [B, V] count tensors (what the engine keeps up to date) or
@@ -218,8 +223,9 @@ def apply_penalties(logits: torch.Tensor, prompt_tokens: TokenCounts | None,
     return logits
 
 
-def _repetition(logits: torch.Tensor, prompt: torch.Tensor | None, out: torch.Tensor | None,
-                params_list: Sequence[SamplingParams]) -> torch.Tensor:
+def _repetition(
+    logits: torch.Tensor, prompt: torch.Tensor | None, out: torch.Tensor | None, params_list: Sequence[SamplingParams]
+) -> torch.Tensor:
     seen = torch.zeros_like(logits, dtype=torch.bool)  # [B, V]
     for counts in (prompt, out):
         if counts is not None:
@@ -230,6 +236,7 @@ def _repetition(logits: torch.Tensor, prompt: torch.Tensor | None, out: torch.Te
 
 
 # ---- temperature and masks ---------------------------------------------------------------------------
+
 
 def process_logits(logits: torch.Tensor, params_list: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature -> top-k -> top-p -> min-p, per row. Returns new float32 logits [B, V].
@@ -256,8 +263,7 @@ def process_logits(logits: torch.Tensor, params_list: Sequence[SamplingParams]) 
     return logits
 
 
-def _top_k_top_p(logits: torch.Tensor, params_list: Sequence[SamplingParams],
-                 use_k: bool, use_p: bool) -> torch.Tensor:
+def _top_k_top_p(logits: torch.Tensor, params_list: Sequence[SamplingParams], use_k: bool, use_p: bool) -> torch.Tensor:
     vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, stable=True)  # [B, V] ascending
     if use_k:
@@ -283,8 +289,10 @@ def _min_p(logits: torch.Tensor, params_list: Sequence[SamplingParams]) -> torch
 
 # ---- sampling ----------------------------------------------------------------------------------------
 
-def sample(logits: torch.Tensor, params_list: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+
+def sample(
+    logits: torch.Tensor, params_list: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
     """Next tokens [B] int64 from processed logits [B, V].
 
     Greedy rows take the argmax (first index on ties) and touch no generator. Other rows sample from
@@ -315,8 +323,10 @@ def sample(logits: torch.Tensor, params_list: Sequence[SamplingParams],
 
 # ---- logprobs ----------------------------------------------------------------------------------------
 
-def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
-                     top_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+
+def compute_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, top_n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probabilities of the raw model distribution: log_softmax of the logits *before* penalties,
     temperature and masks (vLLM's default "raw" logprobs; what OpenAI-style clients expect).
 
@@ -331,6 +341,7 @@ def compute_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
+
 
 def _row_values(logits: torch.Tensor, values: Sequence[float]) -> torch.Tensor:
     """Per-row scalars as a [B, 1] float32 column on the logits' device (a host-to-device copy)."""

@@ -62,8 +62,16 @@ class SequenceState:
     string, honoured once `min_tokens` exist), "length" (max_tokens reached) or, when the model's
     context is what ran out, `context_reason` ("length" offline, "model_length" when serving)."""
 
-    def __init__(self, index: int, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer,
-                 max_len: int, min_tokens: int = 0, context_reason: str = "length") -> None:
+    def __init__(
+        self,
+        index: int,
+        prompt: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        max_len: int,
+        min_tokens: int = 0,
+        context_reason: str = "length",
+    ) -> None:
         self.index, self.prompt, self.params = index, prompt, params
         self.output: list[int] = []
         self.generator = None if params.is_greedy else make_generator(params.seed)
@@ -105,16 +113,19 @@ class SequenceState:
         return text if hit else text + self.stops.flush()
 
 
-def pick_tokens(seqs: Sequence[SequenceState], logits: torch.Tensor, tokenizer: Tokenizer
-                ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
+def pick_tokens(
+    seqs: Sequence[SequenceState], logits: torch.Tensor, tokenizer: Tokenizer
+) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
     """Sample each sequence's next token from its logits row [B,V]; logprobs where asked."""
     params = [s.params for s in seqs]
     processed = logits
     if any(p.has_penalties for p in params):
         processed = apply_penalties(logits, [s.prompt for s in seqs], [s.output for s in seqs], params)
     if any(s.guide is not None for s in seqs):  # after the penalties, which would otherwise lift masked tokens
-        finishing = [s.guide is not None and s.max_tokens - len(s.output) <= FINISH_WITHIN + s.params.grammar_reserve
-                     for s in seqs]
+        finishing = [
+            s.guide is not None and s.max_tokens - len(s.output) <= FINISH_WITHIN + s.params.grammar_reserve
+            for s in seqs
+        ]
         processed = mask_logits(processed, [s.guide for s in seqs], finishing)
     processed = process_logits(processed, params)
     tokens = sample(processed, params, [s.generator for s in seqs])  # [B]
@@ -125,14 +136,21 @@ def pick_tokens(seqs: Sequence[SequenceState], logits: torch.Tensor, tokenizer: 
     return tokens, _logprobs(params, tokens, chosen, top_ids, top_lp, tokenizer)
 
 
-def _logprobs(params: list[SamplingParams], tokens: torch.Tensor, chosen: torch.Tensor, top_ids: torch.Tensor,
-              top_lp: torch.Tensor, tokenizer: Tokenizer) -> list[TokenLogprob | None]:
+def _logprobs(
+    params: list[SamplingParams],
+    tokens: torch.Tensor,
+    chosen: torch.Tensor,
+    top_ids: torch.Tensor,
+    top_lp: torch.Tensor,
+    tokenizer: Tokenizer,
+) -> list[TokenLogprob | None]:
     out: list[TokenLogprob | None] = []
     for p, t, c, ids, lps in zip(params, tokens.tolist(), chosen.tolist(), top_ids.tolist(), top_lp.tolist()):
         if p.logprobs is None:
             out.append(None)
             continue
-        top = [(i, tokenizer.decode([i], skip_special=False), lp)
-               for i, lp in zip(ids[: p.logprobs], lps[: p.logprobs])]
+        top = [
+            (i, tokenizer.decode([i], skip_special=False), lp) for i, lp in zip(ids[: p.logprobs], lps[: p.logprobs])
+        ]
         out.append(TokenLogprob(t, tokenizer.decode([t], skip_special=False), c, top))
     return out

@@ -98,8 +98,7 @@ def allowed_tokens(guides: list[Guide], width: int) -> torch.Tensor:
     return torch.from_numpy(unpacked[:, :width].view(np.bool_))
 
 
-def mask_logits(logits: torch.Tensor, guides: list[Guide | None], finishing: list[bool] | None = None
-                ) -> torch.Tensor:
+def mask_logits(logits: torch.Tensor, guides: list[Guide | None], finishing: list[bool] | None = None) -> torch.Tensor:
     """logits [B,V] with the tokens each guided row may not take set to -inf (a copy when any row is
     guided; unguided rows unchanged). Ids past the grammar's vocabulary are never allowed. Rows marked
     `finishing` keep only their best-ranked allowed token (see closing_rank)."""

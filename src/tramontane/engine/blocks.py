@@ -22,7 +22,6 @@ import torch
 
 from ..config import ModelConfig
 
-
 _SALT = secrets.token_bytes(32)  # per process; keys never leave it
 
 
@@ -41,8 +40,9 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) ->
 
 
 class BlockPool:
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32
+    ) -> None:
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
         self.num_blocks, self.block_size = num_blocks, block_size

@@ -19,21 +19,37 @@ import torch
 
 from ..build.backend import select_backend
 from ..decoding.sequence import SequenceState, pick_tokens
+from ..parallel.dist import broadcast_object, is_parallel
 from .blocks import BlockPool, bytes_per_block
 from .metrics import EngineMetrics
-from ..parallel.dist import broadcast_object, is_parallel
 from .runner import PagedStep, embed, prompt_logprobs, run_step
 from .scheduler import EngineSequence, Scheduler
-from .types import (ServedModel, ContextLengthError, EngineRequest, EngineUnavailableError, QueueFullError, UnknownAdapterError,
-                    RequestOutput)
+from .types import (
+    ContextLengthError,
+    EngineRequest,
+    EngineUnavailableError,
+    QueueFullError,
+    RequestOutput,
+    ServedModel,
+    UnknownAdapterError,
+)
 
 log = logging.getLogger("tramontane.engine")
 
 
 class AsyncEngine:
-    def __init__(self, llm: ServedModel, *, model_name: str, kv_cache_memory: int, block_size: int = 16,
-                 max_num_batched_tokens: int = 512, max_running: int = 64, max_queued: int = 256,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        llm: ServedModel,
+        *,
+        model_name: str,
+        kv_cache_memory: int,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 512,
+        max_running: int = 64,
+        max_queued: int = 256,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.model, self.tokenizer, self.config = llm.model, llm.tokenizer, llm.config
         self.model_name, self.max_model_len, self.max_queued = model_name, llm.config.max_seq_len, max_queued
         num_blocks = kv_cache_memory // bytes_per_block(self.model.config, block_size, dtype)
@@ -43,10 +59,18 @@ class AsyncEngine:
             broadcast_object(("pool", num_blocks, block_size, dtype))
         self.pool = BlockPool(self.model.config, num_blocks, block_size, dtype)
         self.backend = select_backend(self.model, PagedStep, dtype)
-        log.info("decode backend: %s (paged cache; offline generation: %s)", self.backend.name,
-                 getattr(llm, "backend", self.backend).name)
-        self.scheduler = Scheduler(self.pool, model_name=model_name, window=self.config.sliding_window,
-                                   max_num_batched_tokens=max_num_batched_tokens, max_running=max_running)
+        log.info(
+            "decode backend: %s (paged cache; offline generation: %s)",
+            self.backend.name,
+            getattr(llm, "backend", self.backend).name,
+        )
+        self.scheduler = Scheduler(
+            self.pool,
+            model_name=model_name,
+            window=self.config.sliding_window,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_running=max_running,
+        )
         self.metrics = EngineMetrics()
         self._inbox: queue.Queue = queue.Queue()
         self._seqs: dict[str, EngineSequence] = {}
@@ -82,11 +106,15 @@ class AsyncEngine:
         if prompt == 0:
             raise ContextLengthError("the prompt is empty")
         if request.adapter is not None and request.adapter not in self.adapters:
-            raise UnknownAdapterError(f"no LoRA adapter named {request.adapter!r} is loaded "
-                                      f"(loaded: {', '.join(sorted(self.adapters)) or 'none'})")
+            raise UnknownAdapterError(
+                f"no LoRA adapter named {request.adapter!r} is loaded "
+                f"(loaded: {', '.join(sorted(self.adapters)) or 'none'})"
+            )
         if prompt + max(wanted, 1) > self.max_model_len:
-            raise ContextLengthError(f"this model's maximum context length is {self.max_model_len} tokens; "
-                                     f"the request has {prompt} prompt tokens and asks for {wanted} more")
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.max_model_len} tokens; "
+                f"the request has {prompt} prompt tokens and asks for {wanted} more"
+            )
         if len(self.scheduler.waiting) + self._pending_adds >= self.max_queued:
             raise QueueFullError(f"{self.max_queued} requests are already waiting; try again later")
 
@@ -121,8 +149,9 @@ class AsyncEngine:
         self._inbox.put(("embed", token_ids, future))
         return await asyncio.wrap_future(future)
 
-    async def prompt_logprobs(self, token_ids: list[list[int]], top: int
-                              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    async def prompt_logprobs(
+        self, token_ids: list[list[int]], top: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The prompts' own token log-probabilities (runner.prompt_logprobs), computed between steps."""
         if not self.accepting or not self.is_healthy():
             raise EngineUnavailableError("the engine is not accepting requests (loading, draining or stopped)")
@@ -177,8 +206,15 @@ class AsyncEngine:
         if request.request_id not in self._streams:
             return  # the client left before the engine saw the request
         try:
-            state = SequenceState(0, list(request.prompt_token_ids), request.params, self.tokenizer,
-                                  self.max_model_len, request.min_tokens, context_reason="model_length")
+            state = SequenceState(
+                0,
+                list(request.prompt_token_ids),
+                request.params,
+                self.tokenizer,
+                self.max_model_len,
+                request.min_tokens,
+                context_reason="model_length",
+            )
         except Exception as e:  # noqa: BLE001 - a bad request fails alone
             self._emit(RequestOutput(request.request_id, finish_reason="error", error=str(e)))
             return
@@ -209,8 +245,9 @@ class AsyncEngine:
     def _step(self) -> None:
         batch, hopeless = self.scheduler.schedule()
         for seq in hopeless:
-            self._finish(seq, RequestOutput(seq.request_id, finish_reason="length",
-                                            prompt_tokens=len(seq.state.prompt)))
+            self._finish(
+                seq, RequestOutput(seq.request_id, finish_reason="length", prompt_tokens=len(seq.state.prompt))
+            )
         if not batch:
             self._update_gauges()
             time.sleep(0.001)
@@ -246,8 +283,16 @@ class AsyncEngine:
                 self._fail(seq, e)
                 continue
             self._time_token(seq.request_id, now)
-            out = RequestOutput(seq.request_id, delta.text, [token], delta.logprobs, delta.finish_reason,
-                                len(seq.state.prompt), len(seq.state.output), seq.num_cached)
+            out = RequestOutput(
+                seq.request_id,
+                delta.text,
+                [token],
+                delta.logprobs,
+                delta.finish_reason,
+                len(seq.state.prompt),
+                len(seq.state.output),
+                seq.num_cached,
+            )
             if delta.finish_reason:
                 self._finish(seq, out)
             else:
@@ -258,7 +303,7 @@ class AsyncEngine:
         picked = []
         for i, seq in enumerate(seqs):
             try:
-                tokens, logprobs = pick_tokens([seq.state], logits[i:i + 1], self.tokenizer)
+                tokens, logprobs = pick_tokens([seq.state], logits[i : i + 1], self.tokenizer)
             except Exception as e:  # noqa: BLE001 - this request's sampling (grammar, logprobs) failed
                 self._fail(seq, e)
                 continue
@@ -267,8 +312,15 @@ class AsyncEngine:
 
     def _fail(self, seq: EngineSequence, exc: Exception) -> None:
         log.error("request %s failed: %s: %s", seq.request_id, type(exc).__name__, exc)
-        self._finish(seq, RequestOutput(seq.request_id, finish_reason="error", error=f"{type(exc).__name__}: {exc}",
-                                        prompt_tokens=len(seq.state.prompt)))
+        self._finish(
+            seq,
+            RequestOutput(
+                seq.request_id,
+                finish_reason="error",
+                error=f"{type(exc).__name__}: {exc}",
+                prompt_tokens=len(seq.state.prompt),
+            ),
+        )
 
     def _time_token(self, rid: str, now: float) -> None:
         previous = self._last_token.get(rid)

@@ -12,21 +12,27 @@ TOKEN_BUCKETS = (1, 4, 16, 64, 256, 512, 1024, 2048, 4096)
 class EngineMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.http_requests = Counter("tramontane_http_requests", "HTTP requests by status code", ["status"],
-                                     registry=r)
-        self.finished = Counter("tramontane_requests_finished", "Engine requests by finish reason",
-                                ["reason"], registry=r)
-        self.prompt_tokens = Counter("tramontane_prompt_tokens", "Prompt tokens of finished requests",
-                                     registry=r)
+        self.http_requests = Counter("tramontane_http_requests", "HTTP requests by status code", ["status"], registry=r)
+        self.finished = Counter(
+            "tramontane_requests_finished", "Engine requests by finish reason", ["reason"], registry=r
+        )
+        self.prompt_tokens = Counter("tramontane_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("tramontane_generation_tokens", "Generated tokens", registry=r)
-        self.ttft = Histogram("tramontane_time_to_first_token_seconds", "Submit to first token",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram("tramontane_inter_token_latency_seconds", "Time between a request's tokens",
-                             buckets=LATENCY_BUCKETS, registry=r)
-        self.step_requests = Histogram("tramontane_step_requests", "Requests in one forward step",
-                                       buckets=BATCH_BUCKETS, registry=r)
-        self.step_tokens = Histogram("tramontane_step_tokens", "Tokens in one forward step",
-                                     buckets=TOKEN_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "tramontane_time_to_first_token_seconds", "Submit to first token", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "tramontane_inter_token_latency_seconds",
+            "Time between a request's tokens",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.step_requests = Histogram(
+            "tramontane_step_requests", "Requests in one forward step", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.step_tokens = Histogram(
+            "tramontane_step_tokens", "Tokens in one forward step", buckets=TOKEN_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("tramontane_queue_depth", "Requests waiting to run", registry=r)
         self.running = Gauge("tramontane_running_requests", "Requests running", registry=r)
         self.kv_used = Gauge("tramontane_kv_blocks_used", "KV cache blocks in use", registry=r)

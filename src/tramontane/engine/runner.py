@@ -21,8 +21,15 @@ from .scheduler import EngineSequence
 class PagedStep(Cache):
     """The cache seen by the model for one step: the block pool through each request's block table."""
 
-    def __init__(self, pool: BlockPool, slots: torch.Tensor, key_slots: torch.Tensor, key_pos: torch.Tensor,
-                 key_seq: torch.Tensor, query_seq: torch.Tensor) -> None:
+    def __init__(
+        self,
+        pool: BlockPool,
+        slots: torch.Tensor,
+        key_slots: torch.Tensor,
+        key_pos: torch.Tensor,
+        key_seq: torch.Tensor,
+        query_seq: torch.Tensor,
+    ) -> None:
         self.pool, self.slots = pool, slots  # [N] pool slot of each new token
         self.key_slots, self.key_pos, self.key_seq = key_slots, key_pos[None], key_seq  # [S], [1,S], [S]
         self.query_seq = query_seq  # [N]
@@ -35,8 +42,7 @@ class PagedStep(Cache):
     def begin(self, positions: torch.Tensor) -> None:
         pass  # slots were laid out by the runner
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """k, v [1,N,Hkv,D] -> keys, values [1,Hkv,S,D] and their positions [1,S]."""
         pk, pv = self.pool.k[layer], self.pool.v[layer]  # [slots,Hkv,D]
         pk[self.slots] = k[0].to(pk.dtype)
@@ -61,8 +67,9 @@ def _slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> tor
     return table[positions // block_size] * block_size + positions % block_size
 
 
-def layout(pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]], window: int | None
-           ) -> tuple[torch.Tensor, torch.Tensor, PagedStep, list[int]]:
+def layout(
+    pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]], window: int | None
+) -> tuple[torch.Tensor, torch.Tensor, PagedStep, list[int]]:
     """tokens [1,N], positions [1,N], the step's cache view, and the row of each request's last token."""
     tokens, positions, slots, key_slots, key_pos, key_seq, query_seq, last = [], [], [], [], [], [], [], []
     offset = 0
@@ -70,7 +77,7 @@ def layout(pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]], window:
         start = seq.num_computed
         table = torch.tensor([b if b is not None else -1 for b in seq.blocks])
         pos = torch.arange(start, start + n)
-        tokens.append(torch.tensor(seq.tokens[start:start + n]))
+        tokens.append(torch.tensor(seq.tokens[start : start + n]))
         positions.append(pos)
         slots.append(_slots(table, pos, pool.block_size))
         lo = max(0, start - window + 1) if window is not None else 0
@@ -81,8 +88,9 @@ def layout(pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]], window:
         query_seq.append(torch.full((n,), i))
         offset += n
         last.append(offset - 1)
-    step = PagedStep(pool, torch.cat(slots), torch.cat(key_slots), torch.cat(key_pos), torch.cat(key_seq),
-                     torch.cat(query_seq))
+    step = PagedStep(
+        pool, torch.cat(slots), torch.cat(key_slots), torch.cat(key_pos), torch.cat(key_seq), torch.cat(query_seq)
+    )
     return torch.cat(tokens)[None], torch.cat(positions)[None], step, last
 
 
@@ -98,8 +106,9 @@ def adapter_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[torch.Ten
     return torch.tensor(rows).repeat_interleave(counts), names  # [N]
 
 
-def run_step(backend: Backend, pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]],
-             window: int | None) -> torch.Tensor:
+def run_step(
+    backend: Backend, pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]], window: int | None
+) -> torch.Tensor:
     """Forward the batch; return the logits [B,V] after each request's last scheduled token. Requests
     with different LoRA adapters (and none) share the step: each token gets its request's adapter.
     Under torchrun the other ranks are told the step first (see `follow`)."""
@@ -110,8 +119,14 @@ def run_step(backend: Backend, pool: BlockPool, batch: Sequence[tuple[EngineSequ
     return forward_step(backend, tokens, positions, step, last, adapters)
 
 
-def forward_step(backend: Backend, tokens: torch.Tensor, positions: torch.Tensor, step: PagedStep,
-                 last: list[int], adapters: tuple[torch.Tensor, list[str]] | None) -> torch.Tensor:
+def forward_step(
+    backend: Backend,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    step: PagedStep,
+    last: list[int],
+    adapters: tuple[torch.Tensor, list[str]] | None,
+) -> torch.Tensor:
     model = backend.model
     if adapters is not None:
         from ..lora.layers import set_rows
@@ -151,8 +166,9 @@ def embed(backend: Backend, token_ids: Sequence[Sequence[int]]) -> list[list[flo
     return _embed(backend, token_ids)
 
 
-def prompt_logprobs(backend: Backend, token_ids: Sequence[Sequence[int]], top: int
-                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def prompt_logprobs(
+    backend: Backend, token_ids: Sequence[Sequence[int]], top: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per prompt, log p(token k | tokens before k) for k = 1..T-1 [T-1], and the `top` most likely ids
     and their log-probabilities at each of those positions [T-1, top] (echo with logprobs, lm-eval)."""
     if is_parallel():
@@ -163,8 +179,9 @@ def prompt_logprobs(backend: Backend, token_ids: Sequence[Sequence[int]], top: i
 SCORE_CHUNK = 256  # positions whose vocabulary-wide log-softmax is held at once
 
 
-def _prompt_logprobs(backend: Backend, token_ids: Sequence[Sequence[int]], top: int
-                     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _prompt_logprobs(
+    backend: Backend, token_ids: Sequence[Sequence[int]], top: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     model, out = backend.model, []
     with torch.inference_mode():
         for ids in token_ids:
@@ -172,8 +189,8 @@ def _prompt_logprobs(backend: Backend, token_ids: Sequence[Sequence[int]], top: 
             h = backend.prefill(tokens, _positions(tokens), None)[0, :-1]  # [T-1,dim]: k predicts token k+1
             chosen, top_ids, top_lp = [], [], []
             for start in range(0, h.shape[0], SCORE_CHUNK):
-                logp = model.logits(h[start:start + SCORE_CHUNK]).log_softmax(-1)  # [C,V]
-                nxt = tokens[0, start + 1:start + 1 + logp.shape[0], None]  # [C,1]
+                logp = model.logits(h[start : start + SCORE_CHUNK]).log_softmax(-1)  # [C,V]
+                nxt = tokens[0, start + 1 : start + 1 + logp.shape[0], None]  # [C,1]
                 chosen.append(logp.gather(-1, nxt).squeeze(-1))
                 values, indices = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
                 top_lp.append(values)

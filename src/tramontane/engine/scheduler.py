@@ -13,9 +13,9 @@ import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..decoding.sequence import SequenceState
 from .blocks import BlockPool, block_key
 from .types import EngineRequest
-from ..decoding.sequence import SequenceState
 
 _arrivals = itertools.count()
 
@@ -41,8 +41,9 @@ class EngineSequence:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, *, model_name: str, window: int | None,
-                 max_num_batched_tokens: int, max_running: int) -> None:
+    def __init__(
+        self, pool: BlockPool, *, model_name: str, window: int | None, max_num_batched_tokens: int, max_running: int
+    ) -> None:
         self.pool, self.model_name, self.window = pool, model_name, window
         self.max_batched, self.max_running = max_num_batched_tokens, max_running
         self.waiting: deque[EngineSequence] = deque()
@@ -109,8 +110,9 @@ class Scheduler:
             seq.num_computed += n
             tokens = seq.tokens
             for i in range(len(seq.keys), seq.num_computed // size):
-                key = block_key(self._namespace(seq), seq.keys[-1] if seq.keys else None,
-                                tokens[i * size:(i + 1) * size])
+                key = block_key(
+                    self._namespace(seq), seq.keys[-1] if seq.keys else None, tokens[i * size : (i + 1) * size]
+                )
                 seq.keys.append(key)
                 block = seq.blocks[i]
                 if block is not None:
@@ -178,7 +180,7 @@ class Scheduler:
         size, tokens = self.pool.block_size, seq.tokens
         previous: bytes | None = None
         for i in range(len(tokens) // size):
-            key = block_key(self._namespace(seq), previous, tokens[i * size:(i + 1) * size])
+            key = block_key(self._namespace(seq), previous, tokens[i * size : (i + 1) * size])
             block = self.pool.lookup(key)
             if block is None:
                 break

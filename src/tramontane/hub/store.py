@@ -25,9 +25,20 @@ from ..errors import LoadError, TramontaneError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 INFO = "tramontane.json"
-WANTED = ("*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json", "params.json",
-          "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "tekken.json",
-          "tokenizer.model", "tokenizer.model.v*")
+WANTED = (
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "params.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tekken.json",
+    "tokenizer.model",
+    "tokenizer.model.v*",
+)
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt", "*.pickle")
 
 
@@ -149,8 +160,10 @@ def choose_files(files: list[str], gguf_file: str | None) -> list[str]:
     """What to download from a repository's file list (see the module docstring)."""
     if gguf_file is not None:
         if gguf_file not in files:
-            raise StoreError(f"--file {gguf_file!r} is not in the repository (GGUF files there: "
-                             f"{', '.join(f for f in files if f.endswith('.gguf')) or 'none'})")
+            raise StoreError(
+                f"--file {gguf_file!r} is not in the repository (GGUF files there: "
+                f"{', '.join(f for f in files if f.endswith('.gguf')) or 'none'})"
+            )
         return [gguf_file]
     chosen = [f for f in files if _wanted(f)]
     consolidated = [f for f in chosen if f.startswith("consolidated") and f.endswith(".safetensors")]
@@ -176,8 +189,9 @@ def _http_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
-def pull_hub(repo_id: str, revision: str | None = None, name: str | None = None,
-             gguf_file: str | None = None) -> StoredModel:
+def pull_hub(
+    repo_id: str, revision: str | None = None, name: str | None = None, gguf_file: str | None = None
+) -> StoredModel:
     """Download a Hub repository's model files into the store (resumable: an interrupted pull picks up
     where it stopped the next time)."""
     import huggingface_hub
@@ -190,13 +204,13 @@ def pull_hub(repo_id: str, revision: str | None = None, name: str | None = None,
     try:
         files = huggingface_hub.list_repo_files(repo_id, revision=revision)
         wanted = choose_files(files, gguf_file)
-        local = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=wanted,
-                                                  local_dir=staging)
+        local = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=wanted, local_dir=staging)
     except RepositoryNotFoundError:
         raise StoreError(f"no repository {repo_id!r} on {endpoint} (or it needs a token: set HF_TOKEN)") from None
     except (LocalEntryNotFoundError, OSError, HfHubHTTPError) + _http_errors() as exc:
-        raise StoreError(f"cannot download {repo_id!r} from {endpoint}: {type(exc).__name__}: {str(exc)[:200]}; "
-                         "offline machines can import a local copy with `tramontane pull PATH`") from None
+        raise StoreError(
+            f"cannot download {repo_id!r} from {endpoint}: {type(exc).__name__}: {str(exc)[:200]}; "
+            "offline machines can import a local copy with `tramontane pull PATH`"
+        ) from None
     shutil.rmtree(Path(local) / ".cache", ignore_errors=True)
-    return _register(Path(local), name, {"source": f"hf://{repo_id}", "revision": revision or "main",
-                                         "files": wanted})
+    return _register(Path(local), name, {"source": f"hf://{repo_id}", "revision": revision or "main", "files": wanted})

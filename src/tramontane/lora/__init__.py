@@ -3,8 +3,8 @@
 from .layers import (
     AdapterSelection,
     ExpertLoRA,
-    LoraSpec,
     LoRALinear,
+    LoraSpec,
     add_adapter,
     apply_lora,
     lora_scales,
@@ -16,6 +16,17 @@ from .layers import (
 from .peft import load_adapter, save_adapter
 
 __all__ = [
-    "AdapterSelection", "ExpertLoRA", "LoRALinear", "LoraSpec", "add_adapter", "apply_lora", "load_adapter",
-    "lora_scales", "lora_state", "merge_lora", "save_adapter", "set_active", "set_rows",
+    "AdapterSelection",
+    "ExpertLoRA",
+    "LoRALinear",
+    "LoraSpec",
+    "add_adapter",
+    "apply_lora",
+    "load_adapter",
+    "lora_scales",
+    "lora_state",
+    "merge_lora",
+    "save_adapter",
+    "set_active",
+    "set_rows",
 ]

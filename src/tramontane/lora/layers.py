@@ -44,13 +44,14 @@ class LoraSpec:
             raise ConfigError(f"LoraSpec.rank must be an integer >= 1, got {self.rank!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not self.alpha > 0:
             raise ConfigError(f"LoraSpec.alpha must be a number > 0, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) \
-                or not 0 <= self.dropout < 1:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
             raise ConfigError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
         unknown = [t for t in self.targets if t not in DENSE_TARGETS + MOE_TARGETS]
         if not self.targets or unknown:
-            raise ConfigError(f"LoraSpec.targets: unknown target(s) {unknown or '(none given)'}; "
-                              f"known: {', '.join(DENSE_TARGETS + MOE_TARGETS)}")
+            raise ConfigError(
+                f"LoraSpec.targets: unknown target(s) {unknown or '(none given)'}; "
+                f"known: {', '.join(DENSE_TARGETS + MOE_TARGETS)}"
+            )
 
     @property
     def scale(self) -> float:
@@ -77,8 +78,9 @@ def _row_masks(sel: AdapterSelection, rows: torch.Tensor, have: nn.ParameterDict
             yield name, (rows == slot)[:, None]
 
 
-def _adapter_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dropout: float,
-                   training: bool) -> torch.Tensor:
+def _adapter_delta(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dropout: float, training: bool
+) -> torch.Tensor:
     """scale * B(A(dropout(x))) in the adapter's dtype (PEFT's lora.Linear order): x [..., in] -> [..., out]."""
     h = x.to(a.dtype)
     if dropout and training:
@@ -107,8 +109,9 @@ class LoRALinear(nn.Module):
         del self.lora_A[name], self.lora_B[name], self.scales[name], self.dropouts[name]
 
     def delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return _adapter_delta(x, self.lora_A[name], self.lora_B[name], self.scales[name], self.dropouts[name],
-                              self.training)
+        return _adapter_delta(
+            x, self.lora_A[name], self.lora_B[name], self.scales[name], self.dropouts[name], self.training
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -144,8 +147,9 @@ class ExpertLoRA(nn.Module):
     def names(self) -> set[str]:
         return {n for p in EXPERT_PROJECTIONS for n in self.lora_A[p]}
 
-    def add(self, proj: str, name: str, a: torch.Tensor, b: torch.Tensor, scale: float,
-            dropout: float) -> list[nn.Parameter]:
+    def add(
+        self, proj: str, name: str, a: torch.Tensor, b: torch.Tensor, scale: float, dropout: float
+    ) -> list[nn.Parameter]:
         self.lora_A[proj][name], self.lora_B[proj][name] = nn.Parameter(a), nn.Parameter(b)
         self.scales[proj, name], self.dropouts[name] = scale, dropout
         return [self.lora_A[proj][name], self.lora_B[proj][name]]
@@ -177,6 +181,7 @@ class ExpertLoRA(nn.Module):
 
 # ---- installing, selecting, reading and merging adapters -------------------------------------------
 
+
 def selection_of(model: nn.Module) -> AdapterSelection:
     """The model's shared adapter selection (created on first use)."""
     sel = getattr(model, "lora_selection", None)
@@ -194,13 +199,15 @@ def _targets(model: nn.Module, spec: LoraSpec) -> list[str]:
         paths += [f"{p}attention.{t}" for t in ("wq", "wk", "wv", "wo") if t in spec.targets]
         if isinstance(ff, MoeFeedForward):
             paths += [f"{p}feed_forward.gate"] if "gate" in spec.targets else []
-            paths += [f"{p}feed_forward.{w}" for w in EXPERT_PROJECTIONS
-                      if w in spec.targets or "experts" in spec.targets]
+            paths += [
+                f"{p}feed_forward.{w}" for w in EXPERT_PROJECTIONS if w in spec.targets or "experts" in spec.targets
+            ]
         else:
             paths += [f"{p}feed_forward.{t}" for t in EXPERT_PROJECTIONS if t in spec.targets]
     if not paths:
-        raise ConfigError(f"LoraSpec.targets {list(spec.targets)} match no module of this "
-                          f"{model.config.architecture} model")  # type: ignore[union-attr]
+        raise ConfigError(
+            f"LoraSpec.targets {list(spec.targets)} match no module of this {model.config.architecture} model"
+        )  # type: ignore[union-attr]
     return paths
 
 
@@ -241,8 +248,9 @@ def _check_new_name(sel: AdapterSelection, name: str) -> None:
         raise ConfigError(f"adapter {name!r} is already installed in this model")
 
 
-def add_adapter(model: nn.Module, name: str, state: dict[str, torch.Tensor], scale: float | dict[str, float],
-                dropout: float = 0.0) -> list[nn.Parameter]:
+def add_adapter(
+    model: nn.Module, name: str, state: dict[str, torch.Tensor], scale: float | dict[str, float], dropout: float = 0.0
+) -> list[nn.Parameter]:
     """Install adapter `name` from tensors named as `lora_state` returns them ("<path>.lora_A" [r,in] or,
     for experts, [E,r,in]; "<path>.lora_B" [out,r] / [E,out,r]). scale: one value or one per path."""
     sel = selection_of(model)
@@ -273,12 +281,22 @@ def _check_pair(model: nn.Module, path: str, a: torch.Tensor, b: torch.Tensor) -
     lead = (experts,) if experts else ()
     r = a.shape[-2] if a.dim() >= 2 else -1
     if tuple(a.shape) != (*lead, r, inp) or tuple(b.shape) != (*lead, out, r) or r < 1:
-        raise ConfigError(f"adapter tensors for {path!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do "
-                          f"not fit a {list((*lead, out, inp))} projection")
+        raise ConfigError(
+            f"adapter tensors for {path!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do "
+            f"not fit a {list((*lead, out, inp))} projection"
+        )
 
 
-def _install(model: nn.Module, path: str, name: str, a: torch.Tensor, b: torch.Tensor, scale: float,
-             dropout: float, sel: AdapterSelection) -> list[nn.Parameter]:
+def _install(
+    model: nn.Module,
+    path: str,
+    name: str,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    dropout: float,
+    sel: AdapterSelection,
+) -> list[nn.Parameter]:
     parent, _, leaf = path.rpartition(".")
     owner = model.get_submodule(parent)
     if isinstance(owner, MoeFeedForward) and leaf in EXPERT_PROJECTIONS:
@@ -292,7 +310,9 @@ def _install(model: nn.Module, path: str, name: str, a: torch.Tensor, b: torch.T
             raise ConfigError(f"{path}: cannot put LoRA on a {type(module).__name__}")
         module = LoRALinear(module, sel)
         set_module(model, path, module)
-    device = next(iter(module.base.buffers() if isinstance(module.base, PackedLinear) else module.base.parameters())).device
+    device = next(
+        iter(module.base.buffers() if isinstance(module.base, PackedLinear) else module.base.parameters())
+    ).device
     return module.add(name, a.float().to(device), b.float().to(device), scale, dropout)
 
 

@@ -23,22 +23,34 @@ from torch import nn
 
 from ..errors import ConfigError, LoadError
 from ..weights.names import permute_rotary, unpermute_rotary
-from ..weights.sources import read_json_object
 from ..weights.safetensors import SafetensorsFile
+from ..weights.sources import read_json_object
 from .layers import LoraSpec, add_adapter, lora_scales, lora_state
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
 # our projection (after "layers.{i}.") -> (HF module after "model.layers.{i}.", PEFT target_modules name)
 HF_MODULES = {
-    "attention.wq": ("self_attn.q_proj", "q_proj"), "attention.wk": ("self_attn.k_proj", "k_proj"),
-    "attention.wv": ("self_attn.v_proj", "v_proj"), "attention.wo": ("self_attn.o_proj", "o_proj"),
-    "feed_forward.w1": ("mlp.gate_proj", "gate_proj"), "feed_forward.w2": ("mlp.down_proj", "down_proj"),
-    "feed_forward.w3": ("mlp.up_proj", "up_proj"), "feed_forward.gate": ("block_sparse_moe.gate", "gate"),
+    "attention.wq": ("self_attn.q_proj", "q_proj"),
+    "attention.wk": ("self_attn.k_proj", "k_proj"),
+    "attention.wv": ("self_attn.v_proj", "v_proj"),
+    "attention.wo": ("self_attn.o_proj", "o_proj"),
+    "feed_forward.w1": ("mlp.gate_proj", "gate_proj"),
+    "feed_forward.w2": ("mlp.down_proj", "down_proj"),
+    "feed_forward.w3": ("mlp.up_proj", "up_proj"),
+    "feed_forward.gate": ("block_sparse_moe.gate", "gate"),
 }
 OURS = {hf: ours for ours, (hf, _) in HF_MODULES.items()} | {"mlp.gate": "feed_forward.gate"}
-TARGET_NAMES = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w1",
-                "down_proj": "w2", "up_proj": "w3", "gate": "gate"}
+TARGET_NAMES = {
+    "q_proj": "wq",
+    "k_proj": "wk",
+    "v_proj": "wv",
+    "o_proj": "wo",
+    "gate_proj": "w1",
+    "down_proj": "w2",
+    "up_proj": "w3",
+    "gate": "gate",
+}
 KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_(A|B)\.weight")
 V4_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])")
 V5_EXPERTS = re.compile(r"mlp\.experts(?:\.base_layer)*")
@@ -57,8 +69,10 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str, spec: LoraSpec
         path, kind = key.rsplit(".", 1)  # "layers.0.attention.wq", "lora_A"
         layer, ours = path.split(".", 2)[1], path.split(".", 2)[2]
         if abs(scales[path] - spec.scale) > 1e-9 * spec.scale or t.shape[-2 if kind == "lora_A" else -1] != spec.rank:
-            raise ConfigError(f"save_adapter: {path} has rank {t.shape[-2 if kind == 'lora_A' else -1]} and "
-                              f"scale {scales[path]}, but spec says rank {spec.rank}, scale {spec.scale}")
+            raise ConfigError(
+                f"save_adapter: {path} has rank {t.shape[-2 if kind == 'lora_A' else -1]} and "
+                f"scale {scales[path]}, but spec says rank {spec.rank}, scale {spec.scale}"
+            )
         if t.dim() == 3:  # experts [E,r,in] / [E,out,r]: one tensor per expert
             leaf = ours.rsplit(".", 1)[1]
             for e in range(t.shape[0]):
@@ -74,8 +88,9 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str, spec: LoraSpec
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     moe_targets = targets & {"gate", "w1", "w2", "w3"}
-    (folder / CONFIG_FILE).write_text(json.dumps(_peft_config(spec, sorted(targets), base_model,
-                                                             0.0 if moe_targets else spec.dropout), indent=2))
+    (folder / CONFIG_FILE).write_text(
+        json.dumps(_peft_config(spec, sorted(targets), base_model, 0.0 if moe_targets else spec.dropout), indent=2)
+    )
     from safetensors.torch import save_file
 
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -85,11 +100,25 @@ def save_adapter(model: nn.Module, folder: str | Path, name: str, spec: LoraSpec
 def _peft_config(spec: LoraSpec, targets: list[str], base_model: str, dropout: float) -> dict:
     """PEFT LoraConfig fields (those every PEFT release since 0.9 reads)."""
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "revision": None,
-        "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": dropout, "target_modules": targets,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_rslora": False,
+        "use_dora": False,
     }
 
 
@@ -100,8 +129,11 @@ def load_adapter(model: nn.Module, folder: str | Path, name: str) -> LoraSpec:
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         pickled = folder / "adapter_model.bin"
-        why = "pickle weights are refused (unpickling runs code); save with safetensors" if pickled.is_file() \
+        why = (
+            "pickle weights are refused (unpickling runs code); save with safetensors"
+            if pickled.is_file()
             else "missing"
+        )
         raise LoadError(weights, why)
     with SafetensorsFile(weights) as st:
         tensors = {k: st.read(k) for k in st.tensors}
@@ -123,8 +155,14 @@ def _read_config(path: Path) -> dict:
         raise LoadError(path, f"field 'r' must be an integer >= 1, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
         raise LoadError(path, f"field 'lora_alpha' must be a number > 0, got {alpha!r}")
-    allowed = {"use_dora": (False, None), "use_rslora": (False, None), "fan_in_fan_out": (False, None),
-               "lora_bias": (False, None), "bias": ("none", None), "modules_to_save": (None, [])}
+    allowed = {
+        "use_dora": (False, None),
+        "use_rslora": (False, None),
+        "fan_in_fan_out": (False, None),
+        "lora_bias": (False, None),
+        "bias": ("none", None),
+        "modules_to_save": (None, []),
+    }
     for field, ok in allowed.items():
         if field in cfg and cfg[field] not in ok:
             raise LoadError(path, f"field {field!r} = {cfg[field]!r} is not supported (expected {ok[0]!r})")
@@ -144,14 +182,25 @@ def _expected(model: nn.Module, ours: str) -> tuple[int, int] | None:
     c = model.config  # type: ignore[union-attr]
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     dense = c.moe is None
-    shapes = {"attention.wq": (q, c.dim), "attention.wk": (kv, c.dim), "attention.wv": (kv, c.dim),
-              "attention.wo": (c.dim, q)}
+    shapes = {
+        "attention.wq": (q, c.dim),
+        "attention.wk": (kv, c.dim),
+        "attention.wv": (kv, c.dim),
+        "attention.wo": (c.dim, q),
+    }
     if dense:
-        shapes |= {"feed_forward.w1": (c.hidden_dim, c.dim), "feed_forward.w3": (c.hidden_dim, c.dim),
-                   "feed_forward.w2": (c.dim, c.hidden_dim)}
+        shapes |= {
+            "feed_forward.w1": (c.hidden_dim, c.dim),
+            "feed_forward.w3": (c.hidden_dim, c.dim),
+            "feed_forward.w2": (c.dim, c.hidden_dim),
+        }
     else:
-        shapes |= {"feed_forward.gate": (c.moe.num_experts, c.dim), "experts.w1": (c.hidden_dim, c.dim),
-                   "experts.w3": (c.hidden_dim, c.dim), "experts.w2": (c.dim, c.hidden_dim)}
+        shapes |= {
+            "feed_forward.gate": (c.moe.num_experts, c.dim),
+            "experts.w1": (c.hidden_dim, c.dim),
+            "experts.w3": (c.hidden_dim, c.dim),
+            "experts.w2": (c.dim, c.hidden_dim),
+        }
     return shapes.get(ours)
 
 
@@ -174,8 +223,11 @@ def _pairs(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor]) -> di
         if "A" not in g or "B" not in g:
             raise LoadError(path, f"key {g['key']!r}: lora_{'B' if 'A' in g else 'A'} of the same module is missing")
         if g["A"].dim() != 2 or g["B"].dim() != 2 or g["A"].shape[0] != g["B"].shape[1]:
-            raise LoadError(path, f"key {g['key']!r}: lora_A {list(g['A'].shape)} and lora_B "
-                                  f"{list(g['B'].shape)} are not [r,in] and [out,r]")
+            raise LoadError(
+                path,
+                f"key {g['key']!r}: lora_A {list(g['A'].shape)} and lora_B "
+                f"{list(g['B'].shape)} are not [r,in] and [out,r]",
+            )
     return groups
 
 
@@ -183,12 +235,16 @@ def _check(path: Path, key: str, a: torch.Tensor, b: torch.Tensor, shape: tuple[
     if shape is None:
         raise LoadError(path, f"key {key!r}: this model has no such module")
     if a.shape[1] != shape[1] or b.shape[0] != shape[0]:
-        raise LoadError(path, f"key {key!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit "
-                              f"a [{shape[0]}, {shape[1]}] projection")
+        raise LoadError(
+            path,
+            f"key {key!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit "
+            f"a [{shape[0]}, {shape[1]}] projection",
+        )
 
 
-def _to_ours(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor], cfg: dict
-             ) -> tuple[dict[str, torch.Tensor], dict[str, float], tuple[str, ...]]:
+def _to_ours(
+    model: nn.Module, path: Path, tensors: dict[str, torch.Tensor], cfg: dict
+) -> tuple[dict[str, torch.Tensor], dict[str, float], tuple[str, ...]]:
     """The file's tensors as `add_adapter` state (our names), per-path scales, and our target names."""
     c = model.config  # type: ignore[union-attr]
     state: dict[str, torch.Tensor] = {}
@@ -218,8 +274,12 @@ def _to_ours(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor], cfg
     return state, scales, tuple(sorted(targets))
 
 
-def _stack_experts(path: Path, experts: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]],
-                   n_experts: int, state: dict[str, torch.Tensor]) -> None:
+def _stack_experts(
+    path: Path,
+    experts: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]],
+    n_experts: int,
+    state: dict[str, torch.Tensor],
+) -> None:
     """Per-expert v4 tensors -> our stacks A [E,r,in], B [E,out,r]; every expert must be there."""
     for (layer, proj), per_expert in experts.items():
         missing = sorted(set(range(n_experts)) - set(per_expert))
@@ -232,8 +292,15 @@ def _stack_experts(path: Path, experts: dict[tuple[int, str], dict[int, tuple[to
         state[f"layers.{layer}.feed_forward.{proj}.lora_B"] = torch.stack([per_expert[e][1] for e in range(n_experts)])
 
 
-def _v5_experts(model: nn.Module, path: Path, g: dict, layer: int, state: dict[str, torch.Tensor],
-                scales: dict[str, float], cfg: dict) -> None:
+def _v5_experts(
+    model: nn.Module,
+    path: Path,
+    g: dict,
+    layer: int,
+    state: dict[str, torch.Tensor],
+    scales: dict[str, float],
+    cfg: dict,
+) -> None:
     """PEFT's ParamWrapper on transformers 5's fused experts: A [r*E,in] (expert-major rows), B [out,r*E]
     (rank-major columns; peft ParamWrapper.get_delta_factors). Which parameter it wraps follows from the
     shapes: gate_up_proj is [dim -> 2F], down_proj [F -> dim]."""
@@ -255,5 +322,8 @@ def _v5_experts(model: nn.Module, path: Path, g: dict, layer: int, state: dict[s
         state[p + "w2.lora_A"], state[p + "w2.lora_B"] = a_e.contiguous(), b_e.contiguous()
         scales[p + "w2"] = _alpha(cfg, f"model.layers.{layer}.mlp.experts.down_proj") / r
     else:
-        raise LoadError(path, f"key {g['key']!r}: lora_A {list(a.shape)} / lora_B {list(b.shape)} fit neither "
-                              f"experts.gate_up_proj [{2 * f}, {c.dim}] nor experts.down_proj [{c.dim}, {f}]")
+        raise LoadError(
+            path,
+            f"key {g['key']!r}: lora_A {list(a.shape)} / lora_B {list(b.shape)} fit neither "
+            f"experts.gate_up_proj [{2 * f}, {c.dim}] nor experts.down_proj [{c.dim}, {f}]",
+        )

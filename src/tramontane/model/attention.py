@@ -30,8 +30,14 @@ class Attention(nn.Module):
         kv = self.n_kv_heads * self.head_dim
         return self.wqkv(x).split([self.n_heads * self.head_dim, kv, kv], dim=-1)  # [B,T,(H+2Hkv)*D]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
-                cache: Cache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: torch.Tensor,
+        cache: Cache | None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x [B,T,dim], positions [B,T] -> [B,T,dim]. Without a cache, `mask` [B,1,T,T] (default: causal
         over positions, with the window) says which tokens see which."""
         b, t, _ = x.shape
@@ -48,7 +54,10 @@ class Attention(nn.Module):
             keys, values, key_pos = cache.update(self.layer, k, v)  # [B,Hkv,S,D], [B,S]
             mask = cache.mask(positions, key_pos, self.window)  # [B,1,T,S]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.to(q.dtype), values.to(q.dtype),  # [B,H,T,D], [B,Hkv,S,D]
-            attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads,
+            q.transpose(1, 2),
+            keys.to(q.dtype),
+            values.to(q.dtype),  # [B,H,T,D], [B,Hkv,S,D]
+            attn_mask=mask,
+            enable_gqa=self.n_heads != self.n_kv_heads,
         )  # [B,H,T,D]
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))  # [B,T,H*D]

@@ -40,8 +40,7 @@ class Cache(abc.ABC):
         """Prepare to store the tokens at `positions` [B,T] (-1 = padding)."""
 
     @abc.abstractmethod
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """k, v [B,T,Hkv,D] -> keys, values [B,Hkv,S,D] and their positions [B,S]."""
 
     @abc.abstractmethod
@@ -52,8 +51,14 @@ class Cache(abc.ABC):
 class KVCache(Cache):
     """The offline cache: one [B,Hkv,S,D] buffer per layer, rolling when a window is smaller than S."""
 
-    def __init__(self, config: ModelConfig, batch_size: int, capacity: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         window = config.sliding_window
         self._window = window
         self.size = capacity if window is None else min(window, capacity)  # W slots when the window is smaller
@@ -97,8 +102,7 @@ class KVCache(Cache):
             return new
         return torch.where(valid.view(-1, *([1] * (new.dim() - 1))), new, old)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store k, v [B,T,Hkv,D] for `layer`; return keys, values [B,Hkv,S',D] and their positions [B,S']."""
         if self._step is None:
             raise RuntimeError("KVCache.update called before KVCache.begin")

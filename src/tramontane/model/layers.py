@@ -44,8 +44,9 @@ def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * cis).flatten(-2).to(x.dtype)  # [B,T,H,D/2,2] -> [B,T,H,D]
 
 
-def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
-                   segments: torch.Tensor | None = None) -> torch.Tensor:
+def attention_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, segments: torch.Tensor | None = None
+) -> torch.Tensor:
     """Boolean mask, True = may attend: q_pos [B,T], k_pos [B,S] -> [B,1,T,S].
 
     A query at position i sees keys at positions j with 0 <= j <= i and, with a window W, i - W < j.

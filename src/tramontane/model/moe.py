@@ -57,8 +57,9 @@ class MoeFeedForward(nn.Module):
         h = F.silu(self._project(lora, "w1", e, x, tokens)) * self._project(lora, "w3", e, x, tokens)
         return self._project(lora, "w2", e, h, tokens)
 
-    def _project(self, lora: ExpertAdapters, name: str, e: int, x: torch.Tensor,
-                 tokens: torch.Tensor | None) -> torch.Tensor:
+    def _project(
+        self, lora: ExpertAdapters, name: str, e: int, x: torch.Tensor, tokens: torch.Tensor | None
+    ) -> torch.Tensor:
         """x @ W[e]^T plus the adapters' term for this expert's projection `name`."""
         y = F.linear(x, getattr(self, name)[e])
         delta = lora.delta(name, e, x, tokens)
@@ -78,7 +79,7 @@ class MoeFeedForward(nn.Module):
         start = 0
         for e, n in enumerate(counts):
             if n and first <= e < stop:
-                out[start:start + n] = self.expert(e - first, grouped[start:start + n], token[start:start + n])
+                out[start : start + n] = self.expert(e - first, grouped[start : start + n], token[start : start + n])
             start += n
         out *= weights.reshape(-1)[order, None]  # [N*K,dim]
         y = torch.zeros_like(flat).index_add_(0, token, out)  # [N,dim]

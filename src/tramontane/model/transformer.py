@@ -27,8 +27,14 @@ class TransformerBlock(nn.Module):
         else:
             self.feed_forward = MoeFeedForward(config.dim, config.hidden_dim, config.moe)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor,
-                cache: Cache | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: torch.Tensor,
+        cache: Cache | None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), positions, rope, cache, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -47,7 +53,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # The head: nn.Linear, a packed or tensor-parallel module once loaded; None when tied to tok_embeddings.
         self.output: nn.Module | None = (
-            None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False))
+            None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        )
         self.register_buffer("inv_freq", rope_frequencies(config.head_dim, config.rope_theta), persistent=False)
         # Recompute each block's activations in the backward pass instead of keeping them (training).
         self.gradient_checkpointing = False
@@ -56,8 +63,13 @@ class Transformer(nn.Module):
         """The blocks, typed (an nn.ModuleList yields plain Modules to a type checker)."""
         return cast(list[TransformerBlock], list(self.layers))
 
-    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                      cache: Cache | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Final normed hidden states [B,T,dim] through the modules. segments [B,T] (no cache): packed
         sequences of a row attend only within their segment."""
         if positions is None:
@@ -71,8 +83,9 @@ class Transformer(nn.Module):
                 h = block(h, positions, rope, cache, mask)
         return self.norm(h)
 
-    def embed(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache | None,
-              segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def embed(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache | None, segments: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """What every backend does before the blocks: embeddings [B,T,dim], RoPE rotations (complex
         [B,T,1,D/2]) and, without a cache, the mask [B,1,T,T]; with one, the cache is told the positions."""
         mask = None
@@ -91,6 +104,11 @@ class Transformer(nn.Module):
             return torch.nn.functional.linear(h, weight).float()
         return self.output(h).float()
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: Cache | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.logits(self.hidden_states(tokens, positions, cache, segments))

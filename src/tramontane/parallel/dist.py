@@ -13,7 +13,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-
 # Time spent inside the model's collectives (all-reduce, all-gather) in this process: benchmarks read it
 # to report the communication share of a step.
 COMM = {"seconds": 0.0, "calls": 0}

@@ -46,8 +46,14 @@ PLANS: dict[str, list[tuple[str, str]]] = {
 }
 # Each kind: (dimension split, attribute of Layout giving this rank's [start, stop) along it)
 KINDS = {
-    "vocab": (0, "vocab"), "q_heads": (0, "q_rows"), "kv_heads": (0, "kv_rows"), "o_heads": (1, "q_rows"),
-    "rows": (0, "hidden"), "cols": (1, "hidden"), "expert_rows": (1, "hidden"), "expert_cols": (2, "hidden"),
+    "vocab": (0, "vocab"),
+    "q_heads": (0, "q_rows"),
+    "kv_heads": (0, "kv_rows"),
+    "o_heads": (1, "q_rows"),
+    "rows": (0, "hidden"),
+    "cols": (1, "hidden"),
+    "expert_rows": (1, "hidden"),
+    "expert_cols": (2, "hidden"),
     "experts": (0, "experts"),
 }
 
@@ -75,9 +81,11 @@ class Layout:
     def local_config(self, config: ModelConfig) -> ModelConfig:
         """The head counts and hidden size this rank's modules (and KV cache) hold; vocabulary full."""
         d = config.head_dim
-        return config.with_(n_heads=(self.q_rows[1] - self.q_rows[0]) // d,
-                            n_kv_heads=(self.kv_rows[1] - self.kv_rows[0]) // d,
-                            hidden_dim=self.hidden[1] - self.hidden[0])
+        return config.with_(
+            n_heads=(self.q_rows[1] - self.q_rows[0]) // d,
+            n_kv_heads=(self.kv_rows[1] - self.kv_rows[0]) // d,
+            hidden_dim=self.hidden[1] - self.hidden[0],
+        )
 
 
 def _even(total: int, world: int, rank: int, what: str) -> tuple[int, int]:
@@ -118,8 +126,17 @@ def layout_for(config: ModelConfig, mode: str, rank: int, world: int) -> Layout:
     hidden = _even(config.hidden_dim, world, rank, "hidden_dim") if tp_ffn else (0, config.hidden_dim)
     n_experts = config.moe.num_experts if config.moe else 0
     experts = _even(n_experts, world, rank, "num_experts") if mode in ("ep", "tp+ep") else (0, n_experts)
-    return Layout(mode, rank, world, (v0, v0 + sizes[rank if tp_attention else 0]), sizes, (q0 * d, q1 * d),
-                  (k0 * d, k1 * d), hidden, experts)
+    return Layout(
+        mode,
+        rank,
+        world,
+        (v0, v0 + sizes[rank if tp_attention else 0]),
+        sizes,
+        (q0 * d, q1 * d),
+        (k0 * d, k1 * d),
+        hidden,
+        experts,
+    )
 
 
 def split_of(name: str, mode: str) -> str | None:

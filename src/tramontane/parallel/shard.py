@@ -37,8 +37,9 @@ class GatheredHead(nn.Module):
     """The output head over this rank's vocabulary rows; logits of every rank gathered on the last dim.
     With tied embeddings it reads the embedding's rows (kept out of this module's state dict)."""
 
-    def __init__(self, sizes: list[int], weight: torch.Tensor | None = None,
-                 tied: VocabParallelEmbedding | None = None) -> None:
+    def __init__(
+        self, sizes: list[int], weight: torch.Tensor | None = None, tied: VocabParallelEmbedding | None = None
+    ) -> None:
         super().__init__()
         self.sizes = sizes
         self._tied = (tied,) if tied is not None else ()  # a tuple: not registered as a submodule
@@ -93,8 +94,11 @@ def shard_model(model: nn.Module, layout: Layout) -> nn.Module:
             ff.register_forward_hook(_reduce_output)
     if attention_split:
         model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings.weight.data, layout.vocab[0])
-        model.output = (GatheredHead(layout.vocab_sizes, tied=model.tok_embeddings) if full.tie_embeddings
-                        else GatheredHead(layout.vocab_sizes, weight=model.output.weight.data))
+        model.output = (
+            GatheredHead(layout.vocab_sizes, tied=model.tok_embeddings)
+            if full.tie_embeddings
+            else GatheredHead(layout.vocab_sizes, weight=model.output.weight.data)
+        )
     model.config = local
     model.parallel = layout
     return model

@@ -61,30 +61,41 @@ def row_bytes(qtype: int, k: int) -> int:
         name = GGML_TYPES[qtype].name if qtype in GGML_TYPES else repr(qtype)
         raise ValueError(f"GGML type {name} is not supported by the packed kernels")
     if not isinstance(k, int) or k <= 0 or k % geometry[0]:
-        raise ValueError(f"row length k={k!r} must be a positive multiple of {GGML_TYPES[qtype].name}'s "
-                         f"block size {geometry[0]}")
+        raise ValueError(
+            f"row length k={k!r} must be a positive multiple of {GGML_TYPES[qtype].name}'s block size {geometry[0]}"
+        )
     return k // geometry[0] * geometry[1]
 
 
 def _check_packed(packed: torch.Tensor, qtype: int, k: int) -> None:
     # The hot path of every call: plain attribute checks, messages built only on failure.
     rb = row_bytes(qtype, k)
-    if not (isinstance(packed, torch.Tensor) and packed.dtype == torch.uint8 and packed.dim() == 2
-            and packed.shape[1] == rb and packed.is_cpu and packed.is_contiguous()):
+    if not (
+        isinstance(packed, torch.Tensor)
+        and packed.dtype == torch.uint8
+        and packed.dim() == 2
+        and packed.shape[1] == rb
+        and packed.is_cpu
+        and packed.is_contiguous()
+    ):
         if not isinstance(packed, torch.Tensor):
             raise ValueError(f"packed weight must be a tensor, got {type(packed).__name__}")
-        raise ValueError(f"packed weight must be a contiguous CPU uint8 tensor [N, {rb}] "
-                         f"({GGML_TYPES[qtype].name} rows of {k}), got {packed.dtype} {list(packed.shape)} "
-                         f"on {packed.device}{'' if packed.is_contiguous() else ', not contiguous'}")
+        raise ValueError(
+            f"packed weight must be a contiguous CPU uint8 tensor [N, {rb}] "
+            f"({GGML_TYPES[qtype].name} rows of {k}), got {packed.dtype} {list(packed.shape)} "
+            f"on {packed.device}{'' if packed.is_contiguous() else ', not contiguous'}"
+        )
 
 
 def _check_x(x: torch.Tensor, k: int) -> None:
-    if not (isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.is_cpu and x.dim() >= 1
-            and x.shape[-1] == k):
+    if not (
+        isinstance(x, torch.Tensor) and x.dtype == torch.float32 and x.is_cpu and x.dim() >= 1 and x.shape[-1] == k
+    ):
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"activations must be a tensor, got {type(x).__name__}")
-        raise ValueError(f"activations must be a float32 CPU tensor [..., {k}], got {x.dtype} "
-                         f"{list(x.shape)} on {x.device}")
+        raise ValueError(
+            f"activations must be a float32 CPU tensor [..., {k}], got {x.dtype} {list(x.shape)} on {x.device}"
+        )
 
 
 def _use_dense(m: int) -> bool:
@@ -109,8 +120,9 @@ def dequantize_packed(packed: torch.Tensor, qtype: int, k: int, n_threads: int |
         return dequantize(packed.reshape(-1), qtype).view(n, k)
     out = torch.empty(n, k, dtype=torch.float32)
     if n:
-        _ext.dequantize_rows((packed.data_ptr(), packed.numel()), (out.data_ptr(), out.numel() * 4), n, k, qtype,
-                             threads)
+        _ext.dequantize_rows(
+            (packed.data_ptr(), packed.numel()), (out.data_ptr(), out.numel() * 4), n, k, qtype, threads
+        )
     return out
 
 
@@ -121,8 +133,16 @@ def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, thread
         return F.linear(x2, dequantize_packed(packed, qtype, k, threads))
     y = torch.empty(m, n, dtype=torch.float32)
     if m and n:
-        _ext.matmul((x2.data_ptr(), x2.numel() * 4), (packed.data_ptr(), packed.numel()),
-                    (y.data_ptr(), y.numel() * 4), m, n, k, qtype, threads)
+        _ext.matmul(
+            (x2.data_ptr(), x2.numel() * 4),
+            (packed.data_ptr(), packed.numel()),
+            (y.data_ptr(), y.numel() * 4),
+            m,
+            n,
+            k,
+            qtype,
+            threads,
+        )
     return y
 
 

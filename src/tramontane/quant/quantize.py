@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import RequestError
 from ..model.transformer import Transformer
 from ..weights.gguf_quants import GGML_TYPES
-from .linear import PackedLinear, PackedEmbedding, set_module
+from .linear import PackedEmbedding, PackedLinear, set_module
 
 SCHEMES = {"int8": "Q8_0", "int4": "Q4_1"}
 GROUP = 32
@@ -66,7 +66,7 @@ def quantize_rows(rows: int, make: Callable[[int, int], torch.Tensor], scheme: s
         part = QUANTIZERS[scheme](make(start, min(start + ROW_CHUNK, rows)))  # [chunk, row_bytes]
         if out is None:  # one allocation for the result: chunk temporaries come and go around it
             out = torch.empty(rows, part.shape[1], dtype=torch.uint8)
-        out[start:start + part.shape[0]] = part
+        out[start : start + part.shape[0]] = part
     assert out is not None
     return out
 

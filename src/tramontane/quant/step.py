@@ -24,10 +24,13 @@ from .linear import PackedLinear, fuse_projections
 
 def _block_fits(block: TransformerBlock) -> bool:
     att, ff = block.attention, block.feed_forward
-    return (isinstance(ff, FeedForward) and type(ff) is FeedForward
-            and all(isinstance(m, PackedLinear) for m in (att.wqkv, att.wo, ff.w13, ff.w2))
-            and block.attention_norm.weight.dtype == torch.float32
-            and block.ffn_norm.weight.dtype == torch.float32)
+    return (
+        isinstance(ff, FeedForward)
+        and type(ff) is FeedForward
+        and all(isinstance(m, PackedLinear) for m in (att.wqkv, att.wo, ff.w13, ff.w2))
+        and block.attention_norm.weight.dtype == torch.float32
+        and block.ffn_norm.weight.dtype == torch.float32
+    )
 
 
 def _packed(module: nn.Module | None) -> PackedLinear:
@@ -74,7 +77,8 @@ class CompiledStep:
     def current(self) -> bool:
         """False once any block's norm or packed projection was swapped (LoRA, re-quantization, ...)."""
         return len(self._modules) == len(_step_modules(self.model)) and all(
-            a is b for a, b in zip(self._modules, _step_modules(self.model)))
+            a is b for a, b in zip(self._modules, _step_modules(self.model))
+        )
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
         return self.model.hidden_states(tokens, positions, cache)
@@ -86,8 +90,7 @@ class CompiledStep:
         h, rope, _ = self.model.embed(tokens, positions, cache)  # [B,1,dim], complex [B,1,1,D/2]
         return self.model.norm(self.run_blocks(h.float(), positions, rope, cache))
 
-    def run_blocks(self, h: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, cache: KVCache
-                   ) -> torch.Tensor:
+    def run_blocks(self, h: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """h [B,1,dim] float32 (updated in place), positions [B,1], rope complex [B,1,1,D/2] -> [B,1,dim]."""
         h = h.contiguous()
         cos_sin = torch.view_as_real(rope).contiguous()  # [B,1,1,D/2] complex -> [B,1,1,D/2,2] float
@@ -106,8 +109,10 @@ def _buffer(t: torch.Tensor, qtype: int | None = None) -> tuple[int, ...]:
     """(data_ptr, nbytes) of a contiguous CPU tensor for `decode_block`; (data_ptr, nbytes, qtype) for a packed
     weight. The kernel checks each nbytes against the extent the shapes need before touching the memory."""
     if not (t.is_contiguous() and t.is_cpu):
-        raise ValueError(f"decode_block takes contiguous CPU tensors, got {t.dtype} {list(t.shape)} on {t.device}"
-                         f"{'' if t.is_contiguous() else ', not contiguous'}")
+        raise ValueError(
+            f"decode_block takes contiguous CPU tensors, got {t.dtype} {list(t.shape)} on {t.device}"
+            f"{'' if t.is_contiguous() else ', not contiguous'}"
+        )
     return (t.data_ptr(), t.nbytes) if qtype is None else (t.data_ptr(), t.nbytes, qtype)
 
 
@@ -116,8 +121,11 @@ def _block_buffers(block: TransformerBlock) -> dict[str, tuple[int, ...]]:
     att, ff = block.attention, block.feed_forward
     assert isinstance(ff, FeedForward)  # _block_fits said so
     packed = {"wqkv": _packed(att.wqkv), "wo": _packed(att.wo), "w13": _packed(ff.w13), "w2": _packed(ff.w2)}
-    return {"attn_norm": _buffer(block.attention_norm.weight), "ffn_norm": _buffer(block.ffn_norm.weight),
-            **{name: _buffer(m.packed, m.qtype) for name, m in packed.items()}}
+    return {
+        "attn_norm": _buffer(block.attention_norm.weight),
+        "ffn_norm": _buffer(block.ffn_norm.weight),
+        **{name: _buffer(m.packed, m.qtype) for name, m in packed.items()},
+    }
 
 
 def _step_modules(model: Transformer) -> list[object]:
@@ -125,6 +133,13 @@ def _step_modules(model: Transformer) -> list[object]:
     out: list[object] = []
     for block in model.blocks():
         att, ff = block.attention, block.feed_forward
-        out += [block.attention_norm.weight, block.ffn_norm.weight, att.wqkv, att.wo, ff,
-                getattr(ff, "w13", None), getattr(ff, "w2", None)]
+        out += [
+            block.attention_norm.weight,
+            block.ffn_norm.weight,
+            att.wqkv,
+            att.wo,
+            ff,
+            getattr(ff, "w13", None),
+            getattr(ff, "w2", None),
+        ]
     return out

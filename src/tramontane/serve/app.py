@@ -15,10 +15,10 @@ from contextlib import AbstractAsyncContextManager
 
 from fastapi import FastAPI
 
+from .. import __version__
+from ..engine.types import Engine
 from .common import ServerState
 from .errors import install_handlers
-from ..engine.types import Engine
-from .. import __version__
 from .middleware import LimitBody, RecordStatus, RequireKey
 from .openapi import install_openapi
 from .routes_generate import router as generate_router
@@ -32,15 +32,23 @@ DEFAULT_MAX_BODY_BYTES = 16 << 20
 PUBLIC_PATHS = frozenset({"/health"})
 
 
-def create_app(engine: Engine | None, *, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               allow_origins: Sequence[str] = (), model_name: str | None = None, allow_request_templates: bool = False,
-               lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None) -> FastAPI:
+def create_app(
+    engine: Engine | None,
+    *,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allow_origins: Sequence[str] = (),
+    model_name: str | None = None,
+    allow_request_templates: bool = False,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+) -> FastAPI:
     """The HTTP server for `engine`. `model_name` defaults to `engine.model_name`; `allow_origins`
     turns on CORS for those browser origins ("*" for any)."""
     if engine is None and not model_name:
         raise ValueError("create_app needs a model_name when the engine is not there yet")
-    state = ServerState(model_name=model_name or engine.model_name, engine=engine,
-                        allow_request_templates=allow_request_templates)
+    state = ServerState(
+        model_name=model_name or engine.model_name, engine=engine, allow_request_templates=allow_request_templates
+    )
     app = FastAPI(title="tramontane", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
     app.state.tramontane = state
     install_handlers(app)
@@ -59,8 +67,7 @@ def create_app(engine: Engine | None, *, api_key: str | None = None, max_body_by
     if allow_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["*"],
-                           allow_headers=["*"])
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["*"], allow_headers=["*"])
 
     def record(status: int) -> None:
         if state.engine is not None:

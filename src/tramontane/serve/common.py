@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from ..engine.types import Engine
 from ..decoding.sequence import TokenLogprob
+from ..engine.types import Engine
 from .errors import APIError, bad_request, validation_error
 from .protocol import ChatLogprobs, CompletionLogprobs, PromptTokensDetails, TokenLogprobOut, TopLogprob, Usage
 
@@ -48,8 +48,12 @@ def engine_for(request: Request, model: str | None, *, adapters: bool = False) -
     known = adapter_names(state.engine) if adapters else set()
     if model and model != state.model_name and model not in known:
         served = ", ".join(repr(n) for n in [state.model_name, *sorted(known)])
-        raise APIError(404, f"the model {model[:100]!r} does not exist; this server serves {served}",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"the model {model[:100]!r} does not exist; this server serves {served}",
+            param="model",
+            code="model_not_found",
+        )
     return state.engine
 
 
@@ -73,11 +77,13 @@ async def parse_body(request: Request, model: type[M]) -> M:
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, over-long integers, nesting
         raise bad_request(f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
     if _LONE_SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(data):
-        raise bad_request("the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
-                          "pair), which is not Unicode text", code="invalid_json")
+        raise bad_request(
+            "the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its "
+            "pair), which is not Unicode text",
+            code="invalid_json",
+        )
     if not isinstance(data, dict):
-        raise APIError(422, f"the request body must be a JSON object, not {type(data).__name__}",
-                       code="invalid_type")
+        raise APIError(422, f"the request body must be a JSON object, not {type(data).__name__}", code="invalid_type")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -108,8 +114,12 @@ def now() -> int:
 
 def usage(prompt_tokens: int, completion_tokens: int = 0, cached_tokens: int | None = None) -> Usage:
     details = PromptTokensDetails(cached_tokens=cached_tokens) if cached_tokens is not None else None
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens, prompt_tokens_details=details)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=details,
+    )
 
 
 def finite(value: float) -> float:
@@ -117,11 +127,17 @@ def finite(value: float) -> float:
 
 
 def chat_logprobs(items: list[TokenLogprob]) -> ChatLogprobs:
-    return ChatLogprobs(content=[
-        TokenLogprobOut(token=lp.token, logprob=finite(lp.logprob), bytes=list(lp.token.encode()),
-                        top_logprobs=[TopLogprob(token=t, logprob=finite(v), bytes=list(t.encode()))
-                                      for _, t, v in lp.top])
-        for lp in items])
+    return ChatLogprobs(
+        content=[
+            TokenLogprobOut(
+                token=lp.token,
+                logprob=finite(lp.logprob),
+                bytes=list(lp.token.encode()),
+                top_logprobs=[TopLogprob(token=t, logprob=finite(v), bytes=list(t.encode())) for _, t, v in lp.top],
+            )
+            for lp in items
+        ]
+    )
 
 
 def completion_logprobs(items: list[TokenLogprob], offset: int) -> CompletionLogprobs:

@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 
-from ..text.tokenizer import Tokenizer
 from ..engine.types import RequestOutput
+from ..text.tokenizer import Tokenizer
 from .common import completion_logprobs, finite
 from .formats import CompletionFormat, total_usage
-from .streaming import Choice
 from .protocol import CompletionChoice, CompletionLogprobs
+from .streaming import Choice
 
 
 @dataclass
@@ -36,10 +36,17 @@ def echoes(tokenizer: Tokenizer, prompts: list[list[int]], scored: list[tuple[to
             continue
         chosen, top_ids, top_lp = (t.tolist() for t in scored[p])
         pieces = [tokenizer.decode([t], skip_special=False) for t in ids]
-        lp = CompletionLogprobs(tokens=pieces, token_logprobs=[None, *map(finite, chosen)],
-                                top_logprobs=[None, *({tokenizer.decode([i], skip_special=False): finite(v)
-                                                       for i, v in zip(row_ids, row_lp)}
-                                                      for row_ids, row_lp in zip(top_ids, top_lp))])
+        lp = CompletionLogprobs(
+            tokens=pieces,
+            token_logprobs=[None, *map(finite, chosen)],
+            top_logprobs=[
+                None,
+                *(
+                    {tokenizer.decode([i], skip_special=False): finite(v) for i, v in zip(row_ids, row_lp)}
+                    for row_ids, row_lp in zip(top_ids, top_lp)
+                ),
+            ],
+        )
         offset = 0
         for piece in pieces:
             lp.text_offset.append(offset)
@@ -54,10 +61,12 @@ def _joined(echo: Echo, generated: CompletionLogprobs | None) -> CompletionLogpr
     if generated is None:
         return echo.logprobs
     shift = sum(len(t) for t in echo.logprobs.tokens)
-    return CompletionLogprobs(tokens=echo.logprobs.tokens + generated.tokens,
-                              token_logprobs=echo.logprobs.token_logprobs + generated.token_logprobs,
-                              top_logprobs=echo.logprobs.top_logprobs + generated.top_logprobs,
-                              text_offset=echo.logprobs.text_offset + [o + shift for o in generated.text_offset])
+    return CompletionLogprobs(
+        tokens=echo.logprobs.tokens + generated.tokens,
+        token_logprobs=echo.logprobs.token_logprobs + generated.token_logprobs,
+        top_logprobs=echo.logprobs.top_logprobs + generated.top_logprobs,
+        text_offset=echo.logprobs.text_offset + [o + shift for o in generated.text_offset],
+    )
 
 
 class EchoCompletionFormat(CompletionFormat):
@@ -72,8 +81,14 @@ class EchoCompletionFormat(CompletionFormat):
         for c in choices:
             echo = self.echoed[c.index // self.n]
             generated = completion_logprobs(c.logprobs, len(echo.text)) if self.logprobs else None
-            out.append(CompletionChoice(index=c.index, text=echo.text + c.text, finish_reason=c.finish_reason,
-                                        logprobs=_joined(echo, generated)))
+            out.append(
+                CompletionChoice(
+                    index=c.index,
+                    text=echo.text + c.text,
+                    finish_reason=c.finish_reason,
+                    logprobs=_joined(echo, generated),
+                )
+            )
         return self._body(out, total_usage(choices, self.n))
 
     def opening(self, choice: Choice) -> dict[str, Any] | None:
@@ -85,6 +100,8 @@ class EchoCompletionFormat(CompletionFormat):
 
     def scored_only(self, prompts: list[list[int]]) -> dict[str, Any]:
         """The answer to max_tokens 0: the prompts, nothing generated."""
-        choices = [Choice(index=k, prompt_tokens=len(prompts[k // self.n]), finish_reason="length")
-                   for k in range(len(prompts) * self.n)]
+        choices = [
+            Choice(index=k, prompt_tokens=len(prompts[k // self.n]), finish_reason="length")
+            for k in range(len(prompts) * self.n)
+        ]
         return self.response(choices)

@@ -18,16 +18,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("tramontane.serve")
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
-          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
 
 
 class APIError(Exception):
     """A refusal with its HTTP status; `param` names the request field at fault."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None, type: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "invalid_request_error")
@@ -46,8 +55,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 class BodyTooLarge(APIError):
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is larger than the limit of {limit} bytes",
-                         code="request_too_large")
+        super().__init__(413, f"request body is larger than the limit of {limit} bytes", code="request_too_large")
 
 
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})

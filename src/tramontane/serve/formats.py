@@ -10,7 +10,6 @@ from typing import Any
 from ..engine.types import RequestOutput
 from .common import chat_logprobs, completion_logprobs, now, usage
 from .errors import APIError
-from .streaming import SSE_DONE, Choice, Run, sse
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -22,13 +21,17 @@ from .protocol import (
     DeltaMessage,
     Usage,
 )
+from .streaming import SSE_DONE, Choice, Run, sse
 
 
 def total_usage(choices: list[Choice], n: int) -> Usage:
     """Prompt tokens count once per prompt (not per choice); completion tokens add up."""
     firsts = choices[::n]
-    return usage(sum(c.prompt_tokens for c in firsts), sum(c.completion_tokens for c in choices),
-                 sum(c.cached_tokens for c in firsts))
+    return usage(
+        sum(c.prompt_tokens for c in firsts),
+        sum(c.completion_tokens for c in choices),
+        sum(c.cached_tokens for c in firsts),
+    )
 
 
 def check_errors(choices: list[Choice]) -> None:
@@ -90,15 +93,25 @@ class ChatFormat(Format):
 
     def response(self, choices: list[Choice]) -> dict[str, Any]:
         return ChatCompletionResponse(
-            id=self.id, created=self.created, model=self.model, usage=total_usage(choices, self.n),
-            choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
-                                logprobs=chat_logprobs(c.logprobs) if self.logprobs else None,
-                                finish_reason=c.finish_reason) for c in choices],
+            id=self.id,
+            created=self.created,
+            model=self.model,
+            usage=total_usage(choices, self.n),
+            choices=[
+                ChatChoice(
+                    index=c.index,
+                    message=AssistantMessage(content=c.text),
+                    logprobs=chat_logprobs(c.logprobs) if self.logprobs else None,
+                    finish_reason=c.finish_reason,
+                )
+                for c in choices
+            ],
         ).model_dump(mode="json")
 
     def _chunk(self, choices: list[ChatChunkChoice], usage_: Usage | None = None) -> dict[str, Any]:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices,
-                                   usage=usage_).model_dump(mode="json")
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_
+        ).model_dump(mode="json")
 
     def opening(self, choice: Choice) -> dict[str, Any] | None:
         return self._chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
@@ -107,8 +120,16 @@ class ChatFormat(Format):
         if not out.text and not out.finish_reason and not (self.logprobs and out.logprobs):
             return None
         logprobs = chat_logprobs(out.logprobs) if self.logprobs and out.logprobs else None
-        return self._chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(content=out.text),
-                                            logprobs=logprobs, finish_reason=out.finish_reason)])
+        return self._chunk(
+            [
+                ChatChunkChoice(
+                    index=choice.index,
+                    delta=DeltaMessage(content=out.text),
+                    logprobs=logprobs,
+                    finish_reason=out.finish_reason,
+                )
+            ]
+        )
 
     def usage_chunk(self, choices: list[Choice]) -> dict[str, Any]:
         return self._chunk([], total_usage(choices, self.n))
@@ -118,20 +139,32 @@ class CompletionFormat(Format):
     """text_completion, whole and streamed (the chunks have the same shape)."""
 
     def _body(self, choices: list[CompletionChoice], usage_: Usage | None) -> dict[str, Any]:
-        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices,
-                                  usage=usage_).model_dump(mode="json")
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage_
+        ).model_dump(mode="json")
 
     def response(self, choices: list[Choice]) -> dict[str, Any]:
-        return self._body([CompletionChoice(index=c.index, text=c.text, finish_reason=c.finish_reason,
-                                            logprobs=completion_logprobs(c.logprobs, 0) if self.logprobs else None)
-                           for c in choices], total_usage(choices, self.n))
+        return self._body(
+            [
+                CompletionChoice(
+                    index=c.index,
+                    text=c.text,
+                    finish_reason=c.finish_reason,
+                    logprobs=completion_logprobs(c.logprobs, 0) if self.logprobs else None,
+                )
+                for c in choices
+            ],
+            total_usage(choices, self.n),
+        )
 
     def chunk(self, choice: Choice, out: RequestOutput, offset: int) -> dict[str, Any] | None:
         if not out.text and not out.finish_reason and not (self.logprobs and out.logprobs):
             return None
         logprobs = completion_logprobs(out.logprobs, offset) if self.logprobs else None
-        return self._body([CompletionChoice(index=choice.index, text=out.text, logprobs=logprobs,
-                                            finish_reason=out.finish_reason)], None)
+        return self._body(
+            [CompletionChoice(index=choice.index, text=out.text, logprobs=logprobs, finish_reason=out.finish_reason)],
+            None,
+        )
 
     def usage_chunk(self, choices: list[Choice]) -> dict[str, Any]:
         return self._body([], total_usage(choices, self.n))

@@ -58,8 +58,9 @@ class RequireKey:
         if self._authorized(header):
             return await self.app(scope, receive, send)
         problem = "missing API key" if not header else "invalid API key"
-        response = APIError(401, f"{problem}: send it as 'Authorization: Bearer KEY'",
-                            code="invalid_api_key").response()
+        response = APIError(
+            401, f"{problem}: send it as 'Authorization: Bearer KEY'", code="invalid_api_key"
+        ).response()
         if scope["path"] in self.browser:
             response.headers["WWW-Authenticate"] = 'Basic realm="tramontane (any user name, the API key as password)"'
         await response(scope, receive, send)
@@ -82,9 +83,12 @@ class LimitBody:
             return await self.app(scope, receive, send)
         size = sum(len(k) + len(v) for k, v in scope["headers"])
         if len(scope["headers"]) > MAX_HEADERS or size > MAX_HEADER_BYTES:  # (h11 also caps a head still arriving)
-            return await APIError(431, f"the request has {len(scope['headers'])} headers of {size} bytes; the limits "
-                                       f"are {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes",
-                                  code="request_header_fields_too_large").response()(scope, receive, send)
+            return await APIError(
+                431,
+                f"the request has {len(scope['headers'])} headers of {size} bytes; the limits "
+                f"are {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes",
+                code="request_header_fields_too_large",
+            ).response()(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             try:

@@ -44,7 +44,8 @@ def install_openapi(app: FastAPI, version: str) -> None:
                 components[model.__name__] = body
                 schema["paths"][path]["post"]["requestBody"] = {
                     "required": True,
-                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+                }
             app.openapi_schema = schema
         return app.openapi_schema
 

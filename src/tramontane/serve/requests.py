@@ -11,18 +11,20 @@ import re
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..text.tokenizer import Tokenizer
-from ..errors import RequestError, TemplateError, TokenizerError
 from ..decoding.sampling import SamplingParams
+from ..errors import RequestError, TemplateError, TokenizerError
 from ..text.grammar import check_grammar, response_format_grammar
+from ..text.tokenizer import Tokenizer
 from ..tools.request import ToolError, ToolUse, call_grammar, call_reserve, prepare_messages, read_tools
 from .errors import APIError, bad_request
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
 # Mistral's guardrail system prompt, prepended when a request sets `safe_prompt`.
-SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
-               "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness "
-               "and positivity.")
+SAFE_PROMPT = (
+    "Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
+    "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness "
+    "and positivity."
+)
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts x n in one request
 MAX_TOP_LOGPROBS = 20
@@ -65,15 +67,21 @@ def request_template(tokenizer: Tokenizer, template: str | None, allowed: bool) 
     if template is None:
         return tokenizer
     if not allowed:
-        raise APIError(400, "this server does not accept chat templates in requests (start it with "
-                            "--allow-request-chat-template to allow them)", param="chat_template",
-                       code="chat_template_not_allowed")
+        raise APIError(
+            400,
+            "this server does not accept chat templates in requests (start it with "
+            "--allow-request-chat-template to allow them)",
+            param="chat_template",
+            code="chat_template_not_allowed",
+        )
     if not hasattr(tokenizer, "with_template"):
-        raise bad_request(f"this model's chat format ({tokenizer.chat_format}) does not use a Jinja template",
-                          "chat_template")
+        raise bad_request(
+            f"this model's chat format ({tokenizer.chat_format}) does not use a Jinja template", "chat_template"
+        )
     if len(template) > MAX_TEMPLATE_CHARS:
-        raise bad_request(f"chat_template holds {len(template)} characters, more than {MAX_TEMPLATE_CHARS}",
-                          "chat_template")
+        raise bad_request(
+            f"chat_template holds {len(template)} characters, more than {MAX_TEMPLATE_CHARS}", "chat_template"
+        )
     return tokenizer.with_template(template)
 
 
@@ -107,8 +115,13 @@ def _max_tokens(req: SamplingFields) -> tuple[int | None, str]:
     return req.max_completion_tokens, "max_completion_tokens"
 
 
-def settings(req: SamplingFields, *, logprobs: int | None = None, tokenizer: Tokenizer | None = None,
-             tools: ToolUse | None = None) -> Settings:
+def settings(
+    req: SamplingFields,
+    *,
+    logprobs: int | None = None,
+    tokenizer: Tokenizer | None = None,
+    tools: ToolUse | None = None,
+) -> Settings:
     """Sampling settings of a request; a bad value is a 400 naming its field. With the tokenizer, a
     response_format's schema is compiled here, before anything is scheduled; a required tool call
     (`tools`, chat only) brings its own grammar."""
@@ -139,9 +152,14 @@ def settings(req: SamplingFields, *, logprobs: int | None = None, tokenizer: Tok
             repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
             presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
             frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
-            seed=seed, max_tokens=max_tokens, stop=() if req.stop is None else req.stop,
-            ignore_eos=req.ignore_eos, logprobs=logprobs, grammar=grammar,
-            grammar_reserve=reserve)
+            seed=seed,
+            max_tokens=max_tokens,
+            stop=() if req.stop is None else req.stop,
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+            grammar=grammar,
+            grammar_reserve=reserve,
+        )
     except RequestError as exc:
         found = re.search(r"sampling parameter '(\w+)'", str(exc))
         field = found.group(1) if found else None
@@ -154,8 +172,7 @@ def chat_logprobs(req: ChatCompletionRequest) -> int | None:
         if not req.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
-            raise bad_request(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {req.top_logprobs}",
-                              "top_logprobs")
+            raise bad_request(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {req.top_logprobs}", "top_logprobs")
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
@@ -177,8 +194,7 @@ def _content(message: ChatMessage, where: str) -> str | None:
     texts = []
     for j, part in enumerate(content):
         if part.type != "text" or part.text is None:
-            raise bad_request(f"only text content parts are supported, got type {part.type!r}",
-                              f"{where}.content[{j}]")
+            raise bad_request(f"only text content parts are supported, got type {part.type!r}", f"{where}.content[{j}]")
         texts.append(part.text)
     return "\n".join(texts)
 
@@ -188,8 +204,7 @@ def chat_messages(messages: list[ChatMessage], safe_prompt: bool) -> list[dict[s
     if not messages:
         raise bad_request("messages must hold at least one message", "messages")
     if len(messages) > MAX_MESSAGES:
-        raise bad_request(f"messages holds {len(messages)} messages, more than the limit of {MAX_MESSAGES}",
-                          "messages")
+        raise bad_request(f"messages holds {len(messages)} messages, more than the limit of {MAX_MESSAGES}", "messages")
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         content = _content(m, f"messages[{i}]")
@@ -202,8 +217,9 @@ def chat_messages(messages: list[ChatMessage], safe_prompt: bool) -> list[dict[s
         if m.tool_calls:
             d["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(m.tool_calls)]
         if m.role == "tool" and m.tool_call_id is None:
-            raise bad_request(f"message {i} (tool) needs the tool_call_id of the call it answers",
-                              f"messages[{i}].tool_call_id")
+            raise bad_request(
+                f"message {i} (tool) needs the tool_call_id of the call it answers", f"messages[{i}].tool_call_id"
+            )
         if m.prefix:
             d["prefix"] = True
         out.append(d)
@@ -220,8 +236,7 @@ def _tool_call(call: dict[str, Any], where: str) -> dict[str, Any]:
     (arguments as JSON text; the Mistral SDK may send an object)."""
     function = call.get("function")
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise bad_request(f"{where} must be {{\"id\": ..., \"function\": {{\"name\": ..., \"arguments\": ...}}}}",
-                          where)
+        raise bad_request(f'{where} must be {{"id": ..., "function": {{"name": ..., "arguments": ...}}}}', where)
     arguments = function.get("arguments", "{}")
     if not isinstance(arguments, str):
         arguments = json.dumps(arguments, ensure_ascii=False)
@@ -280,8 +295,13 @@ async def encode_inputs(tokenizer: Tokenizer, value: Any, vocab_size: int, param
 
 async def encode_fim(tokenizer: Tokenizer, prompt: str, suffix: str, model: str) -> list[int]:
     if not getattr(tokenizer, "supports_fim", False):
-        raise APIError(400, f"model {model!r} does not support fill-in-the-middle: its tokenizer "
-                            f"({tokenizer.chat_format}) has no FIM tokens", param="suffix", code="fim_not_supported")
+        raise APIError(
+            400,
+            f"model {model!r} does not support fill-in-the-middle: its tokenizer "
+            f"({tokenizer.chat_format}) has no FIM tokens",
+            param="suffix",
+            code="fim_not_supported",
+        )
     try:
         return await asyncio.to_thread(tokenizer.encode_fim, prompt, suffix)
     except (TokenizerError, RequestError) as exc:
@@ -293,6 +313,11 @@ def check_context(n_prompt: int, max_tokens: int | None, max_model_len: int, par
     wanted = n_prompt + (1 if max_tokens is None else max_tokens)  # 0: an echo that only scores the prompt
     if wanted > max_model_len:
         asked = f" + {max_tokens} for the completion" if max_tokens else ""
-        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens, but the request "
-                            f"needs {wanted} ({n_prompt} in the {param}{asked}); shorten the {param} or "
-                            "lower max_tokens", param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"this model's maximum context length is {max_model_len} tokens, but the request "
+            f"needs {wanted} ({n_prompt} in the {param}{asked}); shorten the {param} or "
+            "lower max_tokens",
+            param=param,
+            code="context_length_exceeded",
+        )

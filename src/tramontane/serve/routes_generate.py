@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..engine.types import Engine
-from ..engine.types import EngineRequest
+from ..engine.types import Engine, EngineRequest
 from .common import adapter_for, engine_for, new_id, parse_body, server_state
+from .echo import EchoCompletionFormat, echoes
+from .errors import bad_request
+from .formats import ChatFormat, CompletionFormat, Format, check_errors
+from .protocol import ChatCompletionRequest, CompletionRequest, FIMCompletionRequest, SamplingFields
 from .requests import (
     MAX_CHOICES,
     Settings,
@@ -23,20 +25,17 @@ from .requests import (
     settings,
     tool_use,
 )
-from .errors import bad_request
-from .formats import ChatFormat, CompletionFormat, Format, check_errors
-from .echo import EchoCompletionFormat, echoes
 from .streaming import Choice, ClientGone, EventStream, Run, engine_error, until_disconnect
 from .tool_format import ToolChatFormat
-from .protocol import ChatCompletionRequest, CompletionRequest, FIMCompletionRequest, SamplingFields
 
 router = APIRouter()
 
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it, the metrics count it
 
 
-async def _respond(request: Request, engine: Engine, body: SamplingFields, prompts: list[list[int]],
-                   s: Settings, fmt: Format) -> Response:
+async def _respond(
+    request: Request, engine: Engine, body: SamplingFields, prompts: list[list[int]], s: Settings, fmt: Format
+) -> Response:
     """Submit n choices per prompt, then answer whole or as an event stream (with the LoRA adapter the
     request's `model` names, if any)."""
     adapter = adapter_for(request, body.model)

@@ -10,9 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .common import adapter_names, engine_for, new_id, parse_body, server_state, usage
-from .requests import chat_messages, check_ids, encode_chat, encode_inputs, encode_text
 from .errors import APIError, bad_request
-from .streaming import ClientGone, engine_error, until_disconnect
 from .protocol import (
     AdapterCard,
     DetokenizeRequest,
@@ -26,6 +24,8 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from .requests import chat_messages, check_ids, encode_chat, encode_inputs, encode_text
+from .streaming import ClientGone, engine_error, until_disconnect
 
 router = APIRouter()
 
@@ -39,11 +39,23 @@ def _cards(request: Request) -> list[ModelCard | AdapterCard]:
     engine = engine_for(request, None)
     fim = bool(getattr(engine.tokenizer, "supports_fim", False))
     tools = hasattr(engine.tokenizer, "guidance_tokenizer")  # calls are constrained through llguidance
-    base = ModelCard(id=state.model_name, created=state.created, max_context_length=engine.max_model_len,
-                     capabilities=ModelCapabilities(completion_fim=fim, function_calling=tools))
-    return [base] + [AdapterCard(id=name, created=state.created, root=base.id, parent=base.id,
-                                 max_context_length=base.max_context_length, capabilities=base.capabilities)
-                     for name in sorted(adapter_names(engine))]
+    base = ModelCard(
+        id=state.model_name,
+        created=state.created,
+        max_context_length=engine.max_model_len,
+        capabilities=ModelCapabilities(completion_fim=fim, function_calling=tools),
+    )
+    return [base] + [
+        AdapterCard(
+            id=name,
+            created=state.created,
+            root=base.id,
+            parent=base.id,
+            max_context_length=base.max_context_length,
+            capabilities=base.capabilities,
+        )
+        for name in sorted(adapter_names(engine))
+    ]
 
 
 @router.get("/v1/models")
@@ -58,8 +70,12 @@ async def get_model(request: Request, model_id: str) -> JSONResponse:
         if card.id == model_id:
             return JSONResponse(card.model_dump(mode="json"))
     served = ", ".join(repr(c.id) for c in cards)
-    raise APIError(404, f"the model {model_id[:100]!r} does not exist; this server serves {served}",
-                   param="model", code="model_not_found")
+    raise APIError(
+        404,
+        f"the model {model_id[:100]!r} does not exist; this server serves {served}",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _encode_vector(vector: list[float], fmt: str) -> list[float] | str:
@@ -83,8 +99,13 @@ async def embeddings(request: Request) -> Response:
     inputs = await encode_inputs(engine.tokenizer, body.input, engine.config.vocab_size, "input")
     for i, ids in enumerate(inputs):
         if len(ids) > engine.max_model_len:
-            raise APIError(400, f"input {i} has {len(ids)} tokens, more than the model's maximum context length "
-                                f"of {engine.max_model_len}", param="input", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"input {i} has {len(ids)} tokens, more than the model's maximum context length "
+                f"of {engine.max_model_len}",
+                param="input",
+                code="context_length_exceeded",
+            )
     if sum(map(len, inputs)) > MAX_EMBED_TOKENS:
         raise bad_request(f"the inputs hold more than {MAX_EMBED_TOKENS} tokens in all; split the request", "input")
     try:
@@ -95,8 +116,11 @@ async def embeddings(request: Request) -> Response:
         raise engine_error(exc) from exc
     n_tokens = sum(len(ids) for ids in inputs)
     data = [EmbeddingData(index=i, embedding=_encode_vector(v, fmt)) for i, v in enumerate(vectors)]
-    return JSONResponse(EmbeddingResponse(id=new_id("embd"), model=server_state(request).model_name, data=data,
-                                          usage=usage(n_tokens)).model_dump(mode="json"))
+    return JSONResponse(
+        EmbeddingResponse(
+            id=new_id("embd"), model=server_state(request).model_name, data=data, usage=usage(n_tokens)
+        ).model_dump(mode="json")
+    )
 
 
 @router.get("/tokenizer_info")
@@ -109,9 +133,16 @@ async def tokenizer_info(request: Request) -> JSONResponse:
     def text(token_id: int | None) -> str | None:
         return None if token_id is None else tok.decode([token_id], skip_special=False)
 
-    return JSONResponse({"eos_token": text(tok.eos_id), "bos_token": text(tok.bos_id), "pad_token": None,
-                         "model_max_length": engine.max_model_len, "vocab_size": tok.vocab_size,
-                         "chat_format": tok.chat_format})
+    return JSONResponse(
+        {
+            "eos_token": text(tok.eos_id),
+            "bos_token": text(tok.bos_id),
+            "pad_token": None,
+            "model_max_length": engine.max_model_len,
+            "vocab_size": tok.vocab_size,
+            "chat_format": tok.chat_format,
+        }
+    )
 
 
 @router.post("/tokenize")
@@ -127,8 +158,9 @@ async def tokenize(request: Request) -> JSONResponse:
     else:
         add_bos = engine.tokenizer.default_add_bos and body.add_special_tokens
         ids = await encode_text(engine.tokenizer, body.prompt or "", "prompt", add_bos=add_bos)
-    return JSONResponse(TokenizeResponse(tokens=ids, count=len(ids),
-                                         max_model_len=engine.max_model_len).model_dump(mode="json"))
+    return JSONResponse(
+        TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len).model_dump(mode="json")
+    )
 
 
 @router.post("/detokenize")

@@ -103,9 +103,16 @@ def _load_engine(opts: ServeOptions) -> Any:
     from ..engine import AsyncEngine
 
     llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel)
-    return AsyncEngine(llm, model_name=opts.name, kv_cache_memory=opts.kv_cache_memory,
-                       block_size=opts.block_size, max_num_batched_tokens=opts.max_num_batched_tokens,
-                       max_running=opts.max_running, max_queued=opts.max_queued, dtype=llm.dtype)
+    return AsyncEngine(
+        llm,
+        model_name=opts.name,
+        kv_cache_memory=opts.kv_cache_memory,
+        block_size=opts.block_size,
+        max_num_batched_tokens=opts.max_num_batched_tokens,
+        max_running=opts.max_running,
+        max_queued=opts.max_queued,
+        dtype=llm.dtype,
+    )
 
 
 async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
@@ -156,8 +163,11 @@ def serve(opts: ServeOptions) -> int:
             attach_engine(app, engine)
             while not server.started:
                 await asyncio.sleep(0.02)
-            print(f"tramontane serving {opts.name} on http://{opts.host}:{opts.port} "
-                  f"(decode backend: {engine.backend.name})", flush=True)
+            print(
+                f"tramontane serving {opts.name} on http://{opts.host}:{opts.port} "
+                f"(decode backend: {engine.backend.name})",
+                flush=True,
+            )
         except Exception as exc:  # a bad model or flag: report it and stop the server
             failure.append(exc)
             server.should_exit = True
@@ -170,13 +180,27 @@ def serve(opts: ServeOptions) -> int:
         task.cancel()
         await drain(app, opts.drain_timeout)
 
-    app = create_app(None, model_name=opts.name, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes,
-                     allow_origins=opts.allow_origins, allow_request_templates=opts.allow_request_templates,
-                     lifespan=lifespan)
-    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level=opts.log_level, lifespan="on",
-                            timeout_graceful_shutdown=max(5, int(opts.drain_timeout)),
-                            http="h11", h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # request line + headers
-                            limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=5)
+    app = create_app(
+        None,
+        model_name=opts.name,
+        api_key=opts.api_key,
+        max_body_bytes=opts.max_body_bytes,
+        allow_origins=opts.allow_origins,
+        allow_request_templates=opts.allow_request_templates,
+        lifespan=lifespan,
+    )
+    config = uvicorn.Config(
+        app,
+        host=opts.host,
+        port=opts.port,
+        log_level=opts.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=max(5, int(opts.drain_timeout)),
+        http="h11",
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # request line + headers
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_keep_alive=5,
+    )
     server = _Server(config, lambda: drain(app, opts.drain_timeout))
     server.run()
     if failure:

@@ -19,9 +19,10 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from ..engine.types import Engine
+from ..decoding.sequence import TokenLogprob
 from ..engine.types import (
     ContextLengthError,
+    Engine,
     EngineRequest,
     EngineUnavailableError,
     QueueFullError,
@@ -29,7 +30,6 @@ from ..engine.types import (
     UnknownAdapterError,
 )
 from ..errors import RequestError, TramontaneError
-from ..decoding.sequence import TokenLogprob
 from .errors import APIError
 
 T = TypeVar("T")
@@ -94,6 +94,7 @@ class Run:
     async def start(self) -> None:
         """Submit every request and wait for each one's first output; an engine refusal of any of them
         closes the others and raises as an APIError."""
+
         async def first(gen: AsyncIterator[RequestOutput]) -> RequestOutput | None:
             return await anext(gen, None)
 
@@ -114,8 +115,9 @@ class Run:
             for i, out in enumerate(self._firsts):
                 if out is not None:
                     yield i, out
-            self._pumps = [asyncio.ensure_future(self._pump(i, g)) for i, g in enumerate(self._gens)
-                           if self._firsts[i] is not None]
+            self._pumps = [
+                asyncio.ensure_future(self._pump(i, g)) for i, g in enumerate(self._gens) if self._firsts[i] is not None
+            ]
             remaining = len(self._pumps)
             while remaining:
                 i, item = await self._queue.get()

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..text.tokenizer import Tokenizer
 from ..engine.types import RequestOutput
+from ..text.tokenizer import Tokenizer
 from ..tools.parser import ParsedOutput
 from ..tools.request import ToolUse, call_marker, call_text, read_calls
 from .common import chat_logprobs
 from .formats import ChatFormat, total_usage
-from .streaming import Choice
 from .protocol import (
     AssistantMessage,
     ChatChoice,
@@ -27,10 +26,13 @@ from .protocol import (
     ToolCallDelta,
     ToolCallOut,
 )
+from .streaming import Choice
 
 
 class ToolChatFormat(ChatFormat):
-    def __init__(self, response_id: str, model: str, n: int, logprobs: bool, use: ToolUse, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, response_id: str, model: str, n: int, logprobs: bool, use: ToolUse, tokenizer: Tokenizer
+    ) -> None:
         super().__init__(response_id, model, n, logprobs)
         self.use, self.tokenizer = use, tokenizer
         self.marker = call_marker(tokenizer)
@@ -51,10 +53,17 @@ class ToolChatFormat(ChatFormat):
         out = []
         for c in choices:
             message, finish = self._message(c)
-            out.append(ChatChoice(index=c.index, message=message, finish_reason=finish,
-                                  logprobs=chat_logprobs(c.logprobs) if self.logprobs else None))
-        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=out,
-                                      usage=total_usage(choices, self.n)).model_dump(mode="json")
+            out.append(
+                ChatChoice(
+                    index=c.index,
+                    message=message,
+                    finish_reason=finish,
+                    logprobs=chat_logprobs(c.logprobs) if self.logprobs else None,
+                )
+            )
+        return ChatCompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=out, usage=total_usage(choices, self.n)
+        ).model_dump(mode="json")
 
     def _safe(self, text: str) -> str:
         """The part of the output so far that cannot belong to a call."""
@@ -73,24 +82,25 @@ class ToolChatFormat(ChatFormat):
         logprobs = chat_logprobs(out.logprobs) if self.logprobs and out.logprobs else None
         if not out.finish_reason:
             safe = self._safe(call_text(self.tokenizer, choice.token_ids))
-            delta = safe[len(sent):] if safe.startswith(sent) else ""
+            delta = safe[len(sent) :] if safe.startswith(sent) else ""
             if not delta and logprobs is None:
                 return []
             self._sent[choice.index] = sent + delta
             return [self._delta(choice, DeltaMessage(content=delta), logprobs)]
         text, parsed = self._parsed(choice)
         if not parsed.calls:
-            rest = text[len(sent):] if text.startswith(sent) else ""
+            rest = text[len(sent) :] if text.startswith(sent) else ""
             return [self._delta(choice, DeltaMessage(content=rest), logprobs, out.finish_reason)]
         events = []
         if parsed.content.startswith(sent) and parsed.content != sent:
-            events.append(self._delta(choice, DeltaMessage(content=parsed.content[len(sent):]), None))
-        calls = [ToolCallDelta(index=i, id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
-                 for i, c in enumerate(parsed.calls)]
+            events.append(self._delta(choice, DeltaMessage(content=parsed.content[len(sent) :]), None))
+        calls = [
+            ToolCallDelta(index=i, id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+            for i, c in enumerate(parsed.calls)
+        ]
         events.append(self._delta(choice, DeltaMessage(tool_calls=calls), logprobs))
         events.append(self._delta(choice, DeltaMessage(), None, "tool_calls"))
         return events
 
     def _delta(self, choice: Choice, delta: DeltaMessage, logprobs: Any, finish: str | None = None) -> dict[str, Any]:
-        return self._chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs,
-                                            finish_reason=finish)])
+        return self._chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs, finish_reason=finish)])

@@ -109,9 +109,9 @@ def _guard_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         _tick()
         if name in _WIDTH_FILTERS:
-            _check_ints((*args[value_at + 1:], *kwargs.values()))
+            _check_ints((*args[value_at + 1 :], *kwargs.values()))
         if name == "format" and len(args) > value_at:
-            _check_format(args[value_at], (*args[value_at + 1:], *kwargs.values()))
+            _check_format(args[value_at], (*args[value_at + 1 :], *kwargs.values()))
         result = fn(*args, **kwargs)
         _check_len(result)
         return result
@@ -130,8 +130,11 @@ def _strftime_now(fmt: str) -> str:
 
 
 def _tojson(
-    value: Any, ensure_ascii: bool = False, indent: int | None = None,
-    separators: Sequence[str] | None = None, sort_keys: bool = False,
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Sequence[str] | None = None,
+    sort_keys: bool = False,
 ) -> str:
     """transformers' `tojson`: unlike Jinja's own it keeps non-ASCII text and does not HTML-escape."""
     seps: tuple[str, str] | None = None
@@ -264,9 +267,14 @@ def render_chat_template(
     internals, raises through `raise_exception`, or fails in any other way raises TemplateError."""
     limit = max_chars if max_chars is not None else MAX_OUTPUT_CHARS + 2 * _content_size(messages)
     compiled = _compile(template)
-    context = dict(extra, messages=list(messages), tools=list(tools) if tools is not None else None,
-                   add_generation_prompt=add_generation_prompt, bos_token=bos_token or "",
-                   eos_token=eos_token or "")
+    context = dict(
+        extra,
+        messages=list(messages),
+        tools=list(tools) if tools is not None else None,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token or "",
+        eos_token=eos_token or "",
+    )
     token = _BUDGET.set(_Budget(time.monotonic() + max_seconds, limit))
     try:
         return _generate(compiled, context, limit)
@@ -318,7 +326,8 @@ def _mark(value: Any, contents: list[str], nonce: str) -> Any:
     if isinstance(value, list):
         return [
             dict(chunk, text=_mark(chunk["text"], contents, nonce))
-            if isinstance(chunk, dict) and isinstance(chunk.get("text"), str) else chunk
+            if isinstance(chunk, dict) and isinstance(chunk.get("text"), str)
+            else chunk
             for chunk in value
         ]
     return value
@@ -351,8 +360,9 @@ def render_chat_parts(
     The template is rendered once as is and once with each content replaced by a random sentinel.
     The sentinel rendering, with the contents put back (as is, or stripped for templates that
     `| trim`), must reproduce the real rendering exactly; otherwise `parts` is None."""
-    kwargs: dict[str, Any] = dict(extra, add_generation_prompt=add_generation_prompt,
-                                  bos_token=bos_token, eos_token=eos_token, tools=tools)
+    kwargs: dict[str, Any] = dict(
+        extra, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token, tools=tools
+    )
     text = render_chat_template(template, messages, **kwargs)
     nonce = str(secrets.randbits(64))
     contents: list[str] = []
@@ -372,6 +382,7 @@ def render_chat_parts(
 def field_strings(messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None) -> Iterator[str]:
     """Every string in the messages and tools that is not message content (tool-call names and
     arguments, tool definitions...): template-rendered text the sentinels do not cover."""
+
     def walk(value: Any) -> Iterator[str]:
         if isinstance(value, str):
             yield value

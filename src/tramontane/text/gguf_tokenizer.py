@@ -29,8 +29,10 @@ if TYPE_CHECKING:
 
     from .tokenizer import Tokenizer
 
-PROBE = ("Hello world! It's 2024: 12345 apples, 3.14 pies -- naïve café; tabs\tand\nnew lines...  "
-         "  spaces, CamelCase, snake_case, émoji 🙂, 日本語のテキスト, don't WE'LL")
+PROBE = (
+    "Hello world! It's 2024: 12345 apples, 3.14 pies -- naïve café; tabs\tand\nnew lines...  "
+    "  spaces, CamelCase, snake_case, émoji 🙂, 日本語のテキスト, don't WE'LL"
+)
 
 
 def gguf_tokenizer_metadata(tokenizer: Tokenizer) -> dict[str, Any]:
@@ -62,11 +64,18 @@ def _common(tokenizer: Tokenizer) -> dict[str, Any]:
 def _sentencepiece(tokenizer: Tokenizer, raw: SentencePieceTokenizer) -> dict[str, Any]:
     sp: Any = raw._model  # a sentencepiece.SentencePieceProcessor (untyped; mistral-common declares a few methods)
     n = sp.get_piece_size()
-    types = [CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i) else BYTE if sp.is_byte(i) else NORMAL
-             for i in range(n)]
-    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
-            "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)], "tokenizer.ggml.token_type": types,
-            "tokenizer.ggml.unknown_token_id": int(sp.unk_id()), **_common(tokenizer)}
+    types = [
+        CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i) else BYTE if sp.is_byte(i) else NORMAL
+        for i in range(n)
+    ]
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+        "tokenizer.ggml.scores": [float(sp.get_score(i)) for i in range(n)],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.unknown_token_id": int(sp.unk_id()),
+        **_common(tokenizer),
+    }
     return meta
 
 
@@ -88,7 +97,7 @@ def _bpe_parts(ranks: dict[bytes, int], token: bytes, below: int) -> list[bytes]
         best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], below))
         if ranks.get(parts[best] + parts[best + 1], below) >= below:
             break
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
     return parts
 
 
@@ -110,18 +119,25 @@ def _tekken(tokenizer: Tokenizer, raw: Tekkenizer) -> dict[str, Any]:
                 raise TokenizerError(f"tekken token {rank} ({token!r}) is not the merge of two lower-ranked tokens")
             merges.append(f"{text(parts[0])} {text(parts[1])}")
     tokens = [raw.id_to_piece(i) for i in range(n_special)] + [text(t) for t, _ in by_rank]
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "tekken", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": [CONTROL] * n_special + [NORMAL] * len(by_rank),
-            "tokenizer.ggml.merges": merges, **_common(tokenizer)}
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "tekken",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [CONTROL] * n_special + [NORMAL] * len(by_rank),
+        "tokenizer.ggml.merges": merges,
+        **_common(tokenizer),
+    }
 
 
 def _byte_level_bpe(tokenizer: Tokenizer, backend: HFBackend) -> dict[str, Any]:
     spec = json.loads(backend.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise TokenizerError(f"writing a {model.get('type')} tokenizer.json "
-                             f"{'with byte_fallback ' if model.get('byte_fallback') else ''}into a GGUF file is not "
-                             "supported (byte-level BPE and Mistral's SentencePiece files are)")
+        raise TokenizerError(
+            f"writing a {model.get('type')} tokenizer.json "
+            f"{'with byte_fallback ' if model.get('byte_fallback') else ''}into a GGUF file is not "
+            "supported (byte-level BPE and Mistral's SentencePiece files are)"
+        )
     vocab: dict[str, int] = dict(model["vocab"])
     added = {int(t["id"]): t for t in spec.get("added_tokens", [])}
     n = max([*vocab.values(), *added]) + 1
@@ -133,8 +149,13 @@ def _byte_level_bpe(tokenizer: Tokenizer, backend: HFBackend) -> dict[str, Any]:
         tokens[index] = token["content"]
         types[index] = CONTROL if token.get("special") else USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
-            "tokenizer.ggml.merges": merges, **_common(tokenizer)}
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        **_common(tokenizer),
+    }
     meta["tokenizer.ggml.pre"] = _pre_name(tokenizer, meta, spec.get("pre_tokenizer"))
     return meta
 
@@ -162,5 +183,7 @@ def _pre_name(tokenizer: Tokenizer, meta: dict[str, Any], pre_spec: Any) -> str:
             continue
         if candidate.encode(PROBE, add_special_tokens=False).ids == expected:
             return name
-    raise TokenizerError("no llama.cpp pre-tokenizer (tokenizer.ggml.pre) splits text as this tokenizer.json "
-                         f"does (tried {', '.join(PRE_TOKENIZERS)})")
+    raise TokenizerError(
+        "no llama.cpp pre-tokenizer (tokenizer.ggml.pre) splits text as this tokenizer.json "
+        f"does (tried {', '.join(PRE_TOKENIZERS)})"
+    )

@@ -55,10 +55,20 @@ PRE_TOKENIZERS: dict[str, tuple[str | None, bool, bool]] = {
     "tekken": (_TEKKEN, False, True),
 }
 # Control tokens that end a turn in common chat formats: generation stops on them too.
-END_OF_TURN = frozenset({
-    "</s>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>",
-    "<|end_of_text|>", "<EOT>", "<|return|>",
-})
+END_OF_TURN = frozenset(
+    {
+        "</s>",
+        "<|im_end|>",
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|end|>",
+        "<|endoftext|>",
+        "<end_of_turn>",
+        "<|end_of_text|>",
+        "<EOT>",
+        "<|return|>",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -140,8 +150,13 @@ def _spm_tokenizer(meta: dict[str, Any], tokens: list[str], types: list[int], so
         raise TokenizerError(f"{source}: a 'llama' (SentencePiece) vocabulary needs tokenizer.ggml.scores")
     unk_id = _token_id(meta, "unknown", len(tokens), source)
     unk = tokens[unk_id] if unk_id is not None else next((t for t, k in zip(tokens, types) if k == UNKNOWN), None)
-    model = models.BPE(_vocab_dict(tokens), sentencepiece_merges(tokens, scores, types), unk_token=unk,
-                       fuse_unk=True, byte_fallback=True)
+    model = models.BPE(
+        _vocab_dict(tokens),
+        sentencepiece_merges(tokens, scores, types),
+        unk_token=unk,
+        fuse_unk=True,
+        byte_fallback=True,
+    )
     tok = Tokenizer(model)
     prefix = _field(meta, "tokenizer.ggml.add_space_prefix", bool, source, True)
     steps = [normalizers.Prepend("\u2581")] if prefix else []
@@ -156,23 +171,29 @@ def _check_merges(merges: list[str], vocab: dict[str, int], source: str) -> list
     for index, merge in enumerate(merges):
         parts = merge.split(" ")
         if len(parts) != 2 or not all(p in vocab for p in parts) or parts[0] + parts[1] not in vocab:
-            raise TokenizerError(f"{source}: GGUF merge {index} ({merge!r}) is not two vocabulary tokens "
-                                 "whose concatenation is a vocabulary token")
+            raise TokenizerError(
+                f"{source}: GGUF merge {index} ({merge!r}) is not two vocabulary tokens "
+                "whose concatenation is a vocabulary token"
+            )
         pairs.append((parts[0], parts[1]))
     return pairs
 
 
 def _byte_level_pre(pre: str, source: str) -> tuple[pre_tokenizers.PreTokenizer, bool]:
     if pre not in PRE_TOKENIZERS:
-        raise TokenizerError(f"{source}: unsupported GGUF pre-tokenizer tokenizer.ggml.pre = {pre!r} "
-                             f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
+        raise TokenizerError(
+            f"{source}: unsupported GGUF pre-tokenizer tokenizer.ggml.pre = {pre!r} "
+            f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})"
+        )
     regex, digits, ignore_merges = PRE_TOKENIZERS[pre]
     steps: list[pre_tokenizers.PreTokenizer] = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
     if regex is None:
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
     else:
-        steps += [pre_tokenizers.Split(Regex(regex), behavior="isolated"),
-                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        steps += [
+            pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     return pre_tokenizers.Sequence(steps), ignore_merges
 
 
@@ -207,16 +228,18 @@ def build_gguf_vocab(meta: dict[str, Any], source: str) -> GGUFVocab:
     naming `source` (the file) and the field."""
     kind = _field(meta, "tokenizer.ggml.model", str, source)
     if kind not in ("llama", "gpt2"):
-        raise TokenizerError(f"{source}: unsupported GGUF tokenizer model tokenizer.ggml.model = {kind!r} "
-                             "(supported: 'llama', 'gpt2')")
+        raise TokenizerError(
+            f"{source}: unsupported GGUF tokenizer model tokenizer.ggml.model = {kind!r} (supported: 'llama', 'gpt2')"
+        )
     tokens = _list_field(meta, "tokenizer.ggml.tokens", str, None, source)
     if not tokens or len(tokens) > MAX_VOCAB:
         raise TokenizerError(f"{source}: GGUF field tokenizer.ggml.tokens is missing, empty or too large")
     types = _list_field(meta, "tokenizer.ggml.token_type", int, len(tokens), source) or [NORMAL] * len(tokens)
     if any(not NORMAL <= k <= BYTE for k in types):
         raise TokenizerError(f"{source}: GGUF field tokenizer.ggml.token_type has values outside 1..6")
-    ids = {name: _token_id(meta, name, len(tokens), source) for name in ("bos", "eos", "unknown", "padding",
-                                                                          "eot", "eom")}
+    ids = {
+        name: _token_id(meta, name, len(tokens), source) for name in ("bos", "eos", "unknown", "padding", "eot", "eom")
+    }
     try:
         tok = _spm_tokenizer(meta, tokens, types, source) if kind == "llama" else _bpe_tokenizer(meta, tokens, source)
         forced = {ids[name] for name in ("bos", "eos", "unknown", "eot", "eom")}
@@ -227,7 +250,10 @@ def build_gguf_vocab(meta: dict[str, Any], source: str) -> GGUFVocab:
         raise TokenizerError(f"{source}: cannot build the GGUF tokenizer: {exc}") from exc
     _check_added_ids(tok, tokens, source)
     return GGUFVocab(
-        tokenizer=tok, vocab_size=len(tokens), bos_id=ids["bos"], eos_id=ids["eos"],
+        tokenizer=tok,
+        vocab_size=len(tokens),
+        bos_id=ids["bos"],
+        eos_id=ids["eos"],
         stop_ids=_stop_ids(tokens, types, ids),
         add_bos=_field(meta, "tokenizer.ggml.add_bos_token", bool, source, _default_add_bos(meta, kind)),
         chat_template=_field(meta, "tokenizer.chat_template", str, source),

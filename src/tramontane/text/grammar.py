@@ -32,7 +32,7 @@ def response_format_grammar(response_format: Any) -> str | None:
     if response_format is None:
         return None
     if not isinstance(response_format, dict):
-        raise RequestError("response_format must be an object such as {\"type\": \"json_object\"}")
+        raise RequestError('response_format must be an object such as {"type": "json_object"}')
     kind = response_format.get("type", "text")
     if kind == "text":
         return None
@@ -41,8 +41,7 @@ def response_format_grammar(response_format: Any) -> str | None:
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-            raise RequestError("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": "
-                               "{...}}}")
+            raise RequestError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
         return json_grammar(spec["schema"])
     raise RequestError(f"response_format type {kind!r} is not one of text, json_object, json_schema")
 

@@ -19,8 +19,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from tokenizers import Tokenizer as HFBackend
 
-from tramontane.text.chat_template import field_strings, mistral_request, render_chat_parts, template_tool_format
 from tramontane.errors import LoadError, TemplateError, TokenizerError
+from tramontane.text.chat_template import field_strings, mistral_request, render_chat_parts, template_tool_format
 
 Message = dict[str, Any]
 
@@ -56,8 +56,8 @@ class IncrementalDecoder:
         return self._advance(self._decode(self._window))
 
     def _advance(self, text: str) -> str:
-        delta = text[len(self._prefix_text):]
-        tail = self._window[self._read:]
+        delta = text[len(self._prefix_text) :]
+        tail = self._window[self._read :]
         tail_text = self._decode(tail)
         if tail_text:  # start the next window at the first new token
             self._window, self._prefix_text = tail, tail_text
@@ -85,7 +85,10 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str: ...
 
     def encode_chat(
-        self, messages: list[Message], *, add_generation_prompt: bool = True,
+        self,
+        messages: list[Message],
+        *,
+        add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]: ...
 
@@ -124,8 +127,8 @@ class _SentencePieceVocabulary:
         first word (encoded after a newline, whose ids are then dropped)."""
         anchor = list(self._raw.encode("\n", bos=False, eos=False))
         ids = list(self._raw.encode("\n" + text, bos=False, eos=False))
-        if ids[:len(anchor)] == anchor:
-            return ids[len(anchor):]
+        if ids[: len(anchor)] == anchor:
+            return ids[len(anchor) :]
         return list(self._raw.encode(text, bos=False, eos=False))
 
 
@@ -205,13 +208,17 @@ class MistralCommonTokenizer:
             return self._raw.decode(ids, special_token_policy=SpecialTokenPolicy.IGNORE)
         # KEEP would print SentencePiece pieces ("▁Hello"): decode the runs between control tokens
         return "".join(
-            "".join(self._raw.id_to_piece(i) for i in run) if special
+            "".join(self._raw.id_to_piece(i) for i in run)
+            if special
             else self._raw.decode(list(run), special_token_policy=SpecialTokenPolicy.IGNORE)
             for special, run in groupby(ids, self._raw.is_special)
         )
 
     def encode_chat(
-        self, messages: list[Message], *, add_generation_prompt: bool = True,
+        self,
+        messages: list[Message],
+        *,
+        add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """mistral-common's instruct encoding. It always ends a conversation whose last message is
@@ -255,8 +262,16 @@ class HFTokenizer:
     (leftmost-longest, as `tokenizers` matches them), never in message content."""
 
     def __init__(
-        self, backend: HFBackend, *, bos_id: int | None, eos_id: int | None, stop_ids: Iterable[int] = (),
-        chat_template: str | None, chat_format: str, default_add_bos: bool, vocab_size: int | None = None,
+        self,
+        backend: HFBackend,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        stop_ids: Iterable[int] = (),
+        chat_template: str | None,
+        chat_format: str,
+        default_add_bos: bool,
+        vocab_size: int | None = None,
     ) -> None:
         self._backend = backend
         spec = backend.to_str()
@@ -299,8 +314,9 @@ class HFTokenizer:
         """This vocabulary for llguidance (structured output; see structured.py)."""
         import llguidance
 
-        return llguidance.LLTokenizer(self._backend.to_str(), n_vocab=self.vocab_size,
-                                      eos_token=sorted(self.stop_ids) or None)
+        return llguidance.LLTokenizer(
+            self._backend.to_str(), n_vocab=self.vocab_size, eos_token=sorted(self.stop_ids) or None
+        )
 
     def save_hf(self, folder: Path | str) -> None:
         """Write tokenizer.json, tokenizer_config.json (special tokens, BOS rule, chat template) and
@@ -309,12 +325,17 @@ class HFTokenizer:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "tokenizer.json").write_text(self._backend.to_str(), encoding="utf-8")
-        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": self.default_add_bos,
-                                  "bos_token": self._token_text(self.bos_id), "eos_token": self._token_text(self.eos_id)}
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.default_add_bos,
+            "bos_token": self._token_text(self.bos_id),
+            "eos_token": self._token_text(self.eos_id),
+        }
         if self._template is not None:
             config["chat_template"] = self._template
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                                      encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         stops = sorted(self.stop_ids)
         generation = {"bos_token_id": self.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops}
         (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
@@ -333,15 +354,22 @@ class HFTokenizer:
         return IncrementalDecoder(lambda ids: self.decode(ids, skip_special=skip_special))
 
     def encode_chat(
-        self, messages: list[Message], *, add_generation_prompt: bool = True,
+        self,
+        messages: list[Message],
+        *,
+        add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         if self._template is None:
             raise TemplateError(f"this tokenizer has no chat template ({self.chat_format})")
         self._refuse_controls(field_strings(messages, tools), "a message field or tool definition")
         rendered = render_chat_parts(
-            self._template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
-            bos_token=self._token_text(self.bos_id), eos_token=self._token_text(self.eos_id),
+            self._template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            bos_token=self._token_text(self.bos_id),
+            eos_token=self._token_text(self.eos_id),
         )
         parts = rendered.parts
         if parts is None:  # the template rewrites content: safe only if no content holds control text
@@ -365,7 +393,7 @@ class HFTokenizer:
             start = 0
             matches = [] if is_content or self._special_re is None else self._special_re.finditer(text)
             for match in matches:
-                segments.append("".join((*pending, text[start:match.start()])))
+                segments.append("".join((*pending, text[start : match.start()])))
                 segments.append(self._specials[match.group()])
                 pending, start = [], match.end()
             pending.append(text[start:])
@@ -474,8 +502,15 @@ def _load_hf(folder: Path) -> HFTokenizer:
     add_bos = config.get("add_bos_token")
     if not isinstance(add_bos, bool):  # infer it from tokenizer.json's post-processor
         add_bos = bos_id is not None and backend.encode("a").ids[:1] == [bos_id]
-    return HFTokenizer(backend, bos_id=bos_id, eos_id=eos_id, stop_ids=stops, chat_template=template,
-                       chat_format=chat_format, default_add_bos=add_bos)
+    return HFTokenizer(
+        backend,
+        bos_id=bos_id,
+        eos_id=eos_id,
+        stop_ids=stops,
+        chat_template=template,
+        chat_format=chat_format,
+        default_add_bos=add_bos,
+    )
 
 
 def load_tokenizer(folder: Path | str) -> Tokenizer:
@@ -502,6 +537,13 @@ def tokenizer_from_gguf(metadata: dict[str, Any], source: str) -> Tokenizer:
     except TokenizerError as exc:
         raise LoadError(source, str(exc).removeprefix(f"{source}: ")) from None
     chat_format = "jinja (GGUF tokenizer.chat_template)" if vocab.chat_template else "none (no chat template)"
-    return HFTokenizer(vocab.tokenizer, bos_id=vocab.bos_id, eos_id=vocab.eos_id, stop_ids=vocab.stop_ids,
-                       chat_template=vocab.chat_template, chat_format=chat_format,
-                       default_add_bos=vocab.add_bos, vocab_size=vocab.vocab_size)
+    return HFTokenizer(
+        vocab.tokenizer,
+        bos_id=vocab.bos_id,
+        eos_id=vocab.eos_id,
+        stop_ids=vocab.stop_ids,
+        chat_template=vocab.chat_template,
+        chat_format=chat_format,
+        default_add_bos=vocab.add_bos,
+        vocab_size=vocab.vocab_size,
+    )

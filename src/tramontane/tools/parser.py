@@ -95,14 +95,17 @@ def _parse_mistral(text: str, tools: list[str], id_style: str) -> ParsedOutput:
     start = text.find(MISTRAL_PREFIX)
     if start < 0:
         return ParsedOutput(text)
-    content, body = text[:start].strip(), text[start + len(MISTRAL_PREFIX):].strip()
+    content, body = text[:start].strip(), text[start + len(MISTRAL_PREFIX) :].strip()
     if MISTRAL_ARGS in body:  # v11+: name[ARGS]{...}, possibly several, each after its own [TOOL_CALLS]
         items: list[ToolCall | str] = []
         for part in body.split(MISTRAL_PREFIX):
             name, sep, args = part.strip().partition(MISTRAL_ARGS)
             name = name.partition(MISTRAL_CALL_ID)[0].strip()
-            items.append(_decoded(args, lambda a, n=name: _named(n, a, tools, id_style))
-                         if sep else "a [TOOL_CALLS] without [ARGS]")
+            items.append(
+                _decoded(args, lambda a, n=name: _named(n, a, tools, id_style))
+                if sep
+                else "a [TOOL_CALLS] without [ARGS]"
+            )
         return _collect(items, text, content)
     try:
         value, end = json.JSONDecoder().raw_decode(body)

@@ -77,8 +77,9 @@ class ToolUse:
 # ---- reading a request -------------------------------------------------------------------------------
 
 
-def read_tools(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None = None,
-               tokenizer: Tokenizer | None = None) -> ToolUse | None:
+def read_tools(
+    tools: Any, tool_choice: Any, parallel_tool_calls: bool | None = None, tokenizer: Tokenizer | None = None
+) -> ToolUse | None:
     """The request's ToolUse (None without tools); ToolError names the field at fault. With the
     tokenizer, every parameters schema is also compiled for it."""
     if not tools:
@@ -86,7 +87,7 @@ def read_tools(tools: Any, tool_choice: Any, parallel_tool_calls: bool | None = 
             raise ToolError(f"tool_choice {_short(tool_choice)} needs tools", "tool_choice")
         return None
     if not isinstance(tools, list):
-        raise ToolError("tools must be a list of {\"type\": \"function\", \"function\": {...}}", "tools")
+        raise ToolError('tools must be a list of {"type": "function", "function": {...}}', "tools")
     if len(tools) > MAX_TOOLS:
         raise ToolError(f"{len(tools)} tools is more than the limit of {MAX_TOOLS}", "tools")
     size = len(json.dumps(tools, default=str))
@@ -111,14 +112,16 @@ def _short(value: Any) -> str:
 def _function(tool: Any, i: int, tokenizer: Tokenizer | None) -> Function:
     where = f"tools[{i}]"
     if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-        raise ToolError(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where)
+        raise ToolError(f'{where} must be {{"type": "function", "function": {{...}}}}', where)
     spec = tool.get("function")
     if not isinstance(spec, dict):
         raise ToolError(f"{where}.function must be an object with a name and parameters", f"{where}.function")
     name = spec.get("name")
     if not isinstance(name, str) or not NAME.fullmatch(name):
-        raise ToolError(f"{where}.function.name must be 1-64 letters, digits, '_' or '-', got {_short(name)}",
-                        f"{where}.function.name")
+        raise ToolError(
+            f"{where}.function.name must be 1-64 letters, digits, '_' or '-', got {_short(name)}",
+            f"{where}.function.name",
+        )
     description = spec.get("description")
     if description is not None and not isinstance(description, str):
         raise ToolError(f"{where}.function.description must be a string", f"{where}.function.description")
@@ -142,19 +145,24 @@ def _choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
         return "auto", None
     if isinstance(tool_choice, str):
         if tool_choice not in CHOICES:
-            raise ToolError(f"tool_choice must be auto, none, any, required or a function, got {tool_choice!r}",
-                            "tool_choice")
+            raise ToolError(
+                f"tool_choice must be auto, none, any, required or a function, got {tool_choice!r}", "tool_choice"
+            )
         return CHOICES[tool_choice], None
     function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
     if name is None and isinstance(tool_choice, dict):
         name = tool_choice.get("name")
     if not isinstance(name, str):
-        raise ToolError(f"tool_choice {_short(tool_choice)} must name a function: "
-                        "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
+        raise ToolError(
+            f"tool_choice {_short(tool_choice)} must name a function: "
+            '{"type": "function", "function": {"name": ...}}',
+            "tool_choice",
+        )
     if name not in names:
-        raise ToolError(f"tool_choice names {name[:64]!r}, which is not one of the tools ({', '.join(names)})",
-                        "tool_choice")
+        raise ToolError(
+            f"tool_choice names {name[:64]!r}, which is not one of the tools ({', '.join(names)})", "tool_choice"
+        )
     return "required", name
 
 
@@ -164,13 +172,15 @@ def _choice(tool_choice: Any, names: list[str]) -> tuple[str, str | None]:
 HERMES_PROMPT = (
     "You can call functions to answer. The functions, one JSON definition per line:\n<tools>\n{tools}\n</tools>\n"
     "To call a function, answer with a <tool_call></tool_call> block holding a JSON object with its name "
-    "and arguments, one block per call:\n<tool_call>\n{{\"name\": \"function name\", \"arguments\": "
-    "{{\"argument\": \"value\"}}}}\n</tool_call>\nThe results come back in <tool_response></tool_response> "
-    "blocks. When no function helps, answer normally.")
+    'and arguments, one block per call:\n<tool_call>\n{{"name": "function name", "arguments": '
+    '{{"argument": "value"}}}}\n</tool_call>\nThe results come back in <tool_response></tool_response> '
+    "blocks. When no function helps, answer normally."
+)
 
 
-def prepare_messages(messages: list[dict[str, Any]], use: ToolUse | None, tokenizer: Tokenizer
-                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def prepare_messages(
+    messages: list[dict[str, Any]], use: ToolUse | None, tokenizer: Tokenizer
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """(messages, tools for encode_chat). A tokenizer with a `tool_format` takes the tools and the
     call/result messages as they are (arguments as objects for Jinja templates, the transformers
     convention); otherwise both are written as text (see the module docstring)."""
@@ -205,8 +215,10 @@ def _mistral_ids(message: dict[str, Any]) -> dict[str, Any]:
     if isinstance(message.get("tool_call_id"), str):
         message = {**message, "tool_call_id": mistral_id(message["tool_call_id"])}
     if message.get("tool_calls"):
-        message = {**message, "tool_calls": [{**c, "id": mistral_id(str(c.get("id", "")))}
-                                             for c in message["tool_calls"]]}
+        message = {
+            **message,
+            "tool_calls": [{**c, "id": mistral_id(str(c.get("id", "")))} for c in message["tool_calls"]],
+        }
     return message
 
 
@@ -233,8 +245,10 @@ def _as_text(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for m in messages:
         if m["role"] == "assistant" and m.get("tool_calls"):
-            blocks = [json.dumps({"name": c["function"]["name"], "arguments": _arguments(c)}, ensure_ascii=False)
-                      for c in m["tool_calls"]]
+            blocks = [
+                json.dumps({"name": c["function"]["name"], "arguments": _arguments(c)}, ensure_ascii=False)
+                for c in m["tool_calls"]
+            ]
             text = "\n".join(f"<tool_call>\n{b}\n</tool_call>" for b in blocks)
             out.append({"role": "assistant", "content": f"{m['content']}\n{text}" if m.get("content") else text})
         elif m["role"] == "tool":
@@ -264,8 +278,10 @@ def call_grammar(use: ToolUse, tokenizer: Tokenizer) -> str | None:
     elif fmt == "json":
         body = f"%json {_schema(_any_call(use, 'parameters'))}"
     else:
-        call = f'{_token(tokenizer, "<tool_call>")} "\\n" %json {_schema(_any_call(use, "arguments"))} "\\n" ' \
-               f'{_token(tokenizer, "</tool_call>")}'
+        call = (
+            f'{_token(tokenizer, "<tool_call>")} "\\n" %json {_schema(_any_call(use, "arguments"))} "\\n" '
+            f"{_token(tokenizer, '</tool_call>')}"
+        )
         body = f'call ("\\n" call)*\ncall: {call}' if use.parallel else call
     return f"start: {body}\n"
 
@@ -295,8 +311,12 @@ def _schema(schema: dict[str, Any]) -> str:
 
 
 def _call_object(f: Function, key: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"type": "object", "properties": {"name": {"const": f.name}, key: f.parameters, **(extra or {})},
-            "required": ["name", key], "additionalProperties": False}
+    return {
+        "type": "object",
+        "properties": {"name": {"const": f.name}, key: f.parameters, **(extra or {})},
+        "required": ["name", key],
+        "additionalProperties": False,
+    }
 
 
 def _any_call(use: ToolUse, key: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -315,9 +335,10 @@ def _mistral_v11(use: ToolUse, tokenizer: Tokenizer) -> str:
     """name[ARGS]{...} after [TOOL_CALLS]; tokenizers with a [CALL_ID] token put the call's id between."""
     calls, args = _token(tokenizer, "[TOOL_CALLS]"), _token(tokenizer, "[ARGS]")
     has_id = tokenizer.control_id("[CALL_ID]") is not None
-    call_id = f' ({_token(tokenizer, "[CALL_ID]")} /[A-Za-z0-9]{{9}}/)?' if has_id else ""
-    one = " | ".join(f'({calls} {json.dumps(f.name)}{call_id} {args} %json {_schema(f.parameters)})'
-                     for f in use.callable)
+    call_id = f" ({_token(tokenizer, '[CALL_ID]')} /[A-Za-z0-9]{{9}}/)?" if has_id else ""
+    one = " | ".join(
+        f"({calls} {json.dumps(f.name)}{call_id} {args} %json {_schema(f.parameters)})" for f in use.callable
+    )
     return f"({one})+" if use.parallel else f"({one})"
 
 

@@ -52,8 +52,9 @@ class TrainConfig:
         if not self.lr > 0 or not self.alpha > 0:
             raise ConfigError(f"lr and alpha must be positive, got lr={self.lr!r} alpha={self.alpha!r}")
         if not 0 <= self.dropout < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"dropout must be in [0, 1) and min_lr_ratio in [0, 1], got {self.dropout!r}, "
-                              f"{self.min_lr_ratio!r}")
+            raise ConfigError(
+                f"dropout must be in [0, 1) and min_lr_ratio in [0, 1], got {self.dropout!r}, {self.min_lr_ratio!r}"
+            )
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ConfigError("weight_decay and max_grad_norm must not be negative")
         if self.autocast not in ("auto", "bfloat16", "off"):

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from tramontane.text.chat_template import mistral_request
 from tramontane.errors import ConfigError, LoadError, TemplateError, TokenizerError
+from tramontane.text.chat_template import mistral_request
 from tramontane.text.tokenizer import MistralCommonTokenizer, Tokenizer
 
 IGNORE_INDEX = -100  # target of positions without loss (torch's cross_entropy default ignore_index)
@@ -75,8 +75,10 @@ class DataReport:
     trained_tokens: int  # tokens with mask True
 
     def summary(self) -> str:
-        head = (f"{self.path}: {self.kind} data, {len(self.examples)} examples, {self.tokens} tokens "
-                f"({self.trained_tokens} trained), {len(self.problems)} problem lines")
+        head = (
+            f"{self.path}: {self.kind} data, {len(self.examples)} examples, {self.tokens} tokens "
+            f"({self.trained_tokens} trained), {len(self.problems)} problem lines"
+        )
         return "\n".join([head, *(f"{self.path}:{p.line}: {p.reason}" for p in self.problems)])
 
 
@@ -109,8 +111,9 @@ def read_dataset(path: Path | str, tokenizer: Tokenizer, max_len: int) -> DataRe
     if lines == 0:
         raise LoadError(path, "no data: the file is empty or holds only blank lines")
     kind = "mixed" if len(kinds) > 1 else next(iter(kinds), "none")
-    return DataReport(path, kind, examples, problems, sum(len(e.tokens) for e in examples),
-                      sum(sum(e.mask) for e in examples))
+    return DataReport(
+        path, kind, examples, problems, sum(len(e.tokens) for e in examples), sum(sum(e.mask) for e in examples)
+    )
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -152,8 +155,9 @@ def _record(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def _type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
-            type(None): "null"}.get(type(value), "a number")
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
 
 
 def _show(value: Any) -> str:
@@ -235,7 +239,10 @@ def _message(message: Any, number: int) -> tuple[Message, bool]:
 
 
 def _template_tokens(
-    tokenizer: Tokenizer, messages: list[Message], trained: list[bool], tools: list[Any] | None,
+    tokenizer: Tokenizer,
+    messages: list[Message],
+    trained: list[bool],
+    tools: list[Any] | None,
 ) -> tuple[list[int], list[bool]]:
     full = tokenizer.encode_chat(messages, add_generation_prompt=False, tools=tools)
     mask = [False] * len(full)
@@ -246,18 +253,26 @@ def _template_tokens(
 
 
 def _assistant_span(
-    tokenizer: Tokenizer, messages: list[Message], index: int, full: list[int], tools: list[Any] | None,
+    tokenizer: Tokenizer,
+    messages: list[Message],
+    index: int,
+    full: list[int],
+    tools: list[Any] | None,
 ) -> tuple[int, int]:
     """[start, end) of assistant message `index` in `full`, by prefix differences (module docstring)."""
     before = tokenizer.encode_chat(messages[:index], add_generation_prompt=True, tools=tools)
-    upto = tokenizer.encode_chat(messages[:index + 1], add_generation_prompt=False, tools=tools)
-    if upto != full[:len(upto)] or before != upto[:len(before)]:
-        raise _Skip(f"the chat template ({tokenizer.chat_format}) does not encode the conversation as growing "
-                    f"prefixes, so the tokens of assistant message {index + 1} cannot be located")
+    upto = tokenizer.encode_chat(messages[: index + 1], add_generation_prompt=False, tools=tools)
+    if upto != full[: len(upto)] or before != upto[: len(before)]:
+        raise _Skip(
+            f"the chat template ({tokenizer.chat_format}) does not encode the conversation as growing "
+            f"prefixes, so the tokens of assistant message {index + 1} cannot be located"
+        )
     stops = [j for j in range(len(before), len(upto)) if upto[j] in tokenizer.stop_ids]
     if not stops:
-        raise _Skip(f"the chat template ({tokenizer.chat_format}) ends assistant message {index + 1} with no "
-                    "stop token: the model would not learn to stop")
+        raise _Skip(
+            f"the chat template ({tokenizer.chat_format}) ends assistant message {index + 1} with no "
+            "stop token: the model would not learn to stop"
+        )
     return len(before), stops[-1] + 1
 
 
@@ -265,7 +280,10 @@ def _assistant_span(
 
 
 def _mistral_tokens(
-    tokenizer: MistralCommonTokenizer, messages: list[Message], trained: list[bool], tools: list[Any] | None,
+    tokenizer: MistralCommonTokenizer,
+    messages: list[Message],
+    trained: list[bool],
+    tools: list[Any] | None,
 ) -> tuple[list[int], list[bool]]:
     from mistral_common.exceptions import MistralCommonException
     from pydantic import ValidationError
@@ -315,8 +333,14 @@ def _mistral_message(instruct: Any, request: Any, index: int) -> tuple[list[int]
         return list(instruct.encode_assistant_message(message, is_before_last_user_message=index < last_user)), True
     if isinstance(message, UserMessage):
         tokens = instruct.encode_user_message(
-            message, request.available_tools, index == last_user, index == first_user,
-            system_prompt=request.system_prompt, force_img_first=True, settings=request.settings)[0]
+            message,
+            request.available_tools,
+            index == last_user,
+            index == first_user,
+            system_prompt=request.system_prompt,
+            force_img_first=True,
+            settings=request.settings,
+        )[0]
     elif isinstance(message, ToolMessage):
         tokens = instruct.encode_tool_message(message, index < last_user)[0]
     elif isinstance(message, SystemMessage):
@@ -357,7 +381,9 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[list[Example]]:
     for example in examples:
         size = len(example.tokens)
         if size > seq_len:
-            raise ConfigError(f"the example of line {example.line} has {size} tokens, over the sequence length {seq_len}")
+            raise ConfigError(
+                f"the example of line {example.line} has {size} tokens, over the sequence length {seq_len}"
+            )
         at = bisect.bisect_left(free, (size, -1))
         if at < len(free):
             room, index = free.pop(at)
@@ -376,10 +402,10 @@ def _row(row: Sequence[Example], seq_len: int) -> tuple[list[int], list[int], li
     at = 0
     for segment, example in enumerate(row):
         n = len(example.tokens)
-        tokens[at:at + n] = example.tokens
-        targets[at:at + n - 1] = [t if m else IGNORE_INDEX for t, m in zip(example.tokens[1:], example.mask[1:])]
-        positions[at:at + n] = range(n)
-        segments[at:at + n] = [segment] * n
+        tokens[at : at + n] = example.tokens
+        targets[at : at + n - 1] = [t if m else IGNORE_INDEX for t, m in zip(example.tokens[1:], example.mask[1:])]
+        positions[at : at + n] = range(n)
+        segments[at : at + n] = [segment] * n
         at += n
     return tokens, targets, positions, segments
 
@@ -404,4 +430,4 @@ def batches(examples: Sequence[Example], seq_len: int, batch_size: int, seed: in
     generator = torch.Generator().manual_seed(_mix(seed, epoch))
     order = torch.randperm(len(examples), generator=generator).tolist()
     rows = pack([examples[i] for i in order], seq_len)
-    return [collate(rows[i:i + batch_size], seq_len) for i in range(0, len(rows), batch_size)]
+    return [collate(rows[i : i + batch_size], seq_len) for i in range(0, len(rows), batch_size)]

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..text.tokenizer import Tokenizer
 from ..errors import ConfigError, TramontaneError
+from ..text.tokenizer import Tokenizer
 from .config import TrainConfig
 from .data import Batch, DataReport, batches, read_dataset
 
@@ -158,8 +158,9 @@ class Trainer:
         while self.step < cfg.max_steps and (stop_after is None or done < stop_after):
             record = self.one_step(stream)
             self.history.train.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
             bar.update(1)
             done += 1
             if self.eval_data and cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -192,11 +193,17 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         folder = self.out / CHECKPOINT
         folder.mkdir(parents=True, exist_ok=True)
-        state = {"step": self.step, "epoch": self.epoch, "index": self.index,
-                 "lora": {n: p.detach().clone() for n, p in self.named},
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": torch.get_rng_state(), "history": json.dumps(self.history.__dict__),
-                 "config": json.dumps(self.cfg.to_json())}
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "index": self.index,
+            "lora": {n: p.detach().clone() for n, p in self.named},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": json.dumps(self.history.__dict__),
+            "config": json.dumps(self.cfg.to_json()),
+        }
         tmp = folder / "state.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(folder / "state.pt")  # a crash while saving leaves the previous checkpoint whole
@@ -226,12 +233,15 @@ class Trainer:
         now = self.cfg.to_json()
         changed = [k for k in keys if saved.get(k) != now.get(k)]
         if changed:
-            raise ConfigError(f"{path}: the checkpoint was made with other settings for "
-                              f"{', '.join(f'{k} ({saved.get(k)!r} -> {now.get(k)!r})' for k in changed)}")
+            raise ConfigError(
+                f"{path}: the checkpoint was made with other settings for "
+                f"{', '.join(f'{k} ({saved.get(k)!r} -> {now.get(k)!r})' for k in changed)}"
+            )
 
 
-def finetune(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
-             stop_after: int | None = None) -> History:
+def finetune(
+    cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop_after: int | None = None
+) -> History:
     """Load cfg.model in float32 (or packed, cfg.quantized_base) and train a LoRA adapter into cfg.out."""
     from ..api import load
 

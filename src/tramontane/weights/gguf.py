@@ -144,8 +144,10 @@ def _read_array(cur: _Cursor, what: str, depth: int) -> list[Any]:
     count = cur.unpack(_U64, f"element count of {what}")
     need = count * _min_value_bytes(cur, etype, f"{what} (array element)")
     if need > cur.left():
-        cur.fail(f"{what} claims {count} elements of type {_value_type_name(etype)}, which need at least "
-                 f"{need} bytes, but only {cur.left()} remain; {_TRUNCATED}")
+        cur.fail(
+            f"{what} claims {count} elements of type {_value_type_name(etype)}, which need at least "
+            f"{need} bytes, but only {cur.left()} remain; {_TRUNCATED}"
+        )
     if count == 0:
         return []
     if etype in _SCALARS:
@@ -192,8 +194,10 @@ def _read_header(cur: _Cursor) -> tuple[int, int, int]:
         cur.fail(f"unsupported GGUF version {version}{old}; supported: 2 and 3")
     need = n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES
     if need > cur.left():
-        cur.fail(f"header claims {n_kv} metadata entries and {n_tensors} tensors, which need at least "
-                 f"{need} bytes, but only {cur.left()} remain; {_TRUNCATED}")
+        cur.fail(
+            f"header claims {n_kv} metadata entries and {n_tensors} tensors, which need at least "
+            f"{need} bytes, but only {cur.left()} remain; {_TRUNCATED}"
+        )
     return version, n_tensors, n_kv
 
 
@@ -256,18 +260,24 @@ def _check_tensor(cur: _Cursor, raw: _RawTensor, data_start: int, alignment: int
         if n_elements > _INT64_MAX:
             cur.fail(f"tensor '{name}' dimensions {list(raw.ne)} overflow a 64-bit element count")
     if raw.ne[0] % gtype.block_size:
-        cur.fail(f"tensor '{name}' has rows of {raw.ne[0]} elements, not a multiple of the "
-                 f"{gtype.name} block size {gtype.block_size}")
+        cur.fail(
+            f"tensor '{name}' has rows of {raw.ne[0]} elements, not a multiple of the "
+            f"{gtype.name} block size {gtype.block_size}"
+        )
     nbytes = n_elements // gtype.block_size * gtype.type_size
     if nbytes > size:
-        cur.fail(f"tensor '{name}' of shape {list(raw.ne[::-1])} and type {gtype.name} needs {nbytes} "
-                 f"bytes, more than the whole file ({size} bytes)")
+        cur.fail(
+            f"tensor '{name}' of shape {list(raw.ne[::-1])} and type {gtype.name} needs {nbytes} "
+            f"bytes, more than the whole file ({size} bytes)"
+        )
     if raw.rel_offset % alignment:
         cur.fail(f"tensor '{name}' data offset {raw.rel_offset} is not aligned to {alignment} bytes")
     offset = data_start + raw.rel_offset
     if offset + nbytes > size:
-        cur.fail(f"tensor '{name}' data [offset {offset}, {nbytes} bytes] lies past the end of the "
-                 f"file ({size} bytes); {_TRUNCATED}")
+        cur.fail(
+            f"tensor '{name}' data [offset {offset}, {nbytes} bytes] lies past the end of the "
+            f"file ({size} bytes); {_TRUNCATED}"
+        )
     return GGUFTensorInfo(name, tuple(reversed(raw.ne)), raw.ggml_type, gtype.name, offset, nbytes)
 
 
@@ -276,8 +286,9 @@ class GGUFFile:
 
     The mapping is private copy-on-write, so tensors built on it can never write to the file."""
 
-    def __init__(self, path: Path, buf: mmap.mmap, version: int, metadata: dict[str, Any],
-                 tensors: dict[str, GGUFTensorInfo]) -> None:
+    def __init__(
+        self, path: Path, buf: mmap.mmap, version: int, metadata: dict[str, Any], tensors: dict[str, GGUFTensorInfo]
+    ) -> None:
         self.path = path
         self.version = version
         self.metadata = metadata
@@ -312,8 +323,11 @@ class GGUFFile:
         buf, info = self._locate(name)
         if info.ggml_type not in DEQUANTIZERS:
             supported = ", ".join(GGML_TYPES[t].name for t in DEQUANTIZERS)
-            raise LoadError(self.path, f"tensor '{name}' has type {info.type_name}, which tramontane "
-                                       f"cannot dequantize (supported: {supported})")
+            raise LoadError(
+                self.path,
+                f"tensor '{name}' has type {info.type_name}, which tramontane "
+                f"cannot dequantize (supported: {supported})",
+            )
         # Copy out of the mapping first: aligned memory, and no export pinning the mmap open.
         return dequantize(self.copy_raw(name), info.ggml_type).reshape(info.shape).to(dtype)
 
@@ -326,8 +340,9 @@ class GGUFFile:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -365,8 +380,9 @@ def open_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         with open(p, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < _HEADER.size:
-                raise LoadError(p, f"file is {size} bytes, too short for a GGUF header ({_HEADER.size} "
-                                   f"bytes); {_TRUNCATED}")
+                raise LoadError(
+                    p, f"file is {size} bytes, too short for a GGUF header ({_HEADER.size} bytes); {_TRUNCATED}"
+                )
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError) as e:
         raise LoadError(p, f"cannot open: {e}") from None

@@ -22,30 +22,49 @@ from ._protocols import fused, is_packed, layers, model_config
 
 # Our module path (per layer "{i}") -> llama.cpp tensor name, for 2-D matrices and norms.
 TENSOR_NAMES = {
-    "tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
-    "layers.{i}.attention.wq": "blk.{i}.attn_q", "layers.{i}.attention.wk": "blk.{i}.attn_k",
-    "layers.{i}.attention.wv": "blk.{i}.attn_v", "layers.{i}.attention.wo": "blk.{i}.attn_output",
-    "layers.{i}.attention_norm": "blk.{i}.attn_norm", "layers.{i}.ffn_norm": "blk.{i}.ffn_norm",
-    "layers.{i}.feed_forward.w1": "blk.{i}.ffn_gate", "layers.{i}.feed_forward.w2": "blk.{i}.ffn_down",
-    "layers.{i}.feed_forward.w3": "blk.{i}.ffn_up", "layers.{i}.feed_forward.gate": "blk.{i}.ffn_gate_inp",
+    "tok_embeddings": "token_embd",
+    "norm": "output_norm",
+    "output": "output",
+    "layers.{i}.attention.wq": "blk.{i}.attn_q",
+    "layers.{i}.attention.wk": "blk.{i}.attn_k",
+    "layers.{i}.attention.wv": "blk.{i}.attn_v",
+    "layers.{i}.attention.wo": "blk.{i}.attn_output",
+    "layers.{i}.attention_norm": "blk.{i}.attn_norm",
+    "layers.{i}.ffn_norm": "blk.{i}.ffn_norm",
+    "layers.{i}.feed_forward.w1": "blk.{i}.ffn_gate",
+    "layers.{i}.feed_forward.w2": "blk.{i}.ffn_down",
+    "layers.{i}.feed_forward.w3": "blk.{i}.ffn_up",
+    "layers.{i}.feed_forward.gate": "blk.{i}.ffn_gate_inp",
 }
 EXPERT_NAMES = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
 FLOAT_TYPES = {"f32": (np.float32, 0), "f16": (np.float16, 1)}  # name -> (numpy dtype, GGUF file_type)
 # name -> (GGML type, llama.cpp's file_type "MOSTLY_*", elements per block): the gguf package quantizes the
 # simple formats, gguf_quants.QUANTIZERS the K-quants
-BLOCK_TYPES = {"q8_0": (8, 7, 32), "q4_0": (2, 2, 32), "q4_1": (3, 3, 32), "q5_0": (6, 8, 32), "q5_1": (7, 9, 32),
-               "q4_k": (12, 15, 256), "q6_k": (14, 18, 256)}
+BLOCK_TYPES = {
+    "q8_0": (8, 7, 32),
+    "q4_0": (2, 2, 32),
+    "q4_1": (3, 3, 32),
+    "q5_0": (6, 8, 32),
+    "q5_1": (7, 9, 32),
+    "q4_k": (12, 15, 256),
+    "q6_k": (14, 18, 256),
+}
 
 
 def architecture_metadata(config: ModelConfig) -> dict[str, Any]:
     """The llama.* keys llama.cpp reads for this configuration."""
     p = "llama."
     meta: dict[str, Any] = {
-        p + "context_length": config.max_seq_len, p + "embedding_length": config.dim,
-        p + "block_count": config.n_layers, p + "feed_forward_length": config.hidden_dim,
-        p + "attention.head_count": config.n_heads, p + "attention.head_count_kv": config.n_kv_heads,
-        p + "attention.layer_norm_rms_epsilon": float(config.norm_eps), p + "rope.freq_base": float(config.rope_theta),
-        p + "rope.dimension_count": config.head_dim, p + "vocab_size": config.vocab_size,
+        p + "context_length": config.max_seq_len,
+        p + "embedding_length": config.dim,
+        p + "block_count": config.n_layers,
+        p + "feed_forward_length": config.hidden_dim,
+        p + "attention.head_count": config.n_heads,
+        p + "attention.head_count_kv": config.n_kv_heads,
+        p + "attention.layer_norm_rms_epsilon": float(config.norm_eps),
+        p + "rope.freq_base": float(config.rope_theta),
+        p + "rope.dimension_count": config.head_dim,
+        p + "vocab_size": config.vocab_size,
     }
     if config.head_dim * config.n_heads != config.dim:
         meta[p + "attention.key_length"] = meta[p + "attention.value_length"] = config.head_dim
@@ -119,8 +138,14 @@ def tensors(model: torch.nn.Module, float_type: str = "f32") -> Iterator[tuple[s
         yield _gguf_name(path), rows.numpy(), qtype
 
 
-def write_gguf(model: torch.nn.Module, path: str | Path, tokenizer: Mapping[str, Any] | None = None,
-               name: str = "tramontane", float_type: str = "f32", quant: str | None = None) -> Path:
+def write_gguf(
+    model: torch.nn.Module,
+    path: str | Path,
+    tokenizer: Mapping[str, Any] | None = None,
+    name: str = "tramontane",
+    float_type: str = "f32",
+    quant: str | None = None,
+) -> Path:
     """Write `model` (built, packed or float) to `path` as GGUF; returns the path. `quant` (q8_0, q4_0,
     q4_1, q5_0, q5_1, q4_k, q6_k) quantizes the float matrices from float32 (norms, and matrices whose rows are not
     whole blocks, stay float32)."""

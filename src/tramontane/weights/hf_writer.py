@@ -32,12 +32,15 @@ ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "
 Entry = tuple[str, Callable[[], torch.Tensor], int]
 
 
-def write_hf(model: nn.Module, folder: str | Path, tokenizer_source: Path | None = None,
-             max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def write_hf(
+    model: nn.Module, folder: str | Path, tokenizer_source: Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> Path:
     """Write a float or packed model (no LoRA adapters installed) as a Hugging Face safetensors folder."""
     if any(hasattr(m, "lora_A") for m in model.modules()):
-        raise ConfigError("write_hf: the model has LoRA adapters installed; merge them (lora.merge_lora) "
-                          "or save them apart (lora.save_adapter)")
+        raise ConfigError(
+            "write_hf: the model has LoRA adapters installed; merge them (lora.merge_lora) "
+            "or save them apart (lora.save_adapter)"
+        )
     config = model_config(model)
     tokenizer = _tokenizer_files(Path(tokenizer_source)) if tokenizer_source is not None else []
     entries = _entries(model, config)
@@ -66,21 +69,37 @@ def hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:
     kind = model_type(config)
     dtype_name = str(dtype).removeprefix("torch.")
     out = {
-        "architectures": [ARCHITECTURES[kind]], "model_type": kind, "vocab_size": config.vocab_size,
-        "hidden_size": config.dim, "intermediate_size": config.hidden_dim, "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
-        "head_dim": config.head_dim, "hidden_act": "silu", "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "max_position_embeddings": config.max_seq_len, "tie_word_embeddings": config.tie_embeddings,
-        "attention_dropout": 0.0, "use_cache": True, "torch_dtype": dtype_name, "dtype": dtype_name,
+        "architectures": [ARCHITECTURES[kind]],
+        "model_type": kind,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "max_position_embeddings": config.max_seq_len,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
     }
     if kind == "llama":
         out |= {"attention_bias": False, "mlp_bias": False}
     else:
         out["sliding_window"] = config.sliding_window
     if config.moe is not None:
-        out |= {"num_local_experts": config.moe.num_experts, "num_experts_per_tok": config.moe.num_experts_per_tok,
-                "output_router_logits": False, "router_jitter_noise": 0.0}
+        out |= {
+            "num_local_experts": config.moe.num_experts,
+            "num_experts_per_tok": config.moe.num_experts_per_tok,
+            "output_router_logits": False,
+            "router_jitter_noise": 0.0,
+        }
     return out
 
 
@@ -88,12 +107,18 @@ def _dtype(module: nn.Module) -> torch.dtype:
     return module.weight.dtype if isinstance(module, nn.Linear | nn.Embedding) else torch.float32
 
 
-def _entry(name: str, module: nn.Module, shape: tuple[int, int],
-           transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Entry:
+def _entry(
+    name: str,
+    module: nn.Module,
+    shape: tuple[int, int],
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Entry:
     """A 2-D weight of a float (nn.Linear / nn.Embedding) or packed (dequantize()) module."""
+
     def produce() -> torch.Tensor:
         w = module.weight.detach() if isinstance(module, nn.Linear | nn.Embedding) else as_packed(module).dequantize()
         return (transform(w) if transform else w).contiguous()
+
     return name, produce, shape[0] * shape[1] * _dtype(module).itemsize
 
 
@@ -127,14 +152,19 @@ def _block_entries(p: str, block: nn.Module, c: ModelConfig) -> list[Entry]:
     if c.moe is not None:
         out.append(_entry(p + "block_sparse_moe.gate.weight", ff.get_submodule("gate"), (c.moe.num_experts, c.dim)))
         for e in range(c.moe.num_experts):
-            out += [_tensor(f"{p}block_sparse_moe.experts.{e}.{w}.weight", ff.get_parameter(w)[e])  # [E,out,in] -> [out,in]
-                    for w in ("w1", "w2", "w3")]
+            out += [
+                _tensor(f"{p}block_sparse_moe.experts.{e}.{w}.weight", ff.get_parameter(w)[e])  # [E,out,in] -> [out,in]
+                for w in ("w1", "w2", "w3")
+            ]
         return out
     f = c.hidden_dim
     w13 = fused(ff, "w13")
     w1, w3 = w13.split([f, f]) if w13 is not None else (ff.get_submodule("w1"), ff.get_submodule("w3"))
-    return out + [_entry(p + "mlp.gate_proj.weight", w1, (f, c.dim)), _entry(p + "mlp.up_proj.weight", w3, (f, c.dim)),
-                  _entry(p + "mlp.down_proj.weight", ff.get_submodule("w2"), (c.dim, f))]
+    return out + [
+        _entry(p + "mlp.gate_proj.weight", w1, (f, c.dim)),
+        _entry(p + "mlp.up_proj.weight", w3, (f, c.dim)),
+        _entry(p + "mlp.down_proj.weight", ff.get_submodule("w2"), (c.dim, f)),
+    ]
 
 
 def _write_shards(folder: Path, entries: list[Entry], max_shard_bytes: int) -> None:
@@ -167,9 +197,11 @@ def _tokenizer_files(source: Path) -> list[Path]:
     if not source.exists():
         raise LoadError(source, "tokenizer source: no such file or folder")
     candidates = [source] if source.is_file() else sorted(source.iterdir())
-    found = [p for p in candidates if p.is_file()
-             and (p.name in TOKENIZER_FILES or p.name.startswith(TOKENIZER_PREFIX))]
+    found = [
+        p for p in candidates if p.is_file() and (p.name in TOKENIZER_FILES or p.name.startswith(TOKENIZER_PREFIX))
+    ]
     if not found:
-        raise LoadError(source, f"no tokenizer files found (looked for {', '.join(TOKENIZER_FILES)}, "
-                                f"{TOKENIZER_PREFIX}*)")
+        raise LoadError(
+            source, f"no tokenizer files found (looked for {', '.join(TOKENIZER_FILES)}, {TOKENIZER_PREFIX}*)"
+        )
     return found

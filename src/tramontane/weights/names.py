@@ -36,12 +36,27 @@ HF_IGNORED = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
 
 NATIVE_NAMES: list[tuple[str, str, str | None]] = [
     (r"(tok_embeddings\.weight|norm\.weight|output\.weight)", "{0}", None),
-    (r"layers\.(\d+)\.((attention\.w[qkvo]|attention_norm|ffn_norm|feed_forward\.w[123])\.weight)",
-     "layers.{0}.{1}", None),
+    (
+        r"layers\.(\d+)\.((attention\.w[qkvo]|attention_norm|ffn_norm|feed_forward\.w[123])\.weight)",
+        "layers.{0}.{1}",
+        None,
+    ),
     (r"layers\.(\d+)\.(?:feed_forward|block_sparse_moe)\.gate\.weight", "layers.{0}.feed_forward.gate.weight", None),
-    (r"layers\.(\d+)\.(?:feed_forward|block_sparse_moe)\.experts\.(\d+)\.w1\.weight", "layers.{0}.feed_forward.w1", "expert"),
-    (r"layers\.(\d+)\.(?:feed_forward|block_sparse_moe)\.experts\.(\d+)\.w2\.weight", "layers.{0}.feed_forward.w2", "expert"),
-    (r"layers\.(\d+)\.(?:feed_forward|block_sparse_moe)\.experts\.(\d+)\.w3\.weight", "layers.{0}.feed_forward.w3", "expert"),
+    (
+        r"layers\.(\d+)\.(?:feed_forward|block_sparse_moe)\.experts\.(\d+)\.w1\.weight",
+        "layers.{0}.feed_forward.w1",
+        "expert",
+    ),
+    (
+        r"layers\.(\d+)\.(?:feed_forward|block_sparse_moe)\.experts\.(\d+)\.w2\.weight",
+        "layers.{0}.feed_forward.w2",
+        "expert",
+    ),
+    (
+        r"layers\.(\d+)\.(?:feed_forward|block_sparse_moe)\.experts\.(\d+)\.w3\.weight",
+        "layers.{0}.feed_forward.w3",
+        "expert",
+    ),
 ]
 NATIVE_IGNORED: list[str] = []
 

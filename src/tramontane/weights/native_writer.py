@@ -19,16 +19,29 @@ from ..errors import ConfigError
 from ._protocols import model_config
 
 STACKED = re.compile(r"layers\.(\d+)\.feed_forward\.(w[123])$")
-TOKENIZER_FILES = ("tekken.json", "tokenizer.model", "tokenizer.model.v*", "tokenizer.json", "tokenizer_config.json",
-                   "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tekken.json",
+    "tokenizer.model",
+    "tokenizer.model.v*",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def params_json(config: ModelConfig) -> dict[str, Any]:
     """mistral-inference's ModelArgs for this configuration (the inverse of ModelConfig.from_params_json)."""
     params: dict[str, Any] = {
-        "dim": config.dim, "n_layers": config.n_layers, "head_dim": config.head_dim,
-        "hidden_dim": config.hidden_dim, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
-        "norm_eps": config.norm_eps, "vocab_size": config.vocab_size, "rope_theta": config.rope_theta,
+        "dim": config.dim,
+        "n_layers": config.n_layers,
+        "head_dim": config.head_dim,
+        "hidden_dim": config.hidden_dim,
+        "n_heads": config.n_heads,
+        "n_kv_heads": config.n_kv_heads,
+        "norm_eps": config.norm_eps,
+        "vocab_size": config.vocab_size,
+        "rope_theta": config.rope_theta,
         "max_seq_len": config.max_seq_len,
     }
     if config.sliding_window is not None:

@@ -12,8 +12,16 @@ from pathlib import Path
 from ..config import ModelConfig
 from ..errors import ConfigError, LoadError
 
-_COMMON = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32, "n_kv_heads": 8,
-           "norm_eps": 1e-5, "vocab_size": 32000}
+_COMMON = {
+    "dim": 4096,
+    "n_layers": 32,
+    "head_dim": 128,
+    "hidden_dim": 14336,
+    "n_heads": 32,
+    "n_kv_heads": 8,
+    "norm_eps": 1e-5,
+    "vocab_size": 32000,
+}
 PRESETS: dict[str, dict] = {
     "mistral-7b": {**_COMMON, "sliding_window": 4096},
     "mixtral-8x7b": {**_COMMON, "moe": {"num_experts": 8, "num_experts_per_tok": 2}},

@@ -23,9 +23,18 @@ from ..errors import LoadError
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own cap
 MAX_DIMS = 64
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -69,16 +78,16 @@ class SafetensorsFile:
         if not 0 <= dim < len(shape) or not 0 <= start <= stop <= shape[dim]:
             raise ValueError(f"tensor {name!r} {list(shape)}: no part [{start}, {stop}) along dim {dim}")
         item = entry.dtype.itemsize
-        inner = item * math.prod(shape[dim + 1:])  # bytes per step along dim
+        inner = item * math.prod(shape[dim + 1 :])  # bytes per step along dim
         outer = math.prod(shape[:dim])
         chunk = (stop - start) * inner
         buf = torch.empty(outer * chunk, dtype=torch.uint8)
         view = buf.numpy().data  # a memoryview of buf's bytes
         for i in range(outer):
             self._file.seek(entry.begin + (i * shape[dim] + start) * inner)
-            if self._file.readinto(view[i * chunk:(i + 1) * chunk]) != chunk:
+            if self._file.readinto(view[i * chunk : (i + 1) * chunk]) != chunk:
                 raise LoadError(self.path, f"tensor {name!r}: file ended inside the tensor")
-        return buf.view(entry.dtype).reshape(*shape[:dim], stop - start, *shape[dim + 1:])
+        return buf.view(entry.dtype).reshape(*shape[:dim], stop - start, *shape[dim + 1 :])
 
     def close(self) -> None:
         self._file.close()
@@ -97,8 +106,11 @@ def _parse_header(path: Path, f) -> tuple[dict[str, str], dict[str, TensorEntry]
         raise LoadError(path, f"not a safetensors file: only {size} bytes, no header length")
     (n,) = struct.unpack("<Q", head)
     if n > MAX_HEADER_BYTES or n > size - 8:
-        raise LoadError(path, f"header length {n} exceeds the file ({size} bytes) or the "
-                              f"{MAX_HEADER_BYTES}-byte cap: not a safetensors file or truncated")
+        raise LoadError(
+            path,
+            f"header length {n} exceeds the file ({size} bytes) or the "
+            f"{MAX_HEADER_BYTES}-byte cap: not a safetensors file or truncated",
+        )
     try:
         header = json.loads(f.read(n).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -125,23 +137,33 @@ def _entry(path: Path, name: str, spec: object, data_start: int, data_size: int)
     shape, offsets = spec.get("shape"), spec.get("data_offsets")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(d) is int and d >= 0 for d in shape):
         raise LoadError(path, f"tensor {label}: bad shape {_short(shape)}")
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
         raise LoadError(path, f"tensor {label}: bad data_offsets {_short(offsets)}")
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes != offsets[1] - offsets[0]:
-        raise LoadError(path, f"tensor {label}: shape {_short(shape)} of {dtype_name} needs {nbytes} bytes "
-                              f"but data_offsets {offsets} cover {offsets[1] - offsets[0]}")
+        raise LoadError(
+            path,
+            f"tensor {label}: shape {_short(shape)} of {dtype_name} needs {nbytes} bytes "
+            f"but data_offsets {offsets} cover {offsets[1] - offsets[0]}",
+        )
     if offsets[1] > data_size:
-        raise LoadError(path, f"tensor {label}: data_offsets {offsets} lie past the end of the data "
-                              f"({data_size} bytes): file truncated or corrupt")
+        raise LoadError(
+            path,
+            f"tensor {label}: data_offsets {offsets} lie past the end of the data "
+            f"({data_size} bytes): file truncated or corrupt",
+        )
     return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], nbytes)
 
 
 def _short(value: object, limit: int = 80) -> str:
     """repr of a header value for an error message, cut: a hostile header must not come back whole."""
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_tiling(path: Path, entries: dict[str, TensorEntry], data_start: int, data_size: int) -> None:
@@ -153,5 +175,7 @@ def _check_tiling(path: Path, entries: dict[str, TensorEntry], data_start: int, 
             raise LoadError(path, f"tensor {_short(e.name)} at offset {e.begin - data_start} {kind}")
         cursor += e.nbytes
     if cursor != data_start + data_size:
-        raise LoadError(path, f"tensors cover {cursor - data_start} bytes but the data section has "
-                              f"{data_size}: file truncated or padded")
+        raise LoadError(
+            path,
+            f"tensors cover {cursor - data_start} bytes but the data section has {data_size}: file truncated or padded",
+        )

@@ -23,10 +23,12 @@ from . import names
 from .safetensors import SafetensorsFile
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-PICKLE_MESSAGE = ("pickle checkpoints (.bin, .pt, .pth) are refused: unpickling runs arbitrary code from "
-                  "the file. tramontane loads Hugging Face safetensors folders, Mistral native folders "
-                  "(params.json + consolidated.safetensors) and GGUF files; convert the checkpoint to "
-                  "safetensors first")
+PICKLE_MESSAGE = (
+    "pickle checkpoints (.bin, .pt, .pth) are refused: unpickling runs arbitrary code from "
+    "the file. tramontane loads Hugging Face safetensors folders, Mistral native folders "
+    "(params.json + consolidated.safetensors) and GGUF files; convert the checkpoint to "
+    "safetensors first"
+)
 
 
 class TensorSource(Protocol):
@@ -52,8 +54,11 @@ def detect_format(path: Path) -> str:
     pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise LoadError(path, f"only pickle weights found ({', '.join(pickles[:3])}): {PICKLE_MESSAGE}")
-    raise LoadError(path, "no weights found: expected config.json + model*.safetensors (Hugging Face), "
-                          "params.json + consolidated*.safetensors (Mistral) or a .gguf file")
+    raise LoadError(
+        path,
+        "no weights found: expected config.json + model*.safetensors (Hugging Face), "
+        "params.json + consolidated*.safetensors (Mistral) or a .gguf file",
+    )
 
 
 def _hf_files(folder: Path) -> list[Path]:
