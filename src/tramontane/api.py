@@ -80,8 +80,8 @@ class LLM:
         """Complete a batch of prompts (text or token ids). With stream=True, yields `Delta`s as they come
         (each names its prompt's index); otherwise returns one `Completion` per prompt."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        ids = [self.encode_prompt(p) for p in prompts]  # type: ignore[union-attr]
+            prompts = [prompts]
+        ids = [self.encode_prompt(p) for p in prompts]
         deltas = self._generator.run(ids, self._params(params, len(ids), kwargs))
         return deltas if stream else collect(deltas, ids)
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..model.moe import MoeFeedForward
+from ..model.transformer import Transformer
 from ..quant.linear import PackedLinear, dequantize_model, set_module, unfuse_projections
 
 DENSE_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -182,7 +183,7 @@ class ExpertLoRA(nn.Module):
 # ---- installing, selecting, reading and merging adapters -------------------------------------------
 
 
-def selection_of(model: nn.Module) -> AdapterSelection:
+def selection_of(model: Transformer) -> AdapterSelection:
     """The model's shared adapter selection (created on first use)."""
     sel = getattr(model, "lora_selection", None)
     if sel is None:
@@ -191,10 +192,10 @@ def selection_of(model: nn.Module) -> AdapterSelection:
     return sel
 
 
-def _targets(model: nn.Module, spec: LoraSpec) -> list[str]:
+def _targets(model: Transformer, spec: LoraSpec) -> list[str]:
     """Our names of the targeted projections ("layers.0.attention.wq", "layers.0.feed_forward.w1" of experts)."""
     paths: list[str] = []
-    for i, block in enumerate(model.layers):  # type: ignore[union-attr]
+    for i, block in enumerate(model.layers):
         ff, p = block.feed_forward, f"layers.{i}."
         paths += [f"{p}attention.{t}" for t in ("wq", "wk", "wv", "wo") if t in spec.targets]
         if isinstance(ff, MoeFeedForward):
@@ -207,11 +208,11 @@ def _targets(model: nn.Module, spec: LoraSpec) -> list[str]:
     if not paths:
         raise ConfigError(
             f"LoraSpec.targets {list(spec.targets)} match no module of this {model.config.architecture} model"
-        )  # type: ignore[union-attr]
+        )
     return paths
 
 
-def _shape(model: nn.Module, path: str) -> tuple[int, int, int | None]:
+def _shape(model: Transformer, path: str) -> tuple[int, int, int | None]:
     """(out, in, experts or None) of the projection at `path`."""
     parent, _, leaf = path.rpartition(".")
     owner = model.get_submodule(parent)
@@ -222,7 +223,7 @@ def _shape(model: nn.Module, path: str) -> tuple[int, int, int | None]:
     return module.out_features, module.in_features, None
 
 
-def apply_lora(model: nn.Module, spec: LoraSpec, name: str = "default", seed: int = 0) -> list[nn.Parameter]:
+def apply_lora(model: Transformer, spec: LoraSpec, name: str = "default", seed: int = 0) -> list[nn.Parameter]:
     """Add adapter `name` on spec.targets, initialised as PEFT does (A kaiming-uniform a=sqrt(5), B zeros).
 
     Fused packed projections are split back first and the compiled decode path is dropped (it knows no
@@ -249,7 +250,7 @@ def _check_new_name(sel: AdapterSelection, name: str) -> None:
 
 
 def add_adapter(
-    model: nn.Module, name: str, state: dict[str, torch.Tensor], scale: float | dict[str, float], dropout: float = 0.0
+    model: Transformer, name: str, state: dict[str, torch.Tensor], scale: float | dict[str, float], dropout: float = 0.0
 ) -> list[nn.Parameter]:
     """Install adapter `name` from tensors named as `lora_state` returns them ("<path>.lora_A" [r,in] or,
     for experts, [E,r,in]; "<path>.lora_B" [out,r] / [E,out,r]). scale: one value or one per path."""
@@ -273,7 +274,7 @@ def add_adapter(
     return params
 
 
-def _check_pair(model: nn.Module, path: str, a: torch.Tensor, b: torch.Tensor) -> None:
+def _check_pair(model: Transformer, path: str, a: torch.Tensor, b: torch.Tensor) -> None:
     try:
         out, inp, experts = _shape(model, path)
     except AttributeError:
@@ -288,7 +289,7 @@ def _check_pair(model: nn.Module, path: str, a: torch.Tensor, b: torch.Tensor) -
 
 
 def _install(
-    model: nn.Module,
+    model: Transformer,
     path: str,
     name: str,
     a: torch.Tensor,
@@ -316,19 +317,19 @@ def _install(
     return module.add(name, a.float().to(device), b.float().to(device), scale, dropout)
 
 
-def _known(model: nn.Module, name: str | None) -> None:
+def _known(model: Transformer, name: str | None) -> None:
     if name is not None and name not in selection_of(model).adapters:
         raise ConfigError(f"no adapter named {name!r} (installed: {sorted(selection_of(model).adapters)})")
 
 
-def set_active(model: nn.Module, name: str | None) -> None:
+def set_active(model: Transformer, name: str | None) -> None:
     """Apply adapter `name` to every row (None: the base model alone); clears per-row selection."""
     _known(model, name)
     sel = selection_of(model)
     sel.active, sel.rows, sel.names = name, None, []
 
 
-def set_rows(model: nn.Module, rows: torch.Tensor | None, names: list[str]) -> None:
+def set_rows(model: Transformer, rows: torch.Tensor | None, names: list[str]) -> None:
     """Per-row adapters: rows [N] int64 = slot in `names` of each flattened input row, -1 = none.
     rows=None returns to the single active adapter."""
     for n in names:
@@ -339,7 +340,7 @@ def set_rows(model: nn.Module, rows: torch.Tensor | None, names: list[str]) -> N
     sel.rows, sel.names = rows, list(names) if rows is not None else []
 
 
-def _wrappers(model: nn.Module) -> Iterator[tuple[str, LoRALinear | ExpertLoRA]]:
+def _wrappers(model: Transformer) -> Iterator[tuple[str, LoRALinear | ExpertLoRA]]:
     for path, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield path, module
@@ -347,7 +348,7 @@ def _wrappers(model: nn.Module) -> Iterator[tuple[str, LoRALinear | ExpertLoRA]]
             yield path.rpartition(".")[0], module  # the MoeFeedForward's path
 
 
-def lora_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+def lora_state(model: Transformer, name: str) -> dict[str, torch.Tensor]:
     """Adapter `name` as tensors with our names: "layers.0.attention.wq.lora_A" [r,in], ".lora_B" [out,r];
     experts "layers.0.feed_forward.w1.lora_A" [E,r,in] and ".lora_B" [E,out,r]."""
     _known(model, name)
@@ -363,7 +364,7 @@ def lora_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def lora_scales(model: nn.Module, name: str) -> dict[str, float]:
+def lora_scales(model: Transformer, name: str) -> dict[str, float]:
     """scale (alpha / r) of adapter `name` per projection path."""
     _known(model, name)
     out: dict[str, float] = {}
@@ -376,7 +377,7 @@ def lora_scales(model: nn.Module, name: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module, name: str) -> None:
+def merge_lora(model: Transformer, name: str) -> None:
     """Fold adapter `name` (W += scale * B @ A) into the base weights and put plain modules back.
 
     A packed model is dequantized to float32 first, so the result is a plain float model. Other adapters

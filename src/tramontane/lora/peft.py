@@ -19,9 +19,9 @@ import re
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import ConfigError, LoadError
+from ..model.transformer import Transformer
 from ..weights.names import permute_rotary, unpermute_rotary
 from ..weights.safetensors import SafetensorsFile
 from ..weights.sources import read_json_object
@@ -56,12 +56,12 @@ V4_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])")
 V5_EXPERTS = re.compile(r"mlp\.experts(?:\.base_layer)*")
 
 
-def save_adapter(model: nn.Module, folder: str | Path, name: str, spec: LoraSpec, base_model: str) -> Path:
+def save_adapter(model: Transformer, folder: str | Path, name: str, spec: LoraSpec, base_model: str) -> Path:
     """Write adapter `name` as a PEFT LoRA adapter that `PeftModel.from_pretrained` loads onto the HF model.
 
     lora_dropout is written as 0 when the router or experts are targeted: PEFT refuses dropout on the
     parameter targets transformers 5 maps them to, and dropout does not change inference."""
-    config = model.config  # type: ignore[union-attr]
+    config = model.config
     state, scales = lora_state(model, name), lora_scales(model, name)
     tensors: dict[str, torch.Tensor] = {}
     targets: set[str] = set()
@@ -122,7 +122,7 @@ def _peft_config(spec: LoraSpec, targets: list[str], base_model: str, dropout: f
     }
 
 
-def load_adapter(model: nn.Module, folder: str | Path, name: str) -> LoraSpec:
+def load_adapter(model: Transformer, folder: str | Path, name: str) -> LoraSpec:
     """Read a PEFT LoRA adapter (ours, or one PEFT saved on transformers 4 or 5) into `model` as `name`."""
     folder = Path(folder)
     cfg = _read_config(folder / CONFIG_FILE)
@@ -177,9 +177,9 @@ def _alpha(cfg: dict, hf_key: str) -> float:
     return float(cfg["lora_alpha"])
 
 
-def _expected(model: nn.Module, ours: str) -> tuple[int, int] | None:
+def _expected(model: Transformer, ours: str) -> tuple[int, int] | None:
     """(out, in) of our projection "attention.wq" / "feed_forward.w1" / expert "experts.w1"; None if absent."""
-    c = model.config  # type: ignore[union-attr]
+    c = model.config
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
     dense = c.moe is None
     shapes = {
@@ -204,9 +204,9 @@ def _expected(model: nn.Module, ours: str) -> tuple[int, int] | None:
     return shapes.get(ours)
 
 
-def _pairs(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], dict]:
+def _pairs(model: Transformer, path: Path, tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], dict]:
     """Group the file's keys: (layer, HF module) -> {"A": tensor, "B": tensor, "key": a key}."""
-    n_layers = model.config.n_layers  # type: ignore[union-attr]
+    n_layers = model.config.n_layers
     groups: dict[tuple[int, str], dict] = {}
     for key, t in tensors.items():
         m = KEY.fullmatch(key)
@@ -243,10 +243,10 @@ def _check(path: Path, key: str, a: torch.Tensor, b: torch.Tensor, shape: tuple[
 
 
 def _to_ours(
-    model: nn.Module, path: Path, tensors: dict[str, torch.Tensor], cfg: dict
+    model: Transformer, path: Path, tensors: dict[str, torch.Tensor], cfg: dict
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], tuple[str, ...]]:
     """The file's tensors as `add_adapter` state (our names), per-path scales, and our target names."""
-    c = model.config  # type: ignore[union-attr]
+    c = model.config
     state: dict[str, torch.Tensor] = {}
     scales: dict[str, float] = {}
     targets: set[str] = set()
@@ -293,7 +293,7 @@ def _stack_experts(
 
 
 def _v5_experts(
-    model: nn.Module,
+    model: Transformer,
     path: Path,
     g: dict,
     layer: int,
@@ -304,7 +304,7 @@ def _v5_experts(
     """PEFT's ParamWrapper on transformers 5's fused experts: A [r*E,in] (expert-major rows), B [out,r*E]
     (rank-major columns; peft ParamWrapper.get_delta_factors). Which parameter it wraps follows from the
     shapes: gate_up_proj is [dim -> 2F], down_proj [F -> dim]."""
-    c = model.config  # type: ignore[union-attr]
+    c = model.config
     n_exp, f = (c.moe.num_experts if c.moe else 0), c.hidden_dim
     a, b = g["A"].float(), g["B"].float()
     if not n_exp or a.shape[0] % n_exp:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, TramontaneError
+from ..model.transformer import Transformer
 from ..text.tokenizer import Tokenizer
 from .config import TrainConfig
 from .data import Batch, DataReport, batches, read_dataset
@@ -63,7 +64,7 @@ def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
-def loss_sum(model: torch.nn.Module, batch: Batch, dtype: torch.dtype | None) -> tuple[torch.Tensor, int]:
+def loss_sum(model: Transformer, batch: Batch, dtype: torch.dtype | None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the batch's targets, and their count."""
     context = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
     with context:
@@ -82,7 +83,7 @@ def micro_batches(examples: list, cfg: TrainConfig, epoch: int, index: int) -> I
         epoch, index = epoch + 1, 0
 
 
-def evaluate(model: torch.nn.Module, report: DataReport, cfg: TrainConfig) -> float:
+def evaluate(model: Transformer, report: DataReport, cfg: TrainConfig) -> float:
     """Mean token loss over the eval data."""
     was_training = model.training
     model.eval()
@@ -107,7 +108,7 @@ def read_checked(path: str, tokenizer: Tokenizer, cfg: TrainConfig) -> DataRepor
 class Trainer:
     """One fine-tuning run: model with LoRA applied, optimizer, schedule, data cursor and history."""
 
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, tokenizer: Tokenizer) -> None:
+    def __init__(self, cfg: TrainConfig, model: Transformer, tokenizer: Tokenizer) -> None:
         from ..lora.layers import LoraSpec, apply_lora
 
         if not cfg.data or not cfg.out:
