@@ -109,3 +109,17 @@ def test_no_package_grafts_a_step_onto_the_model():
     """The decode backend is chosen by build.select_backend, never attached to the model."""
     offenders = [str(p.relative_to(ROOT)) for p in MODULES if "step_kernel" in p.read_text()]
     assert not offenders
+
+
+def test_no_source_file_is_ignored_by_git():
+    """A package whose folder name matches an ignore rule (`build/` once hid src/tramontane/build/) would
+    work here and be missing from every clone."""
+    import shutil
+    import subprocess
+
+    repo = ROOT.parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [str(p.relative_to(repo)) for p in ROOT.rglob("*") if p.suffix in (".py", ".pyi", ".c", ".h", ".inc")]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=repo, capture_output=True, text=True)
+    assert ignored.stdout.split() == [], ignored.stdout

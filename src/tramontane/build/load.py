@@ -1,0 +1,197 @@
+"""Assemble a ready `Transformer` from a model's weight files.
+
+The model is built on the meta device and each tensor is read once (weights/ hands them out), straight
+into its final dtype, then assigned: peak memory is the model plus one tensor in flight (plus the
+packed GGUF file, which is mapped). Along the way: GGUF matrices of the types the packed kernels run
+stay packed (quant/), HF q/k rows are un-permuted, experts are stacked, and under torchrun each rank
+keeps only its part (parallel/)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import LoadError
+from ..model import Transformer
+from ..model.layers import rope_frequencies
+from ..parallel.plan import Layout, layout_for, slice_of
+from ..parallel.shard import shard_model
+from ..quant.linear import PACKED_TYPES, PackedEmbedding, PackedLinear, set_module
+from ..quant.step import fuse
+from ..weights import names
+from ..weights.sources import GGUFSource, Reader, SafetensorsSource, open_source
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    config: ModelConfig
+    format: str  # "hf", "mistral", "gguf"
+    path: Path
+    weight_types: dict[str, int] = field(default_factory=dict)  # stored type name -> tensor count
+    metadata: dict[str, Any] = field(default_factory=dict)  # GGUF metadata (tokenizer lives there)
+
+
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
+               packed: bool = False, shard: tuple[str, int, int] | None = None) -> LoadedModel:
+    """Read a model folder or GGUF file into a ready `Transformer` (eval mode, no gradients).
+
+    packed=True keeps a GGUF file's quantized matrices as their blocks (see quant/linear.py).
+    shard = (mode, rank, world): keep only this rank's part of each tensor under the parallel plan `mode`
+    ("tp", "ep", "tp+ep"; see parallel/plan.py); tensors are sliced as they are read, so the rank never
+    holds the whole model."""
+    path = Path(path)
+    fmt, config, source, name_map = open_source(path)
+    layout = None
+    if shard is not None:
+        layout = layout_for(config, *shard)
+    packed = packed and fmt == "gguf" and layout is None
+    with torch.device("meta"):
+        model = Transformer(config.with_(quant="gguf") if packed else config)
+    if layout is not None:
+        shard_model(model, layout)
+    state = _assemble(model, config, source, name_map, dtype, progress, packed, layout)
+    model.load_state_dict(state, strict=True, assign=True)
+    del state  # the modules own the tensors now: fusing projections below must not double them
+    if packed:
+        fuse(model)
+    model.inv_freq = rope_frequencies(config.head_dim, config.rope_theta)
+    model.eval().requires_grad_(False)
+    meta: dict[str, Any] = {}
+    if isinstance(source, GGUFSource):
+        meta = source.file.metadata
+        source.file.close()  # every tensor was copied out; unmapping drops the file's pages from RSS
+    return LoadedModel(model, model.config, fmt, path, dict(source.types), meta)
+
+
+def _assemble(model: Transformer, config: ModelConfig, source: SafetensorsSource | GGUFSource, name_map: names.NameMap,
+              dtype: torch.dtype, progress: bool, packed: bool = False, layout: Layout | None = None
+              ) -> dict[str, torch.Tensor]:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    swapped: set[str] = set()
+    experts: dict[str, set[int]] = {}
+    items = source.items()
+    if progress:
+        from tqdm import tqdm
+
+        # Shown only when loading takes more than a moment (tqdm's delay).
+        items = tqdm(items, desc="loading weights", unit=" tensors", leave=False, delay=0.5)
+    for name, read in items:
+        try:
+            m = name_map.map(name)
+        except KeyError:
+            raise LoadError(source.path, f"unexpected tensor {name!r}: not part of a "
+                                         f"{config.architecture} model") from None
+        if m is None or (m.target == "output.weight" and config.tie_embeddings):
+            continue
+        if m.target not in expected:
+            raise LoadError(source.path, f"tensor {name!r} maps to {m.target!r}, which this "
+                                         f"configuration ({config.n_layers} layers, moe={config.moe}) lacks")
+        if packed and isinstance(source, GGUFSource) and m.transform is None and PACKABLE.fullmatch(m.target):
+            blocks = source.packed(name, PACKED_TYPES)
+            if blocks is not None:
+                _swap_packed(model, source.path, name, m.target, blocks, expected, state)
+                swapped.add(m.target)
+                continue
+        if layout is not None:
+            m, tensor = _rank_part(m, read, layout, config)
+            if tensor is None:
+                continue  # an expert another rank holds
+        else:
+            tensor = _transform(read(), m.transform, config)
+        _place(source.path, name, m, tensor.to(dtype), expected[m.target], state, experts, dtype)
+    if config.tie_embeddings and "tok_embeddings.weight" in swapped:
+        embedding = model.tok_embeddings
+        assert isinstance(embedding, PackedEmbedding)
+        model.output = embedding.as_linear()
+        state["output.packed"] = state["tok_embeddings.packed"]
+    _check_complete(source.path, {k: v for k, v in expected.items() if k not in swapped}, state, experts)
+    return state
+
+
+# Matrices that may stay packed: the attention and dense feed-forward projections, output, embedding.
+PACKABLE = re.compile(r"(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output|tok_embeddings)\.weight")
+
+
+def _swap_packed(model: Transformer, path: Path, name: str, target: str, blocks: tuple[torch.Tensor, int],
+                 expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor]) -> None:
+    """Put a packed module where the float one was; its blocks go into the state dict."""
+    rows, qtype = blocks
+    out_features, in_features = expected[target]
+    if rows.shape[0] != out_features:
+        raise LoadError(path, f"tensor {name!r} has {rows.shape[0]} rows, expected {out_features}")
+    module_path = target.removesuffix(".weight")
+    with torch.device("meta"):
+        module = (PackedEmbedding if module_path == "tok_embeddings" else PackedLinear)(
+            torch.empty(rows.shape, dtype=torch.uint8), qtype, in_features)
+    set_module(model, module_path, module)
+    state[module_path + ".packed"] = rows
+
+
+def _transform(t: torch.Tensor, transform: str | None, config: ModelConfig) -> torch.Tensor:
+    if transform == "q":
+        return names.unpermute_rotary(t, config.n_heads)
+    if transform == "k":
+        return names.unpermute_rotary(t, config.n_kv_heads)
+    return t
+
+
+def _rank_part(m: names.Mapping, read: Reader, layout: Layout, config: ModelConfig
+               ) -> tuple[names.Mapping, torch.Tensor | None]:
+    """Read only this rank's part of a tensor. Per-expert tensors of HF/native files are slices of the
+    stacked [E,...] target: their dims shift by one. The HF q/k row permutation acts within each head,
+    and parts are whole heads: it is undone on the part, over the heads the part holds."""
+    part = slice_of(m.target, layout)
+    if part is None:
+        return m, _transform(read(), m.transform, config)
+    dim, start, stop = part
+    if m.expert is not None:
+        if dim == 0:  # whole experts per rank
+            if not start <= m.expert < stop:
+                return m, None
+            return names.Mapping(m.target, m.transform, m.expert - start), _transform(read(), m.transform, config)
+        dim -= 1
+    tensor = read.part(dim, start, stop)
+    if m.transform in ("q", "k"):
+        tensor = names.unpermute_rotary(tensor, (stop - start) // config.head_dim)
+    return m, tensor
+
+
+def _place(path: Path, name: str, m: names.Mapping, tensor: torch.Tensor, shape: tuple[int, ...],
+           state: dict[str, torch.Tensor], experts: dict[str, set[int]], dtype: torch.dtype) -> None:
+    want = shape[1:] if m.expert is not None else shape
+    if tuple(tensor.shape) != want:
+        raise LoadError(path, f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(want)}")
+    if m.expert is None:
+        if m.target in state:
+            raise LoadError(path, f"tensor {name!r} duplicates {m.target!r}")
+        state[m.target] = tensor
+        return
+    if not 0 <= m.expert < shape[0]:
+        raise LoadError(path, f"tensor {name!r}: expert {m.expert} but the model has {shape[0]} experts")
+    stacked = state.setdefault(m.target, torch.empty(shape, dtype=dtype))
+    seen = experts.setdefault(m.target, set())
+    if m.expert in seen:
+        raise LoadError(path, f"tensor {name!r} duplicates expert {m.expert}")
+    stacked[m.expert].copy_(tensor)
+    seen.add(m.expert)
+
+
+def _check_complete(path: Path, expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor],
+                    experts: dict[str, set[int]]) -> None:
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise LoadError(path, f"missing tensors: {', '.join(missing[:5])}{more}")
+    for target, seen in experts.items():
+        if len(seen) != expected[target][0]:
+            absent = sorted(set(range(expected[target][0])) - seen)
+            raise LoadError(path, f"{target}: experts {absent} are missing")
