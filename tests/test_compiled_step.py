@@ -215,3 +215,16 @@ def test_a_module_swap_after_loading_is_seen(tmp_path):
         ids = torch.tensor([prompt + adapted[:-1]])
         expected = llm.model(ids)[0, len(prompt) - 1 :].argmax(-1).tolist()
     assert adapted == expected and adapted != base
+
+
+def test_replaced_packed_rows_are_not_read_from_the_old_address(tmp_path):
+    """The step keeps the weights' addresses: a packed tensor replaced in place of the module (same
+    module object) makes the backend stale, and the next generation runs on the new rows."""
+    llm = LLM(
+        load_model(save_gguf(hf_model("llama", seed=6), tmp_path / "m.gguf", "Q8_0"), packed=True), CharTokenizer()
+    )
+    w2 = llm.model.layers[0].feed_forward.w2
+    w2.packed = w2.packed.clone()  # the same values at a new address
+    assert not llm.backend.current()
+    llm.generate([[1, 5, 9]], temperature=0, max_tokens=2, ignore_eos=True)
+    assert isinstance(llm.backend, CompiledStep) and llm.backend.current()

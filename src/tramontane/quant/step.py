@@ -133,13 +133,8 @@ def _step_modules(model: Transformer) -> list[object]:
     out: list[object] = []
     for block in model.blocks():
         att, ff = block.attention, block.feed_forward
-        out += [
-            block.attention_norm.weight,
-            block.ffn_norm.weight,
-            att.wqkv,
-            att.wo,
-            ff,
-            getattr(ff, "w13", None),
-            getattr(ff, "w2", None),
-        ]
+        projections = [att.wqkv, att.wo, getattr(ff, "w13", None), getattr(ff, "w2", None)]
+        # the packed tensors too: the step holds their addresses, a replaced one must not be read
+        out += [block.attention_norm.weight, block.ffn_norm.weight, ff, *projections]
+        out += [getattr(m, "packed", None) for m in projections]
     return out
