@@ -37,10 +37,13 @@ class LoadedModel:
     metadata: dict[str, Any] = field(default_factory=dict)  # GGUF metadata (tokenizer lives there)
 
 
-
-
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = False,
-               packed: bool = False, shard: tuple[str, int, int] | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+    packed: bool = False,
+    shard: tuple[str, int, int] | None = None,
+) -> LoadedModel:
     """Read a model folder or GGUF file into a ready `Transformer` (eval mode, no gradients).
 
     packed=True keeps a GGUF file's quantized matrices as their blocks (see quant/linear.py).
@@ -71,9 +74,16 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, progress: b
     return LoadedModel(model, model.config, fmt, path, dict(source.types), meta)
 
 
-def _assemble(model: Transformer, config: ModelConfig, source: SafetensorsSource | GGUFSource, name_map: names.NameMap,
-              dtype: torch.dtype, progress: bool, packed: bool = False, layout: Layout | None = None
-              ) -> dict[str, torch.Tensor]:
+def _assemble(
+    model: Transformer,
+    config: ModelConfig,
+    source: SafetensorsSource | GGUFSource,
+    name_map: names.NameMap,
+    dtype: torch.dtype,
+    progress: bool,
+    packed: bool = False,
+    layout: Layout | None = None,
+) -> dict[str, torch.Tensor]:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     swapped: set[str] = set()
@@ -88,13 +98,17 @@ def _assemble(model: Transformer, config: ModelConfig, source: SafetensorsSource
         try:
             m = name_map.map(name)
         except KeyError:
-            raise LoadError(source.path, f"unexpected tensor {name!r}: not part of a "
-                                         f"{config.architecture} model") from None
+            raise LoadError(
+                source.path, f"unexpected tensor {name!r}: not part of a {config.architecture} model"
+            ) from None
         if m is None or (m.target == "output.weight" and config.tie_embeddings):
             continue
         if m.target not in expected:
-            raise LoadError(source.path, f"tensor {name!r} maps to {m.target!r}, which this "
-                                         f"configuration ({config.n_layers} layers, moe={config.moe}) lacks")
+            raise LoadError(
+                source.path,
+                f"tensor {name!r} maps to {m.target!r}, which this "
+                f"configuration ({config.n_layers} layers, moe={config.moe}) lacks",
+            )
         if packed and isinstance(source, GGUFSource) and m.transform is None and PACKABLE.fullmatch(m.target):
             blocks = source.packed(name, PACKED_TYPES)
             if blocks is not None:
@@ -121,8 +135,15 @@ def _assemble(model: Transformer, config: ModelConfig, source: SafetensorsSource
 PACKABLE = re.compile(r"(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output|tok_embeddings)\.weight")
 
 
-def _swap_packed(model: Transformer, path: Path, name: str, target: str, blocks: tuple[torch.Tensor, int],
-                 expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor]) -> None:
+def _swap_packed(
+    model: Transformer,
+    path: Path,
+    name: str,
+    target: str,
+    blocks: tuple[torch.Tensor, int],
+    expected: dict[str, tuple[int, ...]],
+    state: dict[str, torch.Tensor],
+) -> None:
     """Put a packed module where the float one was; its blocks go into the state dict."""
     rows, qtype = blocks
     out_features, in_features = expected[target]
@@ -131,7 +152,8 @@ def _swap_packed(model: Transformer, path: Path, name: str, target: str, blocks:
     module_path = target.removesuffix(".weight")
     with torch.device("meta"):
         module = (PackedEmbedding if module_path == "tok_embeddings" else PackedLinear)(
-            torch.empty(rows.shape, dtype=torch.uint8), qtype, in_features)
+            torch.empty(rows.shape, dtype=torch.uint8), qtype, in_features
+        )
     set_module(model, module_path, module)
     state[module_path + ".packed"] = rows
 
@@ -144,8 +166,9 @@ def _transform(t: torch.Tensor, transform: str | None, config: ModelConfig) -> t
     return t
 
 
-def _rank_part(m: names.Mapping, read: Reader, layout: Layout, config: ModelConfig
-               ) -> tuple[names.Mapping, torch.Tensor | None]:
+def _rank_part(
+    m: names.Mapping, read: Reader, layout: Layout, config: ModelConfig
+) -> tuple[names.Mapping, torch.Tensor | None]:
     """Read only this rank's part of a tensor. Per-expert tensors of HF/native files are slices of the
     stacked [E,...] target: their dims shift by one. The HF q/k row permutation acts within each head,
     and parts are whole heads: it is undone on the part, over the heads the part holds."""
@@ -165,8 +188,16 @@ def _rank_part(m: names.Mapping, read: Reader, layout: Layout, config: ModelConf
     return m, tensor
 
 
-def _place(path: Path, name: str, m: names.Mapping, tensor: torch.Tensor, shape: tuple[int, ...],
-           state: dict[str, torch.Tensor], experts: dict[str, set[int]], dtype: torch.dtype) -> None:
+def _place(
+    path: Path,
+    name: str,
+    m: names.Mapping,
+    tensor: torch.Tensor,
+    shape: tuple[int, ...],
+    state: dict[str, torch.Tensor],
+    experts: dict[str, set[int]],
+    dtype: torch.dtype,
+) -> None:
     want = shape[1:] if m.expert is not None else shape
     if tuple(tensor.shape) != want:
         raise LoadError(path, f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(want)}")
@@ -185,8 +216,9 @@ def _place(path: Path, name: str, m: names.Mapping, tensor: torch.Tensor, shape:
     seen.add(m.expert)
 
 
-def _check_complete(path: Path, expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor],
-                    experts: dict[str, set[int]]) -> None:
+def _check_complete(
+    path: Path, expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], experts: dict[str, set[int]]
+) -> None:
     missing = sorted(set(expected) - set(state))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""

@@ -26,8 +26,9 @@ def meta_model(config: ModelConfig) -> Transformer:
         return Transformer(config)
 
 
-def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0,
-                 quant: str | None = None) -> Transformer:
+def random_model(
+    config: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0, quant: str | None = None
+) -> Transformer:
     """Weights ~ N(0, 0.02) (norms 1), materialised one tensor at a time. With quant ("int8", "int4")
     each matrix is quantized as soon as it exists, so peak memory is the packed model plus one matrix."""
     model = meta_model(config.with_(quant=quant) if quant else config)
@@ -43,8 +44,9 @@ def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: 
             packed = quantize_rows(p.shape[0], _normal_rows(cols, gen), quant)
             kind = PackedEmbedding if module == "tok_embeddings" else PackedLinear
             with torch.device("meta"):
-                set_module(model, module, kind(torch.empty(packed.shape, dtype=torch.uint8),
-                                               type_id(SCHEMES[quant]), cols))
+                set_module(
+                    model, module, kind(torch.empty(packed.shape, dtype=torch.uint8), type_id(SCHEMES[quant]), cols)
+                )
             state[module + ".packed"] = packed
         else:
             state[name] = (torch.randn(p.shape, generator=gen) * 0.02).to(dtype)
@@ -62,6 +64,8 @@ def random_model(config: ModelConfig, dtype: torch.dtype = torch.float32, seed: 
 
 def _normal_rows(cols: int, gen: torch.Generator) -> Callable[[int, int], torch.Tensor]:
     """quantize_rows' `make(start, stop)`: rows start..stop-1 of a [rows, cols] matrix ~ N(0, 0.02)."""
+
     def make(start: int, stop: int) -> torch.Tensor:
         return torch.randn(stop - start, cols, generator=gen) * 0.02
+
     return make
