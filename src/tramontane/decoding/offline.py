@@ -86,7 +86,7 @@ class Generator:
         """Log-probability of each token given the ones before it, in one pass: [len - 1] float32."""
         ids = torch.tensor([list(token_ids)])  # [1,T]
         with torch.inference_mode():
-            logp = self.model.logits(self.backend.prefill(ids, torch.arange(ids.shape[1])[None], None))
+            logp = self.model.logits(self.backend.prefill(ids, None, None))
             logp = logp.log_softmax(dim=-1)  # [1,T,V]
         return logp[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)  # [T-1]
 

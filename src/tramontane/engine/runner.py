@@ -186,7 +186,7 @@ def _prompt_logprobs(
     with torch.inference_mode():
         for ids in token_ids:
             tokens = torch.tensor([list(ids)])  # [1,T]
-            h = backend.prefill(tokens, _positions(tokens), None)[0, :-1]  # [T-1,dim]: k predicts token k+1
+            h = backend.prefill(tokens, None, None)[0, :-1]  # [T-1,dim]: k predicts token k+1
             chosen, top_ids, top_lp = [], [], []
             for start in range(0, h.shape[0], SCORE_CHUNK):
                 logp = model.logits(h[start : start + SCORE_CHUNK]).log_softmax(-1)  # [C,V]
@@ -204,11 +204,6 @@ def _embed(backend: Backend, token_ids: Sequence[Sequence[int]]) -> list[list[fl
     with torch.inference_mode():
         for ids in token_ids:
             tokens = torch.tensor([list(ids)])  # [1,T]
-            h = backend.prefill(tokens, _positions(tokens), None)[0].float()  # [T,dim]
+            h = backend.prefill(tokens, None, None)[0].float()  # [T,dim]
             out.append(torch.nn.functional.normalize(h.mean(dim=0), dim=0).tolist())
     return out
-
-
-def _positions(tokens: torch.Tensor) -> torch.Tensor:
-    """0..T-1 for every row of tokens [B,T] (a whole prompt, no cache)."""
-    return torch.arange(tokens.shape[1]).expand(tokens.shape)

@@ -32,8 +32,9 @@ class Backend(Protocol):
         """Whether this backend can run steps on caches of this class holding `dtype` keys/values."""
         ...
 
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
-        """tokens, positions [B,T] (-1 = padding) -> final normed hidden states [B,T,dim]."""
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
+        """tokens, positions [B,T] (-1 = padding; None = 0..T-1 on every row) -> final normed hidden
+        states [B,T,dim]."""
         ...
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
@@ -57,7 +58,7 @@ class ModuleBackend:
     def supports(self, cache_kind: type[Cache], dtype: torch.dtype) -> bool:
         return True
 
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
         return self.model.hidden_states(tokens, positions, cache)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:

@@ -55,14 +55,13 @@ class CompiledStep:
             raise ValueError("the compiled step needs a model whose blocks are all packed and dense")
         config = model.config
         self.model = model
-        self.blocks = model.blocks()
         self.shape = (config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.hidden_dim)
         self.eps = float(config.norm_eps)
         self.window = config.sliding_window or 0
         ext = kernels.extension()
         assert ext is not None  # fits() checked that the kernels are built
         self._run = ext.decode_block
-        self._weights = [_block_buffers(block) for block in self.blocks]  # fixed while this backend serves
+        self._weights = [_block_buffers(block) for block in model.blocks()]  # fixed while this backend serves
         self._modules = _step_modules(model)
 
     @staticmethod
@@ -76,11 +75,10 @@ class CompiledStep:
 
     def current(self) -> bool:
         """False once any block's norm or packed projection was swapped (LoRA, re-quantization, ...)."""
-        return len(self._modules) == len(_step_modules(self.model)) and all(
-            a is b for a, b in zip(self._modules, _step_modules(self.model))
-        )
+        now = _step_modules(self.model)
+        return len(now) == len(self._modules) and all(a is b for a, b in zip(self._modules, now))
 
-    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache | None) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
         return self.model.hidden_states(tokens, positions, cache)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
