@@ -134,7 +134,7 @@ class FakeEngine:
             out.append([v / norm for v in raw])
         return out
 
-    async def prompt_logprobs(self, token_ids: list[list[int]], top: int):
+    async def prompt_logprobs(self, token_ids: list[list[int]], top: int, adapter: str | None = None):
         """Every prompt token at log-probability -1, with `top` made-up alternatives."""
         return [
             (

@@ -136,17 +136,32 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step (default 512)")
     p.add_argument("--max-running", type=int, default=64, help="requests decoded together (default 64)")
     p.add_argument("--max-queued", type=int, default=256, help="waiting requests before 429 (default 256)")
+    p.add_argument(
+        "--default-max-tokens",
+        type=_count_or_zero,
+        default=4096,
+        help="tokens a request without max_tokens may generate (default 4096; 0: up to the end of the context)",
+    )
     p.add_argument("--max-body-bytes", default="16M", help="largest request body, K/M/G suffixes (default 16M)")
     p.add_argument(
         "--drain-timeout",
-        type=float,
+        type=_seconds_or_zero,
         default=30.0,
         help="seconds SIGTERM waits for running requests before stopping them (default 30)",
     )
+    _connection_flags(p)
     p.add_argument(
         "--allow-request-chat-template",
         action="store_true",
         help="accept a Jinja chat_template in chat requests (rendered in the sandbox; off by default)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host header name to answer to besides the loopback names (repeatable; needed behind a "
+        "proxy or a DNS name when listening on loopback)",
     )
     p.add_argument(
         "--allow-origin",
@@ -175,6 +190,85 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         choices=("critical", "error", "warning", "info", "debug"),
         help="server log level (default warning; info logs every request)",
     )
+
+
+def _connection_flags(p: argparse.ArgumentParser) -> None:
+    from ..serve.connections import ConnectionLimits
+
+    d = ConnectionLimits()
+    g = p.add_argument_group("connections")
+    g.add_argument(
+        "--timeout-head",
+        type=_seconds,
+        default=d.head_timeout,
+        help=f"seconds for a request's headers to arrive whole, from their first byte (default {d.head_timeout:g})",
+    )
+    g.add_argument(
+        "--timeout-body",
+        type=_seconds,
+        default=d.body_timeout,
+        help=f"seconds for a request body to arrive whole (default {d.body_timeout:g})",
+    )
+    g.add_argument(
+        "--timeout-keep-alive",
+        type=_seconds,
+        default=d.idle_timeout,
+        help=f"seconds an open connection may wait without a request (default {d.idle_timeout:g})",
+    )
+    g.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=d.max_connections,
+        help=f"open connections in all; one more closes the longest-waiting idle one (default {d.max_connections})",
+    )
+    g.add_argument(
+        "--max-connections-per-client",
+        type=_positive_int,
+        default=d.max_per_client,
+        help=f"open connections from one address (default {d.max_per_client})",
+    )
+
+
+def _seconds(text: str, low: float = 0.0, inclusive: bool = False) -> float:
+    """A finite number of seconds above `low` (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not (low <= value if inclusive else low < value) or not value < 1e6:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seconds in {'[' if inclusive else '('}{low:g}, 1e6), got {text!r}"
+        )
+    return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    return _seconds(text, inclusive=True)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 < value <= 1 << 20:
+        raise argparse.ArgumentTypeError(f"expected a number in 1..{1 << 20}, got {text!r}")
+    return value
+
+
+MIN_KV_CACHE = 1 << 20  # below this no model's KV cache holds a useful number of tokens
+
+
+def _kv_cache_memory(text: str, parse_size: Any) -> int:
+    """--kv-cache-memory in bytes, refused at once (before the model loads) when absurdly small."""
+    size = parse_size(text, "--kv-cache-memory", allow_percent=True)
+    if size < MIN_KV_CACHE:
+        raise TramontaneError(f"--kv-cache-memory must be at least 1M, got {text!r} ({size} bytes)")
+    return size
+
+
+def _count_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive_int(text)
 
 
 def _looks_like_model(arg: str) -> bool:
@@ -382,6 +476,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
 def cmd_serve(ns: argparse.Namespace) -> int:
     import os
 
+    from ..serve.connections import ConnectionLimits
     from ..serve.server import ServeOptions, model_name_of, parse_size, serve
 
     for flag, value, low in (
@@ -402,7 +497,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         host=ns.host,
         port=ns.port,
         api_key=ns.api_key if ns.api_key is not None else os.environ.get("TRAMONTANE_API_KEY") or None,
-        kv_cache_memory=parse_size(ns.kv_cache_memory, "--kv-cache-memory", allow_percent=True),
+        kv_cache_memory=_kv_cache_memory(ns.kv_cache_memory, parse_size),
         max_queued=ns.max_queued,
         max_running=ns.max_running,
         max_body_bytes=parse_size(ns.max_body_bytes, "--max-body-bytes"),
@@ -416,6 +511,15 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         log_level=ns.log_level,
         parallel=_parallel_mode(ns),
         allow_request_templates=ns.allow_request_chat_template,
+        allowed_hosts=ns.allowed_host,
+        default_max_tokens=ns.default_max_tokens,
+        limits=ConnectionLimits(
+            head_timeout=ns.timeout_head,
+            body_timeout=ns.timeout_body,
+            idle_timeout=ns.timeout_keep_alive,
+            max_connections=ns.max_connections,
+            max_per_client=min(ns.max_connections_per_client, ns.max_connections),
+        ),
     )
     if not _leader():
         from ..serve.server import follow_leader

@@ -30,6 +30,7 @@ from ..errors import RequestError
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 1024
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias (token id -> bias in [-100, 100])
 # Temperatures in (0, GREEDY_TEMPERATURE) are treated as 0: dividing logits by them overflows float32.
 GREEDY_TEMPERATURE = 1e-5
 _SEED_MIN, _SEED_END = -(1 << 63), 1 << 64
@@ -64,6 +65,7 @@ class SamplingParams:
     logprobs: int | None = None
     grammar: str | None = None  # llguidance grammar the output must follow (structured.py), None = free
     grammar_reserve: int = 0  # tokens a whole new grammar item may take (a tool call); widens the finishing window
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before anything else
 
     def __post_init__(self) -> None:
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -71,6 +73,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(stop))
         if isinstance(self.stop_token_ids, list):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
         self.validate()
 
     @property
@@ -101,6 +105,7 @@ class SamplingParams:
         _validate_stop(self.stop)
         _validate_stop_token_ids(self.stop_token_ids)
         _check_int(self, "grammar_reserve", lambda v: 0 <= v <= 1 << 20, "an integer >= 0")
+        _validate_logit_bias(self.logit_bias)
         if self.grammar is not None and not isinstance(self.grammar, str):
             _bad("grammar", type(self.grammar).__name__, "a grammar string (see structured.json_grammar)")
 
@@ -126,6 +131,32 @@ def _check_int(params: SamplingParams, field: str, ok: Callable[[int], bool], ru
     value = getattr(params, field)
     if not _is_int(value) or not ok(value):
         _bad(field, value, rule)
+
+
+def _validate_logit_bias(bias: object) -> None:
+    if not isinstance(bias, tuple) or len(bias) > MAX_LOGIT_BIAS:
+        _bad("logit_bias", bias, f"a map of at most {MAX_LOGIT_BIAS} token ids to biases")
+    assert isinstance(bias, tuple)
+    for entry in bias:
+        token, value = entry if isinstance(entry, tuple) and len(entry) == 2 else (None, None)
+        if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+            _bad("logit_bias", token, "keyed by token ids (integers >= 0)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100.0 <= value <= 100.0:
+            _bad("logit_bias", value, "a map to biases in [-100, 100]")
+
+
+def apply_logit_bias(logits: torch.Tensor, params_list: Sequence[SamplingParams]) -> torch.Tensor:
+    """logits [B, V] plus each row's logit_bias (OpenAI's: added to the logits before sampling; -100
+    all but bans a token, 100 all but forces it). Returns float32 logits, new only when a row has a bias."""
+    _check_rows(logits, params_list)
+    if not any(p.logit_bias for p in params_list):
+        return logits
+    logits = logits.float().clone()
+    for row, p in enumerate(params_list):
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], device=logits.device)
+            logits[row].index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], device=logits.device))
+    return logits
 
 
 def _validate_stop(stop: object) -> None:

@@ -15,6 +15,7 @@ from ..text.tokenizer import Tokenizer
 from ..tools.parser import ToolCall
 from .sampling import (
     SamplingParams,
+    apply_logit_bias,
     apply_penalties,
     compute_logprobs,
     make_generator,
@@ -118,9 +119,9 @@ def pick_tokens(
 ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
     """Sample each sequence's next token from its logits row [B,V]; logprobs where asked."""
     params = [s.params for s in seqs]
-    processed = logits
+    processed = apply_logit_bias(logits, params)
     if any(p.has_penalties for p in params):
-        processed = apply_penalties(logits, [s.prompt for s in seqs], [s.output for s in seqs], params)
+        processed = apply_penalties(processed, [s.prompt for s in seqs], [s.output for s in seqs], params)
     if any(s.guide is not None for s in seqs):  # after the penalties, which would otherwise lift masked tokens
         finishing = [
             s.guide is not None and s.max_tokens - len(s.output) <= FINISH_WITHIN + s.params.grammar_reserve

@@ -2,27 +2,34 @@
 
 The model runs in the engine thread only; the asyncio side talks to it through an inbox queue and
 receives outputs through `loop.call_soon_threadsafe`. An exception inside a step fails the requests of
-that step (finish_reason "error") and the loop goes on with the others."""
+that step (finish_reason "error") and the loop goes on with the others.
+
+Embeddings and prompt scoring are jobs (prompt_jobs.py) whose prompts run as background sequences:
+chunked like prefill, paced beside generating requests (pacing.py), and dropped between two steps
+once their caller has gone."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
 from typing import Any
 
 import torch
 
 from ..build.backend import select_backend
+from ..decoding.sampling import SamplingParams
 from ..decoding.sequence import SequenceState, pick_tokens
 from ..parallel.dist import broadcast_object, is_parallel
 from .blocks import BlockPool, bytes_per_block
 from .metrics import EngineMetrics
-from .runner import PagedStep, embed, prompt_logprobs, run_step
+from .pacing import Pace
+from .prompt_jobs import PromptJob, Result, Scores
+from .runner import PagedStep, StepOutput, logit_rows, run_step
 from .scheduler import EngineSequence, Scheduler
 from .types import (
     ContextLengthError,
@@ -35,6 +42,8 @@ from .types import (
 )
 
 log = logging.getLogger("tramontane.engine")
+JOB_WIDTH = 8  # prompts of one embeddings / scoring job in the scheduler at once
+_job_ids = itertools.count()
 
 
 class AsyncEngine:
@@ -74,6 +83,9 @@ class AsyncEngine:
         self.metrics = EngineMetrics()
         self._inbox: queue.Queue = queue.Queue()
         self._seqs: dict[str, EngineSequence] = {}
+        self._jobs: dict[str, PromptJob] = {}
+        self._job_seqs: dict[str, tuple[PromptJob, int, EngineSequence]] = {}  # request id -> job, prompt index
+        self._pace = Pace(floor=4, ceiling=max_num_batched_tokens)
         self._streams: dict[str, asyncio.Queue] = {}
         self._arrival: dict[str, float] = {}
         self._last_token: dict[str, float] = {}
@@ -115,7 +127,10 @@ class AsyncEngine:
                 f"this model's maximum context length is {self.max_model_len} tokens; "
                 f"the request has {prompt} prompt tokens and asks for {wanted} more"
             )
-        if len(self.scheduler.waiting) + self._pending_adds >= self.max_queued:
+        self._check_queue()
+
+    def _check_queue(self) -> None:
+        if len(self.scheduler.waiting) + self._pending_adds + len(self._jobs) >= self.max_queued:
             raise QueueFullError(f"{self.max_queued} requests are already waiting; try again later")
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
@@ -143,27 +158,34 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
 
     async def embed(self, token_ids: list[list[int]]) -> list[list[float]]:
-        if not self.accepting or not self.is_healthy():
-            raise EngineUnavailableError("the engine is not accepting requests (loading, draining or stopped)")
-        future: Future = Future()
-        self._inbox.put(("embed", token_ids, future))
-        return await asyncio.wrap_future(future)
+        """Each prompt's final hidden states, mean-pooled and L2-normalised."""
+        return [r for r in await self._run_job("embed", token_ids, 0, None) if isinstance(r, list)]
 
-    async def prompt_logprobs(
-        self, token_ids: list[list[int]], top: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """The prompts' own token log-probabilities (runner.prompt_logprobs), computed between steps."""
+    async def prompt_logprobs(self, token_ids: list[list[int]], top: int, adapter: str | None = None) -> list[Scores]:
+        """Per prompt, log p(token k | tokens before k) for k = 1..T-1 [T-1], and the `top` most likely
+        ids and their log-probabilities at each of those positions [T-1, top] (echo with logprobs)."""
+        return [r for r in await self._run_job("score", token_ids, top, adapter) if isinstance(r, tuple)]
+
+    async def _run_job(self, kind: str, prompts: list[list[int]], top: int, adapter: str | None) -> list[Result]:
         if not self.accepting or not self.is_healthy():
             raise EngineUnavailableError("the engine is not accepting requests (loading, draining or stopped)")
-        future: Future = Future()
-        self._inbox.put(("score", token_ids, top, future))
-        return await asyncio.wrap_future(future)
+        if any(len(ids) == 0 for ids in prompts):
+            raise ContextLengthError("a prompt is empty")
+        self._check_queue()
+        job = PromptJob(f"job-{next(_job_ids)}", "embed" if kind == "embed" else "score", prompts, top, adapter)
+        self._jobs[job.job_id] = job
+        self._inbox.put(("job", job))
+        try:
+            return await asyncio.wrap_future(job.future)  # cancelled with the caller: the engine drops the job
+        finally:
+            if not job.future.done():
+                job.future.cancel()
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Refuse new work, let running and waiting requests finish (up to the timeout), stop the thread."""
         self.accepting = False
         deadline = time.monotonic() + drain_timeout
-        while (self._seqs or self._pending_adds) and time.monotonic() < deadline and self.is_healthy():
+        while (self._seqs or self._pending_adds or self._jobs) and time.monotonic() < deadline and self.is_healthy():
             await asyncio.sleep(0.05)
         self._inbox.put(("stop",))
         if self._thread is not None:
@@ -178,11 +200,14 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while True:
-                if not self._drain_inbox(block=not self._seqs):
+                if not self._drain_inbox(block=not self._seqs and not self._jobs):
                     return
-                if self._seqs:
+                self._drop_departed_jobs()
+                if self._seqs or self._jobs:
                     self._step()
         finally:
+            for job in list(self._jobs.values()):
+                self._drop_job(job, EngineUnavailableError("the engine stopped"))
             if is_parallel():
                 broadcast_object(("stop",))  # the other ranks' follow loops end with this one
 
@@ -230,43 +255,117 @@ class AsyncEngine:
             self._forget(request_id)
             self._update_gauges()
 
-    def _on_score(self, token_ids: list[list[int]], top: int, future: Future) -> None:
-        try:
-            future.set_result(prompt_logprobs(self.backend, token_ids, top))
-        except Exception as e:  # noqa: BLE001 - handed to the caller
-            future.set_exception(e)
+    # ---- embeddings and scoring jobs ----------------------------------------------------------------
+    def _on_job(self, job: PromptJob) -> None:
+        if job.job_id in self._jobs:  # not dropped (client gone) before the engine saw it
+            self._feed(job)
 
-    def _on_embed(self, token_ids: list[list[int]], future: Future) -> None:
-        try:
-            future.set_result(embed(self.backend, token_ids))
-        except Exception as e:  # noqa: BLE001 - handed to the caller
-            future.set_exception(e)
+    def _feed(self, job: PromptJob) -> None:
+        """Hand the job's next prompts to the scheduler, up to JOB_WIDTH at once."""
+        while job.in_flight() < JOB_WIDTH and (index := job.take()) is not None:
+            request = EngineRequest(
+                f"{job.job_id}#{index}",
+                job.prompts[index],
+                SamplingParams(max_tokens=1),
+                task=job.kind,
+                adapter=job.adapter,
+            )
+            state = SequenceState(0, list(request.prompt_token_ids), request.params, self.tokenizer, self.max_model_len)
+            seq = EngineSequence(request, state)
+            self._job_seqs[request.request_id] = (job, index, seq)
+            self.scheduler.add(seq)
+
+    def _drop_departed_jobs(self) -> None:
+        for job in [j for j in list(self._jobs.values()) if j.future.cancelled()]:
+            self._drop_job(job, None)
+            self.metrics.finished.labels(reason="abort").inc()
+
+    def _drop_job(self, job: PromptJob, error: BaseException | None) -> None:
+        """Take the job's sequences out of the scheduler (releasing their blocks) and settle it."""
+        self._jobs.pop(job.job_id, None)
+        for rid, (owner, _, seq) in list(self._job_seqs.items()):
+            if owner is job:
+                self.scheduler.remove(seq)
+                del self._job_seqs[rid]
+        if error is not None:
+            job.settle(error)
+
+    def _fold(self, batch: list[tuple[EngineSequence, int]], starts: list[int], out: StepOutput) -> None:
+        """The step's outputs of background sequences into their jobs; finished prompts make room."""
+        _, scored = logit_rows(batch)
+        offset = 0
+        for i, (seq, n) in enumerate(batch):
+            entry = self._job_seqs.get(seq.request_id) if seq.background else None
+            if entry is not None:
+                job, index, _ = entry
+                logits = out.logits[scored[i]] if i in scored else None
+                job.fold(index, starts[i], out.hidden[offset : offset + n], logits)
+                if seq.num_computed == len(seq.tokens):
+                    self._finish_prompt(job, index, seq)
+            offset += n
+
+    def _finish_prompt(self, job: PromptJob, index: int, seq: EngineSequence) -> None:
+        self.scheduler.remove(seq)
+        del self._job_seqs[seq.request_id]
+        if job.finish(index):
+            self._jobs.pop(job.job_id, None)
+            self.metrics.finished.labels(reason="stop").inc()
+            self.metrics.prompt_tokens.inc(sum(map(len, job.prompts)))
+            job.settle()
+        else:
+            self._feed(job)
+
+    def _generating(self) -> bool:
+        return bool(self.scheduler.waiting) or any(not s.background for s in self.scheduler.running)
 
     def _step(self) -> None:
-        batch, hopeless = self.scheduler.schedule()
+        generating = self._generating()
+        batch, hopeless = self.scheduler.schedule(self._pace.tokens() if generating else None)
         for seq in hopeless:
-            self._finish(
-                seq, RequestOutput(seq.request_id, finish_reason="length", prompt_tokens=len(seq.state.prompt))
-            )
+            self._end_hopeless(seq)
         if not batch:
             self._update_gauges()
             time.sleep(0.001)
             return
+        starts = [seq.num_computed for seq, _ in batch]
+        began = time.perf_counter()
         try:
-            logits = run_step(self.backend, self.pool, batch, self.config.sliding_window)
+            out = run_step(self.backend, self.pool, batch, self.config.sliding_window)
             self.scheduler.after_step(batch)
-            self._sample(batch, logits)
+            self._sample(batch, out.logits)
+            self._fold(batch, starts, out)
         except Exception as e:  # noqa: BLE001 - this step's requests fail; the engine goes on
             log.exception("engine step failed")
-            for seq, _ in batch:
-                if seq.request_id in self._seqs:
-                    self._finish(seq, RequestOutput(seq.request_id, finish_reason="error", error=repr(e)))
+            self._fail_step(batch, e)
+        background = sum(n for seq, n in batch if seq.background)
+        if generating:
+            self._pace.observe(time.perf_counter() - began, background)
         self.metrics.step_requests.observe(len(batch))
         self.metrics.step_tokens.observe(sum(n for _, n in batch))
         self._update_gauges()
 
+    def _end_hopeless(self, seq: EngineSequence) -> None:
+        """A request whose next token can never fit the KV pool: `length`, or its job fails."""
+        entry = self._job_seqs.get(seq.request_id)
+        if entry is not None:
+            self._drop_job(
+                entry[0], ContextLengthError(f"a prompt of {len(seq.tokens)} tokens does not fit the KV cache")
+            )
+        elif not seq.background:
+            self._finish(
+                seq, RequestOutput(seq.request_id, finish_reason="length", prompt_tokens=len(seq.state.prompt))
+            )
+
+    def _fail_step(self, batch: list[tuple[EngineSequence, int]], e: Exception) -> None:
+        for seq, _ in batch:
+            entry = self._job_seqs.get(seq.request_id)
+            if entry is not None:
+                self._drop_job(entry[0], RuntimeError(f"the engine step failed: {e!r}"))
+            elif seq.request_id in self._seqs:
+                self._finish(seq, RequestOutput(seq.request_id, finish_reason="error", error=repr(e)))
+
     def _sample(self, batch: list[tuple[EngineSequence, int]], logits: torch.Tensor) -> None:
-        rows = [i for i, (seq, _) in enumerate(batch) if seq.num_computed == len(seq.tokens)]
+        rows = [i for i, (seq, _) in enumerate(batch) if not seq.background and seq.num_computed == len(seq.tokens)]
         if not rows:
             return
         seqs = [batch[i][0] for i in rows]

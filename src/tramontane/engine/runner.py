@@ -3,11 +3,15 @@
 All scheduled tokens are laid out as one row [1,N] (no padding): a prefill chunk of 200 tokens and 15
 decode tokens make N = 215. Each layer writes the new keys and values into their pool slots, then
 gathers, for every request, the keys it may attend (its whole context, or the last W positions with a
-sliding window); the mask keeps each query to its own request and to the causal / window rule."""
+sliding window); the mask keeps each query to its own request and to the causal / window rule. The
+step hands back every token's final hidden state (embeddings use them) and the logits of the rows
+the engine reads: each request's last token, and every token of a scored prompt."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -106,17 +110,37 @@ def adapter_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[torch.Ten
     return torch.tensor(rows).repeat_interleave(counts), names  # [N]
 
 
+class StepOutput(NamedTuple):
+    hidden: torch.Tensor  # [N,dim] final normed hidden states of every scheduled token
+    logits: torch.Tensor  # [R,V] of the rows `logit_rows` named
+
+
+def logit_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[list[int], dict[int, slice]]:
+    """Rows of the flattened step whose logits are computed: first each request's last scheduled token
+    (in batch order), then every token of the scored prompts; and, per scored batch entry, its slice of
+    the logits rows."""
+    ends = list(itertools.accumulate(n for _, n in batch))
+    rows = [end - 1 for end in ends]
+    scored: dict[int, slice] = {}
+    for i, ((seq, n), end) in enumerate(zip(batch, ends)):
+        if seq.request.task == "score":
+            scored[i] = slice(len(rows), len(rows) + n)
+            rows.extend(range(end - n, end))
+    return rows, scored
+
+
 def run_step(
     backend: Backend, pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]], window: int | None
-) -> torch.Tensor:
-    """Forward the batch; return the logits [B,V] after each request's last scheduled token. Requests
-    with different LoRA adapters (and none) share the step: each token gets its request's adapter.
-    Under torchrun the other ranks are told the step first (see `follow`)."""
-    tokens, positions, step, last = layout(pool, batch, window)
+) -> StepOutput:
+    """Forward the batch: the hidden states of every token, and the logits of `logit_rows(batch)`.
+    Requests with different LoRA adapters (and none) share the step: each token gets its request's
+    adapter. Under torchrun the other ranks are told the step first (see `follow`)."""
+    tokens, positions, step, _ = layout(pool, batch, window)
+    rows, _ = logit_rows(batch)
     adapters = adapter_rows(batch)
     if is_parallel():
-        broadcast_object(("step", tokens, positions, step.parts(), last, adapters))
-    return forward_step(backend, tokens, positions, step, last, adapters)
+        broadcast_object(("step", tokens, positions, step.parts(), rows, adapters))
+    return forward_step(backend, tokens, positions, step, rows, adapters)
 
 
 def forward_step(
@@ -124,9 +148,9 @@ def forward_step(
     tokens: torch.Tensor,
     positions: torch.Tensor,
     step: PagedStep,
-    last: list[int],
+    rows: list[int],
     adapters: tuple[torch.Tensor, list[str]] | None,
-) -> torch.Tensor:
+) -> StepOutput:
     model = backend.model
     if adapters is not None:
         from ..lora.layers import set_rows
@@ -134,8 +158,8 @@ def forward_step(
         set_rows(model, *adapters)
     try:
         with torch.inference_mode():
-            h = backend.prefill(tokens, positions, step)  # [1,N,dim]: prefill chunks and decode tokens together
-            return model.logits(h[0, last])  # [B,V]
+            h = backend.prefill(tokens, positions, step)[0]  # [N,dim]: prefill chunks and decode tokens together
+            return StepOutput(h, model.logits(h[rows]))  # [R,V]
     finally:
         if adapters is not None:
             set_rows(model, None, [])
@@ -149,61 +173,7 @@ def follow(model: Transformer, pool: BlockPool) -> None:
     while True:
         message = broadcast_object(None)
         if message[0] == "step":
-            _, tokens, positions, parts, last, adapters = message
-            forward_step(backend, tokens, positions, PagedStep(pool, *parts), last, adapters)
-        elif message[0] == "embed":
-            _embed(backend, message[1])
-        elif message[0] == "score":
-            _prompt_logprobs(backend, message[1], message[2])
+            _, tokens, positions, parts, rows, adapters = message
+            forward_step(backend, tokens, positions, PagedStep(pool, *parts), rows, adapters)
         elif message[0] == "stop":
             return
-
-
-def embed(backend: Backend, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-    """Mean of the final (normed) hidden states over each input's tokens, L2-normalised."""
-    if is_parallel():
-        broadcast_object(("embed", [list(ids) for ids in token_ids]))
-    return _embed(backend, token_ids)
-
-
-def prompt_logprobs(
-    backend: Backend, token_ids: Sequence[Sequence[int]], top: int
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per prompt, log p(token k | tokens before k) for k = 1..T-1 [T-1], and the `top` most likely ids
-    and their log-probabilities at each of those positions [T-1, top] (echo with logprobs, lm-eval)."""
-    if is_parallel():
-        broadcast_object(("score", [list(ids) for ids in token_ids], top))
-    return _prompt_logprobs(backend, token_ids, top)
-
-
-SCORE_CHUNK = 256  # positions whose vocabulary-wide log-softmax is held at once
-
-
-def _prompt_logprobs(
-    backend: Backend, token_ids: Sequence[Sequence[int]], top: int
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    model, out = backend.model, []
-    with torch.inference_mode():
-        for ids in token_ids:
-            tokens = torch.tensor([list(ids)])  # [1,T]
-            h = backend.prefill(tokens, None, None)[0, :-1]  # [T-1,dim]: k predicts token k+1
-            chosen, top_ids, top_lp = [], [], []
-            for start in range(0, h.shape[0], SCORE_CHUNK):
-                logp = model.logits(h[start : start + SCORE_CHUNK]).log_softmax(-1)  # [C,V]
-                nxt = tokens[0, start + 1 : start + 1 + logp.shape[0], None]  # [C,1]
-                chosen.append(logp.gather(-1, nxt).squeeze(-1))
-                values, indices = logp.topk(top, dim=-1) if top else (logp[:, :0], logp[:, :0].long())
-                top_lp.append(values)
-                top_ids.append(indices)
-            out.append((torch.cat(chosen), torch.cat(top_ids), torch.cat(top_lp)))
-    return out
-
-
-def _embed(backend: Backend, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-    out = []
-    with torch.inference_mode():
-        for ids in token_ids:
-            tokens = torch.tensor([list(ids)])  # [1,T]
-            h = backend.prefill(tokens, None, None)[0].float()  # [T,dim]
-            out.append(torch.nn.functional.normalize(h.mean(dim=0), dim=0).tolist())
-    return out

@@ -5,7 +5,11 @@ pool. A step runs tokens[num_computed : num_computed + n]: a prefill chunk, one 
 recomputation of a preempted request; when a request's last token has run, a new one is sampled.
 Running requests go first, oldest first (decode steps and prefill chunks mix in one batch up to
 `max_num_batched_tokens`); waiting requests join while the token budget and blocks last. When blocks run
-out, the youngest running request is preempted: its blocks are released and it waits to be recomputed."""
+out, the youngest running request is preempted: its blocks are released and it waits to be recomputed.
+
+Background requests (embeddings and prompt scoring: `EngineRequest.task`) wait in their own queue and
+run in the budget generation leaves, capped per step by `schedule(background_budget)`; they never
+start from the prefix cache, since their every position's output is wanted."""
 
 from __future__ import annotations
 
@@ -36,6 +40,10 @@ class EngineSequence:
         return self.request.request_id
 
     @property
+    def background(self) -> bool:
+        return self.request.task != "generate"
+
+    @property
     def tokens(self) -> list[int]:
         return self.state.prompt + self.state.output
 
@@ -47,19 +55,20 @@ class Scheduler:
         self.pool, self.model_name, self.window = pool, model_name, window
         self.max_batched, self.max_running = max_num_batched_tokens, max_running
         self.waiting: deque[EngineSequence] = deque()
+        self.background: deque[EngineSequence] = deque()  # embeddings / scoring, admitted after `waiting`
         self.running: list[EngineSequence] = []
         self.preemptions = 0
 
     # ---- membership ----------------------------------------------------------------------------------
     def add(self, seq: EngineSequence) -> None:
-        self.waiting.append(seq)
+        self._queue_of(seq).append(seq)
 
     def remove(self, seq: EngineSequence) -> None:
         """Take a request out (finished or aborted) and release its blocks at once."""
         if seq in self.running:
             self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
+        elif seq in self._queue_of(seq):
+            self._queue_of(seq).remove(seq)
         self.pool.release(seq.blocks)
         seq.blocks = []
 
@@ -68,24 +77,33 @@ class Scheduler:
         return self._blocks_needed(seq, len(seq.tokens)) > self.pool.num_blocks
 
     # ---- one step ------------------------------------------------------------------------------------
-    def schedule(self) -> tuple[list[tuple[EngineSequence, int]], list[EngineSequence]]:
-        """(sequence, n_tokens) pairs to run now, and requests that can never fit (to end with `length`)."""
+    def schedule(
+        self, background_budget: int | None = None
+    ) -> tuple[list[tuple[EngineSequence, int]], list[EngineSequence]]:
+        """(sequence, n_tokens) pairs to run now, and requests that can never fit (to end with `length`).
+        Background tokens are at most `background_budget` (None: whatever budget is left)."""
         budget = self.max_batched
+        spare = budget if background_budget is None else max(0, min(background_budget, budget))
         chosen: list[tuple[EngineSequence, int]] = []
         hopeless: list[EngineSequence] = []
-        for seq in list(self.running):
-            if budget == 0:
-                break
+        for seq in sorted(self.running, key=lambda s: s.background):  # generation first, each in age order
+            limit = min(budget, spare) if seq.background else budget
+            if limit == 0:
+                if budget == 0:
+                    break
+                continue
             if seq not in self.running:  # preempted by an older request this step
                 continue
-            n = self._chunk(seq, budget)
+            n = self._chunk(seq, limit)
             if self._make_room(seq, seq.num_computed + n, chosen):
                 chosen.append((seq, n))
                 budget -= n
+                spare -= n if seq.background else 0
             elif seq in self.running:  # alone and still too big: it can never fit
                 self.running.remove(seq)
                 hopeless.append(seq)
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+        generating = sum(not s.background for s in self.running)
+        while self.waiting and budget > 0 and generating < self.max_running:
             seq = self.waiting[0]
             if self.never_fits(seq):
                 hopeless.append(self.waiting.popleft())
@@ -93,15 +111,33 @@ class Scheduler:
             if not seq.blocks:
                 self._take_prefix(seq)
             n = self._chunk(seq, budget)
-            if not self._reserve(seq, seq.num_computed + n):
+            if not self._admit(seq, n, self.waiting):
                 self._drop_prefix(seq)
                 break
-            self.waiting.popleft()
-            self.running.append(seq)
-            seq.admitted = True
             chosen.append((seq, n))
             budget -= n
+            generating += 1
+        while self.background and min(budget, spare) > 0:
+            seq = self.background[0]
+            if self.never_fits(seq):
+                hopeless.append(self.background.popleft())
+                continue
+            n = self._chunk(seq, min(budget, spare))
+            if not self._admit(seq, n, self.background):
+                break
+            chosen.append((seq, n))
+            budget -= n
+            spare -= n
         return chosen, hopeless
+
+    def _admit(self, seq: EngineSequence, n: int, queue: deque[EngineSequence]) -> bool:
+        """Move the head of `queue` to running with blocks for its next n tokens; False when short."""
+        if not self._reserve(seq, seq.num_computed + n):
+            return False
+        queue.popleft()
+        self.running.append(seq)
+        seq.admitted = True
+        return True
 
     def after_step(self, ran: list[tuple[EngineSequence, int]]) -> None:
         """Count the tokens that ran, publish newly full blocks, release blocks out of the window."""
@@ -158,21 +194,26 @@ class Scheduler:
         return True
 
     def _make_room(self, seq: EngineSequence, upto: int, chosen: list[tuple[EngineSequence, int]]) -> bool:
-        """Reserve for `seq`, preempting the youngest other running requests not yet scheduled."""
+        """Reserve for `seq`, preempting the youngest other running requests not yet scheduled, background
+        ones first (and only those for a background request)."""
         scheduled = {s for s, _ in chosen}
         while not self._reserve(seq, upto):
             victims = [s for s in self.running if s is not seq and s not in scheduled]
+            victims = [s for s in victims if s.background] if seq.background else victims
             if not victims:
                 if len(self.running) > 1 or scheduled:
                     self._preempt(seq)  # others hold the blocks: wait for them
                 return False
-            self._preempt(max(victims, key=lambda s: s.arrival))
+            self._preempt(max(victims, key=lambda s: (s.background, s.arrival)))
         return True
+
+    def _queue_of(self, seq: EngineSequence) -> deque[EngineSequence]:
+        return self.background if seq.background else self.waiting
 
     def _preempt(self, seq: EngineSequence) -> None:
         self.running.remove(seq)
         self._drop_prefix(seq)
-        self.waiting.appendleft(seq)
+        self._queue_of(seq).appendleft(seq)
         self.preemptions += 1
 
     def _take_prefix(self, seq: EngineSequence) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -43,6 +43,8 @@ class EngineRequest:
     params: SamplingParams
     min_tokens: int = 0  # stop tokens and stop strings are ignored until this many tokens exist
     adapter: str | None = None  # LoRA adapter applied to this request (None: the base model)
+    # "embed" / "score": one prompt of an embeddings or scoring job (engine/prompt_jobs.py), no sampling
+    task: Literal["generate", "embed", "score"] = "generate"
 
 
 @dataclass
@@ -104,7 +106,7 @@ class Engine(Protocol):
     async def embed(self, token_ids: list[list[int]]) -> list[list[float]]: ...
 
     async def prompt_logprobs(
-        self, token_ids: list[list[int]], top: int
+        self, token_ids: list[list[int]], top: int, adapter: str | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None: ...

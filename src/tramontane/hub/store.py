@@ -99,7 +99,13 @@ def remove(name: str) -> Path:
     if model is None:
         raise StoreError(f"no stored model named {name!r} (see `tramontane list`)")
     folder = models_dir() / name
-    shutil.rmtree(folder)
+    try:
+        if folder.is_symlink():  # the link only: what it points to is not the store's to delete
+            folder.unlink()
+        else:
+            shutil.rmtree(folder)
+    except OSError as exc:
+        raise StoreError(f"could not remove {folder}: {exc.strerror or exc}") from None
     return folder
 
 

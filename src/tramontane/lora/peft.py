@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ from ..errors import ConfigError, LoadError
 from ..model.transformer import Transformer
 from ..weights.names import permute_rotary, unpermute_rotary
 from ..weights.safetensors import SafetensorsFile
-from ..weights.sources import read_json_object
 from .layers import LoraSpec, add_adapter, lora_scales, lora_state
+from .peft_config import AdapterConfig, read_adapter_config
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -123,9 +124,27 @@ def _peft_config(spec: LoraSpec, targets: list[str], base_model: str, dropout: f
 
 
 def load_adapter(model: Transformer, folder: str | Path, name: str) -> LoraSpec:
-    """Read a PEFT LoRA adapter (ours, or one PEFT saved on transformers 4 or 5) into `model` as `name`."""
+    """Read a PEFT LoRA adapter (ours, or one PEFT saved on transformers 4 or 5) into `model` as `name`.
+
+    The config and the safetensors header are checked against the model (every shape, every rank against
+    r / rank_pattern) before any tensor is read, so a bad file costs no allocation."""
     folder = Path(folder)
-    cfg = _read_config(folder / CONFIG_FILE)
+    cfg = read_adapter_config(folder / CONFIG_FILE)
+    weights = _weights_file(folder)
+    with SafetensorsFile(weights) as st:
+        shapes = {key: entry.shape for key, entry in st.tensors.items()}
+        groups = [_plan(model, weights, cfg, layer, module, g) for (layer, module), g in _pairs(model, weights, shapes)]
+        _check_experts(weights, groups, model.config.moe.num_experts if model.config.moe else 0)
+        state, scales, targets = _read(model, st, groups)
+    try:
+        spec = LoraSpec(cfg.r, cfg.alpha, cfg.dropout, targets)
+        add_adapter(model, name, state, scales, spec.dropout)
+    except ConfigError as e:
+        raise LoadError(folder / CONFIG_FILE, str(e)) from None
+    return spec
+
+
+def _weights_file(folder: Path) -> Path:
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
         pickled = folder / "adapter_model.bin"
@@ -135,60 +154,138 @@ def load_adapter(model: Transformer, folder: str | Path, name: str) -> LoraSpec:
             else "missing"
         )
         raise LoadError(weights, why)
-    with SafetensorsFile(weights) as st:
-        tensors = {k: st.read(k) for k in st.tensors}
-    state, scales, targets = _to_ours(model, weights, tensors, cfg)
-    try:
-        spec = LoraSpec(cfg["r"], float(cfg["lora_alpha"]), float(cfg.get("lora_dropout") or 0.0), targets)
-        add_adapter(model, name, state, scales, spec.dropout)
-    except ConfigError as e:
-        raise LoadError(folder / CONFIG_FILE, str(e)) from None
-    return spec
+    return weights
 
 
-def _read_config(path: Path) -> dict:
-    cfg = read_json_object(path)
-    if cfg.get("peft_type") != "LORA":
-        raise LoadError(path, f"field 'peft_type' is {cfg.get('peft_type')!r}; only 'LORA' adapters are supported")
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise LoadError(path, f"field 'r' must be an integer >= 1, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
-        raise LoadError(path, f"field 'lora_alpha' must be a number > 0, got {alpha!r}")
-    allowed = {
-        "use_dora": (False, None),
-        "use_rslora": (False, None),
-        "fan_in_fan_out": (False, None),
-        "lora_bias": (False, None),
-        "bias": ("none", None),
-        "modules_to_save": (None, []),
-    }
-    for field, ok in allowed.items():
-        if field in cfg and cfg[field] not in ok:
-            raise LoadError(path, f"field {field!r} = {cfg[field]!r} is not supported (expected {ok[0]!r})")
-    return cfg
+@dataclass(frozen=True)
+class _Group:
+    """One adapted module of the file, checked against the model and the config from the header alone.
+
+    kind "linear": `proj` is ours ("attention.wq", "feed_forward.gate"); "v4": one expert's `proj`
+    ("w1"), expert index `expert`; "v5": transformers 5's fused experts, `proj` "gate_up_proj" or
+    "down_proj", A [r*E,in] and B [out,r*E]."""
+
+    layer: int
+    kind: str
+    proj: str
+    a: str  # tensor names in the file
+    b: str
+    rank: int
+    scale: float
+    expert: int = -1
 
 
-def _alpha(cfg: dict, hf_key: str) -> float:
-    """lora_alpha for one module, honouring alpha_pattern as PEFT matches it (utils.other.get_pattern_key)."""
-    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", hf_key):
-            return float(value)
-    return float(cfg["lora_alpha"])
+def _pairs(model: Transformer, path: Path, shapes: dict[str, tuple[int, ...]]) -> list[tuple[tuple[int, str], dict]]:
+    """Group the file's keys by (layer, HF module) -> {"A": name, "B": name, "A_shape": .., "B_shape": ..,
+    "key": a name}, sorted; every key must name a LoRA tensor of a known module, in pairs of [r,in] / [out,r]."""
+    n_layers = model.config.n_layers
+    groups: dict[tuple[int, str], dict] = {}
+    for key, shape in shapes.items():
+        m = KEY.fullmatch(key)
+        if m is None:
+            raise LoadError(path, f"unknown key {key!r}: not a LoRA tensor of a Mistral/Llama/Mixtral layer")
+        layer, module, kind = int(m[1]), m[2], m[3]
+        if layer >= n_layers:
+            raise LoadError(path, f"key {key!r}: layer {layer}, but the model has {n_layers} layers")
+        if module not in OURS and not V4_EXPERT.fullmatch(module) and not V5_EXPERTS.fullmatch(module):
+            raise LoadError(path, f"unknown key {key!r}: module {module!r} is not a supported LoRA target")
+        group = groups.setdefault((layer, module), {"key": key})
+        group[kind], group[kind + "_shape"] = key, shape
+    for g in groups.values():
+        if "A" not in g or "B" not in g:
+            raise LoadError(path, f"key {g['key']!r}: lora_{'B' if 'A' in g else 'A'} of the same module is missing")
+        a, b = g["A_shape"], g["B_shape"]
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1] or a[0] < 1:
+            raise LoadError(path, f"key {g['key']!r}: lora_A {list(a)} and lora_B {list(b)} are not [r,in] and [out,r]")
+    return sorted(groups.items())
+
+
+def _plan(model: Transformer, path: Path, cfg: AdapterConfig, layer: int, module: str, g: dict) -> _Group:
+    """Check one module's pair against the model's projection and the config's rank; its scale alpha / r."""
+    a, b, hf_key = g["A_shape"], g["B_shape"], f"model.layers.{layer}.{module}"
+    if V5_EXPERTS.fullmatch(module):
+        return _plan_v5(model, path, cfg, layer, g)
+    if (v4 := V4_EXPERT.fullmatch(module)) is not None:
+        kind, proj, expert, ours = "v4", v4[2], int(v4[1]), "experts." + v4[2]
+        n_exp = model.config.moe.num_experts if model.config.moe else 0
+        if expert >= n_exp:
+            raise LoadError(path, f"key {g['key']!r}: expert {expert}, but the model has {n_exp} experts per layer")
+    else:
+        kind, proj, expert, ours = "linear", OURS[module], -1, OURS[module]
+    shape = _expected(model, ours)
+    if shape is None:
+        raise LoadError(path, f"key {g['key']!r}: this model has no such module")
+    if a[1] != shape[1] or b[0] != shape[0]:
+        raise LoadError(
+            path,
+            f"key {g['key']!r}: lora_A {list(a)} and lora_B {list(b)} do not fit a [{shape[0]}, {shape[1]}] projection",
+        )
+    scale = _scale(cfg, path, g["key"], hf_key, a[0], shape)
+    return _Group(layer, kind, proj, g["A"], g["B"], a[0], scale, expert)
+
+
+def _plan_v5(model: Transformer, path: Path, cfg: AdapterConfig, layer: int, g: dict) -> _Group:
+    """PEFT's ParamWrapper on transformers 5's fused experts: which parameter it wraps follows from the
+    shapes (gate_up_proj is [dim -> 2F], down_proj [F -> dim]); the rank is rows of A / experts."""
+    c = model.config
+    n_exp, f, a, b = (c.moe.num_experts if c.moe else 0), c.hidden_dim, g["A_shape"], g["B_shape"]
+    if not n_exp or a[0] % n_exp:
+        raise LoadError(path, f"key {g['key']!r}: lora_A {list(a)} is not [r*{n_exp} experts, in]")
+    fits = {(c.dim, 2 * f): "gate_up_proj", (f, c.dim): "down_proj"}
+    proj = fits.get((a[1], b[0]))
+    if proj is None:
+        raise LoadError(
+            path,
+            f"key {g['key']!r}: lora_A {list(a)} / lora_B {list(b)} fit neither "
+            f"experts.gate_up_proj [{2 * f}, {c.dim}] nor experts.down_proj [{c.dim}, {f}]",
+        )
+    rank = a[0] // n_exp
+    scale = _scale(cfg, path, g["key"], f"model.layers.{layer}.mlp.experts.{proj}", rank, (b[0], a[1]))
+    return _Group(layer, "v5", proj, g["A"], g["B"], rank, scale)
+
+
+def _scale(cfg: AdapterConfig, path: Path, key: str, hf_key: str, rank: int, shape: tuple[int, int]) -> float:
+    """alpha / r for module `hf_key` after checking the file's rank against the config's (r or rank_pattern,
+    as PEFT resolves them) and against the projection: a rank above both its dimensions makes A and B each
+    larger than the weight they adapt. Not min(out, in): PEFT's all-linear puts r=16 on Mixtral's 8-row router."""
+    expected, where = cfg.rank_of(hf_key)
+    if rank != expected:
+        raise LoadError(
+            cfg.path,
+            f"field {where} gives {hf_key} rank {expected}, but {path.name} key {key!r} has rank {rank}",
+        )
+    if rank > max(shape):
+        raise LoadError(cfg.path, f"field {where}: rank {rank} exceeds both dimensions of {hf_key} {list(shape)}")
+    return cfg.alpha_of(hf_key) / rank
+
+
+def _check_experts(path: Path, groups: list[_Group], n_experts: int) -> None:
+    """Per-expert (transformers 4) pairs stack into [E,r,in] / [E,out,r]: every expert there, one rank."""
+    per: dict[tuple[int, str], dict[int, int]] = {}
+    for g in groups:
+        if g.kind == "v4":
+            per.setdefault((g.layer, g.proj), {})[g.expert] = g.rank
+    for (layer, proj), ranks in per.items():
+        missing = sorted(set(range(n_experts)) - set(ranks))
+        if missing:
+            raise LoadError(path, f"layer {layer} {proj}: LoRA for experts {missing} missing")
+        if len(set(ranks.values())) != 1:
+            raise LoadError(
+                path, f"layer {layer} {proj}: experts have different LoRA ranks {sorted(set(ranks.values()))}"
+            )
 
 
 def _expected(model: Transformer, ours: str) -> tuple[int, int] | None:
     """(out, in) of our projection "attention.wq" / "feed_forward.w1" / expert "experts.w1"; None if absent."""
     c = model.config
     q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    dense = c.moe is None
     shapes = {
         "attention.wq": (q, c.dim),
         "attention.wk": (kv, c.dim),
         "attention.wv": (kv, c.dim),
         "attention.wo": (c.dim, q),
     }
-    if dense:
+    if c.moe is None:
         shapes |= {
             "feed_forward.w1": (c.hidden_dim, c.dim),
             "feed_forward.w3": (c.hidden_dim, c.dim),
@@ -204,126 +301,58 @@ def _expected(model: Transformer, ours: str) -> tuple[int, int] | None:
     return shapes.get(ours)
 
 
-def _pairs(model: Transformer, path: Path, tensors: dict[str, torch.Tensor]) -> dict[tuple[int, str], dict]:
-    """Group the file's keys: (layer, HF module) -> {"A": tensor, "B": tensor, "key": a key}."""
-    n_layers = model.config.n_layers
-    groups: dict[tuple[int, str], dict] = {}
-    for key, t in tensors.items():
-        m = KEY.fullmatch(key)
-        if m is None:
-            raise LoadError(path, f"unknown key {key!r}: not a LoRA tensor of a Mistral/Llama/Mixtral layer")
-        layer, module, kind = int(m[1]), m[2], m[3]
-        if layer >= n_layers:
-            raise LoadError(path, f"key {key!r}: layer {layer}, but the model has {n_layers} layers")
-        if module not in OURS and not V4_EXPERT.fullmatch(module) and not V5_EXPERTS.fullmatch(module):
-            raise LoadError(path, f"unknown key {key!r}: module {module!r} is not a supported LoRA target")
-        group = groups.setdefault((layer, module), {"key": key})
-        group[kind] = t
-    for g in groups.values():
-        if "A" not in g or "B" not in g:
-            raise LoadError(path, f"key {g['key']!r}: lora_{'B' if 'A' in g else 'A'} of the same module is missing")
-        if g["A"].dim() != 2 or g["B"].dim() != 2 or g["A"].shape[0] != g["B"].shape[1]:
-            raise LoadError(
-                path,
-                f"key {g['key']!r}: lora_A {list(g['A'].shape)} and lora_B "
-                f"{list(g['B'].shape)} are not [r,in] and [out,r]",
-            )
-    return groups
-
-
-def _check(path: Path, key: str, a: torch.Tensor, b: torch.Tensor, shape: tuple[int, int] | None) -> None:
-    if shape is None:
-        raise LoadError(path, f"key {key!r}: this model has no such module")
-    if a.shape[1] != shape[1] or b.shape[0] != shape[0]:
-        raise LoadError(
-            path,
-            f"key {key!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not fit "
-            f"a [{shape[0]}, {shape[1]}] projection",
-        )
-
-
-def _to_ours(
-    model: Transformer, path: Path, tensors: dict[str, torch.Tensor], cfg: dict
+def _read(
+    model: Transformer, st: SafetensorsFile, groups: list[_Group]
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], tuple[str, ...]]:
-    """The file's tensors as `add_adapter` state (our names), per-path scales, and our target names."""
+    """The checked groups' tensors as `add_adapter` state (our names), per-path scales, and our target names."""
     c = model.config
     state: dict[str, torch.Tensor] = {}
     scales: dict[str, float] = {}
     targets: set[str] = set()
     experts: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    for (layer, module), g in sorted(_pairs(model, path, tensors).items()):
-        a, b, hf_key = g["A"].float(), g["B"].float(), f"model.layers.{layer}.{module}"
-        if (v4 := V4_EXPERT.fullmatch(module)) is not None:
-            _check(path, g["key"], a, b, _expected(model, "experts." + v4[2]))
-            experts.setdefault((layer, v4[2]), {})[int(v4[1])] = (a, b)
-            scales[f"layers.{layer}.feed_forward.{v4[2]}"] = _alpha(cfg, hf_key) / a.shape[0]
+    for g in groups:
+        a, b = st.read(g.a).float(), st.read(g.b).float()
+        if g.kind == "v4":
+            experts.setdefault((g.layer, g.proj), {})[g.expert] = (a, b)
+            scales[f"layers.{g.layer}.feed_forward.{g.proj}"] = g.scale
             targets.add("experts")
-            continue
-        if V5_EXPERTS.fullmatch(module):
+        elif g.kind == "v5":
+            _v5_experts(model, g, a, b, state, scales)
             targets.add("experts")
-            _v5_experts(model, path, g, layer, state, scales, cfg)
-            continue
-        ours = OURS[module]
-        _check(path, g["key"], a, b, _expected(model, ours))
-        if ours in ("attention.wq", "attention.wk"):
-            b = unpermute_rotary(b, c.n_heads if ours == "attention.wq" else c.n_kv_heads)
-        state[f"layers.{layer}.{ours}.lora_A"], state[f"layers.{layer}.{ours}.lora_B"] = a, b
-        scales[f"layers.{layer}.{ours}"] = _alpha(cfg, hf_key) / a.shape[0]
-        targets.add(TARGET_NAMES[HF_MODULES[ours][1]])
-    _stack_experts(path, experts, c.moe.num_experts if c.moe else 0, state)
+        else:
+            if g.proj in ("attention.wq", "attention.wk"):
+                b = unpermute_rotary(b, c.n_heads if g.proj == "attention.wq" else c.n_kv_heads)
+            state[f"layers.{g.layer}.{g.proj}.lora_A"], state[f"layers.{g.layer}.{g.proj}.lora_B"] = a, b
+            scales[f"layers.{g.layer}.{g.proj}"] = g.scale
+            targets.add(TARGET_NAMES[HF_MODULES[g.proj][1]])
+    for (layer, proj), per_expert in experts.items():  # complete and of one rank (_check_experts)
+        state[f"layers.{layer}.feed_forward.{proj}.lora_A"] = torch.stack(
+            [per_expert[e][0] for e in sorted(per_expert)]
+        )
+        state[f"layers.{layer}.feed_forward.{proj}.lora_B"] = torch.stack(
+            [per_expert[e][1] for e in sorted(per_expert)]
+        )
     return state, scales, tuple(sorted(targets))
-
-
-def _stack_experts(
-    path: Path,
-    experts: dict[tuple[int, str], dict[int, tuple[torch.Tensor, torch.Tensor]]],
-    n_experts: int,
-    state: dict[str, torch.Tensor],
-) -> None:
-    """Per-expert v4 tensors -> our stacks A [E,r,in], B [E,out,r]; every expert must be there."""
-    for (layer, proj), per_expert in experts.items():
-        missing = sorted(set(range(n_experts)) - set(per_expert))
-        extra = sorted(set(per_expert) - set(range(n_experts)))
-        if missing or extra:
-            raise LoadError(path, f"layer {layer} {proj}: LoRA for experts {missing} missing, {extra} unknown")
-        if len({per_expert[e][0].shape for e in per_expert}) != 1:
-            raise LoadError(path, f"layer {layer} {proj}: experts have different LoRA ranks")
-        state[f"layers.{layer}.feed_forward.{proj}.lora_A"] = torch.stack([per_expert[e][0] for e in range(n_experts)])
-        state[f"layers.{layer}.feed_forward.{proj}.lora_B"] = torch.stack([per_expert[e][1] for e in range(n_experts)])
 
 
 def _v5_experts(
     model: Transformer,
-    path: Path,
-    g: dict,
-    layer: int,
+    g: _Group,
+    a: torch.Tensor,
+    b: torch.Tensor,
     state: dict[str, torch.Tensor],
     scales: dict[str, float],
-    cfg: dict,
 ) -> None:
     """PEFT's ParamWrapper on transformers 5's fused experts: A [r*E,in] (expert-major rows), B [out,r*E]
-    (rank-major columns; peft ParamWrapper.get_delta_factors). Which parameter it wraps follows from the
-    shapes: gate_up_proj is [dim -> 2F], down_proj [F -> dim]."""
-    c = model.config
-    n_exp, f = (c.moe.num_experts if c.moe else 0), c.hidden_dim
-    a, b = g["A"].float(), g["B"].float()
-    if not n_exp or a.shape[0] % n_exp:
-        raise LoadError(path, f"key {g['key']!r}: lora_A {list(a.shape)} is not [r*{n_exp} experts, in]")
-    r = a.shape[0] // n_exp
+    (rank-major columns; peft ParamWrapper.get_delta_factors) -> our [E,r,in] / [E,out,r] per projection."""
+    n_exp, f, r = a.shape[0] // g.rank, model.config.hidden_dim, g.rank
     a_e = a.reshape(n_exp, r, a.shape[1])  # [E*r,in] -> [E,r,in]
     b_e = b.reshape(b.shape[0], r, n_exp).permute(2, 0, 1)  # [out,r*E] -> [out,r,E] -> [E,out,r]
-    p = f"layers.{layer}.feed_forward."
-    if (a.shape[1], b.shape[0]) == (c.dim, 2 * f):  # gate_up_proj: rows [gate; up] share one A
-        alpha = _alpha(cfg, f"model.layers.{layer}.mlp.experts.gate_up_proj")
+    p = f"layers.{g.layer}.feed_forward."
+    if g.proj == "gate_up_proj":  # rows [gate; up] share one A
         for proj, rows in (("w1", slice(0, f)), ("w3", slice(f, 2 * f))):
             state[p + proj + ".lora_A"], state[p + proj + ".lora_B"] = a_e.clone(), b_e[:, rows].contiguous()
-            scales[p + proj] = alpha / r
-    elif (a.shape[1], b.shape[0]) == (f, c.dim):  # down_proj
-        state[p + "w2.lora_A"], state[p + "w2.lora_B"] = a_e.contiguous(), b_e.contiguous()
-        scales[p + "w2"] = _alpha(cfg, f"model.layers.{layer}.mlp.experts.down_proj") / r
+            scales[p + proj] = g.scale
     else:
-        raise LoadError(
-            path,
-            f"key {g['key']!r}: lora_A {list(a.shape)} / lora_B {list(b.shape)} fit neither "
-            f"experts.gate_up_proj [{2 * f}, {c.dim}] nor experts.down_proj [{c.dim}, {f}]",
-        )
+        state[p + "w2.lora_A"], state[p + "w2.lora_B"] = a_e.contiguous(), b_e.contiguous()
+        scales[p + "w2"] = g.scale

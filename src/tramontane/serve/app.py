@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 
 from fastapi import FastAPI
@@ -19,7 +19,7 @@ from .. import __version__
 from ..engine.types import Engine
 from .common import ServerState
 from .errors import install_handlers
-from .middleware import LimitBody, RecordStatus, RequireKey
+from .middleware import CheckHost, LimitBody, RecordStatus, RequireKey
 from .openapi import install_openapi
 from .routes_generate import router as generate_router
 from .routes_misc import router as misc_router
@@ -40,14 +40,20 @@ def create_app(
     allow_origins: Sequence[str] = (),
     model_name: str | None = None,
     allow_request_templates: bool = False,
+    allowed_hosts: Collection[str] | None = None,
+    default_max_tokens: int = 4096,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
 ) -> FastAPI:
     """The HTTP server for `engine`. `model_name` defaults to `engine.model_name`; `allow_origins`
-    turns on CORS for those browser origins ("*" for any)."""
+    turns on CORS for those browser origins ("*" for any), and other origins are refused;
+    `allowed_hosts` (None: any) are the Host header names it answers to."""
     if engine is None and not model_name:
         raise ValueError("create_app needs a model_name when the engine is not there yet")
     state = ServerState(
-        model_name=model_name or engine.model_name, engine=engine, allow_request_templates=allow_request_templates
+        model_name=model_name or engine.model_name,
+        engine=engine,
+        allow_request_templates=allow_request_templates,
+        default_max_tokens=default_max_tokens,
     )
     app = FastAPI(title="tramontane", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
     app.state.tramontane = state
@@ -64,6 +70,7 @@ def create_app(
     app.add_middleware(LimitBody, limit=max_body_bytes)
     if api_key:
         app.add_middleware(RequireKey, key=api_key, public=PUBLIC_PATHS, browser=frozenset(browser))
+    app.add_middleware(CheckHost, allowed=allowed_hosts, origins=frozenset(allow_origins))
     if allow_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

@@ -30,6 +30,7 @@ class ServerState:
     engine: Engine | None = None
     draining: bool = False
     allow_request_templates: bool = False  # --allow-request-chat-template
+    default_max_tokens: int = 4096  # --default-max-tokens: a request without max_tokens (0: to the context's end)
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -67,13 +68,37 @@ def adapter_for(request: Request, model: str | None) -> str | None:
     return model if model and model != state.model_name else None
 
 
+MAX_INT_DIGITS = 40  # no field takes more than 64 bits: longer integers are refused while parsing
+
+
+def _bounded_int(text: str) -> int:
+    """json.loads' integer parser: no integer longer than MAX_INT_DIGITS digits (a 4000-digit max_tokens
+    would otherwise reach arithmetic and messages that cannot print it)."""
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits is out of range")
+    return int(text)
+
+
+def _is_json(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 async def parse_body(request: Request, model: type[M]) -> M:
-    """The JSON body as `model`: 400 for a body that is not JSON, 422 for one of the wrong shape."""
+    """The JSON body as `model`: 415 unless it is sent as JSON (a web page can send text/plain or form
+    bodies to any server without asking), 400 for a body that is not JSON, 422 for one of the wrong shape."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not _is_json(content_type):
+        raise APIError(
+            415,
+            f"the request body must be sent as JSON (Content-Type: application/json), not {content_type[:100]!r}",
+            code="unsupported_media_type",
+        )
     raw = await request.body()
     if not raw.strip():
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_int=_bounded_int)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, over-long integers, nesting
         raise bad_request(f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
     if _LONE_SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(data):

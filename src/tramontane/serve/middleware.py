@@ -1,12 +1,14 @@
 """Pure ASGI middleware (no buffering, so streaming and disconnects pass through untouched):
-status counting for the metrics, the API key check, and the request body size limit."""
+status counting for the metrics, the Host and Origin checks, the API key check, and the request body
+size limit."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import hmac
-from collections.abc import Callable, Container
+from collections.abc import Callable, Collection, Container
+from urllib.parse import urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,6 +31,52 @@ class RecordStatus:
             await send(message)
 
         await self.app(scope, receive, counting_send)
+
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_name(value: str) -> str:
+    """The name in a Host header or an origin's netloc, without port or IPv6 brackets, lower case."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class CheckHost:
+    """421 for a Host header not in `allowed` (a server bound to loopback answers only to loopback
+    names, so a page whose DNS name is rebound to 127.0.0.1 cannot reach it), and 403 for a browser
+    request whose Origin is neither the server itself nor in `origins` (CORS's allow list, "*": any):
+    a web page cannot POST to a key-less local server behind its user's back."""
+
+    def __init__(self, app: ASGIApp, allowed: Collection[str] | None, origins: Collection[str]) -> None:
+        self.app, self.allowed, self.origins = app, allowed, origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.allowed is not None and host_name(host) not in self.allowed:
+            names = ", ".join(sorted(self.allowed))
+            return await APIError(
+                421, f"this server answers to the host names {names} (add one with --allowed-host)", code="bad_host"
+            ).response()(scope, receive, send)
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if origin and not self._origin_allowed(origin, host):
+            return await APIError(
+                403,
+                f"requests from the web origin {origin[:200]!r} are refused; start the server with "
+                "--allow-origin ORIGIN to allow them",
+                code="origin_not_allowed",
+            ).response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        if "*" in self.origins or origin in self.origins:
+            return True
+        return urlsplit(origin).netloc.lower() == host.strip().lower()  # the server's own page
 
 
 class RequireKey:
@@ -90,6 +138,10 @@ class LimitBody:
                 code="request_header_fields_too_large",
             ).response()(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and b"transfer-encoding" in dict(scope["headers"]):  # a smuggling attempt
+            return await APIError(
+                400, "a request cannot have both Content-Length and Transfer-Encoding", code="bad_framing"
+            ).response()(scope, receive, send)
         if declared is not None:
             try:
                 too_large = int(declared) > self.limit

@@ -66,6 +66,7 @@ class SamplingFields(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys) -> bias in [-100, 100]
     ignore_eos: bool = False
     user: str | None = None
     response_format: dict[str, Any] | None = None

@@ -17,6 +17,7 @@ from ..text.grammar import check_grammar, response_format_grammar
 from ..text.tokenizer import Tokenizer
 from ..tools.request import ToolError, ToolUse, call_grammar, call_reserve, prepare_messages, read_tools
 from .errors import APIError, bad_request
+from .prompt_size import count_past, message_texts
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields
 
 # Mistral's guardrail system prompt, prepended when a request sets `safe_prompt`.
@@ -27,6 +28,7 @@ SAFE_PROMPT = (
 )
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts x n in one request
+MAX_REQUEST_TOKENS = 1 << 17  # prompt tokens of one embeddings or scoring request, all inputs together
 MAX_TOP_LOGPROBS = 20
 MAX_MESSAGES = 2048  # messages in one conversation
 MAX_TEMPLATE_CHARS = 64 * 1024  # a request's own chat template (--allow-request-chat-template)
@@ -39,15 +41,21 @@ class Settings:
     params: SamplingParams
     min_tokens: int
     n: int
-    max_tokens: int | None
+    max_tokens: int | None  # as the request gave it
+    default_max_tokens: int = 0  # without max_tokens: at most this many (0: to the end of the context)
 
-    def for_choice(self, i: int) -> SamplingParams:
-        """Choice i of n: seed + i when a seed is given, so that choices differ but repeat."""
-        if self.params.seed is None or i == 0:
-            return self.params
-        seed = self.params.seed + i
+    def for_choice(self, i: int, room: int) -> SamplingParams:
+        """Choice i of n of a prompt that leaves `room` tokens of context: seed + i when a seed is given,
+        so that choices differ but repeat; the default max_tokens when the request gave none and the
+        default ends before the context does."""
+        params = self.params
+        if params.max_tokens is None and 0 < self.default_max_tokens < room:
+            params = replace(params, max_tokens=self.default_max_tokens)
+        if params.seed is None or i == 0:
+            return params
+        seed = params.seed + i
         seed = seed if seed < 1 << 64 else seed - (1 << 64)
-        return replace(self.params, seed=seed)
+        return replace(params, seed=seed)
 
 
 def _grammar(req: SamplingFields, tokenizer: Tokenizer) -> str | None:
@@ -115,16 +123,29 @@ def _max_tokens(req: SamplingFields) -> tuple[int | None, str]:
     return req.max_completion_tokens, "max_completion_tokens"
 
 
+def _logit_bias(req: SamplingFields, tokenizer: Tokenizer | None) -> dict[int, float]:
+    """logit_bias with its keys as token ids, checked against the vocabulary."""
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        if not re.fullmatch(r"\d{1,12}", key) or (tokenizer is not None and int(key) >= tokenizer.vocab_size):
+            size = f" (vocabulary size {tokenizer.vocab_size})" if tokenizer is not None else ""
+            raise bad_request(f"logit_bias keys must be token ids{size}, got {key[:40]!r}", "logit_bias")
+        bias[int(key)] = value  # "5" and "05" name one token: the later one holds
+    return bias
+
+
 def settings(
     req: SamplingFields,
     *,
     logprobs: int | None = None,
     tokenizer: Tokenizer | None = None,
     tools: ToolUse | None = None,
+    default_max_tokens: int = 0,
 ) -> Settings:
     """Sampling settings of a request; a bad value is a 400 naming its field. With the tokenizer, a
     response_format's schema is compiled here, before anything is scheduled; a required tool call
-    (`tools`, chat only) brings its own grammar."""
+    (`tools`, chat only) brings its own grammar. A request without max_tokens gets
+    `default_max_tokens` (0: up to the end of the context; applied per prompt, see `Settings`)."""
     if tools is None:
         _no_tools(req)
     grammar = _grammar(req, tokenizer)
@@ -140,8 +161,9 @@ def settings(
     if not 1 <= n <= MAX_N:
         raise bad_request(f"n must be in 1..{MAX_N}, got {n}", "n")
     min_tokens = 0 if req.min_tokens is None else req.min_tokens
-    if min_tokens < 0 or (max_tokens is not None and max_tokens >= 1 and min_tokens > max_tokens):
-        raise bad_request(f"min_tokens must be >= 0 and at most max_tokens, got {min_tokens}", "min_tokens")
+    cap = max_tokens if max_tokens is not None else default_max_tokens or None
+    if min_tokens < 0 or (cap is not None and cap >= 1 and min_tokens > cap):
+        raise bad_request(f"min_tokens must be >= 0 and at most max_tokens ({cap}), got {min_tokens}", "min_tokens")
     names = {"seed": seed_name, "max_tokens": max_name}
     try:
         params = SamplingParams(
@@ -159,12 +181,13 @@ def settings(
             logprobs=logprobs,
             grammar=grammar,
             grammar_reserve=reserve,
+            logit_bias=tuple(_logit_bias(req, tokenizer).items()),
         )
     except RequestError as exc:
         found = re.search(r"sampling parameter '(\w+)'", str(exc))
         field = found.group(1) if found else None
         raise bad_request(str(exc), names.get(field or "", field)) from exc
-    return Settings(params, min_tokens, n, max_tokens)
+    return Settings(params, min_tokens, n, max_tokens, default_max_tokens)
 
 
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:
@@ -246,10 +269,13 @@ def _tool_call(call: dict[str, Any], where: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": function["name"], "arguments": arguments}}
 
 
-async def encode_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: ToolUse | None = None) -> list[int]:
+async def encode_chat(
+    tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: ToolUse | None = None, *, limit: int
+) -> list[int]:
     """Chat formatting off the event loop (a chat template may take up to its time budget), with the
-    request's tools (tools.py)."""
+    request's tools (tools.py); refused early when the messages alone hold more than `limit` tokens."""
     messages, offered = prepare_messages(messages, tools, tokenizer)
+    await _refuse_past(tokenizer, list(message_texts(messages)), limit, "messages")
     try:
         if offered is None:
             return await asyncio.to_thread(tokenizer.encode_chat, messages, add_generation_prompt=True)
@@ -265,16 +291,39 @@ def check_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
     return ids
 
 
-async def encode_text(tokenizer: Tokenizer, text: str, param: str, *, add_bos: bool | None = None) -> list[int]:
+async def _refuse_past(tokenizer: Tokenizer, texts: list[str], limit: int, param: str) -> None:
+    """400 context_length_exceeded, counting no further than the limit, when `texts` cannot fit."""
+    try:
+        count = await asyncio.to_thread(count_past, tokenizer, texts, limit)
+    except (TokenizerError, RequestError) as exc:
+        raise bad_request(str(exc), param) from exc
+    if count is not None:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {limit} tokens; the {param} hold{'' if param == 'messages' else 's'}"
+            f" more than {count}",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+async def encode_text(
+    tokenizer: Tokenizer, text: str, param: str, *, limit: int, add_bos: bool | None = None
+) -> list[int]:
+    """`text` as token ids, refused early when it holds more than `limit` tokens."""
     bos = tokenizer.default_add_bos if add_bos is None else add_bos
+    await _refuse_past(tokenizer, [text], limit, param)
     try:
         return await asyncio.to_thread(tokenizer.encode, text, add_bos=bos)
     except (TokenizerError, RequestError) as exc:
         raise bad_request(str(exc), param) from exc
 
 
-async def encode_inputs(tokenizer: Tokenizer, value: Any, vocab_size: int, param: str) -> list[list[int]]:
-    """A prompt (or embedding input) given as text, texts, token ids or lists of token ids."""
+async def encode_inputs(
+    tokenizer: Tokenizer, value: Any, vocab_size: int, param: str, *, limit: int
+) -> list[list[int]]:
+    """A prompt (or embedding input) given as text, texts, token ids or lists of token ids; each at most
+    `limit` tokens (the model's context), checked before the ids are."""
     if isinstance(value, str):
         value = [value]
     elif value and all(isinstance(t, int) for t in value):
@@ -286,14 +335,18 @@ async def encode_inputs(tokenizer: Tokenizer, value: Any, vocab_size: int, param
     out = []
     for i, item in enumerate(value):
         where = f"{param}[{i}]" if len(value) > 1 else param
-        ids = await encode_text(tokenizer, item, where) if isinstance(item, str) else check_ids(item, vocab_size, where)
+        if isinstance(item, str):
+            ids = await encode_text(tokenizer, item, where, limit=limit)
+        else:
+            check_context(len(item), 0, limit, where)
+            ids = check_ids(item, vocab_size, where)
         if not ids:
             raise bad_request(f"{where} is empty", where)
         out.append(ids)
     return out
 
 
-async def encode_fim(tokenizer: Tokenizer, prompt: str, suffix: str, model: str) -> list[int]:
+async def encode_fim(tokenizer: Tokenizer, prompt: str, suffix: str, model: str, *, limit: int) -> list[int]:
     if not getattr(tokenizer, "supports_fim", False):
         raise APIError(
             400,
@@ -302,10 +355,25 @@ async def encode_fim(tokenizer: Tokenizer, prompt: str, suffix: str, model: str)
             param="suffix",
             code="fim_not_supported",
         )
+    await _refuse_past(tokenizer, [prompt, suffix], limit, "prompt")
     try:
         return await asyncio.to_thread(tokenizer.encode_fim, prompt, suffix)
     except (TokenizerError, RequestError) as exc:
         raise bad_request(str(exc), "prompt") from exc
+
+
+def check_choices(n_prompts: int, n: int) -> None:
+    if n_prompts * n > MAX_CHOICES:
+        raise bad_request(f"{n_prompts} prompts x n={n} is more than {MAX_CHOICES} choices", "n")
+
+
+def check_total_tokens(prompts: list[list[int]], param: str) -> None:
+    """400 when an embeddings or scoring request holds more than MAX_REQUEST_TOKENS tokens in all."""
+    total = sum(map(len, prompts))
+    if total > MAX_REQUEST_TOKENS:
+        raise bad_request(
+            f"the {param} holds {total} tokens in all, more than {MAX_REQUEST_TOKENS}; split the request", param
+        )
 
 
 def check_context(n_prompt: int, max_tokens: int | None, max_model_len: int, param: str) -> None:

@@ -12,11 +12,12 @@ from .errors import bad_request
 from .formats import ChatFormat, CompletionFormat, Format, check_errors
 from .protocol import ChatCompletionRequest, CompletionRequest, FIMCompletionRequest, SamplingFields
 from .requests import (
-    MAX_CHOICES,
     Settings,
     chat_logprobs,
     chat_messages,
+    check_choices,
     check_context,
+    check_total_tokens,
     completion_logprobs,
     encode_chat,
     encode_fim,
@@ -39,13 +40,16 @@ async def _respond(
     """Submit n choices per prompt, then answer whole or as an event stream (with the LoRA adapter the
     request's `model` names, if any)."""
     adapter = adapter_for(request, body.model)
-    if len(prompts) * s.n > MAX_CHOICES:
-        raise bad_request(f"{len(prompts)} prompts x n={s.n} is more than {MAX_CHOICES} choices", "n")
+    check_choices(len(prompts), s.n)
     requests, choices = [], []
     for p, ids in enumerate(prompts):
         for i in range(s.n):
             k = p * s.n + i
-            requests.append(EngineRequest(f"{fmt.id}-{k}", ids, s.for_choice(i), s.min_tokens, adapter))
+            requests.append(
+                EngineRequest(
+                    f"{fmt.id}-{k}", ids, s.for_choice(i, engine.max_model_len - len(ids)), s.min_tokens, adapter
+                )
+            )
             choices.append(Choice(index=k, prompt_tokens=len(ids)))
     run = Run(engine, requests)
     try:
@@ -61,6 +65,10 @@ async def _respond(
     return JSONResponse(fmt.response(choices))
 
 
+def _default(request: Request) -> int:
+    return server_state(request).default_max_tokens
+
+
 def _answering(request: Request, model: str | None) -> str:
     """The model id a response names: the adapter's name when the request chose one."""
     return adapter_for(request, model) or server_state(request).model_name
@@ -72,8 +80,10 @@ async def chat_completions(request: Request) -> Response:
     engine = engine_for(request, body.model, adapters=True)
     tokenizer = request_template(engine.tokenizer, body.chat_template, server_state(request).allow_request_templates)
     use = tool_use(body, tokenizer)
-    s = settings(body, logprobs=chat_logprobs(body), tokenizer=tokenizer, tools=use)
-    ids = await encode_chat(tokenizer, chat_messages(body.messages, body.safe_prompt), use)
+    s = settings(
+        body, logprobs=chat_logprobs(body), tokenizer=tokenizer, tools=use, default_max_tokens=_default(request)
+    )
+    ids = await encode_chat(tokenizer, chat_messages(body.messages, body.safe_prompt), use, limit=engine.max_model_len)
     check_context(len(ids), s.max_tokens, engine.max_model_len, "messages")
     args = (new_id("chatcmpl"), _answering(request, body.model), s.n, s.params.logprobs is not None)
     fmt = ChatFormat(*args) if use is None or use.mode == "none" else ToolChatFormat(*args, use, tokenizer)
@@ -87,22 +97,33 @@ async def completions(request: Request) -> Response:
     score_only = body.echo and 0 in (body.max_tokens, body.max_completion_tokens)  # lm-eval's log-likelihoods
     if score_only:
         body = body.model_copy(update={"max_tokens": 1, "max_completion_tokens": None})
-    s = settings(body, logprobs=completion_logprobs(body), tokenizer=engine.tokenizer)
+    s = settings(
+        body, logprobs=completion_logprobs(body), tokenizer=engine.tokenizer, default_max_tokens=_default(request)
+    )
     if body.suffix is not None:
         if not isinstance(body.prompt, str) or body.echo:
             raise bad_request("with a suffix, the prompt must be one string, without echo", "prompt")
-        prompts = [await encode_fim(engine.tokenizer, body.prompt, body.suffix, _answering(request, body.model))]
+        prompts = [
+            await encode_fim(
+                engine.tokenizer, body.prompt, body.suffix, _answering(request, body.model), limit=engine.max_model_len
+            )
+        ]
     else:
-        prompts = await encode_inputs(engine.tokenizer, body.prompt, engine.config.vocab_size, "prompt")
+        prompts = await encode_inputs(
+            engine.tokenizer, body.prompt, engine.config.vocab_size, "prompt", limit=engine.max_model_len
+        )
     for ids in prompts:
         check_context(len(ids), 0 if score_only else s.max_tokens, engine.max_model_len, "prompt")
     args = (new_id("cmpl"), _answering(request, body.model), s.n, s.params.logprobs is not None)
     if not body.echo:
         return await _respond(request, engine, body, prompts, s, CompletionFormat(*args))
+    check_choices(len(prompts), 1 if score_only else s.n)
     scored = None
     if s.params.logprobs is not None:
+        check_total_tokens(prompts, "prompt")
+        work = engine.prompt_logprobs(prompts, s.params.logprobs, adapter_for(request, body.model))
         try:
-            scored = await until_disconnect(request, engine.prompt_logprobs(prompts, s.params.logprobs))
+            scored = await until_disconnect(request, work)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED)
         except Exception as exc:  # noqa: BLE001 - the engine's refusal or failure, as an HTTP error
@@ -118,8 +139,8 @@ async def fim_completions(request: Request) -> Response:
     """Mistral's fill-in-the-middle: the model writes what goes between `prompt` and `suffix`."""
     body = await parse_body(request, FIMCompletionRequest)
     engine = engine_for(request, body.model, adapters=True)
-    s = settings(body, tokenizer=engine.tokenizer)
+    s = settings(body, tokenizer=engine.tokenizer, default_max_tokens=_default(request))
     name = _answering(request, body.model)
-    ids = await encode_fim(engine.tokenizer, body.prompt, body.suffix or "", name)
+    ids = await encode_fim(engine.tokenizer, body.prompt, body.suffix or "", name, limit=engine.max_model_len)
     check_context(len(ids), s.max_tokens, engine.max_model_len, "prompt")
     return await _respond(request, engine, body, [ids], s, ChatFormat(new_id("fim"), name, s.n, False))

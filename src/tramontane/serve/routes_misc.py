@@ -24,12 +24,19 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from .requests import chat_messages, check_ids, encode_chat, encode_inputs, encode_text
+from .requests import (
+    MAX_REQUEST_TOKENS,
+    chat_messages,
+    check_ids,
+    check_total_tokens,
+    encode_chat,
+    encode_inputs,
+    encode_text,
+)
 from .streaming import ClientGone, engine_error, until_disconnect
 
 router = APIRouter()
 
-MAX_EMBED_TOKENS = 1 << 17
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -96,7 +103,9 @@ async def embeddings(request: Request) -> Response:
         value = getattr(body, name)
         if value is not None and value != engine.config.dim:
             raise bad_request(f"{name} can only be {engine.config.dim} (the model's width), got {value}", name)
-    inputs = await encode_inputs(engine.tokenizer, body.input, engine.config.vocab_size, "input")
+    inputs = await encode_inputs(
+        engine.tokenizer, body.input, engine.config.vocab_size, "input", limit=engine.max_model_len
+    )
     for i, ids in enumerate(inputs):
         if len(ids) > engine.max_model_len:
             raise APIError(
@@ -106,8 +115,7 @@ async def embeddings(request: Request) -> Response:
                 param="input",
                 code="context_length_exceeded",
             )
-    if sum(map(len, inputs)) > MAX_EMBED_TOKENS:
-        raise bad_request(f"the inputs hold more than {MAX_EMBED_TOKENS} tokens in all; split the request", "input")
+    check_total_tokens(inputs, "input")
     try:
         vectors = await until_disconnect(request, engine.embed(inputs))
     except ClientGone:
@@ -154,10 +162,12 @@ async def tokenize(request: Request) -> JSONResponse:
     if (body.prompt is None) == (body.messages is None):
         raise bad_request("give exactly one of prompt and messages", "prompt")
     if body.messages is not None:
-        ids = await encode_chat(engine.tokenizer, chat_messages(body.messages, False))
+        ids = await encode_chat(engine.tokenizer, chat_messages(body.messages, False), limit=MAX_REQUEST_TOKENS)
     else:
         add_bos = engine.tokenizer.default_add_bos and body.add_special_tokens
-        ids = await encode_text(engine.tokenizer, body.prompt or "", "prompt", add_bos=add_bos)
+        ids = await encode_text(
+            engine.tokenizer, body.prompt or "", "prompt", limit=MAX_REQUEST_TOKENS, add_bos=add_bos
+        )
     return JSONResponse(
         TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_model_len).model_dump(mode="json")
     )

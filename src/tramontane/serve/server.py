@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,10 +25,11 @@ import uvicorn
 
 from ..errors import TramontaneError
 from .app import attach_engine, create_app, drain
+from .connections import ConnectionLimits, guarded_h11, raise_open_file_limit
+from .middleware import LOOPBACK_HOSTS, host_name
 
 log = logging.getLogger("tramontane.serve")
 MAX_HEAD_BYTES = 64 * 1024  # a request head still arriving past this is a 400 from h11 (middleware: 431 > 32 KiB)
-MAX_CONNECTIONS = 1024  # open connections and requests in progress; more get 503 from uvicorn
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -95,6 +96,18 @@ class ServeOptions:
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapter name -> folder
     parallel: str | None = None  # under torchrun: the sharding plan ("tp", "ep", "tp+ep")
     allow_request_templates: bool = False  # --allow-request-chat-template
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)  # --timeout-*, --max-connections*
+    allowed_hosts: list[str] = field(default_factory=list)  # --allowed-host: names besides loopback ones
+    default_max_tokens: int = 4096  # --default-max-tokens
+
+
+def host_allowlist(opts: ServeOptions) -> frozenset[str] | None:
+    """The Host names the server answers to: loopback names when it listens on loopback (and any
+    --allowed-host); anything when it listens elsewhere, unless --allowed-host names them."""
+    extra = {host_name(h) for h in opts.allowed_hosts}
+    if host_name(opts.host) in LOOPBACK_HOSTS:
+        return LOOPBACK_HOSTS | extra
+    return frozenset(extra | {host_name(opts.host)}) if extra else None
 
 
 def _load_engine(opts: ServeOptions) -> Any:
@@ -187,20 +200,11 @@ def serve(opts: ServeOptions) -> int:
         max_body_bytes=opts.max_body_bytes,
         allow_origins=opts.allow_origins,
         allow_request_templates=opts.allow_request_templates,
+        allowed_hosts=host_allowlist(opts),
+        default_max_tokens=opts.default_max_tokens,
         lifespan=lifespan,
     )
-    config = uvicorn.Config(
-        app,
-        host=opts.host,
-        port=opts.port,
-        log_level=opts.log_level,
-        lifespan="on",
-        timeout_graceful_shutdown=max(5, int(opts.drain_timeout)),
-        http="h11",
-        h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # request line + headers
-        limit_concurrency=MAX_CONNECTIONS,
-        timeout_keep_alive=5,
-    )
+    config = uvicorn_config(app, opts)
     server = _Server(config, lambda: drain(app, opts.drain_timeout))
     server.run()
     if failure:
@@ -209,6 +213,26 @@ def serve(opts: ServeOptions) -> int:
             raise exc
         raise TramontaneError(f"could not start the engine: {type(exc).__name__}: {exc}") from exc
     return 0 if server.started else 1
+
+
+def uvicorn_config(app: Any, opts: ServeOptions) -> uvicorn.Config:
+    """uvicorn on h11 with the connection rules of serve/connections.py (no uvicorn-wide concurrency
+    cap: the connection table caps, and the engine's queue limits the work)."""
+    limits = opts.limits
+    fits = raise_open_file_limit(limits.max_connections)
+    if fits < limits.max_connections:
+        limits = replace(limits, max_connections=fits, max_per_client=min(limits.max_per_client, fits))
+    return uvicorn.Config(
+        app,
+        host=opts.host,
+        port=opts.port,
+        log_level=opts.log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=max(5, int(opts.drain_timeout)),
+        http=guarded_h11(limits),
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,  # request line + headers
+        timeout_keep_alive=max(1, round(limits.idle_timeout)),
+    )
 
 
 class _Server(uvicorn.Server):
