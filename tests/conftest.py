@@ -30,6 +30,7 @@ def smollm2_path() -> Path:
 SLOW_MODULES = {
     "test_web_page",
     "test_serve_load",
+    "test_serve_background",
     "test_parallel",
     "test_parallel_cli",
     "test_smollm2",

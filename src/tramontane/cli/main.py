@@ -473,8 +473,19 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_before_serving(signum: int, frame: Any) -> None:
+    """SIGTERM / SIGINT before the server has started: nothing to drain, exit at once with status 0."""
+    import signal
+
+    print(f"tramontane: {signal.Signals(signum).name} before the server started: exiting", file=sys.stderr, flush=True)
+    os._exit(0)
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     import os
+    import signal
+
+    signal.signal(signal.SIGTERM, _exit_before_serving)  # uvicorn installs its own (draining) handler at start
 
     from ..serve.connections import ConnectionLimits
     from ..serve.server import ServeOptions, model_name_of, parse_size, serve

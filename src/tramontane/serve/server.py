@@ -207,6 +207,12 @@ def serve(opts: ServeOptions) -> int:
     config = uvicorn_config(app, opts)
     server = _Server(config, lambda: drain(app, opts.drain_timeout))
     server.run()
+    if any(t.name == "tramontane-load" and t.is_alive() for t in threading.enumerate()):
+        # Stopped while the model was loading: nothing to drain, and the loading thread, inside torch, cannot
+        # be stopped; the interpreter's teardown would abort the process under it ("terminate called").
+        print("tramontane: stopped before the model had loaded", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(0)
     if failure:
         exc = failure[0]
         if isinstance(exc, TramontaneError):
