@@ -3,8 +3,12 @@ tokenization, and the conversion of OpenAI-style messages to a mistral-common re
 
 Templates are model files, which makes them untrusted code. They run in jinja2's
 `ImmutableSandboxedEnvironment` (the environment transformers uses), with the globals transformers
-provides (`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text), and a budget:
-every `for` loop, attribute access and call checks a deadline, and the output is capped in size.
+provides (`raise_exception`, `strftime_now`, a `tojson` that keeps non-ASCII text), and a budget
+(template_budget.py): every `for` loop, attribute access and call checks a deadline, and every filter,
+method and operator that builds a value sizes it first and is refused when it would not fit the
+output or memory budget. The hooks below route each of those through the budget: calls, operators,
+slices, `{{ }}` output (finalize), block and macro output (concat), and, rewritten into the parsed
+template, `for` loops, `~` and list and dict displays.
 
 Control tokens must never be parsed out of message text. `render_chat_parts` therefore renders the
 template a second time with every message content replaced by a random sentinel; splitting at the
@@ -14,12 +18,10 @@ recognised) and which from the messages (plain text, always).
 
 from __future__ import annotations
 
-import contextvars
 import json
 import re
 import secrets
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -29,96 +31,15 @@ import jinja2
 from jinja2 import meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
+from jinja2.visitor import NodeTransformer
 
 from tramontane.errors import TemplateError
+from tramontane.text import template_budget as budget
+from tramontane.text.template_budget import MAX_OUTPUT_CHARS, MAX_SECONDS, BudgetExceeded
 
-MAX_OUTPUT_CHARS = 1_000_000  # plus twice the size of the messages, see `render_chat_template`
-MAX_SECONDS = 1.0
-_MAX_INT_ARG = 100_000  # widths and repeat counts above this are refused
-_MAX_INT_BITS = 100_000  # no integer arithmetic beyond this size (repeated squaring would not end)
-_BIG_FORMAT_WIDTH = re.compile(r"[%{:][^%{}\s]{0,8}?\d{6,}")
-# Filters and str methods whose int arguments size their output (`'x'|center(10**9)`).
-_WIDTH_FILTERS = frozenset({"center", "indent", "wordwrap", "slice", "batch"})
-_WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "expandtabs"})
-_FORMAT_METHODS = frozenset({"format", "format_map"})
-_WIDTH_FROM_ARGS = re.compile(r"\*|\{[^{}]*\{")  # '%*d', '{:{w}}': the width is an argument
-
-
-class _BudgetExceeded(Exception):
-    pass
-
-
-@dataclass
-class _Budget:
-    deadline: float
-    max_chars: int
-
-    def check(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise _BudgetExceeded("took longer than its time budget")
-
-
-_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("tramontane_template_budget", default=None)
-
-
-def _tick() -> None:
-    budget = _BUDGET.get()
-    if budget is not None:
-        budget.check()
-
-
-def _check_len(value: Any) -> None:
-    """Refuse a str/list value longer than the output budget."""
-    budget = _BUDGET.get()
-    if isinstance(value, (str, list, tuple)) and len(value) > (budget.max_chars if budget else MAX_OUTPUT_CHARS):
-        raise _BudgetExceeded("builds a value larger than its output budget")
-
-
-def _check_ints(values: Iterable[Any]) -> None:
-    for value in values:
-        if _is_int(value) and abs(value) > _MAX_INT_ARG:
-            raise _BudgetExceeded(f"uses an oversized number ({value})")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_format(fmt: Any, args: Iterable[Any]) -> None:
-    if not isinstance(fmt, str):
-        return
-    if _BIG_FORMAT_WIDTH.search(fmt):
-        raise _BudgetExceeded("uses an oversized format width")
-    if _WIDTH_FROM_ARGS.search(fmt):
-        _check_ints(args)
-
-
-def _budget_loop(iterable: Iterable[Any]) -> Iterator[Any]:
-    """Wraps the iterable of every `{% for %}`: loops that print nothing still meet the deadline."""
-    for index, item in enumerate(iterable):
-        if index & 63 == 0:
-            _tick()
-        yield item
-
-
-def _guard_filter(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A filter that checks the deadline, refuses oversized widths and results."""
-    value_at = 1 if hasattr(fn, "jinja_pass_arg") else 0  # @pass_context & co. get the context first
-
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        _tick()
-        if name in _WIDTH_FILTERS:
-            _check_ints((*args[value_at + 1 :], *kwargs.values()))
-        if name == "format" and len(args) > value_at:
-            _check_format(args[value_at], (*args[value_at + 1 :], *kwargs.values()))
-        result = fn(*args, **kwargs)
-        _check_len(result)
-        return result
-
-    if hasattr(fn, "jinja_pass_arg"):
-        guarded.jinja_pass_arg = fn.jinja_pass_arg  # type: ignore[attr-defined]
-    return guarded
+_FOLD_CHARS = 1 << 16  # compile-time constant folding gives up (and leaves it to the render) beyond this
+_CONTEXT_KWARGS = ("_loop_vars", "_block_vars")  # jinja passes these to every call in a loop or block
 
 
 def _raise_exception(message: str) -> None:
@@ -126,6 +47,9 @@ def _raise_exception(message: str) -> None:
 
 
 def _strftime_now(fmt: str) -> str:
+    """The date in `fmt`: '%c' writes 24 characters for 2, no directive writes more than 16 per character."""
+    if isinstance(fmt, str):
+        budget.reserve(budget.text_cost(16 * len(fmt) + 64), "strftime_now()")
     return datetime.now().strftime(fmt)
 
 
@@ -145,65 +69,115 @@ def _tojson(
 
 
 class _ChatSandbox(ImmutableSandboxedEnvironment):
-    """The sandbox, plus budget checks on calls, attribute access and the operators that build
-    large values, and an immediate SecurityError on unsafe attributes (instead of an Undefined)."""
+    """The sandbox, plus budget checks on calls, attribute access, slices and the operators that build
+    values, and an immediate SecurityError on unsafe attributes (instead of an Undefined)."""
 
-    intercepted_binops = frozenset({"*", "**", "+", "%"})
+    intercepted_binops = frozenset({"*", "**", "+", "-", "/", "//", "%"})
+    intercepted_unops = frozenset({"-"})
+    concat = staticmethod(budget.budget_concat)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(finalize=budget.budget_output, **options)
+        self._formatter = SandboxedFormatter(self)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
         raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
 
     def getattr(self, obj: Any, attribute: str) -> Any:
-        _tick()
+        budget.tick()
         value = super().getattr(obj, attribute)
-        _check_len(value)
+        budget.check_len(value)
         return value
 
     def getitem(self, obj: Any, argument: Any) -> Any:
-        _tick()
-        return super().getitem(obj, argument)
+        """Indexing a string builds a character (`x[a:b]` is compiled without this, see _BudgetRewrite)."""
+        budget.tick()
+        value = super().getitem(obj, argument)
+        if isinstance(obj, str):
+            budget.settle(value, (obj,), "an index")
+        return value
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
-        _tick()
-        name = getattr(__obj, "__name__", "")
-        if name in _WIDTH_METHODS:
-            _check_ints((*args, *kwargs.values()))
-        if name in _FORMAT_METHODS:  # str.format, which jinja wraps
-            fmt = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
-            _check_format(fmt, (*args, *kwargs.values(), *(v for a in args if isinstance(a, dict) for v in a.values())))
+        budget.tick()
+        args = budget.drain_args(__obj, args)
+        own = {k: v for k, v in kwargs.items() if k not in _CONTEXT_KWARGS}  # what the callee will get
+        cost = budget.call_cost(__obj, args, own, __self._formatter.get_field)
+        what = f"{getattr(__obj, '__name__', 'a call')}()"
+        if cost is not None:
+            budget.reserve(cost, what)
         result = super().call(__context, __obj, *args, **kwargs)
-        _check_len(result)
+        if budget.counted_elsewhere(__obj):
+            budget.check_len(result)
+        else:
+            inputs = (__obj, getattr(__obj, "__self__", None), *args, *kwargs.values())
+            budget.settle(result, inputs, what, cost)
         return result
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        _tick()
-        _check_binop(operator, left, right)
+        budget.tick()
+        cost = budget.binop_cost(operator, left, right)
+        if cost is not None:
+            budget.reserve(cost, f"'{operator}'")
         result = super().call_binop(context, operator, left, right)
-        _check_len(result)
+        if cost is not None or not budget.small_number(result):
+            budget.settle(result, (left, right), f"'{operator}'", cost)
+        return result
+
+    def call_unop(self, context: Any, operator: str, arg: Any) -> Any:
+        budget.tick()
+        result = super().call_unop(context, operator, arg)
+        if not budget.small_number(result):
+            budget.settle(result, (arg,), f"'{operator}'")
         return result
 
 
-def _check_binop(operator: str, left: Any, right: Any) -> None:
-    """Refuse `'x' * 10**9`, `9 ** 10**6`, repeated squaring and `'%0999999999d' % 1` before they run."""
-    if operator == "*":  # sequence repetition
-        sizes = [len(v) for v in (left, right) if isinstance(v, (str, list, tuple))]
-        counts = [v for v in (left, right) if _is_int(v)]
-        if sizes and counts and sizes[0] * counts[0] > _MAX_INT_ARG * 10:
-            raise _BudgetExceeded(f"repeats a value to an oversized length ({sizes[0]} x {counts[0]})")
-    if operator in ("*", "**") and _is_int(left) and _is_int(right):
-        bits = abs(left).bit_length() * (abs(right) if operator == "**" else 1) + abs(right).bit_length()
-        if bits > _MAX_INT_BITS:
-            raise _BudgetExceeded("computes an oversized number")
-    if operator == "%" and isinstance(left, str):
-        _check_format(left, right if isinstance(right, tuple) else (right,))
+class _BudgetRewrite(NodeTransformer):
+    """Routes what the template builds without a call or operator through the budget: `for` iterables
+    (a deadline check per 64 items), `~` (sized before it joins), slices (which jinja compiles to a
+    plain subscript, not `getitem`) and list, tuple and dict displays."""
+
+    def visit_For(self, node: nodes.For) -> nodes.Node:
+        node = self.generic_visit(node)  # type: ignore[assignment]
+        node.iter = _budget_filter(node.iter, "_tramontane_loop")
+        return node
+
+    def visit_Concat(self, node: nodes.Concat) -> nodes.Node:
+        node = self.generic_visit(node)  # type: ignore[assignment]
+        return _budget_filter(nodes.List(node.nodes, lineno=node.lineno), "_tramontane_concat")
+
+    def visit_Getitem(self, node: nodes.Getitem) -> nodes.Node:
+        node = self.generic_visit(node)  # type: ignore[assignment]
+        if not isinstance(node.arg, nodes.Slice):
+            return node
+        bounds = [part or nodes.Const(None) for part in (node.arg.start, node.arg.stop, node.arg.step)]
+        return nodes.Filter(node.node, "_tramontane_slice", bounds, [], None, None, lineno=node.lineno)
+
+    def visit_List(self, node: nodes.List) -> nodes.Node:
+        return _budget_filter(self.generic_visit(node), "_tramontane_display")
+
+    def visit_Dict(self, node: nodes.Dict) -> nodes.Node:
+        return _budget_filter(self.generic_visit(node), "_tramontane_display")
+
+    def visit_Tuple(self, node: nodes.Tuple) -> nodes.Node:
+        node = self.generic_visit(node)  # type: ignore[assignment]
+        return _budget_filter(node, "_tramontane_display") if node.ctx == "load" else node
+
+
+def _budget_filter(node: nodes.Node, name: str) -> nodes.Filter:
+    return nodes.Filter(node, name, [], [], None, None, lineno=node.lineno)
 
 
 def _make_environment() -> _ChatSandbox:
     env = _ChatSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters = {name: _guard_filter(name, fn) for name, fn in env.filters.items()}
-    env.filters["tojson"] = _guard_filter("tojson", _tojson)
-    env.filters["_tramontane_budget"] = _budget_loop
+    env.filters = {name: budget.guard_filter(name, fn) for name, fn in env.filters.items()}
+    env.filters["tojson"] = budget.guard_filter("tojson", _tojson)
+    env.filters["_tramontane_loop"] = budget.BudgetLoop
+    env.filters["_tramontane_concat"] = budget.budget_values
+    env.filters["_tramontane_display"] = budget.budget_display
+    env.filters["_tramontane_slice"] = budget.budget_slice
+    env.tests = {name: budget.guard_test(name, fn) for name, fn in env.tests.items()}
     env.globals.pop("lipsum", None)  # unbounded Python loop, and no template needs it
+    env.globals["range"] = budget.budget_range
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -214,13 +188,17 @@ _ENV = _make_environment()
 
 @lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
-    """Parse, wrap every `for` iterable in the budget filter, compile."""
+    """Parse, route loops, `~` and displays through the budget, compile. Constant folding runs under a
+    small budget of its own: a constant that does not fit is left for the render (and its budget)."""
     try:
-        tree = _ENV.parse(template)
-        for loop in tree.find_all(nodes.For):
-            loop.iter = nodes.Filter(loop.iter, "_tramontane_budget", [], [], None, None)
+        tree = _BudgetRewrite().visit(_ENV.parse(template))
         tree.set_environment(_ENV)
-        return _ENV.from_string(tree)
+        with budget.budget_scope(budget.new_budget(_FOLD_CHARS, MAX_SECONDS, max_bytes=64 * _FOLD_CHARS)):
+            compiled = _ENV.from_string(tree)
+        # The template module's own globals (its macros and blocks share them): its loops get the
+        # budget's `loop` object.
+        compiled.root_render_func.__globals__["LoopContext"] = budget.BudgetLoopContext
+        return compiled
     except jinja2.exceptions.TemplateSyntaxError as exc:
         raise TemplateError(f"chat template has a syntax error at line {exc.lineno}: {exc.message}") from exc
 
@@ -275,11 +253,13 @@ def render_chat_template(
         bos_token=bos_token or "",
         eos_token=eos_token or "",
     )
-    token = _BUDGET.set(_Budget(time.monotonic() + max_seconds, limit))
+    render_budget = budget.new_budget(limit, max_seconds)
     try:
-        return _generate(compiled, context, limit)
-    except _BudgetExceeded as exc:
-        raise TemplateError(f"chat template {exc} (limits: {limit} characters, {max_seconds} s)") from None
+        with budget.budget_scope(render_budget):
+            return _generate(compiled, context, limit)
+    except BudgetExceeded as exc:
+        limits = f"{limit:,} characters, {render_budget.max_bytes:,} bytes, {max_seconds} s"
+        raise TemplateError(f"chat template {exc} (limits: {limits})") from None
     except SecurityError as exc:
         raise TemplateError(f"chat template blocked for security: {exc}") from None
     except jinja2.exceptions.TemplateError as exc:
@@ -288,8 +268,6 @@ def render_chat_template(
         raise TemplateError(f"chat template exceeded its budget: {type(exc).__name__}") from None
     except Exception as exc:  # a template error surfacing as a Python exception (TypeError, ...)
         raise TemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        _BUDGET.reset(token)
 
 
 def _generate(compiled: jinja2.Template, context: dict[str, Any], limit: int) -> str:
@@ -298,8 +276,8 @@ def _generate(compiled: jinja2.Template, context: dict[str, Any], limit: int) ->
     for chunk in compiled.generate(context):
         size += len(chunk)
         if size > limit:
-            raise _BudgetExceeded("output is larger than its budget")
-        _tick()
+            raise BudgetExceeded("output is larger than its budget")
+        budget.tick()
         chunks.append(chunk)
     return "".join(chunks)
 
