@@ -116,6 +116,7 @@ def test_background_tokens_are_paced_beside_generation(models, monkeypatch):
     _, llm = models
     engine = new_engine(llm, max_num_batched_tokens=64)
     engine._pace = Pace(floor=3, ceiling=5)  # a fixed allowance, whatever the machine's timings
+    monkeypatch.setattr(engine_module, "GENERATION_GRACE", 0.0)  # paced only while requests generate
     seen = steps_recorded(monkeypatch)
     chats = prompts(2, seed=4, low=5, high=10)
 
@@ -200,15 +201,28 @@ def test_shutdown_fails_an_unfinished_job(models):
         engine_module.run_step = real
 
 
-def test_pace_allows_what_keeps_a_step_within_twice_its_base():
-    pace = Pace(floor=4, ceiling=512, weight=0.5)
-    assert pace.tokens() == 4  # nothing measured yet
-    pace.observe(0.050, 0)  # a step with no background: 50 ms
-    pace.observe(0.110, 20)  # 20 background tokens added 60 ms: 3 ms each
-    assert pace.tokens() == 16  # 50 ms / 3 ms
+def test_pace_grows_within_the_target_shrinks_past_it_and_probes_the_base():
+    pace = Pace(floor=4, ceiling=40, target=2.0, weight=0.5, probe_every=4)
+    assert pace.tokens() == 0  # no base yet: a step without background work measures it
+    pace.observe(0.050, 0)  # base 50 ms
+    assert [pace.tokens() for _ in range(3)] == [4, 4, 0]  # the 4th step of each 4 is a probe
+    pace.observe(0.090, 4)  # within 2 x 50 ms: +1 (10% of 4 is less)
+    assert pace.allowance == 5
+    for _ in range(30):
+        pace.observe(0.099, 10)
+    assert pace.allowance == 40  # the ceiling
+    pace.observe(0.101, 40)  # past the target: x0.7
+    assert pace.allowance == 28
     pace.observe(0.030, 0)  # base moves halfway: 40 ms
-    assert pace.tokens() == 13
-    pace.observe(0.040, 10)  # no extra time measured: the ceiling, not a division by zero
-    pace.observe(0.040, 10)
-    assert pace.tokens() == 53  # per_token 0.003 -> 0.0015 -> 0.00075: 40 ms / 0.75 ms
-    assert Pace(floor=4, ceiling=8).tokens() == 4
+    assert pace.base == 0.040
+
+
+def test_a_slow_step_turns_the_allowance_into_a_duty_cycle():
+    pace = Pace(floor=4, ceiling=64, probe_every=1000)
+    pace.observe(0.010, 0)
+    for _ in range(10):
+        pace.observe(1.0, 4)  # every background chunk far past 2 x 10 ms
+    assert pace.allowance < 1
+    given = [pace.tokens() for _ in range(400)]
+    assert set(given) == {0, 4}  # whole chunks now and then, never a step's worth every step
+    assert sum(given) == pytest.approx(400 * pace.allowance, abs=4)

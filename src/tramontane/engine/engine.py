@@ -43,6 +43,7 @@ from .types import (
 
 log = logging.getLogger("tramontane.engine")
 JOB_WIDTH = 8  # prompts of one embeddings / scoring job in the scheduler at once
+GENERATION_GRACE = 1.0  # seconds background work stays paced after the last generating request (its client's next)
 _job_ids = itertools.count()
 
 
@@ -86,6 +87,7 @@ class AsyncEngine:
         self._jobs: dict[str, PromptJob] = {}
         self._job_seqs: dict[str, tuple[PromptJob, int, EngineSequence]] = {}  # request id -> job, prompt index
         self._pace = Pace(floor=4, ceiling=max_num_batched_tokens)
+        self._last_generation = -GENERATION_GRACE
         self._streams: dict[str, asyncio.Queue] = {}
         self._arrival: dict[str, float] = {}
         self._last_token: dict[str, float] = {}
@@ -320,7 +322,10 @@ class AsyncEngine:
 
     def _step(self) -> None:
         generating = self._generating()
-        batch, hopeless = self.scheduler.schedule(self._pace.tokens() if generating else None)
+        if generating:
+            self._last_generation = time.monotonic()
+        paced = generating or time.monotonic() - self._last_generation < GENERATION_GRACE
+        batch, hopeless = self.scheduler.schedule(self._pace.tokens() if paced else None)
         for seq in hopeless:
             self._end_hopeless(seq)
         if not batch:
@@ -338,7 +343,7 @@ class AsyncEngine:
             log.exception("engine step failed")
             self._fail_step(batch, e)
         background = sum(n for seq, n in batch if seq.background)
-        if generating:
+        if background < sum(n for _, n in batch):  # a step with generating requests: what pacing steers by
             self._pace.observe(time.perf_counter() - began, background)
         self.metrics.step_requests.observe(len(batch))
         self.metrics.step_tokens.observe(sum(n for _, n in batch))
