@@ -146,9 +146,11 @@ def test_timeouts_close_half_sent_heads_trickling_bodies_and_idle_connections():
 def test_connection_flags_refuse_nonsense(flag, value, capsys):
     from tramontane.cli.main import main
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit:
         main(["serve", flag, value])
-    assert f"argument {flag}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and f"argument {flag}" in err
+    assert err.startswith("tramontane: error: ") and err.count("\n") == 1  # one line, no usage dump
 
 
 def test_chunked_with_a_content_length_is_refused():

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..errors import TramontaneError
 from .model import add_model_parsers, add_store_parsers, cmd_convert, cmd_list, cmd_pull, cmd_rm
@@ -85,8 +85,15 @@ def parse_loras(specs: list[str], reserved: str | None = None) -> dict[str, str]
     return loras
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a misuse reported on one line, as every other CLI error is (subcommands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"tramontane: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tramontane", description="Run Mistral-family open-weight models.")
+    parser = _Parser(prog="tramontane", description="Run Mistral-family open-weight models.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="answer one question (reads stdin when no prompt is given)")
     run.add_argument("args", nargs="*", metavar="[MODEL] [PROMPT]")

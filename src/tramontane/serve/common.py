@@ -68,15 +68,30 @@ def adapter_for(request: Request, model: str | None) -> str | None:
     return model if model and model != state.model_name else None
 
 
-MAX_INT_DIGITS = 40  # no field takes more than 64 bits: longer integers are refused while parsing
+MAX_INT = 10**40  # no field takes more than 64 bits: larger integers are refused before any arithmetic
+MAX_PROMPT_IDS = 1 << 20  # token ids in a prompt or input field; no context is longer
 
 
-def _bounded_int(text: str) -> int:
-    """json.loads' integer parser: no integer longer than MAX_INT_DIGITS digits (a 4000-digit max_tokens
-    would otherwise reach arithmetic and messages that cannot print it)."""
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits is out of range")
-    return int(text)
+def _check_sizes(data: dict[str, Any]) -> None:
+    """400 for an absurd integer field (a 4000-digit max_tokens would reach arithmetic and messages
+    that cannot print it), and for a prompt or input of more token ids than any context holds, counted
+    before each id is validated (which takes seconds for millions)."""
+    for name, value in data.items():
+        if isinstance(value, int) and not -MAX_INT < value < MAX_INT:
+            raise bad_request(f"{name} is out of range: an integer of {len(str(abs(value)))} digits", name)
+    for name in ("prompt", "input"):
+        value = data.get(name)
+        if isinstance(value, list) and value:
+            count = len(value) + (
+                sum(len(v) for v in value if isinstance(v, list)) if isinstance(value[0], list) else 0
+            )
+            if count > MAX_PROMPT_IDS:
+                raise APIError(
+                    400,
+                    f"{name} holds {count} items, more than any context ({MAX_PROMPT_IDS})",
+                    param=name,
+                    code="context_length_exceeded",
+                )
 
 
 def _is_json(content_type: str) -> bool:
@@ -98,7 +113,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
     if not raw.strip():
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:
-        data = json.loads(raw, parse_int=_bounded_int)
+        data = json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, over-long integers, nesting
         raise bad_request(f"the request body is not valid JSON: {str(exc)[:200]}", code="invalid_json") from None
     if _LONE_SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(data):
@@ -109,6 +124,7 @@ async def parse_body(request: Request, model: type[M]) -> M:
         )
     if not isinstance(data, dict):
         raise APIError(422, f"the request body must be a JSON object, not {type(data).__name__}", code="invalid_type")
+    _check_sizes(data)
     try:
         return model.model_validate(data)
     except ValidationError as exc:

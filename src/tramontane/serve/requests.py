@@ -287,7 +287,8 @@ async def encode_chat(
 def check_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
     for t in ids:
         if not 0 <= t < vocab_size:
-            raise bad_request(f"token id {t} is outside the vocabulary (size {vocab_size})", param)
+            shown = str(t) if abs(t) < 10**20 else f"of {len(str(abs(t)))} digits"
+            raise bad_request(f"token id {shown} is outside the vocabulary (size {vocab_size})", param)
     return ids
 
 
