@@ -29,7 +29,7 @@ from .blocks import BlockPool, bytes_per_block
 from .metrics import EngineMetrics
 from .pacing import Pace
 from .prompt_jobs import PromptJob, Result, Scores
-from .runner import PagedStep, StepOutput, logit_rows, run_step
+from .runner import PagedStep, StepOutput, run_step
 from .scheduler import EngineSequence, Scheduler
 from .types import (
     ContextLengthError,
@@ -294,13 +294,12 @@ class AsyncEngine:
 
     def _fold(self, batch: list[tuple[EngineSequence, int]], starts: list[int], out: StepOutput) -> None:
         """The step's outputs of background sequences into their jobs; finished prompts make room."""
-        _, scored = logit_rows(batch)
         offset = 0
         for i, (seq, n) in enumerate(batch):
             entry = self._job_seqs.get(seq.request_id) if seq.background else None
             if entry is not None:
                 job, index, _ = entry
-                logits = out.logits[scored[i]] if i in scored else None
+                logits = out.logits[out.scored[i]] if i in out.scored else None
                 job.fold(index, starts[i], out.hidden[offset : offset + n], logits)
                 if seq.num_computed == len(seq.tokens):
                     self._finish_prompt(job, index, seq)

@@ -113,6 +113,7 @@ def adapter_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[torch.Ten
 class StepOutput(NamedTuple):
     hidden: torch.Tensor  # [N,dim] final normed hidden states of every scheduled token
     logits: torch.Tensor  # [R,V] of the rows `logit_rows` named
+    scored: dict[int, slice]  # per scored batch entry, its slice of `logits` (logit_rows)
 
 
 def logit_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[list[int], dict[int, slice]]:
@@ -136,11 +137,12 @@ def run_step(
     Requests with different LoRA adapters (and none) share the step: each token gets its request's
     adapter. Under torchrun the other ranks are told the step first (see `follow`)."""
     tokens, positions, step, _ = layout(pool, batch, window)
-    rows, _ = logit_rows(batch)
+    rows, scored = logit_rows(batch)
     adapters = adapter_rows(batch)
     if is_parallel():
         broadcast_object(("step", tokens, positions, step.parts(), rows, adapters))
-    return forward_step(backend, tokens, positions, step, rows, adapters)
+    hidden, logits = forward_step(backend, tokens, positions, step, rows, adapters)
+    return StepOutput(hidden, logits, scored)
 
 
 def forward_step(
@@ -150,7 +152,8 @@ def forward_step(
     step: PagedStep,
     rows: list[int],
     adapters: tuple[torch.Tensor, list[str]] | None,
-) -> StepOutput:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states [N,dim] of every token and logits [R,V] of `rows`."""
     model = backend.model
     if adapters is not None:
         from ..lora.layers import set_rows
@@ -159,7 +162,7 @@ def forward_step(
     try:
         with torch.inference_mode():
             h = backend.prefill(tokens, positions, step)[0]  # [N,dim]: prefill chunks and decode tokens together
-            return StepOutput(h, model.logits(h[rows]))  # [R,V]
+            return h, model.logits(h[rows])  # [R,V]
     finally:
         if adapters is not None:
             set_rows(model, None, [])
