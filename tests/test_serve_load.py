@@ -24,7 +24,7 @@ from serving import metric, running_server
 
 DATA = Path(__import__("importlib").util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
 CLIENTS = 32
-SECONDS = 30.0
+SECONDS = 15.0
 DRAIN_TIMEOUT = 30
 MALFORMED = [
     b"{",
@@ -165,20 +165,20 @@ def _settled(base: str) -> dict[str, float]:
         time.sleep(0.2)
 
 
-def test_thirty_two_clients_with_faults_for_half_a_minute(server):
+def test_thirty_two_clients_with_faults_for_fifteen_seconds(server):
     base, proc, log, _ = server
     asyncio.run(_run(base, 5.0, {"complete": 0, "gone": 0, "malformed": 0}))  # warm-up
     before = rss(proc.pid)
     tally = {"complete": 0, "gone": 0, "malformed": 0}
     asyncio.run(_run(base, SECONDS, tally))
-    assert tally["complete"] >= 100 and tally["gone"] >= 20 and tally["malformed"] >= 20, tally
+    assert tally["complete"] >= 50 and tally["gone"] >= 10 and tally["malformed"] >= 10, tally
     assert _settled(base) == {
         "tramontane_running_requests": 0,
         "tramontane_queue_depth": 0,
         "tramontane_kv_blocks_used": 0,
     }
     growth = rss(proc.pid) - before
-    assert growth < 64 << 20, f"RSS grew by {growth / 2**20:.1f} MiB during the minute"
+    assert growth < 64 << 20, f"RSS grew by {growth / 2**20:.1f} MiB during the run"
     assert proc.poll() is None and httpx.get(f"{base}/health").status_code == 200
     assert "Traceback" not in log.read_text()
     print(f"\n{tally}, RSS growth {growth / 2**20:.1f} MiB")
@@ -248,7 +248,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
                 "--mode",
                 mode,
                 "--max-examples",
-                "12",
+                "6",
                 "--seed",
                 "11",
                 "--phases",
@@ -266,7 +266,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
         )
         assert r.returncode == 0, r.stdout[-4000:]
         cases = re.search(r"(\d+) generated", r.stdout)
-        assert cases and int(cases.group(1)) >= 60, r.stdout[-2000:]
+        assert cases and int(cases.group(1)) >= 30, r.stdout[-2000:]
         print(f"\nschemathesis {mode}: {cases.group(0)}")
     assert proc.poll() is None and "Traceback" not in log.read_text()
 

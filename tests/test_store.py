@@ -83,6 +83,8 @@ def test_offline_and_unknown_repositories_get_clear_errors(tmp_path):
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
     offline = cli(tmp_path / "home", "pull", "acme/anything", endpoint=closed)
     assert offline.returncode == 1 and "tramontane pull PATH" in offline.stderr and "Traceback" not in offline.stderr
+    assert "cannot reach" in offline.stderr and "Retrying" not in offline.stderr  # one probe, no backoff
+    assert not list((tmp_path / "home").rglob("*.partial"))  # nothing half-made left in the store
     with FakeHub({}) as hub:
         unknown = cli(tmp_path / "home", "pull", "acme/nothing", endpoint=hub.url)
     assert unknown.returncode == 1 and "no repository 'acme/nothing'" in unknown.stderr

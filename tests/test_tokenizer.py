@@ -77,14 +77,9 @@ def smol_gguf() -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def smol_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+def smol_reference(smollm2_hf_tokenizer: tuple[Any, Path]) -> tuple[Any, Path]:
     """transformers' own tokenizer for the GGUF, and a folder holding its saved tokenizer.json."""
-    transformers = pytest.importorskip("transformers")
-    path = smollm_file()
-    reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    folder = tmp_path_factory.mktemp("smol_hf")
-    reference.save_pretrained(str(folder))
-    return reference, folder
+    return smollm2_hf_tokenizer
 
 
 def spm_metadata(model_file: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -317,7 +318,8 @@ def _check(name: str, arguments: str | dict) -> None:
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_required_calls_through_both_sdks(server, choice):
     oai, mistral = _clients(server)
-    for seed in range(2):  # sampled: two seeds per SDK and choice (each answer takes seconds on 2 cores)
+
+    def via_openai(seed: int) -> None:
         r = oai.chat.completions.create(
             model=MODEL, messages=ASK, tools=TOOLS, tool_choice=choice, seed=seed, temperature=1.0, max_tokens=160
         )
@@ -325,6 +327,8 @@ def test_required_calls_through_both_sdks(server, choice):
         for call in r.choices[0].message.tool_calls:
             assert call.id.startswith("call_") and call.type == "function"
             _check(call.function.name, call.function.arguments)
+
+    def via_mistral(seed: int) -> None:
         m = mistral.chat.complete(
             model=MODEL,
             messages=ASK,
@@ -340,10 +344,16 @@ def test_required_calls_through_both_sdks(server, choice):
         if isinstance(choice, dict):
             assert {c.function.name for c in m.choices[0].message.tool_calls} == {"get_weather"}
 
+    # sampled: two seeds per SDK and choice, sent together (the server batches them)
+    with ThreadPoolExecutor(4) as pool:
+        for done in [pool.submit(ask, seed) for ask in (via_openai, via_mistral) for seed in range(2)]:
+            done.result()
+
 
 def test_streamed_calls_through_both_sdks(server):
     oai, mistral = _clients(server)
-    for seed in range(2):
+
+    def via_openai(seed: int) -> None:
         calls: dict[int, dict] = {}
         finish = None
         for chunk in oai.chat.completions.create(
@@ -365,6 +375,8 @@ def test_streamed_calls_through_both_sdks(server):
         assert finish == "tool_calls" and calls
         for entry in calls.values():
             _check(entry["name"], entry["arguments"])
+
+    def via_mistral(seed: int) -> None:
         events = list(
             mistral.chat.stream(
                 model=MODEL,
@@ -380,6 +392,10 @@ def test_streamed_calls_through_both_sdks(server):
         assert events[-1].data.choices[0].finish_reason == "tool_calls" and streamed
         for call in streamed:
             _check(call.function.name, call.function.arguments)
+
+    with ThreadPoolExecutor(4) as pool:  # the four streams at once: the server batches them
+        for done in [pool.submit(ask, seed) for ask in (via_openai, via_mistral) for seed in range(2)]:
+            done.result()
 
 
 def test_round_trip_through_both_sdks(server):

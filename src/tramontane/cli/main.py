@@ -561,10 +561,14 @@ def main(argv: list[str] | None = None) -> int:
         "rm": cmd_rm,
         "pull": cmd_pull,
     }
-    from ..parallel.dist import init_from_env, shutdown
+    # under torchrun: join the group; every rank runs this same command. (Only these commands import
+    # torch.distributed: `list`, `rm` and friends answer without loading torch at all.)
+    distributed = ns.command in ("run", "chat", "serve")
+    joined = False
+    if distributed:
+        from ..parallel.dist import init_from_env
 
-    # under torchrun: join the group; every rank runs this same command
-    joined = ns.command in ("run", "chat", "serve") and init_from_env()
+        joined = init_from_env()
     finished = False
     try:
         code = commands[ns.command](ns)
@@ -575,7 +579,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = 130
     finally:
-        shutdown(barrier=finished)
+        if distributed:
+            from ..parallel.dist import shutdown
+
+            shutdown(barrier=finished)
     if joined:  # skip interpreter teardown: gloo's threads can abort a finishing rank (std::terminate)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -195,6 +195,24 @@ def _http_errors() -> tuple[type[Exception], ...]:
     return tuple(found)
 
 
+def _check_reachable(endpoint: str, repo_id: str) -> None:
+    """One quick request to the hub before anything else: an offline machine gets its answer at once,
+    not after huggingface_hub's retries with backoff (about half a minute), and no empty staging folder
+    is left behind. Any HTTP answer, even an error, means the hub is there."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=10.0).close()
+    except urllib.error.HTTPError:
+        return  # an answer
+    except (OSError, ValueError) as exc:  # URLError (refused, no DNS), timeouts, a malformed HF_ENDPOINT
+        raise StoreError(
+            f"cannot reach {endpoint} to download {repo_id!r}: {type(exc).__name__}: {str(exc)[:200]}; "
+            "offline machines can import a local copy with `tramontane pull PATH`"
+        ) from None
+
+
 def pull_hub(
     repo_id: str, revision: str | None = None, name: str | None = None, gguf_file: str | None = None
 ) -> StoredModel:
@@ -204,9 +222,10 @@ def pull_hub(
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     name = _check_name(name or repo_id.rsplit("/", 1)[-1])
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    _check_reachable(endpoint, repo_id)
     staging = models_dir() / f".{name}.partial"  # kept on failure: huggingface_hub resumes from it
     staging.mkdir(parents=True, exist_ok=True)
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
         files = huggingface_hub.list_repo_files(repo_id, revision=revision)
         wanted = choose_files(files, gguf_file)
