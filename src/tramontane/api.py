@@ -156,6 +156,7 @@ def load(
     quant: str | None = None,
     lora: dict[str, str | Path] | None = None,
     parallel: str | None = None,
+    mmap: bool = True,
 ) -> LLM:
     """Load a model folder (Hugging Face or Mistral native) or GGUF file; None = the default model.
 
@@ -165,7 +166,8 @@ def load(
     quant: "int8" or "int4" weight-only quantization of the float matrices after loading (quant/).
     lora: {name: adapter folder} LoRA adapters to load (none applies until `use_adapter(name)`).
     parallel: "tp", "ep" or "tp+ep" when this process is one rank of a torch.distributed group (torchrun):
-    it loads only its part of the model (parallel/plan.py); every rank then runs the same calls."""
+    it loads only its part of the model (parallel/plan.py); every rank then runs the same calls.
+    mmap: packed GGUF blocks are views of the mapped file, read as first touched (False: copied in)."""
     from .quant.kernels import available
     from .text.tokenizer import load_tokenizer, tokenizer_from_gguf
     from .weights.sources import detect_format
@@ -183,7 +185,12 @@ def load(
 
         shard = (parallel, *rank_and_world())
     loaded = load_model(
-        path, dtype=dtype, progress=progress, packed=available() if packed is None else packed, shard=shard
+        path,
+        dtype=dtype,
+        progress=progress,
+        packed=available() if packed is None else packed,
+        shard=shard,
+        mmap=mmap,
     )
     if quant is not None:
         from .quant.quantize import quantize_model

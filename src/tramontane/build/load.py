@@ -21,7 +21,8 @@ from ..model import Transformer
 from ..model.layers import rope_frequencies
 from ..parallel.plan import Layout, layout_for, slice_of
 from ..parallel.shard import shard_model
-from ..quant.linear import PACKED_TYPES, PackedEmbedding, PackedLinear, set_module
+from ..quant.kernels import row_bytes
+from ..quant.linear import PACKED_TYPES, PackedEmbedding, PackedExperts, PackedLinear, set_module
 from ..quant.step import fuse
 from ..weights import names
 from ..weights.sources import GGUFSource, Reader, SafetensorsSource, open_source
@@ -43,10 +44,14 @@ def load_model(
     progress: bool = False,
     packed: bool = False,
     shard: tuple[str, int, int] | None = None,
+    mmap: bool = True,
 ) -> LoadedModel:
     """Read a model folder or GGUF file into a ready `Transformer` (eval mode, no gradients).
 
-    packed=True keeps a GGUF file's quantized matrices as their blocks (see quant/linear.py).
+    packed=True keeps a GGUF file's quantized matrices as their blocks (see quant/linear.py), Mixtral's
+    stacked `*_exps` experts included; with mmap=True (the default, as in llama.cpp) those blocks are
+    views of the file's mapping, read from disk as they are first touched (only the experts tokens
+    choose); mmap=False copies them into memory. Fusing q/k/v and gate/up copies those rows either way.
     shard = (mode, rank, world): keep only this rank's part of each tensor under the parallel plan `mode`
     ("tp", "ep", "tp+ep"; see parallel/plan.py); tensors are sliced as they are read, so the rank never
     holds the whole model."""
@@ -60,7 +65,7 @@ def load_model(
         model = Transformer(config.with_(quant="gguf") if packed else config)
     if layout is not None:
         shard_model(model, layout)
-    state = _assemble(model, config, source, name_map, dtype, progress, packed, layout)
+    state = _assemble(model, config, source, name_map, dtype, progress, packed, layout, mmap)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the modules own the tensors now: fusing projections below must not double them
     if packed:
@@ -70,7 +75,7 @@ def load_model(
     meta: dict[str, Any] = {}
     if isinstance(source, GGUFSource):
         meta = source.file.metadata
-        source.file.close()  # every tensor was copied out; unmapping drops the file's pages from RSS
+        source.file.close()  # unmaps now if every tensor was copied out, else when the last view goes
     return LoadedModel(model, model.config, fmt, path, dict(source.types), meta)
 
 
@@ -83,6 +88,7 @@ def _assemble(
     progress: bool,
     packed: bool = False,
     layout: Layout | None = None,
+    mmap: bool = True,
 ) -> dict[str, torch.Tensor]:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
@@ -110,7 +116,7 @@ def _assemble(
                 f"configuration ({config.n_layers} layers, moe={config.moe}) lacks",
             )
         if packed and isinstance(source, GGUFSource) and m.transform is None and PACKABLE.fullmatch(m.target):
-            blocks = source.packed(name, PACKED_TYPES)
+            blocks = source.packed(name, PACKED_TYPES, mapped=mmap)
             if blocks is not None:
                 _swap_packed(model, source.path, name, m.target, blocks, expected, state)
                 swapped.add(m.target)
@@ -131,8 +137,13 @@ def _assemble(
     return state
 
 
-# Matrices that may stay packed: the attention and dense feed-forward projections, output, embedding.
-PACKABLE = re.compile(r"(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output|tok_embeddings)\.weight")
+# Matrices that may stay packed: the attention and dense feed-forward projections, output, embedding, and
+# Mixtral's stacked experts (a parameter [E, out, in], no ".weight"; GGUF `*_exps`). Experts stored one
+# tensor each (`ffn_gate.E`, an old GGUF layout) are dequantized.
+PACKABLE = re.compile(
+    r"(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output|tok_embeddings)\.weight"
+    r"|layers\.\d+\.feed_forward\.w[123]"
+)
 
 
 def _swap_packed(
@@ -146,14 +157,17 @@ def _swap_packed(
 ) -> None:
     """Put a packed module where the float one was; its blocks go into the state dict."""
     rows, qtype = blocks
-    out_features, in_features = expected[target]
-    if rows.shape[0] != out_features:
-        raise LoadError(path, f"tensor {name!r} has {rows.shape[0]} rows, expected {out_features}")
-    module_path = target.removesuffix(".weight")
-    with torch.device("meta"):
-        module = (PackedEmbedding if module_path == "tok_embeddings" else PackedLinear)(
-            torch.empty(rows.shape, dtype=torch.uint8), qtype, in_features
+    shape = expected[target]  # [out, in], or [E, out, in] for stacked experts
+    if tuple(rows.shape[:-1]) != shape[:-1] or rows.shape[-1] != row_bytes(qtype, shape[-1]):
+        raise LoadError(
+            path,
+            f"tensor {name!r} holds {list(rows.shape[:-1])} rows of {rows.shape[-1]} bytes, "
+            f"expected {list(shape[:-1])} rows of {shape[-1]} values",
         )
+    module_path = target.removesuffix(".weight")
+    kind = PackedExperts if len(shape) == 3 else PackedEmbedding if module_path == "tok_embeddings" else PackedLinear
+    with torch.device("meta"):
+        module = kind(torch.empty(rows.shape, dtype=torch.uint8), qtype, shape[-1])
     set_module(model, module_path, module)
     state[module_path + ".packed"] = rows
 

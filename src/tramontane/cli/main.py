@@ -42,11 +42,22 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
         default=None,
         help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)",
     )
+    _mmap_flag(p)
     _lora_flag(p)
     p.add_argument(
         "--adapter", default=None, metavar="NAME", help="which --lora adapter answers (default: the only one given)"
     )
     _parallel_flag(p)
+
+
+def _mmap_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-mmap",
+        dest="mmap",
+        action="store_false",
+        help="copy a GGUF file's packed weights into memory instead of reading them from the mapped file "
+        "as they are first used (the default: quick loads, and only the experts a token uses are read)",
+    )
 
 
 def _parallel_flag(p: argparse.ArgumentParser) -> None:
@@ -189,6 +200,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)",
     )
+    _mmap_flag(p)
     _lora_flag(p)
     _parallel_flag(p)
     p.add_argument(
@@ -352,6 +364,7 @@ def _load(model: str | None, ns: argparse.Namespace):
         quant=ns.quant,
         lora=loras,
         parallel=_parallel_mode(ns),
+        mmap=ns.mmap,
     )
     if loras:
         llm.use_adapter(ns.adapter or next(iter(loras)))
@@ -523,6 +536,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         max_num_batched_tokens=ns.max_num_batched_tokens,
         dtype=ns.dtype,
         quant=ns.quant,
+        mmap=ns.mmap,
         drain_timeout=ns.drain_timeout,
         loras=parse_loras(ns.lora, reserved=ns.served_model_name or name),
         allow_origins=ns.allow_origin,

@@ -10,6 +10,7 @@ server's mixed batches). Rows without an adapter get exactly base(x).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -301,7 +302,7 @@ def _install(
     parent, _, leaf = path.rpartition(".")
     owner = model.get_submodule(parent)
     if isinstance(owner, MoeFeedForward) and leaf in EXPERT_PROJECTIONS:
-        device = owner.w1.device
+        device = next(itertools.chain(owner.parameters(), owner.buffers())).device  # float or packed experts
         if owner.expert_lora is None:
             owner.expert_lora = ExpertLoRA(sel)
         return owner.expert_lora.add(leaf, name, a.float().to(device), b.float().to(device), scale, dropout)

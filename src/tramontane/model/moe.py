@@ -22,7 +22,23 @@ class ExpertAdapters(Protocol):
         ...
 
 
+class ExpertMatrices(Protocol):
+    """A stack of expert matrices [E, out, in] held some other way than a float tensor (quant/'s
+    `PackedExperts`: GGML blocks, decoded on the fly). A module set in place of w1, w2 or w3."""
+
+    num_experts: int
+
+    def matmul(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n,in] @ W[e]^T -> [n,out] in x's dtype."""
+        ...
+
+
 class MoeFeedForward(nn.Module):
+    # w1, w2, w3: float stacks (nn.Parameter) or, once a module swap packed them, ExpertMatrices modules
+    w1: torch.Tensor | ExpertMatrices
+    w2: torch.Tensor | ExpertMatrices
+    w3: torch.Tensor | ExpertMatrices
+
     def __init__(self, dim: int, hidden_dim: int, moe: MoeConfig) -> None:
         super().__init__()
         e = moe.num_experts
@@ -39,7 +55,14 @@ class MoeFeedForward(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.w1.shape[0]
+        """Experts held by this module (all of them, or this rank's under expert parallelism)."""
+        w1 = self.w1
+        return w1.shape[0] if isinstance(w1, torch.Tensor) else w1.num_experts
+
+    def matmul(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n,in] @ W[e]^T for the projection `name` ("w1", "w2", "w3") of held expert e -> [n,out]."""
+        w = getattr(self, name)
+        return F.linear(x, w[e]) if isinstance(w, torch.Tensor) else w.matmul(e, x)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N,dim] -> weights [N,K] (x's dtype) and expert ids [N,K]."""
@@ -53,7 +76,7 @@ class MoeFeedForward(nn.Module):
         (tells per-row LoRA adapters which row is which)."""
         lora = self.expert_lora
         if lora is None:
-            return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+            return self.matmul("w2", e, F.silu(self.matmul("w1", e, x)) * self.matmul("w3", e, x))
         h = F.silu(self._project(lora, "w1", e, x, tokens)) * self._project(lora, "w3", e, x, tokens)
         return self._project(lora, "w2", e, h, tokens)
 
@@ -61,7 +84,7 @@ class MoeFeedForward(nn.Module):
         self, lora: ExpertAdapters, name: str, e: int, x: torch.Tensor, tokens: torch.Tensor | None
     ) -> torch.Tensor:
         """x @ W[e]^T plus the adapters' term for this expert's projection `name`."""
-        y = F.linear(x, getattr(self, name)[e])
+        y = self.matmul(name, e, x)
         delta = lora.delta(name, e, x, tokens)
         return y if delta is None else y + delta.to(y.dtype)
 

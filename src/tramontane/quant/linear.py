@@ -91,6 +91,46 @@ class PackedEmbedding(nn.Module):
         return self.dequantize()
 
 
+class PackedExperts(nn.Module):
+    """Mixtral's stacked expert matrices [E, out, in] kept as GGML blocks: `packed` [E, out, row_bytes]
+    (a GGUF `*_exps` tensor as stored, often a view into the mapped file). Set in place of a
+    MoeFeedForward's w1, w2 or w3 (model.moe.ExpertMatrices); each expert's rows are a contiguous slice,
+    run by the same packed matmul as `PackedLinear`."""
+
+    packed: torch.Tensor  # a buffer: [E, out_features, row_bytes] uint8
+
+    def __init__(self, packed: torch.Tensor, qtype: int, in_features: int) -> None:
+        super().__init__()
+        self.register_buffer("packed", packed)  # [E, out_features, row_bytes] uint8
+        self.qtype, self.in_features = qtype, in_features
+        self.num_experts, self.out_features = packed.shape[0], packed.shape[1]
+
+    def expert(self, e: int) -> PackedLinear:
+        """Expert e's matrix as a PackedLinear over the same rows (no copy)."""
+        return PackedLinear(self.packed[e], self.qtype, self.in_features)
+
+    def matmul(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] @ W[e]^T -> [n, out]."""
+        from .kernels import matmul_2d, qmatmul
+
+        rows = self.packed[e]  # [out, row_bytes], contiguous
+        if x.dtype is torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
+            return matmul_2d(x.contiguous(), rows, self.qtype, self.in_features, torch.get_num_threads())
+        return qmatmul(x.float(), rows, self.qtype, self.in_features).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [E, out, in]."""
+        e, n, _ = self.packed.shape
+        flat = self.packed.reshape(e * n, -1)  # [E*out, row_bytes]
+        return dequantize_packed(flat, self.qtype, self.in_features).view(e, n, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, "
+            f"type={GGML_TYPES[self.qtype].name}"
+        )
+
+
 def _fusable(parts: list[object]) -> TypeGuard[list[PackedLinear]]:
     """Packed projections of one type and input width (an empty list is not)."""
     packed = [p for p in parts if isinstance(p, PackedLinear)]
@@ -133,6 +173,12 @@ def dequantize_model(model: Transformer) -> None:
     if config.tie_embeddings:
         model.output = None  # the float model reads the tied head from tok_embeddings
     for path, module in list(model.named_modules()):
+        if isinstance(module, PackedExperts):
+            owner, _, name = path.rpartition(".")
+            moe = model.get_submodule(owner)
+            delattr(moe, name)  # a module, back to a stacked float parameter [E, out, in]
+            moe.register_parameter(name, nn.Parameter(module.dequantize(), requires_grad=False))
+            continue
         if isinstance(module, PackedLinear):
             plain: nn.Module = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
         elif isinstance(module, PackedEmbedding):
@@ -145,5 +191,9 @@ def dequantize_model(model: Transformer) -> None:
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at `path`; a parameter of that name (Mixtral's stacked experts) is removed first."""
     parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
+    owner = model.get_submodule(parent) if parent else model
+    if name in owner._parameters:
+        delattr(owner, name)
+    setattr(owner, name, module)

@@ -17,14 +17,15 @@ import torch
 from torch import nn
 
 from ..errors import RequestError
+from ..model.moe import MoeFeedForward
 from ..model.transformer import Transformer
 from ..weights.gguf_quants import GGML_TYPES
-from .linear import PackedEmbedding, PackedLinear, set_module
+from .linear import PackedEmbedding, PackedExperts, PackedLinear, set_module
 
 SCHEMES = {"int8": "Q8_0", "int4": "Q4_1"}
 GROUP = 32
 # Which linear layers are quantized: attention and dense feed-forward projections, and the output head
-# (the token embedding too, as packed rows).
+# (the token embedding too, as packed rows; Mixtral's experts as PackedExperts, its router stays float).
 TARGETS = re.compile(r"layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output")
 
 
@@ -89,6 +90,9 @@ def quantize_model(model: Transformer, scheme: str) -> Transformer:
         if isinstance(module, nn.Linear) and TARGETS.fullmatch(name) and module.in_features % GROUP == 0:
             packed = quantize_rows(module.out_features, _rows_of(module.weight.detach()), scheme)
             set_module(model, name, PackedLinear(packed, type_id(qname), module.in_features))
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MoeFeedForward):
+            _quantize_experts(model, name, module, scheme)
     embedding = model.tok_embeddings
     if isinstance(embedding, nn.Embedding) and embedding.embedding_dim % GROUP == 0:
         packed = quantize_rows(embedding.num_embeddings, _rows_of(embedding.weight.detach()), scheme)
@@ -98,6 +102,21 @@ def quantize_model(model: Transformer, scheme: str) -> Transformer:
 
     fuse(model)
     return model
+
+
+def _quantize_experts(model: Transformer, path: str, moe: MoeFeedForward, scheme: str) -> None:
+    """Mixtral's stacked float experts -> PackedExperts, one projection at a time (its float stack is
+    dropped as soon as the packed one replaces it), expert by expert within it."""
+    qtype = type_id(SCHEMES[scheme])
+    for w in ("w1", "w2", "w3"):
+        stack = getattr(moe, w)
+        if not isinstance(stack, torch.Tensor) or stack.shape[-1] % GROUP:
+            continue
+        experts, rows, cols = stack.shape
+        packed = torch.empty(experts, rows, cols // GROUP * GGML_TYPES[qtype].type_size, dtype=torch.uint8)
+        for e in range(experts):
+            packed[e] = quantize_rows(rows, _rows_of(stack[e].detach()), scheme)
+        set_module(model, f"{path}.{w}", PackedExperts(packed, qtype, cols))
 
 
 def _rows_of(weight: torch.Tensor) -> Callable[[int, int], torch.Tensor]:

@@ -99,6 +99,7 @@ class ServeOptions:
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)  # --timeout-*, --max-connections*
     allowed_hosts: list[str] = field(default_factory=list)  # --allowed-host: names besides loopback ones
     default_max_tokens: int = 4096  # --default-max-tokens
+    mmap: bool = True  # --no-mmap: copy packed GGUF weights in instead of mapping them
 
 
 def host_allowlist(opts: ServeOptions) -> frozenset[str] | None:
@@ -115,7 +116,7 @@ def _load_engine(opts: ServeOptions) -> Any:
     from ..api import load
     from ..engine import AsyncEngine
 
-    llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel)
+    llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel, mmap=opts.mmap)
     return AsyncEngine(
         llm,
         model_name=opts.name,
@@ -157,7 +158,7 @@ def follow_leader(opts: ServeOptions) -> int:
     from ..engine.runner import follow
     from ..parallel.dist import broadcast_object
 
-    llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel)
+    llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel, mmap=opts.mmap)
     kind, num_blocks, block_size, dtype = broadcast_object(None)  # sent by rank 0's AsyncEngine
     if kind != "pool":
         raise TramontaneError(f"rank 0 sent {kind!r} before the KV pool's size")

@@ -318,6 +318,15 @@ class GGUFFile:
         _release_pages(buf, info.offset, info.nbytes)
         return out
 
+    def mapped(self, name: str) -> torch.Tensor:
+        """The tensor's bytes as a uint8 tensor [nbytes] over the mapping itself (no copy): its pages
+        are read from the file when first touched, and the mapping lives as long as any such tensor
+        (close() leaves it to them). Private copy-on-write: a write could never reach the file."""
+        buf, info = self._locate(name)
+        # Through numpy: an ndarray holds a buffer export, which keeps mmap.close() from unmapping under
+        # the tensor (torch.frombuffer keeps only a reference: close() would leave it dangling).
+        return torch.from_numpy(np.frombuffer(buf, dtype=np.uint8, count=info.nbytes, offset=info.offset))
+
     def load(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The tensor dequantized into a new (file-independent) tensor of `info.shape` and `dtype`."""
         buf, info = self._locate(name)
@@ -332,7 +341,7 @@ class GGUFFile:
         return dequantize(self.copy_raw(name), info.ggml_type).reshape(info.shape).to(dtype)
 
     def close(self) -> None:
-        """Release the mapping (at once, or when the last raw() view is garbage-collected)."""
+        """Release the mapping (at once, or when the last raw() or mapped() view is garbage-collected)."""
         buf, self._buf = self._buf, None
         if buf is not None:
             _close_quietly(buf)

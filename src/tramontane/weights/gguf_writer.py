@@ -121,17 +121,23 @@ def _gguf_name(path: str) -> str:
     return TENSOR_NAMES[path] + ".weight"
 
 
+def _expert_name(path: str) -> str:
+    """ "layers.3.feed_forward.w1" (stacked experts) -> "blk.3.ffn_gate_exps.weight"."""
+    layer, name = path.split(".")[1], path.rsplit(".", 1)[1]
+    return f"blk.{layer}.{EXPERT_NAMES[name]}.weight"
+
+
 def tensors(model: torch.nn.Module, float_type: str = "f32") -> Iterator[tuple[str, np.ndarray, int | None]]:
     """(GGUF name, array, GGML type of packed rows, or None for a float array)."""
     np_dtype = FLOAT_TYPES[float_type][0]
     for path, item in _weights(model):
         if is_packed(item):
-            yield _gguf_name(path), item.packed.numpy(), item.qtype
+            rows = item.packed.numpy()  # [out, row_bytes], or packed experts [E, out, row_bytes]
+            yield _expert_name(path) if rows.ndim == 3 else _gguf_name(path), rows, item.qtype
             continue
         weight = (item if isinstance(item, torch.Tensor) else item.get_parameter("weight")).detach().float()
         if weight.dim() == 3:  # Mixtral experts [E, rows, cols]
-            layer, name = path.split(".")[1], path.rsplit(".", 1)[1]
-            yield f"blk.{layer}.{EXPERT_NAMES[name]}.weight", weight.numpy().astype(np_dtype), None
+            yield _expert_name(path), weight.numpy().astype(np_dtype), None
         else:  # norms stay float32, as llama.cpp's converter keeps them
             yield _gguf_name(path), weight.numpy().astype(np.float32 if weight.dim() == 1 else np_dtype), None
     for path, rows, qtype in _split_fused(model):

@@ -122,6 +122,15 @@ def _entry(
     return name, produce, shape[0] * shape[1] * _dtype(module).itemsize
 
 
+def _expert_entry(name: str, ff: nn.Module, w: str, e: int, shape: tuple[int, int]) -> Entry:
+    """Expert e's matrix of projection w: a slice of the float stack [E,out,in], or of packed experts
+    (a module whose `expert(e)` is a packed matrix; decoded when its shard is written)."""
+    stack = getattr(ff, w)
+    if isinstance(stack, torch.Tensor):
+        return _tensor(name, stack[e])
+    return _entry(name, stack.expert(e), shape)
+
+
 def _tensor(name: str, t: torch.Tensor) -> Entry:
     return name, (lambda: t.detach().contiguous()), t.numel() * t.element_size()
 
@@ -151,11 +160,9 @@ def _block_entries(p: str, block: nn.Module, c: ModelConfig) -> list[Entry]:
     ]
     if c.moe is not None:
         out.append(_entry(p + "block_sparse_moe.gate.weight", ff.get_submodule("gate"), (c.moe.num_experts, c.dim)))
+        shapes = {"w1": (c.hidden_dim, c.dim), "w2": (c.dim, c.hidden_dim), "w3": (c.hidden_dim, c.dim)}
         for e in range(c.moe.num_experts):
-            out += [
-                _tensor(f"{p}block_sparse_moe.experts.{e}.{w}.weight", ff.get_parameter(w)[e])  # [E,out,in] -> [out,in]
-                for w in ("w1", "w2", "w3")
-            ]
+            out += [_expert_entry(f"{p}block_sparse_moe.experts.{e}.{w}.weight", ff, w, e, shapes[w]) for w in shapes]
         return out
     f = c.hidden_dim
     w13 = fused(ff, "w13")

@@ -155,13 +155,15 @@ class GGUFSource:
     def _load(self, name: str) -> torch.Tensor:
         return self.file.load(name, torch.float32)
 
-    def packed(self, name: str, types: Container[str]) -> tuple[torch.Tensor, int] | None:
-        """A 2-D tensor's blocks as uint8 rows [out, row_bytes] when its type is one of `types`."""
+    def packed(self, name: str, types: Container[str], mapped: bool = False) -> tuple[torch.Tensor, int] | None:
+        """A matrix's blocks as uint8 rows [out, row_bytes], or a stack of them [E, out, row_bytes]
+        (Mixtral's `*_exps`), when its type is one of `types`. mapped=True: a view of the file's mapping
+        (nothing copied; pages are read as they are touched); False: a copy owned by the tensor."""
         info = self.file.tensors[name]
-        if len(info.shape) != 2 or info.type_name not in types:
+        if len(info.shape) not in (2, 3) or info.type_name not in types:
             return None
-        rows = self.file.copy_raw(name)  # [nbytes], owned: the file closes after load
-        return rows.view(info.shape[0], -1), info.ggml_type
+        rows = self.file.mapped(name) if mapped else self.file.copy_raw(name)  # [nbytes]
+        return rows.view(*info.shape[:-1], -1), info.ggml_type
 
 
 def open_source(path: Path) -> tuple[str, ModelConfig, SafetensorsSource | GGUFSource, names.NameMap]:

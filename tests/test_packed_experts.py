@@ -1,0 +1,181 @@
+"""Mixtral's experts stay packed (GGUF `*_exps`, `--quant int8|int4`), run packed, and are read from the
+mapped file only when tokens choose them."""
+
+from __future__ import annotations
+
+import gc
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from models import hf_model, save_gguf, save_hf
+from rss import rss_growth
+from test_gguf_dequant import _random_blocks
+
+from tramontane.build.load import load_model
+from tramontane.model.moe import MoeFeedForward
+from tramontane.quant.linear import PackedExperts, dequantize_model
+from tramontane.quant.quantize import quantize_model
+from tramontane.weights.gguf_writer import write_gguf
+from tramontane.weights.hf_writer import write_hf
+
+QUANTIZABLE = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants writes these
+K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]  # written as random valid blocks
+TOKENS = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(0))
+
+
+def experts_of(model) -> list[MoeFeedForward]:
+    return [b.feed_forward for b in model.layers if isinstance(b.feed_forward, MoeFeedForward)]
+
+
+def assert_close(model, reference) -> None:
+    with torch.no_grad():
+        a, b = model(TOKENS), reference(TOKENS)
+    assert (a - b).abs().max().item() <= 1e-3 * max(1.0, b.abs().max().item() / 10)
+
+
+def compare_packed(path) -> None:
+    packed, plain = load_model(path, packed=True), load_model(path)
+    moes = experts_of(packed.model)
+    assert moes and all(isinstance(getattr(m, w), PackedExperts) for m in moes for w in ("w1", "w2", "w3"))
+    assert_close(packed.model, plain.model)
+
+
+@pytest.mark.parametrize("qtype", QUANTIZABLE)
+def test_packed_experts_equal_dequantized(tmp_path, qtype):
+    compare_packed(save_gguf(hf_model("mixtral", seed=6), tmp_path / "m.gguf", qtype))
+
+
+def write_random_mixtral(path, qtype: str, dim: int = 256, ffn: int = 512, experts: int = 4, layers: int = 2) -> int:
+    """A tiny Mixtral GGUF (arch llama, `*_exps` stacks) whose matrices are random valid `qtype` blocks;
+    returns the bytes of its expert tensors."""
+    vocab, heads, kv = 96, 4, 2
+    kind = gguf.GGMLQuantizationType[qtype]
+    w = gguf.GGUFWriter(str(path), "llama")
+    for add, value in (
+        (w.add_block_count, layers),
+        (w.add_context_length, 128),
+        (w.add_embedding_length, dim),
+        (w.add_feed_forward_length, ffn),
+        (w.add_head_count, heads),
+        (w.add_head_count_kv, kv),
+        (w.add_layer_norm_rms_eps, 1e-5),
+        (w.add_rope_freq_base, 10000.0),
+        (w.add_vocab_size, vocab),
+        (w.add_expert_count, experts),
+        (w.add_expert_used_count, 2),
+    ):
+        add(value)
+    hd = dim // heads
+    shapes = {"token_embd.weight": (vocab, dim), "output.weight": (vocab, dim)}
+    for i in range(layers):
+        shapes |= {
+            f"blk.{i}.attn_q.weight": (dim, dim),
+            f"blk.{i}.attn_k.weight": (kv * hd, dim),
+            f"blk.{i}.attn_v.weight": (kv * hd, dim),
+            f"blk.{i}.attn_output.weight": (dim, dim),
+            f"blk.{i}.ffn_gate_exps.weight": (experts, ffn, dim),
+            f"blk.{i}.ffn_up_exps.weight": (experts, ffn, dim),
+            f"blk.{i}.ffn_down_exps.weight": (experts, dim, ffn),
+        }
+    expert_bytes = 0
+    for seed, (name, shape) in enumerate(shapes.items()):
+        blocks = _random_blocks(kind, int(np.prod(shape[:-1])), shape[-1], seed)
+        blocks = blocks.reshape(*shape[:-1], -1)  # [(E,) rows, row_bytes]
+        expert_bytes += blocks.nbytes if "_exps" in name else 0
+        w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=kind)
+    rng = np.random.default_rng(0)
+    for i in range(layers):
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", rng.standard_normal((experts, dim)).astype(np.float32))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(dim, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(dim, np.float32))
+    w.add_tensor("output_norm.weight", np.ones(dim, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expert_bytes
+
+
+@pytest.mark.parametrize("qtype", K_QUANTS)
+def test_packed_k_quant_experts_equal_dequantized(tmp_path, qtype):
+    write_random_mixtral(tmp_path / "k.gguf", qtype)
+    compare_packed(tmp_path / "k.gguf")
+
+
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def test_greedy_tokens_of_packed_experts_equal_the_float_model(tmp_path):
+    path = save_gguf(hf_model("mixtral", seed=3), tmp_path / "m.gguf", "Q8_0")
+    prompt = [1, 5, 9, 17, 33, 65]
+    assert greedy(load_model(path, packed=True).model, prompt, 12) == greedy(load_model(path).model, prompt, 12)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_float_mixtral_runs_its_experts_packed(tmp_path, scheme):
+    """--quant packs the experts too (the router stays float); logits equal those of the model rebuilt
+    from the dequantized blocks."""
+    model = load_model(save_hf(hf_model("mixtral", seed=6), tmp_path / "hf", shard=None)).model
+    quantize_model(model, scheme)
+    moes = experts_of(model)
+    assert all(isinstance(getattr(m, w), PackedExperts) for m in moes for w in ("w1", "w2", "w3"))
+    assert all(isinstance(m.gate, torch.nn.Linear) for m in moes)
+    with torch.no_grad():
+        packed = model(TOKENS)
+    dequantize_model(model)
+    assert all(isinstance(m.w1, torch.nn.Parameter) and m.w1.shape == (8, 96, 64) for m in experts_of(model))
+    with torch.no_grad():
+        assert (packed - model(TOKENS)).abs().max().item() <= 1e-4 * max(1.0, packed.abs().max().item())
+
+
+def test_packed_experts_are_written_back_as_they_are(tmp_path):
+    """GGUF out: the `*_exps` blocks byte for byte; HF out: each expert decoded."""
+    source = load_model(save_gguf(hf_model("mixtral", seed=6), tmp_path / "m.gguf", "Q4_0"), packed=True)
+    again = load_model(write_gguf(source.model, tmp_path / "again.gguf"), packed=True)
+    for a, b in zip(experts_of(source.model), experts_of(again.model)):
+        for w in ("w1", "w2", "w3"):
+            assert torch.equal(getattr(a, w).packed, getattr(b, w).packed) and getattr(b, w).qtype == 2
+    assert_close(again.model, source.model)
+    folder = write_hf(source.model, tmp_path / "hf")
+    assert_close(load_model(folder).model, source.model)
+
+
+def test_mapped_experts_are_read_only_when_chosen(tmp_path):
+    """With the file mapped (the default), loading reads no expert and a one-token step reads the two of
+    eight each layer routes to (the page cache maps large files in large folios: experts of 2 MB per
+    matrix keep that rounding small); --no-mmap copies every expert in."""
+    path = tmp_path / "big.gguf"
+    expert_bytes = write_random_mixtral(path, "Q8_0", dim=256, ffn=8192, experts=8, layers=2)  # 102 MiB
+    step = torch.tensor([[7]])
+    holder: dict = {}
+    copied = rss_growth(lambda: holder.update(m=load_model(path, packed=True, mmap=False)))
+    assert copied > 0.9 * expert_bytes, f"--no-mmap loaded {copied:,} bytes for {expert_bytes:,} of experts"
+    with torch.no_grad():
+        holder["m"].model(step)  # first-call allocations, so that the step below measures weights only
+    holder.clear()
+    gc.collect()
+    loaded = rss_growth(lambda: holder.update(m=load_model(path, packed=True)))
+    assert loaded < 0.1 * expert_bytes, f"loading mapped weights grew RSS by {loaded:,} bytes"
+    with torch.no_grad():
+        stepped = rss_growth(lambda: holder["m"].model(step))
+    assert stepped < 0.45 * expert_bytes, f"one token read {stepped:,} of {expert_bytes:,} bytes of experts"
+
+
+def test_mapped_tensors_outlive_the_closed_file(tmp_path):
+    """close() cannot unmap what a tensor still views (the mapping goes with the last view)."""
+    from tramontane.weights.gguf import open_gguf
+
+    path = save_gguf(hf_model("mixtral", seed=6), tmp_path / "m.gguf", "Q8_0")
+    file = open_gguf(path)
+    view = file.mapped("blk.0.ffn_gate_exps.weight")
+    copy = file.copy_raw("blk.0.ffn_gate_exps.weight")
+    file.close()
+    gc.collect()
+    assert torch.equal(view, copy)  # a dangling mapping would crash or differ here
