@@ -101,6 +101,20 @@ def memory_bandwidth() -> float:
     return x.numel() * 4 / statistics.median(times)
 
 
+def active_weight_bytes(model) -> int:
+    """Bytes of weights one decoded token reads: everything but the embedding table (one row of it), and
+    of Mixtral's experts only the top-k of E each layer routes to (the roofline's denominator)."""
+    moe = model.config.moe
+    share = moe.num_experts_per_tok / moe.num_experts if moe else 1.0
+    total = 0.0
+    for name, b in model.state_dict().items():
+        if name.startswith("tok_embeddings"):
+            continue
+        expert = moe is not None and ".feed_forward.w" in name
+        total += b.numel() * b.element_size() * (share if expert else 1.0)
+    return int(total)
+
+
 def run_random(spec: str, quant: str | None) -> dict:
     import torch
 
@@ -112,9 +126,7 @@ def run_random(spec: str, quant: str | None) -> dict:
     t0 = time.perf_counter()
     model = random_model(random_config(spec), quant=quant)
     load = time.perf_counter() - t0
-    weight_bytes = sum(
-        b.numel() * b.element_size() for n, b in model.state_dict().items() if not n.startswith("tok_embeddings")
-    )
+    weight_bytes = active_weight_bytes(model)
     from tramontane.build import select_backend
     from tramontane.model import KVCache
 

@@ -71,3 +71,23 @@ def test_quantized_random_model_is_packed(tmp_path):
     assert CompiledStep.fits(model) == kernels.available()
     logits = model(torch.tensor([[1, 2, 3]]))
     assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_quantized_random_mixtral_packs_its_experts(quant):
+    """The int4/int8 presets of a Mixtral config: experts packed one at a time (the float stack never
+    exists), the same bytes per expert as a dense matrix of that shape, and a forward pass that runs."""
+    from tramontane.quant.linear import PackedExperts
+
+    config = random_config("mixtral-8x7b").with_(n_layers=1, dim=256, hidden_dim=512, n_heads=8, n_kv_heads=2)
+    config = config.with_(head_dim=32, vocab_size=512)
+    model = random_model(config, quant=quant)
+    ff = model.layers[0].feed_forward
+    bytes_per_block = {"int8": 34, "int4": 20}[quant]
+    for w, shape in (("w1", (8, 512, 256)), ("w2", (8, 256, 512)), ("w3", (8, 512, 256))):
+        stack = getattr(ff, w)
+        assert isinstance(stack, PackedExperts)
+        assert stack.packed.shape == (*shape[:2], shape[2] // 32 * bytes_per_block)
+    assert isinstance(ff.gate, torch.nn.Linear)  # the router stays float
+    logits = model(torch.tensor([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()

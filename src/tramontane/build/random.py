@@ -12,7 +12,8 @@ import torch
 from ..config import ModelConfig
 from ..model import Transformer
 from ..model.layers import rope_frequencies
-from ..quant.linear import PackedEmbedding, PackedLinear, set_module
+from ..quant.kernels import row_bytes
+from ..quant.linear import PackedEmbedding, PackedExperts, PackedLinear, set_module
 from ..quant.quantize import SCHEMES, TARGETS, quantize_rows, type_id
 from ..quant.step import fuse
 from ..weights.random import PRESETS, random_config
@@ -39,7 +40,9 @@ def random_model(
             state[name] = torch.ones(p.shape, dtype=dtype)
             continue
         module = name.removesuffix(".weight")
-        if quant and (TARGETS.fullmatch(module) or module == "tok_embeddings"):
+        if quant and p.dim() == 3:  # Mixtral's stacked experts [E, out, in]: packed expert by expert
+            state[name + ".packed"] = _packed_experts(model, name, p.shape, quant, gen)
+        elif quant and (TARGETS.fullmatch(module) or module == "tok_embeddings"):
             cols = p.shape[1]
             packed = quantize_rows(p.shape[0], _normal_rows(cols, gen), quant)
             kind = PackedEmbedding if module == "tok_embeddings" else PackedLinear
@@ -60,6 +63,19 @@ def random_model(
             model.output = embedding.as_linear()
         fuse(model)
     return model.eval().requires_grad_(False)
+
+
+def _packed_experts(model: Transformer, name: str, shape: torch.Size, quant: str, gen: torch.Generator) -> torch.Tensor:
+    """Put a (meta) PackedExperts at `name` and return its blocks [E, out, row_bytes], made one expert
+    at a time (the float stack never exists)."""
+    experts, rows, cols = shape
+    qtype = type_id(SCHEMES[quant])
+    packed = torch.empty(experts, rows, row_bytes(qtype, cols), dtype=torch.uint8)
+    for e in range(experts):
+        packed[e] = quantize_rows(rows, _normal_rows(cols, gen), quant)
+    with torch.device("meta"):
+        set_module(model, name, PackedExperts(torch.empty(packed.shape, dtype=torch.uint8), qtype, cols))
+    return packed
 
 
 def _normal_rows(cols: int, gen: torch.Generator) -> Callable[[int, int], torch.Tensor]:
