@@ -70,3 +70,6 @@ def test_moe_batched_path_equals_oracle(pair):
     moe = model.layers[0].feed_forward
     x = torch.randn(3, 17, model.config.dim)
     torch.testing.assert_close(moe(x), moe.forward_reference(x), atol=1e-5, rtol=1e-5)
+    for row in x.reshape(-1, model.config.dim)[:8]:  # the one-token (decode) path, token by token
+        one = row.view(1, 1, -1)
+        torch.testing.assert_close(moe(one), moe.forward_reference(one), atol=1e-5, rtol=1e-5)

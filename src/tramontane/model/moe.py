@@ -93,6 +93,8 @@ class MoeFeedForward(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N,dim]
         weights, experts = self.route(flat)  # [N,K]
+        if flat.shape[0] == 1:
+            return self._one_token(flat, weights, experts).view(shape)
         order = experts.reshape(-1).argsort(stable=True)  # [N*K], grouped by expert
         token = order // self.top_k  # [N*K] token row of each pair
         first, stop = self.expert_range
@@ -107,6 +109,17 @@ class MoeFeedForward(nn.Module):
         out *= weights.reshape(-1)[order, None]  # [N*K,dim]
         y = torch.zeros_like(flat).index_add_(0, token, out)  # [N,dim]
         return y.view(shape)
+
+    def _one_token(self, flat: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """A decode step's single token [1,dim]: its K experts in expert order (the order the batched path
+        sums them in), without the grouping machinery."""
+        first, stop = self.expert_range
+        y = torch.zeros_like(flat)
+        row = torch.zeros(1, dtype=torch.long)
+        for k, e in sorted(enumerate(experts[0].tolist()), key=lambda pair: pair[1]):
+            if first <= e < stop:
+                y += self.expert(e - first, flat, row) * weights[0, k]
+        return y
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The test oracle: a plain loop over every expert, masking the tokens that chose it."""
