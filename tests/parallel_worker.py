@@ -1,7 +1,7 @@
 """Run by tests/test_parallel.py under torchrun: every (model, mode) case on this rank; rank 0 saves.
 
     torchrun --nproc-per-node 2 tests/parallel_worker.py OUT.pt CASES.json
-CASES.json: [[folder, mode], ...]; mode "single" runs the unsharded model (a reference run)."""
+CASES.json: [[folder or GGUF file, mode], ...]; mode "single" runs the unsharded model (a reference run)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ TOKENS = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0
 
 def run(folder: str, mode: str) -> dict:
     rank, world = rank_and_world()
-    model = load_model(folder, shard=None if mode == "single" else (mode, rank, world)).model
+    shard = None if mode == "single" else (mode, rank, world)
+    model = load_model(folder, shard=shard, packed=folder.endswith(".gguf")).model  # a GGUF: packed experts
     with torch.no_grad():
         prefill = model(TOKENS)  # [2,12,V]
         cache = KVCache(model.config, 2, 32)  # window 8 < 32: a rolling buffer for Mistral
@@ -36,8 +37,15 @@ def run(folder: str, mode: str) -> dict:
         Generator(model, CharTokenizer(), backend).run([[5, 9, 14, 3, 7, 22, 31, 40, 8, 11], [17, 4, 60]], [params] * 2)
     )
     greedy = [[t for d in outs if d.index == i for t in d.token_ids] for i in (0, 1)]
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"prefill": prefill, "steps": steps, "greedy": greedy, "weight_bytes": weight_bytes}
+    weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # packed blocks too
+    packed_experts = sum(type(m).__name__ == "PackedExperts" for m in model.modules())
+    return {
+        "prefill": prefill,
+        "steps": steps,
+        "greedy": greedy,
+        "weight_bytes": weight_bytes,
+        "packed_experts": packed_experts,
+    }
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import hf_model, save_hf
+from models import hf_model, save_gguf, save_hf
 from serving import free_port
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
@@ -21,12 +21,14 @@ CASES = [
     ("mixtral", "tp"),
     ("mixtral", "ep"),
     ("mixtral", "tp+ep"),
+    ("mixtral-q8_0", "ep"),  # a GGUF file: each rank keeps its experts' Q8_0 blocks, packed
 ]
 MODELS = {
     "mistral": ("mistral", {}),
     "mistral-mqa": ("mistral", {"num_key_value_heads": 1}),  # 1 kv head, 2 ranks
     "llama": ("llama", {}),
     "mixtral": ("mixtral", {}),
+    "mixtral-q8_0": ("mixtral", {}),
 }
 
 
@@ -59,7 +61,9 @@ def results(tmp_path_factory):
     folders = {
         kind: str(save_hf(hf_model(MODELS[kind][0], seed=5, **MODELS[kind][1]), tmp / kind, shard="60KB"))
         for kind, _ in CASES
+        if kind != "mixtral-q8_0"
     }
+    folders["mixtral-q8_0"] = str(save_gguf(hf_model("mixtral", seed=5), tmp / "mixtral.gguf", "Q8_0"))
     single = torchrun(tmp, [(folders[k], "single") for k in folders], nproc=1)
     split = torchrun(tmp, [(folders[k], mode) for k, mode in CASES], nproc=2)
     return {k: single[f"{folders[k]}|single"] for k in folders}, {(k, m): split[f"{folders[k]}|{m}"] for k, m in CASES}
@@ -77,6 +81,12 @@ def test_two_ranks_give_the_single_process_logits(results, kind, mode):
 def test_each_rank_holds_about_half_the_weights(results, kind, mode):
     ratio = results[1][(kind, mode)]["weight_bytes"] / results[0][kind]["weight_bytes"]
     assert ratio <= 0.6, ratio
+
+
+def test_expert_parallel_gguf_keeps_its_experts_packed(results):
+    """Each rank holds its 4 of 8 experts as Q8_0 blocks (w1, w2, w3 of both layers), not floats."""
+    assert results[0]["mixtral-q8_0"]["packed_experts"] == 6
+    assert results[1][("mixtral-q8_0", "ep")]["packed_experts"] == 6
 
 
 def test_plans_refuse_models_that_do_not_split():

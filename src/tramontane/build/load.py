@@ -60,11 +60,15 @@ def load_model(
     layout = None
     if shard is not None:
         layout = layout_for(config, *shard)
-    packed = packed and fmt == "gguf" and layout is None
+    # Packed blocks under expert parallelism: each rank keeps its experts' blocks (attention replicated);
+    # tensor parallelism splits matrices inside blocks' rows, so it still runs dequantized weights.
+    packed = packed and fmt == "gguf" and (layout is None or layout.mode == "ep")
     with torch.device("meta"):
-        model = Transformer(config.with_(quant="gguf") if packed else config)
+        model = Transformer(config)
     if layout is not None:
         shard_model(model, layout)
+    if packed:
+        model.config = model.config.with_(quant="gguf")
     state = _assemble(model, config, source, name_map, dtype, progress, packed, layout, mmap)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the modules own the tensors now: fusing projections below must not double them
@@ -117,6 +121,8 @@ def _assemble(
             )
         if packed and isinstance(source, GGUFSource) and m.transform is None and PACKABLE.fullmatch(m.target):
             blocks = source.packed(name, PACKED_TYPES, mapped=mmap)
+            if blocks is not None and layout is not None:
+                blocks = _rank_blocks(source.path, m.target, blocks, layout)
             if blocks is not None:
                 _swap_packed(model, source.path, name, m.target, blocks, expected, state)
                 swapped.add(m.target)
@@ -170,6 +176,19 @@ def _swap_packed(
         module = kind(torch.empty(rows.shape, dtype=torch.uint8), qtype, shape[-1])
     set_module(model, module_path, module)
     state[module_path + ".packed"] = rows
+
+
+def _rank_blocks(path: Path, target: str, blocks: tuple[torch.Tensor, int], layout: Layout) -> tuple[torch.Tensor, int]:
+    """This rank's part of packed blocks under expert parallelism: experts [start, stop) of a stack
+    [E, out, row_bytes] (a view: whole experts are contiguous); what the plan does not split, whole."""
+    part = slice_of(target, layout)
+    if part is None:
+        return blocks
+    dim, start, stop = part
+    rows, qtype = blocks
+    if dim != 0 or rows.dim() != 3:
+        raise LoadError(path, f"{target}: packed blocks cannot be split along dimension {dim} (plan {layout.mode})")
+    return rows[start:stop], qtype
 
 
 def _transform(t: torch.Tensor, transform: str | None, config: ModelConfig) -> torch.Tensor:
