@@ -46,6 +46,9 @@ def decode_steps(model, positions: torch.Tensor, tokens: torch.Tensor, fused: bo
         ("mistral", "Q8_0", {"hidden_size": 96}),  # head dim 24: vector tails
         ("llama", "Q4_1", {}),  # tied embeddings, no window
         ("llama", "F16", {"num_key_value_heads": 4}),  # no grouping
+        ("mixtral", "Q8_0", {}),  # 8 experts, 2 per token, routed in the kernel
+        ("mixtral", "Q4_0", {"num_experts_per_tok": 3}),
+        ("mixtral", "Q5_1", {"num_local_experts": 4, "num_experts_per_tok": 1}),
     ],
 )
 def test_fused_steps_equal_module_steps(tmp_path, isa, kind, qtype, overrides):
@@ -92,8 +95,9 @@ def test_rolling_buffer(tmp_path):
     assert (runs[0] - runs[1]).abs().max().item() <= 1e-5 * max(1.0, runs[1].abs().max().item())
 
 
-def test_greedy_generation_is_the_same_with_and_without_the_fused_step(tmp_path):
-    path = save_gguf(hf_model("mistral", seed=4), tmp_path / "m.gguf", "Q8_0")
+@pytest.mark.parametrize("kind", ["mistral", "mixtral"])
+def test_greedy_generation_is_the_same_with_and_without_the_fused_step(tmp_path, kind):
+    path = save_gguf(hf_model(kind, seed=4), tmp_path / "m.gguf", "Q8_0")
     llm = LLM(load_model(path, packed=True), CharTokenizer())
     assert isinstance(llm.backend, CompiledStep)
     prompts = [[1, 5, 9, 33, 7], [1, 60, 2, 8]]
@@ -109,7 +113,9 @@ def chosen(model, cache_kind=KVCache, dtype=torch.float32) -> type:
 
 def test_chosen_only_where_it_fits(tmp_path, monkeypatch):
     moe = load_model(save_gguf(hf_model("mixtral", seed=1), tmp_path / "x.gguf", "Q8_0"), packed=True).model
-    assert chosen(moe) is ModuleBackend  # experts take the module path
+    assert chosen(moe) is CompiledStep  # packed experts, float32 router
+    moe.layers[1].feed_forward.expert_range = (0, 4)  # a rank's half of the experts (expert parallelism)
+    assert chosen(moe) is ModuleBackend
     dense = load_model(tmp_path / "x.gguf").model  # dequantized at load: nothing packed
     assert chosen(dense) is ModuleBackend
     monkeypatch.setattr(kernels, "_ext", None)

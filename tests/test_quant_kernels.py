@@ -294,6 +294,7 @@ def test_raw_matmul_and_dequantize_refuse_short_buffers() -> None:
 
 BLOCK_SHAPE = (3, 64, 4, 2, 16, 96, 8)  # B, dim, H, Hkv, D, F, S
 PACKED = ("wqkv", "wo", "w13", "w2")
+DENSE_UNUSED = {"gate": (0, 0), "w1e": (0, 0, 0), "w3e": (0, 0, 0)}  # a Mixtral block's router and experts
 
 
 def block_case(qtype: QT = QT.Q8_0, window: int = 0) -> dict:
@@ -333,6 +334,7 @@ def run_block(case: dict, short: str | None = None, threads: int = 2) -> None:
         if name == short:
             t = t[:-1] if name in PACKED else t.reshape(-1)[:-1]
         buffers[name] = (*buf(t), case["qtype"]) if name in PACKED else buf(t)
+    buffers |= DENSE_UNUSED
     ext.decode_block(BLOCK_SHAPE, buffers, 1e-5, case["window"], threads)
 
 
@@ -403,6 +405,7 @@ def test_decode_block_validates_its_arguments() -> None:
     full = {}
     for name in ("x", "attn_norm", "ffn_norm", *PACKED, "cos_sin", "k_cache", "v_cache", "kpos", "qpos"):
         full[name] = (*buf(case[name]), case["qtype"]) if name in PACKED else buf(case[name])
+    full |= DENSE_UNUSED
     b, dim, h, hkv, d, f, s = BLOCK_SHAPE
     bad = [
         ((b, dim, h, 3, d, f, s), full, ValueError, "bad block shape"),  # H not a multiple of Hkv
@@ -417,6 +420,12 @@ def test_decode_block_validates_its_arguments() -> None:
         (BLOCK_SHAPE, {**full, "w13": (*full["w13"][:2], int(QT.Q4_K))}, ValueError, "w13: GGML type 12 cannot"),
         (BLOCK_SHAPE, {**full, "qpos": (0, full["qpos"][1])}, ValueError, "qpos is a null pointer"),
         (BLOCK_SHAPE, {**full, "v_cache": (full["v_cache"][0], -4)}, ValueError, "negative size"),
+        ((*BLOCK_SHAPE, 8, 0), full, ValueError, "bad experts E=8 K=0"),
+        ((*BLOCK_SHAPE, 2, 3), full, ValueError, "bad experts E=2 K=3"),
+        ((*BLOCK_SHAPE, 0, 1), full, ValueError, "bad experts E=0 K=1"),
+        ((*BLOCK_SHAPE, 100, 65), full, ValueError, "bad experts E=100 K=65"),
+        ((*BLOCK_SHAPE, 8, 2), full, ValueError, "buffer w2 holds .* its shape needs"),  # w2: 8 experts' rows
+        (BLOCK_SHAPE, {**full, "w1e": (0, 0, -1)}, ValueError, "unsupported GGML type of an unused weight"),
     ]
     before = case["x"].clone()
     for shape, buffers, error, match in bad:

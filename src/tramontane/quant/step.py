@@ -17,19 +17,38 @@ from torch import nn
 
 from ..model.cache import Cache, KVCache
 from ..model.layers import FeedForward
+from ..model.moe import MoeFeedForward
 from ..model.transformer import Transformer, TransformerBlock
 from . import kernels
-from .linear import PackedLinear, fuse_projections
+from .linear import PackedExperts, PackedLinear, fuse_projections
 
 
 def _block_fits(block: TransformerBlock) -> bool:
     att, ff = block.attention, block.feed_forward
     return (
-        isinstance(ff, FeedForward)
-        and type(ff) is FeedForward
-        and all(isinstance(m, PackedLinear) for m in (att.wqkv, att.wo, ff.w13, ff.w2))
+        all(isinstance(m, PackedLinear) for m in (att.wqkv, att.wo))
+        and (_dense_fits(ff) or _moe_fits(ff))
         and block.attention_norm.weight.dtype == torch.float32
         and block.ffn_norm.weight.dtype == torch.float32
+    )
+
+
+def _dense_fits(ff: nn.Module) -> bool:
+    return type(ff) is FeedForward and all(isinstance(m, PackedLinear) for m in (ff.w13, ff.w2))
+
+
+def _moe_fits(ff: nn.Module) -> bool:
+    """A whole Mixtral feed-forward (every expert here, no adapters, no hooks: not a rank's part of one)
+    with packed experts and a float32 router."""
+    return (
+        type(ff) is MoeFeedForward
+        and ff.expert_lora is None
+        and ff.expert_range == (0, ff.num_experts)
+        and not ff._forward_hooks
+        and all(isinstance(getattr(ff, w), PackedExperts) for w in ("w1", "w2", "w3"))
+        and type(ff.gate) is nn.Linear
+        and ff.gate.weight.dtype == torch.float32
+        and ff.top_k <= 64
     )
 
 
@@ -52,10 +71,12 @@ class CompiledStep:
 
     def __init__(self, model: Transformer) -> None:
         if not self.fits(model):
-            raise ValueError("the compiled step needs a model whose blocks are all packed and dense")
+            raise ValueError("the compiled step needs a model whose blocks are all packed (dense, or Mixtral's)")
         config = model.config
         self.model = model
         self.shape = (config.dim, config.n_heads, config.n_kv_heads, config.head_dim, config.hidden_dim)
+        moe = config.moe
+        self.experts = (moe.num_experts, moe.num_experts_per_tok) if moe is not None else (0, 0)
         self.eps = float(config.norm_eps)
         self.window = config.sliding_window or 0
         ext = kernels.extension()
@@ -95,7 +116,7 @@ class CompiledStep:
         qpos = positions[:, 0].contiguous()  # [B] int64
         kpos = cache.pos  # [B,S], this step's positions already recorded by cache.begin
         # (B, dim, H, Hkv, D, F, S); the kernel checks every buffer's nbytes against what these need
-        shape, threads = (h.shape[0], *self.shape, cache.size), torch.get_num_threads()
+        shape, threads = (h.shape[0], *self.shape, cache.size, *self.experts), torch.get_num_threads()
         step = {"x": _buffer(h), "cos_sin": _buffer(cos_sin), "kpos": _buffer(kpos), "qpos": _buffer(qpos)}
         for i, weights in enumerate(self._weights):
             buffers = {**step, **weights, "k_cache": _buffer(cache.k[i]), "v_cache": _buffer(cache.v[i])}
@@ -114,16 +135,31 @@ def _buffer(t: torch.Tensor, qtype: int | None = None) -> tuple[int, ...]:
     return (t.data_ptr(), t.nbytes) if qtype is None else (t.data_ptr(), t.nbytes, qtype)
 
 
+_UNUSED = (0, 0)  # a buffer the block does not read: no bytes (the kernel checks it needs none)
+
+
 def _block_buffers(block: TransformerBlock) -> dict[str, tuple[int, ...]]:
     """A block's norms and packed weights as `decode_block` buffers (they do not move while it serves)."""
     att, ff = block.attention, block.feed_forward
-    assert isinstance(ff, FeedForward)  # _block_fits said so
-    packed = {"wqkv": _packed(att.wqkv), "wo": _packed(att.wo), "w13": _packed(ff.w13), "w2": _packed(ff.w2)}
-    return {
+    out = {
         "attn_norm": _buffer(block.attention_norm.weight),
         "ffn_norm": _buffer(block.ffn_norm.weight),
-        **{name: _buffer(m.packed, m.qtype) for name, m in packed.items()},
+        **{name: _buffer(m.packed, m.qtype) for name, m in (("wqkv", _packed(att.wqkv)), ("wo", _packed(att.wo)))},
     }
+    if isinstance(ff, MoeFeedForward):  # _block_fits said: packed experts, float32 router
+        stacks = {name: _experts(getattr(ff, w)) for name, w in (("w1e", "w1"), ("w3e", "w3"), ("w2", "w2"))}
+        out |= {name: _buffer(m.packed, m.qtype) for name, m in stacks.items()}
+        return out | {"gate": _buffer(ff.gate.weight), "w13": (*_UNUSED, 0)}
+    assert isinstance(ff, FeedForward)
+    dense = {"w13": _packed(ff.w13), "w2": _packed(ff.w2)}
+    out |= {name: _buffer(m.packed, m.qtype) for name, m in dense.items()}
+    return out | {"gate": _UNUSED, "w1e": (*_UNUSED, 0), "w3e": (*_UNUSED, 0)}
+
+
+def _experts(module: object) -> PackedExperts:
+    if not isinstance(module, PackedExperts):
+        raise TypeError(f"the compiled step runs packed experts, not {type(module).__name__}")
+    return module
 
 
 def _step_modules(model: Transformer) -> list[object]:
@@ -131,8 +167,10 @@ def _step_modules(model: Transformer) -> list[object]:
     out: list[object] = []
     for block in model.blocks():
         att, ff = block.attention, block.feed_forward
-        projections = [att.wqkv, att.wo, getattr(ff, "w13", None), getattr(ff, "w2", None)]
+        names = ("w1", "w2", "w3", "gate") if isinstance(ff, MoeFeedForward) else ("w13", "w2")
+        projections = [att.wqkv, att.wo, *(getattr(ff, n, None) for n in names)]
         # the packed tensors too: the step holds their addresses, a replaced one must not be read
         out += [block.attention_norm.weight, block.ffn_norm.weight, ff, *projections]
         out += [getattr(m, "packed", None) for m in projections]
+        out += [getattr(getattr(ff, "gate", None), "weight", None)]  # the router's float32 matrix
     return out

@@ -133,12 +133,18 @@ typedef struct {
     const int64_t *qpos;                /* [B] position of each row's new token (-1 = padding) */
     long window;                        /* sliding window, 0 = none */
     int threads;
+    /* Mixtral blocks (E > 0): the feed-forward is K of E experts, routed per row; w13 is unused and w2
+     * is the stack of the experts' down projections [E, dim, F]. */
+    long E, K;                          /* experts, experts per token (0, 0 for a dense block) */
+    const float *gate;                  /* [E, dim] float32 router */
+    const uint8_t *w1e, *w3e;           /* packed stacks [E, F, dim] (gate and up projections) */
+    int t1e, t3e;                       /* their GGML types */
 } block_args;
 
 /* The buffers of a block step, in the order of tram_block_buffer_names. */
 enum {
     BUF_X, BUF_NORM1, BUF_NORM2, BUF_WQKV, BUF_WO, BUF_W13, BUF_W2, BUF_CS, BUF_KC, BUF_VC, BUF_KPOS,
-    BUF_QPOS, BUF_COUNT
+    BUF_QPOS, BUF_GATE, BUF_W1E, BUF_W3E, BUF_COUNT
 };
 /* Their names in the Python binding. */
 extern TRAM_HIDDEN const char *const tram_block_buffer_names[BUF_COUNT];

@@ -130,7 +130,9 @@ static PyObject *py_dequantize_rows(PyObject *self, PyObject *args) {
 /* ------------------------------------------------------------------------------------------------
  * decode_block */
 
-static int is_packed_weight(int i) { return i == BUF_WQKV || i == BUF_WO || i == BUF_W13 || i == BUF_W2; }
+static int is_packed_weight(int i) {
+    return i == BUF_WQKV || i == BUF_WO || i == BUF_W13 || i == BUF_W2 || i == BUF_W1E || i == BUF_W3E;
+}
 
 /* One entry of the buffers dict: (data_ptr, nbytes), or (data_ptr, nbytes, qtype) for a packed weight. */
 static int parse_entry(PyObject *item, int i, buffer *b, int *qtype) {
@@ -189,6 +191,8 @@ static int parse_block_buffers(PyObject *dict, buffer b[BUF_COUNT], block_args *
     a->to = types[BUF_WO];
     a->t13 = types[BUF_W13];
     a->t2 = types[BUF_W2];
+    a->t1e = types[BUF_W1E];
+    a->t3e = types[BUF_W3E];
     return 0;
 }
 
@@ -200,12 +204,18 @@ static int check_type_k(int qtype, long K, const char *what) {
     return 0;
 }
 
-/* Shapes: each in [1, INT_MAX] (so that the products below fit in a long), H a multiple of Hkv, D even. */
+/* Shapes: each in [1, INT_MAX] (so that the products below fit in a long), H a multiple of Hkv, D even;
+ * a Mixtral block adds E experts and K per token (1 <= K <= min(E, 64)); a dense one has none (or 0, 0). */
 static int parse_block_shape(PyObject *shape, block_args *a) {
-    Py_ssize_t B, dim, H, Hkv, D, F, S;
-    if (!PyArg_ParseTuple(shape, "nnnnnnn;decode_block: shape must be (B, dim, H, Hkv, D, F, S)", &B, &dim, &H,
-                          &Hkv, &D, &F, &S))
+    Py_ssize_t B, dim, H, Hkv, D, F, S, E = 0, K = 0;
+    if (!PyArg_ParseTuple(shape, "nnnnnnn|nn;decode_block: shape must be (B, dim, H, Hkv, D, F, S[, E, K])", &B,
+                          &dim, &H, &Hkv, &D, &F, &S, &E, &K))
         return -1;
+    if (!((E == 0 && K == 0) || (E >= 1 && E <= INT_MAX && K >= 1 && K <= E && K <= 64))) {
+        PyErr_Format(PyExc_ValueError, "decode_block: bad experts E=%zd K=%zd (1 <= K <= E, K <= 64)", E, K);
+        return -1;
+    }
+    a->E = E, a->K = K;
     const Py_ssize_t dims[] = {B, dim, H, Hkv, D, F, S};
     int ok = 1;
     for (int i = 0; i < 7; i++) ok = ok && dims[i] >= 1 && dims[i] <= INT_MAX;
@@ -223,8 +233,15 @@ static int parse_block_shape(PyObject *shape, block_args *a) {
 static int check_block_buffers(const buffer b[BUF_COUNT], block_args *a) {
     size_t need[BUF_COUNT];
     if (check_type_k(a->tqkv, a->dim, "wqkv") || check_type_k(a->to, a->H * a->D, "wo") ||
-        check_type_k(a->t13, a->dim, "w13") || check_type_k(a->t2, a->F, "w2"))
+        check_type_k(a->t2, a->F, "w2"))
         return -1;
+    if (a->E > 0 ? check_type_k(a->t1e, a->dim, "w1e") || check_type_k(a->t3e, a->dim, "w3e")
+                 : check_type_k(a->t13, a->dim, "w13"))
+        return -1;
+    if (!tram_type_ok(a->t13) || !tram_type_ok(a->t1e) || !tram_type_ok(a->t3e)) {  /* the unused ones are */
+        PyErr_SetString(PyExc_ValueError, "decode_block: unsupported GGML type of an unused weight");  /* sized too */
+        return -1;
+    }
     if (tram_block_extents(a, need)) {
         too_large("decode_block");
         return -1;
@@ -243,6 +260,9 @@ static int check_block_buffers(const buffer b[BUF_COUNT], block_args *a) {
     a->vc = (float *)(uintptr_t)b[BUF_VC].ptr;
     a->kpos = (const int64_t *)(uintptr_t)b[BUF_KPOS].ptr;
     a->qpos = (const int64_t *)(uintptr_t)b[BUF_QPOS].ptr;
+    a->gate = (const float *)(uintptr_t)b[BUF_GATE].ptr;
+    a->w1e = (const uint8_t *)(uintptr_t)b[BUF_W1E].ptr;
+    a->w3e = (const uint8_t *)(uintptr_t)b[BUF_W3E].ptr;
     return 0;
 }
 
@@ -330,7 +350,9 @@ static PyMethodDef METHODS[] = {
      "float32 [B,dim], attn_norm and ffn_norm float32 [dim], cos_sin float32 [B,D/2,2], k_cache and "
      "v_cache float32 [B,Hkv,S,D], kpos int64 [B,S], qpos int64 [B]; and of (data_ptr, nbytes, qtype): "
      "wqkv [(H+2Hkv)D rows of dim], wo [dim rows of H*D], w13 [2F rows of dim], w2 [dim rows of F]. Each "
-     "nbytes is checked against that extent (ValueError naming the buffer)."},
+     "nbytes is checked against that extent (ValueError naming the buffer). A Mixtral block: shape = (B, dim, "
+     "H, Hkv, D, F, S, E, K), gate float32 [E,dim], w1e and w3e [E*F rows of dim], w2 [E*dim rows of F], "
+     "w13 empty; a dense one passes gate, w1e and w3e empty."},
     {"isas", py_isas, METH_NOARGS, "Instruction sets this CPU can run, best first."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
     {"set_isa", py_set_isa, METH_VARARGS,
