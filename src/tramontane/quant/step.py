@@ -3,9 +3,10 @@
 A decoding step (one new token per sequence) through the module path costs about fifteen PyTorch
 operations per block, each a few microseconds of dispatch: for a small model that overhead, not the
 weights, sets the speed. `CompiledStep` is a decode backend (model/backend.py) for models whose blocks
-are all packed (fused wqkv and w13 `PackedLinear`s, dense SwiGLU, float32 norms) decoding on the
-float32 offline `KVCache`: it runs each block as one call of the compiled `decode_block` (RMSNorm,
-packed projections, RoPE, cache write, attention over the visible slots, SwiGLU; see quant/csrc/).
+are all packed (fused wqkv and w13 `PackedLinear`s, dense SwiGLU, float32 norms; or a Mixtral block:
+`PackedExperts` stacks and a float32 router, every expert held here) decoding on the float32 offline
+`KVCache`: it runs each block as one call of the compiled `decode_block` (RMSNorm, packed projections,
+RoPE, cache write, attention over the visible slots, SwiGLU or the routed experts; see quant/csrc/).
 Prefill chunks take the module path. Both compute the same float32 arithmetic; they differ by
 rounding order only (tests compare them). `build.select_backend` decides where it serves.
 """
