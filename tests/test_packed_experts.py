@@ -4,13 +4,17 @@ mapped file only when tokens choose them."""
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 import torch
 from models import hf_model, save_gguf, save_hf
-from rss import rss_growth
 from test_gguf_dequant import _random_blocks
 
 from tramontane.build.load import load_model
@@ -147,25 +151,41 @@ def test_packed_experts_are_written_back_as_they_are(tmp_path):
     assert_close(load_model(folder).model, source.model)
 
 
+MEASURE_RSS = """
+import gc, json, sys
+import torch
+from rss import rss_growth
+from tramontane.build.load import load_model
+
+path, step, holder = sys.argv[1], torch.tensor([[7]]), {}
+copied = rss_growth(lambda: holder.update(m=load_model(path, packed=True, mmap=False)))
+with torch.no_grad():
+    holder["m"].model(step)  # first-call allocations, so that the step below measures weights only
+holder.clear()
+gc.collect()
+loaded = rss_growth(lambda: holder.update(m=load_model(path, packed=True)))
+with torch.no_grad():
+    stepped = rss_growth(lambda: holder["m"].model(step))
+print(json.dumps({"copied": copied, "loaded": loaded, "stepped": stepped}))
+"""
+
+
 def test_mapped_experts_are_read_only_when_chosen(tmp_path):
     """With the file mapped (the default), loading reads no expert and a one-token step reads the two of
     eight each layer routes to (the page cache maps large files in large folios: experts of 2 MB per
-    matrix keep that rounding small); --no-mmap copies every expert in."""
+    matrix keep that rounding small); --no-mmap copies every expert in. Measured in a fresh process (a
+    process that freed memory before reuses it without growing)."""
     path = tmp_path / "big.gguf"
     expert_bytes = write_random_mixtral(path, "Q8_0", dim=256, ffn=8192, experts=8, layers=2)  # 102 MiB
-    step = torch.tensor([[7]])
-    holder: dict = {}
-    copied = rss_growth(lambda: holder.update(m=load_model(path, packed=True, mmap=False)))
-    assert copied > 0.9 * expert_bytes, f"--no-mmap loaded {copied:,} bytes for {expert_bytes:,} of experts"
-    with torch.no_grad():
-        holder["m"].model(step)  # first-call allocations, so that the step below measures weights only
-    holder.clear()
-    gc.collect()
-    loaded = rss_growth(lambda: holder.update(m=load_model(path, packed=True)))
-    assert loaded < 0.1 * expert_bytes, f"loading mapped weights grew RSS by {loaded:,} bytes"
-    with torch.no_grad():
-        stepped = rss_growth(lambda: holder["m"].model(step))
-    assert stepped < 0.45 * expert_bytes, f"one token read {stepped:,} of {expert_bytes:,} bytes of experts"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE_RSS, str(path)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rss = json.loads(done.stdout.splitlines()[-1])
+    assert rss["copied"] > 0.9 * expert_bytes, f"--no-mmap loaded {rss['copied']:,} for {expert_bytes:,} bytes"
+    assert rss["loaded"] < 0.1 * expert_bytes, f"loading mapped weights grew RSS by {rss['loaded']:,} bytes"
+    assert rss["stepped"] < 0.45 * expert_bytes, f"one token read {rss['stepped']:,} of {expert_bytes:,} bytes"
 
 
 def test_mapped_tensors_outlive_the_closed_file(tmp_path):
@@ -179,3 +199,38 @@ def test_mapped_tensors_outlive_the_closed_file(tmp_path):
     file.close()
     gc.collect()
     assert torch.equal(view, copy)  # a dangling mapping would crash or differ here
+
+
+MEASURE_QUANT_RSS = """
+import gc, json, sys
+from rss import rss_growth
+from tramontane.build.load import load_model
+
+small, big, holder = sys.argv[1], sys.argv[2], {}
+load_model(small, quant="int4")  # first-call imports and allocations, outside the measurement
+gc.collect()
+growth = rss_growth(lambda: holder.update(m=load_model(big, quant="int4").model))
+state = holder["m"].state_dict().values()
+print(json.dumps({"growth": growth, "packed": sum(t.numel() * t.element_size() for t in state)}))
+"""
+
+
+def test_quantizing_while_loading_never_holds_the_float_model(tmp_path):
+    """--quant int4 on a float Mixtral: each tensor is quantized as it is read (experts one at a time),
+    so peak memory stays under the packed model plus one float layer (+10%); quantizing after a float
+    load (the old way) peaks at the whole float model."""
+    shape = {"hidden_size": 256, "intermediate_size": 1024}
+    big = save_hf(hf_model("mixtral", seed=1, **shape), tmp_path / "big", shard=None)  # 50 MB of float32 experts
+    small = save_hf(hf_model("mixtral", seed=2), tmp_path / "small", shard=None)
+    layer = 4 * (3 * 8 * 1024 * 256 + 2 * 256 * 256 + 2 * 256 * 128 + 8 * 256)  # float32 bytes of one layer
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE_QUANT_RSS, str(small), str(big)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rss = json.loads(done.stdout.splitlines()[-1])
+    assert rss["growth"] <= 1.1 * (rss["packed"] + layer), (rss, layer)

@@ -191,8 +191,9 @@ def load(
         packed=available() if packed is None else packed,
         shard=shard,
         mmap=mmap,
+        quant=quant if quant is not None and detect_format(path) != "gguf" else None,  # float files: as read
     )
-    if quant is not None:
+    if quant is not None and loaded.config.quant != quant:  # a GGUF file's float matrices, after loading
         from .quant.quantize import quantize_model
 
         quantize_model(loaded.model, quant)

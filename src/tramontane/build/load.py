@@ -23,6 +23,7 @@ from ..parallel.plan import Layout, layout_for, slice_of
 from ..parallel.shard import shard_model
 from ..quant.kernels import row_bytes
 from ..quant.linear import PACKED_TYPES, PackedEmbedding, PackedExperts, PackedLinear, set_module
+from ..quant.quantize import GROUP, SCHEMES, quantize_rows, type_id
 from ..quant.step import fuse
 from ..weights import names
 from ..weights.sources import GGUFSource, Reader, SafetensorsSource, open_source
@@ -45,6 +46,7 @@ def load_model(
     packed: bool = False,
     shard: tuple[str, int, int] | None = None,
     mmap: bool = True,
+    quant: str | None = None,
 ) -> LoadedModel:
     """Read a model folder or GGUF file into a ready `Transformer` (eval mode, no gradients).
 
@@ -54,7 +56,10 @@ def load_model(
     choose); mmap=False copies them into memory. Fusing q/k/v and gate/up copies those rows either way.
     shard = (mode, rank, world): keep only this rank's part of each tensor under the parallel plan `mode`
     ("tp", "ep", "tp+ep"; see parallel/plan.py); tensors are sliced as they are read, so the rank never
-    holds the whole model."""
+    holds the whole model.
+    quant = "int8" | "int4": float matrices (Mixtral's experts one expert at a time) are quantized as they
+    are read (quant/quantize.py), so the float model never exists whole: peak memory is the packed
+    model plus one float tensor."""
     path = Path(path)
     fmt, config, source, name_map = open_source(path)
     layout = None
@@ -67,12 +72,14 @@ def load_model(
         model = Transformer(config)
     if layout is not None:
         shard_model(model, layout)
-    if packed:
-        model.config = model.config.with_(quant="gguf")
-    state = _assemble(model, config, source, name_map, dtype, progress, packed, layout, mmap)
+    if quant is not None and (quant not in SCHEMES or layout is not None):
+        raise LoadError(path, f"quantizing while loading takes int8 or int4, unsharded (got {quant!r})")
+    if packed or quant:
+        model.config = model.config.with_(quant=quant or "gguf")
+    state = _assemble(model, config, source, name_map, dtype, progress, packed, layout, mmap, quant)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the modules own the tensors now: fusing projections below must not double them
-    if packed:
+    if packed or quant:
         fuse(model)
     model.inv_freq = rope_frequencies(config.head_dim, config.rope_theta)
     model.eval().requires_grad_(False)
@@ -93,11 +100,13 @@ def _assemble(
     packed: bool = False,
     layout: Layout | None = None,
     mmap: bool = True,
+    quant: str | None = None,
 ) -> dict[str, torch.Tensor]:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     swapped: set[str] = set()
     experts: dict[str, set[int]] = {}
+    quantized_experts: dict[str, set[int]] = {}
     items = source.items()
     if progress:
         from tqdm import tqdm
@@ -133,6 +142,10 @@ def _assemble(
                 continue  # an expert another rank holds
         else:
             tensor = _transform(read(), m.transform, config)
+            if quant and PACKABLE.fullmatch(m.target) and expected[m.target][-1] % GROUP == 0:
+                _quantize_read(model, source.path, name, m, tensor, expected, state, quant, quantized_experts)
+                swapped.add(m.target)
+                continue
         _place(source.path, name, m, tensor.to(dtype), expected[m.target], state, experts, dtype)
     if config.tie_embeddings and "tok_embeddings.weight" in swapped:
         embedding = model.tok_embeddings
@@ -140,6 +153,10 @@ def _assemble(
         model.output = embedding.as_linear()
         state["output.packed"] = state["tok_embeddings.packed"]
     _check_complete(source.path, {k: v for k, v in expected.items() if k not in swapped}, state, experts)
+    for target, seen in quantized_experts.items():
+        if len(seen) != expected[target][0]:
+            absent = sorted(set(range(expected[target][0])) - seen)
+            raise LoadError(source.path, f"{target}: experts {absent} are missing")
     return state
 
 
@@ -189,6 +206,44 @@ def _rank_blocks(path: Path, target: str, blocks: tuple[torch.Tensor, int], layo
     if dim != 0 or rows.dim() != 3:
         raise LoadError(path, f"{target}: packed blocks cannot be split along dimension {dim} (plan {layout.mode})")
     return rows[start:stop], qtype
+
+
+def _quantize_read(
+    model: Transformer,
+    path: Path,
+    name: str,
+    m: names.Mapping,
+    tensor: torch.Tensor,
+    expected: dict[str, tuple[int, ...]],
+    state: dict[str, torch.Tensor],
+    scheme: str,
+    seen: dict[str, set[int]],
+) -> None:
+    """Quantize a float matrix as it is read and put the packed module in place. Mixtral's experts go
+    into one stack [E, out, row_bytes] made at the first of them, filled expert by expert (a file holds
+    one tensor per expert, or all of them in one 3-D tensor)."""
+    shape, qtype = expected[m.target], type_id(SCHEMES[scheme])
+    if len(shape) == 2:
+        if tuple(tensor.shape) != shape:
+            raise LoadError(path, f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
+        packed = quantize_rows(shape[0], lambda a, b: tensor[a:b], scheme)
+        _swap_packed(model, path, name, m.target, (packed, qtype), expected, state)
+        return
+    key = m.target + ".packed"
+    if key not in state:
+        stack = torch.empty(*shape[:2], row_bytes(qtype, shape[-1]), dtype=torch.uint8)  # [E, out, row_bytes]
+        _swap_packed(model, path, name, m.target, (stack, qtype), expected, state)
+    parts = [(m.expert, tensor)] if m.expert is not None else list(enumerate(tensor))
+    done = seen.setdefault(m.target, set())
+    for e, matrix in parts:
+        if tuple(matrix.shape) != shape[1:] or not 0 <= e < shape[0] or e in done:
+            raise LoadError(
+                path,
+                f"tensor {name!r}: expert {e} of shape {list(matrix.shape)} does not fit {list(shape)}"
+                + (" (a duplicate)" if e in done else ""),
+            )
+        state[key][e] = quantize_rows(shape[1], lambda a, b, w=matrix: w[a:b], scheme)
+        done.add(e)
 
 
 def _transform(t: torch.Tensor, transform: str | None, config: ModelConfig) -> torch.Tensor:
