@@ -42,14 +42,14 @@ def _mine(raw: np.ndarray, qtype: QT) -> np.ndarray:
     return dequantize(torch.from_numpy(raw.reshape(-1).copy()), int(qtype)).numpy()
 
 
-def _random_blocks(qtype: QT, rows: int, row_elems: int, seed: int) -> np.ndarray:
-    """Random bytes shaped [rows, row_bytes] with finite, small f16 scales."""
+def _random_blocks(qtype: QT, rows: int, row_elems: int, seed: int, scale_max: float = 0.05) -> np.ndarray:
+    """Random bytes shaped [rows, row_bytes] with finite f16 scales of at most `scale_max`."""
     info = GGML_TYPES[int(qtype)]
     rng = np.random.default_rng(seed)
     n_blocks = rows * row_elems // info.block_size
     blocks = rng.integers(0, 256, (n_blocks, info.type_size), dtype=np.uint8)
     for pos in F16_FIELDS[qtype]:
-        scale = rng.uniform(-0.05, 0.05, (n_blocks, 1)).astype(np.float16)
+        scale = rng.uniform(-scale_max, scale_max, (n_blocks, 1)).astype(np.float16)
         blocks[:, pos : pos + 2] = scale.view(np.uint8)
     return blocks.reshape(rows, -1)
 

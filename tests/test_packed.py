@@ -13,7 +13,7 @@ from tramontane.build.load import load_model
 from tramontane.quant.linear import PackedEmbedding, PackedLinear
 
 QUANTIZABLE = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants can write these
-K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]  # written as random valid blocks
+K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]  # written as random valid blocks
 
 
 def compare(path) -> None:
@@ -35,8 +35,9 @@ def test_packed_equals_dequantized(tmp_path, kind, qtype):
     compare(save_gguf(hf_model(kind, seed=6), tmp_path / "m.gguf", qtype))
 
 
-def write_random_kquant_model(path, qtype: str) -> None:
-    """A tiny llama-architecture GGUF (dim 256, ffn 512) whose matrices are random valid blocks."""
+def write_random_kquant_model(path, qtype: str, scale_max: float = 0.05) -> None:
+    """A tiny llama-architecture GGUF (dim 256, ffn 512) whose matrices are random valid blocks (f16 scales
+    of at most `scale_max`)."""
     dim, ffn, layers, vocab, heads, kv = 256, 512, 2, 96, 4, 2
     kind = gguf.GGMLQuantizationType[qtype]
     w = gguf.GGUFWriter(str(path), "llama")
@@ -65,7 +66,7 @@ def write_random_kquant_model(path, qtype: str) -> None:
             f"blk.{i}.ffn_down.weight": (dim, ffn),
         }
     for seed, (name, (rows, cols)) in enumerate(shapes.items()):
-        blocks = _random_blocks(kind, rows, cols, seed)
+        blocks = _random_blocks(kind, rows, cols, seed, scale_max)
         w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=kind)
     for i in range(layers):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(dim, np.float32))

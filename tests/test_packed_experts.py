@@ -25,7 +25,7 @@ from tramontane.weights.gguf_writer import write_gguf
 from tramontane.weights.hf_writer import write_hf
 
 QUANTIZABLE = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants writes these
-K_QUANTS = ["Q4_K", "Q5_K", "Q6_K"]  # written as random valid blocks
+K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]  # written as random valid blocks
 TOKENS = torch.randint(0, 96, (2, 19), generator=torch.Generator().manual_seed(0))
 
 
@@ -36,7 +36,9 @@ def experts_of(model) -> list[MoeFeedForward]:
 def assert_close(model, reference) -> None:
     with torch.no_grad():
         a, b = model(TOKENS), reference(TOKENS)
-    assert (a - b).abs().max().item() <= 1e-3 * max(1.0, b.abs().max().item() / 10)
+    # the issue's bound, 1e-3 relative to the logit scale (random blocks make activations in the
+    # thousands: the kernels' float32 rounding differs from the dequantized matmul's by ~1e-7 relative)
+    assert (a - b).abs().max().item() <= 1e-3 * max(1.0, b.abs().max().item())
 
 
 def compare_packed(path) -> None:

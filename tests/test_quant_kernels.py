@@ -23,9 +23,9 @@ ext = kernels._ext
 needs_ext = pytest.mark.skipif(ext is None, reason="the compiled extension tramontane.quant._kernels did not build")
 
 # Byte offsets of the float16 scale fields of the block types the gguf package cannot quantize.
-F16_FIELDS = {QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
+F16_FIELDS = {QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
 LEGACY = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
-K_QUANTS = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
+K_QUANTS = [QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K]
 ALL = LEGACY + K_QUANTS
 SHAPES = {True: [(96, 512), (1536, 768)], False: [(96, 256), (1536, 576)]}  # keyed by "is a K-quant"
 MS = [1, 3, 16, 40]
@@ -166,7 +166,7 @@ def test_compiled_and_fallback_agree(monkeypatch: pytest.MonkeyPatch, qtype: QT)
     )
 
 
-@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_1, QT.Q2_K, QT.Q3_K, QT.Q6_K], ids=lambda t: t.name)
 def test_fallback_alone_matches_reference(monkeypatch: pytest.MonkeyPatch, qtype: QT) -> None:
     # Runs whether or not the extension built.
     monkeypatch.setattr(kernels, "_ext", None)
@@ -213,7 +213,7 @@ def test_bad_inputs_raise_value_error() -> None:
     q = int(QT.Q4_1)
     x = activations(2, 256)
     bad_calls = [
-        lambda: kernels.qmatmul(x, packed, int(QT.Q2_K), 256),  # a type the kernels do not run
+        lambda: kernels.qmatmul(x, packed, int(QT.Q8_1), 256),  # a type the kernels do not run
         lambda: kernels.qmatmul(x, packed, 999, 256),
         lambda: kernels.qmatmul(x, packed, q, 250),  # not a whole number of blocks
         lambda: kernels.qmatmul(x, packed, q, 512),  # row bytes do not match
@@ -243,7 +243,7 @@ def test_raw_extension_validates_its_arguments() -> None:
     y = torch.empty(1, 96)
     ptrs = (buf(x), buf(packed), buf(y))
     for m, n, k, qtype, threads in [
-        (1, 96, 256, 10, 1),
+        (1, 96, 256, int(QT.Q8_1), 1),  # not run by the kernels
         (1, 96, 256, -1, 1),
         (1, 96, 250, 3, 1),
         (1, 96, 256, 3, 0),
@@ -255,7 +255,7 @@ def test_raw_extension_validates_its_arguments() -> None:
     with pytest.raises(ValueError, match="null pointer"):
         ext.matmul((0, buf(x)[1]), buf(packed), buf(y), 1, 96, 256, 3, 1)
     with pytest.raises(ValueError, match="unsupported GGML type"):
-        ext.dequantize_rows(buf(packed), buf(y), 96, 256, 11, 1)
+        ext.dequantize_rows(buf(packed), buf(y), 96, 256, int(QT.Q8_K), 1)
     with pytest.raises(ValueError):
         ext.set_isa("sse9")
 
@@ -293,13 +293,14 @@ def test_raw_matmul_and_dequantize_refuse_short_buffers() -> None:
 # ---- the block step binding: decode_block(shape, buffers, eps, window, n_threads) ----
 
 BLOCK_SHAPE = (3, 64, 4, 2, 16, 96, 8)  # B, dim, H, Hkv, D, F, S
+K_BLOCK_SHAPE = (3, 256, 4, 2, 64, 256, 8)  # every row length a multiple of the K-quants' 256
 PACKED = ("wqkv", "wo", "w13", "w2")
 DENSE_UNUSED = {"gate": (0, 0), "w1e": (0, 0, 0), "w3e": (0, 0, 0)}  # a Mixtral block's router and experts
 
 
-def block_case(qtype: QT = QT.Q8_0, window: int = 0) -> dict:
+def block_case(qtype: QT = QT.Q8_0, window: int = 0, shape: tuple[int, ...] = BLOCK_SHAPE) -> dict:
     """Tensors of one decode_block call (row 2 is padding), with the weights' dense references."""
-    b, dim, h, hkv, d, f, s = BLOCK_SHAPE
+    b, dim, h, hkv, d, f, s = shape
     g = torch.Generator().manual_seed(7)
     case = {
         "x": torch.randn(b, dim, generator=g),
@@ -322,7 +323,7 @@ def block_case(qtype: QT = QT.Q8_0, window: int = 0) -> dict:
             case["kpos"][row, p % s] = p
     angles = torch.randn(b, d // 2, generator=g)
     case["cos_sin"] = torch.stack([angles.cos(), angles.sin()], -1).contiguous()  # [B, D/2, 2]
-    case["qtype"], case["window"] = int(qtype), window
+    case["qtype"], case["window"], case["shape"] = int(qtype), window, shape
     return case
 
 
@@ -335,12 +336,12 @@ def run_block(case: dict, short: str | None = None, threads: int = 2) -> None:
             t = t[:-1] if name in PACKED else t.reshape(-1)[:-1]
         buffers[name] = (*buf(t), case["qtype"]) if name in PACKED else buf(t)
     buffers |= DENSE_UNUSED
-    ext.decode_block(BLOCK_SHAPE, buffers, 1e-5, case["window"], threads)
+    ext.decode_block(case["shape"], buffers, 1e-5, case["window"], threads)
 
 
 def block_reference(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, k_cache, v_cache after the block, in float64 torch (model/transformer.py's arithmetic)."""
-    b, dim, h, hkv, d, f, s = BLOCK_SHAPE
+    b, dim, h, hkv, d, f, s = case["shape"]
     x, kc, vc = case["x"].double(), case["k_cache"].double().clone(), case["v_cache"].double().clone()
     cs = case["cos_sin"].double()[:, None]  # [B, 1, D/2, 2]
 
@@ -371,9 +372,13 @@ def block_reference(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 @needs_ext
-@pytest.mark.parametrize("qtype,window", [(QT.Q8_0, 0), (QT.Q4_1, 4)], ids=["Q8_0", "Q4_1-window"])
-def test_decode_block_runs_with_exact_sizes(isa: str, qtype: QT, window: int) -> None:
-    case = block_case(qtype, window)
+@pytest.mark.parametrize(
+    "qtype,window,shape",
+    [(QT.Q8_0, 0, BLOCK_SHAPE), (QT.Q4_1, 4, BLOCK_SHAPE), (QT.Q2_K, 0, K_BLOCK_SHAPE), (QT.Q3_K, 4, K_BLOCK_SHAPE)],
+    ids=["Q8_0", "Q4_1-window", "Q2_K", "Q3_K-window"],
+)
+def test_decode_block_runs_with_exact_sizes(isa: str, qtype: QT, window: int, shape: tuple[int, ...]) -> None:
+    case = block_case(qtype, window, shape)
     want_x, want_k, want_v = block_reference(case)
     run_block(case)
     assert rel_err(case["x"], want_x) < 1e-4, isa
@@ -416,7 +421,7 @@ def test_decode_block_validates_its_arguments() -> None:
         (BLOCK_SHAPE, {**full, "kpso": full["kpos"]}, ValueError, "unknown buffer 'kpso'"),
         (BLOCK_SHAPE, {**full, "wo": full["wo"][:2]}, TypeError, r"wo must be a tuple \(data_ptr, nbytes, qtype\)"),
         (BLOCK_SHAPE, {**full, "x": (*full["x"], 0)}, TypeError, r"x must be a tuple \(data_ptr, nbytes\)"),
-        (BLOCK_SHAPE, {**full, "w2": (*full["w2"][:2], 11)}, ValueError, "w2: GGML type 11"),
+        (BLOCK_SHAPE, {**full, "w2": (*full["w2"][:2], int(QT.Q8_1))}, ValueError, "w2: GGML type 9"),
         (BLOCK_SHAPE, {**full, "w13": (*full["w13"][:2], int(QT.Q4_K))}, ValueError, "w13: GGML type 12 cannot"),
         (BLOCK_SHAPE, {**full, "qpos": (0, full["qpos"][1])}, ValueError, "qpos is a null pointer"),
         (BLOCK_SHAPE, {**full, "v_cache": (full["v_cache"][0], -4)}, ValueError, "negative size"),

@@ -26,9 +26,9 @@ try:  # the compiled kernels are optional (a failed build leaves the fallback); 
 except ImportError:  # pragma: no cover - depends on the build
     _ext = None
 
-# GGML type ids the compiled kernels run (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K,
-# BF16); the fallback handles the same set.
-SUPPORTED_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 30})
+# GGML type ids the compiled kernels run (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
+# Q6_K, BF16); the fallback handles the same set.
+SUPPORTED_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30})
 _GEOMETRY = {t: (GGML_TYPES[t].block_size, GGML_TYPES[t].type_size) for t in SUPPORTED_TYPES}
 
 # Above this many activation rows (per instruction set of the compiled kernels), dequantize once and

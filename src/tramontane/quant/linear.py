@@ -19,11 +19,8 @@ from ..weights.gguf_quants import GGML_TYPES
 from .kernels import dequantize_packed
 
 # GGML type ids the packed kernels execute; other types are dequantized at load.
-PACKED_TYPES = {
-    GGML_TYPES[i].name: i
-    for i in GGML_TYPES
-    if GGML_TYPES[i].name in {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"}
-}
+_PACKED_NAMES = {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
+PACKED_TYPES = {GGML_TYPES[i].name: i for i in GGML_TYPES if GGML_TYPES[i].name in _PACKED_NAMES}
 
 
 class PackedLinear(nn.Module):

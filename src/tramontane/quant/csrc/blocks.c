@@ -9,6 +9,7 @@ const tinfo tram_types[T_COUNT] = {
     [T_F32] = {1, 4},      [T_F16] = {1, 2},       [T_BF16] = {1, 2},
     [T_Q4_0] = {32, 18},   [T_Q4_1] = {32, 20},    [T_Q5_0] = {32, 22},
     [T_Q5_1] = {32, 24},   [T_Q8_0] = {32, 34},
+    [T_Q2_K] = {256, 84},  [T_Q3_K] = {256, 110},
     [T_Q4_K] = {256, 144}, [T_Q5_K] = {256, 176},  [T_Q6_K] = {256, 210},
 };
 
@@ -72,6 +73,40 @@ void tram_dec_q8_0_c(const uint8_t *b, int nb, float *o) {
     for (int i = 0; i < nb; i++, b += 34, o += 32) {
         float d = f16_to_f32(rd16(b));
         for (int j = 0; j < 32; j++) o[j] = d * (float)(int8_t)b[2 + j];
+    }
+}
+
+/* Q2_K: scales[16] | qs[64] | d | dmin. Element 128h + 32j + l is bits 2j..2j+1 of qs[32h + l]; it
+ * lies in sub-block s = 8h + 2j + l / 16 (of 16 elements), whose byte scales[s] holds the scale (low
+ * nibble) and the min (high nibble): y = (d * sc) * q - dmin * mn. */
+void tram_dec_q2_k_c(const uint8_t *b, int nb, float *o) {
+    for (int i = 0; i < nb; i++, b += 84, o += 256) {
+        float d = f16_to_f32(rd16(b + 80)), dmin = f16_to_f32(rd16(b + 82));
+        for (int s = 0; s < 16; s++) {
+            float dl = d * (float)(b[s] & 15), ml = dmin * (float)(b[s] >> 4);
+            const int h = s / 8, j = (s / 2) % 4, l0 = 16 * (s & 1);
+            for (int l = l0; l < l0 + 16; l++)
+                o[128 * h + 32 * j + l] = dl * (float)((b[16 + 32 * h + l] >> (2 * j)) & 3) - ml;
+        }
+    }
+}
+
+/* Q3_K: hmask[32] | qs[64] | scales[12] | d. Element 128h + 32j + l has its low two bits at bits
+ * 2j..2j+1 of qs[32h + l] and its third at bit 4h + j of hmask[l]; y = (d * sc[element / 16]) * (q - 4)
+ * (ggml phrases it as "subtract 4 where the hmask bit is clear": the same number). */
+void tram_dec_q3_k_c(const uint8_t *b, int nb, float *o) {
+    for (int i = 0; i < nb; i++, b += 110, o += 256) {
+        float d = f16_to_f32(rd16(b + 108));
+        int sc[16];
+        k3_scales(b + 96, sc);
+        for (int s = 0; s < 16; s++) {
+            float dl = d * (float)sc[s];
+            const int h = s / 8, j = (s / 2) % 4, l0 = 16 * (s & 1);
+            for (int l = l0; l < l0 + 16; l++) {
+                int q = ((b[32 + 32 * h + l] >> (2 * j)) & 3) | (((b[l] >> (4 * h + j)) & 1) << 2);
+                o[128 * h + 32 * j + l] = dl * (float)(q - 4);
+            }
+        }
     }
 }
 

@@ -24,7 +24,7 @@
 /* GGML type ids (ggml.h enum ggml_type). */
 enum {
     T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
-    T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_COUNT = 31
+    T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_COUNT = 31
 };
 
 typedef struct { int block; int size; } tinfo;
@@ -79,6 +79,15 @@ static inline void k4_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
     }
 }
 
+/* Q3_K's 12 scale bytes -> 16 signed scales, each a six-bit field minus 32: the field's low four bits
+ * are nibble i / 8 of byte i % 8, its top two are bits 2(i / 4), 2(i / 4) + 1 of byte 8 + i % 4. */
+static inline void k3_scales(const uint8_t *s, int *sc) {
+    for (int i = 0; i < 16; i++) {
+        int lo = (s[i % 8] >> (4 * (i / 8))) & 15, hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+        sc[i] = (lo | (hi << 4)) - 32;
+    }
+}
+
 /* Portable decoders, nb blocks (for the float types: n elements) -> float32, the same arithmetic as
  * weights/gguf_quants.py. */
 TRAM_HIDDEN void tram_dec_f32_c(const uint8_t *b, int n, float *o);
@@ -89,6 +98,8 @@ TRAM_HIDDEN void tram_dec_q4_1_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q5_0_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q5_1_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q8_0_c(const uint8_t *b, int nb, float *o);
+TRAM_HIDDEN void tram_dec_q2_k_c(const uint8_t *b, int nb, float *o);
+TRAM_HIDDEN void tram_dec_q3_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q4_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q5_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o);

@@ -21,9 +21,9 @@
  *   - a block decoder (blocks -> float32), used by dequantize_rows and by the tiled path;
  *   - for every type but F32, a fused kernel for M <= FUSED_M activation rows: a block is widened
  *     to float in registers once and multiplied into each activation row; the block's scale
- *     multiplies each partial sum once and additive offsets go through per-32 sums of x; the
- *     weights of the group of rows a few KiB ahead are software-prefetched (streaming from DRAM the
- *     hardware prefetchers alone reach about half the bandwidth);
+ *     multiplies each partial sum once and additive offsets go through per-32 sums of x (per-16 for
+ *     Q2_K's mins); the weights of the group of rows a few KiB ahead are software-prefetched
+ *     (streaming from DRAM the hardware prefetchers alone reach about half the bandwidth);
  * and one tiled path for larger M (and for the types without a fused kernel): RN weight rows are
  * decoded KC elements at a time into a small float buffer that stays in L1, then a register-blocked
  * RM x RN micro-kernel multiplies it into every activation row, so each weight block is decoded once
@@ -51,7 +51,7 @@
 
 typedef void (*dec_fn)(const uint8_t *blocks, int nblocks, float *out);
 /* Fused, M <= FUSED_M activation rows: y[m, 0..n) (rows ldy apart) = rows of w (rb bytes apart) . x[m];
- * xs: sums of x per 32 elements, [M][K/32]. */
+ * xs: sums of x per 32 elements, [M][K/32] (Q2_K: per 16, [M][K/16]; NULL for the types that read none). */
 typedef void (*fused_fn)(const uint8_t *w, size_t rb, long n, const float *x, const float *xs, long M,
                          long K, float *y, long ldy);
 /* Tiled: y[m, n] (rows N apart) for n in [n0, n1), every m < M, from rows of w decoded with `dec`. */

@@ -2,8 +2,8 @@
  * matmul.c: the packed matmul and the row dequantizer over OpenMP threads. Owns the split of the N
  * output rows between threads (contiguous ranges of whole RN-row groups, so the result does not depend
  * on the thread count), the choice between an instruction set's fused small-M kernel and its tiled
- * path, and the per-32 sums of x the fused kernels take. Pointers are trusted: module.c checked the
- * buffers' extents.
+ * path, and the per-32 (Q2_K: per-16) sums of x the fused kernels take. Pointers are trusted: module.c
+ * checked the buffers' extents.
  */
 #include <stdlib.h>
 
@@ -28,17 +28,23 @@ static int thread_count(int n_threads, long N, long work_bytes) {
     return n_threads < 1 ? 1 : n_threads;
 }
 
-static int needs_xs(int qtype) {
-    return qtype == T_Q4_0 || qtype == T_Q4_1 || qtype == T_Q5_1 || qtype == T_Q4_K || qtype == T_Q5_K;
+/* Elements of x per block sum the fused kernel of qtype reads: the span of the additive offsets it
+ * applies through sums (Q2_K's mins cover 16 elements, the others' offsets 32); 0 when it reads none. */
+static int xs_span(int qtype) {
+    if (qtype == T_Q2_K) return 16;
+    if (qtype == T_Q4_0 || qtype == T_Q4_1 || qtype == T_Q5_1 || qtype == T_Q4_K || qtype == T_Q5_K) return 32;
+    return 0;
 }
 
-/* Sums of x [M, K] per 32 elements -> malloc'd [M][K/32] (K % 32 == 0), or NULL when out of memory. */
-static float *block_sums(const float *x, long M, long K) {
-    float *xs = malloc(sizeof(float) * (size_t)(M * (K / 32)));
+/* Sums of x [M, K] per `span` elements -> malloc'd [M][K/span] (K % span == 0), or NULL when out of
+ * memory. */
+static float *block_sums(const float *x, long M, long K, int span) {
+    const long n = M * (K / span);
+    float *xs = malloc(sizeof(float) * (size_t)n);
     if (!xs) return NULL;
-    for (long b = 0; b < M * (K / 32); b++) {
+    for (long b = 0; b < n; b++) {
         float s = 0.0f;
-        for (int j = 0; j < 32; j++) s += x[32 * b + j];
+        for (int j = 0; j < span; j++) s += x[span * b + j];
         xs[b] = s;
     }
     return xs;
@@ -50,7 +56,8 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
     const size_t rb = tram_row_bytes(qtype, K);
     fused_fn fused = M <= FUSED_M && K % 32 == 0 ? ops->fused[qtype] : NULL;  /* F16/BF16: 32 at a time */
     float *xs = NULL;
-    if (fused && needs_xs(qtype) && !(xs = block_sums(x, M, K))) return -1;
+    const int span = xs_span(qtype);
+    if (fused && span && !(xs = block_sums(x, M, K, span))) return -1;
     int nth = thread_count(n_threads, N, (long)(rb * (size_t)N) + M * K * 4);
     (void)nth;  /* unused without OpenMP */
 #ifdef _OPENMP
