@@ -172,12 +172,23 @@ def placeholder_vocabulary(size: int) -> dict:
     }
 
 
+GGUF_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+
+
 def write_random_gguf(spec: str, quant: str | None, path: str) -> None:
-    """Random weights of `spec` shapes, quantized, written as a GGUF file both engines can load."""
+    """Random weights of `spec` shapes written as a GGUF file both engines can load: a GGUF type writes
+    random valid blocks one tensor at a time (any size: Mixtral 8x7B as Q3_K is ~20 GB); int8/int4 build
+    the model in memory first (random_model) and write it."""
     from tramontane.build.random import random_model
     from tramontane.weights.gguf_writer import write_gguf
     from tramontane.weights.random import random_config
 
+    if quant in GGUF_TYPES:
+        from tramontane.weights.random_gguf import write_random_gguf as write_blocks
+
+        config = random_config(spec)
+        write_blocks(config, quant, path, placeholder_vocabulary(config.vocab_size))
+        return
     model = random_model(random_config(spec), quant=quant)
     write_gguf(model, path, placeholder_vocabulary(model.config.vocab_size), name=f"random {spec}")
 
@@ -267,7 +278,13 @@ def main() -> None:
         metavar="mistral-7b|mixtral-8x7b|CONFIG.json",
         help="random weights of these shapes instead of a file (tramontane only)",
     )
-    ap.add_argument("--quant", default=None, choices=("int8", "int4"), help="with --random: quantize")
+    ap.add_argument(
+        "--quant",
+        default=None,
+        choices=("int8", "int4", *GGUF_TYPES),
+        help="with --random: int8/int4 quantize in memory; a GGUF type writes a GGUF file of random valid "
+        "blocks (to --write-gguf, default /tmp/random-SPEC-TYPE.gguf) and compares the engines on it",
+    )
     ap.add_argument(
         "--write-gguf",
         default=None,
@@ -277,6 +294,8 @@ def main() -> None:
     )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.random and args.quant in GGUF_TYPES and not args.write_gguf:
+        args.write_gguf = f"/tmp/random-{os.path.basename(args.random).removesuffix('.json')}-{args.quant}.gguf"
     if args.random and args.write_gguf:
         if not os.path.exists(args.write_gguf):
             t = time.perf_counter()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,40 @@ def test_quantized_random_mixtral_packs_its_experts(quant):
     assert isinstance(ff.gate, torch.nn.Linear)  # the router stays float
     logits = model(torch.tensor([[1, 2, 3]]))
     assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "q2_k", "q3_k", "q4_k", "q6_k"])
+def test_random_gguf_of_valid_blocks_loads_packed(tmp_path, qtype):
+    """--random CONFIG --quant q4_0|q4_k|q3_k|q2_k...: a GGUF streamed one tensor at a time, whose blocks
+    the gguf package decodes to finite values, and which loads with every expert stack packed."""
+    import gguf
+
+    from tramontane.build.load import load_model
+    from tramontane.quant.linear import PackedExperts
+    from tramontane.weights.random_gguf import write_random_gguf
+
+    config = random_config("mixtral-8x7b").with_(n_layers=2, dim=256, hidden_dim=512, n_heads=8, n_kv_heads=2)
+    config = config.with_(head_dim=32, vocab_size=300)
+    path = write_random_gguf(config, qtype, tmp_path / "r.gguf", {})
+    reader = gguf.GGUFReader(str(path))
+    exps = next(t for t in reader.tensors if t.name == "blk.1.ffn_down_exps.weight")
+    values = gguf.quants.dequantize(exps.data, exps.tensor_type)
+    assert values.shape == (8, 256, 512) and np.isfinite(values).all() and values.std() > 0
+    model = load_model(path, packed=True).model
+    assert model.config.moe.num_experts == 8 and model.config.vocab_size == 300
+    assert all(isinstance(getattr(b.feed_forward, w), PackedExperts) for b in model.layers for w in ("w1", "w2", "w3"))
+    logits = model(torch.tensor([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 300) and torch.isfinite(logits).all()
+
+
+def test_random_gguf_of_mixtral_8x7b_has_the_real_byte_count(tmp_path):
+    """The tensor table of the full preset (nothing written): Q3_K Mixtral 8x7B is ~20 GB, as llama.cpp's."""
+    from tramontane.weights.gguf_quants import GGML_TYPES
+    from tramontane.weights.random_gguf import TYPE_IDS, tensor_shapes
+
+    info = GGML_TYPES[TYPE_IDS["Q3_K"]]
+    total = sum(
+        int(np.prod(shape)) // info.block_size * info.type_size if kind == "matrix" else int(np.prod(shape)) * 4
+        for _, shape, kind in tensor_shapes(random_config("mixtral-8x7b"))
+    )
+    assert 19.5e9 < total < 20.5e9, total
