@@ -9,6 +9,7 @@ keeps only its part (parallel/)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,7 @@ def _quantize_read(
     if len(shape) == 2:
         if tuple(tensor.shape) != shape:
             raise LoadError(path, f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
-        packed = quantize_rows(shape[0], lambda a, b: tensor[a:b], scheme)
+        packed = quantize_rows(shape[0], _rows_of(tensor), scheme)
         _swap_packed(model, path, name, m.target, (packed, qtype), expected, state)
         return
     key = m.target + ".packed"
@@ -242,8 +243,13 @@ def _quantize_read(
                 f"tensor {name!r}: expert {e} of shape {list(matrix.shape)} does not fit {list(shape)}"
                 + (" (a duplicate)" if e in done else ""),
             )
-        state[key][e] = quantize_rows(shape[1], lambda a, b, w=matrix: w[a:b], scheme)
+        state[key][e] = quantize_rows(shape[1], _rows_of(matrix), scheme)
         done.add(e)
+
+
+def _rows_of(matrix: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+    """Rows [a, b) of a float matrix, as quantize_rows asks for them."""
+    return lambda a, b: matrix[a:b]
 
 
 def _transform(t: torch.Tensor, transform: str | None, config: ModelConfig) -> torch.Tensor:

@@ -132,8 +132,8 @@ def tensors(model: torch.nn.Module, float_type: str = "f32") -> Iterator[tuple[s
     np_dtype = FLOAT_TYPES[float_type][0]
     for path, item in _weights(model):
         if is_packed(item):
-            rows = item.packed.numpy()  # [out, row_bytes], or packed experts [E, out, row_bytes]
-            yield _expert_name(path) if rows.ndim == 3 else _gguf_name(path), rows, item.qtype
+            blocks = item.packed.numpy()  # [out, row_bytes], or packed experts [E, out, row_bytes]
+            yield _expert_name(path) if blocks.ndim == 3 else _gguf_name(path), blocks, item.qtype
             continue
         weight = (item if isinstance(item, torch.Tensor) else item.get_parameter("weight")).detach().float()
         if weight.dim() == 3:  # Mixtral experts [E, rows, cols]
