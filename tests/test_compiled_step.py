@@ -217,18 +217,18 @@ def test_server_and_offline_pick_through_the_same_call(tmp_path, caplog):
     assert asyncio.run(serve_one()) == offline
 
 
-def test_a_module_swap_after_loading_is_seen(tmp_path):
+@pytest.mark.parametrize(("kind", "targets"), [("llama", None), ("mixtral", ("w1", "w2", "w3"))])
+def test_a_module_swap_after_loading_is_seen(tmp_path, kind, targets):
     """LoRA applied to `llm.model` directly (not through `llm.load_adapter`): the next generation picks
-    its backend again instead of running the compiled step over the base weights."""
+    its backend again instead of running the compiled step over the base weights. (Mixtral: adapters on
+    the experts only, which swap no module: the block's experts gain an `expert_lora`.)"""
     from tramontane.lora.layers import LoraSpec, apply_lora
 
-    llm = LLM(
-        load_model(save_gguf(hf_model("llama", seed=6), tmp_path / "m.gguf", "Q8_0"), packed=True), CharTokenizer()
-    )
+    llm = LLM(load_model(save_gguf(hf_model(kind, seed=6), tmp_path / "m.gguf", "Q8_0"), packed=True), CharTokenizer())
     assert isinstance(llm.backend, CompiledStep) and llm.backend.current()
     prompt = [1, 5, 9, 33, 7]
     base = llm.generate([prompt], temperature=0, max_tokens=8, ignore_eos=True)[0].token_ids
-    apply_lora(llm.model, LoraSpec(rank=2), "a", seed=0)
+    apply_lora(llm.model, LoraSpec(rank=2) if targets is None else LoraSpec(rank=2, targets=targets), "a", seed=0)
     gen = torch.Generator().manual_seed(1)
     for name, p in llm.model.named_parameters():  # make the adapter matter: B = 0 would change nothing
         if "lora_B" in name:

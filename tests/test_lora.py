@@ -272,15 +272,18 @@ def test_packed_base_unfuses_and_trains_only_the_adapter(tmp_path):
     assert (logits(model) - logits(plain)).abs().max() > 1e-3
 
 
-def test_merge_of_packed_model_gives_float_model(tmp_path):
-    path = save_gguf(hf_model("llama", seed=2), tmp_path / "m.gguf", "Q8_0")
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_merge_of_packed_model_gives_float_model(tmp_path, kind):
+    from tramontane.quant.linear import PackedExperts
+
+    path = save_gguf(hf_model(kind, seed=2), tmp_path / "m.gguf", "Q8_0")
     model = load_model(path, packed=True).model
-    apply_lora(model, LoraSpec(rank=4, targets=("wq", "w2")), "a")
+    apply_lora(model, LoraSpec(rank=4, targets=("wq", "w2")), "a")  # Mixtral: w2 of every expert
     randomize(model, "a", seed=1)
     adapted = logits(model)
     merge_lora(model, "a")
-    assert not any(isinstance(m, PackedLinear | LoRALinear) for m in model.modules())
-    assert model.config.quant is None and model.output is None
+    assert not any(isinstance(m, PackedLinear | PackedExperts | LoRALinear) for m in model.modules())
+    assert model.config.quant is None and (model.output is None) == (kind == "llama")
     assert_close(logits(model), adapted, 1e-4, "merged packed")
 
 

@@ -218,7 +218,7 @@ def _shape(model: Transformer, path: str) -> tuple[int, int, int | None]:
     parent, _, leaf = path.rpartition(".")
     owner = model.get_submodule(parent)
     if isinstance(owner, MoeFeedForward) and leaf in EXPERT_PROJECTIONS:
-        e, out, inp = getattr(owner, leaf).shape  # [E,out,in]
+        e, out, inp = owner.stack_shape(leaf)  # [E,out,in]
         return out, inp, e
     module = owner.get_submodule(leaf)
     return module.out_features, module.in_features, None
@@ -401,6 +401,9 @@ def merge_lora(model: Transformer, name: str) -> None:
             for p in EXPERT_PROJECTIONS:
                 if name in m.lora_A[p]:
                     w = getattr(moe, p)  # [E,out,in]
+                    if not isinstance(w, torch.Tensor):  # packed experts: merged into float32 weights
+                        w = nn.Parameter(w.dequantize(), requires_grad=False)
+                        setattr(moe, p, w)
                     delta = torch.bmm(m.lora_B[p][name].float(), m.lora_A[p][name].float())  # [E,out,r]@[E,r,in]
                     w.copy_((w.float() + m.scales[p, name] * delta).to(w.dtype))
             m.remove(name)

@@ -27,6 +27,8 @@ class ExpertMatrices(Protocol):
     `PackedExperts`: GGML blocks, decoded on the fly). A module set in place of w1, w2 or w3."""
 
     num_experts: int
+    out_features: int
+    in_features: int
 
     def matmul(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """x [n,in] @ W[e]^T -> [n,out] in x's dtype."""
@@ -52,6 +54,14 @@ class MoeFeedForward(nn.Module):
         # Expert parallelism (parallel/shard.py): this module holds experts [first, stop) of all E; the
         # others' tokens contribute zeros here and are summed in from the ranks that hold them.
         self.expert_range: tuple[int, int] = (0, e)
+
+    def stack_shape(self, name: str) -> tuple[int, int, int]:
+        """[E, out, in] of the projection `name` ("w1", "w2", "w3"), float or packed."""
+        w = getattr(self, name)
+        if isinstance(w, torch.Tensor):
+            e, out, inp = w.shape
+            return e, out, inp
+        return w.num_experts, w.out_features, w.in_features
 
     @property
     def num_experts(self) -> int:

@@ -174,4 +174,6 @@ def _step_modules(model: Transformer) -> list[object]:
         out += [block.attention_norm.weight, block.ffn_norm.weight, ff, *projections]
         out += [getattr(m, "packed", None) for m in projections]
         out += [getattr(getattr(ff, "gate", None), "weight", None)]  # the router's float32 matrix
+        # Mixtral: adapters set on the experts, or a rank's range of them, change what the block computes
+        out += [getattr(ff, "expert_lora", None), getattr(ff, "expert_range", None)]
     return out
