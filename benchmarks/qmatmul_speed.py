@@ -20,13 +20,10 @@ from gguf.quants import QuantError, quantize
 
 from tramontane.quant import kernels
 from tramontane.weights.gguf_quants import GGML_TYPES
+from tramontane.weights.random_gguf import random_blocks
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
-TYPES = ["Q4_1", "Q4_0", "Q8_0", "Q4_K", "Q6_K"]
-
-
-# Byte offsets of the float16 scale fields in each block (ggml-common.h).
-F16_FIELDS = {QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q8_0: (0,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
+TYPES = ["Q4_1", "Q4_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q6_K"]
 
 
 def packed_weight(qtype: QT, n: int, k: int, rng: np.random.Generator, quantized: bool = True) -> torch.Tensor:
@@ -39,11 +36,7 @@ def packed_weight(qtype: QT, n: int, k: int, rng: np.random.Generator, quantized
             return torch.from_numpy(np.ascontiguousarray(raw).view(np.uint8).reshape(n, -1))
         except (NotImplementedError, QuantError):
             pass
-    n_blocks = n * k // info.block_size
-    blocks = rng.integers(0, 256, (n_blocks, info.type_size), dtype=np.uint8)
-    for pos in F16_FIELDS[qtype]:
-        blocks[:, pos : pos + 2] = rng.uniform(-0.05, 0.05, (n_blocks, 1)).astype(np.float16).view(np.uint8)
-    return torch.from_numpy(blocks.reshape(n, -1))
+    return torch.from_numpy(random_blocks(info.name, n, k, rng, scale=0.05))
 
 
 def per_call_us(fn, budget_s: float = 0.25) -> float:
