@@ -7,7 +7,7 @@ import random
 
 import pytest
 from chartok import CharTokenizer
-from models import hf_model, save_hf
+from models import hf_model, save_gguf, save_hf
 
 from tramontane.api import LLM
 from tramontane.build.load import load_model
@@ -18,8 +18,11 @@ from tramontane.engine.blocks import bytes_per_block
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=["mistral", "mixtral", "llama"])
+@pytest.fixture(scope="module", params=["mistral", "mixtral", "llama", "mixtral-q8_0"])
 def llm(request, tmp_path_factory):
+    if request.param == "mixtral-q8_0":  # packed experts: the server's module path against the offline
+        path = save_gguf(hf_model("mixtral", seed=8), tmp_path_factory.mktemp("e") / "m.gguf", "Q8_0")
+        return LLM(load_model(path, packed=True), CharTokenizer())  # compiled step
     hf = hf_model(request.param, seed=8)
     return LLM(load_model(save_hf(hf, tmp_path_factory.mktemp("e"), shard=None)), CharTokenizer())
 
