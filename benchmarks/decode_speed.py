@@ -2,9 +2,11 @@
 
     python benchmarks/decode_speed.py [--model FILE.gguf] [--threads 2] [--engines a,b,...]
 
-Engines: tramontane (packed GGUF kernels), tramontane-f32 (dequantized at load), transformers-fp32,
-transformers-bf16, llama.cpp (only when `llama_cpp` is importable). Each engine runs in its own process,
-so load time and peak RSS (VmHWM) are its own. Prints tokens/s for a 512-token prefill, 256 decoded tokens
+Engines: tramontane (packed GGUF kernels, file mapped), tramontane-nommap, tramontane-f32 (dequantized at
+load), transformers-fp32, transformers-bf16, llama.cpp and llama.cpp-nommap (when `llama_cpp` imports in
+--llama-python; warmed up before timing). Every measurement is a fresh process, engines alternate over
+--rounds rounds (medians reported), so load time and peak RSS (VmHWM) are each engine's own; the decode
+roofline (measured bandwidth / bytes a token reads) is printed beside the decode figures. Prints tokens/s for a 512-token prefill, 256 decoded tokens
 at batch 1, and aggregate decode at batch 4 and 16, with ratios to the first engine."""
 
 from __future__ import annotations
@@ -31,14 +33,14 @@ def prompt_ids(vocab: int, n: int, seed: int = 0) -> list[int]:
     return [rng.randrange(100, min(vocab, 30000)) for _ in range(n)]
 
 
-def run_tramontane(model: str | None, packed: bool) -> dict:
+def run_tramontane(model: str | None, packed: bool, mmap: bool = True) -> dict:
     import torch
 
     import tramontane
     from tramontane.decoding.sampling import SamplingParams
 
     t0 = time.perf_counter()
-    llm = tramontane.load(model, packed=packed)
+    llm = tramontane.load(model, packed=packed, mmap=mmap)
     load = time.perf_counter() - t0
     vocab = llm.config.vocab_size
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -227,13 +229,17 @@ def run_transformers(model: str, dtype_name: str) -> dict:
     return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": batched[4], "batch16": batched[16]}
 
 
-def run_llama_cpp(model: str, threads: int) -> dict:
+def run_llama_cpp(model: str, threads: int, mmap: bool = True) -> dict:
     import llama_cpp
 
     t0 = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=model, n_threads=threads, n_ctx=2048, n_batch=512, verbose=False)
+    llm = llama_cpp.Llama(model_path=model, n_threads=threads, n_ctx=2048, n_batch=512, use_mmap=mmap, verbose=False)
     load = time.perf_counter() - t0
     vocab = llm.n_vocab()
+    llm.eval(prompt_ids(vocab, 16))  # warm-up: a short prompt and a few decoded tokens, then a clean context
+    for _ in range(4):
+        llm.eval([llm.sample(top_k=1)])
+    llm.reset()
     t = time.perf_counter()
     llm.eval(prompt_ids(vocab, PREFILL))
     prefill = PREFILL / (time.perf_counter() - t)
@@ -248,6 +254,11 @@ def run_llama_cpp(model: str, threads: int) -> dict:
 
 
 def worker(engine: str, model: str | None, threads: int, random: str | None = None, quant: str | None = None) -> None:
+    if engine.startswith("llama.cpp"):  # may run under another interpreter (--llama-python): no torch there
+        out = run_llama_cpp(str(model), threads, mmap=engine != "llama.cpp-nommap")
+        out["peak_rss_gb"] = peak_rss() / 1e9
+        print(json.dumps(out))
+        return
     import torch
 
     torch.set_num_threads(threads)
@@ -255,12 +266,12 @@ def worker(engine: str, model: str | None, threads: int, random: str | None = No
         out = run_random(random, quant)
     elif engine == "tramontane":
         out = run_tramontane(model, packed=True)
+    elif engine == "tramontane-nommap":
+        out = run_tramontane(model, packed=True, mmap=False)
     elif engine == "tramontane-f32":
         out = run_tramontane(model, packed=False)
     elif engine.startswith("transformers-"):
         out = run_transformers(model, {"fp32": "float32", "bf16": "bfloat16"}[engine.split("-")[1]])
-    elif engine == "llama.cpp":
-        out = run_llama_cpp(model, threads)
     else:
         raise SystemExit(f"unknown engine {engine!r}")
     out["peak_rss_gb"] = peak_rss() / 1e9
@@ -291,6 +302,12 @@ def main() -> None:
         metavar="FILE.gguf",
         help="with --random: write the random model to this GGUF file (placeholder vocabulary) "
         "and compare the engines on it",
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every engine, interleaved (medians)")
+    ap.add_argument(
+        "--llama-python",
+        default=sys.executable,
+        help="the Python that has llama_cpp (llama-cpp-python: a benchmark tool, never a dependency)",
     )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -350,23 +367,77 @@ def main() -> None:
         worker(args.worker, args.model, args.threads)
         return
     engines = args.engines.split(",")
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        engines = [e for e in engines if e != "llama.cpp"]
-    results = {}
-    for engine in engines:
-        proc = subprocess.run(
-            [sys.executable, __file__, "--worker", engine, "--model", args.model, "--threads", str(args.threads)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
-        )
-        if proc.returncode:
-            print(f"{engine}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
-            continue
-        results[engine] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not _llama_importable(args.llama_python):
+        engines = [e for e in engines if not e.startswith("llama.cpp")]
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for _ in range(args.rounds):  # interleaved: every engine once per round, a fresh process each time
+        for engine in engines:
+            python = args.llama_python if engine.startswith("llama.cpp") else sys.executable
+            proc = subprocess.run(
+                [python, __file__, "--worker", engine, "--model", args.model, "--threads", str(args.threads)],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+            )
+            if proc.returncode:
+                print(f"{engine}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
+                continue
+            runs[engine].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results = {e: _medians(r) for e, r in runs.items() if r}
     print_table(args, results)
+    print_roofline(args, results)
+
+
+def _llama_importable(python: str) -> bool:
+    probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
+    return probe.returncode == 0
+
+
+def _medians(runs: list[dict]) -> dict:
+    """Per key, the median over the rounds (None stays None); decode's range as decode_range."""
+    import statistics
+
+    out: dict = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = statistics.median(values) if values else None
+    decodes = [r["decode"] for r in runs]
+    out["decode_range"] = (min(decodes), max(decodes))
+    return out
+
+
+def active_bytes_of_file(path: str) -> int:
+    """Bytes one decoded token reads from a GGUF file: every tensor but the embedding table, and of
+    Mixtral's `*_exps` stacks the share the router picks (expert_used_count of expert_count)."""
+    from tramontane.weights.gguf import open_gguf
+
+    with open_gguf(path) as f:
+        meta = f.metadata
+        arch = meta.get("general.architecture", "llama")
+        experts, used = meta.get(f"{arch}.expert_count", 0), meta.get(f"{arch}.expert_used_count", 0)
+        total = 0.0
+        for name, info in f.tensors.items():
+            if name.startswith("token_embd"):
+                continue
+            total += info.nbytes * (used / experts if experts and "_exps" in name else 1.0)
+    return int(total)
+
+
+def print_roofline(args: argparse.Namespace, results: dict) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    bandwidth, active = memory_bandwidth(), active_bytes_of_file(args.model)
+    roofline = bandwidth / active
+    print(
+        f"\nbandwidth {bandwidth / 1e9:.1f} GB/s (summing 512 MiB, {args.threads} threads); a token reads "
+        f"{active / 1e9:.3f} GB; roofline {roofline:.1f} tok/s"
+    )
+    for engine, r in results.items():
+        lo, hi = r["decode_range"]
+        print(
+            f"- {engine}: decode {r['decode']:.1f} tok/s ({lo:.1f}-{hi:.1f}), {r['decode'] / roofline:.0%} of the roofline"
+        )
 
 
 def print_table(args: argparse.Namespace, results: dict) -> None:
