@@ -44,3 +44,30 @@ def test_a_model_that_fails_to_load_stops_the_server(capsys, tmp_path):
     assert main(["serve", str(bad), "--port", str(port), "--kv-cache-memory", "1M"]) == 1
     err = capsys.readouterr().err
     assert "broken.gguf" in err and "tramontane: error:" in err
+
+
+def test_no_mmap_reaches_the_loader(monkeypatch, tmp_path):
+    """`--no-mmap` (run, chat, serve) is passed to the loader as mmap=False; mapped is the default."""
+    import tramontane.api
+
+    seen = []
+
+    def fake_load(model, **kw):
+        seen.append(kw["mmap"])
+        raise TramontaneError("stop here")
+
+    monkeypatch.setattr(tramontane.api, "load", fake_load)
+    model = str(tmp_path)
+    for argv in (["run", model, "hi"], ["run", model, "hi", "--no-mmap"], ["chat", model, "--no-mmap"]):
+        assert main(argv) == 1
+    assert seen == [True, False, False]
+
+
+def test_serve_no_mmap_reaches_the_server_options(monkeypatch, tmp_path):
+    import tramontane.serve.server as server
+
+    seen = []
+    monkeypatch.setattr(server, "serve", lambda opts, *a, **k: seen.append(opts.mmap) or 0)
+    for argv in (["serve", str(tmp_path)], ["serve", str(tmp_path), "--no-mmap"]):
+        main(argv)
+    assert seen == [True, False]
