@@ -10,19 +10,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
 from models import hf_model, save_gguf, save_hf
-from test_gguf_dequant import _random_blocks
 
 from tramontane.build.load import load_model
+from tramontane.config import MoeConfig
 from tramontane.model.moe import MoeFeedForward
 from tramontane.quant.linear import PackedExperts, dequantize_model
 from tramontane.quant.quantize import quantize_model
+from tramontane.weights.gguf_quants import GGML_TYPES
 from tramontane.weights.gguf_writer import write_gguf
 from tramontane.weights.hf_writer import write_hf
+from tramontane.weights.random import random_config
+from tramontane.weights.random_gguf import TYPE_IDS, tensor_shapes, write_random_gguf
 
 QUANTIZABLE = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf.quants writes these
 K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]  # written as random valid blocks
@@ -54,54 +56,17 @@ def test_packed_experts_equal_dequantized(tmp_path, qtype):
 
 
 def write_random_mixtral(path, qtype: str, dim: int = 256, ffn: int = 512, experts: int = 4, layers: int = 2) -> int:
-    """A tiny Mixtral GGUF (arch llama, `*_exps` stacks) whose matrices are random valid `qtype` blocks;
-    returns the bytes of its expert tensors."""
-    vocab, heads, kv = 96, 4, 2
-    kind = gguf.GGMLQuantizationType[qtype]
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, value in (
-        (w.add_block_count, layers),
-        (w.add_context_length, 128),
-        (w.add_embedding_length, dim),
-        (w.add_feed_forward_length, ffn),
-        (w.add_head_count, heads),
-        (w.add_head_count_kv, kv),
-        (w.add_layer_norm_rms_eps, 1e-5),
-        (w.add_rope_freq_base, 10000.0),
-        (w.add_vocab_size, vocab),
-        (w.add_expert_count, experts),
-        (w.add_expert_used_count, 2),
-    ):
-        add(value)
-    hd = dim // heads
-    shapes = {"token_embd.weight": (vocab, dim), "output.weight": (vocab, dim)}
-    for i in range(layers):
-        shapes |= {
-            f"blk.{i}.attn_q.weight": (dim, dim),
-            f"blk.{i}.attn_k.weight": (kv * hd, dim),
-            f"blk.{i}.attn_v.weight": (kv * hd, dim),
-            f"blk.{i}.attn_output.weight": (dim, dim),
-            f"blk.{i}.ffn_gate_exps.weight": (experts, ffn, dim),
-            f"blk.{i}.ffn_up_exps.weight": (experts, ffn, dim),
-            f"blk.{i}.ffn_down_exps.weight": (experts, dim, ffn),
-        }
-    expert_bytes = 0
-    for seed, (name, shape) in enumerate(shapes.items()):
-        blocks = _random_blocks(kind, int(np.prod(shape[:-1])), shape[-1], seed)
-        blocks = blocks.reshape(*shape[:-1], -1)  # [(E,) rows, row_bytes]
-        expert_bytes += blocks.nbytes if "_exps" in name else 0
-        w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=kind)
-    rng = np.random.default_rng(0)
-    for i in range(layers):
-        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", rng.standard_normal((experts, dim)).astype(np.float32))
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(dim, np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(dim, np.float32))
-    w.add_tensor("output_norm.weight", np.ones(dim, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return expert_bytes
+    """A tiny Mixtral GGUF (arch llama, `*_exps` stacks) whose matrices are random valid `qtype` blocks
+    (weights/random_gguf.py); returns the bytes of its expert tensors."""
+    config = random_config("mixtral-8x7b").with_(n_layers=layers, dim=dim, hidden_dim=ffn, n_heads=4, n_kv_heads=2)
+    config = config.with_(head_dim=dim // 4, vocab_size=96, moe=MoeConfig(experts, 2))
+    write_random_gguf(config, qtype, path, {})
+    info = GGML_TYPES[TYPE_IDS[qtype]]
+    return sum(
+        int(np.prod(shape)) // info.block_size * info.type_size
+        for name, shape, _ in tensor_shapes(config)
+        if "_exps" in name
+    )
 
 
 @pytest.mark.parametrize("qtype", K_QUANTS)
@@ -158,6 +123,7 @@ import gc, json, sys
 import torch
 from rss import rss_growth
 from tramontane.build.load import load_model
+from tramontane.config import MoeConfig
 
 path, step, holder = sys.argv[1], torch.tensor([[7]]), {}
 copied = rss_growth(lambda: holder.update(m=load_model(path, packed=True, mmap=False)))
@@ -207,6 +173,7 @@ MEASURE_QUANT_RSS = """
 import gc, json, sys
 from rss import rss_growth
 from tramontane.build.load import load_model
+from tramontane.config import MoeConfig
 
 small, big, holder = sys.argv[1], sys.argv[2], {}
 load_model(small, quant="int4")  # first-call imports and allocations, outside the measurement

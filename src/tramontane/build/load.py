@@ -9,7 +9,6 @@ keeps only its part (parallel/)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from ..parallel.plan import Layout, layout_for, slice_of
 from ..parallel.shard import shard_model
 from ..quant.kernels import row_bytes
 from ..quant.linear import PACKED_TYPES, PackedEmbedding, PackedExperts, PackedLinear, set_module
-from ..quant.quantize import GROUP, SCHEMES, quantize_rows, type_id
+from ..quant.quantize import GROUP, SCHEMES, quantize_rows, rows_of, type_id
 from ..quant.step import fuse
 from ..weights import names
 from ..weights.sources import GGUFSource, Reader, SafetensorsSource, open_source
@@ -227,7 +226,7 @@ def _quantize_read(
     if len(shape) == 2:
         if tuple(tensor.shape) != shape:
             raise LoadError(path, f"tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)}")
-        packed = quantize_rows(shape[0], _rows_of(tensor), scheme)
+        packed = quantize_rows(shape[0], rows_of(tensor), scheme)
         _swap_packed(model, path, name, m.target, (packed, qtype), expected, state)
         return
     key = m.target + ".packed"
@@ -243,13 +242,8 @@ def _quantize_read(
                 f"tensor {name!r}: expert {e} of shape {list(matrix.shape)} does not fit {list(shape)}"
                 + (" (a duplicate)" if e in done else ""),
             )
-        state[key][e] = quantize_rows(shape[1], _rows_of(matrix), scheme)
+        state[key][e] = quantize_rows(shape[1], rows_of(matrix), scheme)
         done.add(e)
-
-
-def _rows_of(matrix: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
-    """Rows [a, b) of a float matrix, as quantize_rows asks for them."""
-    return lambda a, b: matrix[a:b]
 
 
 def _transform(t: torch.Tensor, transform: str | None, config: ModelConfig) -> torch.Tensor:

@@ -23,6 +23,16 @@ _PACKED_NAMES = {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", 
 PACKED_TYPES = {GGML_TYPES[i].name: i for i in GGML_TYPES if GGML_TYPES[i].name in _PACKED_NAMES}
 
 
+def packed_matmul(x2: torch.Tensor, rows: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """x2 [M,k] @ W^T for packed rows W [N, row_bytes] -> [M,N] in x2's dtype."""
+    from .kernels import matmul_2d, qmatmul
+
+    if x2.dtype is torch.float32 and not (x2.requires_grad and torch.is_grad_enabled()):
+        # The decoding hot path: the packed rows were checked when the module was built.
+        return matmul_2d(x2.contiguous(), rows, qtype, k, torch.get_num_threads())  # a view when contiguous
+    return qmatmul(x2.float(), rows, qtype, k).to(x2.dtype)
+
+
 class PackedLinear(nn.Module):
     packed: torch.Tensor  # a buffer: [out_features, row_bytes] uint8
 
@@ -32,16 +42,8 @@ class PackedLinear(nn.Module):
         self.qtype, self.in_features, self.out_features = qtype, in_features, packed.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import matmul_2d, qmatmul
-
-        if x.dtype is torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
-            # The decoding hot path: the packed rows were checked when the module was built.
-            x2 = x.reshape(-1, self.in_features).contiguous()  # [M,K], a view when x is contiguous
-            y = matmul_2d(x2, self.packed, self.qtype, self.in_features, torch.get_num_threads())
-            return y.view(*x.shape[:-1], self.out_features)
-        flat = x.reshape(-1, self.in_features).float()  # [M,K]
-        y = qmatmul(flat, self.packed, self.qtype, self.in_features)  # [M,N]
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = packed_matmul(x.reshape(-1, self.in_features), self.packed, self.qtype, self.in_features)  # [M,N]
+        return y.view(*x.shape[:-1], self.out_features)
 
     @classmethod
     def concat(cls, parts: list[PackedLinear]) -> PackedLinear:
@@ -108,12 +110,7 @@ class PackedExperts(nn.Module):
 
     def matmul(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, in] @ W[e]^T -> [n, out]."""
-        from .kernels import matmul_2d, qmatmul
-
-        rows = self.packed[e]  # [out, row_bytes], contiguous
-        if x.dtype is torch.float32 and not (x.requires_grad and torch.is_grad_enabled()):
-            return matmul_2d(x.contiguous(), rows, self.qtype, self.in_features, torch.get_num_threads())
-        return qmatmul(x.float(), rows, self.qtype, self.in_features).to(x.dtype)
+        return packed_matmul(x, self.packed[e], self.qtype, self.in_features)  # expert e's rows: contiguous
 
     def dequantize(self) -> torch.Tensor:
         """float32 [E, out, in]."""

@@ -88,14 +88,14 @@ def quantize_model(model: Transformer, scheme: str) -> Transformer:
     qname = SCHEMES[scheme]
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and TARGETS.fullmatch(name) and module.in_features % GROUP == 0:
-            packed = quantize_rows(module.out_features, _rows_of(module.weight.detach()), scheme)
+            packed = quantize_rows(module.out_features, rows_of(module.weight.detach()), scheme)
             set_module(model, name, PackedLinear(packed, type_id(qname), module.in_features))
     for name, module in list(model.named_modules()):
         if isinstance(module, MoeFeedForward):
             _quantize_experts(model, name, module, scheme)
     embedding = model.tok_embeddings
     if isinstance(embedding, nn.Embedding) and embedding.embedding_dim % GROUP == 0:
-        packed = quantize_rows(embedding.num_embeddings, _rows_of(embedding.weight.detach()), scheme)
+        packed = quantize_rows(embedding.num_embeddings, rows_of(embedding.weight.detach()), scheme)
         set_packed_embedding(model, packed, type_id(qname))
     model.config = model.config.with_(quant=scheme)
     from .step import fuse  # fused q/k/v and gate/up (the builder then picks the decode backend)
@@ -115,10 +115,10 @@ def _quantize_experts(model: Transformer, path: str, moe: MoeFeedForward, scheme
         experts, rows, cols = stack.shape
         packed = torch.empty(experts, rows, cols // GROUP * GGML_TYPES[qtype].type_size, dtype=torch.uint8)
         for e in range(experts):
-            packed[e] = quantize_rows(rows, _rows_of(stack[e].detach()), scheme)
+            packed[e] = quantize_rows(rows, rows_of(stack[e].detach()), scheme)
         set_module(model, f"{path}.{w}", PackedExperts(packed, qtype, cols))
 
 
-def _rows_of(weight: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+def rows_of(weight: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
     """Rows [a, b) of a float matrix, as `quantize_rows` asks for them."""
     return lambda a, b: weight[a:b]
