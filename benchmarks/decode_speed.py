@@ -6,8 +6,10 @@ Engines: tramontane (packed GGUF kernels, file mapped), tramontane-nommap, tramo
 load), transformers-fp32, transformers-bf16, llama.cpp and llama.cpp-nommap (when `llama_cpp` imports in
 --llama-python; warmed up before timing). Every measurement is a fresh process, engines alternate over
 --rounds rounds (medians reported), so load time and peak RSS (VmHWM) are each engine's own; the decode
-roofline (measured bandwidth / bytes a token reads) is printed beside the decode figures. Prints tokens/s for a 512-token prefill, 256 decoded tokens
-at batch 1, and aggregate decode at batch 4 and 16, with ratios to the first engine."""
+roofline (measured bandwidth / bytes a token reads) is printed beside the decode figures. Prints tokens/s
+for a 512-token prefill, 256 decoded tokens at batch 1, and aggregate decode at batch 4 and 16 (64 tokens
+each), with ratios to the first engine; --prefill-tokens, --decode-tokens, --batch-tokens change those
+lengths (Mixtral 8x7B at a few tokens per second takes shorter runs)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,12 @@ import sys
 import time
 
 PREFILL, DECODE, BATCH_TOKENS = 512, 256, 64
+
+
+def set_lengths(prefill: int, decode: int, batch: int) -> None:
+    """The run's lengths (flags; a worker gets them from its parent): big models take shorter runs."""
+    global PREFILL, DECODE, BATCH_TOKENS
+    PREFILL, DECODE, BATCH_TOKENS = prefill, decode, batch
 
 
 def peak_rss() -> int:
@@ -55,8 +63,8 @@ def run_tramontane(model: str | None, packed: bool, mmap: bool = True) -> dict:
         )
     ]
     decode = (len(times) - 1) / (times[-1] - times[0])
-    batched = {}
-    for b in (4, 16):
+    batched: dict[int, float | None] = {4: None, 16: None}
+    for b in (4, 16) if BATCH_TOKENS else ():
         params = SamplingParams(temperature=0, max_tokens=BATCH_TOKENS, ignore_eos=True)
         t = time.perf_counter()
         llm.generate([prompt_ids(vocab, 8, seed=i) for i in range(b)], params)
@@ -309,8 +317,15 @@ def main() -> None:
         default=sys.executable,
         help="the Python that has llama_cpp (llama-cpp-python: a benchmark tool, never a dependency)",
     )
+    ap.add_argument("--prefill-tokens", type=int, default=PREFILL, help="prompt length of the prefill figure")
+    ap.add_argument("--decode-tokens", type=int, default=DECODE, help="tokens decoded at batch 1")
+    ap.add_argument(
+        "--batch-tokens", type=int, default=BATCH_TOKENS, help="tokens per sequence at batch 4 and 16 (0: skip)"
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    set_lengths(args.prefill_tokens, args.decode_tokens, args.batch_tokens)
+    lengths = [f"--{k}-tokens={v}" for k, v in (("prefill", PREFILL), ("decode", DECODE), ("batch", BATCH_TOKENS))]
     if args.random and args.quant in GGUF_TYPES and not args.write_gguf:
         args.write_gguf = f"/tmp/random-{os.path.basename(args.random).removesuffix('.json')}-{args.quant}.gguf"
     if args.random and args.write_gguf:
@@ -374,7 +389,7 @@ def main() -> None:
         for engine in engines:
             python = args.llama_python if engine.startswith("llama.cpp") else sys.executable
             proc = subprocess.run(
-                [python, __file__, "--worker", engine, "--model", args.model, "--threads", str(args.threads)],
+                [python, __file__, "--worker", engine, "--model", args.model, "--threads", str(args.threads), *lengths],
                 capture_output=True,
                 text=True,
                 env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
@@ -450,7 +465,10 @@ def print_table(args: argparse.Namespace, results: dict) -> None:
         ("load_s", "load s"),
         ("peak_rss_gb", "peak RSS GB"),
     ]
-    print(f"\nmodel: {args.model}, {args.threads} threads; ratios are to {next(iter(results), '-')}")
+    print(
+        f"\nmodel: {args.model}, {args.threads} threads, prefill {PREFILL} tokens, decode {DECODE}; "
+        f"ratios are to {next(iter(results), '-')}"
+    )
     print("| engine | " + " | ".join(c[1] for c in cols) + " |")
     print("|---|" + "---|" * len(cols))
     for engine, r in results.items():

@@ -32,19 +32,21 @@ def run(folder: str, mode: str) -> dict:
             [model(TOKENS[:, t : t + 1], torch.full((2, 1), t), cache)[:, -1] for t in range(TOKENS.shape[1])], 1
         )  # [2,12,V]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    backend = select_backend(model, KVCache, torch.float32)  # the module path: a sharded model has no packed blocks
+    backend = select_backend(model, KVCache, torch.float32)  # the module path for a sharded model
     outs = list(
         Generator(model, CharTokenizer(), backend).run([[5, 9, 14, 3, 7, 22, 31, 40, 8, 11], [17, 4, 60]], [params] * 2)
     )
     greedy = [[t for d in outs if d.index == i for t in d.token_ids] for i in (0, 1)]
     weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # packed blocks too
     packed_experts = sum(type(m).__name__ == "PackedExperts" for m in model.modules())
+    kinds = [type(m).__name__ for m in model.modules() if type(m).__name__.startswith("Packed")]
     return {
         "prefill": prefill,
         "steps": steps,
         "greedy": greedy,
         "weight_bytes": weight_bytes,
         "packed_experts": packed_experts,
+        "packed_modules": {k: kinds.count(k) for k in sorted(set(kinds))},
     }
 
 

@@ -27,6 +27,7 @@ from ..quant.quantize import GROUP, SCHEMES, quantize_rows, rows_of, type_id
 from ..quant.step import fuse
 from ..weights import names
 from ..weights.sources import GGUFSource, Reader, SafetensorsSource, open_source
+from .sharded import PackedGatheredHead, PackedVocabEmbedding, rank_blocks
 
 
 @dataclass
@@ -65,9 +66,9 @@ def load_model(
     layout = None
     if shard is not None:
         layout = layout_for(config, *shard)
-    # Packed blocks under expert parallelism: each rank keeps its experts' blocks (attention replicated);
-    # tensor parallelism splits matrices inside blocks' rows, so it still runs dequantized weights.
-    packed = packed and fmt == "gguf" and (layout is None or layout.mode == "ep")
+    # Packed blocks stay packed under every plan: each rank keeps its rows, experts or whole-block
+    # columns (build/sharded.py); a tensor cut inside a block is read as floats instead.
+    packed = packed and fmt == "gguf"
     with torch.device("meta"):
         model = Transformer(config)
     if layout is not None:
@@ -131,9 +132,9 @@ def _assemble(
         if packed and isinstance(source, GGUFSource) and m.transform is None and PACKABLE.fullmatch(m.target):
             blocks = source.packed(name, PACKED_TYPES, mapped=mmap)
             if blocks is not None and layout is not None:
-                blocks = _rank_blocks(source.path, m.target, blocks, layout)
+                blocks = rank_blocks(m.target, blocks, layout)
             if blocks is not None:
-                _swap_packed(model, source.path, name, m.target, blocks, expected, state)
+                _swap_packed(model, source.path, name, m.target, blocks, expected, state, layout)
                 swapped.add(m.target)
                 continue
         if layout is not None:
@@ -150,7 +151,10 @@ def _assemble(
     if config.tie_embeddings and "tok_embeddings.weight" in swapped:
         embedding = model.tok_embeddings
         assert isinstance(embedding, PackedEmbedding)
-        model.output = embedding.as_linear()
+        if isinstance(embedding, PackedVocabEmbedding) and layout is not None:
+            model.output = PackedGatheredHead(embedding.packed, embedding.qtype, embedding.dim, layout.vocab_sizes)
+        else:
+            model.output = embedding.as_linear()
         state["output.packed"] = state["tok_embeddings.packed"]
     _check_complete(source.path, {k: v for k, v in expected.items() if k not in swapped}, state, experts)
     for target, seen in quantized_experts.items():
@@ -177,8 +181,10 @@ def _swap_packed(
     blocks: tuple[torch.Tensor, int],
     expected: dict[str, tuple[int, ...]],
     state: dict[str, torch.Tensor],
+    layout: Layout | None = None,
 ) -> None:
-    """Put a packed module where the float one was; its blocks go into the state dict."""
+    """Put a packed module where the float one was; its blocks go into the state dict. Under a plan that
+    splits the vocabulary, the embedding and head become their packed vocabulary-split counterparts."""
     rows, qtype = blocks
     shape = expected[target]  # [out, in], or [E, out, in] for stacked experts
     if tuple(rows.shape[:-1]) != shape[:-1] or rows.shape[-1] != row_bytes(qtype, shape[-1]):
@@ -188,24 +194,26 @@ def _swap_packed(
             f"expected {list(shape[:-1])} rows of {shape[-1]} values",
         )
     module_path = target.removesuffix(".weight")
-    kind = PackedExperts if len(shape) == 3 else PackedEmbedding if module_path == "tok_embeddings" else PackedLinear
     with torch.device("meta"):
-        module = kind(torch.empty(rows.shape, dtype=torch.uint8), qtype, shape[-1])
+        module = _packed_module(module_path, torch.empty(rows.shape, dtype=torch.uint8), qtype, shape, layout)
     set_module(model, module_path, module)
     state[module_path + ".packed"] = rows
 
 
-def _rank_blocks(path: Path, target: str, blocks: tuple[torch.Tensor, int], layout: Layout) -> tuple[torch.Tensor, int]:
-    """This rank's part of packed blocks under expert parallelism: experts [start, stop) of a stack
-    [E, out, row_bytes] (a view: whole experts are contiguous); what the plan does not split, whole."""
-    part = slice_of(target, layout)
-    if part is None:
-        return blocks
-    dim, start, stop = part
-    rows, qtype = blocks
-    if dim != 0 or rows.dim() != 3:
-        raise LoadError(path, f"{target}: packed blocks cannot be split along dimension {dim} (plan {layout.mode})")
-    return rows[start:stop], qtype
+def _packed_module(
+    module_path: str, rows: torch.Tensor, qtype: int, shape: tuple[int, ...], layout: Layout | None
+) -> PackedLinear | PackedEmbedding | PackedExperts:
+    """The packed module for parameter shape `shape` ([out, in], or [E, out, in] for stacked experts)."""
+    split = layout if layout is not None and slice_of(module_path + ".weight", layout) is not None else None
+    if len(shape) == 3:
+        return PackedExperts(rows, qtype, shape[-1])
+    if module_path == "tok_embeddings":
+        if split is not None:  # the vocabulary split over ranks
+            return PackedVocabEmbedding(rows, qtype, shape[-1], split.vocab[0])
+        return PackedEmbedding(rows, qtype, shape[-1])
+    if module_path == "output" and split is not None:
+        return PackedGatheredHead(rows, qtype, shape[-1], split.vocab_sizes)
+    return PackedLinear(rows, qtype, shape[-1])
 
 
 def _quantize_read(

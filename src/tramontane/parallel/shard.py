@@ -8,6 +8,8 @@ all-gather of the logits. The model code itself is unchanged."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,10 +29,19 @@ class VocabParallelEmbedding(nn.Module):
         self.start = start
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        local = tokens - self.start
-        mine = (local >= 0) & (local < self.weight.shape[0])  # [B,T]
-        h = F.embedding(torch.where(mine, local, 0), self.weight) * mine[..., None].to(self.weight.dtype)
-        return all_reduce_sum(h)  # [B,T,dim]
+        return split_lookup(tokens, self.start, self.weight.shape[0], lambda ids: F.embedding(ids, self.weight))
+
+
+def split_lookup(
+    tokens: torch.Tensor, start: int, rows: int, lookup: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Embeddings [B,T,dim] of `tokens` [B,T] from a table split by vocabulary: this rank looks up the
+    ids in its rows [start, start + rows) (`lookup` of local ids), zeros for the others, then one
+    all-reduce brings every rank's rows together. Shared by the float and the packed (build/) tables."""
+    local = tokens - start
+    mine = (local >= 0) & (local < rows)  # [B,T]
+    h = lookup(torch.where(mine, local, 0))
+    return all_reduce_sum(h * mine[..., None].to(h.dtype))  # [B,T,dim]
 
 
 class GatheredHead(nn.Module):

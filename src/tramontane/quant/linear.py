@@ -185,9 +185,13 @@ def dequantize_model(model: Transformer) -> None:
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    """Put `module` at `path`; a parameter of that name (Mixtral's stacked experts) is removed first."""
+    """Put `module` at `path`; a parameter of that name (Mixtral's stacked experts) is removed first.
+    The forward hooks of the module it replaces carry over (a sharded model's all-reduce after wo)."""
     parent, _, name = path.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     if name in owner._parameters:
         delattr(owner, name)
+    old = owner._modules.get(name)
+    if old is not None and old is not module:
+        module._forward_hooks.update(old._forward_hooks)
     setattr(owner, name, module)

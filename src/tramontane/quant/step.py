@@ -88,8 +88,11 @@ class CompiledStep:
 
     @staticmethod
     def fits(model: Transformer) -> bool:
-        """Whether the compiled kernels are built and every block of `model` is packed, dense, float32."""
-        return kernels.available() and all(_block_fits(b) for b in model.blocks())
+        """Whether the compiled kernels are built and every block of `model` is packed, dense, float32,
+        and whole: a rank's part of a sharded model (`model.parallel`) needs the collectives its
+        modules' hooks run, which one C call per block would skip."""
+        whole = getattr(model, "parallel", None) is None
+        return kernels.available() and whole and all(_block_fits(b) for b in model.blocks())
 
     def supports(self, cache_kind: type[Cache], dtype: torch.dtype) -> bool:
         """The offline float32 `KVCache` only (the paged pool comes with the serving-speed work)."""
