@@ -9,6 +9,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The exact float32 activations, for the tests that compare packed kernels with float references to
+# float32 rounding (servers and ranks the tests start inherit it); the tests of the default int8
+# activations of the K-quant kernels switch them on where they need them (test_quant_kernels, test_q8).
+os.environ.setdefault("TRAMONTANE_ACTIVATIONS", "f32")
 sys.path.insert(0, str(Path(__file__).parent))
 
 

@@ -451,3 +451,116 @@ def test_gradient_with_respect_to_x() -> None:
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert kernels.qmatmul(x, packed, int(QT.Q4_0), 256).grad_fn is None
+
+
+# ---- integer activations (the default "q8" setting; this suite runs "f32" unless a test asks) ----
+
+Q8_TYPES = [QT.Q3_K, QT.Q4_K]  # the K-quants with integer-activation kernels
+
+
+@pytest.fixture
+def q8():
+    previous = kernels.set_activations("q8")
+    yield
+    kernels.set_activations(previous)
+
+
+def q8_reference(
+    x: torch.Tensor, raw: np.ndarray, dense: torch.Tensor, qtype: QT, bound: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """float64 emulation of the integer kernels: x rounded to Q8_K in numpy (per 256: d = max|x| / 127,
+    q = round-half-even(x * 127 / max|x|), float32 as the kernel computes them) times W; Q4_K's mins
+    (W where every quant is 0) are applied to the exact x, as the kernel does through its block sums.
+    bound=True also returns the most the rounding can move each output from x @ W.T: half a step d/2
+    per element times |the weights the rounded x meets|."""
+    m, k = x.shape
+    xb = x.numpy().reshape(m, -1, 256)
+    amax = np.abs(xb).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    rounded = np.rint(xb * inv) * (amax / np.float32(127)).astype(np.float32)
+    xt = torch.from_numpy(rounded.astype(np.float64).reshape(m, k))
+    half_step = torch.from_numpy(np.broadcast_to(amax / 254, xb.shape).astype(np.float64).reshape(m, k))
+    if qtype == QT.Q3_K:  # its -4 offset is exact in integers
+        met, y = dense.double(), xt @ dense.double().T
+    else:
+        zero_quants = raw.reshape(raw.shape[0], -1, 144).copy()
+        zero_quants[:, :, 16:] = 0  # d, dmin and the scales kept: W = -dmin * min
+        mins = ref_dequantize(zero_quants.reshape(raw.shape[0], -1), qtype).reshape(-1, k)
+        met = dense.double() - torch.from_numpy(mins).double()
+        y = xt @ met.T + x.double() @ (dense.double() - met).T
+    return (y, half_step @ met.abs().T) if bound else y
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
+def test_q8_kernels_match_their_emulation(isa: str, q8: None, qtype: QT) -> None:
+    """Every fused M (1-4), ragged N: the integer kernels equal the emulation to float32 rounding (the
+    portable C pass has none: it stays exact); past M = 4 (prefill) activations stay float32."""
+    k = 512
+    packed, dense = weight(qtype, 7, k)
+    for m in [1, 2, 3, 4]:
+        x = activations(m, k, seed=m)
+        for n in [1, 3, 7]:
+            y = torch.full((m, n), float("nan"))
+            ext.matmul(buf(x), buf(packed), buf(y), m, n, k, int(qtype), 2)
+            exact = reference(x, dense[:n])
+            emulated, bound = q8_reference(x, packed[:n].numpy(), dense[:n], qtype, bound=True)
+            assert rel_err(y, exact if isa == "scalar" else emulated) < 1e-5, (isa, m, n)
+            assert ((y - exact).abs() <= bound * 1.001 + 1e-5 * exact.abs().max()).all(), (isa, m, n)
+    x = activations(16, k)
+    assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), reference(x, dense)) < 1e-4
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", [t for t in ALL if t not in Q8_TYPES], ids=lambda t: t.name)
+def test_q8_setting_leaves_other_types_exact(q8: None, qtype: QT) -> None:
+    n, k = SHAPES[qtype in K_QUANTS][0]
+    packed, dense = weight(qtype, n, k)
+    x = activations(1, k)
+    assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), reference(x, dense)) < 1e-4
+
+
+@needs_ext
+def test_q8_scales_of_an_all_zero_block_and_extreme_rows(q8: None) -> None:
+    """A block of zeros rounds to q = 0 with d = 0 (no division by zero); large activations keep their
+    relative error."""
+    packed, dense = weight(QT.Q4_K, 5, 512)
+    x = activations(2, 512)
+    x[0, :256] = 0.0
+    x[1] *= 1e4
+    y = kernels.qmatmul(x, packed, int(QT.Q4_K), 512)
+    assert torch.isfinite(y).all() and rel_err(y, q8_reference(x, packed.numpy(), dense, QT.Q4_K)) < 1e-5
+
+
+def test_activations_setting_from_the_environment() -> None:
+    """q8 unless TRAMONTANE_ACTIVATIONS=f32 says otherwise; a wrong value names the variable."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from tramontane.quant import kernels; print(kernels.activations())"
+    base = {k: v for k, v in os.environ.items() if k != "TRAMONTANE_ACTIVATIONS"}
+
+    def run(**extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True)
+
+    assert run().stdout.strip() == ("q8" if kernels.available() else "f32")
+    assert run(TRAMONTANE_ACTIVATIONS="f32").stdout.strip() == "f32"
+    bad = run(TRAMONTANE_ACTIVATIONS="int4")
+    assert bad.returncode != 0 and "TRAMONTANE_ACTIVATIONS must be one of q8, f32, not 'int4'" in bad.stderr
+    with pytest.raises(ValueError, match="activations must be one of"):
+        kernels.set_activations("f16")
+
+
+@needs_ext
+def test_exact_flag_sets_float_activations(q8: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tramontane.cli.main import _apply_exact, build_parser
+
+    monkeypatch.delenv("TRAMONTANE_ACTIVATIONS")
+    _apply_exact(build_parser().parse_args(["run"]))
+    assert kernels.activations() == "q8"  # no flag: the default stays
+    _apply_exact(build_parser().parse_args(["serve", "--exact"]))
+    assert kernels.activations() == "f32"
+    import os
+
+    assert os.environ["TRAMONTANE_ACTIVATIONS"] == "f32"  # for the processes it starts

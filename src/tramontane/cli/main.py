@@ -43,6 +43,7 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
         help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)",
     )
     _mmap_flag(p)
+    _exact_flag(p)
     _lora_flag(p)
     p.add_argument(
         "--adapter", default=None, metavar="NAME", help="which --lora adapter answers (default: the only one given)"
@@ -58,6 +59,25 @@ def _mmap_flag(p: argparse.ArgumentParser) -> None:
         help="copy a GGUF file's packed weights into memory instead of reading them from the mapped file "
         "as they are first used (the default: quick loads, and only the experts a token uses are read)",
     )
+
+
+def _exact_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="float32 activations in every packed matmul. By default decoding rounds the activations of "
+        "Q3_K/Q4_K weights to int8 per 256 values for integer dot products (as llama.cpp does: faster, "
+        "answers within rounding of the exact path); --exact gives the float32 results bit for bit",
+    )
+
+
+def _apply_exact(ns: argparse.Namespace) -> None:
+    """--exact: float32 activations in this process and in those it starts (the environment variable
+    the kernels read when they are imported)."""
+    if getattr(ns, "exact", False):
+        os.environ["TRAMONTANE_ACTIVATIONS"] = "f32"
+        if "tramontane.quant.kernels" in sys.modules:
+            sys.modules["tramontane.quant.kernels"].set_activations("f32")
 
 
 def _parallel_flag(p: argparse.ArgumentParser) -> None:
@@ -201,6 +221,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         help="weight-only quantization of float matrices after loading (int8: Q8_0, int4: Q4_1; groups of 32)",
     )
     _mmap_flag(p)
+    _exact_flag(p)
     _lora_flag(p)
     _parallel_flag(p)
     p.add_argument(
@@ -562,6 +583,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    _apply_exact(ns)
     commands = {
         "run": cmd_run,
         "chat": cmd_chat,

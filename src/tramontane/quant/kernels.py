@@ -7,12 +7,20 @@ output rows; without it, the weight is dequantized with `weights.gguf_quants` an
 
 For many activation rows (M > DEQUANTIZE_ABOVE_M[isa]) the weight is dequantized once, threaded, and
 F.linear's sgemm does the rest; with AVX-512 the packed kernel is faster at every M measured.
-The activations are never quantized: results match `x @ dequantize(W).T` to float32 rounding.
+
+Activations. By default ("q8") the K-quants with integer kernels (Q3_K, Q4_K) take x rounded to int8
+per 256 elements for M <= 4 rows (decoding), as llama.cpp does: the quants are multiplied as bytes and
+the kernel keeps up with the memory bandwidth; the result differs from `x @ dequantize(W).T` by the
+rounding of x (at most half a step of 1/127 of each 256-block's largest |x|, per element). "f32" (the
+exact path: `set_activations("f32")`, the environment variable TRAMONTANE_ACTIVATIONS=f32, or the
+CLI's --exact) keeps every activation float32: results then match `x @ dequantize(W).T` to float32
+rounding. Every other type and M always runs float32 activations.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -37,6 +45,38 @@ _GEOMETRY = {t: (GGML_TYPES[t].block_size, GGML_TYPES[t].type_size) for t in SUP
 # pre-dequantized dense F.linear) at every M up to 512; the AVX2 kernel up to about M=64; the portable
 # C path only for a few rows.
 DEQUANTIZE_ABOVE_M: dict[str, int | None] = {"avx512": None, "avx2": 64, "scalar": 4}
+
+
+ACTIVATIONS = ("q8", "f32")
+
+
+def set_activations(name: str) -> str:
+    """Use activations `name` ("q8" or "f32", see above) in every packed matmul of this process;
+    returns the previous setting. Without the compiled kernels everything is "f32" already."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {name!r}")
+    return _ext.set_activations(name) if _ext is not None else "f32"
+
+
+def activations() -> str:
+    """The activations setting in use ("q8" or "f32")."""
+    if _ext is None:
+        return "f32"
+    now = _ext.set_activations("f32")
+    _ext.set_activations(now)
+    return now
+
+
+def _activations_from_env() -> None:
+    wanted = os.environ.get("TRAMONTANE_ACTIVATIONS")
+    if wanted is None:
+        return
+    if wanted not in ACTIVATIONS:
+        raise ValueError(f"TRAMONTANE_ACTIVATIONS must be one of {', '.join(ACTIVATIONS)}, not {wanted!r}")
+    set_activations(wanted)
+
+
+_activations_from_env()
 
 
 def available() -> bool:

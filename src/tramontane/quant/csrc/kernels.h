@@ -54,6 +54,18 @@ typedef void (*dec_fn)(const uint8_t *blocks, int nblocks, float *out);
  * xs: sums of x per 32 elements, [M][K/32] (Q2_K: per 16, [M][K/16]; NULL for the types that read none). */
 typedef void (*fused_fn)(const uint8_t *w, size_t rb, long n, const float *x, const float *xs, long M,
                          long K, float *y, long ldy);
+/* Activations rounded to int8 per 256 elements ("Q8_K", as llama.cpp's K-quant dot products take them):
+ * row m, element k is about d[m * K/256 + k/256] * q[m * K + k]; bs[m * K/16 + j] is the sum of q over
+ * elements 16j..16j+15 (the integer offsets of Q3_K and Q6_K go through it). */
+typedef struct {
+    const int8_t *q;
+    const float *d;
+    const int16_t *bs;
+} q8_rows;
+/* Fused with integer dot products, M <= FUSED_M: as fused_fn, x given as its Q8_K rounding xq (and, for
+ * the types with mins, the float sums xs of the exact x per 32, [M][K/32]). */
+typedef void (*fused_q8_fn)(const uint8_t *w, size_t rb, long n, const q8_rows *xq, const float *xs, long M,
+                            long K, float *y, long ldy);
 /* Tiled: y[m, n] (rows N apart) for n in [n0, n1), every m < M, from rows of w decoded with `dec`. */
 typedef void (*tile_fn)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long n0, long n1,
                         const float *x, long M, long K, float *y, long N);
@@ -74,6 +86,7 @@ typedef struct {
     tile_fn tile;
     attend_fn attend;
     silu_fn silu_mul;
+    fused_q8_fn fused_q8[T_COUNT];  /* the K-quants with integer-activation kernels (NULL: none) */
 } isa_ops;
 
 static inline int visible(int64_t kp, int64_t qpos, long window) {
@@ -114,6 +127,10 @@ TRAM_HIDDEN int tram_isa_select(const char *name);
  * bytes); returns 0, or -1 when out of memory. */
 TRAM_HIDDEN int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N,
                             long K, int qtype, int n_threads);
+/* Activations of the fused kernels: 1 = rounded to int8 per 256 (Q8_K) for the types with integer
+ * kernels, 0 = float32 everywhere (the exact path). Process-wide, set from Python. */
+TRAM_HIDDEN void tram_set_q8(int on);
+TRAM_HIDDEN int tram_q8(void);
 /* out[N,K] = W as float32. */
 TRAM_HIDDEN void tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, long K, int qtype,
                                  int n_threads);

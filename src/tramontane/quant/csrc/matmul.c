@@ -2,9 +2,11 @@
  * matmul.c: the packed matmul and the row dequantizer over OpenMP threads. Owns the split of the N
  * output rows between threads (contiguous ranges of whole RN-row groups, so the result does not depend
  * on the thread count), the choice between an instruction set's fused small-M kernel and its tiled
- * path, and the per-32 (Q2_K: per-16) sums of x the fused kernels take. Pointers are trusted: module.c
- * checked the buffers' extents.
+ * path (or, for the K-quants in the default mode, the integer-activation kernel: x rounded to Q8_K
+ * once per call), and the per-32 (Q2_K: per-16) sums of x the fused kernels take. Pointers are
+ * trusted: module.c checked the buffers' extents.
  */
+#include <math.h>
 #include <stdlib.h>
 
 #ifdef _OPENMP
@@ -50,14 +52,55 @@ static float *block_sums(const float *x, long M, long K, int span) {
     return xs;
 }
 
+static int g_q8 = 1;
+
+void tram_set_q8(int on) { g_q8 = on != 0; }
+int tram_q8(void) { return g_q8; }
+
+/* x [M, K] (K % 256 == 0) rounded to Q8_K into one malloc'd buffer (*mem, to free), views in *out; -1
+ * when out of memory. Per 256 elements: d = max |x| / 127, q = round(x / d), and q's sums per 16. */
+static int quantize_q8k(const float *x, long M, long K, q8_rows *out, void **mem) {
+    const size_t nq = (size_t)(M * K), nd = (size_t)(M * (K / 256)), nb = (size_t)(M * (K / 16));
+    const size_t od = (nq + 63) & ~(size_t)63, ob = od + ((nd * 4 + 63) & ~(size_t)63);
+    char *p = malloc(ob + nb * 2);
+    if (!p) return -1;
+    int8_t *q = (int8_t *)p;
+    float *d = (float *)(p + od);
+    int16_t *bs = (int16_t *)(p + ob);
+    for (size_t b = 0; b < nd; b++) {
+        const float *xb = x + 256 * b;
+        float amax = 0.0f;
+        for (int i = 0; i < 256; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int8_t *qb = q + 256 * b;
+        for (int i = 0; i < 256; i++) qb[i] = (int8_t)nearbyintf(xb[i] * id);
+        for (int j = 0; j < 16; j++) {
+            int s = 0;
+            for (int i = 0; i < 16; i++) s += qb[16 * j + i];
+            bs[16 * b + j] = (int16_t)s;
+        }
+        d[b] = amax / 127.0f;
+    }
+    out->q = q, out->d = d, out->bs = bs;
+    *mem = p;
+    return 0;
+}
+
 int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N, long K,
                 int qtype, int n_threads) {
     const tinfo ti = tram_types[qtype];
     const size_t rb = tram_row_bytes(qtype, K);
     fused_fn fused = M <= FUSED_M && K % 32 == 0 ? ops->fused[qtype] : NULL;  /* F16/BF16: 32 at a time */
+    fused_q8_fn fused_q8 = g_q8 && M <= FUSED_M && K % 256 == 0 ? ops->fused_q8[qtype] : NULL;
     float *xs = NULL;
+    q8_rows xq = {NULL, NULL, NULL};
+    void *xq_mem = NULL;
     const int span = xs_span(qtype);
-    if (fused && span && !(xs = block_sums(x, M, K, span))) return -1;
+    if ((fused || fused_q8) && span && !(xs = block_sums(x, M, K, span))) return -1;
+    if (fused_q8 && quantize_q8k(x, M, K, &xq, &xq_mem)) {
+        free(xs);
+        return -1;
+    }
     int nth = thread_count(n_threads, N, (long)(rb * (size_t)N) + M * K * 4);
     (void)nth;  /* unused without OpenMP */
 #ifdef _OPENMP
@@ -72,13 +115,16 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
         long n0, n1;
         split_rows(N, t, nt, &n0, &n1);
         if (n1 > n0) {
-            if (fused)
+            if (fused_q8)
+                fused_q8(w + (size_t)n0 * rb, rb, n1 - n0, &xq, xs, M, K, y + n0, N);
+            else if (fused)
                 fused(w + (size_t)n0 * rb, rb, n1 - n0, x, xs, M, K, y + n0, N);
             else
                 ops->tile(ops->dec[qtype], ti.block, ti.size, w, rb, n0, n1, x, M, K, y, N);
         }
     }
     free(xs);
+    free(xq_mem);
     return 0;
 }
 

@@ -327,6 +327,17 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(prev);
 }
 
+static PyObject *py_set_activations(PyObject *self, PyObject *args) {
+    const char *name;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    const char *prev = tram_q8() ? "q8" : "f32";
+    if (strcmp(name, "q8") && strcmp(name, "f32"))
+        return PyErr_Format(PyExc_ValueError, "activations must be 'q8' or 'f32', not '%s'", name);
+    tram_set_q8(!strcmp(name, "q8"));
+    return PyUnicode_FromString(prev);
+}
+
 static PyObject *py_has_openmp(PyObject *self, PyObject *noargs) {
     (void)self;
     (void)noargs;
@@ -357,6 +368,9 @@ static PyMethodDef METHODS[] = {
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
     {"set_isa", py_set_isa, METH_VARARGS,
      "set_isa(name): use 'avx512', 'avx2', 'scalar' or 'best' (for tests); returns the previous one."},
+    {"set_activations", py_set_activations, METH_VARARGS,
+     "set_activations(name): 'q8' rounds the activations of the K-quants' fused kernels to int8 per 256 "
+     "(integer dot products), 'f32' keeps them float32 everywhere (the exact path); returns the previous."},
     {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the module was built with OpenMP threads."},
     {NULL, NULL, 0, NULL},
 };
