@@ -455,7 +455,7 @@ def test_gradient_with_respect_to_x() -> None:
 
 # ---- integer activations (the default "q8" setting; this suite runs "f32" unless a test asks) ----
 
-Q8_TYPES = [QT.Q3_K, QT.Q4_K]  # the K-quants with integer-activation kernels
+Q8_TYPES = K_QUANTS  # the types with integer-activation kernels
 
 
 @pytest.fixture
@@ -470,7 +470,8 @@ def q8_reference(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """float64 emulation of the integer kernels: x rounded to Q8_K in numpy (per 256: d = max|x| / 127,
     q = round-half-even(x * 127 / max|x|), float32 as the kernel computes them) times W; Q4_K's mins
-    (W where every quant is 0) are applied to the exact x, as the kernel does through its block sums.
+    (Q2_K, Q4_K, Q5_K: W where every quant is 0) are applied to the exact x, as the kernel does through
+    its block sums.
     bound=True also returns the most the rounding can move each output from x @ W.T: half a step d/2
     per element times |the weights the rounded x meets|."""
     m, k = x.shape
@@ -480,11 +481,11 @@ def q8_reference(
     rounded = np.rint(xb * inv) * (amax / np.float32(127)).astype(np.float32)
     xt = torch.from_numpy(rounded.astype(np.float64).reshape(m, k))
     half_step = torch.from_numpy(np.broadcast_to(amax / 254, xb.shape).astype(np.float64).reshape(m, k))
-    if qtype == QT.Q3_K:  # its -4 offset is exact in integers
+    if qtype in (QT.Q3_K, QT.Q6_K):  # their offsets (-4, -32) are exact in integers
         met, y = dense.double(), xt @ dense.double().T
-    else:
-        zero_quants = raw.reshape(raw.shape[0], -1, 144).copy()
-        zero_quants[:, :, 16:] = 0  # d, dmin and the scales kept: W = -dmin * min
+    else:  # Q2_K, Q4_K, Q5_K: the quant bytes follow the first 16 (Q2_K's d and dmin end its block)
+        zero_quants = raw.reshape(raw.shape[0], -1, GGML_TYPES[int(qtype)].type_size).copy()
+        zero_quants[:, :, 16 : 80 if qtype == QT.Q2_K else None] = 0  # d, dmin, scales kept: W = -dmin * min
         mins = ref_dequantize(zero_quants.reshape(raw.shape[0], -1), qtype).reshape(-1, k)
         met = dense.double() - torch.from_numpy(mins).double()
         y = xt @ met.T + x.double() @ (dense.double() - met).T
@@ -494,11 +495,12 @@ def q8_reference(
 @needs_ext
 @pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
 def test_q8_kernels_match_their_emulation(isa: str, q8: None, qtype: QT) -> None:
-    """Every fused M (1-4), ragged N: the integer kernels equal the emulation to float32 rounding (the
-    portable C pass has none: it stays exact); past M = 4 (prefill) activations stay float32."""
+    """Every M (the groups of 4 rows, their remainders, and blocks of 64 rows), ragged N: the integer
+    kernels equal the emulation to float32 rounding and stay within the rounding bound of the exact
+    result (the portable C pass has no integer kernels: it stays exact)."""
     k = 512
     packed, dense = weight(qtype, 7, k)
-    for m in [1, 2, 3, 4]:
+    for m in [1, 2, 3, 4, 5, 11, 70]:
         x = activations(m, k, seed=m)
         for n in [1, 3, 7]:
             y = torch.full((m, n), float("nan"))
@@ -507,8 +509,11 @@ def test_q8_kernels_match_their_emulation(isa: str, q8: None, qtype: QT) -> None
             emulated, bound = q8_reference(x, packed[:n].numpy(), dense[:n], qtype, bound=True)
             assert rel_err(y, exact if isa == "scalar" else emulated) < 1e-5, (isa, m, n)
             assert ((y - exact).abs() <= bound * 1.001 + 1e-5 * exact.abs().max()).all(), (isa, m, n)
-    x = activations(16, k)
-    assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), reference(x, dense)) < 1e-4
+    x = activations(100, k)  # through the wrapper: past the dense route's M, still the integer kernel
+    emulated = q8_reference(x, packed.numpy(), dense, qtype)
+    assert (
+        rel_err(kernels.qmatmul(x, packed, int(qtype), k), reference(x, dense) if isa == "scalar" else emulated) < 1e-5
+    )
 
 
 @needs_ext

@@ -8,13 +8,14 @@ output rows; without it, the weight is dequantized with `weights.gguf_quants` an
 For many activation rows (M > DEQUANTIZE_ABOVE_M[isa]) the weight is dequantized once, threaded, and
 F.linear's sgemm does the rest; with AVX-512 the packed kernel is faster at every M measured.
 
-Activations. By default ("q8") the K-quants with integer kernels (Q3_K, Q4_K) take x rounded to int8
-per 256 elements for M <= 4 rows (decoding), as llama.cpp does: the quants are multiplied as bytes and
-the kernel keeps up with the memory bandwidth; the result differs from `x @ dequantize(W).T` by the
-rounding of x (at most half a step of 1/127 of each 256-block's largest |x|, per element). "f32" (the
-exact path: `set_activations("f32")`, the environment variable TRAMONTANE_ACTIVATIONS=f32, or the
-CLI's --exact) keeps every activation float32: results then match `x @ dequantize(W).T` to float32
-rounding. Every other type and M always runs float32 activations.
+Activations. By default ("q8") the K-quants (Q2_K to Q6_K, integer kernels on AVX2 and AVX-512) take x
+rounded to int8 per 256 elements at every M (decoding, batches and prefill: no dequantized sgemm), as
+llama.cpp does: the quants are multiplied as bytes, decoding keeps up with the memory bandwidth and
+prefill does more multiply-adds per instruction than float32 can; the result differs from
+`x @ dequantize(W).T` by the rounding of x (at most half a step of 1/127 of each 256-block's largest
+|x|, per element). "f32" (the exact path: `set_activations("f32")`, the environment variable
+TRAMONTANE_ACTIVATIONS=f32, or the CLI's --exact) keeps every activation float32: results then match
+`x @ dequantize(W).T` to float32 rounding. Every other type always runs float32 activations.
 """
 
 from __future__ import annotations
@@ -48,23 +49,25 @@ DEQUANTIZE_ABOVE_M: dict[str, int | None] = {"avx512": None, "avx2": 64, "scalar
 
 
 ACTIVATIONS = ("q8", "f32")
+Q8_TYPES = frozenset({10, 11, 12, 13, 14})  # GGML Q2_K..Q6_K: the types with integer-activation kernels
+_q8 = _ext is not None  # mirrors the extension's setting (read on every matmul)
 
 
 def set_activations(name: str) -> str:
     """Use activations `name` ("q8" or "f32", see above) in every packed matmul of this process;
     returns the previous setting. Without the compiled kernels everything is "f32" already."""
+    global _q8
     if name not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {name!r}")
-    return _ext.set_activations(name) if _ext is not None else "f32"
+    if _ext is None:
+        return "f32"
+    _q8 = name == "q8"
+    return _ext.set_activations(name)
 
 
 def activations() -> str:
     """The activations setting in use ("q8" or "f32")."""
-    if _ext is None:
-        return "f32"
-    now = _ext.set_activations("f32")
-    _ext.set_activations(now)
-    return now
+    return "q8" if _q8 else "f32"
 
 
 def _activations_from_env() -> None:
@@ -143,6 +146,11 @@ def _use_dense(m: int) -> bool:
     return limit is not None and m > limit
 
 
+def _integer_kernel(qtype: int, k: int) -> bool:
+    """Whether the extension runs this matmul with integer activations (at any M: never dequantized)."""
+    return _q8 and qtype in Q8_TYPES and k % 256 == 0 and isa() != "scalar"
+
+
 def _threads(n_threads: int | None) -> int:
     if n_threads is None:
         return torch.get_num_threads()
@@ -169,7 +177,7 @@ def dequantize_packed(packed: torch.Tensor, qtype: int, k: int, n_threads: int |
 def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, threads: int) -> torch.Tensor:
     """x2 contiguous float32 [M, k] -> [M, N] (arguments already checked)."""
     m, n = x2.shape[0], packed.shape[0]
-    if _ext is None or _use_dense(m):
+    if _ext is None or (_use_dense(m) and not _integer_kernel(qtype, k)):
         return F.linear(x2, dequantize_packed(packed, qtype, k, threads))
     y = torch.empty(m, n, dtype=torch.float32)
     if m and n:

@@ -62,8 +62,8 @@ typedef struct {
     const float *d;
     const int16_t *bs;
 } q8_rows;
-/* Fused with integer dot products, M <= FUSED_M: as fused_fn, x given as its Q8_K rounding xq (and, for
- * the types with mins, the float sums xs of the exact x per 32, [M][K/32]). */
+/* Fused with integer dot products, any M: as fused_fn, x given as its Q8_K rounding xq (and, for the
+ * types with mins, the float sums xs of the exact x per 32, [M][K/32]). */
 typedef void (*fused_q8_fn)(const uint8_t *w, size_t rb, long n, const q8_rows *xq, const float *xs, long M,
                             long K, float *y, long ldy);
 /* Tiled: y[m, n] (rows N apart) for n in [n0, n1), every m < M, from rows of w decoded with `dec`. */

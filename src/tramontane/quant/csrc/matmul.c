@@ -91,11 +91,12 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
     const tinfo ti = tram_types[qtype];
     const size_t rb = tram_row_bytes(qtype, K);
     fused_fn fused = M <= FUSED_M && K % 32 == 0 ? ops->fused[qtype] : NULL;  /* F16/BF16: 32 at a time */
-    fused_q8_fn fused_q8 = g_q8 && M <= FUSED_M && K % 256 == 0 ? ops->fused_q8[qtype] : NULL;
+    fused_q8_fn fused_q8 = g_q8 && K % 256 == 0 ? ops->fused_q8[qtype] : NULL;
     float *xs = NULL;
     q8_rows xq = {NULL, NULL, NULL};
     void *xq_mem = NULL;
     const int span = xs_span(qtype);
+    if (fused_q8) fused = NULL;
     if ((fused || fused_q8) && span && !(xs = block_sums(x, M, K, span))) return -1;
     if (fused_q8 && quantize_q8k(x, M, K, &xq, &xq_mem)) {
         free(xs);
