@@ -455,7 +455,10 @@ def test_gradient_with_respect_to_x() -> None:
 
 # ---- integer activations (the default "q8" setting; this suite runs "f32" unless a test asks) ----
 
-Q8_TYPES = K_QUANTS  # the types with integer-activation kernels
+Q8_TYPES = K_QUANTS + [QT.Q4_0, QT.Q4_1, QT.Q8_0]  # the types with integer-activation kernels
+# Bytes [start, stop) of a block holding its quants, for the types whose zero quants are an offset
+# (Q4_0: -8 d) or a min (the others) that the kernels apply to the exact x.
+QUANT_BYTES = {QT.Q2_K: (16, 80), QT.Q4_K: (16, None), QT.Q5_K: (16, None), QT.Q4_0: (2, None), QT.Q4_1: (4, None)}
 
 
 @pytest.fixture
@@ -468,24 +471,25 @@ def q8():
 def q8_reference(
     x: torch.Tensor, raw: np.ndarray, dense: torch.Tensor, qtype: QT, bound: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """float64 emulation of the integer kernels: x rounded to Q8_K in numpy (per 256: d = max|x| / 127,
-    q = round-half-even(x * 127 / max|x|), float32 as the kernel computes them) times W; Q4_K's mins
-    (Q2_K, Q4_K, Q5_K: W where every quant is 0) are applied to the exact x, as the kernel does through
-    its block sums.
+    """float64 emulation of the integer kernels: x rounded to int8 in numpy (per 256 for the K-quants, per
+    32 for the legacy types: d = max|x| / 127, q = round-half-even(x * 127 / max|x|), float32 as the
+    kernel computes them) times W; the offsets and mins (W where every quant is 0, for the types in
+    QUANT_BYTES) are applied to the exact x, as the kernels do through the block sums.
     bound=True also returns the most the rounding can move each output from x @ W.T: half a step d/2
     per element times |the weights the rounded x meets|."""
     m, k = x.shape
-    xb = x.numpy().reshape(m, -1, 256)
+    xb = x.numpy().reshape(m, -1, 256 if qtype in K_QUANTS else 32)
     amax = np.abs(xb).max(-1, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     rounded = np.rint(xb * inv) * (amax / np.float32(127)).astype(np.float32)
     xt = torch.from_numpy(rounded.astype(np.float64).reshape(m, k))
     half_step = torch.from_numpy(np.broadcast_to(amax / 254, xb.shape).astype(np.float64).reshape(m, k))
-    if qtype in (QT.Q3_K, QT.Q6_K):  # their offsets (-4, -32) are exact in integers
+    if qtype not in QUANT_BYTES:  # Q3_K's and Q6_K's offsets (-4, -32) are exact in integers; Q8_0 has none
         met, y = dense.double(), xt @ dense.double().T
-    else:  # Q2_K, Q4_K, Q5_K: the quant bytes follow the first 16 (Q2_K's d and dmin end its block)
+    else:
         zero_quants = raw.reshape(raw.shape[0], -1, GGML_TYPES[int(qtype)].type_size).copy()
-        zero_quants[:, :, 16 : 80 if qtype == QT.Q2_K else None] = 0  # d, dmin, scales kept: W = -dmin * min
+        start, stop = QUANT_BYTES[qtype]
+        zero_quants[:, :, start:stop] = 0  # the scales kept: W = the offset or min
         mins = ref_dequantize(zero_quants.reshape(raw.shape[0], -1), qtype).reshape(-1, k)
         met = dense.double() - torch.from_numpy(mins).double()
         y = xt @ met.T + x.double() @ (dense.double() - met).T
@@ -499,10 +503,10 @@ def test_q8_kernels_match_their_emulation(isa: str, q8: None, qtype: QT) -> None
     kernels equal the emulation to float32 rounding and stay within the rounding bound of the exact
     result (the portable C pass has no integer kernels: it stays exact)."""
     k = 512
-    packed, dense = weight(qtype, 7, k)
+    packed, dense = weight(qtype, 19, k)
     for m in [1, 2, 3, 4, 5, 11, 70]:
         x = activations(m, k, seed=m)
-        for n in [1, 3, 7]:
+        for n in [1, 3, 7, 19]:  # the legacy kernels take 8 rows at a time
             y = torch.full((m, n), float("nan"))
             ext.matmul(buf(x), buf(packed), buf(y), m, n, k, int(qtype), 2)
             exact = reference(x, dense[:n])

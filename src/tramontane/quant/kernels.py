@@ -8,12 +8,12 @@ output rows; without it, the weight is dequantized with `weights.gguf_quants` an
 For many activation rows (M > DEQUANTIZE_ABOVE_M[isa]) the weight is dequantized once, threaded, and
 F.linear's sgemm does the rest; with AVX-512 the packed kernel is faster at every M measured.
 
-Activations. By default ("q8") the K-quants (Q2_K to Q6_K, integer kernels on AVX2 and AVX-512) take x
-rounded to int8 per 256 elements at every M (decoding, batches and prefill: no dequantized sgemm), as
+Activations. By default ("q8") the K-quants (Q2_K to Q6_K) take x rounded to int8 per 256 elements,
+Q4_0, Q4_1 and Q8_0 per 32 (integer kernels on AVX2 and AVX-512), at every M (decoding, batches and prefill: no dequantized sgemm), as
 llama.cpp does: the quants are multiplied as bytes, decoding keeps up with the memory bandwidth and
 prefill does more multiply-adds per instruction than float32 can; the result differs from
-`x @ dequantize(W).T` by the rounding of x (at most half a step of 1/127 of each 256-block's largest
-|x|, per element). "f32" (the exact path: `set_activations("f32")`, the environment variable
+`x @ dequantize(W).T` by the rounding of x (at most half a step of 1/127 of each block's largest |x|,
+per element). "f32" (the exact path: `set_activations("f32")`, the environment variable
 TRAMONTANE_ACTIVATIONS=f32, or the CLI's --exact) keeps every activation float32: results then match
 `x @ dequantize(W).T` to float32 rounding. Every other type always runs float32 activations.
 """
@@ -49,7 +49,9 @@ DEQUANTIZE_ABOVE_M: dict[str, int | None] = {"avx512": None, "avx2": 64, "scalar
 
 
 ACTIVATIONS = ("q8", "f32")
-Q8_TYPES = frozenset({10, 11, 12, 13, 14})  # GGML Q2_K..Q6_K: the types with integer-activation kernels
+# GGML type -> elements per activation scale of its integer-activation kernel: the K-quants (Q2_K..Q6_K)
+# per 256, Q4_0, Q4_1 and Q8_0 per 32.
+Q8_TYPES = {10: 256, 11: 256, 12: 256, 13: 256, 14: 256, 2: 32, 3: 32, 8: 32}
 _q8 = _ext is not None  # mirrors the extension's setting (read on every matmul)
 
 
@@ -148,7 +150,7 @@ def _use_dense(m: int) -> bool:
 
 def _integer_kernel(qtype: int, k: int) -> bool:
     """Whether the extension runs this matmul with integer activations (at any M: never dequantized)."""
-    return _q8 and qtype in Q8_TYPES and k % 256 == 0 and isa() != "scalar"
+    return _q8 and qtype in Q8_TYPES and k % Q8_TYPES[qtype] == 0 and isa() != "scalar"
 
 
 def _threads(n_threads: int | None) -> int:

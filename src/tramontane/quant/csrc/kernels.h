@@ -54,16 +54,17 @@ typedef void (*dec_fn)(const uint8_t *blocks, int nblocks, float *out);
  * xs: sums of x per 32 elements, [M][K/32] (Q2_K: per 16, [M][K/16]; NULL for the types that read none). */
 typedef void (*fused_fn)(const uint8_t *w, size_t rb, long n, const float *x, const float *xs, long M,
                          long K, float *y, long ldy);
-/* Activations rounded to int8 per 256 elements ("Q8_K", as llama.cpp's K-quant dot products take them):
- * row m, element k is about d[m * K/256 + k/256] * q[m * K + k]; bs[m * K/16 + j] is the sum of q over
- * elements 16j..16j+15 (the integer offsets of Q3_K and Q6_K go through it). */
+/* Activations rounded to int8 per 256 elements for the K-quants ("Q8_K", as llama.cpp's K-quant dot
+ * products take them), per 32 for the legacy types ("Q8_0"): row m, element k is about
+ * d[m * K/blk + k/blk] * q[m * K + k]; with blk = 256, bs[m * K/16 + j] is the sum of q over elements
+ * 16j..16j+15 (the integer offsets of Q3_K and Q6_K go through it; NULL-free but unused otherwise). */
 typedef struct {
     const int8_t *q;
     const float *d;
     const int16_t *bs;
 } q8_rows;
-/* Fused with integer dot products, any M: as fused_fn, x given as its Q8_K rounding xq (and, for the
- * types with mins, the float sums xs of the exact x per 32, [M][K/32]). */
+/* Fused with integer dot products, any M: as fused_fn, x given as its int8 rounding xq (and, for the
+ * types with offsets or mins, the float sums xs of the exact x as the float kernel takes them). */
 typedef void (*fused_q8_fn)(const uint8_t *w, size_t rb, long n, const q8_rows *xq, const float *xs, long M,
                             long K, float *y, long ldy);
 /* Tiled: y[m, n] (rows N apart) for n in [n0, n1), every m < M, from rows of w decoded with `dec`. */

@@ -57,10 +57,15 @@ static int g_q8 = 1;
 void tram_set_q8(int on) { g_q8 = on != 0; }
 int tram_q8(void) { return g_q8; }
 
-/* x [M, K] (K % 256 == 0) rounded to Q8_K into one malloc'd buffer (*mem, to free), views in *out; -1
- * when out of memory. Per 256 elements: d = max |x| / 127, q = round(x / d), and q's sums per 16. */
-static int quantize_q8k(const float *x, long M, long K, q8_rows *out, void **mem) {
-    const size_t nq = (size_t)(M * K), nd = (size_t)(M * (K / 256)), nb = (size_t)(M * (K / 16));
+/* Elements per activation scale of the integer kernel of qtype: 256 for the K-quants (Q8_K, as their
+ * super-blocks), 32 for the legacy types (Q8_0, one scale per weight block). */
+static long q8_block(int qtype) { return qtype >= T_Q2_K && qtype <= T_Q6_K ? 256 : 32; }
+
+/* x [M, K] (K % blk == 0) rounded to int8 per blk elements into one malloc'd buffer (*mem, to free),
+ * views in *out; -1 when out of memory. Per block: d = max |x| / 127, q = round(x / d); with blk = 256
+ * also q's sums per 16. */
+static int quantize_q8(const float *x, long M, long K, long blk, q8_rows *out, void **mem) {
+    const size_t nq = (size_t)(M * K), nd = (size_t)(M * (K / blk)), nb = blk == 256 ? (size_t)(M * (K / 16)) : 0;
     const size_t od = (nq + 63) & ~(size_t)63, ob = od + ((nd * 4 + 63) & ~(size_t)63);
     char *p = malloc(ob + nb * 2);
     if (!p) return -1;
@@ -68,13 +73,13 @@ static int quantize_q8k(const float *x, long M, long K, q8_rows *out, void **mem
     float *d = (float *)(p + od);
     int16_t *bs = (int16_t *)(p + ob);
     for (size_t b = 0; b < nd; b++) {
-        const float *xb = x + 256 * b;
+        const float *xb = x + blk * b;
         float amax = 0.0f;
-        for (int i = 0; i < 256; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        for (long i = 0; i < blk; i++) amax = fmaxf(amax, fabsf(xb[i]));
         const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int8_t *qb = q + 256 * b;
-        for (int i = 0; i < 256; i++) qb[i] = (int8_t)nearbyintf(xb[i] * id);
-        for (int j = 0; j < 16; j++) {
+        int8_t *qb = q + blk * b;
+        for (long i = 0; i < blk; i++) qb[i] = (int8_t)nearbyintf(xb[i] * id);
+        for (int j = 0; j < (blk == 256 ? 16 : 0); j++) {
             int s = 0;
             for (int i = 0; i < 16; i++) s += qb[16 * j + i];
             bs[16 * b + j] = (int16_t)s;
@@ -91,14 +96,15 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
     const tinfo ti = tram_types[qtype];
     const size_t rb = tram_row_bytes(qtype, K);
     fused_fn fused = M <= FUSED_M && K % 32 == 0 ? ops->fused[qtype] : NULL;  /* F16/BF16: 32 at a time */
-    fused_q8_fn fused_q8 = g_q8 && K % 256 == 0 ? ops->fused_q8[qtype] : NULL;
+    const long blk = q8_block(qtype);
+    fused_q8_fn fused_q8 = g_q8 && K % blk == 0 ? ops->fused_q8[qtype] : NULL;
     float *xs = NULL;
     q8_rows xq = {NULL, NULL, NULL};
     void *xq_mem = NULL;
     const int span = xs_span(qtype);
     if (fused_q8) fused = NULL;
     if ((fused || fused_q8) && span && !(xs = block_sums(x, M, K, span))) return -1;
-    if (fused_q8 && quantize_q8k(x, M, K, &xq, &xq_mem)) {
+    if (fused_q8 && quantize_q8(x, M, K, blk, &xq, &xq_mem)) {
         free(xs);
         return -1;
     }
