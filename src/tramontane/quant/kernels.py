@@ -8,12 +8,14 @@ output rows; without it, the weight is dequantized with `weights.gguf_quants` an
 For many activation rows (M > DEQUANTIZE_ABOVE_M[isa]) the weight is dequantized once, threaded, and
 F.linear's sgemm does the rest; with AVX-512 the packed kernel is faster at every M measured.
 
-Activations. By default ("q8") the K-quants (Q2_K to Q6_K) take x rounded to int8 per 256 elements,
-Q4_0, Q4_1 and Q8_0 per 32 (integer kernels on AVX2 and AVX-512), at every M (decoding, batches and prefill: no dequantized sgemm), as
-llama.cpp does: the quants are multiplied as bytes, decoding keeps up with the memory bandwidth and
-prefill does more multiply-adds per instruction than float32 can; the result differs from
-`x @ dequantize(W).T` by the rounding of x (at most half a step of 1/127 of each block's largest |x|,
-per element). "f32" (the exact path: `set_activations("f32")`, the environment variable
+Activations. By default ("q8") the packed kernels of the K-quants (Q2_K to Q6_K) take x rounded to
+int8 per 256 elements, those of Q4_0, Q4_1 and Q8_0 per 32 (integer kernels, AVX2 and AVX-512), as
+llama.cpp does: the quants are multiplied as bytes, so decoding keeps up with the memory bandwidth.
+Where each path measured fastest on the dev machine: Q4_0, Q4_1 and Q8_0 keep the float32 kernel at
+M <= 4; past DEQUANTIZE_ABOVE_M rows a matrix whose float32 copy would exceed INTEGER_ABOVE_BYTES
+stays on the integer kernel, a smaller one goes through dequantize + sgemm (exact). The integer result
+differs from `x @ dequantize(W).T` by the rounding of x (at most half a step of 1/127 of each block's
+largest |x|, per element). "f32" (the exact path: `set_activations("f32")`, the environment variable
 TRAMONTANE_ACTIVATIONS=f32, or the CLI's --exact) keeps every activation float32: results then match
 `x @ dequantize(W).T` to float32 rounding. Every other type always runs float32 activations.
 """
@@ -148,9 +150,17 @@ def _use_dense(m: int) -> bool:
     return limit is not None and m > limit
 
 
-def _integer_kernel(qtype: int, k: int) -> bool:
-    """Whether the extension runs this matmul with integer activations (at any M: never dequantized)."""
-    return _q8 and qtype in Q8_TYPES and k % Q8_TYPES[qtype] == 0 and isa() != "scalar"
+# Past DEQUANTIZE_ABOVE_M rows, a matrix whose float32 copy is larger than this runs the integer kernel
+# instead of dequantize + sgemm: writing and reading the copy then costs more than sgemm saves (Mixtral
+# 8x7B's experts, 235 MB as float32: 2.5x faster on the dev machine); a smaller one stays in cache and
+# sgemm's float32 throughput wins (1024x1024 at M = 512: 2x faster than the integer kernel).
+INTEGER_ABOVE_BYTES = 32 << 20
+
+
+def _integer_kernel(qtype: int, n: int, k: int) -> bool:
+    """Whether a matmul past the dense route's M runs the extension's integer kernel instead."""
+    big = n * k * 4 > INTEGER_ABOVE_BYTES
+    return _q8 and big and qtype in Q8_TYPES and k % Q8_TYPES[qtype] == 0 and isa() != "scalar"
 
 
 def _threads(n_threads: int | None) -> int:
@@ -179,7 +189,7 @@ def dequantize_packed(packed: torch.Tensor, qtype: int, k: int, n_threads: int |
 def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, threads: int) -> torch.Tensor:
     """x2 contiguous float32 [M, k] -> [M, N] (arguments already checked)."""
     m, n = x2.shape[0], packed.shape[0]
-    if _ext is None or (_use_dense(m) and not _integer_kernel(qtype, k)):
+    if _ext is None or (_use_dense(m) and not _integer_kernel(qtype, n, k)):
         return F.linear(x2, dequantize_packed(packed, qtype, k, threads))
     y = torch.empty(m, n, dtype=torch.float32)
     if m and n:
