@@ -469,14 +469,13 @@ def q8():
 
 
 def q8_reference(
-    x: torch.Tensor, raw: np.ndarray, dense: torch.Tensor, qtype: QT, bound: bool = False
+    x: torch.Tensor, dense: torch.Tensor, qtype: QT, bound: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """float64 emulation of the integer kernels: x rounded to int8 in numpy (per 256 for the K-quants, per
     32 for the legacy types: d = max|x| / 127, q = round-half-even(x * 127 / max|x|), float32 as the
-    kernel computes them) times W; the offsets and mins (W where every quant is 0, for the types in
-    QUANT_BYTES) are applied to the exact x, as the kernels do through the block sums.
+    kernel computes them) times W, offsets and mins included (they meet the same rounded x).
     bound=True also returns the most the rounding can move each output from x @ W.T: half a step d/2
-    per element times |the weights the rounded x meets|."""
+    per element times |W|."""
     m, k = x.shape
     xb = x.numpy().reshape(m, -1, 256 if qtype in K_QUANTS else 32)
     amax = np.abs(xb).max(-1, keepdims=True)
@@ -484,16 +483,8 @@ def q8_reference(
     rounded = np.rint(xb * inv) * (amax / np.float32(127)).astype(np.float32)
     xt = torch.from_numpy(rounded.astype(np.float64).reshape(m, k))
     half_step = torch.from_numpy(np.broadcast_to(amax / 254, xb.shape).astype(np.float64).reshape(m, k))
-    if qtype not in QUANT_BYTES:  # Q3_K's and Q6_K's offsets (-4, -32) are exact in integers; Q8_0 has none
-        met, y = dense.double(), xt @ dense.double().T
-    else:
-        zero_quants = raw.reshape(raw.shape[0], -1, GGML_TYPES[int(qtype)].type_size).copy()
-        start, stop = QUANT_BYTES[qtype]
-        zero_quants[:, :, start:stop] = 0  # the scales kept: W = the offset or min
-        mins = ref_dequantize(zero_quants.reshape(raw.shape[0], -1), qtype).reshape(-1, k)
-        met = dense.double() - torch.from_numpy(mins).double()
-        y = xt @ met.T + x.double() @ (dense.double() - met).T
-    return (y, half_step @ met.abs().T) if bound else y
+    y = xt @ dense.double().T
+    return (y, half_step @ dense.double().abs().T) if bound else y
 
 
 @needs_ext
@@ -511,7 +502,7 @@ def test_q8_kernels_match_their_emulation(isa: str, q8: None, qtype: QT, monkeyp
             y = torch.full((m, n), float("nan"))
             ext.matmul(buf(x), buf(packed), buf(y), m, n, k, int(qtype), 2)
             exact = reference(x, dense[:n])
-            emulated, bound = q8_reference(x, packed[:n].numpy(), dense[:n], qtype, bound=True)
+            emulated, bound = q8_reference(x, dense[:n], qtype, bound=True)
             float_kernel = isa == "scalar" or (qtype not in K_QUANTS and m <= 4)  # measured faster there
             assert rel_err(y, exact if float_kernel else emulated) < 1e-5, (isa, m, n)
             assert ((y - exact).abs() <= bound * 1.001 + 1e-5 * exact.abs().max()).all(), (isa, m, n)
@@ -520,7 +511,7 @@ def test_q8_kernels_match_their_emulation(isa: str, q8: None, qtype: QT, monkeyp
     x = activations(100, k)
     assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), reference(x, dense)) < 1e-5
     monkeypatch.setattr(kernels, "INTEGER_ABOVE_BYTES", 0)
-    emulated = q8_reference(x, packed.numpy(), dense, qtype)
+    emulated = q8_reference(x, dense, qtype)
     want = reference(x, dense) if isa == "scalar" else emulated
     assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), want) < 1e-5
 
@@ -543,25 +534,24 @@ def test_q8_scales_of_an_all_zero_block_and_extreme_rows(q8: None) -> None:
     x[0, :256] = 0.0
     x[1] *= 1e4
     y = kernels.qmatmul(x, packed, int(QT.Q4_K), 512)
-    assert torch.isfinite(y).all() and rel_err(y, q8_reference(x, packed.numpy(), dense, QT.Q4_K)) < 1e-5
+    assert torch.isfinite(y).all() and rel_err(y, q8_reference(x, dense, QT.Q4_K)) < 1e-5
 
 
-def test_activations_setting_from_the_environment() -> None:
-    """q8 unless TRAMONTANE_ACTIVATIONS=f32 says otherwise; a wrong value names the variable."""
+def test_activations_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """q8 in a fresh process without TRAMONTANE_ACTIVATIONS; the variable chooses (this suite runs
+    with f32 through it); a wrong value names the variable."""
     import os
     import subprocess
     import sys
 
     code = "from tramontane.quant import kernels; print(kernels.activations())"
     base = {k: v for k, v in os.environ.items() if k != "TRAMONTANE_ACTIVATIONS"}
-
-    def run(**extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-c", code], env={**base, **extra}, capture_output=True, text=True)
-
-    assert run().stdout.strip() == ("q8" if kernels.available() else "f32")
-    assert run(TRAMONTANE_ACTIVATIONS="f32").stdout.strip() == "f32"
-    bad = run(TRAMONTANE_ACTIVATIONS="int4")
-    assert bad.returncode != 0 and "TRAMONTANE_ACTIVATIONS must be one of q8, f32, not 'int4'" in bad.stderr
+    fresh = subprocess.run([sys.executable, "-c", code], env=base, capture_output=True, text=True)
+    assert fresh.stdout.strip() == ("q8" if kernels.available() else "f32"), fresh.stderr
+    assert kernels.activations() == "f32"  # conftest's TRAMONTANE_ACTIVATIONS=f32, read at import
+    monkeypatch.setenv("TRAMONTANE_ACTIVATIONS", "int4")
+    with pytest.raises(ValueError, match="TRAMONTANE_ACTIVATIONS must be one of q8, f32, not 'int4'"):
+        kernels._activations_from_env()
     with pytest.raises(ValueError, match="activations must be one of"):
         kernels.set_activations("f16")
 

@@ -64,7 +64,7 @@ typedef struct {
     const int16_t *bs;
 } q8_rows;
 /* Fused with integer dot products, any M: as fused_fn, x given as its int8 rounding xq (and, for the
- * types with offsets or mins, the float sums xs of the exact x as the float kernel takes them). */
+ * types with offsets or mins, the sums xs of the rounded x, laid out as the float kernel takes them). */
 typedef void (*fused_q8_fn)(const uint8_t *w, size_t rb, long n, const q8_rows *xq, const float *xs, long M,
                             long K, float *y, long ldy);
 /* Tiled: y[m, n] (rows N apart) for n in [n0, n1), every m < M, from rows of w decoded with `dec`. */

@@ -57,6 +57,21 @@ static int g_q8 = 1;
 void tram_set_q8(int on) { g_q8 = on != 0; }
 int tram_q8(void) { return g_q8; }
 
+/* Sums of the rounded x (d * q) per `span` elements -> malloc'd [M][K/span], as block_sums: the
+ * offsets and mins of the integer kernels meet the same rounded x as the quants, so that each product
+ * is exactly sum(W * rounded x) and its error scales with |W|, not with |W - offset|. */
+static float *rounded_sums(const q8_rows *xq, long M, long K, long blk, int span) {
+    const long n = M * (K / span);
+    float *xs = malloc(sizeof(float) * (size_t)n);
+    if (!xs) return NULL;
+    for (long b = 0; b < n; b++) {
+        int s = 0;
+        for (int j = 0; j < span; j++) s += xq->q[span * b + j];
+        xs[b] = xq->d[span * b / blk] * (float)s;
+    }
+    return xs;
+}
+
 /* Elements per activation scale of the integer kernel of qtype: 256 for the K-quants (Q8_K, as their
  * super-blocks), 32 for the legacy types (Q8_0, one scale per weight block). */
 static long q8_block(int qtype) { return qtype >= T_Q2_K && qtype <= T_Q6_K ? 256 : 32; }
@@ -105,9 +120,9 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
     void *xq_mem = NULL;
     const int span = xs_span(qtype);
     if (fused_q8) fused = NULL;
-    if ((fused || fused_q8) && span && !(xs = block_sums(x, M, K, span))) return -1;
-    if (fused_q8 && quantize_q8(x, M, K, blk, &xq, &xq_mem)) {
-        free(xs);
+    if (fused_q8 && quantize_q8(x, M, K, blk, &xq, &xq_mem)) return -1;
+    if ((fused || fused_q8) && span && !(xs = fused_q8 ? rounded_sums(&xq, M, K, blk, span) : block_sums(x, M, K, span))) {
+        free(xq_mem);
         return -1;
     }
     int nth = thread_count(n_threads, N, (long)(rb * (size_t)N) + M * K * 4);
