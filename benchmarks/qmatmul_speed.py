@@ -99,11 +99,21 @@ def main() -> None:
     ap.add_argument("--types", default=",".join(TYPES))
     ap.add_argument("--m", default="1,16")
     ap.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
+    ap.add_argument(
+        "--activations",
+        choices=kernels.ACTIVATIONS,
+        default="q8",
+        help="q8: the default integer kernels where a type has them; f32: the exact float32 path",
+    )
     args = ap.parse_args()
+    kernels.set_activations(args.activations)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     ms = [int(v) for v in args.m.split(",")]
-    print(f"compiled kernels: {kernels.available()} ({kernels.isa()}), threads {args.threads}")
+    print(
+        f"compiled kernels: {kernels.available()} ({kernels.isa()}), threads {args.threads}, "
+        f"activations {kernels.activations()}"
+    )
     print(
         f"{'type':5} {'M':>3} {'N':>6} {'K':>5} {'MB':>6} | {'qmatmul µs':>10} {'GB/s':>6} | "
         f"{'dense µs':>9} | {'deq+lin µs':>10}"
