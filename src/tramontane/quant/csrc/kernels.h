@@ -24,6 +24,9 @@
  *     multiplies each partial sum once and additive offsets go through per-32 sums of x (per-16 for
  *     Q2_K's mins); the weights of the group of rows a few KiB ahead are software-prefetched
  *     (streaming from DRAM the hardware prefetchers alone reach about half the bandwidth);
+ *   - for the K-quants, Q4_0, Q4_1 and Q8_0, an integer-activation kernel (simd_q8.inc): x rounded to
+ *     int8 once per call, quants multiplied as bytes; the default where matmul.c and kernels.py say
+ *     it measured faster, off under the exact (float32) setting;
  * and one tiled path for larger M (and for the types without a fused kernel): RN weight rows are
  * decoded KC elements at a time into a small float buffer that stays in L1, then a register-blocked
  * RM x RN micro-kernel multiplies it into every activation row, so each weight block is decoded once
