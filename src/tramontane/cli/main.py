@@ -65,9 +65,10 @@ def _exact_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--exact",
         action="store_true",
-        help="float32 activations in every packed matmul. By default decoding rounds the activations of "
-        "Q3_K/Q4_K weights to int8 per 256 values for integer dot products (as llama.cpp does: faster, "
-        "answers within rounding of the exact path); --exact gives the float32 results bit for bit",
+        help="float32 activations in every packed matmul. By default the kernels of Q2_K..Q6_K, Q4_0, "
+        "Q4_1 and Q8_0 weights round the activations to int8 (per 256 or 32 values) for integer dot "
+        "products (as llama.cpp does: faster, answers within that rounding of the exact path); --exact "
+        "gives the float32 results bit for bit",
     )
 
 

@@ -2,9 +2,9 @@
  * matmul.c: the packed matmul and the row dequantizer over OpenMP threads. Owns the split of the N
  * output rows between threads (contiguous ranges of whole RN-row groups, so the result does not depend
  * on the thread count), the choice between an instruction set's fused small-M kernel and its tiled
- * path (or, for the K-quants in the default mode, the integer-activation kernel: x rounded to Q8_K
- * once per call), and the per-32 (Q2_K: per-16) sums of x the fused kernels take. Pointers are
- * trusted: module.c checked the buffers' extents.
+ * path (or, in the default mode, a type's integer-activation kernel: x rounded to int8 once per call,
+ * per 256 for the K-quants and per 32 for Q4_0/Q4_1/Q8_0), and the per-32 (Q2_K: per-16) sums of x
+ * the kernels take. Pointers are trusted: module.c checked the buffers' extents.
  */
 #include <math.h>
 #include <stdlib.h>
