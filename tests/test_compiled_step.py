@@ -12,9 +12,8 @@ from test_packed import write_random_kquant_model
 
 from tramontane.api import LLM
 from tramontane.build import load_model, select_backend
-from tramontane.engine.runner import PagedStep
 from tramontane.model import ModuleBackend
-from tramontane.model.cache import KVCache
+from tramontane.model.cache import KVCache, PagedCache
 from tramontane.quant import kernels
 from tramontane.quant.step import CompiledStep
 
@@ -149,11 +148,12 @@ def test_caches_it_does_not_take(tmp_path):
     model = load_model(save_gguf(hf_model("llama", seed=2), tmp_path / "m.gguf", "Q8_0"), packed=True).model
     assert chosen(model) is CompiledStep
     assert chosen(model, KVCache, torch.bfloat16) is ModuleBackend
-    assert chosen(model, PagedStep) is ModuleBackend  # the paged pool: module path (for now)
+    assert chosen(model, PagedCache) is CompiledStep
+    assert chosen(model, PagedCache, torch.bfloat16) is ModuleBackend
     step, cache = CompiledStep(model), KVCache(model.config, 1, 8)
     with pytest.raises(TypeError, match="one token per row"):
         step.decode(torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None], cache)  # a prefill chunk
-    with pytest.raises(TypeError, match="float32 KVCache"):
+    with pytest.raises(TypeError, match="float32 KVCache or PagedCache"):
         step.decode(
             torch.zeros(1, 1, dtype=torch.long),
             torch.zeros(1, 1, dtype=torch.long),
@@ -183,8 +183,8 @@ def test_int4_swap_installs_it_on_float32_models():
 
 def test_server_and_offline_pick_through_the_same_call(tmp_path, caplog):
     """A dense packed model: offline generation runs the compiled step; the server engine asks the same
-    `select_backend` for its paged cache and gets the compiled step only where that supports the paged
-    cache (the module path otherwise), and says which in its start-up log line. Both answer alike."""
+    `select_backend` for its paged cache, gets the compiled step too, and says so in its start-up log
+    line. Both answer alike."""
     import asyncio
     import logging
 
@@ -196,12 +196,8 @@ def test_server_and_offline_pick_through_the_same_call(tmp_path, caplog):
     )
     with caplog.at_level(logging.INFO, logger="tramontane.engine"):
         engine = AsyncEngine(llm, model_name="tiny", kv_cache_memory=1 << 22, block_size=4)
-    assert isinstance(llm.backend, CompiledStep)
-    if llm.backend.supports(PagedStep, torch.float32):
-        assert type(engine.backend) is type(llm.backend)
-    else:
-        assert type(engine.backend) is ModuleBackend
-    assert f"decode backend: {engine.backend.name} (paged cache; offline generation: compiled)" in caplog.text
+    assert isinstance(llm.backend, CompiledStep) and isinstance(engine.backend, CompiledStep)
+    assert "decode backend: compiled (paged cache; offline generation: compiled)" in caplog.text
 
     prompt = [1, 5, 9, 33, 7]
     offline = llm.generate([prompt], temperature=0, max_tokens=12, ignore_eos=True)[0].token_ids
@@ -256,3 +252,102 @@ def test_replaced_packed_rows_are_not_read_from_the_old_address(tmp_path):
     assert not llm.backend.current()
     llm.generate([[1, 5, 9]], temperature=0, max_tokens=2, ignore_eos=True)
     assert isinstance(llm.backend, CompiledStep) and llm.backend.current()
+
+
+# ---- the paged pool (the serving engine's cache) ---------------------------------------------------------
+
+# Steps of the paged script: per step, (sequence, tokens) pairs. Prefill chunks beside decode tokens,
+# a sequence joining late, then decoding past the window (8 for the tiny Mistral) so blocks fall out.
+PAGED_SCRIPT = [[(0, 5), (1, 3)], [(0, 1), (1, 4), (2, 2)], [(1, 1), (2, 6)]] + [[(0, 1), (1, 1), (2, 1)]] * 9
+
+
+def paged_run(model, backend, isa: str, block_size: int = 4):
+    """Run PAGED_SCRIPT through `backend` on a fresh pool whose blocks are handed out shuffled; blocks
+    wholly before a sequence's window are released (-1) as the scheduler releases them. Logits [N,V] per
+    step and the pool."""
+    config = model.config
+    blocks, gen = 40, torch.Generator().manual_seed(7)
+    free = torch.randperm(blocks, generator=gen).tolist()
+    shape = (blocks * block_size, config.n_kv_heads, config.head_dim)
+    k = [torch.zeros(shape) for _ in range(config.n_layers)]
+    v = [torch.zeros(shape) for _ in range(config.n_layers)]
+    tables, done, window = [[] for _ in range(3)], [0, 0, 0], config.sliding_window
+    tokens = torch.randint(3, config.vocab_size, (3, 64), generator=gen)
+    out = []
+    prev = kernels.extension().set_isa(isa)
+    try:
+        for step in PAGED_SCRIPT:
+            seq, pos, ids = [], [], []
+            for i, (r, n) in enumerate(step):
+                while len(tables[r]) * block_size < done[r] + n:
+                    tables[r].append(free.pop())
+                if window is not None:  # blocks wholly before the first key this step's tokens may see
+                    for j in range(max(0, done[r] - window + 1) // block_size):
+                        tables[r][j] = -1
+                seq += [i] * n
+                pos += list(range(done[r], done[r] + n))
+                ids += tokens[r, done[r] : done[r] + n].tolist()
+                done[r] += n
+            width = max(len(tables[r]) for r, _ in step)
+            table = torch.tensor([tables[r] + [-1] * (width - len(tables[r])) for r, _ in step], dtype=torch.int32)
+            positions = torch.tensor(pos)
+            cache = PagedCache(k, v, block_size, table, torch.tensor(seq, dtype=torch.int32), positions, window)
+            with torch.inference_mode():
+                out.append(model.logits(backend.prefill(torch.tensor(ids)[None], positions[None], cache)[0]))
+    finally:
+        kernels.extension().set_isa(prev)
+    return out, k + v
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("kind", "qtype", "overrides"),
+    [
+        ("mistral", "Q4_0", {}),
+        ("llama", "Q4_1", {}),
+        ("mixtral", "Q8_0", {}),
+        ("mixtral", "Q4_0", {"num_experts_per_tok": 3}),
+    ],
+)
+def test_paged_steps_equal_module_steps(tmp_path, isa, kind, qtype, overrides):
+    """Mixed prefill and decode steps of three sequences on the paged pool, through the compiled step
+    and through the module path: the same logits and the same pool (to 1e-5 of their scale). The tiny
+    Mistral's window (8) is smaller than the context (20), so its early blocks are released mid-run."""
+    model = load_model(save_gguf(hf_model(kind, seed=3, **overrides), tmp_path / "m.gguf", qtype), packed=True).model
+    assert (model.config.sliding_window is not None) == (kind == "mistral")
+    fused, fused_pool = paged_run(model, CompiledStep(model), isa)
+    plain, plain_pool = paged_run(model, ModuleBackend(model), isa)
+    for a, b in zip(fused, plain):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+    for a, b in zip(fused_pool, plain_pool):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+def test_paged_rows_out_of_range_are_refused(tmp_path):
+    """The kernel checks each row's sequence, its table's blocks and its span before reading the pool."""
+    model = load_model(save_gguf(hf_model("llama", seed=2), tmp_path / "m.gguf", "Q8_0"), packed=True).model
+    step, config = CompiledStep(model), model.config
+    pool = [torch.zeros(8, config.n_kv_heads, config.head_dim) for _ in range(config.n_layers)]
+
+    def run(table, seq, positions):
+        cache = PagedCache(
+            pool,
+            pool,
+            4,
+            torch.tensor(table, dtype=torch.int32),
+            torch.tensor(seq, dtype=torch.int32),
+            torch.tensor(positions),
+            None,
+        )
+        with torch.inference_mode():
+            return step.prefill(torch.zeros(1, len(positions), dtype=torch.long), torch.tensor(positions)[None], cache)
+
+    assert run([[1, 0]], [0, 0], [4, 5]).shape == (1, 2, config.dim)
+    for table, seq, positions in [
+        ([[1, 2]], [0], [5]),  # block 2 of a 2-block pool
+        ([[1, -1]], [0], [5]),  # a released block inside the span
+        ([[1]], [0], [4]),  # position past the table
+        ([[1, 0]], [1], [1]),  # no table 1
+    ]:
+        with pytest.raises(ValueError, match="out of range"):
+            run(table, seq, positions)

@@ -18,11 +18,16 @@ from tramontane.engine.blocks import bytes_per_block
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=["mistral", "mixtral", "llama", "mixtral-q8_0"])
+@pytest.fixture(scope="module", params=["mistral-q8_0", "mixtral", "llama-q4_1", "mixtral-q8_0"])
 def llm(request, tmp_path_factory):
-    if request.param == "mixtral-q8_0":  # packed experts: the server's module path against the offline
-        path = save_gguf(hf_model("mixtral", seed=8), tmp_path_factory.mktemp("e") / "m.gguf", "Q8_0")
-        return LLM(load_model(path, packed=True), CharTokenizer())  # compiled step
+    """Float checkpoints run the module path; packed GGUF ones the compiled step, offline and on the
+    engine's paged pool (steps of more rows than the packed kernels' M take the module path there)."""
+    kind, _, qtype = request.param.partition("-")
+    if qtype:
+        path = save_gguf(hf_model(kind, seed=8), tmp_path_factory.mktemp("e") / "m.gguf", qtype.upper())
+        llm = LLM(load_model(path, packed=True), CharTokenizer())
+        assert llm.backend.name == "compiled"
+        return llm
     hf = hf_model(request.param, seed=8)
     return LLM(load_model(save_hf(hf, tmp_path_factory.mktemp("e"), shard=None)), CharTokenizer())
 

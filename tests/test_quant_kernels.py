@@ -295,7 +295,8 @@ def test_raw_matmul_and_dequantize_refuse_short_buffers() -> None:
 BLOCK_SHAPE = (3, 64, 4, 2, 16, 96, 8)  # B, dim, H, Hkv, D, F, S
 K_BLOCK_SHAPE = (3, 256, 4, 2, 64, 256, 8)  # every row length a multiple of the K-quants' 256
 PACKED = ("wqkv", "wo", "w13", "w2")
-DENSE_UNUSED = {"gate": (0, 0), "w1e": (0, 0, 0), "w3e": (0, 0, 0)}  # a Mixtral block's router and experts
+# a Mixtral block's router and experts, and the paged cache's block tables
+DENSE_UNUSED = {"gate": (0, 0), "w1e": (0, 0, 0), "w3e": (0, 0, 0), "tables": (0, 0), "seq": (0, 0)}
 
 
 def block_case(qtype: QT = QT.Q8_0, window: int = 0, shape: tuple[int, ...] = BLOCK_SHAPE) -> dict:
@@ -383,6 +384,43 @@ def test_decode_block_runs_with_exact_sizes(isa: str, qtype: QT, window: int, sh
     run_block(case)
     assert rel_err(case["x"], want_x) < 1e-4, isa
     assert rel_err(case["k_cache"], want_k) < 1e-4 and rel_err(case["v_cache"], want_v) < 1e-4
+
+
+@needs_ext
+def test_decode_block_reads_a_paged_pool(isa: str) -> None:
+    """The same block on a paged pool: each row's keys copied from its offline slots into blocks of 4
+    handed out shuffled, row 1's first block released (outside its window of 8), read through the
+    tables; equal to the float64 reference of the offline case."""
+    case = block_case(QT.Q4_1, 0, BLOCK_SHAPE)
+    want_x, want_k, want_v = block_reference(case)
+    b, dim, h, hkv, d, f, s = BLOCK_SHAPE
+    size, order = 4, [5, 2, 7, 0, 3, 6]  # blocks of 4 slots; pool of 8 blocks, these handed out in turn
+    tables = torch.full((2, 3), -1, dtype=torch.int32)
+    tables[0, :2], tables[1, 1:] = torch.tensor(order[:2]), torch.tensor(order[2:4])
+    pool_k, pool_v = torch.zeros(8 * size, hkv, d), torch.zeros(8 * size, hkv, d)
+    for row, q in enumerate(case["qpos"].tolist()[:2]):
+        for p in range(max(0, q - s + 1), q):  # the earlier positions the row sees
+            slot = int(tables[row, p // size]) * size + p % size
+            pool_k[slot], pool_v[slot] = case["k_cache"][row, :, p % s], case["v_cache"][row, :, p % s]
+    buffers = {
+        name: (*buf(case[name]), case["qtype"]) if name in PACKED else buf(case[name])
+        for name in ("x", "attn_norm", "ffn_norm", *PACKED, "cos_sin", "qpos")
+    }
+    seq = torch.tensor([0, 1, 0], dtype=torch.int32)
+    buffers |= DENSE_UNUSED | {"k_cache": buf(pool_k), "v_cache": buf(pool_v), "kpos": (0, 0)}
+    buffers |= {"tables": buf(tables), "seq": buf(seq)}
+    # S = 8 keys at most, with window 8: row 1 (position 11) sees 4..11, as the offline case's 8 slots
+    ext.decode_block((*BLOCK_SHAPE, 0, 0, 8 * size, size, 2, 3), buffers, 1e-5, s, 2)
+    assert rel_err(case["x"], want_x) < 1e-4, isa
+    for row, q in enumerate(case["qpos"].tolist()[:2]):
+        slot = int(tables[row, q // size]) * size + q % size
+        assert (
+            rel_err(pool_k[slot], want_k[row, :, q % s]) < 1e-4 and rel_err(pool_v[slot], want_v[row, :, q % s]) < 1e-4
+        )
+    with pytest.raises(ValueError, match=r"row 1 \(position 11\).*out of range"):
+        ext.decode_block((*BLOCK_SHAPE, 0, 0, 8 * size, size, 2, 3), buffers, 1e-5, s + 1, 2)  # needs block 0
+    with pytest.raises(ValueError, match="bad paged cache"):
+        ext.decode_block((*BLOCK_SHAPE, 0, 0, 8 * size + 1, size, 2, 3), buffers, 1e-5, s, 2)
 
 
 @needs_ext

@@ -24,12 +24,13 @@ import torch
 from ..build.backend import select_backend
 from ..decoding.sampling import SamplingParams
 from ..decoding.sequence import SequenceState, pick_tokens
+from ..model.cache import PagedCache
 from ..parallel.dist import broadcast_object, is_parallel
 from .blocks import BlockPool, bytes_per_block
 from .metrics import EngineMetrics
 from .pacing import Pace
 from .prompt_jobs import PromptJob, Result, Scores
-from .runner import PagedStep, StepOutput, run_step
+from .runner import StepOutput, run_step
 from .scheduler import EngineSequence, Scheduler
 from .types import (
     ContextLengthError,
@@ -68,7 +69,7 @@ class AsyncEngine:
         if is_parallel():  # the other ranks build the same pool over their heads (runner.follow)
             broadcast_object(("pool", num_blocks, block_size, dtype))
         self.pool = BlockPool(self.model.config, num_blocks, block_size, dtype)
-        self.backend = select_backend(self.model, PagedStep, dtype)
+        self.backend = select_backend(self.model, PagedCache, dtype)
         log.info(
             "decode backend: %s (paged cache; offline generation: %s)",
             self.backend.name,
@@ -334,6 +335,8 @@ class AsyncEngine:
         starts = [seq.num_computed for seq, _ in batch]
         began = time.perf_counter()
         try:
+            if not self.backend.current():  # a module swap since (adapters applied to the model): pick again
+                self.backend = select_backend(self.model, PagedCache, self.pool.k[0].dtype)
             out = run_step(self.backend, self.pool, batch, self.config.sliding_window)
             self.scheduler.after_step(batch)
             self._sample(batch, out.logits)

@@ -1,9 +1,8 @@
 """The runner: one batched forward pass over the scheduled tokens of many requests, then sampling.
 
 All scheduled tokens are laid out as one row [1,N] (no padding): a prefill chunk of 200 tokens and 15
-decode tokens make N = 215. Each layer writes the new keys and values into their pool slots, then
-gathers, for every request, the keys it may attend (its whole context, or the last W positions with a
-sliding window); the mask keeps each query to its own request and to the causal / window rule. The
+decode tokens make N = 215, read and written through the requests' block tables (model/cache.py's
+`PagedCache`: the module path gathers each request's keys, the compiled step reads the pool). The
 step hands back every token's final hidden state (embeddings use them) and the logits of the rows
 the engine reads: each request's last token, and every token of a scored prompt."""
 
@@ -16,86 +15,37 @@ from typing import NamedTuple
 import torch
 
 from ..build.backend import select_backend
-from ..model import Backend, Cache, Transformer
+from ..model import Backend, PagedCache, Transformer
 from ..parallel.dist import broadcast_object, is_parallel
 from .blocks import BlockPool
 from .scheduler import EngineSequence
 
 
-class PagedStep(Cache):
-    """The cache seen by the model for one step: the block pool through each request's block table."""
-
-    def __init__(
-        self,
-        pool: BlockPool,
-        slots: torch.Tensor,
-        key_slots: torch.Tensor,
-        key_pos: torch.Tensor,
-        key_seq: torch.Tensor,
-        query_seq: torch.Tensor,
-    ) -> None:
-        self.pool, self.slots = pool, slots  # [N] pool slot of each new token
-        self.key_slots, self.key_pos, self.key_seq = key_slots, key_pos[None], key_seq  # [S], [1,S], [S]
-        self.query_seq = query_seq  # [N]
-        self._masks: dict[int | None, torch.Tensor] = {}
-
-    def parts(self) -> tuple[torch.Tensor, ...]:
-        """What rebuilds this step over another rank's pool (the same slots, its own heads)."""
-        return self.slots, self.key_slots, self.key_pos[0], self.key_seq, self.query_seq
-
-    def begin(self, positions: torch.Tensor) -> None:
-        pass  # slots were laid out by the runner
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """k, v [1,N,Hkv,D] -> keys, values [1,Hkv,S,D] and their positions [1,S]."""
-        pk, pv = self.pool.k[layer], self.pool.v[layer]  # [slots,Hkv,D]
-        pk[self.slots] = k[0].to(pk.dtype)
-        pv[self.slots] = v[0].to(pv.dtype)
-        keys = pk[self.key_slots].transpose(0, 1)[None]  # [S,Hkv,D] -> [1,Hkv,S,D]
-        values = pv[self.key_slots].transpose(0, 1)[None]
-        return keys, values, self.key_pos
-
-    def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-        """[1,1,N,S]: same request, key not after the query, and inside the window."""
-        if window not in self._masks:
-            qi, kj = q_pos[0][:, None], k_pos[0][None, :]  # [N,1], [1,S]
-            allowed = (self.query_seq[:, None] == self.key_seq[None, :]) & (kj <= qi)
-            if window is not None:
-                allowed &= qi - kj < window
-            self._masks[window] = allowed[None, None]
-        return self._masks[window]
-
-
-def _slots(table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Pool slot of each position: table[p // block_size] * block_size + p % block_size."""
-    return table[positions // block_size] * block_size + positions % block_size
+def paged_cache(
+    pool: BlockPool, tables: torch.Tensor, seq: torch.Tensor, positions: torch.Tensor, window: int | None
+) -> PagedCache:
+    """The model's view of `pool` for one step (model/cache.py): block tables [R,T], each token's
+    sequence [N] and position [N]."""
+    return PagedCache(pool.k, pool.v, pool.block_size, tables, seq, positions, window)
 
 
 def layout(
     pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]], window: int | None
-) -> tuple[torch.Tensor, torch.Tensor, PagedStep, list[int]]:
-    """tokens [1,N], positions [1,N], the step's cache view, and the row of each request's last token."""
-    tokens, positions, slots, key_slots, key_pos, key_seq, query_seq, last = [], [], [], [], [], [], [], []
-    offset = 0
-    for i, (seq, n) in enumerate(batch):
-        start = seq.num_computed
-        table = torch.tensor([b if b is not None else -1 for b in seq.blocks])
-        pos = torch.arange(start, start + n)
-        tokens.append(torch.tensor(seq.tokens[start : start + n]))
-        positions.append(pos)
-        slots.append(_slots(table, pos, pool.block_size))
-        lo = max(0, start - window + 1) if window is not None else 0
-        kpos = torch.arange(lo, start + n)
-        key_slots.append(_slots(table, kpos, pool.block_size))
-        key_pos.append(kpos)
-        key_seq.append(torch.full((len(kpos),), i))
-        query_seq.append(torch.full((n,), i))
-        offset += n
-        last.append(offset - 1)
-    step = PagedStep(
-        pool, torch.cat(slots), torch.cat(key_slots), torch.cat(key_pos), torch.cat(key_seq), torch.cat(query_seq)
-    )
-    return torch.cat(tokens)[None], torch.cat(positions)[None], step, last
+) -> tuple[torch.Tensor, torch.Tensor, PagedCache]:
+    """tokens [1,N], positions [1,N] and the step's cache view: batch entry i's n tokens are its next
+    uncomputed ones, at positions num_computed .. num_computed + n - 1, read through table row i."""
+    width = max(len(seq.blocks) for seq, _ in batch)
+    tables = torch.tensor(
+        [[-1 if b is None else b for b in seq.blocks] + [-1] * (width - len(seq.blocks)) for seq, _ in batch],
+        dtype=torch.int32,
+    )  # [R,T]
+    starts = [seq.num_computed for seq, _ in batch]
+    counts = [n for _, n in batch]
+    tokens = list(itertools.chain.from_iterable(seq.tokens[s : s + n] for (seq, n), s in zip(batch, starts)))
+    positions = list(itertools.chain.from_iterable(range(s, s + n) for s, n in zip(starts, counts)))
+    seq_ids = torch.repeat_interleave(torch.arange(len(batch), dtype=torch.int32), torch.tensor(counts))  # [N]
+    pos = torch.tensor(positions)  # [N]
+    return torch.tensor(tokens)[None], pos[None], paged_cache(pool, tables, seq_ids, pos, window)
 
 
 def adapter_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[torch.Tensor, list[str]] | None:
@@ -136,7 +86,7 @@ def run_step(
     """Forward the batch: the hidden states of every token, and the logits of `logit_rows(batch)`.
     Requests with different LoRA adapters (and none) share the step: each token gets its request's
     adapter. Under torchrun the other ranks are told the step first (see `follow`)."""
-    tokens, positions, step, _ = layout(pool, batch, window)
+    tokens, positions, step = layout(pool, batch, window)
     rows, scored = logit_rows(batch)
     adapters = adapter_rows(batch)
     if is_parallel():
@@ -149,7 +99,7 @@ def forward_step(
     backend: Backend,
     tokens: torch.Tensor,
     positions: torch.Tensor,
-    step: PagedStep,
+    step: PagedCache,
     rows: list[int],
     adapters: tuple[torch.Tensor, list[str]] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,11 +122,13 @@ def follow(model: Transformer, pool: BlockPool) -> None:
     """A rank > 0 of a sharded server: run every step rank 0 announces, on this rank's part of the model
     and its own KV pool (same slots, its own heads), until rank 0 stops. The backend is chosen as rank
     0's engine chooses it."""
-    backend = select_backend(model, PagedStep, pool.k[0].dtype)
+    backend = select_backend(model, PagedCache, pool.k[0].dtype)
+    window = model.config.sliding_window
     while True:
         message = broadcast_object(None)
         if message[0] == "step":
             _, tokens, positions, parts, rows, adapters = message
-            forward_step(backend, tokens, positions, PagedStep(pool, *parts), rows, adapters)
+            tables, seq, at = parts
+            forward_step(backend, tokens, positions, paged_cache(pool, tables, seq, at, window), rows, adapters)
         elif message[0] == "stop":
             return

@@ -158,3 +158,82 @@ class KVCache(Cache):
         for new, old in zip(self.k + self.v, old_k + old_v):
             new[rows, :, slots] = old[rows, :, cols]  # [N,Hkv,D]
         self.size, self.rolling = size, rolling
+
+
+class PagedCache(Cache):
+    """One serving step's view of the paged KV pool: the tokens of many sequences in one row [1,N].
+
+    The pool holds, per layer, keys and values [P,Hkv,D] in P = blocks x block_size slots. Each of the
+    step's R sequences has a block table (a row of `tables` [R,T] int32, -1 = no block): its token at
+    position p lives in slot tables[r, p // block_size] * block_size + p % block_size. Worked example,
+    block_size 4, table [7, 2, -1]: position 5 -> block 2, offset 1 -> slot 9. A -1 is a block not yet
+    needed, or released because it fell out of the sliding window.
+
+    Token i of the step belongs to sequence seq[i] and sits at positions[i]. Every token's key and value
+    are stored before any token attends; token i then sees its own sequence's positions
+    max(0, p - W + 1) .. p (W the window), nothing of the others'. The module path (`update`, `mask`)
+    gathers each sequence's keys from the first its tokens may see into one [1,Hkv,S,D] tensor and masks
+    across sequences; the compiled step (quant/step.py) reads the pool through the tables instead."""
+
+    def __init__(
+        self,
+        k: list[torch.Tensor],
+        v: list[torch.Tensor],
+        block_size: int,
+        tables: torch.Tensor,
+        seq: torch.Tensor,
+        positions: torch.Tensor,
+        window: int | None,
+    ) -> None:
+        self.k, self.v, self.block_size, self.window = k, v, block_size, window  # [P,Hkv,D] per layer
+        self.tables, self.seq, self.positions = tables, seq, positions  # [R,T] int32, [N] int32, [N] int64
+        self._gathered: tuple[torch.Tensor, ...] | None = None
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What rebuilds this step over another pool with the same blocks (a rank's own heads)."""
+        return self.tables, self.seq, self.positions
+
+    def slots(self, seq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Pool slot of each (sequence, position) pair: [M] -> [M] int64."""
+        size = self.block_size
+        return self.tables[seq.long(), positions // size].long() * size + positions % size
+
+    def begin(self, positions: torch.Tensor) -> None:
+        pass  # the tables say where every token goes
+
+    def _keys(self) -> tuple[torch.Tensor, ...]:
+        """(new slots [N], key slots [S], key positions [S], key sequence [S]): per sequence, the keys
+        from the first any of its tokens may see to its newest."""
+        if self._gathered is None:
+            seq, pos, r = self.seq.long(), self.positions, self.tables.shape[0]
+            first = torch.full((r,), torch.iinfo(torch.long).max).scatter_reduce(0, seq, pos, "amin")
+            last = torch.full((r,), -1).scatter_reduce(0, seq, pos, "amax")
+            lo = (first - self.window + 1).clamp(min=0) if self.window is not None else torch.zeros_like(first)
+            counts = (last - lo + 1).clamp(min=0)  # a table with no token here keeps no key
+            key_seq = torch.repeat_interleave(torch.arange(r), counts)  # [S]
+            starts = torch.cumsum(counts, 0) - counts
+            key_pos = torch.arange(len(key_seq)) - starts[key_seq] + lo[key_seq]
+            self._gathered = (self.slots(seq, pos), self.slots(key_seq, key_pos), key_pos, key_seq)
+        return self._gathered
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """k, v [1,N,Hkv,D] -> keys, values [1,Hkv,S,D] and their positions [1,S]."""
+        slots, key_slots, key_pos, _ = self._keys()
+        pk, pv = self.k[layer], self.v[layer]  # [P,Hkv,D]
+        pk[slots] = k[0].to(pk.dtype)
+        pv[slots] = v[0].to(pv.dtype)
+        keys = pk[key_slots].transpose(0, 1)[None]  # [S,Hkv,D] -> [1,Hkv,S,D]
+        values = pv[key_slots].transpose(0, 1)[None]
+        return keys, values, key_pos[None]
+
+    def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+        """[1,1,N,S]: same sequence, key not after the query, and inside the window."""
+        if window not in self._masks:
+            key_seq = self._keys()[3]
+            qi, kj = q_pos[0][:, None], k_pos[0][None, :]  # [N,1], [1,S]
+            allowed = (self.seq.long()[:, None] == key_seq[None, :]) & (kj <= qi)
+            if window is not None:
+                allowed &= qi - kj < window
+            self._masks[window] = allowed[None, None]
+        return self._masks[window]

@@ -145,7 +145,8 @@ def _check_x(x: torch.Tensor, k: int) -> None:
         )
 
 
-def _use_dense(m: int) -> bool:
+def use_dense(m: int) -> bool:
+    """Whether a matmul of m activation rows goes through dequantize + sgemm (DEQUANTIZE_ABOVE_M)."""
     limit = DEQUANTIZE_ABOVE_M.get(isa(), 16)
     return limit is not None and m > limit
 
@@ -189,7 +190,7 @@ def dequantize_packed(packed: torch.Tensor, qtype: int, k: int, n_threads: int |
 def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, threads: int) -> torch.Tensor:
     """x2 contiguous float32 [M, k] -> [M, N] (arguments already checked)."""
     m, n = x2.shape[0], packed.shape[0]
-    if _ext is None or (_use_dense(m) and not _integer_kernel(qtype, n, k)):
+    if _ext is None or (use_dense(m) and not _integer_kernel(qtype, n, k)):
         return F.linear(x2, dequantize_packed(packed, qtype, k, threads))
     y = torch.empty(m, n, dtype=torch.float32)
     if m and n:

@@ -5,9 +5,11 @@ operations per block, each a few microseconds of dispatch: for a small model tha
 weights, sets the speed. `CompiledStep` is a decode backend (model/backend.py) for models whose blocks
 are all packed (fused wqkv and w13 `PackedLinear`s, dense SwiGLU, float32 norms; or a Mixtral block:
 `PackedExperts` stacks and a float32 router, every expert held here) decoding on the float32 offline
-`KVCache`: it runs each block as one call of the compiled `decode_block` (RMSNorm, packed projections,
-RoPE, cache write, attention over the visible slots, SwiGLU or the routed experts; see quant/csrc/).
-Prefill chunks take the module path. Both compute the same float32 arithmetic; they differ by
+`KVCache` or on the serving pool's `PagedCache`: it runs each block as one call of the compiled
+`decode_block` (RMSNorm, packed projections, RoPE, cache write, attention over the visible keys,
+SwiGLU or the routed experts; see quant/csrc/). On the pool a step is many sequences' tokens in one
+row (decode tokens, and prefill chunks while the step stays small), each attending its own sequence's
+blocks. Offline prompt chunks, and large serving steps, take the module path. Both compute the same float32 arithmetic; they differ by
 rounding order only (tests compare them). `build.select_backend` decides where it serves.
 """
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.cache import Cache, KVCache
+from ..model.cache import Cache, KVCache, PagedCache
 from ..model.layers import FeedForward
 from ..model.moe import MoeFeedForward
 from ..model.transformer import Transformer, TransformerBlock
@@ -95,8 +97,8 @@ class CompiledStep:
         return kernels.available() and whole and all(_block_fits(b) for b in model.blocks())
 
     def supports(self, cache_kind: type[Cache], dtype: torch.dtype) -> bool:
-        """The offline float32 `KVCache` only (the paged pool comes with the serving-speed work)."""
-        return issubclass(cache_kind, KVCache) and dtype is torch.float32
+        """Float32 keys and values, in the offline `KVCache` or the serving pool's `PagedCache`."""
+        return issubclass(cache_kind, (KVCache, PagedCache)) and dtype is torch.float32
 
     def current(self) -> bool:
         """False once any block's norm or packed projection was swapped (LoRA, re-quantization, ...)."""
@@ -104,28 +106,69 @@ class CompiledStep:
         return len(now) == len(self._modules) and all(a is b for a, b in zip(self._modules, now))
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
+        """A serving step on the paged pool runs compiled while its N tokens are few enough for the packed
+        kernels (past the dense route's M, `kernels.use_dense`, the module path's sgemm is faster);
+        offline prompt chunks take the module path."""
+        if isinstance(cache, PagedCache) and positions is not None and not kernels.use_dense(tokens.shape[1]):
+            return self._paged(tokens, positions, cache)
         return self.model.hidden_states(tokens, positions, cache)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
         """tokens, positions [B,1] -> final normed hidden states [B,1,dim]."""
+        if isinstance(cache, PagedCache):
+            return self._paged(tokens, positions, cache)
         if not isinstance(cache, KVCache) or cache.k[0].dtype is not torch.float32 or tokens.shape[1] != 1:
-            raise TypeError("CompiledStep.decode takes one token per row on a float32 KVCache")
+            raise TypeError("CompiledStep.decode takes one token per row on a float32 KVCache or PagedCache")
         h, rope, _ = self.model.embed(tokens, positions, cache)  # [B,1,dim], complex [B,1,1,D/2]
-        return self.model.norm(self.run_blocks(h.float(), positions, rope, cache))
+        layers = _offline_layers(cache)
+        return self.model.norm(self.run_blocks(h.float(), positions[:, 0], rope, layers))
 
-    def run_blocks(self, h: torch.Tensor, positions: torch.Tensor, rope: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """h [B,1,dim] float32 (updated in place), positions [B,1], rope complex [B,1,1,D/2] -> [B,1,dim]."""
-        h = h.contiguous()
-        cos_sin = torch.view_as_real(rope).contiguous()  # [B,1,1,D/2] complex -> [B,1,1,D/2,2] float
-        qpos = positions[:, 0].contiguous()  # [B] int64
-        kpos = cache.pos  # [B,S], this step's positions already recorded by cache.begin
-        # (B, dim, H, Hkv, D, F, S); the kernel checks every buffer's nbytes against what these need
-        shape, threads = (h.shape[0], *self.shape, cache.size, *self.experts), torch.get_num_threads()
-        step = {"x": _buffer(h), "cos_sin": _buffer(cos_sin), "kpos": _buffer(kpos), "qpos": _buffer(qpos)}
-        for i, weights in enumerate(self._weights):
-            buffers = {**step, **weights, "k_cache": _buffer(cache.k[i]), "v_cache": _buffer(cache.v[i])}
-            self._run(shape, buffers, self.eps, self.window, threads)
+    def _paged(self, tokens: torch.Tensor, positions: torch.Tensor, cache: PagedCache) -> torch.Tensor:
+        """tokens, positions [1,N] (one row of many sequences' tokens) -> [1,N,dim]."""
+        if cache.k[0].dtype is not torch.float32 or tokens.shape[0] != 1:
+            raise TypeError("the compiled step reads a float32 paged pool, the step's tokens in one row")
+        h, rope, _ = self.model.embed(tokens, positions, cache)  # [1,N,dim], complex [1,N,1,D/2]
+        qpos = positions[0].contiguous()  # [N]
+        layers = _paged_layers(cache, qpos)
+        return self.model.norm(self.run_blocks(h[0].float(), qpos, rope[0], layers)[None])
+
+    def run_blocks(self, h: torch.Tensor, qpos: torch.Tensor, rope: torch.Tensor, layers: _Layers) -> torch.Tensor:
+        """h [B,...,dim] float32 (one row per token; updated in place), qpos [B] int64, rope complex
+        [B,...,D/2] -> h, through every block on the cache `layers` describes."""
+        h, qpos = h.contiguous(), qpos.contiguous()
+        cos_sin = torch.view_as_real(rope).contiguous()  # complex [B,..,D/2] -> float [B,..,D/2,2]
+        extra, per_layer = layers
+        # (B, dim, H, Hkv, D, F, S, E, K, P, bs, R, T); the kernel checks every buffer's nbytes against them
+        shape, threads = (h.shape[0], *self.shape, extra[0], *self.experts, *extra[1:]), torch.get_num_threads()
+        step = {"x": _buffer(h), "cos_sin": _buffer(cos_sin), "qpos": _buffer(qpos)}
+        for weights, kv in zip(self._weights, per_layer):
+            self._run(shape, {**step, **weights, **kv}, self.eps, self.window, threads)
         return h
+
+
+# What the blocks read of the cache: (S, P, bs, R, T) and, per layer, the buffers k_cache, v_cache, kpos,
+# tables and seq.
+_Layers = tuple[tuple[int, ...], list[dict[str, tuple[int, ...]]]]
+
+
+def _offline_layers(cache: KVCache) -> _Layers:
+    """The rolling offline cache: [B,Hkv,S,D] per layer, the positions each slot holds [B,S] (this
+    step's recorded by cache.begin)."""
+    common = {"kpos": _buffer(cache.pos), "tables": _UNUSED, "seq": _UNUSED}
+    per_layer = [{"k_cache": _buffer(k), "v_cache": _buffer(v), **common} for k, v in zip(cache.k, cache.v)]
+    return (cache.size, 0, 1, 1, 1), per_layer
+
+
+def _paged_layers(cache: PagedCache, qpos: torch.Tensor) -> _Layers:
+    """The paged pool [P,Hkv,D] per layer, read through the block tables; S bounds the keys a row sees."""
+    span = int(qpos.max()) + 1
+    window = cache.window
+    S = max(1, min(span, window) if window is not None else span)
+    tables, seq = cache.tables.contiguous(), cache.seq.contiguous()
+    common = {"kpos": _UNUSED, "tables": _buffer(tables), "seq": _buffer(seq)}
+    per_layer = [{"k_cache": _buffer(k), "v_cache": _buffer(v), **common} for k, v in zip(cache.k, cache.v)]
+    slots = cache.k[0].shape[0]
+    return (S, slots, cache.block_size, *tables.shape), per_layer
 
 
 def _buffer(t: torch.Tensor, qtype: int | None = None) -> tuple[int, ...]:

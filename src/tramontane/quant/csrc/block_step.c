@@ -1,18 +1,26 @@
 /*
- * block_step.c: one transformer block for a step of one new token per sequence (the decoding loop),
- * in place on the residual stream x [B, dim]:
+ * block_step.c: one transformer block for a step of new tokens, one per row, in place on the residual
+ * stream x [B, dim]:
  *     x += wo . attention(rope(q), cache)      with q, k, v = wqkv . rmsnorm(x), k/v stored first
  *     x += w2 . (silu(g) * u)                  with g, u = w13 . rmsnorm(x)
  * or, for a Mixtral block (E > 0), the feed-forward as the sum over the row's top K of E experts of
  *     softmax(top-K router logits)[k] * w2[e] . (silu(w1[e] . xn) * w3[e] . xn),  xn = rmsnorm(x)
  * added in increasing expert order, as model/moe.py sums them (the router runs in float32, the
- * experts are packed stacks indexed by expert, so only the chosen experts' rows are read).
+ * experts are packed stacks indexed by expert; each expert runs once over the rows that chose it).
  * the same arithmetic as model/transformer.py (RMSNorm in float32, RoPE on interleaved pairs, softmax
- * attention over the visible cache slots, SwiGLU), with the projections as packed matmuls (matmul.c)
- * and the attention and SwiGLU inner loops from the instruction set's table. Rows whose position is -1
+ * attention over the visible keys, SwiGLU), with the projections as packed matmuls (matmul.c) and the
+ * attention and SwiGLU inner loops from the instruction set's table. Rows whose position is -1
  * (padding) write nothing to the cache and get no attention output.
- * Also owns the extent each of the step's buffers must have (tram_block_extents), which the binding
- * checks before any pointer is followed.
+ *
+ * Two cache layouts. Offline (the rolling KVCache): row b owns [Hkv, S, D] of the layer's buffer, its
+ * token goes to slot qpos % S and it attends the slots whose recorded position kpos is visible. Paged
+ * (the serving pool): rows are tokens of sequences, several rows may belong to one sequence (a prefill
+ * chunk beside other sequences' decode tokens); every row's key and value are stored before any row
+ * attends, and row b then reads its own sequence's positions straight from the pool through its block
+ * table. Worked example, bs = 4, row at position 9 with table [7, 2, 5] and window 4: positions 6..9,
+ * slots 2*4+2, 2*4+3, 5*4+0, 5*4+1 = 10, 11, 20, 21.
+ * Also owns the extent each of the step's buffers must have (tram_block_extents) and the range check
+ * of the paged rows (tram_block_rows_ok), which the binding runs before any pointer is followed.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -20,11 +28,15 @@
 
 #include "kernels.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 const char *const tram_block_buffer_names[BUF_COUNT] = {
     [BUF_X] = "x", [BUF_NORM1] = "attn_norm", [BUF_NORM2] = "ffn_norm", [BUF_WQKV] = "wqkv",
     [BUF_WO] = "wo", [BUF_W13] = "w13", [BUF_W2] = "w2", [BUF_CS] = "cos_sin", [BUF_KC] = "k_cache",
     [BUF_VC] = "v_cache", [BUF_KPOS] = "kpos", [BUF_QPOS] = "qpos", [BUF_GATE] = "gate", [BUF_W1E] = "w1e",
-    [BUF_W3E] = "w3e",
+    [BUF_W3E] = "w3e", [BUF_TABLES] = "tables", [BUF_SEQ] = "seq",
 };
 
 int tram_block_extents(const block_args *a, size_t need[BUF_COUNT]) {
@@ -42,9 +54,35 @@ int tram_block_extents(const block_args *a, size_t need[BUF_COUNT]) {
     bad |= tram_packed_extent(&need[BUF_W1E], a->t1e, E * a->F, a->dim);
     bad |= tram_packed_extent(&need[BUF_W3E], a->t3e, E * a->F, a->dim);
     bad |= tram_extent(&need[BUF_CS], 4, B, D / 2, 2, 1);
-    bad |= tram_extent(&need[BUF_KC], 4, B, Hkv, a->S, D) | tram_extent(&need[BUF_VC], 4, B, Hkv, a->S, D);
-    bad |= tram_extent(&need[BUF_KPOS], 8, B, a->S, 1, 1) | tram_extent(&need[BUF_QPOS], 8, B, 1, 1, 1);
+    const int offline = a->P == 0;
+    const long rows_or_slots = offline ? B : a->P, per_row = offline ? a->S : 1;  /* [B,Hkv,S,D] | [P,Hkv,D] */
+    bad |= tram_extent(&need[BUF_KC], 4, rows_or_slots, Hkv, per_row, D);
+    bad |= tram_extent(&need[BUF_VC], 4, rows_or_slots, Hkv, per_row, D);
+    bad |= tram_extent(&need[BUF_KPOS], 8, offline ? B : 0, a->S, 1, 1) | tram_extent(&need[BUF_QPOS], 8, B, 1, 1, 1);
+    bad |= tram_extent(&need[BUF_TABLES], 4, offline ? 0 : a->R, a->T, 1, 1);
+    bad |= tram_extent(&need[BUF_SEQ], 4, offline ? 0 : B, 1, 1, 1);
     return bad ? -1 : 0;
+}
+
+/* First position a paged row at qpos attends. */
+static int64_t first_key(const block_args *a, int64_t qpos) {
+    return a->window > 0 && qpos - a->window + 1 > 0 ? qpos - a->window + 1 : 0;
+}
+
+int tram_block_rows_ok(const block_args *a, long *row) {
+    const long blocks = a->P > 0 ? a->P / a->bs : 0;
+    for (long b = 0; b < a->B && a->P > 0; b++) {
+        const int64_t q = a->qpos[b];
+        *row = b;
+        if (q < 0) continue;  /* padding */
+        if (a->seq[b] < 0 || a->seq[b] >= a->R || q / a->bs >= a->T) return -1;
+        const int64_t lo = first_key(a, q);
+        if (q - lo + 1 > a->S) return -1;
+        const int32_t *table = a->tables + (size_t)a->seq[b] * a->T;
+        for (int64_t j = lo / a->bs; j <= q / a->bs; j++)
+            if (table[j] < 0 || table[j] >= blocks) return -1;
+    }
+    return 0;
 }
 
 static void rms_norm_rows(const float *x, const float *w, float eps, long B, long n, float *out) {
@@ -68,6 +106,18 @@ static void rope_heads(float *p, long n, long D, const float *cs) {
         }
 }
 
+/* Pool slot of position p of row b's sequence (paged; tram_block_rows_ok checked the table). */
+static size_t paged_slot(const block_args *a, long b, int64_t p) {
+    return (size_t)a->tables[(size_t)a->seq[b] * a->T + p / a->bs] * a->bs + p % a->bs;
+}
+
+/* Element offset of kv head g of row b's key at its new position (offline: [B, Hkv, S, D]; paged:
+ * [P, Hkv, D]). */
+static size_t store_at(const block_args *a, long b, long g) {
+    if (a->P > 0) return (paged_slot(a, b, a->qpos[b]) * a->Hkv + g) * a->D;
+    return (((size_t)b * a->Hkv + g) * a->S + a->qpos[b] % a->S) * a->D;
+}
+
 /* Rotate q and k heads of each row and store k, v in the row's cache slot. */
 static void rope_and_store(const block_args *a, float *qkv) {
     const long D = a->D, width = (a->H + 2 * a->Hkv) * D;
@@ -75,36 +125,72 @@ static void rope_and_store(const block_args *a, float *qkv) {
         if (a->qpos[b] < 0) continue;
         float *row = qkv + b * width;
         rope_heads(row, a->H + a->Hkv, D, a->cs + b * D);
-        const long slot = a->qpos[b] % a->S;
         for (long g = 0; g < a->Hkv; g++) {
-            size_t at = (((size_t)b * a->Hkv + g) * a->S + slot) * D;
+            const size_t at = store_at(a, b, g);
             memcpy(a->kc + at, row + (a->H + g) * D, sizeof(float) * D);
             memcpy(a->vc + at, row + (a->H + a->Hkv + g) * D, sizeof(float) * D);
         }
     }
 }
 
-/* att [B, H, D]: each query head over its kv head's cache (B * H items over the threads). */
-static void attend_rows(const isa_ops *ops, const block_args *a, const float *qkv, float *att, float *sc) {
-    const long D = a->D, width = (a->H + 2 * a->Hkv) * D, items = a->B * a->H, group = a->H / a->Hkv;
+/* The keys row b attends, as element offsets from its kv head's base (key_base): *n of them, in
+ * position order for the paged pool, in slot order offline. */
+static void row_keys(const block_args *a, long b, size_t *off, long *n) {
+    const int64_t q = a->qpos[b];
+    *n = 0;
+    if (a->P > 0) {
+        const int64_t lo = first_key(a, q);
+        const size_t stride = (size_t)a->Hkv * a->D;
+        const int32_t *table = a->tables + (size_t)a->seq[b] * a->T;
+        int64_t j = lo / a->bs, o = lo % a->bs;
+        for (int64_t p = lo; p <= q; p++) {
+            off[(*n)++] = ((size_t)table[j] * a->bs + o) * stride;
+            if (++o == a->bs) o = 0, j++;
+        }
+        return;
+    }
+    const int64_t *kpos = a->kpos + b * a->S;
+    for (long s = 0; s < a->S; s++)
+        if (visible(kpos[s], q, a->window)) off[(*n)++] = (size_t)s * a->D;
+}
+
+/* Where kv head g's keys of row b start (values: the same offset into vc). */
+static size_t key_base(const block_args *a, long b, long g) {
+    return a->P > 0 ? (size_t)g * a->D : ((size_t)b * a->Hkv + g) * a->S * a->D;
+}
+
+/* att [B, H, D]: each query head over its kv head's keys (B * H items over the threads). Scratch per
+ * thread: S offsets and S scores. Returns 0, or -1 when out of memory. */
+static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv, float *att) {
+    const long D = a->D, S = a->S, width = (a->H + 2 * a->Hkv) * D, items = a->B * a->H, group = a->H / a->Hkv;
     const float scale = 1.0f / sqrtf((float)D);
     int nth = a->threads < items ? a->threads : (int)items;
-    if ((long)a->S * D * items < 32768) nth = 1;
-    (void)nth;
+    if ((long)S * D * items < 32768) nth = 1;
+    char *mem = malloc((sizeof(size_t) + sizeof(float)) * (size_t)S * (size_t)nth);
+    if (!mem) return -1;
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(nth) if (nth > 1) schedule(static)
+#pragma omp parallel for num_threads(nth) if (nth > 1) schedule(dynamic, 1)
 #endif
     for (long it = 0; it < items; it++) {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        size_t *off = (size_t *)mem + (size_t)t * S;
+        float *sc = (float *)(mem + sizeof(size_t) * (size_t)S * nth) + (size_t)t * S;
         const long b = it / a->H, h = it % a->H, g = h / group;
         float *out = att + it * D;
-        if (a->qpos[b] < 0) {
+        long n = 0;
+        if (a->qpos[b] >= 0) row_keys(a, b, off, &n);
+        if (n == 0) {  /* padding, or nothing visible */
             memset(out, 0, sizeof(float) * D);
             continue;
         }
-        const size_t base = ((size_t)b * a->Hkv + g) * a->S * D;
-        ops->attend(qkv + b * width + h * D, a->kc + base, a->vc + base, a->S, D, a->kpos + b * a->S,
-                    a->qpos[b], a->window, scale, sc + it * a->S, out);
+        const size_t base = key_base(a, b, g);
+        ops->attend(qkv + b * width + h * D, a->kc + base, a->vc + base, off, n, D, scale, sc, out);
     }
+    free(mem);
+    return 0;
 }
 
 static void add_rows(float *x, const float *y, long n) {
@@ -113,8 +199,11 @@ static void add_rows(float *x, const float *y, long n) {
 
 /* Scratch of one step, carved from one allocation. */
 typedef struct {
-    float *xn, *qkv, *att, *h13, *gu, *y, *sc;  /* [B,dim] [B,width] [B,HD] [B,2F] [B,F] [B,dim] [B,H,S] */
-    float *logits, *acc;                        /* Mixtral: [B,E] router logits, [dim] experts' sum */
+    float *xn, *qkv, *att, *h13, *gu, *y;  /* [B,dim] [B,width] [B,HD] [B,2F] [B,F] [B,dim] */
+    /* Mixtral: [B,E] router logits, [B,dim] one expert's input rows, [B,dim] the experts' weighted sums,
+     * [B,K] each row's routing weights and [B] those of one expert's rows */
+    float *logits, *xe, *acc, *wsel, *wrow;
+    long *chosen, *rows;                   /* [B,K] each row's experts (by id), [B] the rows of one expert */
 } scratch;
 
 /* Returns 0, or -1 when out of memory. */
@@ -124,7 +213,7 @@ static int attention_half(const isa_ops *ops, const block_args *a, const scratch
     rms_norm_rows(a->x, a->norm1, a->eps, B, dim, s->xn);
     rc |= tram_matmul(ops, s->xn, a->wqkv, s->qkv, B, width, dim, a->tqkv, a->threads);
     rope_and_store(a, s->qkv);
-    attend_rows(ops, a, s->qkv, s->att, s->sc);
+    rc |= attend_rows(ops, a, s->qkv, s->att);
     rc |= tram_matmul(ops, s->att, a->wo, s->y, B, dim, HD, a->to, a->threads);
     add_rows(a->x, s->y, B * dim);
     return rc;
@@ -165,49 +254,58 @@ static void route(const float *logits, long E, long K, long *experts, float *wei
         }
 }
 
-/* One row's chosen experts, weighted and summed into s->acc; returns 0, or -1 when out of memory. */
-static int experts_of_row(const isa_ops *ops, const block_args *a, const scratch *s, const float *xn,
-                          const long *experts, const float *weights) {
-    const long dim = a->dim, F = a->F;
+/* Expert e over the rows that chose it (one pass over its weights at M = their count), each row's
+ * output weighted into its s->acc row; returns 0, or -1 when out of memory. */
+static int expert_rows(const isa_ops *ops, const block_args *a, const scratch *s, long e) {
+    const long B = a->B, dim = a->dim, F = a->F, K = a->K;
+    long m = 0;
+    for (long b = 0; b < B; b++)
+        for (long k = 0; k < K && a->qpos[b] >= 0; k++)
+            if (s->chosen[b * K + k] == e) s->rows[m] = b, s->wrow[m++] = s->wsel[b * K + k];
+    if (m == 0) return 0;
+    for (long i = 0; i < m; i++) memcpy(s->xe + i * dim, s->xn + s->rows[i] * dim, sizeof(float) * dim);
     size_t rb1 = 0, rb3 = 0, rb2 = 0;
     tram_packed_extent(&rb1, a->t1e, F, dim);  /* bytes of one expert's matrix (checked by the extents) */
     tram_packed_extent(&rb3, a->t3e, F, dim);
     tram_packed_extent(&rb2, a->t2, dim, F);
-    int rc = 0;
-    memset(s->acc, 0, sizeof(float) * dim);
-    for (long k = 0; k < a->K; k++) {
-        const size_t e = (size_t)experts[k];
-        rc |= tram_matmul(ops, xn, a->w1e + e * rb1, s->h13, 1, F, dim, a->t1e, a->threads);
-        rc |= tram_matmul(ops, xn, a->w3e + e * rb3, s->h13 + F, 1, F, dim, a->t3e, a->threads);
-        ops->silu_mul(s->h13, s->h13 + F, s->gu, F);
-        rc |= tram_matmul(ops, s->gu, a->w2 + e * rb2, s->y, 1, dim, F, a->t2, a->threads);
-        for (long i = 0; i < dim; i++) s->acc[i] += s->y[i] * weights[k];
+    float *h1 = s->h13, *h3 = s->h13 + B * F;
+    int rc = tram_matmul(ops, s->xe, a->w1e + e * rb1, h1, m, F, dim, a->t1e, a->threads);
+    rc |= tram_matmul(ops, s->xe, a->w3e + e * rb3, h3, m, F, dim, a->t3e, a->threads);
+    for (long i = 0; i < m; i++) ops->silu_mul(h1 + i * F, h3 + i * F, s->gu + i * F, F);
+    rc |= tram_matmul(ops, s->gu, a->w2 + e * rb2, s->y, m, dim, F, a->t2, a->threads);
+    for (long i = 0; i < m; i++) {
+        float *acc = s->acc + s->rows[i] * dim;
+        for (long j = 0; j < dim; j++) acc[j] += s->y[i * dim + j] * s->wrow[i];
     }
     return rc;
 }
 
+/* The experts in increasing id, so each row's sum runs in the order model/moe.py adds them. */
 static int moe_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     const long B = a->B, dim = a->dim, E = a->E, K = a->K;
-    long experts[64];  /* K <= 64: checked by the binding */
-    float weights[64];
-    int rc = 0;
     rms_norm_rows(a->x, a->norm2, a->eps, B, dim, s->xn);
-    rc |= tram_matmul(ops, s->xn, (const uint8_t *)a->gate, s->logits, B, E, dim, 0, a->threads);  /* F32 */
-    for (long b = 0; b < B && !rc; b++) {
-        if (a->qpos[b] < 0) continue;  /* padding: nothing reads this row */
-        route(s->logits + b * E, E, K, experts, weights);
-        rc |= experts_of_row(ops, a, s, s->xn + b * dim, experts, weights);
-        add_rows(a->x + b * dim, s->acc, dim);
-    }
+    int rc = tram_matmul(ops, s->xn, (const uint8_t *)a->gate, s->logits, B, E, dim, 0, a->threads);  /* F32 */
+    for (long b = 0; b < B; b++)
+        if (a->qpos[b] >= 0) route(s->logits + b * E, E, K, s->chosen + b * K, s->wsel + b * K);
+    memset(s->acc, 0, sizeof(float) * (size_t)(B * dim));
+    for (long e = 0; e < E && !rc; e++) rc |= expert_rows(ops, a, s, e);
+    for (long b = 0; b < B; b++)
+        if (a->qpos[b] >= 0) add_rows(a->x + b * dim, s->acc + b * dim, dim);  /* padding: nothing reads it */
     return rc;
 }
 
 int tram_run_block(const isa_ops *ops, const block_args *a) {
     const long B = a->B, dim = a->dim, HD = a->H * a->D, width = (a->H + 2 * a->Hkv) * a->D, F = a->F;
-    size_t floats = (size_t)B * (dim + width + HD + 3 * F + dim) + (size_t)B * a->H * a->S;
-    floats += (size_t)B * a->E + (size_t)dim;
+    const long moe = a->E > 0 ? 1 : 0;
+    size_t floats = (size_t)B * (dim + width + HD + 3 * F + dim);
+    floats += (size_t)moe * B * (a->E + 2 * dim + a->K + 1);
     float *buf = malloc(sizeof(float) * floats);
-    if (!buf) return -1;
+    long *ids = moe ? malloc(sizeof(long) * (size_t)B * (a->K + 1)) : NULL;
+    if (!buf || (moe && !ids)) {
+        free(buf);
+        free(ids);
+        return -1;
+    }
     scratch s;
     s.xn = buf;
     s.qkv = s.xn + B * dim;
@@ -215,11 +313,16 @@ int tram_run_block(const isa_ops *ops, const block_args *a) {
     s.h13 = s.att + B * HD;
     s.gu = s.h13 + B * 2 * F;
     s.y = s.gu + B * F;
-    s.sc = s.y + B * dim;
-    s.logits = s.sc + B * a->H * a->S;
-    s.acc = s.logits + B * a->E;
+    s.logits = s.y + B * dim;  /* the Mixtral part (empty for a dense block) */
+    s.xe = s.logits + moe * B * a->E;
+    s.acc = s.xe + moe * B * dim;
+    s.wsel = s.acc + moe * B * dim;
+    s.wrow = s.wsel + moe * B * a->K;
+    s.chosen = ids;
+    s.rows = moe ? ids + B * a->K : NULL;
     int rc = attention_half(ops, a, &s);
     rc |= a->E > 0 ? moe_half(ops, a, &s) : ffn_half(ops, a, &s);
     free(buf);
+    free(ids);
     return rc ? -1 : 0;
 }

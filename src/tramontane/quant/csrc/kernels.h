@@ -74,11 +74,11 @@ typedef void (*fused_q8_fn)(const uint8_t *w, size_t rb, long n, const q8_rows *
 typedef void (*tile_fn)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long n0, long n1,
                         const float *x, long M, long K, float *y, long N);
 
-/* One query head over one kv head's cache rows: out[D] = softmax(q . k_s * scale) . v_s over the slots
- * s whose position kpos[s] is visible from qpos (0 <= kpos <= qpos, qpos - kpos < window when window
- * > 0); sc: S floats of scratch. */
-typedef void (*attend_fn)(const float *q, const float *k, const float *v, long S, long D,
-                          const int64_t *kpos, int64_t qpos, long window, float scale, float *sc, float *out);
+/* One query head over n keys (n >= 1): out[D] = softmax(q . k_i * scale) . v_i, key i at k + off[i]
+ * and its value at v + off[i] (element offsets: the caller decides the layout and which keys are
+ * visible); sc: n floats of scratch. */
+typedef void (*attend_fn)(const float *q, const float *k, const float *v, const size_t *off, long n, long D,
+                          float scale, float *sc, float *out);
 /* out[i] = silu(g[i]) * u[i], silu(g) = g / (1 + e^-g). */
 typedef void (*silu_fn)(const float *g, const float *u, float *out, long n);
 
@@ -139,7 +139,8 @@ TRAM_HIDDEN int tram_q8(void);
 TRAM_HIDDEN void tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, long K, int qtype,
                                  int n_threads);
 
-/* block_step.c: one transformer block for a step of one new token per sequence (see there). */
+/* block_step.c: one transformer block for a step of new tokens, one per row, on an offline or a paged
+ * cache (see there). */
 typedef struct {
     float *x;                           /* [B, dim] residual stream, updated in place */
     long B, dim, H, Hkv, D, F;          /* rows, model dim, heads, kv heads, head dim, ffn hidden */
@@ -148,9 +149,10 @@ typedef struct {
     const uint8_t *wqkv, *wo, *w13, *w2;  /* packed [(H+2Hkv)D, dim], [dim, HD], [2F, dim], [dim, F] */
     int tqkv, to, t13, t2;              /* their GGML types */
     const float *cs;                    /* [B, D/2, 2] cos, sin of each row's position */
-    float *kc, *vc;                     /* this layer's cache [B, Hkv, S, D] */
-    long S;
-    const int64_t *kpos;                /* [B, S] position held by each slot (-1 = empty), this step's included */
+    float *kc, *vc;                     /* this layer's cache: offline [B, Hkv, S, D], paged [P, Hkv, D] */
+    long S;                             /* offline: slots per row; paged: the most keys a row attends */
+    const int64_t *kpos;                /* offline: [B, S] position held by each slot (-1 = empty), this
+                                           step's included; paged: unused */
     const int64_t *qpos;                /* [B] position of each row's new token (-1 = padding) */
     long window;                        /* sliding window, 0 = none */
     int threads;
@@ -160,18 +162,26 @@ typedef struct {
     const float *gate;                  /* [E, dim] float32 router */
     const uint8_t *w1e, *w3e;           /* packed stacks [E, F, dim] (gate and up projections) */
     int t1e, t3e;                       /* their GGML types */
+    /* Paged cache (P > 0): row b belongs to the sequence whose block table is tables[seq[b]] (T block
+     * ids, -1 = none); its token at position p lives in pool slot table[p / bs] * bs + p % bs, and it
+     * attends positions max(0, qpos - window + 1) .. qpos of its own sequence, every one of them. */
+    long P, bs, R, T;                   /* pool slots (a multiple of bs), block size, tables, blocks per table */
+    const int32_t *tables, *seq;        /* [R, T], [B] */
 } block_args;
 
 /* The buffers of a block step, in the order of tram_block_buffer_names. */
 enum {
     BUF_X, BUF_NORM1, BUF_NORM2, BUF_WQKV, BUF_WO, BUF_W13, BUF_W2, BUF_CS, BUF_KC, BUF_VC, BUF_KPOS,
-    BUF_QPOS, BUF_GATE, BUF_W1E, BUF_W3E, BUF_COUNT
+    BUF_QPOS, BUF_GATE, BUF_W1E, BUF_W3E, BUF_TABLES, BUF_SEQ, BUF_COUNT
 };
 /* Their names in the Python binding. */
 extern TRAM_HIDDEN const char *const tram_block_buffer_names[BUF_COUNT];
 /* Bytes each buffer must hold for the shapes and types in `a` (validated first: positive dims, supported
  * types whose blocks divide the rows); returns 0, or -1 when a size does not fit in size_t. */
 TRAM_HIDDEN int tram_block_extents(const block_args *a, size_t need[BUF_COUNT]);
+/* Paged: -1 when row b's sequence, its block table or its span of keys is out of range (checked before
+ * the step reads any), *row = b; 0 when every row is in range, or the cache is offline. */
+TRAM_HIDDEN int tram_block_rows_ok(const block_args *a, long *row);
 /* Returns 0, or -1 when out of memory. */
 TRAM_HIDDEN int tram_run_block(const isa_ops *ops, const block_args *a);
 

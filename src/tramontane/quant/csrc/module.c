@@ -12,7 +12,9 @@
  *   dequantize_rows(w, out, N, K, qtype, n_threads)
  *       W -> float32 [N,K].
  *   decode_block(shape, buffers, eps, window, n_threads)
- *       one transformer block for one new token per row (block_step.c).
+ *       one transformer block for one new token per row, on an offline or a paged cache (block_step.c);
+ *       on the paged one, every row's sequence, block table entries and span of keys are checked in
+ *       range first.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -205,17 +207,24 @@ static int check_type_k(int qtype, long K, const char *what) {
 }
 
 /* Shapes: each in [1, INT_MAX] (so that the products below fit in a long), H a multiple of Hkv, D even;
- * a Mixtral block adds E experts and K per token (1 <= K <= min(E, 64)); a dense one has none (or 0, 0). */
+ * a Mixtral block adds E experts and K per token (1 <= K <= min(E, 64)); a dense one has none (or 0, 0);
+ * a paged cache adds P pool slots, blocks of bs slots (P a multiple of bs), R tables of T blocks (P = 0:
+ * the offline cache). */
 static int parse_block_shape(PyObject *shape, block_args *a) {
-    Py_ssize_t B, dim, H, Hkv, D, F, S, E = 0, K = 0;
-    if (!PyArg_ParseTuple(shape, "nnnnnnn|nn;decode_block: shape must be (B, dim, H, Hkv, D, F, S[, E, K])", &B,
-                          &dim, &H, &Hkv, &D, &F, &S, &E, &K))
+    Py_ssize_t B, dim, H, Hkv, D, F, S, E = 0, K = 0, P = 0, bs = 1, R = 1, T = 1;
+    if (!PyArg_ParseTuple(shape, "nnnnnnn|nnnnnn;decode_block: shape must be (B, dim, H, Hkv, D, F, S[, E, K"
+                          "[, P, bs, R, T]])", &B, &dim, &H, &Hkv, &D, &F, &S, &E, &K, &P, &bs, &R, &T))
         return -1;
     if (!((E == 0 && K == 0) || (E >= 1 && E <= INT_MAX && K >= 1 && K <= E && K <= 64))) {
         PyErr_Format(PyExc_ValueError, "decode_block: bad experts E=%zd K=%zd (1 <= K <= E, K <= 64)", E, K);
         return -1;
     }
-    a->E = E, a->K = K;
+    if (P < 0 || P > INT_MAX || bs < 1 || bs > INT_MAX || P % bs || R < 1 || R > INT_MAX || T < 1 || T > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "decode_block: bad paged cache P=%zd bs=%zd R=%zd T=%zd (P a multiple of "
+                     "bs)", P, bs, R, T);
+        return -1;
+    }
+    a->E = E, a->K = K, a->P = P, a->bs = bs, a->R = R, a->T = T;
     const Py_ssize_t dims[] = {B, dim, H, Hkv, D, F, S};
     int ok = 1;
     for (int i = 0; i < 7; i++) ok = ok && dims[i] >= 1 && dims[i] <= INT_MAX;
@@ -263,6 +272,20 @@ static int check_block_buffers(const buffer b[BUF_COUNT], block_args *a) {
     a->gate = (const float *)(uintptr_t)b[BUF_GATE].ptr;
     a->w1e = (const uint8_t *)(uintptr_t)b[BUF_W1E].ptr;
     a->w3e = (const uint8_t *)(uintptr_t)b[BUF_W3E].ptr;
+    a->tables = (const int32_t *)(uintptr_t)b[BUF_TABLES].ptr;
+    a->seq = (const int32_t *)(uintptr_t)b[BUF_SEQ].ptr;
+    return 0;
+}
+
+/* The paged rows in range (a->window set first: it decides each row's span of keys). */
+static int check_block_rows(const block_args *a) {
+    long row = 0;
+    if (tram_block_rows_ok(a, &row)) {
+        PyErr_Format(PyExc_ValueError, "decode_block: row %ld (position %lld): its sequence, a block of its table "
+                     "or its span of keys is out of range (R=%ld, T=%ld, blocks=%ld, S=%ld)", row,
+                     (long long)a->qpos[row], a->R, a->T, a->P / a->bs, a->S);
+        return -1;
+    }
     return 0;
 }
 
@@ -278,11 +301,12 @@ static PyObject *py_decode_block(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O!O!fni", &PyTuple_Type, &shape, &PyDict_Type, &buffers, &eps, &window, &nth))
         return NULL;
     if (nth < 1) return PyErr_Format(PyExc_ValueError, "n_threads must be >= 1, got %d", nth);
-    if (parse_block_shape(shape, &a) || parse_block_buffers(buffers, b, &a) || check_block_buffers(b, &a))
-        return NULL;
     a.eps = eps;
     a.window = window;
     a.threads = nth;
+    if (parse_block_shape(shape, &a) || parse_block_buffers(buffers, b, &a) || check_block_buffers(b, &a) ||
+        check_block_rows(&a))
+        return NULL;
     const isa_ops *ops = tram_isa_current();
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -363,7 +387,9 @@ static PyMethodDef METHODS[] = {
      "wqkv [(H+2Hkv)D rows of dim], wo [dim rows of H*D], w13 [2F rows of dim], w2 [dim rows of F]. Each "
      "nbytes is checked against that extent (ValueError naming the buffer). A Mixtral block: shape = (B, dim, "
      "H, Hkv, D, F, S, E, K), gate float32 [E,dim], w1e and w3e [E*F rows of dim], w2 [E*dim rows of F], "
-     "w13 empty; a dense one passes gate, w1e and w3e empty."},
+     "w13 empty; a dense one passes gate, w1e and w3e empty. A paged cache: shape = (..., E, K, P, bs, R, "
+     "T), k_cache and v_cache float32 [P,Hkv,D] (the pool), tables int32 [R,T] (block ids), seq int32 [B] "
+     "(each row's table), S the most keys a row attends, kpos empty; offline, tables and seq are empty."},
     {"isas", py_isas, METH_NOARGS, "Instruction sets this CPU can run, best first."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
     {"set_isa", py_set_isa, METH_VARARGS,

@@ -31,20 +31,18 @@ static void tile_c(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long
     }
 }
 
-static void attend_c(const float *q, const float *k, const float *v, long S, long D, const int64_t *kpos,
-                     int64_t qpos, long window, float scale, float *sc, float *out) {
+static void attend_c(const float *q, const float *k, const float *v, const size_t *off, long n, long D,
+                     float scale, float *sc, float *out) {
     float mx = -INFINITY, sum = 0.0f;
-    for (long s = 0; s < S; s++) {
-        sc[s] = visible(kpos[s], qpos, window) ? dot_c(q, k + s * D, D) * scale : -INFINITY;
-        if (sc[s] > mx) mx = sc[s];
+    for (long i = 0; i < n; i++) {
+        sc[i] = dot_c(q, k + off[i], D) * scale;
+        if (sc[i] > mx) mx = sc[i];
     }
     for (long d = 0; d < D; d++) out[d] = 0.0f;
-    if (mx == -INFINITY) return;
-    for (long s = 0; s < S; s++) {
-        if (sc[s] == -INFINITY) continue;
-        float p = expf(sc[s] - mx);
+    for (long i = 0; i < n; i++) {
+        float p = expf(sc[i] - mx);
         sum += p;
-        for (long d = 0; d < D; d++) out[d] += p * v[s * D + d];
+        for (long d = 0; d < D; d++) out[d] += p * v[off[i] + d];
     }
     for (long d = 0; d < D; d++) out[d] /= sum;
 }
