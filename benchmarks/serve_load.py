@@ -1,11 +1,21 @@
-"""Load test: N concurrent streaming clients against `tramontane serve`, next to sequential offline runs.
+"""Serving load: N concurrent streaming clients against `tramontane serve` and llama.cpp's own C++
+`llama-server` on the same GGUF, alternating (never both running), next to the offline engine.
 
-    python benchmarks/serve_load.py [--model PATH] [--duration 20] [--clients 1,4,16] [--max-tokens 64]
+    python benchmarks/serve_load.py [--model M.gguf] [--llama-server BIN] [--clients 1,4,16]
+        [--max-tokens 128] [--rounds 2] [--duration 20] [--context 8192] [--shared-prefix 2000]
 
-Starts a server on a free local port, drives it with N clients (each sends a streaming greedy chat
-request, waits for the answer, sends the next) for a fixed time, and prints aggregate generated tokens/s,
-time to first token and inter-token latency (p50 / p99). The last row runs the same prompts one after
-another through `tramontane.load(...).chat(..., stream=True)` in this process."""
+Each client sends a streaming greedy chat request (ignore_eos, so every answer is max_tokens long),
+reads it to the end and sends the next, for `--duration` seconds. Per server and client count:
+aggregate generated tokens/s, time to first token and inter-token latency (p50 / p99), and the
+server's peak RSS. Both servers get 2 threads and the same total KV capacity in tokens (`--context`:
+llama-server's -c, split over its 16 slots; tramontane's --kv-cache-memory sized to hold as many).
+Every tramontane answer is compared with the offline engine's greedy answer to the same prompt
+(`tramontane.load(...).chat`, one at a time): a difference stops the run. `--shared-prefix N` adds a
+run where 16 clients share an N-token system prompt: the first request's TTFT against the others'
+(prefix-cache hits). Build llama-server from the llama.cpp sources vendored in llama-cpp-python's
+source distribution (cmake -DGGML_NATIVE=ON -DLLAMA_CURL=OFF, target llama-server): a benchmark tool,
+never a dependency.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -38,6 +49,7 @@ QUESTIONS = [
     "What is the largest ocean?",
     "Write a haiku about wind.",
 ]
+THREADS = 2
 
 
 def free_port() -> int:
@@ -46,20 +58,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, port: int) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "tramontane",
-        "serve",
-        *([model] if model else []),
-        "--port",
-        str(port),
-        "--kv-cache-memory",
-        "1G",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
+def default_model() -> str:
+    from tramontane.hub.resolve import resolve_model
+
+    return str(resolve_model(None))
+
+
+def tramontane_cmd(model: str, port: int, context: int, kv_per_token: int) -> list[str]:
+    kv = str(kv_per_token * context)
+    return [sys.executable, "-m", "tramontane", "serve", model, "--port", str(port), "--kv-cache-memory", kv]
+
+
+def llama_cmd(binary: str, model: str, port: int, context: int) -> list[str]:
+    return [binary, "-m", model, "--port", str(port), "--parallel", "16", "-t", str(THREADS), "-tb",
+            str(THREADS), "-c", str(context), "--log-disable"]  # fmt: skip
+
+
+def start(cmd: list[str], port: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 300
     while time.time() < deadline:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -67,23 +85,36 @@ def start_server(model: str | None, port: int) -> subprocess.Popen:
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            raise SystemExit(f"{cmd[0]} exited: {proc.stderr.read().decode()[-2000:]}")
         time.sleep(0.5)
     proc.kill()
-    raise SystemExit("server did not become healthy in 120 s")
+    raise SystemExit(f"{cmd[0]} did not become healthy in 300 s")
 
 
-async def one_request(client: httpx.AsyncClient, question: str, max_tokens: int, stats: dict) -> None:
+def peak_rss(pid: int) -> int:
+    """VmHWM of a live process, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def messages(question: str, system: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+
+
+async def one_request(client: httpx.AsyncClient, question: str, args, stats: dict, system: str | None) -> None:
     body = {
         "model": stats["model"],
-        "messages": [{"role": "user", "content": question}],
+        "messages": messages(question, system),
         "temperature": 0,
-        "max_tokens": max_tokens,
+        "max_tokens": args.max_tokens,
+        "ignore_eos": True,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
     start = last = time.perf_counter()
-    first = True
+    first, text, chunks, usage = True, "", 0, None
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             raise SystemExit(f"server answered {response.status_code}: {(await response.aread())[:500]!r}")
@@ -92,24 +123,30 @@ async def one_request(client: httpx.AsyncClient, question: str, max_tokens: int,
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
-                stats["tokens"] += chunk["usage"]["completion_tokens"]
+                usage = chunk["usage"]["completion_tokens"]
             if not chunk.get("choices") or not chunk["choices"][0]["delta"].get("content"):
                 continue
             now = time.perf_counter()
             (stats["ttft"] if first else stats["itl"]).append(now - (start if first else last))
-            first, last = False, now
+            first, last, chunks = False, now, chunks + 1
+            text += chunk["choices"][0]["delta"]["content"]
+    stats["tokens"] += usage if usage is not None else chunks
+    stats["answers"].setdefault(question, text)
+    if stats["answers"][question] != text:
+        raise SystemExit(f"{stats['name']}: two different greedy answers to {question!r}")
 
 
-async def load(port: int, clients: int, duration: float, max_tokens: int) -> dict:
-    stats: dict = {"tokens": 0, "ttft": [], "itl": []}
-    stop = time.perf_counter() + duration
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300) as client:
+async def load(port: int, clients: int, args, name: str, system: str | None = None) -> dict:
+    stats: dict = {"tokens": 0, "ttft": [], "itl": [], "answers": {}, "name": name}
+    stop = time.perf_counter() + args.duration
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as client:
         stats["model"] = (await client.get("/v1/models")).json()["data"][0]["id"]
 
         async def worker(i: int) -> None:
             k = i
             while time.perf_counter() < stop:
-                await one_request(client, QUESTIONS[k % len(QUESTIONS)], max_tokens, stats)
+                await one_request(client, QUESTIONS[k % len(QUESTIONS)], args, stats, system)
                 k += clients
 
         start = time.perf_counter()
@@ -118,27 +155,33 @@ async def load(port: int, clients: int, duration: float, max_tokens: int) -> dic
     return stats
 
 
-def offline(model: str | None, max_tokens: int, count: int) -> dict:
+async def shared_prefix(port: int, args, name: str, system: str) -> dict:
+    """16 clients at once, one shared system prompt: TTFT of the first to finish prefill vs the rest."""
+    stats: dict = {"tokens": 0, "ttft": [], "itl": [], "answers": {}, "name": name}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600) as client:
+        stats["model"] = (await client.get("/v1/models")).json()["data"][0]["id"]
+        start = time.perf_counter()
+        await one_request(client, QUESTIONS[0], args, stats, system)  # the first fills the cache
+        await asyncio.gather(*(one_request(client, q, args, stats, system) for q in QUESTIONS[1:16]))
+        stats["elapsed"] = time.perf_counter() - start
+    return stats
+
+
+def offline_answers(model: str, args, check: bool) -> tuple[dict[str, str], float, int]:
+    """Greedy answers of the offline engine (one prompt at a time), its tokens/s over them (prefill
+    included, as a served request's), and its float32 KV bytes per token (every layer's keys and values)."""
     import tramontane
 
     llm = tramontane.load(model)
-    stats: dict = {"tokens": 0, "ttft": [], "itl": []}
-    start = time.perf_counter()
-    for question in QUESTIONS[:count]:
-        t0 = last = time.perf_counter()
-        first = True
-        for delta in llm.generate(
-            llm.tokenizer.encode_chat([{"role": "user", "content": question}]),
-            temperature=0,
-            max_tokens=max_tokens,
-            stream=True,
-        ):
-            stats["tokens"] += len(delta.token_ids)
-            now = time.perf_counter()
-            (stats["ttft"] if first else stats["itl"]).append(now - (t0 if first else last))
-            first, last = False, now
-    stats["elapsed"] = time.perf_counter() - start
-    return stats
+    c = llm.config
+    kv_per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4
+    answers, tokens, elapsed = {}, 0, 0.0
+    for question in QUESTIONS if check else []:
+        start = time.perf_counter()
+        out = llm.chat(messages(question, None), temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+        elapsed += time.perf_counter() - start
+        answers[question], tokens = out.text, tokens + len(out.token_ids)
+    return answers, tokens / elapsed if elapsed else 0.0, kv_per_token
 
 
 def pct(values: list[float], q: float) -> str:
@@ -148,43 +191,95 @@ def pct(values: list[float], q: float) -> str:
     return f"{1000 * values[min(len(values) - 1, int(q * len(values)))]:.0f}"
 
 
-def row(name: str, s: dict) -> str:
+def row(name: str, s: dict, rss: int) -> str:
     return (
-        f"| {name:<22} | {s['tokens'] / s['elapsed']:>9.1f} | {pct(s['ttft'], 0.5):>8} | {pct(s['ttft'], 0.99):>8} "
-        f"| {pct(s['itl'], 0.5):>7} | {pct(s['itl'], 0.99):>7} |"
+        f"| {name:<30} | {s['tokens'] / s['elapsed']:>9.1f} | {pct(s['ttft'], 0.5):>8} | {pct(s['ttft'], 0.99):>8} "
+        f"| {pct(s['itl'], 0.5):>7} | {pct(s['itl'], 0.99):>7} | {rss / 2**30:>7.2f} |"
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--duration", type=float, default=20.0)
-    ap.add_argument("--clients", default="1,4,16")
-    ap.add_argument("--max-tokens", type=int, default=64)
-    args = ap.parse_args()
-    port = free_port()
-    proc = start_server(args.model, port)
+def check(stats: dict, expected: dict[str, str]) -> None:
+    for question, text in stats["answers"].items():
+        if text != expected[question]:
+            raise SystemExit(f"served answer differs from the offline greedy answer to {question!r}:\n"
+                             f"served:  {text!r}\noffline: {expected[question]!r}")  # fmt: skip
+
+
+def step_times(port: int) -> tuple[float, float]:
+    """tramontane's engine counters (step wall time, its forward part) in seconds; zeros elsewhere."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    values = dict(line.split()[:2] for line in text.splitlines() if line.startswith("tramontane_") and " " in line)
+    return float(values.get("tramontane_step_seconds_total", 0)), float(
+        values.get("tramontane_forward_seconds_total", 0)
+    )
+
+
+def run_server(
+    name: str, cmd: list[str], port: int, args, expected: dict[str, str] | None, system: str | None
+) -> list[str]:
+    proc = start(cmd, port)
     rows = []
     try:
         for n in (int(c) for c in args.clients.split(",")):
+            before = step_times(port) if name == "tramontane" else (0.0, 0.0)
+            stats = asyncio.run(load(port, n, args, name))
+            if expected is not None:
+                check(stats, expected)
+            label = f"{name}, {n} client{'s' if n > 1 else ''}"
+            if name == "tramontane":  # the engine's per-step overhead: schedule, layout, sampling, detokenizing
+                step, forward = (b - a for a, b in zip(before, step_times(port)))
+                label += f" ({1 - forward / step:.0%} ovh)" if step else ""
+            rows.append(row(label, stats, peak_rss(proc.pid)))
+        if system is not None:
+            stats = asyncio.run(shared_prefix(port, args, name, system))
+            first, rest = stats["ttft"][0], sorted(stats["ttft"][1:])
             rows.append(
-                row(
-                    f"serve, {n} client{'s' if n > 1 else ''}",
-                    asyncio.run(load(port, n, args.duration, args.max_tokens)),
-                )
+                f"| {name}, shared {args.shared_prefix}-token prefix: TTFT first {1000 * first:.0f} ms, others p50 "
+                f"{1000 * rest[len(rest) // 2]:.0f} ms ({rest[len(rest) // 2] / first:.0%}), max {1000 * rest[-1]:.0f} ms |"
             )
     finally:
         proc.terminate()
         proc.wait(60)
-    rows.append(row("offline, sequential", offline(args.model, args.max_tokens, len(QUESTIONS))))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a GGUF file (default: the shipped SmolLM2 Q4_1)")
+    ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (the anchor)")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds per client count")
+    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of both servers")
+    ap.add_argument("--context", type=int, default=8192, help="KV capacity in tokens, for each server")
+    ap.add_argument("--shared-prefix", type=int, default=0, help="tokens of a shared system prompt (0: skip)")
+    ap.add_argument("--no-check", action="store_true", help="skip the offline greedy answers' comparison")
+    args = ap.parse_args()
+    model = args.model or default_model()
+    system = None
+    if args.shared_prefix:  # a filler of about that many tokens
+        system = "You are a helpful assistant. " + " ".join(f"word{i % 97}" for i in range(args.shared_prefix // 2))
+    expected, offline_speed, kv_per_token = offline_answers(model, args, not args.no_check)
+    port = free_port()
+    servers = [("tramontane", tramontane_cmd(model, port, args.context, kv_per_token))]
+    if args.llama_server:
+        servers.append(("llama-server", llama_cmd(args.llama_server, model, port, args.context)))
+    rows: list[str] = []
+    for r in range(args.rounds):
+        for name, cmd in servers if r % 2 == 0 else servers[::-1]:
+            check_with = expected if name == "tramontane" and expected else None
+            rows += run_server(name, cmd, port, args, check_with, system)
     print(
-        f"\nmodel: {args.model or 'default (SmolLM2-135M-Instruct Q4_1)'}, {os.cpu_count()} CPUs, "
-        f"greedy, max_tokens {args.max_tokens}, {args.duration:g} s per row"
+        f"\nmodel: {model}, {os.cpu_count()} CPUs, {THREADS} threads per server, greedy, ignore_eos, "
+        f"max_tokens {args.max_tokens}, {args.duration:g} s per row, KV capacity {args.context} tokens each "
+        f"(tramontane: {kv_per_token * args.context / 2**20:.0f} MiB float32)"
     )
-    print("| run                    | tokens/s  | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 |")
-    print("|------------------------|-----------|----------|----------|---------|---------|")
+    if expected:
+        print(f"offline engine, one prompt at a time: {offline_speed:.1f} tok/s; every served answer equal to it")
+    print(f"| {'run':<30} | tokens/s  | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | RSS GiB |")
+    print(f"|{'-' * 32}|-----------|----------|----------|---------|---------|---------|")
     print("\n".join(rows))
-    print("(latencies in ms)")
+    print("(latencies in ms; RSS: the server's peak resident memory so far)")
 
 
 if __name__ == "__main__":

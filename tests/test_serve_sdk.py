@@ -29,7 +29,7 @@ def server(smollm2_path, tmp_path_factory):
         port = base.rsplit(":", 1)[1]
         # The served SmolLM2 (packed Q4_1) decodes on the backend build.select_backend picks for the paged cache.
         assert line == (
-            f"tramontane serving SmolLM2-135M-Instruct.Q4_1 on http://127.0.0.1:{port} (decode backend: module)"
+            f"tramontane serving SmolLM2-135M-Instruct.Q4_1 on http://127.0.0.1:{port} (decode backend: compiled)"
         ), line
         yield base, proc
 

@@ -29,11 +29,37 @@ def repo(tmp_path_factory) -> dict[str, bytes]:
 
 
 def cli(home: Path, *args: str, endpoint: str | None = None) -> subprocess.CompletedProcess:
+    """`tramontane ARGS` with the store at `home`: a fresh process when it talks to a hub (huggingface_hub
+    reads HF_ENDPOINT when imported), in this process otherwise (`cli.main.main`, as the console script)."""
+    if endpoint is None:
+        return in_process(home, *args)
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env.update(TRAMONTANE_HOME=str(home), HF_ENDPOINT=endpoint or "http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1")
     return subprocess.run(
         [sys.executable, "-m", "tramontane", *args], env=env, capture_output=True, text=True, timeout=300
     )
+
+
+def in_process(home: Path, *args: str) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+
+    from tramontane.cli.main import main
+
+    out, err, before = io.StringIO(), io.StringIO(), os.environ.get("TRAMONTANE_HOME")
+    os.environ["TRAMONTANE_HOME"] = str(home)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        if before is None:
+            del os.environ["TRAMONTANE_HOME"]
+        else:
+            os.environ["TRAMONTANE_HOME"] = before
+    return subprocess.CompletedProcess(list(args), code or 0, out.getvalue(), err.getvalue())
 
 
 def test_pull_from_the_hub_resumes_skips_pickles_and_runs_by_name(repo, tmp_path):

@@ -326,30 +326,27 @@ def sample(
 ) -> torch.Tensor:
     """Next tokens [B] int64 from processed logits [B, V].
 
-    Greedy rows take the argmax (first index on ties) and touch no generator. Other rows sample from
-    softmax(logits) by the exponential race: argmax(p / E) with E ~ Exponential(1) i.i.d. picks token i
-    with probability p_i. Each sampled row draws its V exponentials from its own generator, so a row's
-    tokens depend only on its seed and its logits, never on the other rows of the batch.
+    Greedy rows take the argmax (first index on ties) and touch no generator. Other rows draw from
+    softmax(logits) by inverse transform (`torch.multinomial`: one uniform number per token, from the
+    row's own generator, against the cumulative probabilities), so a row's tokens depend only on its
+    seed and its logits, never on the other rows of the batch; masked tokens (probability 0) are never
+    drawn.
     """
     _check_rows(logits, params_list)
     if len(generators) != len(params_list):
         raise ValueError(f"expected {len(params_list)} generators, got {len(generators)}")
     logits = logits.float()
-    greedy_tokens = logits.argmax(dim=-1)  # [B]
+    tokens = logits.argmax(dim=-1)  # [B]
     sampled = [i for i, p in enumerate(params_list) if not p.is_greedy]
     if not sampled:
-        return greedy_tokens
-    noise = torch.ones_like(logits)  # [B, V]; greedy rows keep ones and draw nothing
-    for i in sampled:
+        return tokens
+    probs = logits[sampled].softmax(dim=-1)  # [S, V]
+    for row, i in enumerate(sampled):
         gen = generators[i]
         if gen is None:
             raise ValueError(f"row {i} samples (temperature {params_list[i].temperature}) but has no generator")
-        noise[i] = torch.empty(logits.shape[-1], device=logits.device).exponential_(generator=gen)
-    # E can round to 0; clamping keeps p / E finite (p <= 1, 1 / tiny < float32 max).
-    race = logits.softmax(dim=-1) / noise.clamp_min(torch.finfo(noise.dtype).tiny)
-    sampled_tokens = race.argmax(dim=-1)  # [B]
-    is_greedy = torch.tensor([p.is_greedy for p in params_list], device=logits.device)  # [B]
-    return torch.where(is_greedy, greedy_tokens, sampled_tokens)
+        tokens[i] = torch.multinomial(probs[row], 1, generator=gen)[0]
+    return tokens
 
 
 # ---- logprobs ----------------------------------------------------------------------------------------

@@ -325,6 +325,7 @@ class AsyncEngine:
         if generating:
             self._last_generation = time.monotonic()
         paced = generating or time.monotonic() - self._last_generation < GENERATION_GRACE
+        scheduling = time.perf_counter()
         batch, hopeless = self.scheduler.schedule(self._pace.tokens() if paced else None)
         for seq in hopeless:
             self._end_hopeless(seq)
@@ -341,6 +342,8 @@ class AsyncEngine:
             self.scheduler.after_step(batch)
             self._sample(batch, out.logits)
             self._fold(batch, starts, out)
+            self.metrics.forward_seconds.inc(out.seconds)
+            self.metrics.step_seconds.inc(time.perf_counter() - scheduling)
         except Exception as e:  # noqa: BLE001 - this step's requests fail; the engine goes on
             log.exception("engine step failed")
             self._fail_step(batch, e)

@@ -33,6 +33,10 @@ class EngineMetrics:
         self.step_tokens = Histogram(
             "tramontane_step_tokens", "Tokens in one forward step", buckets=TOKEN_BUCKETS, registry=r
         )
+        # A step's wall time (schedule, layout, forward, sampling, detokenizing, emitting) and the forward's
+        # part of it (the model and the logits): the rest is the engine's per-step overhead.
+        self.step_seconds = Counter("tramontane_step_seconds", "Wall time of engine steps", registry=r)
+        self.forward_seconds = Counter("tramontane_forward_seconds", "Model forward time within steps", registry=r)
         self.queue_depth = Gauge("tramontane_queue_depth", "Requests waiting to run", registry=r)
         self.running = Gauge("tramontane_running_requests", "Requests running", registry=r)
         self.kv_used = Gauge("tramontane_kv_blocks_used", "KV cache blocks in use", registry=r)

@@ -9,6 +9,7 @@ the engine reads: each request's last token, and every token of a scored prompt.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -64,6 +65,7 @@ class StepOutput(NamedTuple):
     hidden: torch.Tensor  # [N,dim] final normed hidden states of every scheduled token
     logits: torch.Tensor  # [R,V] of the rows `logit_rows` named
     scored: dict[int, slice]  # per scored batch entry, its slice of `logits` (logit_rows)
+    seconds: float  # the forward's wall time (model and logits)
 
 
 def logit_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[list[int], dict[int, slice]]:
@@ -91,8 +93,9 @@ def run_step(
     adapters = adapter_rows(batch)
     if is_parallel():
         broadcast_object(("step", tokens, positions, step.parts(), rows, adapters))
+    began = time.perf_counter()
     hidden, logits = forward_step(backend, tokens, positions, step, rows, adapters)
-    return StepOutput(hidden, logits, scored)
+    return StepOutput(hidden, logits, scored, time.perf_counter() - began)
 
 
 def forward_step(
