@@ -131,9 +131,7 @@ async def one_request(client: httpx.AsyncClient, question: str, args, stats: dic
             first, last, chunks = False, now, chunks + 1
             text += chunk["choices"][0]["delta"]["content"]
     stats["tokens"] += usage if usage is not None else chunks
-    stats["answers"].setdefault(question, text)
-    if stats["answers"][question] != text:
-        raise SystemExit(f"{stats['name']}: two different greedy answers to {question!r}")
+    stats["answers"].setdefault(question, set()).add(text)  # more than one: the batch changed an answer
 
 
 async def load(port: int, clients: int, args, name: str, system: str | None = None) -> dict:
@@ -192,6 +190,8 @@ def pct(values: list[float], q: float) -> str:
 
 
 def row(name: str, s: dict, rss: int) -> str:
+    if any(len(texts) > 1 for texts in s["answers"].values()):
+        name += " (answers varied)"
     return (
         f"| {name:<30} | {s['tokens'] / s['elapsed']:>9.1f} | {pct(s['ttft'], 0.5):>8} | {pct(s['ttft'], 0.99):>8} "
         f"| {pct(s['itl'], 0.5):>7} | {pct(s['itl'], 0.99):>7} | {rss / 2**30:>7.2f} |"
@@ -199,8 +199,8 @@ def row(name: str, s: dict, rss: int) -> str:
 
 
 def check(stats: dict, expected: dict[str, str]) -> None:
-    for question, text in stats["answers"].items():
-        if text != expected[question]:
+    for question, texts in stats["answers"].items():
+        for text in texts - {expected[question]}:
             raise SystemExit(f"served answer differs from the offline greedy answer to {question!r}:\n"
                              f"served:  {text!r}\noffline: {expected[question]!r}")  # fmt: skip
 

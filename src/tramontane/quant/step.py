@@ -86,7 +86,7 @@ class CompiledStep:
         assert ext is not None  # fits() checked that the kernels are built
         self._run = ext.decode_block
         self._weights = [_block_buffers(block) for block in model.blocks()]  # fixed while this backend serves
-        self._modules = _step_modules(model)
+        self._watched = _watch(model)  # what current() compares, and keeps alive while this step serves
 
     @staticmethod
     def fits(model: Transformer) -> bool:
@@ -102,8 +102,7 @@ class CompiledStep:
 
     def current(self) -> bool:
         """False once any block's norm or packed projection was swapped (LoRA, re-quantization, ...)."""
-        now = _step_modules(self.model)
-        return len(now) == len(self._modules) and all(a is b for a, b in zip(self._modules, now))
+        return len(self.model.layers) == len(self._weights) and all(d.get(k) is v for d, k, v in self._watched)
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
         """A serving step on the paged pool runs compiled while its N tokens are few enough for the packed
@@ -209,17 +208,38 @@ def _experts(module: object) -> PackedExperts:
     return module
 
 
-def _step_modules(model: Transformer) -> list[object]:
-    """Every module and tensor the compiled step reads, in order (identity tells a swap)."""
-    out: list[object] = []
+def _watch(model: Transformer) -> list[tuple[dict, str, object]]:
+    """Every module and tensor the compiled step reads, as (the dict that holds it, its name, it): one
+    dict look-up each tells a swap (the engine asks before every step, so this stays cheap: no
+    nn.Module.__getattr__ on the way)."""
+    out: list[tuple[dict, str, object]] = []
+
+    def watch(owner: object, name: str) -> object:
+        value = getattr(owner, name, None)
+        out.append((_holder(owner, name), name, value))
+        return value
+
     for block in model.blocks():
+        for name in ("attention_norm", "ffn_norm", "attention", "feed_forward"):
+            watch(block, name)
+        watch(block.attention_norm, "weight")
+        watch(block.ffn_norm, "weight")
         att, ff = block.attention, block.feed_forward
         names = ("w1", "w2", "w3", "gate") if isinstance(ff, MoeFeedForward) else ("w13", "w2")
-        projections = [att.wqkv, att.wo, *(getattr(ff, n, None) for n in names)]
-        # the packed tensors too: the step holds their addresses, a replaced one must not be read
-        out += [block.attention_norm.weight, block.ffn_norm.weight, ff, *projections]
-        out += [getattr(m, "packed", None) for m in projections]
-        out += [getattr(getattr(ff, "gate", None), "weight", None)]  # the router's float32 matrix
+        projections = [watch(att, "wqkv"), watch(att, "wo"), *(watch(ff, n) for n in names)]
+        for m in projections:  # the packed tensors too: the step holds their addresses
+            if isinstance(m, nn.Module):
+                watch(m, "packed" if hasattr(m, "packed") else "weight")
         # Mixtral: adapters set on the experts, or a rank's range of them, change what the block computes
-        out += [getattr(ff, "expert_lora", None), getattr(ff, "expert_range", None)]
+        watch(ff, "expert_lora")
+        watch(ff, "expert_range")
     return out
+
+
+def _holder(owner: object, name: str) -> dict:
+    """The dict an attribute lives in: an nn.Module's parameters, buffers or submodules, else __dict__."""
+    if isinstance(owner, nn.Module):
+        for table in (owner._parameters, owner._buffers, owner._modules):
+            if name in table:
+                return table
+    return vars(owner)
