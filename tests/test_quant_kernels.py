@@ -555,6 +555,28 @@ def test_q8_kernels_match_their_emulation(isa: str, q8: None, qtype: QT, monkeyp
 
 
 @needs_ext
+@pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
+def test_q8_rows_do_not_depend_on_the_batch(isa: str, q8: None, qtype: QT) -> None:
+    """A row's result is the same bits alone (past the legacy types' float range: as the 5th of 5) as
+    among 16 or 70 rows: the served engine batches requests, and an answer must not change with the
+    company it keeps."""
+    if isa == "scalar":
+        pytest.skip("the portable pass has no integer kernels")
+    k, n = 512, 19
+    packed, _ = weight(qtype, n, k)
+    x = activations(70, k, seed=3)
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        y = torch.full((rows.shape[0], n), float("nan"))
+        ext.matmul(buf(rows.contiguous()), buf(packed), buf(y), rows.shape[0], n, k, int(qtype), 2)
+        return y
+
+    alone = torch.cat([run(torch.cat([x[:4], x[i : i + 1]]))[4:] for i in range(4, 70)])  # M = 5, row 4
+    assert torch.equal(run(x)[4:], alone)
+    assert torch.equal(run(x[:16])[4:], alone[:12])
+
+
+@needs_ext
 @pytest.mark.parametrize("qtype", [t for t in ALL if t not in Q8_TYPES], ids=lambda t: t.name)
 def test_q8_setting_leaves_other_types_exact(q8: None, qtype: QT) -> None:
     n, k = SHAPES[qtype in K_QUANTS][0]
