@@ -222,7 +222,13 @@ def run_server(
     try:
         for n in (int(c) for c in args.clients.split(",")):
             before = step_times(port) if name == "tramontane" else (0.0, 0.0)
-            stats = asyncio.run(load(port, n, args, name))
+            try:
+                stats = asyncio.run(load(port, n, args, name))
+            except httpx.HTTPError as e:
+                raise SystemExit(
+                    f"{name} with {n} clients: {type(e).__name__}: {e}; server stderr: "
+                    f"{proc.stderr.read1(4000).decode(errors='replace') if proc.poll() is not None else 'running'}"
+                ) from e
             if expected is not None:
                 check(stats, expected)
             label = f"{name}, {n} client{'s' if n > 1 else ''}"
@@ -230,6 +236,7 @@ def run_server(
                 step, forward = (b - a for a, b in zip(before, step_times(port)))
                 label += f" ({1 - forward / step:.0%} ovh)" if step else ""
             rows.append(row(label, stats, peak_rss(proc.pid)))
+            print(rows[-1], file=sys.stderr, flush=True)
         if system is not None:
             stats = asyncio.run(shared_prefix(port, args, name, system))
             first, rest = stats["ttft"][0], sorted(stats["ttft"][1:])
@@ -237,6 +244,7 @@ def run_server(
                 f"| {name}, shared {args.shared_prefix}-token prefix: TTFT first {1000 * first:.0f} ms, others p50 "
                 f"{1000 * rest[len(rest) // 2]:.0f} ms ({rest[len(rest) // 2] / first:.0%}), max {1000 * rest[-1]:.0f} ms |"
             )
+            print(rows[-1], file=sys.stderr, flush=True)
     finally:
         proc.terminate()
         proc.wait(60)
@@ -260,15 +268,15 @@ def main() -> None:
     if args.shared_prefix:  # a filler of about that many tokens
         system = "You are a helpful assistant. " + " ".join(f"word{i % 97}" for i in range(args.shared_prefix // 2))
     expected, offline_speed, kv_per_token = offline_answers(model, args, not args.no_check)
-    port = free_port()
-    servers = [("tramontane", tramontane_cmd(model, port, args.context, kv_per_token))]
+    servers = [("tramontane", lambda port: tramontane_cmd(model, port, args.context, kv_per_token))]
     if args.llama_server:
-        servers.append(("llama-server", llama_cmd(args.llama_server, model, port, args.context)))
+        servers.append(("llama-server", lambda port: llama_cmd(args.llama_server, model, port, args.context)))
     rows: list[str] = []
     for r in range(args.rounds):
-        for name, cmd in servers if r % 2 == 0 else servers[::-1]:
+        for name, command in servers if r % 2 == 0 else servers[::-1]:
             check_with = expected if name == "tramontane" and expected else None
-            rows += run_server(name, cmd, port, args, check_with, system)
+            port = free_port()  # a fresh port per start: nothing of the previous server's connections
+            rows += run_server(name, command(port), port, args, check_with, system)
     print(
         f"\nmodel: {model}, {os.cpu_count()} CPUs, {THREADS} threads per server, greedy, ignore_eos, "
         f"max_tokens {args.max_tokens}, {args.duration:g} s per row, KV capacity {args.context} tokens each "
