@@ -104,6 +104,15 @@ def messages(question: str, system: str | None) -> list[dict]:
 
 
 async def one_request(client: httpx.AsyncClient, question: str, args, stats: dict, system: str | None) -> None:
+    """One streaming request; sent again (once) when the server closed a kept-alive connection before
+    answering (llama-server's HTTP library closes each connection after a few requests)."""
+    try:
+        await _one_request(client, question, args, stats, system)
+    except httpx.RemoteProtocolError:
+        await _one_request(client, question, args, stats, system)
+
+
+async def _one_request(client: httpx.AsyncClient, question: str, args, stats: dict, system: str | None) -> None:
     body = {
         "model": stats["model"],
         "messages": messages(question, system),
@@ -220,7 +229,7 @@ def run_server(
     proc = start(cmd, port)
     rows = []
     try:
-        for n in (int(c) for c in args.clients.split(",")):
+        for n in (int(c) for c in args.clients.split(",") if c):
             before = step_times(port) if name == "tramontane" else (0.0, 0.0)
             try:
                 stats = asyncio.run(load(port, n, args, name))
@@ -256,7 +265,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a GGUF file (default: the shipped SmolLM2 Q4_1)")
     ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (the anchor)")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per client count")
-    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--clients", default="1,4,16", help='client counts ("" with --shared-prefix: that run only)')
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of both servers")
     ap.add_argument("--context", type=int, default=8192, help="KV capacity in tokens, for each server")
@@ -265,8 +274,8 @@ def main() -> None:
     args = ap.parse_args()
     model = args.model or default_model()
     system = None
-    if args.shared_prefix:  # a filler of about that many tokens
-        system = "You are a helpful assistant. " + " ".join(f"word{i % 97}" for i in range(args.shared_prefix // 2))
+    if args.shared_prefix:  # a filler of about that many tokens (SmolLM2's tokenizer: 3 per word)
+        system = "You are a helpful assistant. " + " ".join(f"word{i % 97}" for i in range(args.shared_prefix // 3))
     expected, offline_speed, kv_per_token = offline_answers(model, args, not args.no_check)
     servers = [("tramontane", lambda port: tramontane_cmd(model, port, args.context, kv_per_token))]
     if args.llama_server:

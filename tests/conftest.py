@@ -29,6 +29,17 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`tramontane serve` on SmolLM2 (256 MB of KV cache), shared by the test files that only ask it
+    questions (one start instead of one per file); yields its base URL."""
+    from serving import running_server
+
+    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
+    with running_server(log, str(smollm2_path), "--kv-cache-memory", "256M") as (base, _):
+        yield base
+
+
+@pytest.fixture(scope="session")
 def smollm2_hf_tokenizer(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """transformers' own tokenizer for the SmolLM2 GGUF, and a folder holding its saved tokenizer.json.
     transformers converts the GGUF vocabulary on every load (~15 s on 2 cores): once per session."""

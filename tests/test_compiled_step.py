@@ -351,3 +351,6 @@ def test_paged_rows_out_of_range_are_refused(tmp_path):
     ]:
         with pytest.raises(ValueError, match="out of range"):
             run(table, seq, positions)
+    wide = PagedCache(pool, pool, 4, torch.tensor([[1, 0]]), torch.tensor([0]), torch.tensor([5]), None)  # int64
+    with pytest.raises(TypeError, match="int32"), torch.inference_mode():
+        step.prefill(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[5]]), wide)

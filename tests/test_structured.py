@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
-from serving import running_server
 
 import tramontane
 from tramontane.errors import RequestError
@@ -68,10 +67,8 @@ def test_offline_sampled_answers_follow_the_schema(smollm2_path):
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_path, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
-    with running_server(log, str(smollm2_path), "--kv-cache-memory", "256M") as (base, _):
-        yield base
+def server(smollm2_server):
+    return smollm2_server
 
 
 def test_two_dozen_sampled_answers_through_both_sdks_validate(server):

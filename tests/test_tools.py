@@ -13,7 +13,6 @@ import httpx
 import jsonschema
 import pytest
 from models import hf_model, save_hf
-from serving import running_server
 
 import tramontane
 from tramontane.text.grammar import MAX_SCHEMA_BYTES, guidance_tokenizer
@@ -295,10 +294,8 @@ def test_required_calls_of_a_random_mistral_model_validate(shipped, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_path, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "stderr.txt"
-    with running_server(log, str(smollm2_path), "--kv-cache-memory", "256M") as (base, _):
-        yield base
+def server(smollm2_server):
+    return smollm2_server
 
 
 def _clients(base: str):

@@ -167,6 +167,8 @@ def _paged_layers(cache: PagedCache, qpos: torch.Tensor) -> _Layers:
     span = int(qpos.max()) + 1
     window = cache.window
     S = max(1, min(span, window) if window is not None else span)
+    if cache.tables.dtype != torch.int32 or cache.seq.dtype != torch.int32:
+        raise TypeError(f"block tables and sequence ids are int32, got {cache.tables.dtype} and {cache.seq.dtype}")
     tables, seq = cache.tables.contiguous(), cache.seq.contiguous()
     common = {"kpos": _UNUSED, "tables": _buffer(tables), "seq": _buffer(seq)}
     per_layer = [{"k_cache": _buffer(k), "v_cache": _buffer(v), **common} for k, v in zip(cache.k, cache.v)]
