@@ -19,6 +19,8 @@ SO=$(ls "$OUT"/lib/tramontane/quant/_kernels*.so)
 # allocations live until exit by design, hence no leak report.
 LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 export LD_PRELOAD ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+# The kernels read the activations setting at import, before conftest.py could set the suite's default.
+export TRAMONTANE_ACTIVATIONS=${TRAMONTANE_ACTIVATIONS:-f32}
 
 # Register the sanitized module under the package's name before anything imports it.
 exec "$PY" -c '

@@ -12,6 +12,7 @@ from test_packed import write_random_kquant_model
 
 from tramontane.api import LLM
 from tramontane.build import load_model, select_backend
+from tramontane.lora.layers import LoraSpec, apply_lora, set_rows
 from tramontane.model import ModuleBackend
 from tramontane.model.cache import KVCache, PagedCache
 from tramontane.quant import kernels
@@ -216,8 +217,9 @@ def test_server_and_offline_pick_through_the_same_call(tmp_path, caplog):
 @pytest.mark.parametrize(("kind", "targets"), [("llama", None), ("mixtral", ("w1", "w2", "w3"))])
 def test_a_module_swap_after_loading_is_seen(tmp_path, kind, targets):
     """LoRA applied to `llm.model` directly (not through `llm.load_adapter`): the next generation picks
-    its backend again instead of running the compiled step over the base weights. (Mixtral: adapters on
-    the experts only, which swap no module: the block's experts gain an `expert_lora`.)"""
+    its backend again instead of running the compiled step over the base weights: a compiled step that
+    carries the adapter (Llama: every projection), or the module path (Mixtral: adapters on the experts
+    only, which swap no module: the block's experts gain an `expert_lora`, which the step does not run)."""
     from tramontane.lora.layers import LoraSpec, apply_lora
 
     llm = LLM(load_model(save_gguf(hf_model(kind, seed=6), tmp_path / "m.gguf", "Q8_0"), packed=True), CharTokenizer())
@@ -234,7 +236,8 @@ def test_a_module_swap_after_loading_is_seen(tmp_path, kind, targets):
     set_active(llm.model, "a")
     assert not llm.backend.current()
     adapted = llm.generate([prompt], temperature=0, max_tokens=8, ignore_eos=True)[0].token_ids
-    assert isinstance(llm.backend, ModuleBackend)
+    assert type(llm.backend) is (ModuleBackend if kind == "mixtral" else CompiledStep)
+    assert llm.backend.current()
     with torch.inference_mode():
         ids = torch.tensor([prompt + adapted[:-1]])
         expected = llm.model(ids)[0, len(prompt) - 1 :].argmax(-1).tolist()
@@ -261,10 +264,10 @@ def test_replaced_packed_rows_are_not_read_from_the_old_address(tmp_path):
 PAGED_SCRIPT = [[(0, 5), (1, 3)], [(0, 1), (1, 4), (2, 2)], [(1, 1), (2, 6)]] + [[(0, 1), (1, 1), (2, 1)]] * 9
 
 
-def paged_run(model, backend, isa: str, block_size: int = 4):
+def paged_run(model, backend, isa: str, block_size: int = 4, adapters: list[str | None] | None = None):
     """Run PAGED_SCRIPT through `backend` on a fresh pool whose blocks are handed out shuffled; blocks
     wholly before a sequence's window are released (-1) as the scheduler releases them. Logits [N,V] per
-    step and the pool."""
+    step and the pool. `adapters`: each sequence's LoRA adapter (None: the base model), set per row."""
     config = model.config
     blocks, gen = 40, torch.Generator().manual_seed(7)
     free = torch.randperm(blocks, generator=gen).tolist()
@@ -292,6 +295,10 @@ def paged_run(model, backend, isa: str, block_size: int = 4):
             table = torch.tensor([tables[r] + [-1] * (width - len(tables[r])) for r, _ in step], dtype=torch.int32)
             positions = torch.tensor(pos)
             cache = PagedCache(k, v, block_size, table, torch.tensor(seq, dtype=torch.int32), positions, window)
+            if adapters is not None:
+                names = sorted({a for a in adapters if a is not None})
+                slot = [names.index(adapters[r]) if adapters[r] is not None else -1 for r, _ in step]
+                set_rows(model, torch.tensor([slot[i] for i in seq]), names)
             with torch.inference_mode():
                 out.append(model.logits(backend.prefill(torch.tensor(ids)[None], positions[None], cache)[0]))
     finally:
@@ -321,6 +328,63 @@ def test_paged_steps_equal_module_steps(tmp_path, isa, kind, qtype, overrides):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
     for a, b in zip(fused_pool, plain_pool):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+def adapted_model(tmp_path, kind: str, qtype: str, targets: tuple[str, ...]):
+    """A packed tiny model with two LoRA adapters of different ranks on `targets` whose B are random
+    (PEFT starts B at zero, which would change nothing)."""
+    model = load_model(save_gguf(hf_model(kind, seed=3), tmp_path / "m.gguf", qtype), packed=True).model
+    apply_lora(model, LoraSpec(rank=4, alpha=8, targets=targets), "a", seed=1)
+    apply_lora(model, LoraSpec(rank=2, alpha=3, targets=targets[1:]), "b", seed=2)
+    gen = torch.Generator().manual_seed(5)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5, generator=gen)
+    return model
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(
+    ("kind", "qtype", "targets"),
+    [
+        ("mistral", "Q4_0", ("wq", "wk", "wv", "wo", "w1", "w2", "w3")),  # window 8 < 20
+        ("llama", "Q8_0", ("wq", "wv", "w2")),  # some parts of the fused projections only
+        ("mixtral", "Q4_1", ("wq", "wk", "wv", "wo")),  # attention adapters beside the routed experts
+    ],
+)
+def test_paged_steps_with_mixed_adapters_equal_module_steps(tmp_path, isa, kind, qtype, targets):
+    """Three sequences with adapter a, none and b in the same steps: the compiled step carries the
+    adapters (no fallback) and computes what the module path's LoRA wrappers do."""
+    model = adapted_model(tmp_path, kind, qtype, targets)
+    step = CompiledStep(model)
+    assert CompiledStep.fits(model) and step.adapters == ["a", "b"]
+    fused, fused_pool = paged_run(model, step, isa, adapters=["a", None, "b"])
+    plain, plain_pool = paged_run(model, ModuleBackend(model), isa, adapters=["a", None, "b"])
+    base = paged_run(model, ModuleBackend(model), isa, adapters=[None, None, None])[0]
+    for a, b, c in zip(fused, plain, base):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+        assert (b - c).abs().max().item() > 1e-3  # the adapters matter
+    for a, b in zip(fused_pool, plain_pool):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+def test_adapter_changes_make_the_step_stale(tmp_path, monkeypatch):
+    """An in-place update of an adapter (an optimizer step) or a new adapter: the step that copied them
+    is no longer current. A row naming a slot the step does not hold is refused by the kernel."""
+    model = adapted_model(tmp_path, "llama", "Q8_0", ("wq", "wo", "w1"))
+    step = CompiledStep(model)
+    assert step.current()
+    with torch.no_grad():
+        model.layers[1].attention.wo.lora_B["a"].add_(1.0)
+    assert not step.current()
+    step = CompiledStep(model)
+    apply_lora(model, LoraSpec(rank=2, targets=("w2",)), "c", seed=3)
+    assert not step.current() and CompiledStep(model).adapters == ["a", "b", "c"]
+    step = CompiledStep(model)
+    monkeypatch.setattr("tramontane.quant.step.row_slots", lambda *_: torch.tensor([0, 7], dtype=torch.int32))
+    cache = KVCache(model.config, 2, 8)
+    with pytest.raises(ValueError, match="row 1: adapter slot 7 is out of range"), torch.inference_mode():
+        step.decode(torch.tensor([[3], [4]]), torch.tensor([[0], [0]]), cache)
 
 
 def test_paged_rows_out_of_range_are_refused(tmp_path):

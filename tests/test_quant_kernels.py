@@ -297,6 +297,7 @@ K_BLOCK_SHAPE = (3, 256, 4, 2, 64, 256, 8)  # every row length a multiple of the
 PACKED = ("wqkv", "wo", "w13", "w2")
 # a Mixtral block's router and experts, and the paged cache's block tables
 DENSE_UNUSED = {"gate": (0, 0), "w1e": (0, 0, 0), "w3e": (0, 0, 0), "tables": (0, 0), "seq": (0, 0)}
+DENSE_UNUSED |= {"lora_row": (0, 0), "lora_cols": (0, 0), "lora": (0, 0)}  # no LoRA adapters (L = 0)
 
 
 def block_case(qtype: QT = QT.Q8_0, window: int = 0, shape: tuple[int, ...] = BLOCK_SHAPE) -> dict:

@@ -227,8 +227,8 @@ def _shape(model: Transformer, path: str) -> tuple[int, int, int | None]:
 def apply_lora(model: Transformer, spec: LoraSpec, name: str = "default", seed: int = 0) -> list[nn.Parameter]:
     """Add adapter `name` on spec.targets, initialised as PEFT does (A kaiming-uniform a=sqrt(5), B zeros).
 
-    Fused packed projections are split back first and the compiled decode path is dropped (it knows no
-    LoRA). Everything but the new adapter is frozen; the new adapter becomes the active one. Returns its
+    Fused packed projections are split back first (into views of the same rows, which the compiled step
+    still runs as one matrix, adapters included; quant/step_adapters.py). Everything but the new adapter is frozen; the new adapter becomes the active one. Returns its
     trainable parameters."""
     gen = torch.Generator().manual_seed(seed)
     unfuse_projections(model)

@@ -6,7 +6,7 @@ PackedBuffer = tuple[int, int, int]  # (data_ptr, nbytes, GGML type id)
 def matmul(x: Buffer, w: Buffer, y: Buffer, m: int, n: int, k: int, qtype: int, n_threads: int, /) -> None: ...
 def dequantize_rows(w: Buffer, out: Buffer, n: int, k: int, qtype: int, n_threads: int, /) -> None: ...
 def decode_block(
-    shape: tuple[int, ...],  # (B, dim, H, Hkv, D, F, S[, E, K[, P, bs, R, T]])
+    shape: tuple[int, ...],  # (B, dim, H, Hkv, D, F, S[, E, K[, P, bs, R, T[, L]]])
     buffers: dict[str, Buffer | PackedBuffer],
     eps: float,
     window: int,

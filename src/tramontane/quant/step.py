@@ -23,13 +23,23 @@ from ..model.layers import FeedForward
 from ..model.moe import MoeFeedForward
 from ..model.transformer import Transformer, TransformerBlock
 from . import kernels
-from .linear import PackedExperts, PackedLinear, fuse_projections
+from .linear import PackedExperts, fuse_projections
+from .step_adapters import (
+    GROUPS,
+    adapter_names,
+    base_of,
+    layer_adapters,
+    packed_buffer,
+    parts_of,
+    row_slots,
+    watched_tensors,
+)
 
 
 def _block_fits(block: TransformerBlock) -> bool:
     att, ff = block.attention, block.feed_forward
     return (
-        all(isinstance(m, PackedLinear) for m in (att.wqkv, att.wo))
+        all(parts_of(att, fused, parts) is not None for _, fused, parts in GROUPS[:2])
         and (_dense_fits(ff) or _moe_fits(ff))
         and block.attention_norm.weight.dtype == torch.float32
         and block.ffn_norm.weight.dtype == torch.float32
@@ -37,7 +47,7 @@ def _block_fits(block: TransformerBlock) -> bool:
 
 
 def _dense_fits(ff: nn.Module) -> bool:
-    return type(ff) is FeedForward and all(isinstance(m, PackedLinear) for m in (ff.w13, ff.w2))
+    return type(ff) is FeedForward and all(parts_of(ff, fused, parts) is not None for _, fused, parts in GROUPS[2:])
 
 
 def _moe_fits(ff: nn.Module) -> bool:
@@ -53,12 +63,6 @@ def _moe_fits(ff: nn.Module) -> bool:
         and ff.gate.weight.dtype == torch.float32
         and ff.top_k <= 64
     )
-
-
-def _packed(module: nn.Module | None) -> PackedLinear:
-    if not isinstance(module, PackedLinear):
-        raise TypeError(f"the compiled step runs packed projections, not {type(module).__name__}")
-    return module
 
 
 def fuse(model: Transformer) -> None:
@@ -85,8 +89,14 @@ class CompiledStep:
         ext = kernels.extension()
         assert ext is not None  # fits() checked that the kernels are built
         self._run = ext.decode_block
-        self._weights = [_block_buffers(block) for block in model.blocks()]  # fixed while this backend serves
+        self.adapters = adapter_names(model)  # LoRA slots, copied per layer (quant/step_adapters.py)
+        self._adapter_values = [layer_adapters(block, self.adapters) for block in model.blocks()]
+        self._weights = [  # fixed while this backend serves
+            _block_buffers(block) | _lora_buffers(*values, len(self.adapters))
+            for block, values in zip(model.blocks(), self._adapter_values)
+        ]
         self._watched = _watch(model)  # what current() compares, and keeps alive while this step serves
+        self._versions = watched_tensors(model, self.adapters)
 
     @staticmethod
     def fits(model: Transformer) -> bool:
@@ -101,8 +111,14 @@ class CompiledStep:
         return issubclass(cache_kind, (KVCache, PagedCache)) and dtype is torch.float32
 
     def current(self) -> bool:
-        """False once any block's norm or packed projection was swapped (LoRA, re-quantization, ...)."""
-        return len(self.model.layers) == len(self._weights) and all(d.get(k) is v for d, k, v in self._watched)
+        """False once any block's norm or packed projection was swapped (LoRA, re-quantization, ...), or an
+        adapter was added, removed or updated in place."""
+        return (
+            len(self.model.layers) == len(self._weights)
+            and all(d.get(k) is v for d, k, v in self._watched)
+            and adapter_names(self.model) == self.adapters
+            and all(t._version == v for t, v in self._versions)
+        )
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
         """A serving step on the paged pool runs compiled, unless it is one sequence's prompt chunk of more
@@ -141,9 +157,13 @@ class CompiledStep:
         h, qpos = h.contiguous(), qpos.contiguous()
         cos_sin = torch.view_as_real(rope).contiguous()  # complex [B,..,D/2] -> float [B,..,D/2,2]
         extra, per_layer = layers
-        # (B, dim, H, Hkv, D, F, S, E, K, P, bs, R, T); the kernel checks every buffer's nbytes against them
-        shape, threads = (h.shape[0], *self.shape, extra[0], *self.experts, *extra[1:]), torch.get_num_threads()
+        slots = len(self.adapters)
+        # (B, dim, H, Hkv, D, F, S, E, K, P, bs, R, T, L); the kernel checks every buffer's nbytes against them
+        shape = (h.shape[0], *self.shape, extra[0], *self.experts, *extra[1:], slots)
+        threads = torch.get_num_threads()
+        rows = row_slots(self.model, self.adapters, h.shape[0]) if slots else None  # int32 [B]
         step = {"x": _buffer(h), "cos_sin": _buffer(cos_sin), "qpos": _buffer(qpos)}
+        step["lora_row"] = _buffer(rows) if rows is not None else _UNUSED
         for weights, kv in zip(self._weights, per_layer):
             self._run(shape, {**step, **weights, **kv}, self.eps, self.window, threads)
         return h
@@ -192,20 +212,24 @@ _UNUSED = (0, 0)  # a buffer the block does not read: no bytes (the kernel check
 
 def _block_buffers(block: TransformerBlock) -> dict[str, tuple[int, ...]]:
     """A block's norms and packed weights as `decode_block` buffers (they do not move while it serves)."""
-    att, ff = block.attention, block.feed_forward
-    out = {
-        "attn_norm": _buffer(block.attention_norm.weight),
-        "ffn_norm": _buffer(block.ffn_norm.weight),
-        **{name: _buffer(m.packed, m.qtype) for name, m in (("wqkv", _packed(att.wqkv)), ("wo", _packed(att.wo)))},
-    }
+    ff = block.feed_forward
+    out = {"attn_norm": _buffer(block.attention_norm.weight), "ffn_norm": _buffer(block.ffn_norm.weight)}
+    for owner, fused, parts in GROUPS[: 2 if isinstance(ff, MoeFeedForward) else 4]:
+        modules = parts_of(getattr(block, owner), fused, parts)
+        assert modules is not None  # _block_fits said so
+        out[fused] = packed_buffer(modules)
     if isinstance(ff, MoeFeedForward):  # _block_fits said: packed experts, float32 router
         stacks = {name: _experts(getattr(ff, w)) for name, w in (("w1e", "w1"), ("w3e", "w3"), ("w2", "w2"))}
         out |= {name: _buffer(m.packed, m.qtype) for name, m in stacks.items()}
         return out | {"gate": _buffer(ff.gate.weight), "w13": (*_UNUSED, 0)}
-    assert isinstance(ff, FeedForward)
-    dense = {"w13": _packed(ff.w13), "w2": _packed(ff.w2)}
-    out |= {name: _buffer(m.packed, m.qtype) for name, m in dense.items()}
     return out | {"gate": _UNUSED, "w1e": (*_UNUSED, 0), "w3e": (*_UNUSED, 0)}
+
+
+def _lora_buffers(cols: torch.Tensor, values: torch.Tensor, slots: int) -> dict[str, tuple[int, ...]]:
+    """A layer's adapter columns and values (empty without adapters)."""
+    if not slots:
+        return {"lora_cols": _UNUSED, "lora": _UNUSED}
+    return {"lora_cols": _buffer(cols), "lora": _buffer(values)}
 
 
 def _experts(module: object) -> PackedExperts:
@@ -230,12 +254,20 @@ def _watch(model: Transformer) -> list[tuple[dict, str, object]]:
             watch(block, name)
         watch(block.attention_norm, "weight")
         watch(block.ffn_norm, "weight")
-        att, ff = block.attention, block.feed_forward
-        names = ("w1", "w2", "w3", "gate") if isinstance(ff, MoeFeedForward) else ("w13", "w2")
-        projections = [watch(att, "wqkv"), watch(att, "wo"), *(watch(ff, n) for n in names)]
-        for m in projections:  # the packed tensors too: the step holds their addresses
-            if isinstance(m, nn.Module):
-                watch(m, "packed" if hasattr(m, "packed") else "weight")
+        ff = block.feed_forward
+        moe = isinstance(ff, MoeFeedForward)
+        for owner_name, fused, parts in GROUPS[: 2 if moe else 4]:
+            owner = getattr(block, owner_name)
+            for name in dict.fromkeys((fused, *parts)):
+                watch(owner, name)
+            for m in parts_of(owner, fused, parts) or []:  # wrappers, and the packed tensors (their addresses)
+                base = base_of(m)
+                if base is not m:
+                    watch(m, "base")
+                watch(base, "packed")
+        for expert in [watch(ff, n) for n in ("w1", "w2", "w3", "gate")] if moe else []:
+            if isinstance(expert, nn.Module):
+                watch(expert, "packed" if hasattr(expert, "packed") else "weight")
         # Mixtral: adapters set on the experts, or a rank's range of them, change what the block computes
         watch(ff, "expert_lora")
         watch(ff, "expert_range")

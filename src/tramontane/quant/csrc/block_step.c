@@ -36,7 +36,8 @@ const char *const tram_block_buffer_names[BUF_COUNT] = {
     [BUF_X] = "x", [BUF_NORM1] = "attn_norm", [BUF_NORM2] = "ffn_norm", [BUF_WQKV] = "wqkv",
     [BUF_WO] = "wo", [BUF_W13] = "w13", [BUF_W2] = "w2", [BUF_CS] = "cos_sin", [BUF_KC] = "k_cache",
     [BUF_VC] = "v_cache", [BUF_KPOS] = "kpos", [BUF_QPOS] = "qpos", [BUF_GATE] = "gate", [BUF_W1E] = "w1e",
-    [BUF_W3E] = "w3e", [BUF_TABLES] = "tables", [BUF_SEQ] = "seq",
+    [BUF_W3E] = "w3e", [BUF_TABLES] = "tables", [BUF_SEQ] = "seq", [BUF_LROW] = "lora_row",
+    [BUF_LCOLS] = "lora_cols", [BUF_LORA] = "lora",
 };
 
 int tram_block_extents(const block_args *a, size_t need[BUF_COUNT]) {
@@ -61,7 +62,34 @@ int tram_block_extents(const block_args *a, size_t need[BUF_COUNT]) {
     bad |= tram_extent(&need[BUF_KPOS], 8, offline ? B : 0, a->S, 1, 1) | tram_extent(&need[BUF_QPOS], 8, B, 1, 1, 1);
     bad |= tram_extent(&need[BUF_TABLES], 4, offline ? 0 : a->R, a->T, 1, 1);
     bad |= tram_extent(&need[BUF_SEQ], 4, offline ? 0 : B, 1, 1, 1);
+    bad |= tram_extent(&need[BUF_LROW], 4, a->L > 0 ? B : 0, 1, 1, 1);
+    bad |= tram_extent(&need[BUF_LCOLS], 4, a->L > 0 ? 4 : 0, a->L + 1, 1, 1);
+    need[BUF_LORA] = 0;  /* tram_block_lora_extent, from lora_cols */
     return bad ? -1 : 0;
+}
+
+/* In and out features of projection g (0 wqkv, 1 wo, 2 w13, 3 w2). */
+static void lora_dims(const block_args *a, int g, long *in, long *out) {
+    const long HD = a->H * a->D, width = (a->H + 2 * a->Hkv) * a->D;
+    const long ins[4] = {a->dim, HD, a->dim, a->F}, outs[4] = {width, a->dim, 2 * a->F, a->dim};
+    *in = ins[g], *out = outs[g];
+}
+
+int tram_block_lora_extent(const block_args *a, size_t *need, long *row) {
+    *need = 0, *row = -1;
+    for (int g = 0; g < 4 && a->L > 0; g++) {
+        const int32_t *cols = a->lora_cols + g * (a->L + 1);
+        if (cols[0] != 0 || (a->E > 0 && g >= 2 && cols[a->L] != 0)) return -1;
+        for (long s = 0; s < a->L; s++)
+            if (cols[s + 1] < cols[s]) return -1;
+        long in, out;
+        lora_dims(a, g, &in, &out);
+        size_t bytes;
+        if (tram_extent(&bytes, 4, cols[a->L], in + out, 1, 1) || __builtin_add_overflow(*need, bytes, need)) return -1;
+    }
+    for (long b = 0; b < a->B && a->L > 0; b++)
+        if (a->lora_row[b] < -1 || a->lora_row[b] >= a->L) return *row = b, -1;
+    return 0;
 }
 
 /* First position a paged row at qpos attends. */
@@ -197,6 +225,50 @@ static void add_rows(float *x, const float *y, long n) {
     for (long i = 0; i < n; i++) x[i] += y[i];
 }
 
+/* LoRA scratch: one slot's rows of a projection's input and output, and their A products. */
+typedef struct {
+    float *x, *t, *y;  /* [B, max in], [B, max r], [B, max out] */
+    long *rows;        /* [B] */
+} lora_scratch;
+
+/* Where projection g's A starts in a->lora (its B follows, R_g * in_g floats on). */
+static const float *lora_at(const block_args *a, int g) {
+    const float *p = a->lora;
+    for (int j = 0; j < g; j++) {
+        long in, out;
+        lora_dims(a, j, &in, &out);
+        p += (size_t)a->lora_cols[j * (a->L + 1) + a->L] * (size_t)(in + out);
+    }
+    return p;
+}
+
+/* y [B, out] += each row's adapter delta of projection g on x [B, in]: slot by slot, its rows gathered
+ * (M = their count), t = x . A^T [M, r] then y += t . B^T, as F32 matmuls. Returns 0, or -1 when out of
+ * memory. */
+static int lora_add(const isa_ops *ops, const block_args *a, const lora_scratch *l, int g, const float *x,
+                    float *y) {
+    long in, out;
+    lora_dims(a, g, &in, &out);
+    const int32_t *cols = a->lora_cols + g * (a->L + 1);
+    const float *A = lora_at(a, g), *Bs = A + (size_t)cols[a->L] * in;
+    int rc = 0;
+    for (long s = 0; s < a->L && !rc; s++) {
+        const long r = cols[s + 1] - cols[s];
+        long m = 0;
+        for (long b = 0; b < a->B && r > 0; b++)
+            if (a->lora_row[b] == s && a->qpos[b] >= 0) {
+                l->rows[m] = b;
+                memcpy(l->x + m++ * in, x + b * in, sizeof(float) * in);
+            }
+        if (m == 0) continue;
+        rc |= tram_matmul(ops, l->x, (const uint8_t *)(A + (size_t)cols[s] * in), l->t, m, r, in, T_F32, a->threads);
+        rc |= tram_matmul(ops, l->t, (const uint8_t *)(Bs + (size_t)cols[s] * out), l->y, m, out, r, T_F32,
+                          a->threads);
+        for (long i = 0; i < m; i++) add_rows(y + l->rows[i] * out, l->y + i * out, out);
+    }
+    return rc;
+}
+
 /* Scratch of one step, carved from one allocation. */
 typedef struct {
     float *xn, *qkv, *att, *h13, *gu, *y;  /* [B,dim] [B,width] [B,HD] [B,2F] [B,F] [B,dim] */
@@ -204,6 +276,7 @@ typedef struct {
      * [B,K] each row's routing weights and [B] those of one expert's rows */
     float *logits, *xe, *acc, *wsel, *wrow;
     long *chosen, *rows;                   /* [B,K] each row's experts (by id), [B] the rows of one expert */
+    lora_scratch lora;                     /* L > 0 */
 } scratch;
 
 /* Returns 0, or -1 when out of memory. */
@@ -212,9 +285,11 @@ static int attention_half(const isa_ops *ops, const block_args *a, const scratch
     int rc = 0;
     rms_norm_rows(a->x, a->norm1, a->eps, B, dim, s->xn);
     rc |= tram_matmul(ops, s->xn, a->wqkv, s->qkv, B, width, dim, a->tqkv, a->threads);
+    if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 0, s->xn, s->qkv);
     rope_and_store(a, s->qkv);
     rc |= attend_rows(ops, a, s->qkv, s->att);
     rc |= tram_matmul(ops, s->att, a->wo, s->y, B, dim, HD, a->to, a->threads);
+    if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 1, s->att, s->y);
     add_rows(a->x, s->y, B * dim);
     return rc;
 }
@@ -224,8 +299,10 @@ static int ffn_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     int rc = 0;
     rms_norm_rows(a->x, a->norm2, a->eps, B, dim, s->xn);
     rc |= tram_matmul(ops, s->xn, a->w13, s->h13, B, 2 * F, dim, a->t13, a->threads);
+    if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 2, s->xn, s->h13);
     for (long b = 0; b < B; b++) ops->silu_mul(s->h13 + b * 2 * F, s->h13 + b * 2 * F + F, s->gu + b * F, F);
     rc |= tram_matmul(ops, s->gu, a->w2, s->y, B, dim, F, a->t2, a->threads);
+    if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 3, s->gu, s->y);
     add_rows(a->x, s->y, B * dim);
     return rc;
 }
@@ -294,6 +371,29 @@ static int moe_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     return rc;
 }
 
+/* The LoRA scratch for a->L > 0 slots in one malloc'd block (returned, to free; NULL when L = 0 or out
+ * of memory, *oom = 1 then). */
+static void *lora_alloc(const block_args *a, lora_scratch *l, int *oom) {
+    long max_in = 0, max_out = 0, max_r = 0;
+    for (int g = 0; g < 4 && a->L > 0; g++) {
+        long in, out;
+        lora_dims(a, g, &in, &out);
+        max_in = in > max_in ? in : max_in, max_out = out > max_out ? out : max_out;
+        const int32_t *cols = a->lora_cols + g * (a->L + 1);
+        for (long s = 0; s < a->L; s++) max_r = cols[s + 1] - cols[s] > max_r ? cols[s + 1] - cols[s] : max_r;
+    }
+    *oom = 0;
+    if (a->L == 0) return NULL;
+    const size_t floats = (size_t)a->B * (size_t)(max_in + max_r + max_out);
+    char *mem = malloc(sizeof(float) * floats + sizeof(long) * (size_t)a->B);
+    if (!mem) return *oom = 1, NULL;
+    l->x = (float *)mem;
+    l->t = l->x + a->B * max_in;
+    l->y = l->t + a->B * max_r;
+    l->rows = (long *)(mem + sizeof(float) * floats);
+    return mem;
+}
+
 int tram_run_block(const isa_ops *ops, const block_args *a) {
     const long B = a->B, dim = a->dim, HD = a->H * a->D, width = (a->H + 2 * a->Hkv) * a->D, F = a->F;
     const long moe = a->E > 0 ? 1 : 0;
@@ -301,12 +401,15 @@ int tram_run_block(const isa_ops *ops, const block_args *a) {
     floats += (size_t)moe * B * (a->E + 2 * dim + a->K + 1);
     float *buf = malloc(sizeof(float) * floats);
     long *ids = moe ? malloc(sizeof(long) * (size_t)B * (a->K + 1)) : NULL;
-    if (!buf || (moe && !ids)) {
+    scratch s;
+    int oom;
+    void *lora_mem = lora_alloc(a, &s.lora, &oom);
+    if (!buf || (moe && !ids) || oom) {
         free(buf);
         free(ids);
+        free(lora_mem);
         return -1;
     }
-    scratch s;
     s.xn = buf;
     s.qkv = s.xn + B * dim;
     s.att = s.qkv + B * width;
@@ -324,5 +427,6 @@ int tram_run_block(const isa_ops *ops, const block_args *a) {
     rc |= a->E > 0 ? moe_half(ops, a, &s) : ffn_half(ops, a, &s);
     free(buf);
     free(ids);
+    free(lora_mem);
     return rc ? -1 : 0;
 }

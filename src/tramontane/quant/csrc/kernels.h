@@ -167,21 +167,34 @@ typedef struct {
      * attends positions max(0, qpos - window + 1) .. qpos of its own sequence, every one of them. */
     long P, bs, R, T;                   /* pool slots (a multiple of bs), block size, tables, blocks per table */
     const int32_t *tables, *seq;        /* [R, T], [B] */
+    /* LoRA adapters (L > 0 slots): row b adds the delta of adapter slot lora_row[b] (-1: none) to the
+     * output of each projection g (0 wqkv, 1 wo, 2 w13, 3 w2). Slot s of projection g has rank
+     * r = cols[g][s+1] - cols[g][s] (cols = lora_cols [4, L+1], cols[g][0] = 0, R_g = cols[g][L]); `lora`
+     * holds, projection after projection, A [R_g, in_g] (the slots' rows stacked) then each slot's
+     * B [out_g, r] (scale folded in), slot after slot. */
+    long L;
+    const int32_t *lora_row, *lora_cols;  /* [B], [4, L+1] */
+    const float *lora;
 } block_args;
 
 /* The buffers of a block step, in the order of tram_block_buffer_names. */
 enum {
     BUF_X, BUF_NORM1, BUF_NORM2, BUF_WQKV, BUF_WO, BUF_W13, BUF_W2, BUF_CS, BUF_KC, BUF_VC, BUF_KPOS,
-    BUF_QPOS, BUF_GATE, BUF_W1E, BUF_W3E, BUF_TABLES, BUF_SEQ, BUF_COUNT
+    BUF_QPOS, BUF_GATE, BUF_W1E, BUF_W3E, BUF_TABLES, BUF_SEQ, BUF_LROW, BUF_LCOLS, BUF_LORA, BUF_COUNT
 };
 /* Their names in the Python binding. */
 extern TRAM_HIDDEN const char *const tram_block_buffer_names[BUF_COUNT];
 /* Bytes each buffer must hold for the shapes and types in `a` (validated first: positive dims, supported
- * types whose blocks divide the rows); returns 0, or -1 when a size does not fit in size_t. */
+ * types whose blocks divide the rows), but `lora`'s (tram_block_lora_extent, once lora_cols is checked);
+ * returns 0, or -1 when a size does not fit in size_t. */
 TRAM_HIDDEN int tram_block_extents(const block_args *a, size_t need[BUF_COUNT]);
 /* Paged: -1 when row b's sequence, its block table or its span of keys is out of range (checked before
  * the step reads any), *row = b; 0 when every row is in range, or the cache is offline. */
 TRAM_HIDDEN int tram_block_rows_ok(const block_args *a, long *row);
+/* LoRA (L > 0): the bytes `lora` must hold; -1 when lora_cols is malformed (a row of cols not rising
+ * from 0, a Mixtral block with adapters on w13 or w2) or a row's slot is out of [-1, L) (*row = that
+ * row, else -1). 0 bytes without adapters. */
+TRAM_HIDDEN int tram_block_lora_extent(const block_args *a, size_t *need, long *row);
 /* Returns 0, or -1 when out of memory. */
 TRAM_HIDDEN int tram_run_block(const isa_ops *ops, const block_args *a);
 

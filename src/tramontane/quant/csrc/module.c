@@ -14,7 +14,7 @@
  *   decode_block(shape, buffers, eps, window, n_threads)
  *       one transformer block for one new token per row, on an offline or a paged cache (block_step.c);
  *       on the paged one, every row's sequence, block table entries and span of keys are checked in
- *       range first.
+ *       range first; with LoRA adapters, their columns and every row's adapter slot too.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -211,10 +211,15 @@ static int check_type_k(int qtype, long K, const char *what) {
  * a paged cache adds P pool slots, blocks of bs slots (P a multiple of bs), R tables of T blocks (P = 0:
  * the offline cache). */
 static int parse_block_shape(PyObject *shape, block_args *a) {
-    Py_ssize_t B, dim, H, Hkv, D, F, S, E = 0, K = 0, P = 0, bs = 1, R = 1, T = 1;
-    if (!PyArg_ParseTuple(shape, "nnnnnnn|nnnnnn;decode_block: shape must be (B, dim, H, Hkv, D, F, S[, E, K"
-                          "[, P, bs, R, T]])", &B, &dim, &H, &Hkv, &D, &F, &S, &E, &K, &P, &bs, &R, &T))
+    Py_ssize_t B, dim, H, Hkv, D, F, S, E = 0, K = 0, P = 0, bs = 1, R = 1, T = 1, L = 0;
+    if (!PyArg_ParseTuple(shape, "nnnnnnn|nnnnnnn;decode_block: shape must be (B, dim, H, Hkv, D, F, S[, E, K"
+                          "[, P, bs, R, T[, L]]])", &B, &dim, &H, &Hkv, &D, &F, &S, &E, &K, &P, &bs, &R, &T, &L))
         return -1;
+    if (L < 0 || L > INT_MAX) {
+        PyErr_Format(PyExc_ValueError, "decode_block: bad adapter slot count L=%zd", L);
+        return -1;
+    }
+    a->L = L;
     if (!((E == 0 && K == 0) || (E >= 1 && E <= INT_MAX && K >= 1 && K <= E && K <= 64))) {
         PyErr_Format(PyExc_ValueError, "decode_block: bad experts E=%zd K=%zd (1 <= K <= E, K <= 64)", E, K);
         return -1;
@@ -274,7 +279,26 @@ static int check_block_buffers(const buffer b[BUF_COUNT], block_args *a) {
     a->w3e = (const uint8_t *)(uintptr_t)b[BUF_W3E].ptr;
     a->tables = (const int32_t *)(uintptr_t)b[BUF_TABLES].ptr;
     a->seq = (const int32_t *)(uintptr_t)b[BUF_SEQ].ptr;
+    a->lora_row = (const int32_t *)(uintptr_t)b[BUF_LROW].ptr;
+    a->lora_cols = (const int32_t *)(uintptr_t)b[BUF_LCOLS].ptr;
+    a->lora = (const float *)(uintptr_t)b[BUF_LORA].ptr;
     return 0;
+}
+
+/* The adapters' columns and rows in range, and `lora` as large as the columns say. */
+static int check_block_lora(const buffer *lora, const block_args *a) {
+    size_t need;
+    long row;
+    if (tram_block_lora_extent(a, &need, &row)) {
+        if (row >= 0)
+            PyErr_Format(PyExc_ValueError, "decode_block: row %ld: adapter slot %d is out of range (L=%ld)", row,
+                         (int)a->lora_row[row], a->L);
+        else
+            PyErr_SetString(PyExc_ValueError, "decode_block: lora_cols must rise from 0 in each of its 4 rows "
+                            "(and be 0 for w13 and w2 of a Mixtral block)");
+        return -1;
+    }
+    return check_extent("decode_block", "lora", lora, need);
 }
 
 /* The paged rows in range (a->window set first: it decides each row's span of keys). */
@@ -305,7 +329,7 @@ static PyObject *py_decode_block(PyObject *self, PyObject *args) {
     a.window = window;
     a.threads = nth;
     if (parse_block_shape(shape, &a) || parse_block_buffers(buffers, b, &a) || check_block_buffers(b, &a) ||
-        check_block_rows(&a))
+        check_block_rows(&a) || check_block_lora(&b[BUF_LORA], &a))
         return NULL;
     const isa_ops *ops = tram_isa_current();
     int rc;
@@ -389,7 +413,9 @@ static PyMethodDef METHODS[] = {
      "H, Hkv, D, F, S, E, K), gate float32 [E,dim], w1e and w3e [E*F rows of dim], w2 [E*dim rows of F], "
      "w13 empty; a dense one passes gate, w1e and w3e empty. A paged cache: shape = (..., E, K, P, bs, R, "
      "T), k_cache and v_cache float32 [P,Hkv,D] (the pool), tables int32 [R,T] (block ids), seq int32 [B] "
-     "(each row's table), S the most keys a row attends, kpos empty; offline, tables and seq are empty."},
+     "(each row's table), S the most keys a row attends, kpos empty; offline, tables and seq are empty. "
+     "LoRA: shape = (..., T, L) with L adapter slots, lora_row int32 [B] (each row's slot, -1 none), "
+     "lora_cols int32 [4,L+1] and lora float32 (see block_args in kernels.h); empty when L = 0."},
     {"isas", py_isas, METH_NOARGS, "Instruction sets this CPU can run, best first."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
     {"set_isa", py_set_isa, METH_VARARGS,
