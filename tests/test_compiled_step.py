@@ -260,8 +260,10 @@ def test_replaced_packed_rows_are_not_read_from_the_old_address(tmp_path):
 # ---- the paged pool (the serving engine's cache) ---------------------------------------------------------
 
 # Steps of the paged script: per step, (sequence, tokens) pairs. Prefill chunks beside decode tokens,
-# a sequence joining late, then decoding past the window (8 for the tiny Mistral) so blocks fall out.
+# a sequence joining late, then decoding past the window (8 for the tiny Mistral) so blocks fall out;
+# last, chunks past the window (each row's keys start elsewhere) and longer than an attention tile (8).
 PAGED_SCRIPT = [[(0, 5), (1, 3)], [(0, 1), (1, 4), (2, 2)], [(1, 1), (2, 6)]] + [[(0, 1), (1, 1), (2, 1)]] * 9
+PAGED_SCRIPT += [[(0, 1), (1, 6), (2, 10)]]
 
 
 def paged_run(model, backend, isa: str, block_size: int = 4, adapters: list[str | None] | None = None):

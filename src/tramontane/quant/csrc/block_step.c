@@ -187,37 +187,99 @@ static size_t key_base(const block_args *a, long b, long g) {
     return a->P > 0 ? (size_t)g * a->D : ((size_t)b * a->Hkv + g) * a->S * a->D;
 }
 
-/* att [B, H, D]: each query head over its kv head's keys (B * H items over the threads). Scratch per
- * thread: S offsets and S scores. Returns 0, or -1 when out of memory. */
+/* Rows of one sequence at consecutive positions attend in tiles of up to ATT_RT rows: their keys
+ * start at the same position, so each row's keys are a prefix of the tile's last row's. */
+#define ATT_RT 8
+
+/* How many rows from b form one tile (1 offline, for padding, or where the next row differs). */
+static long tile_len(const block_args *a, long b) {
+    const int64_t q = a->qpos[b];
+    long len = 1;
+    if (a->P == 0 || q < 0) return 1;
+    while (len < ATT_RT && b + len < a->B && a->seq[b + len] == a->seq[b] && a->qpos[b + len] == q + len &&
+           first_key(a, q + len) == first_key(a, q))
+        len++;
+    return len;
+}
+
+/* Per-thread scratch of attend_rows: the keys' offsets, the scores, and the tile's queries. */
+typedef struct {
+    size_t *off;         /* [ldsc] */
+    float *sc;           /* [nq * ldsc + nq], carved as [nq * ldsc + ATT_PAD(nq)] to keep what follows aligned */
+    long *n;             /* [nq] */
+    const float **q;     /* [nq] */
+    float **out;         /* [nq] */
+} att_scratch;
+
+static size_t att_bytes(long ldsc, long nq) {
+    return sizeof(size_t) * (size_t)ldsc + sizeof(float) * (size_t)(nq * ldsc + ATT_PAD(nq)) +
+           (sizeof(long) + sizeof(float *) * 2) * (size_t)nq;
+}
+
+static att_scratch att_carve(char *mem, long ldsc, long nq) {
+    att_scratch t;
+    t.off = (size_t *)mem;
+    t.sc = (float *)(t.off + ldsc);
+    t.n = (long *)(t.sc + nq * ldsc + ATT_PAD(nq));
+    t.q = (const float **)(t.n + nq);
+    t.out = (float **)(t.q + nq);
+    return t;
+}
+
+/* The tile of rows [b0, b0 + rows) and kv head g: its group's query heads of every row over the last
+ * row's keys (each row over its own prefix of them). */
+static void attend_tile(const isa_ops *ops, const block_args *a, const float *qkv, float *att, long b0,
+                        long rows, long g, const att_scratch *t) {
+    const long D = a->D, H = a->H, group = a->H / a->Hkv, width = (a->H + 2 * a->Hkv) * D;
+    long last = 0;
+    if (a->qpos[b0] >= 0) row_keys(a, b0 + rows - 1, t->off, &last);
+    if (last == 0) {  /* padding, or nothing visible */
+        for (long r = 0; r < rows; r++) memset(att + ((b0 + r) * H + g * group) * D, 0, sizeof(float) * group * D);
+        return;
+    }
+    for (long i = last; i < ATT_PAD(last); i++) t->off[i] = t->off[0];  /* dot8 reads whole groups of 8 */
+    long nq = 0;
+    for (long r = 0; r < rows; r++)
+        for (long h = g * group; h < (g + 1) * group; h++, nq++) {
+            t->q[nq] = qkv + (b0 + r) * width + h * D;
+            t->out[nq] = att + ((b0 + r) * H + h) * D;
+            t->n[nq] = last - (rows - 1 - r);  /* consecutive positions from the same first key */
+        }
+    const size_t base = key_base(a, b0, g);
+    ops->attend(t->q, t->out, nq, t->n, a->kc + base, a->vc + base, t->off, D, 1.0f / sqrtf((float)D), t->sc,
+                ATT_PAD(a->S));
+}
+
+/* att [B, H, D]: tiles of rows times kv heads over the threads. Returns 0, or -1 when out of memory. */
 static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv, float *att) {
-    const long D = a->D, S = a->S, width = (a->H + 2 * a->Hkv) * D, items = a->B * a->H, group = a->H / a->Hkv;
-    const float scale = 1.0f / sqrtf((float)D);
+    const long B = a->B, Hkv = a->Hkv, ldsc = ATT_PAD(a->S), nq = ATT_RT * (a->H / Hkv);
+    long *start = malloc(sizeof(long) * (size_t)(B + 1)), tiles = 0;
+    if (!start) return -1;
+    for (long b = 0; b < B; b += tile_len(a, b)) start[tiles++] = b;
+    start[tiles] = B;
+    const long items = tiles * Hkv;
     int nth = a->threads < items ? a->threads : (int)items;
-    if ((long)S * D * items < 32768) nth = 1;
-    char *mem = malloc((sizeof(size_t) + sizeof(float)) * (size_t)S * (size_t)nth);
-    if (!mem) return -1;
+    if (a->S * a->D * B * a->H < 32768) nth = 1;
+    const size_t per_thread = att_bytes(ldsc, nq);
+    char *mem = malloc(per_thread * (size_t)nth);
+    if (!mem) {
+        free(start);
+        return -1;
+    }
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(dynamic, 1)
 #endif
     for (long it = 0; it < items; it++) {
-        int t = 0;
+        int th = 0;
 #ifdef _OPENMP
-        t = omp_get_thread_num();
+        th = omp_get_thread_num();
 #endif
-        size_t *off = (size_t *)mem + (size_t)t * S;
-        float *sc = (float *)(mem + sizeof(size_t) * (size_t)S * nth) + (size_t)t * S;
-        const long b = it / a->H, h = it % a->H, g = h / group;
-        float *out = att + it * D;
-        long n = 0;
-        if (a->qpos[b] >= 0) row_keys(a, b, off, &n);
-        if (n == 0) {  /* padding, or nothing visible */
-            memset(out, 0, sizeof(float) * D);
-            continue;
-        }
-        const size_t base = key_base(a, b, g);
-        ops->attend(qkv + b * width + h * D, a->kc + base, a->vc + base, off, n, D, scale, sc, out);
+        const att_scratch t = att_carve(mem + per_thread * (size_t)th, ldsc, nq);
+        const long tile = it / Hkv;
+        attend_tile(ops, a, qkv, att, start[tile], start[tile + 1] - start[tile], it % Hkv, &t);
     }
     free(mem);
+    free(start);
     return 0;
 }
 

@@ -74,11 +74,15 @@ typedef void (*fused_q8_fn)(const uint8_t *w, size_t rb, long n, const q8_rows *
 typedef void (*tile_fn)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long n0, long n1,
                         const float *x, long M, long K, float *y, long N);
 
-/* One query head over n keys (n >= 1): out[D] = softmax(q . k_i * scale) . v_i, key i at k + off[i]
- * and its value at v + off[i] (element offsets: the caller decides the layout and which keys are
- * visible); sc: n floats of scratch. */
-typedef void (*attend_fn)(const float *q, const float *k, const float *v, const size_t *off, long n, long D,
-                          float scale, float *sc, float *out);
+/* nq query heads over the same keys: query j (D floats at q[j]) sees the first n[j] >= 1 of them and
+ * gets out[j] = softmax_i(q_j . k_i * scale) . v_i, key i at k + off[i] and its value at v + off[i]
+ * (element offsets: the caller decides the layout and which keys are visible). The keys and values are
+ * read once for all the queries (the heads of one kv head, the rows of one prefill chunk), and each
+ * query's result does not depend on which others share the call. off holds ATT_PAD(max n) entries (the
+ * caller pads with a valid offset); sc is scratch of nq * ldsc + nq floats, ldsc >= ATT_PAD(max n). */
+#define ATT_PAD(n) (((n) + 7) & ~7L)
+typedef void (*attend_fn)(const float *const *q, float *const *out, long nq, const long *n, const float *k,
+                          const float *v, const size_t *off, long D, float scale, float *sc, long ldsc);
 /* out[i] = silu(g[i]) * u[i], silu(g) = g / (1 + e^-g). */
 typedef void (*silu_fn)(const float *g, const float *u, float *out, long n);
 

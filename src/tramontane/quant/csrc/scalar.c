@@ -31,8 +31,8 @@ static void tile_c(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long
     }
 }
 
-static void attend_c(const float *q, const float *k, const float *v, const size_t *off, long n, long D,
-                     float scale, float *sc, float *out) {
+static void attend_one_c(const float *q, const float *k, const float *v, const size_t *off, long n, long D,
+                         float scale, float *sc, float *out) {
     float mx = -INFINITY, sum = 0.0f;
     for (long i = 0; i < n; i++) {
         sc[i] = dot_c(q, k + off[i], D) * scale;
@@ -45,6 +45,11 @@ static void attend_c(const float *q, const float *k, const float *v, const size_
         for (long d = 0; d < D; d++) out[d] += p * v[off[i] + d];
     }
     for (long d = 0; d < D; d++) out[d] /= sum;
+}
+
+static void attend_c(const float *const *q, float *const *out, long nq, const long *n, const float *k,
+                     const float *v, const size_t *off, long D, float scale, float *sc, long ldsc) {
+    for (long j = 0; j < nq; j++) attend_one_c(q[j], k, v, off, n[j], D, scale, sc + j * ldsc, out[j]);
 }
 
 static void silu_mul_c(const float *g, const float *u, float *out, long n) {
