@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import pytest
+import torch
 from chartok import CharTokenizer
 from models import hf_model, save_gguf, save_hf
 
@@ -142,3 +143,25 @@ def test_prefix_cache_shares_a_common_prompt(llm):
     assert b[1].cached_tokens == (len(system) // 4) * 4
     assert engine.pool.hits > 0 and metric(engine, "tramontane_prefix_cache_hit_rate") > 0
     assert [a[0], b[0]] == sequential(llm, [first, second])
+
+
+def test_an_idle_pool_is_not_resident():
+    """The pool's memory becomes resident as blocks are written, not when the engine starts (a server's
+    default pool is 10% of RAM): 1 GiB of blocks adds under 64 MiB of RSS until used, and reads as zeros."""
+    from tramontane.config import ModelConfig
+    from tramontane.engine.blocks import BlockPool
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    config = ModelConfig(32, 64, 4, 4, 2, 16, 128, norm_eps=1e-5, rope_theta=1e4)
+    per_block = bytes_per_block(config, 16, torch.float32)
+    before = rss()
+    pool = BlockPool(config, (1 << 30) // per_block, 16)
+    assert rss() - before < 64 << 20
+    assert pool.k[3].shape == (pool.num_blocks * 16, 2, 16) and pool.v[0].is_contiguous()
+    assert not pool.k[3][-5:].any() and not pool.v[0][:5].any()
+    pool.k[1].fill_(1.0)  # written: resident
+    assert rss() - before > 100 << 20
+    assert not pool.k[0].any() and not pool.v[1].any()  # the layers do not overlap

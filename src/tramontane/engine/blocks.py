@@ -13,11 +13,13 @@ keeps its key and stays findable until the space is needed (least recently freed
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import struct
 from collections import OrderedDict
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..config import ModelConfig
@@ -39,6 +41,14 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) ->
     return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
 
 
+def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros that cost no resident memory until written: one calloc'd allocation (numpy's zeros), whose
+    fresh pages the OS maps on first write. (torch.zeros writes every byte at once: a server's pool
+    sized to 10% of RAM was resident before the first request.)"""
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class BlockPool:
     def __init__(
         self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32
@@ -47,8 +57,8 @@ class BlockPool:
             raise ValueError("the KV pool needs at least one block")
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks * block_size, config.n_kv_heads, config.head_dim)  # [slots,Hkv,D]
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(config.n_layers)]
+        layers = untouched_zeros((2 * config.n_layers, *shape), dtype)  # [2L,slots,Hkv,D]
+        self.k, self.v = list(layers[: config.n_layers]), list(layers[config.n_layers :])
         self.refs = [0] * num_blocks
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # never hashed; pop() = lowest id
         self._evictable: OrderedDict[int, None] = OrderedDict()  # refs 0 but hashed, oldest first
