@@ -11,9 +11,11 @@ F.linear's sgemm does the rest; with AVX-512 the packed kernel is faster at ever
 Activations. By default ("q8") the packed kernels of the K-quants (Q2_K to Q6_K) take x rounded to
 int8 per 256 elements, those of Q4_0, Q4_1 and Q8_0 per 32 (integer kernels, AVX2 and AVX-512), as
 llama.cpp does: the quants are multiplied as bytes, so decoding keeps up with the memory bandwidth.
-Where each path measured fastest on the dev machine: Q4_0, Q4_1 and Q8_0 keep the float32 kernel at
-M <= 4; past DEQUANTIZE_ABOVE_M rows a matrix whose float32 copy would exceed INTEGER_ABOVE_BYTES
-stays on the integer kernel, a smaller one goes through dequantize + sgemm (exact). The integer result
+The integer kernel runs at every M (decode's one to four rows keep their accumulators in registers,
+as fast as the float32 kernel there), so that a row's result does not depend on how many rows share
+the call: a served request's answer does not depend on the batch it lands in. In the module path, past
+DEQUANTIZE_ABOVE_M rows a matrix whose float32 copy would exceed INTEGER_ABOVE_BYTES stays on the
+integer kernel, a smaller one goes through dequantize + sgemm (exact). The integer result
 differs from `x @ dequantize(W).T` by the rounding of x (at most half a step of 1/127 of each block's
 largest |x|, per element). "f32" (the exact path: `set_activations("f32")`, the environment variable
 TRAMONTANE_ACTIVATIONS=f32, or the CLI's --exact) keeps every activation float32: results then match

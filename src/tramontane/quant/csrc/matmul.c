@@ -112,9 +112,9 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
     const size_t rb = tram_row_bytes(qtype, K);
     fused_fn fused = M <= FUSED_M && K % 32 == 0 ? ops->fused[qtype] : NULL;  /* F16/BF16: 32 at a time */
     const long blk = q8_block(qtype);
-    /* Q4_0, Q4_1, Q8_0: their float32 fused kernel measured faster at M <= FUSED_M (kernels.py) */
-    const int legacy_small = blk == 32 && M <= FUSED_M && fused;
-    fused_q8_fn fused_q8 = g_q8 && K % blk == 0 && !legacy_small ? ops->fused_q8[qtype] : NULL;
+    /* One kernel at every M where it has one: a row's result does not depend on how many rows share
+     * the call (a served request's answer on the batch it lands in). */
+    fused_q8_fn fused_q8 = g_q8 && K % blk == 0 ? ops->fused_q8[qtype] : NULL;
     float *xs = NULL;
     q8_rows xq = {NULL, NULL, NULL};
     void *xq_mem = NULL;
