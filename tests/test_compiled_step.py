@@ -420,3 +420,56 @@ def test_paged_rows_out_of_range_are_refused(tmp_path):
     wide = PagedCache(pool, pool, 4, torch.tensor([[1, 0]]), torch.tensor([0]), torch.tensor([5]), None)  # int64
     with pytest.raises(TypeError, match="int32"), torch.inference_mode():
         step.prefill(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[5]]), wide)
+
+
+def offline_prefill(model, backend, prompts: list[list[int]], capacity: int = 32):
+    """Right-padded prompts [B,T] in one chunk on a fresh offline cache: logits [B,T,V] and the cache."""
+    width = max(map(len, prompts))
+    tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+    positions = torch.tensor([list(range(len(p))) + [-1] * (width - len(p)) for p in prompts])
+    cache = KVCache(model.config, len(prompts), capacity)
+    with torch.inference_mode():
+        return model.logits(backend.prefill(tokens, positions, cache)), cache
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("kind", "qtype"), [("mistral", "Q4_0"), ("llama", "Q8_0"), ("mixtral", "Q4_1")])
+def test_offline_prompt_chunks_run_compiled(tmp_path, isa, kind, qtype):
+    """Offline prompt chunks of several prompts (right-padded; the tiny Mistral's window 8 < 13 tokens)
+    run as mapped rows of the compiled step: the logits and the cache the module path gives."""
+    model = load_model(save_gguf(hf_model(kind, seed=3), tmp_path / "m.gguf", qtype), packed=True).model
+    prompts = [[1, 5, 9, 33, 7, 12, 40, 2, 2, 8, 31, 17, 3], [1, 60, 2, 8], [4, 4, 50]]
+    prev = kernels.extension().set_isa(isa)
+    try:
+        fused, fused_cache = offline_prefill(model, CompiledStep(model), prompts)
+        plain, plain_cache = offline_prefill(model, ModuleBackend(model), prompts)
+    finally:
+        kernels.extension().set_isa(prev)
+    for b, p in enumerate(prompts):
+        a, e = fused[b, : len(p)], plain[b, : len(p)]
+        assert (a - e).abs().max().item() <= 1e-5 * max(1.0, e.abs().max().item())
+    assert torch.equal(fused_cache.pos, plain_cache.pos)
+    for a, e in zip(fused_cache.k + fused_cache.v, plain_cache.k + plain_cache.v):
+        assert (a - e).abs().max().item() <= 1e-5 * max(1.0, e.abs().max().item())
+
+
+def test_a_prompt_computes_offline_as_served(tmp_path):
+    """With integer activations every row's arithmetic is the same whatever shares its step: a prompt
+    prefilled offline beside another, and the same prompt as a chunk of a serving step beside another
+    sequence's tokens, give the same bits (the served answer equals the offline one)."""
+    model = load_model(save_gguf(hf_model("mistral", seed=3), tmp_path / "m.gguf", "Q4_0"), packed=True).model
+    step, prompt = CompiledStep(model), [1, 5, 9, 33, 7, 12]
+    previous = kernels.set_activations("q8")
+    try:
+        offline, _ = offline_prefill(model, step, [prompt, [4, 4, 50, 9]])
+        config = model.config
+        pool = [torch.zeros(32, config.n_kv_heads, config.head_dim) for _ in range(2 * config.n_layers)]
+        tables = torch.tensor([[5, 6], [2, -1]], dtype=torch.int32)
+        seq = torch.tensor([0] * 6 + [1] * 3, dtype=torch.int32)
+        positions = torch.tensor(list(range(6)) + [0, 1, 2])
+        cache = PagedCache(pool[::2], pool[1::2], 4, tables, seq, positions, config.sliding_window)
+        with torch.inference_mode():
+            served = model.logits(step.prefill(torch.tensor(prompt + [8, 8, 3])[None], positions[None], cache)[0])
+    finally:
+        kernels.set_activations(previous)
+    assert torch.equal(served[:6], offline[0, :6])

@@ -8,8 +8,9 @@ are all packed (fused wqkv and w13 `PackedLinear`s, dense SwiGLU, float32 norms;
 `KVCache` or on the serving pool's `PagedCache`: it runs each block as one call of the compiled
 `decode_block` (RMSNorm, packed projections, RoPE, cache write, attention over the visible keys,
 SwiGLU or the routed experts; see quant/csrc/). On the pool a step is many sequences' tokens in one
-row (decode tokens and prefill chunks), each attending its own sequence's blocks. Offline prompt chunks,
-and a serving step that is one long prompt chunk alone, take the module path. Both compute the same float32 arithmetic; they differ by
+row (decode tokens and prefill chunks), each attending its own sequence's blocks; offline, a prompt
+chunk's tokens are rows mapped to their cache rows. One long prompt chunk alone (offline or served)
+takes the module path. Both compute the same float32 arithmetic; they differ by
 rounding order only (tests compare them). `build.select_backend` decides where it serves.
 """
 
@@ -125,12 +126,32 @@ class CompiledStep:
         tokens than the packed kernels' M (`kernels.use_dense`): there the module path's sgemm and fused
         attention are faster. (Over several sequences the module path attends every query to every
         sequence's keys, masked: work that grows with the square of the batch; 14 prompts of 2,000
-        shared tokens took 8.5 s through it against 2.4 s compiled.) Offline prompt chunks take the
-        module path."""
-        if isinstance(cache, PagedCache) and positions is not None:
+        shared tokens took 8.5 s through it against 2.4 s compiled.) Offline prompt chunks follow the
+        same rule (one prompt of more than M tokens: the module path), so that a prompt computes offline
+        as it does served."""
+        if positions is not None and isinstance(cache, PagedCache):
             if cache.tables.shape[0] > 1 or not kernels.use_dense(tokens.shape[1]):
                 return self._paged(tokens, positions, cache)
+        elif positions is not None and isinstance(cache, KVCache) and self._chunk_fits(positions, cache):
+            if cache.batch_size > 1 or not kernels.use_dense(tokens.shape[1]):
+                return self._offline_chunk(tokens, positions, cache)
         return self.model.hidden_states(tokens, positions, cache)
+
+    @staticmethod
+    def _chunk_fits(positions: torch.Tensor, cache: KVCache) -> bool:
+        """An offline prompt chunk runs compiled where no position wraps the rolling buffer (every row's
+        chunk is stored before any row attends) and the cache is float32."""
+        return cache.k[0].dtype is torch.float32 and int(positions.max()) < cache.size
+
+    def _offline_chunk(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens, positions [B,T] (-1 = padding) -> [B,T,dim]: every token one row of the compiled step,
+        mapped to its cache row (so a prompt computes as it does as a serving step's chunk)."""
+        B, T = tokens.shape
+        h, rope, _ = self.model.embed(tokens, positions, cache)  # [B,T,dim], complex [B,T,1,D/2]
+        qpos = positions.reshape(-1).contiguous()  # [B*T]
+        rows = torch.arange(B, dtype=torch.int32).repeat_interleave(T)  # [B*T] each token's cache row
+        out = self.run_blocks(h.reshape(B * T, -1).float(), qpos, rope.reshape(B * T, -1), _offline_layers(cache, rows))
+        return self.model.norm(out).view(B, T, -1)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
         """tokens, positions [B,1] -> final normed hidden states [B,1,dim]."""
@@ -174,12 +195,12 @@ class CompiledStep:
 _Layers = tuple[tuple[int, ...], list[dict[str, tuple[int, ...]]]]
 
 
-def _offline_layers(cache: KVCache) -> _Layers:
+def _offline_layers(cache: KVCache, rows: torch.Tensor | None = None) -> _Layers:
     """The rolling offline cache: [B,Hkv,S,D] per layer, the positions each slot holds [B,S] (this
-    step's recorded by cache.begin)."""
-    common = {"kpos": _buffer(cache.pos), "tables": _UNUSED, "seq": _UNUSED}
+    step's recorded by cache.begin); `rows` int32 [N]: each step row's cache row (None: row b is b)."""
+    common = {"kpos": _buffer(cache.pos), "tables": _UNUSED, "seq": _UNUSED if rows is None else _buffer(rows)}
     per_layer = [{"k_cache": _buffer(k), "v_cache": _buffer(v), **common} for k, v in zip(cache.k, cache.v)]
-    return (cache.size, 0, 1, 1, 1), per_layer
+    return (cache.size, 0, 1, cache.batch_size, 1), per_layer
 
 
 def _paged_layers(cache: PagedCache, qpos: torch.Tensor) -> _Layers:

@@ -56,12 +56,14 @@ int tram_block_extents(const block_args *a, size_t need[BUF_COUNT]) {
     bad |= tram_packed_extent(&need[BUF_W3E], a->t3e, E * a->F, a->dim);
     bad |= tram_extent(&need[BUF_CS], 4, B, D / 2, 2, 1);
     const int offline = a->P == 0;
-    const long rows_or_slots = offline ? B : a->P, per_row = offline ? a->S : 1;  /* [B,Hkv,S,D] | [P,Hkv,D] */
+    const long cache_rows = a->mapped ? a->R : B;  /* offline */
+    const long rows_or_slots = offline ? cache_rows : a->P, per_row = offline ? a->S : 1;  /* [B,Hkv,S,D] | [P,Hkv,D] */
     bad |= tram_extent(&need[BUF_KC], 4, rows_or_slots, Hkv, per_row, D);
     bad |= tram_extent(&need[BUF_VC], 4, rows_or_slots, Hkv, per_row, D);
-    bad |= tram_extent(&need[BUF_KPOS], 8, offline ? B : 0, a->S, 1, 1) | tram_extent(&need[BUF_QPOS], 8, B, 1, 1, 1);
+    bad |= tram_extent(&need[BUF_KPOS], 8, offline ? cache_rows : 0, a->S, 1, 1);
+    bad |= tram_extent(&need[BUF_QPOS], 8, B, 1, 1, 1);
     bad |= tram_extent(&need[BUF_TABLES], 4, offline ? 0 : a->R, a->T, 1, 1);
-    bad |= tram_extent(&need[BUF_SEQ], 4, offline ? 0 : B, 1, 1, 1);
+    bad |= tram_extent(&need[BUF_SEQ], 4, offline && !a->mapped ? 0 : B, 1, 1, 1);
     bad |= tram_extent(&need[BUF_LROW], 4, a->L > 0 ? B : 0, 1, 1, 1);
     bad |= tram_extent(&need[BUF_LCOLS], 4, a->L > 0 ? 4 : 0, a->L + 1, 1, 1);
     need[BUF_LORA] = 0;  /* tram_block_lora_extent, from lora_cols */
@@ -97,8 +99,13 @@ static int64_t first_key(const block_args *a, int64_t qpos) {
     return a->window > 0 && qpos - a->window + 1 > 0 ? qpos - a->window + 1 : 0;
 }
 
+/* The cache row of row b (offline). */
+static long cache_row(const block_args *a, long b) { return a->mapped ? a->seq[b] : b; }
+
 int tram_block_rows_ok(const block_args *a, long *row) {
     const long blocks = a->P > 0 ? a->P / a->bs : 0;
+    for (long b = 0; b < a->B && a->P == 0 && a->mapped; b++)
+        if (*row = b, a->seq[b] < 0 || a->seq[b] >= a->R) return -1;
     for (long b = 0; b < a->B && a->P > 0; b++) {
         const int64_t q = a->qpos[b];
         *row = b;
@@ -143,7 +150,7 @@ static size_t paged_slot(const block_args *a, long b, int64_t p) {
  * [P, Hkv, D]). */
 static size_t store_at(const block_args *a, long b, long g) {
     if (a->P > 0) return (paged_slot(a, b, a->qpos[b]) * a->Hkv + g) * a->D;
-    return (((size_t)b * a->Hkv + g) * a->S + a->qpos[b] % a->S) * a->D;
+    return (((size_t)cache_row(a, b) * a->Hkv + g) * a->S + a->qpos[b] % a->S) * a->D;
 }
 
 /* Rotate q and k heads of each row and store k, v in the row's cache slot. */
@@ -163,7 +170,7 @@ static void rope_and_store(const block_args *a, float *qkv) {
 
 /* The keys row b attends, as element offsets from its kv head's base (key_base): *n of them, in
  * position order for the paged pool, in slot order offline. */
-static void row_keys(const block_args *a, long b, size_t *off, long *n) {
+static void row_keys(const block_args *a, long b, size_t *off, long *n) {  /* (offline: no tile spans a gap) */
     const int64_t q = a->qpos[b];
     *n = 0;
     if (a->P > 0) {
@@ -177,14 +184,14 @@ static void row_keys(const block_args *a, long b, size_t *off, long *n) {
         }
         return;
     }
-    const int64_t *kpos = a->kpos + b * a->S;
-    for (long s = 0; s < a->S; s++)
-        if (visible(kpos[s], q, a->window)) off[(*n)++] = (size_t)s * a->D;
+    const int64_t *kpos = a->kpos + cache_row(a, b) * a->S;
+    for (int64_t p = q - a->S + 1 > 0 ? q - a->S + 1 : 0; p <= q; p++)  /* the positions the slots can hold */
+        if (kpos[p % a->S] == p && visible(p, q, a->window)) off[(*n)++] = (size_t)(p % a->S) * a->D;
 }
 
 /* Where kv head g's keys of row b start (values: the same offset into vc). */
 static size_t key_base(const block_args *a, long b, long g) {
-    return a->P > 0 ? (size_t)g * a->D : ((size_t)b * a->Hkv + g) * a->S * a->D;
+    return a->P > 0 ? (size_t)g * a->D : ((size_t)cache_row(a, b) * a->Hkv + g) * a->S * a->D;
 }
 
 /* Rows of one sequence at consecutive positions attend in tiles of up to ATT_RT rows: their keys
@@ -195,7 +202,7 @@ static size_t key_base(const block_args *a, long b, long g) {
 static long tile_len(const block_args *a, long b) {
     const int64_t q = a->qpos[b];
     long len = 1;
-    if (a->P == 0 || q < 0) return 1;
+    if ((a->P == 0 && !a->mapped) || q < 0) return 1;
     while (len < ATT_RT && b + len < a->B && a->seq[b + len] == a->seq[b] && a->qpos[b + len] == q + len &&
            first_key(a, q + len) == first_key(a, q))
         len++;

@@ -171,6 +171,11 @@ typedef struct {
      * attends positions max(0, qpos - window + 1) .. qpos of its own sequence, every one of them. */
     long P, bs, R, T;                   /* pool slots (a multiple of bs), block size, tables, blocks per table */
     const int32_t *tables, *seq;        /* [R, T], [B] */
+    /* Offline with rows mapped (`mapped`: seq given): row b is a token of cache row seq[b] < R (a prompt
+     * chunk, several rows per cache row, stored before any attends; the caller keeps the chunk from
+     * overwriting slots it reads); k_cache, v_cache [R, Hkv, S, D], kpos [R, S]. Unmapped: row b is cache
+     * row b. Either way a row attends its visible positions in position order, slot p % S. */
+    int mapped;
     /* LoRA adapters (L > 0 slots): row b adds the delta of adapter slot lora_row[b] (-1: none) to the
      * output of each projection g (0 wqkv, 1 wo, 2 w13, 3 w2). Slot s of projection g has rank
      * r = cols[g][s+1] - cols[g][s] (cols = lora_cols [4, L+1], cols[g][0] = 0, R_g = cols[g][L]); `lora`

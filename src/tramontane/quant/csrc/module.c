@@ -256,6 +256,7 @@ static int check_block_buffers(const buffer b[BUF_COUNT], block_args *a) {
         PyErr_SetString(PyExc_ValueError, "decode_block: unsupported GGML type of an unused weight");  /* sized too */
         return -1;
     }
+    a->mapped = a->P == 0 && b[BUF_SEQ].nbytes > 0;  /* offline rows mapped to cache rows through seq */
     if (tram_block_extents(a, need)) {
         too_large("decode_block");
         return -1;
@@ -413,7 +414,8 @@ static PyMethodDef METHODS[] = {
      "H, Hkv, D, F, S, E, K), gate float32 [E,dim], w1e and w3e [E*F rows of dim], w2 [E*dim rows of F], "
      "w13 empty; a dense one passes gate, w1e and w3e empty. A paged cache: shape = (..., E, K, P, bs, R, "
      "T), k_cache and v_cache float32 [P,Hkv,D] (the pool), tables int32 [R,T] (block ids), seq int32 [B] "
-     "(each row's table), S the most keys a row attends, kpos empty; offline, tables and seq are empty. "
+     "(each row's table), S the most keys a row attends, kpos empty; offline, tables are empty, and seq "
+     "int32 [B] maps each row to a cache row < R (k_cache, v_cache [R,Hkv,S,D], kpos [R,S]; empty: row b). "
      "LoRA: shape = (..., T, L) with L adapter slots, lora_row int32 [B] (each row's slot, -1 none), "
      "lora_cols int32 [4,L+1] and lora float32 (see block_args in kernels.h); empty when L = 0."},
     {"isas", py_isas, METH_NOARGS, "Instruction sets this CPU can run, best first."},
