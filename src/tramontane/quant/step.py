@@ -16,6 +16,9 @@ rounding order only (tests compare them). `build.select_backend` decides where i
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -35,6 +38,8 @@ from .step_adapters import (
     row_slots,
     watched_tensors,
 )
+
+_get: Callable[[dict, str], object] = dict.get  # current()'s look-up, mapped over the watched holders
 
 
 def _block_fits(block: TransformerBlock) -> bool:
@@ -96,7 +101,10 @@ class CompiledStep:
             _block_buffers(block) | _lora_buffers(*values, len(self.adapters))
             for block, values in zip(model.blocks(), self._adapter_values)
         ]
-        self._watched = _watch(model)  # what current() compares, and keeps alive while this step serves
+        watched = _watch(model)  # what current() compares, and keeps alive while this step serves
+        self._holders: list[dict] = [holder for holder, _, _ in watched]
+        self._names: list[str] = [name for _, name, _ in watched]
+        self._seen: list[object] = [value for _, _, value in watched]
         self._versions = watched_tensors(model, self.adapters)
 
     @staticmethod
@@ -116,7 +124,7 @@ class CompiledStep:
         adapter was added, removed or updated in place."""
         return (
             len(self.model.layers) == len(self._weights)
-            and all(d.get(k) is v for d, k, v in self._watched)
+            and all(map(operator.is_, map(_get, self._holders, self._names), self._seen))  # C loops: 40 us
             and adapter_names(self.model) == self.adapters
             and all(t._version == v for t, v in self._versions)
         )
