@@ -583,6 +583,25 @@ def test_q8_rows_do_not_depend_on_the_batch(isa: str, q8: None, qtype: QT) -> No
 
 
 @needs_ext
+@pytest.mark.parametrize(("k", "n"), [(576, 24), (24, 960), (8, 64)])
+def test_float32_rows_do_not_depend_on_the_batch(isa: str, k: int, n: int) -> None:
+    """The F32 products of LoRA adapters in the compiled step (A: [r, in], B: [out, r] with K = r
+    small): a row's bits are the same alone as among 4 or 70, so an adapter's answer does not depend on
+    how many requests share its slot in a step."""
+    w, x = torch.randn(n, k, generator=torch.Generator().manual_seed(k)), activations(70, k, seed=n)
+    packed = w.view(torch.uint8).reshape(n, -1).contiguous()
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        y = torch.full((rows.shape[0], n), float("nan"))
+        ext.matmul(buf(rows.contiguous()), buf(packed), buf(y), rows.shape[0], n, k, 0, 2)
+        return y
+
+    alone = torch.cat([run(x[i : i + 1]) for i in range(70)])
+    assert torch.equal(run(x), alone) and torch.equal(run(x[:4]), alone[:4])
+    assert (alone - x @ w.T).abs().max() <= 1e-5 * (x.abs() @ w.abs().T).max()
+
+
+@needs_ext
 @pytest.mark.parametrize("qtype", [t for t in ALL if t not in Q8_TYPES], ids=lambda t: t.name)
 def test_q8_setting_leaves_other_types_exact(q8: None, qtype: QT) -> None:
     n, k = SHAPES[qtype in K_QUANTS][0]
