@@ -10,9 +10,10 @@ folded in. Worked example, wqkv of dim 8 with q 8 rows, k and v 4 rows each, ada
 q and v only: A = [A_q; A_v] [4, 8], B [16, 4] with B_q * s in rows 0..7, columns 0..1 and B_v * s in
 rows 12..15, columns 2..3. The kernel adds t = A . x, then B . t, to the rows that chose the slot.
 
-The step copies the adapters' values when it is built; `adapters_current` tells when they changed since
-(an adapter added or removed, a wrapper or a tensor swapped, or an in-place update such as an optimizer
-step, which bumps a tensor's version; writes through `.data` bypass that count and are not seen).
+The step copies the adapters' values when it is built; its `current()` (with `watched_tensors`) tells
+when they changed since (an adapter added or removed, a wrapper or a tensor swapped, or an in-place
+update such as an optimizer step, which bumps a tensor's version; writes through `.data` bypass that
+count and are not seen).
 """
 
 from __future__ import annotations

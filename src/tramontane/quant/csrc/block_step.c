@@ -169,8 +169,9 @@ static void rope_and_store(const block_args *a, float *qkv) {
 }
 
 /* The keys row b attends, as element offsets from its kv head's base (key_base): *n of them, in
- * position order for the paged pool, in slot order offline. */
-static void row_keys(const block_args *a, long b, size_t *off, long *n) {  /* (offline: no tile spans a gap) */
+ * position order on either cache (offline, position p sits in slot p % S; a tile of mapped rows relies
+ * on the caller storing every position of its span, as a prompt chunk does). */
+static void row_keys(const block_args *a, long b, size_t *off, long *n) {
     const int64_t q = a->qpos[b];
     *n = 0;
     if (a->P > 0) {
