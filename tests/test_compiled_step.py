@@ -473,3 +473,46 @@ def test_a_prompt_computes_offline_as_served(tmp_path):
     finally:
         kernels.set_activations(previous)
     assert torch.equal(served[:6], offline[0, :6])
+
+
+@pytest.fixture
+def q8():
+    previous = kernels.set_activations("q8")
+    yield
+    kernels.set_activations(previous)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_regrouped_q4_0_model(tmp_path, isa, q8, monkeypatch):
+    """Where the integer kernel runs, a Q4_0 file's matrices whose rows hold whole groups of 8 blocks are
+    regrouped at load (quant/kernels.py regroup): the compiled step equals the module path on them, the
+    logits equal those of the same file kept in GGML's layout (the same rounded x, summed in another
+    order), and writing the model back gives the file's own bytes. One layer: with int8 activations a
+    float32 rounding difference can move one value to the next int8 step, and a second random layer
+    amplifies that to 1e-2 of the logits; within one layer the paths agree to 1e-6."""
+    from tramontane.weights.gguf import open_gguf
+    from tramontane.weights.gguf_writer import write_gguf
+
+    hf = hf_model("mistral", seed=3, hidden_size=256, intermediate_size=512, num_hidden_layers=1)
+    path = save_gguf(hf, tmp_path / "m.gguf", "Q4_0")
+    model = load_model(path, packed=True).model
+    attention, ffn = model.layers[0].attention, model.layers[0].feed_forward
+    assert {attention.wqkv.qtype, attention.wo.qtype, ffn.w13.qtype, ffn.w2.qtype} == {kernels.Q4_0_G8}
+    assert_fused_steps_equal_module_steps(model, isa)
+
+    tokens = torch.tensor([[1, 5, 9, 33, 7, 60]])
+    with torch.inference_mode():
+        got = model(tokens)
+        import tramontane.build.load as load_module
+
+        monkeypatch.setattr(load_module, "regroup", lambda rows, qtype, k: (rows, qtype))
+        plain = load_model(path, packed=True).model
+        assert plain.layers[0].feed_forward.w2.qtype == int(gguf.GGMLQuantizationType.Q4_0)
+        want = plain(tokens)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+    out = write_gguf(model, tmp_path / "back.gguf")
+    with open_gguf(path) as a, open_gguf(out) as b:
+        for name, info in a.tensors.items():
+            assert b.tensors[name].ggml_type == info.ggml_type, name
+            assert bytes(a.raw(name)) == bytes(b.raw(name)), name

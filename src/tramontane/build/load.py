@@ -21,7 +21,7 @@ from ..model import Transformer
 from ..model.layers import rope_frequencies
 from ..parallel.plan import Layout, layout_for, slice_of
 from ..parallel.shard import shard_model
-from ..quant.kernels import row_bytes
+from ..quant.kernels import regroup, regroups, row_bytes
 from ..quant.linear import PACKED_TYPES, PackedEmbedding, PackedExperts, PackedLinear, set_module
 from ..quant.quantize import GROUP, SCHEMES, quantize_rows, rows_of, type_id
 from ..quant.step import fuse
@@ -130,7 +130,10 @@ def _assemble(
                 f"configuration ({config.n_layers} layers, moe={config.moe}) lacks",
             )
         if packed and isinstance(source, GGUFSource) and m.transform is None and PACKABLE.fullmatch(m.target):
-            blocks = source.packed(name, PACKED_TYPES, mapped=mmap)
+            # Rows the kernels regroup are copied out of the file anyway: read, not mapped.
+            blocks = source.packed(
+                name, PACKED_TYPES, mapped=mmap and not regroups(source.file.tensors[name].ggml_type)
+            )
             if blocks is not None and layout is not None:
                 blocks = rank_blocks(m.target, blocks, layout)
             if blocks is not None:
@@ -194,6 +197,7 @@ def _swap_packed(
             f"expected {list(shape[:-1])} rows of {shape[-1]} values",
         )
     module_path = target.removesuffix(".weight")
+    rows, qtype = regroup(rows, qtype, shape[-1])  # Q4_0 in the layout its kernel reads (quant/kernels.py)
     with torch.device("meta"):
         module = _packed_module(module_path, torch.empty(rows.shape, dtype=torch.uint8), qtype, shape, layout)
     set_module(model, module_path, module)

@@ -16,7 +16,7 @@ from torch import nn
 from ..model.layers import FeedForward
 from ..model.transformer import Transformer
 from ..weights.gguf_quants import GGML_TYPES
-from .kernels import dequantize_packed
+from .kernels import dequantize_packed, ggml_blocks, type_name
 
 # GGML type ids the packed kernels execute; other types are dequantized at load.
 _PACKED_NAMES = {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
@@ -57,13 +57,17 @@ class PackedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         return dequantize_packed(self.packed, self.qtype, self.in_features)
 
+    def ggml_blocks(self) -> tuple[torch.Tensor, int]:
+        """The rows in GGML's own layout and their GGML type (what a GGUF file stores)."""
+        return ggml_blocks(self.packed, self.qtype, self.in_features)
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight (for code that reads `.weight`; costs a full decode)."""
         return self.dequantize()
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, type={GGML_TYPES[self.qtype].name}"
+        return f"in={self.in_features}, out={self.out_features}, type={type_name(self.qtype)}"
 
 
 class PackedEmbedding(nn.Module):
@@ -84,6 +88,10 @@ class PackedEmbedding(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_packed(self.packed, self.qtype, self.dim)
+
+    def ggml_blocks(self) -> tuple[torch.Tensor, int]:
+        """The rows in GGML's own layout and their GGML type (what a GGUF file stores)."""
+        return ggml_blocks(self.packed, self.qtype, self.dim)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -118,10 +126,13 @@ class PackedExperts(nn.Module):
         flat = self.packed.reshape(e * n, -1)  # [E*out, row_bytes]
         return dequantize_packed(flat, self.qtype, self.in_features).view(e, n, self.in_features)
 
+    def ggml_blocks(self) -> tuple[torch.Tensor, int]:
+        """The stack in GGML's own layout [E, out, row_bytes] and its GGML type."""
+        return ggml_blocks(self.packed, self.qtype, self.in_features)
+
     def extra_repr(self) -> str:
         return (
-            f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, "
-            f"type={GGML_TYPES[self.qtype].name}"
+            f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, type={type_name(self.qtype)}"
         )
 
 

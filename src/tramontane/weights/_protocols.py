@@ -22,10 +22,14 @@ class PackedMatrix(Protocol):
     """A matrix module holding GGUF blocks (quant.linear.PackedLinear, PackedEmbedding)."""
 
     packed: torch.Tensor  # uint8 rows [out, row_bytes]
-    qtype: int  # the blocks' GGML type
+    qtype: int  # the blocks' type: GGML's, or a layout of the kernels' own (quant.kernels.regroup)
 
     def dequantize(self) -> torch.Tensor:
         """The matrix in float32 [out, in]."""
+        ...
+
+    def ggml_blocks(self) -> tuple[torch.Tensor, int]:
+        """The rows in GGML's own layout and their GGML type (what a GGUF file stores)."""
         ...
 
 

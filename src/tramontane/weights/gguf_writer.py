@@ -104,13 +104,15 @@ def _split_fused(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor, in
     for i, block in enumerate(layers(model)):
         wqkv, w13 = fused(block.get_submodule("attention"), "wqkv"), fused(block.get_submodule("feed_forward"), "w13")
         if wqkv is not None:
-            q, k, v = wqkv.packed.split([c.n_heads * c.head_dim, kv, kv])  # [(H+2Hkv)*D, bytes] rows
-            for name, rows in (("wq", q), ("wk", k), ("wv", v)):
-                yield f"layers.{i}.attention.{name}", rows, wqkv.qtype
+            rows, qtype = wqkv.ggml_blocks()
+            q, k, v = rows.split([c.n_heads * c.head_dim, kv, kv])  # [(H+2Hkv)*D, bytes] rows
+            for name, part in (("wq", q), ("wk", k), ("wv", v)):
+                yield f"layers.{i}.attention.{name}", part, qtype
         if w13 is not None:
-            w1, w3 = w13.packed.split(c.hidden_dim)  # [2F, bytes] -> 2 x [F, bytes]
-            yield f"layers.{i}.feed_forward.w1", w1, w13.qtype
-            yield f"layers.{i}.feed_forward.w3", w3, w13.qtype
+            rows, qtype = w13.ggml_blocks()
+            w1, w3 = rows.split(c.hidden_dim)  # [2F, bytes] -> 2 x [F, bytes]
+            yield f"layers.{i}.feed_forward.w1", w1, qtype
+            yield f"layers.{i}.feed_forward.w3", w3, qtype
 
 
 def _gguf_name(path: str) -> str:
@@ -132,8 +134,9 @@ def tensors(model: torch.nn.Module, float_type: str = "f32") -> Iterator[tuple[s
     np_dtype = FLOAT_TYPES[float_type][0]
     for path, item in _weights(model):
         if is_packed(item):
-            blocks = item.packed.numpy()  # [out, row_bytes], or packed experts [E, out, row_bytes]
-            yield _expert_name(path) if blocks.ndim == 3 else _gguf_name(path), blocks, item.qtype
+            rows, qtype = item.ggml_blocks()
+            blocks = rows.numpy()  # [out, row_bytes], or packed experts [E, out, row_bytes]
+            yield _expert_name(path) if blocks.ndim == 3 else _gguf_name(path), blocks, qtype
             continue
         weight = (item if isinstance(item, torch.Tensor) else item.get_parameter("weight")).detach().float()
         if weight.dim() == 3:  # Mixtral experts [E, rows, cols]

@@ -8,6 +8,7 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -34,7 +35,7 @@ static int thread_count(int n_threads, long N, long work_bytes) {
  * applies through sums (Q2_K's mins cover 16 elements, the others' offsets 32); 0 when it reads none. */
 static int xs_span(int qtype) {
     if (qtype == T_Q2_K) return 16;
-    if (qtype == T_Q4_0 || qtype == T_Q4_1 || qtype == T_Q5_1 || qtype == T_Q4_K || qtype == T_Q5_K) return 32;
+    if (qtype == T_Q4_0 || qtype == T_Q4_0_G8 || qtype == T_Q4_1 || qtype == T_Q5_1 || qtype == T_Q4_K || qtype == T_Q5_K) return 32;
     return 0;
 }
 
@@ -74,7 +75,7 @@ static float *rounded_sums(const q8_rows *xq, long M, long K, long blk, int span
 
 /* Elements per activation scale of the integer kernel of qtype: 256 for the K-quants (Q8_K, as their
  * super-blocks), 32 for the legacy types (Q8_0, one scale per weight block). */
-static long q8_block(int qtype) { return qtype >= T_Q2_K && qtype <= T_Q6_K ? 256 : 32; }
+static long q8_block(int qtype) { return qtype >= T_Q2_K && qtype <= T_Q6_K ? 256 : 32; }  /* and Q4_0_G8's 32 */
 
 /* x [M, K] (K % blk == 0) rounded to int8 per blk elements into one malloc'd buffer (*mem, to free),
  * views in *out; -1 when out of memory. Per block: d = max |x| / 127, q = round(x / d); with blk = 256
@@ -106,6 +107,19 @@ static int quantize_q8(const float *x, long M, long K, long blk, q8_rows *out, v
     return 0;
 }
 
+/* Q4_0 regrouped: each group of 256 values of each row of x8 [M, K] rearranged as its kernel reads it
+ * (simd_q8.inc): for c = 0..3, values 4c..4c+3 of blocks 0..7 of the group, then values 16+4c..16+4c+3
+ * of them. */
+static void group_x8(int8_t *q, long M, long K) {
+    int8_t t[256];
+    for (long g = 0; g < M * K; g += 256) {
+        memcpy(t, q + g, sizeof t);
+        for (int c = 0; c < 4; c++)
+            for (int h = 0; h < 2; h++)  /* h: the values of the low or the high nibbles */
+                for (int j = 0; j < 8; j++) memcpy(q + g + 64 * c + 32 * h + 4 * j, t + 32 * j + 16 * h + 4 * c, 4);
+    }
+}
+
 int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N, long K,
                 int qtype, int n_threads) {
     const tinfo ti = tram_types[qtype];
@@ -125,6 +139,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
         free(xq_mem);
         return -1;
     }
+    if (fused_q8 && qtype == T_Q4_0_G8) group_x8((int8_t *)xq_mem, M, K);  /* after the sums, per 32 */
     int nth = thread_count(n_threads, N, (long)(rb * (size_t)N) + M * K * 4);
     (void)nth;  /* unused without OpenMP */
 #ifdef _OPENMP

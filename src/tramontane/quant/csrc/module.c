@@ -11,6 +11,8 @@
  *       activations are never quantized.
  *   dequantize_rows(w, out, N, K, qtype, n_threads)
  *       W -> float32 [N,K].
+ *   regroup_q4_0(src, dst, N, K, to_g8)
+ *       Q4_0 rows to the layout its integer kernel reads (T_Q4_0_G8, blocks.h) or back.
  *   decode_block(shape, buffers, eps, window, n_threads)
  *       one transformer block for one new token per row, on an offline or a paged cache (block_step.c);
  *       on the paged one, every row's sequence, block table entries and span of keys are checked in
@@ -125,6 +127,29 @@ static PyObject *py_dequantize_rows(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     tram_dequantize(ops, (const uint8_t *)(uintptr_t)w.ptr, (float *)(uintptr_t)out.ptr, (long)N, (long)K,
                     qtype, nth);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_regroup_q4_0(PyObject *self, PyObject *args) {
+    buffer src, dst;
+    Py_ssize_t N, K;
+    int to_g8;
+    size_t need;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "(Kn)(Kn)nnp", &src.ptr, &src.nbytes, &dst.ptr, &dst.nbytes, &N, &K, &to_g8))
+        return NULL;
+    if (check_common((long)N, (long)K, T_Q4_0_G8, 1)) return NULL;
+    if (tram_packed_extent(&need, T_Q4_0, N, K)) return too_large("regroup_q4_0");
+    if (check_extent("regroup_q4_0", "src", &src, need) || check_extent("regroup_q4_0", "dst", &dst, need))
+        return NULL;
+    if (src.ptr < dst.ptr + need && dst.ptr < src.ptr + need)
+        return PyErr_Format(PyExc_ValueError, "regroup_q4_0: src and dst overlap");
+    const size_t rb = tram_row_bytes(T_Q4_0, (long)K);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t n = 0; n < N; n++)
+        tram_regroup_q4_0_row((const uint8_t *)(uintptr_t)src.ptr + (size_t)n * rb, (uint8_t *)(uintptr_t)dst.ptr + (size_t)n * rb,
+                              (long)K / 256, to_g8);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -404,6 +429,9 @@ static PyMethodDef METHODS[] = {
     {"dequantize_rows", py_dequantize_rows, METH_VARARGS,
      "dequantize_rows(w, out, N, K, qtype, n_threads): W -> float32 [N,K]. w, out: (data_ptr, nbytes) "
      "tuples, checked against the extent N, K need."},
+    {"regroup_q4_0", py_regroup_q4_0, METH_VARARGS,
+     "regroup_q4_0(src, dst, N, K, to_g8): N rows of K elements (a multiple of 256), Q4_0 -> the regrouped "
+     "Q4_0 the integer kernel reads (type id 66 here; to_g8 true) or back. src, dst: distinct (data_ptr, nbytes)."},
     {"decode_block", py_decode_block, METH_VARARGS,
      "decode_block(shape, buffers, eps, window, n_threads): one transformer block for one new token per "
      "row, in place on x. shape = (B, dim, H, Hkv, D, F, S); buffers = dict of (data_ptr, nbytes): x "
