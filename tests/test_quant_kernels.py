@@ -655,75 +655,102 @@ def test_exact_flag_sets_float_activations(q8: None, monkeypatch: pytest.MonkeyP
     assert os.environ["TRAMONTANE_ACTIVATIONS"] == "f32"  # for the processes it starts
 
 
-# ---- Q4_0 regrouped (kernels.regroup: the layout its integer kernel reads, csrc/blocks.h) ----
+# ---- Q4_0 interleaved (kernels.regroup: the layout its integer kernel reads, csrc/blocks.h) ----
 
 
 @needs_ext
-def test_regrouped_q4_0_layout_by_hand() -> None:
-    """One row of 8 blocks whose bytes say where they came from: block j's scale bytes are (j, 0x3c),
-    its quant byte l is 16 j + l. Regrouped: the 8 scales first, then for c = 0..3 quant bytes
-    4c..4c+3 of block 0, of block 1, ..., block 7; and back."""
-    plain = np.zeros((8, 18), dtype=np.uint8)
-    plain[:, 0], plain[:, 1] = np.arange(8), 0x3C
-    plain[:, 2:] = np.arange(8)[:, None] * 16 + np.arange(16)
-    src = torch.from_numpy(plain.reshape(1, 144))
+def test_interleaved_q4_0_layout_by_hand() -> None:
+    """8 rows of 2 blocks whose bytes say where they came from: row r's block i has scale bytes (r, i) and
+    quant byte l = 16 (2r + i) + l. Interleaved, block i is the 8 rows' scales, then for c = 0..3 quant
+    bytes 4c..4c+3 of row 0, of row 1, ..., row 7; and back."""
+    plain = np.zeros((8, 2, 18), dtype=np.uint8)
+    for r in range(8):
+        for i in range(2):
+            plain[r, i, :2] = (r, i)
+            plain[r, i, 2:] = 16 * (2 * r + i) + np.arange(16)
+    src = torch.from_numpy(plain.reshape(8, 36))
     out = torch.empty_like(src)
-    ext.regroup_q4_0(buf(src), buf(out), 1, 256, True)
-    want = [b for j in range(8) for b in (j, 0x3C)]
-    want += [16 * j + 4 * c + i for c in range(4) for j in range(8) for i in range(4)]
-    assert out[0].tolist() == want
+    ext.interleave_q4_0(buf(src), buf(out), 8, 64, True)
+    want = []
+    for i in range(2):
+        want += [b for r in range(8) for b in (r, i)]
+        want += [16 * (2 * r + i) + 4 * c + j for c in range(4) for r in range(8) for j in range(4)]
+    assert out.flatten().tolist() == want
     back = torch.empty_like(src)
-    ext.regroup_q4_0(buf(out), buf(back), 1, 256, False)
+    ext.interleave_q4_0(buf(out), buf(back), 8, 64, False)
     assert torch.equal(back, src)
-    with pytest.raises(ValueError, match="multiple of 256"):
-        ext.regroup_q4_0(buf(src), buf(out), 1, 32 * 9, True)
+    with pytest.raises(ValueError, match="groups of 8 rows"):
+        ext.interleave_q4_0(buf(src[:7]), buf(out[:7]), 7, 64, True)
     with pytest.raises(ValueError, match="overlap"):
-        ext.regroup_q4_0(buf(src), buf(src), 1, 256, True)
+        ext.interleave_q4_0(buf(src), buf(src), 8, 64, True)
 
 
-def g8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(regrouped rows, reference float32 [n, k]) of the Q4_0 weight(n, k)."""
+def r8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(interleaved rows, reference float32 [n, k]) of the Q4_0 weight(n, k)."""
     packed, dense = weight(QT.Q4_0, n, k)
     rows = torch.empty_like(packed)
-    ext.regroup_q4_0(buf(packed), buf(rows), n, k, True)
+    ext.interleave_q4_0(buf(packed), buf(rows), n, k, True)
     return rows, dense
 
 
 @needs_ext
-def test_regrouped_q4_0_computes_as_q4_0(isa: str, q8: None) -> None:
-    """Decoded, the regrouped rows are gguf's Q4_0 values exactly; multiplied, they meet x rounded to int8
+@pytest.mark.parametrize("k", [576, 512])
+def test_interleaved_q4_0_computes_as_q4_0(isa: str, q8: None, k: int) -> None:
+    """Decoded, the interleaved rows are gguf's Q4_0 values exactly; multiplied, they meet x rounded to int8
     per 32 as Q4_0's kernel does (the float64 emulation, to float32 rounding) on the vector passes, and
-    exactly (float32 activations) on the portable one, at every M and ragged N; a row's bits do not
-    depend on the batch."""
-    k, g8 = 768, kernels.Q4_0_G8
-    rows, dense = g8_weight(19, k)
-    assert torch.equal(kernels.dequantize_packed(rows, g8, k), dense)
+    exactly on the portable one (no integer kernel: through Q4_0's layout), at every M and for 1 to 3
+    groups of rows; a row's bits do not depend on the batch; rows come in groups of 8."""
+    r8 = kernels.Q4_0_R8
+    rows, dense = r8_weight(24, k)
+    assert torch.equal(kernels.dequantize_packed(rows, r8, k), dense)
     x = activations(70, k, seed=7)
     for m in [1, 2, 3, 4, 5, 11, 70]:
-        for n in [1, 3, 7, 19]:
+        for n in [8, 16, 24]:
             y = torch.full((m, n), float("nan"))
-            ext.matmul(buf(x[:m]), buf(rows), buf(y), m, n, k, g8, 2)
+            ext.matmul(buf(x[:m]), buf(rows[:n]), buf(y), m, n, k, r8, 2)
             want = reference(x[:m], dense[:n]) if isa == "scalar" else q8_reference(x[:m], dense[:n], QT.Q4_0)
             magnitude = (x[:m].double().abs() @ dense[:n].double().abs().T).max()
             assert (y.double() - want.double()).abs().max() <= 1e-5 * magnitude, (m, n)
-    y = torch.empty(70, 19)
-    ext.matmul(buf(x), buf(rows), buf(y), 70, 19, k, g8, 2)
+    y = torch.empty(70, 24)
+    ext.matmul(buf(x), buf(rows), buf(y), 70, 24, k, r8, 2)
     for i in (0, 33, 69):
-        alone = torch.empty(1, 19)
-        ext.matmul(buf(x[i : i + 1].contiguous()), buf(rows), buf(alone), 1, 19, k, g8, 2)
+        alone = torch.empty(1, 24)
+        ext.matmul(buf(x[i : i + 1].contiguous()), buf(rows), buf(alone), 1, 24, k, r8, 2)
         assert torch.equal(alone[0], y[i]), i
+    with pytest.raises(ValueError, match="groups of 8 rows"):
+        ext.matmul(buf(x[:1]), buf(rows[:12]), buf(y), 1, 12, k, r8, 2)
+    kernels.set_activations("f32")  # the exact setting: through Q4_0's layout (the q8 fixture restores)
+    assert rel_err(kernels.qmatmul(x[:3], rows, r8, k), reference(x[:3], dense)) < 1e-5
 
 
 @needs_ext
 def test_regroup_applies_where_the_integer_kernel_runs(q8: None) -> None:
-    packed, _ = weight(QT.Q4_0, 96, 256)
-    rows, qtype = kernels.regroup(packed, int(QT.Q4_0), 256)
-    assert qtype == kernels.Q4_0_G8 and rows.data_ptr() != packed.data_ptr()
-    assert kernels.ggml_blocks(rows, qtype, 256)[1] == int(QT.Q4_0)
-    assert torch.equal(kernels.ggml_blocks(rows, qtype, 256)[0], packed)
-    other, _ = weight(QT.Q4_0, 1536, 576)  # rows of 18 blocks: not whole groups
-    assert kernels.regroup(other, int(QT.Q4_0), 576) == (other, int(QT.Q4_0))
+    packed, _ = weight(QT.Q4_0, 96, 576)
+    rows, qtype = kernels.regroup(packed, int(QT.Q4_0), 576)
+    assert qtype == kernels.Q4_0_R8 and rows.data_ptr() != packed.data_ptr()
+    assert kernels.ggml_blocks(rows, qtype, 576)[1] == int(QT.Q4_0)
+    assert torch.equal(kernels.ggml_blocks(rows, qtype, 576)[0], packed)
+    part = packed[:12]  # not whole groups of 8 rows
+    assert kernels.regroup(part, int(QT.Q4_0), 576)[0] is part
     q41, _ = weight(QT.Q4_1, 96, 256)
     assert kernels.regroup(q41, int(QT.Q4_1), 256)[1] == int(QT.Q4_1)
     kernels.set_activations("f32")  # the exact setting keeps GGML's layout (the q8 fixture restores)
-    assert kernels.regroup(packed, int(QT.Q4_0), 256)[1] == int(QT.Q4_0)
+    assert kernels.regroup(packed, int(QT.Q4_0), 576)[0] is packed
+
+
+@needs_ext
+def test_interleaved_projections_split_by_groups(q8: None) -> None:
+    """LoRA splits fused projections back into parts: views of the interleaved rows where every part is
+    whole groups of 8 rows, GGML's layout (copies) where one is not; the parts compute the same."""
+    from tramontane.quant.linear import PackedLinear
+
+    packed, dense = weight(QT.Q4_0, 24, 576)
+    rows, qtype = kernels.regroup(packed, int(QT.Q4_0), 576)
+    x = activations(2, 576)
+    fused = PackedLinear(rows, qtype, 576)
+    for sizes, kept in (([16, 8], True), ([12, 8, 4], False)):
+        parts = fused.split(sizes)
+        assert all((p.qtype == kernels.Q4_0_R8) == kept for p in parts)
+        assert kept == (parts[0].packed.data_ptr() == rows.data_ptr())
+        got = torch.cat([p(x) for p in parts], dim=1)
+        assert (got - fused(x)).abs().max() <= 1e-5 * (x.abs() @ dense.abs().T).max()

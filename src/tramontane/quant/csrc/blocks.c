@@ -11,7 +11,7 @@ const tinfo tram_types[T_COUNT] = {
     [T_Q5_1] = {32, 24},   [T_Q8_0] = {32, 34},
     [T_Q2_K] = {256, 84},  [T_Q3_K] = {256, 110},
     [T_Q4_K] = {256, 144}, [T_Q5_K] = {256, 176},  [T_Q6_K] = {256, 210},
-    [T_Q4_0_G8] = {256, G8_BYTES},
+    [T_Q4_0_R8] = {32, 18},
 };
 
 void tram_dec_f32_c(const uint8_t *b, int n, float *o) { memcpy(o, b, (size_t)n * 4); }
@@ -152,27 +152,15 @@ void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o) {
     }
 }
 
-/* Offset, inside a group, of quant bytes 4c..4c+3 of its block j. */
-static size_t g8_chunk(int j, int c) { return 16 + 32 * (size_t)c + 4 * (size_t)j; }
-
-void tram_regroup_q4_0_row(const uint8_t *src, uint8_t *dst, long ng, int to_g8) {
-    for (long g = 0; g < ng; g++, src += G8_BYTES, dst += G8_BYTES)
-        for (int j = 0; j < 8; j++) {
-            const size_t scale = 2 * (size_t)j, plain = 18 * (size_t)j;  /* block j: G8 scale, Q4_0 block */
-            memcpy(to_g8 ? dst + scale : dst + plain, to_g8 ? src + plain : src + scale, 2);
+void tram_interleave_q4_0(const uint8_t *src, uint8_t *dst, long nb, int to_r8) {
+    const size_t rb = 18 * (size_t)nb;
+    for (long i = 0; i < nb; i++)
+        for (int r = 0; r < 8; r++) {
+            const size_t plain = (size_t)r * rb + 18 * (size_t)i, mixed = 144 * (size_t)i;
+            memcpy(to_r8 ? dst + mixed + 2 * r : dst + plain, to_r8 ? src + plain : src + mixed + 2 * r, 2);
             for (int c = 0; c < 4; c++) {
-                if (to_g8)
-                    memcpy(dst + g8_chunk(j, c), src + plain + 2 + 4 * c, 4);
-                else
-                    memcpy(dst + plain + 2 + 4 * c, src + g8_chunk(j, c), 4);
+                const size_t pq = plain + 2 + 4 * (size_t)c, mq = mixed + 16 + 32 * (size_t)c + 4 * (size_t)r;
+                memcpy(to_r8 ? dst + mq : dst + pq, to_r8 ? src + pq : src + mq, 4);
             }
         }
-}
-
-void tram_dec_q4_0_g8_c(const uint8_t *b, int ng, float *o) {
-    for (int g = 0; g < ng; g++, b += G8_BYTES, o += 256) {
-        uint8_t plain[G8_BYTES];
-        tram_regroup_q4_0_row(b, plain, 1, 0);
-        tram_dec_q4_0_c(plain, 8, o);
-    }
 }

@@ -25,17 +25,16 @@
 enum {
     T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
     T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30,
-    T_Q4_0_G8 = 66,  /* not GGML's: Q4_0 rows regrouped for the integer kernel (below) */
+    T_Q4_0_R8 = 66,  /* not GGML's: Q4_0 rows interleaved 8 by 8 for the integer kernel (below) */
     T_COUNT = 67
 };
 
-/* Q4_0 regrouped (T_Q4_0_G8): Q4_0 rows of a multiple of 256 elements with the same bytes rearranged
- * within each group of 8 consecutive blocks, so that the integer kernel reads the 8 blocks' scales with
- * one load and four quant bytes of each of them with another (simd_q8.inc). A group, a block of 256
- * elements and 144 bytes to the kernels, holds the 8 float16 scales d_0..d_7 (16 bytes), then for
- * c = 0..3 the quant bytes 4c..4c+3 of block 0, of block 1, ..., of block 7 (4 x 32 bytes). Rows stay
- * self-contained, so row views, splits and lookups work as on Q4_0. */
-#define G8_BYTES 144
+/* Q4_0 interleaved (T_Q4_0_R8): Q4_0 matrices of a multiple of 8 rows with the bytes of each 8 rows
+ * (a group, 144 bytes per block of 32 columns, the same as Q4_0's 8 x 18) rearranged so that the
+ * integer kernel reads the group's 8 scales of a block with one load and four quant bytes of each of the
+ * 8 rows with another (simd_q8.inc). Block i of a group: the 8 rows' float16 scales (16 bytes), then
+ * for c = 0..3 the quant bytes 4c..4c+3 of row 0, of row 1, ..., of row 7 (4 x 32 bytes). Ranges of
+ * whole groups of rows stay contiguous; a single row is not (the loaders keep lookup tables in Q4_0). */
 
 typedef struct { int block; int size; } tinfo;
 
@@ -113,9 +112,9 @@ TRAM_HIDDEN void tram_dec_q3_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q4_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q5_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o);
-TRAM_HIDDEN void tram_dec_q4_0_g8_c(const uint8_t *b, int nb, float *o);
 
-/* One row of ng groups (8 ng Q4_0 blocks) to T_Q4_0_G8 (to_g8 != 0) or back, src and dst distinct. */
-TRAM_HIDDEN void tram_regroup_q4_0_row(const uint8_t *src, uint8_t *dst, long ng, int to_g8);
+/* One group of 8 Q4_0 rows of nb blocks to T_Q4_0_R8 (to_r8 != 0) or back; src and dst distinct, each
+ * 144 nb bytes. */
+TRAM_HIDDEN void tram_interleave_q4_0(const uint8_t *src, uint8_t *dst, long nb, int to_r8);
 
 #endif /* TRAM_BLOCKS_H */

@@ -17,11 +17,11 @@
 #include "kernels.h"
 
 /* Row range [*n0, *n1) of thread t out of nt: contiguous, whole RN-row groups. */
-static void split_rows(long N, int t, int nt, long *n0, long *n1) {
-    long units = (N + RN - 1) / RN;
+static void split_rows(long N, int t, int nt, long unit, long *n0, long *n1) {
+    long units = (N + unit - 1) / unit;
     long u0 = units * t / nt, u1 = units * (t + 1) / nt;
-    *n0 = u0 * RN < N ? u0 * RN : N;
-    *n1 = u1 * RN < N ? u1 * RN : N;
+    *n0 = u0 * unit < N ? u0 * unit : N;
+    *n1 = u1 * unit < N ? u1 * unit : N;
 }
 
 static int thread_count(int n_threads, long N, long work_bytes) {
@@ -35,7 +35,7 @@ static int thread_count(int n_threads, long N, long work_bytes) {
  * applies through sums (Q2_K's mins cover 16 elements, the others' offsets 32); 0 when it reads none. */
 static int xs_span(int qtype) {
     if (qtype == T_Q2_K) return 16;
-    if (qtype == T_Q4_0 || qtype == T_Q4_0_G8 || qtype == T_Q4_1 || qtype == T_Q5_1 || qtype == T_Q4_K || qtype == T_Q5_K) return 32;
+    if (qtype == T_Q4_0 || qtype == T_Q4_0_R8 || qtype == T_Q4_1 || qtype == T_Q5_1 || qtype == T_Q4_K || qtype == T_Q5_K) return 32;
     return 0;
 }
 
@@ -75,7 +75,7 @@ static float *rounded_sums(const q8_rows *xq, long M, long K, long blk, int span
 
 /* Elements per activation scale of the integer kernel of qtype: 256 for the K-quants (Q8_K, as their
  * super-blocks), 32 for the legacy types (Q8_0, one scale per weight block). */
-static long q8_block(int qtype) { return qtype >= T_Q2_K && qtype <= T_Q6_K ? 256 : 32; }  /* and Q4_0_G8's 32 */
+static long q8_block(int qtype) { return qtype >= T_Q2_K && qtype <= T_Q6_K ? 256 : 32; }
 
 /* x [M, K] (K % blk == 0) rounded to int8 per blk elements into one malloc'd buffer (*mem, to free),
  * views in *out; -1 when out of memory. Per block: d = max |x| / 127, q = round(x / d); with blk = 256
@@ -107,21 +107,23 @@ static int quantize_q8(const float *x, long M, long K, long blk, q8_rows *out, v
     return 0;
 }
 
-/* Q4_0 regrouped: each group of 256 values of each row of x8 [M, K] rearranged as its kernel reads it
- * (simd_q8.inc): for c = 0..3, values 4c..4c+3 of blocks 0..7 of the group, then values 16+4c..16+4c+3
- * of them. */
-static void group_x8(int8_t *q, long M, long K) {
-    int8_t t[256];
-    for (long g = 0; g < M * K; g += 256) {
-        memcpy(t, q + g, sizeof t);
-        for (int c = 0; c < 4; c++)
-            for (int h = 0; h < 2; h++)  /* h: the values of the low or the high nibbles */
-                for (int j = 0; j < 8; j++) memcpy(q + g + 64 * c + 32 * h + 4 * j, t + 32 * j + 16 * h + 4 * c, 4);
-    }
+/* Interleaved Q4_0 (T_Q4_0_R8) back to Q4_0 rows in a malloc'd copy (NULL when out of memory). */
+static uint8_t *plain_q4_0(const uint8_t *w, long N, long K) {
+    const size_t group = 8 * tram_row_bytes(T_Q4_0, K);
+    uint8_t *out = malloc(group * (size_t)(N / 8));
+    if (out)
+        for (long g = 0; g < N / 8; g++) tram_interleave_q4_0(w + g * group, out + g * group, K / 32, 0);
+    return out;
 }
 
 int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N, long K,
                 int qtype, int n_threads) {
+    if (qtype == T_Q4_0_R8 && !(g_q8 && ops->fused_q8[qtype])) {  /* the exact setting, the portable pass */
+        uint8_t *plain = plain_q4_0(w, N, K);
+        const int rc = plain ? tram_matmul(ops, x, plain, y, M, N, K, T_Q4_0, n_threads) : -1;
+        free(plain);
+        return rc;
+    }
     const tinfo ti = tram_types[qtype];
     const size_t rb = tram_row_bytes(qtype, K);
     fused_fn fused = M <= FUSED_M && K % 32 == 0 ? ops->fused[qtype] : NULL;  /* F16/BF16: 32 at a time */
@@ -139,7 +141,6 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
         free(xq_mem);
         return -1;
     }
-    if (fused_q8 && qtype == T_Q4_0_G8) group_x8((int8_t *)xq_mem, M, K);  /* after the sums, per 32 */
     int nth = thread_count(n_threads, N, (long)(rb * (size_t)N) + M * K * 4);
     (void)nth;  /* unused without OpenMP */
 #ifdef _OPENMP
@@ -152,7 +153,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
         nt = omp_get_num_threads();
 #endif
         long n0, n1;
-        split_rows(N, t, nt, &n0, &n1);
+        split_rows(N, t, nt, qtype == T_Q4_0_R8 ? 8 : RN, &n0, &n1);
         if (n1 > n0) {
             if (fused_q8)
                 fused_q8(w + (size_t)n0 * rb, rb, n1 - n0, &xq, xs, M, K, y + n0, N);
@@ -167,8 +168,14 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
     return 0;
 }
 
-void tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, long K, int qtype,
-                     int n_threads) {
+int tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, long K, int qtype,
+                    int n_threads) {
+    if (qtype == T_Q4_0_R8) {  /* back to Q4_0 first */
+        uint8_t *plain = plain_q4_0(w, N, K);
+        const int rc = plain ? tram_dequantize(ops, plain, out, N, K, T_Q4_0, n_threads) : -1;
+        free(plain);
+        return rc;
+    }
     const tinfo ti = tram_types[qtype];
     const size_t rb = tram_row_bytes(qtype, K);
     const dec_fn dec = ops->dec[qtype];
@@ -184,7 +191,8 @@ void tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, l
         nt = omp_get_num_threads();
 #endif
         long n0, n1;
-        split_rows(N, t, nt, &n0, &n1);
+        split_rows(N, t, nt, RN, &n0, &n1);
         for (long n = n0; n < n1; n++) dec(w + (size_t)n * rb, (int)(K / ti.block), out + (size_t)n * (size_t)K);
     }
+    return 0;
 }

@@ -11,8 +11,8 @@
  *       activations are never quantized.
  *   dequantize_rows(w, out, N, K, qtype, n_threads)
  *       W -> float32 [N,K].
- *   regroup_q4_0(src, dst, N, K, to_g8)
- *       Q4_0 rows to the layout its integer kernel reads (T_Q4_0_G8, blocks.h) or back.
+ *   interleave_q4_0(src, dst, N, K, to_r8)
+ *       Q4_0 rows to the layout its integer kernel reads (T_Q4_0_R8, blocks.h) or back.
  *   decode_block(shape, buffers, eps, window, n_threads)
  *       one transformer block for one new token per row, on an offline or a paged cache (block_step.c);
  *       on the paged one, every row's sequence, block table entries and span of keys are checked in
@@ -70,6 +70,10 @@ static int check_common(long N, long K, int qtype, int n_threads) {
                      N, K, tram_types[qtype].block);
         return -1;
     }
+    if (qtype == T_Q4_0_R8 && N % 8) {
+        PyErr_Format(PyExc_ValueError, "bad shape N=%ld: interleaved Q4_0 comes in groups of 8 rows", N);
+        return -1;
+    }
     if (K / tram_types[qtype].block > 0x7fffffffL) {
         PyErr_SetString(PyExc_ValueError, "K too large");
         return -1;
@@ -124,32 +128,34 @@ static PyObject *py_dequantize_rows(PyObject *self, PyObject *args) {
         return NULL;
     if (N == 0) Py_RETURN_NONE;
     const isa_ops *ops = tram_isa_current();
+    int rc;
     Py_BEGIN_ALLOW_THREADS
-    tram_dequantize(ops, (const uint8_t *)(uintptr_t)w.ptr, (float *)(uintptr_t)out.ptr, (long)N, (long)K,
-                    qtype, nth);
+    rc = tram_dequantize(ops, (const uint8_t *)(uintptr_t)w.ptr, (float *)(uintptr_t)out.ptr, (long)N, (long)K,
+                         qtype, nth);
     Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
-static PyObject *py_regroup_q4_0(PyObject *self, PyObject *args) {
+static PyObject *py_interleave_q4_0(PyObject *self, PyObject *args) {
     buffer src, dst;
     Py_ssize_t N, K;
-    int to_g8;
+    int to_r8;
     size_t need;
     (void)self;
-    if (!PyArg_ParseTuple(args, "(Kn)(Kn)nnp", &src.ptr, &src.nbytes, &dst.ptr, &dst.nbytes, &N, &K, &to_g8))
+    if (!PyArg_ParseTuple(args, "(Kn)(Kn)nnp", &src.ptr, &src.nbytes, &dst.ptr, &dst.nbytes, &N, &K, &to_r8))
         return NULL;
-    if (check_common((long)N, (long)K, T_Q4_0_G8, 1)) return NULL;
-    if (tram_packed_extent(&need, T_Q4_0, N, K)) return too_large("regroup_q4_0");
-    if (check_extent("regroup_q4_0", "src", &src, need) || check_extent("regroup_q4_0", "dst", &dst, need))
+    if (check_common((long)N, (long)K, T_Q4_0_R8, 1)) return NULL;
+    if (tram_packed_extent(&need, T_Q4_0, N, K)) return too_large("interleave_q4_0");
+    if (check_extent("interleave_q4_0", "src", &src, need) || check_extent("interleave_q4_0", "dst", &dst, need))
         return NULL;
     if (src.ptr < dst.ptr + need && dst.ptr < src.ptr + need)
-        return PyErr_Format(PyExc_ValueError, "regroup_q4_0: src and dst overlap");
+        return PyErr_Format(PyExc_ValueError, "interleave_q4_0: src and dst overlap");
     const size_t rb = tram_row_bytes(T_Q4_0, (long)K);
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t n = 0; n < N; n++)
-        tram_regroup_q4_0_row((const uint8_t *)(uintptr_t)src.ptr + (size_t)n * rb, (uint8_t *)(uintptr_t)dst.ptr + (size_t)n * rb,
-                              (long)K / 256, to_g8);
+    for (Py_ssize_t n = 0; n < N; n += 8)
+        tram_interleave_q4_0((const uint8_t *)(uintptr_t)src.ptr + (size_t)n * rb,
+                             (uint8_t *)(uintptr_t)dst.ptr + (size_t)n * rb, (long)K / 32, to_r8);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -223,9 +229,14 @@ static int parse_block_buffers(PyObject *dict, buffer b[BUF_COUNT], block_args *
     return 0;
 }
 
-static int check_type_k(int qtype, long K, const char *what) {
+/* A packed weight of `rows` rows (per expert) of K elements. */
+static int check_type_k(int qtype, long rows, long K, const char *what) {
     if (!tram_type_ok(qtype) || K <= 0 || K % tram_types[qtype].block) {
         PyErr_Format(PyExc_ValueError, "decode_block: %s: GGML type %d cannot hold rows of %ld", what, qtype, K);
+        return -1;
+    }
+    if (qtype == T_Q4_0_R8 && rows % 8) {
+        PyErr_Format(PyExc_ValueError, "decode_block: %s: interleaved Q4_0 needs a multiple of 8 rows, not %ld", what, rows);
         return -1;
     }
     return 0;
@@ -271,11 +282,11 @@ static int parse_block_shape(PyObject *shape, block_args *a) {
 /* The extents of every buffer against what the shapes and types need; then the pointers into a. */
 static int check_block_buffers(const buffer b[BUF_COUNT], block_args *a) {
     size_t need[BUF_COUNT];
-    if (check_type_k(a->tqkv, a->dim, "wqkv") || check_type_k(a->to, a->H * a->D, "wo") ||
-        check_type_k(a->t2, a->F, "w2"))
+    if (check_type_k(a->tqkv, (a->H + 2 * a->Hkv) * a->D, a->dim, "wqkv") ||
+        check_type_k(a->to, a->dim, a->H * a->D, "wo") || check_type_k(a->t2, a->dim, a->F, "w2"))
         return -1;
-    if (a->E > 0 ? check_type_k(a->t1e, a->dim, "w1e") || check_type_k(a->t3e, a->dim, "w3e")
-                 : check_type_k(a->t13, a->dim, "w13"))
+    if (a->E > 0 ? check_type_k(a->t1e, a->F, a->dim, "w1e") || check_type_k(a->t3e, a->F, a->dim, "w3e")
+                 : check_type_k(a->t13, 2 * a->F, a->dim, "w13"))
         return -1;
     if (!tram_type_ok(a->t13) || !tram_type_ok(a->t1e) || !tram_type_ok(a->t3e)) {  /* the unused ones are */
         PyErr_SetString(PyExc_ValueError, "decode_block: unsupported GGML type of an unused weight");  /* sized too */
@@ -429,9 +440,10 @@ static PyMethodDef METHODS[] = {
     {"dequantize_rows", py_dequantize_rows, METH_VARARGS,
      "dequantize_rows(w, out, N, K, qtype, n_threads): W -> float32 [N,K]. w, out: (data_ptr, nbytes) "
      "tuples, checked against the extent N, K need."},
-    {"regroup_q4_0", py_regroup_q4_0, METH_VARARGS,
-     "regroup_q4_0(src, dst, N, K, to_g8): N rows of K elements (a multiple of 256), Q4_0 -> the regrouped "
-     "Q4_0 the integer kernel reads (type id 66 here; to_g8 true) or back. src, dst: distinct (data_ptr, nbytes)."},
+    {"interleave_q4_0", py_interleave_q4_0, METH_VARARGS,
+     "interleave_q4_0(src, dst, N, K, to_r8): N Q4_0 rows of K elements (N a multiple of 8) -> the "
+     "interleaved Q4_0 the integer kernel reads (type id 66 here; to_r8 true) or back. src, dst: distinct "
+     "(data_ptr, nbytes)."},
     {"decode_block", py_decode_block, METH_VARARGS,
      "decode_block(shape, buffers, eps, window, n_threads): one transformer block for one new token per "
      "row, in place on x. shape = (B, dim, H, Hkv, D, F, S); buffers = dict of (data_ptr, nbytes): x "

@@ -62,7 +62,7 @@ const isa_ops tram_ops_scalar = {
      [T_Q4_0] = tram_dec_q4_0_c, [T_Q4_1] = tram_dec_q4_1_c, [T_Q5_0] = tram_dec_q5_0_c,
      [T_Q5_1] = tram_dec_q5_1_c, [T_Q8_0] = tram_dec_q8_0_c, [T_Q2_K] = tram_dec_q2_k_c,
      [T_Q3_K] = tram_dec_q3_k_c, [T_Q4_K] = tram_dec_q4_k_c, [T_Q5_K] = tram_dec_q5_k_c,
-     [T_Q6_K] = tram_dec_q6_k_c, [T_Q4_0_G8] = tram_dec_q4_0_g8_c},
+     [T_Q6_K] = tram_dec_q6_k_c},
     {0},
     tile_c,
     attend_c,
