@@ -483,9 +483,10 @@ def q8():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kind", ["mistral", "mixtral"])
-def test_regrouped_q4_0_model(tmp_path, isa, kind, q8, monkeypatch):
-    """Where the integer kernel runs, a Q4_0 file's matrices (not the embedding) are interleaved 8 rows by 8
+@pytest.mark.parametrize(("kind", "qtype"), [("mistral", "Q4_0"), ("mixtral", "Q4_0"), ("llama", "Q4_1")])
+def test_interleaved_model(tmp_path, isa, kind, qtype, q8, monkeypatch):
+    """Where the integer kernel runs, a Q4_0 or Q4_1 file's matrices (not the embedding, nor the tied head that
+    shares it) are interleaved 8 rows by 8
     at load (quant/kernels.py regroup): the compiled step equals the module path on them, the
     logits equal those of the same file kept in GGML's layout (the same rounded x, summed in another
     order), and writing the model back gives the file's own bytes. One layer: with int8 activations a
@@ -495,11 +496,12 @@ def test_regrouped_q4_0_model(tmp_path, isa, kind, q8, monkeypatch):
     from tramontane.weights.gguf_writer import write_gguf
 
     hf = hf_model(kind, seed=3, hidden_size=128, intermediate_size=96, num_hidden_layers=1)
-    path = save_gguf(hf, tmp_path / "m.gguf", "Q4_0")
+    path = save_gguf(hf, tmp_path / "m.gguf", qtype)
     model = load_model(path, packed=True).model
     types = {m.qtype for m in model.layers[0].modules() if hasattr(m, "qtype")}
-    assert types == {kernels.Q4_0_R8}  # attention, and the dense feed-forward or the stacked experts
-    assert model.tok_embeddings.qtype == int(gguf.GGMLQuantizationType.Q4_0)  # looked up row by row
+    ggml = int(gguf.GGMLQuantizationType[qtype])
+    assert types == {kernels.INTERLEAVED[ggml]}  # attention, and the dense feed-forward or the stacked experts
+    assert model.tok_embeddings.qtype == ggml  # looked up row by row
     if kind == "mixtral":  # int8 activations can flip a near-tie of the router between the two paths:
         kernels.set_activations("f32")  # compare them exactly, on the regrouped decoder (the fixture restores)
     assert_fused_steps_equal_module_steps(model, isa)
@@ -512,7 +514,7 @@ def test_regrouped_q4_0_model(tmp_path, isa, kind, q8, monkeypatch):
 
         monkeypatch.setattr(load_module, "regroup", lambda rows, qtype, k: (rows, qtype))
         plain = load_model(path, packed=True).model
-        assert plain.layers[0].attention.wo.qtype == int(gguf.GGMLQuantizationType.Q4_0)
+        assert plain.layers[0].attention.wo.qtype == ggml
         want = plain(tokens)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 

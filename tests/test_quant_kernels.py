@@ -659,56 +659,63 @@ def test_exact_flag_sets_float_activations(q8: None, monkeypatch: pytest.MonkeyP
 
 
 @needs_ext
-def test_interleaved_q4_0_layout_by_hand() -> None:
-    """8 rows of 2 blocks whose bytes say where they came from: row r's block i has scale bytes (r, i) and
-    quant byte l = 16 (2r + i) + l. Interleaved, block i is the 8 rows' scales, then for c = 0..3 quant
-    bytes 4c..4c+3 of row 0, of row 1, ..., row 7; and back."""
-    plain = np.zeros((8, 2, 18), dtype=np.uint8)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1], ids=lambda t: t.name)
+def test_interleaved_layout_by_hand(qtype: QT) -> None:
+    """8 rows of 2 blocks whose bytes say where they came from: row r's block i has header bytes (scale,
+    and Q4_1's min) h + 16 (2r + i) and quant byte l = 16 (2r + i) + l. Interleaved, block i is the 8
+    rows' scales (Q4_1: then their mins), then for c = 0..3 quant bytes 4c..4c+3 of row 0, of row 1, ...,
+    row 7; and back."""
+    head = 2 if qtype == QT.Q4_0 else 4
+    plain = np.zeros((8, 2, head + 16), dtype=np.uint8)
     for r in range(8):
         for i in range(2):
-            plain[r, i, :2] = (r, i)
-            plain[r, i, 2:] = 16 * (2 * r + i) + np.arange(16)
-    src = torch.from_numpy(plain.reshape(8, 36))
+            plain[r, i, :head] = 16 * (2 * r + i) + np.arange(head)
+            plain[r, i, head:] = 16 * (2 * r + i) + np.arange(16)
+    src = torch.from_numpy(plain.reshape(8, -1))
     out = torch.empty_like(src)
-    ext.interleave_q4_0(buf(src), buf(out), 8, 64, True)
+    ext.interleave(buf(src), buf(out), 8, 64, int(qtype), True)
     want = []
     for i in range(2):
-        want += [b for r in range(8) for b in (r, i)]
+        for h in range(0, head, 2):
+            want += [16 * (2 * r + i) + h + j for r in range(8) for j in range(2)]
         want += [16 * (2 * r + i) + 4 * c + j for c in range(4) for r in range(8) for j in range(4)]
     assert out.flatten().tolist() == want
     back = torch.empty_like(src)
-    ext.interleave_q4_0(buf(out), buf(back), 8, 64, False)
+    ext.interleave(buf(out), buf(back), 8, 64, int(qtype), False)
     assert torch.equal(back, src)
-    with pytest.raises(ValueError, match="groups of 8 rows"):
-        ext.interleave_q4_0(buf(src[:7]), buf(out[:7]), 7, 64, True)
+    with pytest.raises(ValueError, match="groups of 8"):
+        ext.interleave(buf(src[:7]), buf(out[:7]), 7, 64, int(qtype), True)
     with pytest.raises(ValueError, match="overlap"):
-        ext.interleave_q4_0(buf(src), buf(src), 8, 64, True)
+        ext.interleave(buf(src), buf(src), 8, 64, int(qtype), True)
+    with pytest.raises(ValueError, match="no interleaved layout"):
+        ext.interleave(buf(src), buf(out), 8, 64, int(QT.Q8_0), True)
 
 
-def r8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(interleaved rows, reference float32 [n, k]) of the Q4_0 weight(n, k)."""
-    packed, dense = weight(QT.Q4_0, n, k)
+def r8_weight(qtype: QT, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(interleaved rows, reference float32 [n, k]) of weight(qtype, n, k)."""
+    packed, dense = weight(qtype, n, k)
     rows = torch.empty_like(packed)
-    ext.interleave_q4_0(buf(packed), buf(rows), n, k, True)
+    ext.interleave(buf(packed), buf(rows), n, k, int(qtype), True)
     return rows, dense
 
 
 @needs_ext
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1], ids=lambda t: t.name)
 @pytest.mark.parametrize("k", [576, 512])
-def test_interleaved_q4_0_computes_as_q4_0(isa: str, q8: None, k: int) -> None:
-    """Decoded, the interleaved rows are gguf's Q4_0 values exactly; multiplied, they meet x rounded to int8
-    per 32 as Q4_0's kernel does (the float64 emulation, to float32 rounding) on the vector passes, and
-    exactly on the portable one (no integer kernel: through Q4_0's layout), at every M and for 1 to 3
-    groups of rows; a row's bits do not depend on the batch; rows come in groups of 8."""
-    r8 = kernels.Q4_0_R8
-    rows, dense = r8_weight(24, k)
+def test_interleaved_computes_as_ggml_layout(isa: str, q8: None, qtype: QT, k: int) -> None:
+    """Decoded, the interleaved rows are gguf's values exactly; multiplied, they meet x rounded to int8 per
+    32 as the type's own kernel does (the float64 emulation, to float32 rounding) on the vector passes,
+    and exactly on the portable one (no integer kernel: through GGML's layout), at every M and for 1 to
+    3 groups of rows; a row's bits do not depend on the batch; rows come in groups of 8."""
+    r8 = kernels.INTERLEAVED[int(qtype)]
+    rows, dense = r8_weight(qtype, 24, k)
     assert torch.equal(kernels.dequantize_packed(rows, r8, k), dense)
     x = activations(70, k, seed=7)
     for m in [1, 2, 3, 4, 5, 11, 70]:
         for n in [8, 16, 24]:
             y = torch.full((m, n), float("nan"))
             ext.matmul(buf(x[:m]), buf(rows[:n]), buf(y), m, n, k, r8, 2)
-            want = reference(x[:m], dense[:n]) if isa == "scalar" else q8_reference(x[:m], dense[:n], QT.Q4_0)
+            want = reference(x[:m], dense[:n]) if isa == "scalar" else q8_reference(x[:m], dense[:n], qtype)
             magnitude = (x[:m].double().abs() @ dense[:n].double().abs().T).max()
             assert (y.double() - want.double()).abs().max() <= 1e-5 * magnitude, (m, n)
     y = torch.empty(70, 24)
@@ -717,9 +724,9 @@ def test_interleaved_q4_0_computes_as_q4_0(isa: str, q8: None, k: int) -> None:
         alone = torch.empty(1, 24)
         ext.matmul(buf(x[i : i + 1].contiguous()), buf(rows), buf(alone), 1, 24, k, r8, 2)
         assert torch.equal(alone[0], y[i]), i
-    with pytest.raises(ValueError, match="groups of 8 rows"):
+    with pytest.raises(ValueError, match="groups of 8"):
         ext.matmul(buf(x[:1]), buf(rows[:12]), buf(y), 1, 12, k, r8, 2)
-    kernels.set_activations("f32")  # the exact setting: through Q4_0's layout (the q8 fixture restores)
+    kernels.set_activations("f32")  # the exact setting: through GGML's layout (the q8 fixture restores)
     assert rel_err(kernels.qmatmul(x[:3], rows, r8, k), reference(x[:3], dense)) < 1e-5
 
 
@@ -733,7 +740,9 @@ def test_regroup_applies_where_the_integer_kernel_runs(q8: None) -> None:
     part = packed[:12]  # not whole groups of 8 rows
     assert kernels.regroup(part, int(QT.Q4_0), 576)[0] is part
     q41, _ = weight(QT.Q4_1, 96, 256)
-    assert kernels.regroup(q41, int(QT.Q4_1), 256)[1] == int(QT.Q4_1)
+    assert kernels.regroup(q41, int(QT.Q4_1), 256)[1] == kernels.Q4_1_R8
+    q8_0, _ = weight(QT.Q8_0, 96, 256)
+    assert kernels.regroup(q8_0, int(QT.Q8_0), 256)[0] is q8_0
     kernels.set_activations("f32")  # the exact setting keeps GGML's layout (the q8 fixture restores)
     assert kernels.regroup(packed, int(QT.Q4_0), 576)[0] is packed
 

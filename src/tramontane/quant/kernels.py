@@ -21,10 +21,10 @@ largest |x|, per element). "f32" (the exact path: `set_activations("f32")`, the 
 TRAMONTANE_ACTIVATIONS=f32, or the CLI's --exact) keeps every activation float32: results then match
 `x @ dequantize(W).T` to float32 rounding. Every other type always runs float32 activations.
 
-Interleaved Q4_0. Where the integer kernel runs, the loader hands Q4_0 matrices (not the embedding,
-whose rows are looked up one by one) to `regroup`, which interleaves each group of 8 rows block by block
-(the 8 rows' scales together, then 4 bytes of each row in turn: csrc/blocks.h) into a new tensor of
-type Q4_0_R8, an id of ours past GGML's. Its kernel reads a block's 8 scales with one load and gets one
+Interleaved Q4_0 and Q4_1. Where the integer kernel runs, the loader hands Q4_0 and Q4_1 matrices (not
+the embedding, whose rows are looked up one by one) to `regroup`, which interleaves each group of 8 rows
+block by block (the 8 rows' scales together, then 4 bytes of each row in turn: csrc/blocks.h) into a new
+tensor of type Q4_0_R8 or Q4_1_R8, ids of ours past GGML's. Its kernel reads a block's 8 scales with one load and gets one
 row's dot product per int32 lane, with no horizontal sum: 1.2-1.8x the Q4_0 kernel at 1 to 64
 activation rows (SmolLM2's 1536x576 and 576x1536, and 4096x4096, on the dev machine), as llama.cpp's
 repacked Q4_0 is. Ranges of whole groups of 8 rows stay contiguous (splits of fused projections);
@@ -50,11 +50,14 @@ except ImportError:  # pragma: no cover - depends on the build
 
 # GGML type ids the compiled kernels run (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
 # Q6_K, BF16); the fallback handles the same set.
-# Q4_0_R8 is not GGML's: Q4_0 interleaved 8 rows by 8 for its integer kernel (see above; csrc/blocks.h).
-Q4_0, Q4_0_R8 = 2, 66
-SUPPORTED_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30, Q4_0_R8})
+# Q4_0_R8 and Q4_1_R8 are not GGML's: Q4_0 and Q4_1 interleaved 8 rows by 8 for their integer kernel
+# (see above; csrc/blocks.h).
+Q4_0, Q4_1, Q4_0_R8, Q4_1_R8 = 2, 3, 66, 67
+INTERLEAVED = {Q4_0: Q4_0_R8, Q4_1: Q4_1_R8}
+_BASE = {v: k for k, v in INTERLEAVED.items()}
+SUPPORTED_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30, Q4_0_R8, Q4_1_R8})
 _GEOMETRY = {t: (GGML_TYPES[t].block_size, GGML_TYPES[t].type_size) for t in SUPPORTED_TYPES if t in GGML_TYPES}
-_GEOMETRY[Q4_0_R8] = _GEOMETRY[Q4_0]  # per row; rows come in groups of 8
+_GEOMETRY |= {r8: _GEOMETRY[base] for r8, base in _BASE.items()}  # per row; rows come in groups of 8
 
 # Above this many activation rows (per instruction set of the compiled kernels), dequantize once and
 # let F.linear's sgemm do the work; None: the packed kernel at every M. Measured on the dev machine
@@ -67,7 +70,7 @@ DEQUANTIZE_ABOVE_M: dict[str, int | None] = {"avx512": None, "avx2": 64, "scalar
 ACTIVATIONS = ("q8", "f32")
 # GGML type -> elements per activation scale of its integer-activation kernel: the K-quants (Q2_K..Q6_K)
 # per 256, Q4_0, Q4_1 and Q8_0 per 32.
-Q8_TYPES = {10: 256, 11: 256, 12: 256, 13: 256, 14: 256, 2: 32, 3: 32, 8: 32, Q4_0_R8: 32}
+Q8_TYPES = {10: 256, 11: 256, 12: 256, 13: 256, 14: 256, 2: 32, 3: 32, 8: 32, Q4_0_R8: 32, Q4_1_R8: 32}
 _q8 = _ext is not None  # mirrors the extension's setting (read on every matmul)
 
 
@@ -116,40 +119,40 @@ def isa() -> str:
 
 
 def type_name(qtype: int) -> str:
-    """The name of a type id the kernels may hold (GGML's, or "Q4_0 (interleaved)")."""
-    if qtype == Q4_0_R8:
-        return "Q4_0 (interleaved)"
+    """The name of a type id the kernels may hold (GGML's, or e.g. "Q4_0 (interleaved)")."""
+    if qtype in _BASE:
+        return f"{GGML_TYPES[_BASE[qtype]].name} (interleaved)"
     return GGML_TYPES[qtype].name if qtype in GGML_TYPES else repr(qtype)
 
 
 def regroups(qtype: int) -> bool:
     """Whether regroup() makes a new tensor of a matrix of `qtype` (so that a loader need not map it)."""
-    return qtype == Q4_0 and _q8 and isa() not in ("scalar", "none")
+    return qtype in INTERLEAVED and _q8 and isa() not in ("scalar", "none")
 
 
 def regroup(rows: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, int]:
-    """A matrix's packed rows [..., N, row_bytes] of `k` elements as the kernels run them fastest: Q4_0
-    interleaved into a new tensor (type Q4_0_R8) where its integer kernel runs (activations "q8", a
-    vector instruction set) and N is a multiple of 8; anything else as it is. For matrices that are
-    multiplied, not looked up by row (not the embedding). Decided at load."""
+    """A matrix's packed rows [..., N, row_bytes] of `k` elements as the kernels run them fastest: Q4_0 and
+    Q4_1 interleaved into a new tensor (Q4_0_R8, Q4_1_R8) where their integer kernel runs (activations
+    "q8", a vector instruction set) and N is a multiple of 8; anything else as it is. For matrices that
+    are multiplied, not looked up by row (not the embedding). Decided at load."""
     if not (regroups(qtype) and rows.dim() >= 2 and rows.shape[-2] % 8 == 0):
         return rows, qtype
-    return _interleaved(rows, k, to_r8=True), Q4_0_R8
+    return _interleaved(rows, qtype, k, to_r8=True), INTERLEAVED[qtype]
 
 
 def ggml_blocks(rows: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, int]:
     """The inverse of regroup(): rows in GGML's own layout (a new tensor when interleaved) and their type."""
-    if qtype != Q4_0_R8:
+    if qtype not in _BASE:
         return rows, qtype
-    return _interleaved(rows, k, to_r8=False), Q4_0
+    return _interleaved(rows, _BASE[qtype], k, to_r8=False), _BASE[qtype]
 
 
-def _interleaved(rows: torch.Tensor, k: int, *, to_r8: bool) -> torch.Tensor:
-    assert _ext is not None  # Q4_0_R8 exists only where the extension made it
+def _interleaved(rows: torch.Tensor, base: int, k: int, *, to_r8: bool) -> torch.Tensor:
+    assert _ext is not None  # the interleaved types exist only where the extension made them
     src = rows.contiguous()
     out = torch.empty_like(src)
-    n = src.numel() // row_bytes(Q4_0, k)
-    _ext.interleave_q4_0((src.data_ptr(), src.numel()), (out.data_ptr(), out.numel()), n, k, to_r8)
+    n = src.numel() // row_bytes(base, k)
+    _ext.interleave((src.data_ptr(), src.numel()), (out.data_ptr(), out.numel()), n, k, base, to_r8)
     return out
 
 

@@ -11,7 +11,7 @@ const tinfo tram_types[T_COUNT] = {
     [T_Q5_1] = {32, 24},   [T_Q8_0] = {32, 34},
     [T_Q2_K] = {256, 84},  [T_Q3_K] = {256, 110},
     [T_Q4_K] = {256, 144}, [T_Q5_K] = {256, 176},  [T_Q6_K] = {256, 210},
-    [T_Q4_0_R8] = {32, 18},
+    [T_Q4_0_R8] = {32, 18}, [T_Q4_1_R8] = {32, 20},
 };
 
 void tram_dec_f32_c(const uint8_t *b, int n, float *o) { memcpy(o, b, (size_t)n * 4); }
@@ -152,14 +152,17 @@ void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o) {
     }
 }
 
-void tram_interleave_q4_0(const uint8_t *src, uint8_t *dst, long nb, int to_r8) {
-    const size_t rb = 18 * (size_t)nb;
+void tram_interleave(const uint8_t *src, uint8_t *dst, long nb, int ts, int to_r8) {
+    const size_t rb = (size_t)ts * (size_t)nb, head = (size_t)ts - 16;  /* d (and m) before the quants */
     for (long i = 0; i < nb; i++)
         for (int r = 0; r < 8; r++) {
-            const size_t plain = (size_t)r * rb + 18 * (size_t)i, mixed = 144 * (size_t)i;
-            memcpy(to_r8 ? dst + mixed + 2 * r : dst + plain, to_r8 ? src + plain : src + mixed + 2 * r, 2);
+            const size_t plain = (size_t)r * rb + (size_t)ts * (size_t)i, mixed = 8 * (size_t)ts * (size_t)i;
+            for (size_t h = 0; h < head; h += 2) {  /* the 8 rows' scales, then (Q4_1) their mins */
+                const size_t pd = plain + h, md = mixed + 8 * h + 2 * (size_t)r;
+                memcpy(to_r8 ? dst + md : dst + pd, to_r8 ? src + pd : src + md, 2);
+            }
             for (int c = 0; c < 4; c++) {
-                const size_t pq = plain + 2 + 4 * (size_t)c, mq = mixed + 16 + 32 * (size_t)c + 4 * (size_t)r;
+                const size_t pq = plain + head + 4 * (size_t)c, mq = mixed + 8 * head + 32 * (size_t)c + 4 * (size_t)r;
                 memcpy(to_r8 ? dst + mq : dst + pq, to_r8 ? src + pq : src + mq, 4);
             }
         }

@@ -26,15 +26,20 @@ enum {
     T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
     T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30,
     T_Q4_0_R8 = 66,  /* not GGML's: Q4_0 rows interleaved 8 by 8 for the integer kernel (below) */
-    T_COUNT = 67
+    T_Q4_1_R8 = 67,  /* not GGML's: the same for Q4_1 */
+    T_COUNT = 68
 };
 
-/* Q4_0 interleaved (T_Q4_0_R8): Q4_0 matrices of a multiple of 8 rows with the bytes of each 8 rows
- * (a group, 144 bytes per block of 32 columns, the same as Q4_0's 8 x 18) rearranged so that the
- * integer kernel reads the group's 8 scales of a block with one load and four quant bytes of each of the
- * 8 rows with another (simd_q8.inc). Block i of a group: the 8 rows' float16 scales (16 bytes), then
- * for c = 0..3 the quant bytes 4c..4c+3 of row 0, of row 1, ..., of row 7 (4 x 32 bytes). Ranges of
- * whole groups of rows stay contiguous; a single row is not (the loaders keep lookup tables in Q4_0). */
+/* Q4_0 and Q4_1 interleaved (T_Q4_0_R8, T_Q4_1_R8): matrices of a multiple of 8 rows with the bytes of
+ * each 8 rows (a group: 8 x 18 bytes per block of 32 columns for Q4_0, 8 x 20 for Q4_1, as before)
+ * rearranged so that the integer kernel reads a block's 8 scales with one load and four quant bytes of
+ * each of the 8 rows with another (simd_q8.inc). Block i of a group: the 8 rows' float16 scales (16
+ * bytes; Q4_1: then their 8 mins), then for c = 0..3 the quant bytes 4c..4c+3 of row 0, of row 1, ...,
+ * of row 7 (4 x 32 bytes). Ranges of whole groups of rows stay contiguous; a single row is not (the
+ * loaders keep lookup tables in GGML's layout). */
+/* The interleaved type of a GGML type, or -1; and back. */
+static inline int tram_r8_of(int qtype) { return qtype == T_Q4_0 ? T_Q4_0_R8 : qtype == T_Q4_1 ? T_Q4_1_R8 : -1; }
+static inline int tram_r8_base(int qtype) { return qtype == T_Q4_0_R8 ? T_Q4_0 : qtype == T_Q4_1_R8 ? T_Q4_1 : -1; }
 
 typedef struct { int block; int size; } tinfo;
 
@@ -113,8 +118,8 @@ TRAM_HIDDEN void tram_dec_q4_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q5_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o);
 
-/* One group of 8 Q4_0 rows of nb blocks to T_Q4_0_R8 (to_r8 != 0) or back; src and dst distinct, each
- * 144 nb bytes. */
-TRAM_HIDDEN void tram_interleave_q4_0(const uint8_t *src, uint8_t *dst, long nb, int to_r8);
+/* One group of 8 rows of nb blocks of ts bytes (Q4_0's 18, Q4_1's 20) to the interleaved layout
+ * (to_r8 != 0) or back; src and dst distinct, each 8 ts nb bytes. */
+TRAM_HIDDEN void tram_interleave(const uint8_t *src, uint8_t *dst, long nb, int ts, int to_r8);
 
 #endif /* TRAM_BLOCKS_H */

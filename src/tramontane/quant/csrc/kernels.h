@@ -132,7 +132,8 @@ TRAM_HIDDEN int tram_isa_names(const char *names[3]);
 TRAM_HIDDEN int tram_isa_select(const char *name);
 
 /* matmul.c. y[M,N] = x[M,K] @ W^T, W as N rows of GGML blocks of type qtype (row r at w + r * row
- * bytes; T_Q4_0_R8: groups of 8 rows at w + 8 g * row bytes); returns 0, or -1 when out of memory. */
+ * bytes; the interleaved types: groups of 8 rows at w + 8 g * row bytes); returns 0, or -1 when out of
+ * memory. */
 TRAM_HIDDEN int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N,
                             long K, int qtype, int n_threads);
 /* Activations of the fused kernels: 1 = rounded to int8 per 256 (Q8_K) for the types with integer

@@ -35,7 +35,8 @@ static int thread_count(int n_threads, long N, long work_bytes) {
  * applies through sums (Q2_K's mins cover 16 elements, the others' offsets 32); 0 when it reads none. */
 static int xs_span(int qtype) {
     if (qtype == T_Q2_K) return 16;
-    if (qtype == T_Q4_0 || qtype == T_Q4_0_R8 || qtype == T_Q4_1 || qtype == T_Q5_1 || qtype == T_Q4_K || qtype == T_Q5_K) return 32;
+    if (tram_r8_base(qtype) >= 0) qtype = tram_r8_base(qtype);
+    if (qtype == T_Q4_0 || qtype == T_Q4_1 || qtype == T_Q5_1 || qtype == T_Q4_K || qtype == T_Q5_K) return 32;
     return 0;
 }
 
@@ -107,20 +108,22 @@ static int quantize_q8(const float *x, long M, long K, long blk, q8_rows *out, v
     return 0;
 }
 
-/* Interleaved Q4_0 (T_Q4_0_R8) back to Q4_0 rows in a malloc'd copy (NULL when out of memory). */
-static uint8_t *plain_q4_0(const uint8_t *w, long N, long K) {
-    const size_t group = 8 * tram_row_bytes(T_Q4_0, K);
+/* Interleaved rows (T_Q4_0_R8, T_Q4_1_R8) back to GGML's layout (type `base`) in a malloc'd copy (NULL
+ * when out of memory). */
+static uint8_t *plain_rows(const uint8_t *w, long N, long K, int base) {
+    const size_t group = 8 * tram_row_bytes(base, K);
     uint8_t *out = malloc(group * (size_t)(N / 8));
     if (out)
-        for (long g = 0; g < N / 8; g++) tram_interleave_q4_0(w + g * group, out + g * group, K / 32, 0);
+        for (long g = 0; g < N / 8; g++) tram_interleave(w + g * group, out + g * group, K / 32, tram_types[base].size, 0);
     return out;
 }
 
 int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N, long K,
                 int qtype, int n_threads) {
-    if (qtype == T_Q4_0_R8 && !(g_q8 && ops->fused_q8[qtype])) {  /* the exact setting, the portable pass */
-        uint8_t *plain = plain_q4_0(w, N, K);
-        const int rc = plain ? tram_matmul(ops, x, plain, y, M, N, K, T_Q4_0, n_threads) : -1;
+    const int base = tram_r8_base(qtype);
+    if (base >= 0 && !(g_q8 && ops->fused_q8[qtype])) {  /* the exact setting, the portable pass */
+        uint8_t *plain = plain_rows(w, N, K, base);
+        const int rc = plain ? tram_matmul(ops, x, plain, y, M, N, K, base, n_threads) : -1;
         free(plain);
         return rc;
     }
@@ -153,7 +156,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
         nt = omp_get_num_threads();
 #endif
         long n0, n1;
-        split_rows(N, t, nt, qtype == T_Q4_0_R8 ? 8 : RN, &n0, &n1);
+        split_rows(N, t, nt, tram_r8_base(qtype) >= 0 ? 8 : RN, &n0, &n1);
         if (n1 > n0) {
             if (fused_q8)
                 fused_q8(w + (size_t)n0 * rb, rb, n1 - n0, &xq, xs, M, K, y + n0, N);
@@ -170,9 +173,10 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
 
 int tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, long K, int qtype,
                     int n_threads) {
-    if (qtype == T_Q4_0_R8) {  /* back to Q4_0 first */
-        uint8_t *plain = plain_q4_0(w, N, K);
-        const int rc = plain ? tram_dequantize(ops, plain, out, N, K, T_Q4_0, n_threads) : -1;
+    const int base = tram_r8_base(qtype);
+    if (base >= 0) {  /* back to GGML's layout first */
+        uint8_t *plain = plain_rows(w, N, K, base);
+        const int rc = plain ? tram_dequantize(ops, plain, out, N, K, base, n_threads) : -1;
         free(plain);
         return rc;
     }

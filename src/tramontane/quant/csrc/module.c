@@ -11,8 +11,8 @@
  *       activations are never quantized.
  *   dequantize_rows(w, out, N, K, qtype, n_threads)
  *       W -> float32 [N,K].
- *   interleave_q4_0(src, dst, N, K, to_r8)
- *       Q4_0 rows to the layout its integer kernel reads (T_Q4_0_R8, blocks.h) or back.
+ *   interleave(src, dst, N, K, qtype, to_r8)
+ *       Q4_0 or Q4_1 rows to the layout their integer kernel reads (T_Q4_0_R8, T_Q4_1_R8, blocks.h) or back.
  *   decode_block(shape, buffers, eps, window, n_threads)
  *       one transformer block for one new token per row, on an offline or a paged cache (block_step.c);
  *       on the paged one, every row's sequence, block table entries and span of keys are checked in
@@ -70,8 +70,8 @@ static int check_common(long N, long K, int qtype, int n_threads) {
                      N, K, tram_types[qtype].block);
         return -1;
     }
-    if (qtype == T_Q4_0_R8 && N % 8) {
-        PyErr_Format(PyExc_ValueError, "bad shape N=%ld: interleaved Q4_0 comes in groups of 8 rows", N);
+    if (tram_r8_base(qtype) >= 0 && N % 8) {
+        PyErr_Format(PyExc_ValueError, "bad shape N=%ld: interleaved rows come in groups of 8", N);
         return -1;
     }
     if (K / tram_types[qtype].block > 0x7fffffffL) {
@@ -137,25 +137,26 @@ static PyObject *py_dequantize_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_interleave_q4_0(PyObject *self, PyObject *args) {
+static PyObject *py_interleave(PyObject *self, PyObject *args) {
     buffer src, dst;
     Py_ssize_t N, K;
-    int to_r8;
+    int qtype, to_r8;
     size_t need;
     (void)self;
-    if (!PyArg_ParseTuple(args, "(Kn)(Kn)nnp", &src.ptr, &src.nbytes, &dst.ptr, &dst.nbytes, &N, &K, &to_r8))
+    if (!PyArg_ParseTuple(args, "(Kn)(Kn)nnip", &src.ptr, &src.nbytes, &dst.ptr, &dst.nbytes, &N, &K, &qtype, &to_r8))
         return NULL;
-    if (check_common((long)N, (long)K, T_Q4_0_R8, 1)) return NULL;
-    if (tram_packed_extent(&need, T_Q4_0, N, K)) return too_large("interleave_q4_0");
-    if (check_extent("interleave_q4_0", "src", &src, need) || check_extent("interleave_q4_0", "dst", &dst, need))
-        return NULL;
+    const int r8 = tram_type_ok(qtype) ? tram_r8_of(qtype) : -1;
+    if (r8 < 0) return PyErr_Format(PyExc_ValueError, "interleave: GGML type %d has no interleaved layout", qtype);
+    if (check_common((long)N, (long)K, r8, 1)) return NULL;
+    if (tram_packed_extent(&need, qtype, N, K)) return too_large("interleave");
+    if (check_extent("interleave", "src", &src, need) || check_extent("interleave", "dst", &dst, need)) return NULL;
     if (src.ptr < dst.ptr + need && dst.ptr < src.ptr + need)
-        return PyErr_Format(PyExc_ValueError, "interleave_q4_0: src and dst overlap");
-    const size_t rb = tram_row_bytes(T_Q4_0, (long)K);
+        return PyErr_Format(PyExc_ValueError, "interleave: src and dst overlap");
+    const size_t rb = tram_row_bytes(qtype, (long)K);
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t n = 0; n < N; n += 8)
-        tram_interleave_q4_0((const uint8_t *)(uintptr_t)src.ptr + (size_t)n * rb,
-                             (uint8_t *)(uintptr_t)dst.ptr + (size_t)n * rb, (long)K / 32, to_r8);
+        tram_interleave((const uint8_t *)(uintptr_t)src.ptr + (size_t)n * rb, (uint8_t *)(uintptr_t)dst.ptr + (size_t)n * rb,
+                        (long)K / 32, tram_types[qtype].size, to_r8);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -235,8 +236,8 @@ static int check_type_k(int qtype, long rows, long K, const char *what) {
         PyErr_Format(PyExc_ValueError, "decode_block: %s: GGML type %d cannot hold rows of %ld", what, qtype, K);
         return -1;
     }
-    if (qtype == T_Q4_0_R8 && rows % 8) {
-        PyErr_Format(PyExc_ValueError, "decode_block: %s: interleaved Q4_0 needs a multiple of 8 rows, not %ld", what, rows);
+    if (tram_r8_base(qtype) >= 0 && rows % 8) {
+        PyErr_Format(PyExc_ValueError, "decode_block: %s: interleaved rows come in groups of 8, not %ld", what, rows);
         return -1;
     }
     return 0;
@@ -440,10 +441,10 @@ static PyMethodDef METHODS[] = {
     {"dequantize_rows", py_dequantize_rows, METH_VARARGS,
      "dequantize_rows(w, out, N, K, qtype, n_threads): W -> float32 [N,K]. w, out: (data_ptr, nbytes) "
      "tuples, checked against the extent N, K need."},
-    {"interleave_q4_0", py_interleave_q4_0, METH_VARARGS,
-     "interleave_q4_0(src, dst, N, K, to_r8): N Q4_0 rows of K elements (N a multiple of 8) -> the "
-     "interleaved Q4_0 the integer kernel reads (type id 66 here; to_r8 true) or back. src, dst: distinct "
-     "(data_ptr, nbytes)."},
+    {"interleave", py_interleave, METH_VARARGS,
+     "interleave(src, dst, N, K, qtype, to_r8): N rows of K elements of GGML type qtype (Q4_0 or Q4_1; N a "
+     "multiple of 8) -> the interleaved layout its integer kernel reads (type ids 66 and 67 here; to_r8 "
+     "true) or back. src, dst: distinct (data_ptr, nbytes)."},
     {"decode_block", py_decode_block, METH_VARARGS,
      "decode_block(shape, buffers, eps, window, n_threads): one transformer block for one new token per "
      "row, in place on x. shape = (B, dim, H, Hkv, D, F, S); buffers = dict of (data_ptr, nbytes): x "
