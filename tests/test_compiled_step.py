@@ -485,8 +485,8 @@ def q8():
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("kind", "qtype"), [("mistral", "Q4_0"), ("mixtral", "Q4_0"), ("llama", "Q4_1")])
 def test_interleaved_model(tmp_path, isa, kind, qtype, q8, monkeypatch):
-    """Where the integer kernel runs, a Q4_0 or Q4_1 file's matrices (not the embedding, nor the tied head that
-    shares it) are interleaved 8 rows by 8
+    """Where the integer kernel runs, a Q4_0 or Q4_1 file's matrices (the embedding and the head tied to it
+    too) are interleaved 8 rows by 8
     at load (quant/kernels.py regroup): the compiled step equals the module path on them, the
     logits equal those of the same file kept in GGML's layout (the same rounded x, summed in another
     order), and writing the model back gives the file's own bytes. One layer: with int8 activations a
@@ -501,7 +501,7 @@ def test_interleaved_model(tmp_path, isa, kind, qtype, q8, monkeypatch):
     types = {m.qtype for m in model.layers[0].modules() if hasattr(m, "qtype")}
     ggml = int(gguf.GGMLQuantizationType[qtype])
     assert types == {kernels.INTERLEAVED[ggml]}  # attention, and the dense feed-forward or the stacked experts
-    assert model.tok_embeddings.qtype == ggml  # looked up row by row
+    assert model.tok_embeddings.qtype == kernels.INTERLEAVED[ggml]  # looked up row by row out of its groups
     if kind == "mixtral":  # int8 activations can flip a near-tie of the router between the two paths:
         kernels.set_activations("f32")  # compare them exactly, on the regrouped decoder (the fixture restores)
     assert_fused_steps_equal_module_steps(model, isa)

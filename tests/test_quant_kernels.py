@@ -763,3 +763,21 @@ def test_interleaved_projections_split_by_groups(q8: None) -> None:
         assert kept == (parts[0].packed.data_ptr() == rows.data_ptr())
         got = torch.cat([p(x) for p in parts], dim=1)
         assert (got - fused(x)).abs().max() <= 1e-5 * (x.abs() @ dense.abs().T).max()
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
+def test_lookup_rows_gathers_rows(isa: str, q8: None, qtype: QT) -> None:
+    """An embedding lookup: rows in any order, repeated, of GGML's layout or gathered out of interleaved
+    groups, equal gguf's decoding of those rows; an index out of range is refused before any is read."""
+    k = 256
+    packed, dense = weight(qtype, 24, k)
+    rows, held = kernels.regroup(packed, int(qtype), k)
+    assert held == (int(qtype) if isa == "scalar" else kernels.INTERLEAVED.get(int(qtype), int(qtype)))
+    idx = torch.tensor([23, 0, 9, 9, 16, 7])
+    assert torch.equal(kernels.lookup_rows(rows, idx, held, k), dense[idx])
+    assert kernels.lookup_rows(rows, idx[:0], held, k).shape == (0, k)
+    with pytest.raises(IndexError, match=r"row 24 is out of range \[0, 24\)"):
+        kernels.lookup_rows(rows, torch.tensor([3, 24]), held, k)
+    with pytest.raises(IndexError, match="row -1"):
+        kernels.lookup_rows(rows, torch.tensor([-1]), held, k)

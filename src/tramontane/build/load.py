@@ -176,11 +176,6 @@ PACKABLE = re.compile(
 )
 
 
-def _multiplied(target: str) -> bool:
-    """Whether a packed matrix is only ever multiplied (its rows may be regrouped), not looked up by row."""
-    return target != "tok_embeddings.weight"
-
-
 def _swap_packed(
     model: Transformer,
     path: Path,
@@ -202,8 +197,7 @@ def _swap_packed(
             f"expected {list(shape[:-1])} rows of {shape[-1]} values",
         )
     module_path = target.removesuffix(".weight")
-    if _multiplied(target):
-        rows, qtype = regroup(rows, qtype, shape[-1])  # Q4_0 in the layout its kernel reads (quant/kernels.py)
+    rows, qtype = regroup(rows, qtype, shape[-1])  # Q4_0, Q4_1 in the layout their kernel reads (quant/kernels.py)
     with torch.device("meta"):
         module = _packed_module(module_path, torch.empty(rows.shape, dtype=torch.uint8), qtype, shape, layout)
     set_module(model, module_path, module)

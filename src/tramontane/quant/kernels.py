@@ -21,14 +21,15 @@ largest |x|, per element). "f32" (the exact path: `set_activations("f32")`, the 
 TRAMONTANE_ACTIVATIONS=f32, or the CLI's --exact) keeps every activation float32: results then match
 `x @ dequantize(W).T` to float32 rounding. Every other type always runs float32 activations.
 
-Interleaved Q4_0 and Q4_1. Where the integer kernel runs, the loader hands Q4_0 and Q4_1 matrices (not
-the embedding, whose rows are looked up one by one) to `regroup`, which interleaves each group of 8 rows
+Interleaved Q4_0 and Q4_1. Where the integer kernel runs, the loader hands Q4_0 and Q4_1 matrices to
+`regroup`, which interleaves each group of 8 rows
 block by block (the 8 rows' scales together, then 4 bytes of each row in turn: csrc/blocks.h) into a new
 tensor of type Q4_0_R8 or Q4_1_R8, ids of ours past GGML's. Its kernel reads a block's 8 scales with one load and gets one
-row's dot product per int32 lane, with no horizontal sum: 1.2-1.8x the Q4_0 kernel at 1 to 64
+row's dot product per int32 lane, with no horizontal sum: 1.2-2x the row-by-row kernels at 1 to 64
 activation rows (SmolLM2's 1536x576 and 576x1536, and 4096x4096, on the dev machine), as llama.cpp's
 repacked Q4_0 is. Ranges of whole groups of 8 rows stay contiguous (splits of fused projections);
-`ggml_blocks` gives the writers GGML's layout back.
+`lookup_rows` gathers an embedding's rows out of their groups; `ggml_blocks` gives the writers GGML's
+layout back.
 """
 
 from __future__ import annotations
@@ -133,8 +134,7 @@ def regroups(qtype: int) -> bool:
 def regroup(rows: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, int]:
     """A matrix's packed rows [..., N, row_bytes] of `k` elements as the kernels run them fastest: Q4_0 and
     Q4_1 interleaved into a new tensor (Q4_0_R8, Q4_1_R8) where their integer kernel runs (activations
-    "q8", a vector instruction set) and N is a multiple of 8; anything else as it is. For matrices that
-    are multiplied, not looked up by row (not the embedding). Decided at load."""
+    "q8", a vector instruction set) and N is a multiple of 8; anything else as it is. Decided at load."""
     if not (regroups(qtype) and rows.dim() >= 2 and rows.shape[-2] % 8 == 0):
         return rows, qtype
     return _interleaved(rows, qtype, k, to_r8=True), INTERLEAVED[qtype]
@@ -238,6 +238,25 @@ def dequantize_packed(packed: torch.Tensor, qtype: int, k: int, n_threads: int |
         _ext.dequantize_rows(
             (packed.data_ptr(), packed.numel()), (out.data_ptr(), out.numel() * 4), n, k, qtype, threads
         )
+    return out
+
+
+def lookup_rows(packed: torch.Tensor, idx: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """Rows idx (int64 [n], each in [0, N)) of packed rows [N, row_bytes] -> float32 [n, k]: an embedding
+    lookup, interleaved rows gathered out of their group of 8."""
+    _check_packed(packed, qtype, k)
+    if _ext is None:
+        return dequantize_packed(packed[idx], qtype, k)
+    idx = idx.to(torch.int64).contiguous()
+    out = torch.empty(idx.numel(), k, dtype=torch.float32)
+    _ext.lookup_rows(
+        (packed.data_ptr(), packed.numel()),
+        (idx.data_ptr(), idx.numel() * 8),
+        (out.data_ptr(), out.numel() * 4),
+        packed.shape[0],
+        k,
+        qtype,
+    )
     return out
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from ..model.layers import FeedForward
 from ..model.transformer import Transformer
 from ..weights.gguf_quants import GGML_TYPES
-from .kernels import Q4_0_R8, Q4_1_R8, dequantize_packed, ggml_blocks, type_name
+from .kernels import Q4_0_R8, Q4_1_R8, dequantize_packed, ggml_blocks, lookup_rows, type_name
 
 # GGML type ids the packed kernels execute; other types are dequantized at load.
 _PACKED_NAMES = {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
@@ -83,7 +83,7 @@ class PackedEmbedding(nn.Module):
         self.qtype, self.dim = qtype, dim
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        rows = dequantize_packed(self.packed[tokens.reshape(-1)], self.qtype, self.dim)  # [B*T,dim]
+        rows = lookup_rows(self.packed, tokens.reshape(-1), self.qtype, self.dim)  # [B*T,dim]
         return rows.view(*tokens.shape, self.dim)
 
     def as_linear(self) -> PackedLinear:

@@ -152,18 +152,32 @@ void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o) {
     }
 }
 
-void tram_interleave(const uint8_t *src, uint8_t *dst, long nb, int ts, int to_r8) {
-    const size_t rb = (size_t)ts * (size_t)nb, head = (size_t)ts - 16;  /* d (and m) before the quants */
-    for (long i = 0; i < nb; i++)
-        for (int r = 0; r < 8; r++) {
-            const size_t plain = (size_t)r * rb + (size_t)ts * (size_t)i, mixed = 8 * (size_t)ts * (size_t)i;
-            for (size_t h = 0; h < head; h += 2) {  /* the 8 rows' scales, then (Q4_1) their mins */
-                const size_t pd = plain + h, md = mixed + 8 * h + 2 * (size_t)r;
-                memcpy(to_r8 ? dst + md : dst + pd, to_r8 ? src + pd : src + md, 2);
-            }
-            for (int c = 0; c < 4; c++) {
-                const size_t pq = plain + head + 4 * (size_t)c, mq = mixed + 8 * head + 32 * (size_t)c + 4 * (size_t)r;
-                memcpy(to_r8 ? dst + mq : dst + pq, to_r8 ? src + pq : src + mq, 4);
-            }
+/* Row r of an interleaved group (nb blocks of ts bytes) to or from its GGML layout at `row`. */
+static void r8_row(uint8_t *row, uint8_t *group, int r, long nb, int ts, int to_r8) {
+    const size_t head = (size_t)ts - 16;  /* d (and m) before the quants */
+    for (long i = 0; i < nb; i++) {
+        uint8_t *plain = row + (size_t)ts * (size_t)i, *mixed = group + 8 * (size_t)ts * (size_t)i;
+        for (size_t h = 0; h < head; h += 2) {  /* the 8 rows' scales, then (Q4_1) their mins */
+            uint8_t *m = mixed + 8 * h + 2 * (size_t)r;
+            memcpy(to_r8 ? m : plain + h, to_r8 ? plain + h : m, 2);
         }
+        for (int c = 0; c < 4; c++) {
+            uint8_t *m = mixed + 8 * head + 32 * (size_t)c + 4 * (size_t)r, *q = plain + head + 4 * (size_t)c;
+            memcpy(to_r8 ? m : q, to_r8 ? q : m, 4);
+        }
+    }
+}
+
+void tram_interleave(const uint8_t *src, uint8_t *dst, long nb, int ts, int to_r8) {
+    const size_t rb = (size_t)ts * (size_t)nb;
+    for (int r = 0; r < 8; r++) {
+        if (to_r8)
+            r8_row((uint8_t *)src + (size_t)r * rb, dst, r, nb, ts, 1);  /* src is only read */
+        else
+            r8_row(dst + (size_t)r * rb, (uint8_t *)src, r, nb, ts, 0);
+    }
+}
+
+void tram_interleaved_row(const uint8_t *group, int r, long nb, int ts, uint8_t *row) {
+    r8_row(row, (uint8_t *)group, r, nb, ts, 0);
 }

@@ -144,6 +144,11 @@ TRAM_HIDDEN int tram_q8(void);
 TRAM_HIDDEN int tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, long K, int qtype,
                                  int n_threads);
 
+/* out[i] = row idx[i] of W [N,K] as float32, i < n (every idx in [0, N): checked by the caller); returns
+ * 0, or -1 when out of memory. */
+TRAM_HIDDEN int tram_lookup(const isa_ops *ops, const uint8_t *w, const int64_t *idx, long n, long K, int qtype,
+                            float *out);
+
 /* block_step.c: one transformer block for a step of new tokens, one per row, on an offline or a paged
  * cache (see there). */
 typedef struct {

@@ -200,3 +200,21 @@ int tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, lo
     }
     return 0;
 }
+
+int tram_lookup(const isa_ops *ops, const uint8_t *w, const int64_t *idx, long n, long K, int qtype, float *out) {
+    const int base = tram_r8_base(qtype), t = base >= 0 ? base : qtype;
+    const size_t rb = tram_row_bytes(t, K);
+    const int nb = (int)(K / tram_types[t].block);
+    uint8_t *row = base >= 0 ? malloc(rb) : NULL;
+    if (base >= 0 && !row) return -1;
+    for (long i = 0; i < n; i++) {
+        const uint8_t *src = w + (size_t)idx[i] * rb;
+        if (row) {  /* gathered out of its group of 8 */
+            tram_interleaved_row(w + (size_t)(idx[i] / 8) * 8 * rb, (int)(idx[i] % 8), K / 32, tram_types[t].size, row);
+            src = row;
+        }
+        ops->dec[t](src, nb, out + (size_t)i * (size_t)K);
+    }
+    free(row);
+    return 0;
+}

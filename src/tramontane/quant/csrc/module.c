@@ -11,6 +11,8 @@
  *       activations are never quantized.
  *   dequantize_rows(w, out, N, K, qtype, n_threads)
  *       W -> float32 [N,K].
+ *   lookup_rows(w, idx, out, N, K, qtype)
+ *       rows idx of W -> float32 (embedding lookups).
  *   interleave(src, dst, N, K, qtype, to_r8)
  *       Q4_0 or Q4_1 rows to the layout their integer kernel reads (T_Q4_0_R8, T_Q4_1_R8, blocks.h) or back.
  *   decode_block(shape, buffers, eps, window, n_threads)
@@ -132,6 +134,35 @@ static PyObject *py_dequantize_rows(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     rc = tram_dequantize(ops, (const uint8_t *)(uintptr_t)w.ptr, (float *)(uintptr_t)out.ptr, (long)N, (long)K,
                          qtype, nth);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_lookup_rows(PyObject *self, PyObject *args) {
+    buffer w, idx, out;
+    Py_ssize_t N, K;
+    int qtype;
+    size_t need_w, need_out;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "(Kn)(Kn)(Kn)nni", &w.ptr, &w.nbytes, &idx.ptr, &idx.nbytes, &out.ptr, &out.nbytes, &N,
+                          &K, &qtype))
+        return NULL;
+    if (check_common((long)N, (long)K, qtype, 1)) return NULL;
+    if (idx.nbytes < 0 || idx.nbytes % 8) return PyErr_Format(PyExc_ValueError, "lookup_rows: idx must be int64");
+    const long n = (long)(idx.nbytes / 8);
+    if (tram_packed_extent(&need_w, qtype, N, K) || tram_extent(&need_out, 4, n, K, 1, 1)) return too_large("lookup_rows");
+    if (check_extent("lookup_rows", "w", &w, need_w) || check_extent("lookup_rows", "out", &out, need_out) ||
+        (n && check_extent("lookup_rows", "idx", &idx, (size_t)idx.nbytes)))
+        return NULL;
+    const int64_t *ids = (const int64_t *)(uintptr_t)idx.ptr;
+    for (long i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= N)
+            return PyErr_Format(PyExc_IndexError, "lookup_rows: row %lld is out of range [0, %zd)", (long long)ids[i], N);
+    const isa_ops *ops = tram_isa_current();
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = tram_lookup(ops, (const uint8_t *)(uintptr_t)w.ptr, ids, n, (long)K, qtype, (float *)(uintptr_t)out.ptr);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -441,6 +472,9 @@ static PyMethodDef METHODS[] = {
     {"dequantize_rows", py_dequantize_rows, METH_VARARGS,
      "dequantize_rows(w, out, N, K, qtype, n_threads): W -> float32 [N,K]. w, out: (data_ptr, nbytes) "
      "tuples, checked against the extent N, K need."},
+    {"lookup_rows", py_lookup_rows, METH_VARARGS,
+     "lookup_rows(w, idx, out, N, K, qtype): out[i] = row idx[i] of W [N,K] as float32 (an embedding lookup; "
+     "interleaved rows gathered out of their group). idx: int64 (data_ptr, nbytes), every index in [0, N)."},
     {"interleave", py_interleave, METH_VARARGS,
      "interleave(src, dst, N, K, qtype, to_r8): N rows of K elements of GGML type qtype (Q4_0 or Q4_1; N a "
      "multiple of 8) -> the interleaved layout its integer kernel reads (type ids 66 and 67 here; to_r8 "
