@@ -29,7 +29,8 @@ row's dot product per int32 lane, with no horizontal sum: 1.2-2x the row-by-row 
 activation rows (SmolLM2's 1536x576 and 576x1536, and 4096x4096, on the dev machine), as llama.cpp's
 repacked Q4_0 is. Ranges of whole groups of 8 rows stay contiguous (splits of fused projections);
 `lookup_rows` gathers an embedding's rows out of their groups; `ggml_blocks` gives the writers GGML's
-layout back.
+layout back. Switched to "f32" after load, interleaved matrices compute through a copy in GGML's layout
+made at every call (exact, slow: the loader interleaves only under "q8").
 """
 
 from __future__ import annotations

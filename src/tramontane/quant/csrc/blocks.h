@@ -35,8 +35,8 @@ enum {
  * rearranged so that the integer kernel reads a block's 8 scales with one load and four quant bytes of
  * each of the 8 rows with another (simd_q8.inc). Block i of a group: the 8 rows' float16 scales (16
  * bytes; Q4_1: then their 8 mins), then for c = 0..3 the quant bytes 4c..4c+3 of row 0, of row 1, ...,
- * of row 7 (4 x 32 bytes). Ranges of whole groups of rows stay contiguous; a single row is not (the
- * loaders keep lookup tables in GGML's layout). */
+ * of row 7 (4 x 32 bytes). Ranges of whole groups of rows stay contiguous; a single row is not (an
+ * embedding lookup gathers it: tram_interleaved_row). */
 /* The interleaved type of a GGML type, or -1; and back. */
 static inline int tram_r8_of(int qtype) { return qtype == T_Q4_0 ? T_Q4_0_R8 : qtype == T_Q4_1 ? T_Q4_1_R8 : -1; }
 static inline int tram_r8_base(int qtype) { return qtype == T_Q4_0_R8 ? T_Q4_0 : qtype == T_Q4_1_R8 ? T_Q4_1 : -1; }

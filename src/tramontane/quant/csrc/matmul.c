@@ -4,7 +4,9 @@
  * on the thread count), the choice between an instruction set's fused small-M kernel and its tiled
  * path (or, in the default mode, a type's integer-activation kernel: x rounded to int8 once per call,
  * per 256 for the K-quants and per 32 for Q4_0/Q4_1/Q8_0), and the per-32 (Q2_K: per-16) sums of x
- * the kernels take. Pointers are trusted: module.c checked the buffers' extents.
+ * the kernels take, and the interleaved Q4_0 / Q4_1 (blocks.h): split in whole groups of 8 rows, put back
+ * in GGML's layout where no integer kernel runs them, gathered row by row for lookups. Pointers are
+ * trusted: module.c checked the buffers' extents.
  */
 #include <math.h>
 #include <stdlib.h>
