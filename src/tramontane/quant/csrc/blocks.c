@@ -168,7 +168,8 @@ static void r8_row(uint8_t *row, uint8_t *group, int r, long nb, int ts, int to_
     }
 }
 
-void tram_interleave(const uint8_t *src, uint8_t *dst, long nb, int ts, int to_r8) {
+/* One group of 8 rows of nb blocks of ts bytes to the interleaved layout (to_r8 != 0) or back. */
+static void interleave_group(const uint8_t *src, uint8_t *dst, long nb, int ts, int to_r8) {
     const size_t rb = (size_t)ts * (size_t)nb;
     for (int r = 0; r < 8; r++) {
         if (to_r8)
@@ -176,6 +177,11 @@ void tram_interleave(const uint8_t *src, uint8_t *dst, long nb, int ts, int to_r
         else
             r8_row(dst + (size_t)r * rb, (uint8_t *)src, r, nb, ts, 0);
     }
+}
+
+void tram_interleave_rows(const uint8_t *src, uint8_t *dst, long N, long K, int qtype, int to_r8) {
+    const size_t group = 8 * tram_row_bytes(qtype, K);
+    for (long g = 0; g < N / 8; g++) interleave_group(src + g * group, dst + g * group, K / 32, tram_types[qtype].size, to_r8);
 }
 
 void tram_interleaved_row(const uint8_t *group, int r, long nb, int ts, uint8_t *row) {

@@ -118,9 +118,9 @@ TRAM_HIDDEN void tram_dec_q4_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q5_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o);
 
-/* One group of 8 rows of nb blocks of ts bytes (Q4_0's 18, Q4_1's 20) to the interleaved layout
- * (to_r8 != 0) or back; src and dst distinct, each 8 ts nb bytes. */
-TRAM_HIDDEN void tram_interleave(const uint8_t *src, uint8_t *dst, long nb, int ts, int to_r8);
+/* N rows (a multiple of 8) of K elements of GGML type qtype (Q4_0, Q4_1) to the interleaved layout
+ * (to_r8 != 0) or back, group by group; src and dst distinct. */
+TRAM_HIDDEN void tram_interleave_rows(const uint8_t *src, uint8_t *dst, long N, long K, int qtype, int to_r8);
 /* Row r (0..7) of an interleaved group of nb blocks of ts bytes, in GGML's layout at `row` (ts nb bytes). */
 TRAM_HIDDEN void tram_interleaved_row(const uint8_t *group, int r, long nb, int ts, uint8_t *row);
 

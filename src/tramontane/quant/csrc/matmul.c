@@ -113,10 +113,8 @@ static int quantize_q8(const float *x, long M, long K, long blk, q8_rows *out, v
 /* Interleaved rows (T_Q4_0_R8, T_Q4_1_R8) back to GGML's layout (type `base`) in a malloc'd copy (NULL
  * when out of memory). */
 static uint8_t *plain_rows(const uint8_t *w, long N, long K, int base) {
-    const size_t group = 8 * tram_row_bytes(base, K);
-    uint8_t *out = malloc(group * (size_t)(N / 8));
-    if (out)
-        for (long g = 0; g < N / 8; g++) tram_interleave(w + g * group, out + g * group, K / 32, tram_types[base].size, 0);
+    uint8_t *out = malloc(tram_row_bytes(base, K) * (size_t)N);
+    if (out) tram_interleave_rows(w, out, N, K, base, 0);
     return out;
 }
 

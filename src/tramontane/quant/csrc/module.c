@@ -183,11 +183,8 @@ static PyObject *py_interleave(PyObject *self, PyObject *args) {
     if (check_extent("interleave", "src", &src, need) || check_extent("interleave", "dst", &dst, need)) return NULL;
     if (src.ptr < dst.ptr + need && dst.ptr < src.ptr + need)
         return PyErr_Format(PyExc_ValueError, "interleave: src and dst overlap");
-    const size_t rb = tram_row_bytes(qtype, (long)K);
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t n = 0; n < N; n += 8)
-        tram_interleave((const uint8_t *)(uintptr_t)src.ptr + (size_t)n * rb, (uint8_t *)(uintptr_t)dst.ptr + (size_t)n * rb,
-                        (long)K / 32, tram_types[qtype].size, to_r8);
+    tram_interleave_rows((const uint8_t *)(uintptr_t)src.ptr, (uint8_t *)(uintptr_t)dst.ptr, (long)N, (long)K, qtype, to_r8);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
