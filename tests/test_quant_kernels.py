@@ -699,12 +699,56 @@ def r8_weight(qtype: QT, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, dense
 
 
+def k4_fields(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's get_scale_min_k4 over [..., 12] scale bytes: (scales, mins) [..., 8] (six bits each)."""
+    s = scales.astype(np.int64)
+    sc, mn = np.empty(s.shape[:-1] + (8,), np.int64), np.empty(s.shape[:-1] + (8,), np.int64)
+    sc[..., :4], mn[..., :4] = s[..., :4] & 63, s[..., 4:8] & 63
+    sc[..., 4:] = (s[..., 8:] & 15) | ((s[..., :4] >> 6) << 4)
+    mn[..., 4:] = (s[..., 8:] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return sc, mn
+
+
 @needs_ext
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1], ids=lambda t: t.name)
-@pytest.mark.parametrize("k", [576, 512])
+def test_interleaved_q4_k_layout_by_hand() -> None:
+    """8 random Q4_K rows of 2 super-blocks, interleaved: per super-block the 8 rows' d, then their dmin
+    (float16 each), the scales then the mins as 48-byte regions (byte j = 16 L + k, k = 4 (s % 4) + r % 4,
+    L = r // 4, holds row r's sub-block s in its low nibble when s < 4, high nibble when s >= 4; byte 32 +
+    k holds the top two bits of (s < 4, L = 0), (s < 4, L = 1), (s >= 4, L = 0), (s >= 4, L = 1) at bits
+    0, 2, 4, 6), then for c = 0..31 quant bytes 4c..4c+3 of rows 0..7; and back, bit for bit."""
+    rng = np.random.default_rng(3)
+    plain = rng.integers(0, 256, (8, 2, 144), dtype=np.uint8)
+    src = torch.from_numpy(plain.reshape(8, -1).copy())
+    out = torch.empty_like(src)
+    ext.interleave(buf(src), buf(out), 8, 512, int(QT.Q4_K), True)
+    got = out.numpy().reshape(2, 1152)
+    for i in range(2):
+        block = plain[:, i]
+        want = [block[:, 0:2].reshape(-1), block[:, 2:4].reshape(-1)]
+        for values in k4_fields(block[:, 4:16]):  # [8 rows, 8 sub-blocks]
+            region = np.zeros(48, np.int64)
+            for r in range(8):
+                for sub in range(8):
+                    v, b, k = values[r, sub], sub // 4, 4 * (sub % 4) + r % 4
+                    region[16 * (r // 4) + k] |= (v & 15) << (4 * b)
+                    region[32 + k] |= (v >> 4) << (2 * (r // 4) + 4 * b)
+            want.append(region.astype(np.uint8))
+        want.append(block[:, 16:].reshape(8, 32, 4).transpose(1, 0, 2).reshape(-1))
+        assert np.array_equal(got[i], np.concatenate(want)), i
+    back = torch.empty_like(src)
+    ext.interleave(buf(out), buf(back), 8, 512, int(QT.Q4_K), False)
+    assert torch.equal(back, src)
+
+
+@needs_ext
+@pytest.mark.parametrize(
+    ("qtype", "k"),
+    [(QT.Q4_0, 576), (QT.Q4_0, 512), (QT.Q4_1, 576), (QT.Q4_1, 512), (QT.Q4_K, 512), (QT.Q4_K, 768)],
+    ids=lambda v: getattr(v, "name", str(v)),
+)
 def test_interleaved_computes_as_ggml_layout(isa: str, q8: None, qtype: QT, k: int) -> None:
     """Decoded, the interleaved rows are gguf's values exactly; multiplied, they meet x rounded to int8 per
-    32 as the type's own kernel does (the float64 emulation, to float32 rounding) on the vector passes,
+    32 (Q4_K: per 256) as the type's own kernel does (the float64 emulation, to float32 rounding) on the vector passes,
     and exactly on the portable one (no integer kernel: through GGML's layout), at every M and for 1 to
     3 groups of rows; a row's bits do not depend on the batch; rows come in groups of 8."""
     r8 = kernels.INTERLEAVED[int(qtype)]
@@ -741,6 +785,8 @@ def test_regroup_applies_where_the_integer_kernel_runs(q8: None) -> None:
     assert kernels.regroup(part, int(QT.Q4_0), 576)[0] is part
     q41, _ = weight(QT.Q4_1, 96, 256)
     assert kernels.regroup(q41, int(QT.Q4_1), 256)[1] == kernels.Q4_1_R8
+    q4k, _ = weight(QT.Q4_K, 96, 256)
+    assert kernels.regroup(q4k, int(QT.Q4_K), 256)[1] == kernels.Q4_K_R8
     q8_0, _ = weight(QT.Q8_0, 96, 256)
     assert kernels.regroup(q8_0, int(QT.Q8_0), 256)[0] is q8_0
     kernels.set_activations("f32")  # the exact setting keeps GGML's layout (the q8 fixture restores)

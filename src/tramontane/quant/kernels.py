@@ -21,15 +21,17 @@ largest |x|, per element). "f32" (the exact path: `set_activations("f32")`, the 
 TRAMONTANE_ACTIVATIONS=f32, or the CLI's --exact) keeps every activation float32: results then match
 `x @ dequantize(W).T` to float32 rounding. Every other type always runs float32 activations.
 
-Interleaved Q4_0 and Q4_1. Where the integer kernel runs, the loader hands Q4_0 and Q4_1 matrices to
-`regroup`, which interleaves each group of 8 rows
-block by block (the 8 rows' scales together, then 4 bytes of each row in turn: csrc/blocks.h) into a new
-tensor of type Q4_0_R8 or Q4_1_R8, ids of ours past GGML's. Its kernel reads a block's 8 scales with one load and gets one
-row's dot product per int32 lane, with no horizontal sum: 1.2-2x the row-by-row kernels at 1 to 64
-activation rows (SmolLM2's 1536x576 and 576x1536, and 4096x4096, on the dev machine), as llama.cpp's
-repacked Q4_0 is. Ranges of whole groups of 8 rows stay contiguous (splits of fused projections);
-`lookup_rows` gathers an embedding's rows out of their groups; `ggml_blocks` gives the writers GGML's
-layout back. Switched to "f32" after load, interleaved matrices compute through a copy in GGML's layout
+Interleaved Q4_0, Q4_1 and Q4_K. Where the integer kernel runs, the loader hands Q4_0, Q4_1 and Q4_K
+matrices to `regroup`, which interleaves each group of 8 rows block by block (the 8 rows' scales
+together, Q4_K's six-bit sub-block scales unpacked-ready, then 4 bytes of each row in turn:
+csrc/blocks.h) into a new tensor of type Q4_0_R8, Q4_1_R8 or Q4_K_R8, ids of ours past GGML's. Its
+kernel reads a block's 8 scales with one load and gets one row's dot product per int32 lane, with no
+horizontal sum: 1.2-2x the row-by-row kernels at 1 to 64 activation rows for Q4_0/Q4_1 (SmolLM2's
+1536x576 and 576x1536, and 4096x4096, on the dev machine), 1.1-1.6x for Q4_K (Mixtral-shaped 2816x1024
+to 14336x4096), as llama.cpp's repacked Q4_0 and Q4_K are. Ranges of whole groups of 8 rows stay
+contiguous (splits of fused projections); `lookup_rows` gathers an embedding's rows out of their
+groups; `ggml_blocks` gives the writers GGML's layout back. Switched to "f32" after load, interleaved
+matrices compute through a copy in GGML's layout
 made at every call (exact, slow: the loader interleaves only under "q8").
 """
 
@@ -52,12 +54,12 @@ except ImportError:  # pragma: no cover - depends on the build
 
 # GGML type ids the compiled kernels run (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
 # Q6_K, BF16); the fallback handles the same set.
-# Q4_0_R8 and Q4_1_R8 are not GGML's: Q4_0 and Q4_1 interleaved 8 rows by 8 for their integer kernel
-# (see above; csrc/blocks.h).
-Q4_0, Q4_1, Q4_0_R8, Q4_1_R8 = 2, 3, 66, 67
-INTERLEAVED = {Q4_0: Q4_0_R8, Q4_1: Q4_1_R8}
+# Q4_0_R8, Q4_1_R8 and Q4_K_R8 are not GGML's: Q4_0, Q4_1 and Q4_K interleaved 8 rows by 8 for their
+# integer kernels (see above; csrc/blocks.h).
+Q4_0, Q4_1, Q4_K, Q4_0_R8, Q4_1_R8, Q4_K_R8 = 2, 3, 12, 66, 67, 68
+INTERLEAVED = {Q4_0: Q4_0_R8, Q4_1: Q4_1_R8, Q4_K: Q4_K_R8}
 _BASE = {v: k for k, v in INTERLEAVED.items()}
-SUPPORTED_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30, Q4_0_R8, Q4_1_R8})
+SUPPORTED_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30, *_BASE})
 _GEOMETRY = {t: (GGML_TYPES[t].block_size, GGML_TYPES[t].type_size) for t in SUPPORTED_TYPES if t in GGML_TYPES}
 _GEOMETRY |= {r8: _GEOMETRY[base] for r8, base in _BASE.items()}  # per row; rows come in groups of 8
 
@@ -72,7 +74,7 @@ DEQUANTIZE_ABOVE_M: dict[str, int | None] = {"avx512": None, "avx2": 64, "scalar
 ACTIVATIONS = ("q8", "f32")
 # GGML type -> elements per activation scale of its integer-activation kernel: the K-quants (Q2_K..Q6_K)
 # per 256, Q4_0, Q4_1 and Q8_0 per 32.
-Q8_TYPES = {10: 256, 11: 256, 12: 256, 13: 256, 14: 256, 2: 32, 3: 32, 8: 32, Q4_0_R8: 32, Q4_1_R8: 32}
+Q8_TYPES = {10: 256, 11: 256, 12: 256, 13: 256, 14: 256, 2: 32, 3: 32, 8: 32, Q4_0_R8: 32, Q4_1_R8: 32, Q4_K_R8: 256}
 _q8 = _ext is not None  # mirrors the extension's setting (read on every matmul)
 
 
@@ -120,6 +122,11 @@ def isa() -> str:
     return _ext.isa() if _ext is not None else "none"
 
 
+def interleaved(qtype: int) -> bool:
+    """Whether `qtype` is one of the interleaved layouts (rows in groups of 8)."""
+    return qtype in _BASE
+
+
 def type_name(qtype: int) -> str:
     """The name of a type id the kernels may hold (GGML's, or e.g. "Q4_0 (interleaved)")."""
     if qtype in _BASE:
@@ -133,8 +140,8 @@ def regroups(qtype: int) -> bool:
 
 
 def regroup(rows: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, int]:
-    """A matrix's packed rows [..., N, row_bytes] of `k` elements as the kernels run them fastest: Q4_0 and
-    Q4_1 interleaved into a new tensor (Q4_0_R8, Q4_1_R8) where their integer kernel runs (activations
+    """A matrix's packed rows [..., N, row_bytes] of `k` elements as the kernels run them fastest: Q4_0,
+    Q4_1 and Q4_K interleaved into a new tensor (Q4_0_R8, ...) where their integer kernel runs (activations
     "q8", a vector instruction set) and N is a multiple of 8; anything else as it is. Decided at load."""
     if not (regroups(qtype) and rows.dim() >= 2 and rows.shape[-2] % 8 == 0):
         return rows, qtype

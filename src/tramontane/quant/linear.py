@@ -16,7 +16,7 @@ from torch import nn
 from ..model.layers import FeedForward
 from ..model.transformer import Transformer
 from ..weights.gguf_quants import GGML_TYPES
-from .kernels import Q4_0_R8, Q4_1_R8, dequantize_packed, ggml_blocks, lookup_rows, type_name
+from .kernels import dequantize_packed, ggml_blocks, interleaved, lookup_rows, type_name
 
 # GGML type ids the packed kernels execute; other types are dequantized at load.
 _PACKED_NAMES = {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
@@ -54,7 +54,7 @@ class PackedLinear(nn.Module):
         """The inverse of concat: modules over consecutive row ranges of the same packed rows (views; copies
         in GGML's layout when interleaved rows would split inside a group of 8)."""
         packed, qtype = self.packed, self.qtype
-        if qtype in (Q4_0_R8, Q4_1_R8) and any(n % 8 for n in sizes):
+        if interleaved(qtype) and any(n % 8 for n in sizes):
             packed, qtype = ggml_blocks(packed, qtype, self.in_features)
         return [PackedLinear(rows, qtype, self.in_features) for rows in packed.split(sizes)]
 

@@ -11,7 +11,7 @@ const tinfo tram_types[T_COUNT] = {
     [T_Q5_1] = {32, 24},   [T_Q8_0] = {32, 34},
     [T_Q2_K] = {256, 84},  [T_Q3_K] = {256, 110},
     [T_Q4_K] = {256, 144}, [T_Q5_K] = {256, 176},  [T_Q6_K] = {256, 210},
-    [T_Q4_0_R8] = {32, 18}, [T_Q4_1_R8] = {32, 20},
+    [T_Q4_0_R8] = {32, 18}, [T_Q4_1_R8] = {32, 20}, [T_Q4_K_R8] = {256, 144},
 };
 
 void tram_dec_f32_c(const uint8_t *b, int n, float *o) { memcpy(o, b, (size_t)n * 4); }
@@ -152,38 +152,73 @@ void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o) {
     }
 }
 
-/* Row r of an interleaved group (nb blocks of ts bytes) to or from its GGML layout at `row`. */
-static void r8_row(uint8_t *row, uint8_t *group, int r, long nb, int ts, int to_r8) {
-    const size_t head = (size_t)ts - 16;  /* d (and m) before the quants */
+/* ggml's 12 scale bytes of a Q4_K block from its 8 six-bit scales and mins: the inverse of k4_scales
+ * (every one of the 96 bits carries one bit of a field). */
+static void k4_pack(const uint8_t *sc, const uint8_t *mn, uint8_t *s) {
+    for (int i = 0; i < 4; i++) {
+        s[i] = (uint8_t)(sc[i] | ((sc[i + 4] >> 4) << 6));
+        s[i + 4] = (uint8_t)(mn[i] | ((mn[i + 4] >> 4) << 6));
+        s[i + 8] = (uint8_t)((sc[i + 4] & 0x0f) | ((mn[i + 4] & 0x0f) << 4));
+    }
+}
+
+/* Row r's six-bit value for sub-block s in a 48-byte Q4_K_R8 scale region (layout in blocks.h): its low
+ * nibble and its top two bits, written (put) or read. */
+static int tram_k4r8_field(uint8_t *reg, int r, int s, int put, int v) {
+    const int L = r / 4, k = 4 * (s % 4) + r % 4, b = s / 4, j = 16 * L + k, sh = 2 * L + 4 * b;
+    if (put) {
+        reg[j] = (uint8_t)((reg[j] & (b ? 0x0f : 0xf0)) | ((v & 15) << (4 * b)));
+        reg[32 + k] = (uint8_t)((reg[32 + k] & ~(3 << sh)) | (((v >> 4) & 3) << sh));
+    }
+    return ((reg[j] >> (4 * b)) & 15) | (((reg[32 + k] >> sh) & 3) << 4);
+}
+
+/* Row r's Q4_K scale bytes (12, GGML's) to or from the group's two scale regions (96 bytes). */
+static void k4r8_scales(uint8_t *plain, uint8_t *mixed, int r, int to_r8) {
+    uint8_t sc[8], mn[8];
+    if (to_r8) k4_scales(plain, sc, mn);
+    for (int s = 0; s < 8; s++) {
+        sc[s] = (uint8_t)tram_k4r8_field(mixed, r, s, to_r8, sc[s]);
+        mn[s] = (uint8_t)tram_k4r8_field(mixed + 48, r, s, to_r8, mn[s]);
+    }
+    if (!to_r8) k4_pack(sc, mn, plain);
+}
+
+/* Row r of an interleaved group of nb blocks of GGML type `base` to or from its GGML layout at `row`. */
+static void r8_row(uint8_t *row, uint8_t *group, int r, long nb, int base, int to_r8) {
+    const size_t ts = (size_t)tram_types[base].size;
+    const size_t head = base == T_Q4_0 ? 2 : 4, scales = base == T_Q4_K ? 12 : 0;  /* fields, scale bytes */
     for (long i = 0; i < nb; i++) {
-        uint8_t *plain = row + (size_t)ts * (size_t)i, *mixed = group + 8 * (size_t)ts * (size_t)i;
-        for (size_t h = 0; h < head; h += 2) {  /* the 8 rows' scales, then (Q4_1) their mins */
+        uint8_t *plain = row + ts * (size_t)i, *mixed = group + 8 * ts * (size_t)i;
+        for (size_t h = 0; h < head; h += 2) {  /* the 8 rows' scales, then their second fields */
             uint8_t *m = mixed + 8 * h + 2 * (size_t)r;
             memcpy(to_r8 ? m : plain + h, to_r8 ? plain + h : m, 2);
         }
-        for (int c = 0; c < 4; c++) {
-            uint8_t *m = mixed + 8 * head + 32 * (size_t)c + 4 * (size_t)r, *q = plain + head + 4 * (size_t)c;
+        if (scales) k4r8_scales(plain + head, mixed + 8 * head, r, to_r8);
+        for (size_t c = 0; c < (ts - head - scales) / 4; c++) {
+            uint8_t *m = mixed + 8 * (head + scales) + 32 * c + 4 * (size_t)r, *q = plain + head + scales + 4 * c;
             memcpy(to_r8 ? m : q, to_r8 ? q : m, 4);
         }
     }
 }
 
-/* One group of 8 rows of nb blocks of ts bytes to the interleaved layout (to_r8 != 0) or back. */
-static void interleave_group(const uint8_t *src, uint8_t *dst, long nb, int ts, int to_r8) {
-    const size_t rb = (size_t)ts * (size_t)nb;
+/* One group of 8 rows of nb blocks of GGML type `base` to the interleaved layout (to_r8 != 0) or back. */
+static void interleave_group(const uint8_t *src, uint8_t *dst, long nb, int base, int to_r8) {
+    const size_t rb = (size_t)tram_types[base].size * (size_t)nb;
     for (int r = 0; r < 8; r++) {
         if (to_r8)
-            r8_row((uint8_t *)src + (size_t)r * rb, dst, r, nb, ts, 1);  /* src is only read */
+            r8_row((uint8_t *)src + (size_t)r * rb, dst, r, nb, base, 1);  /* src is only read */
         else
-            r8_row(dst + (size_t)r * rb, (uint8_t *)src, r, nb, ts, 0);
+            r8_row(dst + (size_t)r * rb, (uint8_t *)src, r, nb, base, 0);
     }
 }
 
 void tram_interleave_rows(const uint8_t *src, uint8_t *dst, long N, long K, int qtype, int to_r8) {
     const size_t group = 8 * tram_row_bytes(qtype, K);
-    for (long g = 0; g < N / 8; g++) interleave_group(src + g * group, dst + g * group, K / 32, tram_types[qtype].size, to_r8);
+    const long nb = K / tram_types[qtype].block;
+    for (long g = 0; g < N / 8; g++) interleave_group(src + g * group, dst + g * group, nb, qtype, to_r8);
 }
 
-void tram_interleaved_row(const uint8_t *group, int r, long nb, int ts, uint8_t *row) {
-    r8_row(row, (uint8_t *)group, r, nb, ts, 0);
+void tram_interleaved_row(const uint8_t *group, int r, long K, int qtype, uint8_t *row) {
+    r8_row(row, (uint8_t *)group, r, K / tram_types[qtype].block, qtype, 0);
 }

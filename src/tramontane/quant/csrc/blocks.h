@@ -27,19 +27,32 @@ enum {
     T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30,
     T_Q4_0_R8 = 66,  /* not GGML's: Q4_0 rows interleaved 8 by 8 for the integer kernel (below) */
     T_Q4_1_R8 = 67,  /* not GGML's: the same for Q4_1 */
-    T_COUNT = 68
+    T_Q4_K_R8 = 68,  /* not GGML's: the same for Q4_K (its scales rearranged too, below) */
+    T_COUNT = 69
 };
 
-/* Q4_0 and Q4_1 interleaved (T_Q4_0_R8, T_Q4_1_R8): matrices of a multiple of 8 rows with the bytes of
- * each 8 rows (a group: 8 x 18 bytes per block of 32 columns for Q4_0, 8 x 20 for Q4_1, as before)
- * rearranged so that the integer kernel reads a block's 8 scales with one load and four quant bytes of
- * each of the 8 rows with another (simd_q8.inc). Block i of a group: the 8 rows' float16 scales (16
- * bytes; Q4_1: then their 8 mins), then for c = 0..3 the quant bytes 4c..4c+3 of row 0, of row 1, ...,
- * of row 7 (4 x 32 bytes). Ranges of whole groups of rows stay contiguous; a single row is not (an
- * embedding lookup gathers it: tram_interleaved_row). */
+/* Q4_0, Q4_1 and Q4_K interleaved (T_Q4_0_R8, T_Q4_1_R8, T_Q4_K_R8): matrices of a multiple of 8 rows
+ * with the bytes of each 8 rows (a group) rearranged block by block, the same number of bytes as in
+ * GGML's layout, so that the integer kernel (simd_q8.inc) reads a block's 8 scales with one load and
+ * four quant bytes of each of the 8 rows with another. Block i of a group:
+ *   - the 8 rows' float16 scales d (16 bytes), then (Q4_1: m, Q4_K: dmin) their 8 second fields;
+ *   - Q4_K only: the 8 rows' six-bit sub-block scales (48 bytes), then their mins (48 bytes), each as
+ *     two 32-byte vectors A (sub-blocks 0..3) and B (4..7) after unpacking: byte j = 16 L + k of A,
+ *     k = 4 s + (r % 4) and L = r / 4, holds row r's value for sub-block s (B: s + 4), so that one byte
+ *     shuffle within 128-bit lanes gives a sub-block's 8 values (rows 0..3 low, 4..7 high). Stored:
+ *     byte j of the first 32 = A_j's low nibble | B_j's low nibble << 4; byte k of the last 16 = the
+ *     top two bits of A_k, A_16+k, B_k, B_16+k at bits 0, 2, 4, 6 (tram_k4r8_field);
+ *   - the quants: for c = 0, 1, ... the quant bytes 4c..4c+3 of row 0, of row 1, ..., of row 7 (4 x 32
+ *     bytes for Q4_0/Q4_1's 16 quant bytes per row, 32 x 32 for Q4_K's 128).
+ * Ranges of whole groups of rows stay contiguous; a single row is not (an embedding lookup gathers
+ * it: tram_interleaved_row). */
 /* The interleaved type of a GGML type, or -1; and back. */
-static inline int tram_r8_of(int qtype) { return qtype == T_Q4_0 ? T_Q4_0_R8 : qtype == T_Q4_1 ? T_Q4_1_R8 : -1; }
-static inline int tram_r8_base(int qtype) { return qtype == T_Q4_0_R8 ? T_Q4_0 : qtype == T_Q4_1_R8 ? T_Q4_1 : -1; }
+static inline int tram_r8_of(int qtype) {
+    return qtype == T_Q4_0 ? T_Q4_0_R8 : qtype == T_Q4_1 ? T_Q4_1_R8 : qtype == T_Q4_K ? T_Q4_K_R8 : -1;
+}
+static inline int tram_r8_base(int qtype) {
+    return qtype == T_Q4_0_R8 ? T_Q4_0 : qtype == T_Q4_1_R8 ? T_Q4_1 : qtype == T_Q4_K_R8 ? T_Q4_K : -1;
+}
 
 typedef struct { int block; int size; } tinfo;
 
@@ -118,10 +131,11 @@ TRAM_HIDDEN void tram_dec_q4_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q5_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o);
 
-/* N rows (a multiple of 8) of K elements of GGML type qtype (Q4_0, Q4_1) to the interleaved layout
- * (to_r8 != 0) or back, group by group; src and dst distinct. */
+/* N rows (a multiple of 8) of K elements of GGML type qtype (Q4_0, Q4_1, Q4_K) to the interleaved
+ * layout (to_r8 != 0) or back, group by group; src and dst distinct. */
 TRAM_HIDDEN void tram_interleave_rows(const uint8_t *src, uint8_t *dst, long N, long K, int qtype, int to_r8);
-/* Row r (0..7) of an interleaved group of nb blocks of ts bytes, in GGML's layout at `row` (ts nb bytes). */
-TRAM_HIDDEN void tram_interleaved_row(const uint8_t *group, int r, long nb, int ts, uint8_t *row);
+/* Row r (0..7) of an interleaved group of rows of K elements of GGML type qtype, in GGML's layout at
+ * `row` (tram_row_bytes(qtype, K) bytes). */
+TRAM_HIDDEN void tram_interleaved_row(const uint8_t *group, int r, long K, int qtype, uint8_t *row);
 
 #endif /* TRAM_BLOCKS_H */

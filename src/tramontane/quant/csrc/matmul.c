@@ -4,7 +4,7 @@
  * on the thread count), the choice between an instruction set's fused small-M kernel and its tiled
  * path (or, in the default mode, a type's integer-activation kernel: x rounded to int8 once per call,
  * per 256 for the K-quants and per 32 for Q4_0/Q4_1/Q8_0), and the per-32 (Q2_K: per-16) sums of x
- * the kernels take, and the interleaved Q4_0 / Q4_1 (blocks.h): split in whole groups of 8 rows, put back
+ * the kernels take, and the interleaved Q4_0 / Q4_1 / Q4_K (blocks.h): split in whole groups of 8 rows, put back
  * in GGML's layout where no integer kernel runs them, gathered row by row for lookups. Pointers are
  * trusted: module.c checked the buffers' extents.
  */
@@ -78,7 +78,10 @@ static float *rounded_sums(const q8_rows *xq, long M, long K, long blk, int span
 
 /* Elements per activation scale of the integer kernel of qtype: 256 for the K-quants (Q8_K, as their
  * super-blocks), 32 for the legacy types (Q8_0, one scale per weight block). */
-static long q8_block(int qtype) { return qtype >= T_Q2_K && qtype <= T_Q6_K ? 256 : 32; }
+static long q8_block(int qtype) {
+    if (tram_r8_base(qtype) >= 0) qtype = tram_r8_base(qtype);
+    return qtype >= T_Q2_K && qtype <= T_Q6_K ? 256 : 32;
+}
 
 /* x [M, K] (K % blk == 0) rounded to int8 per blk elements into one malloc'd buffer (*mem, to free),
  * views in *out; -1 when out of memory. Per block: d = max |x| / 127, q = round(x / d); with blk = 256
@@ -110,7 +113,7 @@ static int quantize_q8(const float *x, long M, long K, long blk, q8_rows *out, v
     return 0;
 }
 
-/* Interleaved rows (T_Q4_0_R8, T_Q4_1_R8) back to GGML's layout (type `base`) in a malloc'd copy (NULL
+/* Interleaved rows (T_Q4_0_R8, T_Q4_1_R8, T_Q4_K_R8) back to GGML's layout (type `base`) in a malloc'd copy (NULL
  * when out of memory). */
 static uint8_t *plain_rows(const uint8_t *w, long N, long K, int base) {
     uint8_t *out = malloc(tram_row_bytes(base, K) * (size_t)N);
@@ -210,7 +213,7 @@ int tram_lookup(const isa_ops *ops, const uint8_t *w, const int64_t *idx, long n
     for (long i = 0; i < n; i++) {
         const uint8_t *src = w + (size_t)idx[i] * rb;
         if (row) {  /* gathered out of its group of 8 */
-            tram_interleaved_row(w + (size_t)(idx[i] / 8) * 8 * rb, (int)(idx[i] % 8), K / 32, tram_types[t].size, row);
+            tram_interleaved_row(w + (size_t)(idx[i] / 8) * 8 * rb, (int)(idx[i] % 8), K, t, row);
             src = row;
         }
         ops->dec[t](src, nb, out + (size_t)i * (size_t)K);
