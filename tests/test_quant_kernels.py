@@ -770,6 +770,9 @@ def test_interleaved_computes_as_ggml_layout(isa: str, q8: None, qtype: QT, k: i
         assert torch.equal(alone[0], y[i]), i
     with pytest.raises(ValueError, match="groups of 8"):
         ext.matmul(buf(x[:1]), buf(rows[:12]), buf(y), 1, 12, k, r8, 2)
+    # Through the wrapper past the dense route's M: the integer kernel still (no dequantized copy).
+    want = reference(x, dense) if isa == "scalar" else q8_reference(x, dense, qtype)
+    assert rel_err(kernels.qmatmul(x, rows, r8, k), want) < 1e-5
     kernels.set_activations("f32")  # the exact setting: through GGML's layout (the q8 fixture restores)
     assert rel_err(kernels.qmatmul(x[:3], rows, r8, k), reference(x[:3], dense)) < 1e-5
 

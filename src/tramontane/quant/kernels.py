@@ -216,13 +216,17 @@ def use_dense(m: int) -> bool:
 # Past DEQUANTIZE_ABOVE_M rows, a matrix whose float32 copy is larger than this runs the integer kernel
 # instead of dequantize + sgemm: writing and reading the copy then costs more than sgemm saves (Mixtral
 # 8x7B's experts, 235 MB as float32: 2.5x faster on the dev machine); a smaller one stays in cache and
-# sgemm's float32 throughput wins (1024x1024 at M = 512: 2x faster than the integer kernel).
+# sgemm's float32 throughput wins (1024x1024 at M = 512: 2x faster than the row-by-row integer kernel).
+# The interleaved types' kernels (Q4_0_R8, Q4_1_R8, Q4_K_R8) run at every M: as fast as sgemm on dense
+# prompts and faster on a Mixtral's experts, whose ~M/4 tokens each do not pay back a dequantized copy
+# (small Mixtral, 512-token prompt, same run: Q4_K 260-276 against 205-213 tok/s, Q4_0 266-275 against
+# 163-177; a dense Mistral-shaped Q4_0 130 against 118-130).
 INTEGER_ABOVE_BYTES = 32 << 20
 
 
 def _integer_kernel(qtype: int, n: int, k: int) -> bool:
     """Whether a matmul past the dense route's M runs the extension's integer kernel instead."""
-    big = n * k * 4 > INTEGER_ABOVE_BYTES
+    big = n * k * 4 > INTEGER_ABOVE_BYTES or qtype in _BASE
     return _q8 and big and qtype in Q8_TYPES and k % Q8_TYPES[qtype] == 0 and isa() != "scalar"
 
 
