@@ -534,3 +534,43 @@ def test_interleaved_model(tmp_path, isa, kind, qtype, q8, monkeypatch):
         for name, info in a.tensors.items():
             assert b.tensors[name].ggml_type == info.ggml_type, name
             assert bytes(a.raw(name)) == bytes(b.raw(name)), name
+
+
+def _file_mapping(path) -> tuple[list[tuple[int, int]], int]:
+    """This process's mappings of `path`: their address ranges, and their resident bytes (smaps Rss)."""
+    ranges, rss, current = [], 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+                current = line.rstrip().endswith(str(path))
+                if current:
+                    lo, hi = (int(v, 16) for v in head[0].split("-"))
+                    ranges.append((lo, hi))
+            elif current and head[0] == "Rss:":
+                rss += int(head[1]) * 1024
+    return ranges, rss
+
+
+@pytest.mark.skipif(not kernels.available() or kernels.isa() == "scalar", reason="no integer kernel")
+@pytest.mark.parametrize("mmap", [True, False])
+def test_regrouped_rows_are_read_through_the_mapping_and_released(tmp_path, q8, mmap):
+    """Matrices interleaved at load are read straight out of the mapping into their new layout and its
+    pages dropped: after load none of them is a view of the file and the file's resident pages are a
+    few boundary pages. A matrix whose rows are not whole groups of 8 (here the 100-row embedding)
+    stays a view of the file when mapped, and is a copy of its own under --no-mmap."""
+    hf = hf_model("mistral", seed=3, hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=100)
+    path = save_gguf(hf, tmp_path / "m.gguf", "Q4_0")
+    model = load_model(path, packed=True, mmap=mmap).model
+    ranges, resident = _file_mapping(path)
+
+    def in_file(t: torch.Tensor) -> bool:
+        return any(lo <= t.data_ptr() < hi for lo, hi in ranges)
+
+    held = [m for m in model.modules() if hasattr(m, "qtype")]
+    regrouped = [m.packed for m in held if kernels.interleaved(m.qtype)]
+    assert len(regrouped) >= 8 and not any(in_file(t) for t in regrouped)
+    assert model.tok_embeddings.qtype == int(gguf.GGMLQuantizationType.Q4_0)
+    assert in_file(model.tok_embeddings.packed) == mmap
+    size = path.stat().st_size
+    assert resident <= 0.15 * size, (resident, size)

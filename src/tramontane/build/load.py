@@ -130,14 +130,18 @@ def _assemble(
                 f"configuration ({config.n_layers} layers, moe={config.moe}) lacks",
             )
         if packed and isinstance(source, GGUFSource) and m.transform is None and PACKABLE.fullmatch(m.target):
-            # Rows the kernels regroup are copied out of the file anyway: read, not mapped.
-            blocks = source.packed(
-                name, PACKED_TYPES, mapped=mmap and not regroups(source.file.tensors[name].ggml_type)
-            )
+            # Rows the kernels regroup are read through the mapping straight into their new layout (no
+            # intermediate copy: freed copies were left resident by the allocator), then its pages dropped.
+            through = regroups(source.file.tensors[name].ggml_type)
+            blocks = source.packed(name, PACKED_TYPES, mapped=mmap or through)
             if blocks is not None and layout is not None:
                 blocks = rank_blocks(m.target, blocks, layout)
             if blocks is not None:
-                _swap_packed(model, source.path, name, m.target, blocks, expected, state, layout)
+                _swap_packed(
+                    model, source.path, name, m.target, blocks, expected, state, layout, own=through and not mmap
+                )
+                if through:
+                    source.file.release(name)
                 swapped.add(m.target)
                 continue
         if layout is not None:
@@ -185,9 +189,11 @@ def _swap_packed(
     expected: dict[str, tuple[int, ...]],
     state: dict[str, torch.Tensor],
     layout: Layout | None = None,
+    own: bool = False,
 ) -> None:
     """Put a packed module where the float one was; its blocks go into the state dict. Under a plan that
-    splits the vocabulary, the embedding and head become their packed vocabulary-split counterparts."""
+    splits the vocabulary, the embedding and head become their packed vocabulary-split counterparts.
+    own: the blocks are a view of the file that must not stay one (--no-mmap), unless regrouped anew."""
     rows, qtype = blocks
     shape = expected[target]  # [out, in], or [E, out, in] for stacked experts
     if tuple(rows.shape[:-1]) != shape[:-1] or rows.shape[-1] != row_bytes(qtype, shape[-1]):
@@ -197,7 +203,8 @@ def _swap_packed(
             f"expected {list(shape[:-1])} rows of {shape[-1]} values",
         )
     module_path = target.removesuffix(".weight")
-    rows, qtype = regroup(rows, qtype, shape[-1])  # Q4_0, Q4_1 in the layout their kernel reads (quant/kernels.py)
+    regrouped, qtype = regroup(rows, qtype, shape[-1])  # Q4_0, Q4_1, Q4_K: the layout their kernel reads
+    rows = rows.clone() if own and regrouped is rows else regrouped
     with torch.device("meta"):
         module = _packed_module(module_path, torch.empty(rows.shape, dtype=torch.uint8), qtype, shape, layout)
     set_module(model, module_path, module)

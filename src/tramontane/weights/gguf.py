@@ -318,6 +318,12 @@ class GGUFFile:
         _release_pages(buf, info.offset, info.nbytes)
         return out
 
+    def release(self, name: str) -> None:
+        """Drop the tensor's mapped pages from this process's memory (read again from the file if touched):
+        for a tensor read through the mapping into a layout of its own."""
+        buf, info = self._locate(name)
+        _release_pages(buf, info.offset, info.nbytes)
+
     def mapped(self, name: str) -> torch.Tensor:
         """The tensor's bytes as a uint8 tensor [nbytes] over the mapping itself (no copy): its pages
         are read from the file when first touched, and the mapping lives as long as any such tensor
