@@ -70,3 +70,15 @@ def test_unknown_float_type(tmp_path):
     source = load_model(save_hf(hf_model("llama", seed=1), tmp_path / "hf", shard=None))
     with pytest.raises(ValueError, match="q3"):
         write_gguf(source.model, tmp_path / "m.gguf", float_type="q3")
+
+
+def test_quantizing_a_mixtral_keeps_its_router_float(tmp_path):
+    """`quant` packs the experts and attention but leaves `ffn_gate_inp` F32, as llama.cpp's quantizer
+    does (the router's rows pick the experts; a packed router also came back F32 from a loaded model,
+    so a file written back differed from the one read)."""
+    source = load_model(save_hf(hf_model("mixtral", seed=7, hidden_size=256), tmp_path / "hf", shard=None))
+    reader = gguf.GGUFReader(write_gguf(source.model, tmp_path / "q.gguf", quant="q6_k"))
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == gguf.GGMLQuantizationType.F32
+    assert types["blk.0.ffn_gate_exps.weight"] == gguf.GGMLQuantizationType.Q6_K
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q6_K

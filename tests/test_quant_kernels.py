@@ -741,9 +741,43 @@ def test_interleaved_q4_k_layout_by_hand() -> None:
 
 
 @needs_ext
+def test_interleaved_q6_k_layout_by_hand() -> None:
+    """8 random Q6_K rows of 2 super-blocks, interleaved: per super-block the 8 rows' d (float16), their
+    int8 scales as 4 vectors of 32 bytes (row r's scale of sub-block s at byte 32 (s // 4) + 16 (r // 4)
+    + 4 (s % 4) + r % 4), then for c = 0..47 bytes 4c..4c+3 of each row's ql (c < 32) and qh, rows 0..7;
+    and back, bit for bit."""
+    rng = np.random.default_rng(4)
+    plain = rng.integers(0, 256, (8, 2, 210), dtype=np.uint8)
+    src = torch.from_numpy(plain.reshape(8, -1).copy())
+    out = torch.empty_like(src)
+    ext.interleave(buf(src), buf(out), 8, 512, int(QT.Q6_K), True)
+    got = out.numpy().reshape(2, 1680)
+    for i in range(2):
+        block = plain[:, i]
+        scales = np.zeros(128, np.uint8)
+        for r in range(8):
+            for sub in range(16):
+                scales[32 * (sub // 4) + 16 * (r // 4) + 4 * (sub % 4) + r % 4] = block[r, 192 + sub]
+        quants = block[:, :192].reshape(8, 48, 4).transpose(1, 0, 2).reshape(-1)
+        assert np.array_equal(got[i], np.concatenate([block[:, 208:210].reshape(-1), scales, quants])), i
+    back = torch.empty_like(src)
+    ext.interleave(buf(out), buf(back), 8, 512, int(QT.Q6_K), False)
+    assert torch.equal(back, src)
+
+
+@needs_ext
 @pytest.mark.parametrize(
     ("qtype", "k"),
-    [(QT.Q4_0, 576), (QT.Q4_0, 512), (QT.Q4_1, 576), (QT.Q4_1, 512), (QT.Q4_K, 512), (QT.Q4_K, 768)],
+    [
+        (QT.Q4_0, 576),
+        (QT.Q4_0, 512),
+        (QT.Q4_1, 576),
+        (QT.Q4_1, 512),
+        (QT.Q4_K, 512),
+        (QT.Q4_K, 768),
+        (QT.Q6_K, 512),
+        (QT.Q6_K, 768),
+    ],
     ids=lambda v: getattr(v, "name", str(v)),
 )
 def test_interleaved_computes_as_ggml_layout(isa: str, q8: None, qtype: QT, k: int) -> None:
@@ -790,6 +824,8 @@ def test_regroup_applies_where_the_integer_kernel_runs(q8: None) -> None:
     assert kernels.regroup(q41, int(QT.Q4_1), 256)[1] == kernels.Q4_1_R8
     q4k, _ = weight(QT.Q4_K, 96, 256)
     assert kernels.regroup(q4k, int(QT.Q4_K), 256)[1] == kernels.Q4_K_R8
+    q6k, _ = weight(QT.Q6_K, 96, 256)
+    assert kernels.regroup(q6k, int(QT.Q6_K), 256)[1] == kernels.Q6_K_R8
     q8_0, _ = weight(QT.Q8_0, 96, 256)
     assert kernels.regroup(q8_0, int(QT.Q8_0), 256)[0] is q8_0
     kernels.set_activations("f32")  # the exact setting keeps GGML's layout (the q8 fixture restores)
@@ -815,7 +851,7 @@ def test_interleaved_projections_split_by_groups(q8: None) -> None:
 
 
 @needs_ext
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda t: t.name)
 def test_lookup_rows_gathers_rows(isa: str, q8: None, qtype: QT) -> None:
     """An embedding lookup: rows in any order, repeated, of GGML's layout or gathered out of interleaved
     groups, equal gguf's decoding of those rows; an index out of range is refused before any is read."""

@@ -21,15 +21,17 @@ largest |x|, per element). "f32" (the exact path: `set_activations("f32")`, the 
 TRAMONTANE_ACTIVATIONS=f32, or the CLI's --exact) keeps every activation float32: results then match
 `x @ dequantize(W).T` to float32 rounding. Every other type always runs float32 activations.
 
-Interleaved Q4_0, Q4_1 and Q4_K. Where the integer kernel runs, the loader hands Q4_0, Q4_1 and Q4_K
-matrices to `regroup`, which interleaves each group of 8 rows block by block (the 8 rows' scales
-together, Q4_K's six-bit sub-block scales unpacked-ready, then 4 bytes of each row in turn:
-csrc/blocks.h) into a new tensor of type Q4_0_R8, Q4_1_R8 or Q4_K_R8, ids of ours past GGML's. Its
-kernel reads a block's 8 scales with one load and gets one row's dot product per int32 lane, with no
-horizontal sum: 1.2-2x the row-by-row kernels at 1 to 64 activation rows for Q4_0/Q4_1 (SmolLM2's
-1536x576 and 576x1536, and 4096x4096, on the dev machine), 1.1-1.6x for Q4_K (Mixtral-shaped 2816x1024
-to 14336x4096), as llama.cpp's repacked Q4_0 and Q4_K are. Ranges of whole groups of 8 rows stay
-contiguous (splits of fused projections); `lookup_rows` gathers an embedding's rows out of their
+Interleaved Q4_0, Q4_1, Q4_K and Q6_K. Where the integer kernel runs, the loader hands Q4_0, Q4_1, Q4_K
+and Q6_K matrices to `regroup`, which interleaves each group of 8 rows block by block (the 8 rows' scales
+together, the K-quants' sub-block scales arranged for one shuffle each, then 4 bytes of each row in
+turn: csrc/blocks.h) into a new tensor of type Q4_0_R8, Q4_1_R8, Q4_K_R8 or Q6_K_R8, ids of ours past
+GGML's. Its kernel reads a block's 8 scales with one load and gets one row's dot product per int32
+lane, with no horizontal sum: 1.2-2x the row-by-row kernels at 1 to 64 activation rows for Q4_0/Q4_1
+(SmolLM2's 1536x576 and 576x1536, and 4096x4096, on the dev machine), 1.1-1.6x for Q4_K and Q6_K
+(Mixtral-shaped 2816x1024 to 14336x4096; Q6_K at one row: 0.9-1.3x, as fast as the row kernel on a
+Mistral-shaped model's decode), as llama.cpp's repacked Q4_0 and Q4_K are. Ranges of whole groups of
+8 rows stay contiguous (splits of fused projections); `lookup_rows` gathers an embedding's rows out of
+their
 groups; `ggml_blocks` gives the writers GGML's layout back. Switched to "f32" after load, interleaved
 matrices compute through a copy in GGML's layout
 made at every call (exact, slow: the loader interleaves only under "q8").
@@ -54,10 +56,10 @@ except ImportError:  # pragma: no cover - depends on the build
 
 # GGML type ids the compiled kernels run (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
 # Q6_K, BF16); the fallback handles the same set.
-# Q4_0_R8, Q4_1_R8 and Q4_K_R8 are not GGML's: Q4_0, Q4_1 and Q4_K interleaved 8 rows by 8 for their
-# integer kernels (see above; csrc/blocks.h).
-Q4_0, Q4_1, Q4_K, Q4_0_R8, Q4_1_R8, Q4_K_R8 = 2, 3, 12, 66, 67, 68
-INTERLEAVED = {Q4_0: Q4_0_R8, Q4_1: Q4_1_R8, Q4_K: Q4_K_R8}
+# Q4_0_R8, Q4_1_R8, Q4_K_R8 and Q6_K_R8 are not GGML's: Q4_0, Q4_1, Q4_K and Q6_K interleaved 8 rows
+# by 8 for their integer kernels (see above; csrc/blocks.h).
+Q4_0, Q4_1, Q4_K, Q6_K, Q4_0_R8, Q4_1_R8, Q4_K_R8, Q6_K_R8 = 2, 3, 12, 14, 66, 67, 68, 69
+INTERLEAVED = {Q4_0: Q4_0_R8, Q4_1: Q4_1_R8, Q4_K: Q4_K_R8, Q6_K: Q6_K_R8}
 _BASE = {v: k for k, v in INTERLEAVED.items()}
 SUPPORTED_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30, *_BASE})
 _GEOMETRY = {t: (GGML_TYPES[t].block_size, GGML_TYPES[t].type_size) for t in SUPPORTED_TYPES if t in GGML_TYPES}
@@ -74,7 +76,20 @@ DEQUANTIZE_ABOVE_M: dict[str, int | None] = {"avx512": None, "avx2": 64, "scalar
 ACTIVATIONS = ("q8", "f32")
 # GGML type -> elements per activation scale of its integer-activation kernel: the K-quants (Q2_K..Q6_K)
 # per 256, Q4_0, Q4_1 and Q8_0 per 32.
-Q8_TYPES = {10: 256, 11: 256, 12: 256, 13: 256, 14: 256, 2: 32, 3: 32, 8: 32, Q4_0_R8: 32, Q4_1_R8: 32, Q4_K_R8: 256}
+Q8_TYPES = {
+    10: 256,
+    11: 256,
+    12: 256,
+    13: 256,
+    14: 256,
+    2: 32,
+    3: 32,
+    8: 32,
+    Q4_0_R8: 32,
+    Q4_1_R8: 32,
+    Q4_K_R8: 256,
+    Q6_K_R8: 256,
+}
 _q8 = _ext is not None  # mirrors the extension's setting (read on every matmul)
 
 
@@ -217,7 +232,7 @@ def use_dense(m: int) -> bool:
 # instead of dequantize + sgemm: writing and reading the copy then costs more than sgemm saves (Mixtral
 # 8x7B's experts, 235 MB as float32: 2.5x faster on the dev machine); a smaller one stays in cache and
 # sgemm's float32 throughput wins (1024x1024 at M = 512: 2x faster than the row-by-row integer kernel).
-# The interleaved types' kernels (Q4_0_R8, Q4_1_R8, Q4_K_R8) run at every M: as fast as sgemm on dense
+# The interleaved types' kernels (Q4_0_R8 ... Q6_K_R8) run at every M: as fast as sgemm on dense
 # prompts and faster on a Mixtral's experts, whose ~M/4 tokens each do not pay back a dequantized copy
 # (small Mixtral, 512-token prompt, same run: Q4_K 260-276 against 205-213 tok/s, Q4_0 266-275 against
 # 163-177; a dense Mistral-shaped Q4_0 130 against 118-130).

@@ -156,8 +156,8 @@ def write_gguf(
     quant: str | None = None,
 ) -> Path:
     """Write `model` (built, packed or float) to `path` as GGUF; returns the path. `quant` (q8_0, q4_0,
-    q4_1, q5_0, q5_1, q4_k, q6_k) quantizes the float matrices from float32 (norms, and matrices whose rows are not
-    whole blocks, stay float32)."""
+    q4_1, q5_0, q5_1, q4_k, q6_k) quantizes the float matrices from float32 (norms, Mixtral's router, and
+    matrices whose rows are not whole blocks, stay float32)."""
     import gguf
 
     if float_type not in FLOAT_TYPES:
@@ -171,7 +171,7 @@ def write_gguf(
     for key, value in {**architecture_metadata(model_config(model)), **dict(tokenizer or {})}.items():
         _add_value(writer, key, value)
     for gguf_name, array, qtype in tensors(model, "f32" if quant else float_type):  # quantize from float32
-        if qtype is None and quant is not None and array.ndim >= 2 and array.shape[-1] % BLOCK_TYPES[quant][2] == 0:
+        if qtype is None and quant is not None and _quantizable(gguf_name, array, BLOCK_TYPES[quant][2]):
             qtype = BLOCK_TYPES[quant][0]
             array = _quantize(array.astype(np.float32), qtype)
         if qtype is None:
@@ -183,6 +183,12 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _quantizable(gguf_name: str, array: np.ndarray, block: int) -> bool:
+    """Matrices of whole blocks, but a Mixtral router (`ffn_gate_inp`: the rows that pick experts), which
+    llama.cpp's quantizer never quantizes either."""
+    return not gguf_name.endswith("ffn_gate_inp.weight") and array.ndim >= 2 and array.shape[-1] % block == 0
 
 
 def _quantize(array: np.ndarray, qtype: int) -> np.ndarray:

@@ -12,6 +12,7 @@ const tinfo tram_types[T_COUNT] = {
     [T_Q2_K] = {256, 84},  [T_Q3_K] = {256, 110},
     [T_Q4_K] = {256, 144}, [T_Q5_K] = {256, 176},  [T_Q6_K] = {256, 210},
     [T_Q4_0_R8] = {32, 18}, [T_Q4_1_R8] = {32, 20}, [T_Q4_K_R8] = {256, 144},
+    [T_Q6_K_R8] = {256, 210},
 };
 
 void tram_dec_f32_c(const uint8_t *b, int n, float *o) { memcpy(o, b, (size_t)n * 4); }
@@ -184,8 +185,27 @@ static void k4r8_scales(uint8_t *plain, uint8_t *mixed, int r, int to_r8) {
     if (!to_r8) k4_pack(sc, mn, plain);
 }
 
+/* n bytes from a to b (to_r8) or from b to a. */
+static void swap_copy(uint8_t *a, uint8_t *b, size_t n, int to_r8) { memcpy(to_r8 ? b : a, to_r8 ? a : b, n); }
+
+/* Row r of a Q6_K group (nb super-blocks, blocks.h's layout) to or from its GGML layout at `row`. */
+static void r8_row_q6_k(uint8_t *row, uint8_t *group, int r, long nb, int to_r8) {
+    for (long i = 0; i < nb; i++) {
+        uint8_t *plain = row + 210 * (size_t)i, *mixed = group + 8 * 210 * (size_t)i;
+        swap_copy(plain + 208, mixed + 2 * r, 2, to_r8);  /* d */
+        for (int s = 0; s < 16; s++)  /* int8 scales: vector s / 4, lane r / 4, byte 4 (s % 4) + r % 4 */
+            swap_copy(plain + 192 + s, mixed + 16 + 32 * (s / 4) + 16 * (r / 4) + 4 * (s % 4) + r % 4, 1, to_r8);
+        for (int c = 0; c < 48; c++)  /* ql's 32 words, then qh's 16 */
+            swap_copy(plain + 4 * c, mixed + 144 + 32 * c + 4 * r, 4, to_r8);
+    }
+}
+
 /* Row r of an interleaved group of nb blocks of GGML type `base` to or from its GGML layout at `row`. */
 static void r8_row(uint8_t *row, uint8_t *group, int r, long nb, int base, int to_r8) {
+    if (base == T_Q6_K) {
+        r8_row_q6_k(row, group, r, nb, to_r8);
+        return;
+    }
     const size_t ts = (size_t)tram_types[base].size;
     const size_t head = base == T_Q4_0 ? 2 : 4, scales = base == T_Q4_K ? 12 : 0;  /* fields, scale bytes */
     for (long i = 0; i < nb; i++) {
