@@ -203,7 +203,7 @@ def _swap_packed(
             f"expected {list(shape[:-1])} rows of {shape[-1]} values",
         )
     module_path = target.removesuffix(".weight")
-    regrouped, qtype = regroup(rows, qtype, shape[-1])  # Q4_0, Q4_1, Q4_K: the layout their kernel reads
+    regrouped, qtype = regroup(rows, qtype, shape[-1])  # the interleaved types (quant/kernels.py)
     rows = rows.clone() if own and regrouped is rows else regrouped
     with torch.device("meta"):
         module = _packed_module(module_path, torch.empty(rows.shape, dtype=torch.uint8), qtype, shape, layout)

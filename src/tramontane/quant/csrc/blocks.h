@@ -32,11 +32,10 @@ enum {
     T_COUNT = 70
 };
 
-/* Q4_0, Q4_1, Q4_K and Q6_K interleaved (T_Q4_0_R8, T_Q4_1_R8, T_Q4_K_R8, T_Q6_K_R8): matrices of a multiple of 8 rows
+/* Q4_0, Q4_1, Q4_K and Q6_K interleaved (T_Q4_0_R8 ... T_Q6_K_R8): matrices of a multiple of 8 rows
  * with the bytes of each 8 rows (a group) rearranged block by block, the same number of bytes as in
  * GGML's layout, so that the integer kernel (simd_q8.inc) reads a block's 8 scales with one load and
- * four quant bytes of each of the 8 rows with another. Block i of a group:
- * For Q4_0, Q4_1 and Q4_K:
+ * four quant bytes of each of the 8 rows with another. Block i of a group, for Q4_0, Q4_1 and Q4_K:
  *   - the 8 rows' float16 scales d (16 bytes), then (Q4_1: m, Q4_K: dmin) their 8 second fields;
  *   - Q4_K only: the 8 rows' six-bit sub-block scales (48 bytes), then their mins (48 bytes), each as
  *     two 32-byte vectors A (sub-blocks 0..3) and B (4..7) after unpacking: byte j = 16 L + k of A,
