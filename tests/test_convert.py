@@ -3,6 +3,7 @@ f16 / block-format error otherwise); GGUF output carries what llama.cpp reads (g
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,15 @@ from tramontane.build.load import load_model
 from tramontane.cli.main import main
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 2, 17, 60, 4, 88, 12, 3, 41]])
+
+
+@cache
+def gguf_fields(path: Path) -> dict:
+    """The gguf package's reading of a file's fields (SmolLM2's: ~49k tokens and merges, seconds to parse;
+    read once for the tests that compare against it)."""
+    import gguf
+
+    return gguf.GGUFReader(str(path)).fields
 
 
 def logits(path) -> torch.Tensor:
@@ -72,7 +82,7 @@ def test_gguf_output_has_what_llama_cpp_reads(smollm2_path, tmp_path):
     out = tmp_path / "smol-q8_0.gguf"
     assert main(["convert", str(smollm2_path), "--to", "gguf", "--quant", "q8_0", "--out", str(out)]) == 0
     fields = gguf.GGUFReader(str(out)).fields
-    source = gguf.GGUFReader(str(smollm2_path)).fields
+    source = gguf_fields(smollm2_path)
 
     def value(fs, key):
         f = fs[key]
@@ -147,7 +157,7 @@ def test_folder_tokenizers_are_written_into_gguf(smollm2_path, tmp_path):
         main(["convert", str(tmp_path / "hf"), "--to", "gguf", "--quant", "q8_0", "--out", str(tmp_path / "b.gguf")])
         == 0
     )
-    original, back = gguf.GGUFReader(str(smollm2_path)).fields, gguf.GGUFReader(str(tmp_path / "b.gguf")).fields
+    original, back = gguf_fields(smollm2_path), gguf.GGUFReader(str(tmp_path / "b.gguf")).fields
     for key in (
         "tokenizer.ggml.model",
         "tokenizer.ggml.pre",
