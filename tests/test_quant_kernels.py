@@ -709,6 +709,19 @@ def k4_fields(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
+def interleaved_by_hand(qtype: QT, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """8 random rows of 2 super-blocks of `qtype` (plain [8, 2, block bytes]) and their interleaved bytes
+    ([2, 8 x block bytes], one group per super-block); checks that the way back gives them bit for bit."""
+    size = GGML_TYPES[int(qtype)].type_size
+    plain = np.random.default_rng(seed).integers(0, 256, (8, 2, size), dtype=np.uint8)
+    src = torch.from_numpy(plain.reshape(8, -1).copy())
+    out, back = torch.empty_like(src), torch.empty_like(src)
+    ext.interleave(buf(src), buf(out), 8, 512, int(qtype), True)
+    ext.interleave(buf(out), buf(back), 8, 512, int(qtype), False)
+    assert torch.equal(back, src)
+    return plain, out.numpy().reshape(2, 8 * size)
+
+
 @needs_ext
 def test_interleaved_q4_k_layout_by_hand() -> None:
     """8 random Q4_K rows of 2 super-blocks, interleaved: per super-block the 8 rows' d, then their dmin
@@ -716,12 +729,7 @@ def test_interleaved_q4_k_layout_by_hand() -> None:
     L = r // 4, holds row r's sub-block s in its low nibble when s < 4, high nibble when s >= 4; byte 32 +
     k holds the top two bits of (s < 4, L = 0), (s < 4, L = 1), (s >= 4, L = 0), (s >= 4, L = 1) at bits
     0, 2, 4, 6), then for c = 0..31 quant bytes 4c..4c+3 of rows 0..7; and back, bit for bit."""
-    rng = np.random.default_rng(3)
-    plain = rng.integers(0, 256, (8, 2, 144), dtype=np.uint8)
-    src = torch.from_numpy(plain.reshape(8, -1).copy())
-    out = torch.empty_like(src)
-    ext.interleave(buf(src), buf(out), 8, 512, int(QT.Q4_K), True)
-    got = out.numpy().reshape(2, 1152)
+    plain, got = interleaved_by_hand(QT.Q4_K, 3)
     for i in range(2):
         block = plain[:, i]
         want = [block[:, 0:2].reshape(-1), block[:, 2:4].reshape(-1)]
@@ -735,9 +743,6 @@ def test_interleaved_q4_k_layout_by_hand() -> None:
             want.append(region.astype(np.uint8))
         want.append(block[:, 16:].reshape(8, 32, 4).transpose(1, 0, 2).reshape(-1))
         assert np.array_equal(got[i], np.concatenate(want)), i
-    back = torch.empty_like(src)
-    ext.interleave(buf(out), buf(back), 8, 512, int(QT.Q4_K), False)
-    assert torch.equal(back, src)
 
 
 @needs_ext
@@ -746,12 +751,7 @@ def test_interleaved_q6_k_layout_by_hand() -> None:
     int8 scales as 4 vectors of 32 bytes (row r's scale of sub-block s at byte 32 (s // 4) + 16 (r // 4)
     + 4 (s % 4) + r % 4), then for c = 0..47 bytes 4c..4c+3 of each row's ql (c < 32) and qh, rows 0..7;
     and back, bit for bit."""
-    rng = np.random.default_rng(4)
-    plain = rng.integers(0, 256, (8, 2, 210), dtype=np.uint8)
-    src = torch.from_numpy(plain.reshape(8, -1).copy())
-    out = torch.empty_like(src)
-    ext.interleave(buf(src), buf(out), 8, 512, int(QT.Q6_K), True)
-    got = out.numpy().reshape(2, 1680)
+    plain, got = interleaved_by_hand(QT.Q6_K, 4)
     for i in range(2):
         block = plain[:, i]
         scales = np.zeros(128, np.uint8)
@@ -760,9 +760,6 @@ def test_interleaved_q6_k_layout_by_hand() -> None:
                 scales[32 * (sub // 4) + 16 * (r // 4) + 4 * (sub % 4) + r % 4] = block[r, 192 + sub]
         quants = block[:, :192].reshape(8, 48, 4).transpose(1, 0, 2).reshape(-1)
         assert np.array_equal(got[i], np.concatenate([block[:, 208:210].reshape(-1), scales, quants])), i
-    back = torch.empty_like(src)
-    ext.interleave(buf(out), buf(back), 8, 512, int(QT.Q6_K), False)
-    assert torch.equal(back, src)
 
 
 @needs_ext
