@@ -195,10 +195,10 @@ def test_smollm2_learns_a_format_it_did_not_know(tmp_path, smollm2_path):
     cfg = TrainConfig(
         data=str(data),
         out=str(tmp_path / "out"),
-        seq_len=256,
+        seq_len=128,
         batch_size=2,
         max_steps=8,
-        lr=2e-3,
+        lr=3e-3,
         warmup_steps=3,
         rank=8,
         alpha=16,

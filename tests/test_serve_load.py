@@ -24,7 +24,7 @@ from serving import metric, running_server
 
 DATA = Path(__import__("importlib").util.find_spec("mistral_common").submodule_search_locations[0]) / "data"
 CLIENTS = 32
-SECONDS = 15.0
+SECONDS = 10.0
 DRAIN_TIMEOUT = 30
 MALFORMED = [
     b"{",
@@ -165,9 +165,9 @@ def _settled(base: str) -> dict[str, float]:
         time.sleep(0.2)
 
 
-def test_thirty_two_clients_with_faults_for_fifteen_seconds(server):
+def test_thirty_two_clients_with_faults_for_ten_seconds(server):
     base, proc, log, _ = server
-    asyncio.run(_run(base, 5.0, {"complete": 0, "gone": 0, "malformed": 0}))  # warm-up
+    asyncio.run(_run(base, 3.0, {"complete": 0, "gone": 0, "malformed": 0}))  # warm-up
     before = rss(proc.pid)
     tally = {"complete": 0, "gone": 0, "malformed": 0}
     asyncio.run(_run(base, SECONDS, tally))
@@ -248,7 +248,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
                 "--mode",
                 mode,
                 "--max-examples",
-                "6",
+                "4",
                 "--seed",
                 "11",
                 "--phases",
@@ -266,7 +266,7 @@ def test_schemathesis_finds_no_server_error(server, tmp_path):
         )
         assert r.returncode == 0, r.stdout[-4000:]
         cases = re.search(r"(\d+) generated", r.stdout)
-        assert cases and int(cases.group(1)) >= 30, r.stdout[-2000:]
+        assert cases and int(cases.group(1)) >= 20, r.stdout[-2000:]
         print(f"\nschemathesis {mode}: {cases.group(0)}")
     assert proc.poll() is None and "Traceback" not in log.read_text()
 
