@@ -257,6 +257,25 @@ def test_replaced_packed_rows_are_not_read_from_the_old_address(tmp_path):
     assert isinstance(llm.backend, CompiledStep) and llm.backend.current()
 
 
+def test_staleness_is_seen_through_registrations_and_plain_attributes(tmp_path):
+    """current() rescans the watched modules only after a registration somewhere: a module created
+    elsewhere leaves the step current; a norm weight swapped as a new Parameter makes it stale; so does
+    a Mixtral block given a range of experts (a plain attribute, no registration), until it is put back."""
+    model = load_model(save_gguf(hf_model("mixtral", seed=6), tmp_path / "m.gguf", "Q8_0"), packed=True).model
+    step = CompiledStep(model)
+    assert step.current()
+    torch.nn.Linear(2, 2)  # registrations that touch nothing the step reads
+    assert step.current()
+    ff = model.layers[1].feed_forward
+    whole, ff.expert_range = ff.expert_range, (0, 1)
+    assert not step.current()
+    ff.expert_range = whole
+    assert step.current()
+    norm = model.layers[0].ffn_norm
+    norm.weight = torch.nn.Parameter(norm.weight.detach().clone())
+    assert not step.current() and CompiledStep(model).current()
+
+
 # ---- the paged pool (the serving engine's cache) ---------------------------------------------------------
 
 # Steps of the paged script: per step, (sequence, tokens) pairs. Prefill chunks beside decode tokens,

@@ -165,3 +165,30 @@ def test_an_idle_pool_is_not_resident():
     pool.k[1].fill_(1.0)  # written: resident
     assert rss() - before > 100 << 20
     assert not pool.k[0].any() and not pool.v[1].any()  # the layers do not overlap
+
+
+def test_layout_of_a_mixed_step_by_hand():
+    """One step: a recomputed request's chunk that crosses from its prompt into its output, and another
+    request's decode token whose first block fell out of the window. Hand-written tokens, positions,
+    block tables (-1: none) and sequence ids."""
+    from tramontane.config import ModelConfig
+    from tramontane.decoding.sequence import SequenceState
+    from tramontane.engine.blocks import BlockPool
+    from tramontane.engine.runner import layout
+    from tramontane.engine.scheduler import EngineSequence
+
+    def sequence(prompt: list[int], output: list[int], blocks: list[int | None], computed: int) -> EngineSequence:
+        state = SequenceState(0, prompt, GREEDY, CharTokenizer(), 64)
+        state.output += output
+        seq = EngineSequence(EngineRequest("r", prompt, GREEDY), state, blocks=blocks, num_computed=computed)
+        assert seq.num_tokens == len(seq.tokens) and seq.span(computed, 3) == seq.tokens[computed : computed + 3]
+        return seq
+
+    pool = BlockPool(ModelConfig(32, 64, 4, 4, 2, 16, 128, norm_eps=1e-5, rope_theta=1e4), 8, 4)
+    a = sequence([10, 11, 12, 13, 14], [20, 21], [3, 5], computed=3)  # runs tokens 3..6: 13, 14, 20, 21
+    b = sequence([30, 31, 32, 33], [40, 41], [None, 7], computed=5)  # runs token 5: 41
+    tokens, positions, cache = layout(pool, [(a, 4), (b, 1)], window=4)
+    assert tokens.tolist() == [[13, 14, 20, 21, 41]] and positions.tolist() == [[3, 4, 5, 6, 5]]
+    assert cache.tables.tolist() == [[3, 5], [-1, 7]] and cache.seq.tolist() == [0, 0, 0, 0, 1]
+    assert cache.tables.dtype == cache.seq.dtype == torch.int32 and cache.positions.tolist() == [3, 4, 5, 6, 5]
+    assert [a.span(s, n) for s, n in ((0, 7), (5, 2), (4, 9), (7, 1))] == [a.tokens, [20, 21], [14, 20, 21], []]

@@ -480,6 +480,39 @@ def test_decode_block_validates_its_arguments() -> None:
     assert torch.equal(case["x"], before)
 
 
+@needs_ext
+def test_decode_block_runs_a_list_of_blocks_in_order_after_checking_them_all() -> None:
+    """A list of blocks' buffers: the blocks of two cases run one after the other on the same x equal two
+    calls; a bad dict anywhere in the list is refused before the first block writes anything."""
+
+    def buffers(case: dict, x: torch.Tensor) -> dict:
+        out = {n: (*buf(case[n]), case["qtype"]) if n in PACKED else buf(case[n]) for n in (*PACKED, "cos_sin")}
+        for n in ("attn_norm", "ffn_norm", "k_cache", "v_cache", "kpos", "qpos"):
+            out[n] = buf(case[n])
+        return out | {"x": buf(x)} | DENSE_UNUSED
+
+    first, second = block_case(QT.Q8_0), block_case(QT.Q4_0)
+    second["attn_norm"] = second["attn_norm"].flip(0).contiguous()  # another block's weights
+    caches = [{k: c[k].clone() for k in ("k_cache", "v_cache")} for c in (first, second)]
+    x = first["x"].clone()
+    ext.decode_block(BLOCK_SHAPE, [buffers(first, x), buffers(second, x)], 1e-5, 0, 2)
+    one_by_one = first["x"].clone()
+    for case, kv in zip((first, second), caches):
+        ext.decode_block(BLOCK_SHAPE, buffers(case | kv, one_by_one), 1e-5, 0, 2)
+    assert torch.equal(x, one_by_one) and not torch.equal(x, first["x"])
+    for case, kv in zip((first, second), caches):
+        assert all(torch.equal(case[k], kv[k]) for k in kv)  # each block wrote its own cache
+    before = x.clone()
+    bad = {**buffers(second, x), "wo": buffers(second, x)["wo"][:2]}
+    with pytest.raises(TypeError, match=r"wo must be a tuple"):
+        ext.decode_block(BLOCK_SHAPE, [buffers(first, x), bad], 1e-5, 0, 2)
+    with pytest.raises(TypeError, match=r"each block's buffers must be a dict, not tuple"):
+        ext.decode_block(BLOCK_SHAPE, [buffers(first, x), ()], 1e-5, 0, 2)
+    with pytest.raises(TypeError, match=r"buffers must be a dict \(one block\) or a list of dicts"):
+        ext.decode_block(BLOCK_SHAPE, (buffers(first, x),), 1e-5, 0, 2)
+    assert torch.equal(x, before)
+
+
 def test_gradient_with_respect_to_x() -> None:
     packed, dense = weight(QT.Q4_0, 96, 256)
     x = activations(3, 256).requires_grad_()

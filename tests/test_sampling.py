@@ -423,3 +423,24 @@ def test_logprobs_are_of_the_raw_distribution_and_top_n_zero_is_empty() -> None:
     chosen, top_ids, top_lp = compute_logprobs(logits, tokens, 0)
     torch.testing.assert_close(chosen, torch.log_softmax(logits, -1).gather(-1, tokens[:, None])[:, 0])
     assert top_ids.shape == (2, 0) and top_lp.shape == (2, 0)
+
+
+def test_plain_greedy_rows_pick_what_the_full_path_picks():
+    """pick_tokens' shortcut for greedy rows with nothing that changes or masks their logits: the same
+    tokens as temperature -> top-k/top-p -> draw, ties at the top to the first index; a row with a bias
+    still goes the full way (its token moves)."""
+    from chartok import CharTokenizer
+
+    from tramontane.decoding.sequence import SequenceState, pick_tokens
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(3))
+    logits[1, [4, 9]] = logits[1].max() + 1.0  # a tie at the top: index 4 first
+    plain = SamplingParams(temperature=0.0, max_tokens=4)
+    states = [SequenceState(i, [1, 2], plain, CharTokenizer(), 64) for i in range(3)]
+    tokens, logprobs = pick_tokens(states, logits, CharTokenizer())
+    full = sample(process_logits(logits, [plain] * 3), [plain] * 3, [None] * 3)
+    assert tokens.tolist() == full.tolist() == logits.argmax(-1).tolist() and tokens[1] == 4
+    assert logprobs == [None] * 3
+    biased = dataclasses.replace(plain, logit_bias=((7, 100.0),))
+    states[2] = SequenceState(2, [1, 2], biased, CharTokenizer(), 64)
+    assert pick_tokens(states, logits, CharTokenizer())[0].tolist() == [*full[:2].tolist(), 7]

@@ -119,6 +119,36 @@ def pick_tokens(
 ) -> tuple[torch.Tensor, list[TokenLogprob | None]]:
     """Sample each sequence's next token from its logits row [B,V]; logprobs where asked."""
     params = [s.params for s in seqs]
+    if all(map(_plain_greedy, seqs)):  # the common served case: what the general path computes, less its copies
+        tokens = logits.float().argmax(dim=-1)  # [B]
+    else:
+        tokens = _processed_and_sampled(seqs, params, logits)
+    wanted = [p.logprobs for p in params if p.logprobs is not None]
+    if not wanted:
+        return tokens, [None] * len(seqs)
+    chosen, top_ids, top_lp = compute_logprobs(logits, tokens, max(wanted))
+    return tokens, _logprobs(params, tokens, chosen, top_ids, top_lp, tokenizer)
+
+
+def _plain_greedy(s: SequenceState) -> bool:
+    """The argmax of the raw logits is this row's token: greedy, and nothing that changes the logits
+    (bias, penalties, a grammar) or masks them (top-k, top-p, min-p: ties at the top could move)."""
+    p = s.params
+    return (
+        p.is_greedy
+        and not p.logit_bias
+        and not p.has_penalties
+        and s.guide is None
+        and p.top_k <= 0
+        and p.top_p >= 1.0
+        and p.min_p <= 0.0
+    )
+
+
+def _processed_and_sampled(
+    seqs: Sequence[SequenceState], params: list[SamplingParams], logits: torch.Tensor
+) -> torch.Tensor:
+    """Bias, penalties, grammar masks, temperature and truncation, then a draw per row: tokens [B]."""
     processed = apply_logit_bias(logits, params)
     if any(p.has_penalties for p in params):
         processed = apply_penalties(processed, [s.prompt for s in seqs], [s.output for s in seqs], params)
@@ -129,12 +159,7 @@ def pick_tokens(
         ]
         processed = mask_logits(processed, [s.guide for s in seqs], finishing)
     processed = process_logits(processed, params)
-    tokens = sample(processed, params, [s.generator for s in seqs])  # [B]
-    wanted = [p.logprobs for p in params if p.logprobs is not None]
-    if not wanted:
-        return tokens, [None] * len(seqs)
-    chosen, top_ids, top_lp = compute_logprobs(logits, tokens, max(wanted))
-    return tokens, _logprobs(params, tokens, chosen, top_ids, top_lp, tokenizer)
+    return sample(processed, params, [s.generator for s in seqs])  # [B]
 
 
 def _logprobs(

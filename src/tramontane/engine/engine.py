@@ -302,7 +302,7 @@ class AsyncEngine:
                 job, index, _ = entry
                 logits = out.logits[out.scored[i]] if i in out.scored else None
                 job.fold(index, starts[i], out.hidden[offset : offset + n], logits)
-                if seq.num_computed == len(seq.tokens):
+                if seq.num_computed == seq.num_tokens:
                     self._finish_prompt(job, index, seq)
             offset += n
 
@@ -375,7 +375,7 @@ class AsyncEngine:
                 self._finish(seq, RequestOutput(seq.request_id, finish_reason="error", error=repr(e)))
 
     def _sample(self, batch: list[tuple[EngineSequence, int]], logits: torch.Tensor) -> None:
-        rows = [i for i, (seq, _) in enumerate(batch) if not seq.background and seq.num_computed == len(seq.tokens)]
+        rows = [i for i, (seq, _) in enumerate(batch) if not seq.background and seq.num_computed == seq.num_tokens]
         if not rows:
             return
         seqs = [batch[i][0] for i in rows]

@@ -34,19 +34,27 @@ def layout(
     pool: BlockPool, batch: Sequence[tuple[EngineSequence, int]], window: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, PagedCache]:
     """tokens [1,N], positions [1,N] and the step's cache view: batch entry i's n tokens are its next
-    uncomputed ones, at positions num_computed .. num_computed + n - 1, read through table row i."""
+    uncomputed ones, at positions num_computed .. num_computed + n - 1, read through table row i.
+    Two tensors hold everything (views of them: tokens and positions int64, tables and sequence ids
+    int32): a step's layout is a per-token cost of the engine, kept to two list-to-tensor copies."""
     width = max(len(seq.blocks) for seq, _ in batch)
-    tables = torch.tensor(
-        [[-1 if b is None else b for b in seq.blocks] + [-1] * (width - len(seq.blocks)) for seq, _ in batch],
-        dtype=torch.int32,
-    )  # [R,T]
-    starts = [seq.num_computed for seq, _ in batch]
-    counts = [n for _, n in batch]
-    tokens = list(itertools.chain.from_iterable(seq.tokens[s : s + n] for (seq, n), s in zip(batch, starts)))
-    positions = list(itertools.chain.from_iterable(range(s, s + n) for s, n in zip(starts, counts)))
-    seq_ids = torch.repeat_interleave(torch.arange(len(batch), dtype=torch.int32), torch.tensor(counts))  # [N]
-    pos = torch.tensor(positions)  # [N]
-    return torch.tensor(tokens)[None], pos[None], paged_cache(pool, tables, seq_ids, pos, window)
+    tokens: list[int] = []
+    positions: list[int] = []
+    ids: list[int] = []  # the tables [R,T] row by row (-1: no block), then each token's sequence [N]
+    for seq, n in batch:
+        start = seq.num_computed
+        tokens += seq.span(start, n)
+        positions += range(start, start + n)
+        ids += [-1 if b is None else b for b in seq.blocks]
+        ids += [-1] * (width - len(seq.blocks))
+    for i, (_, n) in enumerate(batch):
+        ids += [i] * n
+    N, cells = len(tokens), len(batch) * width
+    flat = torch.tensor(tokens + positions)  # [2N] int64
+    small = torch.tensor(ids, dtype=torch.int32)  # [R*T + N]
+    tables, seq_ids = small[:cells].view(len(batch), width), small[cells:]  # [R,T], [N]
+    pos = flat[N:]
+    return flat[:N][None], pos[None], paged_cache(pool, tables, seq_ids, pos, window)
 
 
 def adapter_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[torch.Tensor, list[str]] | None:

@@ -47,6 +47,19 @@ class EngineSequence:
     def tokens(self) -> list[int]:
         return self.state.prompt + self.state.output
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.state.prompt) + len(self.state.output)
+
+    def span(self, start: int, n: int) -> list[int]:
+        """tokens[start : start + n], without joining prompt and output (a step's few tokens of a long
+        request)."""
+        prompt, output = self.state.prompt, self.state.output
+        cut = len(prompt)
+        if start >= cut:
+            return output[start - cut : start - cut + n]
+        return prompt[start : start + n] + (output[: start + n - cut] if start + n > cut else [])
+
 
 class Scheduler:
     def __init__(
@@ -74,7 +87,7 @@ class Scheduler:
 
     def never_fits(self, seq: EngineSequence) -> bool:
         """True when even an empty pool cannot hold what this request needs for its next token."""
-        return self._blocks_needed(seq, len(seq.tokens)) > self.pool.num_blocks
+        return self._blocks_needed(seq, seq.num_tokens) > self.pool.num_blocks
 
     # ---- one step ------------------------------------------------------------------------------------
     def schedule(
@@ -144,11 +157,8 @@ class Scheduler:
         size = self.pool.block_size
         for seq, n in ran:
             seq.num_computed += n
-            tokens = seq.tokens
             for i in range(len(seq.keys), seq.num_computed // size):
-                key = block_key(
-                    self._namespace(seq), seq.keys[-1] if seq.keys else None, tokens[i * size : (i + 1) * size]
-                )
+                key = block_key(self._namespace(seq), seq.keys[-1] if seq.keys else None, seq.span(i * size, size))
                 seq.keys.append(key)
                 block = seq.blocks[i]
                 if block is not None:
@@ -175,7 +185,7 @@ class Scheduler:
         size = self.pool.block_size
         released = sum(1 for b in seq.blocks if b is None)
         room = (self.pool.num_blocks + released) * size - seq.num_computed
-        return max(1, min(len(seq.tokens) - seq.num_computed, budget, room))
+        return max(1, min(seq.num_tokens - seq.num_computed, budget, room))
 
     def _drop_prefix(self, seq: EngineSequence) -> None:
         """Give back what an admission attempt took (shared prefix blocks), to try again later."""

@@ -40,6 +40,19 @@ from .step_adapters import (
 )
 
 _get: Callable[[dict, str], object] = dict.get  # current()'s look-up, mapped over the watched holders
+_registrations = [0]  # modules, parameters and buffers assigned anywhere in this process since import
+
+
+def _count_registration(*_: object) -> None:
+    _registrations[0] += 1  # returns None: the value is registered unchanged
+
+
+for _hook in (
+    torch.nn.modules.module.register_module_module_registration_hook,
+    torch.nn.modules.module.register_module_parameter_registration_hook,
+    torch.nn.modules.module.register_module_buffer_registration_hook,
+):
+    _hook(_count_registration)
 
 
 def _block_fits(block: TransformerBlock) -> bool:
@@ -105,7 +118,12 @@ class CompiledStep:
         self._holders: list[dict] = [holder for holder, _, _ in watched]
         self._names: list[str] = [name for _, name, _ in watched]
         self._seen: list[object] = [value for _, _, value in watched]
+        # Plain attributes (Mixtral's expert_range) change without a registration: compared every time.
+        tables = {id(t) for t in _tables_of(model)}
+        plain = [(h, n, v) for h, n, v in watched if v is not None and id(h) not in tables]
+        self._plain = ([h for h, _, _ in plain], [n for _, n, _ in plain], [v for _, _, v in plain])
         self._versions = watched_tensors(model, self.adapters)
+        self._clean_at = _registrations[0]  # no registration since: no module or tensor was swapped
 
     @staticmethod
     def fits(model: Transformer) -> bool:
@@ -121,12 +139,23 @@ class CompiledStep:
 
     def current(self) -> bool:
         """False once any block's norm or packed projection was swapped (LoRA, re-quantization, ...), or an
-        adapter was added, removed or updated in place."""
+        adapter was added, removed or updated in place. The engine asks before every step: every watched
+        holder is looked at again only after a module, parameter or buffer was registered somewhere
+        (torch's global registration hooks count them), since any swap registers one."""
+        if _registrations[0] != self._clean_at:
+            if not self._same_objects():
+                return False
+            self._clean_at = _registrations[0]
+        holders, names, seen = self._plain
         return (
-            len(self.model.layers) == len(self._weights)
-            and all(map(operator.is_, map(_get, self._holders, self._names), self._seen))  # C loops: 40 us
+            all(map(operator.is_, map(_get, holders, names), seen))
             and adapter_names(self.model) == self.adapters
             and all(t._version == v for t, v in self._versions)
+        )
+
+    def _same_objects(self) -> bool:
+        return len(self.model.layers) == len(self._weights) and all(
+            map(operator.is_, map(_get, self._holders, self._names), self._seen)
         )
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
@@ -193,8 +222,8 @@ class CompiledStep:
         rows = row_slots(self.model, self.adapters, h.shape[0]) if slots else None  # int32 [B]
         step = {"x": _buffer(h), "cos_sin": _buffer(cos_sin), "qpos": _buffer(qpos)}
         step["lora_row"] = _buffer(rows) if rows is not None else _UNUSED
-        for weights, kv in zip(self._weights, per_layer):
-            self._run(shape, {**step, **weights, **kv}, self.eps, self.window, threads)
+        blocks = [{**step, **weights, **kv} for weights, kv in zip(self._weights, per_layer)]
+        self._run(shape, blocks, self.eps, self.window, threads)  # one call: the GIL is let go once per step
         return h
 
 
@@ -301,6 +330,11 @@ def _watch(model: Transformer) -> list[tuple[dict, str, object]]:
         watch(ff, "expert_lora")
         watch(ff, "expert_range")
     return out
+
+
+def _tables_of(model: nn.Module) -> list[dict]:
+    """Every module's parameter, buffer and submodule dicts: where a registration happens."""
+    return [t for m in model.modules() for t in (m._parameters, m._buffers, m._modules)]
 
 
 def _holder(owner: object, name: str) -> dict:

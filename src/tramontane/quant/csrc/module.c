@@ -19,7 +19,9 @@
  *   decode_block(shape, buffers, eps, window, n_threads)
  *       one transformer block for one new token per row, on an offline or a paged cache (block_step.c);
  *       on the paged one, every row's sequence, block table entries and span of keys are checked in
- *       range first; with LoRA adapters, their columns and every row's adapter slot too.
+ *       range first; with LoRA adapters, their columns and every row's adapter slot too. `buffers` is
+ *       one block's dict, or a list of dicts: the blocks run in order (each block's output rows are the
+ *       next one's input), all checked before the first runs, the GIL released once for all of them.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -380,29 +382,53 @@ static int check_block_rows(const block_args *a) {
     return 0;
 }
 
+/* One block's buffers (a dict) into a copy of `shape_args`, every extent and row checked. */
+static int parse_block(PyObject *buffers, const block_args *shape_args, block_args *a) {
+    buffer b[BUF_COUNT];
+    if (!PyDict_Check(buffers)) {
+        PyErr_Format(PyExc_TypeError, "decode_block: each block's buffers must be a dict, not %.100s",
+                     Py_TYPE(buffers)->tp_name);
+        return -1;
+    }
+    *a = *shape_args;
+    return parse_block_buffers(buffers, b, a) || check_block_buffers(b, a) || check_block_rows(a) ||
+                   check_block_lora(&b[BUF_LORA], a)
+               ? -1
+               : 0;
+}
+
 static PyObject *py_decode_block(PyObject *self, PyObject *args) {
     PyObject *shape, *buffers;
     float eps;
     Py_ssize_t window;
     int nth;
-    block_args a;
-    buffer b[BUF_COUNT];
+    block_args shape_args;
     (void)self;
-    memset(&a, 0, sizeof a);
-    if (!PyArg_ParseTuple(args, "O!O!fni", &PyTuple_Type, &shape, &PyDict_Type, &buffers, &eps, &window, &nth))
-        return NULL;
+    memset(&shape_args, 0, sizeof shape_args);
+    if (!PyArg_ParseTuple(args, "O!Ofni", &PyTuple_Type, &shape, &buffers, &eps, &window, &nth)) return NULL;
     if (nth < 1) return PyErr_Format(PyExc_ValueError, "n_threads must be >= 1, got %d", nth);
-    a.eps = eps;
-    a.window = window;
-    a.threads = nth;
-    if (parse_block_shape(shape, &a) || parse_block_buffers(buffers, b, &a) || check_block_buffers(b, &a) ||
-        check_block_rows(&a) || check_block_lora(&b[BUF_LORA], &a))
-        return NULL;
+    int one = PyDict_Check(buffers);
+    if (!one && !PyList_Check(buffers))
+        return PyErr_Format(PyExc_TypeError, "decode_block: buffers must be a dict (one block) or a list of "
+                            "dicts (blocks in order), not %.100s", Py_TYPE(buffers)->tp_name);
+    shape_args.eps = eps;
+    shape_args.window = window;
+    shape_args.threads = nth;
+    if (parse_block_shape(shape, &shape_args)) return NULL;
+    Py_ssize_t n = one ? 1 : PyList_GET_SIZE(buffers);
+    block_args *blocks = PyMem_Calloc(n ? (size_t)n : 1, sizeof *blocks);
+    if (!blocks) return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (parse_block(one ? buffers : PyList_GET_ITEM(buffers, i), &shape_args, &blocks[i])) {
+            PyMem_Free(blocks);
+            return NULL;
+        }
     const isa_ops *ops = tram_isa_current();
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = tram_run_block(ops, &a);
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS  /* once for every block: the GIL is taken back after the last one */
+    for (Py_ssize_t i = 0; i < n && !rc; i++) rc = tram_run_block(ops, &blocks[i]);
     Py_END_ALLOW_THREADS
+    PyMem_Free(blocks);
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -490,7 +516,8 @@ static PyMethodDef METHODS[] = {
      "(each row's table), S the most keys a row attends, kpos empty; offline, tables are empty, and seq "
      "int32 [B] maps each row to a cache row < R (k_cache, v_cache [R,Hkv,S,D], kpos [R,S]; empty: row b). "
      "LoRA: shape = (..., T, L) with L adapter slots, lora_row int32 [B] (each row's slot, -1 none), "
-     "lora_cols int32 [4,L+1] and lora float32 (see block_args in kernels.h); empty when L = 0."},
+     "lora_cols int32 [4,L+1] and lora float32 (see block_args in kernels.h); empty when L = 0. buffers may "
+     "be a list of such dicts: the blocks run in order on x, every one checked first, the GIL released once."},
     {"isas", py_isas, METH_NOARGS, "Instruction sets this CPU can run, best first."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
     {"set_isa", py_set_isa, METH_VARARGS,
