@@ -1,7 +1,7 @@
 """The engine loop (one thread: schedule -> run -> update) and its asyncio front: submit, stream, abort.
 
 The model runs in the engine thread only; the asyncio side talks to it through an inbox queue and
-receives outputs through `loop.call_soon_threadsafe`. An exception inside a step fails the requests of
+receives outputs through an `Outbox` (outbox.py: a wake-up that does not hand the GIL to the loop). An exception inside a step fails the requests of
 that step (finish_reason "error") and the loop goes on with the others.
 
 Embeddings and prompt scoring are jobs (prompt_jobs.py) whose prompts run as background sequences:
@@ -28,6 +28,7 @@ from ..model.cache import PagedCache
 from ..parallel.dist import broadcast_object, is_parallel
 from .blocks import BlockPool, bytes_per_block
 from .metrics import EngineMetrics
+from .outbox import Outbox
 from .pacing import Pace
 from .prompt_jobs import PromptJob, Result, Scores
 from .runner import StepOutput, run_step
@@ -93,14 +94,14 @@ class AsyncEngine:
         self._arrival: dict[str, float] = {}
         self._last_token: dict[str, float] = {}
         self._pending_adds = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: Outbox[RequestOutput] | None = None
         self._thread: threading.Thread | None = None
         self.accepting = False
         self._update_gauges()
 
     # ---- asyncio side -----------------------------------------------------------------------------------
     def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._outbox = Outbox(asyncio.get_running_loop(), self._deliver)
         self._thread = threading.Thread(target=self._run, name="tramontane-engine", daemon=True)
         self._thread.start()
         self.accepting = True
@@ -193,6 +194,8 @@ class AsyncEngine:
         self._inbox.put(("stop",))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 5.0)
+        if self._outbox is not None and not (self._thread is not None and self._thread.is_alive()):
+            self._outbox.close()
 
     def _deliver(self, out: RequestOutput) -> None:
         stream = self._streams.get(out.request_id)
@@ -453,8 +456,8 @@ class AsyncEngine:
         self._last_token.pop(rid, None)
 
     def _emit(self, out: RequestOutput) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._deliver, out)
+        if self._outbox is not None:
+            self._outbox.put(out)
 
     def _update_gauges(self) -> None:
         m, pool = self.metrics, self.pool
