@@ -1,8 +1,9 @@
 """The engine loop (one thread: schedule -> run -> update) and its asyncio front: submit, stream, abort.
 
 The model runs in the engine thread only; the asyncio side talks to it through an inbox queue and
-receives outputs through an `Outbox` (outbox.py: a wake-up that does not hand the GIL to the loop). An exception inside a step fails the requests of
-that step (finish_reason "error") and the loop goes on with the others.
+receives outputs through an `Outbox` (outbox.py: a wake-up that does not hand the GIL to the loop). An
+exception inside a step fails the requests of that step (finish_reason "error") and the loop goes on
+with the others.
 
 Embeddings and prompt scoring are jobs (prompt_jobs.py) whose prompts run as background sequences:
 chunked like prefill, paced beside generating requests (pacing.py), and dropped between two steps
