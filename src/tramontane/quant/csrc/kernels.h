@@ -59,8 +59,8 @@ typedef void (*fused_fn)(const uint8_t *w, size_t rb, long n, const float *x, co
                          long K, float *y, long ldy);
 /* Activations rounded to int8 per 256 elements for the K-quants ("Q8_K", as llama.cpp's K-quant dot
  * products take them), per 32 for the legacy types ("Q8_0"): row m, element k is about
- * d[m * K/blk + k/blk] * q[m * K + k]; with blk = 256, bs[m * K/16 + j] is the sum of q over elements
- * 16j..16j+15 (the integer offsets of Q3_K and Q6_K go through it; NULL-free but unused otherwise). */
+ * d[m * K/blk + k/blk] * q[m * K + k]; bs[m * K/16 + j] is the sum of q over elements 16j..16j+15
+ * (the integer offsets of Q3_K and Q6_K go through it, and the sums of the rounded x, xs). */
 typedef struct {
     const int8_t *q;
     const float *d;
@@ -70,6 +70,8 @@ typedef struct {
  * types with offsets or mins, the sums xs of the rounded x, laid out as the float kernel takes them). */
 typedef void (*fused_q8_fn)(const uint8_t *w, size_t rb, long n, const q8_rows *xq, const float *xs, long M,
                             long K, float *y, long ldy);
+/* nb blocks of blk floats at x rounded to int8 (q, scales d, sums of q per 16 in bs), as q8_rows. */
+typedef void (*q8_fn)(const float *x, long nb, long blk, int8_t *q, float *d, int16_t *bs);
 /* Tiled: y[m, n] (rows N apart) for n in [n0, n1), every m < M, from rows of w decoded with `dec`. */
 typedef void (*tile_fn)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long n0, long n1,
                         const float *x, long M, long K, float *y, long N);
@@ -95,6 +97,7 @@ typedef struct {
     attend_fn attend;
     silu_fn silu_mul;
     fused_q8_fn fused_q8[T_COUNT];  /* the K-quants with integer-activation kernels (NULL: none) */
+    q8_fn quantize_q8;              /* their activations' rounding (where fused_q8 has any) */
 } isa_ops;
 
 static inline int visible(int64_t kp, int64_t qpos, long window) {

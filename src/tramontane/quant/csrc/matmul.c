@@ -61,16 +61,17 @@ static int g_q8 = 1;
 void tram_set_q8(int on) { g_q8 = on != 0; }
 int tram_q8(void) { return g_q8; }
 
-/* Sums of the rounded x (d * q) per `span` elements -> malloc'd [M][K/span], as block_sums: the
- * offsets and mins of the integer kernels meet the same rounded x as the quants, so that each product
- * is exactly sum(W * rounded x) and its error scales with |W|, not with |W - offset|. */
+/* Sums of the rounded x (d * q) per `span` (16 or 32) elements -> malloc'd [M][K/span], as block_sums,
+ * from the sums of q per 16 (bs): the offsets and mins of the integer kernels meet the same rounded x as
+ * the quants, so that each product is exactly sum(W * rounded x) and its error scales with |W|, not
+ * with |W - offset|. */
 static float *rounded_sums(const q8_rows *xq, long M, long K, long blk, int span) {
-    const long n = M * (K / span);
+    const long n = M * (K / span), per = span / 16;
     float *xs = malloc(sizeof(float) * (size_t)n);
     if (!xs) return NULL;
     for (long b = 0; b < n; b++) {
         int s = 0;
-        for (int j = 0; j < span; j++) s += xq->q[span * b + j];
+        for (long j = 0; j < per; j++) s += xq->bs[per * b + j];
         xs[b] = xq->d[span * b / blk] * (float)s;
     }
     return xs;
@@ -83,31 +84,18 @@ static long q8_block(int qtype) {
     return qtype >= T_Q2_K && qtype <= T_Q6_K ? 256 : 32;
 }
 
-/* x [M, K] (K % blk == 0) rounded to int8 per blk elements into one malloc'd buffer (*mem, to free),
- * views in *out; -1 when out of memory. Per block: d = max |x| / 127, q = round(x / d); with blk = 256
- * also q's sums per 16. */
-static int quantize_q8(const float *x, long M, long K, long blk, q8_rows *out, void **mem) {
-    const size_t nq = (size_t)(M * K), nd = (size_t)(M * (K / blk)), nb = blk == 256 ? (size_t)(M * (K / 16)) : 0;
+/* x [M, K] (K % blk == 0) rounded to int8 per blk elements (the instruction set's quantize_q8: d = max
+ * |x| / 127, q = round(x / d), the sums of q per 16) into one malloc'd buffer (*mem, to free), views in
+ * *out; -1 when out of memory. */
+static int quantize_q8(const isa_ops *ops, const float *x, long M, long K, long blk, q8_rows *out, void **mem) {
+    const size_t nq = (size_t)(M * K), nd = (size_t)(M * (K / blk)), nb = (size_t)(M * (K / 16));
     const size_t od = (nq + 63) & ~(size_t)63, ob = od + ((nd * 4 + 63) & ~(size_t)63);
     char *p = malloc(ob + nb * 2);
     if (!p) return -1;
     int8_t *q = (int8_t *)p;
     float *d = (float *)(p + od);
     int16_t *bs = (int16_t *)(p + ob);
-    for (size_t b = 0; b < nd; b++) {
-        const float *xb = x + blk * b;
-        float amax = 0.0f;
-        for (long i = 0; i < blk; i++) amax = fmaxf(amax, fabsf(xb[i]));
-        const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int8_t *qb = q + blk * b;
-        for (long i = 0; i < blk; i++) qb[i] = (int8_t)nearbyintf(xb[i] * id);
-        for (int j = 0; j < (blk == 256 ? 16 : 0); j++) {
-            int s = 0;
-            for (int i = 0; i < 16; i++) s += qb[16 * j + i];
-            bs[16 * b + j] = (int16_t)s;
-        }
-        d[b] = amax / 127.0f;
-    }
+    ops->quantize_q8(x, (long)nd, blk, q, d, bs);
     out->q = q, out->d = d, out->bs = bs;
     *mem = p;
     return 0;
@@ -142,7 +130,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
     void *xq_mem = NULL;
     const int span = xs_span(qtype);
     if (fused_q8) fused = NULL;
-    if (fused_q8 && quantize_q8(x, M, K, blk, &xq, &xq_mem)) return -1;
+    if (fused_q8 && quantize_q8(ops, x, M, K, blk, &xq, &xq_mem)) return -1;
     if ((fused || fused_q8) && span && !(xs = fused_q8 ? rounded_sums(&xq, M, K, blk, span) : block_sums(x, M, K, span))) {
         free(xq_mem);
         return -1;

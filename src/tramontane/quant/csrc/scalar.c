@@ -67,4 +67,6 @@ const isa_ops tram_ops_scalar = {
     tile_c,
     attend_c,
     silu_mul_c,
+    {0},
+    NULL,
 };
