@@ -189,3 +189,44 @@ def test_streamed_events_survive_line_splitting_readers():
     lines = [line for line in event.splitlines() if line]
     assert len(lines) == 1 and lines[0].startswith("data: ") and event.endswith("\n\n")
     assert json.loads(lines[0][6:])["choices"][0]["delta"]["content"] == text
+
+
+def test_plain_text_events_are_the_full_path_bytes():
+    """A plain text output's event is its choice's chunk serialised once with a marker, the text filled
+    in: the same bytes as validating and dumping the chunk, for every format and any text (line breaks
+    readers split on, quotes, non-ASCII, a text that looks like the marker); outputs that finish or
+    carry logprobs, and formats that override `chunks` (tool calls hold text back), take the full path."""
+    from tramontane.decoding.sequence import TokenLogprob
+    from tramontane.engine.types import RequestOutput
+    from tramontane.serve.echo import Echo, EchoCompletionFormat
+    from tramontane.serve.formats import _MARK, ChatFormat, CompletionFormat, Format
+    from tramontane.serve.streaming import Choice, sse
+
+    texts = ["Hello", " a\x85b\u2028c\u2029d\re\nf", '"q" \\ </script>', "é😀\t", _MARK, "x" + _MARK[:-1]]
+    formats = [
+        ChatFormat("chatcmpl-1", "m", 2, False),
+        CompletionFormat("cmpl-1", "m", 1, False),
+        EchoCompletionFormat("cmpl-2", "m", 1, False, [Echo(text="prompt ", logprobs=None)] * 2),
+        ChatFormat("chatcmpl-2", "m", 1, True),
+    ]
+    for fmt in formats:
+        for index in (0, 1):
+            choice = Choice(index=index, prompt_tokens=3)
+            for text in texts:
+                for finish in (None, "stop"):
+                    out = RequestOutput(request_id="r", text=text, finish_reason=finish)
+                    assert fmt.sse_events(choice, out, 4) == [sse(c) for c in fmt.chunks(choice, out, 4)]
+        assert set(fmt._templates) == {0, 1}
+    logprob = TokenLogprob(token_id=5, token="a", logprob=-0.5, top=[])
+    out = RequestOutput(request_id="r", text="a", logprobs=[logprob])
+    fmt = ChatFormat("chatcmpl-3", "m", 1, True)
+    assert fmt.sse_events(Choice(index=0, prompt_tokens=1), out, 0)[0].count('"logprob"') >= 1
+    assert not fmt._templates  # logprobs: never through the template
+
+    class Holding(ChatFormat):  # as ToolChatFormat: chunks depend on more than the output's text
+        def chunks(self, choice, out, offset):
+            return [] if out.text == "<" else super().chunks(choice, out, offset)
+
+    held = Holding("chatcmpl-4", "m", 1, False)
+    assert held.sse_events(Choice(index=0, prompt_tokens=1), RequestOutput(request_id="r", text="<"), 0) == []
+    assert not held._templates and type(held).chunks is not Format.chunks

@@ -184,11 +184,11 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 # Characters JSON leaves raw that line-splitting readers (Python's str.splitlines, used by httpx's
 # iter_lines) treat as line ends: escaped, so that a streamed token holding one never cuts an event.
-_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
 def sse(data: Any) -> str:
-    text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).translate(LINE_BREAKS)
     return f"data: {text}\n\n"
 
 
