@@ -115,8 +115,10 @@ def _load_engine(opts: ServeOptions) -> Any:
     """Runs in a thread: the model, then the engine around it (which allocates the KV cache)."""
     from ..api import load
     from ..engine import AsyncEngine
+    from ..engine.openmp import release_idle_workers
 
     llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel, mmap=opts.mmap)
+    release_idle_workers()  # the engine thread computes from here on (engine/openmp.py)
     return AsyncEngine(
         llm,
         model_name=opts.name,
