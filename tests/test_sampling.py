@@ -444,3 +444,13 @@ def test_plain_greedy_rows_pick_what_the_full_path_picks():
     biased = dataclasses.replace(plain, logit_bias=((7, 100.0),))
     states[2] = SequenceState(2, [1, 2], biased, CharTokenizer(), 64)
     assert pick_tokens(states, logits, CharTokenizer())[0].tolist() == [*full[:2].tolist(), 7]
+    # a batch's rows of a real vocabulary, as a view of a larger step's logits (non-contiguous too),
+    # and bfloat16: the shortcut's int64 tokens are torch's argmax, a row of -inf and a NaN included
+    wide = torch.randn(17, 49152, generator=torch.Generator().manual_seed(4))
+    wide[2] = float("-inf")
+    wide[5, 100], wide[5, 7] = float("nan"), float("nan")
+    states = [SequenceState(i, [1], plain, CharTokenizer(), 64) for i in range(16)]
+    for rows in (wide[:16], wide[1:][::1].t().contiguous().t()[:16], wide[:16].bfloat16()):
+        tokens, _ = pick_tokens(states, rows, CharTokenizer())
+        assert tokens.dtype == torch.int64 and tokens.tolist() == rows.float().argmax(-1).tolist()
+    assert pick_tokens(states, wide[:16], CharTokenizer())[0][5] == 7  # the first NaN

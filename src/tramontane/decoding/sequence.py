@@ -120,7 +120,9 @@ def pick_tokens(
     """Sample each sequence's next token from its logits row [B,V]; logprobs where asked."""
     params = [s.params for s in seqs]
     if all(map(_plain_greedy, seqs)):  # the common served case: what the general path computes, less its copies
-        tokens = logits.float().argmax(dim=-1)  # [B]
+        # numpy's argmax (the first of equal maxima, a NaN first, as torch's) is vectorised: 16 rows of
+        # 49,152 logits took 60 us against torch's 390-770 us, one row 5 us against 52 us
+        tokens = torch.from_numpy(logits.detach().float().contiguous().numpy().argmax(axis=-1))  # [B] int64
     else:
         tokens = _processed_and_sampled(seqs, params, logits)
     wanted = [p.logprobs for p in params if p.logprobs is not None]
