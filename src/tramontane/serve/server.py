@@ -115,10 +115,11 @@ def _load_engine(opts: ServeOptions) -> Any:
     """Runs in a thread: the model, then the engine around it (which allocates the KV cache)."""
     from ..api import load
     from ..engine import AsyncEngine
-    from ..engine.openmp import release_idle_workers
+    from ..engine.release import release_idle_workers, return_freed_heap
 
     llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel, mmap=opts.mmap)
-    release_idle_workers()  # the engine thread computes from here on (engine/openmp.py)
+    release_idle_workers()  # the engine thread computes from here on (engine/release.py)
+    return_freed_heap()  # what loading freed, before the KV pool and the requests take their share
     return AsyncEngine(
         llm,
         model_name=opts.name,

@@ -1,6 +1,7 @@
-"""engine/openmp.py: a thread done computing hands its OpenMP workers back (libgomp stops spinning its
+"""engine/release.py: a thread done loading hands its OpenMP workers back (libgomp stops spinning its
 workers between regions while it manages more threads than there are CPUs: the engine thread's step
-ran 0.5 ms slower per SmolLM2 token beside the server's loader thread's idle pool)."""
+ran 0.5 ms slower per SmolLM2 token beside the server's loader thread's idle pool), and the heap
+memory the load freed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ SCRIPT = textwrap.dedent(
     """
     import os, threading, time
     import torch
-    from tramontane.engine.openmp import release_idle_workers
+    from tramontane.engine.release import release_idle_workers
     from tramontane.quant import kernels
 
     torch.set_num_threads(2)
@@ -44,3 +45,28 @@ def test_a_released_thread_frees_its_workers_and_still_computes():
     with_pool, after, released, same = done.stdout.split()
     assert released == "True" and same == "True"
     assert int(after) < int(with_pool)  # the pool's worker thread is gone
+
+
+TRIM = textwrap.dedent(
+    """
+    import re
+    from tramontane.engine.release import return_freed_heap
+
+    anon = lambda: int(re.search(r"RssAnon:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+    blocks = [bytes(4000) for _ in range(40_000)]  # 160 MB from malloc, below ...
+    pin = bytes(4000)  # ... one block that keeps the heap's top in use
+    before = anon()
+    del blocks
+    freed = anon()
+    print(before, freed, return_freed_heap(), anon())
+    """
+)
+
+
+def test_freed_heap_goes_back_to_the_system():
+    """Memory a load freed below the heap's top stays resident until malloc_trim hands it back."""
+    done = subprocess.run([sys.executable, "-c", TRIM], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, freed, trimmed, after = done.stdout.split()
+    assert trimmed == "True" and int(freed) > int(before) - 40  # free() alone kept most of it
+    assert int(after) < int(freed) - 100  # MB given back
