@@ -201,6 +201,22 @@ def watch_answer(tab, timeout_s: float = 30) -> list[str]:
     raise AssertionError(f"the answer did not finish in {timeout_s} s; saw {seen!r}")
 
 
+def record_answer_texts(tab) -> None:
+    """Records in window.__texts every text the last answer shows, as the page sets it: a
+    MutationObserver sees each streamed piece, which arrives in a task of its own, where polling (a real
+    server's 24 tokens take 0.1 s here) may see only the empty answer and the whole one."""
+    tab.evaluate(
+        """() => {
+          window.__texts = [];
+          new MutationObserver(() => {
+            const all = document.querySelectorAll("#log .msg.assistant .text");
+            const text = all.length ? all[all.length - 1].textContent : null;
+            if (text !== null && window.__texts[window.__texts.length - 1] !== text) window.__texts.push(text);
+          }).observe(document.querySelector("#log"), {childList: true, subtree: true, characterData: true});
+        }"""
+    )
+
+
 def conversation(tab) -> list[tuple[str, str]]:
     return [
         ("user" if "user" in (m.get_attribute("class") or "") else "assistant", m.locator(".text").text_content())
@@ -351,9 +367,11 @@ def test_real_server_streams_an_answer(browser, smollm2_path, tmp_path):
         tab.fill("#temperature", "0")
         tab.fill("#max-tokens", "24")
         tab.fill("#prompt", "What is the capital of France?")
+        record_answer_texts(tab)
         tab.press("#prompt", "Enter")
         seen = watch_answer(tab, timeout_s=60)
-        assert len(seen) > 2  # the answer grew in several steps
+        shown = [t for t in tab.evaluate("() => window.__texts") if t]
+        assert len(shown) > 2 and shown[-1] == seen[-1], shown  # the answer grew in several steps
         assert "Paris" in seen[-1]
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         tab.screenshot(path=str(ARTIFACTS / "web_chat_smollm2.png"))
