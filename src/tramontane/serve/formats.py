@@ -72,8 +72,8 @@ class Format:
         """`chunks` as server-sent events. An output of plain text (no finish, no logprobs) fills its
         text into the choice's text chunk, built and serialised once through `chunks` with a marker for
         the text: the same bytes, without a model validation and dump per token (a chat chunk: 17.7 us
-        -> 2.4 us of the event loop's time, which the engine thread waits for when it needs the GIL). Formats that override `chunks` (tool calls hold text back)
-        always take the full path."""
+        -> 2.4 us of the event loop's time, which the engine thread waits for when it needs the GIL).
+        Formats that override `chunks` (tool calls hold text back) always take the full path."""
         plain = out.text and not out.finish_reason and not (self.logprobs and out.logprobs)
         if not plain or type(self).chunks is not Format.chunks:
             return [sse(chunk) for chunk in self.chunks(choice, out, offset)]
