@@ -37,22 +37,23 @@ class _IntCall(Protocol):  # a C function of one integer, returning an int
 
 
 @functools.cache
-def _pause() -> _IntCall | None:
+def _c_function(library: str, name: str, argtype: type) -> _IntCall | None:
+    """`name` of the shared library `library` (the copy already loaded, found by its soname), taking one
+    integer of `argtype` and returning an int; None where the library or the function is missing."""
     try:
-        runtime = ctypes.CDLL("libgomp.so.1")  # the copy already loaded (torch's), found by its soname
+        function = getattr(ctypes.CDLL(library), name, None)
     except OSError:
         return None
-    pause = getattr(runtime, "omp_pause_resource_all", None)
-    if pause is None:
+    if function is None:
         return None
-    pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
-    return cast(_IntCall, pause)
+    function.argtypes, function.restype = [argtype], ctypes.c_int
+    return cast(_IntCall, function)
 
 
 def release_idle_workers() -> bool:
     """Frees the calling thread's OpenMP worker pool (outside any parallel region); True if the runtime
     did, False where it cannot (no libgomp, or one without OpenMP 5's pause)."""
-    pause = _pause()
+    pause = _c_function("libgomp.so.1", "omp_pause_resource_all", ctypes.c_int)  # torch's copy
     if pause is None:
         return False
     ok = pause(OMP_PAUSE_SOFT) == 0
@@ -61,20 +62,7 @@ def release_idle_workers() -> bool:
     return ok
 
 
-@functools.cache
-def _trim() -> _IntCall | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    trim = getattr(libc, "malloc_trim", None)
-    if trim is None:
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return cast(_IntCall, trim)
-
-
 def return_freed_heap() -> bool:
     """Gives the heap's free pages back to the system (glibc's malloc_trim(0)); True if any were."""
-    trim = _trim()
+    trim = _c_function("libc.so.6", "malloc_trim", ctypes.c_size_t)
     return trim is not None and trim(0) == 1
