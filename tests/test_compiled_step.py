@@ -504,24 +504,36 @@ def q8():
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(
     ("kind", "qtype"),
-    [("mistral", "Q4_0"), ("mixtral", "Q4_0"), ("llama", "Q4_1"), ("mistral", "Q4_K"), ("mixtral", "Q6_K")],
+    [
+        ("mistral", "Q4_0"),
+        ("mixtral", "Q4_0"),
+        ("llama", "Q4_1"),
+        ("mistral", "Q4_K"),
+        ("mixtral", "Q6_K"),
+        ("mixtral", "Q3_K"),
+    ],
 )
 def test_interleaved_model(tmp_path, isa, kind, qtype, q8, monkeypatch):
-    """Where the integer kernel runs, a Q4_0, Q4_1, Q4_K or Q6_K file's matrices (the embedding and the head
+    """Where the integer kernel runs, a Q4_0, Q4_1, Q4_K, Q6_K or Q3_K file's matrices (the embedding and the head
     tied to it too) are interleaved 8 rows by 8
     at load (quant/kernels.py regroup): the compiled step equals the module path on them, the
     logits equal those of the same file kept in GGML's layout (the same rounded x, summed in another
     order), and writing the model back gives the file's own bytes. One layer: with int8 activations a
     float32 rounding difference can move one value to the next int8 step, and a second random layer
     amplifies that to 1e-2 of the logits; within one layer the paths agree to 1e-6. The K-quants:
-    written by our writer (gguf's quantizer has none), rows of 256."""
+    written by our writer (gguf's quantizer has none; Q3_K: random valid blocks), rows of 256."""
     from tramontane.weights.gguf import open_gguf
     from tramontane.weights.gguf_writer import write_gguf
 
     k_quant = qtype.endswith("_K")
     width = 256 if k_quant else 128
     hf = hf_model(kind, seed=3, hidden_size=width, intermediate_size=width if k_quant else 96, num_hidden_layers=1)
-    if k_quant:
+    if qtype == "Q3_K":  # no writer of ours quantizes to Q3_K: random valid blocks
+        from test_packed_experts import write_random_mixtral
+
+        path = tmp_path / "m.gguf"
+        write_random_mixtral(path, qtype, dim=width, ffn=width, layers=1)
+    elif k_quant:
         from models import save_hf
 
         quant = qtype.lower()

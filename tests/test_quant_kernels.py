@@ -796,6 +796,32 @@ def test_interleaved_q6_k_layout_by_hand() -> None:
 
 
 @needs_ext
+def test_interleaved_q3_k_layout_by_hand() -> None:
+    """8 random Q3_K rows of 2 super-blocks, interleaved: per super-block the 8 rows' d (float16), their
+    six-bit scale fields (ggml's: field s has its low nibble at nibble s // 8 of byte s % 8, its top bits
+    at bits 2 (s // 4) of byte 8 + s % 4) as 4 vectors V_t, row r's field of sub-block s at byte 16 (r //
+    4) + 4 (s % 4) + r % 4 of V_(s // 4), stored as V0 | V1 << 4, V2 | V3 << 4 (low nibbles) and the top
+    two bits of V0..V3 at bits 0, 2, 4, 6; then for c = 0..23 bytes 4c..4c+3 of each row's hmask and qs,
+    rows 0..7; and back, bit for bit."""
+    plain, got = interleaved_by_hand(QT.Q3_K, 5)
+    for i in range(2):
+        block = plain[:, i].astype(np.int64)
+        sc = block[:, 96:108]
+        v = np.zeros((4, 32), np.int64)
+        for r in range(8):
+            for sub in range(16):
+                field = ((sc[r, sub % 8] >> (4 * (sub // 8))) & 15) | (
+                    ((sc[r, 8 + sub % 4] >> (2 * (sub // 4))) & 3) << 4
+                )
+                v[sub // 4, 16 * (r // 4) + 4 * (sub % 4) + r % 4] = field
+        low = [(v[0] & 15) | ((v[1] & 15) << 4), (v[2] & 15) | ((v[3] & 15) << 4)]
+        top = sum((v[t] >> 4) << (2 * t) for t in range(4))
+        quants = block[:, :96].reshape(8, 24, 4).transpose(1, 0, 2).reshape(-1)
+        want = np.concatenate([block[:, 108:110].reshape(-1), *low, top, quants]).astype(np.uint8)
+        assert np.array_equal(got[i], want), i
+
+
+@needs_ext
 @pytest.mark.parametrize(
     ("qtype", "k"),
     [
@@ -807,6 +833,8 @@ def test_interleaved_q6_k_layout_by_hand() -> None:
         (QT.Q4_K, 768),
         (QT.Q6_K, 512),
         (QT.Q6_K, 768),
+        (QT.Q3_K, 512),
+        (QT.Q3_K, 768),
     ],
     ids=lambda v: getattr(v, "name", str(v)),
 )
@@ -856,6 +884,8 @@ def test_regroup_applies_where_the_integer_kernel_runs(q8: None) -> None:
     assert kernels.regroup(q4k, int(QT.Q4_K), 256)[1] == kernels.Q4_K_R8
     q6k, _ = weight(QT.Q6_K, 96, 256)
     assert kernels.regroup(q6k, int(QT.Q6_K), 256)[1] == kernels.Q6_K_R8
+    q3k, _ = weight(QT.Q3_K, 96, 256)
+    assert kernels.regroup(q3k, int(QT.Q3_K), 256)[1] == kernels.Q3_K_R8
     q8_0, _ = weight(QT.Q8_0, 96, 256)
     assert kernels.regroup(q8_0, int(QT.Q8_0), 256)[0] is q8_0
     kernels.set_activations("f32")  # the exact setting keeps GGML's layout (the q8 fixture restores)
@@ -881,7 +911,7 @@ def test_interleaved_projections_split_by_groups(q8: None) -> None:
 
 
 @needs_ext
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K, QT.Q3_K], ids=lambda t: t.name)
 def test_lookup_rows_gathers_rows(isa: str, q8: None, qtype: QT) -> None:
     """An embedding lookup: rows in any order, repeated, of GGML's layout or gathered out of interleaved
     groups, equal gguf's decoding of those rows; an index out of range is refused before any is read."""

@@ -12,7 +12,7 @@ const tinfo tram_types[T_COUNT] = {
     [T_Q2_K] = {256, 84},  [T_Q3_K] = {256, 110},
     [T_Q4_K] = {256, 144}, [T_Q5_K] = {256, 176},  [T_Q6_K] = {256, 210},
     [T_Q4_0_R8] = {32, 18}, [T_Q4_1_R8] = {32, 20}, [T_Q4_K_R8] = {256, 144},
-    [T_Q6_K_R8] = {256, 210},
+    [T_Q6_K_R8] = {256, 210}, [T_Q3_K_R8] = {256, 110},
 };
 
 void tram_dec_f32_c(const uint8_t *b, int n, float *o) { memcpy(o, b, (size_t)n * 4); }
@@ -200,10 +200,36 @@ static void r8_row_q6_k(uint8_t *row, uint8_t *group, int r, long nb, int to_r8)
     }
 }
 
+/* Row r's six-bit field of sub-block s in a 96-byte Q3_K_R8 scale region (layout in blocks.h): its low
+ * nibble and its top two bits, written (put) or read. */
+static int tram_q3r8_field(uint8_t *reg, int r, int s, int put, int v) {
+    const int t = s / 4, j = 16 * (r / 4) + 4 * (s % 4) + r % 4, n = 4 * (t % 2), sh = 2 * t;
+    uint8_t *lo = reg + 32 * (t / 2) + j, *hi = reg + 64 + j;
+    if (put) {
+        *lo = (uint8_t)((*lo & ~(15 << n)) | ((v & 15) << n));
+        *hi = (uint8_t)((*hi & ~(3 << sh)) | (((v >> 4) & 3) << sh));
+    }
+    return ((*lo >> n) & 15) | (((*hi >> sh) & 3) << 4);
+}
+
+/* Row r of a Q3_K group (nb super-blocks, blocks.h's layout) to or from its GGML layout at `row`. */
+static void r8_row_q3_k(uint8_t *row, uint8_t *group, int r, long nb, int to_r8) {
+    for (long i = 0; i < nb; i++) {
+        uint8_t *plain = row + 110 * (size_t)i, *mixed = group + 8 * 110 * (size_t)i;
+        swap_copy(plain + 108, mixed + 2 * r, 2, to_r8);  /* d */
+        for (int s = 0; s < 16; s++) {
+            const int v = tram_q3r8_field(mixed + 16, r, s, to_r8, to_r8 ? k3_field(plain + 96, s) : 0);
+            if (!to_r8) k3_put_field(plain + 96, s, v);
+        }
+        for (int c = 0; c < 24; c++)  /* hmask's 8 words, then qs's 16 */
+            swap_copy(plain + 4 * c, mixed + 112 + 32 * c + 4 * r, 4, to_r8);
+    }
+}
+
 /* Row r of an interleaved group of nb blocks of GGML type `base` to or from its GGML layout at `row`. */
 static void r8_row(uint8_t *row, uint8_t *group, int r, long nb, int base, int to_r8) {
-    if (base == T_Q6_K) {
-        r8_row_q6_k(row, group, r, nb, to_r8);
+    if (base == T_Q6_K || base == T_Q3_K) {
+        (base == T_Q6_K ? r8_row_q6_k : r8_row_q3_k)(row, group, r, nb, to_r8);
         return;
     }
     const size_t ts = (size_t)tram_types[base].size;

@@ -29,10 +29,11 @@ enum {
     T_Q4_1_R8 = 67,  /* not GGML's: the same for Q4_1 */
     T_Q4_K_R8 = 68,  /* not GGML's: the same for Q4_K (its scales rearranged too, below) */
     T_Q6_K_R8 = 69,  /* not GGML's: the same for Q6_K (below) */
-    T_COUNT = 70
+    T_Q3_K_R8 = 70,  /* not GGML's: the same for Q3_K (below) */
+    T_COUNT = 71
 };
 
-/* Q4_0, Q4_1, Q4_K and Q6_K interleaved (T_Q4_0_R8 ... T_Q6_K_R8): matrices of a multiple of 8 rows
+/* Q4_0, Q4_1, Q4_K, Q6_K and Q3_K interleaved (T_Q4_0_R8 ... T_Q3_K_R8): matrices of a multiple of 8 rows
  * with the bytes of each 8 rows (a group) rearranged block by block, the same number of bytes as in
  * GGML's layout, so that the integer kernel (simd_q8.inc) reads a block's 8 scales with one load and
  * four quant bytes of each of the 8 rows with another. Block i of a group, for Q4_0, Q4_1 and Q4_K:
@@ -52,15 +53,22 @@ enum {
  * row r's scale of sub-block s at byte 16 (r / 4) + 4 (s % 4) + r % 4 (one shuffle within 128-bit
  * lanes gives a sub-block's 8 scales); then for c = 0..47 bytes 4c..4c+3 of each row's ql (c < 32) and
  * qh (c >= 32: bytes 4(c - 32)..) side by side, rows 0..7.
+ * Q3_K interleaved (T_Q3_K_R8), super-block i of a group (8 x 110 bytes): the 8 rows' float16 d (16
+ * bytes); their six-bit scale fields (sc + 32, k3_field) as 4 vectors V_t of 32 bytes arranged as Q6_K's
+ * int8 scales above (row r's field of sub-block s at byte 16 (r / 4) + 4 (s % 4) + r % 4 of V_(s / 4)),
+ * stored in 96 bytes: byte j of the first 32 = V0_j | V1_j << 4 (low nibbles), of the next 32 = V2_j |
+ * V3_j << 4, of the last 32 = the top two bits of V0_j, V1_j, V2_j, V3_j at bits 0, 2, 4, 6
+ * (tram_q3r8_field); then for c = 0..23 bytes 4c..4c+3 of each row's hmask (c < 8) and qs (c >= 8:
+ * bytes 4(c - 8)..) side by side, rows 0..7.
  */
 /* The interleaved type of a GGML type, or -1; and back. */
 static inline int tram_r8_of(int qtype) {
     return qtype == T_Q4_0 ? T_Q4_0_R8 : qtype == T_Q4_1 ? T_Q4_1_R8 : qtype == T_Q4_K ? T_Q4_K_R8
-         : qtype == T_Q6_K ? T_Q6_K_R8 : -1;
+         : qtype == T_Q6_K ? T_Q6_K_R8 : qtype == T_Q3_K ? T_Q3_K_R8 : -1;
 }
 static inline int tram_r8_base(int qtype) {
     return qtype == T_Q4_0_R8 ? T_Q4_0 : qtype == T_Q4_1_R8 ? T_Q4_1 : qtype == T_Q4_K_R8 ? T_Q4_K
-         : qtype == T_Q6_K_R8 ? T_Q6_K : -1;
+         : qtype == T_Q6_K_R8 ? T_Q6_K : qtype == T_Q3_K_R8 ? T_Q3_K : -1;
 }
 
 typedef struct { int block; int size; } tinfo;
@@ -115,13 +123,21 @@ static inline void k4_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
     }
 }
 
-/* Q3_K's 12 scale bytes -> 16 signed scales, each a six-bit field minus 32: the field's low four bits
- * are nibble i / 8 of byte i % 8, its top two are bits 2(i / 4), 2(i / 4) + 1 of byte 8 + i % 4. */
+/* Q3_K's 12 scale bytes: scale i is a six-bit field minus 32, the field's low four bits nibble i / 8
+ * of byte i % 8, its top two bits 2(i / 4), 2(i / 4) + 1 of byte 8 + i % 4. k3_field reads field i;
+ * k3_put_field writes it. */
+static inline int k3_field(const uint8_t *s, int i) {
+    return ((s[i % 8] >> (4 * (i / 8))) & 15) | (((s[8 + i % 4] >> (2 * (i / 4))) & 3) << 4);
+}
+static inline void k3_put_field(uint8_t *s, int i, int v) {
+    const int n = 4 * (i / 8), t = 2 * (i / 4);
+    s[i % 8] = (uint8_t)((s[i % 8] & ~(15 << n)) | ((v & 15) << n));
+    s[8 + i % 4] = (uint8_t)((s[8 + i % 4] & ~(3 << t)) | (((v >> 4) & 3) << t));
+}
+
+/* Q3_K's 16 signed scales. */
 static inline void k3_scales(const uint8_t *s, int *sc) {
-    for (int i = 0; i < 16; i++) {
-        int lo = (s[i % 8] >> (4 * (i / 8))) & 15, hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
-        sc[i] = (lo | (hi << 4)) - 32;
-    }
+    for (int i = 0; i < 16; i++) sc[i] = k3_field(s, i) - 32;
 }
 
 /* Portable decoders, nb blocks (for the float types: n elements) -> float32, the same arithmetic as
@@ -140,7 +156,7 @@ TRAM_HIDDEN void tram_dec_q4_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q5_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o);
 
-/* N rows (a multiple of 8) of K elements of GGML type qtype (Q4_0, Q4_1, Q4_K, Q6_K) to the interleaved
+/* N rows (a multiple of 8) of K elements of GGML type qtype (Q4_0, Q4_1, Q4_K, Q6_K, Q3_K) to the interleaved
  * layout (to_r8 != 0) or back, group by group; src and dst distinct. */
 TRAM_HIDDEN void tram_interleave_rows(const uint8_t *src, uint8_t *dst, long N, long K, int qtype, int to_r8);
 /* Row r (0..7) of an interleaved group of rows of K elements of GGML type qtype, in GGML's layout at
