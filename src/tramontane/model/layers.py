@@ -63,6 +63,14 @@ def attention_mask(
     return allowed[:, None]  # [B,1,T,S]
 
 
+def empty_embedding(rows: int, dim: int, device: torch.device | str | None = None) -> nn.Embedding:
+    """An nn.Embedding whose table is left as allocated: the models are built on the meta device and
+    their weights come from the loaders. Its own N(0, 1) initialisation, run on a meta tensor, goes
+    through torch._refs and so imports torch._dynamo: 1.1 s and ~60 MB resident in every process that
+    loads a model, for nothing."""
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim, device=device))
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 

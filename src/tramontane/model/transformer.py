@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ModelConfig
 from .attention import Attention
 from .cache import Cache
-from .layers import FeedForward, RMSNorm, attention_mask, rope_cos_sin, rope_frequencies
+from .layers import FeedForward, RMSNorm, attention_mask, empty_embedding, rope_cos_sin, rope_frequencies
 from .moe import MoeFeedForward
 
 
@@ -48,14 +48,17 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         # nn.Embedding, or a packed / vocabulary-parallel one after a module swap (quant/, parallel/)
-        self.tok_embeddings: nn.Module = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_embeddings: nn.Module = empty_embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         # The head: nn.Linear, a packed or tensor-parallel module once loaded; None when tied to tok_embeddings.
         self.output: nn.Module | None = (
             None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
         )
-        self.register_buffer("inv_freq", rope_frequencies(config.head_dim, config.rope_theta), persistent=False)
+        # Computed on the CPU even where the model is built on the meta device: arithmetic on meta
+        # tensors goes through torch._refs, which imports torch._dynamo (see layers.empty_embedding).
+        inv_freq = rope_frequencies(config.head_dim, config.rope_theta, device=torch.device("cpu"))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         # Recompute each block's activations in the backward pass instead of keeping them (training).
         self.gradient_checkpointing = False
 

@@ -13,7 +13,7 @@ from typing import TypeGuard
 import torch
 from torch import nn
 
-from ..model.layers import FeedForward
+from ..model.layers import FeedForward, empty_embedding
 from ..model.transformer import Transformer
 from ..weights.gguf_quants import GGML_TYPES
 from .kernels import dequantize_packed, ggml_blocks, interleaved, lookup_rows, type_name
@@ -191,7 +191,7 @@ def dequantize_model(model: Transformer) -> None:
         if isinstance(module, PackedLinear):
             plain: nn.Module = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
         elif isinstance(module, PackedEmbedding):
-            plain = nn.Embedding(module.packed.shape[0], module.dim, device="meta")
+            plain = empty_embedding(module.packed.shape[0], module.dim, device="meta")
         else:
             continue
         plain.weight = nn.Parameter(module.dequantize(), requires_grad=False)
