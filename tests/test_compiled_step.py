@@ -511,10 +511,11 @@ def q8():
         ("mistral", "Q4_K"),
         ("mixtral", "Q6_K"),
         ("mixtral", "Q3_K"),
+        ("mistral", "Q8_0"),
     ],
 )
 def test_interleaved_model(tmp_path, isa, kind, qtype, q8, monkeypatch):
-    """Where the integer kernel runs, a Q4_0, Q4_1, Q4_K, Q6_K or Q3_K file's matrices (the embedding and the head
+    """Where the integer kernel runs, a Q4_0, Q4_1, Q8_0, Q4_K, Q6_K or Q3_K file's matrices (the embedding and the head
     tied to it too) are interleaved 8 rows by 8
     at load (quant/kernels.py regroup): the compiled step equals the module path on them, the
     logits equal those of the same file kept in GGML's layout (the same rounded x, summed in another

@@ -692,26 +692,28 @@ def test_exact_flag_sets_float_activations(q8: None, monkeypatch: pytest.MonkeyP
 
 
 @needs_ext
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0], ids=lambda t: t.name)
 def test_interleaved_layout_by_hand(qtype: QT) -> None:
     """8 rows of 2 blocks whose bytes say where they came from: row r's block i has header bytes (scale,
-    and Q4_1's min) h + 16 (2r + i) and quant byte l = 16 (2r + i) + l. Interleaved, block i is the 8
-    rows' scales (Q4_1: then their mins), then for c = 0..3 quant bytes 4c..4c+3 of row 0, of row 1, ...,
-    row 7; and back."""
-    head = 2 if qtype == QT.Q4_0 else 4
-    plain = np.zeros((8, 2, head + 16), dtype=np.uint8)
+    and Q4_1's min) h + 32 (2r + i) and quant byte l = 32 (2r + i) + l (mod 256). Interleaved, block i is
+    the 8 rows' scales (Q4_1: then their mins), then for c = 0, 1, ... (4 loads of Q4's 16 quant bytes, 8
+    of Q8_0's 32) quant bytes 4c..4c+3 of row 0, of row 1, ..., row 7; and back."""
+    head = 4 if qtype == QT.Q4_1 else 2
+    quants = 32 if qtype == QT.Q8_0 else 16
+    plain = np.zeros((8, 2, head + quants), dtype=np.uint8)
     for r in range(8):
         for i in range(2):
-            plain[r, i, :head] = 16 * (2 * r + i) + np.arange(head)
-            plain[r, i, head:] = 16 * (2 * r + i) + np.arange(16)
+            plain[r, i, :head] = (32 * (2 * r + i) + np.arange(head)) % 256
+            plain[r, i, head:] = (32 * (2 * r + i) + np.arange(quants)) % 256
     src = torch.from_numpy(plain.reshape(8, -1))
     out = torch.empty_like(src)
     ext.interleave(buf(src), buf(out), 8, 64, int(qtype), True)
     want = []
     for i in range(2):
         for h in range(0, head, 2):
-            want += [16 * (2 * r + i) + h + j for r in range(8) for j in range(2)]
-        want += [16 * (2 * r + i) + 4 * c + j for c in range(4) for r in range(8) for j in range(4)]
+            want += [(32 * (2 * r + i) + h + j) % 256 for r in range(8) for j in range(2)]
+        loads = range(quants // 4)
+        want += [(32 * (2 * r + i) + 4 * c + j) % 256 for c in loads for r in range(8) for j in range(4)]
     assert out.flatten().tolist() == want
     back = torch.empty_like(src)
     ext.interleave(buf(out), buf(back), 8, 64, int(qtype), False)
@@ -721,7 +723,7 @@ def test_interleaved_layout_by_hand(qtype: QT) -> None:
     with pytest.raises(ValueError, match="overlap"):
         ext.interleave(buf(src), buf(src), 8, 64, int(qtype), True)
     with pytest.raises(ValueError, match="no interleaved layout"):
-        ext.interleave(buf(src), buf(out), 8, 64, int(QT.Q8_0), True)
+        ext.interleave(buf(src), buf(out), 8, 64, int(QT.Q5_0), True)
 
 
 def r8_weight(qtype: QT, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -835,6 +837,8 @@ def test_interleaved_q3_k_layout_by_hand() -> None:
         (QT.Q6_K, 768),
         (QT.Q3_K, 512),
         (QT.Q3_K, 768),
+        (QT.Q8_0, 576),
+        (QT.Q8_0, 512),
     ],
     ids=lambda v: getattr(v, "name", str(v)),
 )
@@ -844,21 +848,22 @@ def test_interleaved_computes_as_ggml_layout(isa: str, q8: None, qtype: QT, k: i
     and exactly on the portable one (no integer kernel: through GGML's layout), at every M and for 1 to
     3 groups of rows; a row's bits do not depend on the batch; rows come in groups of 8."""
     r8 = kernels.INTERLEAVED[int(qtype)]
-    rows, dense = r8_weight(qtype, 24, k)
+    rows, dense = r8_weight(qtype, 136, k)
     assert torch.equal(kernels.dequantize_packed(rows, r8, k), dense)
     x = activations(70, k, seed=7)
     for m in [1, 2, 3, 4, 5, 11, 70]:
-        for n in [8, 16, 24]:
+        # 72 and 136 rows: at one activation row, 4 streams of groups per thread and groups left over
+        for n in [8, 16, 24] + ([72, 136] if m == 1 else []):
             y = torch.full((m, n), float("nan"))
             ext.matmul(buf(x[:m]), buf(rows[:n]), buf(y), m, n, k, r8, 2)
             want = reference(x[:m], dense[:n]) if isa == "scalar" else q8_reference(x[:m], dense[:n], qtype)
             magnitude = (x[:m].double().abs() @ dense[:n].double().abs().T).max()
             assert (y.double() - want.double()).abs().max() <= 1e-5 * magnitude, (m, n)
-    y = torch.empty(70, 24)
-    ext.matmul(buf(x), buf(rows), buf(y), 70, 24, k, r8, 2)
+    y = torch.empty(70, 136)
+    ext.matmul(buf(x), buf(rows), buf(y), 70, 136, k, r8, 2)
     for i in (0, 33, 69):
-        alone = torch.empty(1, 24)
-        ext.matmul(buf(x[i : i + 1].contiguous()), buf(rows), buf(alone), 1, 24, k, r8, 2)
+        alone = torch.empty(1, 136)
+        ext.matmul(buf(x[i : i + 1].contiguous()), buf(rows), buf(alone), 1, 136, k, r8, 2)
         assert torch.equal(alone[0], y[i]), i
     with pytest.raises(ValueError, match="groups of 8"):
         ext.matmul(buf(x[:1]), buf(rows[:12]), buf(y), 1, 12, k, r8, 2)
@@ -887,7 +892,9 @@ def test_regroup_applies_where_the_integer_kernel_runs(q8: None) -> None:
     q3k, _ = weight(QT.Q3_K, 96, 256)
     assert kernels.regroup(q3k, int(QT.Q3_K), 256)[1] == kernels.Q3_K_R8
     q8_0, _ = weight(QT.Q8_0, 96, 256)
-    assert kernels.regroup(q8_0, int(QT.Q8_0), 256)[0] is q8_0
+    assert kernels.regroup(q8_0, int(QT.Q8_0), 256)[1] == kernels.Q8_0_R8
+    q5_0, _ = weight(QT.Q5_0, 96, 256)
+    assert kernels.regroup(q5_0, int(QT.Q5_0), 256)[0] is q5_0
     kernels.set_activations("f32")  # the exact setting keeps GGML's layout (the q8 fixture restores)
     assert kernels.regroup(packed, int(QT.Q4_0), 576)[0] is packed
 

@@ -12,7 +12,7 @@ const tinfo tram_types[T_COUNT] = {
     [T_Q2_K] = {256, 84},  [T_Q3_K] = {256, 110},
     [T_Q4_K] = {256, 144}, [T_Q5_K] = {256, 176},  [T_Q6_K] = {256, 210},
     [T_Q4_0_R8] = {32, 18}, [T_Q4_1_R8] = {32, 20}, [T_Q4_K_R8] = {256, 144},
-    [T_Q6_K_R8] = {256, 210}, [T_Q3_K_R8] = {256, 110},
+    [T_Q6_K_R8] = {256, 210}, [T_Q3_K_R8] = {256, 110}, [T_Q8_0_R8] = {32, 34},
 };
 
 void tram_dec_f32_c(const uint8_t *b, int n, float *o) { memcpy(o, b, (size_t)n * 4); }
@@ -233,7 +233,7 @@ static void r8_row(uint8_t *row, uint8_t *group, int r, long nb, int base, int t
         return;
     }
     const size_t ts = (size_t)tram_types[base].size;
-    const size_t head = base == T_Q4_0 ? 2 : 4, scales = base == T_Q4_K ? 12 : 0;  /* fields, scale bytes */
+    const size_t head = base == T_Q4_1 || base == T_Q4_K ? 4 : 2, scales = base == T_Q4_K ? 12 : 0;  /* fields, scale bytes */
     for (long i = 0; i < nb; i++) {
         uint8_t *plain = row + ts * (size_t)i, *mixed = group + 8 * ts * (size_t)i;
         for (size_t h = 0; h < head; h += 2) {  /* the 8 rows' scales, then their second fields */

@@ -30,13 +30,14 @@ enum {
     T_Q4_K_R8 = 68,  /* not GGML's: the same for Q4_K (its scales rearranged too, below) */
     T_Q6_K_R8 = 69,  /* not GGML's: the same for Q6_K (below) */
     T_Q3_K_R8 = 70,  /* not GGML's: the same for Q3_K (below) */
-    T_COUNT = 71
+    T_Q8_0_R8 = 71,  /* not GGML's: the same for Q8_0 */
+    T_COUNT = 72
 };
 
-/* Q4_0, Q4_1, Q4_K, Q6_K and Q3_K interleaved (T_Q4_0_R8 ... T_Q3_K_R8): matrices of a multiple of 8 rows
+/* Q4_0, Q4_1, Q8_0, Q4_K, Q6_K and Q3_K interleaved (T_Q4_0_R8 ... T_Q8_0_R8): matrices of a multiple of 8 rows
  * with the bytes of each 8 rows (a group) rearranged block by block, the same number of bytes as in
  * GGML's layout, so that the integer kernel (simd_q8.inc) reads a block's 8 scales with one load and
- * four quant bytes of each of the 8 rows with another. Block i of a group, for Q4_0, Q4_1 and Q4_K:
+ * four quant bytes of each of the 8 rows with another. Block i of a group, for Q4_0, Q4_1, Q8_0 and Q4_K:
  *   - the 8 rows' float16 scales d (16 bytes), then (Q4_1: m, Q4_K: dmin) their 8 second fields;
  *   - Q4_K only: the 8 rows' six-bit sub-block scales (48 bytes), then their mins (48 bytes), each as
  *     two 32-byte vectors A (sub-blocks 0..3) and B (4..7) after unpacking: byte j = 16 L + k of A,
@@ -45,7 +46,7 @@ enum {
  *     byte j of the first 32 = A_j's low nibble | B_j's low nibble << 4; byte k of the last 16 = the
  *     top two bits of A_k, A_16+k, B_k, B_16+k at bits 0, 2, 4, 6 (tram_k4r8_field);
  *   - the quants: for c = 0, 1, ... the quant bytes 4c..4c+3 of row 0, of row 1, ..., of row 7 (4 x 32
- *     bytes for Q4_0/Q4_1's 16 quant bytes per row, 32 x 32 for Q4_K's 128).
+ *     bytes for Q4_0/Q4_1's 16 quant bytes per row, 8 x 32 for Q8_0's 32, 32 x 32 for Q4_K's 128).
  * Ranges of whole groups of rows stay contiguous; a single row is not (an embedding lookup gathers
  * it: tram_interleaved_row).
  * Q6_K interleaved (T_Q6_K_R8), super-block i of a group (8 x 210 bytes): the 8 rows' float16 d (16
@@ -64,11 +65,11 @@ enum {
 /* The interleaved type of a GGML type, or -1; and back. */
 static inline int tram_r8_of(int qtype) {
     return qtype == T_Q4_0 ? T_Q4_0_R8 : qtype == T_Q4_1 ? T_Q4_1_R8 : qtype == T_Q4_K ? T_Q4_K_R8
-         : qtype == T_Q6_K ? T_Q6_K_R8 : qtype == T_Q3_K ? T_Q3_K_R8 : -1;
+         : qtype == T_Q6_K ? T_Q6_K_R8 : qtype == T_Q3_K ? T_Q3_K_R8 : qtype == T_Q8_0 ? T_Q8_0_R8 : -1;
 }
 static inline int tram_r8_base(int qtype) {
     return qtype == T_Q4_0_R8 ? T_Q4_0 : qtype == T_Q4_1_R8 ? T_Q4_1 : qtype == T_Q4_K_R8 ? T_Q4_K
-         : qtype == T_Q6_K_R8 ? T_Q6_K : qtype == T_Q3_K_R8 ? T_Q3_K : -1;
+         : qtype == T_Q6_K_R8 ? T_Q6_K : qtype == T_Q3_K_R8 ? T_Q3_K : qtype == T_Q8_0_R8 ? T_Q8_0 : -1;
 }
 
 typedef struct { int block; int size; } tinfo;
@@ -156,7 +157,7 @@ TRAM_HIDDEN void tram_dec_q4_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q5_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o);
 
-/* N rows (a multiple of 8) of K elements of GGML type qtype (Q4_0, Q4_1, Q4_K, Q6_K, Q3_K) to the interleaved
+/* N rows (a multiple of 8) of K elements of GGML type qtype (tram_r8_of(qtype) >= 0) to the interleaved
  * layout (to_r8 != 0) or back, group by group; src and dst distinct. */
 TRAM_HIDDEN void tram_interleave_rows(const uint8_t *src, uint8_t *dst, long N, long K, int qtype, int to_r8);
 /* Row r (0..7) of an interleaved group of rows of K elements of GGML type qtype, in GGML's layout at

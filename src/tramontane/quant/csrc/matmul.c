@@ -4,7 +4,7 @@
  * on the thread count), the choice between an instruction set's fused small-M kernel and its tiled
  * path (or, in the default mode, a type's integer-activation kernel: x rounded to int8 once per call,
  * per 256 for the K-quants and per 32 for Q4_0/Q4_1/Q8_0), and the per-32 (Q2_K: per-16) sums of x
- * the kernels take, and the interleaved Q4_0 / Q4_1 / Q4_K / Q6_K / Q3_K (blocks.h): split in whole groups of 8 rows, put back
+ * the kernels take, and the interleaved Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q3_K (blocks.h): split in whole groups of 8 rows, put back
  * in GGML's layout where no integer kernel runs them, gathered row by row for lookups. Pointers are
  * trusted: module.c checked the buffers' extents.
  */
@@ -101,7 +101,7 @@ static int quantize_q8(const isa_ops *ops, const float *x, long M, long K, long 
     return 0;
 }
 
-/* Interleaved rows (T_Q4_0_R8 ... T_Q3_K_R8) back to GGML's layout (type `base`) in a malloc'd copy (NULL
+/* Interleaved rows (T_Q4_0_R8 ... T_Q8_0_R8) back to GGML's layout (type `base`) in a malloc'd copy (NULL
  * when out of memory). */
 static uint8_t *plain_rows(const uint8_t *w, long N, long K, int base) {
     uint8_t *out = malloc(tram_row_bytes(base, K) * (size_t)N);
