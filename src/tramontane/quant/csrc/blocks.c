@@ -217,6 +217,7 @@ static void r8_row_q3_k(uint8_t *row, uint8_t *group, int r, long nb, int to_r8)
     for (long i = 0; i < nb; i++) {
         uint8_t *plain = row + 110 * (size_t)i, *mixed = group + 8 * 110 * (size_t)i;
         swap_copy(plain + 108, mixed + 2 * r, 2, to_r8);  /* d */
+        if (!to_r8) memset(plain + 96, 0, 12);  /* the fields below are or-ed in */
         for (int s = 0; s < 16; s++) {
             const int v = tram_q3r8_field(mixed + 16, r, s, to_r8, to_r8 ? k3_field(plain + 96, s) : 0);
             if (!to_r8) k3_put_field(plain + 96, s, v);
