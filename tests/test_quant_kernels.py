@@ -527,7 +527,7 @@ def test_gradient_with_respect_to_x() -> None:
 
 # ---- integer activations (the default "q8" setting; this suite runs "f32" unless a test asks) ----
 
-Q8_TYPES = K_QUANTS + [QT.Q4_0, QT.Q4_1, QT.Q8_0]  # the types with integer-activation kernels
+Q8_TYPES = K_QUANTS + [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q5_0, QT.Q5_1]  # the types with integer-activation kernels
 # Bytes [start, stop) of a block holding its quants, for the types whose zero quants are an offset
 # (Q4_0: -8 d) or a min (the others) that the kernels apply to the exact x.
 QUANT_BYTES = {QT.Q2_K: (16, 80), QT.Q4_K: (16, None), QT.Q5_K: (16, None), QT.Q4_0: (2, None), QT.Q4_1: (4, None)}

@@ -9,7 +9,7 @@ For many activation rows (M > DEQUANTIZE_ABOVE_M[isa]) the weight is dequantized
 F.linear's sgemm does the rest; with AVX-512 the packed kernel is faster at every M measured.
 
 Activations. By default ("q8") the packed kernels of the K-quants (Q2_K to Q6_K) take x rounded to
-int8 per 256 elements, those of Q4_0, Q4_1 and Q8_0 per 32 (integer kernels, AVX2 and AVX-512), as
+int8 per 256 elements, those of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 per 32 (integer kernels, AVX2 and AVX-512), as
 llama.cpp does: the quants are multiplied as bytes, so decoding keeps up with the memory bandwidth.
 The integer kernel runs at every M (decode's one to four rows keep their accumulators in registers,
 as fast as the float32 kernel there), so that a row's result does not depend on how many rows share
@@ -80,7 +80,7 @@ DEQUANTIZE_ABOVE_M: dict[str, int | None] = {"avx512": None, "avx2": 64, "scalar
 
 ACTIVATIONS = ("q8", "f32")
 # GGML type -> elements per activation scale of its integer-activation kernel: the K-quants (Q2_K..Q6_K)
-# per 256, Q4_0, Q4_1 and Q8_0 per 32.
+# per 256, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 per 32.
 Q8_TYPES = {
     10: 256,
     11: 256,
@@ -89,6 +89,8 @@ Q8_TYPES = {
     14: 256,
     2: 32,
     3: 32,
+    6: 32,
+    7: 32,
     8: 32,
     Q4_0_R8: 32,
     Q4_1_R8: 32,

@@ -34,11 +34,13 @@ static int thread_count(int n_threads, long N, long work_bytes) {
 }
 
 /* Elements of x per block sum the fused kernel of qtype reads: the span of the additive offsets it
- * applies through sums (Q2_K's mins cover 16 elements, the others' offsets 32); 0 when it reads none. */
+ * applies through sums (Q2_K's mins cover 16 elements, the others' offsets 32); 0 when it reads none.
+ * (Q5_0's sums serve its integer kernel's -16; its float kernel does not read them.) */
 static int xs_span(int qtype) {
     if (qtype == T_Q2_K) return 16;
     if (tram_r8_base(qtype) >= 0) qtype = tram_r8_base(qtype);
-    if (qtype == T_Q4_0 || qtype == T_Q4_1 || qtype == T_Q5_1 || qtype == T_Q4_K || qtype == T_Q5_K) return 32;
+    if (qtype == T_Q4_0 || qtype == T_Q4_1 || qtype == T_Q5_0 || qtype == T_Q5_1 || qtype == T_Q4_K || qtype == T_Q5_K)
+        return 32;
     return 0;
 }
 
