@@ -150,9 +150,10 @@ GGUF_NAMES = {
 }
 
 
-def save_gguf(model, path: Path, qtype: str = "F32") -> Path:
+def save_gguf(model, path: Path, qtype: str = "F32", types: dict[str, str] | None = None) -> Path:
     """A GGUF file the way llama.cpp's converter writes one: arch llama, interleaved q/k rows,
-    stacked `*_exps` expert tensors, 2-D weights quantized with `qtype`, norms in F32."""
+    stacked `*_exps` expert tensors, 2-D weights quantized with `qtype` (or types[kind] for tensors
+    blk.N.<kind>.weight, as llama-quantize's mixed recipes: {"attn_v": "Q8_0"}), norms in F32."""
     import gguf
 
     c = model.config
@@ -178,7 +179,8 @@ def save_gguf(model, path: Path, qtype: str = "F32") -> Path:
         w.add_expert_used_count(c.num_experts_per_tok)
     tensors = _gguf_tensors(c, state)
     for name, t in tensors.items():
-        _add_gguf_tensor(w, name, t.float().numpy(), qtype)
+        kind = name.split(".")[-2]
+        _add_gguf_tensor(w, name, t.float().numpy(), (types or {}).get(kind, qtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

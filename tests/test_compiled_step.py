@@ -72,6 +72,31 @@ def test_fused_steps_equal_module_steps_two_and_three_bit(tmp_path, isa, qtype):
     assert_fused_steps_equal_module_steps(model, isa, rtol=1e-4)
 
 
+# SmolLM2 as llama-quantize writes it for Q4_K_M (rows too short for Q4_K): q, k Q5_0, v Q8_0 in
+# some layers; the gate and up of their own types too (Q5_K_M: Q5_1 beside Q8_0)
+MIXED = {"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q8_0", "ffn_gate": "Q5_1", "ffn_up": "Q8_0"}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kind", ["mistral", "llama", "mixtral"])
+def test_mixed_types_run_compiled(tmp_path, isa, kind):
+    """q, k, v (and gate, up) of different types stay apart (nothing to fuse) and the compiled step runs
+    them as pieces: chosen, and equal to the module path, offline (batch 3 and 1) and on the paged pool."""
+    path = save_gguf(hf_model(kind, seed=3), tmp_path / "m.gguf", "Q4_0", MIXED)
+    model = load_model(path, packed=True).model
+    att = model.layers[0].attention
+    assert att.wqkv is None and {att.wq.qtype, att.wv.qtype} == {6, 8}  # Q5_0, Q8_0
+    assert_fused_steps_equal_module_steps(model, isa)
+    one = torch.arange(1, 9)[None]  # one row: the pieces' outputs written straight into their columns
+    fused = decode_steps(model, torch.arange(8)[None], one, fused=True)[0]
+    plain = decode_steps(model, torch.arange(8)[None], one, fused=False)[0]
+    assert (fused - plain).abs().max().item() <= 1e-5 * max(1.0, plain.abs().max().item())
+    fused, fused_pool = paged_run(model, CompiledStep(model), isa)
+    plain, plain_pool = paged_run(model, ModuleBackend(model), isa)
+    for a, b in zip(fused + fused_pool, plain + plain_pool):
+        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
 def assert_fused_steps_equal_module_steps(model, isa: str, rtol: float = 1e-5) -> None:
     """Decode steps through the compiled step and the module path give the same logits and caches (to
     `rtol` of their largest magnitude, or absolutely where that is below 1)."""

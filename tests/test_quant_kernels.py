@@ -298,6 +298,7 @@ PACKED = ("wqkv", "wo", "w13", "w2")
 # a Mixtral block's router and experts, and the paged cache's block tables
 DENSE_UNUSED = {"gate": (0, 0), "w1e": (0, 0, 0), "w3e": (0, 0, 0), "tables": (0, 0), "seq": (0, 0)}
 DENSE_UNUSED |= {"lora_row": (0, 0), "lora_cols": (0, 0), "lora": (0, 0)}  # no LoRA adapters (L = 0)
+DENSE_UNUSED |= {"wk": (0, 0, 0), "wv": (0, 0, 0), "w3": (0, 0, 0)}  # q, k, v and gate, up in one type
 
 
 def block_case(qtype: QT = QT.Q8_0, window: int = 0, shape: tuple[int, ...] = BLOCK_SHAPE) -> dict:
@@ -385,6 +386,38 @@ def test_decode_block_runs_with_exact_sizes(isa: str, qtype: QT, window: int, sh
     run_block(case)
     assert rel_err(case["x"], want_x) < 1e-4, isa
     assert rel_err(case["k_cache"], want_k) < 1e-4 and rel_err(case["v_cache"], want_v) < 1e-4
+
+
+@needs_ext
+@pytest.mark.parametrize("given", [("wk", "wv", "w3"), ("wv",), ("wk",), ("w3",)])
+def test_decode_block_takes_pieces_of_their_own_types(isa: str, given: tuple[str, ...]) -> None:
+    """q, k, v and gate, up of different types, as GGUF's mixed recipes write them (Q4_K_M: Q5_0 q and k,
+    Q8_0 v): each piece given (wk, wv, w3) holds its part's rows, and those of the parts after it that are
+    not given; wqkv and w13 hold the rest. The block computes the reference over the rows stacked."""
+    case = block_case(QT.Q8_0)
+    b, dim, h, hkv, d, f, s = BLOCK_SHAPE
+    starts = {"wqkv": 0, "wk": h * d, "wv": (h + hkv) * d, "w13": 0, "w3": f}
+    ends = {"wqkv": (h + 2 * hkv) * d, "w13": 2 * f}
+    types = {"wqkv": QT.Q8_0, "wk": QT.Q4_1, "wv": QT.Q5_0, "w13": QT.Q8_0, "w3": QT.Q5_1}
+    buffers = {name: (0, 0, 0) for name in ("wk", "wv", "w3")}
+    for fused, pieces in (("wqkv", ("wqkv", "wk", "wv")), ("w13", ("w13", "w3"))):
+        cuts = [starts[p] for p in pieces if p == fused or p in given] + [ends[fused]]
+        names = [p for p in pieces if p == fused or p in given]
+        dense = []
+        for name, lo, hi in zip(names, cuts, cuts[1:]):
+            packed, ref = weight(types[name], hi - lo, dim)
+            case[f"{name}_piece"], buffers[name] = packed, (*buf(packed), int(types[name]))
+            dense.append(ref)
+        case[f"{fused}_dense"] = torch.cat(dense)
+    want_x, want_k, want_v = block_reference(case)
+    for name in ("x", "attn_norm", "ffn_norm", "wo", "w2", "cos_sin", "k_cache", "v_cache", "kpos", "qpos"):
+        buffers[name] = (*buf(case[name]), int(QT.Q8_0)) if name in PACKED else buf(case[name])
+    ext.decode_block(BLOCK_SHAPE, {**DENSE_UNUSED, **buffers}, 1e-5, 0, 2)
+    assert rel_err(case["x"], want_x) < 1e-4, isa
+    assert rel_err(case["k_cache"], want_k) < 1e-4 and rel_err(case["v_cache"], want_v) < 1e-4
+    short = {**DENSE_UNUSED, **buffers, given[-1]: (buffers[given[-1]][0], 1, buffers[given[-1]][2])}
+    with pytest.raises(ValueError, match=rf"buffer {given[-1]} holds 1 bytes"):
+        ext.decode_block(BLOCK_SHAPE, short, 1e-5, 0, 2)
 
 
 @needs_ext

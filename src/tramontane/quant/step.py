@@ -33,7 +33,7 @@ from .step_adapters import (
     adapter_names,
     base_of,
     layer_adapters,
-    packed_buffer,
+    packed_pieces,
     parts_of,
     row_slots,
     watched_tensors,
@@ -272,15 +272,21 @@ def _block_buffers(block: TransformerBlock) -> dict[str, tuple[int, ...]]:
     """A block's norms and packed weights as `decode_block` buffers (they do not move while it serves)."""
     ff = block.feed_forward
     out = {"attn_norm": _buffer(block.attention_norm.weight), "ffn_norm": _buffer(block.ffn_norm.weight)}
+    out |= dict.fromkeys(("wk", "wv", "w3"), (*_UNUSED, 0))  # pieces of their own type, where given
     for owner, fused, parts in GROUPS[: 2 if isinstance(ff, MoeFeedForward) else 4]:
         modules = parts_of(getattr(block, owner), fused, parts)
         assert modules is not None  # _block_fits said so
-        out[fused] = packed_buffer(modules)
+        for first, piece in packed_pieces(modules):
+            out[_PIECES[fused][first]] = piece
     if isinstance(ff, MoeFeedForward):  # _block_fits said: packed experts, float32 router
         stacks = {name: _experts(getattr(ff, w)) for name, w in (("w1e", "w1"), ("w3e", "w3"), ("w2", "w2"))}
         out |= {name: _buffer(m.packed, m.qtype) for name, m in stacks.items()}
         return out | {"gate": _buffer(ff.gate.weight), "w13": (*_UNUSED, 0)}
     return out | {"gate": _UNUSED, "w1e": (*_UNUSED, 0), "w3e": (*_UNUSED, 0)}
+
+
+# decode_block's buffer for a piece of each projection starting at part i (q, k, v; gate, up)
+_PIECES = {"wqkv": ("wqkv", "wk", "wv"), "wo": ("wo",), "w13": ("w13", "w3"), "w2": ("w2",)}
 
 
 def _lora_buffers(cols: torch.Tensor, values: torch.Tensor, slots: int) -> dict[str, tuple[int, ...]]:

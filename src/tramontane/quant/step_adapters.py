@@ -1,10 +1,11 @@
 """The projections the compiled step runs, and LoRA adapters on them as `decode_block` buffers.
 
-A block's four projections (wqkv, wo, w13, w2) reach the step either fused (one `PackedLinear`) or, once
-LoRA adapters are installed (lora/layers.py splits the fused modules back into views of the same rows),
-as their parts: each a `PackedLinear` or a LoRA wrapper over one. Parts whose packed rows lie back to
-back in one type run as the one packed matrix they were; each adapter becomes, per projection, a slot of
-`decode_block`'s LoRA buffers (kernels.h, block_args): A [r, in] with the parts' A rows stacked, and
+A block's four projections (wqkv, wo, w13, w2) reach the step either fused (one `PackedLinear`) or as
+their parts (once LoRA adapters are installed: lora/layers.py splits the fused modules back into views
+of the same rows; or where a GGUF file gives q, k and v different types): each a `PackedLinear` or a
+LoRA wrapper over one. Parts whose packed rows lie back to back in one type run as the one packed
+matrix they were, others as pieces of their own (`packed_pieces`). Each adapter becomes, per
+projection, a slot of `decode_block`'s LoRA buffers (kernels.h, block_args): A [r, in] with the parts' A rows stacked, and
 B [out, r] block-diagonal over the parts (zeros where a part has no adapter), with the adapter's scale
 folded in. Worked example, wqkv of dim 8 with q 8 rows, k and v 4 rows each, adapter "x" of rank 2 on
 q and v only: A = [A_q; A_v] [4, 8], B [16, 4] with B_q * s in rows 0..7, columns 0..1 and B_v * s in
@@ -71,30 +72,34 @@ def adapted(module: object) -> Adapted | None:
 
 def parts_of(owner: nn.Module, fused: str, parts: Sequence[str]) -> list[nn.Module] | None:
     """The modules computing projection `fused` of `owner`, in output order: [the fused PackedLinear], or
-    its parts (packed, or LoRA over packed) when their rows lie back to back in one packed type (as
-    unfuse_projections leaves them); None where the step cannot run them as one packed matrix."""
+    its parts, each packed (or LoRA over packed) in a type of its own or not (GGUF's mixed recipes:
+    Q4_K_M's attn_v is Q8_0 in some layers); None where a part is not packed."""
     whole = getattr(owner, fused, None)
     if isinstance(whole, PackedLinear):
         return [whole]
     modules = [getattr(owner, p, None) for p in parts]
-    bases = [base_of(m) for m in modules]
-    if any(b is None or not b.packed.is_contiguous() for b in bases):
+    if any(b is None or not b.packed.is_contiguous() for b in map(base_of, modules)):
         return None
-    for a, b in zip(bases, bases[1:]):
-        assert a is not None and b is not None
-        if (b.qtype, b.in_features) != (a.qtype, a.in_features) or a.packed.data_ptr() + a.packed.nbytes != (
-            b.packed.data_ptr()
-        ):
-            return None
     return [m for m in modules if isinstance(m, nn.Module)]
 
 
-def packed_buffer(modules: Sequence[nn.Module]) -> tuple[int, int, int]:
-    """(data_ptr, nbytes, qtype) of the one packed matrix `parts_of` found."""
-    bases = [base_of(m) for m in modules]
-    first = bases[0]
-    assert first is not None and all(b is not None for b in bases)
-    return first.packed.data_ptr(), sum(b.packed.nbytes for b in bases if b is not None), first.qtype
+def packed_pieces(modules: Sequence[nn.Module]) -> list[tuple[int, tuple[int, int, int]]]:
+    """The packed matrices `parts_of`'s modules form, as (index of the piece's first part, (data_ptr,
+    nbytes, qtype)): parts whose rows lie back to back in one type run as one matrix (as
+    unfuse_projections leaves them); a part of another type, or elsewhere, starts the next."""
+    pieces: list[tuple[int, tuple[int, int, int]]] = []
+    end = key = None
+    for i, m in enumerate(modules):
+        b = base_of(m)
+        assert b is not None  # parts_of checked
+        ptr, nbytes = b.packed.data_ptr(), b.packed.nbytes
+        if pieces and (b.qtype, b.in_features) == key and ptr == end:
+            first, (start, size, qtype) = pieces[-1]
+            pieces[-1] = (first, (start, size + nbytes, qtype))
+        else:
+            pieces.append((i, (ptr, nbytes, b.qtype)))
+        end, key = ptr + nbytes, (b.qtype, b.in_features)
+    return pieces
 
 
 def selection_of(model: Transformer) -> Selection | None:

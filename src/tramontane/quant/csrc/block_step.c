@@ -37,19 +37,31 @@ const char *const tram_block_buffer_names[BUF_COUNT] = {
     [BUF_WO] = "wo", [BUF_W13] = "w13", [BUF_W2] = "w2", [BUF_CS] = "cos_sin", [BUF_KC] = "k_cache",
     [BUF_VC] = "v_cache", [BUF_KPOS] = "kpos", [BUF_QPOS] = "qpos", [BUF_GATE] = "gate", [BUF_W1E] = "w1e",
     [BUF_W3E] = "w3e", [BUF_TABLES] = "tables", [BUF_SEQ] = "seq", [BUF_LROW] = "lora_row",
-    [BUF_LCOLS] = "lora_cols", [BUF_LORA] = "lora",
+    [BUF_LCOLS] = "lora_cols", [BUF_LORA] = "lora", [BUF_WK] = "wk", [BUF_WV] = "wv", [BUF_W3] = "w3",
 };
+
+void tram_block_pieces(block_args *a, int has_k, int has_v, int has_3) {
+    const long q = a->H * a->D, kv = a->Hkv * a->D, F = a->E > 0 ? 0 : a->F;
+    a->rows_qkv[2] = has_v ? kv : 0;
+    a->rows_qkv[1] = has_k ? kv + (has_v ? 0 : kv) : 0;
+    a->rows_qkv[0] = q + (has_k ? 0 : kv + (has_v ? 0 : kv));
+    a->rows_13[1] = has_3 ? F : 0;
+    a->rows_13[0] = has_3 ? F : 2 * F;
+}
 
 int tram_block_extents(const block_args *a, size_t need[BUF_COUNT]) {
     const long B = a->B, H = a->H, Hkv = a->Hkv, D = a->D;
-    long HD, rows;
+    long HD, rows;  /* rows: of q, k and v (tram_block_pieces splits them; checked here first) */
     if (__builtin_mul_overflow(H, D, &HD) || __builtin_mul_overflow(H + 2 * Hkv, D, &rows)) return -1;
     int bad = tram_extent(&need[BUF_X], 4, B, a->dim, 1, 1);
     bad |= tram_extent(&need[BUF_NORM1], 4, a->dim, 1, 1, 1) | tram_extent(&need[BUF_NORM2], 4, a->dim, 1, 1, 1);
-    bad |= tram_packed_extent(&need[BUF_WQKV], a->tqkv, rows, a->dim);
+    bad |= tram_packed_extent(&need[BUF_WQKV], a->tqkv, a->rows_qkv[0], a->dim);
+    bad |= tram_packed_extent(&need[BUF_WK], a->tk, a->rows_qkv[1], a->dim);
+    bad |= tram_packed_extent(&need[BUF_WV], a->tv, a->rows_qkv[2], a->dim);
     bad |= tram_packed_extent(&need[BUF_WO], a->to, a->dim, HD);
     const long E = a->E, moe = E > 0;
-    bad |= tram_packed_extent(&need[BUF_W13], a->t13, moe ? 0 : 2 * a->F, a->dim);
+    bad |= tram_packed_extent(&need[BUF_W13], a->t13, a->rows_13[0], a->dim);
+    bad |= tram_packed_extent(&need[BUF_W3], a->t3, a->rows_13[1], a->dim);
     bad |= tram_packed_extent(&need[BUF_W2], a->t2, moe ? E * a->dim : a->dim, a->F);  /* (E <= INT_MAX) */
     bad |= tram_extent(&need[BUF_GATE], 4, E, a->dim, 1, 1);
     bad |= tram_packed_extent(&need[BUF_W1E], a->t1e, E * a->F, a->dim);
@@ -339,9 +351,30 @@ static int lora_add(const isa_ops *ops, const block_args *a, const lora_scratch 
     return rc;
 }
 
+/* y [B, sum of rows] = x [B, K] . W^T for W the n pieces' rows stacked (piece i: rows[i] rows of type
+ * t[i] at w[i]; rows[i] = 0: none). One piece runs straight into y; several run into tmp [B, rows[i]]
+ * each and are copied into their columns of y (at B = 1 the columns are contiguous: straight in). */
+static int stacked_matmul(const isa_ops *ops, const float *x, const uint8_t *const *w, const int *t,
+                          const long *rows, int n, float *y, long B, long K, float *tmp, int threads) {
+    long width = 0, col = 0;
+    for (int i = 0; i < n; i++) width += rows[i];
+    if (width == rows[0]) return tram_matmul(ops, x, w[0], y, B, width, K, t[0], threads);
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        if (rows[i] == 0) continue;
+        float *out = B == 1 ? y + col : tmp;
+        rc |= tram_matmul(ops, x, w[i], out, B, rows[i], K, t[i], threads);
+        for (long b = 0; b < B && out == tmp; b++)
+            memcpy(y + b * width + col, tmp + b * rows[i], sizeof(float) * (size_t)rows[i]);
+        col += rows[i];
+    }
+    return rc;
+}
+
 /* Scratch of one step, carved from one allocation. */
 typedef struct {
     float *xn, *qkv, *att, *h13, *gu, *y;  /* [B,dim] [B,width] [B,HD] [B,2F] [B,F] [B,dim] */
+    float *pieces;                         /* [B, max(width, 2F)]: split q/k/v or gate/up (else none) */
     /* Mixtral: [B,E] router logits, [B,dim] one expert's input rows, [B,dim] the experts' weighted sums,
      * [B,K] each row's routing weights and [B] those of one expert's rows */
     float *logits, *xe, *acc, *wsel, *wrow;
@@ -351,10 +384,12 @@ typedef struct {
 
 /* Returns 0, or -1 when out of memory. */
 static int attention_half(const isa_ops *ops, const block_args *a, const scratch *s) {
-    const long B = a->B, dim = a->dim, HD = a->H * a->D, width = (a->H + 2 * a->Hkv) * a->D;
+    const long B = a->B, dim = a->dim, HD = a->H * a->D;
     int rc = 0;
     rms_norm_rows(a->x, a->norm1, a->eps, B, dim, s->xn);
-    rc |= tram_matmul(ops, s->xn, a->wqkv, s->qkv, B, width, dim, a->tqkv, a->threads);
+    const uint8_t *const w[3] = {a->wqkv, a->wk, a->wv};
+    const int t[3] = {a->tqkv, a->tk, a->tv};
+    rc |= stacked_matmul(ops, s->xn, w, t, a->rows_qkv, 3, s->qkv, B, dim, s->pieces, a->threads);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 0, s->xn, s->qkv);
     rope_and_store(a, s->qkv);
     rc |= attend_rows(ops, a, s->qkv, s->att);
@@ -368,7 +403,9 @@ static int ffn_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     const long B = a->B, dim = a->dim, F = a->F;
     int rc = 0;
     rms_norm_rows(a->x, a->norm2, a->eps, B, dim, s->xn);
-    rc |= tram_matmul(ops, s->xn, a->w13, s->h13, B, 2 * F, dim, a->t13, a->threads);
+    const uint8_t *const w[2] = {a->w13, a->w3};
+    const int t[2] = {a->t13, a->t3};
+    rc |= stacked_matmul(ops, s->xn, w, t, a->rows_13, 2, s->h13, B, dim, s->pieces, a->threads);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 2, s->xn, s->h13);
     for (long b = 0; b < B; b++) ops->silu_mul(s->h13 + b * 2 * F, s->h13 + b * 2 * F + F, s->gu + b * F, F);
     rc |= tram_matmul(ops, s->gu, a->w2, s->y, B, dim, F, a->t2, a->threads);
@@ -466,9 +503,10 @@ static void *lora_alloc(const block_args *a, lora_scratch *l, int *oom) {
 
 int tram_run_block(const isa_ops *ops, const block_args *a) {
     const long B = a->B, dim = a->dim, HD = a->H * a->D, width = (a->H + 2 * a->Hkv) * a->D, F = a->F;
-    const long moe = a->E > 0 ? 1 : 0;
+    const long moe = a->E > 0 ? 1 : 0, split = a->rows_qkv[0] < width || a->rows_13[1] > 0;
     size_t floats = (size_t)B * (dim + width + HD + 3 * F + dim);
     floats += (size_t)moe * B * (a->E + 2 * dim + a->K + 1);
+    floats += (size_t)split * B * (width > 2 * F ? width : 2 * F);
     float *buf = malloc(sizeof(float) * floats);
     long *ids = moe ? malloc(sizeof(long) * (size_t)B * (a->K + 1)) : NULL;
     scratch s;
@@ -491,6 +529,7 @@ int tram_run_block(const isa_ops *ops, const block_args *a) {
     s.acc = s.xe + moe * B * dim;
     s.wsel = s.acc + moe * B * dim;
     s.wrow = s.wsel + moe * B * a->K;
+    s.pieces = s.wrow + moe * B;
     s.chosen = ids;
     s.rows = moe ? ids + B * a->K : NULL;
     int rc = attention_half(ops, a, &s);

@@ -161,6 +161,14 @@ typedef struct {
     float eps;
     const uint8_t *wqkv, *wo, *w13, *w2;  /* packed [(H+2Hkv)D, dim], [dim, HD], [2F, dim], [dim, F] */
     int tqkv, to, t13, t2;              /* their GGML types */
+    /* q, k, v (gate, up) of different types, as GGUF's mixed recipes write them (Q4_K_M: attn_v Q8_0 in
+     * some layers, Q5_0 q and k where rows are too short for Q4_K): wk, wv, w3 hold the part starting
+     * there, of type tk, tv, t3; one that is empty (NULL, no bytes) continues the piece before it. So
+     * wqkv holds q, then k unless wk is given, then v unless wv is given; w13 holds gate, then up unless
+     * w3 is given. Rows of each piece (0: not given) in rows_qkv[wqkv, wk, wv] and rows_13[w13, w3]. */
+    const uint8_t *wk, *wv, *w3;
+    int tk, tv, t3;
+    long rows_qkv[3], rows_13[2];
     const float *cs;                    /* [B, D/2, 2] cos, sin of each row's position */
     float *kc, *vc;                     /* this layer's cache: offline [B, Hkv, S, D], paged [P, Hkv, D] */
     long S;                             /* offline: slots per row; paged: the most keys a row attends */
@@ -198,10 +206,14 @@ typedef struct {
 /* The buffers of a block step, in the order of tram_block_buffer_names. */
 enum {
     BUF_X, BUF_NORM1, BUF_NORM2, BUF_WQKV, BUF_WO, BUF_W13, BUF_W2, BUF_CS, BUF_KC, BUF_VC, BUF_KPOS,
-    BUF_QPOS, BUF_GATE, BUF_W1E, BUF_W3E, BUF_TABLES, BUF_SEQ, BUF_LROW, BUF_LCOLS, BUF_LORA, BUF_COUNT
+    BUF_QPOS, BUF_GATE, BUF_W1E, BUF_W3E, BUF_TABLES, BUF_SEQ, BUF_LROW, BUF_LCOLS, BUF_LORA, BUF_WK, BUF_WV,
+    BUF_W3, BUF_COUNT
 };
 /* Their names in the Python binding. */
 extern TRAM_HIDDEN const char *const tram_block_buffer_names[BUF_COUNT];
+/* rows_qkv and rows_13 of `a` from which of wk, wv, w3 are given (a dense block; a Mixtral one has no
+ * w13 pieces). */
+TRAM_HIDDEN void tram_block_pieces(block_args *a, int has_k, int has_v, int has_3);
 /* Bytes each buffer must hold for the shapes and types in `a` (validated first: positive dims, supported
  * types whose blocks divide the rows), but `lora`'s (tram_block_lora_extent, once lora_cols is checked);
  * returns 0, or -1 when a size does not fit in size_t. */

@@ -196,7 +196,8 @@ static PyObject *py_interleave(PyObject *self, PyObject *args) {
  * decode_block */
 
 static int is_packed_weight(int i) {
-    return i == BUF_WQKV || i == BUF_WO || i == BUF_W13 || i == BUF_W2 || i == BUF_W1E || i == BUF_W3E;
+    return i == BUF_WQKV || i == BUF_WO || i == BUF_W13 || i == BUF_W2 || i == BUF_W1E || i == BUF_W3E ||
+           i == BUF_WK || i == BUF_WV || i == BUF_W3;
 }
 
 /* One entry of the buffers dict: (data_ptr, nbytes), or (data_ptr, nbytes, qtype) for a packed weight. */
@@ -258,6 +259,9 @@ static int parse_block_buffers(PyObject *dict, buffer b[BUF_COUNT], block_args *
     a->t2 = types[BUF_W2];
     a->t1e = types[BUF_W1E];
     a->t3e = types[BUF_W3E];
+    a->tk = types[BUF_WK];
+    a->tv = types[BUF_WV];
+    a->t3 = types[BUF_W3];
     return 0;
 }
 
@@ -314,13 +318,18 @@ static int parse_block_shape(PyObject *shape, block_args *a) {
 /* The extents of every buffer against what the shapes and types need; then the pointers into a. */
 static int check_block_buffers(const buffer b[BUF_COUNT], block_args *a) {
     size_t need[BUF_COUNT];
-    if (check_type_k(a->tqkv, (a->H + 2 * a->Hkv) * a->D, a->dim, "wqkv") ||
+    tram_block_pieces(a, b[BUF_WK].nbytes != 0, b[BUF_WV].nbytes != 0, b[BUF_W3].nbytes != 0);
+    if (check_type_k(a->tqkv, a->rows_qkv[0], a->dim, "wqkv") ||
+        (a->rows_qkv[1] && check_type_k(a->tk, a->rows_qkv[1], a->dim, "wk")) ||
+        (a->rows_qkv[2] && check_type_k(a->tv, a->rows_qkv[2], a->dim, "wv")) ||
         check_type_k(a->to, a->dim, a->H * a->D, "wo") || check_type_k(a->t2, a->dim, a->F, "w2"))
         return -1;
     if (a->E > 0 ? check_type_k(a->t1e, a->F, a->dim, "w1e") || check_type_k(a->t3e, a->F, a->dim, "w3e")
-                 : check_type_k(a->t13, 2 * a->F, a->dim, "w13"))
+                 : check_type_k(a->t13, a->rows_13[0], a->dim, "w13") ||
+                       (a->rows_13[1] && check_type_k(a->t3, a->rows_13[1], a->dim, "w3")))
         return -1;
-    if (!tram_type_ok(a->t13) || !tram_type_ok(a->t1e) || !tram_type_ok(a->t3e)) {  /* the unused ones are */
+    const int unused_ok = tram_type_ok(a->tk) && tram_type_ok(a->tv) && tram_type_ok(a->t3);
+    if (!tram_type_ok(a->t13) || !tram_type_ok(a->t1e) || !tram_type_ok(a->t3e) || !unused_ok) {  /* the unused ones are */
         PyErr_SetString(PyExc_ValueError, "decode_block: unsupported GGML type of an unused weight");  /* sized too */
         return -1;
     }
@@ -346,6 +355,9 @@ static int check_block_buffers(const buffer b[BUF_COUNT], block_args *a) {
     a->gate = (const float *)(uintptr_t)b[BUF_GATE].ptr;
     a->w1e = (const uint8_t *)(uintptr_t)b[BUF_W1E].ptr;
     a->w3e = (const uint8_t *)(uintptr_t)b[BUF_W3E].ptr;
+    a->wk = (const uint8_t *)(uintptr_t)b[BUF_WK].ptr;
+    a->wv = (const uint8_t *)(uintptr_t)b[BUF_WV].ptr;
+    a->w3 = (const uint8_t *)(uintptr_t)b[BUF_W3].ptr;
     a->tables = (const int32_t *)(uintptr_t)b[BUF_TABLES].ptr;
     a->seq = (const int32_t *)(uintptr_t)b[BUF_SEQ].ptr;
     a->lora_row = (const int32_t *)(uintptr_t)b[BUF_LROW].ptr;
@@ -508,7 +520,8 @@ static PyMethodDef METHODS[] = {
      "row, in place on x. shape = (B, dim, H, Hkv, D, F, S); buffers = dict of (data_ptr, nbytes): x "
      "float32 [B,dim], attn_norm and ffn_norm float32 [dim], cos_sin float32 [B,D/2,2], k_cache and "
      "v_cache float32 [B,Hkv,S,D], kpos int64 [B,S], qpos int64 [B]; and of (data_ptr, nbytes, qtype): "
-     "wqkv [(H+2Hkv)D rows of dim], wo [dim rows of H*D], w13 [2F rows of dim], w2 [dim rows of F]. Each "
+     "wqkv [(H+2Hkv)D rows of dim], wo [dim rows of H*D], w13 [2F rows of dim], w2 [dim rows of F]; wk, wv "
+     "and w3 empty, or the k, v and up rows in a type of their own (wqkv and w13 then hold fewer). Each "
      "nbytes is checked against that extent (ValueError naming the buffer). A Mixtral block: shape = (B, dim, "
      "H, Hkv, D, F, S, E, K), gate float32 [E,dim], w1e and w3e [E*F rows of dim], w2 [E*dim rows of F], "
      "w13 empty; a dense one passes gate, w1e and w3e empty. A paged cache: shape = (..., E, K, P, bs, R, "
