@@ -78,23 +78,36 @@ MIXED = {"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q8_0", "ffn_gate": "Q5_1
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("kind", ["mistral", "llama", "mixtral"])
-def test_mixed_types_run_compiled(tmp_path, isa, kind):
+@pytest.mark.parametrize(
+    ("kind", "activations"), [("mistral", "f32"), ("llama", "f32"), ("mixtral", "f32"), ("mistral", "q8")]
+)
+def test_mixed_types_run_compiled(tmp_path, isa, kind, activations):
     """q, k, v (and gate, up) of different types stay apart (nothing to fuse) and the compiled step runs
-    them as pieces: chosen, and equal to the module path, offline (batch 3 and 1) and on the paged pool."""
-    path = save_gguf(hf_model(kind, seed=3), tmp_path / "m.gguf", "Q4_0", MIXED)
-    model = load_model(path, packed=True).model
-    att = model.layers[0].attention
-    assert att.wqkv is None and {att.wq.qtype, att.wv.qtype} == {6, 8}  # Q5_0, Q8_0
-    assert_fused_steps_equal_module_steps(model, isa)
-    one = torch.arange(1, 9)[None]  # one row: the pieces' outputs written straight into their columns
-    fused = decode_steps(model, torch.arange(8)[None], one, fused=True)[0]
-    plain = decode_steps(model, torch.arange(8)[None], one, fused=False)[0]
-    assert (fused - plain).abs().max().item() <= 1e-5 * max(1.0, plain.abs().max().item())
-    fused, fused_pool = paged_run(model, CompiledStep(model), isa)
-    plain, plain_pool = paged_run(model, ModuleBackend(model), isa)
-    for a, b in zip(fused + fused_pool, plain + plain_pool):
-        assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+    them as pieces: chosen, and equal to the module path, offline (batch 3 and 1) and on the paged pool.
+    With int8 activations (one layer: see test_interleaved_model) the pieces are interleaved types, and
+    offline decoding is compared."""
+    previous = kernels.set_activations(activations)
+    try:
+        layers = {"num_hidden_layers": 1} if activations == "q8" else {}
+        path = save_gguf(hf_model(kind, seed=3, **layers), tmp_path / "m.gguf", "Q4_0", MIXED)
+        model = load_model(path, packed=True).model
+        att = model.layers[0].attention
+        types = {kernels.ggml_blocks(m.packed, m.qtype, m.in_features)[1] for m in (att.wq, att.wv)}
+        assert att.wqkv is None and types == {6, 8}  # Q5_0, Q8_0
+        assert (att.wq.qtype in kernels.INTERLEAVED.values()) == (activations == "q8" and kernels.isa() != "scalar")
+        assert_fused_steps_equal_module_steps(model, isa)
+        one = torch.arange(1, 9)[None]  # one row: the pieces' outputs written straight into their columns
+        fused = decode_steps(model, torch.arange(8)[None], one, fused=True)[0]
+        plain = decode_steps(model, torch.arange(8)[None], one, fused=False)[0]
+        assert (fused - plain).abs().max().item() <= 1e-5 * max(1.0, plain.abs().max().item())
+        if activations == "q8":  # the paged script's long prompt chunks take the module path's exact sgemm
+            return
+        fused, fused_pool = paged_run(model, CompiledStep(model), isa)
+        plain, plain_pool = paged_run(model, ModuleBackend(model), isa)
+        for a, b in zip(fused + fused_pool, plain + plain_pool):
+            assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+    finally:
+        kernels.set_activations(previous)
 
 
 def assert_fused_steps_equal_module_steps(model, isa: str, rtol: float = 1e-5) -> None:
@@ -537,10 +550,12 @@ def q8():
         ("mixtral", "Q6_K"),
         ("mixtral", "Q3_K"),
         ("mistral", "Q8_0"),
+        ("llama", "Q5_0"),
+        ("mistral", "Q5_1"),
     ],
 )
 def test_interleaved_model(tmp_path, isa, kind, qtype, q8, monkeypatch):
-    """Where the integer kernel runs, a Q4_0, Q4_1, Q8_0, Q4_K, Q6_K or Q3_K file's matrices (the embedding and the head
+    """Where the integer kernel runs, a Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K or Q3_K file's matrices (the embedding and the head
     tied to it too) are interleaved 8 rows by 8
     at load (quant/kernels.py regroup): the compiled step equals the module path on them, the
     logits equal those of the same file kept in GGML's layout (the same rounded x, summed in another

@@ -756,7 +756,7 @@ def test_interleaved_layout_by_hand(qtype: QT) -> None:
     with pytest.raises(ValueError, match="overlap"):
         ext.interleave(buf(src), buf(src), 8, 64, int(qtype), True)
     with pytest.raises(ValueError, match="no interleaved layout"):
-        ext.interleave(buf(src), buf(out), 8, 64, int(QT.Q5_0), True)
+        ext.interleave(buf(src), buf(out), 8, 64, int(QT.Q2_K), True)
 
 
 def r8_weight(qtype: QT, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -778,16 +778,38 @@ def k4_fields(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def interleaved_by_hand(qtype: QT, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """8 random rows of 2 super-blocks of `qtype` (plain [8, 2, block bytes]) and their interleaved bytes
-    ([2, 8 x block bytes], one group per super-block); checks that the way back gives them bit for bit."""
-    size = GGML_TYPES[int(qtype)].type_size
+    """8 random rows of 2 (super-)blocks of `qtype` (plain [8, 2, block bytes]) and their interleaved bytes
+    ([2, 8 x block bytes], one group per block); checks that the way back gives them bit for bit."""
+    size, k = GGML_TYPES[int(qtype)].type_size, 2 * GGML_TYPES[int(qtype)].block_size
     plain = np.random.default_rng(seed).integers(0, 256, (8, 2, size), dtype=np.uint8)
     src = torch.from_numpy(plain.reshape(8, -1).copy())
     out, back = torch.empty_like(src), torch.empty_like(src)
-    ext.interleave(buf(src), buf(out), 8, 512, int(qtype), True)
-    ext.interleave(buf(out), buf(back), 8, 512, int(qtype), False)
+    ext.interleave(buf(src), buf(out), 8, k, int(qtype), True)
+    ext.interleave(buf(out), buf(back), 8, k, int(qtype), False)
     assert torch.equal(back, src)
     return plain, out.numpy().reshape(2, 8 * size)
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", [QT.Q5_0, QT.Q5_1], ids=lambda t: t.name)
+def test_interleaved_q5_layout_by_hand(qtype: QT) -> None:
+    """8 random Q5_0 (Q5_1) rows of 2 blocks, interleaved: per block the 8 rows' d (Q5_1: then their m),
+    their fifth bits (row r's at bytes 4r..4r+3: bit c of byte k is the fifth bit of element 4c + k, bit
+    4 + c that of element 16 + 4c + k; GGML's qh holds element j's at bit j), then for c = 0..3 quant
+    bytes 4c..4c+3 of rows 0..7; and back, bit for bit."""
+    plain, got = interleaved_by_hand(qtype, 6)
+    head = 4 if qtype == QT.Q5_1 else 2
+    for i in range(2):
+        block = plain[:, i]
+        fields = [block[:, h : h + 2].reshape(-1) for h in range(0, head, 2)]
+        fifth = np.zeros((8, 4), np.uint8)
+        for r in range(8):
+            qh = int.from_bytes(block[r, head : head + 4].tobytes(), "little")
+            for k in range(4):
+                for c in range(4):
+                    fifth[r, k] |= ((qh >> (4 * c + k)) & 1) << c | ((qh >> (16 + 4 * c + k)) & 1) << (4 + c)
+        quants = block[:, head + 4 :].reshape(8, 4, 4).transpose(1, 0, 2).reshape(-1)
+        assert np.array_equal(got[i], np.concatenate([*fields, fifth.reshape(-1), quants])), i
 
 
 @needs_ext
@@ -872,6 +894,10 @@ def test_interleaved_q3_k_layout_by_hand() -> None:
         (QT.Q3_K, 768),
         (QT.Q8_0, 576),
         (QT.Q8_0, 512),
+        (QT.Q5_0, 576),
+        (QT.Q5_0, 512),
+        (QT.Q5_1, 576),
+        (QT.Q5_1, 512),
     ],
     ids=lambda v: getattr(v, "name", str(v)),
 )
@@ -927,7 +953,11 @@ def test_regroup_applies_where_the_integer_kernel_runs(q8: None) -> None:
     q8_0, _ = weight(QT.Q8_0, 96, 256)
     assert kernels.regroup(q8_0, int(QT.Q8_0), 256)[1] == kernels.Q8_0_R8
     q5_0, _ = weight(QT.Q5_0, 96, 256)
-    assert kernels.regroup(q5_0, int(QT.Q5_0), 256)[0] is q5_0
+    assert kernels.regroup(q5_0, int(QT.Q5_0), 256)[1] == kernels.Q5_0_R8
+    q5_1, _ = weight(QT.Q5_1, 96, 256)
+    assert kernels.regroup(q5_1, int(QT.Q5_1), 256)[1] == kernels.Q5_1_R8
+    q5_k, _ = weight(QT.Q5_K, 96, 256)
+    assert kernels.regroup(q5_k, int(QT.Q5_K), 256)[0] is q5_k
     kernels.set_activations("f32")  # the exact setting keeps GGML's layout (the q8 fixture restores)
     assert kernels.regroup(packed, int(QT.Q4_0), 576)[0] is packed
 
@@ -951,7 +981,9 @@ def test_interleaved_projections_split_by_groups(q8: None) -> None:
 
 
 @needs_ext
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0, QT.Q4_K, QT.Q6_K, QT.Q3_K], ids=lambda t: t.name)
+@pytest.mark.parametrize(
+    "qtype", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q6_K, QT.Q3_K], ids=lambda t: t.name
+)
 def test_lookup_rows_gathers_rows(isa: str, q8: None, qtype: QT) -> None:
     """An embedding lookup: rows in any order, repeated, of GGML's layout or gathered out of interleaved
     groups, equal gguf's decoding of those rows; an index out of range is refused before any is read."""

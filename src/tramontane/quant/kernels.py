@@ -21,17 +21,19 @@ largest |x|, per element). "f32" (the exact path: `set_activations("f32")`, the 
 TRAMONTANE_ACTIVATIONS=f32, or the CLI's --exact) keeps every activation float32: results then match
 `x @ dequantize(W).T` to float32 rounding. Every other type always runs float32 activations.
 
-Interleaved Q4_0, Q4_1, Q8_0, Q4_K, Q6_K and Q3_K. Where the integer kernel runs, the loader hands Q4_0,
-Q4_1, Q8_0, Q4_K, Q6_K and Q3_K matrices to `regroup`, which interleaves each group of 8 rows block by block (the 8 rows' scales
+Interleaved Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K and Q3_K. Where the integer kernel runs, the loader
+hands Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K and Q3_K matrices to `regroup`, which interleaves each group of 8 rows block by block (the 8 rows' scales
 together, the K-quants' sub-block scales arranged for one shuffle each, then 4 bytes of each row in
-turn: csrc/blocks.h) into a new tensor of type Q4_0_R8, Q4_1_R8, Q8_0_R8, Q4_K_R8, Q6_K_R8 or Q3_K_R8, ids of ours past
+turn: csrc/blocks.h) into a new tensor of type Q4_0_R8 ... Q5_1_R8, ids of ours past
 GGML's. Its kernel reads a block's 8 scales with one load and gets one row's dot product per int32
 lane, with no horizontal sum: 1.2-2x the row-by-row kernels at 1 to 64 activation rows for Q4_0/Q4_1
 (SmolLM2's 1536x576 and 576x1536, and 4096x4096, on the dev machine), 1.1-1.6x for Q4_K and Q6_K
 (Mixtral-shaped 2816x1024 to 14336x4096; Q6_K at one row: 0.9-1.3x, as fast as the row kernel on a
 Mistral-shaped model's decode), 1.5-1.9x for Q3_K (the same shapes, M = 1 to 64: its kernel's unpacking
 of 2 + 1 bits per weight ran at 18 GB/s against a 35 GB/s bandwidth probe; 28 GB/s interleaved),
-1.2-1.6x for Q8_0 (SmolLM2's head and 4096-wide shapes), as llama.cpp's repacked Q4_0, Q4_K and Q8_0
+1.2-1.6x for Q8_0 (SmolLM2's head and 4096-wide shapes), 1.3-2.7x for Q5_0 and Q5_1 over their
+row kernels (SmolLM2's 576-wide rows, which llama-quantize's Q4_K_M and Q5_K_M recipes write as Q5_0
+and Q5_1: 3072x576 at one row 98 -> 36 us), as llama.cpp's repacked Q4_0, Q4_K and Q8_0
 are. At one activation row (decoding) the legacy types' kernel walks 4 groups of rows at once, so
 that each thread streams 4 parts of the matrix (1.2x on a 14336x4096 Q4_0 read from DRAM). Ranges of whole groups of
 8 rows stay contiguous (splits of fused projections); `lookup_rows` gathers an embedding's rows out of
@@ -60,11 +62,12 @@ except ImportError:  # pragma: no cover - depends on the build
 
 # GGML type ids the compiled kernels run (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
 # Q6_K, BF16); the fallback handles the same set.
-# Q4_0_R8 ... Q8_0_R8 are not GGML's: Q4_0, Q4_1, Q4_K, Q6_K, Q3_K and Q8_0 interleaved 8 rows
+# Q4_0_R8 ... Q5_1_R8 are not GGML's: Q4_0, Q4_1, Q4_K, Q6_K, Q3_K, Q8_0, Q5_0 and Q5_1 interleaved 8 rows
 # by 8 for their integer kernels (see above; csrc/blocks.h).
-Q4_0, Q4_1, Q8_0, Q3_K, Q4_K, Q6_K = 2, 3, 8, 11, 12, 14
-Q4_0_R8, Q4_1_R8, Q4_K_R8, Q6_K_R8, Q3_K_R8, Q8_0_R8 = 66, 67, 68, 69, 70, 71
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q3_K, Q4_K, Q6_K = 2, 3, 6, 7, 8, 11, 12, 14
+Q4_0_R8, Q4_1_R8, Q4_K_R8, Q6_K_R8, Q3_K_R8, Q8_0_R8, Q5_0_R8, Q5_1_R8 = 66, 67, 68, 69, 70, 71, 72, 73
 INTERLEAVED = {Q4_0: Q4_0_R8, Q4_1: Q4_1_R8, Q8_0: Q8_0_R8, Q4_K: Q4_K_R8, Q6_K: Q6_K_R8, Q3_K: Q3_K_R8}
+INTERLEAVED |= {Q5_0: Q5_0_R8, Q5_1: Q5_1_R8}
 _BASE = {v: k for k, v in INTERLEAVED.items()}
 SUPPORTED_TYPES = frozenset({0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30, *_BASE})
 _GEOMETRY = {t: (GGML_TYPES[t].block_size, GGML_TYPES[t].type_size) for t in SUPPORTED_TYPES if t in GGML_TYPES}
@@ -98,6 +101,8 @@ Q8_TYPES = {
     Q6_K_R8: 256,
     Q3_K_R8: 256,
     Q8_0_R8: 32,
+    Q5_0_R8: 32,
+    Q5_1_R8: 32,
 }
 _q8 = _ext is not None  # mirrors the extension's setting (read on every matmul)
 
@@ -165,7 +170,7 @@ def regroups(qtype: int) -> bool:
 
 def regroup(rows: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, int]:
     """A matrix's packed rows [..., N, row_bytes] of `k` elements as the kernels run them fastest: Q4_0,
-    Q4_1, Q8_0, Q4_K, Q6_K and Q3_K interleaved into a new tensor (Q4_0_R8, ...) where their integer kernel runs (activations
+    Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K and Q3_K interleaved into a new tensor (Q4_0_R8, ...) where their integer kernel runs (activations
     "q8", a vector instruction set) and N is a multiple of 8; anything else as it is. Decided at load."""
     if not (regroups(qtype) and rows.dim() >= 2 and rows.shape[-2] % 8 == 0):
         return rows, qtype
@@ -241,7 +246,7 @@ def use_dense(m: int) -> bool:
 # instead of dequantize + sgemm: writing and reading the copy then costs more than sgemm saves (Mixtral
 # 8x7B's experts, 235 MB as float32: 2.5x faster on the dev machine); a smaller one stays in cache and
 # sgemm's float32 throughput wins (1024x1024 at M = 512: 2x faster than the row-by-row integer kernel).
-# The interleaved types' kernels (Q4_0_R8 ... Q8_0_R8) run at every M: as fast as sgemm on dense
+# The interleaved types' kernels (Q4_0_R8 ... Q5_1_R8) run at every M: as fast as sgemm on dense
 # prompts and faster on a Mixtral's experts, whose ~M/4 tokens each do not pay back a dequantized copy
 # (small Mixtral, 512-token prompt, same run: Q4_K 260-276 against 205-213 tok/s, Q4_0 266-275 against
 # 163-177; a dense Mistral-shaped Q4_0 130 against 118-130).

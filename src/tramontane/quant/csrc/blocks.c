@@ -13,6 +13,7 @@ const tinfo tram_types[T_COUNT] = {
     [T_Q4_K] = {256, 144}, [T_Q5_K] = {256, 176},  [T_Q6_K] = {256, 210},
     [T_Q4_0_R8] = {32, 18}, [T_Q4_1_R8] = {32, 20}, [T_Q4_K_R8] = {256, 144},
     [T_Q6_K_R8] = {256, 210}, [T_Q3_K_R8] = {256, 110}, [T_Q8_0_R8] = {32, 34},
+    [T_Q5_0_R8] = {32, 22}, [T_Q5_1_R8] = {32, 24},
 };
 
 void tram_dec_f32_c(const uint8_t *b, int n, float *o) { memcpy(o, b, (size_t)n * 4); }
@@ -227,6 +228,21 @@ static void r8_row_q3_k(uint8_t *row, uint8_t *group, int r, long nb, int to_r8)
     }
 }
 
+/* A Q5_0/Q5_1 block's 32 fifth bits (GGML's qh: bit j of element j) as the interleaved layout holds them
+ * (blocks.h: bit c of byte k for element 4c + k, bit 4 + c for element 16 + 4c + k), or back. */
+static uint32_t tram_fifth_word(uint32_t v, int to_r8) {
+    uint32_t out = 0;
+    for (int k = 0; k < 4; k++)
+        for (int c = 0; c < 4; c++) {
+            const int at[2] = {8 * k + c, 8 * k + 4 + c}, from[2] = {4 * c + k, 16 + 4 * c + k};
+            for (int h = 0; h < 2; h++) {
+                const int src = to_r8 ? from[h] : at[h], dst = to_r8 ? at[h] : from[h];
+                out |= ((v >> src) & 1u) << dst;
+            }
+        }
+    return out;
+}
+
 /* Row r of an interleaved group of nb blocks of GGML type `base` to or from its GGML layout at `row`. */
 static void r8_row(uint8_t *row, uint8_t *group, int r, long nb, int base, int to_r8) {
     if (base == T_Q6_K || base == T_Q3_K) {
@@ -234,14 +250,20 @@ static void r8_row(uint8_t *row, uint8_t *group, int r, long nb, int base, int t
         return;
     }
     const size_t ts = (size_t)tram_types[base].size;
-    const size_t head = base == T_Q4_1 || base == T_Q4_K ? 4 : 2, scales = base == T_Q4_K ? 12 : 0;  /* fields, scale bytes */
+    const size_t head = base == T_Q4_1 || base == T_Q4_K || base == T_Q5_1 ? 4 : 2;  /* d (and m) */
+    const size_t scales = base == T_Q4_K ? 12 : base == T_Q5_0 || base == T_Q5_1 ? 4 : 0;  /* K's scales, qh */
     for (long i = 0; i < nb; i++) {
         uint8_t *plain = row + ts * (size_t)i, *mixed = group + 8 * ts * (size_t)i;
         for (size_t h = 0; h < head; h += 2) {  /* the 8 rows' scales, then their second fields */
             uint8_t *m = mixed + 8 * h + 2 * (size_t)r;
             memcpy(to_r8 ? m : plain + h, to_r8 ? plain + h : m, 2);
         }
-        if (scales) k4r8_scales(plain + head, mixed + 8 * head, r, to_r8);
+        if (base == T_Q4_K) k4r8_scales(plain + head, mixed + 8 * head, r, to_r8);
+        if (scales == 4) {  /* the fifth bits */
+            uint8_t *m = mixed + 8 * head + 4 * (size_t)r, *q = plain + head;
+            const uint32_t word = tram_fifth_word(rd32(to_r8 ? q : m), to_r8);
+            memcpy(to_r8 ? m : q, &word, 4);  /* little-endian, as rd32 reads it */
+        }
         for (size_t c = 0; c < (ts - head - scales) / 4; c++) {
             uint8_t *m = mixed + 8 * (head + scales) + 32 * c + 4 * (size_t)r, *q = plain + head + scales + 4 * c;
             memcpy(to_r8 ? m : q, to_r8 ? q : m, 4);

@@ -31,14 +31,21 @@ enum {
     T_Q6_K_R8 = 69,  /* not GGML's: the same for Q6_K (below) */
     T_Q3_K_R8 = 70,  /* not GGML's: the same for Q3_K (below) */
     T_Q8_0_R8 = 71,  /* not GGML's: the same for Q8_0 */
-    T_COUNT = 72
+    T_Q5_0_R8 = 72,  /* not GGML's: the same for Q5_0 (its fifth bits rearranged, below) */
+    T_Q5_1_R8 = 73,  /* not GGML's: the same for Q5_1 */
+    T_COUNT = 74
 };
 
-/* Q4_0, Q4_1, Q8_0, Q4_K, Q6_K and Q3_K interleaved (T_Q4_0_R8 ... T_Q8_0_R8): matrices of a multiple of 8 rows
- * with the bytes of each 8 rows (a group) rearranged block by block, the same number of bytes as in
- * GGML's layout, so that the integer kernel (simd_q8.inc) reads a block's 8 scales with one load and
- * four quant bytes of each of the 8 rows with another. Block i of a group, for Q4_0, Q4_1, Q8_0 and Q4_K:
- *   - the 8 rows' float16 scales d (16 bytes), then (Q4_1: m, Q4_K: dmin) their 8 second fields;
+/* Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K and Q3_K interleaved (T_Q4_0_R8 ... T_Q5_1_R8): matrices of a
+ * multiple of 8 rows with the bytes of each 8 rows (a group) rearranged block by block, the same number of
+ * bytes as in GGML's layout, so that the integer kernel (simd_q8.inc) reads a block's 8 scales with one
+ * load and four quant bytes of each of the 8 rows with another. Block i of a group, for Q4_0, Q4_1,
+ * Q5_0, Q5_1, Q8_0 and Q4_K:
+ *   - the 8 rows' float16 scales d (16 bytes), then (Q4_1, Q5_1: m, Q4_K: dmin) their 8 second fields;
+ *   - Q5_0 and Q5_1 only: the 8 rows' fifth bits (32 bytes), row r's in bytes 4r..4r+3, arranged as its
+ *     quant bytes below: bit c of byte k is the fifth bit of element 4c + k, bit 4 + c that of element
+ *     16 + 4c + k (c, k < 4), so that one shift and one mask put the fifth bits of load c's low nibbles
+ *     (or high ones) at bit 4 of their bytes (tram_fifth_word);
  *   - Q4_K only: the 8 rows' six-bit sub-block scales (48 bytes), then their mins (48 bytes), each as
  *     two 32-byte vectors A (sub-blocks 0..3) and B (4..7) after unpacking: byte j = 16 L + k of A,
  *     k = 4 s + (r % 4) and L = r / 4, holds row r's value for sub-block s (B: s + 4), so that one byte
@@ -46,7 +53,7 @@ enum {
  *     byte j of the first 32 = A_j's low nibble | B_j's low nibble << 4; byte k of the last 16 = the
  *     top two bits of A_k, A_16+k, B_k, B_16+k at bits 0, 2, 4, 6 (tram_k4r8_field);
  *   - the quants: for c = 0, 1, ... the quant bytes 4c..4c+3 of row 0, of row 1, ..., of row 7 (4 x 32
- *     bytes for Q4_0/Q4_1's 16 quant bytes per row, 8 x 32 for Q8_0's 32, 32 x 32 for Q4_K's 128).
+ *     bytes for Q4_0/Q4_1/Q5_0/Q5_1's 16 quant bytes per row, 8 x 32 for Q8_0's 32, 32 x 32 for Q4_K's 128).
  * Ranges of whole groups of rows stay contiguous; a single row is not (an embedding lookup gathers
  * it: tram_interleaved_row).
  * Q6_K interleaved (T_Q6_K_R8), super-block i of a group (8 x 210 bytes): the 8 rows' float16 d (16
@@ -65,11 +72,13 @@ enum {
 /* The interleaved type of a GGML type, or -1; and back. */
 static inline int tram_r8_of(int qtype) {
     return qtype == T_Q4_0 ? T_Q4_0_R8 : qtype == T_Q4_1 ? T_Q4_1_R8 : qtype == T_Q4_K ? T_Q4_K_R8
-         : qtype == T_Q6_K ? T_Q6_K_R8 : qtype == T_Q3_K ? T_Q3_K_R8 : qtype == T_Q8_0 ? T_Q8_0_R8 : -1;
+         : qtype == T_Q6_K ? T_Q6_K_R8 : qtype == T_Q3_K ? T_Q3_K_R8 : qtype == T_Q8_0 ? T_Q8_0_R8
+         : qtype == T_Q5_0 ? T_Q5_0_R8 : qtype == T_Q5_1 ? T_Q5_1_R8 : -1;
 }
 static inline int tram_r8_base(int qtype) {
     return qtype == T_Q4_0_R8 ? T_Q4_0 : qtype == T_Q4_1_R8 ? T_Q4_1 : qtype == T_Q4_K_R8 ? T_Q4_K
-         : qtype == T_Q6_K_R8 ? T_Q6_K : qtype == T_Q3_K_R8 ? T_Q3_K : qtype == T_Q8_0_R8 ? T_Q8_0 : -1;
+         : qtype == T_Q6_K_R8 ? T_Q6_K : qtype == T_Q3_K_R8 ? T_Q3_K : qtype == T_Q8_0_R8 ? T_Q8_0
+         : qtype == T_Q5_0_R8 ? T_Q5_0 : qtype == T_Q5_1_R8 ? T_Q5_1 : -1;
 }
 
 typedef struct { int block; int size; } tinfo;

@@ -103,7 +103,7 @@ static int quantize_q8(const isa_ops *ops, const float *x, long M, long K, long 
     return 0;
 }
 
-/* Interleaved rows (T_Q4_0_R8 ... T_Q8_0_R8) back to GGML's layout (type `base`) in a malloc'd copy (NULL
+/* Interleaved rows (T_Q4_0_R8 ... T_Q5_1_R8) back to GGML's layout (type `base`) in a malloc'd copy (NULL
  * when out of memory). */
 static uint8_t *plain_rows(const uint8_t *w, long N, long K, int base) {
     uint8_t *out = malloc(tram_row_bytes(base, K) * (size_t)N);

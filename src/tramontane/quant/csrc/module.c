@@ -14,7 +14,7 @@
  *   lookup_rows(w, idx, out, N, K, qtype)
  *       rows idx of W -> float32 (embedding lookups).
  *   interleave(src, dst, N, K, qtype, to_r8)
- *       Q4_0, Q4_1, Q8_0, Q4_K, Q6_K or Q3_K rows to the layout their integer kernel reads (T_Q4_0_R8 ... T_Q8_0_R8,
+ *       Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K or Q3_K rows to the layout their integer kernel reads (T_Q4_0_R8 ... T_Q5_1_R8,
  *       blocks.h) or back.
  *   decode_block(shape, buffers, eps, window, n_threads)
  *       one transformer block for one new token per row, on an offline or a paged cache (block_step.c);
@@ -513,7 +513,7 @@ static PyMethodDef METHODS[] = {
      "interleaved rows gathered out of their group). idx: int64 (data_ptr, nbytes), every index in [0, N)."},
     {"interleave", py_interleave, METH_VARARGS,
      "interleave(src, dst, N, K, qtype, to_r8): N rows of K elements of GGML type qtype (Q4_0, Q4_1, Q8_0, "
-     "Q4_K, Q6_K or Q3_K; N a multiple of 8) -> the interleaved layout its integer kernel reads (type ids 66-71 here; to_r8 "
+     "Q4_K, Q6_K, Q3_K, Q5_0 or Q5_1; N a multiple of 8) -> the interleaved layout its integer kernel reads (type ids 66-73 here; to_r8 "
      "true) or back. src, dst: distinct (data_ptr, nbytes)."},
     {"decode_block", py_decode_block, METH_VARARGS,
      "decode_block(shape, buffers, eps, window, n_threads): one transformer block for one new token per "
