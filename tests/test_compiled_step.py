@@ -3,11 +3,13 @@ and the builder picks it only where it fits."""
 
 from __future__ import annotations
 
+import copy
+
 import gguf
 import pytest
 import torch
 from chartok import CharTokenizer
-from models import hf_model, save_gguf
+from models import hf_model, save_gguf, save_hf
 from test_packed import write_random_kquant_model
 
 from tramontane.api import LLM
@@ -108,6 +110,49 @@ def test_mixed_types_run_compiled(tmp_path, isa, kind, activations):
             assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
     finally:
         kernels.set_activations(previous)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("scheme", "dtype", "qtype"), [("bf16", torch.bfloat16, 30), ("f16", torch.float16, 1)])
+def test_16bit_checkpoints_decode_compiled(tmp_path, isa, scheme, dtype, qtype):
+    """A float checkpoint stored in bfloat16 (float16) keeps its matrices as 16-bit rows (nothing
+    rounded) and decodes on the compiled step: equal to the module path, and to transformers in float32
+    on the same stored weights."""
+    hf = hf_model("mistral", seed=3)
+    with torch.no_grad():  # the reference: float32 on the stored values (its rotary buffers unrounded)
+        for p in hf.parameters():
+            p.copy_(p.to(dtype).float())
+    path = save_hf(copy.deepcopy(hf).to(dtype), tmp_path / "m")
+    model = load_model(path, quant=scheme).model
+    assert (
+        model.layers[0].attention.wqkv.qtype == qtype and model.layers[0].attention_norm.weight.dtype == torch.float32
+    )
+    assert_fused_steps_equal_module_steps(model, isa)
+    tokens = torch.tensor([[1, 5, 9, 33, 7, 60, 2]])
+    with torch.inference_mode():
+        want = hf(tokens).logits
+        got = model(tokens)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_16bit_packing_is_chosen_where_nothing_is_lost(tmp_path, monkeypatch):
+    """api.load's choice for a float checkpoint: the dtype asked for; on "auto", bfloat16 where the CPU
+    computes it, else the type the file stores (so a bfloat16 file stays exact); float32 files stay float
+    on other CPUs, and "float32" always does."""
+    import tramontane.device
+    from tramontane.api import _float_packing
+
+    hf = hf_model("mistral", seed=3)
+    f32, b16 = save_hf(hf, tmp_path / "f32"), save_hf(hf.to(torch.bfloat16), tmp_path / "bf16")
+    monkeypatch.setattr(tramontane.device, "cpu_supports_bf16", lambda: False)
+    assert [_float_packing(f32, None), _float_packing(b16, "auto"), _float_packing(b16, "float32")] == [
+        None,
+        "bf16",
+        None,
+    ]
+    assert [_float_packing(f32, "bfloat16"), _float_packing(f32, "float16")] == ["bf16", "f16"]
+    monkeypatch.setattr(tramontane.device, "cpu_supports_bf16", lambda: True)
+    assert _float_packing(f32, None) == "bf16"
 
 
 def assert_fused_steps_equal_module_steps(model, isa: str, rtol: float = 1e-5) -> None:

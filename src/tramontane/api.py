@@ -160,7 +160,11 @@ def load(
 ) -> LLM:
     """Load a model folder (Hugging Face or Mistral native) or GGUF file; None = the default model.
 
-    dtype: None/"auto" = bfloat16 for float checkpoints where the CPU supports it, else float32.
+    dtype: None/"auto" = bfloat16 for float checkpoints where the CPU supports it, else float32. Where
+    the packed kernels are built (packed), a float checkpoint in bfloat16 or float16 (asked for, or
+    "auto" on such a CPU or for a file stored in that type) keeps its matrices as 16-bit rows for those
+    kernels and the compiled decode step, with float32 activations and cache ("auto" on a bfloat16 file
+    thus loses nothing); "float32" keeps float32 modules.
     packed: keep a GGUF file's quantized matrices packed and run them with the packed kernels
     (default: when the compiled kernels are available).
     quant: "int8" or "int4" weight-only quantization of the float matrices after loading (quant/).
@@ -173,7 +177,11 @@ def load(
     from .weights.sources import detect_format
 
     path = resolve_model(model)
-    dtype = resolve_dtype(dtype, detect_format(path))
+    fmt = detect_format(path)
+    packed = available() if packed is None else packed
+    if quant is None and parallel is None and packed and fmt != "gguf":
+        quant = _float_packing(path, dtype)  # 16-bit rows on the packed kernels (activations float32)
+    dtype = torch.float32 if quant in ("bf16", "f16") else resolve_dtype(dtype, fmt)
     shard = None
     if parallel is not None and (quant is not None or lora):
         raise RequestError(
@@ -188,10 +196,10 @@ def load(
         path,
         dtype=dtype,
         progress=progress,
-        packed=available() if packed is None else packed,
+        packed=packed,
         shard=shard,
         mmap=mmap,
-        quant=quant if quant is not None and detect_format(path) != "gguf" else None,  # float files: as read
+        quant=quant if quant is not None and fmt != "gguf" else None,  # float files: as read
     )
     if quant is not None and loaded.config.quant != quant:  # a GGUF file's float matrices, after loading
         from .quant.quantize import quantize_model
@@ -206,3 +214,16 @@ def load(
     for name, adapter in (lora or {}).items():
         llm.load_adapter(name, adapter)
     return llm
+
+
+def _float_packing(path: Path, dtype: str | torch.dtype | None) -> str | None:
+    """ "bf16" or "f16" where a float checkpoint loads as 16-bit packed rows: the dtype asked for, or on
+    "auto" the CPU's bfloat16 (resolve_dtype) or the type most of the file's tensors are stored in."""
+    from .weights.sources import open_source
+
+    chosen = resolve_dtype(dtype, "safetensors")
+    if dtype in (None, "auto") and chosen is torch.float32:
+        counts = open_source(path)[2].type_counts()
+        stored = max(counts, key=lambda k: counts[k]) if counts else None
+        chosen = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(stored or "", torch.float32)
+    return {torch.bfloat16: "bf16", torch.float16: "f16"}.get(chosen)

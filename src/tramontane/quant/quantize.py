@@ -2,7 +2,10 @@
 
 The weights are written in GGUF's own block layouts, so they run on the same packed kernels as GGUF
 files: int8 = Q8_0 (int8 values, one float16 scale per group of 32), int4 = Q4_1 (4-bit values, a float16
-scale and minimum per group of 32). The scheme is recorded in `config.quant`.
+scale and minimum per group of 32). The scheme is recorded in `config.quant`. "bf16" and "f16" keep the
+matrices as 16-bit rows (GGML's BF16 / F16) on the same kernels: how a float checkpoint loads in
+bfloat16 or float16 where the compiled kernels are built (api.load), so that it decodes on the compiled
+step with float32 activations.
 
 Why int8 has a scale per 32 weights rather than one per output channel: on SmolLM2 (the perplexity test),
 per-channel int8 moved perplexity by 1.7% (35.57 -> 34.96), groups of 32 stay well within 1%; the six
@@ -22,7 +25,7 @@ from ..model.transformer import Transformer
 from ..weights.gguf_quants import GGML_TYPES
 from .linear import PackedEmbedding, PackedExperts, PackedLinear, set_module
 
-SCHEMES = {"int8": "Q8_0", "int4": "Q4_1"}
+SCHEMES = {"int8": "Q8_0", "int4": "Q4_1", "bf16": "BF16", "f16": "F16"}
 GROUP = 32
 # Which linear layers are quantized: attention and dense feed-forward projections, and the output head
 # (the token embedding too, as packed rows; Mixtral's experts as PackedExperts, its router stays float).
@@ -56,7 +59,19 @@ def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
     return torch.cat((header, nibbles), dim=-1).reshape(n, -1)  # [N,G*20]
 
 
-QUANTIZERS = {"int8": quantize_q8_0, "int4": quantize_q4_1}  # scheme -> [N,K] float -> blocks
+def as_16bit(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[N,K] float -> [N, 2K] uint8: the values rounded to `dtype` (bfloat16, float16) as packed rows;
+    no rounding at all where the checkpoint stores that type (the loader's 16-bit packing)."""
+    return lambda w: w.to(dtype).contiguous().view(torch.uint8)
+
+
+# scheme -> [N,K] float -> blocks
+QUANTIZERS = {
+    "int8": quantize_q8_0,
+    "int4": quantize_q4_1,
+    "bf16": as_16bit(torch.bfloat16),
+    "f16": as_16bit(torch.float16),
+}
 ROW_CHUNK = 1024  # rows quantized at a time: bounds the float temporaries of a large matrix
 
 
