@@ -1,6 +1,7 @@
 """Decode and prefill speed, load time and peak memory, next to transformers and llama.cpp.
 
-    python benchmarks/decode_speed.py [--model FILE.gguf] [--threads 2] [--engines a,b,...]
+    python benchmarks/decode_speed.py [--model FILE.gguf|HF_FOLDER] [--threads 2] [--engines a,b,...]
+    python benchmarks/decode_speed.py --random CONFIG.json --quant bf16 --engines tramontane,transformers-bf16
 
 Engines: tramontane (packed GGUF kernels, file mapped), tramontane-nommap, tramontane-f32 (dequantized at
 load), transformers-fp32, transformers-bf16, llama.cpp and llama.cpp-nommap (when `llama_cpp` imports in
@@ -9,7 +10,9 @@ load), transformers-fp32, transformers-bf16, llama.cpp and llama.cpp-nommap (whe
 roofline (measured bandwidth / bytes a token reads) is printed beside the decode figures. Prints tokens/s
 for a 512-token prefill, 256 decoded tokens at batch 1, and aggregate decode at batch 4 and 16 (64 tokens
 each), with ratios to the first engine; --prefill-tokens, --decode-tokens, --batch-tokens change those
-lengths (Mixtral 8x7B at a few tokens per second takes shorter runs)."""
+lengths (Mixtral 8x7B at a few tokens per second takes shorter runs). `--random SPEC --quant bf16` writes
+random weights as a bfloat16 Hugging Face folder (placeholder tokenizer) and compares the engines on it:
+the float-checkpoint figures (tramontane's 16-bit packed rows against transformers bf16)."""
 
 from __future__ import annotations
 
@@ -182,6 +185,25 @@ def placeholder_vocabulary(size: int) -> dict:
     }
 
 
+def write_random_hf(spec: str, folder: str) -> None:
+    """Random weights of `spec` shapes as a bfloat16 Hugging Face folder, with a tokenizer.json of
+    placeholder pieces ("p0", "p1", ...; random weights have no real vocabulary) so that both engines load
+    it as users' checkpoints load."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tramontane.build.random import random_model
+    from tramontane.weights.hf_writer import write_hf
+    from tramontane.weights.random import random_config
+
+    model = random_model(random_config(spec)).to(torch.bfloat16)
+    write_hf(model, folder)
+    vocab = {f"p{i}": i for i in range(model.config.vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="p0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(os.path.join(folder, "tokenizer.json"))
+
+
 GGUF_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 
@@ -212,7 +234,10 @@ def run_transformers(model: str, dtype_name: str) -> dict:
     dtype = getattr(torch, dtype_name)
     path = Path(model)
     t0 = time.perf_counter()
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
+    if path.is_dir():
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype).eval()
     load = time.perf_counter() - t0
     vocab = hf.config.vocab_size
     with torch.inference_mode():
@@ -228,8 +253,8 @@ def run_transformers(model: str, dtype_name: str) -> dict:
         t = time.perf_counter()
         hf.generate(ids, max_new_tokens=DECODE, min_new_tokens=DECODE, **kw)
         decode = (DECODE - 1) / (time.perf_counter() - t - first)
-        batched = {}
-        for b in (4, 16):
+        batched: dict[int, float | None] = {4: None, 16: None}
+        for b in (4, 16) if BATCH_TOKENS else ():
             ids = torch.tensor([prompt_ids(vocab, 8, seed=i) for i in range(b)])
             t = time.perf_counter()
             hf.generate(ids, max_new_tokens=BATCH_TOKENS, min_new_tokens=BATCH_TOKENS, **kw)
@@ -300,9 +325,10 @@ def main() -> None:
     ap.add_argument(
         "--quant",
         default=None,
-        choices=("int8", "int4", *GGUF_TYPES),
+        choices=("int8", "int4", "bf16", *GGUF_TYPES),
         help="with --random: int8/int4 quantize in memory; a GGUF type writes a GGUF file of random valid "
-        "blocks (to --write-gguf, default /tmp/random-SPEC-TYPE.gguf) and compares the engines on it",
+        "blocks (to --write-gguf, default /tmp/random-SPEC-TYPE.gguf) and compares the engines on it; bf16 "
+        "writes a bfloat16 Hugging Face folder (/tmp/random-SPEC-bf16) and compares the engines on it",
     )
     ap.add_argument(
         "--write-gguf",
@@ -326,6 +352,11 @@ def main() -> None:
     args = ap.parse_args()
     set_lengths(args.prefill_tokens, args.decode_tokens, args.batch_tokens)
     lengths = [f"--{k}-tokens={v}" for k, v in (("prefill", PREFILL), ("decode", DECODE), ("batch", BATCH_TOKENS))]
+    if args.random and args.quant == "bf16":
+        folder = f"/tmp/random-{os.path.basename(args.random).removesuffix('.json')}-bf16"
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            write_random_hf(args.random, folder)
+        args.model, args.random = folder, None
     if args.random and args.quant in GGUF_TYPES and not args.write_gguf:
         args.write_gguf = f"/tmp/random-{os.path.basename(args.random).removesuffix('.json')}-{args.quant}.gguf"
     if args.random and args.write_gguf:
@@ -423,8 +454,20 @@ def _medians(runs: list[dict]) -> dict:
 
 def active_bytes_of_file(path: str) -> int:
     """Bytes one decoded token reads from a GGUF file: every tensor but the embedding table, and of
-    Mixtral's `*_exps` stacks the share the router picks (expert_used_count of expert_count)."""
+    Mixtral's `*_exps` stacks the share the router picks (expert_used_count of expert_count). A Hugging
+    Face folder: its safetensors but the embedding (a dense model's)."""
     from tramontane.weights.gguf import open_gguf
+
+    if os.path.isdir(path):
+        from pathlib import Path
+
+        from tramontane.weights.safetensors import SafetensorsFile
+
+        total = 0
+        for file in sorted(Path(path).glob("*.safetensors")):
+            with SafetensorsFile(file) as st:
+                total += sum(e.nbytes for n, e in st.tensors.items() if "embed_tokens" not in n)
+        return total
 
     with open_gguf(path) as f:
         meta = f.metadata

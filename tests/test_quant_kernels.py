@@ -111,6 +111,23 @@ def test_raw_kernel_every_m_and_ragged_n(isa: str, qtype: QT) -> None:
 
 
 @needs_ext
+@pytest.mark.parametrize("qtype", [QT.F16, QT.BF16], ids=lambda t: t.name)
+def test_16bit_rows_at_one_row_are_those_of_a_batch(isa: str, qtype: QT) -> None:
+    """At one activation row the 16-bit kernel walks 4 streams of rows at once (decoding a float
+    checkpoint): each row's value equals the reference and, bit for bit, that row in a batch of 3, for row
+    counts that split into the streams and those that leave rows over."""
+    k = 320
+    packed, dense = weight(qtype, 150, k)
+    x = activations(3, k, seed=2)
+    for n in [150, 64, 13, 3]:
+        one, three = torch.full((1, n), float("nan")), torch.full((3, n), float("nan"))
+        ext.matmul(buf(x[:1].contiguous()), buf(packed[:n]), buf(one), 1, n, k, int(qtype), 2)
+        ext.matmul(buf(x), buf(packed[:n]), buf(three), 3, n, k, int(qtype), 2)
+        assert rel_err(one, reference(x[:1], dense[:n])) < 1e-5, (isa, n)
+        assert torch.equal(one[0], three[0]), (isa, n)
+
+
+@needs_ext
 @pytest.mark.parametrize("qtype", [QT.F16, QT.BF16, QT.F32], ids=lambda t: t.name)
 def test_float_rows_of_odd_length(isa: str, qtype: QT) -> None:
     # Block size 1: K need not be a multiple of the vector width.

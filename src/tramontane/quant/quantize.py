@@ -76,7 +76,11 @@ ROW_CHUNK = 1024  # rows quantized at a time: bounds the float temporaries of a 
 
 
 def quantize_rows(rows: int, make: Callable[[int, int], torch.Tensor], scheme: str) -> torch.Tensor:
-    """Quantize a [rows, K] matrix produced chunk by chunk by `make(start, stop)` -> packed rows."""
+    """Quantize a [rows, K] matrix produced chunk by chunk by `make(start, stop)` -> packed rows. The
+    16-bit schemes take the matrix whole: no float temporaries to bound, and where it already holds that
+    type its own bytes are the rows (no copy: a copy freed at load stays resident in the allocator)."""
+    if scheme in ("bf16", "f16"):
+        return QUANTIZERS[scheme](make(0, rows))
     out = None
     for start in range(0, rows, ROW_CHUNK):
         part = QUANTIZERS[scheme](make(start, min(start + ROW_CHUNK, rows)))  # [chunk, row_bytes]
