@@ -453,9 +453,10 @@ def _medians(runs: list[dict]) -> dict:
 
 
 def active_bytes_of_file(path: str) -> int:
-    """Bytes one decoded token reads from a GGUF file: every tensor but the embedding table, and of
-    Mixtral's `*_exps` stacks the share the router picks (expert_used_count of expert_count). A Hugging
-    Face folder: its safetensors but the embedding (a dense model's)."""
+    """Bytes one decoded token reads from a GGUF file: every tensor but the embedding table (unless the
+    head is tied to it: no output tensor, the head reads the table whole), and of Mixtral's `*_exps`
+    stacks the share the router picks (expert_used_count of expert_count). A Hugging Face folder: its
+    safetensors the same way (lm_head, or the embedding it is tied to)."""
     from tramontane.weights.gguf import open_gguf
 
     if os.path.isdir(path):
@@ -463,19 +464,20 @@ def active_bytes_of_file(path: str) -> int:
 
         from tramontane.weights.safetensors import SafetensorsFile
 
-        total = 0
+        sizes: dict[str, int] = {}
         for file in sorted(Path(path).glob("*.safetensors")):
             with SafetensorsFile(file) as st:
-                total += sum(e.nbytes for n, e in st.tensors.items() if "embed_tokens" not in n)
-        return total
+                sizes |= {n: e.nbytes for n, e in st.tensors.items()}
+        tied = not any("lm_head" in n for n in sizes)
+        return sum(b for n, b in sizes.items() if tied or "embed_tokens" not in n)
 
     with open_gguf(path) as f:
         meta = f.metadata
         arch = meta.get("general.architecture", "llama")
         experts, used = meta.get(f"{arch}.expert_count", 0), meta.get(f"{arch}.expert_used_count", 0)
-        total = 0.0
+        total, tied = 0.0, "output.weight" not in f.tensors
         for name, info in f.tensors.items():
-            if name.startswith("token_embd"):
+            if name.startswith("token_embd") and not tied:
                 continue
             total += info.nbytes * (used / experts if experts and "_exps" in name else 1.0)
     return int(total)

@@ -119,6 +119,29 @@ def test_perplexity_equals_transformers(both, smollm2_path, tmp_path, capsys):
     assert abs(printed - computed[128, 64].perplexity) < 1e-3
 
 
+def test_fast_default_stays_within_half_a_percent_of_the_exact_path(smollm2_path):
+    """Issue 18's fidelity bound on the real model: the default int8 activations (with the interleaved
+    layouts the loader then makes) move the perplexity of a fixed text by less than 0.5% from the exact
+    float32 path, and answer the same greedy chat. (The suite runs exact by default: conftest.py.)"""
+    from tramontane.evaluate import perplexity
+    from tramontane.quant import kernels
+
+    def measure() -> tuple[float, list[int]]:
+        llm = tramontane.load(smollm2_path)
+        ids = llm.tokenizer.encode(" ".join([TEXT] * 3))
+        return perplexity(llm, ids, 128, 64).perplexity, llm.chat(QUESTION, temperature=0, max_tokens=32).token_ids
+
+    previous = kernels.set_activations("q8")
+    try:
+        fast, fast_answer = measure()
+    finally:
+        kernels.set_activations(previous)
+    exact, exact_answer = measure()
+    assert fast != exact  # the integer kernels ran
+    assert abs(fast / exact - 1) < 0.005, (fast, exact)
+    assert fast_answer == exact_answer
+
+
 def test_multiple_choice_scores_equal_transformers_loglikelihood(both, smollm2_path, tmp_path, capsys):
     from tramontane.cli.main import main
     from tramontane.evaluate import continuation_logprob
