@@ -555,6 +555,38 @@ def test_offline_prompt_chunks_run_compiled(tmp_path, isa, kind, qtype):
         assert (a - e).abs().max().item() <= 1e-5 * max(1.0, e.abs().max().item())
 
 
+@pytest.mark.skipif(not kernels.available() or kernels.isa() == "scalar", reason="no integer kernel")
+def test_one_long_prompt_runs_compiled_where_every_matrix_has_an_integer_kernel(tmp_path, monkeypatch):
+    """One prompt of more tokens than the packed kernels' M: compiled under int8 activations (every
+    matrix of the blocks on its integer kernel at any M: the compiled tiles are faster than sgemm there),
+    equal to the module path; on the module path under the exact setting and for a bfloat16 checkpoint
+    (no integer kernel: its sgemm is faster)."""
+    prompt = [(7 * i) % 90 + 3 for i in range(80)]  # past DEQUANTIZE_ABOVE_M on the vector passes
+    assert kernels.use_dense(len(prompt))
+    calls: list[int] = []
+    chunk = CompiledStep._offline_chunk
+    monkeypatch.setattr(CompiledStep, "_offline_chunk", lambda self, *a: calls.append(1) or chunk(self, *a))
+    previous = kernels.set_activations("q8")
+    try:
+        model = load_model(save_gguf(hf_model("llama", seed=3), tmp_path / "m.gguf", "Q4_0"), packed=True).model
+        fused, _ = offline_prefill(model, CompiledStep(model), [prompt], capacity=96)
+        assert calls == [1]
+        plain, _ = offline_prefill(model, ModuleBackend(model), [prompt], capacity=96)
+        # int8 activations: where a block's largest |x| moves by a rounding (attention summed in another
+        # order), its scale and all 32 roundings move: measured 1.2-1.4% of the logits' scale on one of
+        # the 80 rows, 0 on the others; a wrong path is off by O(1)
+        assert (fused - plain).abs().max().item() <= 0.03 * plain.abs().max().item()
+        kernels.set_activations("f32")
+        offline_prefill(model, CompiledStep(model), [prompt], capacity=96)
+        assert calls == [1]  # the exact setting: the module path
+        kernels.set_activations("q8")
+        bf16 = load_model(save_hf(hf_model("llama", seed=3).to(torch.bfloat16), tmp_path / "b"), quant="bf16").model
+        offline_prefill(bf16, CompiledStep(bf16), [prompt], capacity=96)
+        assert calls == [1]
+    finally:
+        kernels.set_activations(previous)
+
+
 def test_a_prompt_computes_offline_as_served(tmp_path):
     """With integer activations every row's arithmetic is the same whatever shares its step: a prompt
     prefilled offline beside another, and the same prompt as a chunk of a serving step beside another

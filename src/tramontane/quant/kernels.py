@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterable
 from types import ModuleType
 
 import torch
@@ -257,6 +258,12 @@ def _integer_kernel(qtype: int, n: int, k: int) -> bool:
     """Whether a matmul past the dense route's M runs the extension's integer kernel instead."""
     big = n * k * 4 > INTEGER_ABOVE_BYTES or qtype in _BASE
     return _q8 and big and qtype in Q8_TYPES and k % Q8_TYPES[qtype] == 0 and isa() != "scalar"
+
+
+def integer_everywhere(qtypes: Iterable[int]) -> bool:
+    """Whether matrices of these types all run their integer kernel at every M (activations "q8", a vector
+    pass; the interleaved types at any size, the others' rows a multiple of their block as GGUF's are)."""
+    return _q8 and isa() not in ("scalar", "none") and all(t in Q8_TYPES for t in qtypes)
 
 
 def _threads(n_threads: int | None) -> int:

@@ -114,6 +114,7 @@ class CompiledStep:
             _block_buffers(block) | _lora_buffers(*values, len(self.adapters))
             for block, values in zip(model.blocks(), self._adapter_values)
         ]
+        self._types = frozenset(b[2] for w in self._weights for b in w.values() if len(b) == 3 and b[1])
         watched = _watch(model)  # what current() compares, and keeps alive while this step serves
         self._holders: list[dict] = [holder for holder, _, _ in watched]
         self._names: list[str] = [name for _, name, _ in watched]
@@ -159,20 +160,26 @@ class CompiledStep:
         )
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
-        """A serving step on the paged pool runs compiled, unless it is one sequence's prompt chunk of more
-        tokens than the packed kernels' M (`kernels.use_dense`): there the module path's sgemm and fused
-        attention are faster. (Over several sequences the module path attends every query to every
-        sequence's keys, masked: work that grows with the square of the batch; 14 prompts of 2,000
-        shared tokens took 8.5 s through it against 2.4 s compiled.) Offline prompt chunks follow the
-        same rule (one prompt of more than M tokens: the module path), so that a prompt computes offline
-        as it does served."""
+        """A serving step on the paged pool runs compiled, unless it is one sequence's prompt chunk that
+        the module path runs faster (`_module_chunk`). (Over several sequences the module path attends
+        every query to every sequence's keys, masked: work that grows with the square of the batch; 14
+        prompts of 2,000 shared tokens took 8.5 s through it against 2.4 s compiled.) Offline prompt
+        chunks follow the same rule, so that a prompt computes offline as it does served."""
         if positions is not None and isinstance(cache, PagedCache):
-            if cache.tables.shape[0] > 1 or not kernels.use_dense(tokens.shape[1]):
+            if cache.tables.shape[0] > 1 or not self._module_chunk(tokens.shape[1]):
                 return self._paged(tokens, positions, cache)
         elif positions is not None and isinstance(cache, KVCache) and self._chunk_fits(positions, cache):
-            if cache.batch_size > 1 or not kernels.use_dense(tokens.shape[1]):
+            if cache.batch_size > 1 or not self._module_chunk(tokens.shape[1]):
                 return self._offline_chunk(tokens, positions, cache)
         return self.model.hidden_states(tokens, positions, cache)
+
+    def _module_chunk(self, n: int) -> bool:
+        """Whether one sequence's chunk of n tokens runs faster on the module path: where its matmuls take
+        dequantize + sgemm there (more tokens than the packed kernels' M, `kernels.use_dense`), unless
+        every block matrix runs its integer kernel at any M anyway; then the compiled tiles win (512-token
+        prompt, same run: SmolLM2 Q4_0 785-896 tok/s against 604-733 on the module path, Q5_K_M 680-730
+        against 506-652; a bfloat16 checkpoint, no integer kernel, 179-245 against 257-325)."""
+        return kernels.use_dense(n) and not kernels.integer_everywhere(self._types)
 
     @staticmethod
     def _chunk_fits(positions: torch.Tensor, cache: KVCache) -> bool:
