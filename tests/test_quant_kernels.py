@@ -959,20 +959,10 @@ def test_regroup_applies_where_the_integer_kernel_runs(q8: None) -> None:
     assert torch.equal(kernels.ggml_blocks(rows, qtype, 576)[0], packed)
     part = packed[:12]  # not whole groups of 8 rows
     assert kernels.regroup(part, int(QT.Q4_0), 576)[0] is part
-    q41, _ = weight(QT.Q4_1, 96, 256)
-    assert kernels.regroup(q41, int(QT.Q4_1), 256)[1] == kernels.Q4_1_R8
-    q4k, _ = weight(QT.Q4_K, 96, 256)
-    assert kernels.regroup(q4k, int(QT.Q4_K), 256)[1] == kernels.Q4_K_R8
-    q6k, _ = weight(QT.Q6_K, 96, 256)
-    assert kernels.regroup(q6k, int(QT.Q6_K), 256)[1] == kernels.Q6_K_R8
-    q3k, _ = weight(QT.Q3_K, 96, 256)
-    assert kernels.regroup(q3k, int(QT.Q3_K), 256)[1] == kernels.Q3_K_R8
-    q8_0, _ = weight(QT.Q8_0, 96, 256)
-    assert kernels.regroup(q8_0, int(QT.Q8_0), 256)[1] == kernels.Q8_0_R8
-    q5_0, _ = weight(QT.Q5_0, 96, 256)
-    assert kernels.regroup(q5_0, int(QT.Q5_0), 256)[1] == kernels.Q5_0_R8
-    q5_1, _ = weight(QT.Q5_1, 96, 256)
-    assert kernels.regroup(q5_1, int(QT.Q5_1), 256)[1] == kernels.Q5_1_R8
+    interleaved = {QT.Q4_1: kernels.Q4_1_R8, QT.Q4_K: kernels.Q4_K_R8, QT.Q6_K: kernels.Q6_K_R8}
+    interleaved |= {QT.Q3_K: kernels.Q3_K_R8, QT.Q8_0: kernels.Q8_0_R8, QT.Q5_0: kernels.Q5_0_R8}
+    for base, r8 in (interleaved | {QT.Q5_1: kernels.Q5_1_R8}).items():
+        assert kernels.regroup(weight(base, 96, 256)[0], int(base), 256)[1] == r8, base.name
     q5_k, _ = weight(QT.Q5_K, 96, 256)
     assert kernels.regroup(q5_k, int(QT.Q5_K), 256)[0] is q5_k
     kernels.set_activations("f32")  # the exact setting keeps GGML's layout (the q8 fixture restores)

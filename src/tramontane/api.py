@@ -16,6 +16,7 @@ from .device import resolve_dtype
 from .errors import RequestError
 from .hub.resolve import resolve_model
 from .model import Backend, KVCache
+from .quant.quantize import SIXTEEN_BIT
 from .text.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -181,7 +182,7 @@ def load(
     packed = available() if packed is None else packed
     if quant is None and parallel is None and packed and fmt != "gguf":
         quant = _float_packing(path, dtype)  # 16-bit rows on the packed kernels (activations float32)
-    dtype = torch.float32 if quant in ("bf16", "f16") else resolve_dtype(dtype, fmt)
+    dtype = torch.float32 if quant in SIXTEEN_BIT else resolve_dtype(dtype, fmt)
     shard = None
     if parallel is not None and (quant is not None or lora):
         raise RequestError(
@@ -226,4 +227,4 @@ def _float_packing(path: Path, dtype: str | torch.dtype | None) -> str | None:
         counts = open_source(path)[2].type_counts()
         stored = max(counts, key=lambda k: counts[k]) if counts else None
         chosen = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(stored or "", torch.float32)
-    return {torch.bfloat16: "bf16", torch.float16: "f16"}.get(chosen)
+    return next((scheme for scheme, d in SIXTEEN_BIT.items() if d is chosen), None)

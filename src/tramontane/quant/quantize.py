@@ -65,13 +65,9 @@ def as_16bit(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda w: w.to(dtype).contiguous().view(torch.uint8)
 
 
+SIXTEEN_BIT = {"bf16": torch.bfloat16, "f16": torch.float16}  # the 16-bit schemes and their dtypes
 # scheme -> [N,K] float -> blocks
-QUANTIZERS = {
-    "int8": quantize_q8_0,
-    "int4": quantize_q4_1,
-    "bf16": as_16bit(torch.bfloat16),
-    "f16": as_16bit(torch.float16),
-}
+QUANTIZERS = {"int8": quantize_q8_0, "int4": quantize_q4_1} | {s: as_16bit(d) for s, d in SIXTEEN_BIT.items()}
 ROW_CHUNK = 1024  # rows quantized at a time: bounds the float temporaries of a large matrix
 
 
@@ -79,7 +75,7 @@ def quantize_rows(rows: int, make: Callable[[int, int], torch.Tensor], scheme: s
     """Quantize a [rows, K] matrix produced chunk by chunk by `make(start, stop)` -> packed rows. The
     16-bit schemes take the matrix whole: no float temporaries to bound, and where it already holds that
     type its own bytes are the rows (no copy: a copy freed at load stays resident in the allocator)."""
-    if scheme in ("bf16", "f16"):
+    if scheme in SIXTEEN_BIT:
         return QUANTIZERS[scheme](make(0, rows))
     out = None
     for start in range(0, rows, ROW_CHUNK):
