@@ -12,7 +12,16 @@ for a 512-token prefill, 256 decoded tokens at batch 1, and aggregate decode at 
 each), with ratios to the first engine; --prefill-tokens, --decode-tokens, --batch-tokens change those
 lengths (Mixtral 8x7B at a few tokens per second takes shorter runs). `--random SPEC --quant bf16` writes
 random weights as a bfloat16 Hugging Face folder (placeholder tokenizer) and compares the engines on it:
-the float-checkpoint figures (tramontane's 16-bit packed rows against transformers bf16)."""
+the float-checkpoint figures (tramontane's 16-bit packed rows against transformers bf16).
+
+    python benchmarks/decode_speed.py --types q4_0,q4_k_m,q5_k_m,q6_k,q8_0 --llama-bin DIR [--rounds 2]
+
+The quant types people download, side by side: the model (default SmolLM2) requantized to each type by
+llama.cpp's own `DIR/llama-quantize` (ours, `tramontane convert`, where no DIR is given: the types it
+writes), then each file measured as above with llama.cpp as `DIR/llama-bench` (its own warm-up run
+first; mmap on and off, peak RSS of the process) in place of llama-cpp-python; a summary table of
+the ratios and each file's decode roofline at the end. DIR: a llama.cpp build's bin folder (a benchmark
+tool, never a dependency)."""
 
 from __future__ import annotations
 
@@ -24,6 +33,9 @@ import sys
 import time
 
 PREFILL, DECODE, BATCH_TOKENS = 512, 256, 64
+LLAMA_BIN: str | None = None  # --llama-bin: llama.cpp's own binaries instead of llama-cpp-python
+# --types: llama-quantize's names of the types people download; tramontane convert writes the plain ones
+DOWNLOADED = ("q4_0", "q4_k_m", "q5_k_m", "q6_k", "q8_0")
 
 
 def set_lengths(prefill: int, decode: int, batch: int) -> None:
@@ -286,7 +298,28 @@ def run_llama_cpp(model: str, threads: int, mmap: bool = True) -> dict:
     return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": None, "batch16": None}
 
 
+def run_llama_bench(bench: str, model: str, threads: int, mmap: bool) -> dict:
+    """llama.cpp's own benchmark on `model` (its warm-up run first, one timed repetition of each test);
+    peak RSS is the child's."""
+    import resource
+
+    cmd = [bench, "-m", model, "-t", str(threads), "-p", str(PREFILL), "-n", str(DECODE), "-r", "1"]
+    proc = subprocess.run([*cmd, "-mmp", "1" if mmap else "0", "-o", "json"], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)}: failed\n{proc.stderr[-1500:]}")
+    tests = json.loads(proc.stdout)
+    prefill = next(t["avg_ts"] for t in tests if t["n_prompt"] and not t["n_gen"])
+    decode = next(t["avg_ts"] for t in tests if t["n_gen"] and not t["n_prompt"])
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    return {"load_s": None, "prefill": prefill, "decode": decode, "batch4": None, "batch16": None, "peak_rss": rss}
+
+
 def worker(engine: str, model: str | None, threads: int, random: str | None = None, quant: str | None = None) -> None:
+    if engine.startswith("llama.cpp") and LLAMA_BIN:
+        out = run_llama_bench(os.path.join(LLAMA_BIN, "llama-bench"), str(model), threads, engine != "llama.cpp-nommap")
+        out["peak_rss_gb"] = out.pop("peak_rss") / 1e9
+        print(json.dumps(out))
+        return
     if engine.startswith("llama.cpp"):  # may run under another interpreter (--llama-python): no torch there
         out = run_llama_cpp(str(model), threads, mmap=engine != "llama.cpp-nommap")
         out["peak_rss_gb"] = peak_rss() / 1e9
@@ -348,10 +381,28 @@ def main() -> None:
     ap.add_argument(
         "--batch-tokens", type=int, default=BATCH_TOKENS, help="tokens per sequence at batch 4 and 16 (0: skip)"
     )
+    ap.add_argument(
+        "--types",
+        default=None,
+        help=f"comma-separated quant types (e.g. {','.join(DOWNLOADED)}): the model requantized to each, "
+        "every file measured, a summary of the ratios to llama.cpp",
+    )
+    ap.add_argument(
+        "--llama-bin",
+        default=None,
+        metavar="DIR",
+        help="a llama.cpp build's bin folder: llama.cpp engines run its llama-bench, --types its llama-quantize",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global LLAMA_BIN
+    LLAMA_BIN = args.llama_bin
     set_lengths(args.prefill_tokens, args.decode_tokens, args.batch_tokens)
     lengths = [f"--{k}-tokens={v}" for k, v in (("prefill", PREFILL), ("decode", DECODE), ("batch", BATCH_TOKENS))]
+    lengths += ["--llama-bin", LLAMA_BIN] if LLAMA_BIN else []
+    if args.types and not args.worker:
+        compare_types(args, lengths)
+        return
     if args.random and args.quant == "bf16":
         folder = f"/tmp/random-{os.path.basename(args.random).removesuffix('.json')}-bf16"
         if not os.path.exists(os.path.join(folder, "config.json")):
@@ -412,13 +463,19 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.model, args.threads)
         return
-    engines = args.engines.split(",")
-    if not _llama_importable(args.llama_python):
+    results = measure(args, args.engines.split(","), lengths)
+    print_table(args, results)
+    print_roofline(args, results)
+
+
+def measure(args: argparse.Namespace, engines: list[str], lengths: list[str]) -> dict:
+    """Every engine once per round on args.model (interleaved, a fresh process each time): medians."""
+    if not LLAMA_BIN and not _llama_importable(args.llama_python):
         engines = [e for e in engines if not e.startswith("llama.cpp")]
     runs: dict[str, list[dict]] = {e: [] for e in engines}
     for _ in range(args.rounds):  # interleaved: every engine once per round, a fresh process each time
         for engine in engines:
-            python = args.llama_python if engine.startswith("llama.cpp") else sys.executable
+            python = args.llama_python if engine.startswith("llama.cpp") and not LLAMA_BIN else sys.executable
             proc = subprocess.run(
                 [python, __file__, "--worker", engine, "--model", args.model, "--threads", str(args.threads), *lengths],
                 capture_output=True,
@@ -429,9 +486,56 @@ def main() -> None:
                 print(f"{engine}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
                 continue
             runs[engine].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    results = {e: _medians(r) for e, r in runs.items() if r}
-    print_table(args, results)
-    print_roofline(args, results)
+    return {e: _medians(r) for e, r in runs.items() if r}
+
+
+def requantized(source: str, qtype: str) -> str:
+    """`source` requantized to `qtype` next to /tmp (made once): by llama.cpp's llama-quantize under
+    --llama-bin, else by tramontane convert (the plain block types it writes)."""
+    stem = os.path.basename(source).split(".")[0]
+    out = f"/tmp/{stem}-{qtype}.gguf"
+    if os.path.exists(out):
+        return out
+    if LLAMA_BIN:
+        cmd = [os.path.join(LLAMA_BIN, "llama-quantize"), "--allow-requantize", source, out, qtype.upper(), "2"]
+    else:
+        cmd = [sys.executable, "-m", "tramontane", "convert", source, "--to", "gguf", "--quant", qtype, "--out", out]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)}: failed\n{proc.stderr[-1500:]}")
+    return out
+
+
+def compare_types(args: argparse.Namespace, lengths: list[str]) -> None:
+    """--types: each requantized file measured (tramontane against llama.cpp, mmap on and off), then one
+    summary row per type: the ratios and the share of the decode roofline."""
+    if args.model is None:
+        from tramontane.hub.resolve import default_model_path
+
+        args.model = str(default_model_path())
+    source, rows = args.model, []
+    engines = ["tramontane", "llama.cpp", "llama.cpp-nommap"]
+    for qtype in args.types.split(","):
+        args.model = requantized(source, qtype)
+        results = measure(args, engines, lengths)
+        print_table(args, results)
+        rows.append((qtype, results, print_roofline(args, results)))
+    print(f"\nsummary: {source} requantized, {args.threads} threads, medians of {args.rounds} rounds")
+    print(
+        "| type | decode ours / llama.cpp (no mmap) | prefill ours / llama.cpp (no mmap) | decode, share of roofline |"
+    )
+    print("|---|---|---|---|")
+    for qtype, r, roofline in rows:
+        ours, mm, nm = (r.get(e, {}) for e in engines)
+
+        decode = f"{_ratio(ours, mm, 'decode')} ({_ratio(ours, nm, 'decode')})"
+        prefill = f"{_ratio(ours, mm, 'prefill')} ({_ratio(ours, nm, 'prefill')})"
+        share = f"{ours['decode']:.1f} tok/s, {ours['decode'] / roofline:.0%}" if ours.get("decode") else "-"
+        print(f"| {qtype} | {decode} | {prefill} | {share} |")
+
+
+def _ratio(ours: dict, other: dict, key: str) -> str:
+    return f"{ours[key] / other[key]:.2f}x" if ours.get(key) and other.get(key) else "-"
 
 
 def _llama_importable(python: str) -> bool:
@@ -483,7 +587,7 @@ def active_bytes_of_file(path: str) -> int:
     return int(total)
 
 
-def print_roofline(args: argparse.Namespace, results: dict) -> None:
+def print_roofline(args: argparse.Namespace, results: dict) -> float:
     import torch
 
     torch.set_num_threads(args.threads)
@@ -498,6 +602,7 @@ def print_roofline(args: argparse.Namespace, results: dict) -> None:
         print(
             f"- {engine}: decode {r['decode']:.1f} tok/s ({lo:.1f}-{hi:.1f}), {r['decode'] / roofline:.0%} of the roofline"
         )
+    return roofline
 
 
 def print_table(args: argparse.Namespace, results: dict) -> None:

@@ -1,6 +1,6 @@
 """The fast default (int8 activations, interleaved layouts) against the exact float32 path, per file.
 
-    python benchmarks/fidelity.py [--model FILE.gguf ...] [--tokens 128]
+    python benchmarks/fidelity.py [--model FILE.gguf ...] [--tokens 128] [--activations q16,q8]
 
 For each model: perplexity on a fixed text (sliding windows of 128 tokens, stride 64) and the greedy
 answers to 10 chat prompts (--tokens new tokens each, end of sequence honoured) under each setting, each
@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--model", nargs="*", default=None, help="GGUF files (default: SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--activations", default="q16,q8", help="the settings compared with the exact f32 path")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -74,16 +75,19 @@ def main() -> None:
         from tramontane.hub.resolve import default_model_path
 
         args.model = [str(default_model_path())]
-    print("| model | perplexity exact | perplexity fast | change | greedy answers identical |")
-    print("|---|---|---|---|---|")
+    print("| model | activations | perplexity exact | perplexity fast | change | greedy answers identical |")
+    print("|---|---|---|---|---|---|")
     for model in args.model:
-        exact, fast = (run(model, a, args.tokens, args.threads) for a in ("f32", "q8"))
-        same = sum(a == b for a, b in zip(exact["answers"], fast["answers"]))
-        change = fast["perplexity"] / exact["perplexity"] - 1
-        print(
-            f"| {os.path.basename(model)} | {exact['perplexity']:.4f} | {fast['perplexity']:.4f} | {change:+.3%} "
-            f"| {same} of {len(PROMPTS)} |"
-        )
+        exact = run(model, "f32", args.tokens, args.threads)
+        for setting in args.activations.split(","):
+            fast = run(model, setting, args.tokens, args.threads)
+            same = sum(a == b for a, b in zip(exact["answers"], fast["answers"]))
+            change = fast["perplexity"] / exact["perplexity"] - 1
+            print(
+                f"| {os.path.basename(model)} | {setting} | {exact['perplexity']:.4f} | {fast['perplexity']:.4f} "
+                f"| {change:+.3%} | {same} of {len(PROMPTS)} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

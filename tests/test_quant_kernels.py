@@ -590,29 +590,47 @@ def q8():
     kernels.set_activations(previous)
 
 
-def q8_reference(
-    x: torch.Tensor, dense: torch.Tensor, qtype: QT, bound: bool = False
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """float64 emulation of the integer kernels: x rounded to int8 in numpy (per 256 for the K-quants, per
-    32 for the legacy types: d = max|x| / 127, q = round-half-even(x * 127 / max|x|), float32 as the
-    kernel computes them) times W, offsets and mins included (they meet the same rounded x).
-    bound=True also returns the most the rounding can move each output from x @ W.T: half a step d/2
-    per element times |W|."""
-    m, k = x.shape
-    xb = x.numpy().reshape(m, -1, 256 if qtype in K_QUANTS else 32)
+@pytest.fixture(params=["q8", "q16"])
+def integer(request: pytest.FixtureRequest):
+    """Each integer setting in turn; yields its name."""
+    previous = kernels.set_activations(request.param)
+    yield request.param
+    kernels.set_activations(previous)
+
+
+def _rounded(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks xb [..., blk] rounded to int8 as the kernels do (d = max|x| / 127, q = round-half-even(x *
+    127 / max|x|), float32 as they compute them): d * q (float32) and each block's max |x|."""
     amax = np.abs(xb).max(-1, keepdims=True)
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    rounded = np.rint(xb * inv) * (amax / np.float32(127)).astype(np.float32)
+    return (np.rint(xb * inv) * (amax / np.float32(127)).astype(np.float32)).astype(np.float32), amax
+
+
+def q8_reference(
+    x: torch.Tensor, dense: torch.Tensor, qtype: QT, bound: bool = False, two: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """float64 emulation of the integer kernels: x rounded to int8 in numpy (per 256 for the K-quants, per
+    32 for the legacy types) times W, offsets and mins included (they meet the same rounded x); two=True
+    ("q16"): plus what the rounding left, rounded the same way. bound=True also returns the most the
+    rounding can move each output from x @ W.T: half a step per element (q8: d/2 = max|x| / 254; q16:
+    max|x| / 254^2) times |W|."""
+    m, k = x.shape
+    xb = x.numpy().reshape(m, -1, 256 if qtype in K_QUANTS else 32)
+    rounded, amax = _rounded(xb)
+    if two:
+        rounded = rounded.astype(np.float64) + _rounded((xb - rounded).astype(np.float32))[0]
     xt = torch.from_numpy(rounded.astype(np.float64).reshape(m, k))
-    half_step = torch.from_numpy(np.broadcast_to(amax / 254, xb.shape).astype(np.float64).reshape(m, k))
+    half_step = torch.from_numpy(
+        np.broadcast_to(amax / (254**2 if two else 254), xb.shape).astype(np.float64).reshape(m, k)
+    )
     y = xt @ dense.double().T
     return (y, half_step @ dense.double().abs().T) if bound else y
 
 
 @needs_ext
 @pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
-def test_q8_kernels_match_their_emulation(isa: str, q8: None, qtype: QT, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every M (the groups of 4 rows, their remainders, and blocks of 64 rows), ragged N: the integer
+def test_q8_kernels_match_their_emulation(isa: str, integer: str, qtype: QT, monkeypatch: pytest.MonkeyPatch) -> None:
+    """q8 and q16 (x and what its rounding left, as two int8 rows: about 250x closer). Every M (the groups of 4 rows, their remainders, and blocks of 64 rows), ragged N: the integer
     kernels equal the emulation to float32 rounding and stay within the rounding bound of the exact
     result (the portable C pass has no integer kernels: it stays exact). One kernel at every M, the
     legacy types' few decode rows included, so that a row's result does not depend on the batch."""
@@ -624,7 +642,7 @@ def test_q8_kernels_match_their_emulation(isa: str, q8: None, qtype: QT, monkeyp
             y = torch.full((m, n), float("nan"))
             ext.matmul(buf(x), buf(packed), buf(y), m, n, k, int(qtype), 2)
             exact = reference(x, dense[:n])
-            emulated, bound = q8_reference(x, dense[:n], qtype, bound=True)
+            emulated, bound = q8_reference(x, dense[:n], qtype, bound=True, two=integer == "q16")
             float_kernel = isa == "scalar"
             # float32 rounding scales with the sum of |terms|, not with a result that may cancel (n = 1)
             magnitude = (x.double().abs() @ dense[:n].double().abs().T).max()
@@ -636,14 +654,14 @@ def test_q8_kernels_match_their_emulation(isa: str, q8: None, qtype: QT, monkeyp
     x = activations(100, k)
     assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), reference(x, dense)) < 1e-5
     monkeypatch.setattr(kernels, "INTEGER_ABOVE_BYTES", 0)
-    emulated = q8_reference(x, dense, qtype)
+    emulated = q8_reference(x, dense, qtype, two=integer == "q16")
     want = reference(x, dense) if isa == "scalar" else emulated
     assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), want) < 1e-5
 
 
 @needs_ext
 @pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
-def test_q8_rows_do_not_depend_on_the_batch(isa: str, q8: None, qtype: QT) -> None:
+def test_q8_rows_do_not_depend_on_the_batch(isa: str, integer: str, qtype: QT) -> None:
     """A row's result is the same bits alone (M = 1, a decode step of one request), among 2, 3 or 4
     (the register-held decode rows) and among 16 or 70 rows: the served engine batches requests, and an
     answer must not change with the company it keeps."""
@@ -706,7 +724,7 @@ def test_q8_scales_of_an_all_zero_block_and_extreme_rows(q8: None) -> None:
 
 
 def test_activations_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """q8 in a fresh process without TRAMONTANE_ACTIVATIONS; the variable chooses (this suite runs
+    """q16 in a fresh process without TRAMONTANE_ACTIVATIONS; the variable chooses (this suite runs
     with f32 through it); a wrong value names the variable."""
     import os
     import subprocess
@@ -715,10 +733,10 @@ def test_activations_setting_from_the_environment(monkeypatch: pytest.MonkeyPatc
     code = "from tramontane.quant import kernels; print(kernels.activations())"
     base = {k: v for k, v in os.environ.items() if k != "TRAMONTANE_ACTIVATIONS"}
     fresh = subprocess.run([sys.executable, "-c", code], env=base, capture_output=True, text=True)
-    assert fresh.stdout.strip() == ("q8" if kernels.available() else "f32"), fresh.stderr
+    assert fresh.stdout.strip() == ("q16" if kernels.available() else "f32"), fresh.stderr
     assert kernels.activations() == "f32"  # conftest's TRAMONTANE_ACTIVATIONS=f32, read at import
     monkeypatch.setenv("TRAMONTANE_ACTIVATIONS", "int4")
-    with pytest.raises(ValueError, match="TRAMONTANE_ACTIVATIONS must be one of q8, f32, not 'int4'"):
+    with pytest.raises(ValueError, match="TRAMONTANE_ACTIVATIONS must be one of q8, q16, f32, not 'int4'"):
         kernels._activations_from_env()
     with pytest.raises(ValueError, match="activations must be one of"):
         kernels.set_activations("f16")
@@ -726,15 +744,17 @@ def test_activations_setting_from_the_environment(monkeypatch: pytest.MonkeyPatc
 
 @needs_ext
 def test_exact_flag_sets_float_activations(q8: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
     from tramontane.cli.main import _apply_exact, build_parser
 
     monkeypatch.delenv("TRAMONTANE_ACTIVATIONS")
     _apply_exact(build_parser().parse_args(["run"]))
     assert kernels.activations() == "q8"  # no flag: the default stays
+    _apply_exact(build_parser().parse_args(["chat", "--activations", "q16"]))
+    assert kernels.activations() == "q16" and os.environ["TRAMONTANE_ACTIVATIONS"] == "q16"
     _apply_exact(build_parser().parse_args(["serve", "--exact"]))
     assert kernels.activations() == "f32"
-    import os
-
     assert os.environ["TRAMONTANE_ACTIVATIONS"] == "f32"  # for the processes it starts
 
 

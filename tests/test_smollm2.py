@@ -120,26 +120,34 @@ def test_perplexity_equals_transformers(both, smollm2_path, tmp_path, capsys):
 
 
 def test_fast_default_stays_within_half_a_percent_of_the_exact_path(smollm2_path):
-    """Issue 18's fidelity bound on the real model: the default int8 activations (with the interleaved
-    layouts the loader then makes) move the perplexity of a fixed text by less than 0.5% from the exact
-    float32 path, and answer the same greedy chat. (The suite runs exact by default: conftest.py.)"""
+    """Issue 18's fidelity bound on the real model: the default integer activations (q16, with the
+    interleaved layouts the loader then makes) move the perplexity of a fixed text by less than 0.5%
+    from the exact float32 path, and answer the same greedy chats (3 of them, 48 tokens: the benchmark's
+    figure is 10 of 128). q8 alone, one int8 rounding, drifts further. (The suite runs exact by default:
+    conftest.py.)"""
     from tramontane.evaluate import perplexity
     from tramontane.quant import kernels
 
-    def measure() -> tuple[float, list[int]]:
-        llm = tramontane.load(smollm2_path)
-        ids = llm.tokenizer.encode(" ".join([TEXT] * 3))
-        return perplexity(llm, ids, 128, 64).perplexity, llm.chat(QUESTION, temperature=0, max_tokens=32).token_ids
+    questions = [QUESTION] + [
+        [{"role": "user", "content": q}] for q in ("Write a haiku about the sea.", "Why is the sky blue?")
+    ]
 
-    previous = kernels.set_activations("q8")
-    try:
-        fast, fast_answer = measure()
-    finally:
-        kernels.set_activations(previous)
-    exact, exact_answer = measure()
+    def measure(setting: str) -> tuple[float, list[list[int]]]:
+        previous = kernels.set_activations(setting)
+        try:
+            llm = tramontane.load(smollm2_path)
+            ppl = perplexity(llm, llm.tokenizer.encode(" ".join([TEXT] * 3)), 128, 64).perplexity
+            answers = [llm.chat(q, temperature=0, max_tokens=48).token_ids for q in questions]
+            return ppl, answers
+        finally:
+            kernels.set_activations(previous)
+
+    (exact, exact_answers), (fast, fast_answers) = measure("f32"), measure(kernels.DEFAULT_ACTIVATIONS)
+    q8 = measure("q8")[0]
     assert fast != exact  # the integer kernels ran
     assert abs(fast / exact - 1) < 0.005, (fast, exact)
-    assert fast_answer == exact_answer
+    assert fast_answers == exact_answers
+    assert abs(fast / exact - 1) < abs(q8 / exact - 1), (fast, q8, exact)
 
 
 def test_multiple_choice_scores_equal_transformers_loglikelihood(both, smollm2_path, tmp_path, capsys):

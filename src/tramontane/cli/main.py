@@ -63,22 +63,25 @@ def _mmap_flag(p: argparse.ArgumentParser) -> None:
 
 def _exact_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--exact",
-        action="store_true",
-        help="float32 activations in every packed matmul. By default the kernels of Q2_K..Q6_K, Q4_0, "
-        "Q4_1 and Q8_0 weights round the activations to int8 (per 256 or 32 values) for integer dot "
-        "products (as llama.cpp does: faster, answers within that rounding of the exact path); --exact "
-        "gives the float32 results bit for bit",
+        "--activations",
+        choices=("q16", "q8", "f32"),
+        default=None,
+        help="activations of the packed matmuls of Q2_K..Q6_K, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights: "
+        "q16 (the default: rounded to two int8 parts for integer dot products, within 1/64516 of each "
+        "block's largest value), q8 (one int8 part, as llama.cpp: fastest, answers drift from the exact "
+        "path's sooner) or f32 (float32, the exact path)",
     )
+    p.add_argument("--exact", action="store_true", help="--activations f32: float32 results bit for bit")
 
 
 def _apply_exact(ns: argparse.Namespace) -> None:
-    """--exact: float32 activations in this process and in those it starts (the environment variable
-    the kernels read when they are imported)."""
-    if getattr(ns, "exact", False):
-        os.environ["TRAMONTANE_ACTIVATIONS"] = "f32"
+    """--exact / --activations: in this process and in those it starts (the environment variable the
+    kernels read when they are imported)."""
+    wanted = "f32" if getattr(ns, "exact", False) else getattr(ns, "activations", None)
+    if wanted:
+        os.environ["TRAMONTANE_ACTIVATIONS"] = wanted
         if "tramontane.quant.kernels" in sys.modules:
-            sys.modules["tramontane.quant.kernels"].set_activations("f32")
+            sys.modules["tramontane.quant.kernels"].set_activations(wanted)
 
 
 def _parallel_flag(p: argparse.ArgumentParser) -> None:

@@ -139,9 +139,10 @@ TRAM_HIDDEN int tram_isa_select(const char *name);
  * memory. */
 TRAM_HIDDEN int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N,
                             long K, int qtype, int n_threads);
-/* Activations of the fused kernels: 1 = rounded to int8 per 256 (Q8_K) for the types with integer
- * kernels, 0 = float32 everywhere (the exact path). Process-wide, set from Python. */
-TRAM_HIDDEN void tram_set_q8(int on);
+/* Activations of the fused kernels: 1 = rounded to int8 per 256 (Q8_K) or 32 for the types with
+ * integer kernels, 2 = the same as two int8 rows (x and what its rounding left, matmul.c), 0 = float32
+ * everywhere (the exact path). Process-wide, set from Python. */
+TRAM_HIDDEN void tram_set_q8(int mode);
 TRAM_HIDDEN int tram_q8(void);
 /* out[N,K] = W as float32; returns 0, or -1 when out of memory. */
 TRAM_HIDDEN int tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, long K, int qtype,

@@ -58,9 +58,9 @@ static float *block_sums(const float *x, long M, long K, int span) {
     return xs;
 }
 
-static int g_q8 = 1;
+static int g_q8 = 2;  /* "q16", the default (kernels.py) */
 
-void tram_set_q8(int on) { g_q8 = on != 0; }
+void tram_set_q8(int mode) { g_q8 = mode == 2 ? 2 : mode != 0; }
 int tram_q8(void) { return g_q8; }
 
 /* Sums of the rounded x (d * q) per `span` (16 or 32) elements -> malloc'd [M][K/span], as block_sums,
@@ -88,16 +88,28 @@ static long q8_block(int qtype) {
 
 /* x [M, K] (K % blk == 0) rounded to int8 per blk elements (the instruction set's quantize_q8: d = max
  * |x| / 127, q = round(x / d), the sums of q per 16) into one malloc'd buffer (*mem, to free), views in
- * *out; -1 when out of memory. */
-static int quantize_q8(const isa_ops *ops, const float *x, long M, long K, long blk, q8_rows *out, void **mem) {
-    const size_t nq = (size_t)(M * K), nd = (size_t)(M * (K / blk)), nb = (size_t)(M * (K / 16));
+ * *out; -1 when out of memory. With `two` ("q16"), 2M rows: rows [0, M) as above, row M + m the same
+ * rounding of what row m left (x - d q, at most d / 2 per element, so its step is at most d / 254):
+ * the two rows together carry x to 1/64516 of each block's largest |x|. */
+static int quantize_q8(const isa_ops *ops, const float *x, long M, long K, long blk, int two, q8_rows *out,
+                       void **mem) {
+    const long R = two ? 2 * M : M;
+    const size_t nq = (size_t)(R * K), nd = (size_t)(R * (K / blk)), nb = (size_t)(R * (K / 16));
     const size_t od = (nq + 63) & ~(size_t)63, ob = od + ((nd * 4 + 63) & ~(size_t)63);
     char *p = malloc(ob + nb * 2);
     if (!p) return -1;
     int8_t *q = (int8_t *)p;
     float *d = (float *)(p + od);
     int16_t *bs = (int16_t *)(p + ob);
-    ops->quantize_q8(x, (long)nd, blk, q, d, bs);
+    const long hd = M * (K / blk);
+    ops->quantize_q8(x, hd, blk, q, d, bs);
+    if (two) {
+        float *r = malloc(sizeof(float) * (size_t)(M * K));
+        if (!r) return free(p), -1;
+        for (long i = 0; i < M * K; i++) r[i] = x[i] - d[i / blk] * (float)q[i];
+        ops->quantize_q8(r, hd, blk, q + M * K, d + hd, bs + M * (K / 16));
+        free(r);
+    }
     out->q = q, out->d = d, out->bs = bs;
     *mem = p;
     return 0;
@@ -131,10 +143,17 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
     q8_rows xq = {NULL, NULL, NULL};
     void *xq_mem = NULL;
     const int span = xs_span(qtype);
+    const int two = fused_q8 && g_q8 == 2;  /* "q16": x as two int8 rows, their products summed */
+    const long MQ = two ? 2 * M : M;
+    float *y2 = NULL;
     if (fused_q8) fused = NULL;
-    if (fused_q8 && quantize_q8(ops, x, M, K, blk, &xq, &xq_mem)) return -1;
-    if ((fused || fused_q8) && span && !(xs = fused_q8 ? rounded_sums(&xq, M, K, blk, span) : block_sums(x, M, K, span))) {
+    if (fused_q8 && quantize_q8(ops, x, M, K, blk, two, &xq, &xq_mem)) return -1;
+    if ((fused || fused_q8) && span && !(xs = fused_q8 ? rounded_sums(&xq, MQ, K, blk, span) : block_sums(x, M, K, span))) {
         free(xq_mem);
+        return -1;
+    }
+    if (two && !(y2 = malloc(sizeof(float) * (size_t)(MQ * N)))) {
+        free(xs), free(xq_mem);
         return -1;
     }
     int nth = thread_count(n_threads, N, (long)(rb * (size_t)N) + M * K * 4);
@@ -152,13 +171,16 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
         split_rows(N, t, nt, tram_r8_base(qtype) >= 0 ? 8 : RN, &n0, &n1);
         if (n1 > n0) {
             if (fused_q8)
-                fused_q8(w + (size_t)n0 * rb, rb, n1 - n0, &xq, xs, M, K, y + n0, N);
+                fused_q8(w + (size_t)n0 * rb, rb, n1 - n0, &xq, xs, MQ, K, (two ? y2 : y) + n0, N);
             else if (fused)
                 fused(w + (size_t)n0 * rb, rb, n1 - n0, x, xs, M, K, y + n0, N);
             else
                 ops->tile(ops->dec[qtype], ti.block, ti.size, w, rb, n0, n1, x, M, K, y, N);
+            for (long m = 0; two && m < M; m++)
+                for (long c = n0; c < n1; c++) y[m * N + c] = y2[m * N + c] + y2[(M + m) * N + c];
         }
     }
+    free(y2);
     free(xs);
     free(xq_mem);
     return 0;

@@ -484,10 +484,13 @@ static PyObject *py_set_activations(PyObject *self, PyObject *args) {
     const char *name;
     (void)self;
     if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
-    const char *prev = tram_q8() ? "q8" : "f32";
-    if (strcmp(name, "q8") && strcmp(name, "f32"))
-        return PyErr_Format(PyExc_ValueError, "activations must be 'q8' or 'f32', not '%s'", name);
-    tram_set_q8(!strcmp(name, "q8"));
+    static const char *const names[] = {"f32", "q8", "q16"};
+    const char *prev = names[tram_q8()];
+    int mode = -1;
+    for (int i = 0; i < 3; i++)
+        if (!strcmp(name, names[i])) mode = i;
+    if (mode < 0) return PyErr_Format(PyExc_ValueError, "activations must be 'q8', 'q16' or 'f32', not '%s'", name);
+    tram_set_q8(mode);
     return PyUnicode_FromString(prev);
 }
 
