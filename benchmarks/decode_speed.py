@@ -3,8 +3,8 @@
     python benchmarks/decode_speed.py [--model FILE.gguf|HF_FOLDER] [--threads 2] [--engines a,b,...]
     python benchmarks/decode_speed.py --random CONFIG.json --quant bf16 --engines tramontane,transformers-bf16
 
-Engines: tramontane (packed GGUF kernels, file mapped), tramontane-nommap, tramontane-f32 (dequantized at
-load), transformers-fp32, transformers-bf16, llama.cpp and llama.cpp-nommap (when `llama_cpp` imports in
+Engines: tramontane (packed GGUF kernels, file mapped), tramontane-nommap, tramontane-q8 and
+tramontane-exact (activations q8 or f32 instead of the default q16), tramontane-f32 (dequantized at load), transformers-fp32, transformers-bf16, llama.cpp and llama.cpp-nommap (when `llama_cpp` imports in
 --llama-python; warmed up before timing). Every measurement is a fresh process, engines alternate over
 --rounds rounds (medians reported), so load time and peak RSS (VmHWM) are each engine's own; the decode
 roofline (measured bandwidth / bytes a token reads) is printed beside the decode figures. Prints tokens/s
@@ -304,7 +304,9 @@ def run_llama_bench(bench: str, model: str, threads: int, mmap: bool) -> dict:
     import resource
 
     cmd = [bench, "-m", model, "-t", str(threads), "-p", str(PREFILL), "-n", str(DECODE), "-r", "1"]
-    proc = subprocess.run([*cmd, "-mmp", "1" if mmap else "0", "-o", "json"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*cmd, "--load-mode", "mmap" if mmap else "none", "-o", "json"], capture_output=True, text=True
+    )
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)}: failed\n{proc.stderr[-1500:]}")
     tests = json.loads(proc.stdout)
@@ -334,6 +336,11 @@ def worker(engine: str, model: str | None, threads: int, random: str | None = No
         out = run_tramontane(model, packed=True)
     elif engine == "tramontane-nommap":
         out = run_tramontane(model, packed=True, mmap=False)
+    elif engine in ("tramontane-q8", "tramontane-exact"):  # another activations setting (default: q16)
+        from tramontane.quant import kernels
+
+        kernels.set_activations("q8" if engine == "tramontane-q8" else "f32")
+        out = run_tramontane(model, packed=True)
     elif engine == "tramontane-f32":
         out = run_tramontane(model, packed=False)
     elif engine.startswith("transformers-"):

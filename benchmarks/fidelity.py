@@ -1,12 +1,12 @@
-"""The fast default (int8 activations, interleaved layouts) against the exact float32 path, per file.
+"""The integer activations (q16, the default, and q8) against the exact float32 path, per file.
 
     python benchmarks/fidelity.py [--model FILE.gguf ...] [--tokens 128] [--activations q16,q8]
 
 For each model: perplexity on a fixed text (sliding windows of 128 tokens, stride 64) and the greedy
 answers to 10 chat prompts (--tokens new tokens each, end of sequence honoured) under each setting, each
-setting in a fresh process (the loader interleaves rows only under the fast one). Prints the perplexity
-change and how many answers are identical, token for token (issue 18's bound: within 0.5%, at least 9
-of 10)."""
+setting in a fresh process (the loader interleaves rows only under the integer ones). Prints the
+perplexity change and how many answers are identical, token for token (issue 18's bound: within 0.5%, at
+least 9 of 10)."""
 
 from __future__ import annotations
 

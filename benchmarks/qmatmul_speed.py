@@ -102,8 +102,8 @@ def main() -> None:
     ap.add_argument(
         "--activations",
         choices=kernels.ACTIVATIONS,
-        default="q8",
-        help="q8: the default integer kernels where a type has them; f32: the exact float32 path",
+        default=kernels.DEFAULT_ACTIVATIONS,
+        help="q16 (the default) or q8: the integer kernels where a type has them; f32: the exact float32 path",
     )
     args = ap.parse_args()
     kernels.set_activations(args.activations)

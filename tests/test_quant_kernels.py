@@ -938,12 +938,13 @@ def test_interleaved_q3_k_layout_by_hand() -> None:
     ],
     ids=lambda v: getattr(v, "name", str(v)),
 )
-def test_interleaved_computes_as_ggml_layout(isa: str, q8: None, qtype: QT, k: int) -> None:
+def test_interleaved_computes_as_ggml_layout(isa: str, integer: str, qtype: QT, k: int) -> None:
     """Decoded, the interleaved rows are gguf's values exactly; multiplied, they meet x rounded to int8 per
-    32 (Q4_K: per 256) as the type's own kernel does (the float64 emulation, to float32 rounding) on the vector passes,
+    32 (Q4_K: per 256; q16: twice, x and what that left, the kernels summing each pair of rows) as the
+    type's own kernel does (the float64 emulation, to float32 rounding) on the vector passes,
     and exactly on the portable one (no integer kernel: through GGML's layout), at every M and for 1 to
     3 groups of rows; a row's bits do not depend on the batch; rows come in groups of 8."""
-    r8 = kernels.INTERLEAVED[int(qtype)]
+    r8, two = kernels.INTERLEAVED[int(qtype)], integer == "q16"
     rows, dense = r8_weight(qtype, 136, k)
     assert torch.equal(kernels.dequantize_packed(rows, r8, k), dense)
     x = activations(70, k, seed=7)
@@ -952,7 +953,7 @@ def test_interleaved_computes_as_ggml_layout(isa: str, q8: None, qtype: QT, k: i
         for n in [8, 16, 24] + ([72, 136] if m == 1 else []):
             y = torch.full((m, n), float("nan"))
             ext.matmul(buf(x[:m]), buf(rows[:n]), buf(y), m, n, k, r8, 2)
-            want = reference(x[:m], dense[:n]) if isa == "scalar" else q8_reference(x[:m], dense[:n], qtype)
+            want = reference(x[:m], dense[:n]) if isa == "scalar" else q8_reference(x[:m], dense[:n], qtype, two=two)
             magnitude = (x[:m].double().abs() @ dense[:n].double().abs().T).max()
             assert (y.double() - want.double()).abs().max() <= 1e-5 * magnitude, (m, n)
     y = torch.empty(70, 136)
@@ -964,9 +965,9 @@ def test_interleaved_computes_as_ggml_layout(isa: str, q8: None, qtype: QT, k: i
     with pytest.raises(ValueError, match="groups of 8"):
         ext.matmul(buf(x[:1]), buf(rows[:12]), buf(y), 1, 12, k, r8, 2)
     # Through the wrapper past the dense route's M: the integer kernel still (no dequantized copy).
-    want = reference(x, dense) if isa == "scalar" else q8_reference(x, dense, qtype)
+    want = reference(x, dense) if isa == "scalar" else q8_reference(x, dense, qtype, two=two)
     assert rel_err(kernels.qmatmul(x, rows, r8, k), want) < 1e-5
-    kernels.set_activations("f32")  # the exact setting: through GGML's layout (the q8 fixture restores)
+    kernels.set_activations("f32")  # the exact setting: through GGML's layout (the fixture restores)
     assert rel_err(kernels.qmatmul(x[:3], rows, r8, k), reference(x[:3], dense)) < 1e-5
 
 

@@ -60,11 +60,14 @@ typedef void (*fused_fn)(const uint8_t *w, size_t rb, long n, const float *x, co
 /* Activations rounded to int8 per 256 elements for the K-quants ("Q8_K", as llama.cpp's K-quant dot
  * products take them), per 32 for the legacy types ("Q8_0"): row m, element k is about
  * d[m * K/blk + k/blk] * q[m * K + k]; bs[m * K/16 + j] is the sum of q over elements 16j..16j+15
- * (the integer offsets of Q3_K and Q6_K go through it, and the sums of the rounded x, xs). */
+ * (the integer offsets of Q3_K and Q6_K go through it, and the sums of the rounded x, xs).
+ * pair ("q16", the interleaved types' kernels): rows 2m and 2m + 1 are two parts of one activation row
+ * m, x and what its rounding left (matmul.c); the kernel writes their results' sum as row m of y. */
 typedef struct {
     const int8_t *q;
     const float *d;
     const int16_t *bs;
+    int pair;
 } q8_rows;
 /* Fused with integer dot products, any M: as fused_fn, x given as its int8 rounding xq (and, for the
  * types with offsets or mins, the sums xs of the rounded x, laid out as the float kernel takes them). */

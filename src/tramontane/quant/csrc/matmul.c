@@ -2,8 +2,9 @@
  * matmul.c: the packed matmul and the row dequantizer over OpenMP threads. Owns the split of the N
  * output rows between threads (contiguous ranges of whole RN-row groups, so the result does not depend
  * on the thread count), the choice between an instruction set's fused small-M kernel and its tiled
- * path (or, in the default mode, a type's integer-activation kernel: x rounded to int8 once per call,
- * per 256 for the K-quants and per 32 for Q4_0/Q4_1/Q8_0), and the per-32 (Q2_K: per-16) sums of x
+ * path (or, in the integer modes, a type's integer-activation kernel: x rounded to int8 once per call,
+ * per 256 for the K-quants and per 32 for Q4_0/Q4_1/Q8_0; in the default "q16" mode twice, x and what
+ * the first rounding left, as two rows), and the per-32 (Q2_K: per-16) sums of x
  * the kernels take, and the interleaved Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q3_K (blocks.h): split in whole groups of 8 rows, put back
  * in GGML's layout where no integer kernel runs them, gathered row by row for lookups. Pointers are
  * trusted: module.c checked the buffers' extents.
@@ -88,29 +89,31 @@ static long q8_block(int qtype) {
 
 /* x [M, K] (K % blk == 0) rounded to int8 per blk elements (the instruction set's quantize_q8: d = max
  * |x| / 127, q = round(x / d), the sums of q per 16) into one malloc'd buffer (*mem, to free), views in
- * *out; -1 when out of memory. With `two` ("q16"), 2M rows: rows [0, M) as above, row M + m the same
- * rounding of what row m left (x - d q, at most d / 2 per element, so its step is at most d / 254):
- * the two rows together carry x to 1/64516 of each block's largest |x|. */
+ * *out; -1 when out of memory. With `two` ("q16"), 2M rows: row 2m as above, row 2m + 1 the same
+ * rounding of what row m's left (x - d q, at most d / 2 per element, so its step is at most d / 254):
+ * the two together carry x to 1/64516 of each block's largest |x|. */
 static int quantize_q8(const isa_ops *ops, const float *x, long M, long K, long blk, int two, q8_rows *out,
                        void **mem) {
-    const long R = two ? 2 * M : M;
-    const size_t nq = (size_t)(R * K), nd = (size_t)(R * (K / blk)), nb = (size_t)(R * (K / 16));
+    const long R = two ? 2 * M : M, nb = K / blk;
+    const size_t nq = (size_t)(R * K), nd = (size_t)(R * nb), ns = (size_t)(R * (K / 16));
     const size_t od = (nq + 63) & ~(size_t)63, ob = od + ((nd * 4 + 63) & ~(size_t)63);
-    char *p = malloc(ob + nb * 2);
+    char *p = malloc(ob + ns * 2 + (two ? sizeof(float) * (size_t)K : 0));
     if (!p) return -1;
     int8_t *q = (int8_t *)p;
     float *d = (float *)(p + od);
     int16_t *bs = (int16_t *)(p + ob);
-    const long hd = M * (K / blk);
-    ops->quantize_q8(x, hd, blk, q, d, bs);
-    if (two) {
-        float *r = malloc(sizeof(float) * (size_t)(M * K));
-        if (!r) return free(p), -1;
-        for (long i = 0; i < M * K; i++) r[i] = x[i] - d[i / blk] * (float)q[i];
-        ops->quantize_q8(r, hd, blk, q + M * K, d + hd, bs + M * (K / 16));
-        free(r);
+    if (!two) ops->quantize_q8(x, M * nb, blk, q, d, bs);
+    float *r = two ? (float *)(p + ob + ns * 2) : NULL;  /* one row's remainder */
+    for (long m = 0; two && m < M; m++) {
+        const float *xm = x + m * K;
+        int8_t *qm = q + 2 * m * K;
+        float *dm = d + 2 * m * nb;
+        ops->quantize_q8(xm, nb, blk, qm, dm, bs + 2 * m * (K / 16));
+        for (long b = 0; b < nb; b++)
+            for (long i = b * blk; i < (b + 1) * blk; i++) r[i] = xm[i] - dm[b] * (float)qm[i];
+        ops->quantize_q8(r, nb, blk, qm + K, dm + nb, bs + (2 * m + 1) * (K / 16));
     }
-    out->q = q, out->d = d, out->bs = bs;
+    out->q = q, out->d = d, out->bs = bs, out->pair = 0;
     *mem = p;
     return 0;
 }
@@ -145,14 +148,15 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
     const int span = xs_span(qtype);
     const int two = fused_q8 && g_q8 == 2;  /* "q16": x as two int8 rows, their products summed */
     const long MQ = two ? 2 * M : M;
-    float *y2 = NULL;
+    float *y2 = NULL;  /* q16 on the row kernels: both rows' results, summed after */
     if (fused_q8) fused = NULL;
     if (fused_q8 && quantize_q8(ops, x, M, K, blk, two, &xq, &xq_mem)) return -1;
+    xq.pair = two && base >= 0;  /* the interleaved types' kernels sum each pair themselves */
     if ((fused || fused_q8) && span && !(xs = fused_q8 ? rounded_sums(&xq, MQ, K, blk, span) : block_sums(x, M, K, span))) {
         free(xq_mem);
         return -1;
     }
-    if (two && !(y2 = malloc(sizeof(float) * (size_t)(MQ * N)))) {
+    if (two && !xq.pair && !(y2 = malloc(sizeof(float) * (size_t)(MQ * N)))) {
         free(xs), free(xq_mem);
         return -1;
     }
@@ -171,13 +175,13 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
         split_rows(N, t, nt, tram_r8_base(qtype) >= 0 ? 8 : RN, &n0, &n1);
         if (n1 > n0) {
             if (fused_q8)
-                fused_q8(w + (size_t)n0 * rb, rb, n1 - n0, &xq, xs, MQ, K, (two ? y2 : y) + n0, N);
+                fused_q8(w + (size_t)n0 * rb, rb, n1 - n0, &xq, xs, MQ, K, (y2 ? y2 : y) + n0, N);
             else if (fused)
                 fused(w + (size_t)n0 * rb, rb, n1 - n0, x, xs, M, K, y + n0, N);
             else
                 ops->tile(ops->dec[qtype], ti.block, ti.size, w, rb, n0, n1, x, M, K, y, N);
-            for (long m = 0; two && m < M; m++)
-                for (long c = n0; c < n1; c++) y[m * N + c] = y2[m * N + c] + y2[(M + m) * N + c];
+            for (long m = 0; y2 && m < M; m++)
+                for (long c = n0; c < n1; c++) y[m * N + c] = y2[2 * m * N + c] + y2[(2 * m + 1) * N + c];
         }
     }
     free(y2);
