@@ -82,7 +82,14 @@ MIXED = {"attn_q": "Q5_0", "attn_k": "Q5_0", "attn_v": "Q8_0", "ffn_gate": "Q5_1
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(
     ("kind", "activations"),
-    [("mistral", "f32"), ("llama", "f32"), ("mixtral", "f32"), ("mistral", "q8"), ("mistral", "q16")],
+    [
+        ("mistral", "f32"),
+        ("llama", "f32"),
+        ("mixtral", "f32"),
+        ("mistral", "q8"),
+        ("mistral", "q16"),
+        ("mixtral", "q16"),
+    ],
 )
 def test_mixed_types_run_compiled(tmp_path, isa, kind, activations):
     """q, k, v (and gate, up) of different types stay apart (nothing to fuse) and the compiled step runs
