@@ -4,7 +4,8 @@
     python benchmarks/decode_speed.py --random CONFIG.json --quant bf16 --engines tramontane,transformers-bf16
 
 Engines: tramontane (packed GGUF kernels, file mapped), tramontane-nommap, tramontane-q8 and
-tramontane-exact (activations q8 or f32 instead of the default q16), tramontane-f32 (dequantized at load), transformers-fp32, transformers-bf16, llama.cpp and llama.cpp-nommap (when `llama_cpp` imports in
+tramontane-exact (activations q8 or f32 instead of the default q16), tramontane-f32 (dequantized at
+load), transformers-fp32, transformers-bf16, llama.cpp and llama.cpp-nommap (when `llama_cpp` imports in
 --llama-python; warmed up before timing). Every measurement is a fresh process, engines alternate over
 --rounds rounds (medians reported), so load time and peak RSS (VmHWM) are each engine's own; the decode
 roofline (measured bandwidth / bytes a token reads) is printed beside the decode figures. Prints tokens/s
@@ -534,7 +535,6 @@ def compare_types(args: argparse.Namespace, lengths: list[str]) -> None:
     print("|---|---|---|---|")
     for qtype, r, roofline in rows:
         ours, mm, nm = (r.get(e, {}) for e in engines)
-
         decode = f"{_ratio(ours, mm, 'decode')} ({_ratio(ours, nm, 'decode')})"
         prefill = f"{_ratio(ours, mm, 'prefill')} ({_ratio(ours, nm, 'prefill')})"
         share = f"{ours['decode']:.1f} tok/s, {ours['decode'] / roofline:.0%}" if ours.get("decode") else "-"
