@@ -17,7 +17,7 @@ SmolLM2-135M, to change 5 to 8 of 10 greedy chat answers of 128 tokens somewhere
 18's bound asks for at most 1). "q16", the default, adds what that rounding left as a second int8 row,
 rounded the same way, and sums the two rows' products (matmul.c): at most 1/64516 of each block's
 largest |x| per element, about 250x closer, and 10 of 10 answers identical to the exact path's (perplexity
-within 0.001%). The second row shares the weights' reading and unpacking with the first (the kernels
+within 0.003%). The second row shares the weights' reading and unpacking with the first (the kernels
 apply each unpacked block to every activation row), so it costs integer multiply-adds, not bandwidth.
 The integer kernel runs at every M (decode's few rows keep their accumulators in registers), so that a
 row's result does not depend on how many rows share the call: a served request's answer does not depend
@@ -112,25 +112,29 @@ Q8_TYPES = {
     Q5_1_R8: 32,
 }
 DEFAULT_ACTIVATIONS = "q16"  # the extension's own default (matmul.c)
-_q8 = _ext is not None  # mirrors the extension's setting (read on every matmul): integer kernels run
-_setting = DEFAULT_ACTIVATIONS if _ext is not None else "f32"
+_setting = DEFAULT_ACTIVATIONS if _ext is not None else "f32"  # mirrors the extension's setting
 
 
 def set_activations(name: str) -> str:
     """Use activations `name` ("q16", "q8" or "f32", see above) in every packed matmul of this process;
     returns the previous setting. Without the compiled kernels everything is "f32" already."""
-    global _q8, _setting
+    global _setting
     if name not in ACTIVATIONS:
         raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {name!r}")
     if _ext is None:
         return "f32"
-    _q8, _setting = name != "f32", name
+    _setting = name
     return _ext.set_activations(name)
 
 
 def activations() -> str:
     """The activations setting in use ("q8", "q16" or "f32")."""
     return _setting
+
+
+def _integer() -> bool:
+    """Whether the integer kernels run (q16 or q8: the setting is read on every matmul)."""
+    return _setting != "f32"
 
 
 def _activations_from_env() -> None:
@@ -174,7 +178,7 @@ def type_name(qtype: int) -> str:
 
 def regroups(qtype: int) -> bool:
     """Whether regroup() makes a new tensor of a matrix of `qtype` (so that a loader need not map it)."""
-    return qtype in INTERLEAVED and _q8 and isa() not in ("scalar", "none")
+    return qtype in INTERLEAVED and _integer() and isa() not in ("scalar", "none")
 
 
 def regroup(rows: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, int]:
@@ -265,13 +269,13 @@ INTEGER_ABOVE_BYTES = 32 << 20
 def _integer_kernel(qtype: int, n: int, k: int) -> bool:
     """Whether a matmul past the dense route's M runs the extension's integer kernel instead."""
     big = n * k * 4 > INTEGER_ABOVE_BYTES or qtype in _BASE
-    return _q8 and big and qtype in Q8_TYPES and k % Q8_TYPES[qtype] == 0 and isa() != "scalar"
+    return _integer() and big and qtype in Q8_TYPES and k % Q8_TYPES[qtype] == 0 and isa() != "scalar"
 
 
 def integer_everywhere(qtypes: Iterable[int]) -> bool:
     """Whether matrices of these types all run their integer kernel at every M (activations q16 or q8, a vector
     pass; the interleaved types at any size, the others' rows a multiple of their block as GGUF's are)."""
-    return _q8 and isa() not in ("scalar", "none") and all(t in Q8_TYPES for t in qtypes)
+    return _integer() and isa() not in ("scalar", "none") and all(t in Q8_TYPES for t in qtypes)
 
 
 def _threads(n_threads: int | None) -> int:
