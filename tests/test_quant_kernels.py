@@ -598,10 +598,16 @@ def integer(request: pytest.FixtureRequest):
     kernels.set_activations(previous)
 
 
-def _rounded(xb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _rounded(xb: np.ndarray, fixed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Blocks xb [..., blk] rounded to int8 as the kernels do (d = max|x| / 127, q = round-half-even(x *
-    127 / max|x|), float32 as they compute them): d * q (float32) and each block's max |x|."""
+    127 / max|x|), float32 as they compute them): d * q (float32) and each block's max |x|. With `fixed`
+    (q16's second part: the first part's scales d [..., 1]), d / 256 and q = x * (256 / d) clamped to
+    -127..127 instead."""
     amax = np.abs(xb).max(-1, keepdims=True)
+    if fixed is not None:
+        inv = np.where(fixed > 0, np.float32(256) / np.where(fixed > 0, fixed, 1), 0).astype(np.float32)
+        q = np.clip(np.rint(xb * inv), -127, 127)
+        return (q * (fixed / np.float32(256)).astype(np.float32)).astype(np.float32), amax
     inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     return (np.rint(xb * inv) * (amax / np.float32(127)).astype(np.float32)).astype(np.float32), amax
 
@@ -611,26 +617,26 @@ def q8_reference(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """float64 emulation of the integer kernels: x rounded to int8 in numpy (per 256 for the K-quants, per
     32 for the legacy types) times W, offsets and mins included (they meet the same rounded x); two=True
-    ("q16"): plus what the rounding left, rounded the same way. bound=True also returns the most the
-    rounding can move each output from x @ W.T: half a step per element (q8: d/2 = max|x| / 254; q16:
-    max|x| / 254^2) times |W|."""
+    ("q16"): plus what the rounding left, rounded at 1/256 of the first part's scale. bound=True also
+    returns the most the rounding can move each output from x @ W.T: the most it moves an element
+    (q8: half a step, d/2 = max|x| / 254; q16: a step of the second part, d/256 = max|x| / 32512, as a
+    remainder at d/2 clamps to 127 steps) times |W|."""
     m, k = x.shape
     xb = x.numpy().reshape(m, -1, 256 if qtype in K_QUANTS else 32)
     rounded, amax = _rounded(xb)
     if two:
-        rounded = rounded.astype(np.float64) + _rounded((xb - rounded).astype(np.float32))[0]
+        d = (amax / np.float32(127)).astype(np.float32)
+        rounded = rounded.astype(np.float64) + _rounded((xb - rounded).astype(np.float32), d)[0]
     xt = torch.from_numpy(rounded.astype(np.float64).reshape(m, k))
-    half_step = torch.from_numpy(
-        np.broadcast_to(amax / (254**2 if two else 254), xb.shape).astype(np.float64).reshape(m, k)
-    )
+    step = torch.from_numpy(np.broadcast_to(amax / (32512 if two else 254), xb.shape).astype(np.float64).reshape(m, k))
     y = xt @ dense.double().T
-    return (y, half_step @ dense.double().abs().T) if bound else y
+    return (y, step @ dense.double().abs().T) if bound else y
 
 
 @needs_ext
 @pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
 def test_q8_kernels_match_their_emulation(isa: str, integer: str, qtype: QT, monkeypatch: pytest.MonkeyPatch) -> None:
-    """q8 and q16 (x and what its rounding left, as two int8 rows: about 250x closer). Every M (the groups of 4 rows, their remainders, and blocks of 64 rows), ragged N: the integer
+    """q8 and q16 (x and what its rounding left at 1/256 of its step, as two int8 rows: 128-256x closer). Every M (the groups of 4 rows, their remainders, and blocks of 32 rows), ragged N: the integer
     kernels equal the emulation to float32 rounding and stay within the rounding bound of the exact
     result (the portable C pass has no integer kernels: it stays exact). One kernel at every M, the
     legacy types' few decode rows included, so that a row's result does not depend on the batch."""
@@ -657,6 +663,40 @@ def test_q8_kernels_match_their_emulation(isa: str, integer: str, qtype: QT, mon
     emulated = q8_reference(x, dense, qtype, two=integer == "q16")
     want = reference(x, dense) if isa == "scalar" else emulated
     assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), want) < 1e-5
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("layout", ["ggml", "interleaved"])
+def test_q16_rounds_each_activation_as_its_emulation(isa: str, qtype: QT, layout: str) -> None:
+    """q16 element by element: one-hot weight rows (the identity, exact in Q4_0 and Q8_0) make each output
+    one rounded activation, so the rounding shows bare: the remainder at 1/256 of the first part's step,
+    clamped to 127 steps where it is half a step (this x has such remainders), alike in the row kernels
+    and the interleaved ones (which add the parts as one integer), at M = 1 and among 70 rows."""
+    if isa == "scalar":
+        pytest.skip("the portable pass has no integer kernels")
+    k = 64
+    raw = np.ascontiguousarray(ref_quantize(np.eye(k, dtype=np.float32), qtype)).view(np.uint8).reshape(k, -1)
+    dense = torch.from_numpy(ref_dequantize(raw, qtype).reshape(k, k).astype(np.float32))
+    previous = kernels.set_activations("q16")
+    try:
+        packed, qt = torch.from_numpy(raw.copy()), int(qtype)
+        if layout == "interleaved":
+            packed, qt = kernels.regroup(packed, qt, k)
+            assert kernels.interleaved(qt)
+        x = activations(70, k, seed=5)
+        xb = x.numpy().reshape(70, -1, 32)
+        first, amax = _rounded(xb)
+        step = (amax / np.float32(127)).astype(np.float32)
+        assert (np.abs(np.rint((xb - first) * (np.float32(256) / step))) > 127).any()  # clamps happen
+        want = q8_reference(x, dense, qtype, two=True)
+        scale = torch.from_numpy(np.broadcast_to(amax, xb.shape).reshape(70, k).astype(np.float64))
+        for lo, hi in ((0, 70), (0, 1), (33, 34)):
+            y = torch.full((hi - lo, k), float("nan"))
+            ext.matmul(buf(x[lo:hi].contiguous()), buf(packed), buf(y), hi - lo, k, k, qt, 2)
+            assert ((y.double() - want[lo:hi]).abs() <= 1e-6 * scale[lo:hi]).all(), (lo, hi)
+    finally:
+        kernels.set_activations(previous)
 
 
 @needs_ext

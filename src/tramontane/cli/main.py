@@ -67,7 +67,7 @@ def _exact_flag(p: argparse.ArgumentParser) -> None:
         choices=("q16", "q8", "f32"),
         default=None,
         help="activations of the packed matmuls of Q2_K..Q6_K, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 weights: "
-        "q16 (the default: rounded to two int8 parts for integer dot products, within 1/64516 of each "
+        "q16 (the default: rounded to two int8 parts for integer dot products, within 1/32512 of each "
         "block's largest value), q8 (one int8 part, as llama.cpp: fastest, answers drift from the exact "
         "path's sooner) or f32 (float32, the exact path)",
     )

@@ -15,10 +15,13 @@ llama.cpp does: the quants are multiplied as bytes, so decoding keeps up with th
 rounding of x, at most half a step of 1/127 of each block's largest |x| per element; enough, on
 SmolLM2-135M, to change 5 to 8 of 10 greedy chat answers of 128 tokens somewhere along the way (issue
 18's bound asks for at most 1). "q16", the default, adds what that rounding left as a second int8 row,
-rounded the same way, and sums the two rows' products (matmul.c): at most 1/64516 of each block's
-largest |x| per element, about 250x closer, and 10 of 10 answers identical to the exact path's (perplexity
-within 0.003%). The second row shares the weights' reading and unpacking with the first (the kernels
-apply each unpacked block to every activation row), so it costs integer multiply-adds, not bandwidth.
+rounded at 1/256 of the first one's step, and sums the two rows' products (matmul.c): at most 1/32512 of
+each block's largest |x| per element (1/65024 but where a remainder of half a step rounds to 128 steps
+and is clamped to 127), 127-254x closer, and 9 or 10 of 10 answers identical to the exact path's on each
+of six SmolLM2 files (perplexity within 0.004%). The second row shares the weights' reading and
+unpacking with the first (the kernels apply each unpacked block to every activation row), so it costs
+integer multiply-adds, not bandwidth; the interleaved Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 kernels add the
+two as one integer, 256 q1 + q2, and scale it once.
 The integer kernel runs at every M (decode's few rows keep their accumulators in registers), so that a
 row's result does not depend on how many rows share the call: a served request's answer does not depend
 on the batch it lands in. In the module path, past DEQUANTIZE_ABOVE_M rows a matrix whose float32 copy

@@ -62,7 +62,8 @@ typedef void (*fused_fn)(const uint8_t *w, size_t rb, long n, const float *x, co
  * d[m * K/blk + k/blk] * q[m * K + k]; bs[m * K/16 + j] is the sum of q over elements 16j..16j+15
  * (the integer offsets of Q3_K and Q6_K go through it, and the sums of the rounded x, xs).
  * pair ("q16", the interleaved types' kernels): rows 2m and 2m + 1 are two parts of one activation row
- * m, x and what its rounding left (matmul.c); the kernel writes their results' sum as row m of y. */
+ * m, x and what its rounding left at 1/256 of its step (matmul.c); the kernel writes their results' sum as
+ * row m of y. */
 typedef struct {
     const int8_t *q;
     const float *d;
@@ -73,8 +74,9 @@ typedef struct {
  * types with offsets or mins, the sums xs of the rounded x, laid out as the float kernel takes them). */
 typedef void (*fused_q8_fn)(const uint8_t *w, size_t rb, long n, const q8_rows *xq, const float *xs, long M,
                             long K, float *y, long ldy);
-/* nb blocks of blk floats at x rounded to int8 (q, scales d, sums of q per 16 in bs), as q8_rows. */
-typedef void (*q8_fn)(const float *x, long nb, long blk, int8_t *q, float *d, int16_t *bs);
+/* nb blocks of blk floats at x rounded to int8 (q, scales d, sums of q per 16 in bs), as q8_rows; with
+ * `fixed`, block b's scale is fixed[b] / 256 (q16's second part, fixed = the first part's scales). */
+typedef void (*q8_fn)(const float *x, long nb, long blk, const float *fixed, int8_t *q, float *d, int16_t *bs);
 /* Tiled: y[m, n] (rows N apart) for n in [n0, n1), every m < M, from rows of w decoded with `dec`. */
 typedef void (*tile_fn)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long n0, long n1,
                         const float *x, long M, long K, float *y, long N);

@@ -4,7 +4,7 @@
  * on the thread count), the choice between an instruction set's fused small-M kernel and its tiled
  * path (or, in the integer modes, a type's integer-activation kernel: x rounded to int8 once per call,
  * per 256 for the K-quants and per 32 for Q4_0/Q4_1/Q8_0; in the default "q16" mode twice, x and what
- * the first rounding left, as two rows), and the per-32 (Q2_K: per-16) sums of x
+ * the first rounding left at 1/256 of its scale, as two rows), and the per-32 (Q2_K: per-16) sums of x
  * the kernels take, and the interleaved Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q3_K (blocks.h): split in whole groups of 8 rows, put back
  * in GGML's layout where no integer kernel runs them, gathered row by row for lookups. Pointers are
  * trusted: module.c checked the buffers' extents.
@@ -89,9 +89,10 @@ static long q8_block(int qtype) {
 
 /* x [M, K] (K % blk == 0) rounded to int8 per blk elements (the instruction set's quantize_q8: d = max
  * |x| / 127, q = round(x / d), the sums of q per 16) into one malloc'd buffer (*mem, to free), views in
- * *out; -1 when out of memory. With `two` ("q16"), 2M rows: row 2m as above, row 2m + 1 the same
- * rounding of what row m's left (x - d q, at most d / 2 per element, so its step is at most d / 254):
- * the two together carry x to 1/64516 of each block's largest |x|. */
+ * *out; -1 when out of memory. With `two` ("q16"), 2M rows: row 2m as above, row 2m + 1 what row m's
+ * rounding left (x - d q, at most d / 2 per element) rounded with the scale d / 256: the two together
+ * carry x to 1/65024 of each block's largest |x|, and as 256 q1 + q2 they are one integer at scale
+ * d / 256. */
 static int quantize_q8(const isa_ops *ops, const float *x, long M, long K, long blk, int two, q8_rows *out,
                        void **mem) {
     const long R = two ? 2 * M : M, nb = K / blk;
@@ -102,16 +103,16 @@ static int quantize_q8(const isa_ops *ops, const float *x, long M, long K, long 
     int8_t *q = (int8_t *)p;
     float *d = (float *)(p + od);
     int16_t *bs = (int16_t *)(p + ob);
-    if (!two) ops->quantize_q8(x, M * nb, blk, q, d, bs);
+    if (!two) ops->quantize_q8(x, M * nb, blk, NULL, q, d, bs);
     float *r = two ? (float *)(p + ob + ns * 2) : NULL;  /* one row's remainder */
     for (long m = 0; two && m < M; m++) {
         const float *xm = x + m * K;
         int8_t *qm = q + 2 * m * K;
         float *dm = d + 2 * m * nb;
-        ops->quantize_q8(xm, nb, blk, qm, dm, bs + 2 * m * (K / 16));
+        ops->quantize_q8(xm, nb, blk, NULL, qm, dm, bs + 2 * m * (K / 16));
         for (long b = 0; b < nb; b++)
             for (long i = b * blk; i < (b + 1) * blk; i++) r[i] = xm[i] - dm[b] * (float)qm[i];
-        ops->quantize_q8(r, nb, blk, qm + K, dm + nb, bs + (2 * m + 1) * (K / 16));
+        ops->quantize_q8(r, nb, blk, dm, qm + K, dm + nb, bs + (2 * m + 1) * (K / 16));
     }
     out->q = q, out->d = d, out->bs = bs, out->pair = 0;
     *mem = p;
