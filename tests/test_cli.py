@@ -50,3 +50,99 @@ def test_bad_model_path_is_a_clean_error(tmp_path):
 def test_bad_sampling_flags_are_clean_errors(flag):
     out = tramontane("run", "hello", *flag)
     assert out.returncode == 1 and "Traceback" not in out.stderr
+
+
+def _commands() -> dict:
+    import argparse
+
+    from tramontane.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_command_has_a_description_examples_and_flag_help():
+    """Issue 19: `tramontane COMMAND --help` describes the command, shows examples of it, and explains
+    every argument, with the default where there is one."""
+    import argparse
+
+    commands = _commands()
+    assert set(commands) == {
+        "run",
+        "chat",
+        "show",
+        "serve",
+        "eval",
+        "finetune",
+        "merge",
+        "convert",
+        "list",
+        "rm",
+        "pull",
+    }
+    for name, parser in commands.items():
+        text = parser.format_help()
+        assert parser.description and len(parser.description) > 60, name
+        assert "examples:" in text and f"  tramontane {name}" in text, name
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, (name, action.dest)
+            has_default = action.default not in (None, False, [], argparse.SUPPRESS)
+            if action.option_strings and has_default and not action.required:
+                assert "default" in action.help, (name, action.option_strings)
+    assert "MODEL" in commands["run"].format_help() and "tramontane list" in commands["chat"].format_help()
+
+
+def test_version_flag(capsys):
+    from tramontane import __version__
+    from tramontane.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"tramontane {__version__}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "usage", "suggestion"),
+    [
+        (["run", "hello", "--tempreature", "0.5"], "tramontane run --help", "'--temperature'"),
+        (["serve", "--max-runing", "4"], "tramontane serve --help", "'--max-running'"),
+        (["rnu", "hello"], "tramontane --help", "'run'"),
+        (["convert", "m.gguf", "--to", "gguff", "--out", "x"], "tramontane convert --help", "'gguf'"),
+    ],
+)
+def test_mistyped_flags_commands_and_choices_suggest_the_closest(capsys, argv, usage, suggestion):
+    """A misspelled flag is reported with its command's usage and the flag meant, not the top level's."""
+    from tramontane.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert f"did you mean {suggestion}?" in err and f"(see `{usage}`)" in err, err
+
+
+def test_convert_takes_quant_as_the_old_name_of_type(capsys):
+    from tramontane.cli.main import build_parser
+
+    ns = build_parser().parse_args(["convert", "m.gguf", "--to", "gguf", "--quant", "q8_0", "--out", "x.gguf"])
+    assert ns.type == "q8_0" and "--quant is now --type" in capsys.readouterr().err
+    ns = build_parser().parse_args(["convert", "m.gguf", "--to", "gguf", "--type", "q4_k", "--out", "x.gguf"])
+    assert ns.type == "q4_k" and capsys.readouterr().err == ""
+
+
+def test_unknown_model_name_suggests_stored_names_and_pull(tmp_path, monkeypatch):
+    """A MODEL that is neither a path nor a stored name: the closest stored names, `list` and `pull`."""
+    from tramontane.errors import LoadError
+    from tramontane.hub.resolve import resolve_model
+
+    monkeypatch.setenv("TRAMONTANE_HOME", str(tmp_path))
+    folder = tmp_path / "models" / "mistral-7b"
+    folder.mkdir(parents=True)
+    (folder / "tramontane.json").write_text("{}")
+    with pytest.raises(LoadError) as info:
+        resolve_model("mistral-7")
+    text = str(info.value)
+    assert "no such file or folder" in text and "did you mean 'mistral-7b'?" in text
+    assert "tramontane list" in text and "tramontane pull" in text

@@ -54,7 +54,7 @@ def test_block_formats_load_back_within_their_error(quant, ggml_type, tolerance,
     hf = hf_model("mistral", seed=22)
     source = save_hf(hf, tmp_path / "hf", shard=None)
     out = tmp_path / f"m-{quant}.gguf"
-    assert main(["convert", str(source), "--to", "gguf", "--quant", quant, "--out", str(out)]) == 0
+    assert main(["convert", str(source), "--to", "gguf", "--type", quant, "--out", str(out)]) == 0
     reader = gguf.GGUFReader(str(out))
     tensors = {t.name: t for t in reader.tensors}
     assert int(tensors["blk.0.attn_q.weight"].tensor_type) == ggml_type
@@ -132,7 +132,7 @@ def test_k_quants_are_read_back_by_the_gguf_package(name, ggml_type, bound, tmp_
     hf = hf_model("mistral", seed=23, hidden_size=256, intermediate_size=512)
     source = save_hf(hf, tmp_path / "hf", shard=None)
     out = tmp_path / f"m-{name}.gguf"
-    assert main(["convert", str(source), "--to", "gguf", "--quant", name, "--out", str(out)]) == 0
+    assert main(["convert", str(source), "--to", "gguf", "--type", name, "--out", str(out)]) == 0
     tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
     assert int(tensors["blk.0.attn_q.weight"].tensor_type) == ggml_type
     down = tensors["blk.0.ffn_down.weight"]
@@ -151,10 +151,10 @@ def test_folder_tokenizers_are_written_into_gguf(smollm2_path, tmp_path):
     import tramontane
     from tramontane.text.tokenizer import MistralCommonTokenizer
 
-    hf = ["convert", str(smollm2_path), "--to", "hf", "--quant", "f16", "--out", str(tmp_path / "hf")]  # half the bytes
+    hf = ["convert", str(smollm2_path), "--to", "hf", "--type", "f16", "--out", str(tmp_path / "hf")]  # half the bytes
     assert main(hf) == 0
     assert (
-        main(["convert", str(tmp_path / "hf"), "--to", "gguf", "--quant", "q8_0", "--out", str(tmp_path / "b.gguf")])
+        main(["convert", str(tmp_path / "hf"), "--to", "gguf", "--type", "q8_0", "--out", str(tmp_path / "b.gguf")])
         == 0
     )
     original, back = gguf_fields(smollm2_path), gguf.GGUFReader(str(tmp_path / "b.gguf")).fields

@@ -6,9 +6,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from ..errors import TramontaneError
+from .help import MODEL_HELP, Parser, add_command, unknown_flags
 from .model import add_model_parsers, add_store_parsers, cmd_convert, cmd_list, cmd_pull, cmd_rm
 from .train import add_train_parsers, cmd_finetune, cmd_merge
 
@@ -18,12 +19,39 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature:g})")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", "--repeat-penalty", type=float, default=1.0)
-    g.add_argument("--presence-penalty", type=float, default=0.0)
-    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample from the smallest set of tokens whose probabilities "
+        "add up to this (nucleus sampling; default 1 = off)",
+    )
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0 = off)")
+    g.add_argument(
+        "--min-p",
+        type=float,
+        default=0.0,
+        help="drop tokens less likely than this times the most likely one (default 0 = off)",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        "--repeat-penalty",
+        type=float,
+        default=1.0,
+        help="divide the logits of tokens already in the prompt or answer by this (default 1 = off; 1.1 is common)",
+    )
+    g.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="subtract this from the logits of tokens already in the answer, -2..2 (default 0)",
+    )
+    g.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="subtract this times each token's count in the answer from its logit, -2..2 (default 0)",
+    )
     g.add_argument("--seed", type=int, default=None, help="makes sampling repeat exactly")
     g.add_argument("--max-tokens", type=int, default=None, help="default: until the context is full")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -120,27 +148,28 @@ def parse_loras(specs: list[str], reserved: str | None = None) -> dict[str, str]
     return loras
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a misuse reported on one line, as every other CLI error is (subcommands inherit it)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"tramontane: error: {message} (see `{self.prog} --help`)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tramontane", description="Run Mistral-family open-weight models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="answer one question (reads stdin when no prompt is given)")
-    run.add_argument("args", nargs="*", metavar="[MODEL] [PROMPT]")
+    from .. import __version__
+
+    parser = Parser(
+        prog="tramontane",
+        description="Run, serve, convert and fine-tune Mistral-family open-weight models on your own machine. "
+        "`tramontane COMMAND --help` describes each command, with examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"tramontane {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    run = add_command(sub, "run")
+    run.add_argument(
+        "args", nargs="*", metavar="[MODEL] [PROMPT]", help=f"MODEL: {MODEL_HELP}; PROMPT: the question (or stdin)"
+    )
     _sampling_flags(run, temperature=0.0)  # one-shot answers repeat unless asked otherwise
-    chat = sub.add_parser("chat", help="interactive multi-turn chat (/bye or Ctrl-D leaves)")
-    chat.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    chat = add_command(sub, "chat")
+    _model_argument(chat)
     _sampling_flags(chat, temperature=0.7)
-    show = sub.add_parser("show", help="print a model's architecture")
-    show.add_argument("model", nargs="?", default=None, metavar="MODEL")
-    _serve_flags(sub.add_parser("serve", help="serve an OpenAI- and Mistral-compatible HTTP API"))
-    ev = sub.add_parser("eval", help="perplexity of a text file, or accuracy on multiple-choice items")
-    ev.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    _model_argument(add_command(sub, "show"))
+    _serve_flags(add_command(sub, "serve"))
+    ev = add_command(sub, "eval")
+    _model_argument(ev)
     what = ev.add_mutually_exclusive_group(required=True)
     what.add_argument("--perplexity", type=Path, metavar="FILE", help="a UTF-8 text file")
     what.add_argument(
@@ -151,15 +180,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--context", type=int, default=1024, help="tokens per window (default 1024)")
     ev.add_argument("--stride", type=int, default=512, help="tokens between window starts (default 512)")
-    ev.add_argument("--dtype", choices=DTYPES, default="auto")
+    ev.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="compute dtype (default auto: bfloat16 for float "
+        "checkpoints where the CPU supports it; float32 for scores comparable with transformers' float32)",
+    )
     add_train_parsers(sub)
     add_model_parsers(sub)
     add_store_parsers(sub)
     return parser
 
 
+def _model_argument(p: argparse.ArgumentParser, optional: bool = True) -> None:
+    if optional:
+        p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
+    else:
+        p.add_argument("model", metavar="MODEL", help=MODEL_HELP.split("; default")[0])
+
+
 def _serve_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    _model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument(
@@ -585,8 +627,19 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return serve(opts)
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with what a command does not take reported by that command's parser (its
+    usage, the closest flag it has) rather than by the top-level one."""
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        unknown_flags(sub.choices[ns.command], extra)
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = _parse(argv)
     _apply_exact(ns)
     commands = {
         "run": cmd_run,

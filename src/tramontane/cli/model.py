@@ -1,6 +1,6 @@
 """`tramontane convert`: a model between the three weight formats.
 
-    tramontane convert MODEL --to hf|mistral|gguf [--quant f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q6_k] --out PATH
+    tramontane convert MODEL --to hf|mistral|gguf [--type f16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q6_k] --out PATH
 
 The model is loaded in float32 (GGUF blocks dequantized), then written by the format's writer
 (weights/hf_writer.py, native_writer.py, gguf_writer.py). Tokenizers: a folder's tokenizer files are
@@ -15,17 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TramontaneError
+from .help import MODEL_HELP, RenamedFlag, add_command
 
 TARGETS = ("hf", "mistral", "gguf")
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k")
 
 
 def add_store_parsers(sub: Any) -> None:
-    sub.add_parser("list", help="list the models in the local store ($TRAMONTANE_HOME)")
-    rm = sub.add_parser("rm", help="remove a model from the local store")
-    rm.add_argument("name", metavar="NAME")
-    pull = sub.add_parser("pull", help="add a model to the local store: a Hugging Face repo id, or a local path")
-    pull.add_argument("source", metavar="REPO_ID|PATH")
+    add_command(sub, "list")
+    rm = add_command(sub, "rm")
+    rm.add_argument("name", metavar="NAME", help="the stored model's name, as `tramontane list` shows it")
+    pull = add_command(sub, "pull")
+    pull.add_argument(
+        "source", metavar="REPO_ID|PATH", help="a Hugging Face repo id (owner/name) or a local file or folder"
+    )
     pull.add_argument("--revision", default=None, help="branch, tag or commit (Hub only)")
     pull.add_argument("--name", default=None, help="name in the store (default: the repo's or file's name)")
     pull.add_argument("--file", default=None, metavar="FILE.gguf", help="the one GGUF file to download (Hub only)")
@@ -68,14 +71,23 @@ def cmd_pull(ns: argparse.Namespace) -> int:
 
 
 def add_model_parsers(sub: Any) -> None:
-    conv = sub.add_parser("convert", help="convert a model between Hugging Face, Mistral native and GGUF files")
-    conv.add_argument("model", metavar="MODEL")
-    conv.add_argument("--to", required=True, choices=TARGETS)
+    conv = add_command(sub, "convert")
+    conv.add_argument("model", metavar="MODEL", help=MODEL_HELP.split("; default")[0])
     conv.add_argument(
+        "--to",
+        required=True,
+        choices=TARGETS,
+        help="hf: a Hugging Face folder (safetensors); mistral: Mistral's native folder; gguf: one GGUF file",
+    )
+    conv.add_argument(
+        "--type",
         "--quant",
+        dest="type",
+        action=RenamedFlag,
         choices=QUANTS,
         default=None,
-        help="GGUF output: f32, f16 (default) or a block format; hf/mistral: f32 (default) or f16",
+        help="the weights' type in the file written: GGUF: f32, f16 (default) or a block format; hf/mistral: "
+        "f32 (default) or f16 (--quant: its old name)",
     )
     conv.add_argument("--out", required=True, type=Path, metavar="PATH", help="folder (hf, mistral) or .gguf file")
 
@@ -99,9 +111,9 @@ def cmd_convert(ns: argparse.Namespace) -> int:
     from ..hub.resolve import resolve_model
 
     source = resolve_model(ns.model)
-    quant = ns.quant or ("f16" if ns.to == "gguf" else "f32")
+    quant = ns.type or ("f16" if ns.to == "gguf" else "f32")
     if ns.to != "gguf" and quant not in ("f32", "f16"):
-        raise TramontaneError(f"--quant {quant} is a GGUF block format; --to {ns.to} writes f32 or f16")
+        raise TramontaneError(f"--type {quant} is a GGUF block format; --to {ns.to} writes f32 or f16")
     loaded = load_model(source, dtype=torch.float32, packed=False)
     model = loaded.model
     if ns.to == "gguf":

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from ..errors import TramontaneError
+from .help import MODEL_HELP, add_command
 
 # flag -> (TrainConfig field, type, help); every flag defaults to None = "not given" (file or default wins)
 TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -26,19 +27,21 @@ TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--rank", "rank", int, "LoRA rank (default 16)"),
     ("--alpha", "alpha", float, "LoRA alpha; the update is scaled by alpha / rank (default 32)"),
     ("--dropout", "dropout", float, "dropout on the LoRA input (default 0)"),
-    ("--autocast", "autocast", str, "auto (bfloat16 where the CPU has it), bfloat16 or off"),
+    ("--autocast", "autocast", str, "auto (default: bfloat16 where the CPU has it), bfloat16 or off"),
     ("--seed", "seed", int, "seed for initialisation, data order and dropout (default 0)"),
     ("--eval-every", "eval_every", int, "steps between eval losses (default: at the end only)"),
     ("--save-every", "save_every", int, "steps between checkpoints for --resume (default: none)"),
 ]
 
+TRAIN_CHOICES = {"autocast": ("auto", "bfloat16", "off")}  # the flags whose values are a closed set
+
 
 def add_train_parsers(sub: Any) -> None:
-    ft = sub.add_parser("finetune", help="train a LoRA adapter on a JSONL file")
-    ft.add_argument("model", nargs="?", default=None, metavar="MODEL")
+    ft = add_command(sub, "finetune")
+    ft.add_argument("model", nargs="?", default=None, metavar="MODEL", help=f"the base model: {MODEL_HELP}")
     ft.add_argument("--config", default=None, metavar="FILE", help="settings file (.toml, .yaml, .json); flags win")
     for flag, dest, kind, text in TRAIN_FLAGS:
-        ft.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+        ft.add_argument(flag, dest=dest, type=kind, default=None, help=text, choices=TRAIN_CHOICES.get(dest))
     ft.add_argument(
         "--targets",
         default=None,
@@ -59,8 +62,10 @@ def add_train_parsers(sub: Any) -> None:
     )
     ft.add_argument("--validate", action="store_true", help="check the data files and estimate time; no training")
     ft.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    merge = sub.add_parser("merge", help="fold a LoRA adapter into the model; writes Hugging Face safetensors")
-    merge.add_argument("model", metavar="MODEL")
+    merge = add_command(sub, "merge")
+    merge.add_argument(
+        "model", metavar="MODEL", help="the base model the adapter was trained on: " + MODEL_HELP.split("; default")[0]
+    )
     merge.add_argument("adapter", metavar="ADAPTER", help="adapter folder (PEFT layout)")
     merge.add_argument("--out", required=True, help="output folder")
 

@@ -32,10 +32,24 @@ def resolve_model(model: str | Path | None) -> Path:
     if model is None or str(model) == "":
         return default_model_path()
     path = Path(model).expanduser()
-    if not path.exists():
-        from .store import find
+    if path.exists():
+        return path
+    from .store import find
 
-        stored = find(str(model))
-        if stored is not None:
-            return stored.path
-    return path
+    stored = find(str(model))
+    if stored is None:
+        raise LoadError(path, f"no such file or folder, and no stored model of that name{_stored_hint(str(model))}")
+    return stored.path
+
+
+def _stored_hint(name: str) -> str:
+    """What to try instead of a MODEL that is neither a path nor a stored name: the closest stored names,
+    `tramontane list` and `pull`."""
+    import difflib
+
+    from .store import list_models
+
+    names = [m.name for m in list_models()]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    nearest = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"{nearest} (stored models: `tramontane list`; add one with `tramontane pull REPO_ID|PATH`)"
