@@ -194,3 +194,28 @@ def test_folder_tokenizers_are_written_into_gguf(smollm2_path, tmp_path):
             "don't WE'LL x12345y\n\ttabs",
         ):
             assert ours.encode(text, add_bos=True) == reference.encode(text, add_bos=True), (shipped, text)
+
+
+@pytest.mark.parametrize(("ffn", "down", "bound"), [(96, "Q5_0", 0.05), (80, "F16", 1e-3)])
+def test_k_quants_fall_back_per_tensor_as_llama_cpp(ffn, down, bound, tmp_path, capsys):
+    """Issue 19: rows that are not whole 256-value super-blocks (SmolLM2's 576) took float32 and made a
+    q4_k file 3x a q8_0 one; now each such matrix takes llama.cpp's fallback (Q4_K -> Q5_0 for rows of
+    whole 32-value blocks, else F16), the file is smaller than q8_0's, and convert says what it wrote."""
+    import gguf
+
+    hf = hf_model("mistral", seed=5, hidden_size=256, intermediate_size=ffn)
+    source = save_hf(hf, tmp_path / "hf", shard=None)
+    sizes = {}
+    for name in ("q8_0", "q4_k"):
+        out = tmp_path / f"{name}.gguf"
+        assert main(["convert", str(source), "--to", "gguf", "--type", name, "--out", str(out)]) == 0
+        sizes[name] = out.stat().st_size
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.0.ffn_gate.weight"] == "Q4_K"
+    assert types["blk.0.ffn_down.weight"] == down and types["blk.0.attn_norm.weight"] == "F32"
+    assert sizes["q4_k"] < sizes["q8_0"]
+    n_layers = hf.config.num_hidden_layers
+    assert f"{down} x{n_layers}" in capsys.readouterr().out.splitlines()[-2]
+    want = hf.model.layers[0].mlp.down_proj.weight.detach()
+    got = load_model(out, dtype=torch.float32, packed=False).model.state_dict()["layers.0.feed_forward.w2.weight"]
+    assert ((got - want).pow(2).mean().sqrt() / want.std()).item() < bound

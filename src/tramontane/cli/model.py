@@ -104,6 +104,16 @@ def _tokenizer_metadata(loaded: Any, source: Path) -> dict[str, Any] | None:
     return gguf_tokenizer_metadata(load_tokenizer(source))
 
 
+def _type_counts(path: Path) -> str:
+    """The tensors of a written GGUF file by type, most first: "Q4_K 182, Q5_0 30, F32 61"."""
+    from collections import Counter
+
+    import gguf
+
+    counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors)
+    return ", ".join(f"{name} x{n}" for name, n in counts.most_common())
+
+
 def cmd_convert(ns: argparse.Namespace) -> int:
     import torch
 
@@ -129,6 +139,7 @@ def cmd_convert(ns: argparse.Namespace) -> int:
             float_type=float_type,
             quant=None if quant in ("f32", "f16") else quant,
         )
+        print(f"wrote {_type_counts(ns.out)}")
     else:
         if quant == "f16":
             model = model.to(torch.float16)

@@ -49,6 +49,10 @@ BLOCK_TYPES = {
     "q4_k": (12, 15, 256),
     "q6_k": (14, 18, 256),
 }
+# A matrix whose rows are not whole super-blocks of a K-quant is written in the 32-value type llama.cpp's
+# quantizer falls back to (so a model with 576-wide rows, SmolLM2's, still shrinks under q4_k); one whose
+# rows are not whole 32-value blocks either, as float16 (llama.cpp's last resort too).
+FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0"}
 
 
 def architecture_metadata(config: ModelConfig) -> dict[str, Any]:
@@ -156,8 +160,8 @@ def write_gguf(
     quant: str | None = None,
 ) -> Path:
     """Write `model` (built, packed or float) to `path` as GGUF; returns the path. `quant` (q8_0, q4_0,
-    q4_1, q5_0, q5_1, q4_k, q6_k) quantizes the float matrices from float32 (norms, Mixtral's router, and
-    matrices whose rows are not whole blocks, stay float32)."""
+    q4_1, q5_0, q5_1, q4_k, q6_k) quantizes the float matrices from float32 (norms and Mixtral's router stay
+    float32; a matrix whose rows are not whole blocks of `quant` takes its FALLBACK, or float16)."""
     import gguf
 
     if float_type not in FLOAT_TYPES:
@@ -171,9 +175,12 @@ def write_gguf(
     for key, value in {**architecture_metadata(model_config(model)), **dict(tokenizer or {})}.items():
         _add_value(writer, key, value)
     for gguf_name, array, qtype in tensors(model, "f32" if quant else float_type):  # quantize from float32
-        if qtype is None and quant is not None and _quantizable(gguf_name, array, BLOCK_TYPES[quant][2]):
-            qtype = BLOCK_TYPES[quant][0]
+        target = _block_type(gguf_name, array, quant) if qtype is None and quant is not None else None
+        if target is not None:
+            qtype = BLOCK_TYPES[target][0]
             array = _quantize(array.astype(np.float32), qtype)
+        elif qtype is None and quant is not None and _quantized_kind(gguf_name, array):
+            array = array.astype(np.float16)  # rows of no block type's whole blocks
         if qtype is None:
             writer.add_tensor(gguf_name, array)
         else:
@@ -185,10 +192,20 @@ def write_gguf(
     return path
 
 
-def _quantizable(gguf_name: str, array: np.ndarray, block: int) -> bool:
-    """Matrices of whole blocks, but a Mixtral router (`ffn_gate_inp`: the rows that pick experts), which
-    llama.cpp's quantizer never quantizes either."""
-    return not gguf_name.endswith("ffn_gate_inp.weight") and array.ndim >= 2 and array.shape[-1] % block == 0
+def _quantized_kind(gguf_name: str, array: np.ndarray) -> bool:
+    """Matrices, but a Mixtral router (`ffn_gate_inp`: the rows that pick experts), which llama.cpp's
+    quantizer never quantizes either."""
+    return not gguf_name.endswith("ffn_gate_inp.weight") and array.ndim >= 2
+
+
+def _block_type(gguf_name: str, array: np.ndarray, quant: str) -> str | None:
+    """The block type a float tensor is written in under `quant`: quant where its rows are whole blocks of
+    it, else quant's FALLBACK where they are whole blocks of that; None: not a matrix to quantize, or no
+    block type fits (then float16)."""
+    if not _quantized_kind(gguf_name, array):
+        return None
+    fits = [t for t in (quant, FALLBACK.get(quant)) if t and array.shape[-1] % BLOCK_TYPES[t][2] == 0]
+    return fits[0] if fits else None
 
 
 def _quantize(array: np.ndarray, qtype: int) -> np.ndarray:
