@@ -146,3 +146,41 @@ def test_unknown_model_name_suggests_stored_names_and_pull(tmp_path, monkeypatch
     text = str(info.value)
     assert "no such file or folder" in text and "did you mean 'mistral-7b'?" in text
     assert "tramontane list" in text and "tramontane pull" in text
+
+
+def test_an_answer_cut_at_max_tokens_says_so_on_stderr(smollm2_path):
+    cut = tramontane("run", str(smollm2_path), "What is the capital of France?", "--max-tokens", "3")
+    assert cut.returncode == 0 and "[length]" in cut.stderr and "[length]" not in cut.stdout
+    whole = tramontane("run", str(smollm2_path), "What is the capital of France?", "--max-tokens", "200")
+    assert whole.returncode == 0 and "[length]" not in whole.stderr
+
+
+def test_interactive_chat_names_the_model_in_its_banner(smollm2_path):
+    """On a terminal (a pty here) chat opens with the model's name, parameters and context length."""
+    import os
+    import pty
+    import select
+    import time
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tramontane", "chat", str(smollm2_path)],
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
+        close_fds=True,
+    )
+    os.close(secondary)
+    seen, deadline = b"", time.monotonic() + 240
+    try:
+        while b">>> " not in seen and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([primary], [], [], 1.0)[0]:
+                seen += os.read(primary, 4096)
+        os.write(primary, b"/bye\n")
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(primary)
+    banner = seen.decode(errors="replace")
+    assert f"tramontane chat: {smollm2_path.name}, 135M parameters, context 8192 tokens" in banner, banner

@@ -127,6 +127,10 @@ def test_pull_a_local_folder_or_gguf_file(tmp_path, smollm2_path):
     assert cli(home, "pull", str(smollm2_path), "--name", "smol").returncode == 0
     listed = cli(home, "list").stdout
     assert "mine" in listed and "smol" in listed and "GGUF" in listed
+    header, *rows = listed.splitlines()
+    assert header.split() == ["NAME", "SOURCE", "SIZE", "TYPE", "MODIFIED"]  # issue 19: columns, a header
+    smol = next(r for r in rows if r.startswith("smol "))
+    assert str(smollm2_path.resolve()) in smol and " GB " in smol and smol.split()[-2].count("-") == 2
     bad = cli(home, "pull", str(folder), "--name", "../escape")
     assert bad.returncode == 1 and "model name" in bad.stderr
     broken = tmp_path / "broken"

@@ -22,6 +22,25 @@ from .text.tokenizer import Tokenizer
 Prompt = str | Sequence[int]
 
 
+class TextStream:
+    """A streamed chat answer: iterates its text deltas as they come; `finish_reason` once it has ended
+    ("stop", or "length" where it reached max_tokens or the end of the context)."""
+
+    def __init__(self, deltas: Iterator[Delta]) -> None:
+        self._deltas = deltas
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        while True:
+            delta = next(self._deltas)
+            self.finish_reason = delta.finish_reason or self.finish_reason
+            if delta.text:
+                return delta.text
+
+
 class LLM:
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> None:
         self.loaded, self.tokenizer, self.dtype = loaded, tokenizer, dtype
@@ -120,7 +139,7 @@ class LLM:
         if stream:
             if use is not None and use.mode != "none":
                 raise RequestError("stream=True with tools is not available offline; stream=False gives the calls")
-            return (d.text for d in deltas if d.text)
+            return TextStream(deltas)
         done = collect(deltas, [ids])[0]
         if use is not None and use.mode != "none":
             parsed = read_calls(call_text(self.tokenizer, done.token_ids), use, self.tokenizer)

@@ -463,12 +463,13 @@ def _shared(value: Any) -> Any:
 
 
 def _stream_answer(llm: Any, messages: list[dict[str, Any]], params: Any) -> str:
-    """Print the answer as it streams (rank 0 only; other ranks compute along); Ctrl-C stops it early.
-    Returns the text."""
+    """Print the answer as it streams (rank 0 only; other ranks compute along); Ctrl-C stops it early,
+    and an answer cut at the token limit says so on stderr. Returns the text."""
     pieces: list[str] = []
     show = _leader()
+    stream = llm.chat(messages, params, stream=True)
     try:
-        for delta in llm.chat(messages, params, stream=True):
+        for delta in stream:
             pieces.append(delta)
             if show:
                 sys.stdout.write(delta)
@@ -478,6 +479,10 @@ def _stream_answer(llm: Any, messages: list[dict[str, Any]], params: Any) -> str
     if show:
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if stream.finish_reason == "length":
+            print(
+                "[length] the answer stopped at the token limit (--max-tokens, or the context's end)", file=sys.stderr
+            )
     return "".join(pieces)
 
 
@@ -500,7 +505,7 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     leader = _leader()
     interactive = leader and sys.stdin.isatty()
     if interactive:
-        print("Type a message; /bye or Ctrl-D leaves, Ctrl-C stops an answer.", file=sys.stderr)
+        print(_banner(ns.model, llm.config), file=sys.stderr)
     while True:
         text = _shared(_read_line(interactive) if leader else None)
         if text is None:
@@ -513,6 +518,19 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         params = _sampling(ns)  # per answer: under torchrun a fresh seed shared by every rank
         history.append({"role": "assistant", "content": _stream_answer(llm, history, params)})
     return 0
+
+
+def _banner(model: str | None, config: Any) -> str:
+    """The chat's first lines: which model (its name, parameters, context length) and how to leave."""
+    from ..hub.resolve import DEFAULT_MODEL_FILE
+
+    name = Path(model).name if model else f"{DEFAULT_MODEL_FILE} (the default model)"
+    n = config.parameter_count()
+    size = f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+    return (
+        f"tramontane chat: {name}, {size} parameters, context {config.max_seq_len} tokens\n"
+        "Type a message; /bye or Ctrl-D leaves, Ctrl-C stops an answer."
+    )
 
 
 def _read_line(interactive: bool) -> str | None:

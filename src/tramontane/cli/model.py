@@ -40,9 +40,16 @@ def cmd_list(ns: argparse.Namespace) -> int:
     models = list_models()
     if not models:
         print(f"no models in {home()} (add one with `tramontane pull`)")
+        return 0
+    rows = [("NAME", "SOURCE", "SIZE", "TYPE", "MODIFIED")]
     for m in models:
-        size = m.info.get("size", 0) / 1e9
-        print(f"{m.name:<32} {m.info.get('format', '?'):<26} {size:7.2f} GB  {m.info.get('source', '')}")
+        pulled = str(m.info.get("pulled", ""))
+        modified = f"{pulled[:10]} {pulled[11:16]}" if len(pulled) >= 16 else "?"
+        size = f"{m.info.get('size', 0) / 1e9:.2f} GB"
+        rows.append((m.name, str(m.info.get("source", "?")), size, str(m.info.get("format", "?")), modified))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(f"{v:<{w}}" for v, w in zip(row, widths)) + "  " + row[4])
     return 0
 
 
