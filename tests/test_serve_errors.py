@@ -77,6 +77,14 @@ def test_invalid_value_is_400_naming_the_field(api, field, value):
     assert_error(api.post(CHAT, json={"messages": HI, field: value}), 400, param=field)
 
 
+def test_temperature_above_the_apis_maximum_is_400_as_openai_words_it(api):
+    """Issue 19: temperature 5 was accepted where OpenAI's API answers 400 (its maximum is 2)."""
+    r = api.post(CHAT, json={"messages": HI, "temperature": 5})
+    err = assert_error(r, 400, param="temperature", code="decimal_above_max_value", contains="Expected a value <= 2")
+    assert err["type"] == "invalid_request_error"
+    assert api.post(CHAT, json={"messages": HI, "temperature": 2, "max_tokens": 1}).status_code == 200
+
+
 def test_nan_and_infinity_are_400(api):
     for text in ("NaN", "Infinity", "-Infinity", "1e999"):
         r = api.post(CHAT, content=f'{{"messages": [{{"role": "user", "content": "x"}}], "temperature": {text}}}')

@@ -165,6 +165,7 @@ def settings(
     if min_tokens < 0 or (cap is not None and cap >= 1 and min_tokens > cap):
         raise bad_request(f"min_tokens must be >= 0 and at most max_tokens ({cap}), got {min_tokens}", "min_tokens")
     names = {"seed": seed_name, "max_tokens": max_name}
+    _check_api_ranges(req)
     try:
         params = SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -188,6 +189,23 @@ def settings(
         field = found.group(1) if found else None
         raise bad_request(str(exc), names.get(field or "", field)) from exc
     return Settings(params, min_tokens, n, max_tokens, default_max_tokens)
+
+
+# The APIs' ranges where they are narrower than the sampler's own (OpenAI's and Mistral's temperature
+# stops at 2; offline, `tramontane run --temperature 5` is the user's choice).
+MAX_TEMPERATURE = 2.0
+
+
+def _check_api_ranges(req: SamplingFields) -> None:
+    """400 for a value the official APIs refuse, worded as OpenAI words it."""
+    t = req.temperature
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and t > MAX_TEMPERATURE:
+        raise bad_request(
+            f"Invalid 'temperature': decimal above maximum value. Expected a value <= {MAX_TEMPERATURE:g}, "
+            f"but got {t:g} instead.",
+            "temperature",
+            "decimal_above_max_value",
+        )
 
 
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:
