@@ -252,6 +252,7 @@ def test_cli_finetune_then_merge(tmp_path, smollm2_path):
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 4  # the file's [lora] table
     merged = tmp_path / "merged"
     assert main(["merge", str(smollm2_path), str(out), "--out", str(merged)]) == 0
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"]  # issue 19: complete
 
     ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173]])
     llm = tramontane.load(smollm2_path, dtype="float32", packed=False, lora={"ft": out})

@@ -336,3 +336,29 @@ def test_write_hf_refuses_unmerged_adapters(tmp_path):
     apply_lora(ours, LoraSpec(rank=2), "a")
     with pytest.raises(ConfigError, match="merge"):
         write_hf(ours, tmp_path / "out")
+
+
+def test_written_folders_are_complete_and_readable_by_others(tmp_path):
+    """Issue 19: safetensors wrote its files 0600 (unreadable by the other users of a shared model
+    folder) and a written HF folder lost the source's generation_config.json and chat template."""
+    import os
+    import stat
+
+    from tramontane.weights.native_writer import write_native
+
+    hf, folder, ours = setup(tmp_path, "mistral", seed=2)
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert (folder / "generation_config.json").is_file()  # transformers' save_pretrained writes one
+    previous = os.umask(0o022)
+    try:
+        out = write_hf(ours, tmp_path / "out", tokenizer_source=folder)
+        native = write_native(ours, tmp_path / "native")
+        spec = LoraSpec(rank=2)
+        apply_lora(ours, spec, "a")
+        adapter = save_adapter(ours, tmp_path / "adapter", "a", spec, base_model=str(folder))
+    finally:
+        os.umask(previous)
+    for written in (*out.glob("*.safetensors"), *native.glob("*.safetensors"), *adapter.glob("*.safetensors")):
+        assert stat.S_IMODE(written.stat().st_mode) == 0o644, written
+    assert (out / "generation_config.json").read_text() == (folder / "generation_config.json").read_text()
+    assert (out / "chat_template.jinja").is_file()

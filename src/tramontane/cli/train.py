@@ -140,6 +140,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _generation_config(tokenizer: Any, folder: Any) -> None:
+    """A merged folder's generation_config.json (the stop ids transformers and vLLM stop at), where the
+    base's did not come along (a Mistral native folder has none)."""
+    import json
+
+    path = folder / "generation_config.json"
+    if path.exists():
+        return
+    stops = sorted(tokenizer.stop_ids)
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops[0] if len(stops) == 1 else stops}
+    path.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+
+
 def cmd_merge(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -157,5 +170,6 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     write_hf(llm.model, Path(ns.out), tokenizer_source=path if source_folder else None)
     if not source_folder and hasattr(llm.tokenizer, "save_hf"):  # a GGUF file: its vocabulary as tokenizer.json
         llm.tokenizer.save_hf(Path(ns.out))
+    _generation_config(llm.tokenizer, Path(ns.out))
     print(f"merged model written to {ns.out}")
     return 0

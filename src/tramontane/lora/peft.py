@@ -23,6 +23,7 @@ import torch
 
 from ..errors import ConfigError, LoadError
 from ..model.transformer import Transformer
+from ..weights.hf_writer import as_umask_allows
 from ..weights.names import permute_rotary, unpermute_rotary
 from ..weights.safetensors import SafetensorsFile
 from .layers import LoraSpec, add_adapter, lora_scales, lora_state
@@ -95,6 +96,7 @@ def save_adapter(model: Transformer, folder: str | Path, name: str, spec: LoraSp
     from safetensors.torch import save_file
 
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    as_umask_allows(folder / WEIGHTS_FILE)
     return folder
 
 

@@ -11,6 +11,7 @@ peak memory is the model plus one shard.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,14 @@ from ..errors import ConfigError, LoadError
 from ._protocols import as_packed, fused, layers, model_config
 from .names import permute_rotary
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tekken.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tekken.json",
+    "chat_template.jinja",
+    "generation_config.json",  # the stop ids and sampling defaults transformers and vLLM read
+)
 TOKENIZER_PREFIX = "tokenizer.model"  # tokenizer.model, tokenizer.model.v1, .v3 ...
 MAX_SHARD_BYTES = 5 * 2**30
 ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
@@ -193,10 +201,19 @@ def _write_shards(folder: Path, entries: list[Entry], max_shard_bytes: int) -> N
     weight_map: dict[str, str] = {}
     for shard, file in zip(shards, names):
         save_file({name: produce() for name, produce, _ in shard}, folder / file, metadata={"format": "pt"})
+        as_umask_allows(folder / file)
         weight_map |= {name: file for name, _, _ in shard}
     if n > 1:
         index = {"metadata": {"total_size": sum(e[2] for e in entries)}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def as_umask_allows(path: Path) -> None:
+    """Give a written file the mode an ordinary new file gets (0666 less the umask): safetensors writes
+    its files 0600, which other users of a shared model folder then cannot read."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put back at once
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
 
 
 def _tokenizer_files(source: Path) -> list[Path]:

@@ -17,6 +17,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ._protocols import model_config
+from .hf_writer import as_umask_allows
 
 STACKED = re.compile(r"layers\.(\d+)\.feed_forward\.(w[123])$")
 TOKENIZER_FILES = (
@@ -81,6 +82,7 @@ def write_native(model: nn.Module, folder: str | Path, tokenizer_source: Path | 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "params.json").write_text(json.dumps(params_json(model_config(model)), indent=2) + "\n")
     save_file(native_state(model), str(folder / "consolidated.safetensors"), metadata={"format": "pt"})
+    as_umask_allows(folder / "consolidated.safetensors")
     if tokenizer_source is not None and Path(tokenizer_source).is_dir():
         for pattern in TOKENIZER_FILES:
             for path in Path(tokenizer_source).glob(pattern):
