@@ -114,6 +114,7 @@ def test_offline_and_unknown_repositories_get_clear_errors(tmp_path):
     with FakeHub({}) as hub:
         unknown = cli(tmp_path / "home", "pull", "acme/nothing", endpoint=hub.url)
     assert unknown.returncode == 1 and "no repository 'acme/nothing'" in unknown.stderr
+    assert unknown.stderr.count("\n") == 1 and not list((tmp_path / "home").rglob("*.partial"))  # one line, no leftover
 
 
 def test_pull_a_local_folder_or_gguf_file(tmp_path, smollm2_path):

@@ -213,6 +213,15 @@ def _check_reachable(endpoint: str, repo_id: str) -> None:
         ) from None
 
 
+def _drop_if_empty(staging: Path) -> bool:
+    """Remove a staging folder no file has reached (huggingface_hub's own bookkeeping aside); True if
+    it was removed."""
+    if any(p.is_file() for p in staging.rglob("*") if ".cache" not in p.relative_to(staging).parts):
+        return False
+    shutil.rmtree(staging, ignore_errors=True)
+    return True
+
+
 def pull_hub(
     repo_id: str, revision: str | None = None, name: str | None = None, gguf_file: str | None = None
 ) -> StoredModel:
@@ -231,10 +240,12 @@ def pull_hub(
         wanted = choose_files(files, gguf_file)
         local = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=wanted, local_dir=staging)
     except RepositoryNotFoundError:
+        _drop_if_empty(staging)
         raise StoreError(f"no repository {repo_id!r} on {endpoint} (or it needs a token: set HF_TOKEN)") from None
     except (LocalEntryNotFoundError, OSError, HfHubHTTPError) + _http_errors() as exc:
+        kept = "" if _drop_if_empty(staging) else f"; what arrived is kept in {staging}: the same pull resumes it"
         raise StoreError(
-            f"cannot download {repo_id!r} from {endpoint}: {type(exc).__name__}: {str(exc)[:200]}; "
+            f"cannot download {repo_id!r} from {endpoint}: {type(exc).__name__}: {str(exc)[:200]}{kept}; "
             "offline machines can import a local copy with `tramontane pull PATH`"
         ) from None
     shutil.rmtree(Path(local) / ".cache", ignore_errors=True)
