@@ -219,3 +219,39 @@ def test_k_quants_fall_back_per_tensor_as_llama_cpp(ffn, down, bound, tmp_path, 
     want = hf.model.layers[0].mlp.down_proj.weight.detach()
     got = load_model(out, dtype=torch.float32, packed=False).model.state_dict()["layers.0.feed_forward.w2.weight"]
     assert ((got - want).pow(2).mean().sqrt() / want.std()).item() < bound
+
+
+def test_convert_shows_a_bar_on_a_terminal_and_plain_lines_in_a_pipe(tmp_path):
+    """Issue 19: convert said nothing until done; now a tqdm bar on a terminal (a pty here) and, in a
+    pipe, a plain line per tenth of the work (no carriage returns in logs)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    source = save_hf(hf_model("mistral", seed=4), tmp_path / "hf", shard=None)
+    command = [sys.executable, "-m", "tramontane", "convert", str(source), "--to", "gguf", "--type", "q8_0", "--out"]
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 x 0
+    proc = subprocess.Popen([*command, str(tmp_path / "a.gguf")], stdout=secondary, stderr=secondary, close_fds=True)
+    os.close(secondary)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # the other end closed: the process has finished
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(primary)
+    assert proc.wait(timeout=240) == 0
+    shown = seen.decode(errors="replace")
+    assert "writing a.gguf" in shown and "tensors" in shown and "\r" in shown, shown
+    piped = subprocess.run([*command, str(tmp_path / "b.gguf")], capture_output=True, text=True, timeout=240)
+    assert piped.returncode == 0 and "\r" not in piped.stderr
+    lines = [line for line in piped.stderr.splitlines() if line.startswith("writing b.gguf: ")]
+    assert lines and lines[0] == "writing b.gguf: 1 tensors", piped.stderr

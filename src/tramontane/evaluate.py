@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import RequestError
+from .progress import tracked
 
 
 @dataclass
@@ -45,13 +46,14 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def perplexity(llm: Any, ids: list[int], context: int, stride: int) -> Perplexity:
-    """Sliding-window perplexity of token ids under `llm` (tramontane.LLM)."""
+def perplexity(llm: Any, ids: list[int], context: int, stride: int, progress: bool = False) -> Perplexity:
+    """Sliding-window perplexity of token ids under `llm` (tramontane.LLM); `progress`: show the windows
+    scored (progress.py)."""
     if len(ids) < 2:
         raise RequestError(f"perplexity needs at least 2 tokens, got {len(ids)}")
     context = min(context, llm.config.max_seq_len)
     total, count, spans = 0.0, 0, windows(len(ids), context, stride)
-    for begin, end, first in spans:
+    for begin, end, first in tracked(spans, len(spans), "perplexity", "windows", progress):
         logp = llm.score(ids[begin:end])  # [end-begin-1]: log p(ids[k] | ids[begin:k]) for k in begin+1..end-1
         scored = logp[first - begin - 1 :]
         total -= float(scored.double().sum())
@@ -112,9 +114,9 @@ def continuation_logprob(llm: Any, context: str, continuation: str) -> float:
     return float(logp[start - 1 :].double().sum())
 
 
-def choice_accuracy(llm: Any, items: list[dict[str, Any]]) -> ChoiceResult:
+def choice_accuracy(llm: Any, items: list[dict[str, Any]], progress: bool = False) -> ChoiceResult:
     right = right_norm = 0
-    for item in items:
+    for item in tracked(items, len(items), "scoring", "items", progress):
         scores = [continuation_logprob(llm, item["question"], " " + c) for c in item["choices"]]
         norm = [s / max(len(c), 1) for s, c in zip(scores, item["choices"])]
         right += int(torch.tensor(scores).argmax()) == item["answer"]

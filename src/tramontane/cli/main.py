@@ -567,13 +567,13 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         except UnicodeDecodeError as exc:
             raise TramontaneError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         ids = llm.tokenizer.encode(text, add_bos=llm.tokenizer.default_add_bos)
-        result = perplexity(llm, ids, ns.context, ns.stride)
+        result = perplexity(llm, ids, ns.context, ns.stride, progress=True)
         print(
             f"perplexity {result.perplexity:.4f}  (mean NLL {result.nll:.4f} nats over {result.tokens} tokens, "
             f"{result.windows} windows of {ns.context} tokens, stride {ns.stride})"
         )
     else:
-        choices = choice_accuracy(llm, read_choices(path))
+        choices = choice_accuracy(llm, read_choices(path), progress=True)
         print(f"accuracy {choices.accuracy:.4f}  acc_norm {choices.accuracy_norm:.4f}  ({choices.items} items)")
     return 0
 

@@ -145,6 +145,7 @@ def cmd_convert(ns: argparse.Namespace) -> int:
             name=Path(source).stem,
             float_type=float_type,
             quant=None if quant in ("f32", "f16") else quant,
+            progress=True,
         )
         print(f"wrote {_type_counts(ns.out)}")
     else:
@@ -154,7 +155,7 @@ def cmd_convert(ns: argparse.Namespace) -> int:
         if ns.to == "hf":
             from ..weights.hf_writer import write_hf
 
-            write_hf(model, ns.out, tokenizer_source=folder_source)
+            write_hf(model, ns.out, tokenizer_source=folder_source, progress=True)
         else:
             from ..weights.native_writer import write_native
 

@@ -167,7 +167,7 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     load_adapter(llm.model, Path(ns.adapter), "default")
     merge_lora(llm.model, "default")
     source_folder = Path(path).is_dir()
-    write_hf(llm.model, Path(ns.out), tokenizer_source=path if source_folder else None)
+    write_hf(llm.model, Path(ns.out), tokenizer_source=path if source_folder else None, progress=True)
     if not source_folder and hasattr(llm.tokenizer, "save_hf"):  # a GGUF file: its vocabulary as tokenizer.json
         llm.tokenizer.save_hf(Path(ns.out))
     _generation_config(llm.tokenizer, Path(ns.out))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
+from ..progress import tracked
 from ._protocols import fused, is_packed, layers, model_config
 
 # Our module path (per layer "{i}") -> llama.cpp tensor name, for 2-D matrices and norms.
@@ -158,10 +159,12 @@ def write_gguf(
     name: str = "tramontane",
     float_type: str = "f32",
     quant: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Write `model` (built, packed or float) to `path` as GGUF; returns the path. `quant` (q8_0, q4_0,
     q4_1, q5_0, q5_1, q4_k, q6_k) quantizes the float matrices from float32 (norms and Mixtral's router stay
-    float32; a matrix whose rows are not whole blocks of `quant` takes its FALLBACK, or float16)."""
+    float32; a matrix whose rows are not whole blocks of `quant` takes its FALLBACK, or float16).
+    `progress`: show the tensors quantized and written (progress.py)."""
     import gguf
 
     if float_type not in FLOAT_TYPES:
@@ -174,7 +177,8 @@ def write_gguf(
     writer.add_file_type(BLOCK_TYPES[quant][1] if quant else FLOAT_TYPES[float_type][1])
     for key, value in {**architecture_metadata(model_config(model)), **dict(tokenizer or {})}.items():
         _add_value(writer, key, value)
-    for gguf_name, array, qtype in tensors(model, "f32" if quant else float_type):  # quantize from float32
+    work = tensors(model, "f32" if quant else float_type)  # quantized from float32
+    for gguf_name, array, qtype in tracked(work, None, f"writing {path.name}", "tensors", progress):
         target = _block_type(gguf_name, array, quant) if qtype is None and quant is not None else None
         if target is not None:
             qtype = BLOCK_TYPES[target][0]

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ConfigError, LoadError
+from ..progress import tracked
 from ._protocols import as_packed, fused, layers, model_config
 from .names import permute_rotary
 
@@ -41,9 +42,14 @@ Entry = tuple[str, Callable[[], torch.Tensor], int]
 
 
 def write_hf(
-    model: nn.Module, folder: str | Path, tokenizer_source: Path | None = None, max_shard_bytes: int = MAX_SHARD_BYTES
+    model: nn.Module,
+    folder: str | Path,
+    tokenizer_source: Path | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    progress: bool = False,
 ) -> Path:
-    """Write a float or packed model (no LoRA adapters installed) as a Hugging Face safetensors folder."""
+    """Write a float or packed model (no LoRA adapters installed) as a Hugging Face safetensors folder;
+    `progress`: show the tensors written (progress.py)."""
     if any(hasattr(m, "lora_A") for m in model.modules()):
         raise ConfigError(
             "write_hf: the model has LoRA adapters installed; merge them (lora.merge_lora) "
@@ -56,7 +62,7 @@ def write_hf(
     folder.mkdir(parents=True, exist_ok=True)
     dtype = _dtype(model.get_submodule("tok_embeddings"))
     (folder / "config.json").write_text(json.dumps(hf_config(config, dtype), indent=2))
-    _write_shards(folder, entries, max_shard_bytes)
+    _write_shards(folder, entries, max_shard_bytes, progress)
     for p in tokenizer:
         if p.resolve() != (folder / p.name).resolve():
             shutil.copyfile(p, folder / p.name)
@@ -182,7 +188,7 @@ def _block_entries(p: str, block: nn.Module, c: ModelConfig) -> list[Entry]:
     ]
 
 
-def _write_shards(folder: Path, entries: list[Entry], max_shard_bytes: int) -> None:
+def _write_shards(folder: Path, entries: list[Entry], max_shard_bytes: int, progress: bool = False) -> None:
     """One model.safetensors, or numbered shards + model.safetensors.index.json past max_shard_bytes."""
     from safetensors.torch import save_file
 
@@ -200,7 +206,8 @@ def _write_shards(folder: Path, entries: list[Entry], max_shard_bytes: int) -> N
         stale.unlink()  # leftovers of an earlier write would be read as part of this model
     weight_map: dict[str, str] = {}
     for shard, file in zip(shards, names):
-        save_file({name: produce() for name, produce, _ in shard}, folder / file, metadata={"format": "pt"})
+        shown = tracked(shard, len(shard), f"writing {file}", "tensors", progress)
+        save_file({name: produce() for name, produce, _ in shown}, folder / file, metadata={"format": "pt"})
         as_umask_allows(folder / file)
         weight_map |= {name: file for name, _, _ in shard}
     if n > 1:
