@@ -184,3 +184,15 @@ def test_interactive_chat_names_the_model_in_its_banner(smollm2_path):
         os.close(primary)
     banner = seen.decode(errors="replace")
     assert f"tramontane chat: {smollm2_path.name}, 135M parameters, context 8192 tokens" in banner, banner
+
+
+def test_run_takes_a_stored_name_alone_as_the_model(tmp_path, monkeypatch):
+    """`tramontane run NAME < prompt.txt`: a stored model's name is the MODEL, not the prompt."""
+    from tramontane.cli.main import _split_run_args
+
+    monkeypatch.setenv("TRAMONTANE_HOME", str(tmp_path))
+    folder = tmp_path / "models" / "mistral-7b"
+    folder.mkdir(parents=True)
+    (folder / "tramontane.json").write_text("{}")
+    assert _split_run_args(["mistral-7b"]) == ("mistral-7b", None)
+    assert _split_run_args(["What is a mistral?"]) == (None, "What is a mistral?")

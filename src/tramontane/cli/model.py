@@ -112,7 +112,7 @@ def _tokenizer_metadata(loaded: Any, source: Path) -> dict[str, Any] | None:
 
 
 def _type_counts(path: Path) -> str:
-    """The tensors of a written GGUF file by type, most first: "Q4_K 182, Q5_0 30, F32 61"."""
+    """The tensors of a written GGUF file by type, most first: "Q5_0 x181, F32 x61, Q4_K x30"."""
     from collections import Counter
 
     import gguf

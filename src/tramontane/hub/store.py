@@ -214,9 +214,9 @@ def _check_reachable(endpoint: str, repo_id: str) -> None:
 
 
 def _drop_if_empty(staging: Path) -> bool:
-    """Remove a staging folder no file has reached (huggingface_hub's own bookkeeping aside); True if
-    it was removed."""
-    if any(p.is_file() for p in staging.rglob("*") if ".cache" not in p.relative_to(staging).parts):
+    """Remove a staging folder no byte has reached (a file in it, even huggingface_hub's .incomplete
+    part of an interrupted download, keeps it for the next pull to resume); True if it was removed."""
+    if any(p.is_file() for p in staging.rglob("*")):
         return False
     shutil.rmtree(staging, ignore_errors=True)
     return True

@@ -25,14 +25,10 @@ from ..progress import tracked
 from ._protocols import as_packed, fused, layers, model_config
 from .names import permute_rotary
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tekken.json",
-    "chat_template.jinja",
-    "generation_config.json",  # the stop ids and sampling defaults transformers and vLLM read
-)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tekken.json")
+# copied beside them where the source has them: the chat template, and the stop ids and sampling defaults
+# transformers and vLLM read
+COMPANION_FILES = ("chat_template.jinja", "generation_config.json")
 TOKENIZER_PREFIX = "tokenizer.model"  # tokenizer.model, tokenizer.model.v1, .v3 ...
 MAX_SHARD_BYTES = 5 * 2**30
 ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
@@ -218,9 +214,21 @@ def _write_shards(folder: Path, entries: list[Entry], max_shard_bytes: int, prog
 def as_umask_allows(path: Path) -> None:
     """Give a written file the mode an ordinary new file gets (0666 less the umask): safetensors writes
     its files 0600, which other users of a shared model folder then cannot read."""
-    mask = os.umask(0o022)  # reading the umask means setting it; put back at once
+    path.chmod(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask: from /proc where Linux shows it (reading it through os.umask means setting
+    it for a moment, which another thread creating a file would see)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
-    path.chmod(0o666 & ~mask)
+    return mask
 
 
 def _tokenizer_files(source: Path) -> list[Path]:
@@ -235,4 +243,4 @@ def _tokenizer_files(source: Path) -> list[Path]:
         raise LoadError(
             source, f"no tokenizer files found (looked for {', '.join(TOKENIZER_FILES)}, {TOKENIZER_PREFIX}*)"
         )
-    return found
+    return found + [p for p in candidates if p.is_file() and p.name in COMPANION_FILES]
