@@ -672,7 +672,7 @@ def test_q16_rounds_each_activation_as_its_emulation(isa: str, qtype: QT, layout
     """q16 element by element: one-hot weight rows (the identity, exact in Q4_0 and Q8_0) make each output
     one rounded activation, so the rounding shows bare: the remainder at 1/256 of the first part's step,
     clamped to 127 steps where it is half a step (this x has such remainders), alike in the row kernels
-    and the interleaved ones (which add the parts as one integer), at M = 1 and among 70 rows."""
+    and the interleaved ones (Q4_0's add the parts as one integer), at M = 1 and among 70 rows."""
     if isa == "scalar":
         pytest.skip("the portable pass has no integer kernels")
     k = 64
