@@ -1066,3 +1066,30 @@ def test_lookup_rows_gathers_rows(isa: str, q8: None, qtype: QT) -> None:
         kernels.lookup_rows(rows, torch.tensor([3, 24]), held, k)
     with pytest.raises(IndexError, match="row -1"):
         kernels.lookup_rows(rows, torch.tensor([-1]), held, k)
+
+
+def test_a_built_extension_that_does_not_load_is_reported(tmp_path):
+    """A stale build (here: an unresolved symbol) used to leave the PyTorch fallback running, 10x slower,
+    without a word; now a warning names the problem. A missing build stays silent: it is optional."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import importlib, sys\n"
+        "real = importlib.import_module\n"
+        "def fake(name, package=None):\n"
+        "    if name == '._kernels':\n"
+        "        raise {error}\n"
+        "    return real(name, package)\n"
+        "importlib.import_module = fake\n"
+        "from tramontane.quant import kernels\n"
+        "print(kernels.available())\n"
+    )
+    cases = {
+        "ImportError('_kernels.so: undefined symbol: g_prof')": True,
+        "ModuleNotFoundError('no module', name='tramontane.quant._kernels')": False,
+    }
+    for error, warned in cases.items():
+        out = subprocess.run([sys.executable, "-c", probe.format(error=error)], capture_output=True, text=True)
+        assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+        assert ("do not load (_kernels.so: undefined symbol: g_prof)" in out.stderr) == warned, out.stderr

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from collections.abc import Iterable
 from types import ModuleType
 
@@ -67,8 +68,16 @@ from ..weights.gguf_quants import GGML_TYPES, dequantize
 _ext: ModuleType | None
 try:  # the compiled kernels are optional (a failed build leaves the fallback); types: _kernels.pyi
     _ext = importlib.import_module("._kernels", __package__)
-except ImportError:  # pragma: no cover - depends on the build
+except ImportError as exc:  # pragma: no cover - depends on the build
     _ext = None
+    if not (isinstance(exc, ModuleNotFoundError) and (exc.name or "").endswith("_kernels")):
+        # built, but it does not load (a stale or mismatched build): say so rather than run 10x slower
+        warnings.warn(
+            f"tramontane: the compiled kernels are installed but do not load ({exc}); running the much slower "
+            "PyTorch fallback. Rebuild them (`python setup.py build_ext --inplace` in a checkout) or reinstall",
+            RuntimeWarning,
+            stacklevel=1,
+        )
 
 # GGML type ids the compiled kernels run (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
 # Q6_K, BF16); the fallback handles the same set.
