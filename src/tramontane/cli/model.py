@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TramontaneError
-from .help import MODEL_HELP, RenamedFlag, add_command
+from .help import RenamedFlag, add_command, add_model_argument
 
 TARGETS = ("hf", "mistral", "gguf")
 QUANTS = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k")
@@ -79,7 +79,7 @@ def cmd_pull(ns: argparse.Namespace) -> int:
 
 def add_model_parsers(sub: Any) -> None:
     conv = add_command(sub, "convert")
-    conv.add_argument("model", metavar="MODEL", help=MODEL_HELP.split("; default")[0])
+    add_model_argument(conv, optional=False)
     conv.add_argument(
         "--to",
         required=True,

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from ..errors import TramontaneError
-from .help import MODEL_HELP, add_command
+from .help import add_command, add_model_argument
 
 # flag -> (TrainConfig field, type, help); every flag defaults to None = "not given" (file or default wins)
 TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
@@ -38,7 +38,7 @@ TRAIN_CHOICES = {"autocast": ("auto", "bfloat16", "off")}  # the flags whose val
 
 def add_train_parsers(sub: Any) -> None:
     ft = add_command(sub, "finetune")
-    ft.add_argument("model", nargs="?", default=None, metavar="MODEL", help=f"the base model: {MODEL_HELP}")
+    add_model_argument(ft, role="the base model: ")
     ft.add_argument("--config", default=None, metavar="FILE", help="settings file (.toml, .yaml, .json); flags win")
     for flag, dest, kind, text in TRAIN_FLAGS:
         ft.add_argument(flag, dest=dest, type=kind, default=None, help=text, choices=TRAIN_CHOICES.get(dest))
@@ -63,9 +63,7 @@ def add_train_parsers(sub: Any) -> None:
     ft.add_argument("--validate", action="store_true", help="check the data files and estimate time; no training")
     ft.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     merge = add_command(sub, "merge")
-    merge.add_argument(
-        "model", metavar="MODEL", help="the base model the adapter was trained on: " + MODEL_HELP.split("; default")[0]
-    )
+    add_model_argument(merge, optional=False, role="the base model the adapter was trained on: ")
     merge.add_argument("adapter", metavar="ADAPTER", help="adapter folder (PEFT layout)")
     merge.add_argument("--out", required=True, help="output folder")
 
