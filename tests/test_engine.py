@@ -140,9 +140,81 @@ def test_prefix_cache_shares_a_common_prompt(llm):
 
     engine, a, b = asyncio.run(main())
     assert a[1].cached_tokens == 0
-    assert b[1].cached_tokens == (len(system) // 4) * 4
+    assert b[1].cached_tokens == len(system)  # whole blocks, then the start of the block where they part
     assert engine.pool.hits > 0 and metric(engine, "tramontane_prefix_cache_hit_rate") > 0
     assert [a[0], b[0]] == sequential(llm, [first, second])
+
+
+def test_partial_blocks_are_reused_by_hand():
+    """blocks.py's worked example, block_size 4: a request of tokens [5 6 7 8 | 9 10] ends; [5 .. 10, 11]
+    then shares the full block, claims the tail and runs token 11 alone. A prompt that parts inside the
+    tail keeps the shared start; one that parts inside a full block gets its first slots copied (keys and
+    values of every layer, logged for the other ranks); one that parts at once reuses nothing; a claimed
+    tail is findable no more; evicted blocks are forgotten."""
+    from tramontane.config import ModelConfig
+    from tramontane.decoding.sequence import SequenceState
+    from tramontane.engine.blocks import BlockPool
+    from tramontane.engine.scheduler import EngineSequence, Scheduler
+
+    pool = BlockPool(ModelConfig(32, 64, 4, 4, 2, 16, 128, norm_eps=1e-5, rope_theta=1e4), 5, 4)
+    scheduler = Scheduler(pool, model_name="m", window=None, max_num_batched_tokens=64, max_running=8)
+
+    def ran(prompt: list[int], output: tuple[int, ...] = ()) -> EngineSequence:
+        """Admit, run the prompt (and the output tokens as decode steps), end."""
+        seq = EngineSequence(EngineRequest("r", prompt, GREEDY), SequenceState(0, prompt, GREEDY, CharTokenizer(), 64))
+        scheduler.add(seq)
+        ((first, n),), _ = scheduler.schedule()
+        seq.reused = (seq.num_computed, n, list(seq.blocks))  # what admission found, and the first chunk
+        scheduler.after_step([(first, n)])
+        for token in output:
+            seq.state.output.append(token)
+            scheduler.after_step([(seq, 1)])
+        scheduler.remove(seq)
+        return seq
+
+    first = ran([5, 6, 7, 8, 9, 10])
+    tail = first.reused[2][1]
+    assert first.reused[:2] == (0, 6) and pool.num_free == 5  # every block free again, two findable
+    again = ran([5, 6, 7, 8, 9, 10, 11])
+    assert again.reused == (6, 1, [first.reused[2][0], tail]) and again.num_cached == 6
+    other = ran([5, 6, 7, 8, 9, 12, 13], output=(14,))  # 9 shared; 12 13 written over 10 11
+    assert other.reused == (5, 2, [first.reused[2][0], tail])
+    full = tail  # now full, findable by key: 9 12 13 14; its first 2 slots copied for a prompt parting after them
+    assert pool._at[("m", other.keys[0])] == {full: (9, 12, 13, 14)}
+    for layer in (*pool.k, *pool.v):
+        layer[4 * full : 4 * full + 4] = torch.arange(4.0)[:, None, None] + 1
+    copied = ran([5, 6, 7, 8, 9, 12, 30])
+    block = copied.reused[2][1]
+    assert copied.reused[:2] == (6, 1) and block != full and pool.copied[-1] == (full, block, 2)
+    for layer in (*pool.k, *pool.v):
+        assert layer[4 * block : 4 * block + 2].unique().tolist() == [1.0, 2.0]
+    fresh = ran([5, 6, 7, 8, 1, 2])
+    assert fresh.reused[:2] == (4, 2) and fresh.reused[2][1] not in (full, block)
+    assert pool.allocate(5) is not None and not pool._at and not pool._place_of  # evicted: forgotten
+
+
+def test_a_repeated_prompt_runs_only_its_last_token_and_answers_the_same(llm):
+    """A finished request's blocks stay findable down to its last computed token: the same prompt again
+    (a benchmark's client, a retried request) and a conversation's next turn (prompt + answer + more)
+    recompute only what is new (a block's shared start copied or claimed), and answer as the offline
+    engine does."""
+    prompt = prompts(1, seed=7)[0] * 2 + [40, 41, 42]  # not whole blocks of 4
+    assert len(prompt) % 4
+
+    async def main():
+        engine = engine_for(llm, blocks=200)
+        engine.start()
+        a = await collect(engine, "a", prompt)
+        b = await collect(engine, "b", prompt)
+        turn = prompt + a[0] + [50, 51]
+        c = await collect(engine, "c", turn)
+        await engine.shutdown(1.0)
+        return a, b, c, turn
+
+    a, b, c, turn = asyncio.run(main())
+    assert b[1].cached_tokens == len(prompt) - 1
+    assert c[1].cached_tokens == len(prompt) + len(a[0]) - 1  # all but the answer's last token, never computed
+    assert [a[0], b[0], c[0]] == sequential(llm, [prompt, prompt, turn])
 
 
 def test_an_idle_pool_is_not_resident():

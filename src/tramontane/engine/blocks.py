@@ -8,7 +8,19 @@ Prefix caching: once a block is full its key is SHA-256 over (a random salt draw
 name, previous block's key, the block's token ids): the salt keeps anyone from computing keys offline
 and crafting prompts whose keys collide with another user's. A later request whose prompt starts with the same tokens finds the same keys and
 shares those blocks (reference count + 1) instead of recomputing them. A block whose count drops to 0
-keeps its key and stays findable until the space is needed (least recently freed goes first)."""
+keeps its key and stays findable until the space is needed (least recently freed goes first).
+
+Partial reuse: a prompt rarely ends on a block boundary, and the block where it parts from a cached
+request is only partly its own. So every cached block is also indexed by its place (namespace and the
+key of the full block before it, or the start) with the tokens it holds, and a request whose next
+tokens are not a whole cached block takes the longest start any block at that place shares with them:
+a finished request's part-full last block (a tail: the request's own, claimed as is, since nobody
+shares it) or the first slots of another block (copied into a fresh one, since full blocks are shared
+and read-only). So the same prompt sent again, or a conversation's next turn, recomputes only what is
+new, not up to a block of tokens (llama.cpp's server likewise keeps each slot's last prompt).
+Worked example, block_size 4: a request of tokens [5 6 7 8 | 9 10] ends; its tail [9 10] stays at the
+place after key(5 6 7 8); the prompt [5 6 7 8 9 10 11] shares the full block, claims the tail and runs
+token 11 alone."""
 
 from __future__ import annotations
 
@@ -25,6 +37,7 @@ import torch
 from ..config import ModelConfig
 
 _SALT = secrets.token_bytes(32)  # per process; keys never leave it
+Place = tuple[str, bytes | None]  # where a block starts: (namespace, key of the full block before it)
 
 
 def block_key(model: str, previous: bytes | None, tokens: Sequence[int]) -> bytes:
@@ -63,13 +76,16 @@ class BlockPool:
             raise ValueError("the KV pool needs at least one block")
         self.num_blocks, self.block_size = num_blocks, block_size
         shape = (num_blocks * block_size, config.n_kv_heads, config.head_dim)  # [slots,Hkv,D]
-        layers = untouched_zeros((2 * config.n_layers, *shape), dtype)  # [2L,slots,Hkv,D]
+        layers = self._layers = untouched_zeros((2 * config.n_layers, *shape), dtype)  # [2L,slots,Hkv,D]
         self.k, self.v = list(layers[: config.n_layers]), list(layers[config.n_layers :])
         self.refs = [0] * num_blocks
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # never hashed; pop() = lowest id
         self._evictable: OrderedDict[int, None] = OrderedDict()  # refs 0 but hashed, oldest first
         self._by_key: dict[bytes, int] = {}
         self._key_of: dict[int, bytes] = {}
+        self._at: dict[Place, dict[int, tuple[int, ...]]] = {}  # place -> {cached block: tokens it holds}
+        self._place_of: dict[int, Place] = {}
+        self.copied: list[tuple[int, int, int]] = []  # (from, to, slots) since the last step: for other ranks
         self.hits = self.queries = 0
 
     @property
@@ -90,7 +106,7 @@ class BlockPool:
                 block = self._free.pop()
             else:
                 block, _ = self._evictable.popitem(last=False)
-                del self._by_key[self._key_of.pop(block)]
+                self._forget(block)
             self.refs[block] = 1
             out.append(block)
         return out
@@ -101,7 +117,7 @@ class BlockPool:
                 continue
             self.refs[block] -= 1
             if self.refs[block] == 0:
-                if block in self._key_of:
+                if block in self._place_of:
                     self._evictable[block] = None
                 else:
                     self._free.append(block)
@@ -118,8 +134,80 @@ class BlockPool:
         self.refs[block] += 1
         return block
 
-    def register(self, block: int, key: bytes) -> None:
-        """Make a full block findable by its key (the first block with a given key wins)."""
+    def register(self, block: int, key: bytes, place: Place, tokens: Sequence[int]) -> None:
+        """Make a full block findable by its key (the first block with a given key wins), and its start
+        at its place."""
         if key not in self._by_key and block not in self._key_of:
             self._by_key[key] = block
             self._key_of[block] = key
+            self._index(block, place, tokens)
+
+    def register_tail(self, block: int, place: Place, tokens: Sequence[int]) -> None:
+        """Make the part-full last block of a request that lets it go findable at its place, with the
+        tokens its first slots hold. The caller then releases it as usual."""
+        if tokens and self.refs[block] == 1 and block not in self._place_of:
+            self._index(block, place, tokens)
+
+    def reuse_start(self, place: Place, tokens: Sequence[int]) -> tuple[int, int] | None:
+        """A block (reference count 1) whose first n slots hold `tokens[:n]`, n the longest start a cached
+        block at `place` shares with them, and n; None when none shares a token (or none is free for a
+        copy). A free tail is taken as is; another block's slots are copied into a fresh one."""
+        best, n = None, 0
+        for block, held in self._at.get(place, {}).items():
+            shared = _common_start(held, tokens)
+            if shared > n or (shared == n and best is not None and self._claimable(block)):
+                best, n = block, shared
+        if best is None:
+            return None
+        if self._claimable(best):
+            del self._evictable[best]
+            self._forget(best)
+            self.refs[best] = 1
+            return best, n
+        if self.refs[best] == 0:
+            del self._evictable[best]
+        self.refs[best] += 1  # held while a fresh block is taken: it cannot be the one evicted
+        fresh = self.allocate(1)
+        if fresh is not None:
+            self._copy(best, fresh[0], n)
+        self.release([best])
+        return None if fresh is None else (fresh[0], n)
+
+    def _claimable(self, block: int) -> bool:
+        return self.refs[block] == 0 and block not in self._key_of
+
+    def _copy(self, source: int, target: int, n: int) -> None:
+        """The first n slots of block `source` into block `target`, keys and values of every layer."""
+        self.apply_copies([(source, target, n)])
+        self.copied.append((source, target, n))
+
+    def apply_copies(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        """Copy slots between blocks: this pool's own reuse, or another rank's (`copied`) in its order."""
+        size = self.block_size
+        for source, target, n in copies:
+            self._layers[:, target * size : target * size + n] = self._layers[:, source * size : source * size + n]
+
+    def _index(self, block: int, place: Place, tokens: Sequence[int]) -> None:
+        self._at.setdefault(place, {})[block] = tuple(tokens)
+        self._place_of[block] = place
+
+    def _forget(self, block: int) -> None:
+        """Take a block out of the prefix cache's indexes."""
+        key = self._key_of.pop(block, None)
+        if key is not None:
+            del self._by_key[key]
+        place = self._place_of.pop(block, None)
+        if place is not None:
+            blocks = self._at[place]
+            del blocks[block]
+            if not blocks:
+                del self._at[place]
+
+
+def _common_start(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

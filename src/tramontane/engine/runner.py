@@ -99,8 +99,9 @@ def run_step(
     tokens, positions, step = layout(pool, batch, window)
     rows, scored = logit_rows(batch)
     adapters = adapter_rows(batch)
+    copies, pool.copied = pool.copied, []  # the prefix cache's slot copies since the last step
     if is_parallel():
-        broadcast_object(("step", tokens, positions, step.parts(), rows, adapters))
+        broadcast_object(("step", tokens, positions, step.parts(), rows, adapters, copies))
     began = time.perf_counter()
     hidden, logits = forward_step(backend, tokens, positions, step, rows, adapters)
     return StepOutput(hidden, logits, scored, time.perf_counter() - began)
@@ -138,8 +139,9 @@ def follow(model: Transformer, pool: BlockPool) -> None:
     while True:
         message = broadcast_object(None)
         if message[0] == "step":
-            _, tokens, positions, parts, rows, adapters = message
+            _, tokens, positions, parts, rows, adapters, copies = message
             tables, seq, at = parts
+            pool.apply_copies(copies)
             forward_step(backend, tokens, positions, paged_cache(pool, tables, seq, at, window), rows, adapters)
         elif message[0] == "stop":
             return

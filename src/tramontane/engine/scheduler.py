@@ -6,6 +6,8 @@ recomputation of a preempted request; when a request's last token has run, a new
 Running requests go first, oldest first (decode steps and prefill chunks mix in one batch up to
 `max_num_batched_tokens`); waiting requests join while the token budget and blocks last. When blocks run
 out, the youngest running request is preempted: its blocks are released and it waits to be recomputed.
+A request admitted from the prefix cache also takes the longest start of a cached block where its
+tokens part from it (blocks.py: partial reuse), so the same prompt again recomputes its last token only.
 
 Background requests (embeddings and prompt scoring: `EngineRequest.task`) wait in their own queue and
 run in the budget generation leaves, capped per step by `schedule(background_budget)`; they never
@@ -18,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..decoding.sequence import SequenceState
-from .blocks import BlockPool, block_key
+from .blocks import BlockPool, Place, block_key
 from .types import EngineRequest
 
 _arrivals = itertools.count()
@@ -82,6 +84,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self._queue_of(seq):
             self._queue_of(seq).remove(seq)
+        self._keep_tail(seq)
         self.pool.release(seq.blocks)
         seq.blocks = []
 
@@ -158,11 +161,12 @@ class Scheduler:
         for seq, n in ran:
             seq.num_computed += n
             for i in range(len(seq.keys), seq.num_computed // size):
-                key = block_key(self._namespace(seq), seq.keys[-1] if seq.keys else None, seq.span(i * size, size))
+                place, tokens = self._place(seq, i), seq.span(i * size, size)
+                key = block_key(*place, tokens)
                 seq.keys.append(key)
                 block = seq.blocks[i]
                 if block is not None:
-                    self.pool.register(block, key)
+                    self.pool.register(block, key, place, tokens)
             self._release_out_of_window(seq)
 
     # ---- helpers -------------------------------------------------------------------------------------
@@ -188,7 +192,9 @@ class Scheduler:
         return max(1, min(seq.num_tokens - seq.num_computed, budget, room))
 
     def _drop_prefix(self, seq: EngineSequence) -> None:
-        """Give back what an admission attempt took (shared prefix blocks), to try again later."""
+        """Give back what an admission attempt or a preempted request held, to try again later (its part-full
+        last block stays findable: the retry finds it)."""
+        self._keep_tail(seq)
         self.pool.release(seq.blocks)
         seq.blocks, seq.keys, seq.num_computed = [], [], 0
 
@@ -227,23 +233,36 @@ class Scheduler:
         self.preemptions += 1
 
     def _take_prefix(self, seq: EngineSequence) -> None:
-        """Share the cached blocks that start this request's tokens; at least one token is left to run."""
+        """Share the cached blocks that start this request's tokens, then the longest start of a cached
+        block where they part; at least one token is left to run."""
         size, tokens = self.pool.block_size, seq.tokens
-        previous: bytes | None = None
         for i in range(len(tokens) // size):
-            key = block_key(self._namespace(seq), previous, tokens[i * size : (i + 1) * size])
+            key = block_key(*self._place(seq, i), tokens[i * size : (i + 1) * size])
             block = self.pool.lookup(key)
             if block is None:
                 break
             seq.blocks.append(block)
             seq.keys.append(key)
-            previous = key
         if seq.blocks and len(seq.blocks) * size >= len(tokens):
             self.pool.release([seq.blocks.pop()])
             seq.keys.pop()
-        seq.num_computed = len(seq.blocks) * size
+        start = seq.num_computed = len(seq.blocks) * size
+        reused = self.pool.reuse_start(self._place(seq, len(seq.blocks)), tokens[start : len(tokens) - 1])
+        if reused is not None:  # part of a block (the last token always runs: its logits are wanted)
+            seq.blocks.append(reused[0])
+            seq.num_computed += reused[1]
         if not seq.admitted:
             seq.num_cached = min(seq.num_computed, len(seq.state.prompt))
+
+    def _place(self, seq: EngineSequence, i: int) -> Place:
+        """Where block i of the request starts, for the prefix cache: its namespace and block i - 1's key."""
+        return self._namespace(seq), seq.keys[i - 1] if i else None
+
+    def _keep_tail(self, seq: EngineSequence) -> None:
+        """Index the part-full last block of a request about to let its blocks go, with its computed tokens."""
+        i, held = divmod(seq.num_computed, self.pool.block_size)
+        if held and i < len(seq.blocks) and seq.blocks[i] is not None and len(seq.keys) >= i:
+            self.pool.register_tail(seq.blocks[i], self._place(seq, i), seq.span(i * self.pool.block_size, held))
 
     def _release_out_of_window(self, seq: EngineSequence) -> None:
         """Blocks whose every position is outside the window of the next query can go."""
