@@ -218,6 +218,19 @@ def test_smollm_chat_matches_transformers(smol: Tokenizer, smol_hf: tuple[Any, P
         assert from_folder.encode_chat(conversation, add_generation_prompt=generation_prompt) == expected
 
 
+def test_a_prefixed_assistant_message_is_continued_as_transformers_does(
+    smol: Tokenizer, smol_hf: tuple[Any, Path]
+) -> None:
+    """An assistant message with `prefix` (Mistral's API, the web page's Continue) is left open for the
+    model to go on with: transformers' continue_final_message, trailing space kept as it keeps it."""
+    reference, _ = smol_hf
+    for partial in ("The capital of France is", "Paris is ", "Line one.\nLine"):
+        conversation = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": partial}]
+        expected = hf_ids(reference, conversation, continue_final_message=True)
+        assert smol.encode_chat([*conversation[:1], {**conversation[1], "prefix": True}]) == expected
+        assert smol.decode(expected, skip_special=False).endswith(partial)
+
+
 def test_smollm_france_question_ids(smol: Tokenizer) -> None:
     ids = smol.encode_chat([{"role": "user", "content": QUESTION}])
     assert smol.decode(ids, skip_special=False) == (

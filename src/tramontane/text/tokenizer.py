@@ -234,6 +234,20 @@ class MistralCommonTokenizer:
         return IncrementalDecoder(lambda ids: self.decode(ids, skip_special=skip_special))
 
 
+def _through_final_content(parts: list[tuple[str, bool]], content: str) -> list[tuple[str, bool]]:
+    """The prompt cut right after the final message's content (as written, or stripped where the
+    template trims it), for an assistant message with `prefix` (Mistral's API; transformers'
+    `continue_final_message`): the model goes on with that message instead of closing it."""
+    marked = any(is_content for _, is_content in parts)
+    for wanted in dict.fromkeys((content, content.strip())):
+        for i in range(len(parts) - 1, -1, -1):
+            text, is_content = parts[i]
+            at = text.rfind(wanted)
+            if at >= 0 and (is_content or not marked):
+                return [*parts[:i], (text[: at + len(wanted)], is_content)]
+    raise TemplateError("the chat template does not show the final assistant message's content: it cannot be continued")
+
+
 def _without_first_prefix(spec: Any) -> Any:
     """Copy of a tokenizer.json spec whose Metaspace pre-tokenizers never prepend "▁"."""
     if isinstance(spec, dict):
@@ -363,10 +377,11 @@ class HFTokenizer:
         if self._template is None:
             raise TemplateError(f"this tokenizer has no chat template ({self.chat_format})")
         self._refuse_controls(field_strings(messages, tools), "a message field or tool definition")
+        continuing = bool(messages) and messages[-1].get("role") == "assistant" and bool(messages[-1].get("prefix"))
         rendered = render_chat_parts(
             self._template,
             messages,
-            add_generation_prompt=add_generation_prompt,
+            add_generation_prompt=add_generation_prompt and not continuing,
             tools=tools,
             bos_token=self._token_text(self.bos_id),
             eos_token=self._token_text(self.eos_id),
@@ -375,6 +390,8 @@ class HFTokenizer:
         if parts is None:  # the template rewrites content: safe only if no content holds control text
             self._refuse_controls(rendered.contents, "message content the chat template rewrites")
             parts = [(rendered.text, False)]
+        if continuing:
+            parts = _through_final_content(parts, str(messages[-1].get("content") or ""))
         return self._encode_parts(parts)
 
     def _refuse_controls(self, texts: Iterable[str], where: str) -> None:
