@@ -47,6 +47,25 @@ PIECES = ["Hello", "! This", " is <b>bold</b>", " and", "\na second", " line."]
 PIECE_DELAY_S = 0.12
 AWKWARD_PIECES = ["Caf\u00e9 ", "\u2615 and ", "\U0001f35e", "\r\n", "done."]
 SLOW_PIECES = [f" word{i}" for i in range(40)]
+CODE = 'def greet(name):\n    return f"hello {name}"  # a comment'
+MARKDOWN = [
+    "## A heading\n\nSome **bold** text, inline math $e^{i\\pi} + 1 = 0$ and a list:\n\n- one\n- two\n\n",
+    f"```python\n{CODE}\n```\n\n",
+    "$$\\int_0^1 x\\,dx = \\frac{1}{2}$$\n\n| a | b |\n|---|---|\n| 1 | 2 |\n",
+]
+# Every way an answer could try to run script or load something; `TRACKER` must never be requested.
+TRACKER = "tracker.png"
+HOSTILE = [
+    '<img src=x onerror="window.__pwned = 1">',
+    " <script>window.__pwned = 2</script>",
+    " [click me](javascript:window.__pwned=3)",
+    f" ![pic](/{TRACKER})",
+    f' <iframe src="/{TRACKER}"></iframe>',
+    ' <a href="#" onclick="window.__pwned = 4">link</a>',
+    f' <svg onload="window.__pwned = 5"><image href="/{TRACKER}"/></svg>',
+    f' <div style="background:url(/{TRACKER})">styled</div>',
+    " $\\href{javascript:window.__pwned=6}{x}$",
+]
 SLOW_DELAY_S = 0.15
 
 
@@ -72,6 +91,11 @@ def fake_api(log: dict) -> FastAPI:
     app = FastAPI()
     app.include_router(web.router)
 
+    @app.get(f"/{TRACKER}")
+    def tracker() -> dict:
+        log["tracker"] = log.get("tracker", 0) + 1
+        return {}
+
     @app.get("/v1/models")
     def models() -> dict:
         return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "owned_by": "test"}]}
@@ -86,6 +110,9 @@ def fake_api(log: dict) -> FastAPI:
             return JSONResponse({"error": error}, status_code=400)
         if "framing" in question:
             return StreamingResponse(awkward_events(), media_type="text/event-stream")
+        scripted = scripted_deltas(body, log)
+        if scripted is not None:
+            return StreamingResponse(delta_events(scripted), media_type="text/event-stream")
         pieces, delay = (SLOW_PIECES, SLOW_DELAY_S) if "slow" in question else (PIECES, PIECE_DELAY_S)
 
         async def events():
@@ -106,6 +133,42 @@ def fake_api(log: dict) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+def scripted_deltas(body: dict, log: dict) -> list[dict] | None:
+    """The deltas of the answers the feature tests ask for, by a word of the question (None: others)."""
+    last = body["messages"][-1]
+    if last.get("prefix"):  # Continue: the model goes on with the last answer
+        return [{"content": " continued"}, {"content": "."}]
+    question = last["content"]
+    if "markdown" in question:
+        return [{"content": piece} for piece in MARKDOWN]
+    if "hostile" in question:
+        return [{"content": piece} for piece in HOSTILE]
+    if "count" in question:
+        log["count"] = log.get("count", 0) + 1
+        return [{"content": "answer "}, {"content": str(log["count"])}]
+    if "think" in question:
+        return [{"reasoning_content": "The user greets; "}, {"reasoning_content": "greet back."}, {"content": "Hello!"}]
+    if "tag" in question:
+        return [{"content": "<think>Tags hold "}, {"content": "this.</think>"}, {"content": "Tagged answer."}]
+    if "tool" in question:
+        call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+        return [
+            {"tool_calls": [call]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
+            {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]},
+        ]
+    return None
+
+
+async def delta_events(deltas: list[dict]):
+    yield _sse(_chunk({"role": "assistant", "content": ""}))
+    for delta in deltas:
+        await asyncio.sleep(0.02)
+        yield _sse(_chunk(delta))
+    yield _sse(_chunk({}, finish="stop"))
+    yield "data: [DONE]\n\n"
 
 
 async def awkward_events():
@@ -346,7 +409,10 @@ def test_awkward_but_legal_event_streams(page):
     wait_answer_state(page, "done")
     # A "data" field split over two lines is one event whose data has a "\n" where the lines met,
     # which here falls inside the JSON text, between two tokens: still valid JSON.
-    assert answers(page).last.locator(".text").text_content() == "".join(AWKWARD_PIECES)
+    # The answer is kept as sent; shown as markdown, where "\r\n" ends a line as "\n" does.
+    assert answers(page).last.locator(".text").text_content() == "".join(AWKWARD_PIECES).replace("\r\n", "\n")
+    saved = page.evaluate("() => JSON.parse(localStorage.getItem('tramontane.conversations.v1')).list[0]")
+    assert saved["messages"][-1]["content"] == "".join(AWKWARD_PIECES)
     assert page.locator("#error").is_hidden()
 
 
@@ -376,3 +442,194 @@ def test_real_server_streams_an_answer(browser, smollm2_path, tmp_path):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         tab.screenshot(path=str(ARTIFACTS / "web_chat_smollm2.png"))
         context.close()
+
+
+def ask(tab, question: str) -> None:
+    tab.fill("#prompt", question)
+    tab.press("#prompt", "Enter")
+    wait_answer_state(tab, "done")
+
+
+def test_markdown_code_math_and_a_working_copy_button(page, browser):
+    """Markdown with a code block renders as a highlighted block whose Copy button puts the code on
+    the clipboard; math becomes MathML; in light and dark."""
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    ask(page, "show me markdown")
+    answer = answers(page).last.locator(".text")
+    expect(answer.locator("h2")).to_have_text("A heading")
+    expect(answer.locator("strong")).to_have_text("bold")
+    expect(answer.locator("li")).to_have_count(2)
+    code = answer.locator(".code pre code")
+    expect(code).to_have_class(re.compile(r"\bhljs\b.*language-python|language-python.*\bhljs\b"))
+    assert code.text_content() == CODE + "\n"  # a code block's text ends its last line
+    assert code.locator(".hljs-keyword").first.text_content() == "def"
+    assert code.locator(".hljs-string").count() >= 1 and code.locator(".hljs-comment").count() == 1
+    assert answer.locator(".code-bar").text_content().startswith("python")
+    assert answer.locator("math").count() == 2  # inline and display, as MathML
+    assert answer.locator(".math math[display=block]").count() == 1
+    assert "π" in answer.locator("p math").first.text_content()
+    expect(answer.locator("table td")).to_have_count(2)
+    answer.locator(".code button.copy").click()
+    expect(answer.locator(".code button.copy")).to_have_text("Copied")
+    assert page.evaluate("() => navigator.clipboard.readText()") == CODE
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web_markdown_light.png"))
+    page.click("#theme")  # auto -> light
+    page.click("#theme")  # light -> dark
+    assert page.evaluate("() => document.documentElement.dataset.theme") == "dark"
+    background = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(20, 23, 28)", background
+    page.screenshot(path=str(ARTIFACTS / "web_markdown_dark.png"))
+    page.reload()
+    wait_for_model(page)
+    assert page.evaluate("() => document.documentElement.dataset.theme") == "dark"  # remembered
+
+
+def test_a_hostile_answer_runs_nothing_and_loads_nothing(page, server):
+    """Model output is untrusted: raw HTML shows as text, javascript: links and event handlers are
+    gone, and nothing is fetched (no image, frame or style URL), before or after a click."""
+    _, log = server
+    log.pop("tracker", None)
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    ask(page, "a hostile answer")
+    answer = answers(page).last.locator(".text")
+    for tag in ("img", "script", "iframe", "svg", "image", "style"):
+        assert answer.locator(tag).count() == 0, tag
+    assert "<img src=x onerror" in answer.text_content() and "<script>" in answer.text_content()
+    assert answer.locator("[onerror], [onclick], [onload], [style]").count() == 0
+    hrefs = answer.locator("a").evaluate_all("links => links.map(a => a.getAttribute('href'))")
+    assert not any(h and h.strip().lower().startswith("javascript") for h in hrefs), hrefs
+    for link in answer.locator("a").all():
+        if (link.get_attribute("href") or "").startswith("/"):
+            continue  # a same-site link would open a tab; nothing to run
+        link.click(modifiers=["Alt"])  # no navigation: a click of what is left
+    page.wait_for_timeout(300)
+    assert page.evaluate("() => window.__pwned") is None
+    assert "tracker" not in log and not any(TRACKER in url for url in requested), requested
+
+
+def test_regenerate_edit_and_continue(page, server):
+    _, log = server
+    log["count"] = 0
+    ask(page, "count once")
+    assert conversation(page) == [("user", "count once"), ("assistant", "answer 1")]
+    answers(page).last.get_by_role("button", name="Regenerate").click()
+    expect(answers(page).last.locator(".text")).to_have_text("answer 2")
+    wait_answer_state(page, "done")
+    assert conversation(page) == [("user", "count once"), ("assistant", "answer 2")]
+    assert [m["role"] for m in log["requests"][-1]["body"]["messages"]] == ["user"]
+
+    page.locator("#log .msg.user").first.get_by_role("button", name="Edit").click()
+    editor = page.locator("#log .msg.user textarea.edit")
+    editor.fill("count again")
+    editor.press("Enter")
+    expect(answers(page).last.locator(".text")).to_have_text("answer 3")
+    wait_answer_state(page, "done")
+    assert conversation(page) == [("user", "count again"), ("assistant", "answer 3")]
+
+    answers(page).last.get_by_role("button", name="Continue").click()
+    expect(answers(page).last.locator(".text")).to_have_text("answer 3 continued.")
+    wait_answer_state(page, "done")
+    sent = log["requests"][-1]["body"]["messages"]
+    assert sent[-1] == {"role": "assistant", "content": "answer 3", "prefix": True}
+    assert conversation(page) == [("user", "count again"), ("assistant", "answer 3 continued.")]
+    page.reload()
+    wait_for_model(page)
+    assert conversation(page) == [("user", "count again"), ("assistant", "answer 3 continued.")]
+
+
+def test_system_prompt_and_sampling_panel(page, server):
+    _, log = server
+    page.click("#settings summary")
+    page.fill("#system", "You are terse.")
+    for field, value in (("top-p", "0.9"), ("top-k", "40"), ("min-p", "0.05"), ("presence-penalty", "0.5"),
+                         ("frequency-penalty", "0.25"), ("repetition-penalty", "1.1"), ("seed", "7")):  # fmt: skip
+        page.fill(f"#{field}", value)
+        page.press(f"#{field}", "Tab")
+    ask(page, "count with settings")
+    body = log["requests"][-1]["body"]
+    assert body["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert {k: body[k] for k in ("top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty")} == {
+        "top_p": 0.9, "top_k": 40, "min_p": 0.05, "presence_penalty": 0.5, "frequency_penalty": 0.25,
+    }  # fmt: skip
+    assert body["repetition_penalty"] == 1.1 and body["seed"] == 7
+    page.fill("#seed", "")
+    page.press("#seed", "Tab")
+    page.reload()
+    wait_for_model(page)
+    assert page.input_value("#system") == "You are terse." and page.input_value("#top-k") == "40"
+    ask(page, "count without a seed")
+    assert "seed" not in log["requests"][-1]["body"]  # empty: the server's default
+
+
+def test_reasoning_and_tool_calls_are_shown(page):
+    ask(page, "think first")
+    last = answers(page).last
+    expect(last.locator(".reasoning")).to_be_visible()
+    assert last.locator(".reasoning-text").text_content() == "The user greets; greet back."
+    assert last.locator(".text").text_content() == "Hello!"
+    ask(page, "tag it")
+    last = answers(page).last
+    assert last.locator(".reasoning-text").text_content() == "Tags hold this."
+    assert last.locator(".text").text_content() == "Tagged answer."
+    ask(page, "call a tool")
+    call = answers(page).last.locator(".tool-call")
+    assert call.locator("summary").text_content() == "Tool call: get_weather"
+    call.locator("summary").click()
+    assert json.loads(call.locator("pre").text_content()) == {"city": "Paris"}
+
+
+def test_conversations_are_saved_renamed_deleted_and_exported(page):
+    ask(page, "count for the first chat")
+    page.click("#new-chat")
+    ask(page, "count for the second chat")
+    page.reload()
+    wait_for_model(page)
+    page.click("#conversations summary")
+    rows = page.locator("#conversation-list li")
+    expect(rows).to_have_count(2)
+    assert rows.first.locator(".title").text_content() == "count for the second chat"  # most recent first
+    rows.nth(1).locator(".title").click()
+    assert conversation(page)[0] == ("user", "count for the first chat")
+
+    assert rows.first.locator(".title").text_content() == "count for the second chat"  # opening is no change
+    page.locator("#conversation-list li.current").get_by_role("button", name="Rename").click()
+    page.fill("#conversation-list input", "Renamed chat")
+    page.press("#conversation-list input", "Enter")
+    expect(page.locator("#conversation-list li.current .title")).to_have_text("Renamed chat")
+
+    with page.expect_download() as json_file:
+        page.click("#export-json")
+    data = json.loads(Path(json_file.value.path()).read_text())
+    assert data["title"] == "Renamed chat" and data["model"] == MODEL_ID
+    assert [(m["role"], m["content"]) for m in data["messages"]][0] == ("user", "count for the first chat")
+    assert json_file.value.suggested_filename == "Renamed-chat.json"
+    with page.expect_download() as md_file:
+        page.click("#export-md")
+    markdown = Path(md_file.value.path()).read_text()
+    assert markdown.startswith("# Renamed chat\n") and "## You\n\ncount for the first chat\n" in markdown
+
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#conversation-list li.current").get_by_role("button", name="Delete").click()
+    expect(rows).to_have_count(1)
+    assert conversation(page) == []
+    page.reload()
+    wait_for_model(page)
+    page.click("#conversations summary")
+    expect(page.locator("#conversation-list li")).to_have_count(1)
+
+
+def test_at_390_px_nothing_scrolls_sideways(page):
+    """A phone: long code lines and tables scroll inside their boxes, never the page."""
+    page.set_viewport_size({"width": 390, "height": 800})
+    ask(page, "markdown on a phone")
+    page.fill("#prompt", "x" * 300)
+    ask(page, "count " + "y" * 200)
+    no_sideways_scroll = "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+    assert page.evaluate(no_sideways_scroll)
+    page.click("#settings summary")
+    page.click("#conversations summary")
+    assert page.evaluate(no_sideways_scroll)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web_390px.png"), full_page=True)
