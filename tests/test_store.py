@@ -69,6 +69,7 @@ def test_pull_from_the_hub_resumes_skips_pickles_and_runs_by_name(repo, tmp_path
         hub.cut_after["model.safetensors"] = cut  # the first download of the weights breaks off there
         r = cli(home, "pull", "acme/tiny-mistral", "--name", "tiny", endpoint=hub.url)
         assert r.returncode == 0, r.stderr[-3000:]
+        assert "pull tiny: 4/4 files" in r.stderr and "\r" not in r.stderr  # a pipe: plain lines, no bars
         fetched = {p.rsplit("/", 1)[-1] for m, p, _ in hub.log if m == "GET" and "/resolve/" in p}
         ranges = [rng for m, p, rng in hub.log if m == "GET" and p.endswith("model.safetensors") and rng]
     assert fetched == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model.v3"}

@@ -69,7 +69,7 @@ def cmd_pull(ns: argparse.Namespace) -> int:
             raise TramontaneError("--revision and --file apply to Hub downloads, not to a local path")
         stored = pull_local(local, ns.name)
     else:
-        stored = pull_hub(ns.source, ns.revision, ns.name, ns.file)
+        stored = pull_hub(ns.source, ns.revision, ns.name, ns.file, progress=True)
     print(
         f"pulled {ns.source} as {stored.name} ({stored.info['format']}, {stored.info['size'] / 1e9:.2f} GB): "
         f"`tramontane run {stored.name}`"

@@ -16,12 +16,14 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import LoadError, TramontaneError
+from ..progress import tracked
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 INFO = "tramontane.json"
@@ -223,10 +225,16 @@ def _drop_if_empty(staging: Path) -> bool:
 
 
 def pull_hub(
-    repo_id: str, revision: str | None = None, name: str | None = None, gguf_file: str | None = None
+    repo_id: str,
+    revision: str | None = None,
+    name: str | None = None,
+    gguf_file: str | None = None,
+    *,
+    progress: bool = False,
 ) -> StoredModel:
     """Download a Hub repository's model files into the store (resumable: an interrupted pull picks up
-    where it stopped the next time)."""
+    where it stopped the next time). With `progress`: huggingface_hub's bars per file on a terminal,
+    and ours for the files; a plain line per file otherwise (progress.py)."""
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -238,7 +246,7 @@ def pull_hub(
     try:
         files = huggingface_hub.list_repo_files(repo_id, revision=revision)
         wanted = choose_files(files, gguf_file)
-        local = huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=wanted, local_dir=staging)
+        _download(repo_id, revision, wanted, staging, f"pull {name}", progress)
     except RepositoryNotFoundError:
         _drop_if_empty(staging)
         raise StoreError(f"no repository {repo_id!r} on {endpoint} (or it needs a token: set HF_TOKEN)") from None
@@ -248,5 +256,22 @@ def pull_hub(
             f"cannot download {repo_id!r} from {endpoint}: {type(exc).__name__}: {str(exc)[:200]}{kept}; "
             "offline machines can import a local copy with `tramontane pull PATH`"
         ) from None
-    shutil.rmtree(Path(local) / ".cache", ignore_errors=True)
-    return _register(Path(local), name, {"source": f"hf://{repo_id}", "revision": revision or "main", "files": wanted})
+    shutil.rmtree(staging / ".cache", ignore_errors=True)
+    return _register(staging, name, {"source": f"hf://{repo_id}", "revision": revision or "main", "files": wanted})
+
+
+def _download(repo_id: str, revision: str | None, files: list[str], staging: Path, desc: str, show: bool) -> None:
+    """The files into `staging`, one after the other, counted by progress.py; huggingface_hub's byte
+    bars only where ours are bars (a terminal, when shown): in a pipe they would write carriage returns."""
+    import huggingface_hub
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = not (show and sys.stderr.isatty()) and not are_progress_bars_disabled()
+    if quiet:
+        disable_progress_bars()
+    try:
+        for file in tracked(files, len(files), desc, "files", show):
+            huggingface_hub.hf_hub_download(repo_id, file, revision=revision, local_dir=staging)
+    finally:
+        if quiet:
+            enable_progress_bars()
