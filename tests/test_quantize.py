@@ -41,6 +41,33 @@ def test_quantized_model_is_a_module_swap_close_to_float(tmp_path, scheme, toler
     assert ((a - b).norm() / b.norm()).item() <= tolerance
 
 
+def test_a_matrix_of_rows_not_whole_groups_stays_float_and_is_counted(tmp_path):
+    """Issue 19: --quant says what it did; w2's rows of 80 are not whole groups of 32, so it stays float
+    (llama.cpp keeps such a tensor F16) and the summary counts it."""
+    from tramontane.quant.quantize import summary
+
+    folder = save_hf(hf_model("mistral", seed=2, intermediate_size=80), tmp_path / "m", shard=None)
+    quant = quantize_model(load_model(folder).model, "int8")
+    assert isinstance(quant.layers[0].feed_forward.w2, torch.nn.Linear)
+    assert summary(quant) == "Q8_0 x8, float x2"  # per layer q/k/v, o, w1/w3; the head and the embedding
+
+
+def test_quant_of_a_packed_gguf_model_keeps_its_fused_layers(tmp_path):
+    """`run model.gguf --quant int8` crashed: the GGUF model's q/k/v were already fused and fusing
+    again looked for wq. Its packed matrices stay as they are; the answer is the same."""
+    from models import save_gguf
+
+    from tramontane.quant.quantize import summary
+
+    path = save_gguf(hf_model("mistral", seed=3), tmp_path / "m.gguf", "Q4_1")
+    plain, again = load_model(path, packed=True).model, load_model(path, packed=True).model
+    quantize_model(again, "int8")
+    tokens = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(again(tokens), plain(tokens))
+    assert summary(again).startswith("Q4_1 x")
+
+
 def test_unknown_scheme():
     with pytest.raises(RequestError, match="int3"):
         quantize_model(torch.nn.Linear(2, 2), "int3")

@@ -430,6 +430,10 @@ def _load(model: str | None, ns: argparse.Namespace):
         parallel=_parallel_mode(ns),
         mmap=ns.mmap,
     )
+    if ns.quant and _leader():
+        from ..quant.quantize import summary
+
+        print(f"--quant {ns.quant}: {summary(llm.model)}", file=sys.stderr)
     if loras:
         llm.use_adapter(ns.adapter or next(iter(loras)))
     return llm

@@ -147,14 +147,16 @@ def _fusable(parts: list[object]) -> TypeGuard[list[PackedLinear]]:
 
 
 def fuse_projections(model: Transformer) -> None:
-    """Stack q/k/v and gate/up of packed layers of one type into single modules (wqkv, w13)."""
+    """Stack q/k/v and gate/up of packed layers of one type into single modules (wqkv, w13); layers
+    already fused stay as they are (a packed GGUF model quantized again with --quant)."""
     for block in model.blocks():
         att, ff = block.attention, block.feed_forward
-        qkv: list[object] = [att.wq, att.wk, att.wv]
+        qkv: list[object] = [] if att.wqkv is not None else [att.wq, att.wk, att.wv]
         if _fusable(qkv):
             att.wqkv = PackedLinear.concat(qkv)
             del att.wq, att.wk, att.wv
-        gate_up: list[object] = [ff.w1, ff.w3] if isinstance(ff, FeedForward) else []  # MoE: experts stay apart
+        dense = isinstance(ff, FeedForward) and ff.w13 is None
+        gate_up: list[object] = [ff.w1, ff.w3] if dense else []  # MoE: experts stay apart
         if isinstance(ff, FeedForward) and _fusable(gate_up):
             ff.w13 = PackedLinear.concat(gate_up)
             del ff.w1, ff.w3

@@ -14,6 +14,7 @@ extra bytes per 32 weights (6%) buy that, and the same Q8_0 kernels run both."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,7 @@ from ..errors import RequestError
 from ..model.moe import MoeFeedForward
 from ..model.transformer import Transformer
 from ..weights.gguf_quants import GGML_TYPES
+from .kernels import INTERLEAVED
 from .linear import PackedEmbedding, PackedExperts, PackedLinear, set_module
 
 SCHEMES = {"int8": "Q8_0", "int4": "Q4_1", "bf16": "BF16", "f16": "F16"}
@@ -117,6 +119,19 @@ def quantize_model(model: Transformer, scheme: str) -> Transformer:
 
     fuse(model)
     return model
+
+
+def summary(model: nn.Module) -> str:
+    """The model's matrices by type, most first, as `--quant` left them: "Q8_0 x210, float x1" (a
+    matrix whose rows are not whole groups of 32 stays float, as llama.cpp keeps such a tensor F16)."""
+    counts: Counter[str] = Counter()
+    for module in model.modules():
+        if isinstance(module, (PackedLinear, PackedExperts, PackedEmbedding)):
+            stored = {r8: base for base, r8 in INTERLEAVED.items()}.get(module.qtype, module.qtype)  # as in the file
+            counts[GGML_TYPES[stored].name] += 1
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            counts["float"] += 1
+    return ", ".join(f"{name} x{n}" for name, n in counts.most_common())
 
 
 def _quantize_experts(model: Transformer, path: str, moe: MoeFeedForward, scheme: str) -> None:
