@@ -43,9 +43,9 @@ def engine_for(llm: LLM, blocks: int, block_size: int = 4, **kw) -> AsyncEngine:
     return AsyncEngine(llm, model_name="tiny", kv_cache_memory=blocks * size, block_size=block_size, **kw)
 
 
-async def collect(engine: AsyncEngine, rid: str, prompt: list[int], params=GREEDY):
+async def collect(engine: AsyncEngine, rid: str, prompt: list[int], params=GREEDY, salt: str | None = None):
     text, tokens, last = "", [], None
-    async for out in engine.generate(EngineRequest(rid, prompt, params)):
+    async for out in engine.generate(EngineRequest(rid, prompt, params, cache_salt=salt)):
         text += out.text
         tokens += out.token_ids
         last = out
@@ -215,6 +215,22 @@ def test_a_repeated_prompt_runs_only_its_last_token_and_answers_the_same(llm):
     assert b[1].cached_tokens == len(prompt) - 1
     assert c[1].cached_tokens == len(prompt) + len(a[0]) - 1  # all but the answer's last token, never computed
     assert [a[0], b[0], c[0]] == sequential(llm, [prompt, prompt, turn])
+
+
+def test_a_cache_salt_keeps_tenants_apart(llm):
+    """vLLM's cache_salt: requests share prefix-cache blocks only with requests of the same salt."""
+    prompt = prompts(1, seed=9)[0] * 2 + [40, 41]
+
+    async def main():
+        engine = engine_for(llm, blocks=200)
+        engine.start()
+        out = [await collect(engine, f"r{i}", prompt, salt=salt) for i, salt in enumerate(("x", "y", "x", None))]
+        await engine.shutdown(1.0)
+        return out
+
+    x, y, x_again, plain = asyncio.run(main())
+    assert [r[1].cached_tokens for r in (x, y, x_again, plain)] == [0, 0, len(prompt) - 1, 0]
+    assert [r[0] for r in (x, y, x_again, plain)] == sequential(llm, [prompt]) * 4
 
 
 def test_an_idle_pool_is_not_resident():

@@ -71,6 +71,8 @@ def assert_error(r, status: int, *, param=None, code=None, contains: str = "") -
         ("stop", [""]),
         ("stop", ["x"] * 40),
         ("top_logprobs", 2),
+        ("cache_salt", ""),
+        ("cache_salt", "s" * 257),
     ],
 )
 def test_invalid_value_is_400_naming_the_field(api, field, value):
@@ -83,6 +85,12 @@ def test_temperature_above_the_apis_maximum_is_400_as_openai_words_it(api):
     err = assert_error(r, 400, param="temperature", code="decimal_above_max_value", contains="Expected a value <= 2")
     assert err["type"] == "invalid_request_error"
     assert api.post(CHAT, json={"messages": HI, "temperature": 2, "max_tokens": 1}).status_code == 200
+
+
+def test_a_cache_salt_reaches_the_engine(api, engine):
+    r = api.post(CHAT, json={"messages": HI, "max_tokens": 1, "cache_salt": "tenant-a"})
+    assert r.status_code == 200, r.text
+    assert engine.requests[-1].cache_salt == "tenant-a"
 
 
 def test_nan_and_infinity_are_400(api):

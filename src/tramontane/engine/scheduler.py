@@ -172,9 +172,12 @@ class Scheduler:
     # ---- helpers -------------------------------------------------------------------------------------
     def _namespace(self, seq: EngineSequence) -> str:
         """Prefix-cache keys of requests with a LoRA adapter differ from the base model's (and from
-        other adapters'): adapters on wk/wv change the cached keys and values."""
-        adapter = seq.request.adapter
-        return self.model_name if adapter is None else f"{self.model_name}\0lora:{adapter}"
+        other adapters'): adapters on wk/wv change the cached keys and values. A request's cache salt
+        keeps its blocks apart from those of other salts, or none (one tenant's prompts cannot be
+        probed through another's cache hits, now that hits count single tokens)."""
+        adapter, salt = seq.request.adapter, seq.request.cache_salt
+        name = self.model_name if adapter is None else f"{self.model_name}\0lora:{adapter}"
+        return name if salt is None else f"{name}\0salt:{salt}"
 
     def _blocks_needed(self, seq: EngineSequence, upto: int) -> int:
         size = self.pool.block_size
@@ -261,8 +264,9 @@ class Scheduler:
     def _keep_tail(self, seq: EngineSequence) -> None:
         """Index the part-full last block of a request about to let its blocks go, with its computed tokens."""
         i, held = divmod(seq.num_computed, self.pool.block_size)
-        if held and i < len(seq.blocks) and seq.blocks[i] is not None and len(seq.keys) >= i:
-            self.pool.register_tail(seq.blocks[i], self._place(seq, i), seq.span(i * self.pool.block_size, held))
+        block = seq.blocks[i] if held and i < len(seq.blocks) and len(seq.keys) >= i else None
+        if block is not None:
+            self.pool.register_tail(block, self._place(seq, i), seq.span(i * self.pool.block_size, held))
 
     def _release_out_of_window(self, seq: EngineSequence) -> None:
         """Blocks whose every position is outside the window of the next query can go."""

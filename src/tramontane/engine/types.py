@@ -43,6 +43,7 @@ class EngineRequest:
     params: SamplingParams
     min_tokens: int = 0  # stop tokens and stop strings are ignored until this many tokens exist
     adapter: str | None = None  # LoRA adapter applied to this request (None: the base model)
+    cache_salt: str | None = None  # shares prefix-cache blocks only with requests of the same salt
     # "embed" / "score": one prompt of an embeddings or scoring job (engine/prompt_jobs.py), no sampling
     task: Literal["generate", "embed", "score"] = "generate"
 

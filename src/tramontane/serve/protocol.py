@@ -73,6 +73,8 @@ class SamplingFields(_Request):
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
+    # vLLM's: requests share prefix-cache blocks only with requests of the same salt (tenants apart)
+    cache_salt: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):

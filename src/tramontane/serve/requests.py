@@ -194,6 +194,7 @@ def settings(
 # The APIs' ranges where they are narrower than the sampler's own (OpenAI's and Mistral's temperature
 # stops at 2; offline, `tramontane run --temperature 5` is the user's choice).
 MAX_TEMPERATURE = 2.0
+MAX_CACHE_SALT = 256
 
 
 def _check_api_ranges(req: SamplingFields) -> None:
@@ -206,6 +207,9 @@ def _check_api_ranges(req: SamplingFields) -> None:
             "temperature",
             "decimal_above_max_value",
         )
+    salt = req.cache_salt
+    if salt is not None and not 0 < len(salt) <= MAX_CACHE_SALT:
+        raise bad_request(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} characters", "cache_salt")
 
 
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:

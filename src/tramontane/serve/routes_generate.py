@@ -47,7 +47,12 @@ async def _respond(
             k = p * s.n + i
             requests.append(
                 EngineRequest(
-                    f"{fmt.id}-{k}", ids, s.for_choice(i, engine.max_model_len - len(ids)), s.min_tokens, adapter
+                    f"{fmt.id}-{k}",
+                    ids,
+                    s.for_choice(i, engine.max_model_len - len(ids)),
+                    s.min_tokens,
+                    adapter,
+                    cache_salt=body.cache_salt,
                 )
             )
             choices.append(Choice(index=k, prompt_tokens=len(ids)))
