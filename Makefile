@@ -37,7 +37,7 @@ run: setup
 	$(VENV)/bin/tramontane run "$(PROMPT)"
 
 test: setup-test typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests, to watch the 15-minute budget
 
 # Lint and every test but the slow ones (browser, server load, torchrun, SmolLM2 end to end): ~2 min.
 check: setup-test

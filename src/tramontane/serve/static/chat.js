@@ -692,7 +692,7 @@
     const row = article.querySelector(".msg-actions");
     const save = button("Send", () => {
       const value = area.value;
-      if (!value.trim()) return;
+      if (!value.trim() || controller) return; // an answer streams meanwhile: wait for it, or stop it
       const index = messages.indexOf(msg);
       messages.splice(index);
       const articles = [...ui.log.querySelectorAll(".msg")];
