@@ -113,6 +113,14 @@ def test_gguf_output_has_what_llama_cpp_reads(smollm2_path, tmp_path):
     )
     assert "Paris" in answer.text
 
+    # Issue 19: q4_k was 3x q8_0's size (rows of 576 are not whole super-blocks, so they stayed F32);
+    # now such matrices take llama.cpp's fallback (Q5_0). llama-bench loads this file (stop 35's note).
+    k_quant = tmp_path / "smol-q4_k.gguf"
+    assert main(["convert", str(smollm2_path), "--to", "gguf", "--type", "q4_k", "--out", str(k_quant)]) == 0
+    assert k_quant.stat().st_size < out.stat().st_size
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(k_quant)).tensors}
+    assert types == {"Q4_K", "Q5_0", "F32"}, types
+
 
 @pytest.mark.parametrize(("name", "ggml_type", "bound"), [("q4_k", 12, 0.09), ("q6_k", 14, 0.025)])
 def test_k_quants_are_read_back_by_the_gguf_package(name, ggml_type, bound, tmp_path):
