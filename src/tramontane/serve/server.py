@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -120,7 +121,7 @@ def _load_engine(opts: ServeOptions) -> Any:
     llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel, mmap=opts.mmap)
     release_idle_workers()  # the engine thread computes from here on (engine/release.py)
     return_freed_heap()  # what loading freed, before the KV pool and the requests take their share
-    return AsyncEngine(
+    engine = AsyncEngine(
         llm,
         model_name=opts.name,
         kv_cache_memory=opts.kv_cache_memory,
@@ -130,6 +131,12 @@ def _load_engine(opts: ServeOptions) -> Any:
         max_queued=opts.max_queued,
         dtype=llm.dtype,
     )
+    # What start-up made lives as long as the server: out of the collector's sight, so that a full
+    # collection (a burst of new requests triggers one) does not scan it while every stream waits. On
+    # SmolLM2 that is 210,000 objects and a 190-200 ms pause, two or three 16-client steps.
+    gc.collect()
+    gc.freeze()
+    return engine
 
 
 async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
