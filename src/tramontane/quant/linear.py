@@ -157,7 +157,7 @@ def fuse_projections(model: Transformer) -> None:
             del att.wq, att.wk, att.wv
         dense = isinstance(ff, FeedForward) and ff.w13 is None
         gate_up: list[object] = [ff.w1, ff.w3] if dense else []  # MoE: experts stay apart
-        if isinstance(ff, FeedForward) and _fusable(gate_up):
+        if _fusable(gate_up):
             ff.w13 = PackedLinear.concat(gate_up)
             del ff.w1, ff.w3
 

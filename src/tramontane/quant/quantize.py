@@ -125,9 +125,10 @@ def summary(model: nn.Module) -> str:
     """The model's matrices by type, most first, as `--quant` left them: "Q8_0 x210, float x1" (a
     matrix whose rows are not whole groups of 32 stays float, as llama.cpp keeps such a tensor F16)."""
     counts: Counter[str] = Counter()
+    as_stored = {r8: base for base, r8 in INTERLEAVED.items()}  # an interleaved layout: its file type
     for module in model.modules():
         if isinstance(module, (PackedLinear, PackedExperts, PackedEmbedding)):
-            stored = {r8: base for base, r8 in INTERLEAVED.items()}.get(module.qtype, module.qtype)  # as in the file
+            stored = as_stored.get(module.qtype, module.qtype)
             counts[GGML_TYPES[stored].name] += 1
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             counts["float"] += 1

@@ -28,8 +28,6 @@ _FILES = {
     "chat.js": _JS,
     "render.js": _JS,
     **{f"vendor/{name}": _JS for name in ("marked.umd.js", "purify.min.js", "highlight.min.js", "katex.min.js")},
-    "vendor/hljs-light.min.css": _CSS,
-    "vendor/hljs-dark.min.css": _CSS,
     "vendor/LICENSES.md": "text/markdown; charset=utf-8",
 }
 
