@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import ModelConfig
 from ..weights.sources import GGUFSource, open_source
 
 
@@ -49,3 +51,39 @@ def describe(path: Path) -> dict[str, str]:
     if config.moe:
         info["active parameters"] = _human(config.active_parameter_count())
     return info
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A model in a few facts, as model lists show it (Ollama's /api/tags and /api/show)."""
+
+    format: str  # "gguf", "safetensors" or "mistral"
+    family: str  # the architecture: "llama", "mistral", "mixtral"...
+    parameters: int
+    quantization: str  # the most common type of its matrices: "Q4_K", "BF16"...
+    context_length: int
+    size: int  # bytes on disk
+    modified: float  # the newest file's modification time (seconds since the epoch)
+    config: ModelConfig
+
+
+def _files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else [p for p in sorted(path.iterdir()) if p.is_file()]
+
+
+def summarize(path: Path) -> Summary:
+    """Read from the config and the file headers (no weights loaded)."""
+    fmt, config, source, _ = open_source(path)
+    counts = {k.upper(): v for k, v in source.type_counts().items()}
+    matrices = {k: v for k, v in counts.items() if k not in ("F32", "FLOAT32")} or counts
+    files = _files(path)
+    return Summary(
+        format={"hf": "safetensors"}.get(fmt, fmt),
+        family=config.architecture,
+        parameters=config.parameter_count(),
+        quantization=max(matrices, key=lambda k: matrices[k]) if matrices else "F32",
+        context_length=config.max_seq_len,
+        size=sum(p.stat().st_size for p in files),
+        modified=max((p.stat().st_mtime for p in files), default=0.0),
+        config=config,
+    )

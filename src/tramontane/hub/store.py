@@ -184,6 +184,17 @@ def choose_files(files: list[str], gguf_file: str | None) -> list[str]:
     return chosen
 
 
+def gguf_of_type(files: list[str], tag: str) -> str:
+    """The one GGUF file whose name ends in the type `tag` (case aside): "x.Q4_K_M.gguf", "x-q4_k_m.gguf"."""
+    tag = tag.lower()
+    found = [f for f in files if re.search(rf"(^|[./\-]){re.escape(tag)}\.gguf$", f.lower())]
+    if len(found) != 1:
+        ggufs = ", ".join(f for f in files if f.endswith(".gguf")) or "none"
+        what = "no GGUF file" if not found else f"{len(found)} GGUF files"
+        raise StoreError(f"the repository has {what} of type {tag.upper()} (GGUF files there: {ggufs[:400]})")
+    return found[0]
+
+
 def _http_errors() -> tuple[type[Exception], ...]:
     """The HTTP client errors huggingface_hub lets through (httpx, or its own copy `httpx2`)."""
     import importlib
@@ -230,11 +241,13 @@ def pull_hub(
     name: str | None = None,
     gguf_file: str | None = None,
     *,
+    gguf_tag: str | None = None,
     progress: bool = False,
 ) -> StoredModel:
     """Download a Hub repository's model files into the store (resumable: an interrupted pull picks up
-    where it stopped the next time). With `progress`: huggingface_hub's bars per file on a terminal,
-    and ours for the files; a plain line per file otherwise (progress.py)."""
+    where it stopped the next time). `gguf_tag` ("Q4_K_M") chooses the repository's one GGUF file of
+    that type, as Ollama's `hf.co/ORG/REPO:Q4_K_M`. With `progress`: huggingface_hub's bars per file
+    on a terminal, and ours for the files; a plain line per file otherwise (progress.py)."""
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -245,7 +258,7 @@ def pull_hub(
     staging.mkdir(parents=True, exist_ok=True)
     try:
         files = huggingface_hub.list_repo_files(repo_id, revision=revision)
-        wanted = choose_files(files, gguf_file)
+        wanted = choose_files(files, gguf_file if gguf_tag is None else gguf_of_type(files, gguf_tag))
         _download(repo_id, revision, wanted, staging, f"pull {name}", progress)
     except RepositoryNotFoundError:
         _drop_if_empty(staging)

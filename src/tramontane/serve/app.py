@@ -12,6 +12,7 @@ import importlib.util
 import logging
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -23,6 +24,7 @@ from .middleware import CheckHost, LimitBody, RecordStatus, RequireKey
 from .openapi import install_openapi
 from .routes_generate import router as generate_router
 from .routes_misc import router as misc_router
+from .routes_ollama import router as ollama_router
 
 log = logging.getLogger("tramontane.serve")
 
@@ -43,10 +45,12 @@ def create_app(
     allowed_hosts: Collection[str] | None = None,
     default_max_tokens: int = 4096,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    model_path: Path | None = None,
 ) -> FastAPI:
     """The HTTP server for `engine`. `model_name` defaults to `engine.model_name`; `allow_origins`
     turns on CORS for those browser origins ("*" for any), and other origins are refused;
-    `allowed_hosts` (None: any) are the Host header names it answers to."""
+    `allowed_hosts` (None: any) are the Host header names it answers to; `model_path`, the served
+    model's file or folder, is what Ollama's model routes describe."""
     if engine is None and not model_name:
         raise ValueError("create_app needs a model_name when the engine is not there yet")
     state = ServerState(
@@ -54,12 +58,14 @@ def create_app(
         engine=engine,
         allow_request_templates=allow_request_templates,
         default_max_tokens=default_max_tokens,
+        model_path=model_path,
     )
     app = FastAPI(title="tramontane", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
     app.state.tramontane = state
     install_handlers(app)
     app.include_router(generate_router)
     app.include_router(misc_router)
+    app.include_router(ollama_router)
     install_openapi(app, __version__)
     browser: set[str] = set()
     if importlib.util.find_spec(f"{__package__}.web") is not None:  # the web chat page, at GET /

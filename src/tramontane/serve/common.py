@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -32,6 +33,9 @@ class ServerState:
     allow_request_templates: bool = False  # --allow-request-chat-template
     default_max_tokens: int = 4096  # --default-max-tokens: a request without max_tokens (0: to the context's end)
     created: int = field(default_factory=lambda: int(time.time()))
+    model_path: Path | None = None  # the served model's file or folder (Ollama's /api/tags and /api/show)
+    model_defaults: dict[str, Any] = field(default_factory=dict)  # a Modelfile's PARAMETERs, Ollama's names
+    system_prompt: str | None = None  # a Modelfile's SYSTEM: for chats that bring none
 
 
 def server_state(request: Request) -> ServerState:

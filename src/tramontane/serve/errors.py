@@ -1,4 +1,5 @@
-"""HTTP errors in the OpenAI shape: `{"error": {"message", "type", "param", "code"}}`.
+"""HTTP errors in the OpenAI shape: `{"error": {"message", "type", "param", "code"}}`, and under
+Ollama's routes (`/api/...`) in Ollama's: `{"error": "message"}`.
 
 Every refusal the server makes is an `APIError`; the handlers installed by `install_handlers` turn it,
 FastAPI's own validation errors, Starlette's HTTP exceptions (unknown route, wrong method) and, as a
@@ -44,9 +45,14 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
+    def ollama_body(self) -> dict[str, Any]:
+        return {"error": self.message}
+
+    def response(self, path: str = "") -> JSONResponse:
+        """The error as a response to a request for `path` (Ollama's shape under OLLAMA_PREFIX)."""
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        body = self.ollama_body() if path.startswith(OLLAMA_PREFIX) else self.body()
+        return JSONResponse(body, status_code=self.status, headers=headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -57,6 +63,8 @@ class BodyTooLarge(APIError):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body is larger than the limit of {limit} bytes", code="request_too_large")
 
+
+OLLAMA_PREFIX = "/api/"  # Ollama's routes (routes_ollama.py) answer errors in Ollama's shape
 
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 
@@ -87,12 +95,12 @@ def validation_error(errors: Sequence[Any]) -> APIError:
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return exc.response()
+    return exc.response(request.url.path)
 
 
 async def _request_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, (RequestValidationError, ValidationError))
-    return validation_error(exc.errors()).response()
+    return validation_error(exc.errors()).response(request.url.path)
 
 
 async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
@@ -103,12 +111,12 @@ async def _http_exception(request: Request, exc: Exception) -> JSONResponse:
         message = f"method {request.method} is not allowed on {request.url.path[:200]}"
     else:
         message = str(exc.detail)
-    return APIError(exc.status_code, message).response()
+    return APIError(exc.status_code, message).response(request.url.path)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response()
+    return APIError(500, f"internal error: {type(exc).__name__}", code="internal_error").response(request.url.path)
 
 
 def install_handlers(app: FastAPI) -> None:

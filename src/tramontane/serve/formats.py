@@ -47,7 +47,10 @@ def check_errors(choices: list[Choice]) -> None:
 
 
 class Format:
-    """How one API shapes answers. `id` and `model` are fixed for the whole response."""
+    """How one API shapes answers. `id` and `model` are fixed for the whole response; a stream is
+    `events` sent as `media_type`."""
+
+    media_type = "text/event-stream"
 
     def __init__(self, response_id: str, model: str, n: int, logprobs: bool) -> None:
         self.id, self.model, self.n, self.logprobs = response_id, model, n, logprobs

@@ -62,7 +62,7 @@ class CheckHost:
             names = ", ".join(sorted(self.allowed))
             return await APIError(
                 421, f"this server answers to the host names {names} (add one with --allowed-host)", code="bad_host"
-            ).response()(scope, receive, send)
+            ).response(scope["path"])(scope, receive, send)
         origin = headers.get(b"origin", b"").decode("latin-1")
         if origin and not self._origin_allowed(origin, host):
             return await APIError(
@@ -70,7 +70,7 @@ class CheckHost:
                 f"requests from the web origin {origin[:200]!r} are refused; start the server with "
                 "--allow-origin ORIGIN to allow them",
                 code="origin_not_allowed",
-            ).response()(scope, receive, send)
+            ).response(scope["path"])(scope, receive, send)
         await self.app(scope, receive, send)
 
     def _origin_allowed(self, origin: str, host: str) -> bool:
@@ -106,9 +106,9 @@ class RequireKey:
         if self._authorized(header):
             return await self.app(scope, receive, send)
         problem = "missing API key" if not header else "invalid API key"
-        response = APIError(
-            401, f"{problem}: send it as 'Authorization: Bearer KEY'", code="invalid_api_key"
-        ).response()
+        response = APIError(401, f"{problem}: send it as 'Authorization: Bearer KEY'", code="invalid_api_key").response(
+            scope["path"]
+        )
         if scope["path"] in self.browser:
             response.headers["WWW-Authenticate"] = 'Basic realm="tramontane (any user name, the API key as password)"'
         await response(scope, receive, send)
@@ -136,19 +136,21 @@ class LimitBody:
                 f"the request has {len(scope['headers'])} headers of {size} bytes; the limits "
                 f"are {MAX_HEADERS} headers and {MAX_HEADER_BYTES} bytes",
                 code="request_header_fields_too_large",
-            ).response()(scope, receive, send)
+            ).response(scope["path"])(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and b"transfer-encoding" in dict(scope["headers"]):  # a smuggling attempt
             return await APIError(
                 400, "a request cannot have both Content-Length and Transfer-Encoding", code="bad_framing"
-            ).response()(scope, receive, send)
+            ).response(scope["path"])(scope, receive, send)
         if declared is not None:
             try:
                 too_large = int(declared) > self.limit
             except ValueError:
-                return await APIError(400, "invalid Content-Length header").response()(scope, receive, send)
+                return await APIError(400, "invalid Content-Length header").response(scope["path"])(
+                    scope, receive, send
+                )
             if too_large:
-                return await BodyTooLarge(self.limit).response()(scope, receive, send)
+                return await BodyTooLarge(self.limit).response(scope["path"])(scope, receive, send)
         received = 0
         started = False
 
@@ -171,4 +173,4 @@ class LimitBody:
         except BodyTooLarge as exc:  # raised where the route did not turn it into a response itself
             if started:
                 raise
-            await exc.response()(scope, receive, watching_send)
+            await exc.response(scope["path"])(scope, receive, watching_send)

@@ -12,6 +12,13 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from .ollama_requests import (
+    OllamaChatRequest,
+    OllamaEmbeddingsRequest,
+    OllamaEmbedRequest,
+    OllamaGenerateRequest,
+    OllamaModelRequest,
+)
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -30,6 +37,11 @@ REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/detokenize": DetokenizeRequest,
     "/tokenize": TokenizeRequest,
     "/detokenize": DetokenizeRequest,
+    "/api/chat": OllamaChatRequest,
+    "/api/generate": OllamaGenerateRequest,
+    "/api/embed": OllamaEmbedRequest,
+    "/api/embeddings": OllamaEmbeddingsRequest,
+    "/api/show": OllamaModelRequest,  # (not /api/pull: its cases would download from the Hub)
 }
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -34,7 +36,7 @@ router = APIRouter()
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it, the metrics count it
 
 
-async def _respond(
+async def respond(
     request: Request, engine: Engine, body: SamplingFields, prompts: list[list[int]], s: Settings, fmt: Format
 ) -> Response:
     """Submit n choices per prompt, then answer whole or as an event stream (with the LoRA adapter the
@@ -61,7 +63,7 @@ async def _respond(
         await until_disconnect(request, run.start())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(fmt.events(run, choices, include_usage), on_close=run.aclose)
+            return EventStream(fmt.events(run, choices, include_usage), on_close=run.aclose, media_type=fmt.media_type)
         await until_disconnect(request, run.collect(choices))
     except ClientGone:
         await run.aclose()
@@ -70,29 +72,49 @@ async def _respond(
     return JSONResponse(fmt.response(choices))
 
 
-def _default(request: Request) -> int:
+def default_max_tokens(request: Request) -> int:
     return server_state(request).default_max_tokens
 
 
-def _answering(request: Request, model: str | None) -> str:
+def answering(request: Request, model: str | None) -> str:
     """The model id a response names: the adapter's name when the request chose one."""
     return adapter_for(request, model) or server_state(request).model_name
+
+
+@dataclass
+class ChatPlan:
+    """A chat request ready for the engine: its prompt, settings and OpenAI-shaped answer format."""
+
+    engine: Engine
+    ids: list[int]
+    settings: Settings
+    format: ChatFormat  # a ToolChatFormat when the request offers tools
+
+
+async def plan_chat(request: Request, body: ChatCompletionRequest) -> ChatPlan:
+    """The checks, chat formatting and settings of a chat completion (Ollama's /api/chat shares them)."""
+    engine = engine_for(request, body.model, adapters=True)
+    tokenizer = request_template(engine.tokenizer, body.chat_template, server_state(request).allow_request_templates)
+    use = tool_use(body, tokenizer)
+    s = settings(
+        body,
+        logprobs=chat_logprobs(body),
+        tokenizer=tokenizer,
+        tools=use,
+        default_max_tokens=default_max_tokens(request),
+    )
+    ids = await encode_chat(tokenizer, chat_messages(body.messages, body.safe_prompt), use, limit=engine.max_model_len)
+    check_context(len(ids), s.max_tokens, engine.max_model_len, "messages")
+    args = (new_id("chatcmpl"), answering(request, body.model), s.n, s.params.logprobs is not None)
+    fmt = ChatFormat(*args) if use is None or use.mode == "none" else ToolChatFormat(*args, use, tokenizer)
+    return ChatPlan(engine, ids, s, fmt)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
-    engine = engine_for(request, body.model, adapters=True)
-    tokenizer = request_template(engine.tokenizer, body.chat_template, server_state(request).allow_request_templates)
-    use = tool_use(body, tokenizer)
-    s = settings(
-        body, logprobs=chat_logprobs(body), tokenizer=tokenizer, tools=use, default_max_tokens=_default(request)
-    )
-    ids = await encode_chat(tokenizer, chat_messages(body.messages, body.safe_prompt), use, limit=engine.max_model_len)
-    check_context(len(ids), s.max_tokens, engine.max_model_len, "messages")
-    args = (new_id("chatcmpl"), _answering(request, body.model), s.n, s.params.logprobs is not None)
-    fmt = ChatFormat(*args) if use is None or use.mode == "none" else ToolChatFormat(*args, use, tokenizer)
-    return await _respond(request, engine, body, [ids], s, fmt)
+    plan = await plan_chat(request, body)
+    return await respond(request, plan.engine, body, [plan.ids], plan.settings, plan.format)
 
 
 @router.post("/v1/completions")
@@ -103,14 +125,17 @@ async def completions(request: Request) -> Response:
     if score_only:
         body = body.model_copy(update={"max_tokens": 1, "max_completion_tokens": None})
     s = settings(
-        body, logprobs=completion_logprobs(body), tokenizer=engine.tokenizer, default_max_tokens=_default(request)
+        body,
+        logprobs=completion_logprobs(body),
+        tokenizer=engine.tokenizer,
+        default_max_tokens=default_max_tokens(request),
     )
     if body.suffix is not None:
         if not isinstance(body.prompt, str) or body.echo:
             raise bad_request("with a suffix, the prompt must be one string, without echo", "prompt")
         prompts = [
             await encode_fim(
-                engine.tokenizer, body.prompt, body.suffix, _answering(request, body.model), limit=engine.max_model_len
+                engine.tokenizer, body.prompt, body.suffix, answering(request, body.model), limit=engine.max_model_len
             )
         ]
     else:
@@ -119,9 +144,9 @@ async def completions(request: Request) -> Response:
         )
     for ids in prompts:
         check_context(len(ids), 0 if score_only else s.max_tokens, engine.max_model_len, "prompt")
-    args = (new_id("cmpl"), _answering(request, body.model), s.n, s.params.logprobs is not None)
+    args = (new_id("cmpl"), answering(request, body.model), s.n, s.params.logprobs is not None)
     if not body.echo:
-        return await _respond(request, engine, body, prompts, s, CompletionFormat(*args))
+        return await respond(request, engine, body, prompts, s, CompletionFormat(*args))
     check_choices(len(prompts), 1 if score_only else s.n)
     scored = None
     if s.params.logprobs is not None:
@@ -136,7 +161,7 @@ async def completions(request: Request) -> Response:
     fmt = EchoCompletionFormat(*args, echoes(engine.tokenizer, prompts, scored))
     if score_only:
         return JSONResponse(fmt.scored_only(prompts))
-    return await _respond(request, engine, body, prompts, s, fmt)
+    return await respond(request, engine, body, prompts, s, fmt)
 
 
 @router.post("/v1/fim/completions")
@@ -144,8 +169,8 @@ async def fim_completions(request: Request) -> Response:
     """Mistral's fill-in-the-middle: the model writes what goes between `prompt` and `suffix`."""
     body = await parse_body(request, FIMCompletionRequest)
     engine = engine_for(request, body.model, adapters=True)
-    s = settings(body, tokenizer=engine.tokenizer, default_max_tokens=_default(request))
-    name = _answering(request, body.model)
+    s = settings(body, tokenizer=engine.tokenizer, default_max_tokens=default_max_tokens(request))
+    name = answering(request, body.model)
     ids = await encode_fim(engine.tokenizer, body.prompt, body.suffix or "", name, limit=engine.max_model_len)
     check_context(len(ids), s.max_tokens, engine.max_model_len, "prompt")
-    return await _respond(request, engine, body, [ids], s, ChatFormat(new_id("fim"), name, s.n, False))
+    return await respond(request, engine, body, [ids], s, ChatFormat(new_id("fim"), name, s.n, False))

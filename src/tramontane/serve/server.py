@@ -76,6 +76,12 @@ def model_name_of(model: str | None) -> str:
     return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
+def _model_path(model: str | None) -> Path:
+    from ..hub.resolve import resolve_model
+
+    return resolve_model(model)
+
+
 @dataclass
 class ServeOptions:
     model: str | None
@@ -214,6 +220,7 @@ def serve(opts: ServeOptions) -> int:
         allowed_hosts=host_allowlist(opts),
         default_max_tokens=opts.default_max_tokens,
         lifespan=lifespan,
+        model_path=_model_path(opts.model),
     )
     config = uvicorn_config(app, opts)
     server = _Server(config, lambda: drain(app, opts.drain_timeout))

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -70,8 +71,11 @@ class Choice:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    first_token_ns: int = 0  # time.monotonic_ns() when its first token came (Ollama reports durations)
 
     def add(self, out: RequestOutput) -> None:
+        if not self.first_token_ns and out.token_ids:
+            self.first_token_ns = time.monotonic_ns()
         self.text += out.text
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs
@@ -109,7 +113,7 @@ class Run:
             raise
         self._firsts = [t.result() for t in tasks]
 
-    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async def outputs(self) -> AsyncGenerator[tuple[int, RequestOutput], None]:
         """(choice index, output) in the order the engine produced them; closes the run at the end."""
         try:
             for i, out in enumerate(self._firsts):
@@ -196,14 +200,21 @@ SSE_DONE = "data: [DONE]\n\n"
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events. Unlike Starlette's StreamingResponse it always watches for the client
+    """Server-sent events (or, with another `media_type`, Ollama's JSON lines). Unlike Starlette's StreamingResponse it always watches for the client
     going away (whatever the ASGI spec version), and then closes the event source at once, which
     aborts its engine requests."""
 
     media_type = "text/event-stream"
 
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], Awaitable[None]] | None = None) -> None:
-        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(
+        self,
+        events: AsyncIterator[str],
+        on_close: Callable[[], Awaitable[None]] | None = None,
+        media_type: str = "text/event-stream",
+    ) -> None:
+        super().__init__(
+            events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, media_type=media_type
+        )
         self.events, self.on_close = events, on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

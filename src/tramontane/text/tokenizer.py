@@ -311,6 +311,11 @@ class HFTokenizer:
         alternatives = sorted(specials, key=len, reverse=True)  # leftmost-longest, like tokenizers
         self._special_re = re.compile("|".join(map(re.escape, alternatives))) if specials else None
 
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template this tokenizer formats chats with (None: the file had none)."""
+        return self._template
+
     def with_template(self, template: str) -> HFTokenizer:
         """This tokenizer with another chat template (a request's own, see serve --allow-request-chat-template)."""
         other = copy.copy(self)
