@@ -79,6 +79,7 @@ def test_every_command_has_a_description_examples_and_flag_help():
         "list",
         "rm",
         "pull",
+        "create",
     }
     for name, parser in commands.items():
         text = parser.format_help()

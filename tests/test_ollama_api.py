@@ -208,7 +208,8 @@ def test_model_listing_routes(api):
     ps = api.get("/api/ps").json()["models"]
     assert ps[0]["context_length"] == 256 and ps[0]["name"] == "fake-model:latest"
     show = api.post("/api/show", json={"model": "fake-model"}).json()
-    assert show["capabilities"][0] == "completion" and "PARAMETER temperature 0.8" in show["modelfile"]
+    assert show["capabilities"][0] == "completion" and "\nFROM fake-model\n" in show["modelfile"]
+    assert show["parameters"] == ""  # a model without a Modelfile of its own sets none
     assert api.post("/api/show", json={"model": "other"}).status_code == 404
     assert api.get("/api/version").json()["version"].count(".") == 2
 

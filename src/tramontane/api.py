@@ -14,7 +14,9 @@ from .decoding.sampling import SamplingParams
 from .decoding.sequence import Completion, Delta
 from .device import resolve_dtype
 from .errors import RequestError
+from .hub.modelfile import ModelSettings
 from .hub.resolve import resolve_model
+from .hub.store import settings_for
 from .model import Backend, KVCache
 from .quant.quantize import SIXTEEN_BIT
 from .text.tokenizer import Tokenizer
@@ -41,10 +43,14 @@ class TextStream:
                 return delta.text
 
 
+MODEL_ADAPTER = "modelfile-adapter"  # the name a created model's own ADAPTER loads under
+
+
 class LLM:
     def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> None:
         self.loaded, self.tokenizer, self.dtype = loaded, tokenizer, dtype
         self.model, self.config = loaded.model, loaded.config
+        self.settings = ModelSettings()  # a created model's Modelfile settings (hub/modelfile.py)
         self._select_backend()
 
     def _select_backend(self) -> None:
@@ -231,8 +237,12 @@ def load(
     else:
         tokenizer = load_tokenizer(path)
     llm = LLM(loaded, tokenizer, dtype)
+    llm.settings = settings_for(path)
     for name, adapter in (lora or {}).items():
         llm.load_adapter(name, adapter)
+    if llm.settings.adapter is not None:  # a model created from a Modelfile with an ADAPTER
+        llm.load_adapter(MODEL_ADAPTER, llm.settings.adapter)
+        llm.use_adapter(MODEL_ADAPTER)
     return llm
 
 

@@ -104,6 +104,17 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Deletes a stored model's files (not the file or folder it was pulled from).",
         ("tramontane rm mistral-7b",),
     ),
+    "create": (
+        "add a model to the local store from an Ollama Modelfile",
+        "Reads a Modelfile (FROM, PARAMETER, SYSTEM, MESSAGE, ADAPTER, LICENSE, TEMPLATE) into a stored "
+        "model: the weights FROM names (a file, a folder or a stored model; hard-linked, not copied, where "
+        "the file system allows) with those settings, which run, chat and serve then apply. TEMPLATE (a Go "
+        "template) is kept for `/api/show`: chats are formatted with the model's own chat template.",
+        (
+            "tramontane create french -f Modelfile",
+            "tramontane create mistral-pirate -f ./pirate/Modelfile",
+        ),
+    ),
     "pull": (
         "add a model to the local store: a Hugging Face repo id, or a local path",
         "Downloads a model from the Hugging Face Hub (one GGUF file with --file) or copies a local file "

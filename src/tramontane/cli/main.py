@@ -9,48 +9,62 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TramontaneError
+from ..hub.modelfile import ModelSettings
 from .help import MODEL_HELP, Parser, add_command, add_model_argument, unknown_flags
-from .model import add_model_parsers, add_store_parsers, cmd_convert, cmd_list, cmd_pull, cmd_rm
+from .model import add_model_parsers, add_store_parsers, cmd_convert, cmd_create, cmd_list, cmd_pull, cmd_rm
 from .train import add_train_parsers, cmd_finetune, cmd_merge
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+# The sampling flags' defaults where neither the flag nor the model's Modelfile (a created model's
+# PARAMETERs, hub/modelfile.py) sets a value; temperature's is the command's own.
+SAMPLING_DEFAULTS = {
+    "top_p": 1.0,
+    "top_k": 0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+}
+
+
 def _sampling_flags(p: argparse.ArgumentParser, temperature: float) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature:g})")
+    p.set_defaults(default_temperature=temperature)
+    g.add_argument("--temperature", type=float, default=None, help=f"0 = greedy (default {temperature:g})")
     g.add_argument(
         "--top-p",
         type=float,
-        default=1.0,
+        default=None,
         help="sample from the smallest set of tokens whose probabilities "
         "add up to this (nucleus sampling; default 1 = off)",
     )
-    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default 0 = off)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (default 0 = off)")
     g.add_argument(
         "--min-p",
         type=float,
-        default=0.0,
+        default=None,
         help="drop tokens less likely than this times the most likely one (default 0 = off)",
     )
     g.add_argument(
         "--repetition-penalty",
         "--repeat-penalty",
         type=float,
-        default=1.0,
+        default=None,
         help="make tokens already in the prompt or answer this much less likely (CTRL's rule: positive logits "
         "divided by it, negative ones multiplied; default 1 = off; 1.1 is common)",
     )
     g.add_argument(
         "--presence-penalty",
         type=float,
-        default=0.0,
+        default=None,
         help="subtract this from the logits of tokens already in the answer, -2..2 (default 0)",
     )
     g.add_argument(
         "--frequency-penalty",
         type=float,
-        default=0.0,
+        default=None,
         help="subtract this times each token's count in the answer from its logit, -2..2 (default 0)",
     )
     g.add_argument("--seed", type=int, default=None, help="makes sampling repeat exactly")
@@ -369,22 +383,31 @@ def _split_run_args(args: list[str]) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _sampling(ns: argparse.Namespace):
+def _sampling(ns: argparse.Namespace, settings: ModelSettings | None = None):
+    """The sampling flags, over the model's Modelfile PARAMETERs, over the defaults."""
     from ..decoding.sampling import SamplingParams
+    from ..hub.modelfile import sampling_fields
 
+    model = sampling_fields(settings.parameters) if settings is not None else {}
+    chosen = {
+        name: value if (value := getattr(ns, name)) is not None else model.get(name, default)
+        for name, default in {**SAMPLING_DEFAULTS, "temperature": ns.default_temperature}.items()
+    }
+    drawn = _seed(ns)  # --seed, else (under torchrun) one rank 0 drew
     return SamplingParams(
-        temperature=ns.temperature,
-        top_p=ns.top_p,
-        top_k=ns.top_k,
-        min_p=ns.min_p,
-        repetition_penalty=ns.repetition_penalty,
-        presence_penalty=ns.presence_penalty,
-        frequency_penalty=ns.frequency_penalty,
-        seed=_seed(ns),
-        max_tokens=ns.max_tokens,
-        stop=tuple(ns.stop),
+        **chosen,
+        seed=ns.seed if ns.seed is not None else model.get("seed", drawn),
+        max_tokens=ns.max_tokens if ns.max_tokens is not None else model.get("max_tokens"),
+        stop=tuple(ns.stop or model.get("stop", ())),
         grammar=_grammar(ns),
     )
+
+
+def _opening(ns: argparse.Namespace, settings: ModelSettings) -> list[dict[str, Any]]:
+    """A chat's first messages: the system prompt (--system, else the Modelfile's SYSTEM) and the
+    Modelfile's MESSAGEs."""
+    system = ns.system if ns.system is not None else settings.system
+    return ([{"role": "system", "content": system}] if system else []) + list(settings.messages)
 
 
 def _grammar(ns: argparse.Namespace) -> str | None:
@@ -493,16 +516,15 @@ def cmd_run(ns: argparse.Namespace) -> int:
         prompt = _shared(sys.stdin.read().strip() if _leader() else None)
         if not prompt:
             raise TramontaneError("no prompt given: pass one as an argument or on stdin")
-    params = _sampling(ns)
+    _sampling(ns)  # a bad flag fails before the model loads
     llm = _load(model, ns)
-    messages = [{"role": "system", "content": ns.system}] if ns.system else []
-    _stream_answer(llm, messages + [{"role": "user", "content": prompt}], params)
+    _stream_answer(llm, _opening(ns, llm.settings) + [{"role": "user", "content": prompt}], _sampling(ns, llm.settings))
     return 0
 
 
 def cmd_chat(ns: argparse.Namespace) -> int:
     llm = _load(ns.model, ns)
-    history: list[dict[str, Any]] = [{"role": "system", "content": ns.system}] if ns.system else []
+    history = _opening(ns, llm.settings)
     leader = _leader()
     interactive = leader and sys.stdin.isatty()
     if interactive:
@@ -516,7 +538,7 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         if not text:
             continue
         history.append({"role": "user", "content": text})
-        params = _sampling(ns)  # per answer: under torchrun a fresh seed shared by every rank
+        params = _sampling(ns, llm.settings)  # per answer: under torchrun a fresh seed shared by every rank
         history.append({"role": "assistant", "content": _stream_answer(llm, history, params)})
     return 0
 
@@ -672,6 +694,7 @@ def main(argv: list[str] | None = None) -> int:
         "list": cmd_list,
         "rm": cmd_rm,
         "pull": cmd_pull,
+        "create": cmd_create,
     }
     # under torchrun: join the group; every rank runs this same command. (Only these commands import
     # torch.distributed: `list`, `rm` and friends answer without loading torch at all.)

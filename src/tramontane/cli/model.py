@@ -11,6 +11,7 @@ gguf_tokenizer.py (byte-level BPE tokenizer.json, Mistral SentencePiece files)."
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,39 @@ def add_store_parsers(sub: Any) -> None:
     pull.add_argument("--revision", default=None, help="branch, tag or commit (Hub only)")
     pull.add_argument("--name", default=None, help="name in the store (default: the repo's or file's name)")
     pull.add_argument("--file", default=None, metavar="FILE.gguf", help="the one GGUF file to download (Hub only)")
+    create = add_command(sub, "create")
+    create.add_argument("name", metavar="NAME", help="the new model's name in the store")
+    create.add_argument(
+        "-f", "--file", type=Path, default=Path("Modelfile"), metavar="MODELFILE", help="default: ./Modelfile"
+    )
+
+
+def cmd_create(ns: argparse.Namespace) -> int:
+    from ..hub.modelfile import parse_modelfile
+    from ..hub.store import create
+
+    try:
+        text = ns.file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TramontaneError(f"cannot read the Modelfile {ns.file}: {getattr(exc, 'strerror', None) or exc}") from None
+    stored = create(ns.name, parse_modelfile(text, ns.file.resolve().parent, str(ns.file)))
+    settings = stored.info["modelfile"]
+    if settings["adapter"]:
+        from ..api import load
+        from ..hub.store import remove
+
+        try:
+            load(ns.name)  # the adapter fits the weights (else the error names its first mismatch)
+        except TramontaneError:
+            remove(ns.name)
+            raise
+    if settings["template"]:
+        print(
+            "note: TEMPLATE is kept (shown by /api/show); chats are formatted with the model's own chat template",
+            file=sys.stderr,
+        )
+    print(f"created {stored.name} from {stored.info['from']}: `tramontane run {stored.name}`")
+    return 0
 
 
 def cmd_list(ns: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@
 `tramontane.json` (where it came from, when, its size). A stored model's NAME works wherever a MODEL
 is taken (resolve.resolve_model).
 
+`create` makes one from an Ollama Modelfile (modelfile.py): the weights it names, with its settings.
+
 `pull` takes a local folder or GGUF file (copied in), or a Hugging Face Hub repository id, downloaded
 with huggingface_hub (resumable, with progress bars; `HF_ENDPOINT` points it at another hub): only the
 files a model needs (safetensors or consolidated weights, configs, tokenizer files; or the one GGUF
@@ -24,6 +26,7 @@ from typing import Any
 
 from ..errors import LoadError, TramontaneError
 from ..progress import tracked
+from .modelfile import Modelfile, ModelSettings
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 INFO = "tramontane.json"
@@ -153,6 +156,89 @@ def pull_local(path: Path, name: str | None = None) -> StoredModel:
         else:
             raise StoreError(f"{path}: no such file or folder")
         return _register(staging, name, {"source": str(path.resolve())})
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _stored_info(path: Path) -> dict[str, Any] | None:
+    """The tramontane.json of the stored model at `path` (its folder or the GGUF file in it), else None."""
+    folder = path if path.is_dir() else path.parent
+    info_file = folder / INFO
+    if folder.parent.resolve() != models_dir().resolve() or not info_file.is_file():
+        return None
+    try:
+        info = json.loads(info_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def created_name(path: Path) -> str | None:
+    """The store name of the model at `path` when `tramontane create` made it (it is served by that name)."""
+    info = _stored_info(path)
+    return (path if path.is_dir() else path.parent).name if info and "modelfile" in info else None
+
+
+def settings_for(path: Path) -> ModelSettings:
+    """The Modelfile settings of the model at `path`: empty unless `tramontane create` made it."""
+    stored = (_stored_info(path) or {}).get("modelfile")
+    folder = path if path.is_dir() else path.parent
+    return ModelSettings.read(stored, folder) if isinstance(stored, dict) else ModelSettings()
+
+
+def _link(source: Path, target: Path) -> None:
+    """A hard link (no second copy on disk, and the stored model outlives the file), else a copy."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def _base_of(modelfile: Modelfile) -> Path:
+    """What FROM names: a file or folder (relative to the Modelfile), else a stored model (NAME[:latest])."""
+    path = (modelfile.folder / modelfile.base).expanduser()
+    if path.exists():
+        return path
+    stored = find(modelfile.base.removesuffix(":latest"))
+    if stored is None:
+        raise StoreError(
+            f"FROM {modelfile.base[:200]!r}: no such file or folder (relative to the Modelfile), and no "
+            "stored model of that name (see `tramontane list`)"
+        )
+    return stored.path
+
+
+def _copy_adapter(source: Path, target: Path) -> None:
+    """A PEFT adapter folder's config and safetensors weights (never pickle files)."""
+    if not (source / "adapter_config.json").is_file():
+        raise StoreError(f"ADAPTER {source}: not a LoRA adapter folder (PEFT's adapter_config.json is missing)")
+    target.mkdir()
+    for p in sorted(source.iterdir()):
+        if p.is_file() and (p.name == "adapter_config.json" or p.suffix == ".safetensors"):
+            shutil.copyfile(p, target / p.name)
+
+
+def create(name: str, modelfile: Modelfile) -> StoredModel:
+    """A stored model from a Modelfile: FROM's weights (hard-linked where the file system allows) with
+    the Modelfile's settings over those of the model it builds on (modelfile.py)."""
+    name = _check_name(name)
+    base = _base_of(modelfile)
+    settings = modelfile.settings.over(settings_for(base))
+    staging = models_dir() / f".{name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        files = [base] if base.is_file() else [p for p in sorted(base.iterdir()) if p.is_file() and _wanted(p.name)]
+        for f in files:
+            _link(f, staging / f.name)
+        if settings.adapter is not None:
+            _copy_adapter(settings.adapter, staging / "adapter")
+        info = {
+            "source": f"Modelfile (FROM {modelfile.base})",
+            "from": str(base.resolve()),
+            "modelfile": settings.stored(),
+        }
+        return _register(staging, name, info)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from .. import __version__
 from ..engine.types import Engine
+from ..hub.modelfile import ModelSettings
 from .common import ServerState
 from .errors import install_handlers
 from .middleware import CheckHost, LimitBody, RecordStatus, RequireKey
@@ -46,11 +47,15 @@ def create_app(
     default_max_tokens: int = 4096,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     model_path: Path | None = None,
+    model_settings: ModelSettings | None = None,
+    default_adapter: str | None = None,
 ) -> FastAPI:
     """The HTTP server for `engine`. `model_name` defaults to `engine.model_name`; `allow_origins`
     turns on CORS for those browser origins ("*" for any), and other origins are refused;
     `allowed_hosts` (None: any) are the Host header names it answers to; `model_path`, the served
-    model's file or folder, is what Ollama's model routes describe."""
+    model's file or folder, is what Ollama's model routes describe; `model_settings`, a created model's
+    Modelfile settings, apply to every request, and `default_adapter` (its ADAPTER) to every request for
+    the served model."""
     if engine is None and not model_name:
         raise ValueError("create_app needs a model_name when the engine is not there yet")
     state = ServerState(
@@ -59,6 +64,8 @@ def create_app(
         allow_request_templates=allow_request_templates,
         default_max_tokens=default_max_tokens,
         model_path=model_path,
+        settings=model_settings or ModelSettings(),
+        default_adapter=default_adapter,
     )
     app = FastAPI(title="tramontane", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
     app.state.tramontane = state

@@ -16,6 +16,7 @@ from starlette.requests import Request
 
 from ..decoding.sequence import TokenLogprob
 from ..engine.types import Engine
+from ..hub.modelfile import ModelSettings
 from .errors import APIError, bad_request, validation_error
 from .protocol import ChatLogprobs, CompletionLogprobs, PromptTokensDetails, TokenLogprobOut, TopLogprob, Usage
 
@@ -34,8 +35,8 @@ class ServerState:
     default_max_tokens: int = 4096  # --default-max-tokens: a request without max_tokens (0: to the context's end)
     created: int = field(default_factory=lambda: int(time.time()))
     model_path: Path | None = None  # the served model's file or folder (Ollama's /api/tags and /api/show)
-    model_defaults: dict[str, Any] = field(default_factory=dict)  # a Modelfile's PARAMETERs, Ollama's names
-    system_prompt: str | None = None  # a Modelfile's SYSTEM: for chats that bring none
+    settings: ModelSettings = field(default_factory=ModelSettings)  # a created model's Modelfile settings
+    default_adapter: str | None = None  # the adapter requests for the served model get (a Modelfile's ADAPTER)
 
 
 def server_state(request: Request) -> ServerState:
@@ -52,7 +53,7 @@ def engine_for(request: Request, model: str | None, *, adapters: bool = False) -
         raise APIError(503, "the server is shutting down and takes no new requests", code="draining")
     known = adapter_names(state.engine) if adapters else set()
     if model and model != state.model_name and model not in known:
-        served = ", ".join(repr(n) for n in [state.model_name, *sorted(known)])
+        served = ", ".join(repr(n) for n in [state.model_name, *listed_adapters(state, state.engine)])
         raise APIError(
             404,
             f"the model {model[:100]!r} does not exist; this server serves {served}",
@@ -66,10 +67,15 @@ def adapter_names(engine: Engine) -> set[str]:
     return set(engine.adapters)
 
 
+def listed_adapters(state: ServerState, engine: Engine) -> list[str]:
+    """The adapters model lists show: all but the served model's own (a Modelfile's ADAPTER)."""
+    return sorted(adapter_names(engine) - {state.default_adapter})
+
+
 def adapter_for(request: Request, model: str | None) -> str | None:
-    """The LoRA adapter a request's `model` names, or None for the served model itself."""
+    """The LoRA adapter a request's `model` names, or for the served model itself its own (None: none)."""
     state = server_state(request)
-    return model if model and model != state.model_name else None
+    return model if model and model != state.model_name else state.default_adapter
 
 
 MAX_INT = 10**40  # no field takes more than 64 bits: larger integers are refused before any arithmetic

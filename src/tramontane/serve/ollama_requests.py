@@ -6,13 +6,9 @@ Ollama's API differs from OpenAI's in its shapes, not its meaning, so each Ollam
 formatting, tool calling and structured decoding; only the answer's shape is Ollama's
 (ollama_format.py). The differences handled here:
 
-- `options` hold the sampling settings: `num_predict` is max_tokens (-1 and -2: up to the context's
-  end), `repeat_penalty` is repetition_penalty (over the whole context, as vLLM's; `repeat_last_n` 0
-  turns it off), `temperature`, `top_k`, `top_p`, `min_p`, `seed`, `stop`, `presence_penalty` and
-  `frequency_penalty` keep their names. Options that tell Ollama's runner how to load a model
-  (`num_ctx`, `num_gpu`, `num_thread`, `use_mmap`...) are accepted and ignored: this server's flags
-  decide those. Samplers this engine does not have (`mirostat`, `typical_p`, `tfs_z`) are refused
-  unless they are set to their "off" value. Any other key is refused with the list of known ones.
+- `options` hold the sampling settings, translated by hub/modelfile.py (`sampling_fields`, which
+  Modelfile PARAMETERs share): unknown keys and samplers this engine lacks are refused, options that
+  tell Ollama's runner how to load a model (`num_ctx`, `num_gpu`...) are ignored.
 - Without an option, Ollama's defaults hold (temperature 0.8, top_k 40, top_p 0.9), unless the served
   model's Modelfile set its own (`tramontane create`).
 - `format` is "json" or a JSON schema: response_format json_object or json_schema.
@@ -30,35 +26,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from ..hub.modelfile import OptionError, check_options, sampling_fields
 from .errors import APIError, bad_request
 
 OLLAMA_DEFAULTS: dict[str, Any] = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}
-
-# options that keep their OpenAI name
-_SAME = ("temperature", "top_k", "top_p", "min_p", "seed", "stop", "presence_penalty", "frequency_penalty")
-# how Ollama's runner loads and runs a model: this server's own flags decide them
-RUNTIME_OPTIONS = frozenset(
-    {
-        "num_ctx",
-        "num_batch",
-        "num_gpu",
-        "main_gpu",
-        "low_vram",
-        "f16_kv",
-        "logits_all",
-        "vocab_only",
-        "use_mmap",
-        "use_mlock",
-        "num_thread",
-        "numa",
-        "num_keep",
-        "embedding_only",
-        "penalize_newline",
-    }
-)
-# samplers this engine has not: allowed only at the value that turns them off
-_OFF = {"mirostat": 0, "mirostat_tau": None, "mirostat_eta": None, "typical_p": 1.0, "tfs_z": 1.0}
-KNOWN_OPTIONS = frozenset({*_SAME, "num_predict", "repeat_penalty", "repeat_last_n", *RUNTIME_OPTIONS, *_OFF})
 
 
 class _Request(BaseModel):
@@ -147,32 +118,10 @@ class OllamaModelRequest(_Request):
 def sampling(options: dict[str, Any] | None, defaults: dict[str, Any]) -> dict[str, Any]:
     """`options` (over `defaults`) as OpenAI sampling fields; a 400 naming `options.KEY` for one that
     cannot be honoured."""
-    given = {k: v for k, v in (options or {}).items() if v is not None}
-    unknown = sorted(set(given) - KNOWN_OPTIONS)
-    if unknown:
-        known = ", ".join(sorted(KNOWN_OPTIONS))
-        raise bad_request(f"unknown option {unknown[0][:60]!r}; the options are {known}", f"options.{unknown[0][:60]}")
-    for key, off in _OFF.items():
-        if key in given and off is not None and given[key] != off:
-            raise bad_request(
-                f"this server has no {key} sampler; leave options.{key} out (or at {off})", f"options.{key}"
-            )
-    merged = {**defaults, **{k: v for k, v in given.items() if k not in RUNTIME_OPTIONS and k not in _OFF}}
-    fields = {k: merged[k] for k in _SAME if k in merged}
-    if "num_predict" in merged:
-        fields["max_tokens"] = _num_predict(merged["num_predict"])
-    penalty = merged.get("repeat_penalty")
-    if penalty is not None and merged.get("repeat_last_n") != 0:
-        fields["repetition_penalty"] = penalty
-    return fields
-
-
-def _num_predict(value: Any) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < -2:
-        raise bad_request(
-            f"options.num_predict must be an integer >= -2 (-1: no limit), got {value!r}", "options.num_predict"
-        )
-    return None if value < 0 else value
+    try:
+        return sampling_fields({**defaults, **check_options(options or {})})
+    except OptionError as exc:
+        raise bad_request(str(exc), f"options.{exc.key[:60]}") from None
 
 
 def response_format(fmt: str | dict[str, Any] | None) -> dict[str, Any] | None:

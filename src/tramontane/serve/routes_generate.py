@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..engine.types import Engine, EngineRequest
+from ..hub.modelfile import sampling_fields
 from .common import adapter_for, engine_for, new_id, parse_body, server_state
 from .echo import EchoCompletionFormat, echoes
 from .errors import bad_request
 from .formats import ChatFormat, CompletionFormat, Format, check_errors
-from .protocol import ChatCompletionRequest, CompletionRequest, FIMCompletionRequest, SamplingFields
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, FIMCompletionRequest, SamplingFields
 from .requests import (
     Settings,
     chat_logprobs,
@@ -32,6 +34,7 @@ from .streaming import Choice, ClientGone, EventStream, Run, engine_error, until
 from .tool_format import ToolChatFormat
 
 router = APIRouter()
+S = TypeVar("S", bound=SamplingFields)
 
 CLIENT_CLOSED = 499  # nginx's code for "client closed request"; nobody reads it, the metrics count it
 
@@ -78,21 +81,42 @@ def default_max_tokens(request: Request) -> int:
 
 def answering(request: Request, model: str | None) -> str:
     """The model id a response names: the adapter's name when the request chose one."""
-    return adapter_for(request, model) or server_state(request).model_name
+    served = server_state(request).model_name
+    return model if model and model != served else served
 
 
 @dataclass
 class ChatPlan:
     """A chat request ready for the engine: its prompt, settings and OpenAI-shaped answer format."""
 
+    body: ChatCompletionRequest  # with the model's Modelfile settings
     engine: Engine
     ids: list[int]
     settings: Settings
     format: ChatFormat  # a ToolChatFormat when the request offers tools
 
 
+def with_model_settings(request: Request, body: S) -> S:
+    """A created model's Modelfile settings (hub/modelfile.py) under the request's: its PARAMETERs for
+    the sampling fields the request leaves out; for chats, its SYSTEM when the request brings no system
+    message, then its MESSAGEs before the request's (after the request's system message), as Ollama."""
+    settings = server_state(request).settings
+    update: dict[str, Any] = {
+        k: v for k, v in sampling_fields(settings.parameters).items() if getattr(body, k, None) is None
+    }
+    if isinstance(body, ChatCompletionRequest) and (settings.system or settings.messages):
+        messages = list(body.messages)
+        first = [messages.pop(0)] if messages and messages[0].role in ("system", "developer") else []
+        if not first and settings.system:
+            first = [ChatMessage(role="system", content=settings.system)]
+        opening = [ChatMessage.model_validate(m) for m in settings.messages]
+        update["messages"] = first + opening + messages
+    return body.model_copy(update=update) if update else body
+
+
 async def plan_chat(request: Request, body: ChatCompletionRequest) -> ChatPlan:
     """The checks, chat formatting and settings of a chat completion (Ollama's /api/chat shares them)."""
+    body = with_model_settings(request, body)
     engine = engine_for(request, body.model, adapters=True)
     tokenizer = request_template(engine.tokenizer, body.chat_template, server_state(request).allow_request_templates)
     use = tool_use(body, tokenizer)
@@ -107,19 +131,19 @@ async def plan_chat(request: Request, body: ChatCompletionRequest) -> ChatPlan:
     check_context(len(ids), s.max_tokens, engine.max_model_len, "messages")
     args = (new_id("chatcmpl"), answering(request, body.model), s.n, s.params.logprobs is not None)
     fmt = ChatFormat(*args) if use is None or use.mode == "none" else ToolChatFormat(*args, use, tokenizer)
-    return ChatPlan(engine, ids, s, fmt)
+    return ChatPlan(body, engine, ids, s, fmt)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     body = await parse_body(request, ChatCompletionRequest)
     plan = await plan_chat(request, body)
-    return await respond(request, plan.engine, body, [plan.ids], plan.settings, plan.format)
+    return await respond(request, plan.engine, plan.body, [plan.ids], plan.settings, plan.format)
 
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    body = await parse_body(request, CompletionRequest)
+    body = with_model_settings(request, await parse_body(request, CompletionRequest))
     engine = engine_for(request, body.model, adapters=True)
     score_only = body.echo and 0 in (body.max_tokens, body.max_completion_tokens)  # lm-eval's log-likelihoods
     if score_only:
@@ -167,7 +191,7 @@ async def completions(request: Request) -> Response:
 @router.post("/v1/fim/completions")
 async def fim_completions(request: Request) -> Response:
     """Mistral's fill-in-the-middle: the model writes what goes between `prompt` and `suffix`."""
-    body = await parse_body(request, FIMCompletionRequest)
+    body = with_model_settings(request, await parse_body(request, FIMCompletionRequest))
     engine = engine_for(request, body.model, adapters=True)
     s = settings(body, tokenizer=engine.tokenizer, default_max_tokens=default_max_tokens(request))
     name = answering(request, body.model)

@@ -9,7 +9,7 @@ import struct
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from .common import adapter_names, engine_for, new_id, parse_body, server_state, usage
+from .common import engine_for, listed_adapters, new_id, parse_body, server_state, usage
 from .errors import APIError, bad_request
 from .protocol import (
     AdapterCard,
@@ -61,7 +61,7 @@ def _cards(request: Request) -> list[ModelCard | AdapterCard]:
             max_context_length=base.max_context_length,
             capabilities=base.capabilities,
         )
-        for name in sorted(adapter_names(engine))
+        for name in listed_adapters(state, engine)
     ]
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +30,8 @@ from ..engine.types import Engine
 from ..errors import TramontaneError
 from ..hub import store
 from ..hub.describe import Summary, summarize
-from .common import engine_for, new_id, parse_body, server_state
+from ..hub.modelfile import ModelSettings
+from .common import engine_for, listed_adapters, new_id, parse_body, server_state
 from .errors import APIError, bad_request
 from .formats import ChatFormat
 from .ollama_format import OllamaFormat, created_at, json_line
@@ -90,7 +92,7 @@ def resolve(request: Request, name: str) -> tuple[Engine, str | None]:
 
 
 def _defaults(request: Request) -> dict[str, Any]:
-    return {**OLLAMA_DEFAULTS, **server_state(request).model_defaults}
+    return {**OLLAMA_DEFAULTS, **server_state(request).settings.parameters}
 
 
 def _logprob_count(logprobs: bool, top: int | None) -> int | None:
@@ -117,14 +119,10 @@ async def chat(request: Request) -> Response:
     check_think(body.think, body.model)
     if not body.messages:
         return JSONResponse(_loaded(body.model, True, body.keep_alive))
-    system = server_state(request).system_prompt
-    messages = chat_messages(body.messages)
-    if system and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system})
     oai = ChatCompletionRequest.model_validate(
         {
             "model": adapter,
-            "messages": messages,
+            "messages": chat_messages(body.messages),
             "stream": body.stream,
             "tools": body.tools or None,
             "response_format": response_format(body.format),
@@ -135,7 +133,7 @@ async def chat(request: Request) -> Response:
     )
     plan = await plan_chat(request, oai)
     fmt = OllamaFormat(plan.format, body.model)
-    return await respond(request, plan.engine, oai, [plan.ids], plan.settings, fmt)
+    return await respond(request, plan.engine, plan.body, [plan.ids], plan.settings, fmt)
 
 
 async def _generate_prompt(request: Request, engine: Engine, body: OllamaGenerateRequest) -> list[int]:
@@ -149,7 +147,7 @@ async def _generate_prompt(request: Request, engine: Engine, body: OllamaGenerat
     elif body.raw:
         ids = await encode_text(tokenizer, prompt, "prompt", limit=limit)
     else:
-        system = body.system if body.system is not None else server_state(request).system_prompt
+        system = body.system if body.system is not None else server_state(request).settings.system
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         ids = await encode_chat(tokenizer, messages, limit=limit)
     if context and ids and ids[0] == tokenizer.bos_id:
@@ -311,7 +309,7 @@ def _served(request: Request) -> list[dict[str, Any]]:
     engine = engine_for(request, None)
     summary = _summary(state.model_path) if state.model_path else None
     base = _entry(state.model_name, summary)
-    return [base] + [_entry(a, summary, parent=base["name"]) for a in sorted(engine.adapters)]
+    return [base] + [_entry(a, summary, parent=base["name"]) for a in listed_adapters(state, engine)]
 
 
 @router.get("/tags")
@@ -363,6 +361,18 @@ def _capabilities(engine: Engine) -> list[str]:
     return found
 
 
+def _modelfile(source: str, adapter: str | None, settings: ModelSettings) -> str:
+    """The served model as a Modelfile, as `ollama show --modelfile` prints one."""
+    lines = [f"FROM {source}"] + ([f"ADAPTER {adapter}"] if adapter else [])
+    for key, value in settings.parameters.items():
+        lines += [f"PARAMETER {key} {json.dumps(v)}" for v in value] if key == "stop" else [f"PARAMETER {key} {value}"]
+    for key in ("template", "system", "license"):
+        if getattr(settings, key) is not None:
+            lines.append(f'{key.upper()} """{getattr(settings, key)}"""')
+    lines += [f"MESSAGE {m['role']} {json.dumps(m['content'])}" for m in settings.messages]
+    return "\n".join(lines) + "\n"
+
+
 @router.post("/show")
 async def show(request: Request) -> JSONResponse:
     body = await parse_body(request, OllamaModelRequest)
@@ -370,22 +380,18 @@ async def show(request: Request) -> JSONResponse:
     engine, adapter = resolve(request, name)
     state = server_state(request)
     summary = await asyncio.to_thread(_summary, state.model_path) if state.model_path else None
-    template = getattr(engine.tokenizer, "chat_template", None) or ""
-    parameters = "\n".join(f"{k} {v}" for k, v in _defaults(request).items())
-    source = str(state.model_path or state.model_name)
-    modelfile = f"# Modelfile of {_tagged(name)}, served by tramontane\nFROM {source}\n"
-    if adapter:
-        modelfile += f"ADAPTER {adapter}\n"
-    modelfile += "".join(f"PARAMETER {k} {v}\n" for k, v in _defaults(request).items())
-    if state.system_prompt:
-        modelfile += f'SYSTEM """{state.system_prompt}"""\n'
+    settings = state.settings
+    template = settings.template or getattr(engine.tokenizer, "chat_template", None) or ""
     modified = datetime.fromtimestamp(summary.modified if summary else state.created, UTC)
+    parameters = _modelfile("", None, ModelSettings(parameters=settings.parameters)).splitlines()[1:]
     return JSONResponse(
         {
-            "modelfile": modelfile,
-            "parameters": parameters,
+            "modelfile": f"# Modelfile of {_tagged(name)}, served by tramontane\n"
+            + _modelfile(str(state.model_path or state.model_name), adapter, settings),
+            "parameters": "\n".join(line.removeprefix("PARAMETER ") for line in parameters),
             "template": template,
-            "system": state.system_prompt or "",
+            "system": settings.system or "",
+            "license": settings.license or "",
             "details": _details(summary, _tagged(state.model_name) if adapter else ""),
             "model_info": _model_info(summary, engine),
             "capabilities": _capabilities(engine),

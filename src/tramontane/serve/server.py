@@ -69,10 +69,14 @@ def model_name_of(model: str | None) -> str:
     the model exists, so that a typo fails before the server starts."""
     from ..errors import LoadError
     from ..hub.resolve import resolve_model
+    from ..hub.store import created_name
 
     path = resolve_model(model)
     if not path.exists():
         raise LoadError(path, "no such file or folder")
+    created = created_name(path)  # a model made by `tramontane create`: by its name in the store
+    if created is not None:
+        return created
     return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
@@ -183,6 +187,11 @@ def follow_leader(opts: ServeOptions) -> int:
 
 
 def serve(opts: ServeOptions) -> int:
+    from ..api import MODEL_ADAPTER
+    from ..hub.store import settings_for
+
+    path = _model_path(opts.model)
+    settings = settings_for(path)
     failure: list[BaseException] = []
     server: _Server
 
@@ -220,7 +229,9 @@ def serve(opts: ServeOptions) -> int:
         allowed_hosts=host_allowlist(opts),
         default_max_tokens=opts.default_max_tokens,
         lifespan=lifespan,
-        model_path=_model_path(opts.model),
+        model_path=path,
+        model_settings=settings,
+        default_adapter=MODEL_ADAPTER if settings.adapter is not None else None,
     )
     config = uvicorn_config(app, opts)
     server = _Server(config, lambda: drain(app, opts.drain_timeout))
