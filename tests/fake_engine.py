@@ -73,6 +73,9 @@ class FakeEngine:
     def is_healthy(self) -> bool:
         return self.healthy
 
+    def queued(self) -> int:
+        return 0
+
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 

@@ -236,6 +236,12 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-body-bytes", default="16M", help="largest request body, K/M/G suffixes (default 16M)")
     p.add_argument(
+        "--max-file-bytes",
+        default="512M",
+        help="largest file uploaded to /v1/files (training data, batch requests), K/M/G suffixes (default 512M)",
+    )
+    p.add_argument("--max-files", type=_positive_int, default=1000, help="files /v1/files keeps at most (default 1000)")
+    p.add_argument(
         "--drain-timeout",
         type=_seconds_or_zero,
         default=30.0,
@@ -615,6 +621,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _exit_before_serving)  # uvicorn installs its own (draining) handler at start
 
+    from ..serve.common import FileLimits
     from ..serve.connections import ConnectionLimits
     from ..serve.server import ServeOptions, model_name_of, parse_size, serve
 
@@ -653,6 +660,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         allow_request_templates=ns.allow_request_chat_template,
         allowed_hosts=ns.allowed_host,
         default_max_tokens=ns.default_max_tokens,
+        file_limits=FileLimits(parse_size(ns.max_file_bytes, "--max-file-bytes"), ns.max_files),
         limits=ConnectionLimits(
             head_timeout=ns.timeout_head,
             body_timeout=ns.timeout_body,

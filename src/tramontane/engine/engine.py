@@ -134,6 +134,10 @@ class AsyncEngine:
             )
         self._check_queue()
 
+    def queued(self) -> int:
+        """Requests submitted and not yet running (read from the event loop: a snapshot)."""
+        return len(self.scheduler.waiting) + self._pending_adds
+
     def _check_queue(self) -> None:
         if len(self.scheduler.waiting) + self._pending_adds + len(self._jobs) >= self.max_queued:
             raise QueueFullError(f"{self.max_queued} requests are already waiting; try again later")

@@ -18,11 +18,15 @@ from fastapi import FastAPI
 
 from .. import __version__
 from ..engine.types import Engine
+from ..hub.files import FileStore
+from ..hub.jobs import JobStore
 from ..hub.modelfile import ModelSettings
-from .common import ServerState
+from .common import FileLimits, ServerState
 from .errors import install_handlers
 from .middleware import CheckHost, LimitBody, RecordStatus, RequireKey
 from .openapi import install_openapi
+from .routes_batch import router as batch_router
+from .routes_files import router as files_router
 from .routes_generate import router as generate_router
 from .routes_misc import router as misc_router
 from .routes_ollama import router as ollama_router
@@ -49,13 +53,16 @@ def create_app(
     model_path: Path | None = None,
     model_settings: ModelSettings | None = None,
     default_adapter: str | None = None,
+    file_limits: FileLimits | None = None,
+    platform_root: Path | None = None,
 ) -> FastAPI:
     """The HTTP server for `engine`. `model_name` defaults to `engine.model_name`; `allow_origins`
     turns on CORS for those browser origins ("*" for any), and other origins are refused;
     `allowed_hosts` (None: any) are the Host header names it answers to; `model_path`, the served
     model's file or folder, is what Ollama's model routes describe; `model_settings`, a created model's
     Modelfile settings, apply to every request, and `default_adapter` (its ADAPTER) to every request for
-    the served model."""
+    the served model. `platform_root` holds the files and jobs of /v1/files and /v1/batch
+    (default $TRAMONTANE_HOME/platform), within `file_limits`."""
     if engine is None and not model_name:
         raise ValueError("create_app needs a model_name when the engine is not there yet")
     state = ServerState(
@@ -66,6 +73,10 @@ def create_app(
         model_path=model_path,
         settings=model_settings or ModelSettings(),
         default_adapter=default_adapter,
+        files=FileStore(platform_root),
+        file_limits=file_limits or FileLimits(),
+        jobs=JobStore(platform_root),
+        api_key=api_key,
     )
     app = FastAPI(title="tramontane", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
     app.state.tramontane = state
@@ -73,6 +84,8 @@ def create_app(
     app.include_router(generate_router)
     app.include_router(misc_router)
     app.include_router(ollama_router)
+    app.include_router(files_router)
+    app.include_router(batch_router)
     install_openapi(app, __version__)
     browser: set[str] = set()
     if importlib.util.find_spec(f"{__package__}.web") is not None:  # the web chat page, at GET /
@@ -80,7 +93,8 @@ def create_app(
 
         app.include_router(web.router)
         browser = set(web.PAGE_PATHS)  # guarded too, but a browser is asked for the key (Basic auth)
-    app.add_middleware(LimitBody, limit=max_body_bytes)
+    upload = state.file_limits.max_file_bytes + (64 << 10)  # the file and its multipart framing
+    app.add_middleware(LimitBody, limit=max_body_bytes, paths={"/v1/files": max(upload, max_body_bytes)})
     if api_key:
         app.add_middleware(RequireKey, key=api_key, public=PUBLIC_PATHS, browser=frozenset(browser))
     app.add_middleware(CheckHost, allowed=allowed_hosts, origins=frozenset(allow_origins))
@@ -98,8 +112,14 @@ def create_app(
 
 
 def attach_engine(app: FastAPI, engine: Engine) -> None:
-    """The model has loaded: serve requests with this (started) engine."""
-    app.state.tramontane.engine = engine
+    """The model has loaded: serve requests with this (started) engine. Call in the event loop: the
+    batch jobs a previous run left resume."""
+    from .batch_runner import BatchRunner
+
+    state: ServerState = app.state.tramontane
+    state.engine = engine
+    state.batches = BatchRunner(app, state.jobs, state.files, state.api_key, engine.queued)
+    state.batches.start()
 
 
 async def drain(app: FastAPI, timeout: float = 30.0) -> None:
@@ -108,6 +128,8 @@ async def drain(app: FastAPI, timeout: float = 30.0) -> None:
     if state.draining:
         return
     state.draining = True
+    if state.batches is not None:
+        await state.batches.stop()  # what it answered is kept: the job resumes at the next start
     if state.engine is not None:
         log.info("draining: waiting for running requests (up to %g s)", timeout)
         await state.engine.shutdown(drain_timeout=timeout)

@@ -16,12 +16,22 @@ from starlette.requests import Request
 
 from ..decoding.sequence import TokenLogprob
 from ..engine.types import Engine
+from ..hub.files import FileStore
+from ..hub.jobs import JobStore
 from ..hub.modelfile import ModelSettings
 from .errors import APIError, bad_request, validation_error
 from .protocol import ChatLogprobs, CompletionLogprobs, PromptTokensDetails, TokenLogprobOut, TopLogprob, Usage
 
 M = TypeVar("M", bound=BaseModel)
 LOGPROB_FLOOR = -9999.0  # -inf is not JSON: reported as this, like other OpenAI-compatible servers
+
+
+@dataclass(frozen=True)
+class FileLimits:
+    """--max-file-bytes and --max-files: the files API's limits (routes_files.py)."""
+
+    max_file_bytes: int = 512 << 20  # Mistral's own limit per file
+    max_files: int = 1000
 
 
 @dataclass
@@ -37,6 +47,11 @@ class ServerState:
     model_path: Path | None = None  # the served model's file or folder (Ollama's /api/tags and /api/show)
     settings: ModelSettings = field(default_factory=ModelSettings)  # a created model's Modelfile settings
     default_adapter: str | None = None  # the adapter requests for the served model get (a Modelfile's ADAPTER)
+    files: FileStore = field(default_factory=FileStore)  # /v1/files, under $TRAMONTANE_HOME/platform
+    file_limits: FileLimits = field(default_factory=FileLimits)
+    jobs: JobStore = field(default_factory=JobStore)  # /v1/batch/jobs' records, next to the files
+    batches: Any = None  # the BatchRunner (batch_runner.py), once started
+    api_key: str | None = None  # what the batch runner's in-process requests carry
 
 
 def server_state(request: Request) -> ServerState:

@@ -119,16 +119,17 @@ MAX_HEADER_BYTES = 32 * 1024
 
 
 class LimitBody:
-    """413 for a body over `limit` bytes: at once when Content-Length says so, else as soon as the
-    bytes received (a chunked body has no Content-Length) pass the limit. 431 for more than MAX_HEADERS
-    headers or MAX_HEADER_BYTES of them."""
+    """413 for a body over `limit` bytes (a path in `paths` has its own: file uploads): at once when
+    Content-Length says so, else as soon as the bytes received (a chunked body has no Content-Length)
+    pass the limit. 431 for more than MAX_HEADERS headers or MAX_HEADER_BYTES of them."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, paths: dict[str, int] | None = None) -> None:
+        self.app, self.default, self.paths = app, limit, paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.paths.get(scope["path"], self.default)
         size = sum(len(k) + len(v) for k, v in scope["headers"])
         if len(scope["headers"]) > MAX_HEADERS or size > MAX_HEADER_BYTES:  # (h11 also caps a head still arriving)
             return await APIError(
@@ -144,13 +145,13 @@ class LimitBody:
             ).response(scope["path"])(scope, receive, send)
         if declared is not None:
             try:
-                too_large = int(declared) > self.limit
+                too_large = int(declared) > limit
             except ValueError:
                 return await APIError(400, "invalid Content-Length header").response(scope["path"])(
                     scope, receive, send
                 )
             if too_large:
-                return await BodyTooLarge(self.limit).response(scope["path"])(scope, receive, send)
+                return await BodyTooLarge(limit).response(scope["path"])(scope, receive, send)
         received = 0
         started = False
 
@@ -159,8 +160,8 @@ class LimitBody:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise BodyTooLarge(self.limit)
+                if received > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         async def watching_send(message: Message) -> None:

@@ -27,6 +27,7 @@ from .protocol import (
     FIMCompletionRequest,
     TokenizeRequest,
 )
+from .routes_batch import CreateBatchJob
 
 REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
@@ -42,6 +43,7 @@ REQUEST_BODIES: dict[str, type[BaseModel]] = {
     "/api/embed": OllamaEmbedRequest,
     "/api/embeddings": OllamaEmbeddingsRequest,
     "/api/show": OllamaModelRequest,  # (not /api/pull: its cases would download from the Hub)
+    "/v1/batch/jobs": CreateBatchJob,
 }
 
 

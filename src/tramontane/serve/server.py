@@ -26,6 +26,7 @@ import uvicorn
 
 from ..errors import TramontaneError
 from .app import attach_engine, create_app, drain
+from .common import FileLimits
 from .connections import ConnectionLimits, guarded_h11, raise_open_file_limit
 from .middleware import LOOPBACK_HOSTS, host_name
 
@@ -111,6 +112,7 @@ class ServeOptions:
     allowed_hosts: list[str] = field(default_factory=list)  # --allowed-host: names besides loopback ones
     default_max_tokens: int = 4096  # --default-max-tokens
     mmap: bool = True  # --no-mmap: copy packed GGUF weights in instead of mapping them
+    file_limits: FileLimits = field(default_factory=FileLimits)  # --max-file-bytes, --max-files
 
 
 def host_allowlist(opts: ServeOptions) -> frozenset[str] | None:
@@ -228,6 +230,7 @@ def serve(opts: ServeOptions) -> int:
         allow_request_templates=opts.allow_request_templates,
         allowed_hosts=host_allowlist(opts),
         default_max_tokens=opts.default_max_tokens,
+        file_limits=opts.file_limits,
         lifespan=lifespan,
         model_path=path,
         model_settings=settings,
