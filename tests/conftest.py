@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # float32 rounding (servers and ranks the tests start inherit it); the tests of the default int8
 # activations of the K-quant kernels switch them on where they need them (test_quant_kernels, test_q8).
 os.environ.setdefault("TRAMONTANE_ACTIVATIONS", "f32")
+# The store, files and jobs of every test and server it starts live in a folder of their own, never in
+# the user's $TRAMONTANE_HOME (a server resumes the batch jobs it finds there).
+os.environ["TRAMONTANE_HOME"] = tempfile.mkdtemp(prefix="tramontane-test-home-")
+atexit.register(shutil.rmtree, os.environ["TRAMONTANE_HOME"], True)
 sys.path.insert(0, str(Path(__file__).parent))
 
 

@@ -139,11 +139,13 @@ def test_create_builds_on_a_created_model_and_refuses_what_does_not_fit(created,
     assert run_cli(home, "create", "brief", "-f", str(tmp_path / "Modelfile"))[0] == 0
     from tramontane.hub.store import find, settings_for
 
-    os.environ["TRAMONTANE_HOME"] = str(home)
+    before, os.environ["TRAMONTANE_HOME"] = os.environ.get("TRAMONTANE_HOME"), str(home)
     try:
         s = settings_for(find("brief").path)
     finally:
-        del os.environ["TRAMONTANE_HOME"]
+        os.environ.pop("TRAMONTANE_HOME")
+        if before is not None:
+            os.environ["TRAMONTANE_HOME"] = before
     assert s.system == "Be brief." and s.parameters["num_predict"] == 12 and s.adapter is not None  # inherited
     (tmp_path / "bad").write_text("FROM ./nowhere.gguf\n", encoding="utf-8")
     code, _, err = run_cli(home, "create", "bad", "-f", str(tmp_path / "bad"))

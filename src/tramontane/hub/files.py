@@ -28,6 +28,7 @@ from .store import home
 
 FILE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 PURPOSES = ("fine-tune", "batch")
+DATABASE = "platform.sqlite3"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
@@ -44,7 +45,7 @@ def platform_dir() -> Path:
 def connect(root: Path, schema: str) -> Iterator[sqlite3.Connection]:
     """A connection to `root`/platform.sqlite3 with `schema` applied, committed on success."""
     root.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(root / "platform.sqlite3", timeout=30.0)
+    db = sqlite3.connect(root / DATABASE, timeout=30.0)
     db.row_factory = sqlite3.Row
     try:
         db.execute("PRAGMA journal_mode=WAL")
@@ -91,6 +92,10 @@ class FileStore:
 
     def _db(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         return connect(self.root, _SCHEMA)
+
+    def _exists(self) -> bool:
+        """Whether anything was ever stored (reading makes no database)."""
+        return (self.root / DATABASE).exists()
 
     def new_path(self) -> Path:
         """A temporary path in the store's folder, for content on its way in (then `add` moves it)."""
@@ -139,7 +144,7 @@ class FileStore:
         return record
 
     def get(self, file_id: str) -> StoredFile | None:
-        if not FILE_ID.fullmatch(file_id):
+        if not FILE_ID.fullmatch(file_id) or not self._exists():
             return None
         with self._db() as db:
             row = db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
@@ -152,6 +157,8 @@ class FileStore:
         self, *, purpose: str | None = None, search: str | None = None, page: int = 0, page_size: int = 100
     ) -> tuple[list[StoredFile], int]:
         """A page of files, newest first, and how many match in all."""
+        if not self._exists():
+            return [], 0
         where, args = ["1 = 1"], []
         if purpose:
             where.append("purpose = ?")
@@ -169,6 +176,8 @@ class FileStore:
         return [StoredFile(**dict(r)) for r in rows], total
 
     def count(self) -> int:
+        if not self._exists():
+            return 0
         with self._db() as db:
             return int(db.execute("SELECT count(*) FROM files").fetchone()[0])
 

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .files import connect, platform_dir
+from .files import DATABASE, connect, platform_dir
 
 JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _SCHEMA = """
@@ -45,7 +45,7 @@ class JobStore:
         return job
 
     def get(self, kind: str, job_id: str) -> dict[str, Any] | None:
-        if not JOB_ID.fullmatch(job_id):
+        if not JOB_ID.fullmatch(job_id) or not (self.root / DATABASE).exists():
             return None
         with self._db() as db:
             row = db.execute("SELECT data FROM jobs WHERE id = ? AND kind = ?", (job_id, kind)).fetchone()
@@ -73,6 +73,8 @@ class JobStore:
         oldest_first: bool = False,
     ) -> tuple[list[dict[str, Any]], int]:
         """A page of jobs (newest first unless `oldest_first`) and how many match in all."""
+        if not (self.root / DATABASE).exists():  # nothing yet: reading makes no database
+            return [], 0
         where, args = ["kind = ?"], [kind]
         if status:
             where.append(f"status IN ({', '.join('?' * len(status))})")
