@@ -130,9 +130,24 @@ def test_a_job_resumes_after_a_restart_and_cancelling_stops_one(smollm2_path, ho
             endpoint="/v1/chat/completions",
         )
         client.batch.jobs.cancel(job_id=slow.id)
-        cancelled = wait_for(client, slow.id, ("CANCELLED",))
+        cancelled = wait_for(client, slow.id, ("CANCELLED", "SUCCESS", "FAILED"))
+        assert cancelled.status == "CANCELLED"
         assert cancelled.completed_requests < 20
         bad = httpx.post(f"{base}/v1/batch/jobs", json={"endpoint": "/v1/ocr", "input_files": [up.id]})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "endpoint"
         bad = httpx.post(f"{base}/v1/batch/jobs", json={"endpoint": "/v1/chat/completions", "input_files": ["nope"]})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "input_files"
+
+
+def test_a_cancel_that_came_first_holds(tmp_path):
+    """The runner's move to RUNNING must not overwrite a cancel made after it picked the job (the race
+    that once let a cancelled job run to SUCCESS)."""
+    from tramontane.hub.jobs import JobStore
+
+    jobs = JobStore(tmp_path)
+    job = jobs.add("batch", {"status": "QUEUED", "created_at": 1})
+    jobs.update(job["id"], status="CANCELLATION_REQUESTED")
+    after = jobs.update(job["id"], when=("QUEUED", "RUNNING"), status="RUNNING")
+    assert after["status"] == "CANCELLATION_REQUESTED" == jobs.get("batch", job["id"])["status"]
+    assert jobs.update(job["id"], status="CANCELLED")["status"] == "CANCELLED"
+    assert jobs.list("batch", status=["CANCELLED"]) == ([jobs.get("batch", job["id"])], 1)

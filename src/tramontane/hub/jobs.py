@@ -51,14 +51,18 @@ class JobStore:
             row = db.execute("SELECT data FROM jobs WHERE id = ? AND kind = ?", (job_id, kind)).fetchone()
         return json.loads(row["data"]) if row else None
 
-    def update(self, job_id: str, **changes: Any) -> dict[str, Any]:
-        """Change some fields of a job (atomically: read, merge, write in one transaction)."""
+    def update(self, job_id: str, when: tuple[str, ...] | None = None, **changes: Any) -> dict[str, Any]:
+        """Change some fields of a job (atomically: read, merge, write in one transaction); with `when`,
+        only if its status is one of those (else it is returned unchanged: a cancel that came first holds)."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise KeyError(job_id)
-            job = {**json.loads(row["data"]), **changes}
+            current = json.loads(row["data"])
+            if when is not None and current["status"] not in when:
+                return current
+            job = {**current, **changes}
             db.execute("UPDATE jobs SET status = ?, data = ? WHERE id = ?", (job["status"], json.dumps(job), job_id))
         return job
 

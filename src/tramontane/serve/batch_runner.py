@@ -115,14 +115,19 @@ class BatchRunner:
 
     async def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
-        if job["status"] == "CANCELLATION_REQUESTED":
-            return await asyncio.to_thread(self._end, job_id, "CANCELLED")
         requests = await asyncio.to_thread(read_requests, self.files, job["input_files"])
         done = await asyncio.to_thread(self._answered, job_id)
         started = job.get("started_at") or int(time.time())
-        await asyncio.to_thread(
-            self.jobs.update, job_id, status="RUNNING", started_at=started, total_requests=len(requests)
+        job = await asyncio.to_thread(
+            self.jobs.update,
+            job_id,
+            when=("QUEUED", "RUNNING"),  # a cancel that came since holds
+            status="RUNNING",
+            started_at=started,
+            total_requests=len(requests),
         )
+        if job["status"] != "RUNNING":  # cancelled: what an earlier run answered is still written
+            return await asyncio.to_thread(self._finish, job, requests, done, "CANCELLED")
         deadline = started + 3600 * job.get("timeout_hours", 24)
         gate = asyncio.Semaphore(self.concurrency)
         running: set[asyncio.Task[None]] = set()
