@@ -94,8 +94,8 @@ class Format:
         raise NotImplementedError
 
     async def events(self, run: Run, choices: list[Choice], include_usage: bool) -> AsyncIterator[str]:
-        """The SSE stream: chunks as outputs come, an error event if the engine fails, the usage chunk
-        when asked, then `data: [DONE]`."""
+        """The stream: chunks as outputs come (`sse_events`), an error event if the engine fails, the
+        usage chunk when asked, then `last_event` (`data: [DONE]`)."""
         try:
             for c in choices:
                 opening = self.opening(c)
@@ -113,8 +113,13 @@ class Format:
             if include_usage:
                 yield sse(self.usage_chunk(choices))
         except APIError as exc:
-            yield sse(exc.body())
-        yield SSE_DONE
+            yield self.error_event(exc)
+        yield self.last_event
+
+    last_event = SSE_DONE  # what ends a stream
+
+    def error_event(self, exc: APIError) -> str:
+        return sse(exc.body())
 
 
 class ChatFormat(Format):

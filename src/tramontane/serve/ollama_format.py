@@ -20,13 +20,13 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+from ..engine.types import RequestOutput
 from .errors import APIError
-from .formats import ChatFormat, Format, check_errors
-from .streaming import LINE_BREAKS, Choice, Run
+from .formats import ChatFormat, Format
+from .streaming import LINE_BREAKS, Choice
 
 DONE_REASONS = {"tool_calls": "stop", "model_length": "length"}  # Ollama ends a turn of calls with "stop"
 
@@ -77,8 +77,6 @@ def _logprobs(block: dict[str, Any] | None) -> list[dict[str, Any]] | None:
 
 class OllamaFormat(Format):
     """/api/chat (`generate` False) or /api/generate (`generate` True, `prompt_ids` for `context`)."""
-
-    media_type = "application/x-ndjson"
 
     def __init__(self, inner: ChatFormat, model: str, *, generate: bool = False, prompt_ids: list[int] | None = None):
         super().__init__(inner.id, model, 1, inner.logprobs)
@@ -137,18 +135,13 @@ class OllamaFormat(Format):
             return None
         return line
 
-    async def events(self, run: Run, choices: list[Choice], include_usage: bool) -> AsyncIterator[str]:
-        try:
-            async with contextlib.aclosing(run.outputs()) as outputs:
-                async for i, out in outputs:
-                    c = choices[i]
-                    offset = len(c.text)
-                    c.add(out)
-                    if out.finish_reason == "error":
-                        check_errors([c])
-                    for chunk in self.inner.chunks(c, out, offset):
-                        line = self._from_chunk(chunk, c)
-                        if line is not None:
-                            yield json_line(line)
-        except APIError as exc:
-            yield json_line(exc.ollama_body())
+    media_type = "application/x-ndjson"
+    last_event = ""  # Ollama's stream ends with its done line
+
+    def sse_events(self, choice: Choice, out: RequestOutput, offset: int) -> list[str]:
+        """The inner format's chunks for this output, as JSON lines (Format.events drives the stream)."""
+        lines = (self._from_chunk(chunk, choice) for chunk in self.inner.chunks(choice, out, offset))
+        return [json_line(line) for line in lines if line is not None]
+
+    def error_event(self, exc: APIError) -> str:
+        return json_line(exc.ollama_body())

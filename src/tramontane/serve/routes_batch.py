@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from .batch_runner import BATCH, ENDPOINTS, BatchRunner
 from .common import engine_for, parse_body, server_state
 from .errors import APIError, bad_request
-from .routes_files import check_batch_lines
+from .routes_files import check_batch_lines, check_page
 
 router = APIRouter(prefix="/v1/batch")
 
@@ -135,8 +135,7 @@ async def create_job(request: Request) -> JSONResponse:
 async def list_jobs(
     request: Request, page: int = 0, page_size: int = 100, model: str | None = None, status: str | None = None
 ) -> JSONResponse:
-    if page < 0 or not 1 <= page_size <= 1000:
-        raise bad_request("page must be >= 0 and page_size in 1..1000", "page_size")
+    check_page(page, page_size)
     statuses = request.query_params.getlist("status") or None
     jobs, total = await asyncio.to_thread(
         server_state(request).jobs.list, BATCH, status=statuses, model=model, page=page, page_size=page_size

@@ -163,12 +163,16 @@ async def upload_file(request: Request) -> JSONResponse:
     return JSONResponse(record.api())
 
 
+def check_page(page: int, page_size: int) -> None:
+    if page < 0 or not 1 <= page_size <= 1000:
+        raise bad_request("page must be >= 0 and page_size in 1..1000", "page_size")
+
+
 @router.get("/files")
 async def list_files(
     request: Request, page: int = 0, page_size: int = 100, purpose: str | None = None, search: str | None = None
 ) -> JSONResponse:
-    if page < 0 or not 1 <= page_size <= 1000:
-        raise bad_request("page must be >= 0 and page_size in 1..1000", "page_size")
+    check_page(page, page_size)
     records, total = await asyncio.to_thread(
         file_store(request).list, purpose=purpose, search=search, page=page, page_size=page_size
     )
