@@ -22,6 +22,10 @@ $(VENV)/.runtime: $(VENV)/.base pyproject.toml
 
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install torch==2.13.0 -e '.[test]'
+	# mistralai 1.x, the last SDK with fine-tuning jobs, in an environment of its own (the current SDK
+	# in the main one): tests/test_fine_tuning_jobs.py drives the jobs with it.
+	$(PY) -m venv $(VENV)/sdk1
+	$(VENV)/sdk1/bin/python -m pip install -q mistralai==1.12.4
 	# Debian's Chromium for the web page's browser test (Playwright drives it; it never downloads a
 	# browser). Without it that test is skipped.
 	command -v chromium >/dev/null || { \

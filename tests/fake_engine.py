@@ -148,6 +148,9 @@ class FakeEngine:
             for ids in token_ids
         ]
 
+    async def load_adapter(self, name: str, folder: str) -> None:
+        self.adapters.add(name)
+
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         self.closed = True
         for _ in range(int(drain_timeout * 100)):

@@ -242,6 +242,12 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-files", type=_positive_int, default=1000, help="files /v1/files keeps at most (default 1000)")
     p.add_argument(
+        "--fine-tuning-workers",
+        type=_positive_int,
+        default=1,
+        help="fine-tuning jobs (/v1/fine_tuning/jobs) trained at once, each in its own process (default 1)",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=_seconds_or_zero,
         default=30.0,
@@ -660,7 +666,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         allow_request_templates=ns.allow_request_chat_template,
         allowed_hosts=ns.allowed_host,
         default_max_tokens=ns.default_max_tokens,
-        file_limits=FileLimits(parse_size(ns.max_file_bytes, "--max-file-bytes"), ns.max_files),
+        file_limits=FileLimits(parse_size(ns.max_file_bytes, "--max-file-bytes"), ns.max_files, ns.fine_tuning_workers),
         limits=ConnectionLimits(
             head_timeout=ns.timeout_head,
             body_timeout=ns.timeout_body,

@@ -83,7 +83,9 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
     if ns.validate:
         return validate(cfg)
     from ..train.loop import finetune
+    from ..train.worker import follow_server
 
+    follow_server()  # a no-op unless the server started this run for a fine-tuning job
     history = finetune(cfg, resume=ns.resume, progress=sys.stderr.isatty())
     last = history.train[-1] if history.train else None
     if last:

@@ -12,6 +12,7 @@ once their caller has gone."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import logging
 import queue
@@ -190,6 +191,17 @@ class AsyncEngine:
             if not job.future.done():
                 job.future.cancel()
 
+    async def load_adapter(self, name: str, folder: str) -> None:
+        """Load a LoRA adapter folder (PEFT layout) under `name` between two steps, while serving: the
+        requests that name it get it from the next step on (a fine-tuning job's result)."""
+        if is_parallel():
+            raise EngineUnavailableError("adapters cannot be added to a model split over ranks")
+        if not self.is_healthy():
+            raise EngineUnavailableError("the engine is not running")
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._inbox.put(("adapter", name, folder, done))
+        await asyncio.wrap_future(done)
+
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Refuse new work, let running and waiting requests finish (up to the timeout), stop the thread."""
         self.accepting = False
@@ -257,6 +269,18 @@ class AsyncEngine:
         seq = EngineSequence(request, state)
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
+
+    def _on_adapter(self, name: str, folder: str, done: concurrent.futures.Future[None]) -> None:
+        from ..lora.layers import set_active
+        from ..lora.peft import load_adapter
+
+        try:
+            load_adapter(self.model, folder, name)
+            set_active(self.model, None)  # requests pick adapters per row; the next step reselects the backend
+        except Exception as e:  # noqa: BLE001 - a bad adapter is the caller's error; serving goes on
+            done.set_exception(e)
+        else:
+            done.set_result(None)
 
     def _on_abort(self, request_id: str) -> None:
         seq = self._seqs.pop(request_id, None)

@@ -112,6 +112,8 @@ class Engine(Protocol):
         self, token_ids: list[list[int]], top: int, adapter: str | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
 
+    async def load_adapter(self, name: str, folder: str) -> None: ...  # a LoRA adapter, while serving
+
     async def shutdown(self, drain_timeout: float = 30.0) -> None: ...
 
 

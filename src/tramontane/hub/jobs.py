@@ -1,6 +1,7 @@
-"""Job records of the local La Plateforme (batch jobs; a job's whole description as one JSON document),
-in the SQLite database files.py keeps its records in, so they survive restarts: a server that starts
-again finds its queued and running jobs and resumes them (serve/batch_runner.py).
+"""Job records of the local La Plateforme (batch and fine-tuning jobs; a job's whole description as one
+JSON document), in the SQLite database files.py keeps its records in, so they survive restarts: a server
+that starts again finds its queued and running jobs and resumes them (serve/batch_runner.py,
+serve/finetune_runner.py).
 
     jobs = JobStore()
     job = jobs.add("batch", {"status": "QUEUED", "created_at": 1700000000, ...})
@@ -51,9 +52,16 @@ class JobStore:
             row = db.execute("SELECT data FROM jobs WHERE id = ? AND kind = ?", (job_id, kind)).fetchone()
         return json.loads(row["data"]) if row else None
 
-    def update(self, job_id: str, when: tuple[str, ...] | None = None, **changes: Any) -> dict[str, Any]:
+    def update(
+        self,
+        job_id: str,
+        when: tuple[str, ...] | None = None,
+        append: dict[str, Any] | None = None,
+        **changes: Any,
+    ) -> dict[str, Any]:
         """Change some fields of a job (atomically: read, merge, write in one transaction); with `when`,
-        only if its status is one of those (else it is returned unchanged: a cancel that came first holds)."""
+        only if its status is one of those (else it is returned unchanged: a cancel that came first holds);
+        `append` adds an item to each of those list fields (a job's events)."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -63,6 +71,8 @@ class JobStore:
             if when is not None and current["status"] not in when:
                 return current
             job = {**current, **changes}
+            for key, item in (append or {}).items():
+                job[key] = [*current.get(key, []), item]
             db.execute("UPDATE jobs SET status = ?, data = ? WHERE id = ?", (job["status"], json.dumps(job), job_id))
         return job
 

@@ -27,6 +27,7 @@ from .middleware import CheckHost, LimitBody, RecordStatus, RequireKey
 from .openapi import install_openapi
 from .routes_batch import router as batch_router
 from .routes_files import router as files_router
+from .routes_fine_tuning import router as fine_tuning_router
 from .routes_generate import router as generate_router
 from .routes_misc import router as misc_router
 from .routes_ollama import router as ollama_router
@@ -61,7 +62,7 @@ def create_app(
     `allowed_hosts` (None: any) are the Host header names it answers to; `model_path`, the served
     model's file or folder, is what Ollama's model routes describe; `model_settings`, a created model's
     Modelfile settings, apply to every request, and `default_adapter` (its ADAPTER) to every request for
-    the served model. `platform_root` holds the files and jobs of /v1/files and /v1/batch
+    the served model. `platform_root` holds the files and jobs of /v1/files, /v1/batch and /v1/fine_tuning
     (default $TRAMONTANE_HOME/platform), within `file_limits`."""
     if engine is None and not model_name:
         raise ValueError("create_app needs a model_name when the engine is not there yet")
@@ -86,6 +87,7 @@ def create_app(
     app.include_router(ollama_router)
     app.include_router(files_router)
     app.include_router(batch_router)
+    app.include_router(fine_tuning_router)
     install_openapi(app, __version__)
     browser: set[str] = set()
     if importlib.util.find_spec(f"{__package__}.web") is not None:  # the web chat page, at GET /
@@ -113,13 +115,16 @@ def create_app(
 
 def attach_engine(app: FastAPI, engine: Engine) -> None:
     """The model has loaded: serve requests with this (started) engine. Call in the event loop: the
-    batch jobs a previous run left resume."""
+    batch and fine-tuning jobs a previous run left resume, and its fine-tuned models are served."""
     from .batch_runner import BatchRunner
+    from .finetune_runner import FineTuneRunner
 
     state: ServerState = app.state.tramontane
     state.engine = engine
     state.batches = BatchRunner(app, state.jobs, state.files, state.api_key, engine.queued)
     state.batches.start()
+    state.fine_tuning = FineTuneRunner(state, state.file_limits.fine_tuning_workers)
+    state.fine_tuning.start()
 
 
 async def drain(app: FastAPI, timeout: float = 30.0) -> None:
@@ -130,6 +135,8 @@ async def drain(app: FastAPI, timeout: float = 30.0) -> None:
     state.draining = True
     if state.batches is not None:
         await state.batches.stop()  # what it answered is kept: the job resumes at the next start
+    if state.fine_tuning is not None:
+        await state.fine_tuning.stop()  # the workers stop; their jobs resume from their checkpoints
     if state.engine is not None:
         log.info("draining: waiting for running requests (up to %g s)", timeout)
         await state.engine.shutdown(drain_timeout=timeout)

@@ -28,10 +28,11 @@ LOGPROB_FLOOR = -9999.0  # -inf is not JSON: reported as this, like other OpenAI
 
 @dataclass(frozen=True)
 class FileLimits:
-    """--max-file-bytes and --max-files: the files API's limits (routes_files.py)."""
+    """--max-file-bytes, --max-files and --fine-tuning-workers: the local La Plateforme's limits."""
 
     max_file_bytes: int = 512 << 20  # Mistral's own limit per file
     max_files: int = 1000
+    fine_tuning_workers: int = 1  # fine-tuning jobs running at once (finetune_runner.py)
 
 
 @dataclass
@@ -51,6 +52,9 @@ class ServerState:
     file_limits: FileLimits = field(default_factory=FileLimits)
     jobs: JobStore = field(default_factory=JobStore)  # /v1/batch/jobs' records, next to the files
     batches: Any = None  # the BatchRunner (batch_runner.py), once started
+    fine_tuning: Any = None  # the FineTuneRunner (finetune_runner.py), once started
+    fine_tuned: dict[str, str] = field(default_factory=dict)  # ft:... model -> the engine's adapter name
+    archived: set[str] = field(default_factory=set)  # ft:... models archived (not served until unarchived)
     api_key: str | None = None  # what the batch runner's in-process requests carry
 
 
@@ -66,9 +70,17 @@ def engine_for(request: Request, model: str | None, *, adapters: bool = False) -
         raise APIError(503, "the model is still loading; retry shortly", code="model_loading")
     if state.draining:
         raise APIError(503, "the server is shutting down and takes no new requests", code="draining")
-    known = adapter_names(state.engine) if adapters else set()
+    known = adapter_names(state.engine) | set(state.fine_tuned) if adapters else set()
+    if model in state.archived:
+        raise APIError(
+            404,
+            f"the model {model[:100]!r} is archived: unarchive it (POST /v1/fine_tuning/models/ID/archive "
+            "with DELETE) to use it",
+            param="model",
+            code="model_not_found",
+        )
     if model and model != state.model_name and model not in known:
-        served = ", ".join(repr(n) for n in [state.model_name, *listed_adapters(state, state.engine)])
+        served = ", ".join(repr(n) for n in [state.model_name, *served_adapters(state, state.engine)])
         raise APIError(
             404,
             f"the model {model[:100]!r} does not exist; this server serves {served}",
@@ -83,14 +95,22 @@ def adapter_names(engine: Engine) -> set[str]:
 
 
 def listed_adapters(state: ServerState, engine: Engine) -> list[str]:
-    """The adapters model lists show: all but the served model's own (a Modelfile's ADAPTER)."""
-    return sorted(adapter_names(engine) - {state.default_adapter})
+    """The --lora adapters model lists show by their names: not the served model's own (a Modelfile's
+    ADAPTER), nor those of fine-tuning jobs (listed as their ft:... models)."""
+    return sorted(adapter_names(engine) - {state.default_adapter} - set(state.fine_tuned.values()))
+
+
+def served_adapters(state: ServerState, engine: Engine) -> list[str]:
+    """What requests may name besides the served model: --lora adapters, then fine-tuned models."""
+    return listed_adapters(state, engine) + sorted(set(state.fine_tuned) - state.archived)
 
 
 def adapter_for(request: Request, model: str | None) -> str | None:
     """The LoRA adapter a request's `model` names, or for the served model itself its own (None: none)."""
     state = server_state(request)
-    return model if model and model != state.model_name else state.default_adapter
+    if not model or model == state.model_name:
+        return state.default_adapter
+    return state.fine_tuned.get(model, model)
 
 
 MAX_INT = 10**40  # no field takes more than 64 bits: larger integers are refused before any arithmetic

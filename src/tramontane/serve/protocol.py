@@ -282,8 +282,10 @@ class AdapterCard(_Response):
     type: Literal["fine-tuned"] = "fine-tuned"
     root: str  # the base model's id
     parent: str
-    job: str = "local"
+    job: str = "local"  # the fine-tuning job that made it ("local": loaded with --lora)
     archived: bool = False
+    name: str | None = None
+    description: str | None = None
     max_context_length: int
     capabilities: ModelCapabilities
 

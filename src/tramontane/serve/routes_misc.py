@@ -33,6 +33,7 @@ from .requests import (
     encode_inputs,
     encode_text,
 )
+from .routes_fine_tuning import fine_tuned_cards
 from .streaming import ClientGone, engine_error, until_disconnect
 
 router = APIRouter()
@@ -41,7 +42,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _cards(request: Request) -> list[ModelCard | AdapterCard]:
-    """The served model, then each LoRA adapter loaded on it."""
+    """The served model, then each LoRA adapter loaded on it, then its fine-tuned models (archived too)."""
     state = server_state(request)
     engine = engine_for(request, None)
     fim = bool(getattr(engine.tokenizer, "supports_fim", False))
@@ -52,27 +53,46 @@ def _cards(request: Request) -> list[ModelCard | AdapterCard]:
         max_context_length=engine.max_model_len,
         capabilities=ModelCapabilities(completion_fim=fim, function_calling=tools),
     )
-    return [base] + [
-        AdapterCard(
-            id=name,
-            created=state.created,
-            root=base.id,
-            parent=base.id,
-            max_context_length=base.max_context_length,
-            capabilities=base.capabilities,
-        )
-        for name in listed_adapters(state, engine)
-    ]
+    return (
+        [base]
+        + [
+            AdapterCard(
+                id=name,
+                created=state.created,
+                root=base.id,
+                parent=base.id,
+                max_context_length=base.max_context_length,
+                capabilities=base.capabilities,
+            )
+            for name in listed_adapters(state, engine)
+        ]
+        + [
+            AdapterCard(
+                id=card["id"],
+                created=card["created"],
+                root=base.id,
+                parent=base.id,
+                job=card["job"],
+                archived=card["archived"],
+                name=card["name"],
+                description=card["description"],
+                max_context_length=base.max_context_length,
+                capabilities=base.capabilities,
+            )
+            for card in fine_tuned_cards(request)
+        ]
+    )
 
 
 @router.get("/v1/models")
 async def list_models(request: Request) -> JSONResponse:
-    return JSONResponse(ModelList(data=_cards(request)).model_dump(mode="json"))
+    cards = await asyncio.to_thread(_cards, request)
+    return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str) -> JSONResponse:
-    cards = _cards(request)
+    cards = await asyncio.to_thread(_cards, request)
     for card in cards:
         if card.id == model_id:
             return JSONResponse(card.model_dump(mode="json"))

@@ -31,7 +31,7 @@ from ..errors import TramontaneError
 from ..hub import store
 from ..hub.describe import Summary, summarize
 from ..hub.modelfile import ModelSettings
-from .common import engine_for, listed_adapters, new_id, parse_body, server_state
+from .common import engine_for, new_id, parse_body, served_adapters, server_state
 from .errors import APIError, bad_request
 from .formats import ChatFormat
 from .ollama_format import OllamaFormat, created_at, json_line
@@ -309,7 +309,7 @@ def _served(request: Request) -> list[dict[str, Any]]:
     engine = engine_for(request, None)
     summary = _summary(state.model_path) if state.model_path else None
     base = _entry(state.model_name, summary)
-    return [base] + [_entry(a, summary, parent=base["name"]) for a in listed_adapters(state, engine)]
+    return [base] + [_entry(a, summary, parent=base["name"]) for a in served_adapters(state, engine)]
 
 
 @router.get("/tags")

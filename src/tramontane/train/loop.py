@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .data import Batch, DataReport, batches, read_dataset
 
 CHECKPOINT = "checkpoint"  # folder inside `out` holding the last checkpoint
+CHECKPOINT_METRICS = "checkpoints.jsonl"  # in `out`: one line per checkpoint (step, train and eval loss)
 
 
 class DataError(TramontaneError):
@@ -194,6 +195,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         folder = self.out / CHECKPOINT
         folder.mkdir(parents=True, exist_ok=True)
+        self._log_checkpoint()
         state = {
             "step": self.step,
             "epoch": self.epoch,
@@ -209,6 +211,21 @@ class Trainer:
         torch.save(state, tmp)
         tmp.replace(folder / "state.pt")  # a crash while saving leaves the previous checkpoint whole
         return folder
+
+    def _log_checkpoint(self) -> None:
+        """A line in out/checkpoints.jsonl: the mean train loss since the previous checkpoint and the eval
+        loss at this step (None without eval data). Written before the state, so a crash in between
+        leaves a line that the resumed run writes again (readers keep the last line of each step)."""
+        since = [r["loss"] for r in self.history.train if r["step"] > self.step - self.cfg.save_every]
+        valid = [e["loss"] for e in self.history.eval if e["step"] == self.step]
+        line = {
+            "step": self.step,
+            "train_loss": sum(since) / len(since) if since else None,
+            "valid_loss": valid[-1] if valid else None,
+            "created_at": int(time.time()),
+        }
+        with open(self.out / CHECKPOINT_METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
 
     def resume(self) -> None:
         path = self.out / CHECKPOINT / "state.pt"
