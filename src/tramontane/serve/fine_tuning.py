@@ -132,6 +132,7 @@ def train_settings(hyper: dict[str, Any], *, model: str, folder: Path, validatio
         "warmup_steps": round(hyper["warmup_fraction"] * steps),
         "save_every": every,
         "eval_every": every if validation else 0,
+        "quantized_base": model.endswith(".gguf"),  # a GGUF base stays packed (a 7B in f32 needs 28 GB)
     }
 
 
