@@ -178,6 +178,8 @@ def test_a_job_trains_and_its_model_answers_with_the_adapter(server, sdk1_python
     assert served == pytest.approx(offline, abs=2e-3)
     assert served_base == pytest.approx(offline_base, abs=2e-3)
     assert max(abs(a - b) for a, b in zip(served, served_base, strict=False)) > 0.05
+    answer = sdk3(base).chat.complete(model=name, messages=QUESTION, max_tokens=6, temperature=0)
+    assert answer.model == name and answer.choices[0].message.content
 
 
 def test_fine_tuned_model_routes_with_the_current_sdk(server, sdk1_python, tmp_path):
@@ -270,3 +272,103 @@ def _job(home: Path, job_id: str) -> dict:
     from tramontane.hub.jobs import JobStore
 
     return JobStore(home / "platform").get("fine_tuning", job_id)
+
+
+def test_a_failed_job_keeps_its_error_in_its_events(server, tmp_path):
+    """The worker fails (its training data went missing): the job ends FAILED, the worker's error in
+    its events, and the server goes on serving."""
+    base, home = server
+    up = httpx.post(
+        f"{base}/v1/files", files={"file": ("t.jsonl", training_lines(4))}, data={"purpose": "fine-tune"}, timeout=60
+    ).json()
+    body = {"model": "tiny", "training_files": [{"file_id": up["id"]}], "hyperparameters": {"training_steps": 2}}
+    job = httpx.post(f"{base}/v1/fine_tuning/jobs", json={**body, "auto_start": False}, timeout=60).json()
+    assert job["status"] == "VALIDATED"
+    (home / "platform" / "fine_tuning" / job["id"] / "train.jsonl").unlink()
+    httpx.post(f"{base}/v1/fine_tuning/jobs/{job['id']}/start", timeout=30).raise_for_status()
+    end = time.monotonic() + 600
+    while (now := httpx.get(f"{base}/v1/fine_tuning/jobs/{job['id']}", timeout=30).json())["status"] != "FAILED":
+        assert time.monotonic() < end and now["status"] in ("QUEUED", "RUNNING"), now
+        time.sleep(0.3)
+    failed = now["events"][-1]["data"]
+    assert failed["status"] == "FAILED" and failed["exit_code"] != 0 and "train.jsonl" in failed["error"]
+    assert now["fine_tuned_model"] is None and len(logprobs(base, "tiny")) == 6
+
+
+def test_the_api_key_guards_jobs_and_models(tmp_path):
+    from fake_engine import FakeEngine
+    from fastapi.testclient import TestClient
+
+    from tramontane.serve import create_app
+
+    api = TestClient(create_app(FakeEngine(), api_key="s3cret", platform_root=tmp_path / "platform"))
+    for method, path in [
+        ("GET", "/v1/fine_tuning/jobs"),
+        ("POST", "/v1/fine_tuning/jobs"),
+        ("GET", "/v1/fine_tuning/jobs/00000000-0000-0000-0000-000000000000"),
+        ("POST", "/v1/fine_tuning/jobs/00000000-0000-0000-0000-000000000000/cancel"),
+        ("PATCH", "/v1/fine_tuning/models/ft:x:y"),
+        ("POST", "/v1/fine_tuning/models/ft:x:y/archive"),
+    ]:
+        assert api.request(method, path, json={}).status_code == 401, path
+    keyed = {"Authorization": "Bearer s3cret"}
+    assert api.get("/v1/fine_tuning/jobs", headers=keyed).json() == {"data": [], "object": "list", "total": 0}
+
+
+def test_one_job_trains_at_a_time(server):
+    """--fine-tuning-workers 1 (the default): a second job waits QUEUED while the first trains."""
+    base, _ = server
+    up = httpx.post(
+        f"{base}/v1/files", files={"file": ("t.jsonl", training_lines(4))}, data={"purpose": "fine-tune"}, timeout=60
+    ).json()
+
+    def create(steps: int) -> str:
+        body = {
+            "model": "tiny",
+            "training_files": [{"file_id": up["id"]}],
+            "hyperparameters": {"training_steps": steps},
+        }
+        return httpx.post(f"{base}/v1/fine_tuning/jobs", json=body, timeout=60).json()["id"]
+
+    def status(job_id: str) -> str:
+        return httpx.get(f"{base}/v1/fine_tuning/jobs/{job_id}", timeout=30).json()["status"]
+
+    first = create(100_000)
+    end = time.monotonic() + 600
+    while status(first) != "RUNNING":
+        assert time.monotonic() < end
+        time.sleep(0.2)
+    second = create(2)
+    for _ in range(10):
+        assert (status(first), status(second)) == ("RUNNING", "QUEUED")
+        time.sleep(0.2)
+    httpx.post(f"{base}/v1/fine_tuning/jobs/{first}/cancel", timeout=30).raise_for_status()
+    while (now := status(second)) != "SUCCESS":
+        assert time.monotonic() < end and now in ("QUEUED", "RUNNING"), now
+        time.sleep(0.3)
+    assert status(first) == "CANCELLED"
+
+
+def test_epochs_become_steps_over_the_packed_rows(server):
+    """8 conversations of 33..64 tokens (SmolLM2's template adds its system prompt) fill one 64-token
+    row each: 1.5 epochs at 4 rows a step are 3 steps."""
+    base, _ = server
+    lines = training_lines(8)
+    for line in lines.decode().splitlines():
+        messages = json.loads(line)["messages"]
+        ids = httpx.post(
+            f"{base}/tokenize", json={"messages": messages, "add_generation_prompt": False}, timeout=30
+        ).json()["tokens"]
+        assert 32 < len(ids) <= 64
+    up = httpx.post(
+        f"{base}/v1/files", files={"file": ("t.jsonl", lines)}, data={"purpose": "fine-tune"}, timeout=60
+    ).json()
+    body = {
+        "model": "tiny",
+        "training_files": [{"file_id": up["id"]}],
+        "hyperparameters": {"epochs": 1.5, "seq_len": 64},
+        "auto_start": False,
+    }
+    job = httpx.post(f"{base}/v1/fine_tuning/jobs", json=body, timeout=60).json()
+    assert job["hyperparameters"]["training_steps"] == 3 and job["status"] == "VALIDATED"
+    assert job["metadata"]["train_tokens_per_step"] == 64 * 4

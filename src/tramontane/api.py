@@ -13,7 +13,7 @@ from .decoding.offline import Generator, collect
 from .decoding.sampling import SamplingParams
 from .decoding.sequence import Completion, Delta
 from .device import resolve_dtype
-from .errors import RequestError
+from .errors import ConfigError, RequestError
 from .hub.modelfile import ModelSettings
 from .hub.resolve import resolve_model
 from .hub.store import settings_for
@@ -236,14 +236,28 @@ def load(
         tokenizer = tokenizer_from_gguf(loaded.metadata, str(path))
     else:
         tokenizer = load_tokenizer(path)
+    settings = settings_for(path)
+    if settings.template is not None:  # a model created from a Modelfile with a TEMPLATE
+        tokenizer = _with_go_template(tokenizer, settings.template)
     llm = LLM(loaded, tokenizer, dtype)
-    llm.settings = settings_for(path)
+    llm.settings = settings
     for name, adapter in (lora or {}).items():
         llm.load_adapter(name, adapter)
     if llm.settings.adapter is not None:  # a model created from a Modelfile with an ADAPTER
         llm.load_adapter(MODEL_ADAPTER, llm.settings.adapter)
         llm.use_adapter(MODEL_ADAPTER)
     return llm
+
+
+def _with_go_template(tokenizer: Tokenizer, template: str) -> Tokenizer:
+    """The tokenizer formatting chats with a Modelfile's TEMPLATE (text/go_chat.py)."""
+    with_go_template = getattr(tokenizer, "with_go_template", None)
+    if with_go_template is None:
+        raise ConfigError(
+            f"this model formats chats with {tokenizer.chat_format}, which a Modelfile TEMPLATE cannot "
+            "replace: create the model without TEMPLATE"
+        )
+    return with_go_template(template)
 
 
 def _float_packing(path: Path, dtype: str | torch.dtype | None) -> str | None:

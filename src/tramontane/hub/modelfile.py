@@ -8,7 +8,7 @@
     MESSAGE assistant Bonjour ! Que puis-je faire pour vous ?
     ADAPTER ./my-lora                               # a LoRA adapter folder (PEFT), applied to every answer
     LICENSE "Apache 2.0"
-    TEMPLATE "{{ .Prompt }}"                        # kept and shown (see below)
+    TEMPLATE "{{ .Prompt }}"                        # formats chats instead of the model's template
 
 Instructions are case-insensitive, one per line; a value is the rest of the line, a "quoted" string, or
 a string in triple double quotes that may span lines; `#` starts a comment line. Paths are relative to the
@@ -16,9 +16,9 @@ Modelfile's folder. PARAMETER names and value types are Ollama's (`OPTION_TYPES`
 engine lacks (mirostat, typical_p, tfs_z) is refused unless set to its "off" value, and runtime
 options (num_ctx, num_gpu...) are kept but have no effect, as in requests (serve/ollama_requests.py).
 
-TEMPLATE is a Go template, which Ollama needs because it formats prompts itself; tramontane formats
-chats with the model's own chat template (its GGUF's tokenizer.chat_template, its tokenizer_config.json
-or Mistral's tokenizer): a TEMPLATE is stored, shown by /api/show, and otherwise not used.
+TEMPLATE is a Go template, as Ollama formats prompts with: it replaces the model's own chat template
+(text/go_chat.py renders it as Ollama does), checked when the Modelfile is read. Models whose chats
+mistral-common formats take none.
 Every mistake is a `ModelfileError` naming the line."""
 
 from __future__ import annotations
@@ -247,8 +247,21 @@ def parse_modelfile(text: str, folder: Path, source: str = "Modelfile") -> Model
             found.messages.append({"role": role.lower(), "content": _unquote(content)})
         elif word == "adapter":
             found.adapter = (folder / value).expanduser()
-        else:  # system, template, license
+        elif word == "template":
+            found.template = _checked_template(value, where)
+        else:  # system, license
             setattr(found, word, value)
     if base is None:
         raise ModelfileError(f"{source}: no FROM line (it names the model to build on)")
     return Modelfile(base, folder, found)
+
+
+def _checked_template(source: str, where: str) -> str:
+    from ..errors import TemplateError
+    from ..text.go_template import GoTemplate
+
+    try:
+        GoTemplate.parse(source)
+    except TemplateError as exc:
+        raise ModelfileError(f"{where}: TEMPLATE is not a valid Go template: {exc}") from None
+    return source

@@ -74,8 +74,8 @@ def engine_for(request: Request, model: str | None, *, adapters: bool = False) -
     if model in state.archived:
         raise APIError(
             404,
-            f"the model {model[:100]!r} is archived: unarchive it (POST /v1/fine_tuning/models/ID/archive "
-            "with DELETE) to use it",
+            f"the model {model[:100]!r} is archived: unarchive it (DELETE /v1/fine_tuning/models/"
+            f"{model[:100]}/archive) to use it",
             param="model",
             code="model_not_found",
         )

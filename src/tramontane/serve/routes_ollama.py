@@ -27,10 +27,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..engine.types import Engine
-from ..errors import TramontaneError
+from ..errors import TemplateError, TramontaneError
 from ..hub import store
 from ..hub.describe import Summary, summarize
 from ..hub.modelfile import ModelSettings
+from ..text.tokenizer import Tokenizer
 from .common import engine_for, new_id, parse_body, served_adapters, server_state
 from .errors import APIError, bad_request
 from .formats import ChatFormat
@@ -65,6 +66,7 @@ from .streaming import ClientGone, EventStream, engine_error, until_disconnect
 router = APIRouter(prefix="/api")
 
 OLLAMA_VERSION = "0.13.0"  # the Ollama release whose API these routes follow
+MAX_TEMPLATE_CHARS = 64 << 10  # a request's Go template
 NEVER = "9999-12-31T23:59:59Z"  # /api/ps: a served model is never unloaded
 
 
@@ -139,7 +141,7 @@ async def chat(request: Request) -> Response:
 async def _generate_prompt(request: Request, engine: Engine, body: OllamaGenerateRequest) -> list[int]:
     """The prompt's token ids: after `context` (an earlier answer's), the prompt in the chat template
     (with `system`, or the model's), as is (`raw`), or as fill-in-the-middle (`suffix`)."""
-    tokenizer, limit = engine.tokenizer, engine.max_model_len
+    tokenizer, limit = _templated(engine.tokenizer, body.template), engine.max_model_len
     prompt = body.prompt or ""
     context = check_ids(body.context or [], engine.config.vocab_size, "context")
     if body.suffix:
@@ -155,6 +157,21 @@ async def _generate_prompt(request: Request, engine: Engine, body: OllamaGenerat
     return context + ids
 
 
+def _templated(tokenizer: Tokenizer, template: str | None) -> Tokenizer:
+    """The tokenizer formatting the prompt with a request's `template` (a Go template), if it has one."""
+    if template is None:
+        return tokenizer
+    with_go_template = getattr(tokenizer, "with_go_template", None)
+    if with_go_template is None:
+        raise bad_request(f"this model formats chats with {tokenizer.chat_format}, not a Go template", "template")
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise bad_request(f"template is longer than {MAX_TEMPLATE_CHARS} characters", "template")
+    try:
+        return with_go_template(template)
+    except TemplateError as exc:
+        raise bad_request(str(exc), "template") from None
+
+
 @router.post("/generate")
 async def generate(request: Request) -> Response:
     body = await parse_body(request, OllamaGenerateRequest)
@@ -162,12 +179,6 @@ async def generate(request: Request) -> Response:
     check_think(body.think, body.model)
     if body.images:
         raise bad_request("this model reads text only: the request cannot hold images", "images")
-    if body.template is not None:
-        raise bad_request(
-            "template (a Go template) is not supported; send the prompt already formatted with raw: true, "
-            "or let the model's chat template format it",
-            "template",
-        )
     if not body.prompt and not body.context and not body.suffix:
         return JSONResponse(_loaded(body.model, False, body.keep_alive))
     fields = SamplingFields.model_validate(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -324,29 +324,32 @@ def _assemble(pieces: list[str], contents: Sequence[str]) -> list[tuple[str, boo
 
 
 def render_chat_parts(
-    template: str,
+    template: Any,
     messages: Sequence[dict[str, Any]],
     *,
     add_generation_prompt: bool,
     bos_token: str | None,
     eos_token: str | None,
     tools: Sequence[dict[str, Any]] | None = None,
+    render: Callable[..., str] = render_chat_template,
     **extra: Any,
 ) -> RenderedChat:
     """Render the prompt, and tell which characters of it are message content.
 
     The template is rendered once as is and once with each content replaced by a random sentinel.
     The sentinel rendering, with the contents put back (as is, or stripped for templates that
-    `| trim`), must reproduce the real rendering exactly; otherwise `parts` is None."""
+    `| trim`), must reproduce the real rendering exactly; otherwise `parts` is None. `render` is the
+    template language's renderer: Jinja's (a Hugging Face chat template, `template` its text) or Go's
+    (an Ollama TEMPLATE: go_chat.render_go_chat, `template` a parsed GoTemplate)."""
     kwargs: dict[str, Any] = dict(
         extra, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token, tools=tools
     )
-    text = render_chat_template(template, messages, **kwargs)
+    text = render(template, messages, **kwargs)
     nonce = str(secrets.randbits(64))
     contents: list[str] = []
     marked = [dict(m, content=_mark(m["content"], contents, nonce)) if "content" in m else m for m in messages]
     try:
-        with_sentinels = render_chat_template(template, marked, **kwargs)
+        with_sentinels = render(template, marked, **kwargs)
     except TemplateError:
         return RenderedChat(text, None, contents)
     pieces = re.split(f"\ue000{nonce}\\.(\\d+)\ue001", with_sentinels)

@@ -20,7 +20,15 @@ from typing import Any, Protocol, runtime_checkable
 from tokenizers import Tokenizer as HFBackend
 
 from tramontane.errors import LoadError, TemplateError, TokenizerError
-from tramontane.text.chat_template import field_strings, mistral_request, render_chat_parts, template_tool_format
+from tramontane.text.chat_template import (
+    field_strings,
+    mistral_request,
+    render_chat_parts,
+    render_chat_template,
+    template_tool_format,
+)
+from tramontane.text.go_chat import render_go_chat
+from tramontane.text.go_template import GoTemplate
 
 Message = dict[str, Any]
 
@@ -303,6 +311,7 @@ class HFTokenizer:
         self.default_add_bos = default_add_bos
         self.supports_fim = False  # no FIM token convention is read from tokenizer.json or GGUF files
         self._template = chat_template
+        self._go: GoTemplate | None = None  # an Ollama TEMPLATE that replaces the chat template
         self.tool_format = template_tool_format(chat_template)
         added = {i: t for i, t in backend.get_added_tokens_decoder().items() if t.special}
         specials = {t.content: i for i, t in added.items()}
@@ -320,6 +329,18 @@ class HFTokenizer:
         """This tokenizer with another chat template (a request's own, see serve --allow-request-chat-template)."""
         other = copy.copy(self)
         other._template, other.tool_format = template, template_tool_format(template)
+        other._go = None  # a request's own template wins over a Modelfile's TEMPLATE
+        return other
+
+    def with_go_template(self, source: str) -> HFTokenizer:
+        """This tokenizer formatting chats with an Ollama TEMPLATE (a Go template: a Modelfile's, or an
+        /api/generate request's) instead of its chat template. TemplateError if it does not parse."""
+        from .go_chat import go_tool_format
+
+        other = copy.copy(self)
+        other._go = GoTemplate.parse(source)
+        other.tool_format = go_tool_format(other._go)
+        other.chat_format = f"go template (Ollama TEMPLATE) over {self.chat_format}"
         return other
 
     def control_id(self, text: str) -> int | None:
@@ -379,17 +400,18 @@ class HFTokenizer:
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        if self._template is None:
+        if self._template is None and self._go is None:
             raise TemplateError(f"this tokenizer has no chat template ({self.chat_format})")
         self._refuse_controls(field_strings(messages, tools), "a message field or tool definition")
         continuing = bool(messages) and messages[-1].get("role") == "assistant" and bool(messages[-1].get("prefix"))
         rendered = render_chat_parts(
-            self._template,
+            self._go if self._go is not None else self._template,
             messages,
             add_generation_prompt=add_generation_prompt and not continuing,
             tools=tools,
             bos_token=self._token_text(self.bos_id),
             eos_token=self._token_text(self.eos_id),
+            render=render_go_chat if self._go is not None else render_chat_template,
         )
         parts = rendered.parts
         if parts is None:  # the template rewrites content: safe only if no content holds control text
@@ -397,7 +419,10 @@ class HFTokenizer:
             parts = [(rendered.text, False)]
         if continuing:
             parts = _through_final_content(parts, str(messages[-1].get("content") or ""))
-        return self._encode_parts(parts)
+        ids = self._encode_parts(parts)
+        if self._go is not None and self.default_add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
+            ids.insert(0, self.bos_id)  # Go templates leave BOS to the tokenizer, as llama.cpp adds it
+        return ids
 
     def _refuse_controls(self, texts: Iterable[str], where: str) -> None:
         if self._special_re is None:
