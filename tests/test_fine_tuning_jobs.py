@@ -372,3 +372,15 @@ def test_epochs_become_steps_over_the_packed_rows(server):
     job = httpx.post(f"{base}/v1/fine_tuning/jobs", json=body, timeout=60).json()
     assert job["hyperparameters"]["training_steps"] == 3 and job["status"] == "VALIDATED"
     assert job["metadata"]["train_tokens_per_step"] == 64 * 4
+
+
+def test_weights_that_would_copy_the_data_without_end_are_refused(server):
+    base, _ = server
+    up = httpx.post(
+        f"{base}/v1/files", files={"file": ("t.jsonl", training_lines(2))}, data={"purpose": "fine-tune"}, timeout=60
+    ).json()
+    files = [{"file_id": up["id"], "weight": 1e-6}, {"file_id": up["id"], "weight": 100}]
+    body = {"model": "tiny", "training_files": files, "hyperparameters": {"training_steps": 2}}
+    r = httpx.post(f"{base}/v1/fine_tuning/jobs", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "training_files", r.text
+    assert "at most 100" in r.json()["error"]["message"]

@@ -68,6 +68,7 @@ def render(source: str, data: object = None) -> str:
         ("{{ $x := 1 }}{{ if true }}{{ $x = 2 }}{{ end }}{{ $x }}", {}, "2"),
         ('{{ .A | printf "<%s>" }}', {"A": "z"}, "<z>"),
         ("{{ (index .L 0).Name }}", {"L": [{"Name": "n"}]}, "n"),
+        ('{{ if and (eq .R "a") .T }}yes{{ end }}|{{ $r := .R }}{{ eq $r .R }}', {"R": "a", "T": [1]}, "yes|true"),
     ],
 )
 def test_the_language_renders_as_go_does(source, data, expected):
@@ -87,6 +88,9 @@ def test_the_language_renders_as_go_does(source, data, expected):
         ("{{ range .N }}{{ end }}", "range can't iterate over float64"),
         ('{{ lt 1 "a" }}', "incompatible types for comparison"),
         ("{{ range 2000000 }}{{ end }}", "step budget"),
+        ("{{ range 1000 }}{{ range 1000 }}{{ range 1000 }}{{ end }}{{ end }}{{ end }}", "steps"),
+        ('{{ $x := "ab" }}{{ range 40 }}{{ $x = json $x }}{{ end }}', "json"),
+        ("{{ if true }}{{ break }}{{ end }}", "outside a range"),
         ('{{ $x := "ab" }}{{ range 40 }}{{ $x = print $x $x }}{{ end }}', "print of more than"),
         ("{{ range .L }}{{ range $.L }}{{ range $.L }}xxxxxxxxxx{{ end }}{{ end }}{{ end }}", "larger than"),
     ],

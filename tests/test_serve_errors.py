@@ -411,3 +411,23 @@ def test_the_fake_engine_and_the_real_one_fit_the_engine_protocol():
     source = inspect.getsource(AsyncEngine.__init__)
     missing = {m for m in members if m not in real and f"self.{m}" not in source}
     assert not missing, missing
+
+
+def test_a_client_gone_before_its_body_arrived_is_a_quiet_400():
+    """The disconnect surfaced as starlette's ClientDisconnect, a 500 with a traceback in the log (the
+    fault-injection load test caught it when a client left mid-body)."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from tramontane.serve.common import parse_body
+    from tramontane.serve.errors import APIError
+    from tramontane.serve.protocol import ChatCompletionRequest
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    request = Request({"type": "http", "method": "POST", "headers": [(b"content-type", b"application/json")]}, receive)
+    with pytest.raises(APIError) as caught:
+        asyncio.run(parse_body(request, ChatCompletionRequest))
+    assert (caught.value.status, caught.value.code) == (400, "client_disconnected")

@@ -274,6 +274,8 @@ class AsyncEngine:
         from ..lora.layers import set_active
         from ..lora.peft import load_adapter
 
+        if not done.set_running_or_notify_cancel():  # its caller has gone (the server is stopping)
+            return
         try:
             load_adapter(self.model, folder, name)
             set_active(self.model, None)  # requests pick adapters per row; the next step reselects the backend

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ..decoding.sequence import TokenLogprob
 from ..engine.types import Engine
@@ -70,7 +70,11 @@ def engine_for(request: Request, model: str | None, *, adapters: bool = False) -
         raise APIError(503, "the model is still loading; retry shortly", code="model_loading")
     if state.draining:
         raise APIError(503, "the server is shutting down and takes no new requests", code="draining")
-    known = adapter_names(state.engine) | set(state.fine_tuned) if adapters else set()
+    known = (
+        set(listed_adapters(state, state.engine)) | {state.default_adapter} | set(state.fine_tuned)
+        if adapters
+        else set()
+    )
     if model in state.archived:
         raise APIError(
             404,
@@ -154,7 +158,12 @@ async def parse_body(request: Request, model: type[M]) -> M:
             f"the request body must be sent as JSON (Content-Type: application/json), not {content_type[:100]!r}",
             code="unsupported_media_type",
         )
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # gone before its body arrived: nobody reads the answer, nothing to log
+        raise APIError(
+            400, "the client disconnected before sending its whole body", code="client_disconnected"
+        ) from None
     if not raw.strip():
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:

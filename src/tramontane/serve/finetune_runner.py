@@ -69,7 +69,9 @@ class FineTuneRunner:
         while True:
             self._wake.clear()
             if len(self._running) < self.workers:
-                jobs, _ = await asyncio.to_thread(self.jobs.list, FINE_TUNING, status=RUNNABLE, oldest_first=True)
+                jobs, _ = await asyncio.to_thread(
+                    self.jobs.list, FINE_TUNING, status=RUNNABLE, model=self.state.model_name, oldest_first=True
+                )
                 for job in jobs:
                     if job["id"] not in self._running and len(self._running) < self.workers:
                         self._running[job["id"]] = asyncio.ensure_future(self._guarded(job))
@@ -77,7 +79,9 @@ class FineTuneRunner:
 
     async def _serve_finished(self) -> None:
         """The models of the jobs that finished before this start, into the engine."""
-        jobs, _ = await asyncio.to_thread(self.jobs.list, FINE_TUNING, status=["SUCCESS"], page_size=10_000)
+        jobs, _ = await asyncio.to_thread(
+            self.jobs.list, FINE_TUNING, status=["SUCCESS"], model=self.state.model_name, page_size=10_000
+        )
         for job in jobs:
             try:
                 await self.serve_model(job)

@@ -40,6 +40,7 @@ from .routes_files import check_page
 router = APIRouter(prefix="/v1/fine_tuning")
 
 MAX_WAITING = 100  # jobs queued or waiting to be started, at most
+MAX_REPEATS = 100  # copies of the training files the weights make, in all
 BATCH_SIZE = 4  # packed rows per step (train/config.py's default)
 DEFAULT_SEQ_LEN = 1024
 
@@ -120,6 +121,11 @@ def _prepare(request: Request, body: CreateFineTuningJob) -> dict[str, Any]:
     valid = _files(request, body.validation_files or [], "validation_files")
     lightest = min(f.weight for f in body.training_files)
     repeats = [max(1, round(f.weight / lightest)) for f in body.training_files]
+    if sum(repeats) > MAX_REPEATS:
+        raise bad_request(
+            f"the weights repeat the training files {sum(repeats)} times in all; at most {MAX_REPEATS}",
+            "training_files",
+        )
     rows, tokens = 0, 0
     for path, repeat in zip(train, repeats, strict=True):
         r, t = _read(request, path, seq_len, "training_files")
@@ -127,12 +133,19 @@ def _prepare(request: Request, body: CreateFineTuningJob) -> dict[str, Any]:
     for path in valid:
         _read(request, path, seq_len, "validation_files")
     hyper = filled(body.hyperparameters, steps_for(body.hyperparameters, rows, BATCH_SIZE), seq_len)
-    job = state.jobs.add(FINE_TUNING, new_job(body, hyper, tokens, seq_len * BATCH_SIZE))
-    settings = train_settings(
-        hyper, model=str(state.model_path), folder=job_folder(state, job["id"]), validation=bool(valid)
-    )
-    write_inputs(job_folder(state, job["id"]), settings, list(zip(train, repeats, strict=True)), valid)
-    return job
+    job = new_job(body, hyper, tokens, seq_len * BATCH_SIZE)
+    status = job["status"]
+    job = state.jobs.add(FINE_TUNING, {**job, "status": "VALIDATING"})  # no worker takes it before its inputs
+    folder = job_folder(state, job["id"])
+    settings = train_settings(hyper, model=str(state.model_path), folder=folder, validation=bool(valid))
+    try:
+        write_inputs(folder, settings, list(zip(train, repeats, strict=True)), valid)
+    except OSError as exc:
+        state.jobs.update(
+            job["id"], append={"events": event("FAILED_VALIDATION", {"error": str(exc)})}, status="FAILED_VALIDATION"
+        )
+        raise APIError(507, f"the job's training data could not be written: {exc}", code="storage_error") from None
+    return state.jobs.update(job["id"], status=status)
 
 
 @router.post("/jobs")

@@ -25,7 +25,7 @@ import html
 import json
 import re
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +87,7 @@ _TOKEN = re.compile(
 class _Tok:
     kind: str
     text: str
+    spaced: bool = False  # whitespace before it: `$x .A` is two operands, `$x.A` one
 
 
 _TRIM_LEFT = re.compile(r"\{\{-[ \t\r\n]")
@@ -158,7 +159,7 @@ def _tokens(inner: str) -> list[_Tok]:
         if match is None or match.end() == pos:
             raise TemplateError(f"template: unexpected {inner[pos:].strip()[:20]!r} in action {inner.strip()[:60]!r}")
         kind = match.lastgroup or ""
-        out.append(_Tok(kind, match.group(kind)))
+        out.append(_Tok(kind, match.group(kind), match.start(kind) > pos))
         pos = match.end()
     return out
 
@@ -292,7 +293,7 @@ def _operand(toks: list[_Tok], i: int, depth: int) -> tuple[Any, int]:
             raise TemplateError(f"template: parentheses nested deeper than {MAX_DEPTH}")
         operand: Any = ("pipe", _pipeline(toks[i + 1 : close], depth + 1))
         i = close + 1
-        if i < len(toks) and toks[i].kind == "field":  # (index .X 0).Name
+        if i < len(toks) and toks[i].kind == "field" and not toks[i].spaced:  # (index .X 0).Name
             operand = ("chain", operand, toks[i].text[1:].split("."))
             i += 1
         return operand, i
@@ -300,7 +301,7 @@ def _operand(toks: list[_Tok], i: int, depth: int) -> tuple[Any, int]:
         return ("field", ".", tok.text[1:].split(".")), i + 1
     if tok.kind == "var":
         names: list[str] = []
-        if i + 1 < len(toks) and toks[i + 1].kind == "field":
+        if i + 1 < len(toks) and toks[i + 1].kind == "field" and not toks[i + 1].spaced:
             names = toks[i + 1].text[1:].split(".")
             i += 1
         return ("field", tok.text, names), i + 1
@@ -377,7 +378,12 @@ class GoTemplate:
 
     def render(self, data: Any, max_output: int = MAX_OUTPUT, max_steps: int = MAX_STEPS) -> str:
         run = _Run(max_output, max_steps)
-        run.nodes(self._nodes, data, [{"$": data}])
+        try:
+            run.nodes(self._nodes, data, [{"$": data}])
+        except (_Break, _Continue):
+            raise TemplateError("template: {{ break }} or {{ continue }} outside a range") from None
+        except (ValueError, OverflowError, RecursionError) as exc:
+            raise TemplateError(f"template: {type(exc).__name__}: {exc}") from None
         return "".join(run.out)
 
 
@@ -448,9 +454,10 @@ class _Run:
         pipe = _Pipe([], False, node.pipe.commands)
         value = self.pipe(pipe, dot, scopes)
         items = _items(value)
-        if not items:
-            return self.nodes(node.orelse, dot, scopes)
+        empty = True
         for key, item in items:
+            empty = False
+            self.tick()
             local = {}
             names = node.pipe.decl
             if len(names) == 1:
@@ -463,6 +470,8 @@ class _Run:
                 break
             except _Continue:
                 continue
+        if empty:
+            self.nodes(node.orelse, dot, scopes)
         return None
 
     def pipe(self, pipe: _Pipe, dot: Any, scopes: list[dict[str, Any]], declare: bool = True) -> Any:
@@ -483,6 +492,7 @@ class _Run:
 
     def command(self, operands: list[Any], dot: Any, scopes: list[dict[str, Any]], piped: Any) -> Any:
         head = operands[0]
+        self.tick()
         if head[0] == "call":
             args: list[Thunk] = [functools.partial(self.operand, o, dot, scopes) for o in operands[1:]]
             if piped is not _MISSING:
@@ -543,7 +553,7 @@ def truth(value: Any) -> bool:
     return bool(value) if value is not _MISSING else False
 
 
-def _items(value: Any) -> list[tuple[Any, Any]]:
+def _items(value: Any) -> Iterable[tuple[Any, Any]]:
     if value is None:
         return []
     if isinstance(value, bool):
@@ -551,7 +561,7 @@ def _items(value: Any) -> list[tuple[Any, Any]]:
     if isinstance(value, int):
         if value > MAX_STEPS:
             raise TemplateError(f"template: range over {value} is larger than the step budget")
-        return [(i, i) for i in range(value)]
+        return ((i, i) for i in range(value))
     if isinstance(value, Mapping):
         return [(k, value[k]) for k in sorted(value)]
     if isinstance(value, list | tuple):
@@ -602,11 +612,14 @@ def _call(name: str, args: list[Thunk]) -> Any:
     if name == "or":
         return _and_or(args, stop_on=True)
     values = [a() for a in args]
-    if name in _TEXT_FUNCTIONS and sum(len(v) if isinstance(v, str) else 1 for v in values) > MAX_OUTPUT:
+    if sum(len(v) if isinstance(v, str) else 1 for v in values) > MAX_OUTPUT:
         raise TemplateError(f"template: {name} of more than {MAX_OUTPUT:,} characters")  # {{ $x = print $x $x }}
     function = _FUNCTIONS[name]
     try:
-        return function(*values)
+        result = function(*values)
+        if isinstance(result, str) and len(result) > MAX_OUTPUT:  # {{ $x = json $x }} grows too
+            raise TemplateError(f"template: {name} made more than {MAX_OUTPUT:,} characters")
+        return result
     except TemplateError:
         raise
     except TypeError as exc:
@@ -722,7 +735,6 @@ def _date(days_ago: int) -> Callable[[], str]:
     return lambda: (datetime.date.today() - datetime.timedelta(days=days_ago)).isoformat()
 
 
-_TEXT_FUNCTIONS = frozenset({"print", "printf", "println", "html", "js", "urlquery"})
 _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "not": lambda v: not truth(v),
     "eq": _eq,
