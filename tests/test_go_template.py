@@ -44,7 +44,7 @@ def render(source: str, data: object = None) -> str:
         ("{{ with .X }}[{{ . }}]{{ else with .Y }}({{ . }}){{ else }}-{{ end }}", {"X": "", "Y": "y"}, "(y)"),
         ("{{ if and .A .B }}both{{ else if or .A .B }}one{{ else }}none{{ end }}", {"A": 1, "B": 0}, "one"),
         (
-            '{{ eq .R "user" "tool" }} {{ ne 1 2 }} {{ lt 1 2.5 }} {{ not .Z }}',
+            '{{ eq .R "user" "tool" }} {{ ne 1 2 }} {{ lt 1 2 }} {{ not .Z }}',
             {"R": "tool", "Z": ""},
             "true true true true",
         ),
@@ -69,6 +69,24 @@ def render(source: str, data: object = None) -> str:
         ('{{ .A | printf "<%s>" }}', {"A": "z"}, "<z>"),
         ("{{ (index .L 0).Name }}", {"L": [{"Name": "n"}]}, "n"),
         ('{{ if and (eq .R "a") .T }}yes{{ end }}|{{ $r := .R }}{{ eq $r .R }}', {"R": "a", "T": [1]}, "yes|true"),
+        # a variable declared in an if or with pipeline lives to its end, else branch included
+        ("{{ with $x := .A }}{{ $x }}{{ . }}{{ end }}", {"A": 1}, "11"),
+        ("{{ if $x := .Z }}y{{ else }}[{{ $x }}]{{ end }}", {"Z": 0}, "[0]"),
+        # fmt's %v: float64s in shortest form, exponent from 1e+06 and below 1e-04; nil inside a slice
+        ("{{ 1e6 }} {{ 123456.0 }} {{ 0.0001 }} {{ 0.00001 }} {{ -2.50 }}", {}, "1e+06 123456 0.0001 1e-05 -2.5"),
+        (
+            "{{ .N }} {{ .L }} {{ print .N }} {{ .Gone.Deeper }}",
+            {"N": None, "L": [1, None]},
+            "<no value> [1 <nil>] <nil> <no value>",
+        ),
+        # encoding/json: keys sorted, <>& escaped, float64s as Go writes them
+        (
+            "{{ json .J }}",
+            {"J": {"b": 1.0, "a": "<&>", "c": 1e21, "d": 1e-7, "e": [1e6, 0.5]}},
+            '{"a":"\\u003c\\u0026\\u003e","b":1,"c":1e+21,"d":1e-7,"e":[1000000,0.5]}',
+        ),
+        # a comment holds anything up to */, quotes and }} too
+        ('a {{/* "q }} */}} b {{- /* x */ -}} c', {}, "a  bc"),
     ],
 )
 def test_the_language_renders_as_go_does(source, data, expected):
@@ -87,6 +105,13 @@ def test_the_language_renders_as_go_does(source, data, expected):
         ("{{ index .L 500 }}", "index out of range"),
         ("{{ range .N }}{{ end }}", "range can't iterate over float64"),
         ('{{ lt 1 "a" }}', "incompatible types for comparison"),
+        ("{{ lt 1 2.5 }}", "incompatible types for comparison: int and float64"),
+        ("{{ eq 1 1.0 }}", "incompatible types for comparison"),
+        ("{{ eq .L .L }}", "invalid type for comparison"),
+        ("{{ lt true false }}", "invalid type for comparison"),
+        ("{{ if $y := .X }}{{ end }}{{ $y }}", "undefined variable $y"),
+        ("{{/* x */ }}", "comment ends before closing delimiter"),
+        ("{{/* x }}", "unclosed comment"),
         ("{{ range 2000000 }}{{ end }}", "step budget"),
         ("{{ range 1000 }}{{ range 1000 }}{{ range 1000 }}{{ end }}{{ end }}{{ end }}", "steps"),
         ('{{ $x := "ab" }}{{ range 40 }}{{ $x = json $x }}{{ end }}', "json"),
@@ -147,10 +172,50 @@ def test_chats_are_collated_and_rendered_with_their_messages():
     listed = GoTemplate.parse(  # .Tools come with .Messages (a template without them is rendered turn by turn)
         "{{ range .Messages }}{{ end }}{{ range .Tools }}{{ .Function.Name }}: {{ .Function }}{{ end }}|{{ .Tools }}"
     )
-    function = json.dumps(tools[0]["function"], separators=(",", ":"))
+    function = '{"name":"weather","description":"","parameters":{"type":"object","properties":{}}}'
     assert (
-        render_go_chat(listed, [], tools=tools)
-        == f"weather: {function}|[{json.dumps(tools[0], separators=(',', ':'))}]"
+        render_go_chat(listed, [], tools=tools) == f'weather: {function}|[{{"type":"function","function":{function}}}]'
+    )
+
+
+def test_tools_and_arguments_print_as_ollama_writes_them():
+    """Ollama keeps a tool in its own structs: its JSON has their field order, leaves out the schema keys
+    they lack, sorts map keys, escapes <>& and writes numbers as float64s (all by hand from Go's rules)."""
+    tool = {
+        "function": {
+            "parameters": {
+                "properties": {
+                    "z": {"enum": ["a", "b"], "description": "Z <b>", "type": "string", "default": "a"},
+                    "a": {"minimum": 0, "type": ["integer", "null"]},
+                },
+                "required": ["z"],
+                "type": "object",
+            },
+            "description": "Tom & Jerry",
+            "name": "f",
+            "strict": True,
+        },
+        "type": "function",
+    }
+    expected = (
+        '{"type":"function","function":{"name":"f","description":"Tom \\u0026 Jerry","parameters":{"type":"object",'
+        '"required":["z"],"properties":{"a":{"type":["integer","null"]},'
+        '"z":{"type":"string","description":"Z \\u003cb\\u003e","enum":["a","b"]}}}}}'
+    )
+    template = GoTemplate.parse(
+        "{{ range .Messages }}{{ range .ToolCalls }}{{ .Function.Arguments }}|{{ range $k, $v := .Function.Arguments }}"
+        "{{ $k }}={{ $v }};{{ end }}{{ end }}{{ end }}|{{ range .Tools }}{{ . }}|"
+        "{{ range $name, $p := .Function.Parameters.Properties }}{{ $name }}:{{ $p.Type }};{{ end }}{{ end }}"
+    )
+    call = {"id": "c", "function": {"name": "f", "arguments": '{"n": 3, "big": 1000000, "x": 1.5, "s": "<"}'}}
+    messages = [{"role": "assistant", "content": "", "tool_calls": [call]}]
+    assert render_go_chat(template, messages, tools=[tool]) == (
+        f'{{"big":1000000,"n":3,"s":"\\u003c","x":1.5}}|big=1e+06;n=3;s=<;x=1.5;|{expected}|a:[integer null];z:string;'
+    )
+    structs = GoTemplate.parse("{{ range .Messages }}{{ . }}|{{ range .ToolCalls }}{{ . }}{{ end }}{{ end }}")
+    assert (
+        render_go_chat(structs, messages)
+        == '&{assistant   [] [{c {0 f {"big":1000000,"n":3,"s":"\\u003c","x":1.5}}}]  }|{c {0 f {"big":1000000,"n":3,"s":"\\u003c","x":1.5}}}'
     )
 
 
@@ -165,6 +230,31 @@ def test_a_template_without_messages_renders_turn_by_turn_up_to_the_answer():
         {"role": "user", "content": "two"},
     ]
     assert render_go_chat(legacy, messages) == "[S]sys[U]one[A]uno[E][U]two[A]"
+    # a system message ends the turn before it; tool results are not shown (Ollama's switch)
+    messages = [
+        {"role": "user", "content": "one"},
+        {"role": "assistant", "content": "uno"},
+        {"role": "tool", "content": "result"},
+        {"role": "system", "content": "s2"},
+        {"role": "user", "content": "two"},
+    ]
+    assert render_go_chat(legacy, messages) == "[U]one[A]uno[E][S]s2[U]two[A]"
+    messages = [{"role": "system", "content": "s1"}, {"role": "user", "content": "u1"}, *messages[3:]]
+    assert render_go_chat(legacy, messages) == "[S]s1[U]u1[A][S]s2[U]two[A]"
+
+
+def test_the_last_turn_is_cut_after_its_response_field_inside_blocks_too():
+    """Ollama keeps the .Response action (an answer the chat ends with is continued) and drops every node
+    after it, inside the block it is in as well; a block's condition does not cut."""
+    llama3 = GoTemplate.parse(
+        "{{ if .Prompt }}<u>{{ .Prompt }}</u>{{ end }}<a>{{ if .Response }}{{ .Response }}<eot>{{ end }}</a>{{ .System }}"
+    )
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Sure, "}]
+    assert render_go_chat(llama3, messages) == "<u>q</u><a>Sure, "
+    looped = GoTemplate.parse("{{ range .L }}[{{ .Response }}|after]{{ end }}tail")
+    assert looped.cut_at("Response").render({"L": [{"Response": "a"}, {"Response": "b"}]}) == "[a[b"
+    pipeline = GoTemplate.parse('{{ print "x" .Response "gone" }}{{ $.Response }}')  # $.Response is not a field
+    assert pipeline.cut_at("Response").render({"Response": "r"}) == "xr"
 
 
 def test_a_chatml_go_template_gives_transformers_token_ids(smollm2_path, smollm2_hf_tokenizer):
@@ -204,6 +294,15 @@ def test_a_modelfile_template_replaces_the_chat_template(smollm2_path, tmp_path,
     assert ids == [start, *plain.encode("Be terse.|Hi"), end, *plain.encode("\n")]
     with pytest.raises(ModelfileError, match="Modelfile:2: TEMPLATE is not a valid Go template"):
         parse_modelfile("FROM x\nTEMPLATE {{ if .System }}", tmp_path)
+    # a TEMPLATE stored before create checked them: the model loads with its own template, and says so
+    info_file = next((tmp_path / "home").rglob("tramontane.json"))
+    info = json.loads(info_file.read_text())
+    info["modelfile"]["template"] = "{{ if .System }}"
+    info_file.write_text(json.dumps(info))
+    with pytest.warns(UserWarning, match="TEMPLATE does not parse"):
+        fallback = tramontane.load("terse")
+    chat = [{"role": "user", "content": "Hi"}]
+    assert fallback.tokenizer.encode_chat(chat) == plain.encode_chat(chat)
 
 
 def test_generate_formats_with_a_request_template(smollm2_server, smollm2_path):
@@ -220,3 +319,11 @@ def test_generate_formats_with_a_request_template(smollm2_server, smollm2_path):
     assert answer.response == llm.generate(ids, temperature=0, max_tokens=8)[0].text
     with pytest.raises(ollama.ResponseError, match="template"):
         client.generate(model=name, prompt="x", template="{{ if }}")
+    # an empty template is the model's own; a raw prompt is not formatted, whatever the template
+    default = client.generate(model=name, prompt="Name a colour.", template="", options={"num_predict": 1})
+    chat_ids = llm.tokenizer.encode_chat([{"role": "user", "content": "Name a colour."}])
+    assert default.prompt_eval_count == len(chat_ids)
+    raw = client.generate(
+        model=name, prompt="Name a colour.", template="{{ if }}", raw=True, options={"num_predict": 1}
+    )
+    assert raw.prompt_eval_count == len(llm.tokenizer.encode("Name a colour."))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from .decoding.offline import Generator, collect
 from .decoding.sampling import SamplingParams
 from .decoding.sequence import Completion, Delta
 from .device import resolve_dtype
-from .errors import ConfigError, RequestError
+from .errors import ConfigError, RequestError, TemplateError
 from .hub.modelfile import ModelSettings
 from .hub.resolve import resolve_model
 from .hub.store import settings_for
@@ -250,14 +251,24 @@ def load(
 
 
 def _with_go_template(tokenizer: Tokenizer, template: str) -> Tokenizer:
-    """The tokenizer formatting chats with a Modelfile's TEMPLATE (text/go_chat.py)."""
+    """The tokenizer formatting chats with a Modelfile's TEMPLATE (text/go_chat.py). A TEMPLATE stored
+    before templates were checked at `tramontane create` may not parse: the model still loads, with its
+    own chat template and a warning saying why."""
     with_go_template = getattr(tokenizer, "with_go_template", None)
     if with_go_template is None:
         raise ConfigError(
             f"this model formats chats with {tokenizer.chat_format}, which a Modelfile TEMPLATE cannot "
             "replace: create the model without TEMPLATE"
         )
-    return with_go_template(template)
+    try:
+        return with_go_template(template)
+    except TemplateError as exc:
+        warnings.warn(
+            f"this model's Modelfile TEMPLATE does not parse ({exc}): chats use the model's own chat template; "
+            "`tramontane create` it again with a fixed TEMPLATE",
+            stacklevel=3,
+        )
+        return tokenizer
 
 
 def _float_packing(path: Path, dtype: str | torch.dtype | None) -> str | None:

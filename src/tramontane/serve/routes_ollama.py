@@ -141,7 +141,8 @@ async def chat(request: Request) -> Response:
 async def _generate_prompt(request: Request, engine: Engine, body: OllamaGenerateRequest) -> list[int]:
     """The prompt's token ids: after `context` (an earlier answer's), the prompt in the chat template
     (with `system`, or the model's), as is (`raw`), or as fill-in-the-middle (`suffix`)."""
-    tokenizer, limit = _templated(engine.tokenizer, body.template), engine.max_model_len
+    template = body.template if body.template and not body.raw and not body.suffix else None  # "" is the model's
+    tokenizer, limit = _templated(engine.tokenizer, template), engine.max_model_len
     prompt = body.prompt or ""
     context = check_ids(body.context or [], engine.config.vocab_size, "context")
     if body.suffix:

@@ -6,12 +6,15 @@ The messages are collated first: consecutive messages of one role (tool results 
 their contents joined by a blank line, and every system message's content also goes, joined the same
 way, into `.System`. A template that reads `.Messages` is rendered once with them all (and `.Tools`,
 `.System`, an empty `.Response`). One that does not is rendered turn by turn from `.System`,
-`.Prompt` and `.Response`, and the last turn only up to the top-level node that reads `.Response`, so
-the prompt ends where the answer begins.
+`.Prompt` and `.Response` (a turn ends when a user or system message follows what it holds; tool
+results are not shown), the last turn cut after its `.Response` field (GoTemplate.cut_at), so the
+prompt ends where the answer begins.
 
 Messages are Go structs (`.Role`, `.Content`, `.ToolCalls`, `.ToolName`...) and tools too (`.Type`,
-`.Function.Name`, `.Function.Parameters.Properties`...); printed, a tool, the tool list and a call's
-`.Function.Arguments` are their JSON, as in Ollama."""
+`.Function.Name`, `.Function.Parameters.Properties`...), with Ollama's fields: a tool's JSON has
+Ollama's field order and leaves out the keys Ollama does not keep; JSON numbers are float64s, as in
+Go. Printed, a tool, the tool list, a tool's function and parameters, its properties and a call's
+`.Function.Arguments` are their JSON, as in Ollama; a message or a call prints as a Go struct."""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import TemplateError
-from .go_template import GoList, GoMap, GoTemplate, GoValue
+from .go_template import GoTemplate
+from .go_values import GoList, GoMap, GoStruct, GoValue
 
 MESSAGE_FIELDS = ("Role", "Content", "Thinking", "Images", "ToolCalls", "ToolName", "ToolCallID")
 
@@ -35,35 +39,51 @@ def _text(content: Any) -> str:
     return str(content)
 
 
+def _go_number(value: Any) -> Any:
+    """A JSON value as Go decodes it into `any`: every number a float64."""
+    if isinstance(value, bool) or value is None or isinstance(value, str | float):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, dict):
+        return {str(k): _go_number(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_go_number(v) for v in value]
+    return value
+
+
 def _arguments(raw: Any) -> GoMap:
     if isinstance(raw, str):
         try:
             raw = json.loads(raw) if raw.strip() else {}
         except ValueError:
             raise TemplateError(f"tool call arguments are not JSON: {raw[:80]!r}") from None
-    return GoMap(raw if isinstance(raw, dict) else {})
+    return GoMap(_go_number(raw) if isinstance(raw, dict) else {})
 
 
 def _call(index: int, call: dict[str, Any]) -> GoValue:
+    """Ollama's tool call as a template sees it: .ID, .Function.Index, .Function.Name, .Function.Arguments."""
     function = call.get("function") or {}
-    arguments = _arguments(function.get("arguments"))
-    shown = {"function": {"index": index, "name": function.get("name", ""), "arguments": dict(arguments)}}
-    fields = {"Index": index, "Name": function.get("name", ""), "Arguments": arguments}
-    return GoValue({"Function": GoValue(fields, shown["function"]), "ID": call.get("id", "")}, shown)
+    fields = {"Index": index, "Name": str(function.get("name", "")), "Arguments": _arguments(function.get("arguments"))}
+    inner = GoValue(fields, GoStruct(fields), stringer=False)
+    outer = {"ID": str(call.get("id") or ""), "Function": inner}
+    return GoValue(outer, GoStruct(ID=outer["ID"], Function=inner.json), stringer=False)
 
 
 def _message(message: dict[str, Any], content: str) -> GoValue:
+    """Ollama's message as a template sees it (a pointer to a struct without JSON tags)."""
     calls = [_call(i, c) for i, c in enumerate(message.get("tool_calls") or []) if isinstance(c, dict)]
     fields = {
-        "Role": message.get("role", ""),
+        "Role": str(message.get("role", "")),
         "Content": content,
-        "Thinking": message.get("thinking") or "",
+        "Thinking": str(message.get("thinking") or ""),
         "Images": [],
         "ToolCalls": calls,
-        "ToolName": message.get("name") or message.get("tool_name") or "",
-        "ToolCallID": message.get("tool_call_id") or "",
+        "ToolName": str(message.get("name") or message.get("tool_name") or ""),
+        "ToolCallID": str(message.get("tool_call_id") or ""),
     }
-    return GoValue(fields, {k.lower(): v for k, v in fields.items() if k not in ("ToolCalls", "Images")})
+    shown = GoStruct(fields, Images=None, ToolCalls=[c.json for c in calls] or None)
+    return GoValue(fields, shown, stringer=False, pointer=True)
 
 
 def collate(messages: Sequence[dict[str, Any]]) -> tuple[str, list[GoValue]]:
@@ -81,35 +101,76 @@ def collate(messages: Sequence[dict[str, Any]]) -> tuple[str, list[GoValue]]:
     return "\n\n".join(system), [_message(m, c) for m, c in merged]
 
 
-def _property(spec: Any) -> Any:
-    if not isinstance(spec, dict):
-        return spec
+def _omit_empty(**fields: Any) -> GoStruct:
+    """The JSON of `omitempty` struct fields: the empty ones left out."""
+    return GoStruct((k, v) for k, v in fields.items() if v not in (None, "", [], {}))
+
+
+def _property_type(spec: Any) -> Any:
+    """Ollama's PropertyType: one type prints (and writes) as a string, several as a list."""
+    types = spec if isinstance(spec, list) else [spec] if spec else []
+    types = [str(t) for t in types]
+    return types[0] if len(types) == 1 else types
+
+
+def _property(spec: Any) -> GoValue:
+    """A parameter's schema as Ollama keeps it (ToolProperty: other JSON-schema keys are dropped)."""
+    spec = spec if isinstance(spec, dict) else {}
+    nested = spec.get("properties")
+    properties = {k: _property(v) for k, v in nested.items()} if isinstance(nested, dict) else None
     fields = {
-        "Type": spec.get("type", ""),
-        "Items": spec.get("items"),
-        "Description": spec.get("description", ""),
-        "Enum": spec.get("enum", []),
-        "AnyOf": spec.get("anyOf", []),
+        "AnyOf": [_property(s) for s in spec.get("anyOf") or [] if isinstance(s, dict)],
+        "Type": _property_type(spec.get("type")),
+        "Items": _go_number(spec.get("items")),
+        "Description": str(spec.get("description") or ""),
+        "Enum": _go_number(list(spec.get("enum") or [])),
+        "Properties": properties,
+        "Required": [str(r) for r in spec.get("required") or []],
     }
-    return GoValue(fields, spec)
+    shown = _omit_empty(
+        anyOf=[p.json for p in fields["AnyOf"]],
+        type=fields["Type"],
+        items=fields["Items"],
+        description=fields["Description"],
+        enum=fields["Enum"],
+        properties=GoStruct((k, p.json) for k, p in properties.items()) if properties else None,
+        required=fields["Required"],
+    )
+    return GoValue(fields, shown, stringer=False)
+
+
+def _parameters(parameters: dict[str, Any]) -> GoValue:
+    given = parameters.get("properties")
+    properties = GoMap({k: _property(v) for k, v in given.items()}) if isinstance(given, dict) else None
+    fields = {
+        "Type": str(parameters.get("type") or ""),
+        "Defs": _go_number(parameters.get("$defs")),
+        "Items": _go_number(parameters.get("items")),
+        "Required": [str(r) for r in parameters.get("required") or []],
+        "Properties": properties if properties is not None else GoMap(),
+    }
+    shown = GoStruct(type=fields["Type"])
+    shown.update(_omit_empty(**{"$defs": fields["Defs"], "items": fields["Items"], "required": fields["Required"]}))
+    shown["properties"] = properties
+    return GoValue(fields, shown)
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _tool(tool: dict[str, Any]) -> GoValue:
-    function = tool.get("function") or {}
-    parameters = function.get("parameters") or {}
-    properties = GoMap({k: _property(v) for k, v in (parameters.get("properties") or {}).items()})
-    params = GoValue(
-        {
-            "Type": parameters.get("type", "object"),
-            "Defs": parameters.get("$defs"),
-            "Items": parameters.get("items"),
-            "Required": parameters.get("required", []),
-            "Properties": properties,
-        },
-        parameters,
+    """A tool as Ollama's template sees it: JSON in Ollama's field order, unknown keys dropped."""
+    function = _dict(tool.get("function"))
+    params = _parameters(_dict(function.get("parameters")))
+    name, description = str(function.get("name") or ""), str(function.get("description") or "")
+    inner = GoValue(
+        {"Name": name, "Description": description, "Parameters": params},
+        GoStruct(name=name, description=description, parameters=params.json),
     )
-    fields = {"Name": function.get("name", ""), "Description": function.get("description", ""), "Parameters": params}
-    return GoValue({"Type": tool.get("type", "function"), "Items": None, "Function": GoValue(fields, function)}, tool)
+    items = _go_number(tool.get("items"))
+    shown = GoStruct(type=str(tool.get("type") or ""), **_omit_empty(items=items), function=inner.json)
+    return GoValue({"Type": shown["type"], "Items": items, "Function": inner}, shown)
 
 
 def render_go_chat(
@@ -122,26 +183,29 @@ def render_go_chat(
     system, collated = collate(messages)
     tool_list = GoList(_tool(t) for t in tools or [] if isinstance(t, dict))
     if template.reads("Messages"):
-        values = {"System": system, "Messages": collated, "Tools": tool_list, "Response": "", "Think": False}
+        values = {"System": system, "Messages": collated, "Tools": tool_list, "Response": "", **_THINKING}
         return template.render(values)
     return _by_turns(template, collated)
 
 
+_THINKING = {"Think": False, "ThinkLevel": "", "IsThinkSet": False}  # these models do not think
+
+
 def _by_turns(template: GoTemplate, collated: list[GoValue]) -> str:
-    out, system, prompt, response = [], "", "", ""
+    """Ollama's rendering of a template without .Messages: one render per turn, a turn ending when a
+    user or system message follows an answer (tool results are not shown), the last cut at .Response."""
+    out: list[str] = []
+    turn = {"System": "", "Prompt": "", "Response": ""}
     for message in collated:
         role, content = message.fields["Role"], message.fields["Content"]
-        if role == "system":
-            system = content
-        elif role == "assistant":
-            response = content
-        else:  # user (or a tool result): a new turn once the last one has its answer
-            if response:
-                out.append(template.render({"System": system, "Prompt": prompt, "Response": response}))
-                system = prompt = response = ""
-            prompt = content
-    last = {"System": system, "Prompt": prompt, "Response": response}
-    out.append(template.cut_at("Response").render(last))
+        pending = turn["Response"] if role == "user" else turn["Prompt"] or turn["Response"]
+        if role in ("user", "system") and pending:
+            out.append(template.render({**turn, **_THINKING}))
+            turn = {"System": "", "Prompt": "", "Response": ""}
+        key = {"system": "System", "user": "Prompt", "assistant": "Response"}.get(role)
+        if key is not None:
+            turn[key] = content
+    out.append(template.cut_at("Response").render({**turn, **_THINKING}))
     return "".join(out)
 
 

@@ -12,10 +12,11 @@ currentDate and yesterdayDate. `define`, `template`, `block` and `call` are refu
     template = GoTemplate.parse("{{ if .System }}{{ .System }}\\n{{ end }}{{ .Prompt }}")
     template.render({"System": "Be brief.", "Prompt": "Hi"})      # "Be brief.\\nHi"
 
-Values are Python dicts, lists, strings, numbers, booleans and None, and `GoValue`s: a struct with
-named fields that prints as JSON (Ollama's tools and tool-call arguments print that way). A missing
-field of a GoValue is an error, as in Go; a missing map key is `<no value>`. Every failure, and a
-render past its output or step budget, is a TemplateError."""
+Values are Python dicts, lists, strings, numbers, booleans and None, and go_values.py's structs; they
+print as Go's fmt prints them and `json` writes what Go's encoding/json writes. A variable declared in
+an `if`, `with` or `range` lives until its `{{ end }}`; an int never equals a float (Go refuses the
+comparison). A missing field of a struct is an error, as in Go; a missing map key is `<no value>`.
+Every failure, and a render past its output or step budget, is a TemplateError."""
 
 from __future__ import annotations
 
@@ -26,41 +27,18 @@ import json
 import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import TemplateError
+from .go_values import MISSING, GoList, GoMap, GoStruct, GoValue, go_json, show
+
+__all__ = ["GoList", "GoMap", "GoStruct", "GoTemplate", "GoValue", "go_json", "show"]
 
 MAX_OUTPUT = 4 << 20  # characters a render may write
 MAX_STEPS = 1_000_000  # nodes a render may visit (a range over a huge list, nested loops)
 MAX_DEPTH = 64  # nesting of blocks and parentheses
-NO_VALUE = "<no value>"
 Thunk = Callable[[], Any]  # a function's argument, evaluated when needed (and, or stop early)
-
-
-@dataclass(frozen=True)
-class GoValue:
-    """A Go struct: `fields` by their Go names; printed (and passed to json) as `shown`, its JSON form."""
-
-    fields: Mapping[str, Any]
-    shown: Any
-
-    def __str__(self) -> str:
-        return json.dumps(self.shown, ensure_ascii=False, separators=(",", ":"))
-
-
-class GoList(list[Any]):
-    """A Go slice type with a String method: prints as JSON (Ollama's tools)."""
-
-    def __str__(self) -> str:
-        return _json(self)
-
-
-class GoMap(dict[str, Any]):
-    """A Go map type with a String method: prints as JSON (Ollama's tool-call arguments)."""
-
-    def __str__(self) -> str:
-        return _json(self)
 
 
 # ---- lexing ----------------------------------------------------------------------------------------
@@ -92,6 +70,7 @@ class _Tok:
 
 _TRIM_LEFT = re.compile(r"\{\{-[ \t\r\n]")
 _TRIM_RIGHT = re.compile(r"[ \t\r\n]-$")
+_TRIM_RIGHT_COMMENT = re.compile(r"[ \t\r\n]-\}\}")
 _SPACE = " \t\r\n"
 
 
@@ -109,17 +88,28 @@ def _split(source: str) -> Iterator[tuple[str, str]]:
             yield "text", text
         if start < 0:
             return
+        after = start + (4 if _TRIM_LEFT.match(source, start) else 2)
+        if source.startswith("/*", after):  # {{/* ... */}}: anything inside, up to the first */
+            pos, trim_next = _comment_end(source, after)
+            continue
         end = _action_end(source, start)
         inner = source[start + 2 : end]
         trim_next = bool(_TRIM_RIGHT.search(inner))
-        inner = inner[2 if _TRIM_LEFT.match(source, start) else 0 : len(inner) - 2 if trim_next else len(inner)]
+        inner = inner[after - start - 2 : len(inner) - 2 if trim_next else len(inner)]
         pos = end + 2
-        stripped = inner.strip()
-        if stripped.startswith("/*"):
-            if not stripped.endswith("*/"):
-                raise TemplateError(f"template: unclosed comment at offset {start}")
-            continue
         yield "action", inner
+
+
+def _comment_end(source: str, start: int) -> tuple[int, bool]:
+    """Where the text after the comment at `start` begins, and whether it ends ` -}}` (trimming)."""
+    close = source.find("*/", start + 2)
+    if close < 0:
+        raise TemplateError(f"template: unclosed comment at offset {start}")
+    if source.startswith("}}", close + 2):
+        return close + 4, False
+    if _TRIM_RIGHT_COMMENT.match(source, close + 2):
+        return close + 6, True
+    raise TemplateError(f"template: comment ends before closing delimiter at offset {close}")
 
 
 def _action_end(source: str, start: int) -> int:
@@ -363,18 +353,16 @@ class GoTemplate:
         return cls(nodes, source)
 
     def cut_at(self, name: str) -> GoTemplate:
-        """This template up to its first top-level node that reads field `name` (Ollama renders the last
-        turn of a template without .Messages this way: up to where the answer goes)."""
-        kept: list[_Node] = []
-        for node in self._nodes:
-            if _reads(node, name):
-                break
-            kept.append(node)
-        return GoTemplate(kept, self.source)
+        """This template with every node after the first `.{name}` field left out, inside blocks too: the
+        field's own action stays (Ollama renders the last turn of a template without .Messages this
+        way, so the prompt ends where the answer goes). Block conditions are not looked at, as Ollama
+        does not."""
+        return GoTemplate(_Cut(name).nodes(self._nodes) or [], self.source)
 
     def reads(self, name: str) -> bool:
-        """Whether any node reads field `name` (Ollama: a template that reads .Messages gets them all)."""
-        return any(_reads(node, name) for node in self._nodes)
+        """Whether a field or variable reads `name`, in any case (Ollama: a template that reads .Messages
+        gets them all)."""
+        return any(_reads(node, name.lower()) for node in self._nodes)
 
     def render(self, data: Any, max_output: int = MAX_OUTPUT, max_steps: int = MAX_STEPS) -> str:
         run = _Run(max_output, max_steps)
@@ -395,14 +383,57 @@ def _reads(node: _Node, name: str) -> bool:
 def _pipe_reads(pipe: _Pipe, name: str) -> bool:
     def operand(o: Any) -> bool:
         if o[0] == "field":
-            return name in o[2]
-        if o[0] == "pipe":
-            return _pipe_reads(o[1], name)
-        if o[0] == "chain":
-            return name in o[2] or operand(o[1])
-        return False
+            return any(n.lower() == name for n in o[2])
+        return o[0] == "pipe" and _pipe_reads(o[1], name)
 
     return any(operand(o) for command in pipe.commands for o in command)
+
+
+class _Cut:
+    """Ollama's cut of a template at its answer: walking the nodes in order, the first field node
+    (`.Response`, `.X.Response`; not `$.Response`) naming `name` is kept and everything after it goes."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.cut = name, False
+
+    def nodes(self, nodes: list[_Node]) -> list[_Node] | None:
+        if self.cut:
+            return None
+        return [kept for node in nodes if (kept := self.node(node)) is not None]
+
+    def node(self, node: _Node) -> _Node | None:
+        if self.cut:
+            return None
+        if node.kind == "action":
+            assert node.pipe is not None
+            pipe = self.pipe(node.pipe)
+            return None if pipe is None else replace(node, pipe=pipe)
+        if node.kind in ("if", "range", "with"):
+            body = self.nodes(node.body) or []
+            return replace(node, body=body, orelse=(self.nodes(node.orelse) or []) if node.orelse else [])
+        return node
+
+    def pipe(self, pipe: _Pipe) -> _Pipe | None:
+        if self.cut:
+            return None
+        commands = []
+        for command in pipe.commands:
+            operands = [kept for o in command if (kept := self.operand(o)) is not None]
+            if not operands:
+                return None
+            commands.append(operands)
+        return replace(pipe, commands=commands)
+
+    def operand(self, operand: Any) -> Any:
+        if operand[0] == "field" and operand[1] == "." and self.name in operand[2]:
+            self.cut = True
+            return operand
+        if self.cut:
+            return None
+        if operand[0] == "pipe":
+            inner = self.pipe(operand[1])
+            return None if inner is None else ("pipe", inner)
+        return operand
 
 
 class _Run:
@@ -432,7 +463,7 @@ class _Run:
                 assert node.pipe is not None
                 value = self.pipe(node.pipe, dot, scopes)
                 if not node.pipe.decl:
-                    self.write(_show(value))
+                    self.write(show(value))
             elif node.kind == "break":
                 raise _Break
             elif node.kind == "continue":
@@ -442,30 +473,28 @@ class _Run:
 
     def block(self, node: _Node, dot: Any, scopes: list[dict[str, Any]]) -> None:
         assert node.pipe is not None
+        scopes = [*scopes, {}]  # `if $x := ...`, `with $x := ...`: $x lives until {{ end }}, else included
         if node.kind == "range":
             return self.range(node, dot, scopes)
-        value = self.pipe(node.pipe, dot, scopes, declare=node.kind == "if")
+        value = self.pipe(node.pipe, dot, scopes)
         if truth(value):
             return self.nodes(node.body, value if node.kind == "with" else dot, scopes)
         return self.nodes(node.orelse, dot, scopes)
 
     def range(self, node: _Node, dot: Any, scopes: list[dict[str, Any]]) -> None:
         assert node.pipe is not None
-        pipe = _Pipe([], False, node.pipe.commands)
-        value = self.pipe(pipe, dot, scopes)
-        items = _items(value)
+        value = self.pipe(_Pipe([], False, node.pipe.commands), dot, scopes)
+        names, local = node.pipe.decl, scopes[-1]
         empty = True
-        for key, item in items:
+        for key, item in _items(value):
             empty = False
             self.tick()
-            local = {}
-            names = node.pipe.decl
             if len(names) == 1:
                 local[names[0]] = item
             elif len(names) == 2:
                 local[names[0]], local[names[1]] = key, item
             try:
-                self.nodes(node.body, item, [*scopes, local])
+                self.nodes(node.body, item, scopes)
             except _Break:
                 break
             except _Continue:
@@ -474,8 +503,8 @@ class _Run:
             self.nodes(node.orelse, dot, scopes)
         return None
 
-    def pipe(self, pipe: _Pipe, dot: Any, scopes: list[dict[str, Any]], declare: bool = True) -> Any:
-        value: Any = _MISSING
+    def pipe(self, pipe: _Pipe, dot: Any, scopes: list[dict[str, Any]]) -> Any:
+        value: Any = _NOTHING
         for command in pipe.commands:
             value = self.command(command, dot, scopes, value)
         for name in pipe.decl[:1]:
@@ -486,7 +515,7 @@ class _Run:
                         break
                 else:
                     raise TemplateError(f"template: undefined variable {name}")
-            elif declare:
+            else:
                 scopes[-1][name] = value
         return value
 
@@ -494,13 +523,16 @@ class _Run:
         head = operands[0]
         self.tick()
         if head[0] == "call":
-            args: list[Thunk] = [functools.partial(self.operand, o, dot, scopes) for o in operands[1:]]
-            if piped is not _MISSING:
-                args.append(functools.partial(_identity, piped))
+            args: list[Thunk] = [functools.partial(self.argument, o, dot, scopes) for o in operands[1:]]
+            if piped is not _NOTHING:
+                args.append(functools.partial(_nil, piped))
             return _call(head[1], args)
-        if len(operands) > 1 or piped is not _MISSING:
+        if len(operands) > 1 or piped is not _NOTHING:
             raise TemplateError("template: can't give arguments to a non-function value")
         return self.operand(head, dot, scopes)
+
+    def argument(self, operand: Any, dot: Any, scopes: list[dict[str, Any]]) -> Any:
+        return _nil(self.operand(operand, dot, scopes))
 
     def operand(self, operand: Any, dot: Any, scopes: list[dict[str, Any]]) -> Any:
         kind = operand[0]
@@ -525,21 +557,24 @@ class _Run:
         return _fields(start, names)
 
 
-_MISSING = object()
+_NOTHING = object()  # no value piped in yet
 
 
-def _identity(value: Any) -> Any:
-    return value
+def _nil(value: Any) -> Any:
+    """A function's argument: a missing key is nil there."""
+    return None if value is MISSING else value
 
 
 def _fields(value: Any, names: list[str]) -> Any:
     for name in names:
+        if value is MISSING:  # a missing key's field: missing too, as in Go
+            return MISSING
         if isinstance(value, GoValue):
             if name not in value.fields:
                 raise TemplateError(f"template: can't evaluate field {name}")
             value = value.fields[name]
         elif isinstance(value, Mapping):
-            value = value.get(name)
+            value = value.get(name, MISSING)
         elif value is None:
             raise TemplateError(f"template: nil pointer evaluating .{name}")
         else:
@@ -550,11 +585,11 @@ def _fields(value: Any, names: list[str]) -> Any:
 def truth(value: Any) -> bool:
     if isinstance(value, GoValue):
         return True
-    return bool(value) if value is not _MISSING else False
+    return bool(value) if value is not MISSING and value is not _NOTHING else False
 
 
 def _items(value: Any) -> Iterable[tuple[Any, Any]]:
-    if value is None:
+    if value is None or value is MISSING:
         return []
     if isinstance(value, bool):
         raise TemplateError("template: range can't iterate over a bool")
@@ -570,39 +605,11 @@ def _items(value: Any) -> Iterable[tuple[Any, Any]]:
 
 
 def _type(value: Any) -> str:
-    return {str: "string", int: "int", float: "float64", bool: "bool", list: "slice", dict: "map"}.get(
-        type(value), type(value).__name__
+    if isinstance(value, GoValue):
+        return "struct"
+    return {str: "string", int: "int", float: "float64", bool: "bool", type(None): "nil"}.get(
+        type(value), "slice" if isinstance(value, list | tuple) else "map" if isinstance(value, Mapping) else "value"
     )
-
-
-def _show(value: Any) -> str:
-    """A value printed as Go's fmt %v prints it."""
-    if value is None or value is _MISSING:
-        return NO_VALUE
-    if isinstance(value, GoList | GoMap):
-        return str(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return _float(value)
-    if isinstance(value, list | tuple):
-        return "[" + " ".join(_show(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        return "map[" + " ".join(f"{_show(k)}:{_show(value[k])}" for k in sorted(value)) + "]"
-    return str(value)
-
-
-def _float(value: float) -> str:
-    """Go's %v of a float64: the shortest form, exponent from 1e21 ("1e+21"), +Inf, NaN."""
-    if value != value:
-        return "NaN"
-    if value in (float("inf"), float("-inf")):
-        return "+Inf" if value > 0 else "-Inf"
-    if value.is_integer() and abs(value) < 1e21:
-        return str(int(value))
-    text = repr(value)
-    mantissa, _, exponent = text.partition("e")
-    return f"{mantissa}e{int(exponent):+03d}" if exponent else text
 
 
 # ---- functions -------------------------------------------------------------------------------------
@@ -639,32 +646,45 @@ def _and_or(args: list[Thunk], stop_on: bool) -> Any:
     return value
 
 
-def _compare(a: Any, b: Any) -> tuple[Any, Any]:
-    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in (a, b))
-    if not numbers and type(a) is not type(b):
-        raise TemplateError(f"template: incompatible types for comparison: {_type(a)} and {_type(b)}")
-    return a, b
+def _kind(value: Any) -> str:
+    """Go's basic kind of a value for comparisons (an int and a float64 are different kinds)."""
+    for kind, types in (("bool", bool), ("int", int), ("float", float), ("string", str)):
+        if isinstance(value, types):
+            return kind
+    return "nil" if value is None else "other"
 
 
 def _eq(first: Any, *others: Any) -> bool:
+    """Go's eq: true when `first` equals any of `others`; ints and floats are not comparable, nor slices,
+    maps or structs; nil equals only nil."""
     if not others:
         raise TemplateError("template: eq needs at least two arguments")
     for other in others:
-        if first is None or other is None:
-            if first is other:
-                return True
-            continue
-        a, b = _compare(first, other)
-        if a == b:
+        kinds = (_kind(first), _kind(other))
+        if "other" in kinds:
+            raise TemplateError(f"template: invalid type for comparison: {_type(first)} and {_type(other)}")
+        if kinds[0] != kinds[1] and "nil" not in kinds:
+            raise TemplateError(f"template: incompatible types for comparison: {_type(first)} and {_type(other)}")
+        if first == other and kinds[0] == kinds[1]:
             return True
     return False
+
+
+def _ordered(a: Any, b: Any) -> tuple[Any, Any]:
+    """lt, le, gt, ge: two ints, two floats or two strings."""
+    kinds = (_kind(a), _kind(b))
+    if any(k not in ("int", "float", "string") for k in kinds):
+        raise TemplateError(f"template: invalid type for comparison: {_type(a)} and {_type(b)}")
+    if kinds[0] != kinds[1]:
+        raise TemplateError(f"template: incompatible types for comparison: {_type(a)} and {_type(b)}")
+    return a, b
 
 
 def _index(value: Any, *keys: Any) -> Any:
     for key in keys:
         if isinstance(value, Mapping):
             value = value.get(key)
-        elif isinstance(value, list | tuple | str) and isinstance(key, int) and not isinstance(key, bool):
+        elif isinstance(value, list | tuple | str) and _kind(key) == "int" and not isinstance(key, bool):
             if not 0 <= key < len(value):
                 raise TemplateError(f"template: index out of range: {key}")
             value = value[key]
@@ -695,7 +715,7 @@ def _sprint(*values: Any) -> str:
     for i, v in enumerate(values):
         if i and not isinstance(v, str) and not isinstance(values[i - 1], str):
             out += " "
-        out += _show(v)
+        out += show(v, top=False)
     return out
 
 
@@ -710,25 +730,12 @@ def _sprintf(fmt: str, *values: Any) -> str:
             return f"%!{verb}(MISSING)"
         value = queue.pop(0)
         if verb == "q":
-            return json.dumps(_show(value) if not isinstance(value, str) else value, ensure_ascii=False)
+            return json.dumps(value if isinstance(value, str) else show(value, top=False), ensure_ascii=False)
         if verb == "d" and isinstance(value, int):
             return str(value)
-        return _show(value)
+        return show(value, top=False)
 
     return re.sub(r"%[-+# 0-9.]*([a-zA-Z%])", one, fmt)
-
-
-def _json(value: Any) -> str:
-    def plain(v: Any) -> Any:
-        if isinstance(v, GoValue):
-            return v.shown
-        if isinstance(v, Mapping):
-            return {str(k): plain(x) for k, x in v.items()}
-        if isinstance(v, list | tuple):
-            return [plain(x) for x in v]
-        return v
-
-    return json.dumps(plain(value), ensure_ascii=False, separators=(",", ":"))
 
 
 def _date(days_ago: int) -> Callable[[], str]:
@@ -739,20 +746,20 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "not": lambda v: not truth(v),
     "eq": _eq,
     "ne": lambda a, b: not _eq(a, b),
-    "lt": lambda a, b: (lambda x, y: x < y)(*_compare(a, b)),
-    "le": lambda a, b: (lambda x, y: x <= y)(*_compare(a, b)),
-    "gt": lambda a, b: (lambda x, y: x > y)(*_compare(a, b)),
-    "ge": lambda a, b: (lambda x, y: x >= y)(*_compare(a, b)),
+    "lt": lambda a, b: (lambda x, y: x < y)(*_ordered(a, b)),
+    "le": lambda a, b: (lambda x, y: x <= y)(*_ordered(a, b)),
+    "gt": lambda a, b: (lambda x, y: x > y)(*_ordered(a, b)),
+    "ge": lambda a, b: (lambda x, y: x >= y)(*_ordered(a, b)),
     "len": _length,
     "index": _index,
     "slice": _slice,
     "print": _sprint,
     "printf": _sprintf,
-    "println": lambda *v: " ".join(_show(x) for x in v) + "\n",
+    "println": lambda *v: " ".join(show(x, top=False) for x in v) + "\n",
     "html": lambda *v: html.escape(_sprint(*v)),
     "js": lambda *v: json.dumps(_sprint(*v))[1:-1],
     "urlquery": lambda *v: urllib.parse.quote_plus(_sprint(*v)),
-    "json": _json,
+    "json": go_json,
     "currentDate": _date(0),
     "yesterdayDate": _date(1),
 }
