@@ -57,11 +57,13 @@ class JobStore:
         job_id: str,
         when: tuple[str, ...] | None = None,
         append: dict[str, Any] | None = None,
+        merge: dict[str, dict[str, Any]] | None = None,
         **changes: Any,
     ) -> dict[str, Any]:
         """Change some fields of a job (atomically: read, merge, write in one transaction); with `when`,
         only if its status is one of those (else it is returned unchanged: a cancel that came first holds);
-        `append` adds an item to each of those list fields (a job's events)."""
+        `append` adds an item to each of those list fields (a job's events); `merge` sets some keys of
+        those dict fields (a model card's name, leaving its other keys as they are now)."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -73,6 +75,8 @@ class JobStore:
             job = {**current, **changes}
             for key, item in (append or {}).items():
                 job[key] = [*current.get(key, []), item]
+            for key, values in (merge or {}).items():
+                job[key] = {**(current.get(key) or {}), **values}
             db.execute("UPDATE jobs SET status = ?, data = ? WHERE id = ?", (job["status"], json.dumps(job), job_id))
         return job
 

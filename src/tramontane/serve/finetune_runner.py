@@ -10,9 +10,15 @@ that finishes registers its adapter as model `ft:BASE:SUFFIX:ID` and loads it in
 Restarts: a job's record (status and events) lives in the platform database and its files in
 platform/fine_tuning/<job id>/ (the training data, config.json, the worker's log, out/ with the
 checkpoint). A job found RUNNING at start-up was interrupted: it goes on from its last checkpoint
-(`--resume`). Stopping the server stops the workers (they also exit when the server dies); cancelling
-a job stops its worker and ends it CANCELLED. A worker that fails ends its job FAILED, the end of its
-log in the job's events."""
+(`--resume`). Stopping the server stops the workers (they also exit when the server dies; they run in
+their own session, so a Ctrl-C reaches only the server, which stops them); cancelling a job stops its
+worker and ends it CANCELLED. A worker that fails ends its job FAILED, the end of its log in the
+job's events; one killed by a signal while the server stops (a service manager stopping them all)
+leaves its job RUNNING, to resume.
+
+Servers sharing one $TRAMONTANE_HOME: a worker holds its job folder's lock file, so two servers of one
+model never run the same job; the other one looks again every RESCAN_SECONDS. The loop survives a
+failing database (locked, full disk): it logs, waits and looks again."""
 
 from __future__ import annotations
 
@@ -21,10 +27,11 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ..train.worker import WORKER_ENV
 from .common import ServerState
@@ -36,6 +43,9 @@ RUNNABLE = ["QUEUED", "RUNNING", "CANCELLATION_REQUESTED"]
 POLL_SECONDS = 0.5  # how often a running job's record is read for a cancel
 STOP_SECONDS = 10.0  # a stopped worker's time to exit before it is killed
 LOG_TAIL = 2000  # characters of a failed worker's log in the job's events
+RESCAN_SECONDS = 30.0  # how often jobs are looked for without a wake-up (another server's, a failed read)
+SIGNAL_GRACE = 3.0  # a worker killed by a signal: time for the server's own stop to show it was that
+LOCK = ".lock"
 
 
 def job_folder(state: ServerState, job_id: str) -> Path:
@@ -48,6 +58,7 @@ class FineTuneRunner:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._loop())
@@ -57,6 +68,7 @@ class FineTuneRunner:
 
     async def stop(self) -> None:
         """Stop the workers (their jobs stay RUNNING and resume at the next start) and the loop."""
+        self._stopping = True
         tasks = [t for t in (self._task, *self._running.values()) if t is not None]
         for task in tasks:
             task.cancel()
@@ -65,17 +77,35 @@ class FineTuneRunner:
                 await task
 
     async def _loop(self) -> None:
-        await self._serve_finished()
+        served = False
         while True:
             self._wake.clear()
-            if len(self._running) < self.workers:
-                jobs, _ = await asyncio.to_thread(
-                    self.jobs.list, FINE_TUNING, status=RUNNABLE, model=self.state.model_name, oldest_first=True
-                )
-                for job in jobs:
-                    if job["id"] not in self._running and len(self._running) < self.workers:
-                        self._running[job["id"]] = asyncio.ensure_future(self._guarded(job))
-            await self._wake.wait()
+            try:
+                if not served:
+                    await self._serve_finished()
+                    served = True
+                await self._schedule()
+            except Exception:  # noqa: BLE001 - a locked or failing database: look again later
+                log.exception("fine-tuning jobs could not be read; trying again in %g s", RESCAN_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), RESCAN_SECONDS)
+
+    async def _schedule(self) -> None:
+        """Start the oldest waiting jobs on the free workers; end at once the cancelled ones no worker runs."""
+        jobs, _ = await asyncio.to_thread(
+            self.jobs.list, FINE_TUNING, status=RUNNABLE, model=self.state.model_name, oldest_first=True
+        )
+        for job in jobs:
+            if job["id"] in self._running:
+                continue
+            if job["status"] == "CANCELLATION_REQUESTED":  # asked while no worker of this server ran it
+                await self._end(job["id"], "CANCELLED", when=("CANCELLATION_REQUESTED",))
+                continue
+            if len(self._running) >= self.workers:
+                continue
+            lock = _lock(job_folder(self.state, job["id"]))
+            if lock is not None:  # else another server's worker runs it
+                self._running[job["id"]] = asyncio.ensure_future(self._guarded(job, lock))
 
     async def _serve_finished(self) -> None:
         """The models of the jobs that finished before this start, into the engine."""
@@ -98,22 +128,24 @@ class FineTuneRunner:
         if (job.get("model_card") or {}).get("archived"):
             self.state.archived.add(job["fine_tuned_model"])
 
-    async def _guarded(self, job: dict[str, Any]) -> None:
+    async def _guarded(self, job: dict[str, Any], lock: IO[bytes]) -> None:
         try:
             await self._run(job)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - the job fails, the runner goes on with the next
             log.exception("fine-tuning job %s failed", job["id"])
-            await self._end(job["id"], "FAILED", error=f"{type(exc).__name__}: {exc}")
+            try:
+                await self._end(job["id"], "FAILED", error=f"{type(exc).__name__}: {exc}")
+            except Exception:  # noqa: BLE001 - the database fails too: the job is tried again later
+                log.exception("fine-tuning job %s: its failure could not be recorded", job["id"])
         finally:
+            lock.close()
             self._running.pop(job["id"], None)
             self._wake.set()
 
     async def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
-        if job["status"] == "CANCELLATION_REQUESTED":  # asked while no worker ran (a restart between)
-            return await self._end(job_id, "CANCELLED")
         folder = job_folder(self.state, job_id)
         resumed = last_checkpoint(folder) if job["status"] == "RUNNING" else None
         job = await asyncio.to_thread(
@@ -129,9 +161,19 @@ class FineTuneRunner:
         code, cancelled = await self._work(job_id, folder)
         if cancelled:
             return await self._end(job_id, "CANCELLED")
+        if code < 0 and await self._stopped_by_signal():
+            return None  # stopped with the server: it resumes at the next start
         if code != 0:
-            return await self._end(job_id, "FAILED", error=_tail(folder / "worker.log"), exit_code=code)
+            return await self._end(job_id, "FAILED", error=_failure(folder, code), exit_code=code)
         return await self._succeed(job)
+
+    async def _stopped_by_signal(self) -> bool:
+        """A worker killed by a signal: whether the server is stopping too (a service manager signals every
+        process at once, and the worker may be seen gone before the server's own stop begins)."""
+        deadline = time.monotonic() + SIGNAL_GRACE
+        while not (self._stopping or self.state.draining) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self._stopping or self.state.draining
 
     async def _work(self, job_id: str, folder: Path) -> tuple[int, bool]:
         """Run the worker to its end: (exit code, whether a cancel stopped it)."""
@@ -141,7 +183,7 @@ class FineTuneRunner:
         env = {**os.environ, WORKER_ENV: str(os.getpid())}
         with open(folder / "worker.log", "ab") as out:
             process = await asyncio.create_subprocess_exec(
-                *command, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env
+                *command, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True
             )
         try:
             while True:
@@ -165,13 +207,16 @@ class FineTuneRunner:
             trained_tokens=job["metadata"]["train_tokens_per_step"] * steps,
         )
 
-    async def _end(self, job_id: str, status: str, error: str | None = None, **fields: Any) -> None:
+    async def _end(
+        self, job_id: str, status: str, error: str | None = None, when: tuple[str, ...] | None = None, **fields: Any
+    ) -> None:
         data: dict[str, Any] = {"error": error} if error else {}
         if "exit_code" in fields:
             data["exit_code"] = fields.pop("exit_code")
         await asyncio.to_thread(
             self.jobs.update,
             job_id,
+            when=when,
             append={"events": event(status, data)},
             status=status,
             modified_at=int(time.time()),
@@ -190,6 +235,35 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
+
+
+def _lock(folder: Path) -> IO[bytes] | None:
+    """The job folder's lock, held while a worker runs the job (None: another process holds it)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock here: one server per $TRAMONTANE_HOME
+        return open(os.devnull, "rb")
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK, "ab")  # noqa: SIM115 - held by the job's task, closed when it ends
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None
+    return handle
+
+
+def _failure(folder: Path, code: int) -> str:
+    """Why a worker failed: the end of its log, and the signal that killed it if one did."""
+    tail = _tail(folder / "worker.log")
+    if code >= 0:
+        return tail
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hint = " (the system may have run out of memory)" if name == "SIGKILL" else ""
+    return f"the worker was killed by {name}{hint}\n{tail}"
 
 
 def last_checkpoint(folder: Path) -> int | None:

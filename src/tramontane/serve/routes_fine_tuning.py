@@ -231,6 +231,8 @@ async def cancel_job(request: Request, job_id: str) -> JSONResponse:
             append={"events": event("CANCELLATION_REQUESTED")},
             status="CANCELLATION_REQUESTED",
         )
+        if server_state(request).fine_tuning is not None:
+            server_state(request).fine_tuning.wake()  # its worker stops, or, if it has none, it ends at once
     return JSONResponse(await asyncio.to_thread(detailed, job, job_folder(server_state(request), job_id)))
 
 
@@ -260,7 +262,7 @@ def _card(request: Request, job: dict[str, Any]) -> dict[str, Any]:
 def _set_card(request: Request, model_id: str, **changes: Any) -> dict[str, Any]:
     state = server_state(request)
     job = fine_tuned_job(request, model_id)
-    job = state.jobs.update(job["id"], model_card={**(job.get("model_card") or {}), **changes})
+    job = state.jobs.update(job["id"], merge={"model_card": changes})  # in one transaction: no update lost
     if "archived" in changes:
         (state.archived.add if changes["archived"] else state.archived.discard)(model_id)
     return job
