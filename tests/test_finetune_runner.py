@@ -1,8 +1,10 @@
 """Issue 20: the fine-tuning runner's own decisions, without a model: a cancelled job no worker runs
 ends at once even when every worker is busy; a job folder's lock keeps two servers sharing
-$TRAMONTANE_HOME off one job; a worker killed by a signal while the server stops leaves its job to
-resume, one killed otherwise fails naming the signal; the loop outlives a failing database; a model
-card's concurrent changes are all kept. (The jobs themselves, with real workers and the SDKs, are
+$TRAMONTANE_HOME off one job (neither started nor ended by the other); no worker starts once the
+server stops, and a job cancelled before it began frees its lock; a worker killed by a signal while
+the server stops leaves its job to resume, one killed otherwise fails naming the signal; the loop
+outlives a failing database and a job whose folder is unusable fails alone; a model card's
+concurrent changes are all kept. (The jobs themselves, with real workers and the SDKs, are
 test_fine_tuning_jobs.py's.)"""
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def test_a_cancelled_job_without_a_worker_ends_at_once_when_every_worker_is_busy
     runner = FineTuneRunner(state, workers=1)
     started: list[str] = []
 
-    async def fake_guarded(job: dict[str, Any], lock: Any) -> None:
+    async def fake_guarded(job: dict[str, Any]) -> None:
         started.append(job["id"])
         await asyncio.sleep(3600)  # the busy worker
 
@@ -68,19 +70,66 @@ def test_a_cancelled_job_without_a_worker_ends_at_once_when_every_worker_is_busy
 
 
 def test_a_job_folders_lock_keeps_a_second_server_off_the_job(tmp_path):
+    """Neither started nor, once cancelled, ended by a server that does not hold its lock."""
     state = make_state(tmp_path)
     job = add_job(state, "QUEUED")
-    folder = job_folder(state, job["id"])
-    held = finetune_runner._lock(folder)
-    assert held is not None
+    cancelled = add_job(state, "CANCELLATION_REQUESTED")
+    held = finetune_runner._lock(job_folder(state, job["id"]))
+    held_too = finetune_runner._lock(job_folder(state, cancelled["id"]))
+    assert held is not None and held_too is not None
     other = FineTuneRunner(make_state(tmp_path), workers=1)  # a second server on the same home
     asyncio.run(other._schedule())
-    assert other._running == {}
-    assert finetune_runner._lock(folder) is None
+    assert other._running == {} and status(state, cancelled) == "CANCELLATION_REQUESTED"
+    assert finetune_runner._lock(job_folder(state, job["id"])) is None
     held.close()  # the first server's worker ended
-    again = finetune_runner._lock(folder)
+    again = finetune_runner._lock(job_folder(state, job["id"]))
     assert again is not None
     again.close()
+    held_too.close()
+
+
+def test_no_worker_starts_once_the_server_stops_and_locks_are_freed(tmp_path):
+    state = make_state(tmp_path)
+    job = add_job(state, "QUEUED")
+    state.draining = True
+    runner = FineTuneRunner(state)
+    asyncio.run(runner._schedule())
+    assert runner._running == {}
+    state.draining = False
+
+    async def scenario() -> None:
+        await runner._schedule()  # starts the job's task...
+        assert list(runner._running) == [job["id"]]
+        await runner.stop()  # ...cancelled before its first step
+
+    asyncio.run(scenario())
+    assert runner._running == {} and runner._locks == {}
+    lock = finetune_runner._lock(job_folder(state, job["id"]))
+    assert lock is not None
+    lock.close()
+
+
+def test_a_job_whose_folder_is_unusable_fails_alone(tmp_path):
+    state = make_state(tmp_path)
+    broken, fine = add_job(state, "QUEUED"), add_job(state, "QUEUED")
+    job_folder(state, broken["id"]).parent.mkdir(parents=True, exist_ok=True)
+    job_folder(state, broken["id"]).write_text("a file where its folder goes")
+    runner = FineTuneRunner(state)
+    started: list[str] = []
+
+    async def fake_guarded(job: dict[str, Any]) -> None:
+        started.append(job["id"])
+
+    runner._guarded = fake_guarded  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await runner._schedule()
+        await asyncio.sleep(0.01)
+
+    asyncio.run(scenario())
+    assert started == [fine["id"]]
+    record = state.jobs.get(FINE_TUNING, broken["id"])
+    assert record["status"] == "FAILED" and "FileExistsError" in record["events"][-1]["data"]["error"]
 
 
 @pytest.mark.parametrize(("stopping", "code", "expected"), [(True, -signal.SIGTERM, "RUNNING"), (False, -9, "FAILED")])
@@ -120,9 +169,8 @@ def test_the_loop_outlives_a_failing_database(tmp_path, monkeypatch):
     runner = FineTuneRunner(state)
     started: list[str] = []
 
-    async def fake_guarded(job: dict[str, Any], lock: Any) -> None:
+    async def fake_guarded(job: dict[str, Any]) -> None:
         started.append(job["id"])
-        lock.close()
 
     runner._guarded = fake_guarded  # type: ignore[method-assign]
 
@@ -135,7 +183,7 @@ def test_the_loop_outlives_a_failing_database(tmp_path, monkeypatch):
         await runner.stop()
 
     asyncio.run(scenario())
-    assert started == [job["id"]]
+    assert started and set(started) == {job["id"]}
 
 
 def test_model_card_changes_merge_in_one_transaction(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import tramontane
 from tramontane.errors import TemplateError
 from tramontane.hub.modelfile import ModelfileError, parse_modelfile
-from tramontane.text.go_chat import render_go_chat
+from tramontane.text.go_chat import parse_ollama, render_go_chat
 from tramontane.text.go_template import GoMap, GoTemplate
 
 
@@ -75,9 +75,16 @@ def render(source: str, data: object = None) -> str:
         # fmt's %v: float64s in shortest form, exponent from 1e+06 and below 1e-04; nil inside a slice
         ("{{ 1e6 }} {{ 123456.0 }} {{ 0.0001 }} {{ 0.00001 }} {{ -2.50 }}", {}, "1e+06 123456 0.0001 1e-05 -2.5"),
         (
-            "{{ .N }} {{ .L }} {{ print .N }} {{ .Gone.Deeper }}",
+            "{{ .N }} {{ .L }} {{ print .N }} {{ .Gone }}",
             {"N": None, "L": [1, None]},
             "<no value> [1 <nil>] <nil> <no value>",
+        ),
+        # Go's html and js escapes
+        (
+            "{{ html .S }}|{{ js .S }}",
+            {"S": "<a href='x'>\"&=\n\x7f\u00a0é"},
+            "&lt;a href=&#39;x&#39;&gt;&#34;&amp;=\n\x7f\u00a0é|"
+            "\\u003Ca href\\u003D\\'x\\'\\u003E\\\"\\u0026\\u003D\\u000A\x7f\\u00A0é",
         ),
         # encoding/json: keys sorted, <>& escaped, float64s as Go writes them
         (
@@ -112,6 +119,7 @@ def test_the_language_renders_as_go_does(source, data, expected):
         ("{{ if $y := .X }}{{ end }}{{ $y }}", "undefined variable $y"),
         ("{{/* x */ }}", "comment ends before closing delimiter"),
         ("{{/* x }}", "unclosed comment"),
+        ("{{ .Gone.Deeper }}", "nil pointer evaluating .Deeper"),  # Ollama's missingkey=zero
         ("{{ range 2000000 }}{{ end }}", "step budget"),
         ("{{ range 1000 }}{{ range 1000 }}{{ range 1000 }}{{ end }}{{ end }}{{ end }}", "steps"),
         ('{{ $x := "ab" }}{{ range 40 }}{{ $x = json $x }}{{ end }}', "json"),
@@ -241,6 +249,52 @@ def test_a_template_without_messages_renders_turn_by_turn_up_to_the_answer():
     assert render_go_chat(legacy, messages) == "[U]one[A]uno[E][S]s2[U]two[A]"
     messages = [{"role": "system", "content": "s1"}, {"role": "user", "content": "u1"}, *messages[3:]]
     assert render_go_chat(legacy, messages) == "[S]s1[U]u1[A][S]s2[U]two[A]"
+
+
+def test_a_template_without_response_gets_one_as_in_ollama():
+    """Ollama's own test ("mistral", "no response"): a template reading neither .Messages nor .Response
+    gets a {{ .Response }} appended at parse, so earlier answers show."""
+    template = parse_ollama("[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}[/INST] ")
+    messages = [
+        {"role": "user", "content": "Hello friend!"},
+        {"role": "assistant", "content": "Hello human!"},
+        {"role": "user", "content": "What is your name?"},
+    ]
+    assert (
+        render_go_chat(template, messages)
+        == "[INST] Hello friend![/INST] Hello human![INST] What is your name?[/INST] "
+    )
+    assert parse_ollama("{{ .Response }}x").source == "{{ .Response }}x"
+
+
+def test_typescript_types_nil_slices_and_call_indexes():
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "a": {"type": ["integer", "null"]},
+                    "b": {"anyOf": [{"type": "string"}, {"type": "array"}]},
+                    "c": {"type": "object"},
+                    "d": {},
+                },
+            },
+        },
+    }
+    types = GoTemplate.parse(
+        "{{ range .Messages }}{{ json .ToolCalls }}{{ range .ToolCalls }}{{ .Function.Index }}{{ end }}{{ end }}|"
+        "{{ range .Tools }}{{ json .Function.Parameters.Required }}|{{ range $k, $p := .Function.Parameters.Properties }}"
+        "{{ $k }}: {{ toTypeScriptType $p }}; {{ end }}{{ end }}"
+    )
+    call = {"function": {"name": "f", "arguments": {}, "index": 2}}
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    assert render_go_chat(types, messages, tools=[tool]) == (
+        'null[{"ID":"","Function":{"Index":2,"Name":"f","Arguments":{}}}]2|'
+        "null|a: number | null; b: string | any[]; c: Record<string, any>; d: any; "
+    )
+    assert render_go_chat(GoTemplate.parse("{{ range .Messages }}{{ end }}{{ json .Tools }}"), messages) == "null"
 
 
 def test_the_last_turn_is_cut_after_its_response_field_inside_blocks_too():

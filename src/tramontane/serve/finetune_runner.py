@@ -16,14 +16,18 @@ worker and ends it CANCELLED. A worker that fails ends its job FAILED, the end o
 job's events; one killed by a signal while the server stops (a service manager stopping them all)
 leaves its job RUNNING, to resume.
 
-Servers sharing one $TRAMONTANE_HOME: a worker holds its job folder's lock file, so two servers of one
-model never run the same job; the other one looks again every RESCAN_SECONDS. The loop survives a
-failing database (locked, full disk): it logs, waits and looks again."""
+Servers sharing one $TRAMONTANE_HOME: a job is touched only under its folder's lock file, which the
+server and its worker hold while the job runs (the worker too, so a killed server's orphan keeps it
+until it exits), so two servers of one model never run or end the same job; the other one looks
+again every RESCAN_SECONDS. The loop survives a failing database (locked, full disk): it logs, waits
+and looks again; a job whose folder cannot be used fails alone. No worker starts once the server
+is stopping."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -58,6 +62,7 @@ class FineTuneRunner:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._locks: dict[str, IO[bytes]] = {}  # job id -> its folder's lock, while this server runs it
         self._stopping = False
 
     def start(self) -> None:
@@ -96,16 +101,39 @@ class FineTuneRunner:
             self.jobs.list, FINE_TUNING, status=RUNNABLE, model=self.state.model_name, oldest_first=True
         )
         for job in jobs:
-            if job["id"] in self._running:
+            if self._stopping or self.state.draining:
+                return
+            cancelled = job["status"] == "CANCELLATION_REQUESTED"
+            if job["id"] in self._running or (len(self._running) >= self.workers and not cancelled):
                 continue
-            if job["status"] == "CANCELLATION_REQUESTED":  # asked while no worker of this server ran it
+            try:
+                await self._take(job, cancelled)
+            except Exception as exc:  # noqa: BLE001 - this job cannot run (its folder, the database): the others can
+                log.exception("fine-tuning job %s could not start", job["id"])
+                with contextlib.suppress(Exception):
+                    await self._end(job["id"], "FAILED", error=f"{type(exc).__name__}: {exc}", when=tuple(RUNNABLE))
+
+    async def _take(self, job: dict[str, Any], cancelled: bool) -> None:
+        """Under the job folder's lock (else another server has the job): end a cancelled job, start another."""
+        lock = _lock(job_folder(self.state, job["id"]))
+        if lock is None:
+            return
+        if cancelled:  # asked while no worker ran it
+            with lock:
                 await self._end(job["id"], "CANCELLED", when=("CANCELLATION_REQUESTED",))
-                continue
-            if len(self._running) >= self.workers:
-                continue
-            lock = _lock(job_folder(self.state, job["id"]))
-            if lock is not None:  # else another server's worker runs it
-                self._running[job["id"]] = asyncio.ensure_future(self._guarded(job, lock))
+            return
+        self._locks[job["id"]] = lock
+        task = asyncio.ensure_future(self._guarded(job))
+        self._running[job["id"]] = task
+        task.add_done_callback(functools.partial(self._ended, job["id"]))
+
+    def _ended(self, job_id: str, _: object = None) -> None:
+        """A job's task is over, however (cancelled before it began too): free its lock and worker slot."""
+        lock = self._locks.pop(job_id, None)
+        if lock is not None:
+            lock.close()
+        self._running.pop(job_id, None)
+        self._wake.set()
 
     async def _serve_finished(self) -> None:
         """The models of the jobs that finished before this start, into the engine."""
@@ -128,7 +156,7 @@ class FineTuneRunner:
         if (job.get("model_card") or {}).get("archived"):
             self.state.archived.add(job["fine_tuned_model"])
 
-    async def _guarded(self, job: dict[str, Any], lock: IO[bytes]) -> None:
+    async def _guarded(self, job: dict[str, Any]) -> None:
         try:
             await self._run(job)
         except asyncio.CancelledError:
@@ -136,13 +164,9 @@ class FineTuneRunner:
         except Exception as exc:  # noqa: BLE001 - the job fails, the runner goes on with the next
             log.exception("fine-tuning job %s failed", job["id"])
             try:
-                await self._end(job["id"], "FAILED", error=f"{type(exc).__name__}: {exc}")
+                await self._end(job["id"], "FAILED", error=f"{type(exc).__name__}: {exc}", when=_OWN)
             except Exception:  # noqa: BLE001 - the database fails too: the job is tried again later
                 log.exception("fine-tuning job %s: its failure could not be recorded", job["id"])
-        finally:
-            lock.close()
-            self._running.pop(job["id"], None)
-            self._wake.set()
 
     async def _run(self, job: dict[str, Any]) -> None:
         job_id = job["id"]
@@ -160,11 +184,11 @@ class FineTuneRunner:
             return None
         code, cancelled = await self._work(job_id, folder)
         if cancelled:
-            return await self._end(job_id, "CANCELLED")
+            return await self._end(job_id, "CANCELLED", when=_OWN)
         if code < 0 and await self._stopped_by_signal():
             return None  # stopped with the server: it resumes at the next start
         if code != 0:
-            return await self._end(job_id, "FAILED", error=_failure(folder, code), exit_code=code)
+            return await self._end(job_id, "FAILED", error=_failure(folder, code), exit_code=code, when=_OWN)
         return await self._succeed(job)
 
     async def _stopped_by_signal(self) -> bool:
@@ -181,16 +205,23 @@ class FineTuneRunner:
         if has_checkpoint(folder):
             command.append("--resume")
         env = {**os.environ, WORKER_ENV: str(os.getpid())}
+        lock = self._locks.get(job_id)
         with open(folder / "worker.log", "ab") as out:
             process = await asyncio.create_subprocess_exec(
-                *command, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=env,
+                start_new_session=True,  # a Ctrl-C in the server's terminal reaches the server only
+                pass_fds=(lock.fileno(),) if lock is not None else (),  # the worker holds the job's lock too
             )
         try:
             while True:
                 with contextlib.suppress(asyncio.TimeoutError):
                     return await asyncio.wait_for(process.wait(), POLL_SECONDS), False
                 current = await asyncio.to_thread(self.jobs.get, FINE_TUNING, job_id)
-                if current is None or current["status"] == "CANCELLATION_REQUESTED":
+                if current is None or current["status"] != "RUNNING":  # cancelled (or ended elsewhere)
                     await _stop(process)
                     return -1, True
         finally:
@@ -203,6 +234,7 @@ class FineTuneRunner:
         await self._end(
             job["id"],
             "SUCCESS",
+            when=_OWN,  # a cancel asked as the worker finished: the model is made, the job succeeded
             fine_tuned_model=job["fine_tuned_model"],
             trained_tokens=job["metadata"]["train_tokens_per_step"] * steps,
         )
@@ -237,8 +269,11 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
+_OWN = ("RUNNING", "CANCELLATION_REQUESTED")  # a job this server's worker runs: what ending it may change
+
+
 def _lock(folder: Path) -> IO[bytes] | None:
-    """The job folder's lock, held while a worker runs the job (None: another process holds it)."""
+    """The job folder's lock (None: another process holds it). OSError when the folder is unusable."""
     try:
         import fcntl
     except ImportError:  # no flock here: one server per $TRAMONTANE_HOME
@@ -247,9 +282,12 @@ def _lock(folder: Path) -> IO[bytes] | None:
     handle = open(folder / LOCK, "ab")  # noqa: SIM115 - held by the job's task, closed when it ends
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         handle.close()
         return None
+    except OSError:
+        handle.close()
+        raise
     return handle
 
 

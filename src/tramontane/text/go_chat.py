@@ -13,8 +13,14 @@ prompt ends where the answer begins.
 Messages are Go structs (`.Role`, `.Content`, `.ToolCalls`, `.ToolName`...) and tools too (`.Type`,
 `.Function.Name`, `.Function.Parameters.Properties`...), with Ollama's fields: a tool's JSON has
 Ollama's field order and leaves out the keys Ollama does not keep; JSON numbers are float64s, as in
-Go. Printed, a tool, the tool list, a tool's function and parameters, its properties and a call's
-`.Function.Arguments` are their JSON, as in Ollama; a message or a call prints as a Go struct."""
+Go; an empty list is Go's nil slice (`[]` printed, null in JSON). Printed, a tool, the tool list, its
+properties and a call's `.Function.Arguments` are their JSON, as in Ollama; a message or a call prints
+as a Go struct. A tool's `.Function` and `.Function.Parameters` print as JSON too, as they did in
+Ollama before its template structs lost their String methods (where `{"function": {{ .Function }}}`
+would now print Go's struct syntax into the prompt): templates written for them expect JSON.
+
+`parse_ollama` parses a TEMPLATE as Ollama does, appending `{{ .Response }}` to one that reads
+neither `.Messages` nor `.Response`."""
 
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from typing import Any
 
 from ..errors import TemplateError
 from .go_template import GoTemplate
-from .go_values import GoList, GoMap, GoStruct, GoValue
+from .go_values import GoList, GoMap, GoStruct, GoValue, NilSlice
 
 MESSAGE_FIELDS = ("Role", "Content", "Thinking", "Images", "ToolCalls", "ToolName", "ToolCallID")
 
@@ -61,9 +67,11 @@ def _arguments(raw: Any) -> GoMap:
     return GoMap(_go_number(raw) if isinstance(raw, dict) else {})
 
 
-def _call(index: int, call: dict[str, Any]) -> GoValue:
+def _call(call: dict[str, Any]) -> GoValue:
     """Ollama's tool call as a template sees it: .ID, .Function.Index, .Function.Name, .Function.Arguments."""
     function = call.get("function") or {}
+    given = function.get("index")  # Ollama's own clients number their calls; the OpenAI route leaves 0
+    index = given if isinstance(given, int) and not isinstance(given, bool) else 0
     fields = {"Index": index, "Name": str(function.get("name", "")), "Arguments": _arguments(function.get("arguments"))}
     inner = GoValue(fields, GoStruct(fields), stringer=False)
     outer = {"ID": str(call.get("id") or ""), "Function": inner}
@@ -72,13 +80,13 @@ def _call(index: int, call: dict[str, Any]) -> GoValue:
 
 def _message(message: dict[str, Any], content: str) -> GoValue:
     """Ollama's message as a template sees it (a pointer to a struct without JSON tags)."""
-    calls = [_call(i, c) for i, c in enumerate(message.get("tool_calls") or []) if isinstance(c, dict)]
+    calls = [_call(c) for c in message.get("tool_calls") or [] if isinstance(c, dict)]
     fields = {
         "Role": str(message.get("role", "")),
         "Content": content,
         "Thinking": str(message.get("thinking") or ""),
-        "Images": [],
-        "ToolCalls": calls,
+        "Images": NilSlice(),
+        "ToolCalls": calls or NilSlice(),
         "ToolName": str(message.get("name") or message.get("tool_name") or ""),
         "ToolCallID": str(message.get("tool_call_id") or ""),
     }
@@ -119,13 +127,13 @@ def _property(spec: Any) -> GoValue:
     nested = spec.get("properties")
     properties = {k: _property(v) for k, v in nested.items()} if isinstance(nested, dict) else None
     fields = {
-        "AnyOf": [_property(s) for s in spec.get("anyOf") or [] if isinstance(s, dict)],
+        "AnyOf": [_property(s) for s in spec.get("anyOf") or [] if isinstance(s, dict)] or NilSlice(),
         "Type": _property_type(spec.get("type")),
         "Items": _go_number(spec.get("items")),
         "Description": str(spec.get("description") or ""),
-        "Enum": _go_number(list(spec.get("enum") or [])),
+        "Enum": _go_number(list(spec.get("enum") or [])) or NilSlice(),
         "Properties": properties,
-        "Required": [str(r) for r in spec.get("required") or []],
+        "Required": [str(r) for r in spec.get("required") or []] or NilSlice(),
     }
     shown = _omit_empty(
         anyOf=[p.json for p in fields["AnyOf"]],
@@ -146,7 +154,7 @@ def _parameters(parameters: dict[str, Any]) -> GoValue:
         "Type": str(parameters.get("type") or ""),
         "Defs": _go_number(parameters.get("$defs")),
         "Items": _go_number(parameters.get("items")),
-        "Required": [str(r) for r in parameters.get("required") or []],
+        "Required": [str(r) for r in parameters.get("required") or []] or NilSlice(),
         "Properties": properties if properties is not None else GoMap(),
     }
     shown = GoStruct(type=fields["Type"])
@@ -171,6 +179,15 @@ def _tool(tool: dict[str, Any]) -> GoValue:
     items = _go_number(tool.get("items"))
     shown = GoStruct(type=str(tool.get("type") or ""), **_omit_empty(items=items), function=inner.json)
     return GoValue({"Type": shown["type"], "Items": items, "Function": inner}, shown)
+
+
+def parse_ollama(source: str) -> GoTemplate:
+    """An Ollama TEMPLATE parsed as Ollama parses it: one that reads neither .Messages nor .Response
+    gets a `{{ .Response }}` at its end, so that turn-by-turn rendering shows the earlier answers."""
+    template = GoTemplate.parse(source)
+    if template.reads("Messages") or template.reads("Response"):
+        return template
+    return template.then(".Response")
 
 
 def render_go_chat(

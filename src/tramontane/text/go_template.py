@@ -7,7 +7,7 @@ wrap Go's own library through cgo). What Ollama's templates use is covered: text
 `true`/`false`/`nil` literals; `if`/`else if`/`else`, `range` (lists, maps in key order, integers)
 with `else`, `break` and `continue`, `with`/`else with`/`else`; the functions and, or, not, eq, ne,
 lt, le, gt, ge, len, index, slice, print, printf, println, html, js, urlquery, and Ollama's json,
-currentDate and yesterdayDate. `define`, `template`, `block` and `call` are refused when parsing.
+currentDate, yesterdayDate and toTypeScriptType. `define`, `template`, `block` and `call` are refused when parsing.
 
     template = GoTemplate.parse("{{ if .System }}{{ .System }}\\n{{ end }}{{ .Prompt }}")
     template.render({"System": "Be brief.", "Prompt": "Hi"})      # "Be brief.\\nHi"
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import html
 import json
 import re
 import urllib.parse
@@ -173,7 +172,7 @@ class _Node:
 
 FUNCTIONS = frozenset(
     "and or not eq ne lt le gt ge len index slice print printf println html js urlquery json currentDate "
-    "yesterdayDate".split()
+    "yesterdayDate toTypeScriptType".split()
 )
 _REFUSED = ("define", "template", "block", "call")
 
@@ -351,6 +350,10 @@ class GoTemplate:
         parser = _Parser(source)
         nodes, _, _ = parser.nodes(0, ())
         return cls(nodes, source)
+
+    def then(self, action: str) -> GoTemplate:
+        """This template with the action `{{ action }}` at its end."""
+        return GoTemplate([*self._nodes, _Node("action", pipe=_pipeline(_tokens(action), 0))], self.source)
 
     def cut_at(self, name: str) -> GoTemplate:
         """This template with every node after the first `.{name}` field left out, inside blocks too: the
@@ -567,15 +570,13 @@ def _nil(value: Any) -> Any:
 
 def _fields(value: Any, names: list[str]) -> Any:
     for name in names:
-        if value is MISSING:  # a missing key's field: missing too, as in Go
-            return MISSING
         if isinstance(value, GoValue):
             if name not in value.fields:
                 raise TemplateError(f"template: can't evaluate field {name}")
             value = value.fields[name]
         elif isinstance(value, Mapping):
             value = value.get(name, MISSING)
-        elif value is None:
+        elif value is None or value is MISSING:  # Ollama's missingkey=zero: a missing key is nil
             raise TemplateError(f"template: nil pointer evaluating .{name}")
         else:
             raise TemplateError(f"template: can't evaluate field {name} in type {_type(value)}")
@@ -738,6 +739,37 @@ def _sprintf(fmt: str, *values: Any) -> str:
     return re.sub(r"%[-+# 0-9.]*([a-zA-Z%])", one, fmt)
 
 
+_HTML = {"<": "&lt;", ">": "&gt;", "&": "&amp;", "'": "&#39;", '"': "&#34;", "\0": "\ufffd"}
+_JS = {"\\": "\\\\", "'": "\\'", '"': '\\"', "<": "\\u003C", ">": "\\u003E", "&": "\\u0026", "=": "\\u003D"}
+
+
+def _html(text: str) -> str:
+    """Go's HTMLEscapeString."""
+    return "".join(_HTML.get(c, c) for c in text)
+
+
+def _js(text: str) -> str:
+    """Go's JSEscapeString: quotes and backslashes escaped, <>&= and control characters as \\uXXXX."""
+    return "".join(
+        _JS.get(c) or (f"\\u{ord(c):04X}" if c < " " or (c > "\x7f" and not c.isprintable()) else c) for c in text
+    )
+
+
+_TS_TYPES = {"string": "string", "number": "number", "integer": "number", "boolean": "boolean"}
+_TS_TYPES.update({"array": "any[]", "object": "Record<string, any>", "null": "null"})
+
+
+def _typescript(value: Any) -> str:
+    """Ollama's toTypeScriptType of a tool parameter: its JSON type as TypeScript ("any" for the rest)."""
+    if not isinstance(value, GoValue) or "AnyOf" not in value.fields:
+        return "any"
+    if value.fields["AnyOf"]:
+        return " | ".join(_typescript(v) for v in value.fields["AnyOf"])
+    types = value.fields.get("Type")
+    types = [types] if isinstance(types, str) and types else list(types or [])
+    return " | ".join(_TS_TYPES.get(t, "any") for t in types) or "any"
+
+
 def _date(days_ago: int) -> Callable[[], str]:
     return lambda: (datetime.date.today() - datetime.timedelta(days=days_ago)).isoformat()
 
@@ -756,10 +788,11 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "print": _sprint,
     "printf": _sprintf,
     "println": lambda *v: " ".join(show(x, top=False) for x in v) + "\n",
-    "html": lambda *v: html.escape(_sprint(*v)),
-    "js": lambda *v: json.dumps(_sprint(*v))[1:-1],
+    "html": lambda *v: _html(_sprint(*v)),
+    "js": lambda *v: _js(_sprint(*v)),
     "urlquery": lambda *v: urllib.parse.quote_plus(_sprint(*v)),
     "json": go_json,
     "currentDate": _date(0),
     "yesterdayDate": _date(1),
+    "toTypeScriptType": _typescript,
 }

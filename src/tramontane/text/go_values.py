@@ -56,7 +56,11 @@ class GoList(list[Any]):
     """A Go slice type with a String method writing its JSON (Ollama's tool list; nil when empty)."""
 
     def __str__(self) -> str:
-        return go_json(list(self)) if self else "null"
+        return go_json(self)
+
+
+class NilSlice(list[Any]):
+    """A nil slice (always empty): %v prints `[]`, JSON writes null."""
 
 
 class GoMap(dict[str, Any]):
@@ -147,7 +151,7 @@ def _json_string(text: str) -> str:
 def go_json(value: Any) -> str:
     """`value` as Go's json.Marshal writes it: compact, map keys sorted, struct fields in order, <, > and &
     escaped, float64s in Go's shortest form. ValueError for NaN and infinities, as in Go."""
-    if value is None or value is MISSING:
+    if value is None or value is MISSING or (isinstance(value, NilSlice | GoList) and not value):
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"

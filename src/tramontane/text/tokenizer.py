@@ -27,7 +27,7 @@ from tramontane.text.chat_template import (
     render_chat_template,
     template_tool_format,
 )
-from tramontane.text.go_chat import render_go_chat
+from tramontane.text.go_chat import parse_ollama, render_go_chat
 from tramontane.text.go_template import GoTemplate
 
 Message = dict[str, Any]
@@ -338,7 +338,7 @@ class HFTokenizer:
         from .go_chat import go_tool_format
 
         other = copy.copy(self)
-        other._go = GoTemplate.parse(source)
+        other._go = parse_ollama(source)
         other.tool_format = go_tool_format(other._go)
         other.chat_format = f"go template (Ollama TEMPLATE) over {self.chat_format}"
         return other
