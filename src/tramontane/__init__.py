@@ -1,6 +1,6 @@
 """tramontane: run, serve, quantize and fine-tune Mistral-family open-weight models.
 
-`LLM`, `load` and `SamplingParams` are imported on first use (PEP 562): they bring torch, and the
+`LLM`, `load`, `SamplingParams` and `Speculation` are imported on first use (PEP 562): they bring torch, and the
 commands that need no model (`tramontane list`, `rm`, `--help`, a mistyped flag) answer without it."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from .errors import ConfigError, LoadError, RequestError, TemplateError, Tokeniz
 if TYPE_CHECKING:
     from .api import LLM, load
     from .decoding.sampling import SamplingParams
+    from .decoding.speculative import Speculation
 
-_LAZY = {"LLM": "api", "load": "api", "SamplingParams": "decoding.sampling"}
+_LAZY = {"LLM": "api", "load": "api", "SamplingParams": "decoding.sampling", "Speculation": "decoding.speculative"}
 
 __all__ = [
     "LLM",
@@ -25,6 +26,7 @@ __all__ = [
     "MoeConfig",
     "RequestError",
     "SamplingParams",
+    "Speculation",
     "TemplateError",
     "TokenizerError",
     "TramontaneError",

@@ -13,6 +13,7 @@ from .build import LoadedModel, load_model, select_backend
 from .decoding.offline import Generator, collect
 from .decoding.sampling import SamplingParams
 from .decoding.sequence import Completion, Delta
+from .decoding.speculative import Speculation, SpeculationStats
 from .device import resolve_dtype
 from .errors import ConfigError, RequestError, TemplateError
 from .hub.modelfile import ModelSettings
@@ -52,6 +53,7 @@ class LLM:
         self.loaded, self.tokenizer, self.dtype = loaded, tokenizer, dtype
         self.model, self.config = loaded.model, loaded.config
         self.settings = ModelSettings()  # a created model's Modelfile settings (hub/modelfile.py)
+        self.speculation: Speculation | None = None  # speculative decoding for every call that names none
         self._select_backend()
 
     def _select_backend(self) -> None:
@@ -102,14 +104,16 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         stream: bool = False,
+        speculation: Speculation | None = None,
         **kwargs: Any,
     ) -> list[Completion] | Iterator[Delta]:
         """Complete a batch of prompts (text or token ids). With stream=True, yields `Delta`s as they come
-        (each names its prompt's index); otherwise returns one `Completion` per prompt."""
+        (each names its prompt's index); otherwise returns one `Completion` per prompt. `speculation`
+        (else `llm.speculation`): decode speculatively (decoding/speculative.py), the output unchanged."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self.encode_prompt(p) for p in prompts]
-        deltas = self._generator.run(ids, self._params(params, len(ids), kwargs))
+        deltas = self._generator.run(ids, self._params(params, len(ids), kwargs), speculation or self.speculation)
         return deltas if stream else collect(deltas, ids)
 
     def chat(
@@ -121,6 +125,7 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: Any = None,
         parallel_tool_calls: bool | None = None,
+        speculation: Speculation | None = None,
         **kwargs: Any,
     ) -> Completion | Iterator[str]:
         """Answer a conversation (OpenAI-style message dicts). With stream=True, yields text deltas.
@@ -142,7 +147,7 @@ class LLM:
                     "keywords, without response_format"
                 )
             kwargs["grammar"], kwargs["grammar_reserve"] = grammar, call_reserve(use, self.tokenizer)
-        deltas = self._generator.run([ids], self._params(params, 1, kwargs))
+        deltas = self._generator.run([ids], self._params(params, 1, kwargs), speculation or self.speculation)
         if stream:
             if use is not None and use.mode != "none":
                 raise RequestError("stream=True with tools is not available offline; stream=False gives the calls")
@@ -168,6 +173,11 @@ class LLM:
         from .lora.layers import set_active
 
         set_active(self.model, name)
+
+    @property
+    def speculation_stats(self) -> SpeculationStats:
+        """Speculative decoding's counters over this model's calls: passes, drafted and accepted tokens."""
+        return self._runner.stats
 
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Log-probability of every token after the first, given the tokens before it."""

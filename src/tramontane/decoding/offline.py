@@ -3,7 +3,11 @@
 `LLM.generate` runs all prompts of a batch together: a chunked prefill over right-padded prompts,
 then one decoding step per token for every unfinished sequence. Finished sequences leave the batch
 (their cache rows are dropped); logits, penalties, sampling and logprobs are computed per row. The
-forward steps run on the decode backend the builder picked (model/backend.py)."""
+forward steps run on the decode backend the builder picked (model/backend.py).
+
+With a `Speculation` (speculative.py), each step feeds every row its last token and its draft, and
+keeps what verification accepts: one pass over the weights for up to k + 1 tokens. A step where no row
+has a draft is a plain decoding step."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from ..model import Backend, KVCache, Transformer
 from ..text.tokenizer import Tokenizer
 from .sampling import SamplingParams
 from .sequence import Completion, Delta, SequenceState, pick_tokens
+from .speculative import Speculation, SpeculationStats, accept
 
 PREFILL_CHUNK = 512  # tokens per row per prefill step: bounds activation memory on long prompts
 INITIAL_CAPACITY = 256  # KV slots allocated beyond the prompt before the cache has to grow
@@ -29,8 +34,14 @@ class Generator:
     ) -> None:
         self.model, self.tokenizer, self.backend, self.dtype = model, tokenizer, backend, dtype
         self.config = model.config
+        self.stats = SpeculationStats()  # over every speculative run of this generator
 
-    def run(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams]) -> Iterator[Delta]:
+    def run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: Sequence[SamplingParams],
+        speculation: Speculation | None = None,
+    ) -> Iterator[Delta]:
         seqs = [
             SequenceState(i, list(p), sp, self.tokenizer, self.config.max_seq_len)
             for i, (p, sp) in enumerate(zip(prompts, params))
@@ -43,11 +54,15 @@ class Generator:
                     f"prompt {s.index} has {len(s.prompt)} tokens: no room left in the "
                     f"model's context of {self.config.max_seq_len}"
                 )
-        capacity = max(len(s.prompt) for s in seqs) + min(INITIAL_CAPACITY, max(s.max_tokens for s in seqs))
-        cache = KVCache(self.config, len(seqs), capacity, self.dtype)
+        spare = speculation.num_tokens if speculation is not None else 0
+        capacity = max(len(s.prompt) for s in seqs) + min(INITIAL_CAPACITY, max(s.max_tokens for s in seqs)) + spare
+        cache = KVCache(self.config, len(seqs), capacity, self.dtype, spare=spare)
         with torch.inference_mode():
             logits = self._prefill(seqs, cache)
-            yield from self._decode(seqs, cache, logits)
+            if speculation is None:
+                yield from self._decode(seqs, cache, logits)
+            else:
+                yield from self._speculate(seqs, cache, logits, speculation)
 
     def _prefill(self, seqs: list[SequenceState], cache: KVCache) -> torch.Tensor:
         """Run the prompts in chunks; return the logits after each prompt's last token [B,V]."""
@@ -81,6 +96,37 @@ class Generator:
             positions = torch.tensor([[s.length - 1] for s in active])  # [B,1]
             cache.ensure_capacity(int(positions.max()) + 1, limit=self.config.max_seq_len)
             logits = self.model.logits(self.backend.decode(tokens[:, None], positions, cache)[:, -1])  # [B,V]
+
+    def _speculate(
+        self, seqs: list[SequenceState], cache: KVCache, logits: torch.Tensor, spec: Speculation
+    ) -> Iterator[Delta]:
+        active = list(seqs)
+        drafters = {s.index: spec.drafter() for s in seqs}
+        tokens, logprobs = pick_tokens(active, logits, self.tokenizer)
+        for s, token, lp in zip(active, tokens.tolist(), logprobs):
+            yield s.append(token, lp)
+        while True:
+            keep = [i for i, s in enumerate(active) if s.finish_reason is None]
+            if not keep:
+                return
+            if len(keep) < len(active):
+                cache.reorder(torch.tensor(keep))
+                active = [active[i] for i in keep]
+            drafts = [drafters[s.index].propose(s.prompt + s.output, s.max_tokens - len(s.output) - 1) for s in active]
+            width = 1 + max(len(d) for d in drafts)
+            step = torch.zeros(len(active), width, dtype=torch.long)  # [B,W]: each row's last token, its draft
+            positions = torch.full((len(active), width), -1, dtype=torch.long)  # [B,W], -1 = padding
+            for i, (s, d) in enumerate(zip(active, drafts)):
+                step[i, : 1 + len(d)] = torch.tensor([s.output[-1], *d])
+                positions[i, : 1 + len(d)] = torch.arange(s.length - 1, s.length + len(d))
+            cache.ensure_capacity(int(positions.max()) + 1, limit=self.config.max_seq_len)
+            if width == 1:  # nothing drafted: a plain decoding step
+                hidden = self.backend.decode(step, positions, cache)  # [B,1,dim]
+            else:
+                hidden = self.backend.prefill(step, positions, cache)  # [B,W,dim]
+            logits = self.model.logits(hidden)  # [B,W,V]
+            for i, (s, d) in enumerate(zip(active, drafts)):
+                yield from accept(s, logits[i, : 1 + len(d)], d, drafters[s.index], self.tokenizer, self.stats)
 
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Log-probability of each token given the ones before it, in one pass: [len - 1] float32."""

@@ -129,7 +129,7 @@ def pick_tokens(
     if not wanted:
         return tokens, [None] * len(seqs)
     chosen, top_ids, top_lp = compute_logprobs(logits, tokens, max(wanted))
-    return tokens, _logprobs(params, tokens, chosen, top_ids, top_lp, tokenizer)
+    return tokens, logprob_entries(params, tokens, chosen, top_ids, top_lp, tokenizer)
 
 
 def _plain_greedy(s: SequenceState) -> bool:
@@ -151,6 +151,12 @@ def _processed_and_sampled(
     seqs: Sequence[SequenceState], params: list[SamplingParams], logits: torch.Tensor
 ) -> torch.Tensor:
     """Bias, penalties, grammar masks, temperature and truncation, then a draw per row: tokens [B]."""
+    return sample(processed_logits(seqs, params, logits), params, [s.generator for s in seqs])  # [B]
+
+
+def processed_logits(seqs: Sequence[SequenceState], params: list[SamplingParams], logits: torch.Tensor) -> torch.Tensor:
+    """Logits [B,V] after bias, penalties, grammar masks, temperature and truncation: softmax of a row
+    is the distribution its next token is drawn from."""
     processed = apply_logit_bias(logits, params)
     if any(p.has_penalties for p in params):
         processed = apply_penalties(processed, [s.prompt for s in seqs], [s.output for s in seqs], params)
@@ -160,11 +166,10 @@ def _processed_and_sampled(
             for s in seqs
         ]
         processed = mask_logits(processed, [s.guide for s in seqs], finishing)
-    processed = process_logits(processed, params)
-    return sample(processed, params, [s.generator for s in seqs])  # [B]
+    return process_logits(processed, params)
 
 
-def _logprobs(
+def logprob_entries(
     params: list[SamplingParams],
     tokens: torch.Tensor,
     chosen: torch.Tensor,

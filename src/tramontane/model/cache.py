@@ -10,7 +10,9 @@ position p lives in slot p mod W. Worked example, W = 4, after decoding position
     slot        0  1  2  3
     position    8  9  6  7      (9 mod 4 = 1 overwrote position 5)
 
-The query at position 9 attends positions 6..9: exactly i - W < j <= i (DESIGN.md). When a chunk of
+The query at position 9 attends positions 6..9: exactly i - W < j <= i (DESIGN.md). With `spare`
+slots (speculative decoding: a pass writes k drafted tokens that may be rejected) the buffer has
+W + spare slots, so a rejected draft overwrites only positions no later query attends. When a chunk of
 T > 1 tokens arrives, the early queries of the chunk may still need slots the chunk's own later tokens
 would overwrite, so such chunks attend the old buffer concatenated with the new keys and only then
 write their last W tokens. A single decoding token may write first: the slot it overwrites holds
@@ -58,10 +60,11 @@ class KVCache(Cache):
         capacity: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        spare: int = 0,
     ) -> None:
         window = config.sliding_window
-        self._window = window
-        self.size = capacity if window is None else min(window, capacity)  # W slots when the window is smaller
+        self._window = None if window is None else window + spare  # the slots a rolling buffer keeps
+        self.size = capacity if window is None else min(window + spare, capacity)  # W (+ spare) when smaller
         self.rolling = self.size < capacity
         shape = (batch_size, config.n_kv_heads, self.size, config.head_dim)  # [B,Hkv,S,D]
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
@@ -90,10 +93,17 @@ class KVCache(Cache):
             rows, cols = keep.nonzero(as_tuple=True)  # [N] each
         slots = positions[rows, cols].clamp(min=0) % size  # [N]
         concat = self.rolling and positions.shape[1] > 1
-        old_pos = self.pos.clone() if concat else None
+        old_pos = self._superseded(positions) if concat else None
         self.pos[rows, slots] = self._keep_old(valid, positions[rows, cols], self.pos[rows, slots])
         self._step = (rows, cols, slots, concat, old_pos, positions, valid)
         self._masks = {}  # one mask per step, shared by every layer
+
+    def _superseded(self, positions: torch.Tensor) -> torch.Tensor:
+        """The buffer's positions [B,S] as a chunk at `positions` [B,T] sees them: a slot holding a position
+        the chunk stores again (a rejected speculative draft) is hidden (-1), so no query sees two keys
+        for one position."""
+        first = torch.where(positions >= 0, positions, torch.iinfo(torch.long).max).min(dim=1, keepdim=True).values
+        return self.pos.masked_fill(self.pos >= first, -1)  # [B,S]
 
     @staticmethod
     def _keep_old(valid: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -134,7 +144,7 @@ class KVCache(Cache):
         """Make room for positions 0..n_positions-1 (doubling, at most `limit` slots).
 
         A rolling buffer never grows. A full-size buffer that grows past the sliding window becomes
-        a rolling buffer of W slots, keeping the last W positions at slot p mod W."""
+        a rolling buffer of W (+ spare) slots, keeping the last of them at slot p mod their number."""
         if self.rolling or n_positions <= self.size:
             return
         target = min(max(n_positions, 2 * self.size), max(limit, n_positions))

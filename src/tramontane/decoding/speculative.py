@@ -1,0 +1,172 @@
+"""Speculative decoding: draft a few tokens cheaply, verify them all in one pass of the model.
+
+Batch-1 decoding reads every weight once per token; a pass over k + 1 tokens reads them once too, so
+each drafted token the model agrees with is a token for free. Drafts come from prompt lookup here
+(vLLM's "ngram" method, llama.cpp's lookup decoding): the last n tokens of the sequence (n from
+`ngram_max` down to `ngram_min`) are searched for earlier in the prompt and answer, and the tokens that
+followed their latest earlier occurrence are the draft. Copy-heavy work (editing or summarising a given
+text, refactoring given code) drafts well; free generation rarely finds a match and decodes as usual.
+
+    drafter = Speculation(num_tokens=8).drafter()     # one per sequence
+    draft = drafter.propose(prompt + output, room=10)   # [] when nothing matches
+
+The draft length adapts per sequence, as Hugging Face's assisted generation does: it grows by 2 after
+a pass that kept every drafted token and shrinks by 1 after one that did not (between 1 and
+`num_tokens`), so text the model copies drafts long and free text, where drafts rarely hold, costs
+little: a drafted token the model rejects still costs its share of the pass. A rejected one-token
+draft pauses drafting for PAUSE steps (plain decoding steps cost nothing extra).
+
+Verification (`accept`) walks the k + 1 logits rows of the pass in order, each through the sequence's
+own processing (bias, penalties, grammar, temperature, truncation), and keeps drafted tokens while they
+are what decoding would emit:
+- greedy: the drafted token is kept while it is the argmax, and the first that is not is replaced by
+  the argmax: the output is the plain greedy output, token for token;
+- sampled: a draft is a point mass q = 1 at d, so the standard rejection rule keeps d with probability
+  min(1, p(d) / q(d)) = p(d), and on a rejection draws from the residual max(0, p - q), which is p
+  without d, renormalised. Every emitted token is then distributed exactly as plain sampling's.
+When every draft is kept, the last row gives one more token: k + 1 tokens for one pass at best."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import RequestError
+from ..text.tokenizer import Tokenizer
+from .sampling import compute_logprobs
+from .sequence import Delta, SequenceState, TokenLogprob, logprob_entries, pick_tokens, processed_logits
+
+METHODS = ("prompt_lookup",)
+PAUSE = 4  # steps without drafts after a one-token draft failed
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """How to draft: up to `num_tokens` tokens per pass, from an n-gram of `ngram_max` down to
+    `ngram_min` tokens found earlier in the sequence."""
+
+    method: str = "prompt_lookup"
+    num_tokens: int = 8
+    ngram_max: int = 4
+    ngram_min: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RequestError(f"speculation method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 1 <= self.num_tokens <= 16:
+            raise RequestError(f"speculation num_tokens must be 1..16, got {self.num_tokens}")
+        if not 1 <= self.ngram_min <= self.ngram_max <= 16:
+            raise RequestError(
+                f"speculation needs 1 <= ngram_min <= ngram_max <= 16, got {self.ngram_min} and {self.ngram_max}"
+            )
+
+    def drafter(self) -> PromptLookup:
+        return PromptLookup(self)
+
+
+class PromptLookup:
+    """One sequence's drafts, and their length as recent passes warrant."""
+
+    def __init__(self, spec: Speculation) -> None:
+        self.spec = spec
+        self.length = max(1, spec.num_tokens // 2)
+        self.paused = 0  # steps left without drafting
+
+    def propose(self, tokens: Sequence[int], room: int) -> list[int]:
+        """The draft after `tokens` (prompt and answer so far): at most min(its length, room) tokens."""
+        limit, spec = min(self.length, room), self.spec
+        if self.paused:
+            self.paused -= 1
+            return []
+        if limit <= 0 or len(tokens) < spec.ngram_min + 1:
+            return []
+        seq = np.asarray(tokens, dtype=np.int64)
+        for n in range(min(spec.ngram_max, len(seq) - 1), spec.ngram_min - 1, -1):
+            start = _latest_match(seq, n)
+            if start is not None:
+                return seq[start + n : start + n + limit].tolist()
+        return []
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if drafted == 1 and not accepted:
+            self.paused = PAUSE
+        if drafted:
+            grown = self.length + 2 if accepted == drafted else self.length - 1
+            self.length = min(self.spec.num_tokens, max(1, grown))
+
+
+def _latest_match(seq: np.ndarray, n: int) -> int | None:
+    """Start of the latest earlier occurrence of the last n tokens, with a token after it (None: none)."""
+    windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # [L-n, n]: every n-gram but the last
+    hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
+    return int(hits[-1]) if hits.size else None
+
+
+@dataclass
+class SpeculationStats:
+    """Counters of a run: verification passes, tokens drafted, drafted tokens kept, tokens emitted."""
+
+    passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.emitted / self.passes if self.passes else 0.0
+
+
+def accept(
+    s: SequenceState,
+    logits: torch.Tensor,
+    draft: Sequence[int],
+    drafter: PromptLookup,
+    tokenizer: Tokenizer,
+    stats: SpeculationStats,
+) -> Iterator[Delta]:
+    """Emit the tokens one verification pass gives sequence `s`: logits [len(draft) + 1, V], row j the
+    model's prediction after the draft's first j tokens. Stops at the first token decoding would not
+    have drafted, or when the sequence finishes."""
+    stats.passes += 1
+    stats.drafted += len(draft)
+    kept = 0
+    for j in range(len(draft) + 1):
+        row = logits[j : j + 1]  # [1,V]
+        wanted = draft[j] if j < len(draft) else None
+        token, logprob = _verify(s, row, wanted, tokenizer)
+        stats.emitted += 1
+        yield s.append(token, logprob)
+        if token != wanted or s.finish_reason is not None:
+            break
+        kept += 1
+    stats.accepted += kept
+    drafter.update(len(draft), kept)
+
+
+def _verify(
+    s: SequenceState, row: torch.Tensor, drafted: int | None, tokenizer: Tokenizer
+) -> tuple[int, TokenLogprob | None]:
+    """The token this position emits: decoding's own pick where nothing was drafted or the row is
+    greedy; the rejection rule where it samples."""
+    if drafted is None or s.params.is_greedy:
+        tokens, logprobs = pick_tokens([s], row, tokenizer)
+        return int(tokens[0]), logprobs[0]
+    probs = processed_logits([s], [s.params], row).float().softmax(dim=-1)[0]  # [V]
+    assert s.generator is not None
+    if float(torch.rand((), generator=s.generator)) < float(probs[drafted]):
+        token = drafted
+    else:
+        probs[drafted] = 0.0
+        token = int(torch.multinomial(probs, 1, generator=s.generator)[0])
+    top_n = s.params.logprobs
+    if top_n is None:
+        return token, None
+    chosen, top_ids, top_lp = compute_logprobs(row, torch.tensor([token]), top_n)
+    return token, logprob_entries([s.params], torch.tensor([token]), chosen, top_ids, top_lp, tokenizer)[0]

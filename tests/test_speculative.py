@@ -1,0 +1,199 @@
+"""Issue 21: speculative decoding by prompt lookup. Greedy output equals plain decoding token for token
+(tiny Mistral with a window smaller than the context, so the rolling cache takes its spare slots;
+Llama; Mixtral; SmolLM2 on the compiled step, with structured output, stop strings, penalties and
+logprobs), and sampling keeps plain sampling's distribution: the rejection rule on a fixed row
+against the exact probabilities, and 10,000 speculative samples against the model's own distribution,
+by chi-square (seeded, so the test cannot flake)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+from chartok import CharTokenizer
+from models import hf_model, save_hf
+
+import tramontane
+import tramontane.decoding.offline as gen_mod
+from tramontane import Speculation
+from tramontane.api import LLM
+from tramontane.build.load import load_model
+from tramontane.decoding.sampling import SamplingParams
+from tramontane.decoding.sequence import SequenceState
+from tramontane.decoding.speculative import SpeculationStats, accept
+
+# prompts that repeat themselves, so that lookup finds drafts from the first step
+PROMPTS = [[5, 9, 14, 3, 7, 5, 9, 14, 3, 7, 5, 9], [17, 4, 60, 17, 4]]
+SPEC = Speculation(num_tokens=4, ngram_min=1)
+
+
+@pytest.fixture(scope="module", params=["mistral", "llama", "mixtral"])
+def llm(request, tmp_path_factory):
+    folder = save_hf(hf_model(request.param, seed=3), tmp_path_factory.mktemp("m"), shard=None)
+    return LLM(load_model(folder), CharTokenizer())
+
+
+def speculated(llm: LLM, prompts, params) -> tuple[list, SpeculationStats]:
+    before = SpeculationStats(**vars(llm.speculation_stats))
+    out = llm.generate(prompts, params, speculation=SPEC)
+    after = llm.speculation_stats
+    return out, SpeculationStats(*(a - b for a, b in zip(vars(after).values(), vars(before).values())))
+
+
+class Oracle:
+    """Drafts what plain decoding answered (as a draft model equal to the target would), every third
+    draft wrong from its second token on: both acceptance and rejection are exercised."""
+
+    num_tokens = 4
+
+    def __init__(self, prompts: list[list[int]], answers: list[list[int]]) -> None:
+        self.known = list(zip(prompts, answers))
+        self.calls = 0
+
+    def drafter(self) -> Oracle:
+        return self
+
+    def propose(self, tokens: list[int], room: int) -> list[int]:
+        self.calls += 1
+        prompt, answer = next((p, a) for p, a in self.known if tokens[: len(p)] == p)
+        done = len(tokens) - len(prompt)
+        draft = answer[done : done + min(self.num_tokens, room)]
+        if self.calls > 0 and self.calls % 3 == 0 and len(draft) > 1:
+            draft[1] = (draft[1] + 1) % 96
+        return draft
+
+    def update(self, drafted: int, accepted: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("initial_capacity", [256, 3])
+def test_greedy_speculation_equals_plain_decoding(llm, monkeypatch, initial_capacity):
+    """40 tokens, past Mistral's window of 8 (the rolling cache keeps spare slots for the drafts);
+    capacity 3 makes the cache grow and turn rolling. Drafted by lookup (rarely right on a random
+    model) and by an oracle (right but for one token in three drafts)."""
+    monkeypatch.setattr(gen_mod, "INITIAL_CAPACITY", initial_capacity)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain = llm.generate(PROMPTS, params)
+    spec, stats = speculated(llm, PROMPTS, params)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in plain] and stats.drafted > 0
+    assert stats.emitted == 2 * 39  # the first token comes from the prompt's pass
+    oracle = Oracle(PROMPTS, [c.token_ids for c in plain])
+    before = SpeculationStats(**vars(llm.speculation_stats))
+    drafted = llm.generate(PROMPTS, params, speculation=oracle)
+    assert [c.token_ids for c in drafted] == [c.token_ids for c in plain]
+    assert [c.finish_reason for c in drafted] == ["length", "length"]
+    passes = llm.speculation_stats.passes - before.passes
+    accepted = llm.speculation_stats.accepted - before.accepted
+    assert accepted > 40 and passes < 40  # up to 5 tokens a pass
+
+
+def test_greedy_with_penalties_stops_and_logprobs(llm):
+    params = SamplingParams(
+        temperature=0, max_tokens=30, ignore_eos=True, presence_penalty=0.4, repetition_penalty=1.1, logprobs=2
+    )
+    plain = llm.generate(PROMPTS, params)
+    spec, stats = speculated(llm, PROMPTS, params)
+    assert [c.token_ids for c in spec] == [c.token_ids for c in plain] and stats.drafted > 0
+    for a, b in zip(spec, plain):
+        assert [t.token for t in a.logprobs] == [t.token for t in b.logprobs]
+        got, want = torch.tensor([t.logprob for t in a.logprobs]), torch.tensor([t.logprob for t in b.logprobs])
+        assert (got - want).abs().max() <= 1e-4
+    stop = llm.tokenizer.decode(plain[0].token_ids[12:14])  # a stop string met in the middle of a draft
+    stopped = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])
+    assert llm.generate(PROMPTS, stopped, speculation=SPEC)[0].text == llm.generate(PROMPTS, stopped)[0].text
+
+
+def test_smollm2_on_the_compiled_step_with_structured_output(smollm2_path):
+    llm = tramontane.load(smollm2_path)
+    text = (
+        "Tramontane is a cold wind from the north. It blows over the Pyrenees and the Alps, down to the "
+        "Mediterranean sea, where sailors fear it in winter because it raises short, steep waves."
+    )
+    messages = [{"role": "user", "content": "Repeat this text exactly:\n\n" + text}]
+    plain = llm.chat(messages, temperature=0, max_tokens=60, ignore_eos=True)
+    before = llm.speculation_stats.accepted
+    spec = llm.chat(messages, temperature=0, max_tokens=60, ignore_eos=True, speculation=Speculation())
+    assert spec.token_ids == plain.token_ids
+    assert llm.speculation_stats.accepted - before > 15  # the copied text was drafted
+    asked = [{"role": "user", "content": 'Give {"a": 1, "b": [2, 3]} back as JSON with keys a, b and c.'}]
+    fmt = {"type": "json_object"}
+    plain = llm.chat(asked, temperature=0, max_tokens=40, response_format=fmt)
+    assert (
+        llm.chat(asked, temperature=0, max_tokens=40, response_format=fmt, speculation=Speculation()).text == plain.text
+    )
+
+
+def chi_square_bound(df: int, z: float = 3.09) -> float:
+    """The chi-square value exceeded with probability ~0.001 (Wilson-Hilferty; z of 0.999)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_the_rejection_rule_draws_from_the_model_distribution():
+    """One row of logits and a drafted token: the token the pass emits is distributed as softmax(row),
+    whether the draft is likely (0.5), unlikely (0.02) or masked by top-k."""
+    torch.manual_seed(0)
+    row = torch.randn(1, 96) * 1.5
+    tokenizer = CharTokenizer()
+    for params, drafted in [
+        (SamplingParams(temperature=1.0, seed=1), int(row.argmax())),
+        (SamplingParams(temperature=0.7, seed=2), int(row.argsort(descending=True)[0, 20])),
+        (SamplingParams(temperature=1.0, top_k=5, seed=3), int(row.argsort(descending=True)[0, 50])),
+    ]:
+        from tramontane.decoding.sequence import processed_logits
+
+        s = SequenceState(0, [1, 2, 3], params, tokenizer, 1000)
+        probs = processed_logits([s], [params], row).float().softmax(dim=-1)[0]
+        counts: Counter[int] = Counter()
+        n = 5_000
+        for _ in range(n):
+            s.output, s.finish_reason = [], None
+            deltas = list(accept(s, torch.cat([row, row]), [drafted], _NoDrafter(), tokenizer, SpeculationStats()))
+            counts[deltas[0].token_ids[0]] += 1
+        expected = {t: float(p) * n for t, p in enumerate(probs) if p * n >= 5}
+        rare = n - sum(expected.values())
+        stat = sum((counts[t] - e) ** 2 / e for t, e in expected.items())
+        observed_rare = n - sum(counts[t] for t in expected)
+        if rare >= 5:
+            stat += (observed_rare - rare) ** 2 / rare
+        assert stat < chi_square_bound(len(expected) - (0 if rare >= 5 else 1)), (params, stat)
+        assert all(probs[t] > 0 for t in counts)  # nothing masked is ever emitted
+
+
+class _NoDrafter:
+    def update(self, drafted: int, accepted: int) -> None:
+        pass
+
+
+def test_speculative_sampling_keeps_the_model_distribution(tmp_path):
+    """10,000 continuations of a prompt sampled speculatively (each row its own seed; the draft is the
+    greedy answer, whatever was sampled before it): the second token, the one verification emits, has
+    the model's own distribution, summed exactly over every first token (chi-square)."""
+    folder = save_hf(hf_model("llama", seed=5), tmp_path / "m", shard=None)
+    llm = LLM(load_model(folder), CharTokenizer())
+    prompt, temperature = [5, 9, 14, 5, 9, 14, 5, 9], 0.8
+    greedy = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].token_ids
+    drafts = Oracle([prompt], [greedy])
+    drafts.calls = -(10**9)  # never corrupted
+    counts: Counter[int] = Counter()
+    for start in range(0, 10_000, 2_500):
+        params = [
+            SamplingParams(temperature=temperature, seed=start + i, max_tokens=3, ignore_eos=True) for i in range(2_500)
+        ]
+        for c in llm.generate([prompt] * len(params), params, speculation=drafts):
+            counts[c.token_ids[1]] += 1
+    assert llm.speculation_stats.accepted > 500  # the draft was often kept: verification ran both ways
+    with torch.inference_mode():  # p(t2) = sum over t1 of p(t1) p(t2 | t1), from the model itself
+        first = llm.model.logits(llm.backend.prefill(torch.tensor([prompt]), None, None))[0, -1]  # [V]
+        rows = torch.tensor([[*prompt, t] for t in range(96)])  # [V, T+1]
+        second = llm.model.logits(llm.backend.prefill(rows, None, None))[:, -1]  # [V, V]
+    p1 = (first / temperature).softmax(-1)
+    p2 = (p1[:, None] * (second / temperature).softmax(-1)).sum(0)  # [V]
+    expected = {t: float(p) * 10_000 for t, p in enumerate(p2) if p * 10_000 >= 5}
+    pairs = [(counts[t], e) for t, e in expected.items()]
+    rest = 10_000 - sum(expected.values())
+    if rest >= 5:
+        pairs.append((10_000 - sum(counts[t] for t in expected), rest))
+    stat = sum((o - e) ** 2 / e for o, e in pairs)
+    assert stat < chi_square_bound(len(pairs) - 1), stat
