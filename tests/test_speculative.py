@@ -3,17 +3,22 @@
 Llama; Mixtral; SmolLM2 on the compiled step, with structured output, stop strings, penalties and
 logprobs), and sampling keeps plain sampling's distribution: the rejection rule on a fixed row
 against the exact probabilities, and 10,000 speculative samples against the model's own distribution,
-by chi-square (seeded, so the test cannot flake)."""
+by chi-square (seeded, so the test cannot flake). Served: the engine verifies drafts inside its
+batched steps (paged pool, module path and compiled step, drafts cut by the step budget, preemption,
+the prefix cache never holding a rejected draft), `--speculative-config`, and a request's
+`speculation` through the official SDK with /metrics counting."""
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import math
 from collections import Counter
 
 import pytest
 import torch
 from chartok import CharTokenizer
-from models import hf_model, save_hf
+from models import hf_model, save_gguf, save_hf
 
 import tramontane
 import tramontane.decoding.offline as gen_mod
@@ -23,6 +28,8 @@ from tramontane.build.load import load_model
 from tramontane.decoding.sampling import SamplingParams
 from tramontane.decoding.sequence import SequenceState
 from tramontane.decoding.speculative import SpeculationStats, accept
+from tramontane.engine import AsyncEngine, EngineRequest
+from tramontane.engine.blocks import bytes_per_block
 
 # prompts that repeat themselves, so that lookup finds drafts from the first step
 PROMPTS = [[5, 9, 14, 3, 7, 5, 9, 14, 3, 7, 5, 9], [17, 4, 60, 17, 4]]
@@ -35,9 +42,9 @@ def llm(request, tmp_path_factory):
     return LLM(load_model(folder), CharTokenizer())
 
 
-def speculated(llm: LLM, prompts, params) -> tuple[list, SpeculationStats]:
+def speculated(llm: LLM, prompts, params, speculation=SPEC) -> tuple[list, SpeculationStats]:
     before = SpeculationStats(**vars(llm.speculation_stats))
-    out = llm.generate(prompts, params, speculation=SPEC)
+    out = llm.generate(prompts, params, speculation=speculation)
     after = llm.speculation_stats
     return out, SpeculationStats(*(a - b for a, b in zip(vars(after).values(), vars(before).values())))
 
@@ -54,6 +61,9 @@ class Oracle:
 
     def drafter(self) -> Oracle:
         return self
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        pass
 
     def propose(self, tokens: list[int], room: int) -> list[int]:
         self.calls += 1
@@ -197,3 +207,197 @@ def test_speculative_sampling_keeps_the_model_distribution(tmp_path):
         pairs.append((10_000 - sum(counts[t] for t in expected), rest))
     stat = sum((o - e) ** 2 / e for o, e in pairs)
     assert stat < chi_square_bound(len(pairs) - 1), stat
+
+
+# ---- served: the engine verifies drafts in its steps ------------------------------------------------
+@pytest.fixture(scope="module", params=["mistral", "llama-q4_1"])
+def served(request, tmp_path_factory):
+    """A float model with a window (module path on the paged pool) and a packed one (the compiled step)."""
+    kind, _, qtype = request.param.partition("-")
+    if qtype:
+        path = save_gguf(hf_model(kind, seed=8), tmp_path_factory.mktemp("s") / "m.gguf", qtype.upper())
+        return LLM(load_model(path, packed=True), CharTokenizer())
+    return LLM(load_model(save_hf(hf_model(kind, seed=8), tmp_path_factory.mktemp("s"), shard=None)), CharTokenizer())
+
+
+def serve_all(llm: LLM, ps: list[list[int]], params: SamplingParams, speculation=None, blocks=400, **kw):
+    engine = AsyncEngine(
+        llm,
+        model_name="tiny",
+        kv_cache_memory=blocks * bytes_per_block(llm.config, 4, torch.float32),
+        block_size=4,
+        speculation=speculation,
+        **kw,
+    )
+
+    async def one(i: int, prompt: list[int]) -> list[int]:
+        tokens: list[int] = []
+        async for out in engine.generate(EngineRequest(f"r{i}", prompt, params)):
+            tokens += out.token_ids
+        return tokens
+
+    async def main() -> list[list[int]]:
+        engine.start()
+        try:
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
+        finally:
+            await engine.shutdown(1.0)
+
+    return asyncio.run(main()), engine
+
+
+def metric(engine: AsyncEngine, name: str) -> float:
+    for line in engine.metrics.render().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+SERVED = [PROMPTS[0], PROMPTS[1], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43], [8, 8, 9]]
+
+
+@pytest.mark.parametrize("batched_tokens", [512, 6])
+def test_served_speculation_equals_plain_decoding(served, batched_tokens):
+    """Four concurrent requests drafted by the oracle (one draft in three wrong), blocks of 4 tokens; a
+    budget of 6 tokens a step cuts drafts short. Answers equal offline plain decoding; every block comes
+    back; the metrics count the passes."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain = [c.token_ids for c in served.generate(SERVED, params)]
+    answers, engine = serve_all(served, SERVED, params, Oracle(SERVED, plain), max_num_batched_tokens=batched_tokens)
+    assert answers == plain
+    assert engine.pool.num_used == 0
+    assert metric(engine, "tramontane_speculative_accepted_tokens_total") > 20
+    assert 0 < metric(engine, "tramontane_speculative_acceptance_rate") < 1
+    assert metric(engine, "tramontane_generation_tokens_total") == 4 * 30
+
+
+def test_rejected_drafts_never_reach_the_prefix_cache_and_preemption_stays_exact(served):
+    """Rejected drafts wrote keys into blocks: requests that then share those blocks through the prefix
+    cache (the same prompts with their answers, and more) still answer as offline; so do speculating
+    requests preempted for lack of blocks."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = [c.token_ids for c in served.generate(SERVED, params)]
+    oracle = Oracle(SERVED, plain)
+    engine = AsyncEngine(
+        served,
+        model_name="tiny",
+        kv_cache_memory=400 * bytes_per_block(served.config, 4, torch.float32),
+        block_size=4,
+        speculation=oracle,
+    )
+    longer = [p + a[:10] for p, a in zip(SERVED, plain)]
+
+    async def run(ps: list[list[int]], speculate: bool | None) -> list[list[int]]:
+        async def one(i: int, prompt: list[int]) -> list[int]:
+            tokens: list[int] = []
+            async for out in engine.generate(EngineRequest(f"{speculate}{i}", prompt, params, speculate=speculate)):
+                tokens += out.token_ids
+            return tokens
+
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
+
+    async def main() -> tuple[list[list[int]], list[list[int]]]:
+        engine.start()
+        try:
+            first = await run(SERVED, None)
+            return first, await run(longer, False)
+        finally:
+            await engine.shutdown(1.0)
+
+    first, second = asyncio.run(main())
+    assert first == plain
+    assert engine.pool.hits > 0
+    assert second == [c.token_ids for c in served.generate(longer, params)]
+    squeezed, engine = serve_all(
+        served, SERVED, params, Oracle(SERVED, plain), blocks=12 if served.config.sliding_window else 24
+    )
+    assert squeezed == plain and engine.scheduler.preemptions > 0
+
+
+def test_speculative_config_flag(tmp_path):
+    from tramontane.cli.main import _speculation
+    from tramontane.errors import TramontaneError
+
+    spec = _speculation(
+        '{"method": "ngram", "num_speculative_tokens": 6, "prompt_lookup_max": 5, "prompt_lookup_min": 3}'
+    )
+    assert spec == Speculation(num_tokens=6, ngram_max=5, ngram_min=3)
+    assert _speculation(None) is None
+    for bad, words in [
+        ("{", "not JSON"),
+        ('{"method": "eagle"}', "method must be"),
+        ('{"num_speculative_tokens": 99}', "num_tokens must be 1..16"),
+        ('{"draft_model": "x"}', "unknown keys"),
+        ('{"num_speculative_tokens": "4"}', "whole number"),
+    ]:
+        with pytest.raises(TramontaneError, match=words):
+            _speculation(bad)
+
+
+def test_a_served_request_speculates_as_asked(smollm2_server):
+    """Through the official SDK: `speculation: true` per request on a server without the flag; greedy
+    answers (plain, JSON mode, a stop string) equal the same requests without it, and /metrics counts."""
+    import httpx
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{smollm2_server}/v1", api_key="none")
+    text = "Tramontane is a cold wind from the north. It blows over the Pyrenees and the Alps, down to the sea."
+    cases = [
+        {"messages": [{"role": "user", "content": f"Repeat this text exactly:\n\n{text}"}], "max_tokens": 40},
+        {
+            "messages": [{"role": "user", "content": f"Repeat this text exactly:\n\n{text}"}],
+            "max_tokens": 40,
+            "stop": ["Alps"],
+        },
+        {
+            "messages": [{"role": "user", "content": 'Give {"wind": "tramontane", "cold": true} back as JSON.'}],
+            "max_tokens": 30,
+            "response_format": {"type": "json_object"},
+        },
+    ]
+    model = client.models.list().data[0].id
+    for case in cases:
+        plain = client.chat.completions.create(model=model, temperature=0, **case)
+        spec = client.chat.completions.create(model=model, temperature=0, extra_body={"speculation": True}, **case)
+        assert spec.choices[0].message.content == plain.choices[0].message.content
+        assert spec.choices[0].finish_reason == plain.choices[0].finish_reason
+    metrics = httpx.get(f"{smollm2_server}/metrics").text
+    passes = [
+        float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("tramontane_speculative_passes_total ")
+    ]
+    assert passes and passes[0] > 0
+
+
+# ---- a draft model -------------------------------------------------------------------------------------
+def test_a_draft_model_equal_to_the_model_keeps_every_draft(llm, tmp_path):
+    """Issue 21's target 2 as a test: drafting with the model itself keeps every drafted token, and each
+    pass gives k + 1 tokens (fewer only where max_tokens leaves less room); another model's drafts are
+    partly kept, the answer unchanged; a draft model of another vocabulary is refused."""
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    plain = [c.token_ids for c in llm.generate(PROMPTS, params)]
+    spec = Speculation(method="draft_model", draft=llm, num_tokens=4)
+    out, stats = speculated(llm, PROMPTS, params, spec)
+    assert [c.token_ids for c in out] == plain
+    assert stats.accepted == stats.drafted and stats.passes == 2 * 6 and stats.emitted == 2 * 29  # 5+5+5+5+5+4
+    other = copy.deepcopy(llm)  # a draft model close to the model: its weights a little off
+    with torch.no_grad():
+        for p in other.model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    out, stats = speculated(llm, PROMPTS, params, Speculation(method="draft_model", draft=other, num_tokens=3))
+    assert [c.token_ids for c in out] == plain and 0 < stats.accepted < stats.drafted
+    small = LLM(
+        load_model(save_hf(hf_model("llama", seed=1, vocab_size=64), tmp_path / "v", shard=None)), CharTokenizer()
+    )
+    with pytest.raises(tramontane.RequestError, match="vocabulary has 64 tokens"):
+        llm.generate(PROMPTS, params, speculation=Speculation(method="draft_model", draft=small))
+
+
+def test_served_draft_model(served):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = [c.token_ids for c in served.generate(SERVED, params)]
+    answers, engine = serve_all(served, SERVED, params, Speculation(method="draft_model", draft=served, num_tokens=3))
+    assert answers == plain and engine.pool.num_used == 0
+    assert metric(engine, "tramontane_speculative_acceptance_rate") == 1.0
+    assert metric(engine, "tramontane_speculative_tokens_per_pass") > 3.5

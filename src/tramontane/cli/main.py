@@ -229,6 +229,14 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-running", type=int, default=64, help="requests decoded together (default 64)")
     p.add_argument("--max-queued", type=int, default=256, help="waiting requests before 429 (default 256)")
     p.add_argument(
+        "--speculative-config",
+        metavar="JSON",
+        help='speculative decoding for every request (one may say "speculation": false), as vLLM\'s: by prompt '
+        'lookup {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 4, "prompt_lookup_min": 2} '
+        '(copy-heavy work decodes faster), or by a draft model sharing the tokenizer {"model": "PATH", '
+        '"num_speculative_tokens": 4}; answers unchanged',
+    )
+    p.add_argument(
         "--default-max-tokens",
         type=_count_or_zero,
         default=4096,
@@ -363,6 +371,61 @@ def _positive_int(text: str) -> int:
 
 
 MIN_KV_CACHE = 1 << 20  # below this no model's KV cache holds a useful number of tokens
+
+
+SPECULATIVE_KEYS = {"num_speculative_tokens": "num_tokens", "prompt_lookup_max": "ngram_max"}
+SPECULATIVE_KEYS["prompt_lookup_min"] = "ngram_min"
+
+
+def _speculative_json(text: str) -> dict[str, Any]:
+    import json
+
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise TramontaneError(f"--speculative-config is not JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise TramontaneError("--speculative-config must be a JSON object")
+    return config
+
+
+def _speculative_draft(text: str | None) -> str | None:
+    """--speculative-config's draft model ("model"), checked to exist; None for prompt lookup."""
+    draft = _speculative_json(text).get("model") if text is not None else None
+    if draft is None:
+        return None
+    if not isinstance(draft, str):
+        raise TramontaneError("--speculative-config: model is a path or a stored model's name")
+    from ..hub.resolve import resolve_model
+
+    resolve_model(draft)  # a clear error now, not once the server has loaded its model
+    return draft
+
+
+def _speculation(text: str | None) -> Any:
+    """--speculative-config's JSON (vLLM's keys) as a Speculation by prompt lookup (a draft model is
+    loaded with the served one: `_speculative_draft`); None without the flag."""
+    if text is None:
+        return None
+    from ..decoding.speculative import Speculation
+
+    config = _speculative_json(text)
+    draft = config.pop("model", None)
+    method = config.pop("method", "draft_model" if draft is not None else "ngram")
+    allowed = ("draft_model",) if draft is not None else ("ngram", "prompt_lookup")
+    if method not in allowed:
+        raise TramontaneError(
+            f'--speculative-config: method must be "ngram" (prompt lookup), or "draft_model" with a model; got {method!r}'
+        )
+    unknown = sorted(set(config) - set(SPECULATIVE_KEYS))
+    if unknown:
+        raise TramontaneError(f"--speculative-config: unknown keys {unknown}; known: {sorted(SPECULATIVE_KEYS)}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in config.values()):
+        raise TramontaneError("--speculative-config: every value but method is a whole number")
+    try:
+        return Speculation(**{SPECULATIVE_KEYS[k]: v for k, v in config.items()})
+    except TramontaneError as exc:
+        raise TramontaneError(f"--speculative-config: {exc}") from None
 
 
 def _kv_cache_memory(text: str, parse_size: Any) -> int:
@@ -667,6 +730,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         allowed_hosts=ns.allowed_host,
         default_max_tokens=ns.default_max_tokens,
         file_limits=FileLimits(parse_size(ns.max_file_bytes, "--max-file-bytes"), ns.max_files, ns.fine_tuning_workers),
+        speculation=_speculation(ns.speculative_config),
+        speculative_draft=_speculative_draft(ns.speculative_config),
         limits=ConnectionLimits(
             head_timeout=ns.timeout_head,
             body_timeout=ns.timeout_body,

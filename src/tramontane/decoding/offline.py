@@ -54,6 +54,8 @@ class Generator:
                     f"prompt {s.index} has {len(s.prompt)} tokens: no room left in the "
                     f"model's context of {self.config.max_seq_len}"
                 )
+        if speculation is not None:
+            speculation.check_vocabulary(self.config.vocab_size)
         spare = speculation.num_tokens if speculation is not None else 0
         capacity = max(len(s.prompt) for s in seqs) + min(INITIAL_CAPACITY, max(s.max_tokens for s in seqs)) + spare
         cache = KVCache(self.config, len(seqs), capacity, self.dtype, spare=spare)

@@ -1,16 +1,20 @@
 """Speculative decoding: draft a few tokens cheaply, verify them all in one pass of the model.
 
 Batch-1 decoding reads every weight once per token; a pass over k + 1 tokens reads them once too, so
-each drafted token the model agrees with is a token for free. Drafts come from prompt lookup here
-(vLLM's "ngram" method, llama.cpp's lookup decoding): the last n tokens of the sequence (n from
-`ngram_max` down to `ngram_min`) are searched for earlier in the prompt and answer, and the tokens that
-followed their latest earlier occurrence are the draft. Copy-heavy work (editing or summarising a given
-text, refactoring given code) drafts well; free generation rarely finds a match and decodes as usual.
+each drafted token the model agrees with is a token for free. Drafts come from one of two places:
+- prompt lookup (vLLM's "ngram" method, llama.cpp's lookup decoding): the last n tokens of the
+  sequence (n from `ngram_max` down to `ngram_min`) are searched for earlier in the prompt and answer,
+  and the tokens that followed their latest earlier occurrence are the draft. Copy-heavy work (editing
+  or summarising a given text, refactoring given code) drafts well; free generation rarely finds a
+  match and decodes as usual;
+- a draft model sharing the tokenizer (`method="draft_model"`, `draft=` a loaded model): its greedy
+  continuation, `num_tokens` long, each sequence with its own cache of the draft model's keys and
+  values, rolled back to what verification kept.
 
     drafter = Speculation(num_tokens=8).drafter()     # one per sequence
     draft = drafter.propose(prompt + output, room=10)   # [] when nothing matches
 
-The draft length adapts per sequence, as Hugging Face's assisted generation does: it grows by 2 after
+A prompt-lookup draft's length adapts per sequence, as Hugging Face's assisted generation does: it grows by 2 after
 a pass that kept every drafted token and shrinks by 1 after one that did not (between 1 and
 `num_tokens`), so text the model copies drafts long and free text, where drafts rarely hold, costs
 little: a drafted token the model rejects still costs its share of the pass. A rejected one-token
@@ -21,7 +25,8 @@ own processing (bias, penalties, grammar, temperature, truncation), and keeps dr
 are what decoding would emit:
 - greedy: the drafted token is kept while it is the argmax, and the first that is not is replaced by
   the argmax: the output is the plain greedy output, token for token;
-- sampled: a draft is a point mass q = 1 at d, so the standard rejection rule keeps d with probability
+- sampled: a draft (either kind: both are deterministic) is a point mass q = 1 at d, so the standard
+  rejection rule keeps d with probability
   min(1, p(d) / q(d)) = p(d), and on a rejection draws from the residual max(0, p - q), which is p
   without d, renormalised. Every emitted token is then distributed exactly as plain sampling's.
 When every draft is kept, the last row gives one more token: k + 1 tokens for one pass at best."""
@@ -30,32 +35,44 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from ..errors import RequestError
+from ..model import Backend, KVCache
 from ..text.tokenizer import Tokenizer
 from .sampling import compute_logprobs
 from .sequence import Delta, SequenceState, TokenLogprob, logprob_entries, pick_tokens, processed_logits
 
-METHODS = ("prompt_lookup",)
+METHODS = ("prompt_lookup", "draft_model")
 PAUSE = 4  # steps without drafts after a one-token draft failed
+
+
+class DraftSource(Protocol):
+    """A loaded model that drafts (an `LLM`): what runs its steps, and its keys' and values' type."""
+
+    backend: Backend
+    dtype: torch.dtype
 
 
 @dataclass(frozen=True)
 class Speculation:
     """How to draft: up to `num_tokens` tokens per pass, from an n-gram of `ngram_max` down to
-    `ngram_min` tokens found earlier in the sequence."""
+    `ngram_min` tokens found earlier in the sequence (prompt lookup), or `draft`'s greedy continuation."""
 
     method: str = "prompt_lookup"
     num_tokens: int = 8
     ngram_max: int = 4
     ngram_min: int = 2
+    draft: DraftSource | None = None  # method "draft_model": the model that drafts
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise RequestError(f"speculation method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if (self.method == "draft_model") != (self.draft is not None):
+            raise RequestError('a draft model goes with method "draft_model", and that method needs one')
         if not 1 <= self.num_tokens <= 16:
             raise RequestError(f"speculation num_tokens must be 1..16, got {self.num_tokens}")
         if not 1 <= self.ngram_min <= self.ngram_max <= 16:
@@ -63,8 +80,22 @@ class Speculation:
                 f"speculation needs 1 <= ngram_min <= ngram_max <= 16, got {self.ngram_min} and {self.ngram_max}"
             )
 
-    def drafter(self) -> PromptLookup:
-        return PromptLookup(self)
+    def drafter(self) -> Drafter:
+        return ModelDraft(self) if self.draft is not None else PromptLookup(self)
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """A draft model must speak the verifying model's vocabulary."""
+        if self.draft is not None and self.draft.backend.model.config.vocab_size != vocab_size:
+            size = self.draft.backend.model.config.vocab_size
+            raise RequestError(f"the draft model's vocabulary has {size} tokens, the model's {vocab_size}")
+
+
+class Drafter(Protocol):
+    """One sequence's source of drafts."""
+
+    def propose(self, tokens: Sequence[int], room: int) -> list[int]: ...
+
+    def update(self, drafted: int, accepted: int) -> None: ...
 
 
 class PromptLookup:
@@ -98,6 +129,50 @@ class PromptLookup:
             self.length = min(self.spec.num_tokens, max(1, grown))
 
 
+class ModelDraft:
+    """One sequence's drafts from a draft model: its greedy continuation. The draft model's cache holds
+    the keys and values of `history`; each proposal feeds what the sequence gained since (the tokens
+    verification kept, then its own), rewriting whatever a rejected draft left."""
+
+    def __init__(self, spec: Speculation) -> None:
+        assert spec.draft is not None
+        self.spec, self.backend = spec, spec.draft.backend
+        config = self.backend.model.config
+        self.cache = KVCache(config, 1, 64, spec.draft.dtype, spare=spec.num_tokens)
+        self.history: list[int] = []
+
+    def propose(self, tokens: Sequence[int], room: int) -> list[int]:
+        limit = min(self.spec.num_tokens, room)
+        if limit <= 0:
+            return []
+        kept = next((i for i, (a, b) in enumerate(zip(self.history, tokens)) if a != b), len(self.history))
+        kept = min(kept, len(tokens) - 1)  # at least the last token runs: its logits give the first draft
+        history = list(tokens)
+        self.cache.ensure_capacity(len(history) + limit, limit=self.backend.model.config.max_seq_len)
+        with torch.inference_mode():
+            token = self._feed(history[kept:], kept)
+            draft = [token]
+            while len(draft) < limit:
+                history.append(draft[-1])
+                draft.append(self._feed([draft[-1]], len(history) - 1))
+        self.history = history
+        return draft
+
+    def _feed(self, tokens: list[int], start: int) -> int:
+        """Run `tokens` at positions start.. through the draft model: its greedy next token."""
+        model = self.backend.model
+        for at in range(0, len(tokens), 512):  # long prompts in chunks, as offline prefill
+            chunk = torch.tensor([tokens[at : at + 512]])
+            positions = torch.arange(start + at, start + at + chunk.shape[1])[None]
+            step = self.backend.decode if chunk.shape[1] == 1 else self.backend.prefill
+            hidden = step(chunk, positions, self.cache)
+        logits = model.logits(hidden[:, -1])  # [1,V]
+        return int(logits.float().numpy().argmax(axis=-1)[0])
+
+    def update(self, drafted: int, accepted: int) -> None:
+        pass
+
+
 def _latest_match(seq: np.ndarray, n: int) -> int | None:
     """Start of the latest earlier occurrence of the last n tokens, with a token after it (None: none)."""
     windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # [L-n, n]: every n-gram but the last
@@ -127,7 +202,7 @@ def accept(
     s: SequenceState,
     logits: torch.Tensor,
     draft: Sequence[int],
-    drafter: PromptLookup,
+    drafter: Drafter,
     tokenizer: Tokenizer,
     stats: SpeculationStats,
 ) -> Iterator[Delta]:

@@ -7,7 +7,11 @@ with the others.
 
 Embeddings and prompt scoring are jobs (prompt_jobs.py) whose prompts run as background sequences:
 chunked like prefill, paced beside generating requests (pacing.py), and dropped between two steps
-once their caller has gone."""
+once their caller has gone.
+
+A request with a `speculation` gets a draft before each of its decoding steps (decoding/speculative.py:
+prompt lookup); the step runs its last token and the draft, and verification emits up to k + 1 tokens
+at once: greedy answers are those of plain decoding, sampled ones keep their distribution."""
 
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ import torch
 
 from ..build.backend import select_backend
 from ..decoding.sampling import SamplingParams
-from ..decoding.sequence import SequenceState, pick_tokens
+from ..decoding.sequence import Delta, SequenceState, pick_tokens
+from ..decoding.speculative import Speculation, SpeculationStats, accept
 from ..model.cache import PagedCache
 from ..parallel.dist import broadcast_object, is_parallel
 from .blocks import BlockPool, bytes_per_block
@@ -63,8 +68,12 @@ class AsyncEngine:
         max_running: int = 64,
         max_queued: int = 256,
         dtype: torch.dtype = torch.float32,
+        speculation: Speculation | None = None,
     ) -> None:
         self.model, self.tokenizer, self.config = llm.model, llm.tokenizer, llm.config
+        self.speculation = speculation  # speculative decoding for requests that do not say (None: off)
+        if speculation is not None:
+            speculation.check_vocabulary(self.config.vocab_size)
         self.model_name, self.max_model_len, self.max_queued = model_name, llm.config.max_seq_len, max_queued
         num_blocks = kv_cache_memory // bytes_per_block(self.model.config, block_size, dtype)
         if num_blocks < 1:
@@ -86,6 +95,7 @@ class AsyncEngine:
             max_running=max_running,
         )
         self.metrics = EngineMetrics()
+        self.speculation_stats = SpeculationStats()
         self._inbox: queue.Queue = queue.Queue()
         self._seqs: dict[str, EngineSequence] = {}
         self._jobs: dict[str, PromptJob] = {}
@@ -267,6 +277,11 @@ class AsyncEngine:
             self._emit(RequestOutput(request.request_id, finish_reason="error", error=str(e)))
             return
         seq = EngineSequence(request, state)
+        speculation = self.speculation if request.speculate is not False else None
+        if request.speculate and speculation is None:
+            speculation = Speculation()
+        if speculation is not None and request.task == "generate":
+            seq.drafter = speculation.drafter()
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -360,6 +375,7 @@ class AsyncEngine:
             self._last_generation = time.monotonic()
         paced = generating or time.monotonic() - self._last_generation < GENERATION_GRACE
         scheduling = time.perf_counter()
+        self._draft()
         batch, hopeless = self.scheduler.schedule(self._pace.tokens() if paced else None)
         for seq in hopeless:
             self._end_hopeless(seq)
@@ -374,7 +390,7 @@ class AsyncEngine:
                 self.backend = select_backend(self.model, PagedCache, self.pool.k[0].dtype)
             out = run_step(self.backend, self.pool, batch, self.config.sliding_window)
             self.scheduler.after_step(batch)
-            self._sample(batch, out.logits)
+            self._sample(batch, out)
             self._fold(batch, starts, out)
             self.metrics.forward_seconds.inc(out.seconds)
             self.metrics.step_seconds.inc(time.perf_counter() - scheduling)
@@ -408,8 +424,22 @@ class AsyncEngine:
             elif seq.request_id in self._seqs:
                 self._finish(seq, RequestOutput(seq.request_id, finish_reason="error", error=repr(e)))
 
-    def _sample(self, batch: list[tuple[EngineSequence, int]], logits: torch.Tensor) -> None:
-        rows = [i for i, (seq, _) in enumerate(batch) if not seq.background and seq.num_computed == seq.num_tokens]
+    def _draft(self) -> None:
+        """Each speculating request about to decode guesses its next tokens (a draft the step verifies)."""
+        for seq in self.scheduler.running:
+            if seq.drafter is not None and seq.num_computed == seq.num_tokens - 1:
+                room = seq.state.max_tokens - len(seq.state.output) - 1
+                seq.draft = seq.drafter.propose(seq.tokens, room)
+
+    def _sample(self, batch: list[tuple[EngineSequence, int]], step: StepOutput) -> None:
+        for i in step.drafted:
+            self._verify(batch[i][0], step.verify_logits(i))
+        logits = step.logits
+        rows = [
+            i
+            for i, (seq, _) in enumerate(batch)
+            if not seq.background and seq.num_computed == seq.num_tokens and i not in step.drafted
+        ]
         if not rows:
             return
         seqs = [batch[i][0] for i in rows]
@@ -443,6 +473,25 @@ class AsyncEngine:
             else:
                 self._emit(out)
 
+    def _verify(self, seq: EngineSequence, logits: torch.Tensor) -> None:
+        """Emit what verifying the request's draft gives (logits [k + 1, V]): its kept tokens and one more."""
+        draft, before = list(seq.draft), SpeculationStats(**vars(self.speculation_stats))
+        assert seq.drafter is not None
+        try:
+            deltas = list(accept(seq.state, logits, draft, seq.drafter, self.tokenizer, self.speculation_stats))
+        except Exception as e:  # noqa: BLE001 - detokenizing, a grammar or a stop rule failed this request
+            seq.draft = []
+            self._fail(seq, e)
+            return
+        self.scheduler.accepted(seq, self.speculation_stats.accepted - before.accepted)
+        self.metrics.record_speculation(self.speculation_stats, before)
+        self._time_token(seq.request_id, time.monotonic(), len(deltas))
+        out = _merged(seq, deltas)
+        if out.finish_reason:
+            self._finish(seq, out)
+        else:
+            self._emit(out)
+
     def _pick_each(self, seqs: list[EngineSequence], logits: torch.Tensor) -> list[tuple[EngineSequence, int, Any]]:
         """Sampling row by row after a batched failure: a row that fails again fails its request alone."""
         picked = []
@@ -467,14 +516,14 @@ class AsyncEngine:
             ),
         )
 
-    def _time_token(self, rid: str, now: float) -> None:
+    def _time_token(self, rid: str, now: float, count: int = 1) -> None:
         previous = self._last_token.get(rid)
         if previous is None:
             self.metrics.ttft.observe(now - self._arrival.get(rid, now))
         else:
             self.metrics.itl.observe(now - previous)
         self._last_token[rid] = now
-        self.metrics.generation_tokens.inc()
+        self.metrics.generation_tokens.inc(count)
 
     def _finish(self, seq: EngineSequence, out: RequestOutput) -> None:
         self.scheduler.remove(seq)
@@ -502,3 +551,17 @@ class AsyncEngine:
         m.prefix_hits.set(pool.hits)
         m.prefix_hit_rate.set(pool.hits / pool.queries if pool.queries else 0.0)
         m.preemptions.set(self.scheduler.preemptions)
+
+
+def _merged(seq: EngineSequence, deltas: list[Delta]) -> RequestOutput:
+    """One output for the tokens one step gave a request (a verified draft gives several)."""
+    return RequestOutput(
+        seq.request_id,
+        "".join(d.text for d in deltas),
+        [t for d in deltas for t in d.token_ids],
+        [lp for d in deltas for lp in d.logprobs],
+        deltas[-1].finish_reason,
+        len(seq.state.prompt),
+        len(seq.state.output),
+        seq.num_cached,
+    )

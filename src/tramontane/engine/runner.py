@@ -4,7 +4,8 @@ All scheduled tokens are laid out as one row [1,N] (no padding): a prefill chunk
 decode tokens make N = 215, read and written through the requests' block tables (model/cache.py's
 `PagedCache`: the module path gathers each request's keys, the compiled step reads the pool). The
 step hands back every token's final hidden state (embeddings use them) and the logits of the rows
-the engine reads: each request's last token, and every token of a scored prompt."""
+the engine reads: each request's last token, every token of a scored prompt, and the tokens before
+the last of a request verifying a speculative draft."""
 
 from __future__ import annotations
 
@@ -74,20 +75,31 @@ class StepOutput(NamedTuple):
     logits: torch.Tensor  # [R,V] of the rows `logit_rows` named
     scored: dict[int, slice]  # per scored batch entry, its slice of `logits` (logit_rows)
     seconds: float  # the forward's wall time (model and logits)
+    drafted: dict[int, slice] = {}  # per batch entry verifying a draft, its rows before its last (logit_rows)
+
+    def verify_logits(self, i: int) -> torch.Tensor:
+        """Batch entry i's logits for verifying its draft of k tokens: [k + 1, V], in order."""
+        return torch.cat((self.logits[self.drafted[i]], self.logits[i : i + 1]))
 
 
-def logit_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[list[int], dict[int, slice]]:
+def logit_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[list[int], dict[int, slice], dict[int, slice]]:
     """Rows of the flattened step whose logits are computed: first each request's last scheduled token
-    (in batch order), then every token of the scored prompts; and, per scored batch entry, its slice of
-    the logits rows."""
+    (in batch order), then every token of the scored prompts, then the tokens before the last of the
+    requests verifying a draft; and, per scored and per drafted batch entry, its slice of the rows."""
     ends = list(itertools.accumulate(n for _, n in batch))
     rows = [end - 1 for end in ends]
     scored: dict[int, slice] = {}
+    drafted: dict[int, slice] = {}
     for i, ((seq, n), end) in enumerate(zip(batch, ends)):
         if seq.request.task == "score":
             scored[i] = slice(len(rows), len(rows) + n)
             rows.extend(range(end - n, end))
-    return rows, scored
+    for i, ((seq, _), end) in enumerate(zip(batch, ends)):
+        if seq.draft:
+            k = len(seq.draft)
+            drafted[i] = slice(len(rows), len(rows) + k)
+            rows.extend(range(end - k - 1, end - 1))
+    return rows, scored, drafted
 
 
 def run_step(
@@ -97,14 +109,14 @@ def run_step(
     Requests with different LoRA adapters (and none) share the step: each token gets its request's
     adapter. Under torchrun the other ranks are told the step first (see `follow`)."""
     tokens, positions, step = layout(pool, batch, window)
-    rows, scored = logit_rows(batch)
+    rows, scored, drafted = logit_rows(batch)
     adapters = adapter_rows(batch)
     copies, pool.copied = pool.copied, []  # the prefix cache's slot copies since the last step
     if is_parallel():
         broadcast_object(("step", tokens, positions, step.parts(), rows, adapters, copies))
     began = time.perf_counter()
     hidden, logits = forward_step(backend, tokens, positions, step, rows, adapters)
-    return StepOutput(hidden, logits, scored, time.perf_counter() - began)
+    return StepOutput(hidden, logits, scored, time.perf_counter() - began, drafted)
 
 
 def forward_step(

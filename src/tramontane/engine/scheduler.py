@@ -11,7 +11,13 @@ tokens part from it (blocks.py: partial reuse), so the same prompt again recompu
 
 Background requests (embeddings and prompt scoring: `EngineRequest.task`) wait in their own queue and
 run in the budget generation leaves, capped per step by `schedule(background_budget)`; they never
-start from the prefix cache, since their every position's output is wanted."""
+start from the prefix cache, since their every position's output is wanted.
+
+Speculative decoding: a decoding request with a `draft` (its next tokens as guessed, set before the
+step) runs its last token and the draft in one step. The draft's keys and values are written but not
+counted in `num_computed` until verification keeps them (`accepted`), so a block is published to the
+prefix cache only once its tokens are the request's own; a rejected draft's slots are rewritten by the
+next steps before any query sees them."""
 
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..decoding.sequence import SequenceState
+from ..decoding.speculative import Drafter
 from .blocks import BlockPool, Place, block_key
 from .types import EngineRequest
 
@@ -36,6 +43,8 @@ class EngineSequence:
     num_computed: int = 0
     num_cached: int = 0  # prompt tokens found in the prefix cache at first admission
     admitted: bool = False
+    drafter: Drafter | None = None  # speculative decoding's drafts for this request, if it speculates
+    draft: list[int] = field(default_factory=list)  # this step's guessed next tokens (not yet verified)
 
     @property
     def request_id(self) -> str:
@@ -54,13 +63,15 @@ class EngineSequence:
         return len(self.state.prompt) + len(self.state.output)
 
     def span(self, start: int, n: int) -> list[int]:
-        """tokens[start : start + n], without joining prompt and output (a step's few tokens of a long
-        request)."""
-        prompt, output = self.state.prompt, self.state.output
-        cut = len(prompt)
+        """(tokens + draft)[start : start + n], without joining prompt and output (a step's few tokens of a
+        long request)."""
+        prompt, output, end = self.state.prompt, self.state.output, start + n
+        cut, total = len(prompt), self.num_tokens
         if start >= cut:
-            return output[start - cut : start - cut + n]
-        return prompt[start : start + n] + (output[: start + n - cut] if start + n > cut else [])
+            head = output[start - cut : end - cut]
+        else:
+            head = prompt[start:end] + (output[: end - cut] if end > cut else [])
+        return head + self.draft[max(0, start - total) : end - total] if end > total else head
 
 
 class Scheduler:
@@ -111,6 +122,7 @@ class Scheduler:
             if seq not in self.running:  # preempted by an older request this step
                 continue
             n = self._chunk(seq, limit)
+            del seq.draft[max(0, seq.num_computed + n - seq.num_tokens) :]  # what the budget leaves of it
             if self._make_room(seq, seq.num_computed + n, chosen):
                 chosen.append((seq, n))
                 budget -= n
@@ -156,18 +168,29 @@ class Scheduler:
         return True
 
     def after_step(self, ran: list[tuple[EngineSequence, int]]) -> None:
-        """Count the tokens that ran, publish newly full blocks, release blocks out of the window."""
-        size = self.pool.block_size
+        """Count the tokens that ran (a draft's once verified), publish newly full blocks, release blocks
+        out of the window."""
         for seq, n in ran:
-            seq.num_computed += n
-            for i in range(len(seq.keys), seq.num_computed // size):
-                place, tokens = self._place(seq, i), seq.span(i * size, size)
-                key = block_key(*place, tokens)
-                seq.keys.append(key)
-                block = seq.blocks[i]
-                if block is not None:
-                    self.pool.register(block, key, place, tokens)
-            self._release_out_of_window(seq)
+            seq.num_computed += n - len(seq.draft)
+            self._publish(seq)
+
+    def accepted(self, seq: EngineSequence, kept: int) -> None:
+        """Verification kept the first `kept` tokens of the request's draft (now in its output): their keys
+        and values count; the draft is done."""
+        seq.num_computed += kept
+        seq.draft = []
+        self._publish(seq)
+
+    def _publish(self, seq: EngineSequence) -> None:
+        size = self.pool.block_size
+        for i in range(len(seq.keys), seq.num_computed // size):
+            place, tokens = self._place(seq, i), seq.span(i * size, size)
+            key = block_key(*place, tokens)
+            seq.keys.append(key)
+            block = seq.blocks[i]
+            if block is not None:
+                self.pool.register(block, key, place, tokens)
+        self._release_out_of_window(seq)
 
     # ---- helpers -------------------------------------------------------------------------------------
     def _namespace(self, seq: EngineSequence) -> str:
@@ -192,14 +215,14 @@ class Scheduler:
         size = self.pool.block_size
         released = sum(1 for b in seq.blocks if b is None)
         room = (self.pool.num_blocks + released) * size - seq.num_computed
-        return max(1, min(seq.num_tokens - seq.num_computed, budget, room))
+        return max(1, min(seq.num_tokens + len(seq.draft) - seq.num_computed, budget, room))
 
     def _drop_prefix(self, seq: EngineSequence) -> None:
         """Give back what an admission attempt or a preempted request held, to try again later (its part-full
         last block stays findable: the retry finds it)."""
         self._keep_tail(seq)
         self.pool.release(seq.blocks)
-        seq.blocks, seq.keys, seq.num_computed = [], [], 0
+        seq.blocks, seq.keys, seq.num_computed, seq.draft = [], [], 0, []
 
     def _reserve(self, seq: EngineSequence, upto: int) -> bool:
         """Blocks for positions < upto; False (nothing taken) when the pool is short."""

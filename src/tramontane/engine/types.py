@@ -46,6 +46,8 @@ class EngineRequest:
     cache_salt: str | None = None  # shares prefix-cache blocks only with requests of the same salt
     # "embed" / "score": one prompt of an embeddings or scoring job (engine/prompt_jobs.py), no sampling
     task: Literal["generate", "embed", "score"] = "generate"
+    # speculative decoding for this request: None = the engine's default (serve --speculative-config)
+    speculate: bool | None = None
 
 
 @dataclass

@@ -75,6 +75,8 @@ class SamplingFields(_Request):
     parallel_tool_calls: bool | None = None
     # vLLM's: requests share prefix-cache blocks only with requests of the same salt (tenants apart)
     cache_salt: str | None = None
+    # tramontane's: speculative decoding on or off for this request (None: serve --speculative-config)
+    speculation: bool | None = None
 
 
 class ChatCompletionRequest(SamplingFields):

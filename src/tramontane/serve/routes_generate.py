@@ -58,6 +58,7 @@ async def respond(
                     s.min_tokens,
                     adapter,
                     cache_salt=body.cache_salt,
+                    speculate=body.speculation,
                 )
             )
             choices.append(Choice(index=k, prompt_tokens=len(ids)))

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -29,6 +29,9 @@ from .app import attach_engine, create_app, drain
 from .common import FileLimits
 from .connections import ConnectionLimits, guarded_h11, raise_open_file_limit
 from .middleware import LOOPBACK_HOSTS, host_name
+
+if TYPE_CHECKING:
+    from ..decoding.speculative import Speculation
 
 log = logging.getLogger("tramontane.serve")
 MAX_HEAD_BYTES = 64 * 1024  # a request head still arriving past this is a 400 from h11 (middleware: 431 > 32 KiB)
@@ -113,6 +116,8 @@ class ServeOptions:
     default_max_tokens: int = 4096  # --default-max-tokens
     mmap: bool = True  # --no-mmap: copy packed GGUF weights in instead of mapping them
     file_limits: FileLimits = field(default_factory=FileLimits)  # --max-file-bytes, --max-files
+    speculation: Speculation | None = None  # --speculative-config: every request's, unless it says otherwise
+    speculative_draft: str | None = None  # --speculative-config's draft model, loaded with the served one
 
 
 def host_allowlist(opts: ServeOptions) -> frozenset[str] | None:
@@ -131,6 +136,10 @@ def _load_engine(opts: ServeOptions) -> Any:
     from ..engine.release import release_idle_workers, return_freed_heap
 
     llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel, mmap=opts.mmap)
+    speculation = opts.speculation
+    if opts.speculative_draft is not None and speculation is not None:
+        draft = load(opts.speculative_draft, dtype=opts.dtype, mmap=opts.mmap)
+        speculation = replace(speculation, method="draft_model", draft=draft)
     release_idle_workers()  # the engine thread computes from here on (engine/release.py)
     return_freed_heap()  # what loading freed, before the KV pool and the requests take their share
     engine = AsyncEngine(
@@ -142,6 +151,7 @@ def _load_engine(opts: ServeOptions) -> Any:
         max_running=opts.max_running,
         max_queued=opts.max_queued,
         dtype=llm.dtype,
+        speculation=speculation,
     )
     # What start-up made lives as long as the server: out of the collector's sight, so that a full
     # collection (a burst of new requests triggers one) does not scan it while every stream waits. On
