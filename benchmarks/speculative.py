@@ -1,6 +1,7 @@
 """Speculative decoding by prompt lookup against plain decoding, same model, same run.
 
     python benchmarks/speculative.py [--model FILE.gguf] [--rounds 3] [--num-tokens 8] [--threads 2]
+    python benchmarks/speculative.py --draft self [--ks 1,2,4,8]      # a draft model's machinery
 
 Tasks: copy-heavy ones (repeating a given text, correcting the spelling of one, reformatting a given
 list) and free generation (chat questions whose answers copy nothing). Every measurement is a fresh
@@ -9,7 +10,11 @@ the last (the prompt's pass excluded), greedy, up to --tokens new tokens with en
 Prints per task the median tok/s of each, their ratio, whether the answers are identical token for
 token (they must be), the acceptance rate and tokens per pass, and the decode roofline (measured
 memory bandwidth / bytes a token reads). Issue 21's targets: >= 1.5x on copy-heavy work, >= 0.95x on
-free generation."""
+free generation.
+
+With --draft (a model sharing the tokenizer, or `self`: the model drafts for itself, issue 21's
+measure of the machinery, acceptance 100% and k + 1 tokens a pass), each task runs with drafts of
+every k in --ks, and the table adds the cost ratio (a drafted token's time over a plain one's)."""
 
 from __future__ import annotations
 
@@ -50,7 +55,7 @@ def smollm2() -> str:
     return os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
 
 
-def worker(model: str, task: str, num_tokens: int, max_tokens: int, threads: int) -> None:
+def worker(model: str, task: str, num_tokens: int, max_tokens: int, threads: int, draft: str | None) -> None:
     import time
 
     import torch
@@ -62,6 +67,9 @@ def worker(model: str, task: str, num_tokens: int, max_tokens: int, threads: int
     llm = tramontane.load(model)
     ids = llm.tokenizer.encode_chat([{"role": "user", "content": TASKS[task]}], add_generation_prompt=True)
     speculation = Speculation(num_tokens=num_tokens) if num_tokens else None
+    if num_tokens and draft is not None:
+        drafter = llm if draft == "self" else tramontane.load(draft)
+        speculation = Speculation(method="draft_model", draft=drafter, num_tokens=num_tokens)
     llm.generate(ids, temperature=0, max_tokens=4, speculation=speculation)  # warm-up
     first, out = None, []
     for delta in llm.generate(ids, temperature=0, max_tokens=max_tokens, stream=True, speculation=speculation):
@@ -84,6 +92,7 @@ def worker(model: str, task: str, num_tokens: int, max_tokens: int, threads: int
 def measure(args: argparse.Namespace, task: str, num_tokens: int) -> dict:
     command = [sys.executable, __file__, "--worker", task, "--model", args.model, "--num-tokens", str(num_tokens)]
     command += ["--tokens", str(args.tokens), "--threads", str(args.threads)]
+    command += ["--draft", args.draft] if args.draft else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -97,12 +106,17 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="new tokens at most per answer")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tasks", default="", help="only the tasks whose names hold this text")
+    parser.add_argument("--draft", help="a draft model (path or name; `self`: the model itself)")
+    parser.add_argument("--ks", default="1,2,4,8", help="with --draft: the draft lengths to measure")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = args.model or smollm2()
     if args.worker:
-        return worker(args.model, args.worker, args.num_tokens, args.tokens, args.threads)
+        return worker(args.model, args.worker, args.num_tokens, args.tokens, args.threads, args.draft)
     from decode_speed import active_bytes_of_file, memory_bandwidth
+
+    if args.draft:
+        return draft_table(args)
 
     rows = []
     for task in [t for t in TASKS if args.tasks in t]:
@@ -125,6 +139,28 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for task, n, p, s, same, acceptance, per_pass in rows:
         print(f"| {task} | {n} | {p:.1f} | {s:.1f} | {s / p:.2f}x | {same} | {acceptance:.0%} | {per_pass:.2f} |")
+
+
+def draft_table(args: argparse.Namespace) -> None:
+    """Plain decoding and drafts of each k, alternating, per task: speed, acceptance, tokens a pass."""
+    ks = [int(k) for k in args.ks.split(",")]
+    print(f"\n{os.path.basename(args.model)}, draft model {args.draft}, {args.rounds} rounds, {args.threads} threads\n")
+    print("| task | k | plain tok/s | speculative tok/s | ratio | identical | acceptance | tokens per pass |")
+    print("|---|---|---|---|---|---|---|---|")
+    for task in [t for t in TASKS if args.tasks in t]:
+        runs: dict[int, list[dict]] = {k: [] for k in [0, *ks]}
+        for r in range(args.rounds):
+            for k in [0, *ks] if r % 2 == 0 else [*ks, 0]:
+                runs[k].append(measure(args, task, k))
+        plain = statistics.median(x["decode"] for x in runs[0])
+        for k in ks:
+            s = statistics.median(x["decode"] for x in runs[k])
+            same = all(p["tokens"] == x["tokens"] for p in runs[0] for x in runs[k])
+            first = runs[k][0]
+            print(
+                f"| {task} | {k} | {plain:.1f} | {s:.1f} | {s / plain:.2f}x | {same} | {first['acceptance']:.0%} "
+                f"| {first['per_pass']:.2f} |"
+            )
 
 
 if __name__ == "__main__":
