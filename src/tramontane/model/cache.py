@@ -71,6 +71,7 @@ class KVCache(Cache):
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.pos = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)  # [B,S]
         self._step: tuple | None = None
+        self._span: int | None = None
         self._masks: dict[int | None, torch.Tensor] = {}
 
     @property
@@ -95,6 +96,9 @@ class KVCache(Cache):
         concat = self.rolling and positions.shape[1] > 1
         old_pos = self._superseded(positions) if concat else None
         self.pos[rows, slots] = self._keep_old(valid, positions[rows, cols], self.pos[rows, slots])
+        # a chunk of a full-size buffer attends only the slots up to its newest position (slot = position):
+        # a 512-token chunk early in a 32k-slot buffer reads its prefix, not every empty slot
+        self._span = None if self.rolling or positions.shape[1] == 1 else int(positions.max()) + 1
         self._step = (rows, cols, slots, concat, old_pos, positions, valid)
         self._masks = {}  # one mask per step, shared by every layer
 
@@ -126,6 +130,9 @@ class KVCache(Cache):
         cv[rows, :, slots] = self._keep_old(valid, v[rows, cols].to(cv.dtype), cv[rows, :, slots])
         if concat:
             return keys, values, key_pos
+        if self._span is not None:
+            n = self._span
+            return self.k[layer][:, :, :n], self.v[layer][:, :, :n], self.pos[:, :n]
         return self.k[layer], self.v[layer], self.pos
 
     def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
