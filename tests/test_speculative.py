@@ -135,6 +135,22 @@ def test_smollm2_on_the_compiled_step_with_structured_output(smollm2_path):
     )
 
 
+def test_a_required_tool_call_under_speculation(smollm2_path):
+    """A required call (its grammar masks every token): the same call, with and without speculation."""
+    from test_tools import TOOLS
+
+    llm = tramontane.load(smollm2_path)
+    messages = [{"role": "user", "content": "What is the weather in Paris, France, in celsius, for 3 days?"}]
+    plain = llm.chat(messages, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=60)
+    before = llm.speculation_stats.passes
+    spec = llm.chat(
+        messages, tools=TOOLS, tool_choice="required", temperature=0, max_tokens=60, speculation=Speculation()
+    )
+    assert plain.finish_reason == "tool_calls" and spec.finish_reason == "tool_calls"
+    assert [(c.name, c.arguments) for c in spec.tool_calls] == [(c.name, c.arguments) for c in plain.tool_calls]
+    assert llm.speculation_stats.passes > before
+
+
 def chi_square_bound(df: int, z: float = 3.09) -> float:
     """The chi-square value exceeded with probability ~0.001 (Wilson-Hilferty; z of 0.999)."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
@@ -336,9 +352,11 @@ def test_speculative_config_flag(tmp_path):
 
 def test_a_served_request_speculates_as_asked(smollm2_server):
     """Through the official SDK: `speculation: true` per request on a server without the flag; greedy
-    answers (plain, JSON mode, a stop string) equal the same requests without it, and /metrics counts."""
+    answers (plain, a stop string, JSON mode, a required tool call) equal the same requests without it,
+    and /metrics counts."""
     import httpx
     from openai import OpenAI
+    from test_tools import TOOLS
 
     client = OpenAI(base_url=f"{smollm2_server}/v1", api_key="none")
     text = "Tramontane is a cold wind from the north. It blows over the Pyrenees and the Alps, down to the sea."
@@ -354,6 +372,12 @@ def test_a_served_request_speculates_as_asked(smollm2_server):
             "max_tokens": 30,
             "response_format": {"type": "json_object"},
         },
+        {
+            "messages": [{"role": "user", "content": "What is the weather in Paris, France, in celsius, for 3 days?"}],
+            "max_tokens": 60,
+            "tools": TOOLS,
+            "tool_choice": "required",
+        },
     ]
     model = client.models.list().data[0].id
     for case in cases:
@@ -361,6 +385,11 @@ def test_a_served_request_speculates_as_asked(smollm2_server):
         spec = client.chat.completions.create(model=model, temperature=0, extra_body={"speculation": True}, **case)
         assert spec.choices[0].message.content == plain.choices[0].message.content
         assert spec.choices[0].finish_reason == plain.choices[0].finish_reason
+        calls = [
+            [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls or []]
+            for r in (plain, spec)
+        ]
+        assert calls[0] == calls[1]
     metrics = httpx.get(f"{smollm2_server}/metrics").text
     passes = [
         float(line.split()[1])
