@@ -2,6 +2,7 @@
 
     python benchmarks/speculative.py [--model FILE.gguf] [--rounds 3] [--num-tokens 8] [--threads 2]
     python benchmarks/speculative.py --draft self [--ks 1,2,4,8]      # a draft model's machinery
+    python benchmarks/speculative.py --served                         # through the serving engine
 
 Tasks: copy-heavy ones (repeating a given text, correcting the spelling of one, reformatting a given
 list) and free generation (chat questions whose answers copy nothing). Every measurement is a fresh
@@ -12,7 +13,8 @@ token (they must be), the acceptance rate and tokens per pass, and the decode ro
 memory bandwidth / bytes a token reads). Issue 21's targets: >= 1.5x on copy-heavy work, >= 0.95x on
 free generation.
 
-With --draft (a model sharing the tokenizer, or `self`: the model drafts for itself, issue 21's
+With --served, each answer is one request through the serving engine (AsyncEngine: the paged pool and
+batched steps `tramontane serve` runs), one client. With --draft (a model sharing the tokenizer, or `self`: the model drafts for itself, issue 21's
 measure of the machinery, acceptance 100% and k + 1 tokens a pass), each task runs with drafts of
 every k in --ks, and the table adds the cost ratio (a drafted token's time over a plain one's)."""
 
@@ -55,7 +57,38 @@ def smollm2() -> str:
     return os.path.join(folder, next(f for f in os.listdir(folder) if f.endswith(".gguf")))
 
 
-def worker(model: str, task: str, num_tokens: int, max_tokens: int, threads: int, draft: str | None) -> None:
+def served(llm, ids: list[int], max_tokens: int, speculation):
+    """One request through the serving engine: its tokens, seconds from the first to the last, and the
+    engine's speculation counters."""
+    import asyncio
+    import time
+
+    from tramontane.decoding.sampling import SamplingParams
+    from tramontane.engine import AsyncEngine, EngineRequest
+
+    engine = AsyncEngine(llm, model_name="bench", kv_cache_memory=256 << 20, speculation=speculation)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+
+    async def run():
+        engine.start()
+        try:
+            first, out = None, []
+            async for _ in engine.generate(EngineRequest("w", ids, SamplingParams(temperature=0, max_tokens=4))):
+                pass  # warm-up
+            async for o in engine.generate(EngineRequest("r", ids, params)):
+                first = first or time.perf_counter()
+                out += o.token_ids
+            return out, time.perf_counter() - first
+        finally:
+            await engine.shutdown(1.0)
+
+    out, seconds = asyncio.run(run())
+    return out, seconds, engine.speculation_stats
+
+
+def worker(
+    model: str, task: str, num_tokens: int, max_tokens: int, threads: int, draft: str | None, serve: bool
+) -> None:
     import time
 
     import torch
@@ -70,13 +103,16 @@ def worker(model: str, task: str, num_tokens: int, max_tokens: int, threads: int
     if num_tokens and draft is not None:
         drafter = llm if draft == "self" else tramontane.load(draft)
         speculation = Speculation(method="draft_model", draft=drafter, num_tokens=num_tokens)
-    llm.generate(ids, temperature=0, max_tokens=4, speculation=speculation)  # warm-up
-    first, out = None, []
-    for delta in llm.generate(ids, temperature=0, max_tokens=max_tokens, stream=True, speculation=speculation):
-        first = first or time.perf_counter()
-        out += delta.token_ids
-    seconds = time.perf_counter() - first
-    stats = llm.speculation_stats
+    if serve:
+        out, seconds, stats = served(llm, ids, max_tokens, speculation)
+    else:
+        llm.generate(ids, temperature=0, max_tokens=4, speculation=speculation)  # warm-up
+        first, out = None, []
+        for delta in llm.generate(ids, temperature=0, max_tokens=max_tokens, stream=True, speculation=speculation):
+            first = first or time.perf_counter()
+            out += delta.token_ids
+        seconds = time.perf_counter() - first
+        stats = llm.speculation_stats
     print(
         json.dumps(
             {
@@ -93,6 +129,7 @@ def measure(args: argparse.Namespace, task: str, num_tokens: int) -> dict:
     command = [sys.executable, __file__, "--worker", task, "--model", args.model, "--num-tokens", str(num_tokens)]
     command += ["--tokens", str(args.tokens), "--threads", str(args.threads)]
     command += ["--draft", args.draft] if args.draft else []
+    command += ["--served"] if args.served else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -108,11 +145,12 @@ def main() -> None:
     parser.add_argument("--tasks", default="", help="only the tasks whose names hold this text")
     parser.add_argument("--draft", help="a draft model (path or name; `self`: the model itself)")
     parser.add_argument("--ks", default="1,2,4,8", help="with --draft: the draft lengths to measure")
+    parser.add_argument("--served", action="store_true", help="through the serving engine, one client")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = args.model or smollm2()
     if args.worker:
-        return worker(args.model, args.worker, args.num_tokens, args.tokens, args.threads, args.draft)
+        return worker(args.model, args.worker, args.num_tokens, args.tokens, args.threads, args.draft, args.served)
     from decode_speed import active_bytes_of_file, memory_bandwidth
 
     if args.draft:
