@@ -430,3 +430,22 @@ def test_served_draft_model(served):
     assert answers == plain and engine.pool.num_used == 0
     assert metric(engine, "tramontane_speculative_acceptance_rate") == 1.0
     assert metric(engine, "tramontane_speculative_tokens_per_pass") > 3.5
+
+
+def test_a_failing_drafter_leaves_its_request_decoding(served):
+    class Broken:
+        num_tokens = 2
+
+        def drafter(self):
+            return self
+
+        def check_vocabulary(self, vocab_size: int) -> None:
+            pass
+
+        def propose(self, tokens, room):
+            raise RuntimeError("the draft model broke")
+
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = [c.token_ids for c in served.generate(SERVED, params)]
+    answers, engine = serve_all(served, SERVED, params, Broken())
+    assert answers == plain and engine.pool.num_used == 0

@@ -425,11 +425,16 @@ class AsyncEngine:
                 self._finish(seq, RequestOutput(seq.request_id, finish_reason="error", error=repr(e)))
 
     def _draft(self) -> None:
-        """Each speculating request about to decode guesses its next tokens (a draft the step verifies)."""
+        """Each speculating request about to decode guesses its next tokens (a draft the step verifies).
+        A drafter that fails (a draft model's step) stops drafting for its request, which decodes on."""
         for seq in self.scheduler.running:
             if seq.drafter is not None and seq.num_computed == seq.num_tokens - 1:
                 room = seq.state.max_tokens - len(seq.state.output) - 1
-                seq.draft = seq.drafter.propose(seq.tokens, room)
+                try:
+                    seq.draft = seq.drafter.propose(seq.tokens, room)
+                except Exception:  # noqa: BLE001 - drafting is an optimisation: the answer does not need it
+                    log.exception("request %s: drafting failed; it decodes without drafts", seq.request_id)
+                    seq.drafter, seq.draft = None, []
 
     def _sample(self, batch: list[tuple[EngineSequence, int]], step: StepOutput) -> None:
         for i in step.drafted:
