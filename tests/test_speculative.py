@@ -449,3 +449,32 @@ def test_a_failing_drafter_leaves_its_request_decoding(served):
     plain = [c.token_ids for c in served.generate(SERVED, params)]
     answers, engine = serve_all(served, SERVED, params, Broken())
     assert answers == plain and engine.pool.num_used == 0
+
+
+def test_drafts_never_preempt_and_seeded_sampling_does_not_speculate(served):
+    """In a pool that plain decoding fills without preempting anyone, speculating requests do not
+    preempt either (a draft that does not fit is dropped); a seeded sampled request answers the same
+    alone and beside others with speculation on (it does not draft)."""
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    ps = [SERVED[2], SERVED[3]]
+    plain = [c.token_ids for c in served.generate(ps, params)]
+    blocks = 10
+    _, engine = serve_all(served, ps, params, None, blocks=blocks)
+    if engine.scheduler.preemptions == 0:
+        answers, engine = serve_all(served, ps, params, Oracle(ps, plain), blocks=blocks)
+        assert answers == plain and engine.scheduler.preemptions == 0
+    seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=16, ignore_eos=True)
+    alone, _ = serve_all(served, [SERVED[0]], seeded, SPEC)
+    crowded, engine = serve_all(served, SERVED, seeded, SPEC, max_num_batched_tokens=6)
+    assert crowded[0] == alone[0] == served.generate([SERVED[0]], seeded)[0].token_ids
+
+
+def test_prompt_lookup_finds_the_latest_earlier_match_incrementally():
+    drafter = Speculation(num_tokens=4, ngram_max=3, ngram_min=1).drafter()
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2]
+    assert drafter.propose(tokens, room=10) == [3, 7]  # "1 2" last seen at 4 (then 3, 7, 8 ...): length 2
+    drafter.length = 4
+    tokens += [3]
+    assert drafter.propose(tokens, room=10) == [7, 8, 1, 2]  # "1 2 3" latest at 4
+    assert drafter.propose(tokens + [5], room=10) == []  # "3 5", "5": nowhere before
+    assert drafter.propose(tokens + [5], room=0) == []

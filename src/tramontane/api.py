@@ -54,12 +54,14 @@ class LLM:
         self.model, self.config = loaded.model, loaded.config
         self.settings = ModelSettings()  # a created model's Modelfile settings (hub/modelfile.py)
         self.speculation: Speculation | None = None  # speculative decoding for every call that names none
+        self._spec_stats = SpeculationStats()
         self._select_backend()
 
     def _select_backend(self) -> None:
         """Pick the decode backend for the offline cache (again after a module swap such as LoRA)."""
         self.backend: Backend = select_backend(self.model, KVCache, self.dtype)
         self._runner = Generator(self.model, self.tokenizer, self.backend, self.dtype)
+        self._runner.stats = self._spec_stats  # the counters go on across a backend change (a LoRA adapter)
 
     @property
     def _generator(self) -> Generator:
@@ -109,7 +111,8 @@ class LLM:
     ) -> list[Completion] | Iterator[Delta]:
         """Complete a batch of prompts (text or token ids). With stream=True, yields `Delta`s as they come
         (each names its prompt's index); otherwise returns one `Completion` per prompt. `speculation`
-        (else `llm.speculation`): decode speculatively (decoding/speculative.py), the output unchanged."""
+        (else `llm.speculation`): decode speculatively (decoding/speculative.py): greedy answers are
+        unchanged, sampled ones keep their distribution."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self.encode_prompt(p) for p in prompts]
@@ -177,7 +180,7 @@ class LLM:
     @property
     def speculation_stats(self) -> SpeculationStats:
         """Speculative decoding's counters over this model's calls: passes, drafted and accepted tokens."""
-        return self._runner.stats
+        return self._spec_stats
 
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Log-probability of every token after the first, given the tokens before it."""

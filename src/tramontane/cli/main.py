@@ -234,7 +234,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
         help='speculative decoding for every request (one may say "speculation": false), as vLLM\'s: by prompt '
         'lookup {"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_max": 4, "prompt_lookup_min": 2} '
         '(copy-heavy work decodes faster), or by a draft model sharing the tokenizer {"model": "PATH", '
-        '"num_speculative_tokens": 4}; answers unchanged',
+        '"num_speculative_tokens": 4}; greedy answers unchanged, sampled ones keep their distribution (a seeded '
+        "sampled request does not speculate)",
     )
     p.add_argument(
         "--default-max-tokens",

@@ -37,7 +37,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from ..errors import RequestError
@@ -105,21 +104,32 @@ class PromptLookup:
         self.spec = spec
         self.length = max(1, spec.num_tokens // 2)
         self.paused = 0  # steps left without drafting
+        self.latest: dict[tuple[int, ...], int] = {}  # n-gram -> start of its latest occurrence followed by a token
+        self.indexed = 0  # tokens whose n-grams are in `latest`
 
     def propose(self, tokens: Sequence[int], room: int) -> list[int]:
-        """The draft after `tokens` (prompt and answer so far): at most min(its length, room) tokens."""
+        """The draft after `tokens` (prompt and answer so far, only ever grown at the end since the last
+        call): at most min(its length, room) tokens."""
+        self._index(tokens)
         limit, spec = min(self.length, room), self.spec
         if self.paused:
             self.paused -= 1
             return []
-        if limit <= 0 or len(tokens) < spec.ngram_min + 1:
+        if limit <= 0:
             return []
-        seq = np.asarray(tokens, dtype=np.int64)
-        for n in range(min(spec.ngram_max, len(seq) - 1), spec.ngram_min - 1, -1):
-            start = _latest_match(seq, n)
+        for n in range(min(spec.ngram_max, len(tokens) - 1), spec.ngram_min - 1, -1):
+            start = self.latest.get(tuple(tokens[len(tokens) - n :]))
             if start is not None:
-                return seq[start + n : start + n + limit].tolist()
+                return list(tokens[start + n : start + n + limit])
         return []
+
+    def _index(self, tokens: Sequence[int]) -> None:
+        """Record the n-grams that now have a token after them (those ending before the last token)."""
+        lo, hi = self.spec.ngram_min, self.spec.ngram_max
+        for end in range(max(self.indexed, 1), len(tokens)):  # n-grams ending at end - 1, followed by tokens[end]
+            for n in range(lo, min(hi, end) + 1):
+                self.latest[tuple(tokens[end - n : end])] = end - n
+        self.indexed = max(self.indexed, len(tokens))
 
     def update(self, drafted: int, accepted: int) -> None:
         if drafted == 1 and not accepted:
@@ -139,14 +149,16 @@ class ModelDraft:
         self.spec, self.backend = spec, spec.draft.backend
         config = self.backend.model.config
         self.cache = KVCache(config, 1, 64, spec.draft.dtype, spare=spec.num_tokens)
-        self.history: list[int] = []
+        self.history: list[int] = []  # the tokens whose keys and values the draft cache holds
+        self.verified = 0  # a length of the sequence at an earlier call: history agrees with it that far
 
     def propose(self, tokens: Sequence[int], room: int) -> list[int]:
         limit = min(self.spec.num_tokens, room)
         if limit <= 0:
             return []
-        kept = next((i for i, (a, b) in enumerate(zip(self.history, tokens)) if a != b), len(self.history))
+        kept = _common_start(self.history, tokens, self.verified)
         kept = min(kept, len(tokens) - 1)  # at least the last token runs: its logits give the first draft
+        self.verified = len(tokens)  # the sequence only grows: these tokens stay its own
         history = list(tokens)
         self.cache.ensure_capacity(len(history) + limit, limit=self.backend.model.config.max_seq_len)
         with torch.inference_mode():
@@ -173,11 +185,12 @@ class ModelDraft:
         pass
 
 
-def _latest_match(seq: np.ndarray, n: int) -> int | None:
-    """Start of the latest earlier occurrence of the last n tokens, with a token after it (None: none)."""
-    windows = np.lib.stride_tricks.sliding_window_view(seq[:-1], n)  # [L-n, n]: every n-gram but the last
-    hits = np.flatnonzero((windows == seq[-n:]).all(axis=1))
-    return int(hits[-1]) if hits.size else None
+def _common_start(history: Sequence[int], tokens: Sequence[int], known: int) -> int:
+    """How many first tokens `history` and `tokens` share, knowing the first `known` are shared."""
+    i, end = min(known, len(history), len(tokens)), min(len(history), len(tokens))
+    while i < end and history[i] == tokens[i]:
+        i += 1
+    return i
 
 
 @dataclass

@@ -10,8 +10,11 @@ chunked like prefill, paced beside generating requests (pacing.py), and dropped 
 once their caller has gone.
 
 A request with a `speculation` gets a draft before each of its decoding steps (decoding/speculative.py:
-prompt lookup); the step runs its last token and the draft, and verification emits up to k + 1 tokens
-at once: greedy answers are those of plain decoding, sampled ones keep their distribution."""
+prompt lookup or a draft model); the step runs its last token and the draft, and verification emits up
+to k + 1 tokens at once: greedy answers are those of plain decoding, sampled ones keep their
+distribution. A sampled request with a seed does not speculate (its answer depends on its seed alone).
+Known costs of a draft model here: each request's draft model reads its prompt whole in `_draft`,
+outside the step budget, and keeps its own draft cache beside the pool."""
 
 from __future__ import annotations
 
@@ -280,7 +283,7 @@ class AsyncEngine:
         speculation = self.speculation if request.speculate is not False else None
         if request.speculate and speculation is None:
             speculation = Speculation()
-        if speculation is not None and request.task == "generate":
+        if speculation is not None and request.task == "generate" and not _seeded_sampling(request.params):
             seq.drafter = speculation.drafter()
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
@@ -556,6 +559,13 @@ class AsyncEngine:
         m.prefix_hits.set(pool.hits)
         m.prefix_hit_rate.set(pool.hits / pool.queries if pool.queries else 0.0)
         m.preemptions.set(self.scheduler.preemptions)
+
+
+def _seeded_sampling(params: SamplingParams) -> bool:
+    """A sampled request with a seed: its tokens must depend only on its seed and logits, and verifying
+    drafts draws its random numbers by how long each draft was, which the step budget (so the other
+    requests) decides; such a request decodes without drafts."""
+    return not params.is_greedy and params.seed is not None
 
 
 def _merged(seq: EngineSequence, deltas: list[Delta]) -> RequestOutput:

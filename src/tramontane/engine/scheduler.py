@@ -123,6 +123,8 @@ class Scheduler:
                 continue
             n = self._chunk(seq, limit)
             del seq.draft[max(0, seq.num_computed + n - seq.num_tokens) :]  # what the budget leaves of it
+            if seq.draft and not self._reserve(seq, seq.num_computed + n):  # a guess never preempts anyone
+                n, seq.draft = n - len(seq.draft), []
             if self._make_room(seq, seq.num_computed + n, chosen):
                 chosen.append((seq, n))
                 budget -= n
