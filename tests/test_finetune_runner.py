@@ -39,6 +39,17 @@ def add_job(state: SimpleNamespace, status: str) -> dict[str, Any]:
     return state.jobs.add(FINE_TUNING, job)
 
 
+def record_starts(runner: FineTuneRunner) -> list[str]:
+    """The ids of the jobs `runner` starts, in order (no worker runs)."""
+    started: list[str] = []
+
+    async def fake_guarded(job: dict[str, Any]) -> None:
+        started.append(job["id"])
+
+    runner._guarded = fake_guarded  # type: ignore[method-assign]
+    return started
+
+
 def status(state: SimpleNamespace, job: dict[str, Any]) -> str:
     return state.jobs.get(FINE_TUNING, job["id"])["status"]
 
@@ -115,12 +126,7 @@ def test_a_job_whose_folder_is_unusable_fails_alone(tmp_path):
     job_folder(state, broken["id"]).parent.mkdir(parents=True, exist_ok=True)
     job_folder(state, broken["id"]).write_text("a file where its folder goes")
     runner = FineTuneRunner(state)
-    started: list[str] = []
-
-    async def fake_guarded(job: dict[str, Any]) -> None:
-        started.append(job["id"])
-
-    runner._guarded = fake_guarded  # type: ignore[method-assign]
+    started = record_starts(runner)
 
     async def scenario() -> None:
         await runner._schedule()
@@ -167,12 +173,7 @@ def test_the_loop_outlives_a_failing_database(tmp_path, monkeypatch):
 
     state.jobs.list = flaky_list
     runner = FineTuneRunner(state)
-    started: list[str] = []
-
-    async def fake_guarded(job: dict[str, Any]) -> None:
-        started.append(job["id"])
-
-    runner._guarded = fake_guarded  # type: ignore[method-assign]
+    started = record_starts(runner)
 
     async def scenario() -> None:
         runner.start()

@@ -89,11 +89,10 @@ class Generator:
             tokens, logprobs = pick_tokens(active, logits, self.tokenizer)
             for s, token, lp in zip(active, tokens.tolist(), logprobs):  # the one host sync per step
                 yield s.append(token, lp)
-            keep = [i for i, s in enumerate(active) if s.finish_reason is None]
+            keep = _drop_finished(active, cache)
             if not keep:
                 return
             if len(keep) < len(active):
-                cache.reorder(torch.tensor(keep))
                 tokens, active = tokens[keep], [active[i] for i in keep]
             positions = torch.tensor([[s.length - 1] for s in active])  # [B,1]
             cache.ensure_capacity(int(positions.max()) + 1, limit=self.config.max_seq_len)
@@ -108,12 +107,10 @@ class Generator:
         for s, token, lp in zip(active, tokens.tolist(), logprobs):
             yield s.append(token, lp)
         while True:
-            keep = [i for i, s in enumerate(active) if s.finish_reason is None]
+            keep = _drop_finished(active, cache)
             if not keep:
                 return
-            if len(keep) < len(active):
-                cache.reorder(torch.tensor(keep))
-                active = [active[i] for i in keep]
+            active = [active[i] for i in keep]
             drafts = [drafters[s.index].propose(s.prompt + s.output, s.max_tokens - len(s.output) - 1) for s in active]
             width = 1 + max(len(d) for d in drafts)
             step = torch.zeros(len(active), width, dtype=torch.long)  # [B,W]: each row's last token, its draft
@@ -137,6 +134,14 @@ class Generator:
             logp = self.model.logits(self.backend.prefill(ids, None, None))
             logp = logp.log_softmax(dim=-1)  # [1,T,V]
         return logp[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)  # [T-1]
+
+
+def _drop_finished(active: list[SequenceState], cache: KVCache) -> list[int]:
+    """Indices of the sequences still running; the cache keeps only their rows."""
+    keep = [i for i, s in enumerate(active) if s.finish_reason is None]
+    if keep and len(keep) < len(active):
+        cache.reorder(torch.tensor(keep))
+    return keep
 
 
 def collect(deltas: Iterator[Delta], prompts: Sequence[Sequence[int]]) -> list[Completion]:
