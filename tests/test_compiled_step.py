@@ -16,7 +16,8 @@ from tramontane.api import LLM
 from tramontane.build import load_model, select_backend
 from tramontane.lora.layers import LoraSpec, apply_lora, set_rows
 from tramontane.model import ModuleBackend
-from tramontane.model.cache import KVCache, PagedCache
+from tramontane.model.cache import Cache, KVCache, PagedCache
+from tramontane.model.kv_types import kv_type
 from tramontane.quant import kernels
 from tramontane.quant.step import CompiledStep
 
@@ -28,12 +29,13 @@ def backend_of(model, fused: bool):
     return CompiledStep(model) if fused else ModuleBackend(model)
 
 
-def decode_steps(model, positions: torch.Tensor, tokens: torch.Tensor, fused: bool):
-    """Feed tokens [B,T] one column at a time at positions [B,T] (-1 = padding); logits [T,B,V] and cache.
+def decode_steps(model, positions: torch.Tensor, tokens: torch.Tensor, fused: bool, kv: str = "f32"):
+    """Feed tokens [B,T] one column at a time at positions [B,T] (-1 = padding); logits [T,B,V] and cache
+    (storing keys as `kv`).
 
     The cache keeps every position (no rolling buffer), so the sliding window is the mask's job."""
     backend = backend_of(model, fused)
-    cache = KVCache(model.config.with_(sliding_window=None), tokens.shape[0], 32)
+    cache = KVCache(model.config.with_(sliding_window=None), tokens.shape[0], 32, kv)
     with torch.inference_mode():
         out = [
             model.logits(backend.decode(tokens[:, t : t + 1], positions[:, t : t + 1], cache))[:, -1]
@@ -240,21 +242,15 @@ def test_chosen_only_where_it_fits(tmp_path, monkeypatch):
     assert chosen(load_model(path, packed=True).model) is ModuleBackend
 
 
-def test_caches_it_does_not_take(tmp_path):
+def test_caches_it_takes(tmp_path):
     model = load_model(save_gguf(hf_model("llama", seed=2), tmp_path / "m.gguf", "Q8_0"), packed=True).model
-    assert chosen(model) is CompiledStep
-    assert chosen(model, KVCache, torch.bfloat16) is ModuleBackend
-    assert chosen(model, PagedCache) is CompiledStep
-    assert chosen(model, PagedCache, torch.bfloat16) is ModuleBackend
+    for kind in (KVCache, PagedCache):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, "q8_0"):
+            assert chosen(model, kind, dtype) is CompiledStep
+    assert chosen(model, Cache) is ModuleBackend  # a layout it does not know
     step, cache = CompiledStep(model), KVCache(model.config, 1, 8)
     with pytest.raises(TypeError, match="one token per row"):
         step.decode(torch.zeros(1, 2, dtype=torch.long), torch.arange(2)[None], cache)  # a prefill chunk
-    with pytest.raises(TypeError, match="float32 KVCache or PagedCache"):
-        step.decode(
-            torch.zeros(1, 1, dtype=torch.long),
-            torch.zeros(1, 1, dtype=torch.long),
-            KVCache(model.config, 1, 8, dtype=torch.bfloat16),
-        )
 
 
 def test_int4_swap_installs_it_on_float32_models():
@@ -380,16 +376,17 @@ PAGED_SCRIPT = [[(0, 5), (1, 3)], [(0, 1), (1, 4), (2, 2)], [(1, 1), (2, 6)]] + 
 PAGED_SCRIPT += [[(0, 1), (1, 6), (2, 10)]]
 
 
-def paged_run(model, backend, isa: str, block_size: int = 4, adapters: list[str | None] | None = None):
-    """Run PAGED_SCRIPT through `backend` on a fresh pool whose blocks are handed out shuffled; blocks
-    wholly before a sequence's window are released (-1) as the scheduler releases them. Logits [N,V] per
-    step and the pool. `adapters`: each sequence's LoRA adapter (None: the base model), set per row."""
-    config = model.config
+def paged_run(model, backend, isa: str, block_size: int = 4, adapters: list[str | None] | None = None, kv: str = "f32"):
+    """Run PAGED_SCRIPT through `backend` on a fresh pool (storing keys as `kv`) whose blocks are handed
+    out shuffled; blocks wholly before a sequence's window are released (-1) as the scheduler releases
+    them. Logits [N,V] per step and the pool (read back as floats). `adapters`: each sequence's LoRA
+    adapter (None: the base model), set per row."""
+    config, kind = model.config, kv_type(kv)
     blocks, gen = 40, torch.Generator().manual_seed(7)
     free = torch.randperm(blocks, generator=gen).tolist()
-    shape = (blocks * block_size, config.n_kv_heads, config.head_dim)
-    k = [torch.zeros(shape) for _ in range(config.n_layers)]
-    v = [torch.zeros(shape) for _ in range(config.n_layers)]
+    shape = (blocks * block_size, config.n_kv_heads, kind.width(config.head_dim))
+    k = [torch.zeros(shape, dtype=kind.storage) for _ in range(config.n_layers)]
+    v = [torch.zeros(shape, dtype=kind.storage) for _ in range(config.n_layers)]
     tables, done, window = [[] for _ in range(3)], [0, 0, 0], config.sliding_window
     tokens = torch.randint(3, config.vocab_size, (3, 64), generator=gen)
     out = []
@@ -410,7 +407,7 @@ def paged_run(model, backend, isa: str, block_size: int = 4, adapters: list[str 
             width = max(len(tables[r]) for r, _ in step)
             table = torch.tensor([tables[r] + [-1] * (width - len(tables[r])) for r, _ in step], dtype=torch.int32)
             positions = torch.tensor(pos)
-            cache = PagedCache(k, v, block_size, table, torch.tensor(seq, dtype=torch.int32), positions, window)
+            cache = PagedCache(k, v, block_size, table, torch.tensor(seq, dtype=torch.int32), positions, window, kind)
             if adapters is not None:
                 names = sorted({a for a in adapters if a is not None})
                 slot = [names.index(adapters[r]) if adapters[r] is not None else -1 for r, _ in step]
@@ -419,7 +416,7 @@ def paged_run(model, backend, isa: str, block_size: int = 4, adapters: list[str 
                 out.append(model.logits(backend.prefill(torch.tensor(ids)[None], positions[None], cache)[0]))
     finally:
         kernels.extension().set_isa(prev)
-    return out, k + v
+    return out, [kind.decode(t).float() for t in k + v]
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -444,6 +441,47 @@ def test_paged_steps_equal_module_steps(tmp_path, isa, kind, qtype, overrides):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
     for a, b in zip(fused_pool, plain_pool):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+# Keys stored rounded: the compiled step and the module path round keys they computed in a different
+# order, so a key a hair from a rounding boundary lands on either side (one step of the type); logits
+# then differ by more than float32 rounding (measured at most 3.2e-3 of their scale, Q8_0), and by the
+# type's own error from the float32 cache's (bf16 7e-3, f16 2.2e-3, Q8_0 3.2e-2 on these models).
+# test_quant_kernels.py checks the kernel strictly, over the keys as it stored them.
+KV_CROSS = {"bf16": 1e-2, "f16": 1e-2, "q8_0": 1e-2}
+KV_VS_F32 = {"bf16": 2e-2, "f16": 6e-3, "q8_0": 8e-2}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("kv", ["bf16", "f16", "q8_0"])
+@pytest.mark.parametrize("kind", ["mistral", "llama"])
+def test_steps_on_each_kv_type(tmp_path, isa, kv, kind):
+    """Offline decode steps and paged mixed steps on caches storing bf16, f16 or q8_0 keys (head dim 32,
+    a Q8_0 block): the compiled step and the module path agree, and stay within the type's error of the
+    float32 cache's logits."""
+    gguf = save_gguf(hf_model(kind, seed=3, hidden_size=128), tmp_path / "m.gguf", "Q8_0")
+    model = load_model(gguf, packed=True).model
+    tokens = torch.randint(0, model.config.vocab_size, (3, 14), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(14).repeat(3, 1)
+    prev = kernels.extension().set_isa(isa)
+    try:
+        runs = {
+            (fused, k): decode_steps(model, positions, tokens, fused, k)[0]
+            for fused in (True, False)
+            for k in ("f32", kv)
+        }
+    finally:
+        kernels.extension().set_isa(prev)
+    scale = runs[False, "f32"].abs().max().item()
+    assert (runs[True, kv] - runs[False, kv]).abs().max().item() <= KV_CROSS[kv] * scale
+    assert (runs[True, kv] - runs[False, "f32"]).abs().max().item() <= KV_VS_F32[kv] * scale
+    assert (runs[True, kv] - runs[True, "f32"]).abs().max().item() > 1e-6 * scale  # the rounding happened
+    fused, fused_pool = paged_run(model, CompiledStep(model), isa, kv=kv)
+    plain, plain_pool = paged_run(model, ModuleBackend(model), isa, kv=kv)
+    for a, b in zip(fused, plain):
+        assert (a - b).abs().max().item() <= KV_CROSS[kv] * max(1.0, b.abs().max().item())
+    for a, b in zip(fused_pool, plain_pool):  # the keys each stored: within one rounding step
+        assert (a - b).abs().max().item() <= KV_CROSS[kv] * max(1.0, b.abs().max().item())
 
 
 def adapted_model(tmp_path, kind: str, qtype: str, targets: tuple[str, ...]):

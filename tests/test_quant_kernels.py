@@ -16,6 +16,7 @@ from gguf.quants import QuantError  # noqa: E402
 from gguf.quants import dequantize as ref_dequantize  # noqa: E402
 from gguf.quants import quantize as ref_quantize  # noqa: E402
 
+from tramontane.model.kv_types import KV_TYPES, kv_type  # noqa: E402
 from tramontane.quant import kernels  # noqa: E402
 from tramontane.weights.gguf_quants import GGML_TYPES  # noqa: E402
 
@@ -318,7 +319,9 @@ DENSE_UNUSED |= {"lora_row": (0, 0), "lora_cols": (0, 0), "lora": (0, 0)}  # no 
 DENSE_UNUSED |= {"wk": (0, 0, 0), "wv": (0, 0, 0), "w3": (0, 0, 0)}  # q, k, v and gate, up in one type
 
 
-def block_case(qtype: QT = QT.Q8_0, window: int = 0, shape: tuple[int, ...] = BLOCK_SHAPE) -> dict:
+def block_case(
+    qtype: QT = QT.Q8_0, window: int = 0, shape: tuple[int, ...] = BLOCK_SHAPE, qpos: tuple[int, ...] = (5, 11, -1)
+) -> dict:
     """Tensors of one decode_block call (row 2 is padding), with the weights' dense references."""
     b, dim, h, hkv, d, f, s = shape
     g = torch.Generator().manual_seed(7)
@@ -336,7 +339,7 @@ def block_case(qtype: QT = QT.Q8_0, window: int = 0, shape: tuple[int, ...] = BL
         "w2": (dim, f),
     }.items():
         case[name], case[name + "_dense"] = weight(qtype, n, k)
-    case["qpos"] = torch.tensor([5, 11, -1])
+    case["qpos"] = torch.tensor(qpos)
     case["kpos"] = torch.full((b, s), -1, dtype=torch.long)
     for row, q in enumerate(case["qpos"].tolist()):  # every earlier position that fits, this step's included
         for p in range(max(0, q - s + 1), q + 1):
@@ -359,8 +362,9 @@ def run_block(case: dict, short: str | None = None, threads: int = 2) -> None:
     ext.decode_block(case["shape"], buffers, 1e-5, case["window"], threads)
 
 
-def block_reference(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, k_cache, v_cache after the block, in float64 torch (model/transformer.py's arithmetic)."""
+def block_reference(case: dict, stored: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, k_cache, v_cache after the block, in float64 torch (model/transformer.py's arithmetic); with
+    `stored`, the caches already hold this step's keys and values (as a kernel stored them)."""
     b, dim, h, hkv, d, f, s = case["shape"]
     x, kc, vc = case["x"].double(), case["k_cache"].double().clone(), case["v_cache"].double().clone()
     cs = case["cos_sin"].double()[:, None]  # [B, 1, D/2, 2]
@@ -379,7 +383,10 @@ def block_reference(case: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     for row, qp in enumerate(case["qpos"].tolist()):
         if qp < 0:
             continue
-        kc[row, :, qp % s], vc[row, :, qp % s] = k[row], v[row]
+        if stored:
+            k[row], v[row] = kc[row, :, qp % s], vc[row, :, qp % s]  # what the reference would store: returned
+        else:
+            kc[row, :, qp % s], vc[row, :, qp % s] = k[row], v[row]
         kp = case["kpos"][row]
         seen = (kp >= 0) & (kp <= qp) & ((qp - kp < case["window"]) if case["window"] > 0 else True)
         for head in range(h):
@@ -435,6 +442,58 @@ def test_decode_block_takes_pieces_of_their_own_types(isa: str, given: tuple[str
     short = {**DENSE_UNUSED, **buffers, given[-1]: (buffers[given[-1]][0], 1, buffers[given[-1]][2])}
     with pytest.raises(ValueError, match=rf"buffer {given[-1]} holds 1 bytes"):
         ext.decode_block(BLOCK_SHAPE, short, 1e-5, 0, 2)
+
+
+KV_SHAPE = (3, 64, 4, 2, 32, 96, 80)  # D = 32 (one Q8_0 block); S = 80 keys: two blocks of the online softmax
+KV_BOUND = {"f32": 1e-6, "bf16": 8e-3, "f16": 1e-3, "q8_0": 1e-2}  # new keys vs the float64 ones, of their scale
+
+
+@needs_ext
+@pytest.mark.parametrize("kv", ["f32", "bf16", "f16", "q8_0"])
+def test_decode_block_reads_each_kv_type(isa: str, kv: str) -> None:
+    """A cache stored as f32, bf16, f16 or q8_0 (model/kv_types.py), rows at positions past one block
+    of ATT_KB = 64 keys: the kernel stores this step's keys rounded to the type (within its rounding of
+    the float64 ones) and attends the keys it decodes: x equals the float64 block over the cache as the
+    kernel left it, to float32 rounding."""
+    kind = kv_type(kv)
+    case = block_case(QT.Q8_0, 0, KV_SHAPE, qpos=(75, 150, -1))
+    cache = {n: kind.encode(case[n]) for n in ("k_cache", "v_cache")}
+    buffers = {n: (*buf(case[n]), case["qtype"]) for n in PACKED}
+    buffers |= {n: buf(case[n]) for n in ("x", "attn_norm", "ffn_norm", "cos_sin", "kpos", "qpos")}
+    buffers |= DENSE_UNUSED | {n: (*buf(t), kind.ggml) for n, t in cache.items()}
+    _, want_k, want_v = block_reference(case)  # this step's keys in float64
+    x0 = case["x"].clone()
+    ext.decode_block(KV_SHAPE, buffers, 1e-5, 0, 2)
+    got, case["x"] = case["x"], x0
+    case |= {n: kind.decode(t).float() for n, t in cache.items()}
+    want_x, _, _ = block_reference(case, stored=True)
+    assert rel_err(got, want_x) < 1e-5, isa
+    for row, q in enumerate((75, 150)):
+        s = KV_SHAPE[-1]
+        assert rel_err(case["k_cache"][row, :, q % s], want_k[row, :, q % s]) < KV_BOUND[kv]
+        assert rel_err(case["v_cache"][row, :, q % s], want_v[row, :, q % s]) < KV_BOUND[kv]
+
+
+def test_kv_encoders_round_as_gguf_and_torch_do() -> None:
+    """The C encoder (the compiled step's stores) is bit for bit model/kv_types.py's, on random rows and
+    on the edges (zeros, ties, half's overflow and subnormals); both equal gguf-py's reference quantizers
+    on random rows (no ties: GGML rounds Q8_0 ties away from zero, these to even)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 64, generator=g) * torch.logspace(-9, 5, 300)[:, None]
+    edges = torch.tensor([0.0, 65504.0, 65519.0, 65520.0, -7e4, 6.1e-5, 6.0e-5, 2.9802322e-08])
+    x[0], x[1], x[2] = 0.0, edges.repeat(8), (torch.arange(64) - 31.5) * 0.25  # q8_0 ties: x / d = k + 0.5
+    for name, kind in KV_TYPES.items():
+        want = kind.encode(x)
+        got = torch.empty_like(want)
+        ext.encode_rows(buf(x), buf(got), 300, 64, kind.ggml)
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), name
+        if name != "f32":
+            qt = {"bf16": QT.BF16, "f16": QT.F16, "q8_0": QT.Q8_0}[name]
+            with np.errstate(over="ignore"):  # gguf-py's float16 cast of the rows past 65504
+                ref = ref_quantize(x[3:].numpy(), qt)
+            assert np.array_equal(want[3:].view(torch.uint8).numpy(), ref.view(np.uint8)), name
+    with pytest.raises(ValueError, match="cannot hold rows of 48"):
+        ext.encode_rows(buf(x), buf(x), 1, 48, int(QT.Q8_0))
 
 
 @needs_ext

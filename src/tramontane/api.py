@@ -19,7 +19,7 @@ from .errors import ConfigError, RequestError, TemplateError
 from .hub.modelfile import ModelSettings
 from .hub.resolve import resolve_model
 from .hub.store import settings_for
-from .model import Backend, KVCache
+from .model import Backend, KVCache, KvType, kv_type
 from .quant.quantize import SIXTEEN_BIT
 from .text.tokenizer import Tokenizer
 
@@ -49,8 +49,16 @@ MODEL_ADAPTER = "modelfile-adapter"  # the name a created model's own ADAPTER lo
 
 
 class LLM:
-    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        tokenizer: Tokenizer,
+        dtype: torch.dtype = torch.float32,
+        kv_dtype: str | torch.dtype | KvType | None = None,
+    ) -> None:
         self.loaded, self.tokenizer, self.dtype = loaded, tokenizer, dtype
+        self.kv = kv_type(dtype if kv_dtype is None or kv_dtype == "auto" else kv_dtype)
+        self.kv.width(loaded.config.head_dim)  # refuses a block type the head dim does not divide
         self.model, self.config = loaded.model, loaded.config
         self.settings = ModelSettings()  # a created model's Modelfile settings (hub/modelfile.py)
         self.speculation: Speculation | None = None  # speculative decoding for every call that names none
@@ -59,8 +67,8 @@ class LLM:
 
     def _select_backend(self) -> None:
         """Pick the decode backend for the offline cache (again after a module swap such as LoRA)."""
-        self.backend: Backend = select_backend(self.model, KVCache, self.dtype)
-        self._runner = Generator(self.model, self.tokenizer, self.backend, self.dtype)
+        self.backend: Backend = select_backend(self.model, KVCache, self.kv)
+        self._runner = Generator(self.model, self.tokenizer, self.backend, self.dtype, self.kv)
         self._runner.stats = self._spec_stats  # the counters go on across a backend change (a LoRA adapter)
 
     @property
@@ -197,6 +205,7 @@ def load(
     lora: dict[str, str | Path] | None = None,
     parallel: str | None = None,
     mmap: bool = True,
+    kv_dtype: str | None = None,
 ) -> LLM:
     """Load a model folder (Hugging Face or Mistral native) or GGUF file; None = the default model.
 
@@ -211,7 +220,9 @@ def load(
     lora: {name: adapter folder} LoRA adapters to load (none applies until `use_adapter(name)`).
     parallel: "tp", "ep" or "tp+ep" when this process is one rank of a torch.distributed group (torchrun):
     it loads only its part of the model (parallel/plan.py); every rank then runs the same calls.
-    mmap: packed GGUF blocks are views of the mapped file, read as first touched (False: copied in)."""
+    mmap: packed GGUF blocks are views of the mapped file, read as first touched (False: copied in).
+    kv_dtype: how the KV cache stores keys and values: "f32", "bf16", "f16" or "q8_0" (34 bytes per
+    32 elements, as llama.cpp's -ctk q8_0); None/"auto" = the model's dtype (float32 for packed models)."""
     from .quant.kernels import available
     from .text.tokenizer import load_tokenizer, tokenizer_from_gguf
     from .weights.sources import detect_format
@@ -253,7 +264,7 @@ def load(
     settings = settings_for(path)
     if settings.template is not None:  # a model created from a Modelfile with a TEMPLATE
         tokenizer = _with_go_template(tokenizer, settings.template)
-    llm = LLM(loaded, tokenizer, dtype)
+    llm = LLM(loaded, tokenizer, dtype, kv_dtype)
     llm.settings = settings
     for name, adapter in (lora or {}).items():
         llm.load_adapter(name, adapter)

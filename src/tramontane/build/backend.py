@@ -10,14 +10,16 @@ import torch
 
 from ..model.backend import Backend, ModuleBackend
 from ..model.cache import Cache
+from ..model.kv_types import KvType, kv_type
 from ..model.transformer import Transformer
 from ..quant.step import CompiledStep
 
 
-def select_backend(model: Transformer, cache_kind: type[Cache], dtype: torch.dtype) -> Backend:
-    """The fastest backend that runs `model` on caches of `cache_kind` holding `dtype`."""
+def select_backend(model: Transformer, cache_kind: type[Cache], dtype: torch.dtype | str | KvType) -> Backend:
+    """The fastest backend that runs `model` on caches of `cache_kind` storing keys as `dtype` (a float
+    dtype or a KV type, model/kv_types.py)."""
     if CompiledStep.fits(model):
         compiled = CompiledStep(model)
-        if compiled.supports(cache_kind, dtype):
+        if compiled.supports(cache_kind, kv_type(dtype)):
             return compiled
     return ModuleBackend(model)

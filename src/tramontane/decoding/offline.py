@@ -16,7 +16,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..errors import RequestError
-from ..model import Backend, KVCache, Transformer
+from ..model import Backend, KVCache, KvType, Transformer, kv_type
+from ..model.kv_types import F32
 from ..text.tokenizer import Tokenizer
 from .sampling import SamplingParams
 from .sequence import Completion, Delta, SequenceState, pick_tokens
@@ -30,9 +31,15 @@ class Generator:
     """Runs batches of token-id prompts through a model with a tokenizer for output text."""
 
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, backend: Backend, dtype: torch.dtype = torch.float32
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        backend: Backend,
+        dtype: torch.dtype = torch.float32,
+        kv: KvType | None = None,
     ) -> None:
         self.model, self.tokenizer, self.backend, self.dtype = model, tokenizer, backend, dtype
+        self.kv = kv if kv is not None else kv_type(dtype)  # how the cache stores keys (model/kv_types.py)
         self.config = model.config
         self.stats = SpeculationStats()  # over every speculative run of this generator
 
@@ -58,7 +65,7 @@ class Generator:
             speculation.check_vocabulary(self.config.vocab_size)
         spare = speculation.num_tokens if speculation is not None else 0
         capacity = max(len(s.prompt) for s in seqs) + min(INITIAL_CAPACITY, max(s.max_tokens for s in seqs)) + spare
-        cache = KVCache(self.config, len(seqs), capacity, self.dtype, spare=spare)
+        cache = KVCache(self.config, len(seqs), capacity, self.kv, spare=spare)
         with torch.inference_mode():
             logits = self._prefill(seqs, cache)
             if speculation is None:
@@ -128,10 +135,14 @@ class Generator:
                 yield from accept(s, logits[i, : 1 + len(d)], d, drafters[s.index], self.tokenizer, self.stats)
 
     def score(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Log-probability of each token given the ones before it, in one pass: [len - 1] float32."""
+        """Log-probability of each token given the ones before it, in one pass: [len - 1] float32. A cache
+        storing keys rounded (bf16, f16, q8_0) takes the pass, so that every key is read as generation
+        reads it (as llama.cpp's perplexity runs its batches through its cache)."""
         ids = torch.tensor([list(token_ids)])  # [1,T]
+        cache = None if self.kv == F32 else KVCache(self.config, 1, ids.shape[1], self.kv)
+        positions = None if cache is None else torch.arange(ids.shape[1])[None]  # [1,T]
         with torch.inference_mode():
-            logp = self.model.logits(self.backend.prefill(ids, None, None))
+            logp = self.model.logits(self.backend.prefill(ids, positions, cache))
             logp = logp.log_softmax(dim=-1)  # [1,T,V]
         return logp[0, :-1].gather(-1, ids[0, 1:, None]).squeeze(-1)  # [T-1]
 

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 
 from ..config import ModelConfig
+from ..model.kv_types import KvType, kv_type
 
 _SALT = secrets.token_bytes(32)  # per process; keys never leave it
 Place = tuple[str, bytes | None]  # where a block starts: (namespace, key of the full block before it)
@@ -49,9 +50,10 @@ def block_key(model: str, previous: bytes | None, tokens: Sequence[int]) -> byte
     return h.digest()
 
 
-def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V for every layer: 2 x layers x block_size x kv_heads x head_dim x itemsize."""
-    return 2 * config.n_layers * block_size * config.n_kv_heads * config.head_dim * dtype.itemsize
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype | str | KvType) -> int:
+    """K and V for every layer: 2 x layers x block_size x kv_heads x the bytes of a row of head_dim
+    (model/kv_types.py: 4 x head_dim for f32, 34 per 32 elements for q8_0)."""
+    return 2 * config.n_layers * block_size * config.n_kv_heads * kv_type(dtype).row_bytes(config.head_dim)
 
 
 def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -70,13 +72,18 @@ def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 class BlockPool:
     def __init__(
-        self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype = torch.float32
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype | str | KvType = torch.float32,
     ) -> None:
         if num_blocks < 1:
             raise ValueError("the KV pool needs at least one block")
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (num_blocks * block_size, config.n_kv_heads, config.head_dim)  # [slots,Hkv,D]
-        layers = self._layers = untouched_zeros((2 * config.n_layers, *shape), dtype)  # [2L,slots,Hkv,D]
+        self.kv = kv_type(dtype)  # how rows are stored (model/kv_types.py)
+        shape = (num_blocks * block_size, config.n_kv_heads, self.kv.width(config.head_dim))  # [slots,Hkv,D] stored
+        layers = self._layers = untouched_zeros((2 * config.n_layers, *shape), self.kv.storage)  # [2L,slots,Hkv,D]
         self.k, self.v = list(layers[: config.n_layers]), list(layers[config.n_layers :])
         self.refs = [0] * num_blocks
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # never hashed; pop() = lowest id

@@ -35,6 +35,7 @@ from ..decoding.sampling import SamplingParams
 from ..decoding.sequence import Delta, SequenceState, pick_tokens
 from ..decoding.speculative import Speculation, SpeculationStats, accept
 from ..model.cache import PagedCache
+from ..model.kv_types import KvType
 from ..parallel.dist import broadcast_object, is_parallel
 from .blocks import BlockPool, bytes_per_block
 from .metrics import EngineMetrics
@@ -70,7 +71,7 @@ class AsyncEngine:
         max_num_batched_tokens: int = 512,
         max_running: int = 64,
         max_queued: int = 256,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str | KvType = torch.float32,
         speculation: Speculation | None = None,
     ) -> None:
         self.model, self.tokenizer, self.config = llm.model, llm.tokenizer, llm.config
@@ -390,7 +391,7 @@ class AsyncEngine:
         began = time.perf_counter()
         try:
             if not self.backend.current():  # a module swap since (adapters applied to the model): pick again
-                self.backend = select_backend(self.model, PagedCache, self.pool.k[0].dtype)
+                self.backend = select_backend(self.model, PagedCache, self.pool.kv)
             out = run_step(self.backend, self.pool, batch, self.config.sliding_window)
             self.scheduler.after_step(batch)
             self._sample(batch, out)

@@ -28,7 +28,7 @@ def paged_cache(
 ) -> PagedCache:
     """The model's view of `pool` for one step (model/cache.py): block tables [R,T], each token's
     sequence [N] and position [N]."""
-    return PagedCache(pool.k, pool.v, pool.block_size, tables, seq, positions, window)
+    return PagedCache(pool.k, pool.v, pool.block_size, tables, seq, positions, window, pool.kv)
 
 
 def layout(
@@ -146,7 +146,7 @@ def follow(model: Transformer, pool: BlockPool) -> None:
     """A rank > 0 of a sharded server: run every step rank 0 announces, on this rank's part of the model
     and its own KV pool (same slots, its own heads), until rank 0 stops. The backend is chosen as rank
     0's engine chooses it."""
-    backend = select_backend(model, PagedCache, pool.k[0].dtype)
+    backend = select_backend(model, PagedCache, pool.kv)
     window = model.config.sliding_window
     while True:
         message = broadcast_object(None)

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .cache import Cache
+from .kv_types import KvType
 from .transformer import Transformer
 
 
@@ -28,8 +29,8 @@ class Backend(Protocol):
     name: str  # shown in the server's start-up log line and by `tramontane show --backend`
     model: Transformer  # what it runs (logits, adapters and embeddings are read from it)
 
-    def supports(self, cache_kind: type[Cache], dtype: torch.dtype) -> bool:
-        """Whether this backend can run steps on caches of this class holding `dtype` keys/values."""
+    def supports(self, cache_kind: type[Cache], kv: KvType) -> bool:
+        """Whether this backend can run steps on caches of this class storing keys/values as `kv`."""
         ...
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:
@@ -55,7 +56,7 @@ class ModuleBackend:
     def __init__(self, model: Transformer) -> None:
         self.model = model
 
-    def supports(self, cache_kind: type[Cache], dtype: torch.dtype) -> bool:
+    def supports(self, cache_kind: type[Cache], kv: KvType) -> bool:
         return True
 
     def prefill(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: Cache | None) -> torch.Tensor:

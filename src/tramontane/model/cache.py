@@ -26,6 +26,7 @@ import abc
 import torch
 
 from ..config import ModelConfig
+from .kv_types import KvType, kv_type
 from .layers import attention_mask
 
 
@@ -51,24 +52,27 @@ class Cache(abc.ABC):
 
 
 class KVCache(Cache):
-    """The offline cache: one [B,Hkv,S,D] buffer per layer, rolling when a window is smaller than S."""
+    """The offline cache: one [B,Hkv,S,D] buffer per layer, rolling when a window is smaller than S. Rows
+    are stored as `dtype` (model/kv_types.py: a float dtype or a KV type name such as "q8_0"; a Q8_0
+    buffer is uint8 [B,Hkv,S,D/32*34]) and read back as floats."""
 
     def __init__(
         self,
         config: ModelConfig,
         batch_size: int,
         capacity: int,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str | KvType = torch.float32,
         device: torch.device | str = "cpu",
         spare: int = 0,
     ) -> None:
+        self.kv = kind = kv_type(dtype)
         window = config.sliding_window
         self._window = None if window is None else window + spare  # the slots a rolling buffer keeps
         self.size = capacity if window is None else min(window + spare, capacity)  # W (+ spare) when smaller
         self.rolling = self.size < capacity
-        shape = (batch_size, config.n_kv_heads, self.size, config.head_dim)  # [B,Hkv,S,D]
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        shape = (batch_size, config.n_kv_heads, self.size, kind.width(config.head_dim))  # [B,Hkv,S,D] stored
+        self.k = [torch.zeros(shape, dtype=kind.storage, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=kind.storage, device=device) for _ in range(config.n_layers)]
         self.pos = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)  # [B,S]
         self._step: tuple | None = None
         self._span: int | None = None
@@ -121,19 +125,20 @@ class KVCache(Cache):
         if self._step is None:
             raise RuntimeError("KVCache.update called before KVCache.begin")
         rows, cols, slots, concat, old_pos, positions, valid = self._step
-        if concat:
-            keys = torch.cat((self.k[layer], k.transpose(1, 2)), dim=2)  # [B,Hkv,S+T,D]
-            values = torch.cat((self.v[layer], v.transpose(1, 2)), dim=2)
+        kind = self.kv
+        if concat:  # the chunk's own keys as the cache gives them back, so every key reads as stored
+            keys = torch.cat((kind.decode(self.k[layer]), kind.round_trip(k).transpose(1, 2)), dim=2)  # [B,Hkv,S+T,D]
+            values = torch.cat((kind.decode(self.v[layer]), kind.round_trip(v).transpose(1, 2)), dim=2)
             key_pos = torch.cat((old_pos, positions), dim=1)  # [B,S+T]
         ck, cv = self.k[layer], self.v[layer]
-        ck[rows, :, slots] = self._keep_old(valid, k[rows, cols].to(ck.dtype), ck[rows, :, slots])  # [N,Hkv,D]
-        cv[rows, :, slots] = self._keep_old(valid, v[rows, cols].to(cv.dtype), cv[rows, :, slots])
+        ck[rows, :, slots] = self._keep_old(valid, kind.encode(k[rows, cols]), ck[rows, :, slots])  # [N,Hkv,D]
+        cv[rows, :, slots] = self._keep_old(valid, kind.encode(v[rows, cols]), cv[rows, :, slots])
         if concat:
             return keys, values, key_pos
         if self._span is not None:
             n = self._span
-            return self.k[layer][:, :, :n], self.v[layer][:, :, :n], self.pos[:, :n]
-        return self.k[layer], self.v[layer], self.pos
+            return kind.decode(self.k[layer][:, :, :n]), kind.decode(self.v[layer][:, :, :n]), self.pos[:, :n]
+        return kind.decode(self.k[layer]), kind.decode(self.v[layer]), self.pos
 
     def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
         """Which keys each query may see: [B,1,T,S] (the cache decides, as it knows the layout)."""
@@ -180,7 +185,8 @@ class KVCache(Cache):
 class PagedCache(Cache):
     """One serving step's view of the paged KV pool: the tokens of many sequences in one row [1,N].
 
-    The pool holds, per layer, keys and values [P,Hkv,D] in P = blocks x block_size slots. Each of the
+    The pool holds, per layer, keys and values [P,Hkv,D] in P = blocks x block_size slots, stored as
+    `kv` (model/kv_types.py; a Q8_0 pool's rows are uint8 [P,Hkv,D/32*34]). Each of the
     step's R sequences has a block table (a row of `tables` [R,T] int32, -1 = no block): its token at
     position p lives in slot tables[r, p // block_size] * block_size + p % block_size. Worked example,
     block_size 4, table [7, 2, -1]: position 5 -> block 2, offset 1 -> slot 9. A -1 is a block not yet
@@ -201,8 +207,10 @@ class PagedCache(Cache):
         seq: torch.Tensor,
         positions: torch.Tensor,
         window: int | None,
+        kv: KvType | None = None,
     ) -> None:
         self.k, self.v, self.block_size, self.window = k, v, block_size, window  # [P,Hkv,D] per layer
+        self.kv = kv if kv is not None else kv_type(k[0].dtype)
         self.tables, self.seq, self.positions = tables, seq, positions  # [R,T] int32, [N] int32, [N] int64
         self._gathered: tuple[torch.Tensor, ...] | None = None
         self._masks: dict[int | None, torch.Tensor] = {}
@@ -238,10 +246,10 @@ class PagedCache(Cache):
         """k, v [1,N,Hkv,D] -> keys, values [1,Hkv,S,D] and their positions [1,S]."""
         slots, key_slots, key_pos, _ = self._keys()
         pk, pv = self.k[layer], self.v[layer]  # [P,Hkv,D]
-        pk[slots] = k[0].to(pk.dtype)
-        pv[slots] = v[0].to(pv.dtype)
-        keys = pk[key_slots].transpose(0, 1)[None]  # [S,Hkv,D] -> [1,Hkv,S,D]
-        values = pv[key_slots].transpose(0, 1)[None]
+        pk[slots] = self.kv.encode(k[0])
+        pv[slots] = self.kv.encode(v[0])
+        keys = self.kv.decode(pk[key_slots]).transpose(0, 1)[None]  # [S,Hkv,D] -> [1,Hkv,S,D]
+        values = self.kv.decode(pv[key_slots]).transpose(0, 1)[None]
         return keys, values, key_pos[None]
 
     def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -4,8 +4,9 @@ A decoding step (one new token per sequence) through the module path costs about
 operations per block, each a few microseconds of dispatch: for a small model that overhead, not the
 weights, sets the speed. `CompiledStep` is a decode backend (model/backend.py) for models whose blocks
 are all packed (fused wqkv and w13 `PackedLinear`s, dense SwiGLU, float32 norms; or a Mixtral block:
-`PackedExperts` stacks and a float32 router, every expert held here) decoding on the float32 offline
-`KVCache` or on the serving pool's `PagedCache`: it runs each block as one call of the compiled
+`PackedExperts` stacks and a float32 router, every expert held here) decoding on the offline
+`KVCache` or on the serving pool's `PagedCache`, whatever type they store keys as (f32, bf16, f16,
+q8_0: model/kv_types.py; the kernel rounds new keys as the cache does and decodes keys as it attends): it runs each block as one call of the compiled
 `decode_block` (RMSNorm, packed projections, RoPE, cache write, attention over the visible keys,
 SwiGLU or the routed experts; see quant/csrc/). On the pool a step is many sequences' tokens in one
 row (decode tokens and prefill chunks), each attending its own sequence's blocks; offline, a prompt
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ..model.cache import Cache, KVCache, PagedCache
+from ..model.kv_types import KvType
 from ..model.layers import FeedForward
 from ..model.moe import MoeFeedForward
 from ..model.transformer import Transformer, TransformerBlock
@@ -134,9 +136,9 @@ class CompiledStep:
         whole = getattr(model, "parallel", None) is None
         return kernels.available() and whole and all(_block_fits(b) for b in model.blocks())
 
-    def supports(self, cache_kind: type[Cache], dtype: torch.dtype) -> bool:
-        """Float32 keys and values, in the offline `KVCache` or the serving pool's `PagedCache`."""
-        return issubclass(cache_kind, (KVCache, PagedCache)) and dtype is torch.float32
+    def supports(self, cache_kind: type[Cache], kv: KvType) -> bool:
+        """The offline `KVCache` or the serving pool's `PagedCache`, keys stored as any KV type."""
+        return issubclass(cache_kind, (KVCache, PagedCache))
 
     def current(self) -> bool:
         """False once any block's norm or packed projection was swapped (LoRA, re-quantization, ...), or an
@@ -184,8 +186,8 @@ class CompiledStep:
     @staticmethod
     def _chunk_fits(positions: torch.Tensor, cache: KVCache) -> bool:
         """An offline prompt chunk runs compiled where no position wraps the rolling buffer (every row's
-        chunk is stored before any row attends) and the cache is float32."""
-        return cache.k[0].dtype is torch.float32 and int(positions.max()) < cache.size
+        chunk is stored before any row attends)."""
+        return int(positions.max()) < cache.size
 
     def _offline_chunk(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens, positions [B,T] (-1 = padding) -> [B,T,dim]: every token one row of the compiled step,
@@ -201,16 +203,16 @@ class CompiledStep:
         """tokens, positions [B,1] -> final normed hidden states [B,1,dim]."""
         if isinstance(cache, PagedCache):
             return self._paged(tokens, positions, cache)
-        if not isinstance(cache, KVCache) or cache.k[0].dtype is not torch.float32 or tokens.shape[1] != 1:
-            raise TypeError("CompiledStep.decode takes one token per row on a float32 KVCache or PagedCache")
+        if not isinstance(cache, KVCache) or tokens.shape[1] != 1:
+            raise TypeError("CompiledStep.decode takes one token per row on a KVCache or PagedCache")
         h, rope, _ = self.model.embed(tokens, positions, cache)  # [B,1,dim], complex [B,1,1,D/2]
         layers = _offline_layers(cache)
         return self.model.norm(self.run_blocks(h.float(), positions[:, 0], rope, layers))
 
     def _paged(self, tokens: torch.Tensor, positions: torch.Tensor, cache: PagedCache) -> torch.Tensor:
         """tokens, positions [1,N] (one row of many sequences' tokens) -> [1,N,dim]."""
-        if cache.k[0].dtype is not torch.float32 or tokens.shape[0] != 1:
-            raise TypeError("the compiled step reads a float32 paged pool, the step's tokens in one row")
+        if tokens.shape[0] != 1:
+            raise TypeError("the compiled step reads the paged pool's step as one row of tokens")
         h, rope, _ = self.model.embed(tokens, positions, cache)  # [1,N,dim], complex [1,N,1,D/2]
         qpos = positions[0].contiguous()  # [N]
         layers = _paged_layers(cache, qpos)
@@ -243,7 +245,7 @@ def _offline_layers(cache: KVCache, rows: torch.Tensor | None = None) -> _Layers
     """The rolling offline cache: [B,Hkv,S,D] per layer, the positions each slot holds [B,S] (this
     step's recorded by cache.begin); `rows` int32 [N]: each step row's cache row (None: row b is b)."""
     common = {"kpos": _buffer(cache.pos), "tables": _UNUSED, "seq": _UNUSED if rows is None else _buffer(rows)}
-    per_layer = [{"k_cache": _buffer(k), "v_cache": _buffer(v), **common} for k, v in zip(cache.k, cache.v)]
+    per_layer = [_kv_buffers(k, v, cache.kv) | common for k, v in zip(cache.k, cache.v)]
     return (cache.size, 0, 1, cache.batch_size, 1), per_layer
 
 
@@ -256,9 +258,14 @@ def _paged_layers(cache: PagedCache, qpos: torch.Tensor) -> _Layers:
         raise TypeError(f"block tables and sequence ids are int32, got {cache.tables.dtype} and {cache.seq.dtype}")
     tables, seq = cache.tables.contiguous(), cache.seq.contiguous()
     common = {"kpos": _UNUSED, "tables": _buffer(tables), "seq": _buffer(seq)}
-    per_layer = [{"k_cache": _buffer(k), "v_cache": _buffer(v), **common} for k, v in zip(cache.k, cache.v)]
+    per_layer = [_kv_buffers(k, v, cache.kv) | common for k, v in zip(cache.k, cache.v)]
     slots = cache.k[0].shape[0]
     return (S, slots, cache.block_size, *tables.shape), per_layer
+
+
+def _kv_buffers(k: torch.Tensor, v: torch.Tensor, kv: KvType) -> dict[str, tuple[int, ...]]:
+    """One layer's keys and values, stored as `kv` (its GGML type tells the kernel how to read them)."""
+    return {"k_cache": _buffer(k, kv.ggml), "v_cache": _buffer(v, kv.ggml)}
 
 
 def _buffer(t: torch.Tensor, qtype: int | None = None) -> tuple[int, ...]:

@@ -118,6 +118,7 @@ class ServeOptions:
     file_limits: FileLimits = field(default_factory=FileLimits)  # --max-file-bytes, --max-files
     speculation: Speculation | None = None  # --speculative-config: every request's, unless it says otherwise
     speculative_draft: str | None = None  # --speculative-config's draft model, loaded with the served one
+    kv_dtype: str = "auto"  # --kv-dtype: how the KV pool stores keys and values
 
 
 def host_allowlist(opts: ServeOptions) -> frozenset[str] | None:
@@ -135,7 +136,15 @@ def _load_engine(opts: ServeOptions) -> Any:
     from ..engine import AsyncEngine
     from ..engine.release import release_idle_workers, return_freed_heap
 
-    llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel, mmap=opts.mmap)
+    llm = load(
+        opts.model,
+        dtype=opts.dtype,
+        quant=opts.quant,
+        lora=opts.loras,
+        parallel=opts.parallel,
+        mmap=opts.mmap,
+        kv_dtype=opts.kv_dtype,
+    )
     speculation = opts.speculation
     if opts.speculative_draft is not None and speculation is not None:
         draft = load(opts.speculative_draft, dtype=opts.dtype, mmap=opts.mmap)
@@ -150,7 +159,7 @@ def _load_engine(opts: ServeOptions) -> Any:
         max_num_batched_tokens=opts.max_num_batched_tokens,
         max_running=opts.max_running,
         max_queued=opts.max_queued,
-        dtype=llm.dtype,
+        dtype=llm.kv,
         speculation=speculation,
     )
     # What start-up made lives as long as the server: out of the collector's sight, so that a full

@@ -18,7 +18,9 @@
  * chunk beside other sequences' decode tokens); every row's key and value are stored before any row
  * attends, and row b then reads its own sequence's positions straight from the pool through its block
  * table. Worked example, bs = 4, row at position 9 with table [7, 2, 5] and window 4: positions 6..9,
- * slots 2*4+2, 2*4+3, 5*4+0, 5*4+1 = 10, 11, 20, 21.
+ * slots 2*4+2, 2*4+3, 5*4+0, 5*4+1 = 10, 11, 20, 21. Either cache stores each head's key and value as
+ * a row of D elements of type kvt: float32, or rounded to half, bfloat16 or Q8_0 (blocks.c) and decoded
+ * block by block into the thread's scratch as they are attended.
  * Also owns the extent each of the step's buffers must have (tram_block_extents) and the range check
  * of the paged rows (tram_block_rows_ok), which the binding runs before any pointer is followed.
  */
@@ -70,8 +72,9 @@ int tram_block_extents(const block_args *a, size_t need[BUF_COUNT]) {
     const int offline = a->P == 0;
     const long cache_rows = a->mapped ? a->R : B;  /* offline */
     const long rows_or_slots = offline ? cache_rows : a->P, per_row = offline ? a->S : 1;  /* [B,Hkv,S,D] | [P,Hkv,D] */
-    bad |= tram_extent(&need[BUF_KC], 4, rows_or_slots, Hkv, per_row, D);
-    bad |= tram_extent(&need[BUF_VC], 4, rows_or_slots, Hkv, per_row, D);
+    const size_t kv_row = tram_row_bytes(a->kvt, D);
+    bad |= tram_extent(&need[BUF_KC], kv_row, rows_or_slots, Hkv, per_row, 1);
+    bad |= tram_extent(&need[BUF_VC], kv_row, rows_or_slots, Hkv, per_row, 1);
     bad |= tram_extent(&need[BUF_KPOS], 8, offline ? cache_rows : 0, a->S, 1, 1);
     bad |= tram_extent(&need[BUF_QPOS], 8, B, 1, 1, 1);
     bad |= tram_extent(&need[BUF_TABLES], 4, offline ? 0 : a->R, a->T, 1, 1);
@@ -158,29 +161,30 @@ static size_t paged_slot(const block_args *a, long b, int64_t p) {
     return (size_t)a->tables[(size_t)a->seq[b] * a->T + p / a->bs] * a->bs + p % a->bs;
 }
 
-/* Element offset of kv head g of row b's key at its new position (offline: [B, Hkv, S, D]; paged:
- * [P, Hkv, D]). */
+/* Cache row (of D elements) of kv head g of row b's key at its new position (offline: [B, Hkv, S];
+ * paged: [P, Hkv]). */
 static size_t store_at(const block_args *a, long b, long g) {
-    if (a->P > 0) return (paged_slot(a, b, a->qpos[b]) * a->Hkv + g) * a->D;
-    return (((size_t)cache_row(a, b) * a->Hkv + g) * a->S + a->qpos[b] % a->S) * a->D;
+    if (a->P > 0) return paged_slot(a, b, a->qpos[b]) * a->Hkv + g;
+    return ((size_t)cache_row(a, b) * a->Hkv + g) * a->S + a->qpos[b] % a->S;
 }
 
 /* Rotate q and k heads of each row and store k, v in the row's cache slot. */
 static void rope_and_store(const block_args *a, float *qkv) {
     const long D = a->D, width = (a->H + 2 * a->Hkv) * D;
+    const size_t rb = tram_row_bytes(a->kvt, D);
     for (long b = 0; b < a->B; b++) {
         if (a->qpos[b] < 0) continue;
         float *row = qkv + b * width;
         rope_heads(row, a->H + a->Hkv, D, a->cs + b * D);
         for (long g = 0; g < a->Hkv; g++) {
-            const size_t at = store_at(a, b, g);
-            memcpy(a->kc + at, row + (a->H + g) * D, sizeof(float) * D);
-            memcpy(a->vc + at, row + (a->H + a->Hkv + g) * D, sizeof(float) * D);
+            const size_t at = store_at(a, b, g) * rb;
+            tram_enc_row(a->kvt, row + (a->H + g) * D, D, a->kc + at);
+            tram_enc_row(a->kvt, row + (a->H + a->Hkv + g) * D, D, a->vc + at);
         }
     }
 }
 
-/* The keys row b attends, as element offsets from its kv head's base (key_base): *n of them, in
+/* The keys row b attends, as cache rows from its kv head's base (key_base): *n of them, in
  * position order on either cache (offline, position p sits in slot p % S; a tile of mapped rows relies
  * on the caller storing every position of its span, as a prompt chunk does). */
 static void row_keys(const block_args *a, long b, size_t *off, long *n) {
@@ -188,7 +192,7 @@ static void row_keys(const block_args *a, long b, size_t *off, long *n) {
     *n = 0;
     if (a->P > 0) {
         const int64_t lo = first_key(a, q);
-        const size_t stride = (size_t)a->Hkv * a->D;
+        const size_t stride = (size_t)a->Hkv;
         const int32_t *table = a->tables + (size_t)a->seq[b] * a->T;
         int64_t j = lo / a->bs, o = lo % a->bs;
         for (int64_t p = lo; p <= q; p++) {
@@ -199,12 +203,12 @@ static void row_keys(const block_args *a, long b, size_t *off, long *n) {
     }
     const int64_t *kpos = a->kpos + cache_row(a, b) * a->S;
     for (int64_t p = q - a->S + 1 > 0 ? q - a->S + 1 : 0; p <= q; p++)  /* the positions the slots can hold */
-        if (kpos[p % a->S] == p && visible(p, q, a->window)) off[(*n)++] = (size_t)(p % a->S) * a->D;
+        if (kpos[p % a->S] == p && visible(p, q, a->window)) off[(*n)++] = (size_t)(p % a->S);
 }
 
-/* Where kv head g's keys of row b start (values: the same offset into vc). */
+/* The cache row where kv head g's keys of row b start (values: the same row of vc). */
 static size_t key_base(const block_args *a, long b, long g) {
-    return a->P > 0 ? (size_t)g * a->D : ((size_t)cache_row(a, b) * a->Hkv + g) * a->S * a->D;
+    return a->P > 0 ? (size_t)g : ((size_t)cache_row(a, b) * a->Hkv + g) * a->S;
 }
 
 /* Rows of one sequence at consecutive positions attend in tiles of up to ATT_RT rows: their keys
@@ -222,32 +226,63 @@ static long tile_len(const block_args *a, long b) {
     return len;
 }
 
-/* Per-thread scratch of attend_rows: the keys' offsets, the scores, and the tile's queries. */
+/* Per-thread scratch of attend_rows: the keys' cache rows, one block's element offsets, the scores of a
+ * block, each query's running (max, sum), its number of keys (in all, in the block), the tile's
+ * queries and, for a cache that is not float32, one block of keys and values decoded. */
 typedef struct {
     size_t *off;         /* [ldsc] */
-    float *sc;           /* [nq * ldsc + nq], carved as [nq * ldsc + ATT_PAD(nq)] to keep what follows aligned */
-    long *n;             /* [nq] */
+    size_t *boff;        /* [ATT_KB] */
+    float *sc, *ml;      /* [nq * ATT_KB], [2 * nq] */
+    float *kbuf, *vbuf;  /* [ATT_KB * D] each (none for float32) */
+    long *n, *nb;        /* [nq] each */
     const float **q;     /* [nq] */
     float **out;         /* [nq] */
 } att_scratch;
 
-static size_t att_bytes(long ldsc, long nq) {
-    return sizeof(size_t) * (size_t)ldsc + sizeof(float) * (size_t)(nq * ldsc + ATT_PAD(nq)) +
-           (sizeof(long) + sizeof(float *) * 2) * (size_t)nq;
+/* Every count is even, so each part keeps the alignment of the size_t before it. */
+static size_t att_bytes(long ldsc, long nq, long D, int decoded) {
+    const size_t floats = (size_t)(nq * ATT_KB + 2 * nq) + (size_t)(decoded ? 2 * ATT_KB * D : 0);
+    return sizeof(size_t) * (size_t)(ldsc + ATT_KB) + sizeof(float) * floats +
+           (sizeof(long) * 2 + sizeof(float *) * 2) * (size_t)nq;
 }
 
-static att_scratch att_carve(char *mem, long ldsc, long nq) {
+static att_scratch att_carve(char *mem, long ldsc, long nq, long D, int decoded) {
     att_scratch t;
     t.off = (size_t *)mem;
-    t.sc = (float *)(t.off + ldsc);
-    t.n = (long *)(t.sc + nq * ldsc + ATT_PAD(nq));
-    t.q = (const float **)(t.n + nq);
+    t.boff = t.off + ldsc;
+    t.sc = (float *)(t.boff + ATT_KB);
+    t.ml = t.sc + nq * ATT_KB;
+    t.kbuf = t.ml + 2 * nq;
+    t.vbuf = t.kbuf + (decoded ? ATT_KB * D : 0);
+    t.n = (long *)(t.vbuf + (decoded ? ATT_KB * D : 0));
+    t.nb = t.n + nq;
+    t.q = (const float **)(t.nb + nq);
     t.out = (float **)(t.q + nq);
     return t;
 }
 
+/* The m keys and values of cache rows base + rows[i] as attend reads them (*k, *v, *off): float32 rows
+ * where they lie; other types decoded into the scratch, row i at i * D. off has ATT_PAD(m) entries. */
+static void key_block(const isa_ops *ops, const block_args *a, size_t base, const size_t *rows, long m,
+                      const att_scratch *t, const float **k, const float **v) {
+    const long D = a->D;
+    if (a->kvt == T_F32) {
+        for (long i = 0; i < ATT_PAD(m); i++) t->boff[i] = (base + rows[i < m ? i : 0]) * (size_t)D;
+        *k = (const float *)a->kc, *v = (const float *)a->vc;
+        return;
+    }
+    const size_t rb = tram_row_bytes(a->kvt, D);
+    const int nblk = (int)(D / tram_types[a->kvt].block);
+    for (long i = 0; i < m; i++) {
+        ops->dec[a->kvt](a->kc + (base + rows[i]) * rb, nblk, t->kbuf + i * D);
+        ops->dec[a->kvt](a->vc + (base + rows[i]) * rb, nblk, t->vbuf + i * D);
+    }
+    for (long i = 0; i < ATT_PAD(m); i++) t->boff[i] = (size_t)(i < m ? i : 0) * (size_t)D;
+    *k = t->kbuf, *v = t->vbuf;
+}
+
 /* The tile of rows [b0, b0 + rows) and kv head g: its group's query heads of every row over the last
- * row's keys (each row over its own prefix of them). */
+ * row's keys (each row over its own prefix of them), block by block of ATT_KB keys. */
 static void attend_tile(const isa_ops *ops, const block_args *a, const float *qkv, float *att, long b0,
                         long rows, long g, const att_scratch *t) {
     const long D = a->D, H = a->H, group = a->H / a->Hkv, width = (a->H + 2 * a->Hkv) * D;
@@ -257,22 +292,31 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
         for (long r = 0; r < rows; r++) memset(att + ((b0 + r) * H + g * group) * D, 0, sizeof(float) * group * D);
         return;
     }
-    for (long i = last; i < ATT_PAD(last); i++) t->off[i] = t->off[0];  /* dot8 reads whole groups of 8 */
     long nq = 0;
     for (long r = 0; r < rows; r++)
         for (long h = g * group; h < (g + 1) * group; h++, nq++) {
             t->q[nq] = qkv + (b0 + r) * width + h * D;
             t->out[nq] = att + ((b0 + r) * H + h) * D;
             t->n[nq] = last - (rows - 1 - r);  /* consecutive positions from the same first key */
+            t->ml[2 * nq] = -INFINITY, t->ml[2 * nq + 1] = 0.0f;
         }
     const size_t base = key_base(a, b0, g);
-    ops->attend(t->q, t->out, nq, t->n, a->kc + base, a->vc + base, t->off, D, 1.0f / sqrtf((float)D), t->sc,
-                ATT_PAD(a->S));
+    const float scale = 1.0f / sqrtf((float)D);
+    for (long i0 = 0; i0 < last; i0 += ATT_KB) {
+        const long m = last - i0 < ATT_KB ? last - i0 : ATT_KB;
+        for (long j = 0; j < nq; j++) t->nb[j] = t->n[j] - i0 < 0 ? 0 : t->n[j] - i0 < m ? t->n[j] - i0 : m;
+        const float *k, *v;
+        key_block(ops, a, base, t->off + i0, m, t, &k, &v);
+        ops->attend(t->q, t->out, nq, t->nb, k, v, t->boff, D, scale, t->sc, t->ml);
+    }
+    for (long j = 0; j < nq; j++)
+        for (long d = 0; d < D; d++) t->out[j][d] /= t->ml[2 * j + 1];
 }
 
 /* att [B, H, D]: tiles of rows times kv heads over the threads. Returns 0, or -1 when out of memory. */
 static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv, float *att) {
-    const long B = a->B, Hkv = a->Hkv, ldsc = ATT_PAD(a->S), nq = ATT_RT * (a->H / Hkv);
+    const long B = a->B, Hkv = a->Hkv, ldsc = ATT_PAD(a->S), nq = ATT_RT * (a->H / Hkv), D = a->D;
+    const int decoded = a->kvt != T_F32;
     long *start = malloc(sizeof(long) * (size_t)(B + 1)), tiles = 0;
     if (!start) return -1;
     for (long b = 0; b < B; b += tile_len(a, b)) start[tiles++] = b;
@@ -280,8 +324,8 @@ static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv
     const long items = tiles * Hkv;
     int nth = a->threads < items ? a->threads : (int)items;
     if (a->S * a->D * B * a->H < 32768) nth = 1;
-    const size_t per_thread = att_bytes(ldsc, nq);
-    char *mem = malloc(per_thread * (size_t)nth);
+    const size_t per_thread = att_bytes(ldsc, nq, D, decoded);
+    char *mem = calloc((size_t)nth, per_thread);  /* zeros: the padding keys of a decoded block read them */
     if (!mem) {
         free(start);
         return -1;
@@ -294,7 +338,7 @@ static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv
 #ifdef _OPENMP
         th = omp_get_thread_num();
 #endif
-        const att_scratch t = att_carve(mem + per_thread * (size_t)th, ldsc, nq);
+        const att_scratch t = att_carve(mem + per_thread * (size_t)th, ldsc, nq, D, decoded);
         const long tile = it / Hkv;
         attend_tile(ops, a, qkv, att, start[tile], start[tile + 1] - start[tile], it % Hkv, &t);
     }

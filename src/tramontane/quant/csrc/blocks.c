@@ -1,8 +1,11 @@
 /*
  * blocks.c: the GGML type table and the portable (plain C) per-type block decoders. They are the
  * scalar instruction set's decoders (scalar.c) and the reference the vector decoders (simd_decode.inc)
- * follow; aarch64 and any other non-x86 build runs these.
+ * follow; aarch64 and any other non-x86 build runs these. Also the encoder of the KV cache's row types
+ * (F32, F16, BF16, Q8_0), rounding as model/kv_types.py does, so that both paths read the same values.
  */
+#include <math.h>
+
 #include "kernels.h"
 
 const tinfo tram_types[T_COUNT] = {
@@ -290,4 +293,65 @@ void tram_interleave_rows(const uint8_t *src, uint8_t *dst, long N, long K, int 
 
 void tram_interleaved_row(const uint8_t *group, int r, long K, int qtype, uint8_t *row) {
     r8_row(row, (uint8_t *)group, r, K / tram_types[qtype].block, qtype, 0);
+}
+
+/* float -> bfloat16, round to nearest even (NaN stays a quiet NaN), as torch's .to(torch.bfloat16). */
+static uint16_t f32_to_bf16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u);
+    return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+/* float -> IEEE half, round to nearest even (overflow to inf, subnormals kept), as torch's .to(float16). */
+static uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return sign | 0x7e00u;  /* NaN */
+    if (ax >= 0x477ff000u) return sign | 0x7c00u;  /* from 65520 (half-way past 65504) on: inf */
+    if (ax < 0x38800000u) {  /* below 2^-14: a subnormal half, man = round(|f| * 2^24) (exact scaling) */
+        float a;
+        memcpy(&a, &ax, 4);
+        return sign | (uint16_t)rintf(a * 16777216.0f);  /* 1024 rounds up into the smallest normal */
+    }
+    uint32_t h = (((ax >> 23) - 112u) << 10) | ((ax & 0x7fffffu) >> 13), rest = ax & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;  /* a carry moves into the exponent */
+    return sign | (uint16_t)h;
+}
+
+/* Blocks of 32: scale d = max |x| / 127 stored as half, q = x / d rounded half to even (GGML's Q8_0,
+ * whose reference rounds half away from zero: ties are rare and either reads back the same way). */
+static void enc_q8_0(const float *x, long n, uint8_t *out) {
+    for (long b = 0; b < n; b += 32, x += 32, out += 34) {
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const uint16_t dh = f32_to_f16(d);
+        memcpy(out, &dh, 2);
+        for (int i = 0; i < 32; i++) {
+            const float r = rintf(x[i] * id);
+            out[2 + i] = (uint8_t)(int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
+        }
+    }
+}
+
+void tram_enc_row(int type, const float *x, long n, uint8_t *out) {
+    switch (type) {
+        case T_F16:
+            for (long i = 0; i < n; i++) {
+                const uint16_t h = f32_to_f16(x[i]);
+                memcpy(out + 2 * i, &h, 2);
+            }
+            break;
+        case T_BF16:
+            for (long i = 0; i < n; i++) {
+                const uint16_t h = f32_to_bf16(x[i]);
+                memcpy(out + 2 * i, &h, 2);
+            }
+            break;
+        case T_Q8_0: enc_q8_0(x, n, out); break;
+        default: memcpy(out, x, sizeof(float) * (size_t)n); break;  /* T_F32 */
+    }
 }

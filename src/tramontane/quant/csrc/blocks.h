@@ -166,6 +166,10 @@ TRAM_HIDDEN void tram_dec_q4_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q5_k_c(const uint8_t *b, int nb, float *o);
 TRAM_HIDDEN void tram_dec_q6_k_c(const uint8_t *b, int nb, float *o);
 
+/* n floats (a multiple of the type's block) as a row of a KV cache type: T_F32, T_F16, T_BF16 or T_Q8_0. */
+TRAM_HIDDEN void tram_enc_row(int type, const float *x, long n, uint8_t *out);
+static inline int tram_kv_type_ok(int type) { return type == T_F32 || type == T_F16 || type == T_BF16 || type == T_Q8_0; }
+
 /* N rows (a multiple of 8) of K elements of GGML type qtype (tram_r8_of(qtype) >= 0) to the interleaved
  * layout (to_r8 != 0) or back, group by group; src and dst distinct. */
 TRAM_HIDDEN void tram_interleave_rows(const uint8_t *src, uint8_t *dst, long N, long K, int qtype, int to_r8);

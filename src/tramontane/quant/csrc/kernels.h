@@ -81,15 +81,22 @@ typedef void (*q8_fn)(const float *x, long nb, long blk, const float *fixed, int
 typedef void (*tile_fn)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long n0, long n1,
                         const float *x, long M, long K, float *y, long N);
 
-/* nq query heads over the same keys: query j (D floats at q[j]) sees the first n[j] >= 1 of them and
- * gets out[j] = softmax_i(q_j . k_i * scale) . v_i, key i at k + off[i] and its value at v + off[i]
- * (element offsets: the caller decides the layout and which keys are visible). The keys and values are
- * read once for all the queries (the heads of one kv head, the rows of one prefill chunk), and each
- * query's result does not depend on which others share the call. off holds ATT_PAD(max n) entries (the
- * caller pads with a valid offset); sc is scratch of nq * ldsc + nq floats, ldsc >= ATT_PAD(max n). */
+/* One block of keys (at most ATT_KB) folded into the running softmax of nq queries that share them
+ * (online softmax: Milakov and Gimelshein, "Online normalizer calculation for softmax", 2018), so that
+ * no query ever holds more than a block of scores, however long its context. Query j (D floats at q[j])
+ * sees the first n[j] (0..ATT_KB) of the block's keys, key i at k + off[i] and its value at v + off[i]
+ * (element offsets: the caller decides the layout and which keys are visible); ml[2j] is its running
+ * maximum score, ml[2j + 1] its running sum of e^(score - max) and out[j] its running sum of
+ * e^(score - max) v, which a block that raises the maximum rescales. The caller starts every ml at
+ * (-inf, 0), out[j] is not read before its first key, and out[j] / ml[2j + 1] is the attention once
+ * every block is in. The block's keys and values are read once for all the queries (the heads of one kv
+ * head, the rows of one prefill chunk), and a query's result does not depend on which others share the
+ * call. off holds ATT_PAD(max n) entries (the caller pads with a valid offset); sc is scratch of
+ * nq * ATT_KB floats. */
 #define ATT_PAD(n) (((n) + 7) & ~7L)
+#define ATT_KB 64
 typedef void (*attend_fn)(const float *const *q, float *const *out, long nq, const long *n, const float *k,
-                          const float *v, const size_t *off, long D, float scale, float *sc, long ldsc);
+                          const float *v, const size_t *off, long D, float scale, float *sc, float *ml);
 /* out[i] = silu(g[i]) * u[i], silu(g) = g / (1 + e^-g). */
 typedef void (*silu_fn)(const float *g, const float *u, float *out, long n);
 
@@ -176,7 +183,9 @@ typedef struct {
     int tk, tv, t3;
     long rows_qkv[3], rows_13[2];
     const float *cs;                    /* [B, D/2, 2] cos, sin of each row's position */
-    float *kc, *vc;                     /* this layer's cache: offline [B, Hkv, S, D], paged [P, Hkv, D] */
+    uint8_t *kc, *vc;                   /* this layer's cache: offline [B, Hkv, S, D], paged [P, Hkv, D], each
+                                           row of D elements stored as type kvt (F32, F16, BF16 or Q8_0) */
+    int kvt;
     long S;                             /* offline: slots per row; paged: the most keys a row attends */
     const int64_t *kpos;                /* offline: [B, S] position held by each slot (-1 = empty), this
                                            step's included; paged: unused */

@@ -171,6 +171,24 @@ static PyObject *py_lookup_rows(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *py_encode_rows(PyObject *self, PyObject *args) {
+    buffer x, out;
+    Py_ssize_t N, K;
+    int type;
+    size_t need_x, need_out;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "(Kn)(Kn)nni", &x.ptr, &x.nbytes, &out.ptr, &out.nbytes, &N, &K, &type)) return NULL;
+    if (!tram_kv_type_ok(type) || N < 0 || K <= 0 || K % tram_types[type].block)
+        return PyErr_Format(PyExc_ValueError, "encode_rows: type %d (F32, F16, BF16 or Q8_0) cannot hold rows of %zd",
+                            type, K);
+    if (tram_extent(&need_x, 4, N, K, 1, 1) || tram_packed_extent(&need_out, type, N, K)) return too_large("encode_rows");
+    if (check_extent("encode_rows", "x", &x, need_x) || check_extent("encode_rows", "out", &out, need_out)) return NULL;
+    const size_t rb = tram_row_bytes(type, (long)K);
+    for (Py_ssize_t r = 0; r < N; r++)
+        tram_enc_row(type, (const float *)(uintptr_t)x.ptr + r * K, (long)K, (uint8_t *)(uintptr_t)out.ptr + r * rb);
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_interleave(PyObject *self, PyObject *args) {
     buffer src, dst;
     Py_ssize_t N, K;
@@ -200,13 +218,17 @@ static int is_packed_weight(int i) {
            i == BUF_WK || i == BUF_WV || i == BUF_W3;
 }
 
-/* One entry of the buffers dict: (data_ptr, nbytes), or (data_ptr, nbytes, qtype) for a packed weight. */
+/* One entry of the buffers dict: (data_ptr, nbytes), or (data_ptr, nbytes, qtype) for a packed weight;
+ * the caches take either (a pair: float32). */
 static int parse_entry(PyObject *item, int i, buffer *b, int *qtype) {
     const char *name = tram_block_buffer_names[i];
-    const Py_ssize_t want = is_packed_weight(i) ? 3 : 2;
+    const int cache = i == BUF_KC || i == BUF_VC;
+    Py_ssize_t want = is_packed_weight(i) ? 3 : 2;
+    if (cache && PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 3) want = 3;
+    *qtype = T_F32;
     if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != want) {
         PyErr_Format(PyExc_TypeError, "decode_block: buffer %s must be a tuple %s", name,
-                     want == 3 ? "(data_ptr, nbytes, qtype)" : "(data_ptr, nbytes)");
+                     cache ? "(data_ptr, nbytes[, type])" : want == 3 ? "(data_ptr, nbytes, qtype)" : "(data_ptr, nbytes)");
         return -1;
     }
     b->ptr = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(item, 0));
@@ -262,6 +284,12 @@ static int parse_block_buffers(PyObject *dict, buffer b[BUF_COUNT], block_args *
     a->tk = types[BUF_WK];
     a->tv = types[BUF_WV];
     a->t3 = types[BUF_W3];
+    a->kvt = types[BUF_KC];
+    if (types[BUF_VC] != a->kvt || !tram_kv_type_ok(a->kvt)) {
+        PyErr_Format(PyExc_ValueError, "decode_block: the cache's keys and values are stored as one of the types "
+                     "F32, F16, BF16 or Q8_0 (GGML ids 0, 1, 30, 8), got %d and %d", a->kvt, types[BUF_VC]);
+        return -1;
+    }
     return 0;
 }
 
@@ -333,6 +361,11 @@ static int check_block_buffers(const buffer b[BUF_COUNT], block_args *a) {
         PyErr_SetString(PyExc_ValueError, "decode_block: unsupported GGML type of an unused weight");  /* sized too */
         return -1;
     }
+    if (a->D % tram_types[a->kvt].block) {
+        PyErr_Format(PyExc_ValueError, "decode_block: a cache of GGML type %d holds rows of a multiple of %d "
+                     "elements, not head_dim %ld", a->kvt, tram_types[a->kvt].block, a->D);
+        return -1;
+    }
     a->mapped = a->P == 0 && b[BUF_SEQ].nbytes > 0;  /* offline rows mapped to cache rows through seq */
     if (tram_block_extents(a, need)) {
         too_large("decode_block");
@@ -348,8 +381,8 @@ static int check_block_buffers(const buffer b[BUF_COUNT], block_args *a) {
     a->w13 = (const uint8_t *)(uintptr_t)b[BUF_W13].ptr;
     a->w2 = (const uint8_t *)(uintptr_t)b[BUF_W2].ptr;
     a->cs = (const float *)(uintptr_t)b[BUF_CS].ptr;
-    a->kc = (float *)(uintptr_t)b[BUF_KC].ptr;
-    a->vc = (float *)(uintptr_t)b[BUF_VC].ptr;
+    a->kc = (uint8_t *)(uintptr_t)b[BUF_KC].ptr;
+    a->vc = (uint8_t *)(uintptr_t)b[BUF_VC].ptr;
     a->kpos = (const int64_t *)(uintptr_t)b[BUF_KPOS].ptr;
     a->qpos = (const int64_t *)(uintptr_t)b[BUF_QPOS].ptr;
     a->gate = (const float *)(uintptr_t)b[BUF_GATE].ptr;
@@ -514,6 +547,9 @@ static PyMethodDef METHODS[] = {
     {"lookup_rows", py_lookup_rows, METH_VARARGS,
      "lookup_rows(w, idx, out, N, K, qtype): out[i] = row idx[i] of W [N,K] as float32 (an embedding lookup; "
      "interleaved rows gathered out of their group). idx: int64 (data_ptr, nbytes), every index in [0, N)."},
+    {"encode_rows", py_encode_rows, METH_VARARGS,
+     "encode_rows(x, out, N, K, type): N float32 rows of K -> rows of a KV cache type (F32, F16, BF16 or Q8_0), "
+     "rounded as the compiled step stores keys. x, out: (data_ptr, nbytes), checked against the extent."},
     {"interleave", py_interleave, METH_VARARGS,
      "interleave(src, dst, N, K, qtype, to_r8): N rows of K elements of GGML type qtype (Q4_0, Q4_1, Q8_0, "
      "Q4_K, Q6_K, Q3_K, Q5_0 or Q5_1; N a multiple of 8) -> the interleaved layout its integer kernel reads (type ids 66-73 here; to_r8 "
@@ -522,7 +558,8 @@ static PyMethodDef METHODS[] = {
      "decode_block(shape, buffers, eps, window, n_threads): one transformer block for one new token per "
      "row, in place on x. shape = (B, dim, H, Hkv, D, F, S); buffers = dict of (data_ptr, nbytes): x "
      "float32 [B,dim], attn_norm and ffn_norm float32 [dim], cos_sin float32 [B,D/2,2], k_cache and "
-     "v_cache float32 [B,Hkv,S,D], kpos int64 [B,S], qpos int64 [B]; and of (data_ptr, nbytes, qtype): "
+     "v_cache float32 [B,Hkv,S,D] (or (data_ptr, nbytes, type) with rows of D stored as F16, BF16 or Q8_0), "
+     "kpos int64 [B,S], qpos int64 [B]; and of (data_ptr, nbytes, qtype): "
      "wqkv [(H+2Hkv)D rows of dim], wo [dim rows of H*D], w13 [2F rows of dim], w2 [dim rows of F]; wk, wv "
      "and w3 empty, or the k, v and up rows in a type of their own (wqkv and w13 then hold fewer). Each "
      "nbytes is checked against that extent (ValueError naming the buffer). A Mixtral block: shape = (B, dim, "

@@ -1,7 +1,7 @@
 /*
  * scalar.c: the portable instruction set ("scalar"): a tiled matmul that decodes KC elements of one
  * row at a time (blocks.c's decoders) and dots them with every activation row, the attention of one
- * head over its cache rows, and SwiGLU's silu(g) * u, all in plain C. No fused small-M kernels here:
+ * head over a block of its cache rows, and SwiGLU's silu(g) * u, all in plain C. No fused small-M kernels here:
  * every M takes the tiled path.
  */
 #include <math.h>
@@ -31,25 +31,30 @@ static void tile_c(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long
     }
 }
 
+/* One query over one block of n keys, folded into its running (max, sum) ml and out (kernels.h). */
 static void attend_one_c(const float *q, const float *k, const float *v, const size_t *off, long n, long D,
-                         float scale, float *sc, float *out) {
-    float mx = -INFINITY, sum = 0.0f;
+                         float scale, float *sc, float *ml, float *out) {
+    if (n == 0) return;
+    float mx = ml[0], sum = 0.0f;
     for (long i = 0; i < n; i++) {
         sc[i] = dot_c(q, k + off[i], D) * scale;
         if (sc[i] > mx) mx = sc[i];
     }
-    for (long d = 0; d < D; d++) out[d] = 0.0f;
+    const int first = ml[0] == -INFINITY;
+    const float rescale = first ? 0.0f : expf(ml[0] - mx);
+    for (long d = 0; d < D; d++) out[d] = first ? 0.0f : out[d] * rescale;
     for (long i = 0; i < n; i++) {
         float p = expf(sc[i] - mx);
         sum += p;
         for (long d = 0; d < D; d++) out[d] += p * v[off[i] + d];
     }
-    for (long d = 0; d < D; d++) out[d] /= sum;
+    ml[0] = mx;
+    ml[1] = ml[1] * rescale + sum;
 }
 
 static void attend_c(const float *const *q, float *const *out, long nq, const long *n, const float *k,
-                     const float *v, const size_t *off, long D, float scale, float *sc, long ldsc) {
-    for (long j = 0; j < nq; j++) attend_one_c(q[j], k, v, off, n[j], D, scale, sc + j * ldsc, out[j]);
+                     const float *v, const size_t *off, long D, float scale, float *sc, float *ml) {
+    for (long j = 0; j < nq; j++) attend_one_c(q[j], k, v, off, n[j], D, scale, sc + j * ATT_KB, ml + 2 * j, out[j]);
 }
 
 static void silu_mul_c(const float *g, const float *u, float *out, long n) {
