@@ -1,7 +1,8 @@
-"""Configs for random weights with real shapes (`--random mistral-7b|mixtral-8x7b|CONFIG.json`), for
+"""Configs for random weights with real shapes (`--random mistral-7b|mistral-7b-v0.2|mixtral-8x7b|CONFIG.json`), for
 benchmarks; build/random.py makes the weights.
 
-Nothing is downloaded: presets are the published v0.1 shapes (DESIGN.md); a CONFIG.json may be a Mistral
+Nothing is downloaded: presets are the published v0.1 shapes (DESIGN.md), and v0.2's (no sliding window,
+RoPE theta 1e6, 32k tokens of context); a CONFIG.json may be a Mistral
 `params.json` or a Hugging Face `config.json`."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _COMMON = {
 }
 PRESETS: dict[str, dict] = {
     "mistral-7b": {**_COMMON, "sliding_window": 4096},
+    "mistral-7b-v0.2": {**_COMMON, "rope_theta": 1e6, "max_seq_len": 32768},  # no window: 32k of context
     "mixtral-8x7b": {**_COMMON, "moe": {"num_experts": 8, "num_experts_per_tok": 2}},
 }
 

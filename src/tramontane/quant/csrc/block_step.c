@@ -202,8 +202,10 @@ static void row_keys(const block_args *a, long b, size_t *off, long *n) {
         return;
     }
     const int64_t *kpos = a->kpos + cache_row(a, b) * a->S;
-    for (int64_t p = q - a->S + 1 > 0 ? q - a->S + 1 : 0; p <= q; p++)  /* the positions the slots can hold */
-        if (kpos[p % a->S] == p && visible(p, q, a->window)) off[(*n)++] = (size_t)(p % a->S);
+    const int64_t p0 = q - a->S + 1 > 0 ? q - a->S + 1 : 0;  /* the positions the slots can hold */
+    long slot = (long)(p0 % a->S);  /* then one step at a time: no division per key */
+    for (int64_t p = p0; p <= q; p++, slot = slot + 1 == a->S ? 0 : slot + 1)
+        if (kpos[slot] == p && visible(p, q, a->window)) off[(*n)++] = (size_t)slot;
 }
 
 /* The cache row where kv head g's keys of row b start (values: the same row of vc). */
@@ -228,44 +230,63 @@ static long tile_len(const block_args *a, long b) {
 
 /* Per-thread scratch of attend_rows: the keys' cache rows, one block's element offsets, the scores of a
  * block, each query's running (max, sum), its number of keys (in all, in the block), the tile's
- * queries and, for a cache that is not float32, one block of keys and values decoded. */
+ * queries and, for a cache that is not float32, one block of keys and values decoded; for a Q8_0 cache
+ * read with rounded queries, the block's key rows and the queries' int8 rounding. */
 typedef struct {
-    size_t *off;         /* [ldsc] */
-    size_t *boff;        /* [ATT_KB] */
-    float *sc, *ml;      /* [nq * ATT_KB], [2 * nq] */
-    float *kbuf, *vbuf;  /* [ATT_KB * D] each (none for float32) */
-    long *n, *nb;        /* [nq] each */
-    const float **q;     /* [nq] */
-    float **out;         /* [nq] */
+    size_t *off;          /* [ldsc] */
+    size_t *boff;         /* [ATT_KB] */
+    const uint8_t **krows, **vrows;  /* [ATT_KB] each */
+    float *sc, *ml;       /* [nq * ATT_KB], [2 * nq] */
+    float *kbuf, *vbuf;   /* [ATT_KB * D] each (none for float32) */
+    float *qd;            /* [nq * D / 32] */
+    long *n, *nb;         /* [nq] each */
+    const float **q;      /* [nq] */
+    float **out;          /* [nq] */
+    int16_t *qbs;         /* [nq * D / 16] */
+    int8_t *qq;           /* [nq * D] */
 } att_scratch;
 
-/* Every count is even, so each part keeps the alignment of the size_t before it. */
+/* Every part but the last holds a multiple of 8 bytes (nq, ATT_KB and D / 16 even), so each keeps the
+ * alignment of the one before it. */
 static size_t att_bytes(long ldsc, long nq, long D, int decoded) {
-    const size_t floats = (size_t)(nq * ATT_KB + 2 * nq) + (size_t)(decoded ? 2 * ATT_KB * D : 0);
-    return sizeof(size_t) * (size_t)(ldsc + ATT_KB) + sizeof(float) * floats +
-           (sizeof(long) * 2 + sizeof(float *) * 2) * (size_t)nq;
+    const size_t floats = (size_t)(nq * ATT_KB + 2 * nq) + (size_t)(decoded ? 2 * ATT_KB * D + nq * (D / 32) : 0);
+    const size_t rounded = decoded ? (size_t)(nq * (D / 16)) * 2 + (size_t)(nq * D) : 0;
+    return sizeof(size_t) * (size_t)(ldsc + ATT_KB) + sizeof(uint8_t *) * 2 * ATT_KB + sizeof(float) * floats +
+           (sizeof(long) * 2 + sizeof(float *) * 2) * (size_t)nq + rounded;
 }
 
 static att_scratch att_carve(char *mem, long ldsc, long nq, long D, int decoded) {
     att_scratch t;
     t.off = (size_t *)mem;
     t.boff = t.off + ldsc;
-    t.sc = (float *)(t.boff + ATT_KB);
+    t.krows = (const uint8_t **)(t.boff + ATT_KB);
+    t.vrows = t.krows + ATT_KB;
+    t.sc = (float *)(t.vrows + ATT_KB);
     t.ml = t.sc + nq * ATT_KB;
     t.kbuf = t.ml + 2 * nq;
     t.vbuf = t.kbuf + (decoded ? ATT_KB * D : 0);
-    t.n = (long *)(t.vbuf + (decoded ? ATT_KB * D : 0));
+    t.qd = t.vbuf + (decoded ? ATT_KB * D : 0);
+    t.n = (long *)(t.qd + (decoded ? nq * (D / 32) : 0));
     t.nb = t.n + nq;
     t.q = (const float **)(t.nb + nq);
     t.out = (float **)(t.q + nq);
+    t.qbs = (int16_t *)(t.out + nq);
+    t.qq = (int8_t *)(t.qbs + (decoded ? nq * (D / 16) : 0));
     return t;
 }
 
-/* The m keys and values of cache rows base + rows[i] as attend reads them (*k, *v, *off): float32 rows
- * where they lie; other types decoded into the scratch, row i at i * D. off has ATT_PAD(m) entries. */
+/* The m keys and values of cache rows base + rows[i] as attend reads them (*k, *v, t->boff): float32
+ * rows where they lie; other types decoded into the scratch, row i at i * D; no k asked for (a Q8_0
+ * cache met with rounded queries): their rows as they are, t->krows and t->vrows. boff has ATT_PAD(m)
+ * entries. */
 static void key_block(const isa_ops *ops, const block_args *a, size_t base, const size_t *rows, long m,
                       const att_scratch *t, const float **k, const float **v) {
     const long D = a->D;
+    if (!k) {
+        const size_t rb = tram_row_bytes(a->kvt, D);
+        for (long i = 0; i < m; i++) t->krows[i] = a->kc + (base + rows[i]) * rb, t->vrows[i] = a->vc + (base + rows[i]) * rb;
+        return;
+    }
     if (a->kvt == T_F32) {
         for (long i = 0; i < ATT_PAD(m); i++) t->boff[i] = (base + rows[i < m ? i : 0]) * (size_t)D;
         *k = (const float *)a->kc, *v = (const float *)a->vc;
@@ -302,12 +323,19 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
         }
     const size_t base = key_base(a, b0, g);
     const float scale = 1.0f / sqrtf((float)D);
+    const int rounded = a->kvt == T_Q8_0 && ops->attend_q8_0 && tram_q8();  /* the fast activations' path */
+    const q8_rows xq = {t->qq, t->qd, t->qbs, 0};
+    for (long j = 0; j < nq && rounded; j++)
+        ops->quantize_q8(t->q[j], D / 32, 32, NULL, t->qq + j * D, t->qd + j * (D / 32), t->qbs + j * (D / 16));
     for (long i0 = 0; i0 < last; i0 += ATT_KB) {
         const long m = last - i0 < ATT_KB ? last - i0 : ATT_KB;
         for (long j = 0; j < nq; j++) t->nb[j] = t->n[j] - i0 < 0 ? 0 : t->n[j] - i0 < m ? t->n[j] - i0 : m;
         const float *k, *v;
-        key_block(ops, a, base, t->off + i0, m, t, &k, &v);
-        ops->attend(t->q, t->out, nq, t->nb, k, v, t->boff, D, scale, t->sc, t->ml);
+        key_block(ops, a, base, t->off + i0, m, t, rounded ? NULL : &k, &v);
+        if (rounded)
+            ops->attend_q8_0(&xq, t->out, nq, t->nb, t->krows, t->vrows, D, scale, t->sc, t->ml);
+        else
+            ops->attend(t->q, t->out, nq, t->nb, k, v, t->boff, D, scale, t->sc, t->ml);
     }
     for (long j = 0; j < nq; j++)
         for (long d = 0; d < D; d++) t->out[j][d] /= t->ml[2 * j + 1];
