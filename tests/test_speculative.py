@@ -27,7 +27,7 @@ from tramontane.api import LLM
 from tramontane.build.load import load_model
 from tramontane.decoding.sampling import SamplingParams
 from tramontane.decoding.sequence import SequenceState
-from tramontane.decoding.speculative import SpeculationStats, accept
+from tramontane.decoding.speculative import ModelDraft, SpeculationStats, accept
 from tramontane.engine import AsyncEngine, EngineRequest
 from tramontane.engine.blocks import bytes_per_block
 
@@ -53,7 +53,7 @@ class Oracle:
     """Drafts what plain decoding answered (as a draft model equal to the target would), every third
     draft wrong from its second token on: both acceptance and rejection are exercised."""
 
-    num_tokens = 4
+    num_tokens, draft, spent, capacity = 4, None, 0, 0
 
     def __init__(self, prompts: list[list[int]], answers: list[list[int]]) -> None:
         self.known = list(zip(prompts, answers))
@@ -65,7 +65,10 @@ class Oracle:
     def check_vocabulary(self, vocab_size: int) -> None:
         pass
 
-    def propose(self, tokens: list[int], room: int) -> list[int]:
+    def draft_bytes_per_token(self) -> int:
+        return 0
+
+    def propose(self, tokens: list[int], room: int, budget: int | None = None) -> list[int]:
         self.calls += 1
         prompt, answer = next((p, a) for p, a in self.known if tokens[: len(p)] == p)
         done = len(tokens) - len(prompt)
@@ -432,9 +435,40 @@ def test_served_draft_model(served):
     assert metric(engine, "tramontane_speculative_tokens_per_pass") > 3.5
 
 
+def test_draft_models_read_within_the_step_budget_and_share_the_kv_memory(served, monkeypatch):
+    """A draft model's reading counts against the step budget (6 tokens here: the 14-token prompt is
+    read over several steps, its request decoding without drafts until then), and its caches against
+    kv_cache_memory: the draft model being the model itself, the pool gets half (as many tokens each);
+    where the draft caches' half cannot hold a request's prompt and answer, it decodes without drafts.
+    The answers are plain decoding's either way."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    plain = [c.token_ids for c in served.generate(SERVED, params)]
+    spec = Speculation(method="draft_model", draft=served, num_tokens=3)
+    steps, spent = [0], Counter()
+    draft, propose = AsyncEngine._draft, ModelDraft.propose
+
+    def counting_draft(self):
+        steps[0] += 1
+        draft(self)
+
+    def recording_propose(self, tokens, room, budget=None):
+        out = propose(self, tokens, room, budget)
+        spent[steps[0]] += self.spent
+        return out
+
+    monkeypatch.setattr(AsyncEngine, "_draft", counting_draft)
+    monkeypatch.setattr(ModelDraft, "propose", recording_propose)
+    answers, engine = serve_all(served, SERVED, params, spec, max_num_batched_tokens=6)
+    assert answers == plain and engine.pool.num_blocks == 200  # serve_all gives 400 blocks' worth
+    assert max(spent.values()) == 6 and metric(engine, "tramontane_speculative_acceptance_rate") == 1.0
+    longest = len(SERVED[2]) + 24 + 3
+    answers, engine = serve_all(served, SERVED[2:3], params, spec, blocks=2 * (longest - 1) // 4)
+    assert answers == plain[2:3] and engine.speculation_stats.passes == 0  # one token short of a draft cache
+
+
 def test_a_failing_drafter_leaves_its_request_decoding(served):
     class Broken:
-        num_tokens = 2
+        num_tokens, draft = 2, None
 
         def drafter(self):
             return self
@@ -442,7 +476,10 @@ def test_a_failing_drafter_leaves_its_request_decoding(served):
         def check_vocabulary(self, vocab_size: int) -> None:
             pass
 
-        def propose(self, tokens, room):
+        def draft_bytes_per_token(self) -> int:
+            return 0
+
+        def propose(self, tokens, room, budget=None):
             raise RuntimeError("the draft model broke")
 
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -40,7 +40,7 @@ from typing import Protocol
 import torch
 
 from ..errors import RequestError
-from ..model import Backend, KVCache
+from ..model import Backend, KVCache, KvType
 from ..text.tokenizer import Tokenizer
 from .sampling import compute_logprobs
 from .sequence import Delta, SequenceState, TokenLogprob, logprob_entries, pick_tokens, processed_logits
@@ -50,10 +50,10 @@ PAUSE = 4  # steps without drafts after a one-token draft failed
 
 
 class DraftSource(Protocol):
-    """A loaded model that drafts (an `LLM`): what runs its steps, and its keys' and values' type."""
+    """A loaded model that drafts (an `LLM`): what runs its steps, and how its cache stores keys."""
 
     backend: Backend
-    dtype: torch.dtype
+    kv: KvType
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,17 @@ class Speculation:
                 f"speculation needs 1 <= ngram_min <= ngram_max <= 16, got {self.ngram_min} and {self.ngram_max}"
             )
 
-    def drafter(self) -> Drafter:
-        return ModelDraft(self) if self.draft is not None else PromptLookup(self)
+    def drafter(self, capacity: int | None = None) -> Drafter:
+        """One sequence's drafter; a draft model's cache holds at most `capacity` tokens (None: the
+        draft model's context)."""
+        return ModelDraft(self, capacity) if self.draft is not None else PromptLookup(self)
+
+    def draft_bytes_per_token(self) -> int:
+        """What one token takes in a draft model's cache (every layer's key and value); 0 by prompt lookup."""
+        if self.draft is None:
+            return 0
+        config = self.draft.backend.model.config
+        return 2 * config.n_layers * config.n_kv_heads * self.draft.kv.row_bytes(config.head_dim)
 
     def check_vocabulary(self, vocab_size: int) -> None:
         """A draft model must speak the verifying model's vocabulary."""
@@ -90,9 +99,15 @@ class Speculation:
 
 
 class Drafter(Protocol):
-    """One sequence's source of drafts."""
+    """One sequence's source of drafts. `budget` bounds the tokens a draft model may read this call (a
+    serving step's share); one with more of the sequence still to read reads that many and drafts
+    nothing this time. `spent` is what the last call read; `capacity` the tokens its cache holds at most
+    (0: none)."""
 
-    def propose(self, tokens: Sequence[int], room: int) -> list[int]: ...
+    spent: int
+    capacity: int
+
+    def propose(self, tokens: Sequence[int], room: int, budget: int | None = None) -> list[int]: ...
 
     def update(self, drafted: int, accepted: int) -> None: ...
 
@@ -101,13 +116,13 @@ class PromptLookup:
     """One sequence's drafts, and their length as recent passes warrant."""
 
     def __init__(self, spec: Speculation) -> None:
-        self.spec = spec
+        self.spec, self.spent, self.capacity = spec, 0, 0  # reads no model, keeps no cache
         self.length = max(1, spec.num_tokens // 2)
         self.paused = 0  # steps left without drafting
         self.latest: dict[tuple[int, ...], int] = {}  # n-gram -> start of its latest occurrence followed by a token
         self.indexed = 0  # tokens whose n-grams are in `latest`
 
-    def propose(self, tokens: Sequence[int], room: int) -> list[int]:
+    def propose(self, tokens: Sequence[int], room: int, budget: int | None = None) -> list[int]:
         """The draft after `tokens` (prompt and answer so far, only ever grown at the end since the last
         call): at most min(its length, room) tokens."""
         self._index(tokens)
@@ -144,30 +159,42 @@ class ModelDraft:
     the keys and values of `history`; each proposal feeds what the sequence gained since (the tokens
     verification kept, then its own), rewriting whatever a rejected draft left."""
 
-    def __init__(self, spec: Speculation) -> None:
+    def __init__(self, spec: Speculation, capacity: int | None = None) -> None:
         assert spec.draft is not None
         self.spec, self.backend = spec, spec.draft.backend
         config = self.backend.model.config
-        self.cache = KVCache(config, 1, 64, spec.draft.dtype, spare=spec.num_tokens)
+        self.capacity = min(capacity or config.max_seq_len, config.max_seq_len)
+        self.cache = KVCache(config, 1, min(64, self.capacity), spec.draft.kv, spare=spec.num_tokens)
         self.history: list[int] = []  # the tokens whose keys and values the draft cache holds
         self.verified = 0  # a length of the sequence at an earlier call: history agrees with it that far
+        self.spent = 0
 
-    def propose(self, tokens: Sequence[int], room: int) -> list[int]:
-        limit = min(self.spec.num_tokens, room)
+    def propose(self, tokens: Sequence[int], room: int, budget: int | None = None) -> list[int]:
+        limit, self.spent = min(self.spec.num_tokens, room, self.capacity - len(tokens)), 0
         if limit <= 0:
             return []
         kept = _common_start(self.history, tokens, self.verified)
         kept = min(kept, len(tokens) - 1)  # at least the last token runs: its logits give the first draft
         self.verified = len(tokens)  # the sequence only grows: these tokens stay its own
+        new = len(tokens) - kept
+        if budget is not None:
+            if new > budget:  # reads as much of what is new as the budget allows, and drafts next time
+                if budget > 0:
+                    self.cache.ensure_capacity(kept + budget, limit=self.capacity)
+                    with torch.inference_mode():
+                        self._feed(list(tokens[kept : kept + budget]), kept)
+                    self.history, self.spent = list(tokens[: kept + budget]), budget
+                return []
+            limit = min(limit, budget - new + 1)
+        self.cache.ensure_capacity(len(tokens) + limit, limit=self.capacity)
         history = list(tokens)
-        self.cache.ensure_capacity(len(history) + limit, limit=self.backend.model.config.max_seq_len)
         with torch.inference_mode():
             token = self._feed(history[kept:], kept)
             draft = [token]
             while len(draft) < limit:
                 history.append(draft[-1])
                 draft.append(self._feed([draft[-1]], len(history) - 1))
-        self.history = history
+        self.history, self.spent = history, new + limit - 1
         return draft
 
     def _feed(self, tokens: list[int], start: int) -> int:

@@ -13,8 +13,12 @@ A request with a `speculation` gets a draft before each of its decoding steps (d
 prompt lookup or a draft model); the step runs its last token and the draft, and verification emits up
 to k + 1 tokens at once: greedy answers are those of plain decoding, sampled ones keep their
 distribution. A sampled request with a seed does not speculate (its answer depends on its seed alone).
-Known costs of a draft model here: each request's draft model reads its prompt whole in `_draft`,
-outside the step budget, and keeps its own draft cache beside the pool."""
+A draft model's work and memory are budgeted like the model's own: in a step, the draft models read at
+most `max_num_batched_tokens` tokens in all (a long prompt is read over several steps, its request
+decoding without drafts until then), and each request's draft cache, sized for its prompt and answer,
+comes out of `kv_cache_memory`: the memory is split between the pool and the draft caches in the ratio
+of their bytes per token, so both hold as many tokens; a request whose draft cache finds no room
+decodes without drafts."""
 
 from __future__ import annotations
 
@@ -31,9 +35,10 @@ from typing import Any
 import torch
 
 from ..build.backend import select_backend
+from ..config import ModelConfig
 from ..decoding.sampling import SamplingParams
 from ..decoding.sequence import Delta, SequenceState, pick_tokens
-from ..decoding.speculative import Speculation, SpeculationStats, accept
+from ..decoding.speculative import Drafter, Speculation, SpeculationStats, accept
 from ..model.cache import PagedCache
 from ..model.kv_types import KvType
 from ..parallel.dist import broadcast_object, is_parallel
@@ -79,7 +84,8 @@ class AsyncEngine:
         if speculation is not None:
             speculation.check_vocabulary(self.config.vocab_size)
         self.model_name, self.max_model_len, self.max_queued = model_name, llm.config.max_seq_len, max_queued
-        num_blocks = kv_cache_memory // bytes_per_block(self.model.config, block_size, dtype)
+        pool_memory, self._draft_room = _split_memory(kv_cache_memory, self.model.config, dtype, speculation)
+        num_blocks = pool_memory // bytes_per_block(self.model.config, block_size, dtype)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory {kv_cache_memory} bytes holds no block of {block_size} tokens")
         if is_parallel():  # the other ranks build the same pool over their heads (runner.follow)
@@ -285,7 +291,7 @@ class AsyncEngine:
         if request.speculate and speculation is None:
             speculation = Speculation()
         if speculation is not None and request.task == "generate" and not _seeded_sampling(request.params):
-            seq.drafter = speculation.drafter()
+            seq.drafter = self._drafter(speculation, len(request.prompt_token_ids) + state.max_tokens)
         self._seqs[request.request_id] = seq
         self.scheduler.add(seq)
 
@@ -428,14 +434,28 @@ class AsyncEngine:
             elif seq.request_id in self._seqs:
                 self._finish(seq, RequestOutput(seq.request_id, finish_reason="error", error=repr(e)))
 
+    def _drafter(self, speculation: Speculation, tokens: int) -> Drafter | None:
+        """A request's drafter; with a draft model, only where its cache for `tokens` fits beside the live
+        requests' draft caches (a request that ends gives its share back as it leaves `_seqs`)."""
+        if speculation.draft is None:
+            return speculation.drafter()
+        tokens = min(tokens, self.max_model_len) + speculation.num_tokens
+        live = sum(s.drafter.capacity for s in self._seqs.values() if s.drafter is not None)
+        if live + tokens > self._draft_room:
+            return None
+        return speculation.drafter(capacity=tokens)
+
     def _draft(self) -> None:
-        """Each speculating request about to decode guesses its next tokens (a draft the step verifies).
-        A drafter that fails (a draft model's step) stops drafting for its request, which decodes on."""
+        """Each speculating request about to decode guesses its next tokens (a draft the step verifies),
+        the draft models reading at most a step's token budget in all. A drafter that fails (a draft
+        model's step) stops drafting for its request, which decodes on."""
+        budget = self.scheduler.max_batched
         for seq in self.scheduler.running:
             if seq.drafter is not None and seq.num_computed == seq.num_tokens - 1:
                 room = seq.state.max_tokens - len(seq.state.output) - 1
                 try:
-                    seq.draft = seq.drafter.propose(seq.tokens, room)
+                    seq.draft = seq.drafter.propose(seq.tokens, room, budget)
+                    budget -= seq.drafter.spent
                 except Exception:  # noqa: BLE001 - drafting is an optimisation: the answer does not need it
                     log.exception("request %s: drafting failed; it decodes without drafts", seq.request_id)
                     seq.drafter, seq.draft = None, []
@@ -560,6 +580,19 @@ class AsyncEngine:
         m.prefix_hits.set(pool.hits)
         m.prefix_hit_rate.set(pool.hits / pool.queries if pool.queries else 0.0)
         m.preemptions.set(self.scheduler.preemptions)
+
+
+def _split_memory(
+    memory: int, config: ModelConfig, kv: torch.dtype | str | KvType, speculation: Speculation | None
+) -> tuple[int, int]:
+    """(bytes for the pool, tokens the draft caches may hold): with a draft model, `memory` shared in the
+    ratio of bytes per token (the model's, the draft model's), so both hold as many tokens."""
+    draft = speculation.draft_bytes_per_token() if speculation is not None else 0
+    if not draft:
+        return memory, 0
+    own = bytes_per_block(config, 1, kv)
+    pool = memory * own // (own + draft)
+    return pool, (memory - pool) // draft
 
 
 def _seeded_sampling(params: SamplingParams) -> bool:
