@@ -499,12 +499,14 @@ def check_kv_type(isa: str, kv: str, bound: float, shape: tuple[int, ...]) -> No
 
 def test_kv_encoders_round_as_gguf_and_torch_do() -> None:
     """The C encoder (the compiled step's stores) is bit for bit model/kv_types.py's, on random rows and
-    on the edges (zeros, ties, half's overflow and subnormals); both equal gguf-py's reference quantizers
+    on the edges (zeros, ties, half's overflow and subnormals, a Q8_0 block too small for its scale's
+    inverse); both equal gguf-py's reference quantizers
     on random rows (no ties: GGML rounds Q8_0 ties away from zero, these to even)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(300, 64, generator=g) * torch.logspace(-9, 5, 300)[:, None]
     edges = torch.tensor([0.0, 65504.0, 65519.0, 65520.0, -7e4, 6.1e-5, 6.0e-5, 2.9802322e-08])
     x[0], x[1], x[2] = 0.0, edges.repeat(8), (torch.arange(64) - 31.5) * 0.25  # q8_0 ties: x / d = k + 0.5
+    x[0, 32:] = torch.randn(32, generator=g) * 1e-38  # a block whose Q8_0 scale is subnormal (1/d: inf)
     for name, kind in KV_TYPES.items():
         want = kind.encode(x)
         got = torch.empty_like(want)

@@ -53,7 +53,7 @@ class Oracle:
     """Drafts what plain decoding answered (as a draft model equal to the target would), every third
     draft wrong from its second token on: both acceptance and rejection are exercised."""
 
-    num_tokens, draft, spent, capacity = 4, None, 0, 0
+    num_tokens, draft, spent, held = 4, None, 0, 0
 
     def __init__(self, prompts: list[list[int]], answers: list[list[int]]) -> None:
         self.known = list(zip(prompts, answers))
@@ -68,7 +68,10 @@ class Oracle:
     def draft_bytes_per_token(self) -> int:
         return 0
 
-    def propose(self, tokens: list[int], room: int, budget: int | None = None) -> list[int]:
+    def unread(self, tokens: list[int]) -> int:
+        return 0
+
+    def propose(self, tokens: list[int], room: int, budget: int | None = None, memory: int | None = None) -> list[int]:
         self.calls += 1
         prompt, answer = next((p, a) for p, a in self.known if tokens[: len(p)] == p)
         done = len(tokens) - len(prompt)
@@ -439,7 +442,8 @@ def test_draft_models_read_within_the_step_budget_and_share_the_kv_memory(served
     """A draft model's reading counts against the step budget (6 tokens here: the 14-token prompt is
     read over several steps, its request decoding without drafts until then), and its caches against
     kv_cache_memory: the draft model being the model itself, the pool gets half (as many tokens each);
-    where the draft caches' half cannot hold a request's prompt and answer, it decodes without drafts.
+    a draft cache grows only into what the engine leaves it (where it cannot hold even the prompt, no
+    drafts and no cache; a model with a window needs only its rolling buffer).
     The answers are plain decoding's either way."""
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     plain = [c.token_ids for c in served.generate(SERVED, params)]
@@ -451,8 +455,8 @@ def test_draft_models_read_within_the_step_budget_and_share_the_kv_memory(served
         steps[0] += 1
         draft(self)
 
-    def recording_propose(self, tokens, room, budget=None):
-        out = propose(self, tokens, room, budget)
+    def recording_propose(self, tokens, room, budget=None, memory=None):
+        out = propose(self, tokens, room, budget, memory)
         spent[steps[0]] += self.spent
         return out
 
@@ -461,17 +465,22 @@ def test_draft_models_read_within_the_step_budget_and_share_the_kv_memory(served
     answers, engine = serve_all(served, SERVED, params, spec, max_num_batched_tokens=6)
     assert answers == plain and engine.pool.num_blocks == 200  # serve_all gives 400 blocks' worth
     assert max(spent.values()) == 6 and metric(engine, "tramontane_speculative_acceptance_rate") == 1.0
-    longest = len(SERVED[2]) + 24 + 3
-    answers, engine = serve_all(served, SERVED[2:3], params, spec, blocks=2 * (longest - 1) // 4)
-    assert answers == plain[2:3] and engine.speculation_stats.passes == 0  # one token short of a draft cache
+    windowed, prompt = served.config.sliding_window is not None, SERVED[2]  # 14 tokens
+    short, roomy = spec.drafter(capacity=41), spec.drafter(capacity=41)
+    assert len(short.propose(prompt, 24, memory=12)) == (3 if windowed else 0)  # a window: 8 + 3 slots
+    assert short.held == (11 if windowed else 0)  # no room for the prompt: no cache made
+    assert len(roomy.propose(prompt, 24, memory=40)) == 3 and roomy.held <= 40
 
 
 def test_a_failing_drafter_leaves_its_request_decoding(served):
     class Broken:
-        num_tokens, draft = 2, None
+        num_tokens, draft, held = 2, None, 0
 
         def drafter(self):
             return self
+
+        def unread(self, tokens) -> int:
+            return 0
 
         def check_vocabulary(self, vocab_size: int) -> None:
             pass
@@ -479,7 +488,7 @@ def test_a_failing_drafter_leaves_its_request_decoding(served):
         def draft_bytes_per_token(self) -> int:
             return 0
 
-        def propose(self, tokens, room, budget=None):
+        def propose(self, tokens, room, budget=None, memory=None):
             raise RuntimeError("the draft model broke")
 
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

@@ -100,14 +100,20 @@ class Speculation:
 
 class Drafter(Protocol):
     """One sequence's source of drafts. `budget` bounds the tokens a draft model may read this call (a
-    serving step's share); one with more of the sequence still to read reads that many and drafts
-    nothing this time. `spent` is what the last call read; `capacity` the tokens its cache holds at most
-    (0: none)."""
+    serving step's share): one with more of the sequence still to read reads that many and drafts
+    nothing this time; `memory` bounds the tokens its cache may hold after the call. `spent` is what
+    the last call read, `held` the tokens its cache holds room for (0: no cache)."""
 
     spent: int
-    capacity: int
 
-    def propose(self, tokens: Sequence[int], room: int, budget: int | None = None) -> list[int]: ...
+    @property
+    def held(self) -> int: ...
+
+    def unread(self, tokens: Sequence[int]) -> int: ...
+
+    def propose(
+        self, tokens: Sequence[int], room: int, budget: int | None = None, memory: int | None = None
+    ) -> list[int]: ...
 
     def update(self, drafted: int, accepted: int) -> None: ...
 
@@ -116,13 +122,18 @@ class PromptLookup:
     """One sequence's drafts, and their length as recent passes warrant."""
 
     def __init__(self, spec: Speculation) -> None:
-        self.spec, self.spent, self.capacity = spec, 0, 0  # reads no model, keeps no cache
+        self.spec, self.spent, self.held = spec, 0, 0  # reads no model, keeps no cache
         self.length = max(1, spec.num_tokens // 2)
         self.paused = 0  # steps left without drafting
         self.latest: dict[tuple[int, ...], int] = {}  # n-gram -> start of its latest occurrence followed by a token
         self.indexed = 0  # tokens whose n-grams are in `latest`
 
-    def propose(self, tokens: Sequence[int], room: int, budget: int | None = None) -> list[int]:
+    def unread(self, tokens: Sequence[int]) -> int:
+        return 0
+
+    def propose(
+        self, tokens: Sequence[int], room: int, budget: int | None = None, memory: int | None = None
+    ) -> list[int]:
         """The draft after `tokens` (prompt and answer so far, only ever grown at the end since the last
         call): at most min(its length, room) tokens."""
         self._index(tokens)
@@ -157,20 +168,43 @@ class PromptLookup:
 class ModelDraft:
     """One sequence's drafts from a draft model: its greedy continuation. The draft model's cache holds
     the keys and values of `history`; each proposal feeds what the sequence gained since (the tokens
-    verification kept, then its own), rewriting whatever a rejected draft left."""
+    verification kept, then its own), rewriting whatever a rejected draft left. The cache is made at
+    the first proposal and grows (doubling) up to `capacity` tokens, and up to what the caller's
+    `memory` allows at each call (the serving engine's draft memory): short of it, no draft."""
 
     def __init__(self, spec: Speculation, capacity: int | None = None) -> None:
         assert spec.draft is not None
         self.spec, self.backend = spec, spec.draft.backend
         config = self.backend.model.config
         self.capacity = min(capacity or config.max_seq_len, config.max_seq_len)
-        self.cache = KVCache(config, 1, min(64, self.capacity), spec.draft.kv, spare=spec.num_tokens)
+        self.cache: KVCache | None = None
         self.history: list[int] = []  # the tokens whose keys and values the draft cache holds
         self.verified = 0  # a length of the sequence at an earlier call: history agrees with it that far
         self.spent = 0
 
-    def propose(self, tokens: Sequence[int], room: int, budget: int | None = None) -> list[int]:
-        limit, self.spent = min(self.spec.num_tokens, room, self.capacity - len(tokens)), 0
+    @property
+    def held(self) -> int:
+        """Tokens the cache holds room for now."""
+        return 0 if self.cache is None else self.cache.size
+
+    def unread(self, tokens: Sequence[int]) -> int:
+        """About how many of `tokens` the draft model has yet to read (a prompt it is catching up on)."""
+        return max(0, len(tokens) - len(self.history))
+
+    def propose(
+        self, tokens: Sequence[int], room: int, budget: int | None = None, memory: int | None = None
+    ) -> list[int]:
+        self.spent = 0
+        cap = self.capacity if memory is None else min(self.capacity, memory)
+        window = self.backend.model.config.sliding_window
+        if cap < 1 or (window is None and cap <= len(tokens)):  # no room for the sequence and a draft
+            return []
+        if self.cache is None:
+            config = self.backend.model.config
+            self.cache = KVCache(config, 1, min(64, cap), self.spec.draft.kv, spare=self.spec.num_tokens)  # type: ignore[union-attr]
+        cache = self.cache
+        fits = self.spec.num_tokens if cache.rolling else cap - len(tokens)  # a window's buffer holds what it needs
+        limit = min(self.spec.num_tokens, room, fits)
         if limit <= 0:
             return []
         kept = _common_start(self.history, tokens, self.verified)
@@ -180,13 +214,13 @@ class ModelDraft:
         if budget is not None:
             if new > budget:  # reads as much of what is new as the budget allows, and drafts next time
                 if budget > 0:
-                    self.cache.ensure_capacity(kept + budget, limit=self.capacity)
+                    cache.ensure_capacity(kept + budget, limit=cap)
                     with torch.inference_mode():
                         self._feed(list(tokens[kept : kept + budget]), kept)
                     self.history, self.spent = list(tokens[: kept + budget]), budget
                 return []
             limit = min(limit, budget - new + 1)
-        self.cache.ensure_capacity(len(tokens) + limit, limit=self.capacity)
+        cache.ensure_capacity(len(tokens) + limit, limit=cap)
         history = list(tokens)
         with torch.inference_mode():
             token = self._feed(history[kept:], kept)
@@ -204,7 +238,7 @@ class ModelDraft:
             chunk = torch.tensor([tokens[at : at + 512]])
             positions = torch.arange(start + at, start + at + chunk.shape[1])[None]
             step = self.backend.decode if chunk.shape[1] == 1 else self.backend.prefill
-            hidden = step(chunk, positions, self.cache)
+            hidden = step(chunk, positions, self.cache)  # type: ignore[arg-type]  # made by propose
         logits = model.logits(hidden[:, -1])  # [1,V]
         return int(logits.float().numpy().argmax(axis=-1)[0])
 

@@ -15,10 +15,10 @@ to k + 1 tokens at once: greedy answers are those of plain decoding, sampled one
 distribution. A sampled request with a seed does not speculate (its answer depends on its seed alone).
 A draft model's work and memory are budgeted like the model's own: in a step, the draft models read at
 most `max_num_batched_tokens` tokens in all (a long prompt is read over several steps, its request
-decoding without drafts until then), and each request's draft cache, sized for its prompt and answer,
-comes out of `kv_cache_memory`: the memory is split between the pool and the draft caches in the ratio
-of their bytes per token, so both hold as many tokens; a request whose draft cache finds no room
-decodes without drafts."""
+decoding without drafts until then), and the draft caches come out of `kv_cache_memory`: the memory is
+split between the pool and the draft caches in the ratio of their bytes per token, so both hold as many
+tokens; a draft cache grows only into what the others leave free, and a request whose cache cannot
+grow decodes without drafts until room frees."""
 
 from __future__ import annotations
 
@@ -87,7 +87,14 @@ class AsyncEngine:
         pool_memory, self._draft_room = _split_memory(kv_cache_memory, self.model.config, dtype, speculation)
         num_blocks = pool_memory // bytes_per_block(self.model.config, block_size, dtype)
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory {kv_cache_memory} bytes holds no block of {block_size} tokens")
+            raise ValueError(
+                f"kv_cache_memory {kv_cache_memory} bytes holds no block of {block_size} tokens"
+                + (
+                    f" (the draft model's caches take {kv_cache_memory - pool_memory} of them)"
+                    if self._draft_room
+                    else ""
+                )
+            )
         if is_parallel():  # the other ranks build the same pool over their heads (runner.follow)
             broadcast_object(("pool", num_blocks, block_size, dtype))
         self.pool = BlockPool(self.model.config, num_blocks, block_size, dtype)
@@ -434,31 +441,33 @@ class AsyncEngine:
             elif seq.request_id in self._seqs:
                 self._finish(seq, RequestOutput(seq.request_id, finish_reason="error", error=repr(e)))
 
-    def _drafter(self, speculation: Speculation, tokens: int) -> Drafter | None:
-        """A request's drafter; with a draft model, only where its cache for `tokens` fits beside the live
-        requests' draft caches (a request that ends gives its share back as it leaves `_seqs`)."""
+    def _drafter(self, speculation: Speculation, tokens: int) -> Drafter:
+        """A request's drafter (a draft model's cache for at most its prompt and answer, and at each step
+        for what the draft memory has left: `_draft`)."""
         if speculation.draft is None:
             return speculation.drafter()
-        tokens = min(tokens, self.max_model_len) + speculation.num_tokens
-        live = sum(s.drafter.capacity for s in self._seqs.values() if s.drafter is not None)
-        if live + tokens > self._draft_room:
-            return None
-        return speculation.drafter(capacity=tokens)
+        return speculation.drafter(capacity=min(tokens, self.max_model_len) + speculation.num_tokens)
 
     def _draft(self) -> None:
-        """Each speculating request about to decode guesses its next tokens (a draft the step verifies),
-        the draft models reading at most a step's token budget in all. A drafter that fails (a draft
-        model's step) stops drafting for its request, which decodes on."""
+        """Each speculating request about to decode guesses its next tokens (a draft the step verifies).
+        The draft models read at most a step's token budget in all, the requests whose drafters are
+        caught up first (a long prompt being read takes what they leave), and their caches grow only
+        into the draft memory the live requests' caches leave free (`_split_memory`). A drafter that
+        fails (a draft model's step) stops drafting for its request, which decodes on."""
         budget = self.scheduler.max_batched
-        for seq in self.scheduler.running:
-            if seq.drafter is not None and seq.num_computed == seq.num_tokens - 1:
-                room = seq.state.max_tokens - len(seq.state.output) - 1
-                try:
-                    seq.draft = seq.drafter.propose(seq.tokens, room, budget)
-                    budget -= seq.drafter.spent
-                except Exception:  # noqa: BLE001 - drafting is an optimisation: the answer does not need it
-                    log.exception("request %s: drafting failed; it decodes without drafts", seq.request_id)
-                    seq.drafter, seq.draft = None, []
+        free = self._draft_room - sum(s.drafter.held for s in self._seqs.values() if s.drafter is not None)
+        ready = [s for s in self.scheduler.running if s.drafter is not None and s.num_computed == s.num_tokens - 1]
+        for seq in sorted(ready, key=lambda s: s.drafter.unread(s.tokens)):  # type: ignore[union-attr]
+            drafter = seq.drafter
+            assert drafter is not None
+            room, held = seq.state.max_tokens - len(seq.state.output) - 1, drafter.held
+            try:
+                seq.draft = drafter.propose(seq.tokens, room, budget, held + max(free, 0))
+                budget -= drafter.spent
+                free -= drafter.held - held
+            except Exception:  # noqa: BLE001 - drafting is an optimisation: the answer does not need it
+                log.exception("request %s: drafting failed; it decodes without drafts", seq.request_id)
+                seq.drafter, seq.draft = None, []
 
     def _sample(self, batch: list[tuple[EngineSequence, int]], step: StepOutput) -> None:
         for i in step.drafted:

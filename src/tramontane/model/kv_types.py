@@ -14,7 +14,8 @@ Worked example (q8_0): a block whose largest magnitude is 2.54 gets d = 0.02 (st
 The compiled step (quant/csrc/blocks.c `tram_enc_row`) rounds exactly as `encode` does here, so the
 module path and the compiled step read the same keys: they differ by the order of their sums only.
 Rounding ties go to even in both (GGML's reference rounds them away from zero; a tie is rare and
-either reads back within the same step).
+either reads back within the same step). NaN keys are not bit for bit alike (torch's own paths
+disagree on a NaN's bits); a model producing them has failed already.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def _q8_0_encode(x: torch.Tensor) -> torch.Tensor:
     blocks = x.float().reshape(*x.shape[:-1], -1, _BLOCK)  # [..., D/32, 32]
     amax = blocks.abs().amax(dim=-1, keepdim=True)  # [..., D/32, 1]
     d = amax / torch.full_like(amax, 127.0)
-    inv = torch.where(d != 0, torch.ones_like(d) / torch.where(d != 0, d, 1.0), 0.0)
+    inv = torch.ones_like(d) / torch.where(d != 0, d, 1.0)
+    inv = torch.where((d != 0) & inv.isfinite(), inv, 0.0)  # a block below ~4e-37: 1/d is inf, q = 0
     q = torch.round(blocks * inv).clamp(-127, 127).to(torch.int8)  # half to even, as rintf
     scale = d.to(torch.float16).view(torch.uint8)  # [..., D/32, 2] (little-endian half)
     return torch.cat((scale, q.view(torch.uint8)), dim=-1).flatten(-2)  # [..., D/32 * 34]

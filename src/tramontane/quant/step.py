@@ -270,7 +270,7 @@ def _kv_buffers(k: torch.Tensor, v: torch.Tensor, kv: KvType) -> dict[str, tuple
 
 def _buffer(t: torch.Tensor, qtype: int | None = None) -> tuple[int, ...]:
     """(data_ptr, nbytes) of a contiguous CPU tensor for `decode_block`; (data_ptr, nbytes, qtype) for a packed
-    weight. The kernel checks each nbytes against the extent the shapes need before touching the memory."""
+    weight or a cache (its rows' GGML type). The kernel checks each nbytes against the extent the shapes need before touching the memory."""
     if not (t.is_contiguous() and t.is_cpu):
         raise ValueError(
             f"decode_block takes contiguous CPU tensors, got {t.dtype} {list(t.shape)} on {t.device}"

@@ -147,7 +147,7 @@ def _load_engine(opts: ServeOptions) -> Any:
     )
     speculation = opts.speculation
     if opts.speculative_draft is not None and speculation is not None:
-        draft = load(opts.speculative_draft, dtype=opts.dtype, mmap=opts.mmap)
+        draft = load(opts.speculative_draft, dtype=opts.dtype, mmap=opts.mmap, kv_dtype=opts.kv_dtype)
         speculation = replace(speculation, method="draft_model", draft=draft)
     release_idle_workers()  # the engine thread computes from here on (engine/release.py)
     return_freed_heap()  # what loading freed, before the KV pool and the requests take their share

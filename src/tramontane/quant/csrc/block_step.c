@@ -233,7 +233,7 @@ static long tile_len(const block_args *a, long b) {
  * queries and, for a cache that is not float32, one block of keys and values decoded; for a Q8_0 cache
  * read with rounded queries, the block's key rows and the queries' int8 rounding. */
 typedef struct {
-    size_t *off;          /* [ldsc] */
+    size_t *off;          /* [nkeys] */
     size_t *boff;         /* [ATT_KB] */
     const uint8_t **krows, **vrows;  /* [ATT_KB] each */
     float *sc, *ml;       /* [nq * ATT_KB], [2 * nq] */
@@ -246,19 +246,19 @@ typedef struct {
     int8_t *qq;           /* [nq * D] */
 } att_scratch;
 
-/* Every part but the last holds a multiple of 8 bytes (nq, ATT_KB and D / 16 even), so each keeps the
- * alignment of the one before it. */
-static size_t att_bytes(long ldsc, long nq, long D, int decoded) {
+/* Every part but the last holds a multiple of 8 bytes (nq = ATT_RT x the group, a multiple of 8; ATT_KB
+ * even), so each keeps the alignment of the one before it. */
+static size_t att_bytes(long nkeys, long nq, long D, int decoded) {
     const size_t floats = (size_t)(nq * ATT_KB + 2 * nq) + (size_t)(decoded ? 2 * ATT_KB * D + nq * (D / 32) : 0);
     const size_t rounded = decoded ? (size_t)(nq * (D / 16)) * 2 + (size_t)(nq * D) : 0;
-    return sizeof(size_t) * (size_t)(ldsc + ATT_KB) + sizeof(uint8_t *) * 2 * ATT_KB + sizeof(float) * floats +
+    return sizeof(size_t) * (size_t)(nkeys + ATT_KB) + sizeof(uint8_t *) * 2 * ATT_KB + sizeof(float) * floats +
            (sizeof(long) * 2 + sizeof(float *) * 2) * (size_t)nq + rounded;
 }
 
-static att_scratch att_carve(char *mem, long ldsc, long nq, long D, int decoded) {
+static att_scratch att_carve(char *mem, long nkeys, long nq, long D, int decoded) {
     att_scratch t;
     t.off = (size_t *)mem;
-    t.boff = t.off + ldsc;
+    t.boff = t.off + nkeys;
     t.krows = (const uint8_t **)(t.boff + ATT_KB);
     t.vrows = t.krows + ATT_KB;
     t.sc = (float *)(t.vrows + ATT_KB);
@@ -330,20 +330,22 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
     for (long i0 = 0; i0 < last; i0 += ATT_KB) {
         const long m = last - i0 < ATT_KB ? last - i0 : ATT_KB;
         for (long j = 0; j < nq; j++) t->nb[j] = t->n[j] - i0 < 0 ? 0 : t->n[j] - i0 < m ? t->n[j] - i0 : m;
-        const float *k, *v;
+        const float *k = NULL, *v = NULL;
         key_block(ops, a, base, t->off + i0, m, t, rounded ? NULL : &k, &v);
         if (rounded)
             ops->attend_q8_0(&xq, t->out, nq, t->nb, t->krows, t->vrows, D, scale, t->sc, t->ml);
         else
             ops->attend(t->q, t->out, nq, t->nb, k, v, t->boff, D, scale, t->sc, t->ml);
     }
-    for (long j = 0; j < nq; j++)
-        for (long d = 0; d < D; d++) t->out[j][d] /= t->ml[2 * j + 1];
+    for (long j = 0; j < nq; j++) {
+        const float sum = t->ml[2 * j + 1];
+        for (long d = 0; d < D; d++) t->out[j][d] /= sum;
+    }
 }
 
 /* att [B, H, D]: tiles of rows times kv heads over the threads. Returns 0, or -1 when out of memory. */
 static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv, float *att) {
-    const long B = a->B, Hkv = a->Hkv, ldsc = ATT_PAD(a->S), nq = ATT_RT * (a->H / Hkv), D = a->D;
+    const long B = a->B, Hkv = a->Hkv, nkeys = ATT_PAD(a->S), nq = ATT_RT * (a->H / Hkv), D = a->D;
     const int decoded = a->kvt != T_F32;
     long *start = malloc(sizeof(long) * (size_t)(B + 1)), tiles = 0;
     if (!start) return -1;
@@ -352,8 +354,8 @@ static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv
     const long items = tiles * Hkv;
     int nth = a->threads < items ? a->threads : (int)items;
     if (a->S * a->D * B * a->H < 32768) nth = 1;
-    const size_t per_thread = att_bytes(ldsc, nq, D, decoded);
-    char *mem = calloc((size_t)nth, per_thread);  /* zeros: the padding keys of a decoded block read them */
+    const size_t per_thread = att_bytes(nkeys, nq, D, decoded);
+    char *mem = malloc(per_thread * (size_t)nth);
     if (!mem) {
         free(start);
         return -1;
@@ -366,7 +368,7 @@ static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv
 #ifdef _OPENMP
         th = omp_get_thread_num();
 #endif
-        const att_scratch t = att_carve(mem + per_thread * (size_t)th, ldsc, nq, D, decoded);
+        const att_scratch t = att_carve(mem + per_thread * (size_t)th, nkeys, nq, D, decoded);
         const long tile = it / Hkv;
         attend_tile(ops, a, qkv, att, start[tile], start[tile + 1] - start[tile], it % Hkv, &t);
     }

@@ -295,7 +295,8 @@ void tram_interleaved_row(const uint8_t *group, int r, long K, int qtype, uint8_
     r8_row(row, (uint8_t *)group, r, K / tram_types[qtype].block, qtype, 0);
 }
 
-/* float -> bfloat16, round to nearest even (NaN stays a quiet NaN), as torch's .to(torch.bfloat16). */
+/* float -> bfloat16, round to nearest even, as torch's .to(torch.bfloat16) (a NaN stays a quiet NaN of
+ * its sign and payload, whose bits torch's paths differ on). */
 static uint16_t f32_to_bf16(float f) {
     uint32_t x;
     memcpy(&x, &f, 4);
@@ -327,7 +328,8 @@ static void enc_q8_0(const float *x, long n, uint8_t *out) {
     for (long b = 0; b < n; b += 32, x += 32, out += 34) {
         float amax = 0.0f;
         for (int i = 0; i < 32; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float d = amax / 127.0f, inv = d != 0.0f ? 1.0f / d : 0.0f;
+        const float id = isfinite(inv) ? inv : 0.0f;  /* a block below ~4e-37: d is subnormal, 1/d inf */
         const uint16_t dh = f32_to_f16(d);
         memcpy(out, &dh, 2);
         for (int i = 0; i < 32; i++) {

@@ -178,7 +178,8 @@ static PyObject *py_encode_rows(PyObject *self, PyObject *args) {
     size_t need_x, need_out;
     (void)self;
     if (!PyArg_ParseTuple(args, "(Kn)(Kn)nni", &x.ptr, &x.nbytes, &out.ptr, &out.nbytes, &N, &K, &type)) return NULL;
-    if (!tram_kv_type_ok(type) || N < 0 || K <= 0 || K % tram_types[type].block)
+    if (N < 0) return PyErr_Format(PyExc_ValueError, "encode_rows: N must be >= 0, got %zd", N);
+    if (!tram_kv_type_ok(type) || K <= 0 || K % tram_types[type].block)
         return PyErr_Format(PyExc_ValueError, "encode_rows: type %d (F32, F16, BF16 or Q8_0) cannot hold rows of %zd",
                             type, K);
     if (tram_extent(&need_x, 4, N, K, 1, 1) || tram_packed_extent(&need_out, type, N, K)) return too_large("encode_rows");
