@@ -181,13 +181,16 @@ def test_quantized_kv_caches_stay_within_half_a_percent_of_float32(smollm2_path)
     (every window's keys go through the cache as generation reads them: Generator.score), and q8_0 does
     move it (the cache was read); so does q8_0 with the fast default activations (the compiled step then
     scores q8_0 keys against int8-rounded queries)."""
+    from tramontane.api import LLM
     from tramontane.evaluate import perplexity
-
-    ids = tramontane.load(smollm2_path).tokenizer.encode(" ".join([TEXT] * 6))
     from tramontane.quant import kernels
 
+    base = tramontane.load(smollm2_path)  # one load: each type is an LLM over the same weights
+    ids = base.tokenizer.encode(" ".join([TEXT] * 3))
     kvs = ("f32", "q8_0", "bf16", "f16")
-    ppl = {kv: perplexity(tramontane.load(smollm2_path, kv_dtype=kv), ids, 256, 128).perplexity for kv in kvs}
+    llms = {kv: LLM(base.loaded, base.tokenizer, base.dtype, kv) for kv in kvs}
+    assert [llm.kv.name for llm in llms.values()] == list(kvs)
+    ppl = {kv: perplexity(llm, ids, 256, 128).perplexity for kv, llm in llms.items()}
     for kv in ("q8_0", "bf16", "f16"):
         assert abs(ppl[kv] / ppl["f32"] - 1) < 0.005, ppl
     assert ppl["q8_0"] != ppl["f32"], ppl
