@@ -130,13 +130,11 @@ def host_allowlist(opts: ServeOptions) -> frozenset[str] | None:
     return frozenset(extra | {host_name(opts.host)}) if extra else None
 
 
-def _load_engine(opts: ServeOptions) -> Any:
-    """Runs in a thread: the model, then the engine around it (which allocates the KV cache)."""
+def _load_model(opts: ServeOptions) -> Any:
+    """The served model as the flags ask (every rank under torchrun loads its part the same way)."""
     from ..api import load
-    from ..engine import AsyncEngine
-    from ..engine.release import release_idle_workers, return_freed_heap
 
-    llm = load(
+    return load(
         opts.model,
         dtype=opts.dtype,
         quant=opts.quant,
@@ -145,6 +143,15 @@ def _load_engine(opts: ServeOptions) -> Any:
         mmap=opts.mmap,
         kv_dtype=opts.kv_dtype,
     )
+
+
+def _load_engine(opts: ServeOptions) -> Any:
+    """Runs in a thread: the model, then the engine around it (which allocates the KV cache)."""
+    from ..api import load
+    from ..engine import AsyncEngine
+    from ..engine.release import release_idle_workers, return_freed_heap
+
+    llm = _load_model(opts)
     speculation = opts.speculation
     if opts.speculative_draft is not None and speculation is not None:
         draft = load(opts.speculative_draft, dtype=opts.dtype, mmap=opts.mmap, kv_dtype=opts.kv_dtype)
@@ -194,12 +201,11 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
 def follow_leader(opts: ServeOptions) -> int:
     """A rank > 0 under torchrun: load this rank's part of the model, build the same KV pool over its
     heads, and run every step rank 0's engine announces. Never listens on HTTP."""
-    from ..api import load
     from ..engine.blocks import BlockPool
     from ..engine.runner import follow
     from ..parallel.dist import broadcast_object
 
-    llm = load(opts.model, dtype=opts.dtype, quant=opts.quant, lora=opts.loras, parallel=opts.parallel, mmap=opts.mmap)
+    llm = _load_model(opts)
     kind, num_blocks, block_size, dtype = broadcast_object(None)  # sent by rank 0's AsyncEngine
     if kind != "pool":
         raise TramontaneError(f"rank 0 sent {kind!r} before the KV pool's size")
