@@ -74,6 +74,31 @@ def test_resume_repeats_the_uninterrupted_loss_curve(tmp_path, tiny):
     assert (tmp_path / "b" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_checkpoint_is_listed_only_once_it_is_saved(tmp_path, tiny, monkeypatch):
+    """out/checkpoints.jsonl (what the jobs API lists, and what a restarted server resumes from) never
+    names a checkpoint whose state is not on disk: a worker killed while saving (here: torch.save
+    fails at the second checkpoint) leaves the list at the first, whose state resumes."""
+    data = text_lines(tmp_path / "train.jsonl")
+    cfg = TrainConfig(
+        data=data, out=str(tmp_path / "o"), seq_len=48, batch_size=2, max_steps=4, rank=4, autocast="off", save_every=2
+    )
+    save = torch.save
+
+    def killed_at_step_4(obj, path, *args, **kwargs):
+        if obj.get("step") == 4:
+            raise KeyboardInterrupt("killed while saving")
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tiny, cfg).run(progress=False)
+    lines = (tmp_path / "o" / "checkpoints.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2]
+    again = trainer(tiny, cfg)
+    again.resume()
+    assert again.step == 2
+
+
 def test_resume_refuses_changed_settings(tmp_path, tiny):
     data = text_lines(tmp_path / "train.jsonl")
     cfg = TrainConfig(

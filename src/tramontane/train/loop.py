@@ -195,7 +195,6 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         folder = self.out / CHECKPOINT
         folder.mkdir(parents=True, exist_ok=True)
-        self._log_checkpoint()
         state = {
             "step": self.step,
             "epoch": self.epoch,
@@ -210,6 +209,7 @@ class Trainer:
         tmp = folder / "state.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(folder / "state.pt")  # a crash while saving leaves the previous checkpoint whole
+        self._log_checkpoint()  # listed once it is on disk: a job stopped between the two resumes from it
         return folder
 
     def _log_checkpoint(self) -> None:
