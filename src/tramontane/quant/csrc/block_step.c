@@ -333,7 +333,7 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
         const float *k = NULL, *v = NULL;
         key_block(ops, a, base, t->off + i0, m, t, rounded ? NULL : &k, &v);
         if (rounded)
-            ops->attend_q8_0(&xq, t->out, nq, t->nb, t->krows, t->vrows, D, scale, t->sc, t->ml);
+            ops->attend_q8_0(&xq, t->out, nq, t->nb, t->krows, t->vrows, D, scale, t->sc, t->ml, t->kbuf);
         else
             ops->attend(t->q, t->out, nq, t->nb, k, v, t->boff, D, scale, t->sc, t->ml);
     }

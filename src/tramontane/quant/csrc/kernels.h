@@ -100,10 +100,11 @@ typedef void (*attend_fn)(const float *const *q, float *const *out, long nq, con
 /* As attend_fn over a Q8_0 cache: key and value i as Q8_0 rows of D elements at krows[i] and vrows[i],
  * the queries as their int8 rounding per 32 (xq: row j of D for query j, no pair). The scores come from
  * integer dot products (as llama.cpp scores a q8_0 cache) and each value is decoded in registers and
- * met by the queries in turn: the fast activations' path (the exact one decodes keys and values). */
+ * met by the queries in turn: the fast activations' path (the exact one decodes keys and values). w is
+ * scratch of (D / 32 + 4) * ATT_KB floats. */
 typedef void (*attend_q8_fn)(const q8_rows *xq, float *const *out, long nq, const long *n,
                              const uint8_t *const *krows, const uint8_t *const *vrows, long D, float scale,
-                             float *sc, float *ml);
+                             float *sc, float *ml, float *w);
 /* out[i] = silu(g[i]) * u[i], silu(g) = g / (1 + e^-g). */
 typedef void (*silu_fn)(const float *g, const float *u, float *out, long n);
 
