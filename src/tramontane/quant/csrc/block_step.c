@@ -303,12 +303,16 @@ static void key_block(const isa_ops *ops, const block_args *a, size_t base, cons
 }
 
 /* The tile of rows [b0, b0 + rows) and kv head g: its group's query heads of every row over the last
- * row's keys (each row over its own prefix of them), block by block of ATT_KB keys. */
+ * row's keys (each row over its own prefix of them), block by block of ATT_KB keys. held: which row's
+ * keys t->off holds (held[0], -1 for none) and how many (held[1]): the kv heads of a tile share them. */
 static void attend_tile(const isa_ops *ops, const block_args *a, const float *qkv, float *att, long b0,
-                        long rows, long g, const att_scratch *t) {
+                        long rows, long g, const att_scratch *t, long *held) {
     const long D = a->D, H = a->H, group = a->H / a->Hkv, width = (a->H + 2 * a->Hkv) * D;
     long last = 0;
-    if (a->qpos[b0] >= 0) row_keys(a, b0 + rows - 1, t->off, &last);
+    if (a->qpos[b0] >= 0) {
+        if (held[0] != b0 + rows - 1) row_keys(a, b0 + rows - 1, t->off, held + 1), held[0] = b0 + rows - 1;
+        last = held[1];
+    }
     if (last == 0) {  /* padding, or nothing visible */
         for (long r = 0; r < rows; r++) memset(att + ((b0 + r) * H + g * group) * D, 0, sizeof(float) * group * D);
         return;
@@ -356,10 +360,12 @@ static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv
     if (a->S * a->D * B * a->H < 32768) nth = 1;
     const size_t per_thread = att_bytes(nkeys, nq, D, decoded);
     char *mem = malloc(per_thread * (size_t)nth);
-    if (!mem) {
-        free(start);
+    long *held = malloc(sizeof(long) * 2 * (size_t)nth);
+    if (!mem || !held) {
+        free(mem), free(held), free(start);
         return -1;
     }
+    for (int th = 0; th < nth; th++) held[2 * th] = -1;
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(dynamic, 1)
 #endif
@@ -370,8 +376,9 @@ static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv
 #endif
         const att_scratch t = att_carve(mem + per_thread * (size_t)th, nkeys, nq, D, decoded);
         const long tile = it / Hkv;
-        attend_tile(ops, a, qkv, att, start[tile], start[tile + 1] - start[tile], it % Hkv, &t);
+        attend_tile(ops, a, qkv, att, start[tile], start[tile + 1] - start[tile], it % Hkv, &t, held + 2 * th);
     }
+    free(held);
     free(mem);
     free(start);
     return 0;
