@@ -151,3 +151,41 @@ def test_a_cancel_that_came_first_holds(tmp_path):
     assert after["status"] == "CANCELLATION_REQUESTED" == jobs.get("batch", job["id"])["status"]
     assert jobs.update(job["id"], status="CANCELLED")["status"] == "CANCELLED"
     assert jobs.list("batch", status=["CANCELLED"]) == ([jobs.get("batch", job["id"])], 1)
+
+
+def test_a_job_ends_with_the_counts_of_every_answer(tmp_path):
+    """Each answer's count update runs in a worker thread; one sent earlier can land later (here the
+    store is slowest for the earliest counts). The job must still end with all 20 counted (the race
+    that once ended a job of 20 answers at SUCCESS with 19 succeeded)."""
+    import asyncio
+
+    from tramontane.hub.files import FileStore
+    from tramontane.hub.jobs import JobStore
+    from tramontane.serve.batch_runner import BatchRunner
+
+    class EarliestLast(JobStore):
+        def update(self, job_id, when=None, append=None, merge=None, **changes):
+            if "completed_requests" in changes and "status" not in changes:
+                time.sleep(0.01 * (20 - changes["completed_requests"]))
+            return super().update(job_id, when, append, merge, **changes)
+
+    async def app(scope, receive, send):  # an ASGI app that answers every request
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b'{"choices": []}'})
+
+    files, jobs = FileStore(tmp_path / "files"), EarliestLast(tmp_path / "jobs")
+    path = files.new_path()
+    path.write_bytes(batch_file([body(q) for q in QUESTIONS]))
+    record = files.add(path, "batch.jsonl", "batch", sample_type="batch_request")
+    fields = {"status": "QUEUED", "created_at": 1, "input_files": [record.id], "endpoint": "/v1/chat/completions"}
+    job = jobs.add("batch", fields)
+    asyncio.run(BatchRunner(app, jobs, files, None, queued=lambda: 0)._run(job))
+    done = jobs.get("batch", job["id"])
+    assert (done["status"], done["completed_requests"], done["succeeded_requests"], done["failed_requests"]) == (
+        "SUCCESS",
+        20,
+        20,
+        0,
+    )

@@ -54,6 +54,12 @@ def read_requests(files: FileStore, file_ids: list[str]) -> list[tuple[str | Non
     return out
 
 
+def counts(done: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """A job's request counts from its answers so far."""
+    ok = sum(1 for e in done.values() if e["status_code"] == 200)
+    return {"completed_requests": len(done), "succeeded_requests": ok, "failed_requests": len(done) - ok}
+
+
 class BatchRunner:
     def __init__(
         self,
@@ -68,6 +74,7 @@ class BatchRunner:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.concurrency = concurrency
         self._wake = asyncio.Event()
+        self._counting = asyncio.Lock()  # one count update at a time: they land in order
         self._task: asyncio.Task[None] | None = None
         self.folder = files.root / "batch"
 
@@ -192,14 +199,8 @@ class BatchRunner:
             done[index] = entry
             log_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
             log_file.flush()
-            ok = sum(1 for e in done.values() if e["status_code"] == 200)
-            await asyncio.to_thread(
-                self.jobs.update,
-                job["id"],
-                completed_requests=len(done),
-                succeeded_requests=ok,
-                failed_requests=len(done) - ok,
-            )
+            async with self._counting:  # counted under the lock: a later answer's counts are never overwritten
+                await asyncio.to_thread(self.jobs.update, job["id"], **counts(done))
         finally:
             gate.release()
 
@@ -235,7 +236,7 @@ class BatchRunner:
                 )
         output = self._write(job["id"], "output", "batch_result", outputs)
         error = self._write(job["id"], "error", "batch_error", errors)
-        self._end(job["id"], ending or "SUCCESS", None, output_file=output, error_file=error)
+        self._end(job["id"], ending or "SUCCESS", None, output_file=output, error_file=error, **counts(done))
 
     def _end(self, job_id: str, status: str, problem: str | None = None, **fields: Any) -> None:
         errors = [{"message": problem, "count": 1}] if problem else []
