@@ -156,7 +156,8 @@ def test_a_cancel_that_came_first_holds(tmp_path):
 def test_a_job_ends_with_the_counts_of_every_answer(tmp_path):
     """Each answer's count update runs in a worker thread; one sent earlier can land later (here the
     store is slowest for the earliest counts). The job must still end with all 20 counted (the race
-    that once ended a job of 20 answers at SUCCESS with 19 succeeded)."""
+    that once ended a job of 20 answers at SUCCESS with 19 succeeded), the request whose route raised
+    among them as failed, with its error in the error file (not lost)."""
     import asyncio
 
     from tramontane.hub.files import FileStore
@@ -169,9 +170,14 @@ def test_a_job_ends_with_the_counts_of_every_answer(tmp_path):
                 time.sleep(0.01 * (20 - changes["completed_requests"]))
             return super().update(job_id, when, append, merge, **changes)
 
-    async def app(scope, receive, send):  # an ASGI app that answers every request
-        while (await receive()).get("more_body"):
-            pass
+    async def app(scope, receive, send):  # an ASGI app that answers every request but one, where it raises
+        message = await receive()
+        sent = message.get("body", b"")
+        while message.get("more_body"):
+            message = await receive()
+            sent += message.get("body", b"")
+        if b"number 7 " in sent:
+            raise RuntimeError("a route's bug")
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": b'{"choices": []}'})
 
@@ -186,6 +192,8 @@ def test_a_job_ends_with_the_counts_of_every_answer(tmp_path):
     assert (done["status"], done["completed_requests"], done["succeeded_requests"], done["failed_requests"]) == (
         "SUCCESS",
         20,
-        20,
-        0,
+        19,
+        1,
     )
+    (error,) = [json.loads(line) for line in files.path(files.get(done["error_file"])).read_text().splitlines()]
+    assert error["custom_id"] == "q7" and "a route's bug" in error["error"]["message"]

@@ -193,7 +193,7 @@ class BatchRunner:
             try:
                 r = await client.post(job["endpoint"], json=body, headers=self.headers)
                 status, answer = r.status_code, r.json()
-            except (httpx.HTTPError, ValueError) as exc:  # no answer, or not JSON: this request failed
+            except Exception as exc:  # noqa: BLE001 - no answer, not JSON, or the route raised: this request failed
                 status, answer = 500, {"error": {"message": f"{type(exc).__name__}: {str(exc)[:300]}"}}
             entry = {"index": index, "custom_id": custom_id, "status_code": status, "body": answer}
             done[index] = entry

@@ -237,7 +237,7 @@ typedef struct {
     size_t *boff;         /* [ATT_KB] */
     const uint8_t **krows, **vrows;  /* [ATT_KB] each */
     float *sc, *ml;       /* [nq * ATT_KB], [2 * nq] */
-    float *kbuf, *vbuf;   /* [ATT_KB * D] each (none for float32) */
+    float *kbuf, *vbuf;   /* [ATT_KB * D] each (none for float32); kbuf: attend_q8_0's w where not decoded */
     float *qd;            /* [nq * D / 32] */
     long *n, *nb;         /* [nq] each */
     const float **q;      /* [nq] */
