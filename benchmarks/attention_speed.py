@@ -20,15 +20,12 @@ import torch
 
 from tramontane.model.kv_types import kv_type
 from tramontane.quant import kernels
+from tramontane.quant.step import _buffer, _kv_buffers
 from tramontane.weights.random_gguf import TYPE_IDS, random_blocks
 
 HEADS, KV_HEADS, HEAD_DIM, DIM, HIDDEN = 32, 8, 128, 256, 256
 UNUSED = {"gate": (0, 0), "w1e": (0, 0, 0), "w3e": (0, 0, 0), "tables": (0, 0), "seq": (0, 0)}
 UNUSED |= {"lora_row": (0, 0), "lora_cols": (0, 0), "lora": (0, 0), "wk": (0, 0, 0), "wv": (0, 0, 0), "w3": (0, 0, 0)}
-
-
-def buf(t: torch.Tensor) -> tuple[int, int]:
-    return t.data_ptr(), t.numel() * t.element_size()
 
 
 def step_case(context: int, kv: str, rng: np.random.Generator) -> tuple[tuple[int, ...], dict, dict]:
@@ -52,9 +49,9 @@ def step_case(context: int, kv: str, rng: np.random.Generator) -> tuple[tuple[in
         "k_cache": kind.encode(torch.randn(1, KV_HEADS, context, HEAD_DIM, generator=g)),
         "v_cache": kind.encode(torch.randn(1, KV_HEADS, context, HEAD_DIM, generator=g)),
     }
-    buffers = {n: (*buf(keep[n]), q8) for n in weights}
-    buffers |= {n: buf(keep[n]) for n in ("x", "attn_norm", "ffn_norm", "cos_sin", "kpos", "qpos")}
-    buffers |= {n: (*buf(keep[n]), kind.ggml) for n in ("k_cache", "v_cache")} | UNUSED
+    buffers = {n: _buffer(keep[n], q8) for n in weights}
+    buffers |= {n: _buffer(keep[n]) for n in ("x", "attn_norm", "ffn_norm", "cos_sin", "kpos", "qpos")}
+    buffers |= _kv_buffers(keep["k_cache"], keep["v_cache"], kind) | UNUSED
     return (1, DIM, HEADS, KV_HEADS, HEAD_DIM, HIDDEN, context), buffers, keep
 
 
