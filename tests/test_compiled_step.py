@@ -169,6 +169,30 @@ def test_16bit_packing_is_chosen_where_nothing_is_lost(tmp_path, monkeypatch):
     assert _float_packing(f32, None) == "bf16"
 
 
+def test_steps_follow_a_cache_that_grows_and_drops_rows(tmp_path):
+    """The compiled step keeps a decoding loop's cache buffers between its steps: a cache that grows
+    (new tensors) or drops a finished row (new tensors) must be read at its new addresses. Step by step
+    as the offline loop does it, against the module path doing the same."""
+    model = load_model(save_gguf(hf_model("llama", seed=3), tmp_path / "m.gguf", "Q8_0"), packed=True).model
+    tokens = torch.randint(0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(1))
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        backend, cache, rows, out = backend_of(model, fused), KVCache(model.config, 3, 4), [0, 1, 2], []
+        with torch.inference_mode():
+            for t in range(12):
+                if t == 5:  # row 1 finished: the cache keeps rows 0 and 2 (new tensors)
+                    cache.reorder(torch.tensor([0, 2]))
+                    rows = [0, 2]
+                cache.ensure_capacity(t + 1, limit=64)  # 4 -> 8 -> 16 slots (new tensors)
+                step = tokens[rows, t : t + 1]
+                out.append(model.logits(backend.decode(step, torch.full((len(rows), 1), t), cache))[:, -1])
+        assert cache.size == 16 and cache.batch_size == 2
+        return out
+
+    for fused, plain in zip(run(True), run(False)):
+        assert (fused - plain).abs().max().item() <= 1e-5 * max(1.0, plain.abs().max().item())
+
+
 def assert_fused_steps_equal_module_steps(model, isa: str, rtol: float = 1e-5) -> None:
     """Decode steps through the compiled step and the module path give the same logits and caches (to
     `rtol` of their largest magnitude, or absolutely where that is below 1)."""

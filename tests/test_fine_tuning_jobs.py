@@ -248,7 +248,7 @@ def test_bad_jobs_are_refused_with_the_field_named(server, change, field):
 def test_a_job_resumes_after_a_server_restart(tiny_gguf, sdk1_python, tmp_path):
     home = tmp_path / "home"
     with serve(tiny_gguf, home, tmp_path / "log1") as (base, _):
-        job = run_sdk1(sdk1_python, tmp_path, base, steps=600, action="detach")["created"]
+        job = run_sdk1(sdk1_python, tmp_path, base, steps=200, action="detach")["created"]  # a checkpoint every 20
         end = time.monotonic() + 600
         while not httpx.get(f"{base}/v1/fine_tuning/jobs/{job['id']}", timeout=30).json()["checkpoints"]:
             assert time.monotonic() < end, "no checkpoint after 600 s"
@@ -262,7 +262,7 @@ def test_a_job_resumes_after_a_server_restart(tiny_gguf, sdk1_python, tmp_path):
             time.sleep(0.5)
         assert now["status"] == "SUCCESS", now["events"]
         resumed = [e for e in now["events"] if e["data"].get("resumed_from_step")]
-        assert len(resumed) == 1 and resumed[0]["data"]["resumed_from_step"] >= 60
+        assert len(resumed) == 1 and resumed[0]["data"]["resumed_from_step"] >= 20
         assert now["fine_tuned_model"] in [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=30).json()["data"]]
     log = (home / "platform" / "fine_tuning" / job["id"] / "worker.log").read_text()
     assert log.count("adapter written to") == 1

@@ -63,6 +63,24 @@ def test_chunked_prefill_and_decode_with_cache(pair, chunk):
     assert_close(torch.cat(outs, dim=1), prompts, reference, f"chunk {chunk}")
 
 
+def test_a_one_token_step_records_each_rows_position_by_hand(pair):
+    """Steps of one token per row: the row's slot (position mod the buffer's size) takes its position and
+    its key; a padding row (-1) keeps what its slot held, position and key."""
+    model, _, _ = pair
+    cache = KVCache(model.config, batch_size=2, capacity=64)
+    size, shape = cache.size, (2, 1, model.config.n_kv_heads, model.config.head_dim)
+    k1, k2 = torch.randn(shape), torch.randn(shape)
+    cache.begin(torch.tensor([[0], [size + 1]]))
+    cache.update(0, k1, k1)
+    cache.begin(torch.tensor([[-1], [size + 2]]))
+    keys, values, key_pos = cache.update(0, k2, k2)
+    expected = torch.full((2, size), -1)
+    expected[0, 0], expected[1, 1], expected[1, 2] = 0, size + 1, size + 2
+    assert torch.equal(cache.pos, expected) and torch.equal(key_pos, expected)
+    assert torch.equal(keys[0, :, 0], k1[0, 0]) and torch.equal(values[0, :, 0], k1[0, 0])  # kept
+    assert torch.equal(keys[1, :, 1], k1[1, 0]) and torch.equal(keys[1, :, 2], k2[1, 0])
+
+
 def test_moe_batched_path_equals_oracle(pair):
     model, prompts, _ = pair
     if model.config.moe is None:

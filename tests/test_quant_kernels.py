@@ -522,6 +522,26 @@ def test_kv_encoders_round_as_gguf_and_torch_do() -> None:
 
 
 @needs_ext
+def test_rms_norm_is_the_float64_formula() -> None:
+    """The compiled steps' final norm (the blocks' own loop): x / sqrt(mean(x^2) + eps) * w per row, to
+    float32 rounding of the float64 formula; in place (out = x) alike; a short or overlapping buffer refused."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(5, 96, generator=g) * 30, torch.randn(96, generator=g)
+    x64 = x.double()
+    want = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    out = torch.empty_like(x)
+    ext.rms_norm(buf(x), buf(w), buf(out), 5, 96, 1e-5)
+    assert (out.double() - want).abs().max().item() <= 1e-6 * want.abs().max().item()
+    inplace = x.clone()
+    ext.rms_norm(buf(inplace), buf(w), buf(inplace), 5, 96, 1e-5)
+    assert torch.equal(inplace, out)
+    with pytest.raises(ValueError, match="w"):
+        ext.rms_norm(buf(x), buf(w[:95]), buf(out), 5, 96, 1e-5)
+    with pytest.raises(ValueError, match="overlaps"):
+        ext.rms_norm(buf(x[1:]), buf(w), buf(x[:4]), 4, 96, 1e-5)
+
+
+@needs_ext
 def test_decode_block_reads_a_paged_pool(isa: str) -> None:
     """The same block on a paged pool: each row's keys copied from its offline slots into blocks of 4
     handed out shuffled, row 1's first block released (outside its window of 8), read through the

@@ -135,7 +135,7 @@ int tram_block_rows_ok(const block_args *a, long *row) {
     return 0;
 }
 
-static void rms_norm_rows(const float *x, const float *w, float eps, long B, long n, float *out) {
+void tram_rms_norm_rows(const float *x, const float *w, float eps, long B, long n, float *out) {
     for (long b = 0; b < B; b++) {
         const float *xr = x + b * n;
         float ss = 0.0f;
@@ -467,7 +467,7 @@ typedef struct {
 static int attention_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     const long B = a->B, dim = a->dim, HD = a->H * a->D;
     int rc = 0;
-    rms_norm_rows(a->x, a->norm1, a->eps, B, dim, s->xn);
+    tram_rms_norm_rows(a->x, a->norm1, a->eps, B, dim, s->xn);
     const uint8_t *const w[3] = {a->wqkv, a->wk, a->wv};
     const int t[3] = {a->tqkv, a->tk, a->tv};
     rc |= stacked_matmul(ops, s->xn, w, t, a->rows_qkv, 3, s->qkv, B, dim, s->pieces, a->threads);
@@ -483,7 +483,7 @@ static int attention_half(const isa_ops *ops, const block_args *a, const scratch
 static int ffn_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     const long B = a->B, dim = a->dim, F = a->F;
     int rc = 0;
-    rms_norm_rows(a->x, a->norm2, a->eps, B, dim, s->xn);
+    tram_rms_norm_rows(a->x, a->norm2, a->eps, B, dim, s->xn);
     const uint8_t *const w[2] = {a->w13, a->w3};
     const int t[2] = {a->t13, a->t3};
     rc |= stacked_matmul(ops, s->xn, w, t, a->rows_13, 2, s->h13, B, dim, s->pieces, a->threads);
@@ -548,7 +548,7 @@ static int expert_rows(const isa_ops *ops, const block_args *a, const scratch *s
 /* The experts in increasing id, so each row's sum runs in the order model/moe.py adds them. */
 static int moe_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     const long B = a->B, dim = a->dim, E = a->E, K = a->K;
-    rms_norm_rows(a->x, a->norm2, a->eps, B, dim, s->xn);
+    tram_rms_norm_rows(a->x, a->norm2, a->eps, B, dim, s->xn);
     int rc = tram_matmul(ops, s->xn, (const uint8_t *)a->gate, s->logits, B, E, dim, 0, a->threads);  /* F32 */
     for (long b = 0; b < B; b++)
         if (a->qpos[b] >= 0) route(s->logits + b * E, E, K, s->chosen + b * K, s->wsel + b * K);

@@ -251,5 +251,7 @@ TRAM_HIDDEN int tram_block_rows_ok(const block_args *a, long *row);
 TRAM_HIDDEN int tram_block_lora_extent(const block_args *a, size_t *need, long *row);
 /* Returns 0, or -1 when out of memory. */
 TRAM_HIDDEN int tram_run_block(const isa_ops *ops, const block_args *a);
+/* out[b] = x[b] / sqrt(mean(x[b]^2) + eps) * w for B rows of n floats (out may be x): the blocks' norm. */
+TRAM_HIDDEN void tram_rms_norm_rows(const float *x, const float *w, float eps, long B, long n, float *out);
 
 #endif /* TRAM_KERNELS_H */

@@ -16,6 +16,8 @@
  *   interleave(src, dst, N, K, qtype, to_r8)
  *       Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K or Q3_K rows to the layout their integer kernel reads (T_Q4_0_R8 ... T_Q5_1_R8,
  *       blocks.h) or back.
+ *   rms_norm(x, w, out, B, n, eps)
+ *       the blocks' RMSNorm of B rows (a step's final norm; out may be x).
  *   decode_block(shape, buffers, eps, window, n_threads)
  *       one transformer block for one new token per row, on an offline or a paged cache (block_step.c);
  *       on the paged one, every row's sequence, block table entries and span of keys are checked in
@@ -187,6 +189,27 @@ static PyObject *py_encode_rows(PyObject *self, PyObject *args) {
     const size_t rb = tram_row_bytes(type, (long)K);
     for (Py_ssize_t r = 0; r < N; r++)
         tram_enc_row(type, (const float *)(uintptr_t)x.ptr + r * K, (long)K, (uint8_t *)(uintptr_t)out.ptr + r * rb);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    buffer x, w, out;
+    Py_ssize_t B, n;
+    float eps;
+    size_t need_x, need_w;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "(Kn)(Kn)(Kn)nnf", &x.ptr, &x.nbytes, &w.ptr, &w.nbytes, &out.ptr, &out.nbytes, &B, &n,
+                          &eps))
+        return NULL;
+    if (B < 0 || n <= 0) return PyErr_Format(PyExc_ValueError, "rms_norm: bad shape B=%zd n=%zd", B, n);
+    if (tram_extent(&need_x, 4, B, n, 1, 1) || tram_extent(&need_w, 4, 1, n, 1, 1)) return too_large("rms_norm");
+    if (check_extent("rms_norm", "x", &x, need_x) || check_extent("rms_norm", "w", &w, need_w) ||
+        check_extent("rms_norm", "out", &out, need_x))
+        return NULL;
+    if (out.ptr != x.ptr && out.ptr < x.ptr + need_x && x.ptr < out.ptr + need_x)
+        return PyErr_Format(PyExc_ValueError, "rms_norm: out overlaps x without being x");
+    tram_rms_norm_rows((const float *)(uintptr_t)x.ptr, (const float *)(uintptr_t)w.ptr, eps, (long)B, (long)n,
+                       (float *)(uintptr_t)out.ptr);
     Py_RETURN_NONE;
 }
 
@@ -551,6 +574,9 @@ static PyMethodDef METHODS[] = {
     {"encode_rows", py_encode_rows, METH_VARARGS,
      "encode_rows(x, out, N, K, type): N float32 rows of K -> rows of a KV cache type (F32, F16, BF16 or Q8_0), "
      "rounded as the compiled step stores keys. x, out: (data_ptr, nbytes), checked against the extent."},
+    {"rms_norm", py_rms_norm, METH_VARARGS,
+     "rms_norm(x, w, out, B, n, eps): out[b] = x[b] / sqrt(mean(x[b]^2) + eps) * w, float32, B rows of n (out may "
+     "be x itself), as the compiled step's blocks normalise. x, w, out: (data_ptr, nbytes), checked against the extent."},
     {"interleave", py_interleave, METH_VARARGS,
      "interleave(src, dst, N, K, qtype, to_r8): N rows of K elements of GGML type qtype (Q4_0, Q4_1, Q8_0, "
      "Q4_K, Q6_K, Q3_K, Q5_0 or Q5_1; N a multiple of 8) -> the interleaved layout its integer kernel reads (type ids 66-73 here; to_r8 "
