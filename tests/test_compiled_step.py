@@ -467,6 +467,36 @@ def test_paged_steps_equal_module_steps(tmp_path, isa, kind, qtype, overrides):
         assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
 
 
+def test_rope_rows_are_rope_cos_sin_bit_for_bit(tmp_path):
+    """The compiled step reads RoPE's (cos, sin) from a table of positions 0.. (grown as positions do):
+    each row is what rope_cos_sin gives that position alone, bit for bit, before and after the table
+    grows, in any order and with padding (-1) beside."""
+    from tramontane.model.layers import rope_cos_sin
+
+    model = load_model(save_gguf(hf_model("mistral", seed=3), tmp_path / "m.gguf", "Q8_0"), packed=True).model
+    step = CompiledStep(model)
+    for positions, span in (([0, 5, 255], None), ([7, 1000, -1], 1001), ([3, 4], 5), ([70000], None)):
+        got = step._cos_sin(torch.tensor(positions), span)
+        for row, p in zip(got, positions):
+            if p >= 0:
+                alone = torch.view_as_real(rope_cos_sin(torch.tensor([[p]]), model.inv_freq))[0, 0, 0]
+                assert torch.equal(row, alone), p
+    assert step._rope[2].shape[0] >= 70001
+
+
+def test_paged_steps_follow_a_new_pool(tmp_path):
+    """The compiled step keeps a pool's buffers between serving steps: a second pool (another engine on
+    the same model) must be read and written at its own addresses, not the first's."""
+    model = load_model(save_gguf(hf_model("mistral", seed=3), tmp_path / "m.gguf", "Q8_0"), packed=True).model
+    backend = CompiledStep(model)
+    first, first_pool = paged_run(model, backend, "best")
+    second, second_pool = paged_run(model, backend, "best")  # a fresh pool, the same backend
+    plain, plain_pool = paged_run(model, ModuleBackend(model), "best")
+    for run, pool in ((first, first_pool), (second, second_pool)):
+        for a, b in zip(run + pool, plain + plain_pool):
+            assert (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
 # Keys stored rounded: the compiled step and the module path round keys they computed in a different
 # order, so a key a hair from a rounding boundary lands on either side (one step of the type); logits
 # then differ by more than float32 rounding (measured at most 3.2e-3 of their scale, Q8_0), and by the

@@ -285,3 +285,39 @@ def test_layout_of_a_mixed_step_by_hand():
     assert cache.tables.tolist() == [[3, 5], [-1, 7]] and cache.seq.tolist() == [0, 0, 0, 0, 1]
     assert cache.tables.dtype == cache.seq.dtype == torch.int32 and cache.positions.tolist() == [3, 4, 5, 6, 5]
     assert [a.span(s, n) for s, n in ((0, 7), (5, 2), (4, 9), (7, 1))] == [a.tokens, [20, 21], [14, 20, 21], []]
+    assert cache.span == 7  # position 6 is the step's last
+
+
+def test_layouts_through_one_engines_buffers_by_hand():
+    """An engine lays its steps out in buffers of its own (views made once per shape): each step reads
+    its own tokens, positions, tables and ids, whether its shape is new, seen before or larger than the
+    buffers were (they grow)."""
+    from tramontane.config import ModelConfig
+    from tramontane.decoding.sequence import SequenceState
+    from tramontane.engine.blocks import BlockPool
+    from tramontane.engine.runner import StepBuffers, layout
+    from tramontane.engine.scheduler import EngineSequence
+
+    def sequence(prompt: list[int], blocks: list[int], computed: int) -> EngineSequence:
+        state = SequenceState(0, prompt, GREEDY, CharTokenizer(), 200)
+        return EngineSequence(EngineRequest("r", prompt, GREEDY), state, blocks=blocks, num_computed=computed)
+
+    pool = BlockPool(ModelConfig(32, 64, 4, 4, 2, 16, 128, norm_eps=1e-5, rope_theta=1e4), 40, 4)
+    buffers = StepBuffers()
+    steps = [
+        [(sequence([5, 6, 7], [0], 2), 1)],  # one decode token: 7 at position 2
+        [(sequence([8, 9, 10, 11], [3, 4], 1), 3), (sequence([12, 13], [1], 1), 1)],  # a new shape
+        [(sequence([14, 15, 16], [2], 2), 1)],  # the first shape again, other values
+        [(sequence(list(range(100, 180)), list(range(20)), 0), 80)],  # more than the buffers held
+    ]
+    expected = [
+        ([7], [2], [[0]], [0]),
+        ([9, 10, 11, 13], [1, 2, 3, 1], [[3, 4], [1, -1]], [0, 0, 0, 1]),
+        ([16], [2], [[2]], [0]),
+        (list(range(100, 180)), list(range(80)), [list(range(20))], [0] * 80),
+    ]
+    for batch, (tokens, positions, tables, ids) in zip(steps, expected):
+        t, p, cache = layout(pool, batch, None, buffers)
+        assert t.tolist() == [tokens] and p.tolist() == [positions] and cache.positions.tolist() == positions
+        assert cache.tables.tolist() == tables and cache.seq.tolist() == ids and cache.span == max(positions) + 1
+        assert cache.tables.dtype == cache.seq.dtype == torch.int32 and t.dtype == p.dtype == torch.int64

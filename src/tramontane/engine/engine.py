@@ -47,7 +47,7 @@ from .metrics import EngineMetrics
 from .outbox import Outbox
 from .pacing import Pace
 from .prompt_jobs import PromptJob, Result, Scores
-from .runner import StepOutput, run_step
+from .runner import StepBuffers, StepOutput, run_step
 from .scheduler import EngineSequence, Scheduler
 from .types import (
     ContextLengthError,
@@ -98,6 +98,7 @@ class AsyncEngine:
         if is_parallel():  # the other ranks build the same pool over their heads (runner.follow)
             broadcast_object(("pool", num_blocks, block_size, dtype))
         self.pool = BlockPool(self.model.config, num_blocks, block_size, dtype)
+        self._buffers = StepBuffers()  # where each step is laid out (engine/runner.py)
         self.backend = select_backend(self.model, PagedCache, dtype)
         log.info(
             "decode backend: %s (paged cache; offline generation: %s)",
@@ -405,7 +406,7 @@ class AsyncEngine:
         try:
             if not self.backend.current():  # a module swap since (adapters applied to the model): pick again
                 self.backend = select_backend(self.model, PagedCache, self.pool.kv)
-            out = run_step(self.backend, self.pool, batch, self.config.sliding_window)
+            out = run_step(self.backend, self.pool, batch, self.config.sliding_window, self._buffers)
             self.scheduler.after_step(batch)
             self._sample(batch, out)
             self._fold(batch, starts, out)
@@ -482,7 +483,10 @@ class AsyncEngine:
             return
         seqs = [batch[i][0] for i in rows]
         # the usual step samples every row, in order: a view, not a copy (16 rows: 3 MB of logits)
-        chosen = logits[: len(rows)] if rows[-1] == len(rows) - 1 else logits[rows]
+        if len(rows) == logits.shape[0] and rows[-1] == len(rows) - 1:
+            chosen = logits  # every row: the logits as they are (a torch call costs ~30 us here)
+        else:
+            chosen = logits[: len(rows)] if rows[-1] == len(rows) - 1 else logits[rows]
         try:
             tokens, logprobs = pick_tokens([s.state for s in seqs], chosen, self.tokenizer)
             picked = list(zip(seqs, tokens.tolist(), logprobs))

@@ -240,10 +240,12 @@ class PagedCache(Cache):
         positions: torch.Tensor,
         window: int | None,
         kv: KvType | None = None,
+        span: int | None = None,
     ) -> None:
         self.k, self.v, self.block_size, self.window = k, v, block_size, window  # [P,Hkv,D] per layer
         self.kv = kv if kv is not None else kv_type(k[0].dtype)
         self.tables, self.seq, self.positions = tables, seq, positions  # [R,T] int32, [N] int32, [N] int64
+        self.span = span  # the largest position + 1, where the caller knows it (else read from positions)
         self._gathered: tuple[torch.Tensor, ...] | None = None
         self._masks: dict[int | None, torch.Tensor] = {}
 

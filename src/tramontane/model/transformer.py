@@ -105,7 +105,8 @@ class Transformer(nn.Module):
             weight = self.tok_embeddings.weight
             assert isinstance(weight, torch.Tensor)
             return torch.nn.functional.linear(h, weight).float()
-        return self.output(h).float()
+        y = self.output(h)
+        return y if y.dtype is torch.float32 else y.float()
 
     def forward(
         self,

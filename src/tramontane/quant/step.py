@@ -26,7 +26,7 @@ from torch import nn
 
 from ..model.cache import Cache, KVCache, PagedCache
 from ..model.kv_types import KvType
-from ..model.layers import FeedForward, RMSNorm
+from ..model.layers import FeedForward, RMSNorm, rope_cos_sin
 from ..model.moe import MoeFeedForward
 from ..model.transformer import Transformer, TransformerBlock
 from . import kernels
@@ -113,6 +113,8 @@ class CompiledStep:
         self._run = ext.decode_block
         self._rms_norm = ext.rms_norm
         self._held: tuple | None = None  # (weakref to a KVCache, its layout, its _offline_layers)
+        self._pool: tuple | None = None  # (weakrefs to a paged pool's k and v tensors, its kv type, their buffers)
+        self._rope: tuple | None = None  # (inv_freq, its version, RoPE (cos, sin) of positions 0.. [n,D/2,2])
         self._merged: tuple | None = None  # (a per_layer list, run_blocks' dicts made from it)
         self.adapters = adapter_names(model)  # LoRA slots, copied per layer (quant/step_adapters.py)
         self._adapter_values = [layer_adapters(block, self.adapters) for block in model.blocks()]
@@ -197,11 +199,11 @@ class CompiledStep:
         """tokens, positions [B,T] (-1 = padding) -> [B,T,dim]: every token one row of the compiled step,
         mapped to its cache row (so a prompt computes as it does as a serving step's chunk)."""
         B, T = tokens.shape
-        h, rope, _ = self.model.embed(tokens, positions, cache)  # [B,T,dim], complex [B,T,1,D/2]
+        cache.begin(positions)
+        h = self._embedded(tokens.clamp(min=0))  # [B,T,dim]
         qpos = positions.reshape(-1).contiguous()  # [B*T]
         rows = torch.arange(B, dtype=torch.int32).repeat_interleave(T)  # [B*T] each token's cache row
-        out = self.run_blocks(h.reshape(B * T, -1).float(), qpos, rope.reshape(B * T, -1), _offline_layers(cache, rows))
-        return self._final_norm(out).view(B, T, -1)
+        return self._final_norm(self.run_blocks(h, qpos, self._cos_sin(qpos), _offline_layers(cache, rows)))
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: Cache) -> torch.Tensor:
         """tokens, positions [B,1] -> final normed hidden states [B,1,dim]."""
@@ -209,18 +211,41 @@ class CompiledStep:
             return self._paged(tokens, positions, cache)
         if not isinstance(cache, KVCache) or tokens.shape[1] != 1:
             raise TypeError("CompiledStep.decode takes one token per row on a KVCache or PagedCache")
-        h, rope, _ = self.model.embed(tokens, positions, cache)  # [B,1,dim], complex [B,1,1,D/2]
+        cache.begin(positions)
+        qpos = positions[:, 0]  # [B]
         layers = self._decode_layers(cache)
-        return self._final_norm(self.run_blocks(h.float(), positions[:, 0], rope, layers))
+        return self._final_norm(self.run_blocks(self._embedded(tokens.clamp(min=0)), qpos, self._cos_sin(qpos), layers))
 
     def _paged(self, tokens: torch.Tensor, positions: torch.Tensor, cache: PagedCache) -> torch.Tensor:
         """tokens, positions [1,N] (one row of many sequences' tokens) -> [1,N,dim]."""
         if tokens.shape[0] != 1:
             raise TypeError("the compiled step reads the paged pool's step as one row of tokens")
-        h, rope, _ = self.model.embed(tokens, positions, cache)  # [1,N,dim], complex [1,N,1,D/2]
-        qpos = positions[0].contiguous()  # [N]
-        layers = _paged_layers(cache, qpos)
-        return self._final_norm(self.run_blocks(h[0].float(), qpos, rope[0], layers)[None])
+        qpos = cache.positions  # [N]: positions[0], as the cache holds them
+        span = cache.span if cache.span is not None else int(qpos.max()) + 1
+        h = self._embedded(tokens)  # [1,N,dim] (a step's tokens: no padding)
+        layers = _paged_layers(cache, span, self._pool_buffers(cache))
+        return self._final_norm(self.run_blocks(h, qpos, self._cos_sin(qpos, span), layers))
+
+    def _embedded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The token embeddings [...,dim] in float32, the blocks' residual stream."""
+        h = self.model.tok_embeddings(tokens)
+        return h if h.dtype is torch.float32 else h.float()
+
+    def _cos_sin(self, qpos: torch.Tensor, span: int | None = None) -> torch.Tensor:
+        """RoPE's (cos, sin) pairs [N,D/2,2] of the positions qpos [N] (-1 = padding, any values),
+        `span` above the largest if known: rows of a table of positions 0.. that grows as they do, the
+        values rope_cos_sin gives each position alone (one index in place of its six torch calls; each
+        costs tens of microseconds once a step's weights have flushed the CPU's caches)."""
+        inv = self.model.inv_freq
+        if span is None:
+            span = int(qpos.numpy().max(initial=0)) + 1
+        held = self._rope
+        if held is None or held[0] is not inv or held[1] != inv._version or held[2].shape[0] < span:
+            grown = min(2 * held[2].shape[0] if held is not None else 256, self.model.config.max_seq_len)
+            n = max(span, grown)  # (Mistral 7B at 32k: 16 MB)
+            table = torch.view_as_real(rope_cos_sin(torch.arange(n)[None], inv))[0, :, 0].contiguous()
+            self._rope = held = (inv, inv._version, table)
+        return held[2][qpos]
 
     def _decode_layers(self, cache: KVCache) -> _Layers:
         """_offline_layers(cache), made again only when the cache's tensors were replaced (`layout`): a
@@ -231,6 +256,19 @@ class CompiledStep:
         layers = _offline_layers(cache)
         self._held = (weakref.ref(cache), cache.layout, layers)
         return layers
+
+    def _pool_buffers(self, cache: PagedCache) -> list[dict[str, tuple[int, ...]]]:
+        """The pool's keys and values per layer as buffers, made again only when the step reads other
+        tensors: a server's pool stays put, so its steps share them, and with them run_blocks' dicts
+        (SmolLM2: ~2% of a served token's time). Weak references: a dropped pool is not kept alive."""
+        tensors = (*cache.k, *cache.v)
+        held = self._pool
+        if held is not None and held[1] == cache.kv and len(held[0]) == len(tensors):
+            if all(ref() is t for ref, t in zip(held[0], tensors)):
+                return held[2]
+        buffers = [_kv_buffers(k, v, cache.kv) for k, v in zip(cache.k, cache.v)]
+        self._pool = ([weakref.ref(t) for t in tensors], cache.kv, buffers)
+        return buffers
 
     def _final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The model's final norm of run_blocks' rows h [...,dim] (float32, contiguous, the step's own), in
@@ -245,19 +283,19 @@ class CompiledStep:
         self._rms_norm(x, _buffer(norm.weight), x, h.numel() // h.shape[-1], h.shape[-1], float(norm.eps))
         return h
 
-    def run_blocks(self, h: torch.Tensor, qpos: torch.Tensor, rope: torch.Tensor, layers: _Layers) -> torch.Tensor:
-        """h [B,...,dim] float32 (one row per token; updated in place), qpos [B] int64, rope complex
-        [B,...,D/2] -> h, through every block on the cache `layers` describes."""
+    def run_blocks(self, h: torch.Tensor, qpos: torch.Tensor, cos_sin: torch.Tensor, layers: _Layers) -> torch.Tensor:
+        """h [...,dim] float32 (B rows, one per token; updated in place), qpos [B] int64, cos_sin [B,D/2,2]
+        float32 (`_cos_sin`) -> h, through every block on the cache `layers` describes."""
         h, qpos = h.contiguous(), qpos.contiguous()
-        cos_sin = torch.view_as_real(rope).contiguous()  # complex [B,..,D/2] -> float [B,..,D/2,2]
-        extra, per_layer = layers
-        slots = len(self.adapters)
+        extra, per_layer, common = layers
+        slots, B = len(self.adapters), qpos.shape[0]
         # (B, dim, H, Hkv, D, F, S, E, K, P, bs, R, T, L); the kernel checks every buffer's nbytes against them
-        shape = (h.shape[0], *self.shape, extra[0], *self.experts, *extra[1:], slots)
+        shape = (B, *self.shape, extra[0], *self.experts, *extra[1:], slots)
         threads = torch.get_num_threads()
-        rows = row_slots(self.model, self.adapters, h.shape[0]) if slots else None  # int32 [B]
+        rows = row_slots(self.model, self.adapters, B) if slots else None  # int32 [B]
         step = {"x": _buffer(h), "cos_sin": _buffer(cos_sin), "qpos": _buffer(qpos)}
         step["lora_row"] = _buffer(rows) if rows is not None else _UNUSED
+        step |= common
         if self._merged is not None and self._merged[0] is per_layer:  # the same cache layout: its dicts
             blocks = self._merged[1]
             for block in blocks:
@@ -269,31 +307,30 @@ class CompiledStep:
         return h
 
 
-# What the blocks read of the cache: (S, P, bs, R, T) and, per layer, the buffers k_cache, v_cache, kpos,
-# tables and seq.
-_Layers = tuple[tuple[int, ...], list[dict[str, tuple[int, ...]]]]
+# What the blocks read of the cache: (S, P, bs, R, T), per layer the buffers k_cache and v_cache, and the
+# buffers every layer shares: kpos, tables and seq.
+_Layers = tuple[tuple[int, ...], list[dict[str, tuple[int, ...]]], dict[str, tuple[int, ...]]]
 
 
 def _offline_layers(cache: KVCache, rows: torch.Tensor | None = None) -> _Layers:
     """The rolling offline cache: [B,Hkv,S,D] per layer, the positions each slot holds [B,S] (this
     step's recorded by cache.begin); `rows` int32 [N]: each step row's cache row (None: row b is b)."""
     common = {"kpos": _buffer(cache.pos), "tables": _UNUSED, "seq": _UNUSED if rows is None else _buffer(rows)}
-    per_layer = [_kv_buffers(k, v, cache.kv) | common for k, v in zip(cache.k, cache.v)]
-    return (cache.size, 0, 1, cache.batch_size, 1), per_layer
+    per_layer = [_kv_buffers(k, v, cache.kv) for k, v in zip(cache.k, cache.v)]
+    return (cache.size, 0, 1, cache.batch_size, 1), per_layer, common
 
 
-def _paged_layers(cache: PagedCache, qpos: torch.Tensor) -> _Layers:
-    """The paged pool [P,Hkv,D] per layer, read through the block tables; S bounds the keys a row sees."""
-    span = int(qpos.max()) + 1
+def _paged_layers(cache: PagedCache, span: int, per_layer: list[dict[str, tuple[int, ...]]]) -> _Layers:
+    """The paged pool [P,Hkv,D] per layer (`per_layer`: its buffers), read through the block tables, for
+    tokens below position `span`; S bounds the keys a row sees."""
     window = cache.window
     S = max(1, min(span, window) if window is not None else span)
     if cache.tables.dtype != torch.int32 or cache.seq.dtype != torch.int32:
         raise TypeError(f"block tables and sequence ids are int32, got {cache.tables.dtype} and {cache.seq.dtype}")
     tables, seq = cache.tables.contiguous(), cache.seq.contiguous()
     common = {"kpos": _UNUSED, "tables": _buffer(tables), "seq": _buffer(seq)}
-    per_layer = [_kv_buffers(k, v, cache.kv) | common for k, v in zip(cache.k, cache.v)]
     slots = cache.k[0].shape[0]
-    return (S, slots, cache.block_size, *tables.shape), per_layer
+    return (S, slots, cache.block_size, *tables.shape), per_layer, common
 
 
 def _kv_buffers(k: torch.Tensor, v: torch.Tensor, kv: KvType) -> dict[str, tuple[int, ...]]:
