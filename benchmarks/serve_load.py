@@ -8,7 +8,8 @@ Each client sends a streaming greedy chat request (ignore_eos, so every answer i
 reads it to the end and sends the next, for `--duration` seconds. Per server and client count:
 aggregate generated tokens/s, time to first token and inter-token latency (p50 / p99), and the
 server's peak RSS. Both servers get 2 threads and the same total KV capacity in tokens (`--context`:
-llama-server's -c, split over its 16 slots; tramontane's --kv-cache-memory sized to hold as many).
+llama-server's -c, split over its 16 slots; tramontane's --kv-cache-memory sized to hold as many),
+stored as the same type (`--kv-dtype`: f16 by default, llama-server's own default; its -ctk/-ctv).
 Every tramontane answer is compared with the offline engine's greedy answer to the same prompt
 (`tramontane.load(...).chat`, one at a time): a difference stops the run. `--shared-prefix N` adds a
 run where 16 clients share an N-token system prompt: the first request's TTFT against the others'
@@ -64,14 +65,15 @@ def default_model() -> str:
     return str(resolve_model(None))
 
 
-def tramontane_cmd(model: str, port: int, context: int, kv_per_token: int) -> list[str]:
+def tramontane_cmd(model: str, port: int, context: int, kv_per_token: int, kv_dtype: str) -> list[str]:
     kv = str(kv_per_token * context)
-    return [sys.executable, "-m", "tramontane", "serve", model, "--port", str(port), "--kv-cache-memory", kv]
+    return [sys.executable, "-m", "tramontane", "serve", model, "--port", str(port), "--kv-cache-memory", kv,
+            "--kv-dtype", kv_dtype]  # fmt: skip
 
 
-def llama_cmd(binary: str, model: str, port: int, context: int) -> list[str]:
+def llama_cmd(binary: str, model: str, port: int, context: int, kv_dtype: str) -> list[str]:
     return [binary, "-m", model, "--port", str(port), "--parallel", "16", "-t", str(THREADS), "-tb",
-            str(THREADS), "-c", str(context), "--log-disable"]  # fmt: skip
+            str(THREADS), "-c", str(context), "-ctk", kv_dtype, "-ctv", kv_dtype, "--log-disable"]  # fmt: skip
 
 
 def start(cmd: list[str], port: int) -> subprocess.Popen:
@@ -175,13 +177,14 @@ async def shared_prefix(port: int, args, name: str, system: str) -> dict:
 
 
 def offline_answers(model: str, args, check: bool) -> tuple[dict[str, str], float, int]:
-    """Greedy answers of the offline engine (one prompt at a time), its tokens/s over them (prefill
-    included, as a served request's), and its float32 KV bytes per token (every layer's keys and values)."""
+    """Greedy answers of the offline engine (one prompt at a time, its KV cache stored as --kv-dtype), its
+    tokens/s over them (prefill included, as a served request's), and its KV bytes per token (every
+    layer's keys and values)."""
     import tramontane
+    from tramontane.engine.blocks import bytes_per_block
 
-    llm = tramontane.load(model)
-    c = llm.config
-    kv_per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * 4
+    llm = tramontane.load(model, kv_dtype=args.kv_dtype)
+    kv_per_token = bytes_per_block(llm.config, 1, args.kv_dtype)
     answers, tokens, elapsed = {}, 0, 0.0
     for question in QUESTIONS if check else []:
         start = time.perf_counter()
@@ -269,6 +272,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of both servers")
     ap.add_argument("--context", type=int, default=8192, help="KV capacity in tokens, for each server")
+    ap.add_argument("--kv-dtype", default="f16", choices=("f32", "bf16", "f16", "q8_0"), help="both servers' KV type")
     ap.add_argument("--shared-prefix", type=int, default=0, help="tokens of a shared system prompt (0: skip)")
     ap.add_argument("--no-check", action="store_true", help="skip the offline greedy answers' comparison")
     args = ap.parse_args()
@@ -277,9 +281,10 @@ def main() -> None:
     if args.shared_prefix:  # a filler of about that many tokens (SmolLM2's tokenizer: 3 per word)
         system = "You are a helpful assistant. " + " ".join(f"word{i % 97}" for i in range(args.shared_prefix // 3))
     expected, offline_speed, kv_per_token = offline_answers(model, args, not args.no_check)
-    servers = [("tramontane", lambda port: tramontane_cmd(model, port, args.context, kv_per_token))]
+    servers = [("tramontane", lambda port: tramontane_cmd(model, port, args.context, kv_per_token, args.kv_dtype))]
     if args.llama_server:
-        servers.append(("llama-server", lambda port: llama_cmd(args.llama_server, model, port, args.context)))
+        llama = lambda port: llama_cmd(args.llama_server, model, port, args.context, args.kv_dtype)  # noqa: E731
+        servers.append(("llama-server", llama))
     rows: list[str] = []
     for r in range(args.rounds):
         for name, command in servers if r % 2 == 0 else servers[::-1]:
@@ -289,7 +294,7 @@ def main() -> None:
     print(
         f"\nmodel: {model}, {os.cpu_count()} CPUs, {THREADS} threads per server, greedy, ignore_eos, "
         f"max_tokens {args.max_tokens}, {args.duration:g} s per row, KV capacity {args.context} tokens each "
-        f"(tramontane: {kv_per_token * args.context / 2**20:.0f} MiB float32)"
+        f"stored as {args.kv_dtype} (tramontane: {kv_per_token * args.context / 2**20:.0f} MiB)"
     )
     if expected:
         print(f"offline engine, one prompt at a time: {offline_speed:.1f} tok/s; every served answer equal to it")
