@@ -187,6 +187,28 @@ def test_the_loop_outlives_a_failing_database(tmp_path, monkeypatch):
     assert started and set(started) == {job["id"]}
 
 
+def test_stop_ends_the_loop_when_a_wake_up_comes_with_it(tmp_path, monkeypatch):
+    """A wake-up in the same tick as stop() (a job ending as the server stops): Python 3.11's
+    asyncio.wait_for then returns the wake-up and drops the cancel, and the loop used to go on forever
+    (a server that never finished stopping; this suite hung on it once). The loop must end anyway."""
+    monkeypatch.setattr(finetune_runner, "RESCAN_SECONDS", 600.0)  # no rescan ends the wait meanwhile
+    runner = FineTuneRunner(make_state(tmp_path))
+
+    async def scenario() -> None:
+        runner.start()
+        for _ in range(400):  # until the loop waits for a wake-up
+            if runner._wake._waiters:  # type: ignore[attr-defined]
+                break
+            await asyncio.sleep(0.05)
+        runner.wake()
+        stopping = asyncio.ensure_future(runner.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=60)  # a hang guard, not a speed check
+        stopping.cancel()
+        assert stopping in done and runner._task is not None and runner._task.done()
+
+    asyncio.run(scenario())
+
+
 def test_model_card_changes_merge_in_one_transaction(tmp_path):
     jobs = JobStore(tmp_path)
     job = jobs.add(FINE_TUNING, {"status": "SUCCESS", "created_at": 1, "model_card": {"name": "old"}})

@@ -74,6 +74,7 @@ class FineTuneRunner:
     async def stop(self) -> None:
         """Stop the workers (their jobs stay RUNNING and resume at the next start) and the loop."""
         self._stopping = True
+        self._wake.set()
         tasks = [t for t in (self._task, *self._running.values()) if t is not None]
         for task in tasks:
             task.cancel()
@@ -83,7 +84,7 @@ class FineTuneRunner:
 
     async def _loop(self) -> None:
         served = False
-        while True:
+        while not self._stopping:  # (also ends a loop whose cancel asyncio.wait_for swallowed, as 3.11's can)
             self._wake.clear()
             try:
                 if not served:
