@@ -1087,7 +1087,8 @@ def test_interleaved_computes_as_ggml_layout(isa: str, integer: str, qtype: QT, 
     32 (Q4_K: per 256; q16: twice, x and what that left, the kernels summing each pair of rows) as the
     type's own kernel does (the float64 emulation, to float32 rounding) on the vector passes,
     and exactly on the portable one (no integer kernel: through GGML's layout), at every M and for 1 to
-    3 groups of rows; a row's bits do not depend on the batch; rows come in groups of 8."""
+    3 groups of rows; a row's bits do not depend on the batch (alone, among 2 to 16, among 70); rows come
+    in groups of 8."""
     r8, two = kernels.INTERLEAVED[int(qtype)], integer == "q16"
     rows, dense = r8_weight(qtype, 136, k)
     assert torch.equal(kernels.dequantize_packed(rows, r8, k), dense)
@@ -1106,6 +1107,10 @@ def test_interleaved_computes_as_ggml_layout(isa: str, integer: str, qtype: QT, 
         alone = torch.empty(1, 136)
         ext.matmul(buf(x[i : i + 1].contiguous()), buf(rows), buf(alone), 1, 136, k, r8, 2)
         assert torch.equal(alone[0], y[i]), i
+    for m in (2, 3, 4, 16):  # the kernels' one-pass and two-pass batches (q16) alike
+        some = torch.empty(m, 136)
+        ext.matmul(buf(x[30 : 30 + m].contiguous()), buf(rows), buf(some), m, 136, k, r8, 2)
+        assert torch.equal(some, y[30 : 30 + m]), m
     with pytest.raises(ValueError, match="groups of 8"):
         ext.matmul(buf(x[:1]), buf(rows[:12]), buf(y), 1, 12, k, r8, 2)
     # Through the wrapper past the dense route's M: the integer kernel still (no dequantized copy).

@@ -20,8 +20,9 @@ each block's largest |x| per element (1/65024 but where a remainder of half a st
 and is clamped to 127), 127-254x closer, and 9 or 10 of 10 answers identical to the exact path's on each
 of six SmolLM2 files (perplexity within 0.004%). The second row shares the weights' reading and
 unpacking with the first (the kernels apply each unpacked block to every activation row), so it costs
-integer multiply-adds, not bandwidth; the interleaved Q4_0, Q4_1, Q5_0 and Q5_1 kernels add the two
-as one integer, 256 q1 + q2, and scale it once.
+integer multiply-adds, not bandwidth; the interleaved kernels of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 add the
+two as one integer, 256 q1 + q2, and scale it once (Q8_0's, for many rows, as one int16 row: half the
+multiplies of two int8 rows).
 The integer kernel runs at every M (decode's few rows keep their accumulators in registers), so that a
 row's result does not depend on how many rows share the call: a served request's answer does not depend
 on the batch it lands in. In the module path, past DEQUANTIZE_ABOVE_M rows a matrix whose float32 copy
