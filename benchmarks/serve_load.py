@@ -72,8 +72,11 @@ def tramontane_cmd(model: str, port: int, context: int, kv_per_token: int, kv_dt
 
 
 def llama_cmd(binary: str, model: str, port: int, context: int, kv_dtype: str) -> list[str]:
-    return [binary, "-m", model, "--port", str(port), "--parallel", "16", "-t", str(THREADS), "-tb",
-            str(THREADS), "-c", str(context), "-ctk", kv_dtype, "-ctv", kv_dtype, "--log-disable"]  # fmt: skip
+    """llama-server with one KV pool of `context` tokens for all 16 slots (--kv-unified), as tramontane's
+    block pool: split per slot, a slot would hold 8192 / 16 = 512 tokens and refuse the shared-prefix run's
+    2,000-token prompt."""
+    return [binary, "-m", model, "--port", str(port), "--parallel", "16", "--kv-unified", "-t", str(THREADS),
+            "-tb", str(THREADS), "-c", str(context), "-ctk", kv_dtype, "-ctv", kv_dtype, "--log-disable"]  # fmt: skip
 
 
 def start(cmd: list[str], port: int) -> subprocess.Popen:
@@ -282,8 +285,10 @@ def main() -> None:
         system = "You are a helpful assistant. " + " ".join(f"word{i % 97}" for i in range(args.shared_prefix // 3))
     expected, offline_speed, kv_per_token = offline_answers(model, args, not args.no_check)
     servers = [("tramontane", lambda port: tramontane_cmd(model, port, args.context, kv_per_token, args.kv_dtype))]
+    # llama-server keeps each slot's copy of a shared prefix: the shared-prefix run gives it room for 16 of them
+    llama_context = max(args.context, 16 * (args.shared_prefix + args.max_tokens + 64)) if system else args.context
     if args.llama_server:
-        llama = lambda port: llama_cmd(args.llama_server, model, port, args.context, args.kv_dtype)  # noqa: E731
+        llama = lambda port: llama_cmd(args.llama_server, model, port, llama_context, args.kv_dtype)  # noqa: E731
         servers.append(("llama-server", llama))
     rows: list[str] = []
     for r in range(args.rounds):
@@ -295,6 +300,11 @@ def main() -> None:
         f"\nmodel: {model}, {os.cpu_count()} CPUs, {THREADS} threads per server, greedy, ignore_eos, "
         f"max_tokens {args.max_tokens}, {args.duration:g} s per row, KV capacity {args.context} tokens each "
         f"stored as {args.kv_dtype} (tramontane: {kv_per_token * args.context / 2**20:.0f} MiB)"
+        + (
+            f"; llama-server {llama_context} tokens (16 copies of the shared prefix)"
+            if llama_context > args.context
+            else ""
+        )
     )
     if expected:
         print(f"offline engine, one prompt at a time: {offline_speed:.1f} tok/s; every served answer equal to it")
