@@ -189,7 +189,7 @@ def main() -> None:
             rss = max(x["rss"] for x in runs[kv]) / 2**30
             same = runs[kv][0]["tokens"] == runs[first][0]["tokens"]
             print(
-                f"| {context} | {kv} | {pre:.0f} | {dec:.2f} | {dec / decode[context, first]:.2f}x "
+                f"| {context} | {kv} | {pre:.1f} | {dec:.2f} | {dec / decode[context, first]:.2f}x "
                 f"| {dec / decode[contexts[0], kv]:.2f}x | {roof:.1f} | {rss:.2f} | {same} |"
             )
 
