@@ -8,7 +8,7 @@ Each client sends a streaming greedy chat request (ignore_eos, so every answer i
 reads it to the end and sends the next, for `--duration` seconds. Per server and client count:
 aggregate generated tokens/s, time to first token and inter-token latency (p50 / p99), and the
 server's peak RSS. Both servers get 2 threads and the same total KV capacity in tokens (`--context`:
-llama-server's -c, split over its 16 slots; tramontane's --kv-cache-memory sized to hold as many),
+llama-server's -c, one pool shared by its 16 slots; tramontane's --kv-cache-memory sized to hold as many),
 stored as the same type (`--kv-dtype`: f16 by default, llama-server's own default; its -ctk/-ctv).
 Every tramontane answer is compared with the offline engine's greedy answer to the same prompt
 (`tramontane.load(...).chat`, one at a time): a difference stops the run. `--shared-prefix N` adds a
