@@ -64,20 +64,17 @@ static int g_q8 = 2;  /* "q16", the default (kernels.py) */
 void tram_set_q8(int mode) { g_q8 = mode == 2 ? 2 : mode != 0; }
 int tram_q8(void) { return g_q8; }
 
-/* Sums of the rounded x (d * q) per `span` (16 or 32) elements -> malloc'd [M][K/span], as block_sums,
- * from the sums of q per 16 (bs): the offsets and mins of the integer kernels meet the same rounded x as
- * the quants, so that each product is exactly sum(W * rounded x) and its error scales with |W|, not
- * with |W - offset|. */
-static float *rounded_sums(const q8_rows *xq, long M, long K, long blk, int span) {
-    const long n = M * (K / span), per = span / 16;
-    float *xs = malloc(sizeof(float) * (size_t)n);
-    if (!xs) return NULL;
-    for (long b = 0; b < n; b++) {
+/* Sums of the rounded x (d * q) per `span` (16 or 32) elements of rows [r0, r1) into xs [rows][K/span],
+ * as block_sums, from the sums of q per 16 (bs): the offsets and mins of the integer kernels meet the
+ * same rounded x as the quants, so that each product is exactly sum(W * rounded x) and its error scales
+ * with |W|, not with |W - offset|. */
+static void rounded_sums(const q8_rows *xq, float *xs, long r0, long r1, long K, long blk, int span) {
+    const long per = span / 16, row = K / span;
+    for (long b = r0 * row; b < r1 * row; b++) {
         int s = 0;
         for (long j = 0; j < per; j++) s += xq->bs[per * b + j];
         xs[b] = xq->d[span * b / blk] * (float)s;
     }
-    return xs;
 }
 
 /* Elements per activation scale of the integer kernel of qtype: 256 for the K-quants (Q8_K, as their
@@ -88,35 +85,49 @@ static long q8_block(int qtype) {
 }
 
 /* x [M, K] (K % blk == 0) rounded to int8 per blk elements (the instruction set's quantize_q8: d = max
- * |x| / 127, q = round(x / d), the sums of q per 16) into one malloc'd buffer (*mem, to free), views in
- * *out; -1 when out of memory. With `two` ("q16"), 2M rows: row 2m as above, row 2m + 1 what row m's
- * rounding left (x - d q, at most d / 2 per element) rounded with the scale d / 256: the two together
- * carry x to 1/65024 of each block's largest |x|, and as 256 q1 + q2 they are one integer at scale
- * d / 256. */
-static int quantize_q8(const isa_ops *ops, const float *x, long M, long K, long blk, int two, q8_rows *out,
-                       void **mem) {
+ * |x| / 127, q = round(x / d), the sums of q per 16). With `two` ("q16"), 2M rows: row 2m as above, row
+ * 2m + 1 what row m's rounding left (x - d q, at most d / 2 per element) rounded with the scale d / 256:
+ * the two together carry x to 1/65024 of each block's largest |x|, and as 256 q1 + q2 they are one
+ * integer at scale d / 256. One malloc'd buffer (mem) holds the rows, their scales and sums, and (q16)
+ * one remainder row per thread. */
+typedef struct {
+    int8_t *q;
+    float *d, *r;
+    int16_t *bs;
+    void *mem;
+} q8_buf;
+
+/* Room for M rows of x rounded, for `threads` threads. Returns 0, or -1 when out of memory. */
+static int q8_alloc(long M, long K, long blk, int two, int threads, q8_buf *b) {
     const long R = two ? 2 * M : M, nb = K / blk;
     const size_t nq = (size_t)(R * K), nd = (size_t)(R * nb), ns = (size_t)(R * (K / 16));
     const size_t od = (nq + 63) & ~(size_t)63, ob = od + ((nd * 4 + 63) & ~(size_t)63);
-    char *p = malloc(ob + ns * 2 + (two ? sizeof(float) * (size_t)K : 0));
+    char *p = malloc(ob + ns * 2 + (two ? sizeof(float) * (size_t)K * (size_t)threads : 0));
     if (!p) return -1;
-    int8_t *q = (int8_t *)p;
-    float *d = (float *)(p + od);
-    int16_t *bs = (int16_t *)(p + ob);
-    if (!two) ops->quantize_q8(x, M * nb, blk, NULL, q, d, bs);
-    float *r = two ? (float *)(p + ob + ns * 2) : NULL;  /* one row's remainder */
-    for (long m = 0; two && m < M; m++) {
-        const float *xm = x + m * K;
-        int8_t *qm = q + 2 * m * K;
-        float *dm = d + 2 * m * nb;
-        ops->quantize_q8(xm, nb, blk, NULL, qm, dm, bs + 2 * m * (K / 16));
-        for (long b = 0; b < nb; b++)
-            for (long i = b * blk; i < (b + 1) * blk; i++) r[i] = xm[i] - dm[b] * (float)qm[i];
-        ops->quantize_q8(r, nb, blk, dm, qm + K, dm + nb, bs + (2 * m + 1) * (K / 16));
-    }
-    out->q = q, out->d = d, out->bs = bs, out->pair = 0;
-    *mem = p;
+    b->q = (int8_t *)p, b->d = (float *)(p + od), b->bs = (int16_t *)(p + ob);
+    b->r = two ? (float *)(p + ob + ns * 2) : NULL;
+    b->mem = p;
     return 0;
+}
+
+/* Rows [m0, m1) of x rounded into b, by thread t (its remainder row). */
+static void q8_fill(const isa_ops *ops, const float *x, long m0, long m1, long K, long blk, int two,
+                    const q8_buf *b, int t) {
+    const long nb = K / blk;
+    if (!two) {
+        ops->quantize_q8(x + m0 * K, (m1 - m0) * nb, blk, NULL, b->q + m0 * K, b->d + m0 * nb, b->bs + m0 * (K / 16));
+        return;
+    }
+    float *r = b->r + (size_t)t * (size_t)K;
+    for (long m = m0; m < m1; m++) {
+        const float *xm = x + m * K;
+        int8_t *qm = b->q + 2 * m * K;
+        float *dm = b->d + 2 * m * nb;
+        ops->quantize_q8(xm, nb, blk, NULL, qm, dm, b->bs + 2 * m * (K / 16));
+        for (long j = 0; j < nb; j++)
+            for (long i = j * blk; i < (j + 1) * blk; i++) r[i] = xm[i] - dm[j] * (float)qm[i];
+        ops->quantize_q8(r, nb, blk, dm, qm + K, dm + nb, b->bs + (2 * m + 1) * (K / 16));
+    }
 }
 
 /* Interleaved rows (T_Q4_0_R8 ... T_Q5_1_R8) back to GGML's layout (type `base`) in a malloc'd copy (NULL
@@ -144,25 +155,29 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
      * the call (a served request's answer on the batch it lands in). */
     fused_q8_fn fused_q8 = g_q8 && K % blk == 0 ? ops->fused_q8[qtype] : NULL;
     float *xs = NULL;
-    q8_rows xq = {NULL, NULL, NULL};
-    void *xq_mem = NULL;
+    q8_buf qb = {NULL, NULL, NULL, NULL, NULL};
     const int span = xs_span(qtype);
     const int two = fused_q8 && g_q8 == 2;  /* "q16": x as two int8 rows, their products summed */
     const long MQ = two ? 2 * M : M;
     float *y2 = NULL;  /* q16 on the row kernels: both rows' results, summed after */
-    if (fused_q8) fused = NULL;
-    if (fused_q8 && quantize_q8(ops, x, M, K, blk, two, &xq, &xq_mem)) return -1;
-    xq.pair = two && base >= 0;  /* the interleaved types' kernels sum each pair themselves */
-    if ((fused || fused_q8) && span && !(xs = fused_q8 ? rounded_sums(&xq, MQ, K, blk, span) : block_sums(x, M, K, span))) {
-        free(xq_mem);
-        return -1;
-    }
-    if (two && !xq.pair && !(y2 = malloc(sizeof(float) * (size_t)(MQ * N)))) {
-        free(xs), free(xq_mem);
-        return -1;
-    }
     int nth = thread_count(n_threads, N, (long)(rb * (size_t)N) + M * K * 4);
-    (void)nth;  /* unused without OpenMP */
+    /* Several rows: each thread rounds its share of them inside the parallel region (the other threads
+     * would only wait); one row is rounded before it. */
+    const int shared = fused_q8 && M > 1 && nth > 1;
+    if (fused_q8) fused = NULL;
+    if (fused_q8 && q8_alloc(M, K, blk, two, nth, &qb)) return -1;
+    const q8_rows xq = {qb.q, qb.d, qb.bs, two && base >= 0};  /* pair: the interleaved kernels sum each pair */
+    if (fused_q8 && !shared) q8_fill(ops, x, 0, M, K, blk, two, &qb, 0);
+    if ((fused || fused_q8) && span &&
+        !(xs = fused_q8 ? malloc(sizeof(float) * (size_t)(MQ * (K / span))) : block_sums(x, M, K, span))) {
+        free(qb.mem);
+        return -1;
+    }
+    if (fused_q8 && xs && !shared) rounded_sums(&xq, xs, 0, MQ, K, blk, span);
+    if (two && !xq.pair && !(y2 = malloc(sizeof(float) * (size_t)(MQ * N)))) {
+        free(xs), free(qb.mem);
+        return -1;
+    }
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
@@ -173,6 +188,14 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
         nt = omp_get_num_threads();
 #endif
         long n0, n1;
+        if (shared) {
+            split_rows(M, t, nt, 1, &n0, &n1);
+            q8_fill(ops, x, n0, n1, K, blk, two, &qb, t);
+            if (xs) rounded_sums(&xq, xs, two ? 2 * n0 : n0, two ? 2 * n1 : n1, K, blk, span);
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+        }
         split_rows(N, t, nt, tram_r8_base(qtype) >= 0 ? 8 : RN, &n0, &n1);
         if (n1 > n0) {
             if (fused_q8)
@@ -187,7 +210,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
     }
     free(y2);
     free(xs);
-    free(xq_mem);
+    free(qb.mem);
     return 0;
 }
 
