@@ -691,6 +691,24 @@ def test_one_long_prompt_runs_compiled_where_every_matrix_has_an_integer_kernel(
         kernels.set_activations(previous)
 
 
+@pytest.mark.skipif(not kernels.available() or kernels.isa() == "scalar", reason="no integer kernel")
+def test_a_long_chunk_gives_the_same_bits_on_one_thread_and_two(tmp_path):
+    """80 rows in one chunk: from 64 rows on, the norms, residual adds and gating split their rows over
+    the threads, and every packed matmul's activation rounding too; each row's arithmetic stays its own,
+    so the bits do not depend on the thread count (a wrong split is off by O(1))."""
+    prompt = [(7 * i) % 90 + 3 for i in range(80)]
+    model = load_model(save_gguf(hf_model("mistral", seed=3), tmp_path / "m.gguf", "Q4_0"), packed=True).model
+    previous = torch.get_num_threads()
+    try:
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = offline_prefill(model, CompiledStep(model), [prompt], capacity=96)[0]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(out[1], out[2])
+
+
 @pytest.mark.parametrize("activations", ["q8", "q16"])
 def test_a_prompt_computes_offline_as_served(tmp_path, activations):
     """With integer activations (either setting) every row's arithmetic is the same whatever shares its step: a prompt

@@ -388,6 +388,55 @@ static void add_rows(float *x, const float *y, long n) {
     for (long i = 0; i < n; i++) x[i] += y[i];
 }
 
+/* The per-row work between the matmuls (norms, residual adds, gating) is split over the threads from
+ * this many rows on (a prompt chunk: 3-5% faster on SmolLM2's 512-token prefill); below it, on the
+ * calling thread, as waking the other one costs more. */
+#define ROWS_SPLIT 64
+
+static int rows_split(const block_args *a) { return a->B >= ROWS_SPLIT && a->threads > 1; }
+
+/* out [B, dim] = the rows of a->x normalised by w. */
+static void norm_rows(const block_args *a, const float *w, float *out) {
+    const long dim = a->dim;
+    if (!rows_split(a)) {
+        tram_rms_norm_rows(a->x, w, a->eps, a->B, dim, out);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(a->threads) schedule(static)
+#endif
+    for (long b = 0; b < a->B; b++) tram_rms_norm_rows(a->x + b * dim, w, a->eps, 1, dim, out + b * dim);
+}
+
+/* a->x [B, dim] += y. */
+static void add_residual(const block_args *a, const float *y) {
+    const long dim = a->dim;
+    if (!rows_split(a)) {
+        add_rows(a->x, y, a->B * dim);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(a->threads) schedule(static)
+#endif
+    for (long b = 0; b < a->B; b++) add_rows(a->x + b * dim, y + b * dim, dim);
+}
+
+/* Row b of gu [B, F] = silu(gate) * up of row b of h13 [B, 2F] (gate, then up). */
+static void gate_row(const isa_ops *ops, long F, const float *h13, float *gu, long b) {
+    ops->silu_mul(h13 + b * 2 * F, h13 + b * 2 * F + F, gu + b * F, F);
+}
+
+static void gate_rows(const isa_ops *ops, const block_args *a, const float *h13, float *gu) {
+    if (!rows_split(a)) {
+        for (long b = 0; b < a->B; b++) gate_row(ops, a->F, h13, gu, b);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(a->threads) schedule(static)
+#endif
+    for (long b = 0; b < a->B; b++) gate_row(ops, a->F, h13, gu, b);
+}
+
 /* LoRA scratch: one slot's rows of a projection's input and output, and their A products. */
 typedef struct {
     float *x, *t, *y;  /* [B, max in], [B, max r], [B, max out] */
@@ -467,7 +516,7 @@ typedef struct {
 static int attention_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     const long B = a->B, dim = a->dim, HD = a->H * a->D;
     int rc = 0;
-    tram_rms_norm_rows(a->x, a->norm1, a->eps, B, dim, s->xn);
+    norm_rows(a, a->norm1, s->xn);
     const uint8_t *const w[3] = {a->wqkv, a->wk, a->wv};
     const int t[3] = {a->tqkv, a->tk, a->tv};
     rc |= stacked_matmul(ops, s->xn, w, t, a->rows_qkv, 3, s->qkv, B, dim, s->pieces, a->threads);
@@ -476,22 +525,22 @@ static int attention_half(const isa_ops *ops, const block_args *a, const scratch
     rc |= attend_rows(ops, a, s->qkv, s->att);
     rc |= tram_matmul(ops, s->att, a->wo, s->y, B, dim, HD, a->to, a->threads);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 1, s->att, s->y);
-    add_rows(a->x, s->y, B * dim);
+    add_residual(a, s->y);
     return rc;
 }
 
 static int ffn_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     const long B = a->B, dim = a->dim, F = a->F;
     int rc = 0;
-    tram_rms_norm_rows(a->x, a->norm2, a->eps, B, dim, s->xn);
+    norm_rows(a, a->norm2, s->xn);
     const uint8_t *const w[2] = {a->w13, a->w3};
     const int t[2] = {a->t13, a->t3};
     rc |= stacked_matmul(ops, s->xn, w, t, a->rows_13, 2, s->h13, B, dim, s->pieces, a->threads);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 2, s->xn, s->h13);
-    for (long b = 0; b < B; b++) ops->silu_mul(s->h13 + b * 2 * F, s->h13 + b * 2 * F + F, s->gu + b * F, F);
+    gate_rows(ops, a, s->h13, s->gu);
     rc |= tram_matmul(ops, s->gu, a->w2, s->y, B, dim, F, a->t2, a->threads);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 3, s->gu, s->y);
-    add_rows(a->x, s->y, B * dim);
+    add_residual(a, s->y);
     return rc;
 }
 
@@ -548,7 +597,7 @@ static int expert_rows(const isa_ops *ops, const block_args *a, const scratch *s
 /* The experts in increasing id, so each row's sum runs in the order model/moe.py adds them. */
 static int moe_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     const long B = a->B, dim = a->dim, E = a->E, K = a->K;
-    tram_rms_norm_rows(a->x, a->norm2, a->eps, B, dim, s->xn);
+    norm_rows(a, a->norm2, s->xn);
     int rc = tram_matmul(ops, s->xn, (const uint8_t *)a->gate, s->logits, B, E, dim, 0, a->threads);  /* F32 */
     for (long b = 0; b < B; b++)
         if (a->qpos[b] >= 0) route(s->logits + b * E, E, K, s->chosen + b * K, s->wsel + b * K);
