@@ -57,6 +57,8 @@ QUESTIONS = [
     "Write a haiku about wind.",
 ]
 THREADS = 2
+# seconds for one streamed answer (16 clients sharing a 2,000-token prefix wait ~80 s on llama-server)
+REQUEST_TIMEOUT = 600.0
 
 
 def free_port() -> int:
@@ -172,18 +174,19 @@ async def one_request(port: int, question: str, args, stats: dict, system: str |
     }
     start = last = time.perf_counter()
     first, text, chunks, usage = True, "", 0, None
-    async for data in sse_data(port, body):
-        if data == b"[DONE]":
-            continue
-        chunk = json.loads(data)
-        if chunk.get("usage"):
-            usage = chunk["usage"]["completion_tokens"]
-        if not chunk.get("choices") or not chunk["choices"][0]["delta"].get("content"):
-            continue
-        now = time.perf_counter()
-        (stats["ttft"] if first else stats["itl"]).append(now - (start if first else last))
-        first, last, chunks = False, now, chunks + 1
-        text += chunk["choices"][0]["delta"]["content"]
+    async with asyncio.timeout(REQUEST_TIMEOUT):  # a server that stops answering stops the run
+        async for data in sse_data(port, body):
+            if data == b"[DONE]":
+                continue
+            chunk = json.loads(data)
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+            if not chunk.get("choices") or not chunk["choices"][0]["delta"].get("content"):
+                continue
+            now = time.perf_counter()
+            (stats["ttft"] if first else stats["itl"]).append(now - (start if first else last))
+            first, last, chunks = False, now, chunks + 1
+            text += chunk["choices"][0]["delta"]["content"]
     stats["tokens"] += usage if usage is not None else chunks
     stats["answers"].setdefault(question, set()).add(text)  # more than one: the batch changed an answer
 
@@ -290,7 +293,7 @@ def run_server(
             before = step_times(port) if name == "tramontane" else (0.0, 0.0)
             try:
                 stats = asyncio.run(load(port, n, args, name))
-            except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, ValueError) as e:
+            except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as e:
                 raise SystemExit(
                     f"{name} with {n} clients: {type(e).__name__}: {e}; server stderr: "
                     f"{proc.stderr.read1(4000).decode(errors='replace') if proc.poll() is not None else 'running'}"
@@ -349,7 +352,8 @@ def main() -> None:
             rows += run_server(name, command(port), port, args, check_with, system)
     print(
         f"\nmodel: {model}, {os.cpu_count()} CPUs, {THREADS} threads per server, greedy, ignore_eos, "
-        f"max_tokens {args.max_tokens}, {len(args.silent)} silent tokens banned, {args.duration:g} s per row, KV capacity {args.context} tokens each "
+        f"max_tokens {args.max_tokens}, {len(args.silent)} silent tokens banned, {args.duration:g} s per row, "
+        f"KV capacity {args.context} tokens each "
         f"stored as {args.kv_dtype} (tramontane: {kv_per_token * args.context / 2**20:.0f} MiB)"
         + (
             f"; llama-server {llama_context} tokens (16 copies of the shared prefix)"
