@@ -21,6 +21,9 @@
  * slots 2*4+2, 2*4+3, 5*4+0, 5*4+1 = 10, 11, 20, 21. Either cache stores each head's key and value as
  * a row of D elements of type kvt: float32, or rounded to half, bfloat16 or Q8_0 (blocks.c) and decoded
  * block by block into the thread's scratch as they are attended.
+ * Threads: each matmul splits its output rows (matmul.c), the attention its tiles of rows x kv heads,
+ * and from ROWS_SPLIT rows on the norms, residual adds and gating split the rows; the rotation and the
+ * cache stores stay on the calling thread (two rows of one chunk may share a rolling cache's slot).
  * Also owns the extent each of the step's buffers must have (tram_block_extents) and the range check
  * of the paged rows (tram_block_rows_ok), which the binding runs before any pointer is followed.
  */
