@@ -147,18 +147,12 @@ async def sse_data(port: int, body: dict) -> AsyncIterator[bytes]:
 
 async def _body(reader: asyncio.StreamReader, chunked: bool) -> AsyncIterator[bytes]:
     """The response body's bytes as they arrive (chunked transfer coding undone)."""
-    while True:
-        if not chunked:
-            piece = await reader.read(65536)
-            if not piece:
-                return
+    if not chunked:  # delimited by the server closing the connection
+        while piece := await reader.read(65536):
             yield piece
-            continue
-        size = int((await reader.readline()).split(b";")[0], 16)
-        if size == 0:
-            return
-        piece = await reader.readexactly(size + 2)  # the chunk and its CRLF
-        yield piece[:-2]
+        return
+    while size := int((await reader.readline()).split(b";")[0], 16):
+        yield (await reader.readexactly(size + 2))[:-2]  # the chunk, less its CRLF
 
 
 async def one_request(port: int, question: str, args, stats: dict, system: str | None) -> None:

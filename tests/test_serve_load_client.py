@@ -13,13 +13,16 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_load.py"
 EVENTS = [b'{"choices": [{"delta": {"content": "Hel"}}]}', b'{"choices": [{"delta": {"content": "lo"}}]}', b"[DONE]"]
 
 
-def serve_load() -> ModuleType:
+def _load() -> ModuleType:
     spec = importlib.util.spec_from_file_location("serve_load", BENCH)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("serve_load", module)
     spec.loader.exec_module(module)
     return module
+
+
+SERVE_LOAD = _load()
 
 
 def body_pieces(chunked: bool) -> list[bytes]:
@@ -33,7 +36,6 @@ def body_pieces(chunked: bool) -> list[bytes]:
 
 
 async def fetch(chunked: bool) -> list[bytes]:
-    module = serve_load()
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
@@ -49,7 +51,7 @@ async def fetch(chunked: bool) -> list[bytes]:
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     async with server:
-        return [data async for data in module.sse_data(port, {"stream": True})]
+        return [data async for data in SERVE_LOAD.sse_data(port, {"stream": True})]
 
 
 def test_sse_events_arrive_whole_however_the_body_is_cut() -> None:
@@ -66,4 +68,4 @@ class Tokenizer:
 
 def test_the_tokens_that_print_nothing_are_banned() -> None:
     # 5 is half a character: it prints once its other half comes, so it stays allowed
-    assert serve_load().silent_tokens(Tokenizer()) == {"0": -100.0, "1": -100.0, "4": -100.0}
+    assert SERVE_LOAD.silent_tokens(Tokenizer()) == {"0": -100.0, "1": -100.0, "4": -100.0}
