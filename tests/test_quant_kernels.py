@@ -828,6 +828,34 @@ def test_q8_rows_do_not_depend_on_the_batch(isa: str, integer: str, qtype: QT) -
 
 
 @needs_ext
+@pytest.mark.parametrize("interleave", [False, True], ids=["rows", "interleaved"])
+def test_large_matrices_give_the_same_bits_taken_in_chunks(isa: str, integer: str, interleave: bool) -> None:
+    """Past 4 MiB of weights at one to four activation rows (a decoding step's head, a 7B model's
+    matrices), the threads take the output rows in chunks as they free up (matmul.c): every row's bits
+    are still those one thread computes, and those of the fixed halves that more rows take."""
+    if isa == "scalar":
+        pytest.skip("the portable pass has no integer kernels")
+    n, k = 4096, 1024  # Q8_0: 4.25 MiB
+    packed, _ = weight(QT.Q8_0, n, k)
+    qt = int(QT.Q8_0)
+    if interleave:
+        packed, qt = kernels.regroup(packed, qt, k)
+        assert kernels.interleaved(qt)
+    x = activations(6, k, seed=7)
+
+    def run(rows: torch.Tensor, threads: int) -> torch.Tensor:
+        y = torch.full((rows.shape[0], n), float("nan"))
+        ext.matmul(buf(rows.contiguous()), buf(packed), buf(y), rows.shape[0], n, k, qt, threads)
+        return y
+
+    halves = run(x, 2)  # six rows: each thread its fixed half of the output rows
+    assert not halves.isnan().any()
+    for m in (1, 2, 4):
+        for threads in (1, 2, 3):
+            assert torch.equal(run(x[:m], threads), halves[:m]), (m, threads)
+
+
+@needs_ext
 @pytest.mark.parametrize(("k", "n"), [(576, 24), (24, 960), (8, 64)])
 def test_float32_rows_do_not_depend_on_the_batch(isa: str, k: int, n: int) -> None:
     """The F32 products of LoRA adapters in the compiled step (A: [r, in], B: [out, r] with K = r

@@ -1,13 +1,14 @@
 /*
  * matmul.c: the packed matmul and the row dequantizer over OpenMP threads. Owns the split of the N
- * output rows between threads (contiguous ranges of whole RN-row groups, so the result does not depend
- * on the thread count), the choice between an instruction set's fused small-M kernel and its tiled
- * path (or, in the integer modes, a type's integer-activation kernel: x rounded to int8 once per call,
- * per 256 for the K-quants and per 32 for Q4_0/Q4_1/Q8_0; in the default "q16" mode twice, x and what
- * the first rounding left at 1/256 of its scale, as two rows), and the per-32 (Q2_K: per-16) sums of x
- * the kernels take, and the interleaved Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q3_K (blocks.h): split in whole groups of 8 rows, put back
- * in GGML's layout where no integer kernel runs them, gathered row by row for lookups. Pointers are
- * trusted: module.c checked the buffers' extents.
+ * output rows between threads (whole RN-row groups: a fixed contiguous share each, or, for a big matrix
+ * at a few rows, chunks taken as the threads free up; the result does not depend on the thread count),
+ * the choice between an instruction set's fused small-M kernel and its tiled path (or, in the integer
+ * modes, a type's integer-activation kernel: x rounded to int8 once per call, per 256 for the K-quants
+ * and per 32 for Q4_0/Q4_1/Q8_0; in the default "q16" mode twice, x and what the first rounding left at
+ * 1/256 of its scale, as two rows), and the per-32 (Q2_K: per-16) sums of x the kernels take, and the
+ * interleaved Q4_0 / Q4_1 / Q8_0 / Q4_K / Q6_K / Q3_K (blocks.h): split in whole groups of 8 rows, put
+ * back in GGML's layout where no integer kernel runs them, gathered row by row for lookups. Pointers
+ * are trusted: module.c checked the buffers' extents.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -25,6 +26,32 @@ static void split_rows(long N, int t, int nt, long unit, long *n0, long *n1) {
     long u0 = units * t / nt, u1 = units * (t + 1) / nt;
     *n0 = u0 * unit < N ? u0 * unit : N;
     *n1 = u1 * unit < N ? u1 * unit : N;
+}
+
+/* A call of a few activation rows (at most DYNAMIC_M) and at least DYNAMIC_WORK weight bytes gives its
+ * output rows to the threads in chunks of whole groups, each taken by whichever thread is free next,
+ * about CHUNKS a thread: with a fixed half each, the first to finish waited for the other (one thread
+ * often streamed its half 10-25% slower than the other here). Measured against the fixed halves, builds
+ * alternating in one process, M = 1: SmolLM2's tied Q8_0 head (49152 x 576) 10-19% faster, a Mistral-7B
+ * layer's Q4_0 matrices 7-8%. Smaller matrices keep the fixed halves (SmolLM2's blocks: 32% slower in
+ * chunks, whose starts cost more than they even out), and so do many rows, whose kernels walk the
+ * activations once per chunk (6% slower at M = 16 and 512). Each row computes alike in any chunk and on
+ * any thread. */
+#define CHUNKS 8
+#define DYNAMIC_M 4
+#define DYNAMIC_WORK (4L << 20)
+
+/* Units [*u, *u + n) of a chunk: the next free one (the shared counter `next`), or *u >= total. */
+static long take_chunk(long *next, long n) {
+    long u;
+#ifdef _OPENMP
+#pragma omp atomic capture
+#endif
+    {
+        u = *next;
+        *next += n;
+    }
+    return u;
 }
 
 static int thread_count(int n_threads, long N, long work_bytes) {
@@ -178,6 +205,10 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
         free(xs), free(qb.mem);
         return -1;
     }
+    const long unit = base >= 0 ? 8 : RN, units = (N + unit - 1) / unit;
+    const int dynamic = nth > 1 && M <= DYNAMIC_M && (double)rb * (double)N * (double)M >= (double)DYNAMIC_WORK;
+    long chunk = units / ((long)CHUNKS * nth), next = 0;  /* whole groups; next: the first not taken */
+    if (chunk < 4) chunk = units < 4 ? units : 4;  /* (decoding's interleaved rows walk 4 groups at once) */
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
@@ -196,8 +227,14 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
 #pragma omp barrier
 #endif
         }
-        split_rows(N, t, nt, tram_r8_base(qtype) >= 0 ? 8 : RN, &n0, &n1);
-        if (n1 > n0) {
+        long u, take;  /* this thread's first range of units: a chunk, or its fixed share */
+        if (dynamic)
+            u = take_chunk(&next, chunk), take = chunk;
+        else
+            split_rows(units, t, nt, 1, &u, &take), take -= u;
+        while (u < units && take > 0) {
+            n0 = u * unit;
+            n1 = (u + take) * unit < N ? (u + take) * unit : N;
             if (fused_q8)
                 fused_q8(w + (size_t)n0 * rb, rb, n1 - n0, &xq, xs, MQ, K, (y2 ? y2 : y) + n0, N);
             else if (fused)
@@ -206,6 +243,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
                 ops->tile(ops->dec[qtype], ti.block, ti.size, w, rb, n0, n1, x, M, K, y, N);
             for (long m = 0; y2 && m < M; m++)
                 for (long c = n0; c < n1; c++) y[m * N + c] = y2[2 * m * N + c] + y2[(2 * m + 1) * N + c];
+            u = dynamic ? take_chunk(&next, chunk) : units;  /* the next free chunk, or done */
         }
     }
     free(y2);
