@@ -476,6 +476,15 @@ def test_decode_block_reads_each_kv_type(isa: str, kv: str, activations: str, bo
         kernels.set_activations(previous)
 
 
+@needs_ext
+@pytest.mark.parametrize("kv", ["f32", "bf16", "f16"])
+def test_decode_block_reads_16_bit_rows_of_any_head_dim(isa: str, kv: str) -> None:
+    """A 16-bit cache's rows are widened in registers as they are attended (simd_step.inc): a head dim
+    that is not a whole number of vectors (36 = 4 x 8 + 4 floats, 2 x 16 + 4) takes the element-wise
+    tails of the scores and the values, against the same float64 block."""
+    check_kv_type(isa, kv, 1e-5, (3, 64, 8, 2, 36, 96, 80))
+
+
 def check_kv_type(isa: str, kv: str, bound: float, shape: tuple[int, ...]) -> None:
     kind = kv_type(kv)
     case = block_case(QT.Q8_0, 0, shape, qpos=(75, 150, -1))

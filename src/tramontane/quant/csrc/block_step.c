@@ -19,8 +19,9 @@
  * attends, and row b then reads its own sequence's positions straight from the pool through its block
  * table. Worked example, bs = 4, row at position 9 with table [7, 2, 5] and window 4: positions 6..9,
  * slots 2*4+2, 2*4+3, 5*4+0, 5*4+1 = 10, 11, 20, 21. Either cache stores each head's key and value as
- * a row of D elements of type kvt: float32, or rounded to half, bfloat16 or Q8_0 (blocks.c) and decoded
- * block by block into the thread's scratch as they are attended.
+ * a row of D elements of type kvt: float32, or rounded to half, bfloat16 or Q8_0 (blocks.c); 16-bit
+ * rows are widened in registers as they are attended, Q8_0 rows met by rounded queries (the integer
+ * settings) or else decoded block by block into the thread's scratch.
  * Threads: each matmul splits its output rows (matmul.c), the attention its tiles of rows x kv heads,
  * and from ROWS_SPLIT rows on the norms, residual adds and gating split the rows; the rotation and the
  * cache stores stay on the calling thread (two rows of one chunk may share a rolling cache's slot).
@@ -282,10 +283,17 @@ static att_scratch att_carve(char *mem, long nkeys, long nq, long D, int decoded
     return t;
 }
 
+/* The instruction set's attention over a 16-bit cache's own rows (kernels.h), or NULL: the rows are
+ * decoded to float32 first. */
+static attend16_fn in_place16(const isa_ops *ops, int kvt) {
+    return kvt == T_F16 ? ops->attend_f16 : kvt == T_BF16 ? ops->attend_bf16 : NULL;
+}
+
 /* The m keys and values of cache rows base + rows[i] as attend reads them (*k, *v, t->boff): float32
- * rows where they lie; other types decoded into the scratch, row i at i * D; no k asked for (a Q8_0
- * cache met with rounded queries): their rows as they are, t->krows and t->vrows. boff has ATT_PAD(m)
- * entries. */
+ * rows, and 16-bit ones where in_place16 has a kernel, where they lie (boff: element offsets from the
+ * cache's start; *k and *v set for float32 only); other types decoded into the scratch, row i at i * D;
+ * no k asked for (a Q8_0 cache met with rounded queries): their rows as they are, t->krows and t->vrows.
+ * boff has ATT_PAD(m) entries. */
 static void key_block(const isa_ops *ops, const block_args *a, size_t base, const size_t *rows, long m,
                       const att_scratch *t, const float **k, const float **v) {
     const long D = a->D;
@@ -294,9 +302,9 @@ static void key_block(const isa_ops *ops, const block_args *a, size_t base, cons
         for (long i = 0; i < m; i++) t->krows[i] = a->kc + (base + rows[i]) * rb, t->vrows[i] = a->vc + (base + rows[i]) * rb;
         return;
     }
-    if (a->kvt == T_F32) {
+    if (a->kvt == T_F32 || in_place16(ops, a->kvt)) {
         for (long i = 0; i < ATT_PAD(m); i++) t->boff[i] = (base + rows[i < m ? i : 0]) * (size_t)D;
-        *k = (const float *)a->kc, *v = (const float *)a->vc;
+        if (a->kvt == T_F32) *k = (const float *)a->kc, *v = (const float *)a->vc;
         return;
     }
     const size_t rb = tram_row_bytes(a->kvt, D);
@@ -335,6 +343,7 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
     const size_t base = key_base(a, b0, g);
     const float scale = 1.0f / sqrtf((float)D);
     const int rounded = a->kvt == T_Q8_0 && ops->attend_q8_0 && tram_q8();  /* the fast activations' path */
+    const attend16_fn wide = in_place16(ops, a->kvt);
     const q8_rows xq = {t->qq, t->qd, t->qbs, 0};
     for (long j = 0; j < nq && rounded; j++)
         ops->quantize_q8(t->q[j], D / 32, 32, NULL, t->qq + j * D, t->qd + j * (D / 32), t->qbs + j * (D / 16));
@@ -345,6 +354,8 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
         key_block(ops, a, base, t->off + i0, m, t, rounded ? NULL : &k, &v);
         if (rounded)
             ops->attend_q8_0(&xq, t->out, nq, t->nb, t->krows, t->vrows, D, scale, t->sc, t->ml, t->kbuf);
+        else if (wide)
+            wide(t->q, t->out, nq, t->nb, a->kc, a->vc, t->boff, D, scale, t->sc, t->ml);
         else
             ops->attend(t->q, t->out, nq, t->nb, k, v, t->boff, D, scale, t->sc, t->ml);
     }

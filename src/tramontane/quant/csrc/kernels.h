@@ -97,6 +97,10 @@ typedef void (*tile_fn)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb,
 #define ATT_KB 64
 typedef void (*attend_fn)(const float *const *q, float *const *out, long nq, const long *n, const float *k,
                           const float *v, const size_t *off, long D, float scale, float *sc, float *ml);
+/* As attend_fn over a float16 or bfloat16 cache, its rows as they are (off: element offsets), widened in
+ * registers: the same floats, and so the same result, as attend_fn on the rows decoded. */
+typedef void (*attend16_fn)(const float *const *q, float *const *out, long nq, const long *n, const uint8_t *k,
+                            const uint8_t *v, const size_t *off, long D, float scale, float *sc, float *ml);
 /* As attend_fn over a Q8_0 cache: key and value i as Q8_0 rows of D elements at krows[i] and vrows[i],
  * the queries as their int8 rounding per 32 (xq: row j of D for query j, no pair). The scores come from
  * integer dot products (as llama.cpp scores a q8_0 cache) and each value is decoded in registers and
@@ -119,6 +123,7 @@ typedef struct {
     fused_q8_fn fused_q8[T_COUNT];  /* the K-quants with integer-activation kernels (NULL: none) */
     q8_fn quantize_q8;              /* their activations' rounding (where fused_q8 has any) */
     attend_q8_fn attend_q8_0;       /* attention over a Q8_0 cache with rounded queries (NULL: none) */
+    attend16_fn attend_f16, attend_bf16;  /* over a 16-bit cache's own rows (NULL: decoded first) */
 } isa_ops;
 
 static inline int visible(int64_t kp, int64_t qpos, long window) {
