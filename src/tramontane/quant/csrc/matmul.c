@@ -233,7 +233,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
         return -1;
     }
     const long unit = base >= 0 ? 8 : RN, units = (N + unit - 1) / unit;
-    const int dynamic = nth > 1 && M <= DYNAMIC_M && (double)rb * (double)N * (double)M >= (double)DYNAMIC_WORK;
+    const int dynamic = nth > 1 && M <= DYNAMIC_M && (double)rb * (double)N >= (double)DYNAMIC_WORK;
     const int by_rows = fused_q8 && nth > 1 && M >= ROW_CHUNKS_FROM;
     long chunk = units / ((long)CHUNKS * nth), next = 0;  /* whole groups; next: the first not taken */
     if (chunk < 4) chunk = units < 4 ? units : 4;  /* (decoding's interleaved rows walk 4 groups at once) */
@@ -255,7 +255,8 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
 #pragma omp barrier
 #endif
         }
-        for (long m0 = by_rows ? ROW_CHUNK * take_chunk(&next, 1) : M; m0 < M; m0 = ROW_CHUNK * take_chunk(&next, 1)) {
+        for (long m0 = by_rows ? ROW_CHUNK * take_chunk(&next, 1) : M; m0 < M;
+             m0 = ROW_CHUNK * take_chunk(&next, 1)) {
             const long m1 = m0 + ROW_CHUNK < M ? m0 + ROW_CHUNK : M;
             row_chunk(fused_q8, w, rb, N, K, blk, &xq, xs, span, two, m0, m1, y, y2);
         }
