@@ -63,6 +63,13 @@ static long take_chunk(long *next, long n) {
 #define ROW_CHUNKS_FROM 64
 #define ROW_CHUNK 32
 
+/* y[m, n0..n1) = the sum of y2's rows 2m and 2m + 1 there, for rows m in [m0, m1): q16's two int8 rows
+ * a row, where a kernel writes their results apart. */
+static void sum_pairs(float *y, const float *y2, long N, long m0, long m1, long n0, long n1) {
+    for (long m = m0; m < m1; m++)
+        for (long c = n0; c < n1; c++) y[m * N + c] = y2[2 * m * N + c] + y2[(2 * m + 1) * N + c];
+}
+
 /* The integer kernel on activation rows [m0, m1) against all N output rows: views of the rounded rows
  * (xq: blk elements per scale; their sums xs, `span` elements each; two int8 rows a row with `two`) and
  * of the output (y2: both int8 rows' results where the kernel writes them apart, summed here). */
@@ -77,8 +84,7 @@ static void row_chunk(fused_q8_fn fused_q8, const uint8_t *w, size_t rb, long N,
         return;
     }
     fused_q8(w, rb, N, &part, xs0, q1 - q0, K, y2 + q0 * N, N);
-    for (long m = m0; m < m1; m++)
-        for (long c = 0; c < N; c++) y[m * N + c] = y2[2 * m * N + c] + y2[(2 * m + 1) * N + c];
+    sum_pairs(y, y2, N, m0, m1, 0, N);
 }
 
 static int thread_count(int n_threads, long N, long work_bytes) {
@@ -255,31 +261,29 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
 #pragma omp barrier
 #endif
         }
-        for (long m0 = by_rows ? ROW_CHUNK * take_chunk(&next, 1) : M; m0 < M;
-             m0 = ROW_CHUNK * take_chunk(&next, 1)) {
-            const long m1 = m0 + ROW_CHUNK < M ? m0 + ROW_CHUNK : M;
-            row_chunk(fused_q8, w, rb, N, K, blk, &xq, xs, span, two, m0, m1, y, y2);
-        }
-        long u, take;  /* this thread's first range of units (none where rows went in chunks): a chunk of
-                        * them, or its fixed share */
-        if (by_rows)
-            u = units, take = 0;
-        else if (dynamic)
-            u = take_chunk(&next, chunk), take = chunk;
-        else
-            split_rows(units, t, nt, 1, &u, &take), take -= u;
-        while (u < units && take > 0) {
-            n0 = u * unit;
-            n1 = (u + take) * unit < N ? (u + take) * unit : N;
-            if (fused_q8)
-                fused_q8(w + (size_t)n0 * rb, rb, n1 - n0, &xq, xs, MQ, K, (y2 ? y2 : y) + n0, N);
-            else if (fused)
-                fused(w + (size_t)n0 * rb, rb, n1 - n0, x, xs, M, K, y + n0, N);
+        if (by_rows) {
+            for (long m0 = ROW_CHUNK * take_chunk(&next, 1); m0 < M; m0 = ROW_CHUNK * take_chunk(&next, 1)) {
+                const long m1 = m0 + ROW_CHUNK < M ? m0 + ROW_CHUNK : M;
+                row_chunk(fused_q8, w, rb, N, K, blk, &xq, xs, span, two, m0, m1, y, y2);
+            }
+        } else {
+            long u, take;  /* this thread's first range of units: a chunk of them, or its fixed share */
+            if (dynamic)
+                u = take_chunk(&next, chunk), take = chunk;
             else
-                ops->tile(ops->dec[qtype], ti.block, ti.size, w, rb, n0, n1, x, M, K, y, N);
-            for (long m = 0; y2 && m < M; m++)
-                for (long c = n0; c < n1; c++) y[m * N + c] = y2[2 * m * N + c] + y2[(2 * m + 1) * N + c];
-            u = dynamic ? take_chunk(&next, chunk) : units;  /* the next free chunk, or done */
+                split_rows(units, t, nt, 1, &u, &take), take -= u;
+            while (u < units && take > 0) {
+                n0 = u * unit;
+                n1 = (u + take) * unit < N ? (u + take) * unit : N;
+                if (fused_q8)
+                    fused_q8(w + (size_t)n0 * rb, rb, n1 - n0, &xq, xs, MQ, K, (y2 ? y2 : y) + n0, N);
+                else if (fused)
+                    fused(w + (size_t)n0 * rb, rb, n1 - n0, x, xs, M, K, y + n0, N);
+                else
+                    ops->tile(ops->dec[qtype], ti.block, ti.size, w, rb, n0, n1, x, M, K, y, N);
+                if (y2) sum_pairs(y, y2, N, 0, M, n0, n1);
+                u = dynamic ? take_chunk(&next, chunk) : units;  /* the next free chunk, or done */
+            }
         }
     }
     free(y2);
