@@ -768,13 +768,15 @@ def test_q8_kernels_match_their_emulation(isa: str, integer: str, qtype: QT, mon
             err = (y.double() - (exact if float_kernel else emulated).double()).abs().max()
             assert err <= 1e-5 * magnitude, (isa, m, n)
             assert ((y - exact).abs() <= bound * 1.001 + 1e-5 * exact.abs().max()).all(), (isa, m, n)
-    # Through the wrapper past the dense route's M: a small matrix goes through dequantize + sgemm
-    # (exact), a large one (here: any, with the threshold at 0) stays on the integer kernel.
+    # Through the wrapper past the dense route's M (the passes that have one: AVX2's, the portable C's):
+    # a small matrix goes through dequantize + sgemm (exact), a large one (here: any, with the threshold
+    # at 0) stays on the integer kernel; without a dense route (AVX-512) the integer kernel takes both.
     x = activations(100, k)
-    assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), reference(x, dense)) < 1e-5
-    monkeypatch.setattr(kernels, "INTEGER_ABOVE_BYTES", 0)
     emulated = q8_reference(x, dense, qtype, two=integer == "q16")
     want = reference(x, dense) if isa == "scalar" else emulated
+    small = reference(x, dense) if kernels.use_dense(100) else want
+    assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), small) < 1e-5
+    monkeypatch.setattr(kernels, "INTEGER_ABOVE_BYTES", 0)
     assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), want) < 1e-5
 
 
@@ -862,6 +864,37 @@ def test_large_matrices_give_the_same_bits_taken_in_chunks(isa: str, integer: st
     for m in (1, 2, 4):
         for threads in (1, 2, 3):
             assert torch.equal(run(x[:m], threads), halves[:m]), (m, threads)
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
+def test_integer_kernels_give_the_same_bits_on_every_isa(integer: str, qtype: QT) -> None:
+    """The AVX-512 pass sums the integer products with VNNI (vpdpbusd, vpdpwssd), the AVX2 pass with
+    maddubs and madd: the same integers, so the same bits, plain rows and interleaved, at the decode
+    step's few rows and at a batch's many."""
+    vector = [isa for isa in ext.isas() if isa != "scalar"]
+    if len(vector) < 2:
+        pytest.skip("one vector pass on this CPU: nothing to compare")
+    k, n = 512, 24
+    packed, _ = weight(qtype, n, k)
+    layouts = [(packed, int(qtype))]
+    if int(qtype) in kernels.INTERLEAVED:
+        layouts.append(kernels.regroup(packed, int(qtype), k))
+    x = activations(70, k, seed=11)
+    for w, qt in layouts:
+        for m in (1, 2, 3, 16, 70):
+            results = []
+            for isa in vector:
+                previous = ext.set_isa(isa)
+                try:
+                    y = torch.full((m, n), float("nan"))
+                    ext.matmul(buf(x[:m].contiguous()), buf(w), buf(y), m, n, k, qt, 2)
+                finally:
+                    ext.set_isa(previous)
+                results.append(y)
+            assert not results[0].isnan().any()
+            for isa, y in zip(vector[1:], results[1:]):
+                assert torch.equal(y, results[0]), (qt, m, isa)
 
 
 @needs_ext

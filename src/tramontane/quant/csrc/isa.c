@@ -1,6 +1,6 @@
 /*
  * isa.c: run-time choice of the instruction set. At module init the best table this CPU runs is
- * picked with __builtin_cpu_supports (AVX-512 F/BW/VL/DQ, else AVX2 + FMA, else the portable C);
+ * picked with __builtin_cpu_supports (AVX-512 F/BW/VL/DQ + VNNI, else AVX2 + FMA, else the portable C);
  * tests may switch to any table the CPU can run (set_isa) and back.
  */
 #include <string.h>
@@ -16,7 +16,8 @@ void tram_isa_init(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) g_best = &tram_ops_avx2;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vnni"))
         g_best = &tram_ops_avx512;
 #endif
     g_ops = g_best;

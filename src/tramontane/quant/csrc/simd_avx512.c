@@ -1,15 +1,17 @@
 /*
- * simd_avx512.c: the AVX-512 (F/BW/VL/DQ) pass of the vector kernels (16 float lanes),
- * `tram_ops_avx512`. simd.inc compiled with per-function target attributes: the module needs no
- * -march flag, and isa.c uses this table only where the CPU reports all four extensions. Empty on
- * other architectures.
+ * simd_avx512.c: the AVX-512 (F/BW/VL/DQ with VNNI) pass of the vector kernels (16 float lanes, the
+ * integer dot products through vpdpbusd / vpdpwssd: TRAM_VNNI, simd_q8.inc), `tram_ops_avx512`.
+ * simd.inc compiled with per-function target attributes: the module needs no -march flag, and isa.c
+ * uses this table only where the CPU reports all five extensions (an AVX-512 CPU without VNNI, Skylake
+ * or older, gets the AVX2 pass). Empty on other architectures.
  */
 #include "kernels.h"
 
 #ifdef TRAM_X86
 #define VL 16
 #define SFX(n) n##_avx512
-#define KTARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
+#define KTARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c"
+#define TRAM_VNNI 1
 #define TRAM_OPS tram_ops_avx512
 #define TRAM_OPS_NAME "avx512"
 #include "simd.inc"
