@@ -246,19 +246,19 @@ typedef struct {
     const uint8_t **krows, **vrows;  /* [ATT_KB] each */
     float *sc, *ml;       /* [nq * ATT_KB], [2 * nq] */
     float *kbuf, *vbuf;   /* [ATT_KB * D] each (none for float32); kbuf: attend_q8_0's w where not decoded */
-    float *qd;            /* [nq * D / 32] */
+    float *qd;            /* [2 * nq * D / 32] (q16: two rows a query) */
     long *n, *nb;         /* [nq] each */
     const float **q;      /* [nq] */
     float **out;          /* [nq] */
-    int16_t *qbs;         /* [nq * D / 16] */
-    int8_t *qq;           /* [nq * D] */
+    int16_t *qbs;         /* [2 * nq * D / 16] */
+    int8_t *qq;           /* [2 * nq * D] */
 } att_scratch;
 
 /* Every part but the last holds a multiple of 8 bytes (nq = ATT_RT x the group, a multiple of 8; ATT_KB
  * even), so each keeps the alignment of the one before it. */
 static size_t att_bytes(long nkeys, long nq, long D, int decoded) {
-    const size_t floats = (size_t)(nq * ATT_KB + 2 * nq) + (size_t)(decoded ? 2 * ATT_KB * D + nq * (D / 32) : 0);
-    const size_t rounded = decoded ? (size_t)(nq * (D / 16)) * 2 + (size_t)(nq * D) : 0;
+    const size_t floats = (size_t)(nq * ATT_KB + 2 * nq) + (size_t)(decoded ? 2 * ATT_KB * D + 2 * nq * (D / 32) : 0);
+    const size_t rounded = decoded ? (size_t)(2 * nq * (D / 16)) * 2 + (size_t)(2 * nq * D) : 0;  /* q16: 2 rows */
     return sizeof(size_t) * (size_t)(nkeys + ATT_KB) + sizeof(uint8_t *) * 2 * ATT_KB + sizeof(float) * floats +
            (sizeof(long) * 2 + sizeof(float *) * 2) * (size_t)nq + rounded;
 }
@@ -274,12 +274,12 @@ static att_scratch att_carve(char *mem, long nkeys, long nq, long D, int decoded
     t.kbuf = t.ml + 2 * nq;
     t.vbuf = t.kbuf + (decoded ? ATT_KB * D : 0);
     t.qd = t.vbuf + (decoded ? ATT_KB * D : 0);
-    t.n = (long *)(t.qd + (decoded ? nq * (D / 32) : 0));
+    t.n = (long *)(t.qd + (decoded ? 2 * nq * (D / 32) : 0));
     t.nb = t.n + nq;
     t.q = (const float **)(t.nb + nq);
     t.out = (float **)(t.q + nq);
     t.qbs = (int16_t *)(t.out + nq);
-    t.qq = (int8_t *)(t.qbs + (decoded ? nq * (D / 16) : 0));
+    t.qq = (int8_t *)(t.qbs + (decoded ? 2 * nq * (D / 16) : 0));
     return t;
 }
 
@@ -344,9 +344,17 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
     const float scale = 1.0f / sqrtf((float)D);
     const int rounded = a->kvt == T_Q8_0 && ops->attend_q8_0 && tram_q8();  /* the fast activations' path */
     const attend16_fn wide = in_place16(ops, a->kvt);
-    const q8_rows xq = {t->qq, t->qd, t->qbs, 0};
-    for (long j = 0; j < nq && rounded; j++)
-        ops->quantize_q8(t->q[j], D / 32, 32, NULL, t->qq + j * D, t->qd + j * (D / 32), t->qbs + j * (D / 16));
+    const int pair = rounded && tram_q8() == 2;  /* q16: each query as two int8 rows, as matmul.c's x */
+    const q8_rows xq = {t->qq, t->qd, t->qbs, pair};
+    for (long j = 0; j < nq && rounded; j++) {
+        int8_t *qq = t->qq + (j << pair) * D;
+        float *qd = t->qd + (j << pair) * (D / 32);
+        int16_t *qbs = t->qbs + (j << pair) * (D / 16);
+        if (pair)  /* kbuf: the remainder's scratch (attend_q8_0's w only once the keys are met) */
+            tram_round_q16(ops, t->q[j], D, 32, t->kbuf, qq, qd, qbs);
+        else
+            ops->quantize_q8(t->q[j], D / 32, 32, NULL, qq, qd, qbs);
+    }
     for (long i0 = 0; i0 < last; i0 += ATT_KB) {
         const long m = last - i0 < ATT_KB ? last - i0 : ATT_KB;
         for (long j = 0; j < nq; j++) t->nb[j] = t->n[j] - i0 < 0 ? 0 : t->n[j] - i0 < m ? t->n[j] - i0 : m;

@@ -1,14 +1,37 @@
 /*
  * isa.c: run-time choice of the instruction set. At module init the best table this CPU runs is
- * picked with __builtin_cpu_supports (AVX-512 F/BW/VL/DQ + VNNI, else AVX2 + FMA, else the portable C);
+ * picked with __builtin_cpu_supports (AVX-512 F/BW/VL/DQ + VNNI, else AVX2 + FMA, else the portable C),
+ * and whether that pass may use AMX tiles (tram_amx);
  * tests may switch to any table the CPU can run (set_isa) and back.
  */
 #include <string.h>
 
 #include "kernels.h"
 
+#if defined(TRAM_X86) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 static const isa_ops *g_ops = NULL;   /* in use */
 static const isa_ops *g_best = NULL;  /* the best this CPU runs */
+static int g_amx = 0;
+
+/* AMX-INT8 and AMX-TILE (CPUID leaf 7: EDX bits 25 and 24), then Linux's permission for the tiles'
+ * 8 KB of state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, feature 18): without it the first tile
+ * instruction faults. */
+static int amx_granted(void) {
+#if defined(TRAM_X86) && defined(__linux__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || (d & (3u << 24)) != (3u << 24)) return 0;
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return 0;
+#endif
+}
+
+int tram_amx(void) { return g_amx; }
 
 void tram_isa_init(void) {
     g_best = &tram_ops_scalar;
@@ -19,6 +42,7 @@ void tram_isa_init(void) {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vnni"))
         g_best = &tram_ops_avx512;
+    g_amx = g_best == &tram_ops_avx512 && amx_granted();
 #endif
     g_ops = g_best;
 }

@@ -102,7 +102,8 @@ typedef void (*attend_fn)(const float *const *q, float *const *out, long nq, con
 typedef void (*attend16_fn)(const float *const *q, float *const *out, long nq, const long *n, const uint8_t *k,
                             const uint8_t *v, const size_t *off, long D, float scale, float *sc, float *ml);
 /* As attend_fn over a Q8_0 cache: key and value i as Q8_0 rows of D elements at krows[i] and vrows[i],
- * the queries as their int8 rounding per 32 (xq: row j of D for query j, no pair). The scores come from
+ * the queries as their int8 rounding per 32 (xq: row j of D for query j; with pair, under q16, rows 2j
+ * and 2j + 1, the query and what its rounding left, as matmul.c's pairs). The scores come from
  * integer dot products (as llama.cpp scores a q8_0 cache) and each value is decoded in registers and
  * met by the queries in turn: the fast activations' path (the exact one decodes keys and values). w is
  * scratch of (D / 32 + 4) * ATT_KB floats. */
@@ -154,6 +155,9 @@ extern TRAM_HIDDEN const isa_ops tram_ops_avx512;
 
 /* isa.c: the instruction set in use (the best this CPU runs unless a test chose another). */
 TRAM_HIDDEN void tram_isa_init(void);
+/* isa.c: whether the AVX-512 pass may use AMX tiles (the CPU has AMX-INT8 and Linux granted the tile
+ * data to this process), for its integer kernels at 16 activation rows and more (simd_amx.inc). */
+TRAM_HIDDEN int tram_amx(void);
 TRAM_HIDDEN const isa_ops *tram_isa_current(void);
 /* The instruction sets this CPU runs, best first, into names[3]; returns their count. */
 TRAM_HIDDEN int tram_isa_names(const char *names[3]);
@@ -170,6 +174,10 @@ TRAM_HIDDEN int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w
  * everywhere (the exact path). Process-wide, set from Python. */
 TRAM_HIDDEN void tram_set_q8(int mode);
 TRAM_HIDDEN int tram_q8(void);
+/* One row x of K floats as q16's two int8 rows (q, q + K; scales d, d + K / blk; sums bs, bs + K / 16):
+ * x rounded per blk, then what that left (into r, K floats of scratch) at 1/256 of each block's step. */
+TRAM_HIDDEN void tram_round_q16(const isa_ops *ops, const float *x, long K, long blk, float *r, int8_t *q, float *d,
+                                int16_t *bs);
 /* out[N,K] = W as float32; returns 0, or -1 when out of memory. */
 TRAM_HIDDEN int tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, long K, int qtype,
                                  int n_threads);

@@ -178,16 +178,17 @@ static void q8_fill(const isa_ops *ops, const float *x, long m0, long m1, long K
         ops->quantize_q8(x + m0 * K, (m1 - m0) * nb, blk, NULL, b->q + m0 * K, b->d + m0 * nb, b->bs + m0 * (K / 16));
         return;
     }
-    float *r = b->r + (size_t)t * (size_t)K;
-    for (long m = m0; m < m1; m++) {
-        const float *xm = x + m * K;
-        int8_t *qm = b->q + 2 * m * K;
-        float *dm = b->d + 2 * m * nb;
-        ops->quantize_q8(xm, nb, blk, NULL, qm, dm, b->bs + 2 * m * (K / 16));
-        for (long j = 0; j < nb; j++)
-            for (long i = j * blk; i < (j + 1) * blk; i++) r[i] = xm[i] - dm[j] * (float)qm[i];
-        ops->quantize_q8(r, nb, blk, dm, qm + K, dm + nb, b->bs + (2 * m + 1) * (K / 16));
-    }
+    for (long m = m0; m < m1; m++)
+        tram_round_q16(ops, x + m * K, K, blk, b->r + (size_t)t * (size_t)K, b->q + 2 * m * K, b->d + 2 * m * nb,
+                       b->bs + 2 * m * (K / 16));
+}
+
+void tram_round_q16(const isa_ops *ops, const float *x, long K, long blk, float *r, int8_t *q, float *d, int16_t *bs) {
+    const long nb = K / blk;
+    ops->quantize_q8(x, nb, blk, NULL, q, d, bs);
+    for (long j = 0; j < nb; j++)
+        for (long i = j * blk; i < (j + 1) * blk; i++) r[i] = x[i] - d[j] * (float)q[i];
+    ops->quantize_q8(r, nb, blk, d, q + K, d + nb, bs + K / 16);
 }
 
 /* Interleaved rows (T_Q4_0_R8 ... T_Q5_1_R8) back to GGML's layout (type `base`) in a malloc'd copy (NULL
