@@ -9,6 +9,7 @@ from functools import cache
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
@@ -900,6 +901,34 @@ def test_integer_kernels_give_the_same_bits_on_every_isa(integer: str, qtype: QT
             assert not results[0].isnan().any()
             for isa, y in zip(vector[1:], results[1:]):
                 assert torch.equal(y, results[0]), (qt, m, isa)
+
+
+@needs_ext
+def test_bf16_rows_take_the_bf16_gemm_from_16_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the CPU multiplies bfloat16 natively, bfloat16 rows against 16 activation rows or more go
+    through torch's bfloat16 GEMM: x rounded to bfloat16 and the result too, as transformers' bf16 models
+    compute, within 2^-8 of sum |x| |w| of the exact product; below 16 rows, and under the exact setting
+    at any M, the float32 kernels (float32 rounding). Forced on here: torch's bfloat16 matmul runs on any
+    CPU, only slower."""
+    monkeypatch.setattr(kernels, "_native_bf16", lambda: True)
+    k, n = 256, 40
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(5)).bfloat16()
+    packed = w.view(torch.uint8)  # [n, 2k]: GGUF's BF16 rows
+    for activations, m in (("q16", 1), ("q16", 15), ("q16", 16), ("q16", 40), ("f32", 40)):
+        previous = kernels.set_activations(activations)
+        try:
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+            y = kernels.qmatmul(x, packed, kernels.BF16, k)
+        finally:
+            kernels.set_activations(previous)
+        exact = x.double() @ w.double().T
+        scale = x.double().abs() @ w.double().abs().T
+        err = (y.double() - exact).abs()
+        if activations != "f32" and m >= kernels.BF16_GEMM_FROM_M:
+            assert torch.equal(y, F.linear(x.bfloat16(), w).float()), m
+            assert (err <= scale * 2.0**-8).all() and (err > scale * 1e-5).any(), m
+        else:
+            assert (err <= scale * 1e-5).all(), (activations, m)
 
 
 @needs_ext

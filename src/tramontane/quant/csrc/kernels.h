@@ -15,9 +15,10 @@
  *   module.c              the Python bindings: argument parsing, extent checks, module init
  *
  * Structure. The portable path is plain C (what aarch64 gets). On x86-64 the vector source is
- * compiled twice more, once for AVX2+FMA and once for AVX-512 (F/BW/VL/DQ), with the ISA given per
- * function by __attribute__((target)), so the binary needs no -march flag and picks its path at run
- * time with __builtin_cpu_supports. Each vector pass provides, per type:
+ * compiled twice more, once for AVX2+FMA and once for AVX-512 (F/BW/VL/DQ with VNNI; AMX tiles where
+ * the CPU and Linux grant them, simd_amx.inc), with the ISA given per function by
+ * __attribute__((target)), so the binary needs no -march flag and picks its path at run time with
+ * __builtin_cpu_supports. Each vector pass provides, per type:
  *   - a block decoder (blocks -> float32), used by dequantize_rows and by the tiled path;
  *   - for every type but F32, a fused kernel for M <= FUSED_M activation rows: a block is widened
  *     to float in registers once and multiplied into each activation row; the block's scale
@@ -25,8 +26,10 @@
  *     Q2_K's mins); the weights of the group of rows a few KiB ahead are software-prefetched
  *     (streaming from DRAM the hardware prefetchers alone reach about half the bandwidth);
  *   - for the K-quants, Q4_0, Q4_1 and Q8_0, an integer-activation kernel (simd_q8.inc): x rounded to
- *     int8 once per call, quants multiplied as bytes; the default where matmul.c and kernels.py say
- *     it measured faster, off under the exact (float32) setting;
+ *     int8 once per call, quants multiplied as bytes (AVX-512: vpdpbusd; the interleaved legacy types'
+ *     batches of 16+ rows on AMX tiles, simd_amx.inc; the same integers, so the same bits, in every
+ *     pass); the default where matmul.c and kernels.py say it measured faster, off under the exact
+ *     (float32) setting;
  * and one tiled path for larger M (and for the types without a fused kernel): RN weight rows are
  * decoded KC elements at a time into a small float buffer that stays in L1, then a register-blocked
  * RM x RN micro-kernel multiplies it into every activation row, so each weight block is decoded once
