@@ -10,7 +10,8 @@ F.linear's sgemm does the rest; with AVX-512 the packed kernel is faster at ever
 
 Activations. The packed kernels of the K-quants (Q2_K to Q6_K) take x rounded to int8 per 256
 elements, those of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 per 32 (integer kernels, AVX2 and AVX-512 with
-VNNI, and AMX tiles for the interleaved legacy types' batches where the CPU has them: the same bits), as
+VNNI, and AMX tiles for the interleaved legacy types' and Q4_K's batches where the CPU has them: the
+same bits), as
 llama.cpp does: the quants are multiplied as bytes, so decoding keeps up with the memory bandwidth.
 "q8" rounds x once (llama.cpp's setting): each result differs from `x @ dequantize(W).T` by the
 rounding of x, at most half a step of 1/127 of each block's largest |x| per element; enough, on

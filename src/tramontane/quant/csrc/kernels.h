@@ -27,7 +27,7 @@
  *     (streaming from DRAM the hardware prefetchers alone reach about half the bandwidth);
  *   - for the K-quants, Q4_0, Q4_1 and Q8_0, an integer-activation kernel (simd_q8.inc): x rounded to
  *     int8 once per call, quants multiplied as bytes (AVX-512: vpdpbusd; the interleaved legacy types'
- *     batches of 16+ rows on AMX tiles, simd_amx.inc; the same integers, so the same bits, in every
+ *     and Q4_K's batches of 16+ rows on AMX tiles, simd_amx.inc; the same integers, so the same bits, in every
  *     pass); the default where matmul.c and kernels.py say it measured faster, off under the exact
  *     (float32) setting;
  * and one tiled path for larger M (and for the types without a fused kernel): RN weight rows are
