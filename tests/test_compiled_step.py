@@ -736,6 +736,54 @@ def test_a_prompt_computes_offline_as_served(tmp_path, activations):
     assert torch.equal(served[:6], offline[0, :6])
 
 
+def _paged_step(model, step, chunks: list[list[int]]) -> torch.Tensor:
+    """One serving step on a fresh pool: each sequence's tokens from position 0 (blocks of 4 in turn)."""
+    config, bs = model.config, 4
+    blocks = [-(-len(c) // bs) for c in chunks]
+    pool = [torch.zeros(sum(blocks) * bs, config.n_kv_heads, config.head_dim) for _ in range(2 * config.n_layers)]
+    starts = [sum(blocks[:i]) for i in range(len(chunks))]
+    tables = torch.tensor([[s + j for j in range(max(blocks))] for s in starts], dtype=torch.int32)
+    seq = torch.tensor([i for i, c in enumerate(chunks) for _ in c], dtype=torch.int32)
+    positions = torch.tensor([p for c in chunks for p in range(len(c))])
+    cache = PagedCache(pool[::2], pool[1::2], bs, tables, seq, positions, config.sliding_window)
+    with torch.inference_mode():
+        return model.logits(step.prefill(torch.tensor(sum(chunks, []))[None], positions[None], cache)[0])
+
+
+@pytest.mark.skipif(not kernels.available() or kernels.isa() == "scalar", reason="no integer kernel")
+def test_tiles_take_a_long_prompt_chunk_and_leave_the_step_s_other_rows(tmp_path):
+    """Where the CPU has AMX-BF16 tiles, a serving step's prompt chunk of tiles_from() tokens or more
+    takes them (as the same prompt does offline), while the step's other sequences' rows keep the
+    integer kernels: their bits are those of a step without the chunk, so a decoded token does not
+    depend on the prompts that share its step. Elsewhere every row keeps the integer kernels."""
+    model = load_model(save_gguf(hf_model("llama", seed=3), tmp_path / "m.gguf", "Q4_0"), packed=True).model
+    step = CompiledStep(model)
+    previous = kernels.set_activations("q16")
+    try:
+        first = kernels.tiles_from() or 64
+        prompt, others = [(7 * i) % 90 + 3 for i in range(first)], [[5], [9, 4]]
+        mixed = _paged_step(model, step, [*others[:1], prompt, *others[1:]])
+        alone = _paged_step(model, step, others)
+        with torch.inference_mode():  # the rows' logits as a 2-D batch, as a serving step takes them
+            cache = KVCache(model.config, 1, first + 8)
+            offline = model.logits(step.prefill(torch.tensor([prompt]), torch.arange(first)[None], cache)[0])
+        was = kernels.extension().set_tiles(False)
+        try:
+            integer = _paged_step(model, step, [*others[:1], prompt, *others[1:]])
+        finally:
+            kernels.extension().set_tiles(was)
+    finally:
+        kernels.set_activations(previous)
+    chunk = slice(1, 1 + first)
+    assert torch.equal(torch.cat([mixed[:1], mixed[1 + first :]]), alone)
+    assert torch.equal(mixed[chunk], offline)
+    if kernels.extension().tiles_ok(64, 64, 2):  # the tiles ran: bfloat16 roundings
+        assert not torch.equal(mixed[chunk], integer[chunk])
+        assert (mixed[chunk] - integer[chunk]).abs().max() <= 0.05 * integer[chunk].abs().max()
+    else:
+        assert torch.equal(mixed, integer)
+
+
 @pytest.fixture
 def q8():
     previous = kernels.set_activations("q8")

@@ -4,6 +4,7 @@ has, thread counts, the pure-torch fallback, and input validation."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
 
 import numpy as np
@@ -908,9 +909,10 @@ def test_bf16_rows_take_the_bf16_gemm_from_16_rows(monkeypatch: pytest.MonkeyPat
     """Where the CPU multiplies bfloat16 natively, bfloat16 rows against 16 activation rows or more go
     through torch's bfloat16 GEMM: x rounded to bfloat16 and the result too, as transformers' bf16 models
     compute, within 2^-8 of sum |x| |w| of the exact product; below 16 rows, and under the exact setting
-    at any M, the float32 kernels (float32 rounding). Forced on here: torch's bfloat16 matmul runs on any
-    CPU, only slower."""
+    at any M, the float32 kernels (float32 rounding). Forced on here, the tiles off (as on a CPU with
+    AVX512-BF16 but no AMX): torch's bfloat16 matmul runs on any CPU, only slower."""
     monkeypatch.setattr(kernels, "_native_bf16", lambda: True)
+    monkeypatch.setattr(kernels, "tiles_from", lambda: 0)
     k, n = 256, 40
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(5)).bfloat16()
     packed = w.view(torch.uint8)  # [n, 2k]: GGUF's BF16 rows
@@ -1306,3 +1308,77 @@ def test_a_built_extension_that_does_not_load_is_reported(tmp_path):
         out = subprocess.run([sys.executable, "-c", probe.format(error=error)], capture_output=True, text=True)
         assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
         assert ("do not load (_kernels.so: undefined symbol: g_prof)" in out.stderr) == warned, out.stderr
+
+
+def _tiles_here() -> int:
+    """tiles_from() under the default activations (the tests' own default is the exact setting)."""
+    if ext is None:
+        return 0
+    previous = ext.set_activations("q16")
+    try:
+        return ext.tiles_from()
+    finally:
+        ext.set_activations(previous)
+
+
+needs_tiles = pytest.mark.skipif(not _tiles_here(), reason="no AMX-BF16 tiles here (or not granted)")
+
+
+@pytest.fixture
+def q16() -> Iterator[None]:
+    previous = kernels.set_activations("q16")
+    yield
+    kernels.set_activations(previous)
+
+
+@needs_tiles
+@pytest.mark.parametrize("qtype", ALL, ids=lambda t: t.name)
+def test_tiles_multiply_bfloat16_roundings_in_float32(q16: None, qtype: QT) -> None:
+    """matmul's tiles (prompt chunks on AMX-BF16): x and every weight rounded to bfloat16 as torch rounds
+    them, the products summed in float32: within 1e-5 of sum |x| |w| of the float64 product of those
+    roundings, for every packed type, plain and interleaved, 32 rows to a panel and the edges (47 columns
+    of 48, rows past a tile of 32); each row's bits the same alone as among 70."""
+    for n, k in ((48, 256), (1536, 576) if qtype not in K_QUANTS else (1536, 768)):
+        packed, _ = weight(qtype, n, k)
+        layouts = [(packed, int(qtype))]
+        if int(qtype) in kernels.INTERLEAVED:
+            layouts.append(kernels.regroup(packed, int(qtype), k))
+        dense = kernels.dequantize_packed(packed, int(qtype), k)
+        x = activations(70, k, seed=3)
+        want = x.bfloat16().double() @ dense.bfloat16().double().T
+        scale = x.bfloat16().double().abs() @ dense.bfloat16().double().abs().T
+        for w, qt in layouts:
+            assert ext.tiles_ok(n, k, qt)
+            y = torch.full((70, n), float("nan"))
+            ext.matmul(buf(x), buf(w), buf(y), 70, n, k, qt, 2, True)
+            assert ((y.double() - want).abs() <= 1e-5 * scale).all(), (qt, n)
+            for m in (1, 33):
+                alone = torch.full((m, n), float("nan"))
+                ext.matmul(buf(x[-m:].contiguous()), buf(w), buf(alone), m, n, k, qt, 1, True)
+                assert torch.equal(alone, y[-m:]), (qt, n, m)
+
+
+@needs_tiles
+def test_tiles_take_prompt_runs_only(q16: None) -> None:
+    """The module path's rule (kernels.tiles_from): a sequence of tiles_from() tokens or more in one call
+    takes the tiles, fewer and a 2-D batch of rows (decoding rows, each its own) keep the integer
+    kernels, and the exact setting never takes them."""
+    k, n, first = 256, 64, ext.tiles_from()
+    packed, dense = weight(QT.Q4_0, n, k)
+    w, qt = kernels.regroup(packed, int(QT.Q4_0), k)
+    x = activations(first, k, seed=4)
+    tiles = torch.empty(first, n)
+    ext.matmul(buf(x), buf(w), buf(tiles), first, n, k, qt, 2, True)
+    integer = torch.empty(first, n)
+    ext.matmul(buf(x), buf(w), buf(integer), first, n, k, qt, 2, False)
+    assert not torch.equal(tiles, integer)
+    assert torch.equal(kernels.qmatmul(x[None], w, qt, k)[0], tiles)  # one sequence of `first` tokens
+    assert torch.equal(kernels.qmatmul(x, w, qt, k), integer)  # 2-D: rows of their own
+    assert torch.equal(kernels.qmatmul(x[None, :-1], w, qt, k)[0], integer[:-1])  # one token short
+    previous = kernels.set_activations("f32")
+    try:
+        assert ext.tiles_from() == 0
+        exact = kernels.qmatmul(x[None], w, qt, k)[0]
+    finally:
+        kernels.set_activations(previous)
+    assert (exact.double() - x.double() @ dense.double().T).abs().max() <= 1e-4 * exact.abs().max()

@@ -6,7 +6,8 @@ setup.py, optional) decodes the blocks in registers and accumulates in float32, 
 output rows; without it, the weight is dequantized with `weights.gguf_quants` and F.linear runs.
 
 For many activation rows (M > DEQUANTIZE_ABOVE_M[isa]) the weight is dequantized once, threaded, and
-F.linear's sgemm does the rest; with AVX-512 the packed kernel is faster at every M measured.
+F.linear's sgemm does the rest; with AVX-512 the packed kernel is faster at every M measured. A prompt
+chunk of 64+ tokens of one sequence takes AMX-BF16 tiles where the CPU has them (`tiles_from`, below).
 
 Activations. The packed kernels of the K-quants (Q2_K to Q6_K) take x rounded to int8 per 256
 elements, those of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 per 32 (integer kernels, AVX2 and AVX-512 with
@@ -359,18 +360,32 @@ def _native_bf16() -> bool:
 
 def bf16_gemm(qtype: int, m: int) -> bool:
     """Whether a matmul of m activation rows against `qtype` rows runs torch's bfloat16 GEMM
-    (BF16_GEMM_FROM_M)."""
-    return qtype == BF16 and m >= BF16_GEMM_FROM_M and _setting != "f32" and _native_bf16()
+    (BF16_GEMM_FROM_M): where the tiles below do not run."""
+    return qtype == BF16 and m >= BF16_GEMM_FROM_M and _setting != "f32" and _native_bf16() and not tiles_from()
 
 
-def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, threads: int) -> torch.Tensor:
-    """x2 contiguous float32 [M, k] -> [M, N] (arguments already checked)."""
+# Prompt chunks on AMX-BF16 tiles (csrc/tiles_bf16.c): where the CPU has AMX-BF16, under the integer
+# settings, a sequence's run of tiles_from() rows or more in one call (a prompt chunk, not decoding rows)
+# multiplies every packed type as bfloat16: the weights decoded 32 rows at a time into bfloat16 tiles,
+# the activations rounded to bfloat16 as transformers' bfloat16 models have them, float32 sums over the
+# whole row (SmolLM2's Q4_1 blocks at 512 rows: 0.39x the integer kernels' time). The compiled step
+# (block_step.c) and this module path apply the same rule, so they compute a chunk alike; a row's result
+# does not depend on the other rows of its call. The exact setting never takes them.
+def tiles_from() -> int:
+    """The fewest rows of one sequence in a call that take the bfloat16 tiles, or 0 where none do."""
+    return _ext.tiles_from() if _ext is not None else 0
+
+
+def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, threads: int, run: int = 0) -> torch.Tensor:
+    """x2 contiguous float32 [M, k] -> [M, N] (arguments already checked); `run`: rows of one sequence
+    among them (a prompt chunk's length; 0: every row its own), which decides the tiles (`tiles_from`)."""
     m, n = x2.shape[0], packed.shape[0]
     if bf16_gemm(qtype, m):
         return F.linear(x2.to(torch.bfloat16), packed.view(torch.bfloat16)).float()
     if _ext is None or (use_dense(m) and not _integer_kernel(qtype, n, k)):
         return F.linear(x2, dequantize_packed(packed, qtype, k, threads))
     y = torch.empty(m, n, dtype=torch.float32)
+    tiles = 0 < tiles_from() <= run
     if m and n:
         _ext.matmul(
             (x2.data_ptr(), x2.numel() * 4),
@@ -381,6 +396,7 @@ def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, thread
             k,
             qtype,
             threads,
+            tiles,
         )
     return y
 
@@ -389,21 +405,22 @@ class _PackedLinear(torch.autograd.Function):
     """Gradient with respect to x (the packed weight is frozen): dx = dy @ W."""
 
     @staticmethod
-    def forward(ctx, x2, packed, qtype, k, threads):
+    def forward(ctx, x2, packed, qtype, k, threads, run):
         ctx.save_for_backward(packed)
         ctx.qtype, ctx.k, ctx.threads = qtype, k, threads
-        return matmul_2d(x2, packed, qtype, k, threads)
+        return matmul_2d(x2, packed, qtype, k, threads, run)
 
     @staticmethod
     def backward(ctx, grad_y):
         (packed,) = ctx.saved_tensors
         grad_x = grad_y @ dequantize_packed(packed, ctx.qtype, ctx.k, ctx.threads)  # [M, N] @ [N, K]
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 def qmatmul(x: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, n_threads: int | None = None) -> torch.Tensor:
     """x float32 [..., k] @ W.T with W [N, k] given as packed GGUF rows uint8 [N, row_bytes] -> float32
-    [..., N]. `n_threads` defaults to torch.get_num_threads(). Differentiable with respect to x.
+    [..., N]. `n_threads` defaults to torch.get_num_threads(). Differentiable with respect to x. The rows
+    of x [..., T, k] are sequences of T tokens (`tiles_from`); those of a 2-D x, each its own.
 
     Fastest with a contiguous 2-D x (no reshapes: each costs about a microsecond)."""
     _check_packed(packed, qtype, k)
@@ -411,8 +428,9 @@ def qmatmul(x: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, n_threads
     threads = _threads(n_threads)
     flat = x.dim() == 2 and x.is_contiguous()
     x2 = x if flat else x.reshape(-1, k).contiguous()  # [M, K]
+    run = x.shape[-2] if x.dim() >= 3 else 1
     if x.requires_grad and torch.is_grad_enabled():
-        y = _PackedLinear.apply(x2, packed, qtype, k, threads)
+        y = _PackedLinear.apply(x2, packed, qtype, k, threads, run)
     else:
-        y = matmul_2d(x2, packed, qtype, k, threads)  # [M, N]
+        y = matmul_2d(x2, packed, qtype, k, threads, run)  # [M, N]
     return y if flat else y.view(*x.shape[:-1], packed.shape[0])

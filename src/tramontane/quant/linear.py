@@ -23,14 +23,15 @@ _PACKED_NAMES = {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", 
 PACKED_TYPES = {GGML_TYPES[i].name: i for i in GGML_TYPES if GGML_TYPES[i].name in _PACKED_NAMES}
 
 
-def packed_matmul(x2: torch.Tensor, rows: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
-    """x2 [M,k] @ W^T for packed rows W [N, row_bytes] -> [M,N] in x2's dtype."""
+def packed_matmul(x2: torch.Tensor, rows: torch.Tensor, qtype: int, k: int, run: int = 1) -> torch.Tensor:
+    """x2 [M,k] @ W^T for packed rows W [N, row_bytes] -> [M,N] in x2's dtype; `run`: the rows of one
+    sequence in x2 (kernels.tiles_from)."""
     from .kernels import matmul_2d, qmatmul
 
     if x2.dtype is torch.float32 and not (x2.requires_grad and torch.is_grad_enabled()):
         # The decoding hot path: the packed rows were checked when the module was built.
-        return matmul_2d(x2.contiguous(), rows, qtype, k, torch.get_num_threads())  # a view when contiguous
-    return qmatmul(x2.float(), rows, qtype, k).to(x2.dtype)
+        return matmul_2d(x2.contiguous(), rows, qtype, k, torch.get_num_threads(), run)  # a view when contiguous
+    return qmatmul(x2.float().reshape(-1, run, k), rows, qtype, k).to(x2.dtype).reshape(x2.shape[0], -1)
 
 
 class PackedLinear(nn.Module):
@@ -42,7 +43,9 @@ class PackedLinear(nn.Module):
         self.qtype, self.in_features, self.out_features = qtype, in_features, packed.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = packed_matmul(x.reshape(-1, self.in_features), self.packed, self.qtype, self.in_features)  # [M,N]
+        """x [..., T, in] (T tokens of each sequence; 2-D: rows of their own) -> [..., T, out]."""
+        run = x.shape[-2] if x.dim() >= 3 else 1
+        y = packed_matmul(x.reshape(-1, self.in_features), self.packed, self.qtype, self.in_features, run)  # [M,N]
         return y.view(*x.shape[:-1], self.out_features)
 
     @classmethod

@@ -190,7 +190,8 @@ class CompiledStep:
         prompt, same run: SmolLM2 Q4_0 785-896 tok/s against 604-733 on the module path, Q5_K_M 680-730
         against 506-652; a bfloat16 checkpoint, no integer kernel, 179-245 against 257-325); or where
         every block matrix is bfloat16 and the module path's matmuls take torch's bfloat16 GEMM
-        (`kernels.bf16_gemm`: a 246M Mistral-shaped checkpoint's 512-token prefill 3.4x faster there)."""
+        (`kernels.bf16_gemm`: a 246M Mistral-shaped checkpoint's 512-token prefill 3.4x faster there),
+        which they do only where the compiled step's own bfloat16 tiles do not run (`kernels.tiles_from`)."""
         if self._types and all(kernels.bf16_gemm(t, n) for t in self._types):
             return True
         return kernels.use_dense(n) and not kernels.integer_everywhere(self._types)

@@ -507,19 +507,49 @@ static int lora_add(const isa_ops *ops, const block_args *a, const lora_scratch 
     return rc;
 }
 
+/* Which rows' projections run on bfloat16 tiles (tiles_bf16.c): those of a sequence with `from` rows or
+ * more in a run of this step (a prompt chunk; from = tram_tiles_from(), 0: none); the others, decoding
+ * rows among them, keep the integer kernels, so that a decoded token does not depend on the prompts
+ * that share its step. Returns whether any row does (flag[b] set per row). */
+static int tile_rows(const block_args *a, long from, uint8_t *flag) {
+    const int grouped = a->P > 0 || a->mapped;  /* else every row is its own sequence */
+    int any = 0;
+    for (long b0 = 0, b1; b0 < a->B; b0 = b1) {
+        for (b1 = b0 + 1; grouped && b1 < a->B && a->seq[b1] == a->seq[b0]; b1++) {}
+        const int on = from > 0 && b1 - b0 >= from;
+        memset(flag + b0, on, (size_t)(b1 - b0));
+        any |= on;
+    }
+    return any;
+}
+
+/* y [B, N] = x [B, K] . W^T, each run of rows flagged alike (tiles: NULL for none) in one call. */
+static int rows_matmul(const isa_ops *ops, const block_args *a, const uint8_t *tiles, const float *x,
+                       const uint8_t *w, float *y, long N, long K, int t) {
+    if (!tiles) return tram_matmul(ops, x, w, y, a->B, N, K, t, a->threads);
+    int rc = 0;
+    for (long b0 = 0, b1; b0 < a->B; b0 = b1) {
+        for (b1 = b0 + 1; b1 < a->B && tiles[b1] == tiles[b0]; b1++) {}
+        rc |= (tiles[b0] ? tram_tiles_bf16 : tram_matmul)(ops, x + b0 * K, w, y + b0 * N, b1 - b0, N, K, t, a->threads);
+    }
+    return rc;
+}
+
 /* y [B, sum of rows] = x [B, K] . W^T for W the n pieces' rows stacked (piece i: rows[i] rows of type
  * t[i] at w[i]; rows[i] = 0: none). One piece runs straight into y; several run into tmp [B, rows[i]]
  * each and are copied into their columns of y (at B = 1 the columns are contiguous: straight in). */
-static int stacked_matmul(const isa_ops *ops, const float *x, const uint8_t *const *w, const int *t,
-                          const long *rows, int n, float *y, long B, long K, float *tmp, int threads) {
+static int stacked_matmul(const isa_ops *ops, const block_args *a, const uint8_t *tiles, const float *x,
+                          const uint8_t *const *w, const int *t, const long *rows, int n, float *y, long K,
+                          float *tmp) {
+    const long B = a->B;
     long width = 0, col = 0;
     for (int i = 0; i < n; i++) width += rows[i];
-    if (width == rows[0]) return tram_matmul(ops, x, w[0], y, B, width, K, t[0], threads);
+    if (width == rows[0]) return rows_matmul(ops, a, tiles, x, w[0], y, width, K, t[0]);
     int rc = 0;
     for (int i = 0; i < n; i++) {
         if (rows[i] == 0) continue;
         float *out = B == 1 ? y + col : tmp;
-        rc |= tram_matmul(ops, x, w[i], out, B, rows[i], K, t[i], threads);
+        rc |= rows_matmul(ops, a, tiles, x, w[i], out, rows[i], K, t[i]);
         for (long b = 0; b < B && out == tmp; b++)
             memcpy(y + b * width + col, tmp + b * rows[i], sizeof(float) * (size_t)rows[i]);
         col += rows[i];
@@ -535,6 +565,7 @@ typedef struct {
      * [B,K] each row's routing weights and [B] those of one expert's rows */
     float *logits, *xe, *acc, *wsel, *wrow;
     long *chosen, *rows;                   /* [B,K] each row's experts (by id), [B] the rows of one expert */
+    uint8_t *tiles;                        /* [B] rows whose projections take the tiles (tile_rows), or NULL */
     lora_scratch lora;                     /* L > 0 */
 } scratch;
 
@@ -545,11 +576,11 @@ static int attention_half(const isa_ops *ops, const block_args *a, const scratch
     norm_rows(a, a->norm1, s->xn);
     const uint8_t *const w[3] = {a->wqkv, a->wk, a->wv};
     const int t[3] = {a->tqkv, a->tk, a->tv};
-    rc |= stacked_matmul(ops, s->xn, w, t, a->rows_qkv, 3, s->qkv, B, dim, s->pieces, a->threads);
+    rc |= stacked_matmul(ops, a, s->tiles, s->xn, w, t, a->rows_qkv, 3, s->qkv, dim, s->pieces);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 0, s->xn, s->qkv);
     rope_and_store(a, s->qkv);
     rc |= attend_rows(ops, a, s->qkv, s->att);
-    rc |= tram_matmul(ops, s->att, a->wo, s->y, B, dim, HD, a->to, a->threads);
+    rc |= rows_matmul(ops, a, s->tiles, s->att, a->wo, s->y, dim, HD, a->to);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 1, s->att, s->y);
     add_residual(a, s->y);
     return rc;
@@ -561,10 +592,10 @@ static int ffn_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     norm_rows(a, a->norm2, s->xn);
     const uint8_t *const w[2] = {a->w13, a->w3};
     const int t[2] = {a->t13, a->t3};
-    rc |= stacked_matmul(ops, s->xn, w, t, a->rows_13, 2, s->h13, B, dim, s->pieces, a->threads);
+    rc |= stacked_matmul(ops, a, s->tiles, s->xn, w, t, a->rows_13, 2, s->h13, dim, s->pieces);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 2, s->xn, s->h13);
     gate_rows(ops, a, s->h13, s->gu);
-    rc |= tram_matmul(ops, s->gu, a->w2, s->y, B, dim, F, a->t2, a->threads);
+    rc |= rows_matmul(ops, a, s->tiles, s->gu, a->w2, s->y, dim, F, a->t2);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 3, s->gu, s->y);
     add_residual(a, s->y);
     return rc;
@@ -663,7 +694,7 @@ int tram_run_block(const isa_ops *ops, const block_args *a) {
     size_t floats = (size_t)B * (dim + width + HD + 3 * F + dim);
     floats += (size_t)moe * B * (a->E + 2 * dim + a->K + 1);
     floats += (size_t)split * B * (width > 2 * F ? width : 2 * F);
-    float *buf = malloc(sizeof(float) * floats);
+    float *buf = malloc(sizeof(float) * floats + (size_t)B);
     long *ids = moe ? malloc(sizeof(long) * (size_t)B * (a->K + 1)) : NULL;
     scratch s;
     int oom;
@@ -688,6 +719,8 @@ int tram_run_block(const isa_ops *ops, const block_args *a) {
     s.pieces = s.wrow + moe * B;
     s.chosen = ids;
     s.rows = moe ? ids + B * a->K : NULL;
+    s.tiles = (uint8_t *)(buf + floats);
+    if (!tile_rows(a, tram_tiles_from(), s.tiles)) s.tiles = NULL;
     int rc = attention_half(ops, a, &s);
     rc |= a->E > 0 ? moe_half(ops, a, &s) : ffn_half(ops, a, &s);
     free(buf);

@@ -11,6 +11,7 @@
  *                         simd_avx512.c: decoders, fused small-M kernels, tiled path, attention
  *   isa.c                 which instruction set runs (chosen at run time, settable for tests)
  *   matmul.c              matmul and dequantize over threads (row splitting)
+ *   tiles_bf16.c          prompt chunks' matmuls on AMX-BF16 tiles (weights decoded to bfloat16 per panel)
  *   block_step.c          one transformer block of a one-token decoding step
  *   module.c              the Python bindings: argument parsing, extent checks, module init
  *
@@ -172,6 +173,18 @@ TRAM_HIDDEN int tram_isa_select(const char *name);
  * memory. */
 TRAM_HIDDEN int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N,
                             long K, int qtype, int n_threads);
+/* tiles_bf16.c. As tram_matmul, with x rounded to bfloat16 and multiplied on AMX-BF16 tiles where
+ * tram_tiles_ok (else tram_matmul itself): prompt chunks' many rows. */
+TRAM_HIDDEN int tram_tiles_bf16(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N,
+                                long K, int qtype, int n_threads);
+/* Whether tram_tiles_bf16 runs W [N, K] of qtype (a supported type) on tiles: the AVX-512 pass in use, AMX-BF16
+ * granted, K a multiple of 32. */
+TRAM_HIDDEN int tram_tiles_ok(const isa_ops *ops, long N, long K, int qtype);
+/* The fewest rows of one sequence's run in a call that take the tiles (block_step.c, kernels.py), or 0 where
+ * none do: no AMX-BF16, another instruction set chosen, the exact setting, or switched off
+ * (tram_set_tiles(0), for tests; returns the previous switch). */
+TRAM_HIDDEN long tram_tiles_from(void);
+TRAM_HIDDEN int tram_set_tiles(int on);
 /* Activations of the fused kernels: 1 = rounded to int8 per 256 (Q8_K) or 32 for the types with
  * integer kernels, 2 = the same as two int8 rows (x and what its rounding left, matmul.c), 0 = float32
  * everywhere (the exact path). Process-wide, set from Python. */

@@ -5,10 +5,15 @@
  * the shapes and types require, a ValueError naming the buffer when it is too small. The computing is
  * in matmul.c and block_step.c, on the instruction set isa.c chose. No alignment is assumed anywhere.
  *
- *   matmul(x, w, y, M, N, K, qtype, n_threads)
+ *   matmul(x, w, y, M, N, K, qtype, n_threads[, tiles])
  *       y[M,N] = x[M,K] @ W^T, W stored as N rows of GGML blocks of type `qtype` (row r starts at
- *       w + r * row_bytes, row_bytes = K / block_size * type_size). float32 accumulation, the
- *       activations are never quantized.
+ *       w + r * row_bytes, row_bytes = K / block_size * type_size). float32 accumulation; the
+ *       activations as the process's setting has them (tram_set_q8), or with `tiles` rounded to
+ *       bfloat16 on AMX-BF16 tiles where tiles_ok (tiles_bf16.c).
+ *   tiles_ok(N, K, qtype)
+ *       whether matmul's `tiles` runs on AMX-BF16 tiles for this matrix (else it is the plain matmul).
+ *   tiles_from(), set_tiles(on)
+ *       the fewest rows of a sequence's run that decode_block gives the tiles (0: none), and the switch.
  *   dequantize_rows(w, out, N, K, qtype, n_threads)
  *       W -> float32 [N,K].
  *   lookup_rows(w, idx, out, N, K, qtype)
@@ -95,11 +100,11 @@ static int check_common(long N, long K, int qtype, int n_threads) {
 static PyObject *py_matmul(PyObject *self, PyObject *args) {
     buffer x, w, y;
     Py_ssize_t M, N, K;
-    int qtype, nth;
+    int qtype, nth, tiles = 0;
     size_t need_x, need_w, need_y;
     (void)self;
-    if (!PyArg_ParseTuple(args, "(Kn)(Kn)(Kn)nnnii", &x.ptr, &x.nbytes, &w.ptr, &w.nbytes, &y.ptr, &y.nbytes,
-                          &M, &N, &K, &qtype, &nth))
+    if (!PyArg_ParseTuple(args, "(Kn)(Kn)(Kn)nnnii|p", &x.ptr, &x.nbytes, &w.ptr, &w.nbytes, &y.ptr, &y.nbytes,
+                          &M, &N, &K, &qtype, &nth, &tiles))
         return NULL;
     if (check_common((long)N, (long)K, qtype, nth)) return NULL;
     if (M < 0) return PyErr_Format(PyExc_ValueError, "bad M=%zd", M);
@@ -113,11 +118,19 @@ static PyObject *py_matmul(PyObject *self, PyObject *args) {
     const isa_ops *ops = tram_isa_current();
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = tram_matmul(ops, (const float *)(uintptr_t)x.ptr, (const uint8_t *)(uintptr_t)w.ptr,
-                     (float *)(uintptr_t)y.ptr, (long)M, (long)N, (long)K, qtype, nth);
+    rc = (tiles ? tram_tiles_bf16 : tram_matmul)(ops, (const float *)(uintptr_t)x.ptr, (const uint8_t *)(uintptr_t)w.ptr,
+                                                 (float *)(uintptr_t)y.ptr, (long)M, (long)N, (long)K, qtype, nth);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
+}
+
+static PyObject *py_tiles_ok(PyObject *self, PyObject *args) {
+    Py_ssize_t N, K;
+    int qtype;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "nni", &N, &K, &qtype)) return NULL;
+    return PyBool_FromLong(tram_type_ok(qtype) && tram_tiles_ok(tram_isa_current(), (long)N, (long)K, qtype));
 }
 
 static PyObject *py_dequantize_rows(PyObject *self, PyObject *args) {
@@ -551,6 +564,19 @@ static PyObject *py_set_activations(PyObject *self, PyObject *args) {
     return PyUnicode_FromString(prev);
 }
 
+static PyObject *py_tiles_from(PyObject *self, PyObject *noargs) {
+    (void)self;
+    (void)noargs;
+    return PyLong_FromLong(tram_tiles_from());
+}
+
+static PyObject *py_set_tiles(PyObject *self, PyObject *args) {
+    int on;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
+    return PyBool_FromLong(tram_set_tiles(on));
+}
+
 static PyObject *py_has_openmp(PyObject *self, PyObject *noargs) {
     (void)self;
     (void)noargs;
@@ -564,7 +590,10 @@ static PyObject *py_has_openmp(PyObject *self, PyObject *noargs) {
 static PyMethodDef METHODS[] = {
     {"matmul", py_matmul, METH_VARARGS,
      "matmul(x, w, y, M, N, K, qtype, n_threads): y[M,N] = x[M,K] @ W^T, float32, W as N rows of GGML "
-     "blocks. x, w, y: (data_ptr, nbytes) tuples, each checked against the extent M, N, K need."},
+     "blocks. x, w, y: (data_ptr, nbytes) tuples, each checked against the extent M, N, K need. With tiles "
+     "true, the activations rounded to bfloat16 on AMX-BF16 tiles where tiles_ok(N, K, qtype)."},
+    {"tiles_ok", py_tiles_ok, METH_VARARGS,
+     "tiles_ok(N, K, qtype): whether matmul(..., tiles=True) runs this matrix on AMX-BF16 tiles here."},
     {"dequantize_rows", py_dequantize_rows, METH_VARARGS,
      "dequantize_rows(w, out, N, K, qtype, n_threads): W -> float32 [N,K]. w, out: (data_ptr, nbytes) "
      "tuples, checked against the extent N, K need."},
@@ -605,6 +634,11 @@ static PyMethodDef METHODS[] = {
     {"set_activations", py_set_activations, METH_VARARGS,
      "set_activations(name): 'q8' rounds the activations of the K-quants' fused kernels to int8 per 256 "
      "(integer dot products), 'f32' keeps them float32 everywhere (the exact path); returns the previous."},
+    {"tiles_from", py_tiles_from, METH_NOARGS,
+     "The fewest rows of one sequence's run in a call that take the bfloat16 tiles (decode_block; matmul's tiles), "
+     "or 0 where none do (no AMX-BF16, another instruction set, the f32 setting, or set_tiles(False))."},
+    {"set_tiles", py_set_tiles, METH_VARARGS, "set_tiles(on): allow the bfloat16 tiles or not (for tests); returns "
+     "the previous switch."},
     {"has_openmp", py_has_openmp, METH_NOARGS, "Whether the module was built with OpenMP threads."},
     {NULL, NULL, 0, NULL},
 };
