@@ -70,6 +70,22 @@ TFN void to_bf16(const float *x, long n, uint16_t *out) {
         _mm256_storeu_si256((__m256i *)(out + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
 }
 
+/* Activation row m (x, K floats; NULL: a zero row past M) into xb, bfloat16 in the order panel_rows reads
+ * its tiles: for each block of 32 rows, block i of K / 32, its two tiles of 16 rows x 32 elements, so that
+ * the tiles a panel meets lie one after another (rows K apart, they ran 0.6 of the tile loads' speed). */
+TFN void tile_rows(const float *x, long m, long K, uint16_t *xb) {
+    uint16_t *dst = xb + (m / 32 * 32) * K + (m % 32 / 16) * 512 + (m % 16) * 32;
+    for (long i = 0; i < K / 32; i++, dst += 1024) {
+        if (!x) {
+            memset(dst, 0, 64);
+            continue;
+        }
+        const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + 32 * i));
+        const __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + 32 * i + 16));
+        _mm512_storeu_si512(dst, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+    }
+}
+
 /* The panel of weight rows n0..n0 + 31 (of N; rows past N zero): each decoded to float32 (f: K floats),
  * rounded to bfloat16 (rows: 16 x K), then for each half and block i the 16 x 16 pairs of tile (i, half)
  * at pan + (2 i + half) * 256 words. */
@@ -103,18 +119,18 @@ TFN void make_panel(const isa_ops *ops, const uint8_t *w, int qtype, long n0, lo
     }
 }
 
-/* Rows m0..m0 + 31 of xb (bfloat16, rows K apart, zero past M) against a panel: y's rows (N apart) from
- * column n0, 32 of them; rows past M and columns past N are not written. */
+/* Rows m0..m0 + 31 of the activations (xb: tile_rows' layout, zero past M) against a panel: y's rows
+ * (N apart) from column n0, 32 of them; rows past M and columns past N are not written. */
 TFN void panel_rows(const uint16_t *xb, const uint32_t *pan, long m0, long M, long n0, long N, long K, float *y,
                     float *tmp) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
-    const uint16_t *a = xb + m0 * K;
+    const uint16_t *a = xb + m0 * K;  /* this block's 2 x K / 32 tiles, in order */
     for (long i = 0; i < K / 32; i++) {
-        _tile_loadd(4, a + 32 * i, 2 * K);
-        _tile_loadd(5, a + 16 * K + 32 * i, 2 * K);
+        _tile_loadd(4, a + 1024 * i, 64);
+        _tile_loadd(5, a + 1024 * i + 512, 64);
         _tile_loadd(6, pan + 512 * i, 64);
         _tile_loadd(7, pan + 512 * i + 256, 64);
         _tile_dpbf16ps(0, 4, 6);
@@ -154,10 +170,7 @@ static int tiles_run(const isa_ops *ops, const float *x, const uint8_t *w, float
         th = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        for (long m = th; m < Mp; m += nt) {
-            if (m < M) to_bf16(x + m * K, K, xb + m * K);
-            else memset(xb + m * K, 0, sizeof(uint16_t) * (size_t)K);
-        }
+        for (long m = th; m < Mp; m += nt) tile_rows(m < M ? x + m * K : NULL, m, K, xb);
         const size_t rows_bytes = sizeof(uint16_t) * 16 * (size_t)K, pan_bytes = sizeof(uint16_t) * PANEL * (size_t)K;
         char *mem = malloc(sizeof(float) * (size_t)K + rows_bytes + pan_bytes + tram_row_bytes(t, K) + 4096 + 64);
         int ok = mem != NULL;
