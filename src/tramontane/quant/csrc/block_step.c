@@ -221,16 +221,20 @@ static size_t key_base(const block_args *a, long b, long g) {
     return a->P > 0 ? (size_t)g : ((size_t)cache_row(a, b) * a->Hkv + g) * a->S;
 }
 
-/* Rows of one sequence at consecutive positions attend in tiles of up to ATT_RT rows: their keys
- * start at the same position, so each row's keys are a prefix of the tile's last row's. */
+/* Rows of one sequence at consecutive positions attend in tiles of up to ATT_RT rows (ATT_RT_TILES for
+ * the rows that take the bfloat16 tiles, whose queries go 16 to a tile): their keys start at the same
+ * position, so each row's keys are a prefix of the tile's last row's. */
 #define ATT_RT 8
+#define ATT_RT_TILES 16
 
-/* How many rows from b form one tile (1 offline, for padding, or where the next row differs). */
-static long tile_len(const block_args *a, long b) {
+/* How many rows from b form one tile (1 offline, for padding, or where the next row differs); tiles:
+ * the step's rows that take the bfloat16 tiles (NULL: none). */
+static long tile_len(const block_args *a, long b, const uint8_t *tiles) {
     const int64_t q = a->qpos[b];
+    const long most = tiles && tiles[b] ? ATT_RT_TILES : ATT_RT;
     long len = 1;
     if ((a->P == 0 && !a->mapped) || q < 0) return 1;
-    while (len < ATT_RT && b + len < a->B && a->seq[b + len] == a->seq[b] && a->qpos[b + len] == q + len &&
+    while (len < most && b + len < a->B && a->seq[b + len] == a->seq[b] && a->qpos[b + len] == q + len &&
            first_key(a, q + len) == first_key(a, q))
         len++;
     return len;
@@ -252,6 +256,7 @@ typedef struct {
     float **out;          /* [nq] */
     int16_t *qbs;         /* [2 * nq * D / 16] */
     int8_t *qq;           /* [2 * nq * D] */
+    void *amx;            /* tram_attend_tiles' scratch (where the step's rows take the tiles) */
 } att_scratch;
 
 /* Every part but the last holds a multiple of 8 bytes (nq = ATT_RT x the group, a multiple of 8; ATT_KB
@@ -280,6 +285,8 @@ static att_scratch att_carve(char *mem, long nkeys, long nq, long D, int decoded
     t.out = (float **)(t.q + nq);
     t.qbs = (int16_t *)(t.out + nq);
     t.qq = (int8_t *)(t.qbs + (decoded ? 2 * nq * (D / 16) : 0));
+    t.amx = (char *)t.qq + (decoded ? 2 * nq * D : 0);
+    t.amx = (char *)t.amx + (64 - (uintptr_t)t.amx % 64) % 64;
     return t;
 }
 
@@ -321,7 +328,7 @@ static void key_block(const isa_ops *ops, const block_args *a, size_t base, cons
  * row's keys (each row over its own prefix of them), block by block of ATT_KB keys. held: which row's
  * keys t->off holds (held[0], -1 for none) and how many (held[1]): the kv heads of a tile share them. */
 static void attend_tile(const isa_ops *ops, const block_args *a, const float *qkv, float *att, long b0,
-                        long rows, long g, const att_scratch *t, long *held) {
+                        long rows, long g, const att_scratch *t, long *held, int tiles) {
     const long D = a->D, H = a->H, group = a->H / a->Hkv, width = (a->H + 2 * a->Hkv) * D;
     long last = 0;
     if (a->qpos[b0] >= 0) {
@@ -362,6 +369,8 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
         key_block(ops, a, base, t->off + i0, m, t, rounded ? NULL : &k, &v);
         if (rounded)
             ops->attend_q8_0(&xq, t->out, nq, t->nb, t->krows, t->vrows, D, scale, t->sc, t->ml, t->kbuf);
+        else if (tiles && !wide && tram_attend_tiles_ok(nq, D))
+            tram_attend_tiles(t->q, t->out, nq, t->nb, k, v, t->boff, D, scale, t->sc, t->ml, t->amx);
         else if (wide)
             wide(t->q, t->out, nq, t->nb, a->kc, a->vc, t->boff, D, scale, t->sc, t->ml);
         else
@@ -373,18 +382,22 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
     }
 }
 
-/* att [B, H, D]: tiles of rows times kv heads over the threads. Returns 0, or -1 when out of memory. */
-static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv, float *att) {
-    const long B = a->B, Hkv = a->Hkv, nkeys = ATT_PAD(a->S), nq = ATT_RT * (a->H / Hkv), D = a->D;
+/* att [B, H, D]: tiles of rows times kv heads over the threads; the rows flagged in `amx` (NULL: none)
+ * on AMX-BF16 tiles where their keys are float32 (tram_attend_tiles). Returns 0, or -1 when out of memory. */
+static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv, float *att, const uint8_t *amx) {
+    const long B = a->B, Hkv = a->Hkv, nkeys = ATT_PAD(a->S), D = a->D;
+    const long nq = (amx ? ATT_RT_TILES : ATT_RT) * (a->H / Hkv);
     const int decoded = a->kvt != T_F32;
     long *start = malloc(sizeof(long) * (size_t)(B + 1)), tiles = 0;
     if (!start) return -1;
-    for (long b = 0; b < B; b += tile_len(a, b)) start[tiles++] = b;
+    for (long b = 0; b < B; b += tile_len(a, b, amx)) start[tiles++] = b;
     start[tiles] = B;
     const long items = tiles * Hkv;
     int nth = a->threads < items ? a->threads : (int)items;
     if (a->S * a->D * B * a->H < 32768) nth = 1;
-    const size_t per_thread = att_bytes(nkeys, nq, D, decoded);
+    size_t per_thread = att_bytes(nkeys, nq, D, decoded);
+    if (amx) per_thread += tram_attend_tiles_bytes(nq, D) + 64;
+    per_thread = (per_thread + 63) / 64 * 64;
     char *mem = malloc(per_thread * (size_t)nth);
     long *held = malloc(sizeof(long) * 2 * (size_t)nth);
     if (!mem || !held) {
@@ -402,7 +415,8 @@ static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv
 #endif
         const att_scratch t = att_carve(mem + per_thread * (size_t)th, nkeys, nq, D, decoded);
         const long tile = it / Hkv;
-        attend_tile(ops, a, qkv, att, start[tile], start[tile + 1] - start[tile], it % Hkv, &t, held + 2 * th);
+        const long b0 = start[tile];
+        attend_tile(ops, a, qkv, att, b0, start[tile + 1] - b0, it % Hkv, &t, held + 2 * th, amx && amx[b0]);
     }
     free(held);
     free(mem);
@@ -579,7 +593,7 @@ static int attention_half(const isa_ops *ops, const block_args *a, const scratch
     rc |= stacked_matmul(ops, a, s->tiles, s->xn, w, t, a->rows_qkv, 3, s->qkv, dim, s->pieces);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 0, s->xn, s->qkv);
     rope_and_store(a, s->qkv);
-    rc |= attend_rows(ops, a, s->qkv, s->att);
+    rc |= attend_rows(ops, a, s->qkv, s->att, s->tiles);
     rc |= rows_matmul(ops, a, s->tiles, s->att, a->wo, s->y, dim, HD, a->to);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 1, s->att, s->y);
     add_residual(a, s->y);

@@ -21,6 +21,7 @@
  * 4-5 activations, 6-7 weights). Each output's sum runs over the blocks in order and does not depend
  * on M, the other rows or the thread count (threads split the panels).
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -200,6 +201,147 @@ static int tiles_run(const isa_ops *ops, const float *x, const uint8_t *w, float
     return oom ? -1 : 0;
 }
 
+/* e^x for x <= 0 (scores less their maximum), 16 lanes: 2^(x log2 e) as 2^i times Cephes' exp2f polynomial
+ * of the fraction in [-0.5, 0.5] (relative error about 2e-7; the probabilities are then rounded to
+ * bfloat16). */
+TFN __m512 exp16(__m512 x) {
+    const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504088896341f));
+    const __m512 i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(t, i);
+    __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, i);
+}
+
+/* 16 floats as bfloat16 in the low or high halves of 16 words. */
+TFN __m512i bf16_words(const float *x, int high) {
+    const __m512i w = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x)));
+    return high ? _mm512_slli_epi32(w, 16) : w;
+}
+
+/* Scratch of tram_attend_tiles (its `mem`), carved: the queries' tiles qa [nq16 / 16][D / 32][16 x 32],
+ * the keys' kt [ATT_KB / 16][D / 32][16 x 16 pairs], the probabilities' pa [nq16 / 16][ATT_KB / 32][16 x 32],
+ * the values' vt [ATT_KB / 32][D / 16][16 x 16 pairs], and a tile of floats. */
+/* The block's m keys as tiles: key tile t, chunk c of 32 elements: row p = elements 2p, 2p + 1 of its 16 keys
+ * (zero past m). */
+TFN void key_tiles(const float *k, const size_t *off, long m, long D, uint32_t *kt) {
+    uint32_t rows[16 * 16];
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+    for (long t = 0; t * 16 < m; t++)
+        for (long c = 0; c < D / 32; c++) {
+            for (long j = 0; j < 16; j++) {
+                if (t * 16 + j >= m) {
+                    memset(rows + 16 * j, 0, 64);
+                    continue;
+                }
+                const float *r = k + off[t * 16 + j] + 32 * c;
+                const __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r));
+                const __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(r + 16));
+                _mm512_storeu_si512(rows + 16 * j, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+            }
+            uint32_t *tile = kt + (t * (D / 32) + c) * 256;
+            for (int p = 0; p < 16; p++) _mm512_storeu_si512(tile + 16 * p, _mm512_i32gather_epi32(idx, (const int *)rows + p, 4));
+        }
+}
+
+/* The block's values as tiles: keys 32 kc.., elements 16 dt..: row p = keys 2p, 2p + 1's elements, paired. */
+TFN void value_tiles(const float *v, const size_t *off, long m, long D, uint32_t *vt) {
+    for (long kc = 0; kc * 32 < m; kc++)
+        for (long dt = 0; dt < D / 16; dt++) {
+            uint32_t *tile = vt + (kc * (D / 16) + dt) * 256;
+            for (long p = 0; p < 16; p++) {
+                const long i = kc * 32 + 2 * p;
+                __m512i w = _mm512_setzero_si512();
+                if (i < m) w = bf16_words(v + off[i] + 16 * dt, 0);
+                if (i + 1 < m) w = _mm512_or_si512(w, bf16_words(v + off[i + 1] + 16 * dt, 1));
+                _mm512_storeu_si512(tile + 16 * p, w);
+            }
+        }
+}
+
+/* Query j's scores sj of its n keys into its running (max, sum) ml, as probabilities rounded to bfloat16
+ * into pr (ATT_KB of them, zero past n); out is rescaled where the maximum rose, zeroed at its first keys. */
+TFN void softmax_row(const float *sj, long n, float *ml, float *out, long D, uint16_t *pr) {
+    __m512 mv = _mm512_set1_ps(ml[0]);
+    for (long i = 0; i < n; i += 16) mv = _mm512_max_ps(mv, _mm512_maskz_loadu_ps(i + 16 <= n ? 0xffff : (__mmask16)((1u << (n - i)) - 1), sj + i));
+    const float mx = _mm512_reduce_max_ps(mv);
+    const int first = ml[0] == -INFINITY;
+    const float rescale = first ? 0.0f : mx == ml[0] ? 1.0f : expf(ml[0] - mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (long i = 0; i < ATT_KB; i += 16) {
+        const __mmask16 live = i >= n ? 0 : i + 16 <= n ? 0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sj + i), _mm512_set1_ps(mx))));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256((__m256i *)(pr + i), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    ml[1] = ml[1] * rescale + _mm512_reduce_add_ps(sum);
+    ml[0] = mx;
+    if (first)
+        memset(out, 0, sizeof(float) * (size_t)D);
+    else if (rescale != 1.0f)
+        for (long d = 0; d < D; d += 16) _mm512_storeu_ps(out + d, _mm512_mul_ps(_mm512_loadu_ps(out + d), _mm512_set1_ps(rescale)));
+}
+
+TFN void attend_tiles(const float *const *q, float *const *out, long nq, const long *n, const float *k,
+                      const float *v, const size_t *off, long D, float scale, float *sc, float *ml, void *mem) {
+    const long nq16 = (nq + 15) / 16 * 16, kc = D / 32;
+    long m = 0;
+    for (long j = 0; j < nq; j++) m = n[j] > m ? n[j] : m;
+    uint16_t *qa = mem, *pa = qa + nq16 * D;
+    uint32_t *kt = (uint32_t *)(pa + nq16 * ATT_KB), *vt = kt + ATT_KB * D / 2;
+    float *tmp = (float *)(vt + ATT_KB * D / 2);
+    for (long j = 0; j < nq16; j++)  /* queries: tile j / 16, chunk c, row j % 16 */
+        for (long c = 0; c < kc; c++) {
+            uint16_t *dst = qa + ((j / 16 * kc + c) * 16 + j % 16) * 32;
+            if (j >= nq) {
+                memset(dst, 0, 64);
+                continue;
+            }
+            _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(q[j] + 32 * c)));
+            _mm256_storeu_si256((__m256i *)(dst + 16), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(q[j] + 32 * c + 16)));
+        }
+    key_tiles(k, off, m, D, kt);
+    value_tiles(v, off, m, D, vt);
+    for (long qt = 0; qt < nq16 / 16; qt++) {
+        for (long t = 0; t * 16 < m; t++) {  /* scores */
+            _tile_zero(0);
+            for (long c = 0; c < kc; c++) {
+                _tile_loadd(4, qa + (qt * kc + c) * 512, 64);
+                _tile_loadd(6, kt + (t * kc + c) * 256, 64);
+                _tile_dpbf16ps(0, 4, 6);
+            }
+            _tile_stored(0, tmp, 64);
+            for (long r = 0; r < 16 && qt * 16 + r < nq; r++)
+                _mm512_storeu_ps(sc + (qt * 16 + r) * ATT_KB + 16 * t, _mm512_mul_ps(_mm512_loadu_ps(tmp + 16 * r), _mm512_set1_ps(scale)));
+        }
+        for (long r = 0; r < 16; r++) {
+            const long j = qt * 16 + r;
+            uint16_t *pr = pa + (qt * 16 + r) * ATT_KB;
+            if (j < nq && n[j] > 0) softmax_row(sc + j * ATT_KB, n[j], ml + 2 * j, out[j], D, pr);
+            else memset(pr, 0, 2 * ATT_KB);
+        }
+        for (long dt = 0; dt < D / 16; dt++) {  /* values */
+            _tile_zero(1);
+            for (long c = 0; c * 32 < m; c++) {
+                _tile_loadd(5, pa + qt * 16 * ATT_KB + 32 * c, 2 * ATT_KB);
+                _tile_loadd(7, vt + (c * (D / 16) + dt) * 256, 64);
+                _tile_dpbf16ps(1, 5, 7);
+            }
+            _tile_stored(1, tmp, 64);
+            for (long r = 0; r < 16; r++) {
+                const long j = qt * 16 + r;
+                if (j < nq && n[j] > 0)
+                    _mm512_storeu_ps(out[j] + 16 * dt, _mm512_add_ps(_mm512_loadu_ps(out[j] + 16 * dt), _mm512_loadu_ps(tmp + 16 * r)));
+            }
+        }
+    }
+}
+
 /* CPUID leaf 7: EDX bit 22 AMX-BF16 (and the tile data isa.c asked Linux for, tram_amx). */
 static int amx_bf16(void) {
     unsigned a, b, c, d;
@@ -234,6 +376,35 @@ int tram_tiles_ok(const isa_ops *ops, long N, long K, int qtype) {
 #else
     (void)ops, (void)N, (void)K, (void)qtype;
     return 0;
+#endif
+}
+
+#define ATT_TILES_NQ 128
+#define ATT_TILES_D 256
+
+size_t tram_attend_tiles_bytes(long nq, long D) {
+    const size_t nq16 = (size_t)(nq + 15) / 16 * 16;
+    return 2 * nq16 * (size_t)D + 4 * (size_t)ATT_KB * (size_t)D + 2 * nq16 * ATT_KB + 4 * (size_t)ATT_KB * (size_t)D +
+           4 * 256 + 64;
+}
+
+int tram_attend_tiles_ok(long nq, long D) {
+#if defined(TRAM_X86) && (defined(__clang__) || __GNUC__ >= 11)
+    return tram_tiles_ok(&tram_ops_avx512, 32, 32, T_F32) && nq <= ATT_TILES_NQ && D <= ATT_TILES_D && D % 32 == 0;
+#else
+    (void)nq, (void)D;
+    return 0;
+#endif
+}
+
+void tram_attend_tiles(const float *const *q, float *const *out, long nq, const long *n, const float *k,
+                       const float *v, const size_t *off, long D, float scale, float *sc, float *ml, void *mem) {
+#if defined(TRAM_X86) && (defined(__clang__) || __GNUC__ >= 11)
+    tiles_start();
+    attend_tiles(q, out, nq, n, k, v, off, D, scale, sc, ml, mem);
+    tiles_end();
+#else
+    (void)q, (void)out, (void)nq, (void)n, (void)k, (void)v, (void)off, (void)D, (void)scale, (void)sc, (void)ml, (void)mem;
 #endif
 }
 
