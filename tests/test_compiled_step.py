@@ -628,12 +628,13 @@ def test_paged_rows_out_of_range_are_refused(tmp_path):
         step.prefill(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[5]]), wide)
 
 
-def offline_prefill(model, backend, prompts: list[list[int]], capacity: int = 32):
-    """Right-padded prompts [B,T] in one chunk on a fresh offline cache: logits [B,T,V] and the cache."""
+def offline_prefill(model, backend, prompts: list[list[int]], capacity: int = 32, kv: str = "f32"):
+    """Right-padded prompts [B,T] in one chunk on a fresh offline cache (keys stored as `kv`): logits
+    [B,T,V] and the cache."""
     width = max(map(len, prompts))
     tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
     positions = torch.tensor([list(range(len(p))) + [-1] * (width - len(p)) for p in prompts])
-    cache = KVCache(model.config, len(prompts), capacity)
+    cache = KVCache(model.config, len(prompts), capacity, kv)
     with torch.inference_mode():
         return model.logits(backend.prefill(tokens, positions, cache)), cache
 
@@ -785,12 +786,16 @@ def test_tiles_take_a_long_prompt_chunk_and_leave_the_step_s_other_rows(tmp_path
 
 
 @pytest.mark.skipif(not kernels.available() or kernels.isa() == "scalar", reason="no integer kernel")
-@pytest.mark.parametrize(("kind", "dim", "window"), [("mistral", 128, 40), ("llama", 256, None)])
-def test_a_long_prompt_on_tiles_stays_near_transformers(tmp_path, kind, dim, window):
+@pytest.mark.parametrize(
+    ("kind", "dim", "window", "kv"),
+    [("mistral", 128, 40, "f32"), ("llama", 256, None, "f32"), ("llama", 256, None, "bf16")],
+)
+def test_a_long_prompt_on_tiles_stays_near_transformers(tmp_path, kind, dim, window, kv):
     """A prompt chunk of 80 tokens with heads of 32 and 64 elements (the tiles' attention needs a multiple
     of 32; the other tests' tiny heads of 16 never take it), a window of 40 and none: where the CPU has
     AMX-BF16, projections and attention on bfloat16 tiles. Against the exact float32 path on the same
-    file, the integer kernels stay within 2% of the logits' scale; the tiles within what bfloat16 itself
+    file, the integer kernels stay within 2% of the logits' scale (their keys stored as `kv`, the tiles
+    reading a bfloat16 cache's own rows); the tiles within what bfloat16 itself
     costs this model (random weights, large activations: sensitive), which transformers' bfloat16 run of
     it measures against its float32 one; and they differ from the integer kernels (the tiles ran)."""
     overrides = {"hidden_size": dim, "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -801,10 +806,12 @@ def test_a_long_prompt_on_tiles_stays_near_transformers(tmp_path, kind, dim, win
     try:
         want = offline_prefill(model, ModuleBackend(model), [prompt], capacity=96)[0][0]
         kernels.set_activations("q16")
-        tiles = offline_prefill(model, step, [prompt], capacity=96)[0][0]
+        tiles = offline_prefill(model, step, [prompt], capacity=96, kv=kv)[0][0]
+        if kv == "bf16" and kernels.extension().tiles_ok(64, 64, 2):  # the tiles round float32 keys alike
+            assert torch.equal(tiles, offline_prefill(model, step, [prompt], capacity=96)[0][0])
         was = kernels.extension().set_tiles(False)
         try:
-            integer = offline_prefill(model, step, [prompt], capacity=96)[0][0]
+            integer = offline_prefill(model, step, [prompt], capacity=96, kv=kv)[0][0]
         finally:
             kernels.extension().set_tiles(was)
     finally:

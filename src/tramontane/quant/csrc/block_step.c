@@ -369,8 +369,9 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
         key_block(ops, a, base, t->off + i0, m, t, rounded ? NULL : &k, &v);
         if (rounded)
             ops->attend_q8_0(&xq, t->out, nq, t->nb, t->krows, t->vrows, D, scale, t->sc, t->ml, t->kbuf);
-        else if (tiles && !wide && tram_attend_tiles_ok(nq, D))
-            tram_attend_tiles(t->q, t->out, nq, t->nb, k, v, t->boff, D, scale, t->sc, t->ml, t->amx);
+        else if (tiles && tram_attend_tiles_ok(nq, D))  /* float32 rows (decoded or not) or a 16-bit cache's */
+            tram_attend_tiles(t->q, t->out, nq, t->nb, wide ? (const void *)a->kc : k, wide ? (const void *)a->vc : v,
+                              wide ? a->kvt : T_F32, t->boff, D, scale, t->sc, t->ml, t->amx);
         else if (wide)
             wide(t->q, t->out, nq, t->nb, a->kc, a->vc, t->boff, D, scale, t->sc, t->ml);
         else

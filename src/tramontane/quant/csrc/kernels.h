@@ -184,15 +184,16 @@ TRAM_HIDDEN int tram_tiles_ok(const isa_ops *ops, long N, long K, int qtype);
  * none do: no AMX-BF16, another instruction set chosen, the exact setting, or switched off
  * (tram_set_tiles(0), for tests; returns the previous switch). */
 TRAM_HIDDEN long tram_tiles_from(void);
-/* attend_fn's contract (one block of keys for nq queries, float32 keys and values) on AMX-BF16 tiles: the
- * queries, keys, probabilities and values rounded to bfloat16, their products summed in float32; each
- * query's result its own. For the prompt chunks that take the tiles (block_step.c), where
- * tram_attend_tiles_ok; mem: tram_attend_tiles_bytes of scratch. */
+/* attend_fn's contract (one block of keys for nq queries; keys and values rows of kvt: T_F32, or a 16-bit
+ * cache's own, T_F16 or T_BF16, off in elements) on AMX-BF16 tiles: the queries, keys, probabilities and
+ * values rounded to bfloat16, their products summed in float32; each query's result its own. For the
+ * prompt chunks that take the tiles (block_step.c), where tram_attend_tiles_ok; mem:
+ * tram_attend_tiles_bytes of scratch. */
 TRAM_HIDDEN int tram_attend_tiles_ok(long nq, long D);
 TRAM_HIDDEN size_t tram_attend_tiles_bytes(long nq, long D);
-TRAM_HIDDEN void tram_attend_tiles(const float *const *q, float *const *out, long nq, const long *n, const float *k,
-                                   const float *v, const size_t *off, long D, float scale, float *sc, float *ml,
-                                   void *mem);
+TRAM_HIDDEN void tram_attend_tiles(const float *const *q, float *const *out, long nq, const long *n, const void *k,
+                                   const void *v, int kvt, const size_t *off, long D, float scale, float *sc,
+                                   float *ml, void *mem);
 TRAM_HIDDEN int tram_set_tiles(int on);
 /* Activations of the fused kernels: 1 = rounded to int8 per 256 (Q8_K) or 32 for the types with
  * integer kernels, 2 = the same as two int8 rows (x and what its rounding left, matmul.c), 0 = float32
