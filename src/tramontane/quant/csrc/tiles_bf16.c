@@ -164,7 +164,7 @@ static int tiles_run(const isa_ops *ops, const float *x, const uint8_t *w, float
                      int qtype, int n_threads) {
     const long Mp = (M + 31) / 32 * 32, panels = (N + PANEL - 1) / PANEL;
     const int base = tram_r8_base(qtype), t = base >= 0 ? base : qtype;
-    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(Mp * K));
+    uint16_t *xb = aligned_alloc(64, sizeof(uint16_t) * (size_t)(Mp * K));  /* (a multiple of 64 bytes) */
     if (!xb) return -1;
     int nth = n_threads < panels ? n_threads : (int)panels, oom = 0;
     (void)nth;
@@ -177,7 +177,7 @@ static int tiles_run(const isa_ops *ops, const float *x, const uint8_t *w, float
         th = omp_get_thread_num();
         nt = omp_get_num_threads();
 #endif
-        for (long m = th; m < Mp; m += nt) tile_rows(m < M ? x + m * K : NULL, m, K, xb);
+        for (long m = Mp * th / nt; m < Mp * (th + 1) / nt; m++) tile_rows(m < M ? x + m * K : NULL, m, K, xb);
         const size_t rows_bytes = sizeof(uint16_t) * 16 * (size_t)K, pan_bytes = sizeof(uint16_t) * PANEL * (size_t)K;
         char *mem = malloc(sizeof(float) * (size_t)K + rows_bytes + pan_bytes + tram_row_bytes(t, K) + 4096 + 64);
         int ok = mem != NULL;
