@@ -586,7 +586,7 @@ typedef struct {
 
 /* Returns 0, or -1 when out of memory. */
 static int attention_half(const isa_ops *ops, const block_args *a, const scratch *s) {
-    const long B = a->B, dim = a->dim, HD = a->H * a->D;
+    const long dim = a->dim, HD = a->H * a->D;
     int rc = 0;
     norm_rows(a, a->norm1, s->xn);
     const uint8_t *const w[3] = {a->wqkv, a->wk, a->wv};
@@ -602,7 +602,7 @@ static int attention_half(const isa_ops *ops, const block_args *a, const scratch
 }
 
 static int ffn_half(const isa_ops *ops, const block_args *a, const scratch *s) {
-    const long B = a->B, dim = a->dim, F = a->F;
+    const long dim = a->dim, F = a->F;
     int rc = 0;
     norm_rows(a, a->norm2, s->xn);
     const uint8_t *const w[2] = {a->w13, a->w3};

@@ -1,7 +1,7 @@
 /*
  * isa.c: run-time choice of the instruction set. At module init the best table this CPU runs is
  * picked with __builtin_cpu_supports (AVX-512 F/BW/VL/DQ + VNNI, else AVX2 + FMA, else the portable C),
- * and whether that pass may use AMX tiles (tram_amx);
+ * and whether that pass may use AMX tiles (tram_amx) and bfloat16 ones (tram_amx_bf16);
  * tests may switch to any table the CPU can run (set_isa) and back.
  */
 #include <string.h>
@@ -16,7 +16,7 @@
 
 static const isa_ops *g_ops = NULL;   /* in use */
 static const isa_ops *g_best = NULL;  /* the best this CPU runs */
-static int g_amx = 0;
+static int g_amx = 0, g_amx_bf16 = 0;
 
 /* AMX-INT8 and AMX-TILE (CPUID leaf 7: EDX bits 25 and 24), then Linux's permission for the tiles'
  * 8 KB of state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, feature 18): without it the first tile
@@ -31,7 +31,19 @@ static int amx_granted(void) {
 #endif
 }
 
+/* AMX-BF16 (CPUID leaf 7: EDX bit 22), on top of amx_granted's tiles. */
+static int amx_bf16(void) {
+#if defined(TRAM_X86) && defined(__linux__)
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1u);
+#else
+    return 0;
+#endif
+}
+
 int tram_amx(void) { return g_amx; }
+
+int tram_amx_bf16(void) { return g_amx_bf16; }
 
 void tram_isa_init(void) {
     g_best = &tram_ops_scalar;
@@ -43,6 +55,7 @@ void tram_isa_init(void) {
         __builtin_cpu_supports("avx512vnni"))
         g_best = &tram_ops_avx512;
     g_amx = g_best == &tram_ops_avx512 && amx_granted();
+    g_amx_bf16 = g_amx && amx_bf16();
 #endif
     g_ops = g_best;
 }

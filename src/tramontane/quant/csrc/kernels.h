@@ -162,6 +162,8 @@ TRAM_HIDDEN void tram_isa_init(void);
 /* isa.c: whether the AVX-512 pass may use AMX tiles (the CPU has AMX-INT8 and Linux granted the tile
  * data to this process), for its integer kernels at 16 activation rows and more (simd_amx.inc). */
 TRAM_HIDDEN int tram_amx(void);
+/* isa.c: whether those tiles also multiply bfloat16 (AMX-BF16: tiles_bf16.c). */
+TRAM_HIDDEN int tram_amx_bf16(void);
 TRAM_HIDDEN const isa_ops *tram_isa_current(void);
 /* The instruction sets this CPU runs, best first, into names[3]; returns their count. */
 TRAM_HIDDEN int tram_isa_names(const char *names[3]);

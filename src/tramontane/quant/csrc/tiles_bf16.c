@@ -38,7 +38,6 @@
 #endif
 
 #if defined(TRAM_X86) && (defined(__clang__) || __GNUC__ >= 11)
-#include <cpuid.h>
 #include <immintrin.h>
 
 #define TTARGET "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16"
@@ -355,11 +354,6 @@ TFN void attend_tiles(const float *const *q, float *const *out, long nq, const l
     }
 }
 
-/* CPUID leaf 7: EDX bit 22 AMX-BF16 (and the tile data isa.c asked Linux for, tram_amx). */
-static int amx_bf16(void) {
-    unsigned a, b, c, d;
-    return tram_amx() && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1u);
-}
 #endif
 
 static int g_tiles_on = 1;
@@ -382,10 +376,8 @@ long tram_tiles_from(void) {
 
 int tram_tiles_ok(const isa_ops *ops, long N, long K, int qtype) {
 #if defined(TRAM_X86) && (defined(__clang__) || __GNUC__ >= 11)
-    static int have = -1;
-    if (have < 0) have = amx_bf16();
     const int base = tram_r8_base(qtype), t = base >= 0 ? base : qtype;
-    return have && ops == &tram_ops_avx512 && N > 0 && K > 0 && K % 32 == 0 && tram_type_ok(t) && ops->dec[t] != NULL;
+    return tram_amx_bf16() && ops == &tram_ops_avx512 && N > 0 && K > 0 && K % 32 == 0 && tram_type_ok(t) && ops->dec[t] != NULL;
 #else
     (void)ops, (void)N, (void)K, (void)qtype;
     return 0;
