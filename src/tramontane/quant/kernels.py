@@ -385,7 +385,7 @@ def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, thread
     if _ext is None or (use_dense(m) and not _integer_kernel(qtype, n, k)):
         return F.linear(x2, dequantize_packed(packed, qtype, k, threads))
     y = torch.empty(m, n, dtype=torch.float32)
-    tiles = 0 < tiles_from() <= run
+    tiles = run > 1 and 0 < tiles_from() <= run  # (decoding's rows of their own: no call)
     if m and n:
         _ext.matmul(
             (x2.data_ptr(), x2.numel() * 4),

@@ -92,6 +92,14 @@ TFN void tile_rows(const float *x, long m, long K, uint16_t *xb) {
     }
 }
 
+/* A tile of pairs from 16 rows of pairs (row r at words + r * stride, 32-bit words = bfloat16 pairs):
+ * tile row p = word p of each row, the transposition TDPBF16PS's second operand wants. */
+TFN void pair_tile(const uint32_t *words, long stride, uint32_t *tile) {
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32((int)stride));
+    for (int p = 0; p < 16; p++) _mm512_storeu_si512(tile + 16 * p, _mm512_i32gather_epi32(idx, (const int *)words + p, 4));
+}
+
 /* The panel of weight rows n0..n0 + 31 (of N; rows past N zero): each decoded to float32 (f: K floats),
  * rounded to bfloat16 (rows: 16 x K), then for each half and block i the 16 x 16 pairs of tile (i, half)
  * at pan + (2 i + half) * 256 words. */
@@ -100,8 +108,6 @@ TFN void make_panel(const isa_ops *ops, const uint8_t *w, int qtype, long n0, lo
     const int base = tram_r8_base(qtype), t = base >= 0 ? base : qtype;
     const size_t rb = tram_row_bytes(t, K);
     const int nb = (int)(K / tram_types[t].block);
-    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32((int)(K / 2)));
     for (int h = 0; h < 2; h++) {
         for (int r = 0; r < 16; r++) {
             const long n = n0 + 16 * h + r;
@@ -117,11 +123,8 @@ TFN void make_panel(const isa_ops *ops, const uint8_t *w, int qtype, long n0, lo
             ops->dec[t](src, nb, f);
             to_bf16(f, K, rows + r * K);
         }
-        for (long i = 0; i < K / 32; i++) {
-            uint32_t *tile = pan + (2 * i + h) * 256;
-            for (int p = 0; p < 16; p++)  /* tile row p: pair p of block i, of each of the 16 rows */
-                _mm512_storeu_si512(tile + 16 * p, _mm512_i32gather_epi32(idx, (const int *)rows + 16 * i + p, 4));
-        }
+        for (long i = 0; i < K / 32; i++)  /* tile (i, h): pair p of block i, of each of the 16 rows */
+            pair_tile((const uint32_t *)rows + 16 * i, K / 2, pan + (2 * i + h) * 256);
     }
 }
 
@@ -243,8 +246,6 @@ TFN __m512i bf16_words(const void *rows, size_t i, int kvt, int high) {
  * (zero past m). */
 TFN void key_tiles(const void *k, int kvt, const size_t *off, long m, long D, uint32_t *kt) {
     uint32_t rows[16 * 16];
-    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(16));
     for (long t = 0; t * 16 < m; t++)
         for (long c = 0; c < D / 32; c++) {
             for (long j = 0; j < 16; j++) {
@@ -256,8 +257,7 @@ TFN void key_tiles(const void *k, int kvt, const size_t *off, long m, long D, ui
                 const __m256i lo = bf16_of(k, at, kvt), hi = bf16_of(k, at + 16, kvt);
                 _mm512_storeu_si512(rows + 16 * j, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
             }
-            uint32_t *tile = kt + (t * (D / 32) + c) * 256;
-            for (int p = 0; p < 16; p++) _mm512_storeu_si512(tile + 16 * p, _mm512_i32gather_epi32(idx, (const int *)rows + p, 4));
+            pair_tile(rows, 16, kt + (t * (D / 32) + c) * 256);
         }
 }
 
