@@ -26,6 +26,7 @@ from tramontane.weights.random_gguf import TYPE_IDS, random_blocks
 HEADS, KV_HEADS, HEAD_DIM, DIM, HIDDEN = 32, 8, 128, 256, 256
 UNUSED = {"gate": (0, 0), "w1e": (0, 0, 0), "w3e": (0, 0, 0), "tables": (0, 0), "seq": (0, 0)}
 UNUSED |= {"lora_row": (0, 0), "lora_cols": (0, 0), "lora": (0, 0), "wk": (0, 0, 0), "wv": (0, 0, 0), "w3": (0, 0, 0)}
+UNUSED |= {"prompts": (0, 0)}
 
 
 def step_case(context: int, kv: str, rng: np.random.Generator) -> tuple[tuple[int, ...], dict, dict]:

@@ -218,6 +218,23 @@ def test_smollm_chat_matches_transformers(smol: Tokenizer, smol_hf: tuple[Any, P
         assert from_folder.encode_chat(conversation, add_generation_prompt=generation_prompt) == expected
 
 
+def test_a_long_system_prompt_shared_by_chats_encodes_as_transformers(
+    smol: Tokenizer, smol_hf: tuple[Any, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long system message repeated by every chat (a served agent's) is encoded once and remembered:
+    each chat's ids still equal transformers', and the second chat no longer encodes that text."""
+    reference, _ = smol_hf
+    system = "You are a careful assistant. " + " ".join(f"rule{i % 37}: be brief." for i in range(300))
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}] for q in ("Hi", QUESTION)]
+    assert smol.encode_chat(chats[0]) == hf_ids(reference, chats[0], add_generation_prompt=True)
+    encoded: list[str] = []
+    backend = type(smol._rest)  # type: ignore[attr-defined]
+    original = backend.encode
+    monkeypatch.setattr(backend, "encode", lambda self, text, **kw: encoded.append(text) or original(self, text, **kw))
+    assert smol.encode_chat(chats[1]) == hf_ids(reference, chats[1], add_generation_prompt=True)
+    assert encoded and all(system not in text for text in encoded)
+
+
 def test_a_prefixed_assistant_message_is_continued_as_transformers_does(
     smol: Tokenizer, smol_hf: tuple[Any, Path]
 ) -> None:

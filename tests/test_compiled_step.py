@@ -635,6 +635,7 @@ def offline_prefill(model, backend, prompts: list[list[int]], capacity: int = 32
     tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
     positions = torch.tensor([list(range(len(p))) + [-1] * (width - len(p)) for p in prompts])
     cache = KVCache(model.config, len(prompts), capacity, kv)
+    cache.prompts = torch.tensor([len(p) for p in prompts], dtype=torch.int32)  # as the offline generator says
     with torch.inference_mode():
         return model.logits(backend.prefill(tokens, positions, cache)), cache
 
@@ -738,7 +739,8 @@ def test_a_prompt_computes_offline_as_served(tmp_path, activations):
 
 
 def _paged_step(model, step, chunks: list[list[int]]) -> torch.Tensor:
-    """One serving step on a fresh pool: each sequence's tokens from position 0 (blocks of 4 in turn)."""
+    """One serving step on a fresh pool: each sequence's tokens from position 0 (blocks of 4 in turn), its
+    prompt."""
     config, bs = model.config, 4
     blocks = [-(-len(c) // bs) for c in chunks]
     pool = [torch.zeros(sum(blocks) * bs, config.n_kv_heads, config.head_dim) for _ in range(2 * config.n_layers)]
@@ -746,7 +748,8 @@ def _paged_step(model, step, chunks: list[list[int]]) -> torch.Tensor:
     tables = torch.tensor([[s + j for j in range(max(blocks))] for s in starts], dtype=torch.int32)
     seq = torch.tensor([i for i, c in enumerate(chunks) for _ in c], dtype=torch.int32)
     positions = torch.tensor([p for c in chunks for p in range(len(c))])
-    cache = PagedCache(pool[::2], pool[1::2], bs, tables, seq, positions, config.sliding_window)
+    prompts = torch.tensor([len(c) for c in chunks], dtype=torch.int32)
+    cache = PagedCache(pool[::2], pool[1::2], bs, tables, seq, positions, config.sliding_window, prompts=prompts)
     with torch.inference_mode():
         return model.logits(step.prefill(torch.tensor(sum(chunks, []))[None], positions[None], cache)[0])
 
@@ -767,6 +770,7 @@ def test_tiles_take_a_long_prompt_chunk_and_leave_the_step_s_other_rows(tmp_path
         alone = _paged_step(model, step, others)
         with torch.inference_mode():  # the rows' logits as a 2-D batch, as a serving step takes them
             cache = KVCache(model.config, 1, first + 8)
+            cache.prompts = torch.tensor([first], dtype=torch.int32)
             offline = model.logits(step.prefill(torch.tensor([prompt]), torch.arange(first)[None], cache)[0])
         was = kernels.extension().set_tiles(False)
         try:
@@ -783,6 +787,80 @@ def test_tiles_take_a_long_prompt_chunk_and_leave_the_step_s_other_rows(tmp_path
         assert (mixed[chunk] - integer[chunk]).abs().max() <= 0.05 * integer[chunk].abs().max()
     else:
         assert torch.equal(mixed, integer)
+
+
+def _paged_steps(model, step, prompt: list[int], cuts: list[int], length: int) -> torch.Tensor:
+    """A sequence of `prompt` then more tokens (`length` in all; a recomputed answer's) through serving
+    steps on one pool, cut at `cuts`: the logits of every position, each from the step that ran it."""
+    config, bs = model.config, 4
+    tokens = [*prompt, *((5 * i) % 80 + 2 for i in range(length - len(prompt)))]
+    pool = [torch.zeros(-(-length // bs) * bs, config.n_kv_heads, config.head_dim) for _ in range(2 * config.n_layers)]
+    tables = torch.arange(-(-length // bs), dtype=torch.int32)[None]
+    logits = []
+    for start, end in zip([0, *cuts], [*cuts, length]):
+        positions = torch.arange(start, end)
+        seq = torch.zeros(end - start, dtype=torch.int32)
+        prompts = torch.tensor([len(prompt)], dtype=torch.int32)
+        cache = PagedCache(pool[::2], pool[1::2], bs, tables, seq, positions, config.sliding_window, prompts=prompts)
+        with torch.inference_mode():
+            logits.append(model.logits(step.prefill(torch.tensor(tokens[start:end])[None], positions[None], cache)[0]))
+    return torch.cat(logits)
+
+
+@pytest.mark.skipif(not kernels.available() or kernels.isa() == "scalar", reason="no integer kernel")
+def test_a_long_prompt_computes_alike_however_it_is_chunked(tmp_path):
+    """The tiles' rule is the prompt's, not the chunk's: a prompt of tiles_from() tokens or more gives the
+    same bits in one step, cut 60 + 14 (a tail chunk of fewer rows than tiles_from()) and cut 72 + 2 (the
+    few tokens past a prefix-cache hit), and as the offline prefill gives them. A recomputed answer's
+    tokens (past the prompt, in the prompt's step) keep the integer kernels: the bits of decoding them a
+    token a step. Where the tiles run, the prompt's rows differ from the tiles switched off."""
+    model = load_model(save_gguf(hf_model("llama", seed=3), tmp_path / "m.gguf", "Q4_0"), packed=True).model
+    step = CompiledStep(model)
+    previous = kernels.set_activations("q16")
+    try:
+        ran = kernels.tiles_from() > 0  # (under these activations)
+        n = max(kernels.tiles_from(), 64) + 10
+        prompt = [(7 * i) % 90 + 3 for i in range(n)]
+        whole = _paged_steps(model, step, prompt, [], n + 20)
+        tail = _paged_steps(model, step, prompt, [60], n + 20)
+        hit = _paged_steps(model, step, prompt, [n - 2, n + 5], n + 20)
+        decoded = _paged_steps(model, step, prompt, list(range(n, n + 20)), n + 20)  # then a token a step
+        cache = KVCache(model.config, 1, n + 8)
+        cache.prompts = torch.tensor([n], dtype=torch.int32)
+        with torch.inference_mode():  # the rows' logits as a 2-D batch, as a serving step takes them
+            offline = model.logits(step.prefill(torch.tensor([prompt]), torch.arange(n)[None], cache)[0])
+        was = kernels.extension().set_tiles(False)
+        try:
+            integer = _paged_steps(model, step, prompt, [], n + 20)
+        finally:
+            kernels.extension().set_tiles(was)
+    finally:
+        kernels.set_activations(previous)
+    assert torch.equal(tail, whole) and torch.equal(hit, whole) and torch.equal(decoded, whole)
+    assert torch.equal(offline, whole[:n])
+    assert torch.equal(whole[:n], integer[:n]) != ran
+
+
+@pytest.mark.skipif(not kernels.available() or kernels.isa() == "scalar", reason="no integer kernel")
+def test_offline_answers_to_long_prompts_do_not_depend_on_the_prefill_chunk(tmp_path, monkeypatch):
+    """The offline generator tells the step its prompts (KVCache.prompts): prompts of 70 and 90 tokens
+    prefilled in chunks of 512 and of 30 (tails of 10 and 30 rows) give the same tokens and logprobs."""
+    from tramontane.decoding import offline
+
+    llm = LLM(
+        load_model(save_gguf(hf_model("llama", seed=3), tmp_path / "m.gguf", "Q4_0"), packed=True), CharTokenizer()
+    )
+    prompts = [[(7 * i + j) % 90 + 3 for i in range(n)] for j, n in enumerate((70, 90))]
+    previous = kernels.set_activations("q16")
+    try:
+        runs = []
+        for chunk in (512, 30):
+            monkeypatch.setattr(offline, "PREFILL_CHUNK", chunk)
+            got = llm.generate(prompts, temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+            runs.append([(c.token_ids, [lp.logprob for lp in c.logprobs]) for c in got])
+    finally:
+        kernels.set_activations(previous)
+    assert runs[0] == runs[1]
 
 
 @pytest.mark.skipif(not kernels.available() or kernels.isa() == "scalar", reason="no integer kernel")

@@ -319,6 +319,7 @@ PACKED = ("wqkv", "wo", "w13", "w2")
 DENSE_UNUSED = {"gate": (0, 0), "w1e": (0, 0, 0), "w3e": (0, 0, 0), "tables": (0, 0), "seq": (0, 0)}
 DENSE_UNUSED |= {"lora_row": (0, 0), "lora_cols": (0, 0), "lora": (0, 0)}  # no LoRA adapters (L = 0)
 DENSE_UNUSED |= {"wk": (0, 0, 0), "wv": (0, 0, 0), "w3": (0, 0, 0)}  # q, k, v and gate, up in one type
+DENSE_UNUSED |= {"prompts": (0, 0)}  # no row is a prompt's
 
 
 def block_case(
@@ -423,6 +424,27 @@ def test_decode_block_runs_with_exact_sizes(isa: str, qtype: QT, window: int, sh
     run_block(case)
     assert rel_err(case["x"], want_x) < 1e-4, isa
     assert rel_err(case["k_cache"], want_k) < 1e-4 and rel_err(case["v_cache"], want_v) < 1e-4
+
+
+@needs_ext
+def test_decode_block_reads_one_prompt_length_per_cache_row() -> None:
+    """prompts, where given, holds each sequence's prompt length (offline: one per cache row, B here): a
+    buffer shorter than that is refused by name; a full one runs (rows past their prompt: the same bits
+    as without)."""
+    case, plain = block_case(QT.Q8_0), block_case(QT.Q8_0)
+    lengths = torch.tensor([3, 4, 0], dtype=torch.int32)  # every row past its prompt: decoding rows
+    short = {**DENSE_UNUSED, "prompts": (lengths.data_ptr(), 8)}
+    with pytest.raises(ValueError, match=r"buffer prompts holds 8 bytes, its shape needs 12"):
+        _run_with(case, short)
+    _run_with(case, {**DENSE_UNUSED, "prompts": buf(lengths)})
+    run_block(plain)
+    assert torch.equal(case["x"], plain["x"])
+
+
+def _run_with(case: dict, unused: dict) -> None:
+    buffers = {n: (*buf(case[n]), case["qtype"]) if n in PACKED else buf(case[n]) for n in (*PACKED, "x", "attn_norm")}
+    buffers |= {n: buf(case[n]) for n in ("ffn_norm", "cos_sin", "k_cache", "v_cache", "kpos", "qpos")}
+    ext.decode_block(case["shape"], {**buffers, **unused}, 1e-5, case["window"], 2)
 
 
 @needs_ext

@@ -97,7 +97,22 @@ def test_counting_is_a_lower_bound_and_pieces_cover_the_text():
     counted = count_past(tok, [text], whole // 2)
     assert counted is not None and whole // 2 < counted <= whole
     assert count_past(tok, [text], whole) is None  # never above the exact count
-    assert count_past(tok, ["short"], 2) is None  # 4 bytes per character at most: not even counted
+    assert count_past(tok, ["short"], 2) is None
+
+
+class _Uncounted:
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        raise AssertionError("counted")
+
+
+def test_a_text_whose_bytes_fit_is_not_counted():
+    """Tokens are at most the UTF-8 bytes (plus a dummy prefix): a prompt whose bytes fit the context is
+    never tokenized to be counted (a 2,000-token system prompt otherwise cost each request a second
+    tokenization); one that may not fit is."""
+    text = "é" * 100  # 200 bytes
+    assert count_past(_Uncounted(), [text], 202) is None  # type: ignore[arg-type]
+    with pytest.raises(AssertionError, match="counted"):
+        count_past(_Uncounted(), [text], 201)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -83,11 +83,15 @@ class Generator:
         positions = torch.arange(width).expand(len(seqs), width).clone()  # [B,T]
         positions[positions >= lengths[:, None]] = -1  # right padding
         last = torch.empty(len(seqs), self.config.dim, dtype=self.dtype)  # [B,dim]
-        for start in range(0, width, PREFILL_CHUNK):
-            end = start + PREFILL_CHUNK
-            h = self.backend.prefill(tokens[:, start:end], positions[:, start:end], cache)
-            rows = ((lengths > start) & (lengths <= end)).nonzero().flatten()
-            last[rows] = h[rows, lengths[rows] - 1 - start]
+        cache.prompts = lengths.to(torch.int32)  # every row of these chunks is its prompt's (model/cache.py)
+        try:
+            for start in range(0, width, PREFILL_CHUNK):
+                end = start + PREFILL_CHUNK
+                h = self.backend.prefill(tokens[:, start:end], positions[:, start:end], cache)
+                rows = ((lengths > start) & (lengths <= end)).nonzero().flatten()
+                last[rows] = h[rows, lengths[rows] - 1 - start]
+        finally:
+            cache.prompts = None
         return self.model.logits(last)  # [B,V]
 
     def _decode(self, seqs: list[SequenceState], cache: KVCache, logits: torch.Tensor) -> Iterator[Delta]:
@@ -141,6 +145,8 @@ class Generator:
         ids = torch.tensor([list(token_ids)])  # [1,T]
         cache = None if self.kv == F32 else KVCache(self.config, 1, ids.shape[1], self.kv)
         positions = None if cache is None else torch.arange(ids.shape[1])[None]  # [1,T]
+        if cache is not None:
+            cache.prompts = torch.tensor([ids.shape[1]], dtype=torch.int32)  # the text is one prompt
         with torch.inference_mode():
             logp = self.model.logits(self.backend.prefill(ids, positions, cache))
             logp = logp.log_softmax(dim=-1)  # [1,T,V]

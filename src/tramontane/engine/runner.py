@@ -30,18 +30,20 @@ def paged_cache(
     positions: torch.Tensor,
     window: int | None,
     span: int | None = None,
+    prompts: torch.Tensor | None = None,
 ) -> PagedCache:
     """The model's view of `pool` for one step (model/cache.py): block tables [R,T], each token's
-    sequence [N] and position [N]; `span`, the largest position + 1, where known."""
-    return PagedCache(pool.k, pool.v, pool.block_size, tables, seq, positions, window, pool.kv, span)
+    sequence [N] and position [N]; `span`, the largest position + 1, where known; each sequence's
+    prompt length [R]."""
+    return PagedCache(pool.k, pool.v, pool.block_size, tables, seq, positions, window, pool.kv, span, prompts)
 
 
-_Views = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_Views = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class StepBuffers:
     """Where an engine writes its steps' layouts: an int64 buffer (tokens, then positions) and an int32
-    one (block tables row by row, then each token's sequence), made once and grown when a step needs
+    one (block tables row by row, each token's sequence, then each sequence's prompt length), made once and grown when a step needs
     more, with the torch views a step of N tokens over R tables of width T hands out made once per
     (N, R, T). A step then fills them through numpy and calls no torch function: each costs 20-60 us
     once the step's weights have flushed the CPU's caches (SmolLM2 served: the 9 the layout called took
@@ -54,8 +56,8 @@ class StepBuffers:
         self._views: dict[tuple[int, int, int], _Views] = {}
 
     def fill(self, longs: list[int], ints: list[int], n: int, rows: int, width: int) -> _Views:
-        """tokens [1,N], positions [1,N] and [N] (int64), tables [R,T] and sequence ids [N] (int32),
-        holding `longs` (N tokens, N positions) and `ints` (R*T cells, N ids)."""
+        """tokens [1,N], positions [1,N] and [N] (int64), tables [R,T], sequence ids [N] and prompt
+        lengths [R] (int32), holding `longs` (N tokens, N positions) and `ints` (R*T cells, N ids, R lengths)."""
         if len(longs) > self._longs.numel() or len(ints) > self._ints.numel():
             self._longs = torch.empty(max(len(longs), 2 * self._longs.numel(), 64), dtype=torch.int64)
             self._ints = torch.empty(max(len(ints), 2 * self._ints.numel(), 64), dtype=torch.int32)
@@ -69,7 +71,8 @@ class StepBuffers:
                 self._views.clear()
             flat, small, cells = self._longs, self._ints, rows * width
             pos = flat[n : 2 * n]
-            views = (flat[:n][None], pos[None], pos, small[:cells].view(rows, width), small[cells : cells + n])
+            tables, ids, prompts = small[:cells].view(rows, width), small[cells : cells + n], small[cells + n :][:rows]
+            views = (flat[:n][None], pos[None], pos, tables, ids, prompts)
             self._views[(n, rows, width)] = views
         return views
 
@@ -83,11 +86,11 @@ def layout(
     """tokens [1,N], positions [1,N] and the step's cache view: batch entry i's n tokens are its next
     uncomputed ones, at positions num_computed .. num_computed + n - 1, read through table row i.
     The tensors are views of `buffers` (an engine's own: they stay valid until its next step; None: new
-    ones): tokens and positions int64, tables and sequence ids int32."""
+    ones): tokens and positions int64, tables, sequence ids and each request's prompt length int32."""
     width = max(len(seq.blocks) for seq, _ in batch)
     tokens: list[int] = []
     positions: list[int] = []
-    ids: list[int] = []  # the tables [R,T] row by row (-1: no block), then each token's sequence [N]
+    ids: list[int] = []  # the tables [R,T] row by row (-1: no block), each token's sequence [N], prompts [R]
     for seq, n in batch:
         start = seq.num_computed
         tokens += seq.span(start, n)
@@ -96,10 +99,11 @@ def layout(
         ids += [-1] * (width - len(seq.blocks))
     for i, (_, n) in enumerate(batch):
         ids += [i] * n
+    ids += [len(seq.state.prompt) for seq, _ in batch]
     span = max(seq.num_computed + n for seq, n in batch)
     views = (buffers or StepBuffers()).fill(tokens + positions, ids, len(tokens), len(batch), width)
-    tokens_t, positions_t, pos, tables, seq_ids = views
-    return tokens_t, positions_t, paged_cache(pool, tables, seq_ids, pos, window, span)
+    tokens_t, positions_t, pos, tables, seq_ids, prompts = views
+    return tokens_t, positions_t, paged_cache(pool, tables, seq_ids, pos, window, span, prompts)
 
 
 def adapter_rows(batch: Sequence[tuple[EngineSequence, int]]) -> tuple[torch.Tensor, list[str]] | None:
@@ -202,8 +206,9 @@ def follow(model: Transformer, pool: BlockPool) -> None:
         message = broadcast_object(None)
         if message[0] == "step":
             _, tokens, positions, parts, rows, adapters, copies = message
-            tables, seq, at = parts
+            tables, seq, at, prompts = parts
             pool.apply_copies(copies)
-            forward_step(backend, tokens, positions, paged_cache(pool, tables, seq, at, window), rows, adapters)
+            step = paged_cache(pool, tables, seq, at, window, prompts=prompts)
+            forward_step(backend, tokens, positions, step, rows, adapters)
         elif message[0] == "stop":
             return

@@ -76,6 +76,9 @@ class KVCache(Cache):
         self.v = [torch.zeros(shape, dtype=kind.storage, device=device) for _ in range(config.n_layers)]
         self.pos = torch.full((batch_size, self.size), -1, dtype=torch.long, device=device)  # [B,S]
         self.layout = 0  # counts the times k, v and pos were replaced (new tensors): compiled steps key on it
+        # int32 [B]: each row's prompt length while its prompt is being computed (the offline generator's
+        # prefill, score()), else None: a row at a position below it is a prompt row (quant/step.py)
+        self.prompts: torch.Tensor | None = None
         self._step: tuple | None = None
         self._one: torch.Tensor | None = None  # a one-token step's positions, until update() asks for _step
         self._span: int | None = None
@@ -224,7 +227,9 @@ class PagedCache(Cache):
     block_size 4, table [7, 2, -1]: position 5 -> block 2, offset 1 -> slot 9. A -1 is a block not yet
     needed, or released because it fell out of the sliding window.
 
-    Token i of the step belongs to sequence seq[i] and sits at positions[i]. Every token's key and value
+    Token i of the step belongs to sequence seq[i] and sits at positions[i]; it is a prompt token where
+    positions[i] < prompts[seq[i]] (each sequence's prompt length [R], where the runner gives them: a
+    recomputed answer's tokens are not). Every token's key and value
     are stored before any token attends; token i then sees its own sequence's positions
     max(0, p - W + 1) .. p (W the window), nothing of the others'. The module path (`update`, `mask`)
     gathers each sequence's keys from the first its tokens may see into one [1,Hkv,S,D] tensor and masks
@@ -241,17 +246,19 @@ class PagedCache(Cache):
         window: int | None,
         kv: KvType | None = None,
         span: int | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> None:
         self.k, self.v, self.block_size, self.window = k, v, block_size, window  # [P,Hkv,D] per layer
         self.kv = kv if kv is not None else kv_type(k[0].dtype)
         self.tables, self.seq, self.positions = tables, seq, positions  # [R,T] int32, [N] int32, [N] int64
         self.span = span  # the largest position + 1, where the caller knows it (else read from positions)
+        self.prompts = prompts  # [R] int32 or None (no token is a prompt's)
         self._gathered: tuple[torch.Tensor, ...] | None = None
         self._masks: dict[int | None, torch.Tensor] = {}
 
-    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """What rebuilds this step over another pool with the same blocks (a rank's own heads)."""
-        return self.tables, self.seq, self.positions
+        return self.tables, self.seq, self.positions, self.prompts
 
     def slots(self, seq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Pool slot of each (sequence, position) pair: [M] -> [M] int64."""

@@ -6,8 +6,8 @@ setup.py, optional) decodes the blocks in registers and accumulates in float32, 
 output rows; without it, the weight is dequantized with `weights.gguf_quants` and F.linear runs.
 
 For many activation rows (M > DEQUANTIZE_ABOVE_M[isa]) the weight is dequantized once, threaded, and
-F.linear's sgemm does the rest; with AVX-512 the packed kernel is faster at every M measured. A prompt
-chunk of 64+ tokens of one sequence takes AMX-BF16 tiles where the CPU has them (`tiles_from`, below).
+F.linear's sgemm does the rest; with AVX-512 the packed kernel is faster at every M measured. The
+prompt of 64+ tokens takes AMX-BF16 tiles where the CPU has them (`tiles_from`, below).
 
 Activations. The packed kernels of the K-quants (Q2_K to Q6_K) take x rounded to int8 per 256
 elements, those of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 per 32 (integer kernels, AVX2 and AVX-512 with
@@ -364,15 +364,17 @@ def bf16_gemm(qtype: int, m: int) -> bool:
     return qtype == BF16 and m >= BF16_GEMM_FROM_M and _setting != "f32" and _native_bf16() and not tiles_from()
 
 
-# Prompt chunks on AMX-BF16 tiles (csrc/tiles_bf16.c): where the CPU has AMX-BF16, under the integer
-# settings, a sequence's run of tiles_from() rows or more in one call (a prompt chunk, not decoding rows)
-# multiplies every packed type as bfloat16: the weights decoded 32 rows at a time into bfloat16 tiles,
-# the activations rounded to bfloat16 as transformers' bfloat16 models have them, float32 sums over the
-# whole row (SmolLM2's Q4_1 blocks at 512 rows: 0.39x the integer kernels' time). The compiled step
-# (block_step.c) and this module path apply the same rule, so they compute a chunk alike; a row's result
-# does not depend on the other rows of its call. The exact setting never takes them.
+# Prompts on AMX-BF16 tiles (csrc/tiles_bf16.c): where the CPU has AMX-BF16, under the integer settings,
+# the prompt rows of a prompt of tiles_from() tokens or more (not decoding rows) multiply every packed
+# type as bfloat16: the weights decoded 32 rows at a time into bfloat16 tiles, the activations rounded to
+# bfloat16 as transformers' bfloat16 models have them, float32 sums over the whole row (SmolLM2's Q4_1
+# blocks at 512 rows: 0.39x the integer kernels' time). The compiled step (block_step.c) knows each row's
+# prompt from the cache (`prompts`), so a prompt computes alike however it is chunked or found in the
+# prefix cache. This module path knows no prompts: it takes a chunk x [..., T, k] of T >= tiles_from()
+# rows for one. Either way a row's result does not depend on the other rows of its call. The exact
+# setting never takes them.
 def tiles_from() -> int:
-    """The fewest rows of one sequence in a call that take the bfloat16 tiles, or 0 where none do."""
+    """The fewest tokens of a prompt whose prompt rows take the bfloat16 tiles, or 0 where none do."""
     return _ext.tiles_from() if _ext is not None else 0
 
 

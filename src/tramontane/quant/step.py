@@ -10,9 +10,11 @@ q8_0: model/kv_types.py; the kernel rounds new keys as the cache does and decode
 `decode_block` (RMSNorm, packed projections, RoPE, cache write, attention over the visible keys,
 SwiGLU or the routed experts; see quant/csrc/). On the pool a step is many sequences' tokens in one
 row (decode tokens and prefill chunks), each attending its own sequence's blocks; offline, a prompt
-chunk's tokens are rows mapped to their cache rows. One long prompt chunk alone (offline or served)
-takes the module path. Both compute the same float32 arithmetic; they differ by
-rounding order only (tests compare them). `build.select_backend` decides where it serves.
+chunk's tokens are rows mapped to their cache rows. One sequence's prompt chunk takes the module path
+where that is faster (`_module_chunk`). Both compute the same arithmetic; they differ by rounding order
+only (tests compare them). The one exception: where the CPU has AMX-BF16, the prompt rows of a prompt of
+kernels.tiles_from() tokens or more (the cache's `prompts`: the runner's, the offline prefill's) take
+bfloat16 tiles here, however the prompt was chunked. `build.select_backend` decides where it serves.
 """
 
 from __future__ import annotations
@@ -332,8 +334,10 @@ _Layers = tuple[tuple[int, ...], list[dict[str, tuple[int, ...]]], dict[str, tup
 
 def _offline_layers(cache: KVCache, rows: torch.Tensor | None = None) -> _Layers:
     """The rolling offline cache: [B,Hkv,S,D] per layer, the positions each slot holds [B,S] (this
-    step's recorded by cache.begin); `rows` int32 [N]: each step row's cache row (None: row b is b)."""
+    step's recorded by cache.begin); `rows` int32 [N]: each step row's cache row (None: row b is b, a
+    decoding step, whose rows are no prompt's)."""
     common = {"kpos": _buffer(cache.pos), "tables": _UNUSED, "seq": _UNUSED if rows is None else _buffer(rows)}
+    common["prompts"] = _UNUSED if rows is None else _prompts(cache.prompts, cache.batch_size)  # (decoding: none)
     per_layer = [_kv_buffers(k, v, cache.kv) for k, v in zip(cache.k, cache.v)]
     return (cache.size, 0, 1, cache.batch_size, 1), per_layer, common
 
@@ -347,8 +351,19 @@ def _paged_layers(cache: PagedCache, span: int, per_layer: list[dict[str, tuple[
         raise TypeError(f"block tables and sequence ids are int32, got {cache.tables.dtype} and {cache.seq.dtype}")
     tables, seq = cache.tables.contiguous(), cache.seq.contiguous()
     common = {"kpos": _UNUSED, "tables": _buffer(tables), "seq": _buffer(seq)}
+    common["prompts"] = _prompts(cache.prompts, tables.shape[0])
     slots = cache.k[0].shape[0]
     return (S, slots, cache.block_size, *tables.shape), per_layer, common
+
+
+def _prompts(prompts: torch.Tensor | None, sequences: int) -> tuple[int, ...]:
+    """The step's prompt lengths (int32, one per sequence; None: no row is a prompt's) as a buffer: the
+    prompt rows of a prompt of kernels.tiles_from() tokens or more take the bfloat16 tiles."""
+    if prompts is None:
+        return _UNUSED
+    if prompts.dtype != torch.int32 or prompts.shape != (sequences,) or not prompts.is_contiguous():
+        raise TypeError(f"prompt lengths are int32 [{sequences}], got {prompts.dtype} {tuple(prompts.shape)}")
+    return _buffer(prompts)
 
 
 def _kv_buffers(k: torch.Tensor, v: torch.Tensor, kv: KvType) -> dict[str, tuple[int, ...]]:

@@ -36,8 +36,8 @@ def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
 def count_past(tokenizer: Tokenizer, texts: Iterable[str], limit: int) -> int | None:
     """A lower bound of the tokens in `texts` as soon as it passes `limit`; None when they may fit."""
     texts = list(texts)
-    if 4 * sum(map(len, texts)) <= limit:  # a token holds at least one UTF-8 byte: these fit, no need to count
-        return None
+    if sum(len(t.encode("utf-8", "surrogatepass")) + CUT_SLACK for t in texts) <= limit:
+        return None  # a token holds at least one UTF-8 byte (a dummy prefix none): these fit, no need to count
     count = 0
     for text in texts:
         for piece in pieces(text):

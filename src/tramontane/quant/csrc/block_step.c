@@ -44,6 +44,7 @@ const char *const tram_block_buffer_names[BUF_COUNT] = {
     [BUF_VC] = "v_cache", [BUF_KPOS] = "kpos", [BUF_QPOS] = "qpos", [BUF_GATE] = "gate", [BUF_W1E] = "w1e",
     [BUF_W3E] = "w3e", [BUF_TABLES] = "tables", [BUF_SEQ] = "seq", [BUF_LROW] = "lora_row",
     [BUF_LCOLS] = "lora_cols", [BUF_LORA] = "lora", [BUF_WK] = "wk", [BUF_WV] = "wv", [BUF_W3] = "w3",
+    [BUF_PROMPTS] = "prompts",
 };
 
 void tram_block_pieces(block_args *a, int has_k, int has_v, int has_3) {
@@ -83,6 +84,7 @@ int tram_block_extents(const block_args *a, size_t need[BUF_COUNT]) {
     bad |= tram_extent(&need[BUF_QPOS], 8, B, 1, 1, 1);
     bad |= tram_extent(&need[BUF_TABLES], 4, offline ? 0 : a->R, a->T, 1, 1);
     bad |= tram_extent(&need[BUF_SEQ], 4, offline && !a->mapped ? 0 : B, 1, 1, 1);
+    bad |= tram_extent(&need[BUF_PROMPTS], 4, a->prompts ? (offline ? cache_rows : a->R) : 0, 1, 1, 1);
     bad |= tram_extent(&need[BUF_LROW], 4, a->L > 0 ? B : 0, 1, 1, 1);
     bad |= tram_extent(&need[BUF_LCOLS], 4, a->L > 0 ? 4 : 0, a->L + 1, 1, 1);
     need[BUF_LORA] = 0;  /* tram_block_lora_extent, from lora_cols */
@@ -522,18 +524,18 @@ static int lora_add(const isa_ops *ops, const block_args *a, const lora_scratch 
     return rc;
 }
 
-/* Which rows' projections run on bfloat16 tiles (tiles_bf16.c): those of a sequence with `from` rows or
- * more in a run of this step (a prompt chunk; from = tram_tiles_from(), 0: none); the others, decoding
- * rows among them, keep the integer kernels, so that a decoded token does not depend on the prompts
- * that share its step. Returns whether any row does (flag[b] set per row). */
+/* Which rows' projections run on bfloat16 tiles (tiles_bf16.c): the prompt rows of a prompt of `from`
+ * tokens or more (a->prompts; from = tram_tiles_from(), 0: none), however its prompt was cut into
+ * chunks or found in the prefix cache; the others, decoding rows among them (a recomputed answer's
+ * too), keep the integer kernels, so that a decoded token does not depend on the prompts that share
+ * its step. Returns whether any row does (flag[b] set per row). */
 static int tile_rows(const block_args *a, long from, uint8_t *flag) {
-    const int grouped = a->P > 0 || a->mapped;  /* else every row is its own sequence */
     int any = 0;
-    for (long b0 = 0, b1; b0 < a->B; b0 = b1) {
-        for (b1 = b0 + 1; grouped && b1 < a->B && a->seq[b1] == a->seq[b0]; b1++) {}
-        const int on = from > 0 && b1 - b0 >= from;
-        memset(flag + b0, on, (size_t)(b1 - b0));
-        any |= on;
+    for (long b = 0; b < a->B; b++) {
+        const int64_t q = a->qpos[b];
+        const long prompt = from > 0 && a->prompts && q >= 0 ? a->prompts[a->P > 0 ? a->seq[b] : cache_row(a, b)] : 0;
+        flag[b] = from > 0 && prompt >= from && q < prompt;
+        any |= flag[b];
     }
     return any;
 }

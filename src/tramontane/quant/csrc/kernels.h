@@ -182,7 +182,7 @@ TRAM_HIDDEN int tram_tiles_bf16(const isa_ops *ops, const float *x, const uint8_
 /* Whether tram_tiles_bf16 runs W [N, K] of qtype (a supported type) on tiles: the AVX-512 pass in use, AMX-BF16
  * granted, K a multiple of 32. */
 TRAM_HIDDEN int tram_tiles_ok(const isa_ops *ops, long N, long K, int qtype);
-/* The fewest rows of one sequence's run in a call that take the tiles (block_step.c, kernels.py), or 0 where
+/* The fewest tokens of a prompt whose prompt rows take the tiles (block_step.c, kernels.py), or 0 where
  * none do: no AMX-BF16, another instruction set chosen, the exact setting, or switched off
  * (tram_set_tiles(0), for tests; returns the previous switch). */
 TRAM_HIDDEN long tram_tiles_from(void);
@@ -258,6 +258,10 @@ typedef struct {
      * overwriting slots it reads); k_cache, v_cache [R, Hkv, S, D], kpos [R, S]. Unmapped: row b is cache
      * row b. Either way a row attends its visible positions in position order, slot p % S. */
     int mapped;
+    /* Each sequence's prompt length (a paged step's R tables, an offline cache's rows), or NULL: row b is
+     * a prompt row where qpos[b] < prompts[its sequence]; those of a prompt of tram_tiles_from() tokens
+     * or more take the bfloat16 tiles (block_step.c's tile_rows). */
+    const int32_t *prompts;
     /* LoRA adapters (L > 0 slots): row b adds the delta of adapter slot lora_row[b] (-1: none) to the
      * output of each projection g (0 wqkv, 1 wo, 2 w13, 3 w2). Slot s of projection g has rank
      * r = cols[g][s+1] - cols[g][s] (cols = lora_cols [4, L+1], cols[g][0] = 0, R_g = cols[g][L]); `lora`
@@ -272,7 +276,7 @@ typedef struct {
 enum {
     BUF_X, BUF_NORM1, BUF_NORM2, BUF_WQKV, BUF_WO, BUF_W13, BUF_W2, BUF_CS, BUF_KC, BUF_VC, BUF_KPOS,
     BUF_QPOS, BUF_GATE, BUF_W1E, BUF_W3E, BUF_TABLES, BUF_SEQ, BUF_LROW, BUF_LCOLS, BUF_LORA, BUF_WK, BUF_WV,
-    BUF_W3, BUF_COUNT
+    BUF_W3, BUF_PROMPTS, BUF_COUNT
 };
 /* Their names in the Python binding. */
 extern TRAM_HIDDEN const char *const tram_block_buffer_names[BUF_COUNT];

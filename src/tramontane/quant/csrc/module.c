@@ -13,7 +13,8 @@
  *   tiles_ok(N, K, qtype)
  *       whether matmul's `tiles` runs on AMX-BF16 tiles for this matrix (else it is the plain matmul).
  *   tiles_from(), set_tiles(on)
- *       the fewest rows of a sequence's run that decode_block gives the tiles (0: none), and the switch.
+ *       the fewest tokens of a prompt whose prompt rows decode_block gives the tiles (0: none), and the
+ *       switch.
  *   dequantize_rows(w, out, N, K, qtype, n_threads)
  *       W -> float32 [N,K].
  *   lookup_rows(w, idx, out, N, K, qtype)
@@ -404,6 +405,7 @@ static int check_block_buffers(const buffer b[BUF_COUNT], block_args *a) {
         return -1;
     }
     a->mapped = a->P == 0 && b[BUF_SEQ].nbytes > 0;  /* offline rows mapped to cache rows through seq */
+    a->prompts = b[BUF_PROMPTS].nbytes > 0 ? (const int32_t *)(uintptr_t)b[BUF_PROMPTS].ptr : NULL;
     if (tram_block_extents(a, need)) {
         too_large("decode_block");
         return -1;
@@ -625,7 +627,9 @@ static PyMethodDef METHODS[] = {
      "(each row's table), S the most keys a row attends, kpos empty; offline, tables are empty, and seq "
      "int32 [B] maps each row to a cache row < R (k_cache, v_cache [R,Hkv,S,D], kpos [R,S]; empty: row b). "
      "LoRA: shape = (..., T, L) with L adapter slots, lora_row int32 [B] (each row's slot, -1 none), "
-     "lora_cols int32 [4,L+1] and lora float32 (see block_args in kernels.h); empty when L = 0. buffers may "
+     "lora_cols int32 [4,L+1] and lora float32 (see block_args in kernels.h); empty when L = 0. prompts int32, "
+     "each sequence's prompt length ([R] paged, one per cache row offline; empty: no row is a prompt's): a "
+     "prompt of tiles_from() tokens or more computes its prompt rows on the bfloat16 tiles. buffers may "
      "be a list of such dicts: the blocks run in order on x, every one checked first, the GIL released once."},
     {"isas", py_isas, METH_NOARGS, "Instruction sets this CPU can run, best first."},
     {"isa", py_isa, METH_NOARGS, "The instruction set in use."},
@@ -635,7 +639,7 @@ static PyMethodDef METHODS[] = {
      "set_activations(name): 'q8' rounds the activations of the K-quants' fused kernels to int8 per 256 "
      "(integer dot products), 'f32' keeps them float32 everywhere (the exact path); returns the previous."},
     {"tiles_from", py_tiles_from, METH_NOARGS,
-     "The fewest rows of one sequence's run in a call that take the bfloat16 tiles (decode_block; matmul's tiles), "
+     "The fewest tokens of a prompt whose prompt rows take the bfloat16 tiles (decode_block's prompts; matmul's tiles), "
      "or 0 where none do (no AMX-BF16, another instruction set, the f32 setting, or set_tiles(False))."},
     {"set_tiles", py_set_tiles, METH_VARARGS, "set_tiles(on): allow the bfloat16 tiles or not (for tests); returns "
      "the previous switch."},

@@ -10,8 +10,8 @@
  * SmolLM2's Q4_1 blocks at 512 rows ran at 0.26 TMAC/s on 2 cores, where torch's bfloat16 GEMM ran the
  * same shapes at 0.5-0.75. torch's GEMM is not reachable from C (the compiled step runs whole blocks in
  * one call), and decoding each matrix once per call into a bfloat16 copy costs a tenth of the products at
- * 512 rows; hence this file. Only for many rows of one sequence (block_step.c's rule, TILES_FROM_ROWS in
- * kernels.py): decoding rows keep the integer kernels, whose results do not depend on the batch.
+ * 512 rows; hence this file. Only for the prompt rows of long prompts (block_step.c's rule,
+ * TILES_FROM_ROWS below): decoding rows keep the integer kernels, whose results do not depend on the batch.
  *
  * Layout. A tile of activations: 16 rows of 32 bfloat16 (their row-major copy, rows K apart). A tile of
  * weights: 16 rows of 16 pairs, row r holding elements 2r, 2r + 1 of a block of 32 for each of 16 weight
@@ -45,9 +45,11 @@
 #define PANEL 32  /* weight rows a panel */
 #endif
 
-/* A sequence's run of this many rows or more in a call (a prompt chunk) takes the tiles: from 64 rows
- * they beat the integer kernels (SmolLM2's Q4_1 blocks, one build, alternating: 0.86x the time at 64
- * rows, 0.55x at 128, 0.39x at 512; 1.2x at 32, where decoding each matrix costs more than it saves). */
+/* The prompt rows of a prompt of this many tokens or more take the tiles (block_step.c's tile_rows):
+ * from 64 rows in a call they beat the integer kernels (SmolLM2's Q4_1 blocks, one build, alternating:
+ * 0.86x the time at 64 rows, 0.55x at 128, 0.39x at 512; 1.2x at 32, where decoding each matrix costs
+ * more than it saves). A long prompt's short tail chunk, or its few tokens past a prefix-cache hit, pay
+ * that cost so that every chunking of a prompt computes it alike. */
 #define TILES_FROM_ROWS 64
 
 #if defined(TRAM_X86) && (defined(__clang__) || __GNUC__ >= 11)
