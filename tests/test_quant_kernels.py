@@ -868,6 +868,30 @@ def test_q8_rows_do_not_depend_on_the_batch(isa: str, integer: str, qtype: QT) -
 
 
 @needs_ext
+@pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K, QT.Q3_K, QT.Q4_0], ids=lambda t: t.name)
+def test_interleaved_rows_walked_in_streams_are_those_of_a_batch(isa: str, integer: str, qtype: QT) -> None:
+    """One activation row (decoding) walks an interleaved matrix four groups of 8 rows at a time, each its
+    own stream (r8_one_row, the K-quants' NAME_one_row), the groups left over one by one: every output row
+    has the bits a batch of rows gives it (88 rows: 8 groups streamed, 3 left over), and is near W x."""
+    if isa == "scalar":
+        pytest.skip("the portable pass has no integer kernels")
+    n, k = 88, 512
+    packed, dense = weight(qtype, n, k)
+    packed, qt = kernels.regroup(packed, int(qtype), k)
+    assert kernels.interleaved(qt)
+    x = activations(16, k, seed=5)
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        y = torch.full((rows.shape[0], n), float("nan"))
+        ext.matmul(buf(rows.contiguous()), buf(packed), buf(y), rows.shape[0], n, k, qt, 2)
+        return y
+
+    batch = run(x)
+    assert torch.equal(torch.cat([run(x[i : i + 1]) for i in range(16)]), batch)
+    assert rel_err(batch, x.double() @ dense.double().T) < 2e-2
+
+
+@needs_ext
 @pytest.mark.parametrize("interleave", [False, True], ids=["rows", "interleaved"])
 def test_large_matrices_give_the_same_bits_taken_in_chunks(isa: str, integer: str, interleave: bool) -> None:
     """Past 4 MiB of weights at one to four activation rows (a decoding step's head, a 7B model's
