@@ -351,7 +351,8 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
         }
     const size_t base = key_base(a, b0, g);
     const float scale = 1.0f / sqrtf((float)D);
-    const int rounded = a->kvt == T_Q8_0 && ops->attend_q8_0 && tram_q8();  /* the fast activations' path */
+    const int on_tiles = tiles && tram_attend_tiles_ok(nq, D);  /* a Q8_0 cache's rows decoded to float32 first */
+    const int rounded = a->kvt == T_Q8_0 && ops->attend_q8_0 && tram_q8() && !on_tiles;  /* the fast activations' path */
     const attend16_fn wide = in_place16(ops, a->kvt);
     const int pair = rounded && tram_q8() == 2;  /* q16: each query as two int8 rows, as matmul.c's x */
     const q8_rows xq = {t->qq, t->qd, t->qbs, pair};
@@ -371,7 +372,7 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
         key_block(ops, a, base, t->off + i0, m, t, rounded ? NULL : &k, &v);
         if (rounded)
             ops->attend_q8_0(&xq, t->out, nq, t->nb, t->krows, t->vrows, D, scale, t->sc, t->ml, t->kbuf);
-        else if (tiles && tram_attend_tiles_ok(nq, D))  /* float32 rows (decoded or not) or a 16-bit cache's */
+        else if (on_tiles)  /* float32 rows (decoded or not) or a 16-bit cache's */
             tram_attend_tiles(t->q, t->out, nq, t->nb, wide ? (const void *)a->kc : k, wide ? (const void *)a->vc : v,
                               wide ? a->kvt : T_F32, t->boff, D, scale, t->sc, t->ml, t->amx);
         else if (wide)
@@ -386,7 +387,8 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
 }
 
 /* att [B, H, D]: tiles of rows times kv heads over the threads; the rows flagged in `amx` (NULL: none)
- * on AMX-BF16 tiles where their keys are float32 (tram_attend_tiles). Returns 0, or -1 when out of memory. */
+ * on AMX-BF16 tiles (tram_attend_tiles; a Q8_0 cache's rows decoded to float32 for them). Returns 0, or
+ * -1 when out of memory. */
 static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv, float *att, const uint8_t *amx) {
     const long B = a->B, Hkv = a->Hkv, nkeys = ATT_PAD(a->S), D = a->D;
     const long nq = (amx ? ATT_RT_TILES : ATT_RT) * (a->H / Hkv);
