@@ -26,7 +26,7 @@
  * online softmax of kernels.h's attend_fn in float32 (exp16), then the probabilities, rounded, times the
  * values as tile products added into each query's output. Its f32 vector kernel ran at 45% of the
  * cores' float32 peak and took a quarter of SmolLM2's 512-token prefill once the projections ran on tiles.
- * Keys and values come as float32 rows (a Q8_0 cache's decoded by block_step.c) or a 16-bit cache's own. */
+ * Keys and values come as float32 rows (a Q8_0 cache's decoded by block_step.c) or a 16-bit cache's own.
  */
 #include <math.h>
 #include <stdlib.h>
