@@ -4,7 +4,8 @@
                                   [--rounds 2] [--tokens 64] [--threads 2] [--perplexity]
 
 Each measurement is a fresh process (2 threads) that loads the model with `kv_dtype=` the type, runs a
-prompt of the context's length through the offline API (the compiled step, prompt chunks of 512),
+prompt of the context's length (less the new tokens where they would pass the model's context: 32,760
++ 8 at 32k) through the offline API (the compiled step, prompt chunks of 512),
 then decodes --tokens greedy tokens (end of sequence ignored); the types alternate within a round,
 their order reversed every other round. Decode tok/s counts from the first new token to the last;
 prefill tok/s is the prompt's tokens over the time to the first token. Printed per context: the median
@@ -95,7 +96,7 @@ def worker(model: str, kv: str, context: int, tokens: int, threads: int, ppl: bo
         ids = llm.tokenizer.encode(" ".join([PARAGRAPH] * 12))
         print(json.dumps({"perplexity": perplexity(llm, ids, 512, 256).perplexity, "tokens": len(ids)}))
         return
-    ids = prompt_ids(llm, context)
+    ids = prompt_ids(llm, min(context, llm.config.max_seq_len - tokens))  # 32k in all: the answer's tokens too
     import resource
 
     llm.generate(ids[:16], temperature=0, max_tokens=4)  # warm-up

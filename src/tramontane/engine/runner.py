@@ -43,11 +43,12 @@ _Views = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Ten
 
 class StepBuffers:
     """Where an engine writes its steps' layouts: an int64 buffer (tokens, then positions) and an int32
-    one (block tables row by row, each token's sequence, then each sequence's prompt length), made once and grown when a step needs
-    more, with the torch views a step of N tokens over R tables of width T hands out made once per
-    (N, R, T). A step then fills them through numpy and calls no torch function: each costs 20-60 us
-    once the step's weights have flushed the CPU's caches (SmolLM2 served: the 9 the layout called took
-    ~0.25 ms of a 9.5 ms token). A step's tensors hold its layout until the next step is laid out."""
+    one (block tables row by row, each token's sequence, then each sequence's prompt length), made once
+    and grown when a step needs more, with the torch views a step of N tokens over R tables of width T
+    hands out made once per (N, R, T). A step then fills them through numpy and calls no torch function:
+    each costs 20-60 us once the step's weights have flushed the CPU's caches (SmolLM2 served: the 9 the
+    layout called took ~0.25 ms of a 9.5 ms token). A step's tensors hold its layout until the next step
+    is laid out."""
 
     def __init__(self) -> None:
         self._longs = torch.empty(0, dtype=torch.int64)

@@ -229,9 +229,9 @@ class PagedCache(Cache):
 
     Token i of the step belongs to sequence seq[i] and sits at positions[i]; it is a prompt token where
     positions[i] < prompts[seq[i]] (each sequence's prompt length [R], where the runner gives them: a
-    recomputed answer's tokens are not). Every token's key and value
-    are stored before any token attends; token i then sees its own sequence's positions
-    max(0, p - W + 1) .. p (W the window), nothing of the others'. The module path (`update`, `mask`)
+    recomputed answer's tokens are not). Every token's key and value are stored before any token
+    attends; token i then sees its own sequence's positions max(0, p - W + 1) .. p (W the window),
+    nothing of the others'. The module path (`update`, `mask`)
     gathers each sequence's keys from the first its tokens may see into one [1,Hkv,S,D] tensor and masks
     across sequences; the compiled step (quant/step.py) reads the pool through the tables instead."""
 
