@@ -18,6 +18,7 @@ from transformers.generation.logits_process import (
 
 from tramontane.decoding.sampling import (
     SamplingParams,
+    apply_logit_bias,
     apply_penalties,
     compute_logprobs,
     count_tokens,
@@ -428,7 +429,7 @@ def test_logprobs_are_of_the_raw_distribution_and_top_n_zero_is_empty() -> None:
 def test_plain_greedy_rows_pick_what_the_full_path_picks():
     """pick_tokens' shortcut for greedy rows with nothing that changes or masks their logits: the same
     tokens as temperature -> top-k/top-p -> draw, ties at the top to the first index; a row with a bias
-    still goes the full way (its token moves)."""
+    takes it (its token moves)."""
     from chartok import CharTokenizer
 
     from tramontane.decoding.sequence import SequenceState, pick_tokens
@@ -454,3 +455,29 @@ def test_plain_greedy_rows_pick_what_the_full_path_picks():
         tokens, _ = pick_tokens(states, rows, CharTokenizer())
         assert tokens.dtype == torch.int64 and tokens.tolist() == rows.float().argmax(-1).tolist()
     assert pick_tokens(states, wide[:16], CharTokenizer())[0][5] == 7  # the first NaN
+
+
+def test_greedy_rows_with_a_logit_bias_pick_what_the_full_path_picks():
+    """pick_tokens' shortcut for greedy rows whose only change is a logit_bias (a served request banning
+    tokens): the tokens of apply_logit_bias -> temperature -> draw, row by row: the top banned, a token
+    forced, a tie made by the bias (the first index wins), no bias beside biased rows."""
+    from chartok import CharTokenizer
+
+    from tramontane.decoding.sequence import SequenceState, pick_tokens
+
+    logits = torch.randn(4, 49152, generator=torch.Generator().manual_seed(5))
+    top = logits.argmax(-1).tolist()
+    logits[2, 900], logits[2, 300] = 10.0, 8.5  # with +1.5, 300 ties 900 at the top, exactly
+    plain = SamplingParams(temperature=0.0, max_tokens=4)
+    biases = [
+        ((top[0], -100.0), (17, -100.0)),  # the top banned: the runner-up
+        ((12345, 100.0),),  # forced
+        ((300, 1.5),),  # a tie with 900: 300 comes first
+        (),
+    ]
+    params = [dataclasses.replace(plain, logit_bias=b) for b in biases]
+    states = [SequenceState(i, [1], p, CharTokenizer(), 64) for i, p in enumerate(params)]
+    tokens, _ = pick_tokens(states, logits, CharTokenizer())
+    full = sample(process_logits(apply_logit_bias(logits, params), params), params, [None] * 4)
+    assert tokens.tolist() == full.tolist()
+    assert tokens[0] != top[0] and tokens[1] == 12345 and tokens[2] == 300 and tokens[3] == top[3]

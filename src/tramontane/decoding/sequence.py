@@ -123,7 +123,10 @@ def pick_tokens(
     if all(map(_plain_greedy, seqs)):  # the common served case: what the general path computes, less its copies
         # numpy's argmax (the first of equal maxima, a NaN first, as torch's) is vectorised: 16 rows of
         # 49,152 logits took 60 us against torch's 390-770 us, one row 5 us against 52 us
-        tokens = torch.from_numpy(_as_numpy(logits).argmax(axis=-1))  # [B] int64
+        if any(p.logit_bias for p in params):
+            tokens = _biased_argmax(_as_numpy(logits), params)
+        else:
+            tokens = torch.from_numpy(_as_numpy(logits).argmax(axis=-1))  # [B] int64
     else:
         tokens = _processed_and_sampled(seqs, params, logits)
     wanted = [p.logprobs for p in params if p.logprobs is not None]
@@ -141,18 +144,26 @@ def _as_numpy(logits: torch.Tensor) -> np.ndarray:
     return logits.detach().float().contiguous().numpy()
 
 
+def _biased_argmax(rows: np.ndarray, params: list[SamplingParams]) -> torch.Tensor:
+    """apply_logit_bias's float32 sums, then each row's argmax, in numpy: [B] int64. A served request
+    banning a few tokens (-100) took the general path's seven torch calls, ~5% of SmolLM2's step."""
+    tokens = np.empty(rows.shape[0], dtype=np.int64)
+    for i, p in enumerate(params):
+        row = rows[i]
+        if p.logit_bias:
+            row = row.copy()
+            np.add.at(row, np.array([t for t, _ in p.logit_bias]), np.array([b for _, b in p.logit_bias], np.float32))
+        tokens[i] = row.argmax()
+    return torch.from_numpy(tokens)
+
+
 def _plain_greedy(s: SequenceState) -> bool:
-    """The argmax of the raw logits is this row's token: greedy, and nothing that changes the logits
-    (bias, penalties, a grammar) or masks them (top-k, top-p, min-p: ties at the top could move)."""
+    """The argmax of the logits plus the row's logit_bias is this row's token: greedy, and nothing else
+    that changes the logits (penalties, a grammar) or masks them (top-k, top-p, min-p: ties at the top
+    could move)."""
     p = s.params
     return (
-        p.is_greedy
-        and not p.logit_bias
-        and not p.has_penalties
-        and s.guide is None
-        and p.top_k <= 0
-        and p.top_p >= 1.0
-        and p.min_p <= 0.0
+        p.is_greedy and not p.has_penalties and s.guide is None and p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
     )
 
 
