@@ -47,6 +47,19 @@
 
 #include "blocks.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Inside an OpenMP parallel region: this thread's index and the team's size (0 and 1 without OpenMP). */
+static inline void tram_team(int *th, int *nt) {
+#ifdef _OPENMP
+    *th = omp_get_thread_num(), *nt = omp_get_num_threads();
+#else
+    *th = 0, *nt = 1;
+#endif
+}
+
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && !defined(TRAM_PORTABLE_ONLY)
 #define TRAM_X86 1
 #endif

@@ -14,10 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "kernels.h"
 
 /* Row range [*n0, *n1) of thread t out of nt: contiguous, whole RN-row groups. */
@@ -248,11 +244,8 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int t, nt;
+        tram_team(&t, &nt);
         long n0, n1;
         if (shared) {
             split_rows(M, t, nt, 1, &n0, &n1);
@@ -311,11 +304,8 @@ int tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, lo
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
     {
-        int t = 0, nt = 1;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int t, nt;
+        tram_team(&t, &nt);
         long n0, n1;
         split_rows(N, t, nt, RN, &n0, &n1);
         for (long n = n0; n < n1; n++) dec(w + (size_t)n * rb, (int)(K / ti.block), out + (size_t)n * (size_t)K);

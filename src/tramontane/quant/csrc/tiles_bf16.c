@@ -34,10 +34,6 @@
 
 #include "kernels.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #if defined(TRAM_X86) && (defined(__clang__) || __GNUC__ >= 11)
 #include <immintrin.h>
 
@@ -177,11 +173,8 @@ static int tiles_run(const isa_ops *ops, const float *x, const uint8_t *w, float
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
     {
-        int th = 0, nt = 1;
-#ifdef _OPENMP
-        th = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
+        int th, nt;
+        tram_team(&th, &nt);
         for (long m = Mp * th / nt; m < Mp * (th + 1) / nt; m++) tile_rows(m < M ? x + m * K : NULL, m, K, xb);
         const size_t rows_bytes = sizeof(uint16_t) * 16 * (size_t)K, pan_bytes = sizeof(uint16_t) * PANEL * (size_t)K;
         char *mem = malloc(sizeof(float) * (size_t)K + rows_bytes + pan_bytes + tram_row_bytes(t, K) + 4096 + 64);
