@@ -506,6 +506,35 @@ def test_decode_block_reads_each_kv_type(isa: str, kv: str, activations: str, bo
 
 
 @needs_ext
+@pytest.mark.parametrize(("activations", "bound"), [("q8", 5e-2), ("q16", 1e-4)])
+def test_a_q8_0_cache_of_several_blocks_a_row(isa: str, activations: str, bound: float) -> None:
+    """Head dim 128 (four Q8_0 blocks a row, as Mistral's): the integer scores sum each block's dot
+    products with its own scales (AVX-512 meets 16 keys at once, their bytes transposed into lanes),
+    over 76 and 80 keys (the second block of 64 keys ends 12 and 16 keys in)."""
+    previous = kernels.set_activations(activations)
+    try:
+        check_kv_type(isa, "q8_0", bound, (3, 64, 8, 2, 128, 96, 80))
+    finally:
+        kernels.set_activations(previous)
+
+
+@needs_ext
+@pytest.mark.parametrize(("kv", "activations"), [("f32", "f32"), ("q8_0", "q16")])
+def test_subnormal_key_weights_leave_the_caller_s_floating_point_state(isa: str, kv: str, activations: str) -> None:
+    """Queries and keys 30x larger (attn_norm 30x: scores spread by hundreds) give most keys a weight
+    below 2^-126 of the best's, which the attention flushes to zero (MXCSR's FTZ and DAZ, block_step.c):
+    x still equals the float64 block, and the calling thread's state is put back after (a subnormal
+    product is still one)."""
+    tiny = np.float32(1e-38)
+    previous = kernels.set_activations(activations)
+    try:
+        check_kv_type(isa, kv, 1e-4, (*KV_SHAPE[:2], 8, *KV_SHAPE[3:]), norm_scale=30.0)
+    finally:
+        kernels.set_activations(previous)
+    assert tiny * np.float32(0.25) == np.float32(2.5e-39) and np.float32(2.5e-39) != 0
+
+
+@needs_ext
 @pytest.mark.parametrize("kv", ["f32", "bf16", "f16"])
 def test_decode_block_reads_16_bit_rows_of_any_head_dim(isa: str, kv: str) -> None:
     """A 16-bit cache's rows are widened in registers as they are attended (simd_step.inc): a head dim
@@ -514,9 +543,10 @@ def test_decode_block_reads_16_bit_rows_of_any_head_dim(isa: str, kv: str) -> No
     check_kv_type(isa, kv, 1e-5, (3, 64, 8, 2, 36, 96, 80))
 
 
-def check_kv_type(isa: str, kv: str, bound: float, shape: tuple[int, ...]) -> None:
+def check_kv_type(isa: str, kv: str, bound: float, shape: tuple[int, ...], norm_scale: float = 1.0) -> None:
     kind = kv_type(kv)
     case = block_case(QT.Q8_0, 0, shape, qpos=(75, 150, -1))
+    case["attn_norm"] *= norm_scale
     cache = {n: kind.encode(case[n]) for n in ("k_cache", "v_cache")}
     buffers = {n: (*buf(case[n]), case["qtype"]) for n in PACKED}
     buffers |= {n: buf(case[n]) for n in ("x", "attn_norm", "ffn_norm", "cos_sin", "kpos", "qpos")}
