@@ -251,6 +251,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while True:
+                self._flush()  # what the last step emitted, before waiting for work
                 if not self._drain_inbox(block=not self._seqs and not self._jobs):
                     return
                 self._drop_departed_jobs()
@@ -406,6 +407,7 @@ class AsyncEngine:
         try:
             if not self.backend.current():  # a module swap since (adapters applied to the model): pick again
                 self.backend = select_backend(self.model, PagedCache, self.pool.kv)
+            self._flush()  # the loop sends what was emitted meanwhile while the forward runs
             out = run_step(self.backend, self.pool, batch, self.config.sliding_window, self._buffers)
             self.scheduler.after_step(batch)
             self._sample(batch, out)
@@ -581,8 +583,14 @@ class AsyncEngine:
         self._last_token.pop(rid, None)
 
     def _emit(self, out: RequestOutput) -> None:
+        """Queue out for its stream: the loop gets it at the next _flush (before the next forward, or
+        before the engine thread waits for work)."""
         if self._outbox is not None:
             self._outbox.put(out)
+
+    def _flush(self) -> None:
+        if self._outbox is not None:
+            self._outbox.flush()
 
     def _update_gauges(self) -> None:
         m, pool = self.metrics, self.pool
