@@ -273,6 +273,7 @@ class AsyncEngine:
             if command[0] == "stop":
                 return False
             getattr(self, "_on_" + command[0])(*command[1:])
+            self._flush()  # a refusal it emitted does not wait behind the next command (an adapter's load)
             try:
                 command = self._inbox.get_nowait()
             except queue.Empty:
