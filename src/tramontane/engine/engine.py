@@ -258,6 +258,7 @@ class AsyncEngine:
                 if self._seqs or self._jobs:
                     self._step()
         finally:
+            self._flush()  # what an escaping error left queued
             for job in list(self._jobs.values()):
                 self._drop_job(job, EngineUnavailableError("the engine stopped"))
             if is_parallel():
@@ -408,7 +409,7 @@ class AsyncEngine:
         try:
             if not self.backend.current():  # a module swap since (adapters applied to the model): pick again
                 self.backend = select_backend(self.model, PagedCache, self.pool.kv)
-            self._flush()  # the loop sends what was emitted meanwhile while the forward runs
+            self._flush()  # anything emitted since the loop's top (a hopeless request's end)
             out = run_step(self.backend, self.pool, batch, self.config.sliding_window, self._buffers)
             self.scheduler.after_step(batch)
             self._sample(batch, out)
@@ -584,8 +585,8 @@ class AsyncEngine:
         self._last_token.pop(rid, None)
 
     def _emit(self, out: RequestOutput) -> None:
-        """Queue out for its stream: the loop gets it at the next _flush (before the next forward, or
-        before the engine thread waits for work)."""
+        """Queue out for its stream: the loop gets it at the next _flush (once the step is done, at the
+        top of _run; before a forward; after an inbox command)."""
         if self._outbox is not None:
             self._outbox.put(out)
 
