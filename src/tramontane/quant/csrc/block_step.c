@@ -34,9 +34,6 @@
 
 #include "kernels.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #ifdef TRAM_X86
 #include <xmmintrin.h>
 #endif
@@ -441,10 +438,8 @@ static int attend_rows(const isa_ops *ops, const block_args *a, const float *qkv
 #pragma omp parallel for num_threads(nth) if (nth > 1) schedule(dynamic, 1)
 #endif
     for (long it = 0; it < items; it++) {
-        int th = 0;
-#ifdef _OPENMP
-        th = omp_get_thread_num();
-#endif
+        int th, nt;
+        tram_team(&th, &nt);
         const att_scratch t = att_carve(mem + per_thread * (size_t)th, nkeys, nq, D, decoded);
         const long tile = it / Hkv;
         const long b0 = start[tile];
