@@ -519,6 +519,20 @@ def test_a_q8_0_cache_of_several_blocks_a_row(isa: str, activations: str, bound:
 
 
 @needs_ext
+@pytest.mark.parametrize(("activations", "bound"), [("q8", 5e-2), ("q16", 1e-4)])
+def test_a_q8_0_cache_s_values_mixed_two_keys_at_a_time(isa: str, activations: str, bound: float) -> None:
+    """AVX-512 mixes a Q8_0 cache's values two keys at a time, four to a step, its weights as int16 in
+    steps of their bound over a block of 64 keys (simd_step.inc, mix32_i16): 67, 70 and 73 keys end the
+    second block 3, 6 and 9 keys in (a key without its pair, a pair without its second), and the scores
+    spread by tens (attn_norm 4x) put weights of most sizes in one block; x equals the float64 block."""
+    previous = kernels.set_activations(activations)
+    try:
+        check_kv_type(isa, "q8_0", bound, (3, 64, 8, 2, 128, 96, 80), norm_scale=4.0, qpos=(66, 69, 72))
+    finally:
+        kernels.set_activations(previous)
+
+
+@needs_ext
 @pytest.mark.parametrize(("kv", "activations"), [("f32", "f32"), ("q8_0", "q16")])
 def test_subnormal_key_weights_leave_the_caller_s_floating_point_state(isa: str, kv: str, activations: str) -> None:
     """Queries and keys 30x larger (attn_norm 30x: scores spread by hundreds) give most keys a weight
@@ -543,9 +557,16 @@ def test_decode_block_reads_16_bit_rows_of_any_head_dim(isa: str, kv: str) -> No
     check_kv_type(isa, kv, 1e-5, (3, 64, 8, 2, 36, 96, 80))
 
 
-def check_kv_type(isa: str, kv: str, bound: float, shape: tuple[int, ...], norm_scale: float = 1.0) -> None:
+def check_kv_type(
+    isa: str,
+    kv: str,
+    bound: float,
+    shape: tuple[int, ...],
+    norm_scale: float = 1.0,
+    qpos: tuple[int, ...] = (75, 150, -1),
+) -> None:
     kind = kv_type(kv)
-    case = block_case(QT.Q8_0, 0, shape, qpos=(75, 150, -1))
+    case = block_case(QT.Q8_0, 0, shape, qpos=qpos)
     case["attn_norm"] *= norm_scale
     cache = {n: kind.encode(case[n]) for n in ("k_cache", "v_cache")}
     buffers = {n: (*buf(case[n]), case["qtype"]) for n in PACKED}
@@ -559,8 +580,8 @@ def check_kv_type(isa: str, kv: str, bound: float, shape: tuple[int, ...], norm_
     rounded = kernels.activations() if kv == "q8_0" and kernels.activations() != "f32" and isa != "scalar" else ""
     want_x, _, _ = block_reference(case, stored=True, rounded_queries=rounded)
     assert rel_err(got, want_x) < bound, isa
-    for row, q in enumerate((75, 150)):
-        s = KV_SHAPE[-1]
+    for row, q in enumerate(p for p in qpos if p >= 0):
+        s = shape[-1]
         assert rel_err(case["k_cache"][row, :, q % s], want_k[row, :, q % s]) < KV_BOUND[kv]
         assert rel_err(case["v_cache"][row, :, q % s], want_v[row, :, q % s]) < KV_BOUND[kv]
 
