@@ -66,6 +66,24 @@ def test_memory_of_each_type(tmp_path):
         assert pool.kv is KV_TYPES[name] and sum(t.nbytes for t in pool.k + pool.v) == 5 * per[name]
 
 
+def test_a_long_offline_cache_starts_on_a_huge_page_and_keeps_its_rows_as_it_grows(tmp_path):
+    """Layers of 4 MiB and more get a mapping of their own on transparent huge pages (model/cache.py,
+    layer_zeros): each starts on a 2 MiB boundary and reads as zeros; a cache that grows into such
+    layers (KVCache._resize) keeps the rows it held, and small layers stay torch's own."""
+    config = load_model(save_gguf(hf_model("llama", seed=1, hidden_size=128), tmp_path / "m.gguf", "Q8_0")).config
+    width = config.n_kv_heads * config.head_dim * 4  # float32 bytes of one position in one layer
+    long = 1 + (4 << 20) // width
+    big = KVCache(config, 1, long, "f32")
+    assert all(t.data_ptr() % (2 << 20) == 0 and not t.any() for t in big.k + big.v)
+    grown = KVCache(config, 1, 16, "f32")
+    assert grown.k[0].nbytes < 4 << 20
+    grown.k[0][0, :, 3] = 7.0
+    grown.pos[0, 3] = 3
+    grown.ensure_capacity(long, long)
+    assert grown.k[0].shape[2] == long and grown.k[0].data_ptr() % (2 << 20) == 0
+    assert (grown.k[0][0, :, 3] == 7.0).all() and grown.k[0].sum() == 7.0 * config.n_kv_heads * config.head_dim
+
+
 def test_a_q8_0_cache_generates_the_same_offline_and_served(tmp_path):
     """Greedy answers on a Q8_0 cache: the offline generator (rolling cache, window 8 < context) and the
     serving engine (paged pool) read the same rounded keys, so they answer alike; the answers are not

@@ -25,8 +25,6 @@ token 11 alone."""
 from __future__ import annotations
 
 import hashlib
-import math
-import mmap
 import secrets
 import struct
 from collections import OrderedDict
@@ -35,6 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from ..config import ModelConfig
+from ..model.cache import mapped_zeros
 from ..model.kv_types import KvType, kv_type
 
 _SALT = secrets.token_bytes(32)  # per process; keys never leave it
@@ -57,17 +56,12 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype | s
 
 
 def untouched_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Zeros that cost no resident memory until written, 4 KiB page by page: an anonymous private mapping
-    of their own (fresh pages read as zero; the OS maps one on its first write), advised out of
-    transparent huge pages. (torch.zeros writes every byte at once: a server's pool sized to 10% of RAM
+    """Zeros that cost no resident memory until written, 4 KiB page by page (mapped_zeros, advised out of
+    transparent huge pages). (torch.zeros writes every byte at once: a server's pool sized to 10% of RAM
     was resident before the first request. numpy's zeros ask for huge pages from 4 MB on: every layer's
     keys and values then became resident 2 MiB at a time, and SmolLM2's 360 MiB pool was 238 MiB
     resident after one 35-token prompt.)"""
-    nbytes = math.prod(shape) * dtype.itemsize
-    area = mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0))
-    if hasattr(mmap, "MADV_NOHUGEPAGE"):
-        area.madvise(mmap.MADV_NOHUGEPAGE)
-    return torch.frombuffer(area, dtype=torch.uint8)[:nbytes].view(dtype).view(shape)  # holds `area` mapped
+    return mapped_zeros(shape, dtype, huge=False)
 
 
 class BlockPool:
