@@ -249,7 +249,7 @@ static long tile_len(const block_args *a, long b, const uint8_t *tiles) {
 typedef struct {
     size_t *off;          /* [nkeys] */
     size_t *boff;         /* [ATT_KB] */
-    const uint8_t **krows, **vrows;  /* [ATT_KB] each */
+    const uint8_t **krows, **vrows;  /* [ATT_KB + ATT_NEXT] each: a block's rows, then the next one's first */
     float *sc, *ml;       /* [nq * ATT_KB], [2 * nq] */
     float *kbuf, *vbuf;   /* [ATT_KB * D] each (none for float32); kbuf: attend_q8_0's w where not decoded */
     float *qd;            /* [2 * nq * D / 32] (q16: two rows a query) */
@@ -266,7 +266,7 @@ typedef struct {
 static size_t att_bytes(long nkeys, long nq, long D, int decoded) {
     const size_t floats = (size_t)(nq * ATT_KB + 2 * nq) + (size_t)(decoded ? 2 * ATT_KB * D + 2 * nq * (D / 32) : 0);
     const size_t rounded = decoded ? (size_t)(2 * nq * (D / 16)) * 2 + (size_t)(2 * nq * D) : 0;  /* q16: 2 rows */
-    return sizeof(size_t) * (size_t)(nkeys + ATT_KB) + sizeof(uint8_t *) * 2 * ATT_KB + sizeof(float) * floats +
+    return sizeof(size_t) * (size_t)(nkeys + ATT_KB) + sizeof(uint8_t *) * 2 * (ATT_KB + ATT_NEXT) + sizeof(float) * floats +
            (sizeof(long) * 2 + sizeof(float *) * 2) * (size_t)nq + rounded;
 }
 
@@ -275,8 +275,8 @@ static att_scratch att_carve(char *mem, long nkeys, long nq, long D, int decoded
     t.off = (size_t *)mem;
     t.boff = t.off + nkeys;
     t.krows = (const uint8_t **)(t.boff + ATT_KB);
-    t.vrows = t.krows + ATT_KB;
-    t.sc = (float *)(t.vrows + ATT_KB);
+    t.vrows = t.krows + ATT_KB + ATT_NEXT;
+    t.sc = (float *)(t.vrows + ATT_KB + ATT_NEXT);
     t.ml = t.sc + nq * ATT_KB;
     t.kbuf = t.ml + 2 * nq;
     t.vbuf = t.kbuf + (decoded ? ATT_KB * D : 0);
@@ -301,14 +301,15 @@ static attend16_fn in_place16(const isa_ops *ops, int kvt) {
 /* The m keys and values of cache rows base + rows[i] as attend reads them (*k, *v, t->boff): float32
  * rows, and 16-bit ones where in_place16 has a kernel, where they lie (boff: element offsets from the
  * cache's start; *k and *v set for float32 only); other types decoded into the scratch, row i at i * D;
- * no k asked for (a Q8_0 cache met with rounded queries): their rows as they are, t->krows and t->vrows.
+ * no k asked for (a Q8_0 cache met with rounded queries): their rows as they are, t->krows and t->vrows,
+ * and the next block's first `next` (<= ATT_NEXT) after them, for the kernel to prefetch.
  * boff has ATT_PAD(m) entries. */
-static void key_block(const isa_ops *ops, const block_args *a, size_t base, const size_t *rows, long m,
+static void key_block(const isa_ops *ops, const block_args *a, size_t base, const size_t *rows, long m, long next,
                       const att_scratch *t, const float **k, const float **v) {
     const long D = a->D;
     if (!k) {
         const size_t rb = tram_row_bytes(a->kvt, D);
-        for (long i = 0; i < m; i++) t->krows[i] = a->kc + (base + rows[i]) * rb, t->vrows[i] = a->vc + (base + rows[i]) * rb;
+        for (long i = 0; i < m + next; i++) t->krows[i] = a->kc + (base + rows[i]) * rb, t->vrows[i] = a->vc + (base + rows[i]) * rb;
         return;
     }
     if (a->kvt == T_F32 || in_place16(ops, a->kvt)) {
@@ -393,9 +394,10 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
         const long m = last - i0 < ATT_KB ? last - i0 : ATT_KB;
         for (long j = 0; j < nq; j++) t->nb[j] = t->n[j] - i0 < 0 ? 0 : t->n[j] - i0 < m ? t->n[j] - i0 : m;
         const float *k = NULL, *v = NULL;
-        key_block(ops, a, base, t->off + i0, m, t, rounded ? NULL : &k, &v);
+        const long next = last - i0 - m < ATT_NEXT ? last - i0 - m : ATT_NEXT;
+        key_block(ops, a, base, t->off + i0, m, next, t, rounded ? NULL : &k, &v);
         if (rounded)
-            ops->attend_q8_0(&xq, t->out, nq, t->nb, t->krows, t->vrows, D, scale, t->sc, t->ml, t->kbuf);
+            ops->attend_q8_0(&xq, t->out, nq, t->nb, t->krows, t->vrows, m + next, D, scale, t->sc, t->ml, t->kbuf);
         else if (on_tiles)  /* float32 rows (decoded or not) or a 16-bit cache's */
             tram_attend_tiles(t->q, t->out, nq, t->nb, wide ? (const void *)a->kc : k, wide ? (const void *)a->vc : v,
                               wide ? a->kvt : T_F32, t->boff, D, scale, t->sc, t->ml, t->amx);

@@ -112,6 +112,7 @@ typedef void (*tile_fn)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb,
  * nq * ATT_KB floats. */
 #define ATT_PAD(n) (((n) + 7) & ~7L)
 #define ATT_KB 64
+#define ATT_NEXT 16  /* attend_q8_fn: rows of the next block's keys given along, to prefetch */
 typedef void (*attend_fn)(const float *const *q, float *const *out, long nq, const long *n, const float *k,
                           const float *v, const size_t *off, long D, float scale, float *sc, float *ml);
 /* As attend_fn over a float16 or bfloat16 cache, its rows as they are (off: element offsets), widened in
@@ -122,11 +123,12 @@ typedef void (*attend16_fn)(const float *const *q, float *const *out, long nq, c
  * the queries as their int8 rounding per 32 (xq: row j of D for query j; with pair, under q16, rows 2j
  * and 2j + 1, the query and what its rounding left, as matmul.c's pairs). The scores come from
  * integer dot products (as llama.cpp scores a q8_0 cache) and each value is decoded in registers and
- * met by the queries in turn: the fast activations' path (the exact one decodes keys and values). w is
- * scratch of (D / 32 + 4) * ATT_KB floats. */
+ * met by the queries in turn: the fast activations' path (the exact one decodes keys and values).
+ * krows and vrows hold `given` entries: this block's keys, then the next block's first (ATT_NEXT at most:
+ * the kernel prefetches them). w is scratch of (D / 32 + 4) * ATT_KB floats. */
 typedef void (*attend_q8_fn)(const q8_rows *xq, float *const *out, long nq, const long *n,
-                             const uint8_t *const *krows, const uint8_t *const *vrows, long D, float scale,
-                             float *sc, float *ml, float *w);
+                             const uint8_t *const *krows, const uint8_t *const *vrows, long given, long D,
+                             float scale, float *sc, float *ml, float *w);
 /* out[i] = silu(g[i]) * u[i], silu(g) = g / (1 + e^-g). */
 typedef void (*silu_fn)(const float *g, const float *u, float *out, long n);
 
