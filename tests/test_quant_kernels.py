@@ -1270,6 +1270,7 @@ def test_interleaved_q3_k_layout_by_hand() -> None:
         (QT.Q4_0, 512),
         (QT.Q4_1, 576),
         (QT.Q4_1, 512),
+        (QT.Q4_1, 544),  # 17 blocks: the tiles' last phase of blocks a short one
         (QT.Q4_K, 512),
         (QT.Q4_K, 768),
         (QT.Q6_K, 512),
@@ -1282,6 +1283,7 @@ def test_interleaved_q3_k_layout_by_hand() -> None:
         (QT.Q5_0, 512),
         (QT.Q5_1, 576),
         (QT.Q5_1, 512),
+        (QT.Q8_0, 96),
     ],
     ids=lambda v: getattr(v, "name", str(v)),
 )
