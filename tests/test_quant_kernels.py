@@ -586,10 +586,10 @@ def check_kv_type(
         assert rel_err(case["v_cache"][row, :, q % s], want_v[row, :, q % s]) < KV_BOUND[kv]
 
 
-def test_kv_encoders_round_as_gguf_and_torch_do() -> None:
-    """The C encoder (the compiled step's stores) is bit for bit model/kv_types.py's, on random rows and
-    on the edges (zeros, ties, half's overflow and subnormals, a Q8_0 block too small for its scale's
-    inverse); both equal gguf-py's reference quantizers
+def test_kv_encoders_round_as_gguf_and_torch_do(isa: str) -> None:
+    """The C encoders (the compiled step's stores; float16 rows through each instruction set's own) are
+    bit for bit model/kv_types.py's, on random rows and on the edges (zeros, ties, half's overflow and
+    subnormals, a Q8_0 block too small for its scale's inverse); both equal gguf-py's reference quantizers
     on random rows (no ties: GGML rounds Q8_0 ties away from zero, these to even)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(300, 64, generator=g) * torch.logspace(-9, 5, 300)[:, None]
@@ -608,6 +608,29 @@ def test_kv_encoders_round_as_gguf_and_torch_do() -> None:
             assert np.array_equal(want[3:].view(torch.uint8).numpy(), ref.view(np.uint8)), name
     with pytest.raises(ValueError, match="cannot hold rows of 48"):
         ext.encode_rows(buf(x), buf(x), 1, 48, int(QT.Q8_0))
+    # With subnormals flushed (torch.set_flush_denormal sets MXCSR's FTZ and DAZ): the same half rows.
+    want = KV_TYPES["f16"].encode(x)
+    got = torch.empty_like(want)
+    flushing = torch.set_flush_denormal(True)
+    try:
+        ext.encode_rows(buf(x), buf(got), 300, 64, int(QT.F16))
+    finally:
+        torch.set_flush_denormal(False)
+    assert not flushing or torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+
+
+@needs_ext
+def test_float16_encoders_write_a_nan_as_the_portable_one_does(isa: str) -> None:
+    """A NaN (quiet, signalling, either sign, any payload) becomes sign | 0x7e00 in every instruction
+    set's float16 rows, the 7 others of its 8 as ever, here in lanes 5, 12, 17 and the tail (63)."""
+    x = torch.randn(2, 67, generator=torch.Generator().manual_seed(5))
+    bits = torch.tensor([0x7FC01234, -0x00400000, 0x7F800001, 0x7FFFFFFF], dtype=torch.int32)  # -0x400000: 0xffc00000
+    x[0, [5, 12, 17, 63]] = bits.view(torch.float32)
+    got = torch.empty(2, 67, dtype=torch.float16)
+    ext.encode_rows(buf(x), buf(got), 2, 67, int(QT.F16))
+    want = x.to(torch.float16).view(torch.int16).clone()
+    want[0, [5, 12, 17, 63]] = torch.tensor([0x7E00, 0xFE00 - 0x10000, 0x7E00, 0x7E00], dtype=torch.int16)
+    assert torch.equal(got.view(torch.int16), want)
 
 
 @needs_ext

@@ -174,8 +174,15 @@ static size_t store_at(const block_args *a, long b, long g) {
     return ((size_t)cache_row(a, b) * a->Hkv + g) * a->S + a->qpos[b] % a->S;
 }
 
+void tram_store_row(const isa_ops *ops, int kvt, const float *x, long n, uint8_t *out) {
+    if (kvt == T_F16 && ops->enc_f16)
+        ops->enc_f16(x, n, out);
+    else
+        tram_enc_row(kvt, x, n, out);
+}
+
 /* Rotate q and k heads of each row and store k, v in the row's cache slot. */
-static void rope_and_store(const block_args *a, float *qkv) {
+static void rope_and_store(const isa_ops *ops, const block_args *a, float *qkv) {
     const long D = a->D, width = (a->H + 2 * a->Hkv) * D;
     const size_t rb = tram_row_bytes(a->kvt, D);
     for (long b = 0; b < a->B; b++) {
@@ -184,8 +191,8 @@ static void rope_and_store(const block_args *a, float *qkv) {
         rope_heads(row, a->H + a->Hkv, D, a->cs + b * D);
         for (long g = 0; g < a->Hkv; g++) {
             const size_t at = store_at(a, b, g) * rb;
-            tram_enc_row(a->kvt, row + (a->H + g) * D, D, a->kc + at);
-            tram_enc_row(a->kvt, row + (a->H + a->Hkv + g) * D, D, a->vc + at);
+            tram_store_row(ops, a->kvt, row + (a->H + g) * D, D, a->kc + at);
+            tram_store_row(ops, a->kvt, row + (a->H + a->Hkv + g) * D, D, a->vc + at);
         }
     }
 }
@@ -623,7 +630,7 @@ static int attention_half(const isa_ops *ops, const block_args *a, const scratch
     const int t[3] = {a->tqkv, a->tk, a->tv};
     rc |= stacked_matmul(ops, a, s->tiles, s->xn, w, t, a->rows_qkv, 3, s->qkv, dim, s->pieces);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 0, s->xn, s->qkv);
-    rope_and_store(a, s->qkv);
+    rope_and_store(ops, a, s->qkv);
     rc |= attend_rows(ops, a, s->qkv, s->att, s->tiles);
     rc |= rows_matmul(ops, a, s->tiles, s->att, a->wo, s->y, dim, HD, a->to);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 1, s->att, s->y);

@@ -131,6 +131,8 @@ typedef void (*attend_q8_fn)(const q8_rows *xq, float *const *out, long nq, cons
                              float scale, float *sc, float *ml, float *w);
 /* out[i] = silu(g[i]) * u[i], silu(g) = g / (1 + e^-g). */
 typedef void (*silu_fn)(const float *g, const float *u, float *out, long n);
+/* n floats -> a KV cache's row of their type at out, bit for bit blocks.c's tram_enc_row. */
+typedef void (*enc_fn)(const float *x, long n, uint8_t *out);
 
 /* The kernels of one instruction set. */
 typedef struct {
@@ -144,6 +146,7 @@ typedef struct {
     q8_fn quantize_q8;              /* their activations' rounding (where fused_q8 has any) */
     attend_q8_fn attend_q8_0;       /* attention over a Q8_0 cache with rounded queries (NULL: none) */
     attend16_fn attend_f16, attend_bf16;  /* over a 16-bit cache's own rows (NULL: decoded first) */
+    enc_fn enc_f16;                       /* a float16 cache's rows (NULL: tram_enc_row) */
 } isa_ops;
 
 static inline int visible(int64_t kp, int64_t qpos, long window) {
@@ -166,6 +169,11 @@ static inline int tram_packed_extent(size_t *out, int qtype, long rows, long K) 
 }
 
 /* scalar.c, simd_avx2.c, simd_avx512.c */
+/* block_step.c: a key's or value's row of n floats into a KV cache row of type kvt, as the compiled step
+ * stores them: a float16 row through the pass's encoder where it has one (ops->enc_f16), the others
+ * (and the portable pass's) through tram_enc_row; the same bits either way. */
+TRAM_HIDDEN void tram_store_row(const isa_ops *ops, int kvt, const float *x, long n, uint8_t *out);
+
 extern TRAM_HIDDEN const isa_ops tram_ops_scalar;
 #ifdef TRAM_X86
 extern TRAM_HIDDEN const isa_ops tram_ops_avx2;

@@ -202,7 +202,8 @@ static PyObject *py_encode_rows(PyObject *self, PyObject *args) {
     if (check_extent("encode_rows", "x", &x, need_x) || check_extent("encode_rows", "out", &out, need_out)) return NULL;
     const size_t rb = tram_row_bytes(type, (long)K);
     for (Py_ssize_t r = 0; r < N; r++)
-        tram_enc_row(type, (const float *)(uintptr_t)x.ptr + r * K, (long)K, (uint8_t *)(uintptr_t)out.ptr + r * rb);
+        tram_store_row(tram_isa_current(), type, (const float *)(uintptr_t)x.ptr + r * K, (long)K,
+                       (uint8_t *)(uintptr_t)out.ptr + r * rb);
     Py_RETURN_NONE;
 }
 
@@ -604,7 +605,8 @@ static PyMethodDef METHODS[] = {
      "interleaved rows gathered out of their group). idx: int64 (data_ptr, nbytes), every index in [0, N)."},
     {"encode_rows", py_encode_rows, METH_VARARGS,
      "encode_rows(x, out, N, K, type): N float32 rows of K -> rows of a KV cache type (F32, F16, BF16 or Q8_0), "
-     "rounded as the compiled step stores keys. x, out: (data_ptr, nbytes), checked against the extent."},
+     "rounded as the compiled step stores keys (the instruction set in use's encoder). x, out: (data_ptr, "
+     "nbytes), checked against the extent."},
     {"rms_norm", py_rms_norm, METH_VARARGS,
      "rms_norm(x, w, out, B, n, eps): out[b] = x[b] / sqrt(mean(x[b]^2) + eps) * w, float32, B rows of n (out may "
      "be x itself), as the compiled step's blocks normalise. x, w, out: (data_ptr, nbytes), checked against the extent."},
