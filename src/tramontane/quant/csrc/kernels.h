@@ -168,12 +168,12 @@ static inline int tram_packed_extent(size_t *out, int qtype, long rows, long K) 
     return tram_extent(out, (size_t)tram_types[qtype].size, K / tram_types[qtype].block, rows, 1, 1);
 }
 
-/* scalar.c, simd_avx2.c, simd_avx512.c */
 /* block_step.c: a key's or value's row of n floats into a KV cache row of type kvt, as the compiled step
  * stores them: a float16 row through the pass's encoder where it has one (ops->enc_f16), the others
  * (and the portable pass's) through tram_enc_row; the same bits either way. */
 TRAM_HIDDEN void tram_store_row(const isa_ops *ops, int kvt, const float *x, long n, uint8_t *out);
 
+/* scalar.c, simd_avx2.c, simd_avx512.c */
 extern TRAM_HIDDEN const isa_ops tram_ops_scalar;
 #ifdef TRAM_X86
 extern TRAM_HIDDEN const isa_ops tram_ops_avx2;
