@@ -890,7 +890,9 @@ def test_q16_rounds_each_activation_as_its_emulation(isa: str, qtype: QT, layout
     """q16 element by element: one-hot weight rows (the identity, exact in Q4_0 and Q8_0) make each output
     one rounded activation, so the rounding shows bare: the remainder at 1/256 of the first part's step,
     clamped to 127 steps where it is half a step (this x has such remainders), alike in the row kernels
-    and the interleaved ones (Q4_0's add the parts as one integer), at M = 1 and among 70 rows."""
+    and the interleaved ones (Q4_0's add the parts as one integer), at M = 1 and among 70 rows. The
+    remainder is x - d q with the product rounded first (round_q16's one pass keeps the two-pass
+    arithmetic): this x has elements whose second part a fused multiply-subtract would round otherwise."""
     if isa == "scalar":
         pytest.skip("the portable pass has no integer kernels")
     k = 64
@@ -907,6 +909,9 @@ def test_q16_rounds_each_activation_as_its_emulation(isa: str, qtype: QT, layout
         first, amax = _rounded(xb)
         step = (amax / np.float32(127)).astype(np.float32)
         assert (np.abs(np.rint((xb - first) * (np.float32(256) / step))) > 127).any()  # clamps happen
+        q1 = np.rint(xb * (np.float32(127) / amax))
+        fused = (xb.astype(np.float64) - step.astype(np.float64) * q1).astype(np.float32)  # x - d q rounded once
+        assert (np.rint(fused * (np.float32(256) / step)) != np.rint((xb - first) * (np.float32(256) / step))).any()
         want = q8_reference(x, dense, qtype, two=True)
         scale = torch.from_numpy(np.broadcast_to(amax, xb.shape).reshape(70, k).astype(np.float64))
         for lo, hi in ((0, 70), (0, 1), (33, 34)):

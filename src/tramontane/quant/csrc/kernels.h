@@ -94,6 +94,10 @@ typedef void (*fused_q8_fn)(const uint8_t *w, size_t rb, long n, const q8_rows *
 /* nb blocks of blk floats at x rounded to int8 (q, scales d, sums of q per 16 in bs), as q8_rows; with
  * `fixed`, block b's scale is fixed[b] / 256 (q16's second part, fixed = the first part's scales). */
 typedef void (*q8_fn)(const float *x, long nb, long blk, const float *fixed, int8_t *q, float *d, int16_t *bs);
+/* q16's two parts of nb blocks of blk floats at x in one pass: q, d, bs as q8_fn rounds x, and q2, d2,
+ * bs2 as q8_fn rounds what that left, x - d q, with fixed = d (tram_round_q16). */
+typedef void (*q16_fn)(const float *x, long nb, long blk, int8_t *q, float *d, int16_t *bs, int8_t *q2, float *d2,
+                       int16_t *bs2);
 /* Tiled: y[m, n] (rows N apart) for n in [n0, n1), every m < M, from rows of w decoded with `dec`. */
 typedef void (*tile_fn)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb, long n0, long n1,
                         const float *x, long M, long K, float *y, long N);
@@ -144,6 +148,7 @@ typedef struct {
     silu_fn silu_mul;
     fused_q8_fn fused_q8[T_COUNT];  /* the K-quants with integer-activation kernels (NULL: none) */
     q8_fn quantize_q8;              /* their activations' rounding (where fused_q8 has any) */
+    q16_fn round_q16;               /* the same as q16's two parts, in one pass */
     attend_q8_fn attend_q8_0;       /* attention over a Q8_0 cache with rounded queries (NULL: none) */
     attend16_fn attend_f16, attend_bf16;  /* over a 16-bit cache's own rows (NULL: decoded first) */
     enc_fn enc_f16;                       /* a float16 cache's rows (NULL: tram_enc_row) */
@@ -226,8 +231,8 @@ TRAM_HIDDEN int tram_set_tiles(int on);
 TRAM_HIDDEN void tram_set_q8(int mode);
 TRAM_HIDDEN int tram_q8(void);
 /* One row x of K floats as q16's two int8 rows (q, q + K; scales d, d + K / blk; sums bs, bs + K / 16):
- * x rounded per blk, then what that left (into r, K floats of scratch) at 1/256 of each block's step. */
-TRAM_HIDDEN void tram_round_q16(const isa_ops *ops, const float *x, long K, long blk, float *r, int8_t *q, float *d,
+ * x rounded per blk, then what that left at 1/256 of each block's step (the instruction set's round_q16). */
+TRAM_HIDDEN void tram_round_q16(const isa_ops *ops, const float *x, long K, long blk, int8_t *q, float *d,
                                 int16_t *bs);
 /* out[N,K] = W as float32; returns 0, or -1 when out of memory. */
 TRAM_HIDDEN int tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, long K, int qtype,

@@ -144,47 +144,42 @@ static long q8_block(int qtype) {
  * |x| / 127, q = round(x / d), the sums of q per 16). With `two` ("q16"), 2M rows: row 2m as above, row
  * 2m + 1 what row m's rounding left (x - d q, at most d / 2 per element) rounded with the scale d / 256:
  * the two together carry x to 1/65024 of each block's largest |x|, and as 256 q1 + q2 they are one
- * integer at scale d / 256. One malloc'd buffer (mem) holds the rows, their scales and sums, and (q16)
- * one remainder row per thread. */
+ * integer at scale d / 256 (the instruction set's round_q16, both in one pass). One malloc'd buffer
+ * (mem) holds the rows, their scales and sums. */
 typedef struct {
     int8_t *q;
-    float *d, *r;
+    float *d;
     int16_t *bs;
     void *mem;
 } q8_buf;
 
-/* Room for M rows of x rounded, for `threads` threads. Returns 0, or -1 when out of memory. */
-static int q8_alloc(long M, long K, long blk, int two, int threads, q8_buf *b) {
+/* Room for M rows of x rounded. Returns 0, or -1 when out of memory. */
+static int q8_alloc(long M, long K, long blk, int two, q8_buf *b) {
     const long R = two ? 2 * M : M, nb = K / blk;
     const size_t nq = (size_t)(R * K), nd = (size_t)(R * nb), ns = (size_t)(R * (K / 16));
     const size_t od = (nq + 63) & ~(size_t)63, ob = od + ((nd * 4 + 63) & ~(size_t)63);
-    char *p = malloc(ob + ns * 2 + (two ? sizeof(float) * (size_t)K * (size_t)threads : 0));
+    char *p = malloc(ob + ns * 2);
     if (!p) return -1;
     b->q = (int8_t *)p, b->d = (float *)(p + od), b->bs = (int16_t *)(p + ob);
-    b->r = two ? (float *)(p + ob + ns * 2) : NULL;
     b->mem = p;
     return 0;
 }
 
-/* Rows [m0, m1) of x rounded into b, by thread t (its remainder row). */
+/* Rows [m0, m1) of x rounded into b. */
 static void q8_fill(const isa_ops *ops, const float *x, long m0, long m1, long K, long blk, int two,
-                    const q8_buf *b, int t) {
+                    const q8_buf *b) {
     const long nb = K / blk;
     if (!two) {
         ops->quantize_q8(x + m0 * K, (m1 - m0) * nb, blk, NULL, b->q + m0 * K, b->d + m0 * nb, b->bs + m0 * (K / 16));
         return;
     }
     for (long m = m0; m < m1; m++)
-        tram_round_q16(ops, x + m * K, K, blk, b->r + (size_t)t * (size_t)K, b->q + 2 * m * K, b->d + 2 * m * nb,
-                       b->bs + 2 * m * (K / 16));
+        tram_round_q16(ops, x + m * K, K, blk, b->q + 2 * m * K, b->d + 2 * m * nb, b->bs + 2 * m * (K / 16));
 }
 
-void tram_round_q16(const isa_ops *ops, const float *x, long K, long blk, float *r, int8_t *q, float *d, int16_t *bs) {
+void tram_round_q16(const isa_ops *ops, const float *x, long K, long blk, int8_t *q, float *d, int16_t *bs) {
     const long nb = K / blk;
-    ops->quantize_q8(x, nb, blk, NULL, q, d, bs);
-    for (long j = 0; j < nb; j++)
-        for (long i = j * blk; i < (j + 1) * blk; i++) r[i] = x[i] - d[j] * (float)q[i];
-    ops->quantize_q8(r, nb, blk, d, q + K, d + nb, bs + K / 16);
+    ops->round_q16(x, nb, blk, q, d, bs, q + K, d + nb, bs + K / 16);
 }
 
 /* Interleaved rows (T_Q4_0_R8 ... T_Q5_1_R8) back to GGML's layout (type `base`) in a malloc'd copy (NULL
@@ -212,7 +207,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
      * the call (a served request's answer on the batch it lands in). */
     fused_q8_fn fused_q8 = g_q8 && K % blk == 0 ? ops->fused_q8[qtype] : NULL;
     float *xs = NULL;
-    q8_buf qb = {NULL, NULL, NULL, NULL, NULL};
+    q8_buf qb = {NULL, NULL, NULL, NULL};
     const int span = xs_span(qtype);
     const int two = fused_q8 && g_q8 == 2;  /* "q16": x as two int8 rows, their products summed */
     const long MQ = two ? 2 * M : M;
@@ -222,9 +217,9 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
      * would only wait); one row is rounded before it. */
     const int shared = fused_q8 && M > 1 && nth > 1;
     if (fused_q8) fused = NULL;
-    if (fused_q8 && q8_alloc(M, K, blk, two, nth, &qb)) return -1;
+    if (fused_q8 && q8_alloc(M, K, blk, two, &qb)) return -1;
     const q8_rows xq = {qb.q, qb.d, qb.bs, two && base >= 0};  /* pair: the interleaved kernels sum each pair */
-    if (fused_q8 && !shared) q8_fill(ops, x, 0, M, K, blk, two, &qb, 0);
+    if (fused_q8 && !shared) q8_fill(ops, x, 0, M, K, blk, two, &qb);
     if ((fused || fused_q8) && span &&
         !(xs = fused_q8 ? malloc(sizeof(float) * (size_t)(MQ * (K / span))) : block_sums(x, M, K, span))) {
         free(qb.mem);
@@ -249,7 +244,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
         long n0, n1;
         if (shared) {
             split_rows(M, t, nt, 1, &n0, &n1);
-            q8_fill(ops, x, n0, n1, K, blk, two, &qb, t);
+            q8_fill(ops, x, n0, n1, K, blk, two, &qb);
             if (xs) rounded_sums(&xq, xs, two ? 2 * n0 : n0, two ? 2 * n1 : n1, K, blk, span);
 #ifdef _OPENMP
 #pragma omp barrier

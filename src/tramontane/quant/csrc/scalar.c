@@ -74,4 +74,5 @@ const isa_ops tram_ops_scalar = {
     silu_mul_c,
     {0},
     NULL,
+    NULL,
 };
