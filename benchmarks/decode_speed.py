@@ -10,7 +10,8 @@ load), transformers-fp32, transformers-bf16, llama.cpp and llama.cpp-nommap (whe
 --rounds rounds (medians reported), so load time and peak RSS (VmHWM) are each engine's own; the decode
 roofline (measured bandwidth / bytes a token reads) is printed beside the decode figures. Prints tokens/s
 for a 512-token prefill, 256 decoded tokens at batch 1, and aggregate decode at batch 4 and 16 (64 tokens
-each), with ratios to the first engine; --prefill-tokens, --decode-tokens, --batch-tokens change those
+each, counted after every sequence's first token as the batch-1 figure is, and batch 16's whole generate
+with its prompts), with ratios to the first engine; --prefill-tokens, --decode-tokens, --batch-tokens change those
 lengths (Mixtral 8x7B at a few tokens per second takes shorter runs). `--random SPEC --quant bf16` writes
 random weights as a bfloat16 Hugging Face folder (placeholder tokenizer) and compares the engines on it:
 the float-checkpoint figures (tramontane's 16-bit packed rows against transformers bf16).
@@ -79,14 +80,24 @@ def run_tramontane(model: str | None, packed: bool, mmap: bool = True) -> dict:
         )
     ]
     decode = (len(times) - 1) / (times[-1] - times[0])
-    batched: dict[int, float | None] = {4: None, 16: None}
+    batched: dict[str, float | None] = {}
     for b in (4, 16) if BATCH_TOKENS else ():
         params = SamplingParams(temperature=0, max_tokens=BATCH_TOKENS, ignore_eos=True)
-        t = time.perf_counter()
-        llm.generate([prompt_ids(vocab, 8, seed=i) for i in range(b)], params)
-        batched[b] = b * BATCH_TOKENS / (time.perf_counter() - t)
+        t, tokens, first = time.perf_counter(), 0, {}
+        for delta in llm.generate([prompt_ids(vocab, 8, seed=i) for i in range(b)], params, stream=True):
+            tokens += len(delta.token_ids)
+            first.setdefault(delta.index, (time.perf_counter(), tokens))
+        end = time.perf_counter()
+        started, before = max(first.values())  # every sequence past its prompt and first token
+        batched.update(batch_figures(b, tokens - before, end - started, b * BATCH_TOKENS, end - t))
     del torch
-    return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": batched[4], "batch16": batched[16]}
+    return {"load_s": load, "prefill": prefill, "decode": decode, **batched}
+
+
+def batch_figures(b: int, tokens: int, decode_s: float, total: int, wall_s: float) -> dict[str, float]:
+    """Batch b's aggregate decode (tokens after each sequence's first, as the batch-1 decode figure
+    counts) and the whole generate's tokens over its wall time, prompts and first tokens included."""
+    return {f"batch{b}": tokens / decode_s, f"batch{b}_wall": total / wall_s}
 
 
 class IdTokenizer:
@@ -266,13 +277,17 @@ def run_transformers(model: str, dtype_name: str) -> dict:
         t = time.perf_counter()
         hf.generate(ids, max_new_tokens=DECODE, min_new_tokens=DECODE, **kw)
         decode = (DECODE - 1) / (time.perf_counter() - t - first)
-        batched: dict[int, float | None] = {4: None, 16: None}
+        batched: dict[str, float | None] = {}
         for b in (4, 16) if BATCH_TOKENS else ():
             ids = torch.tensor([prompt_ids(vocab, 8, seed=i) for i in range(b)])
             t = time.perf_counter()
+            hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+            first = time.perf_counter() - t
+            t = time.perf_counter()
             hf.generate(ids, max_new_tokens=BATCH_TOKENS, min_new_tokens=BATCH_TOKENS, **kw)
-            batched[b] = b * BATCH_TOKENS / (time.perf_counter() - t)
-    return {"load_s": load, "prefill": prefill, "decode": decode, "batch4": batched[4], "batch16": batched[16]}
+            wall = time.perf_counter() - t
+            batched.update(batch_figures(b, b * (BATCH_TOKENS - 1), wall - first, b * BATCH_TOKENS, wall))
+    return {"load_s": load, "prefill": prefill, "decode": decode, **batched}
 
 
 def run_llama_cpp(model: str, threads: int, mmap: bool = True) -> dict:
@@ -619,6 +634,7 @@ def print_table(args: argparse.Namespace, results: dict) -> None:
         ("decode", "decode tok/s"),
         ("batch4", "batch 4 tok/s"),
         ("batch16", "batch 16 tok/s"),
+        ("batch16_wall", "batch 16 with prompts tok/s"),
         ("load_s", "load s"),
         ("peak_rss_gb", "peak RSS GB"),
     ]
