@@ -479,6 +479,32 @@ def test_decode_block_takes_pieces_of_their_own_types(isa: str, given: tuple[str
         ext.decode_block(BLOCK_SHAPE, short, 1e-5, 0, 2)
 
 
+@needs_ext
+@pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("activations", ["f32", "q16"])
+def test_block_rows_on_two_threads_are_those_on_one(isa: str, qtype: QT, activations: str) -> None:
+    """The per-row work between the projections (the norms, the gating, the residual adds) runs inside
+    the projections' own threads (block_step.c's row_work): with two, each thread normalizes or gates the
+    rows it then rounds and adds its output columns into the residual stream. 16 rows through a block
+    whose matrices are large enough for two threads give x bit for bit as on one thread (where it all runs
+    on the calling thread), interleaved (Q4_1) or not (Q8_0)."""
+    shape = (16, 256, 8, 2, 32, 512, 40)
+    outs = []
+    previous = kernels.set_activations(activations)
+    try:
+        for threads in (1, 2):
+            case = block_case(qtype, 0, shape, qpos=tuple(range(20, 36)))
+            if qtype == QT.Q4_1:
+                for name in PACKED:
+                    case[name], case["qtype"] = kernels.regroup(case[name], int(qtype), case[name + "_dense"].shape[1])
+            run_block(case, threads=threads)
+            outs.append(case["x"])
+    finally:
+        kernels.set_activations(previous)
+    assert torch.equal(outs[0], outs[1])
+    assert not torch.equal(outs[0], block_case(qtype, 0, shape, qpos=tuple(range(20, 36)))["x"])  # the block ran
+
+
 KV_SHAPE = (3, 64, 4, 2, 32, 96, 80)  # D = 32 (one Q8_0 block); S = 80 keys: two blocks of the online softmax
 KV_BOUND = {"f32": 1e-6, "bf16": 8e-3, "f16": 1e-3, "q8_0": 1e-2}  # new keys vs the float64 ones, of their scale
 

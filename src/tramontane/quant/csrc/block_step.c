@@ -22,9 +22,11 @@
  * a row of D elements of type kvt: float32, or rounded to half, bfloat16 or Q8_0 (blocks.c); 16-bit
  * rows are widened in registers as they are attended, Q8_0 rows met by rounded queries (the integer
  * settings) or else decoded block by block into the thread's scratch.
- * Threads: each matmul splits its output rows (matmul.c), the attention its tiles of rows x kv heads,
- * and from ROWS_SPLIT rows on the norms, residual adds and gating split the rows; the rotation and the
- * cache stores stay on the calling thread (two rows of one chunk may share a rolling cache's slot).
+ * Threads: each matmul splits its output rows (matmul.c), the attention its tiles of rows x kv heads;
+ * the norms, the gating and the residual adds run inside the projections' parallel regions (row_work,
+ * matmul_hooks), or where a step's rows take the bfloat16 tiles or adapters sit between, split from
+ * ROWS_SPLIT rows on; the rotation and the cache stores stay on the calling thread (two rows of one
+ * chunk may share a rolling cache's slot).
  * Also owns the extent each of the step's buffers must have (tram_block_extents) and the range check
  * of the paged rows (tram_block_rows_ok), which the binding runs before any pointer is followed.
  */
@@ -486,9 +488,9 @@ static void add_rows(float *x, const float *y, long n) {
     for (long i = 0; i < n; i++) x[i] += y[i];
 }
 
-/* The per-row work between the matmuls (norms, residual adds, gating) is split over the threads from
- * this many rows on (a prompt chunk: 3-5% faster on SmolLM2's 512-token prefill); below it, on the
- * calling thread, as waking the other one costs more. */
+/* Where it does not run inside a projection (row_work), the per-row work between the matmuls (norms,
+ * residual adds, gating) is split over the threads from this many rows on (a prompt chunk: 3-5% faster
+ * on SmolLM2's 512-token prefill); below it, on the calling thread, as waking the other one costs more. */
 #define ROWS_SPLIT 64
 
 static int rows_split(const block_args *a) { return a->B >= ROWS_SPLIT && a->threads > 1; }
@@ -595,10 +597,11 @@ static int tile_rows(const block_args *a, long from, uint8_t *flag) {
     return any;
 }
 
-/* y [B, N] = x [B, K] . W^T, each run of rows flagged alike (tiles: NULL for none) in one call. */
+/* y [B, N] = x [B, K] . W^T, each run of rows flagged alike (tiles: NULL for none) in one call; h: the
+ * per-row work the one call runs on its threads (rows_hooked; NULL with tiles). */
 static int rows_matmul(const isa_ops *ops, const block_args *a, const uint8_t *tiles, const float *x,
-                       const uint8_t *w, float *y, long N, long K, int t) {
-    if (!tiles) return tram_matmul(ops, x, w, y, a->B, N, K, t, a->threads);
+                       const uint8_t *w, float *y, long N, long K, int t, const matmul_hooks *h) {
+    if (!tiles) return tram_matmul_hooked(ops, x, w, y, a->B, N, K, t, a->threads, h);
     int rc = 0;
     for (long b0 = 0, b1; b0 < a->B; b0 = b1) {
         for (b1 = b0 + 1; b1 < a->B && tiles[b1] == tiles[b0]; b1++) {}
@@ -608,20 +611,20 @@ static int rows_matmul(const isa_ops *ops, const block_args *a, const uint8_t *t
 }
 
 /* y [B, sum of rows] = x [B, K] . W^T for W the n pieces' rows stacked (piece i: rows[i] rows of type
- * t[i] at w[i]; rows[i] = 0: none). One piece runs straight into y; several run into tmp [B, rows[i]]
- * each and are copied into their columns of y (at B = 1 the columns are contiguous: straight in). */
+ * t[i] at w[i]; rows[i] = 0: none). One piece runs straight into y (with h); several run into tmp [B,
+ * rows[i]] each and are copied into their columns of y (at B = 1 the columns are contiguous: straight in). */
 static int stacked_matmul(const isa_ops *ops, const block_args *a, const uint8_t *tiles, const float *x,
                           const uint8_t *const *w, const int *t, const long *rows, int n, float *y, long K,
-                          float *tmp) {
+                          float *tmp, const matmul_hooks *h) {
     const long B = a->B;
     long width = 0, col = 0;
     for (int i = 0; i < n; i++) width += rows[i];
-    if (width == rows[0]) return rows_matmul(ops, a, tiles, x, w[0], y, width, K, t[0]);
+    if (width == rows[0]) return rows_matmul(ops, a, tiles, x, w[0], y, width, K, t[0], h);
     int rc = 0;
     for (int i = 0; i < n; i++) {
         if (rows[i] == 0) continue;
         float *out = B == 1 ? y + col : tmp;
-        rc |= rows_matmul(ops, a, tiles, x, w[i], out, rows[i], K, t[i]);
+        rc |= rows_matmul(ops, a, tiles, x, w[i], out, rows[i], K, t[i], NULL);
         for (long b = 0; b < B && out == tmp; b++)
             memcpy(y + b * width + col, tmp + b * rows[i], sizeof(float) * (size_t)rows[i]);
         col += rows[i];
@@ -641,35 +644,78 @@ typedef struct {
     lora_scratch lora;                     /* L > 0 */
 } scratch;
 
+/* The per-row work between the projections, run by the projection's own threads (matmul_hooks) where
+ * one call makes it (rows_hooked): the norm before the stacked q/k/v and the gate/up projections (each
+ * thread the rows it then rounds), the gating before the down projection, and the residual adds after
+ * the output and down projections (each thread its columns as they are done). The calling thread had
+ * run them alone between the parallel regions, the other waiting. The same arithmetic per row. */
+typedef struct {
+    const isa_ops *ops;
+    const block_args *a;
+    const float *norm, *h13;  /* the norm's weights; gate_before's input */
+    float *out;               /* norm_before's or gate_before's rows */
+} row_work;
+
+static void norm_before(const void *ctx, long m0, long m1) {
+    const row_work *r = ctx;
+    const long dim = r->a->dim;
+    tram_rms_norm_rows(r->a->x + m0 * dim, r->norm, r->a->eps, m1 - m0, dim, r->out + m0 * dim);
+}
+
+static void gate_before(const void *ctx, long m0, long m1) {
+    const row_work *r = ctx;
+    for (long b = m0; b < m1; b++) gate_row(r->ops, r->a->F, r->h13, r->out, b);
+}
+
+static void residual_after(const void *ctx, const float *y, long ldy, long m0, long m1, long n0, long n1) {
+    const row_work *r = ctx;
+    for (long b = m0; b < m1; b++) add_rows(r->a->x + b * r->a->dim + n0, y + b * ldy + n0, n1 - n0);
+}
+
+/* Whether the projection of `rows` (a stack of n pieces; NULL: one matrix) is one call that can take the
+ * step's per-row work: no rows on the bfloat16 tiles, one piece. */
+static int rows_hooked(const scratch *s, const long *rows, int n) {
+    int pieces = 0;
+    for (int i = 0; rows && i < n; i++) pieces += rows[i] > 0;
+    return !s->tiles && pieces <= 1;
+}
+
 /* Returns 0, or -1 when out of memory. */
 static int attention_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     const long dim = a->dim, HD = a->H * a->D;
     int rc = 0;
-    norm_rows(a, a->norm1, s->xn);
+    const row_work norm = {ops, a, a->norm1, NULL, s->xn}, res = {ops, a, NULL, NULL, NULL};
+    const matmul_hooks before = {norm_before, NULL, &norm}, after = {NULL, residual_after, &res};
+    const int hq = rows_hooked(s, a->rows_qkv, 3), ho = rows_hooked(s, NULL, 0) && a->L == 0;
+    if (!hq) norm_rows(a, a->norm1, s->xn);
     const uint8_t *const w[3] = {a->wqkv, a->wk, a->wv};
     const int t[3] = {a->tqkv, a->tk, a->tv};
-    rc |= stacked_matmul(ops, a, s->tiles, s->xn, w, t, a->rows_qkv, 3, s->qkv, dim, s->pieces);
+    rc |= stacked_matmul(ops, a, s->tiles, s->xn, w, t, a->rows_qkv, 3, s->qkv, dim, s->pieces, hq ? &before : NULL);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 0, s->xn, s->qkv);
     rope_and_store(ops, a, s->qkv);
     rc |= attend_rows(ops, a, s->qkv, s->att, s->tiles);
-    rc |= rows_matmul(ops, a, s->tiles, s->att, a->wo, s->y, dim, HD, a->to);
+    rc |= rows_matmul(ops, a, s->tiles, s->att, a->wo, s->y, dim, HD, a->to, ho ? &after : NULL);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 1, s->att, s->y);
-    add_residual(a, s->y);
+    if (!ho) add_residual(a, s->y);
     return rc;
 }
 
 static int ffn_half(const isa_ops *ops, const block_args *a, const scratch *s) {
     const long dim = a->dim, F = a->F;
     int rc = 0;
-    norm_rows(a, a->norm2, s->xn);
+    const row_work norm = {ops, a, a->norm2, NULL, s->xn}, gate = {ops, a, NULL, s->h13, s->gu};
+    const matmul_hooks before = {norm_before, NULL, &norm};
+    const matmul_hooks down = {gate_before, a->L == 0 ? residual_after : NULL, &gate};
+    const int h13 = rows_hooked(s, a->rows_13, 2), h2 = rows_hooked(s, NULL, 0);
+    if (!h13) norm_rows(a, a->norm2, s->xn);
     const uint8_t *const w[2] = {a->w13, a->w3};
     const int t[2] = {a->t13, a->t3};
-    rc |= stacked_matmul(ops, a, s->tiles, s->xn, w, t, a->rows_13, 2, s->h13, dim, s->pieces);
+    rc |= stacked_matmul(ops, a, s->tiles, s->xn, w, t, a->rows_13, 2, s->h13, dim, s->pieces, h13 ? &before : NULL);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 2, s->xn, s->h13);
-    gate_rows(ops, a, s->h13, s->gu);
-    rc |= rows_matmul(ops, a, s->tiles, s->gu, a->w2, s->y, dim, F, a->t2);
+    if (!h2) gate_rows(ops, a, s->h13, s->gu);
+    rc |= rows_matmul(ops, a, s->tiles, s->gu, a->w2, s->y, dim, F, a->t2, h2 ? &down : NULL);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 3, s->gu, s->y);
-    add_residual(a, s->y);
+    if (!h2 || a->L > 0) add_residual(a, s->y);
     return rc;
 }
 

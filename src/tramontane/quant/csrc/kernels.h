@@ -203,6 +203,19 @@ TRAM_HIDDEN int tram_isa_select(const char *name);
  * memory. */
 TRAM_HIDDEN int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N,
                             long K, int qtype, int n_threads);
+/* The caller's per-row work that a matmul runs on its own threads (block_step.c: the norms, the gating
+ * and the residual adds between the projections, which the calling thread had run alone with the other
+ * waiting): `before` makes rows [m0, m1) of x, each thread the rows it then rounds to int8 (all of them
+ * first, on the calling thread, where the rows are not rounded in the parallel region); `after` takes
+ * rows [m0, m1) x columns [n0, n1) of y once they are final. Either may be NULL. */
+typedef struct {
+    void (*before)(const void *ctx, long m0, long m1);
+    void (*after)(const void *ctx, const float *y, long ldy, long m0, long m1, long n0, long n1);
+    const void *ctx;
+} matmul_hooks;
+/* tram_matmul with the caller's hooks (NULL: none). */
+TRAM_HIDDEN int tram_matmul_hooked(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N,
+                                   long K, int qtype, int n_threads, const matmul_hooks *h);
 /* tiles_bf16.c. As tram_matmul, with x rounded to bfloat16 and multiplied on AMX-BF16 tiles where
  * tram_tiles_ok (else tram_matmul itself): prompt chunks' many rows. */
 TRAM_HIDDEN int tram_tiles_bf16(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N,

@@ -192,11 +192,48 @@ static uint8_t *plain_rows(const uint8_t *w, long N, long K, int base) {
 
 int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N, long K,
                 int qtype, int n_threads) {
+    return tram_matmul_hooked(ops, x, w, y, M, N, K, qtype, n_threads, NULL);
+}
+
+/* The hooks' calls, where there are any. */
+static void run_before(const matmul_hooks *h, long m0, long m1) {
+    if (h && h->before && m0 < m1) h->before(h->ctx, m0, m1);
+}
+
+/* `before` over all M rows ahead of the matmul (its rows not rounded in the parallel region): from
+ * BEFORE_SPLIT rows on (a prompt chunk under the exact setting) split over the threads. */
+#define BEFORE_SPLIT 64
+static void run_before_all(const matmul_hooks *h, long M, int n_threads) {
+    if (!h || !h->before) return;
+    if (M < BEFORE_SPLIT || n_threads < 2) {
+        run_before(h, 0, M);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(n_threads)
+#endif
+    {
+        int t, nt;
+        tram_team(&t, &nt);
+        long m0, m1;
+        split_rows(M, t, nt, 1, &m0, &m1);
+        run_before(h, m0, m1);
+    }
+}
+
+static void run_after(const matmul_hooks *h, const float *y, long N, long m0, long m1, long n0, long n1) {
+    if (h && h->after && m0 < m1 && n0 < n1) h->after(h->ctx, y, N, m0, m1, n0, n1);
+}
+
+int tram_matmul_hooked(const isa_ops *ops, const float *x, const uint8_t *w, float *y, long M, long N, long K,
+                       int qtype, int n_threads, const matmul_hooks *h) {
     const int base = tram_r8_base(qtype);
     if (base >= 0 && !(g_q8 && ops->fused_q8[qtype])) {  /* the exact setting, the portable pass */
+        run_before_all(h, M, n_threads);
         uint8_t *plain = plain_rows(w, N, K, base);
         const int rc = plain ? tram_matmul(ops, x, plain, y, M, N, K, base, n_threads) : -1;
         free(plain);
+        if (!rc) run_after(h, y, N, 0, M, 0, N);
         return rc;
     }
     const tinfo ti = tram_types[qtype];
@@ -216,6 +253,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
     /* Several rows: each thread rounds its share of them inside the parallel region (the other threads
      * would only wait); one row is rounded before it. */
     const int shared = fused_q8 && M > 1 && nth > 1;
+    if (!shared) run_before_all(h, M, n_threads);
     if (fused_q8) fused = NULL;
     if (fused_q8 && q8_alloc(M, K, blk, two, &qb)) return -1;
     const q8_rows xq = {qb.q, qb.d, qb.bs, two && base >= 0};  /* pair: the interleaved kernels sum each pair */
@@ -244,6 +282,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
         long n0, n1;
         if (shared) {
             split_rows(M, t, nt, 1, &n0, &n1);
+            run_before(h, n0, n1);
             q8_fill(ops, x, n0, n1, K, blk, two, &qb);
             if (xs) rounded_sums(&xq, xs, two ? 2 * n0 : n0, two ? 2 * n1 : n1, K, blk, span);
 #ifdef _OPENMP
@@ -254,6 +293,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
             for (long m0 = ROW_CHUNK * take_chunk(&next, 1); m0 < M; m0 = ROW_CHUNK * take_chunk(&next, 1)) {
                 const long m1 = m0 + ROW_CHUNK < M ? m0 + ROW_CHUNK : M;
                 row_chunk(fused_q8, w, rb, N, K, blk, &xq, xs, span, two, m0, m1, y, y2);
+                run_after(h, y, N, m0, m1, 0, N);
             }
         } else {
             long u, take;  /* this thread's first range of units: a chunk of them, or its fixed share */
@@ -271,6 +311,7 @@ int tram_matmul(const isa_ops *ops, const float *x, const uint8_t *w, float *y, 
                 else
                     ops->tile(ops->dec[qtype], ti.block, ti.size, w, rb, n0, n1, x, M, K, y, N);
                 if (y2) sum_pairs(y, y2, N, 0, M, n0, n1);
+                run_after(h, y, N, 0, M, n0, n1);
                 u = dynamic ? take_chunk(&next, chunk) : units;  /* the next free chunk, or done */
             }
         }
