@@ -715,6 +715,45 @@ def test_a_long_chunk_gives_the_same_bits_on_one_thread_and_two(tmp_path):
     assert torch.equal(out[1], out[2])
 
 
+def test_a_windowed_chunk_computes_alike_in_any_row_order_and_thread_count(tmp_path):
+    """A served chunk of 63 rows of one sequence (positions 10..72, after a first chunk of 10) beside
+    another sequence's token, the window (8) shorter than the chunk: every row's keys start elsewhere, so
+    each row attends in a tile of its own, yet its keys include the chunk's earlier rows, which must all
+    be stored before any row attends (block_step.c lets each attention item rotate and store its own row
+    only where no two rows share a sequence). The chunk's rows in reverse order, on one thread and on
+    two (64 rows: the attention runs on both), give each row the bits it gets in order."""
+    model = load_model(save_gguf(hf_model("mistral", seed=3), tmp_path / "m.gguf", "Q4_0"), packed=True).model
+    config, bs = model.config, 4
+    assert config.sliding_window == 8
+    tokens = [(5 * i) % 90 + 3 for i in range(73)]
+    tables = torch.tensor([list(range(19)), [19] + [-1] * 18], dtype=torch.int32)
+
+    def run(order: list[int]) -> torch.Tensor:
+        pool = [torch.zeros(20 * bs, config.n_kv_heads, config.head_dim) for _ in range(2 * config.n_layers)]
+        step = CompiledStep(model)
+        chunk = [(0, p, tokens[p]) for p in order] + [(1, 0, 17)]
+        for rows in ([(0, p, tokens[p]) for p in range(10)], chunk):
+            seq, pos, ids = (list(c) for c in zip(*rows))
+            positions = torch.tensor(pos)
+            cache = PagedCache(pool[::2], pool[1::2], bs, tables, torch.tensor(seq, dtype=torch.int32), positions, 8)
+            with torch.inference_mode():
+                logits = model.logits(step.prefill(torch.tensor(ids)[None], positions[None], cache)[0])
+        return logits
+
+    ascending = list(range(10, 73))
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = run(ascending)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            got = run(ascending[::-1])
+            assert torch.equal(got[:63].flip(0), want[:63]) and torch.equal(got[63], want[63]), threads
+            assert torch.equal(run(ascending), want), threads
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("activations", ["q8", "q16"])
 def test_a_prompt_computes_offline_as_served(tmp_path, activations):
     """With integer activations (either setting) every row's arithmetic is the same whatever shares its step: a prompt
