@@ -25,8 +25,9 @@
  * Threads: each matmul splits its output rows (matmul.c), the attention its tiles of rows x kv heads;
  * the norms, the gating and the residual adds run inside the projections' parallel regions (row_work,
  * matmul_hooks), or where a step's rows take the bfloat16 tiles or adapters sit between, split from
- * ROWS_SPLIT rows on; the rotation and the cache stores stay on the calling thread (two rows of one
- * chunk may share a rolling cache's slot).
+ * ROWS_SPLIT rows on; the rotation and the cache stores run in each attention item where no two rows
+ * share a sequence (rows_alone: decoding), else on the calling thread before the attention (a chunk's
+ * rows read one another's keys, and two of them may share a rolling cache's slot).
  * Also owns the extent each of the step's buffers must have (tram_block_extents) and the range check
  * of the paged rows (tram_block_rows_ok), which the binding runs before any pointer is followed.
  */
