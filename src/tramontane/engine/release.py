@@ -10,7 +10,9 @@ workers. Measured on 2 CPUs: a 1536 x 576 decode matmul took 28-29 us per call f
 beside another thread's idle pool against 14 us, SmolLM2's blocks 2.9 ms per token against 2.3 ms,
 and one served client got 171-188 tok/s against 209-214 after. `release_idle_workers()`, called by a
 thread that is done computing, frees its pool (OpenMP 5's omp_pause_resource_all, soft: a later
-region of that thread starts a new one).
+region of that thread starts a new one). `AsyncEngine.start()` calls it for the thread that starts the
+engine, which in a script is the one that loaded the model (one request there decoded 72 tok/s
+against 291 once released).
 
 Loading also frees much of what it allocated (file reads, conversions) without glibc giving it back
 to the system: `return_freed_heap()` asks glibc's malloc_trim to (SmolLM2 Q4_0: 28 MB of a 431 MB
