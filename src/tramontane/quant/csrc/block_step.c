@@ -25,8 +25,8 @@
  * Threads: each matmul splits its output rows (matmul.c), the attention its tiles of rows x kv heads;
  * the norms, the gating and the residual adds run inside the projections' parallel regions (row_work,
  * matmul_hooks), or where a step's rows take the bfloat16 tiles or adapters sit between, split from
- * ROWS_SPLIT rows on; the rotation and the cache stores run in each attention item where no two rows
- * share a sequence (rows_alone: decoding), else on the calling thread before the attention (a chunk's
+ * ROWS_SPLIT rows on; the rotation and the cache stores run in each attention item where every row
+ * attends alone (attend_rows: decoding), else on the calling thread before the attention (a chunk's
  * rows read one another's keys, and two of them may share a rolling cache's slot).
  * Also owns the extent each of the step's buffers must have (tram_block_extents) and the range check
  * of the paged rows (tram_block_rows_ok), which the binding runs before any pointer is followed.
@@ -443,27 +443,25 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
     }
 }
 
-/* Whether every row of the step attends alone over a cache row or sequence of its own (decoding: tiles
- * of one row, no two rows on one cache row or sequence; steps of up to ALONE_ROWS rows are checked):
- * then each item of attend_rows, a row and a kv head, first rotates and stores that head's rows itself,
- * on the thread that attends them, where the calling thread had done every row's before the attention
- * (16 rows of SmolLM2: ~2% of a decode step, the other thread waiting). */
+/* Whether no two of the step's rows (at most ALONE_ROWS: longer steps are not checked) share a cache row
+ * or sequence. */
 #define ALONE_ROWS 64
-static int rows_alone(const block_args *a, const uint8_t *amx) {
+static int rows_apart(const block_args *a) {
     if (a->B > ALONE_ROWS) return 0;
-    for (long b = 0; b < a->B; b++) {
-        if (tile_len(a, b, amx) != 1) return 0;
-        for (long c = 0; c < b && (a->P > 0 || a->mapped) && a->qpos[b] >= 0; c++)
+    for (long b = 0; b < a->B && (a->P > 0 || a->mapped); b++)
+        for (long c = 0; c < b && a->qpos[b] >= 0; c++)
             if (a->qpos[c] >= 0 && a->seq[c] == a->seq[b]) return 0;
-    }
     return 1;
 }
 
-/* att [B, H, D]: tiles of rows times kv heads over the threads; the rows flagged in `amx` (NULL: none)
- * on AMX-BF16 tiles (tram_attend_tiles; a Q8_0 cache's rows decoded to float32 for them); `store`
- * (rows_alone): each item rotates and stores its row's head first. Returns 0, or -1 when out of memory. */
-static int attend_rows(const isa_ops *ops, const block_args *a, float *qkv, float *att, const uint8_t *amx,
-                       int store) {
+/* att [B, H, D] from qkv [B, width], whose rows are rotated and stored first: tiles of rows times kv heads
+ * over the threads; the rows flagged in `amx` (NULL: none) on AMX-BF16 tiles (tram_attend_tiles; a Q8_0
+ * cache's rows decoded to float32 for them). Where every row attends alone (decoding: tiles of one row,
+ * rows_apart), each item, a row and a kv head, rotates and stores that head's rows itself, on the thread
+ * that attends them; otherwise the calling thread does every row's before the attention (a chunk's rows
+ * read one another's keys). Done by the calling thread for all rows, it had been ~2% of a 16-row decode
+ * step of SmolLM2, the other thread waiting. Returns 0, or -1 when out of memory. */
+static int attend_rows(const isa_ops *ops, const block_args *a, float *qkv, float *att, const uint8_t *amx) {
     const long B = a->B, Hkv = a->Hkv, nkeys = ATT_PAD(a->S), D = a->D;
     const long nq = (amx ? ATT_RT_TILES : ATT_RT) * (a->H / Hkv);
     const int decoded = a->kvt != T_F32;
@@ -471,6 +469,8 @@ static int attend_rows(const isa_ops *ops, const block_args *a, float *qkv, floa
     if (!start) return -1;
     for (long b = 0; b < B; b += tile_len(a, b, amx)) start[tiles++] = b;
     start[tiles] = B;
+    const int store = tiles == B && rows_apart(a);
+    if (!store) rope_and_store(ops, a, qkv);
     const long items = tiles * Hkv;
     int nth = a->threads < items ? a->threads : (int)items;
     if (a->S * a->D * B * a->H < 32768) nth = 1;
@@ -712,9 +712,7 @@ static int attention_half(const isa_ops *ops, const block_args *a, const scratch
     const int t[3] = {a->tqkv, a->tk, a->tv};
     rc |= stacked_matmul(ops, a, s->tiles, s->xn, w, t, a->rows_qkv, 3, s->qkv, dim, s->pieces, hq ? &before : NULL);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 0, s->xn, s->qkv);
-    const int alone = rows_alone(a, s->tiles);
-    if (!alone) rope_and_store(ops, a, s->qkv);
-    rc |= attend_rows(ops, a, s->qkv, s->att, s->tiles, alone);
+    rc |= attend_rows(ops, a, s->qkv, s->att, s->tiles);
     rc |= rows_matmul(ops, a, s->tiles, s->att, a->wo, s->y, dim, HD, a->to, ho ? &after : NULL);
     if (a->L > 0) rc |= lora_add(ops, a, &s->lora, 1, s->att, s->y);
     if (!ho) add_residual(a, s->y);
