@@ -125,12 +125,15 @@ int tram_q8(void) { return g_q8; }
  * same rounded x as the quants, so that each product is exactly sum(W * rounded x) and its error scales
  * with |W|, not with |W - offset|. */
 static void rounded_sums(const q8_rows *xq, float *xs, long r0, long r1, long K, long blk, int span) {
-    const long per = span / 16, row = K / span;
-    for (long b = r0 * row; b < r1 * row; b++) {
-        int s = 0;
-        for (long j = 0; j < per; j++) s += xq->bs[per * b + j];
-        xs[b] = xq->d[span * b / blk] * (float)s;
-    }
+    const long per = span / 16, spans = blk / span;  /* spans per scale: the scale's index without a
+                                                        * division per span (one had cost 2% of a step) */
+    long b = r0 * (K / span);
+    for (long db = r0 * (K / blk); db < r1 * (K / blk); db++)
+        for (long e = 0; e < spans; e++, b++) {
+            int s = 0;
+            for (long j = 0; j < per; j++) s += xq->bs[per * b + j];
+            xs[b] = xq->d[db] * (float)s;
+        }
 }
 
 /* Elements per activation scale of the integer kernel of qtype: 256 for the K-quants (Q8_K, as their
