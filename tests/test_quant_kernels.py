@@ -1535,3 +1535,31 @@ def test_tiles_take_prompt_runs_only(q16: None) -> None:
     finally:
         kernels.set_activations(previous)
     assert (exact.double() - x.double() @ dense.double().T).abs().max() <= 1e-4 * exact.abs().max()
+
+
+@needs_ext
+def test_argmax_rows_is_numpy_s(isa: str) -> None:
+    """argmax_rows (rows.c over the pass's argmax) against numpy's argmax: the first of equal maxima,
+    the first NaN, infinities, -0.0 beside 0.0, rows shorter than a vector and with a ragged tail, one
+    thread and two."""
+    rng = np.random.default_rng(11)
+    for trial in range(120):
+        m, n = int(rng.integers(1, 9)), int(rng.integers(1, 100))
+        x = rng.standard_normal((m, n)).astype(np.float32)
+        if trial % 3 == 0:
+            x = np.round(x).astype(np.float32)
+        if trial % 4 == 0:
+            x[rng.integers(m), rng.integers(n)] = np.inf
+        if trial % 5 == 0:
+            for _ in range(3):
+                x[rng.integers(m), rng.integers(n)] = np.nan
+        if trial % 7 == 0:
+            x[:] = -0.0
+            x[:, -1] = 0.0
+        t = torch.from_numpy(x)
+        for threads in (1, 2):
+            out = torch.full((m,), -1, dtype=torch.int64)
+            ext.argmax_rows(buf(t), buf(out), m, n, threads)
+            assert out.tolist() == x.argmax(axis=-1).tolist(), (trial, threads)
+    with pytest.raises(ValueError, match="argmax_rows: buffer x holds"):
+        ext.argmax_rows(buf(t), buf(out), m + 1, n, 1)

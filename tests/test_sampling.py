@@ -481,3 +481,43 @@ def test_greedy_rows_with_a_logit_bias_pick_what_the_full_path_picks():
     full = sample(process_logits(apply_logit_bias(logits, params), params), params, [None] * 4)
     assert tokens.tolist() == full.tolist()
     assert tokens[0] != top[0] and tokens[1] == 12345 and tokens[2] == 300 and tokens[3] == top[3]
+
+
+def test_a_biased_row_s_argmax_from_its_plain_one_is_the_copied_row_s():
+    """biased_row_argmax (the plain argmax, then the biased entries as its only rivals) against the row
+    copied, biased with np.add.at and argmax'd, on rows built to meet each branch: the top biased, a
+    biased entry tying the top before or after it, NaNs in the row or made by nothing, ties of integers,
+    a banned whole row of equal values, a token past the row (numpy's IndexError either way)."""
+    import numpy as np
+
+    from tramontane.decoding.sequence import biased_row_argmax
+
+    def copied(row, bias):
+        row = row.copy()
+        np.add.at(row, np.array([t for t, _ in bias]), np.array([b for _, b in bias], np.float32))
+        return int(row.argmax())
+
+    rng = np.random.default_rng(7)
+    taken = {"fast": 0, "copied": 0}
+    for trial in range(400):
+        n = int(rng.integers(1, 70))
+        row = rng.standard_normal(n).astype(np.float32)
+        if trial % 3 == 0:
+            row = np.round(row * 2).astype(np.float32)  # ties everywhere
+        if trial % 10 == 0:
+            row[rng.integers(n)] = np.nan
+        if trial % 13 == 0:
+            row[:] = 1.0
+        ids = sorted({int(t) for t in rng.integers(0, n, int(rng.integers(1, 4)))})
+        bias = tuple((t, float(rng.choice([-100.0, -1.0, 0.0, 0.5, 1.0, 100.0]))) for t in ids)
+        top = int(row.argmax())
+        if trial % 4 == 1 and row[top] == row[top]:  # a biased entry lifted exactly onto the top
+            t = ids[0]
+            bias = ((t, float(row[top] - row[t])),) + bias[1:] if t != top else bias
+        got = biased_row_argmax(row, bias, top)
+        assert got == copied(row, bias), (trial, row, bias)
+        fast = row[top] == row[top] and top not in ids
+        taken["fast" if fast else "copied"] += 1
+    assert min(taken.values()) > 40  # both branches met
+    with pytest.raises(IndexError):
+        biased_row_argmax(np.zeros(4, np.float32), ((9, 1.0),), 0)

@@ -97,7 +97,7 @@ class Generator:
     def _decode(self, seqs: list[SequenceState], cache: KVCache, logits: torch.Tensor) -> Iterator[Delta]:
         active = list(seqs)
         while active:
-            tokens, logprobs = pick_tokens(active, logits, self.tokenizer)
+            tokens, logprobs = pick_tokens(active, logits, self.tokenizer, self.backend.argmax)
             for s, token, lp in zip(active, tokens.tolist(), logprobs):  # the one host sync per step
                 yield s.append(token, lp)
             keep = _drop_finished(active, cache)
@@ -114,7 +114,7 @@ class Generator:
     ) -> Iterator[Delta]:
         active = list(seqs)
         drafters = {s.index: spec.drafter() for s in seqs}
-        tokens, logprobs = pick_tokens(active, logits, self.tokenizer)
+        tokens, logprobs = pick_tokens(active, logits, self.tokenizer, self.backend.argmax)
         for s, token, lp in zip(active, tokens.tolist(), logprobs):
             yield s.append(token, lp)
         while True:

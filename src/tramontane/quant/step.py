@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..model.backend import rows_argmax
 from ..model.cache import Cache, KVCache, PagedCache
 from ..model.kv_types import KvType
 from ..model.layers import FeedForward, RMSNorm, rope_cos_sin
@@ -114,6 +115,7 @@ class CompiledStep:
         assert ext is not None  # fits() checked that the kernels are built
         self._run = ext.decode_block
         self._rms_norm = ext.rms_norm
+        self._argmax = ext.argmax_rows
         self._lookup = ext.lookup_rows
         self._table: tuple | None = None  # (a PackedEmbedding's packed rows, their buffer)
         self._held: tuple | None = None  # (weakref to a KVCache, its layout, its _offline_layers)
@@ -165,6 +167,15 @@ class CompiledStep:
             and adapter_names(self.model) == self.adapters
             and all(t._version == v for t, v in self._versions)
         )
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """The rows split over the threads, each read once (rows.c): numpy's argmax read a 16-row step's
+        3 MB of logits on one thread, from memory, ~0.4 ms of a 15 ms step of SmolLM2."""
+        if logits.dim() != 2 or logits.dtype is not torch.float32 or not logits.is_contiguous() or logits.shape[1] == 0:
+            return rows_argmax(logits)
+        out = torch.empty(logits.shape[0], dtype=torch.int64)
+        self._argmax(_buffer(logits), _buffer(out), logits.shape[0], logits.shape[1], torch.get_num_threads())
+        return out
 
     def _same_objects(self) -> bool:
         return len(self.model.layers) == len(self._weights) and all(

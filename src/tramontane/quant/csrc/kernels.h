@@ -135,6 +135,9 @@ typedef void (*attend_q8_fn)(const q8_rows *xq, float *const *out, long nq, cons
                              float scale, float *sc, float *ml, float *w);
 /* out[i] = silu(g[i]) * u[i], silu(g) = g / (1 + e^-g). */
 typedef void (*silu_fn)(const float *g, const float *u, float *out, long n);
+/* The index of the largest of x[0..n) (n >= 1), the first of equal ones; the first NaN where there is
+ * one: numpy's argmax, and torch's. */
+typedef long (*argmax_fn)(const float *x, long n);
 /* n floats -> a KV cache's row of their type at out, bit for bit blocks.c's tram_enc_row. */
 typedef void (*enc_fn)(const float *x, long n, uint8_t *out);
 
@@ -152,6 +155,7 @@ typedef struct {
     attend_q8_fn attend_q8_0;       /* attention over a Q8_0 cache with rounded queries (NULL: none) */
     attend16_fn attend_f16, attend_bf16;  /* over a 16-bit cache's own rows (NULL: decoded first) */
     enc_fn enc_f16;                       /* a float16 cache's rows (NULL: tram_enc_row) */
+    argmax_fn argmax;
 } isa_ops;
 
 static inline int visible(int64_t kp, int64_t qpos, long window) {
@@ -197,6 +201,9 @@ TRAM_HIDDEN const isa_ops *tram_isa_current(void);
 TRAM_HIDDEN int tram_isa_names(const char *names[3]);
 /* Use `name` ('avx512', 'avx2', 'scalar' or 'best'); returns 0, or -1 when this CPU cannot. */
 TRAM_HIDDEN int tram_isa_select(const char *name);
+
+/* rows.c. out[m] = argmax of row m of x [M, N] (argmax_fn), rows split over n_threads threads. */
+TRAM_HIDDEN void tram_argmax_rows(const isa_ops *ops, const float *x, long M, long N, int64_t *out, int n_threads);
 
 /* matmul.c. y[M,N] = x[M,K] @ W^T, W as N rows of GGML blocks of type qtype (row r at w + r * row
  * bytes; the interleaved types: groups of 8 rows at w + 8 g * row bytes); returns 0, or -1 when out of

@@ -24,6 +24,8 @@
  *       blocks.h) or back.
  *   rms_norm(x, w, out, B, n, eps)
  *       the blocks' RMSNorm of B rows (a step's final norm; out may be x).
+ *   argmax_rows(x, out, M, N, n_threads)
+ *       out[m] (int64) = the argmax of row m of x, float32 [M,N] (numpy's: the first maximum, the first NaN).
  *   decode_block(shape, buffers, eps, window, n_threads)
  *       one transformer block for one new token per row, on an offline or a paged cache (block_step.c);
  *       on the paged one, every row's sequence, block table entries and span of keys are checked in
@@ -225,6 +227,25 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
         return PyErr_Format(PyExc_ValueError, "rms_norm: out overlaps x without being x");
     tram_rms_norm_rows((const float *)(uintptr_t)x.ptr, (const float *)(uintptr_t)w.ptr, eps, (long)B, (long)n,
                        (float *)(uintptr_t)out.ptr);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_argmax_rows(PyObject *self, PyObject *args) {
+    buffer x, out;
+    Py_ssize_t M, N;
+    int nth;
+    size_t need_x, need_out;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "(Kn)(Kn)nni", &x.ptr, &x.nbytes, &out.ptr, &out.nbytes, &M, &N, &nth)) return NULL;
+    if (M < 0 || N <= 0 || nth < 1) return PyErr_Format(PyExc_ValueError, "argmax_rows: bad shape M=%zd N=%zd threads=%d", M, N, nth);
+    if (tram_extent(&need_x, 4, M, N, 1, 1) || tram_extent(&need_out, 8, M, 1, 1, 1)) return too_large("argmax_rows");
+    if (check_extent("argmax_rows", "x", &x, need_x) || check_extent("argmax_rows", "out", &out, need_out)) return NULL;
+    if (out.ptr < x.ptr + need_x && x.ptr < out.ptr + need_out)
+        return PyErr_Format(PyExc_ValueError, "argmax_rows: out overlaps x");
+    const isa_ops *ops = tram_isa_current();
+    Py_BEGIN_ALLOW_THREADS
+    tram_argmax_rows(ops, (const float *)(uintptr_t)x.ptr, (long)M, (long)N, (int64_t *)(uintptr_t)out.ptr, nth);
+    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -610,6 +631,8 @@ static PyMethodDef METHODS[] = {
     {"rms_norm", py_rms_norm, METH_VARARGS,
      "rms_norm(x, w, out, B, n, eps): out[b] = x[b] / sqrt(mean(x[b]^2) + eps) * w, float32, B rows of n (out may "
      "be x itself), as the compiled step's blocks normalise. x, w, out: (data_ptr, nbytes), checked against the extent."},
+    {"argmax_rows", py_argmax_rows, METH_VARARGS,
+     "argmax_rows(x, out, M, N, n_threads): out[m] (int64) = argmax of row m of float32 x [M,N] (the first maximum, the first NaN)"},
     {"interleave", py_interleave, METH_VARARGS,
      "interleave(src, dst, N, K, qtype, to_r8): N rows of K elements of GGML type qtype (Q4_0, Q4_1, Q8_0, "
      "Q4_K, Q6_K, Q3_K, Q5_0 or Q5_1; N a multiple of 8) -> the interleaved layout its integer kernel reads (type ids 66-73 here; to_r8 "

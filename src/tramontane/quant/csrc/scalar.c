@@ -61,6 +61,15 @@ static void silu_mul_c(const float *g, const float *u, float *out, long n) {
     for (long i = 0; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+static long argmax_c(const float *x, long n) {
+    long best = 0;
+    for (long i = 0; i < n; i++) {
+        if (x[i] != x[i]) return i;
+        if (x[i] > x[best]) best = i;
+    }
+    return best;
+}
+
 const isa_ops tram_ops_scalar = {
     "scalar",
     {[T_F32] = tram_dec_f32_c, [T_F16] = tram_dec_f16_c, [T_BF16] = tram_dec_bf16_c,
@@ -75,4 +84,5 @@ const isa_ops tram_ops_scalar = {
     {0},
     NULL,
     NULL,
+    .argmax = argmax_c,
 };
