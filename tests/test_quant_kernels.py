@@ -1563,3 +1563,27 @@ def test_argmax_rows_is_numpy_s(isa: str) -> None:
             assert out.tolist() == x.argmax(axis=-1).tolist(), (trial, threads)
     with pytest.raises(ValueError, match="argmax_rows: buffer x holds"):
         ext.argmax_rows(buf(t), buf(out), m + 1, n, 1)
+
+
+@needs_ext
+def test_a_q8_0_block_s_infinite_scale_reads_alike_at_any_batch(isa: str, integer: str) -> None:
+    """An interleaved Q8_0 matrix whose one block has an infinite (corrupt) scale: each row's outputs,
+    NaN, infinite or finite, are the same bits alone (the one-row kernel), among 2 (the vector kernel)
+    and among 16 (the AMX tiles where the CPU has them): the closes of every path treat Q8_0's absent
+    min alike (a path still adding the min term's 0 x (-8 d) made its whole column NaN, the others +-inf)."""
+    k, n = 64, 16
+    packed, _ = weight(QT.Q8_0, n, k)
+    raw = packed.numpy().view(np.uint8).reshape(n, -1)
+    raw[5, 34:36] = np.frombuffer(np.float16(np.inf).tobytes(), np.uint8)  # row 5's second block: d = inf
+    rows = torch.empty_like(packed)
+    ext.interleave(buf(packed), buf(rows), n, k, int(QT.Q8_0), True)
+    r8 = kernels.INTERLEAVED[int(QT.Q8_0)]
+    x = activations(16, k, seed=3)
+    x[4, 32:] = 0.0  # row 4 meets the block with zeros: inf x 0
+    y = torch.empty(16, n)
+    ext.matmul(buf(x), buf(rows), buf(y), 16, n, k, r8, 2)
+    assert not torch.isfinite(y[4, 5]) and (isa == "scalar" or torch.isinf(y[:, 5]).any())  # (scalar: float path)
+    for m0, m in ((0, 1), (4, 1), (7, 1), (2, 2)):
+        some = torch.empty(m, n)
+        ext.matmul(buf(x[m0 : m0 + m].contiguous()), buf(rows), buf(some), m, n, k, r8, 2)
+        assert some.numpy().tobytes() == y[m0 : m0 + m].numpy().tobytes(), (m0, m)
