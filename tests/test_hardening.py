@@ -69,10 +69,10 @@ def test_a_request_failing_in_its_step_fails_alone(llm, monkeypatch):
 
     pick = engine_module.pick_tokens
 
-    def failing_pick(states, logits, tokenizer):
+    def failing_pick(states, logits, tokenizer, argmax):
         if any(s.prompt == ps[4] and len(s.output) == 9 for s in states):
             raise RuntimeError("injected sampling failure")
-        return pick(states, logits, tokenizer)
+        return pick(states, logits, tokenizer, argmax)
 
     monkeypatch.setattr(SequenceState, "append", failing_append)
     monkeypatch.setattr(engine_module, "pick_tokens", failing_pick)
