@@ -169,8 +169,8 @@ class CompiledStep:
         )
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """The rows split over the threads, each read once (rows.c): numpy's argmax read a 16-row step's
-        3 MB of logits on one thread, from memory, ~0.4 ms of a 15 ms step of SmolLM2."""
+        """The rows split over the threads (rows.c): numpy's argmax read a 16-row step's 3 MB of logits
+        on one thread, from memory, 0.3 ms of a 15 ms step of SmolLM2 (0.14 ms so)."""
         if logits.dim() != 2 or logits.dtype is not torch.float32 or not logits.is_contiguous() or logits.shape[1] == 0:
             return rows_argmax(logits)
         out = torch.empty(logits.shape[0], dtype=torch.int64)
