@@ -484,13 +484,17 @@ def test_greedy_rows_with_a_logit_bias_pick_what_the_full_path_picks():
 
 
 def test_a_biased_row_s_argmax_from_its_plain_one_is_the_copied_row_s():
-    """biased_row_argmax (the plain argmax, then the biased entries as its only rivals) against the row
+    """biased_argmax (the plain argmax, then the biased entries as its only rivals) against the row
     copied, biased with np.add.at and argmax'd, on rows built to meet each branch: the top biased, a
     biased entry tying the top before or after it, NaNs in the row or made by nothing, ties of integers,
-    a banned whole row of equal values, a token past the row (numpy's IndexError either way)."""
+    a banned whole row of equal values, a token named twice, a token past the row (numpy's IndexError
+    either way); one row at a time and all of a bias's rows at once."""
     import numpy as np
 
-    from tramontane.decoding.sequence import biased_row_argmax
+    from tramontane.decoding.sequence import biased_argmax
+
+    def biased_row_argmax(row, bias, top):
+        return int(biased_argmax(row[None], np.array([0]), bias, np.array([top]))[0])
 
     def copied(row, bias):
         row = row.copy()
@@ -514,6 +518,8 @@ def test_a_biased_row_s_argmax_from_its_plain_one_is_the_copied_row_s():
         if trial % 4 == 1 and row[top] == row[top]:  # a biased entry lifted exactly onto the top
             t = ids[0]
             bias = ((t, float(row[top] - row[t])),) + bias[1:] if t != top else bias
+        if trial % 17 == 0:
+            bias = bias + ((ids[0], 0.5),)  # a token named twice: add.at sums both
         got = biased_row_argmax(row, bias, top)
         assert got == copied(row, bias), (trial, row, bias)
         fast = row[top] == row[top] and top not in ids
@@ -521,3 +527,12 @@ def test_a_biased_row_s_argmax_from_its_plain_one_is_the_copied_row_s():
     assert min(taken.values()) > 40  # both branches met
     with pytest.raises(IndexError):
         biased_row_argmax(np.zeros(4, np.float32), ((9, 1.0),), 0)
+    # a batch: 16 rows sharing one bias, some of them with the top banned or a NaN, at once
+    rows = rng.standard_normal((16, 300)).astype(np.float32)
+    bias = tuple((int(t), -100.0) for t in rng.choice(300, 17, replace=False))
+    rows[3, bias[0][0]] = 50.0
+    rows[7, 11] = np.nan
+    rows[9, bias[1][0]] = rows[9].max() + 100.0 - 100.0 + 0.0
+    at = np.arange(16)
+    got = biased_argmax(rows, at, bias, rows.argmax(axis=1))
+    assert got.tolist() == [copied(rows[i], bias) for i in range(16)]
