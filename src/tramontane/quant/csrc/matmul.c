@@ -126,7 +126,7 @@ int tram_q8(void) { return g_q8; }
  * with |W|, not with |W - offset|. */
 static void rounded_sums(const q8_rows *xq, float *xs, long r0, long r1, long K, long blk, int span) {
     const long per = span / 16, spans = blk / span;  /* spans per scale: the scale's index without a
-                                                        * division per span (one had cost 2% of a step) */
+                                                        * division per span (a quarter of their time) */
     long b = r0 * (K / span);
     for (long db = r0 * (K / blk); db < r1 * (K / blk); db++)
         for (long e = 0; e < spans; e++, b++) {
