@@ -170,14 +170,14 @@ def biased_argmax(
     (plain is the first of the row's maxima), so the biased entries' sums are its only rivals: the largest
     wins, the lower token on a tie. Other rows (and any bias naming a token twice or past the row, which
     numpy's add.at sums or rejects) are copied and their sums made, as the general path makes them."""
-    ids = np.array([t for t, _ in bias], dtype=np.int64)
+    given = np.array([t for t, _ in bias], dtype=np.int64)
     values = np.array([b for _, b in bias], np.float32)
     out = np.empty(len(at), dtype=np.int64)
     slow = np.ones(len(at), dtype=bool)
-    if len(np.unique(ids)) == len(ids) and ids.min() >= 0 and ids.max() < rows.shape[1]:
-        order = np.argsort(ids)  # ascending tokens: argmax's first of equal sums is the lowest token
-        ids, values = ids[order], values[order]
-        sums = rows[np.ix_(at, ids)] + values  # [g, k] float32
+    if len(np.unique(given)) == len(given) and given.min() >= 0 and given.max() < rows.shape[1]:
+        order = np.argsort(given)  # ascending tokens: argmax's first of equal sums is the lowest token
+        ids = given[order]
+        sums = rows[np.ix_(at, ids)] + values[order]  # [g, k] float32
         top = rows[at, plain]
         best = sums.argmax(axis=1)
         rival, token = sums[np.arange(len(at)), best], ids[best]
@@ -185,7 +185,7 @@ def biased_argmax(
         out[:] = np.where(rival > top, token, np.where(rival == top, np.minimum(token, plain), plain))
     for j in np.flatnonzero(slow):
         row = rows[at[j]].copy()
-        np.add.at(row, np.array([t for t, _ in bias]), np.array([b for _, b in bias], np.float32))
+        np.add.at(row, given, values)
         out[j] = row.argmax()
     return out
 

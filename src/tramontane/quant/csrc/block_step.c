@@ -204,7 +204,6 @@ void tram_store_row(const isa_ops *ops, int kvt, const float *x, long n, uint8_t
         tram_enc_row(kvt, x, n, out);
 }
 
-/* Rotate q and k heads of each row and store k, v in the row's cache slot. */
 /* Row b's kv head g: its query heads and key rotated, its key and value stored. */
 static void rope_and_store_head(const isa_ops *ops, const block_args *a, float *qkv, long b, long g) {
     const long D = a->D, group = a->H / a->Hkv, width = (a->H + 2 * a->Hkv) * D;
@@ -216,6 +215,7 @@ static void rope_and_store_head(const isa_ops *ops, const block_args *a, float *
     tram_store_row(ops, a->kvt, row + (a->H + a->Hkv + g) * D, D, a->vc + at);
 }
 
+/* Rotate q and k heads of each row and store k, v in the row's cache slot. */
 static void rope_and_store(const isa_ops *ops, const block_args *a, float *qkv) {
     for (long b = 0; b < a->B; b++)
         for (long g = 0; g < a->Hkv && a->qpos[b] >= 0; g++) rope_and_store_head(ops, a, qkv, b, g);
