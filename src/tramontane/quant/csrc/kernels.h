@@ -80,12 +80,14 @@ typedef void (*fused_fn)(const uint8_t *w, size_t rb, long n, const float *x, co
  * (the integer offsets of Q3_K and Q6_K go through it, and the sums of the rounded x, xs).
  * pair ("q16", the interleaved types' kernels): rows 2m and 2m + 1 are two parts of one activation row
  * m, x and what its rounding left at 1/256 of its step (matmul.c); the kernel writes their results' sum as
- * row m of y. */
+ * row m of y. tab (NULL where not made): the closes' activation scales of a block of rows, made once a call
+ * by the interleaved types' kernels (r8_scales, simd_q8.inc). */
 typedef struct {
     const int8_t *q;
     const float *d;
     const int16_t *bs;
     int pair;
+    const float *tab;
 } q8_rows;
 /* Fused with integer dot products, any M: as fused_fn, x given as its int8 rounding xq (and, for the
  * types with offsets or mins, the sums xs of the rounded x, laid out as the float kernel takes them). */
