@@ -80,14 +80,16 @@ typedef void (*fused_fn)(const uint8_t *w, size_t rb, long n, const float *x, co
  * (the integer offsets of Q3_K and Q6_K go through it, and the sums of the rounded x, xs).
  * pair ("q16", the interleaved types' kernels): rows 2m and 2m + 1 are two parts of one activation row
  * m, x and what its rounding left at 1/256 of its step (matmul.c); the kernel writes their results' sum as
- * row m of y. tab (NULL where not made): the closes' activation scales of a block of rows, made once a call
- * by the interleaved types' kernels (r8_scales, simd_q8.inc). */
+ * row m of y. tab and wide (NULL where not made), made once a call by the interleaved types' kernels of
+ * many rows (simd_q8.inc): the closes' activation scales of a block of rows (r8_scales) and, for Q8_0,
+ * each pair as one int16 row, 256 q1 + q2 (r8_wide). */
 typedef struct {
     const int8_t *q;
     const float *d;
     const int16_t *bs;
     int pair;
     const float *tab;
+    const int16_t *wide;
 } q8_rows;
 /* Fused with integer dot products, any M: as fused_fn, x given as its int8 rounding xq (and, for the
  * types with offsets or mins, the sums xs of the rounded x, laid out as the float kernel takes them). */

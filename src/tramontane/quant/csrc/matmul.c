@@ -73,7 +73,7 @@ static void row_chunk(fused_q8_fn fused_q8, const uint8_t *w, size_t rb, long N,
                       const q8_rows *xq, const float *xs, int span, int two, long m0, long m1, float *y,
                       float *y2) {
     const long q0 = two ? 2 * m0 : m0, q1 = two ? 2 * m1 : m1;
-    const q8_rows part = {xq->q + q0 * K, xq->d + q0 * (K / blk), xq->bs + q0 * (K / 16), xq->pair, NULL};
+    const q8_rows part = {xq->q + q0 * K, xq->d + q0 * (K / blk), xq->bs + q0 * (K / 16), xq->pair, NULL, NULL};
     const float *xs0 = xs ? xs + q0 * (K / span) : NULL;
     if (!y2) {
         fused_q8(w, rb, N, &part, xs0, q1 - q0, K, y + m0 * N, N);
@@ -259,7 +259,7 @@ int tram_matmul_hooked(const isa_ops *ops, const float *x, const uint8_t *w, flo
     if (!shared) run_before_all(h, M, n_threads);
     if (fused_q8) fused = NULL;
     if (fused_q8 && q8_alloc(M, K, blk, two, &qb)) return -1;
-    const q8_rows xq = {qb.q, qb.d, qb.bs, two && base >= 0, NULL};  /* pair: the interleaved kernels sum each pair */
+    const q8_rows xq = {qb.q, qb.d, qb.bs, two && base >= 0, NULL, NULL};  /* pair: the interleaved kernels sum each pair */
     if (fused_q8 && !shared) q8_fill(ops, x, 0, M, K, blk, two, &qb);
     if ((fused || fused_q8) && span &&
         !(xs = fused_q8 ? malloc(sizeof(float) * (size_t)(MQ * (K / span))) : block_sums(x, M, K, span))) {
