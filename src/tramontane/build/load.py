@@ -27,6 +27,7 @@ from ..quant.quantize import GROUP, SCHEMES, quantize_rows, rows_of, type_id
 from ..quant.step import fuse
 from ..weights import names
 from ..weights.sources import GGUFSource, Reader, SafetensorsSource, open_source
+from .heap import keep_freed_memory
 from .sharded import PackedGatheredHead, PackedVocabEmbedding, rank_blocks
 
 
@@ -61,6 +62,7 @@ def load_model(
     quant = "int8" | "int4": float matrices (Mixtral's experts one expert at a time) are quantized as they
     are read (quant/quantize.py), so the float model never exists whole: peak memory is the packed
     model plus one float tensor."""
+    keep_freed_memory()  # the forwards to come reuse their freed activations' pages (build/heap.py)
     path = Path(path)
     fmt, config, source, name_map = open_source(path)
     layout = None
