@@ -4,6 +4,7 @@ and the builder picks it only where it fits."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import gguf
 import pytest
@@ -713,6 +714,33 @@ def test_a_long_chunk_gives_the_same_bits_on_one_thread_and_two(tmp_path):
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(out[1], out[2])
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no compiled step")
+def test_chunks_on_two_threads_at_once_give_the_bits_they_give_alone(tmp_path):
+    """The block step keeps its scratch from one call to the next, lent to one call at a time; a call
+    finding it lent mallocs its own (block_step.c, scratch_take). Four Python threads prefilling at once
+    (the binding lets the GIL go over the blocks, 90% of a prefill here; no window, so that the chunks
+    run compiled), prompts of 45 to 90 tokens so that the kept block grows while others may hold one,
+    each get the logits they get alone (a scratch lent to two at once mixes their rows)."""
+    wide = hf_model("llama", seed=3, hidden_size=512, intermediate_size=1536, num_attention_heads=8)
+    model = load_model(save_gguf(wide, tmp_path / "m.gguf", "Q4_0"), packed=True).model  # blocks: most of the time
+    prompts = [[(7 * i) % 90 + 3 for i in range(n)] for n in (90, 60, 75, 45)]
+    alone = [offline_prefill(model, CompiledStep(model), [p], capacity=96)[0] for p in prompts]
+    got: list[list[torch.Tensor]] = [[] for _ in prompts]
+
+    def work(j: int) -> None:
+        for _ in range(12):
+            got[j].append(offline_prefill(model, CompiledStep(model), [prompts[j]], capacity=96)[0])
+
+    threads = [threading.Thread(target=work, args=(j,)) for j in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for j, want in enumerate(alone):
+        assert len(got[j]) == 12
+        assert all(torch.equal(x, want) for x in got[j]), j
 
 
 def test_a_windowed_chunk_computes_alike_in_any_row_order_and_thread_count(tmp_path):

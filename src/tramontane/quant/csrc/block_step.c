@@ -32,6 +32,7 @@
  * of the paged rows (tram_block_rows_ok), which the binding runs before any pointer is followed.
  */
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -825,19 +826,51 @@ static void *lora_alloc(const block_args *a, lora_scratch *l, int *oom) {
     return mem;
 }
 
+/* A block's scratch, kept from one call to the next: the largest asked for so far, lent to one call at a
+ * time (a call finding it lent mallocs its own). A 7B model's 512-token prompt chunk asks for 126 MB a
+ * block, which malloc maps afresh at each one (past glibc's largest mapping threshold, build/heap.py)
+ * and the kernel zeroes page by page: 3% of the prefill's samples in clear_page and page faults. */
+static pthread_mutex_t g_scratch_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *g_scratch;
+static size_t g_scratch_bytes;
+
+/* `bytes` of scratch: the kept block (*kept = 1) or, where another call holds it, a malloc'd one (NULL
+ * when out of memory). */
+static void *scratch_take(size_t bytes, int *kept) {
+    *kept = pthread_mutex_trylock(&g_scratch_lock) == 0;
+    if (!*kept) return malloc(bytes);
+    if (g_scratch_bytes < bytes) {
+        free(g_scratch);
+        g_scratch = malloc(bytes);
+        g_scratch_bytes = g_scratch ? bytes : 0;
+    }
+    if (g_scratch) return g_scratch;
+    pthread_mutex_unlock(&g_scratch_lock);
+    *kept = 0;
+    return NULL;
+}
+
+static void scratch_give(void *p, int kept) {
+    if (kept)
+        pthread_mutex_unlock(&g_scratch_lock);
+    else
+        free(p);
+}
+
 int tram_run_block(const isa_ops *ops, const block_args *a) {
     const long B = a->B, dim = a->dim, HD = a->H * a->D, width = (a->H + 2 * a->Hkv) * a->D, F = a->F;
     const long moe = a->E > 0 ? 1 : 0, split = a->rows_qkv[0] < width || a->rows_13[1] > 0;
     size_t floats = (size_t)B * (dim + width + HD + 3 * F + dim);
     floats += (size_t)moe * B * (a->E + 2 * dim + a->K + 1);
     floats += (size_t)split * B * (width > 2 * F ? width : 2 * F);
-    float *buf = malloc(sizeof(float) * floats + (size_t)B);
+    int kept;
+    float *buf = scratch_take(sizeof(float) * floats + (size_t)B, &kept);
     long *ids = moe ? malloc(sizeof(long) * (size_t)B * (a->K + 1)) : NULL;
     scratch s;
     int oom;
     void *lora_mem = lora_alloc(a, &s.lora, &oom);
     if (!buf || (moe && !ids) || oom) {
-        free(buf);
+        scratch_give(buf, kept);
         free(ids);
         free(lora_mem);
         return -1;
@@ -860,7 +893,7 @@ int tram_run_block(const isa_ops *ops, const block_args *a) {
     if (!tile_rows(a, tram_tiles_from(), s.tiles)) s.tiles = NULL;
     int rc = attention_half(ops, a, &s);
     rc |= a->E > 0 ? moe_half(ops, a, &s) : ffn_half(ops, a, &s);
-    free(buf);
+    scratch_give(buf, kept);
     free(ids);
     free(lora_mem);
     return rc ? -1 : 0;
