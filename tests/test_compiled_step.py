@@ -717,7 +717,7 @@ def test_a_long_chunk_gives_the_same_bits_on_one_thread_and_two(tmp_path):
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no compiled step")
-def test_chunks_on_two_threads_at_once_give_the_bits_they_give_alone(tmp_path):
+def test_chunks_on_four_threads_at_once_give_the_bits_they_give_alone(tmp_path):
     """The block step keeps its scratch from one call to the next, lent to one call at a time; a call
     finding it lent mallocs its own (block_step.c, scratch_take). Four Python threads prefilling at once
     (the binding lets the GIL go over the blocks, 90% of a prefill here; no window, so that the chunks
