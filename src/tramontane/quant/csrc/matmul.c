@@ -136,6 +136,14 @@ static void rounded_sums(const q8_rows *xq, float *xs, long r0, long r1, long K,
         }
 }
 
+/* Interleaved Q4_K under q16 meets a pair's mins once (k4r8_apply): the first row of each pair in rows
+ * [r0, r1) (r0 even) takes the sum of both rows' sums; the second's are left unread. */
+static void pair_sums(float *xs, long r0, long r1, long K, int span) {
+    const long nb = K / span;
+    for (long r = r0; r < r1; r += 2)
+        for (long b = 0; b < nb; b++) xs[r * nb + b] += xs[(r + 1) * nb + b];
+}
+
 /* Elements per activation scale of the integer kernel of qtype: 256 for the K-quants (Q8_K, as their
  * super-blocks), 32 for the legacy types (Q8_0, one scale per weight block). */
 static long q8_block(int qtype) {
@@ -266,7 +274,9 @@ int tram_matmul_hooked(const isa_ops *ops, const float *x, const uint8_t *w, flo
         free(qb.mem);
         return -1;
     }
+    const int fold = xq.pair && base == T_Q4_K;  /* pair_sums */
     if (fused_q8 && xs && !shared) rounded_sums(&xq, xs, 0, MQ, K, blk, span);
+    if (fused_q8 && xs && !shared && fold) pair_sums(xs, 0, MQ, K, span);
     if (two && !xq.pair && !(y2 = malloc(sizeof(float) * (size_t)(MQ * N)))) {
         free(xs), free(qb.mem);
         return -1;
@@ -288,6 +298,7 @@ int tram_matmul_hooked(const isa_ops *ops, const float *x, const uint8_t *w, flo
             run_before(h, n0, n1);
             q8_fill(ops, x, n0, n1, K, blk, two, &qb);
             if (xs) rounded_sums(&xq, xs, two ? 2 * n0 : n0, two ? 2 * n1 : n1, K, blk, span);
+            if (xs && fold) pair_sums(xs, 2 * n0, 2 * n1, K, span);
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
