@@ -223,26 +223,31 @@ def silent_tokens(tokenizer) -> dict[str, float]:
     return {str(i): -100.0 for i in silent[:MAX_LOGIT_BIAS]}
 
 
-def offline_answers(model: str, args, check: bool) -> tuple[dict[str, str], float, int]:
-    """Greedy answers of the offline engine (one prompt at a time, its KV cache stored as --kv-dtype), its
-    tokens/s over them (prefill included, as a served request's), and its KV bytes per token (every
-    layer's keys and values). Sets args.silent, every request's logit_bias."""
+def offline_engine(model: str, args):
+    """The offline engine (its KV cache stored as --kv-dtype) and its KV bytes per token (every layer's keys
+    and values). Sets args.silent, every request's logit_bias."""
     import tramontane
     from tramontane.engine.blocks import bytes_per_block
 
     llm = tramontane.load(model, kv_dtype=args.kv_dtype)
-    kv_per_token = bytes_per_block(llm.config, 1, args.kv_dtype)
     args.silent = silent_tokens(llm.tokenizer)
+    return llm, bytes_per_block(llm.config, 1, args.kv_dtype)
+
+
+def offline_pass(llm, args) -> tuple[dict[str, str], float]:
+    """The offline engine's greedy answers to the questions, one prompt at a time, and its tokens/s over
+    them (prefill included, as a served request's). Timed again next to every tramontane server run:
+    measured once at the start, the host's drift between it and a served run moved their ratio by 10%."""
     bias = {int(i): b for i, b in args.silent.items()}
     answers, tokens, elapsed = {}, 0, 0.0
-    for question in QUESTIONS if check else []:
+    for question in QUESTIONS:
         start = time.perf_counter()
         out = llm.chat(
             messages(question, None), temperature=0, max_tokens=args.max_tokens, ignore_eos=True, logit_bias=bias
         )
         elapsed += time.perf_counter() - start
         answers[question], tokens = out.text, tokens + len(out.token_ids)
-    return answers, tokens / elapsed if elapsed else 0.0, kv_per_token
+    return answers, tokens / elapsed
 
 
 def pct(values: list[float], q: float) -> str:
@@ -278,8 +283,10 @@ def step_times(port: int) -> tuple[float, float]:
 
 
 def run_server(
-    name: str, cmd: list[str], port: int, args, expected: dict[str, str] | None, system: str | None
+    name: str, cmd: list[str], port: int, args, expected: dict[str, str] | None, system: str | None, offline: float
 ) -> list[str]:
+    """Rows of the client counts' runs against one server; `offline`: the offline engine's tokens/s just
+    before (0: not measured), the 1-client row's reference."""
     proc = start(cmd, port)
     rows = []
     try:
@@ -298,6 +305,8 @@ def run_server(
             if name == "tramontane":  # the engine's per-step overhead: schedule, layout, sampling, detokenizing
                 step, forward = (b - a for a, b in zip(before, step_times(port)))
                 label += f" ({1 - forward / step:.0%} ovh)" if step else ""
+                if n == 1 and offline:
+                    label += f" {stats['tokens'] / stats['elapsed'] / offline:.2f}x offline"
             rows.append(row(label, stats, peak_rss(proc.pid)))
             print(rows[-1], file=sys.stderr, flush=True)
         if system is not None:
@@ -331,7 +340,8 @@ def main() -> None:
     system = None
     if args.shared_prefix:  # a filler of about that many tokens (SmolLM2's tokenizer: 3 per word)
         system = "You are a helpful assistant. " + " ".join(f"word{i % 97}" for i in range(args.shared_prefix // 3))
-    expected, offline_speed, kv_per_token = offline_answers(model, args, not args.no_check)
+    llm, kv_per_token = offline_engine(model, args)
+    expected = offline_pass(llm, args)[0] if not args.no_check else {}  # (its first pass warms it up)
     servers = [("tramontane", lambda port: tramontane_cmd(model, port, args.context, kv_per_token, args.kv_dtype))]
     # llama-server keeps each slot's copy of a shared prefix: the shared-prefix run gives it room for 16 of them
     llama_context = max(args.context, 16 * (args.shared_prefix + args.max_tokens + 64)) if system else args.context
@@ -339,11 +349,18 @@ def main() -> None:
         llama = lambda port: llama_cmd(args.llama_server, model, port, llama_context, args.kv_dtype)  # noqa: E731
         servers.append(("llama-server", llama))
     rows: list[str] = []
+    offline: list[float] = []
     for r in range(args.rounds):
         for name, command in servers if r % 2 == 0 else servers[::-1]:
             check_with = expected if name == "tramontane" and expected else None
+            if check_with:  # the offline engine's speed next to this run (its answers unchanged)
+                answers, speed = offline_pass(llm, args)
+                if answers != expected:
+                    raise SystemExit("the offline engine's greedy answers changed between two passes")
+                offline.append(speed)
+                print(f"offline engine, one prompt at a time: {speed:.1f} tok/s", file=sys.stderr, flush=True)
             port = free_port()  # a fresh port per start: nothing of the previous server's connections
-            rows += run_server(name, command(port), port, args, check_with, system)
+            rows += run_server(name, command(port), port, args, check_with, system, offline[-1] if check_with else 0.0)
     print(
         f"\nmodel: {model}, {os.cpu_count()} CPUs, {THREADS} threads per server, greedy, ignore_eos, "
         f"max_tokens {args.max_tokens}, {len(args.silent)} silent tokens banned, {args.duration:g} s per row, "
@@ -356,7 +373,10 @@ def main() -> None:
         )
     )
     if expected:
-        print(f"offline engine, one prompt at a time: {offline_speed:.1f} tok/s; every served answer equal to it")
+        print(
+            f"offline engine, one prompt at a time, next to each tramontane run: "
+            f"{', '.join(f'{v:.1f}' for v in offline)} tok/s; every served answer equal to its"
+        )
     print(f"| {'run':<30} | tokens/s  | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | RSS GiB |")
     print(f"|{'-' * 32}|-----------|----------|----------|---------|---------|---------|")
     print("\n".join(rows))
