@@ -50,7 +50,8 @@ and Q5_1: 3072x576 at one row 98 -> 36 us), as llama.cpp's repacked Q4_0, Q4_K a
 are. At one activation row (decoding) the legacy types' kernel walks 4 groups of rows at once, so
 that each thread streams 4 parts of the matrix (1.2x on a 14336x4096 Q4_0 read from DRAM). At many
 rows, with VNNI, Q4_K and Q6_K take two groups at once in 512-bit vectors, each instruction serving 16
-rows (1.2x and 1.26x on 4096x4096 at 64 rows; the same bits). Ranges of whole groups of
+rows (1.2x and 1.26x on 4096x4096 at 64 rows; the same bits), and under "q16" Q4_K meets a pair's mins
+once, its first row's sums carrying both rows' (matmul.c's pair_sums). Ranges of whole groups of
 8 rows stay contiguous (splits of fused projections); `lookup_rows` gathers an embedding's rows out of
 their
 groups; `ggml_blocks` gives the writers GGML's layout back. Switched to "f32" after load, interleaved
