@@ -89,9 +89,8 @@ def load_model(
     if isinstance(source, GGUFSource):
         meta = source.file.metadata
         source.file.close()  # unmaps now if every tensor was copied out, else when the last view goes
-    # From here on the forwards reuse their freed activations' pages (build/heap.py); set after the load,
-    # whose own freed blocks malloc would otherwise keep: a Mistral-7B-shaped Q4_0 file's load had held
-    # 6.32 GB resident against 4.31 GB with the call made before it.
+    # From here on the forwards reuse their freed activations' pages; after the load, not before it
+    # (build/heap.py says why).
     keep_freed_memory()
     return LoadedModel(model, model.config, fmt, path, dict(source.types), meta)
 
