@@ -66,17 +66,25 @@ def test_memory_of_each_type(tmp_path):
         assert pool.kv is KV_TYPES[name] and sum(t.nbytes for t in pool.k + pool.v) == 5 * per[name]
 
 
-def test_a_long_offline_cache_starts_on_a_huge_page_and_keeps_its_rows_as_it_grows(tmp_path):
-    """Layers of 4 MiB and more get a mapping of their own on transparent huge pages (model/cache.py,
-    layer_zeros): each starts on a 2 MiB boundary and reads as zeros; a cache that grows into such
-    layers (KVCache._resize) keeps the rows it held, and small layers stay torch's own."""
+def test_a_long_offline_cache_lies_on_huge_pages_and_keeps_its_rows_as_it_grows(tmp_path):
+    """Where every layer's keys and values together span 4 MiB and more they are views of one mapping on
+    transparent huge pages (model/cache.py, layer_zeros): it starts on a 2 MiB boundary, the layers lie
+    one after another (keys, then values), each reads as zeros and writing one leaves the others as
+    they were; a cache that grows into such a size (KVCache._resize) keeps the rows it held, and a
+    small cache's layers stay torch's own."""
     config = load_model(save_gguf(hf_model("llama", seed=1, hidden_size=128), tmp_path / "m.gguf", "Q8_0")).config
     width = config.n_kv_heads * config.head_dim * 4  # float32 bytes of one position in one layer
-    long = 1 + (4 << 20) // width
+    long = 1 + (4 << 20) // (2 * config.n_layers * width)
     big = KVCache(config, 1, long, "f32")
-    assert all(t.data_ptr() % (2 << 20) == 0 and not t.any() for t in big.k + big.v)
+    layers = big.k + big.v
+    base = layers[0].data_ptr()
+    assert base % (2 << 20) == 0 and all(t.data_ptr() == base + i * t.nbytes for i, t in enumerate(layers))
+    assert not any(t.any() for t in layers)
+    big.k[0][0, :, 2] = 5.0
+    assert big.k[0].sum() == 5.0 * config.n_kv_heads * config.head_dim and not any(t.any() for t in layers[1:])
+    small = KVCache(config, 1, 16, "f32")
+    assert len({t.untyped_storage().data_ptr() for t in small.k + small.v}) == 2 * config.n_layers
     grown = KVCache(config, 1, 16, "f32")
-    assert grown.k[0].nbytes < 4 << 20
     grown.k[0][0, :, 3] = 7.0
     grown.pos[0, 3] = 3
     grown.ensure_capacity(long, long)
