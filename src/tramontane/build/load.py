@@ -184,6 +184,10 @@ PACKABLE = re.compile(
 )
 
 
+# The projections fuse() stacks into wqkv and w13 (quant/linear.py): their own packed rows are copied there.
+FUSED_PARTS = re.compile(r"layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])\.weight")
+
+
 def _swap_packed(
     model: Transformer,
     path: Path,
@@ -207,7 +211,8 @@ def _swap_packed(
             f"expected {list(shape[:-1])} rows of {shape[-1]} values",
         )
     module_path = target.removesuffix(".weight")
-    regrouped, qtype = regroup(rows, qtype, shape[-1])  # the interleaved types (quant/kernels.py)
+    # the interleaved types (quant/kernels.py); on huge pages but for the parts fuse() copies again
+    regrouped, qtype = regroup(rows, qtype, shape[-1], huge=not FUSED_PARTS.fullmatch(target))
     rows = rows.clone() if own and regrouped is rows else regrouped
     with torch.device("meta"):
         module = _packed_module(module_path, torch.empty(rows.shape, dtype=torch.uint8), qtype, shape, layout)

@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from ..weights.gguf_quants import GGML_TYPES, dequantize
+from .pages import huge_empty
 
 _ext: ModuleType | None
 try:  # the compiled kernels are optional (a failed build leaves the fallback); types: _kernels.pyi
@@ -201,13 +202,15 @@ def regroups(qtype: int) -> bool:
     return qtype in INTERLEAVED and _integer() and isa() not in ("scalar", "none")
 
 
-def regroup(rows: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, int]:
+def regroup(rows: torch.Tensor, qtype: int, k: int, huge: bool = False) -> tuple[torch.Tensor, int]:
     """A matrix's packed rows [..., N, row_bytes] of `k` elements as the kernels run them fastest: Q4_0,
-    Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K and Q3_K interleaved into a new tensor (Q4_0_R8, ...) where their integer kernel runs (activations
-    q16 or q8, a vector instruction set) and N is a multiple of 8; anything else as it is. Decided at load."""
+    Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K and Q3_K interleaved into a new tensor (Q4_0_R8, ...) where their
+    integer kernel runs (activations q16 or q8, a vector instruction set) and N is a multiple of 8;
+    anything else as it is. Decided at load. huge: the new tensor on huge pages (quant/pages.py), for a
+    matrix that stays as it is (the loader's parts of fused projections are copied again by the fusing)."""
     if not (regroups(qtype) and rows.dim() >= 2 and rows.shape[-2] % 8 == 0):
         return rows, qtype
-    return _interleaved(rows, qtype, k, to_r8=True), INTERLEAVED[qtype]
+    return _interleaved(rows, qtype, k, to_r8=True, huge=huge), INTERLEAVED[qtype]
 
 
 def ggml_blocks(rows: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, int]:
@@ -217,10 +220,10 @@ def ggml_blocks(rows: torch.Tensor, qtype: int, k: int) -> tuple[torch.Tensor, i
     return _interleaved(rows, _BASE[qtype], k, to_r8=False), _BASE[qtype]
 
 
-def _interleaved(rows: torch.Tensor, base: int, k: int, *, to_r8: bool) -> torch.Tensor:
+def _interleaved(rows: torch.Tensor, base: int, k: int, *, to_r8: bool, huge: bool = False) -> torch.Tensor:
     assert _ext is not None  # the interleaved types exist only where the extension made them
     src = rows.contiguous()
-    out = torch.empty_like(src)
+    out = huge_empty(src.numel()).view(src.shape) if huge else torch.empty_like(src)
     n = src.numel() // row_bytes(base, k)
     _ext.interleave((src.data_ptr(), src.numel()), (out.data_ptr(), out.numel()), n, k, base, to_r8)
     return out

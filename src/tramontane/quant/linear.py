@@ -17,6 +17,7 @@ from ..model.layers import FeedForward, empty_embedding
 from ..model.transformer import Transformer
 from ..weights.gguf_quants import GGML_TYPES
 from .kernels import dequantize_packed, ggml_blocks, interleaved, lookup_rows, type_name
+from .pages import huge_empty
 
 # GGML type ids the packed kernels execute; other types are dequantized at load.
 _PACKED_NAMES = {"F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"}
@@ -50,8 +51,11 @@ class PackedLinear(nn.Module):
 
     @classmethod
     def concat(cls, parts: list[PackedLinear]) -> PackedLinear:
-        """One module computing several projections of the same input (rows stacked): fewer calls."""
-        return cls(torch.cat([p.packed for p in parts]), parts[0].qtype, parts[0].in_features)
+        """One module computing several projections of the same input (rows stacked): fewer calls. The
+        stack lies on huge pages (quant/pages.py)."""
+        rows = [p.packed for p in parts]
+        out = huge_empty(sum(r.numel() for r in rows)).view(-1, *rows[0].shape[1:])
+        return cls(torch.cat(rows, out=out), parts[0].qtype, parts[0].in_features)
 
     def split(self, sizes: list[int]) -> list[PackedLinear]:
         """The inverse of concat: modules over consecutive row ranges of the same packed rows (views; copies
