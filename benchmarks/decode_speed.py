@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -123,13 +124,17 @@ class IdTokenizer:
 
 def memory_bandwidth() -> float:
     """Bytes per second of summing a 512 MiB tensor, the bound decoding cannot beat: the median of 5
-    (a single best run picks up the host's occasional bursts, which no decode step can count on)."""
+    (a single best run picks up the host's occasional bursts, which no decode step can count on). The
+    tensor lies on huge pages, as the packed weights do (quant/pages.py): on 4 KiB pages the sum read
+    10% slower, a bound below what the weights' reading reaches."""
     import statistics
 
     import torch
 
-    x = torch.ones(1 << 27)  # 512 MiB of float32: far beyond the caches
-    x.sum()  # pages touched once
+    from tramontane.quant.pages import huge_empty
+
+    x = huge_empty(4 << 27).view(torch.float32)  # 512 MiB of float32: far beyond the caches
+    x.fill_(1.0)  # pages touched once
     times = []
     for _ in range(5):
         t = time.perf_counter()
@@ -496,8 +501,13 @@ def measure(args: argparse.Namespace, engines: list[str], lengths: list[str]) ->
     if not LLAMA_BIN and not _llama_importable(args.llama_python):
         engines = [e for e in engines if not e.startswith("llama.cpp")]
     runs: dict[str, list[dict]] = {e: [] for e in engines}
+    import torch
+
+    torch.set_num_threads(args.threads)
+    active = active_bytes_of_file(args.model)
     for _ in range(args.rounds):  # interleaved: every engine once per round, a fresh process each time
         for engine in engines:
+            bandwidth = memory_bandwidth()  # this minute's: the host's bandwidth moved 30-51 GB/s within an hour
             python = args.llama_python if engine.startswith("llama.cpp") and not LLAMA_BIN else sys.executable
             proc = subprocess.run(
                 [python, __file__, "--worker", engine, "--model", args.model, "--threads", str(args.threads), *lengths],
@@ -508,7 +518,9 @@ def measure(args: argparse.Namespace, engines: list[str], lengths: list[str]) ->
             if proc.returncode:
                 print(f"{engine}: failed\n{proc.stderr[-1500:]}", file=sys.stderr)
                 continue
-            runs[engine].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r["bandwidth_gbs"], r["roofline_share"] = bandwidth / 1e9, r["decode"] * active / bandwidth
+            runs[engine].append(r)
     return {e: _medians(r) for e, r in runs.items() if r}
 
 
@@ -536,23 +548,24 @@ def compare_types(args: argparse.Namespace, lengths: list[str]) -> None:
         from tramontane.hub.resolve import default_model_path
 
         args.model = str(default_model_path())
-    source, rows = args.model, []
+    source, rows = args.model, []  # (type, results)
     engines = ["tramontane", "llama.cpp", "llama.cpp-nommap"]
     for qtype in args.types.split(","):
         args.model = requantized(source, qtype)
         results = measure(args, engines, lengths)
         print_table(args, results)
-        rows.append((qtype, results, print_roofline(args, results)))
+        print_roofline(args, results)
+        rows.append((qtype, results))
     print(f"\nsummary: {source} requantized, {args.threads} threads, medians of {args.rounds} rounds")
     print(
         "| type | decode ours / llama.cpp (no mmap) | prefill ours / llama.cpp (no mmap) | decode, share of roofline |"
     )
     print("|---|---|---|---|")
-    for qtype, r, roofline in rows:
+    for qtype, r in rows:
         ours, mm, nm = (r.get(e, {}) for e in engines)
         decode = f"{_ratio(ours, mm, 'decode')} ({_ratio(ours, nm, 'decode')})"
         prefill = f"{_ratio(ours, mm, 'prefill')} ({_ratio(ours, nm, 'prefill')})"
-        share = f"{ours['decode']:.1f} tok/s, {ours['decode'] / roofline:.0%}" if ours.get("decode") else "-"
+        share = f"{ours['decode']:.1f} tok/s, {ours['roofline_share']:.0%}" if ours.get("decode") else "-"
         print(f"| {qtype} | {decode} | {prefill} | {share} |")
 
 
@@ -610,19 +623,20 @@ def active_bytes_of_file(path: str) -> int:
 
 
 def print_roofline(args: argparse.Namespace, results: dict) -> float:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    bandwidth, active = memory_bandwidth(), active_bytes_of_file(args.model)
+    """Each engine's decode next to the roofline of the minute it ran in (`measure` probes the bandwidth
+    just before each run): the median of its runs' shares. Returns the median roofline in tok/s."""
+    active = active_bytes_of_file(args.model)
+    bandwidth = statistics.median(r["bandwidth_gbs"] for r in results.values()) * 1e9
     roofline = bandwidth / active
     print(
-        f"\nbandwidth {bandwidth / 1e9:.1f} GB/s (summing 512 MiB, {args.threads} threads); a token reads "
-        f"{active / 1e9:.3f} GB; roofline {roofline:.1f} tok/s"
+        f"\nbandwidth {bandwidth / 1e9:.1f} GB/s (summing 512 MiB on huge pages, {args.threads} threads, before "
+        f"each run; medians); a token reads {active / 1e9:.3f} GB; roofline {roofline:.1f} tok/s"
     )
     for engine, r in results.items():
         lo, hi = r["decode_range"]
         print(
-            f"- {engine}: decode {r['decode']:.1f} tok/s ({lo:.1f}-{hi:.1f}), {r['decode'] / roofline:.0%} of the roofline"
+            f"- {engine}: decode {r['decode']:.1f} tok/s ({lo:.1f}-{hi:.1f}), {r['roofline_share']:.0%} of the "
+            f"roofline of its minute ({r['bandwidth_gbs']:.1f} GB/s)"
         )
     return roofline
 
