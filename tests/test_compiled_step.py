@@ -1039,7 +1039,7 @@ def test_interleaved_model(tmp_path, isa, kind, qtype, q8, monkeypatch):
         got = model(tokens)
         import tramontane.build.load as load_module
 
-        monkeypatch.setattr(load_module, "regroup", lambda rows, qtype, k: (rows, qtype))
+        monkeypatch.setattr(load_module, "regroup", lambda rows, qtype, k, huge=False: (rows, qtype))
         plain = load_model(path, packed=True).model
         assert plain.layers[0].attention.wo.qtype == ggml
         want = plain(tokens)
