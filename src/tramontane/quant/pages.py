@@ -6,10 +6,11 @@ each page's end. The matrices the loader makes anew (interleaved by `regroup`, s
 `PackedLinear.concat`) are carved from anonymous mappings advised into huge pages (`huge_empty`),
 CHUNK bytes at a time, so that SmolLM2's 0.2-1 MiB matrices share them too (torch's own allocations
 get 4 KiB pages where the system grants huge ones only on request, as most do: THP "madvise"). Measured
-on a Zen 4 (2 threads, alternating processes): a Mistral-7B-shaped Q4_0 file's decode 7.9-8.2 -> 11.8-12.2
-tok/s (4 GB a token: 48 GB/s, where torch's sum of a 512 MiB tensor reads 30-35), peak RSS 4.31 -> 4.41
-GB; SmolLM2 Q4_0 decode medians 211 -> 247 tok/s in a noisy hour; the decoding matmuls of its 30 blocks
-alone, back to back from DRAM, 2.51 -> 2.22 ms (median). A mapping is unmapped when the last matrix carved from it goes: the allocator keeps only a
+on a Zen 4 whose memory other guests share (2 threads, 5 pairs of alternating processes): a
+Mistral-7B-shaped Q4_0 file's decode 6.3-8.3 -> 7.7-12.2 tok/s, faster in each pair (4 GB a token: up to
+48 GB/s), peak RSS 4.31 -> 4.41 GB, the load alike (9.2-17.8 against 11.3-12.7 s, Q4_K_M); SmolLM2 Q4_0
+decode medians 211 -> 247 tok/s in a noisy hour; the decoding matmuls of its 30 blocks alone, back to
+back from DRAM, 2.51 -> 2.22 ms (median). A mapping is unmapped when the last matrix carved from it goes: the allocator keeps only a
 weak reference to the one it carves from. Written here because neither torch nor Python offers a
 huge-page allocator (torch's THP_MEM_ALLOC_ENABLE, an environment switch read once per process, advises
 only allocations of 2 MiB and more: SmolLM2's block matrices stay on 4 KiB pages under it).
