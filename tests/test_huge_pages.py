@@ -13,8 +13,9 @@ import torch
 from models import hf_model, save_gguf
 
 from tramontane.build.load import load_model
+from tramontane.model.cache import HUGE_PAGE
 from tramontane.quant import kernels
-from tramontane.quant.pages import CHUNK, HUGE_PAGE, huge_empty
+from tramontane.quant.pages import CHUNK, huge_empty
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 # A kernel built with transparent huge pages takes the advice (VmFlags "hg"), whatever its policy says.

@@ -35,19 +35,29 @@ from .layers import attention_mask
 HUGE_PAGE = 2 << 20  # bytes: x86-64's transparent huge page
 
 
-def mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype, huge: bool) -> torch.Tensor:
-    """Zeros in an anonymous private mapping of their own: fresh pages read as zero and become resident
-    as they are written. `huge`: advised into transparent huge pages before the first write, the tensor
-    starting on a 2 MiB boundary (its tail past the last whole one stays on 4 KiB pages); else advised
-    out of them, so that residency grows 4 KiB at a time."""
-    nbytes = math.prod(shape) * dtype.itemsize
+def anonymous_mapping(nbytes: int, huge: bool) -> tuple[mmap.mmap, int]:
+    """An anonymous private mapping holding `nbytes` from the offset returned with it: fresh pages read as
+    zero and become resident as they are written. `huge`: that offset is a 2 MiB boundary and the whole
+    2 MiB pages from it are advised into transparent huge pages; else the mapping is advised out of
+    them, so that residency grows 4 KiB at a time."""
     area = mmap.mmap(-1, max(1, nbytes + HUGE_PAGE * huge), flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0))
+    skip = -torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE if huge else 0
+    try:
+        if huge and nbytes >= HUGE_PAGE:
+            area.madvise(mmap.MADV_HUGEPAGE, skip, nbytes // HUGE_PAGE * HUGE_PAGE)
+        elif not huge:
+            area.madvise(mmap.MADV_NOHUGEPAGE)
+    except (AttributeError, OSError):  # no such advice here (another system, a kernel without THP)
+        pass
+    return area, skip
+
+
+def mapped_zeros(shape: tuple[int, ...], dtype: torch.dtype, huge: bool) -> torch.Tensor:
+    """Zeros in an anonymous mapping of their own (anonymous_mapping): `huge`, the tensor starts on a
+    2 MiB boundary on transparent huge pages (its tail past the last whole one stays on 4 KiB pages)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    area, skip = anonymous_mapping(nbytes, huge)
     raw = torch.frombuffer(area, dtype=torch.uint8)  # holds `area` mapped
-    skip = -raw.data_ptr() % HUGE_PAGE if huge else 0
-    if huge and hasattr(mmap, "MADV_HUGEPAGE") and nbytes >= HUGE_PAGE:
-        area.madvise(mmap.MADV_HUGEPAGE, skip, nbytes // HUGE_PAGE * HUGE_PAGE)
-    elif not huge and hasattr(mmap, "MADV_NOHUGEPAGE"):
-        area.madvise(mmap.MADV_NOHUGEPAGE)
     return raw[skip : skip + nbytes].view(dtype).view(shape)
 
 

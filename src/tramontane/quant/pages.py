@@ -10,11 +10,11 @@ on a Zen 4 whose memory other guests share (2 threads, 5 pairs of alternating pr
 Mistral-7B-shaped Q4_0 file's decode 6.3-8.3 -> 7.7-12.2 tok/s, faster in each pair (4 GB a token: up to
 48 GB/s), peak RSS 4.31 -> 4.41 GB, the load alike (9.2-17.8 against 11.3-12.7 s, Q4_K_M); SmolLM2 Q4_0
 decode medians 211 -> 247 tok/s in a noisy hour; the decoding matmuls of its 30 blocks alone, back to
-back from DRAM, 2.51 -> 2.22 ms (median). A mapping is unmapped when the last matrix carved from it goes: the allocator keeps only a
-weak reference to the one it carves from. Written here because neither torch nor Python offers a
-huge-page allocator (torch's THP_MEM_ALLOC_ENABLE, an environment switch read once per process, advises
-only allocations of 2 MiB and more: SmolLM2's block matrices stay on 4 KiB pages under it).
-"""
+back from DRAM, 2.51 -> 2.22 ms (median). A mapping is unmapped when the last matrix carved from it
+goes: the allocator keeps only a weak reference to the one it carves from. Written here because neither
+torch nor Python offers a huge-page allocator (torch's THP_MEM_ALLOC_ENABLE, an environment switch read
+once per process, advises only allocations of 2 MiB and more: SmolLM2's block matrices stay on 4 KiB
+pages under it)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ import weakref
 
 import torch
 
-HUGE_PAGE = 2 << 20  # bytes: x86-64's transparent huge page
+from ..model.cache import HUGE_PAGE, anonymous_mapping
+
 CHUNK = 64 << 20  # bytes a mapping carves matrices from (a larger matrix gets one of its own)
 ALIGN = 4096  # each matrix starts on a page of its own
 
@@ -33,7 +34,7 @@ class _Carver:
 
     def __init__(self) -> None:
         self._area: weakref.ref[mmap.mmap] | None = None
-        self._start = self._at = self._end = 0
+        self._at = self._end = 0
 
     def take(self, nbytes: int) -> torch.Tensor:
         size = -(-nbytes // ALIGN) * ALIGN
@@ -49,16 +50,10 @@ class _Carver:
         return out
 
     def _map(self, size: int) -> mmap.mmap:
-        """A new mapping of `size` usable bytes from a 2 MiB boundary, advised into huge pages."""
+        """A new mapping of `size` usable bytes (whole huge pages) from a 2 MiB boundary, advised into them."""
         size = -(-size // HUGE_PAGE) * HUGE_PAGE
-        area = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0))
-        base = torch.frombuffer(area, dtype=torch.uint8, count=1).data_ptr()
-        skip = -base % HUGE_PAGE
-        try:
-            area.madvise(mmap.MADV_HUGEPAGE, skip, size)
-        except (AttributeError, OSError):  # no such advice here (another system, a kernel without THP)
-            pass
-        self._area, self._start, self._at, self._end = weakref.ref(area), skip, skip, skip + size
+        area, skip = anonymous_mapping(size, huge=True)
+        self._area, self._at, self._end = weakref.ref(area), skip, skip + size
         return area
 
 
