@@ -76,3 +76,22 @@ def test_the_loaders_interleaved_and_fused_matrices_lie_on_advised_pages(tmp_pat
     for name, rows in matrices.items():
         where = mapping_of(rows.data_ptr())
         assert where is not None and rows.data_ptr() % 4096 == 0 and ("hg" in where[2]) == THP, name
+
+
+def test_parts_of_different_types_that_stay_apart_are_moved_onto_advised_pages(tmp_path, q16):
+    """A llama-quantize mix with attn_v of another type (Q8_0 beside Q4_0): q, k and v stay three modules,
+    and each lies on huge pages all the same (quant/linear.py's _onto_huge_pages), computing as before."""
+    if not kernels.regroups(2):
+        pytest.skip("no interleaved kernels here")
+    hf = hf_model("llama", seed=4, hidden_size=128)
+    path = save_gguf(hf, tmp_path / "m.gguf", "Q4_0", types={"attn_v": "Q8_0"})
+    model = load_model(path, packed=True).model
+    att = model.layers[0].attention
+    assert att.wqkv is None and kernels.interleaved(att.wq.qtype) and kernels.interleaved(att.wv.qtype)
+    for rows in (att.wq.packed, att.wk.packed, att.wv.packed):
+        where = mapping_of(rows.data_ptr())
+        assert where is not None and rows.data_ptr() % 4096 == 0 and ("hg" in where[2]) == THP
+    x = torch.randn(3, 128)
+    ref = x @ kernels.dequantize_packed(*kernels.ggml_blocks(att.wv.packed, att.wv.qtype, 128), 128).T
+    kernels.set_activations("f32")
+    assert torch.allclose(att.wv(x), ref, atol=1e-4, rtol=1e-4)

@@ -184,7 +184,8 @@ PACKABLE = re.compile(
 )
 
 
-# The projections fuse() stacks into wqkv and w13 (quant/linear.py): their own packed rows are copied there.
+# The projections fuse() stacks into wqkv and w13 (quant/linear.py): their packed rows are copied there (or
+# onto huge pages, where fuse() finds them of different types).
 FUSED_PARTS = re.compile(r"layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])\.weight")
 
 

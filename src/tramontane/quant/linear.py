@@ -162,11 +162,24 @@ def fuse_projections(model: Transformer) -> None:
         if _fusable(qkv):
             att.wqkv = PackedLinear.concat(qkv)
             del att.wq, att.wk, att.wv
+        else:
+            _onto_huge_pages(qkv)
         dense = isinstance(ff, FeedForward) and ff.w13 is None
         gate_up: list[object] = [ff.w1, ff.w3] if dense else []  # MoE: experts stay apart
         if _fusable(gate_up):
             ff.w13 = PackedLinear.concat(gate_up)
             del ff.w1, ff.w3
+        else:
+            _onto_huge_pages(gate_up)
+
+
+def _onto_huge_pages(parts: list[object]) -> None:
+    """The interleaved parts of a group that fuse_projections cannot stack (another type among them:
+    Q4_K_M's Q6_K attn_v beside Q4_K q and k) copied onto huge pages (quant/pages.py): the loader left
+    them in torch's memory for the stack that did not come."""
+    for p in parts:
+        if isinstance(p, PackedLinear) and interleaved(p.qtype):
+            p.packed = huge_empty(p.packed.numel()).view(p.packed.shape).copy_(p.packed)
 
 
 def unfuse_projections(model: Transformer) -> None:
