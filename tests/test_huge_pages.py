@@ -37,6 +37,9 @@ def mapping_of(address: int) -> tuple[int, int, set[str]] | None:
 
 
 def test_carved_tensors_lie_page_aligned_in_one_advised_mapping_that_goes_with_the_last():
+    # Larger than a chunk: a mapping of its own, from a 2 MiB boundary, and full (whole huge pages), so
+    # that a and b start a chunk of their own whatever the tests before left in the carver's.
+    big = huge_empty(CHUNK + HUGE_PAGE)
     a, b = huge_empty(5000), huge_empty(3 * 4096)
     assert a.dtype == torch.uint8 and a.shape == (5000,) and not a.any() and not b.any()
     assert b.data_ptr() - a.data_ptr() == 8192  # 5000 bytes rounded up to whole pages
@@ -45,7 +48,6 @@ def test_carved_tensors_lie_page_aligned_in_one_advised_mapping_that_goes_with_t
     where = mapping_of(a.data_ptr())
     assert where is not None and where == mapping_of(b.data_ptr())
     assert ("hg" in where[2]) == THP
-    big = huge_empty(CHUNK + 1)  # larger than a chunk: a mapping of its own, from a 2 MiB boundary
     assert big.data_ptr() % HUGE_PAGE == 0 and mapping_of(big.data_ptr())[:2] != where[:2]
     start = where[0]
     del a, b
