@@ -622,9 +622,11 @@ def active_bytes_of_file(path: str) -> int:
     return int(total)
 
 
-def print_roofline(args: argparse.Namespace, results: dict) -> float:
+def print_roofline(args: argparse.Namespace, results: dict) -> None:
     """Each engine's decode next to the roofline of the minute it ran in (`measure` probes the bandwidth
-    just before each run): the median of its runs' shares. Returns the median roofline in tok/s."""
+    just before each run): the median of its runs' shares."""
+    if not results:  # every engine failed (measure said why)
+        return
     active = active_bytes_of_file(args.model)
     bandwidth = statistics.median(r["bandwidth_gbs"] for r in results.values()) * 1e9
     roofline = bandwidth / active
@@ -638,7 +640,6 @@ def print_roofline(args: argparse.Namespace, results: dict) -> float:
             f"- {engine}: decode {r['decode']:.1f} tok/s ({lo:.1f}-{hi:.1f}), {r['roofline_share']:.0%} of the "
             f"roofline of its minute ({r['bandwidth_gbs']:.1f} GB/s)"
         )
-    return roofline
 
 
 def print_table(args: argparse.Namespace, results: dict) -> None:
