@@ -127,8 +127,6 @@ def memory_bandwidth() -> float:
     (a single best run picks up the host's occasional bursts, which no decode step can count on). The
     tensor lies on huge pages, as the packed weights do (quant/pages.py): on 4 KiB pages the sum read
     10% slower, a bound below what the weights' reading reaches."""
-    import statistics
-
     import torch
 
     from tramontane.quant.pages import huge_empty
@@ -507,7 +505,7 @@ def measure(args: argparse.Namespace, engines: list[str], lengths: list[str]) ->
     active = active_bytes_of_file(args.model)
     for _ in range(args.rounds):  # interleaved: every engine once per round, a fresh process each time
         for engine in engines:
-            bandwidth = memory_bandwidth()  # this minute's: the host's bandwidth moved 30-51 GB/s within an hour
+            bandwidth = memory_bandwidth()  # this minute's: the host's moved 30-57 GB/s within an hour
             python = args.llama_python if engine.startswith("llama.cpp") and not LLAMA_BIN else sys.executable
             proc = subprocess.run(
                 [python, __file__, "--worker", engine, "--model", args.model, "--threads", str(args.threads), *lengths],

@@ -22,7 +22,7 @@ from ..model.layers import rope_frequencies
 from ..parallel.plan import Layout, layout_for, slice_of
 from ..parallel.shard import shard_model
 from ..quant.kernels import regroup, regroups, row_bytes
-from ..quant.linear import PACKED_TYPES, PackedEmbedding, PackedExperts, PackedLinear, set_module
+from ..quant.linear import FUSED_PARTS, PACKED_TYPES, PackedEmbedding, PackedExperts, PackedLinear, set_module
 from ..quant.quantize import GROUP, SCHEMES, quantize_rows, rows_of, type_id
 from ..quant.step import fuse
 from ..weights import names
@@ -182,11 +182,6 @@ PACKABLE = re.compile(
     r"(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output|tok_embeddings)\.weight"
     r"|layers\.\d+\.feed_forward\.w[123]"
 )
-
-
-# The projections fuse() stacks into wqkv and w13 (quant/linear.py): their packed rows are copied there (or
-# onto huge pages, where fuse() finds them of different types).
-FUSED_PARTS = re.compile(r"layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])\.weight")
 
 
 def _swap_packed(

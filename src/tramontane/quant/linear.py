@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TypeGuard
 
 import torch
@@ -151,6 +152,11 @@ def _fusable(parts: list[object]) -> TypeGuard[list[PackedLinear]]:
     """Packed projections of one type and input width (an empty list is not)."""
     packed = [p for p in parts if isinstance(p, PackedLinear)]
     return len(packed) == len(parts) and len({(p.qtype, p.in_features) for p in packed}) == 1
+
+
+# The parameters fuse_projections stacks into wqkv and w13: a loader's copies of their packed rows are copied
+# again there (or onto huge pages, where they are of different types: _onto_huge_pages).
+FUSED_PARTS = re.compile(r"layers\.\d+\.(attention\.w[qkv]|feed_forward\.w[13])\.weight")
 
 
 def fuse_projections(model: Transformer) -> None:
