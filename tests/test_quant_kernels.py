@@ -973,6 +973,41 @@ def test_q8_rows_do_not_depend_on_the_batch(isa: str, integer: str, qtype: QT) -
 
 
 @needs_ext
+@pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("layout", ["ggml", "interleaved"])
+def test_rows_a_whole_kilobyte_long_are_rounded_apart_and_read_back(
+    isa: str, integer: str, qtype: QT, layout: str
+) -> None:
+    """At K a multiple of 1024 the rounded activation rows lie K + 64 bytes apart (matmul.c's q8_stride:
+    rows K apart would share the L1's sets): every kernel, row by row, in register-held groups, in blocks
+    of rows and one row streamed, reads each row where the rounding wrote it. Results equal the rounding's
+    emulation to float32 rounding, and a row's bits do not depend on its batch."""
+    if isa == "scalar":
+        pytest.skip("the portable pass has no integer kernels")
+    k, n = 1024, 40
+    packed, dense = weight(qtype, n, k)
+    qt = int(qtype)
+    if layout == "interleaved":
+        if qt not in kernels.INTERLEAVED:
+            pytest.skip(f"{qtype.name} has no interleaved layout")
+        packed, qt = kernels.regroup(packed, qt, k)
+        assert kernels.interleaved(qt)
+    x = activations(37, k, seed=11)
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        y = torch.full((rows.shape[0], n), float("nan"))
+        ext.matmul(buf(rows.contiguous()), buf(packed), buf(y), rows.shape[0], n, k, qt, 2)
+        return y
+
+    batch = run(x)
+    emulated = q8_reference(x, dense, qtype, two=integer == "q16")
+    magnitude = (x.double().abs() @ dense.double().abs().T).max()
+    assert (batch.double() - emulated).abs().max() <= 1e-5 * magnitude
+    assert torch.equal(torch.cat([run(x[i : i + 1]) for i in range(0, 37, 6)]), batch[::6])
+    assert torch.equal(run(x[3:6]), batch[3:6])
+
+
+@needs_ext
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q6_K, QT.Q3_K, QT.Q4_0], ids=lambda t: t.name)
 def test_interleaved_rows_walked_in_streams_are_those_of_a_batch(isa: str, integer: str, qtype: QT) -> None:
     """One activation row (decoding) walks an interleaved matrix four groups of 8 rows at a time, each its

@@ -412,13 +412,13 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
     const int rounded = a->kvt == T_Q8_0 && ops->attend_q8_0 && tram_q8() && !on_tiles;  /* the fast activations' path */
     const attend16_fn wide = in_place16(ops, a->kvt);
     const int pair = rounded && tram_q8() == 2;  /* q16: each query as two int8 rows, as matmul.c's x */
-    const q8_rows xq = {t->qq, t->qd, t->qbs, pair, NULL, NULL};
+    const q8_rows xq = {t->qq, D, t->qd, t->qbs, pair, NULL, NULL};
     for (long j = 0; j < nq && rounded; j++) {
         int8_t *qq = t->qq + (j << pair) * D;
         float *qd = t->qd + (j << pair) * (D / 32);
         int16_t *qbs = t->qbs + (j << pair) * (D / 16);
         if (pair)
-            tram_round_q16(ops, t->q[j], D, 32, qq, qd, qbs);
+            tram_round_q16(ops, t->q[j], D, D, 32, qq, qd, qbs);
         else
             ops->quantize_q8(t->q[j], D / 32, 32, NULL, qq, qd, qbs);
     }

@@ -82,9 +82,12 @@ typedef void (*fused_fn)(const uint8_t *w, size_t rb, long n, const float *x, co
  * m, x and what its rounding left at 1/256 of its step (matmul.c); the kernel writes their results' sum as
  * row m of y. tab and wide (NULL where not made), made once a call by the interleaved types' kernels of
  * many rows (simd_q8.inc): the closes' activation scales of a block of rows (r8_scales) and, for Q8_0,
- * each pair as one int16 row, 256 q1 + q2 (r8_wide). */
+ * each pair as one int16 row, 256 q1 + q2 (r8_wide). ld: elements from one row of q to the next, K or
+ * more (matmul.c's q8_stride: rows a multiple of 1 KB apart would all fall in a few of the L1's sets).
+ * Row m's scales and sums stay K / blk and K / 16 apart. */
 typedef struct {
     const int8_t *q;
+    long ld;
     const float *d;
     const int16_t *bs;
     int pair;
@@ -254,9 +257,9 @@ TRAM_HIDDEN int tram_set_tiles(int on);
  * everywhere (the exact path). Process-wide, set from Python. */
 TRAM_HIDDEN void tram_set_q8(int mode);
 TRAM_HIDDEN int tram_q8(void);
-/* One row x of K floats as q16's two int8 rows (q, q + K; scales d, d + K / blk; sums bs, bs + K / 16):
+/* One row x of K floats as q16's two int8 rows (q, q + ld; scales d, d + K / blk; sums bs, bs + K / 16):
  * x rounded per blk, then what that left at 1/256 of each block's step (the instruction set's round_q16). */
-TRAM_HIDDEN void tram_round_q16(const isa_ops *ops, const float *x, long K, long blk, int8_t *q, float *d,
+TRAM_HIDDEN void tram_round_q16(const isa_ops *ops, const float *x, long K, long ld, long blk, int8_t *q, float *d,
                                 int16_t *bs);
 /* out[N,K] = W as float32; returns 0, or -1 when out of memory. */
 TRAM_HIDDEN int tram_dequantize(const isa_ops *ops, const uint8_t *w, float *out, long N, long K, int qtype,
