@@ -168,9 +168,9 @@ typedef struct {
 /* The rounded rows' stride (q8_rows' ld): K, or K + 64 where K is a multiple of 1 KB. A kernel of many
  * rows reads block i of each row in turn; rows 1 KB apart or a multiple of it put those reads in at most
  * 4 of the L1's 64 sets (at 4096 all in one: 8 ways for 32 rows), and the reads went to L2. A line more
- * a row spreads them over all the sets (one thread on a Zen 4, interleaved Q4_0 4096 x 4096 at 32 int8
- * rows: 6.9-7.2 -> 5.8-5.9 ms; 4096 x 14336 24.2 -> 22.0 ms; 7B-shaped Q4_0 prefill of 512 tokens, 2
- * threads, alternating: 19.2, 19.7 -> 22.5, 22.7 tok/s). */
+ * a row spreads them over all the sets (one thread on a Zen 4, interleaved Q4_0 4096 x 4096 at 32 rows,
+ * q16's 64 int8 rows: 6.9-7.2 -> 5.8-5.9 ms; 4096 x 14336 24.2 -> 22.0 ms; 7B-shaped Q4_0 prefill of 512
+ * tokens, 2 threads, alternating: 19.2, 19.7 -> 22.5, 22.7 tok/s). */
 static long q8_stride(long K) { return K % 1024 == 0 ? K + 64 : K; }
 
 /* Room for M rows of x rounded. Returns 0, or -1 when out of memory. */
