@@ -5,7 +5,7 @@ has, thread counts, the pure-torch fallback, and input validation."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import cache
+from functools import cache, partial
 
 import numpy as np
 import pytest
@@ -68,6 +68,14 @@ def reference(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
 def buf(t: torch.Tensor) -> tuple[int, int]:
     """The (data_ptr, nbytes) form the raw extension takes for a buffer."""
     return t.data_ptr(), t.numel() * t.element_size()
+
+
+def raw_rows(packed: torch.Tensor, n: int, k: int, qtype: int, rows: torch.Tensor, threads: int = 2) -> torch.Tensor:
+    """rows [M, k] times the n packed rows of type qtype through the raw extension, on `threads` threads
+    (NaN where it wrote nothing); tests bind the matrix with partial."""
+    y = torch.full((rows.shape[0], n), float("nan"))
+    ext.matmul(buf(rows.contiguous()), buf(packed), buf(y), rows.shape[0], n, k, qtype, threads)
+    return y
 
 
 @pytest.fixture(params=ISAS or ["none"])
@@ -960,10 +968,7 @@ def test_q8_rows_do_not_depend_on_the_batch(isa: str, integer: str, qtype: QT) -
     packed, _ = weight(qtype, n, k)
     x = activations(70, k, seed=3)
 
-    def run(rows: torch.Tensor) -> torch.Tensor:
-        y = torch.full((rows.shape[0], n), float("nan"))
-        ext.matmul(buf(rows.contiguous()), buf(packed), buf(y), rows.shape[0], n, k, int(qtype), 2)
-        return y
+    run = partial(raw_rows, packed, n, k, int(qtype))
 
     alone = torch.cat([run(x[i : i + 1]) for i in range(70)])  # M = 1
     assert torch.equal(run(x), alone)
@@ -994,10 +999,7 @@ def test_rows_a_whole_kilobyte_long_are_rounded_apart_and_read_back(
         assert kernels.interleaved(qt)
     x = activations(37, k, seed=11)
 
-    def run(rows: torch.Tensor) -> torch.Tensor:
-        y = torch.full((rows.shape[0], n), float("nan"))
-        ext.matmul(buf(rows.contiguous()), buf(packed), buf(y), rows.shape[0], n, k, qt, 2)
-        return y
+    run = partial(raw_rows, packed, n, k, qt)
 
     batch = run(x)
     emulated = q8_reference(x, dense, qtype, two=integer == "q16")
@@ -1021,10 +1023,7 @@ def test_interleaved_rows_walked_in_streams_are_those_of_a_batch(isa: str, integ
     assert kernels.interleaved(qt)
     x = activations(16, k, seed=5)
 
-    def run(rows: torch.Tensor) -> torch.Tensor:
-        y = torch.full((rows.shape[0], n), float("nan"))
-        ext.matmul(buf(rows.contiguous()), buf(packed), buf(y), rows.shape[0], n, k, qt, 2)
-        return y
+    run = partial(raw_rows, packed, n, k, qt)
 
     batch = run(x)
     assert torch.equal(torch.cat([run(x[i : i + 1]) for i in range(16)]), batch)
@@ -1047,10 +1046,7 @@ def test_large_matrices_give_the_same_bits_taken_in_chunks(isa: str, integer: st
         assert kernels.interleaved(qt)
     x = activations(6, k, seed=7)
 
-    def run(rows: torch.Tensor, threads: int) -> torch.Tensor:
-        y = torch.full((rows.shape[0], n), float("nan"))
-        ext.matmul(buf(rows.contiguous()), buf(packed), buf(y), rows.shape[0], n, k, qt, threads)
-        return y
+    run = partial(raw_rows, packed, n, k, qt)
 
     halves = run(x, 2)  # six rows: each thread its fixed half of the output rows
     assert not halves.isnan().any()
@@ -1128,10 +1124,7 @@ def test_float32_rows_do_not_depend_on_the_batch(isa: str, k: int, n: int) -> No
     w, x = torch.randn(n, k, generator=torch.Generator().manual_seed(k)), activations(70, k, seed=n)
     packed = w.view(torch.uint8).reshape(n, -1).contiguous()
 
-    def run(rows: torch.Tensor) -> torch.Tensor:
-        y = torch.full((rows.shape[0], n), float("nan"))
-        ext.matmul(buf(rows.contiguous()), buf(packed), buf(y), rows.shape[0], n, k, 0, 2)
-        return y
+    run = partial(raw_rows, packed, n, k, 0)
 
     alone = torch.cat([run(x[i : i + 1]) for i in range(70)])
     assert torch.equal(run(x), alone) and torch.equal(run(x[:4]), alone[:4])

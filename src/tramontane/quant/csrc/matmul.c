@@ -194,10 +194,11 @@ static void q8_fill(const isa_ops *ops, const float *x, long m0, long m1, long K
         ops->quantize_q8(x + m0 * K, (m1 - m0) * nb, blk, NULL, b->q + m0 * K, b->d + m0 * nb, b->bs + m0 * (K / 16));
         return;
     }
-    for (long m = m0; m < m1 && !two; m++)
-        ops->quantize_q8(x + m * K, nb, blk, NULL, b->q + m * b->ld, b->d + m * nb, b->bs + m * (K / 16));
-    for (long m = m0; m < m1 && two; m++)
-        tram_round_q16(ops, x + m * K, K, b->ld, blk, b->q + 2 * m * b->ld, b->d + 2 * m * nb, b->bs + 2 * m * (K / 16));
+    for (long m = m0; m < m1; m++)  /* a row at a time: rows ld apart */
+        if (two)
+            tram_round_q16(ops, x + m * K, K, b->ld, blk, b->q + 2 * m * b->ld, b->d + 2 * m * nb, b->bs + 2 * m * (K / 16));
+        else
+            ops->quantize_q8(x + m * K, nb, blk, NULL, b->q + m * b->ld, b->d + m * nb, b->bs + m * (K / 16));
 }
 
 void tram_round_q16(const isa_ops *ops, const float *x, long K, long ld, long blk, int8_t *q, float *d, int16_t *bs) {
