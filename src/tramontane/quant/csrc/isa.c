@@ -16,7 +16,8 @@
 
 static const isa_ops *g_ops = NULL;   /* in use */
 static const isa_ops *g_best = NULL;  /* the best this CPU runs */
-static int g_amx = 0, g_amx_bf16 = 0;
+int tram_amx_granted = 0;
+static int g_amx_bf16 = 0;
 
 /* AMX-INT8 and AMX-TILE (CPUID leaf 7: EDX bits 25 and 24), then Linux's permission for the tiles'
  * 8 KB of state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, feature 18): without it the first tile
@@ -41,8 +42,6 @@ static int amx_bf16(void) {
 #endif
 }
 
-int tram_amx(void) { return g_amx; }
-
 int tram_amx_bf16(void) { return g_amx_bf16; }
 
 void tram_isa_init(void) {
@@ -54,8 +53,8 @@ void tram_isa_init(void) {
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vnni"))
         g_best = &tram_ops_avx512;
-    g_amx = g_best == &tram_ops_avx512 && amx_granted();
-    g_amx_bf16 = g_amx && amx_bf16();
+    tram_amx_granted = g_best == &tram_ops_avx512 && amx_granted();
+    g_amx_bf16 = tram_amx_granted && amx_bf16();
 #endif
     g_ops = g_best;
 }

@@ -199,8 +199,10 @@ extern TRAM_HIDDEN const isa_ops tram_ops_avx512;
 /* isa.c: the instruction set in use (the best this CPU runs unless a test chose another). */
 TRAM_HIDDEN void tram_isa_init(void);
 /* isa.c: whether the AVX-512 pass may use AMX tiles (the CPU has AMX-INT8 and Linux granted the tile
- * data to this process), for its integer kernels at 16 activation rows and more (simd_amx.inc). */
-TRAM_HIDDEN int tram_amx(void);
+ * data to this process), for its integer kernels at 16 activation rows and more (simd_amx.inc); read
+ * inline, as the Q4_K kernels ask at every super-block (K4_JOIN). */
+extern TRAM_HIDDEN int tram_amx_granted;
+static inline int tram_amx(void) { return tram_amx_granted; }
 /* isa.c: whether those tiles also multiply bfloat16 (AMX-BF16: tiles_bf16.c). */
 TRAM_HIDDEN int tram_amx_bf16(void);
 TRAM_HIDDEN const isa_ops *tram_isa_current(void);
