@@ -52,10 +52,9 @@ that each thread streams 4 parts of the matrix (1.2x on a 14336x4096 Q4_0 read f
 rows, with VNNI, Q4_K and Q6_K take two groups at once in 512-bit vectors, each instruction serving 16
 rows (1.2x and 1.26x on 4096x4096 at 64 rows; the same bits), and under "q16" Q4_K meets a pair's mins
 once, its first row's sums carrying both rows' (matmul.c's pair_sums), and its two rows' products as one
-integer, 256 q1 + q2 per two sub-blocks, before the scales (half the multiplies; but where AMX tiles run). Ranges of whole groups of
-8 rows stay contiguous (splits of fused projections); `lookup_rows` gathers an embedding's rows out of
-their
-groups; `ggml_blocks` gives the writers GGML's layout back. Switched to "f32" after load, interleaved
+integer, 256 q1 + q2 per two sub-blocks, before the scales (half the multiplies; not where AMX tiles
+run). Ranges of whole groups of 8 rows stay contiguous (splits of fused projections); `lookup_rows`
+gathers an embedding's rows out of their groups; `ggml_blocks` gives the writers GGML's layout back. Switched to "f32" after load, interleaved
 matrices compute through a copy in GGML's layout
 made at every call (exact, slow: the loader interleaves only under the integer settings).
 """
