@@ -120,16 +120,41 @@ typedef void (*tile_fn)(dec_fn dec, int bs, int ts, const uint8_t *w, size_t rb,
  * every block is in. The block's keys and values are read once for all the queries (the heads of one kv
  * head, the rows of one prefill chunk), and a query's result does not depend on which others share the
  * call. off holds ATT_PAD(max n) entries (the caller pads with a valid offset); sc is scratch of
- * nq * ATT_KB floats. */
+ * nq * ATT_KB floats; pf (NULL: none): other rows to request from memory as it goes (tram_pf). */
 #define ATT_PAD(n) (((n) + 7) & ~7L)
 #define ATT_KB 64
 #define ATT_NEXT 16  /* attend_q8_fn: rows of the next block's keys given along, to prefetch */
+/* Cache rows an attention kernel requests into L2 a few at a time between its own loads (tram_pf_step;
+ * NULL: none): the keys and values of the next item its thread attends (block_step.c's attend_rows), so
+ * that they arrive while this one computes. A decoding row's keys were last read a whole step ago, and
+ * the step's weights have since gone through every cache: attending them cold took 2.3x as long as a
+ * second pass over the same keys (SmolLM2, 16 rows of ~40 keys). Requested all at once before the
+ * item they gained nothing (the loads that need them first wait behind the queue), nor the values
+ * asked beside each key instead of after all the keys. */
+typedef struct {
+    const uint8_t *k, *v;  /* the layer's keys and values */
+    const size_t *rows;    /* [n] the next item's cache rows, base + rows[i] (each rb bytes from k and v) */
+    size_t base, rb;
+    long n, i;             /* rows to request (each a key and a value); the next of the 2n, keys first */
+    long n_all;            /* the item's keys in all (rows lists them all: its caller's use) */
+} tram_pf;
+#define PF_ROWS 6  /* rows requested per step (a key's or a value's): 8 keys scored against one query */
+
+static inline void tram_pf_step(tram_pf *p, long rows) {
+    for (long r = 0; p && r < rows && p->i < 2 * p->n; r++, p->i++) {  /* the keys first: scored first */
+        const long i = p->i < p->n ? p->i : p->i - p->n;
+        const char *row = (const char *)(p->i < p->n ? p->k : p->v) + (p->base + p->rows[i]) * p->rb;
+        for (size_t o = 0; o < p->rb; o += 64) __builtin_prefetch(row + o, 0, 2);
+    }
+}
+
 typedef void (*attend_fn)(const float *const *q, float *const *out, long nq, const long *n, const float *k,
-                          const float *v, const size_t *off, long D, float scale, float *sc, float *ml);
+                          const float *v, const size_t *off, long D, float scale, float *sc, float *ml, tram_pf *pf);
 /* As attend_fn over a float16 or bfloat16 cache, its rows as they are (off: element offsets), widened in
  * registers: the same floats, and so the same result, as attend_fn on the rows decoded. */
 typedef void (*attend16_fn)(const float *const *q, float *const *out, long nq, const long *n, const uint8_t *k,
-                            const uint8_t *v, const size_t *off, long D, float scale, float *sc, float *ml);
+                            const uint8_t *v, const size_t *off, long D, float scale, float *sc, float *ml,
+                            tram_pf *pf);
 /* As attend_fn over a Q8_0 cache: key and value i as Q8_0 rows of D elements at krows[i] and vrows[i],
  * the queries as their int8 rounding per 32 (xq: row j of D for query j; with pair, under q16, rows 2j
  * and 2j + 1, the query and what its rounding left, as matmul.c's pairs). The scores come from

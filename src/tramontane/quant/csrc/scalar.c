@@ -53,8 +53,11 @@ static void attend_one_c(const float *q, const float *k, const float *v, const s
 }
 
 static void attend_c(const float *const *q, float *const *out, long nq, const long *n, const float *k,
-                     const float *v, const size_t *off, long D, float scale, float *sc, float *ml) {
-    for (long j = 0; j < nq; j++) attend_one_c(q[j], k, v, off, n[j], D, scale, sc + j * ATT_KB, ml + 2 * j, out[j]);
+                     const float *v, const size_t *off, long D, float scale, float *sc, float *ml, tram_pf *pf) {
+    for (long j = 0; j < nq; j++) {
+        attend_one_c(q[j], k, v, off, n[j], D, scale, sc + j * ATT_KB, ml + 2 * j, out[j]);
+        tram_pf_step(pf, PF_ROWS * ((n[j] + 7) / 8));
+    }
 }
 
 static void silu_mul_c(const float *g, const float *u, float *out, long n) {
