@@ -448,8 +448,9 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
 
 /* The next item (decoding: tiles of one row) this thread attends as its rows to request (kernels.h's
  * tram_pf): the keys its row's cache rows hold, listed into t->off_next unless they are the row t->off
- * holds (held), at most PF_MOST of them (past those a long context's rows stream on their own). Returns
- * 0 where there is nothing to request (a padding row). */
+ * holds (held). Returns 0 where there is nothing to request: a padding row, or more than PF_MOST keys
+ * (a long run of rows the hardware's prefetchers find on their own; requested ahead, they would leave
+ * L2 before the item in hand had streamed its own). */
 #define PF_MOST 256
 static long take_item(long *claimed) { return __atomic_fetch_add(claimed, 1, __ATOMIC_RELAXED); }
 
@@ -462,8 +463,8 @@ static int plan_ahead(const block_args *a, long item, att_scratch *t, const long
     else
         row_keys(a, b, t->off_next, &n), pf->rows = t->off_next;
     pf->k = a->kc, pf->v = a->vc, pf->base = key_base(a, b, item % a->Hkv), pf->rb = tram_row_bytes(a->kvt, a->D);
-    pf->n_all = n, pf->n = n < PF_MOST ? n : PF_MOST, pf->i = 0;
-    return 1;
+    pf->n = n, pf->i = 0;
+    return n <= PF_MOST;
 }
 
 /* Whether no two of the step's rows (at most ALONE_ROWS: longer steps are not checked) share a cache row
@@ -534,7 +535,7 @@ static int attend_rows(const isa_ops *ops, const block_args *a, float *qkv, floa
             if (pf && ahead.rows == t.off_next) {  /* the next item's keys, already listed */
                 size_t *keys = t.off;
                 t.off = t.off_next, t.off_next = keys;
-                own[0] = next / Hkv, own[1] = ahead.n_all;
+                own[0] = next / Hkv, own[1] = ahead.n;
             }
         }
     }

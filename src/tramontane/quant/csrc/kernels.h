@@ -136,7 +136,6 @@ typedef struct {
     const size_t *rows;    /* [n] the next item's cache rows, base + rows[i] (each rb bytes from k and v) */
     size_t base, rb;
     long n, i;             /* rows to request (each a key and a value); the next of the 2n, keys first */
-    long n_all;            /* the item's keys in all (rows lists them all: its caller's use) */
 } tram_pf;
 #define PF_ROWS 6  /* rows requested per step (a key's or a value's): 8 keys scored against one query */
 
