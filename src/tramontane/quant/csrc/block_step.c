@@ -448,9 +448,9 @@ static void attend_tile(const isa_ops *ops, const block_args *a, const float *qk
 
 /* The next item (decoding: tiles of one row) this thread attends as its rows to request (kernels.h's
  * tram_pf): the keys its row's cache rows hold, listed into t->off_next unless they are the row t->off
- * holds (held). Returns 0 where there is nothing to request: a padding row, or more than PF_MOST keys
- * (a long run of rows the hardware's prefetchers find on their own; requested ahead, they would leave
- * L2 before the item in hand had streamed its own). */
+ * holds (held). Returns 0 for a padding row (nothing listed). The caller requests them only up to
+ * PF_MOST keys: a longer run of rows the hardware's prefetchers find on their own, and requested ahead
+ * they would leave L2 before the item in hand had streamed its own. */
 #define PF_MOST 256
 static long take_item(long *claimed) { return __atomic_fetch_add(claimed, 1, __ATOMIC_RELAXED); }
 
@@ -464,7 +464,7 @@ static int plan_ahead(const block_args *a, long item, att_scratch *t, const long
         row_keys(a, b, t->off_next, &n), pf->rows = t->off_next;
     pf->k = a->kc, pf->v = a->vc, pf->base = key_base(a, b, item % a->Hkv), pf->rb = tram_row_bytes(a->kvt, a->D);
     pf->n = n, pf->i = 0;
-    return n <= PF_MOST;
+    return 1;
 }
 
 /* Whether no two of the step's rows (at most ALONE_ROWS: longer steps are not checked) share a cache row
@@ -526,13 +526,14 @@ static int attend_rows(const isa_ops *ops, const block_args *a, float *qkv, floa
             const long tile = it / Hkv;
             const long b0 = start[tile];
             tram_pf ahead;
-            const int pf = store && !amx && next < items && plan_ahead(a, next, &t, own, &ahead);
+            const int listed = store && !amx && next < items && plan_ahead(a, next, &t, own, &ahead);
+            tram_pf *pf = listed && ahead.n <= PF_MOST ? &ahead : NULL;
             if (store && a->qpos[b0] >= 0) rope_and_store_head(ops, a, qkv, b0, it % Hkv);
             const unsigned csr = flush_subnormals();
-            attend_tile(ops, a, qkv, att, b0, start[tile + 1] - b0, it % Hkv, &t, own, amx && amx[b0], pf ? &ahead : NULL);
+            attend_tile(ops, a, qkv, att, b0, start[tile + 1] - b0, it % Hkv, &t, own, amx && amx[b0], pf);
             restore_fp(csr);
-            if (pf) tram_pf_step(&ahead, 2 * ahead.n);  /* what this item's scores left */
-            if (pf && ahead.rows == t.off_next) {  /* the next item's keys, already listed */
+            if (pf) tram_pf_step(pf, 2 * pf->n);  /* what this item's scores left */
+            if (listed && ahead.rows == t.off_next) {  /* the next item's keys, already listed */
                 size_t *keys = t.off;
                 t.off = t.off_next, t.off_next = keys;
                 own[0] = next / Hkv, own[1] = ahead.n;
