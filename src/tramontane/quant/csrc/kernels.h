@@ -137,7 +137,7 @@ typedef struct {
     size_t base, rb;
     long n, i;             /* rows to request (each a key and a value); the next of the 2n, keys first */
 } tram_pf;
-#define PF_ROWS 6  /* rows requested per step (a key's or a value's): 8 keys scored against one query */
+#define PF_ROWS 6  /* rows requested per step (a key's or a value's): 8 keys scored (and one a value mixed) */
 
 static inline void tram_pf_step(tram_pf *p, long rows) {
     for (long r = 0; p && r < rows && p->i < 2 * p->n; r++, p->i++) {  /* the keys first: scored first */
