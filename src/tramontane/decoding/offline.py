@@ -20,7 +20,7 @@ from ..model import Backend, KVCache, KvType, Transformer, kv_type
 from ..model.kv_types import F32
 from ..text.tokenizer import Tokenizer
 from .sampling import SamplingParams
-from .sequence import Completion, Delta, SequenceState, pick_tokens
+from .sequence import Completion, Delta, SequenceState, greedy_only, pick_tokens
 from .speculative import Speculation, SpeculationStats, accept
 
 PREFILL_CHUNK = 512  # tokens per row per prefill step: bounds activation memory on long prompts
@@ -95,9 +95,14 @@ class Generator:
         return self.model.logits(last)  # [B,V]
 
     def _decode(self, seqs: list[SequenceState], cache: KVCache, logits: torch.Tensor) -> Iterator[Delta]:
-        active = list(seqs)
+        """Decoding steps; where every row is plain greedy, the backend may pick the tokens from the hidden
+        states without every logit (`Backend.greedy`: the same tokens)."""
+        active, picked = list(seqs), None
         while active:
-            tokens, logprobs = pick_tokens(active, logits, self.tokenizer, self.backend.argmax)
+            if picked is None:
+                tokens, logprobs = pick_tokens(active, logits, self.tokenizer, self.backend.argmax)
+            else:
+                tokens, logprobs = picked, [None] * len(active)
             for s, token, lp in zip(active, tokens.tolist(), logprobs):  # the one host sync per step
                 yield s.append(token, lp)
             keep = _drop_finished(active, cache)
@@ -107,7 +112,10 @@ class Generator:
                 tokens, active = tokens[keep], [active[i] for i in keep]
             positions = torch.tensor([[s.length - 1] for s in active])  # [B,1]
             cache.ensure_capacity(int(positions.max()) + 1, limit=self.config.max_seq_len)
-            logits = self.model.logits(self.backend.decode(tokens[:, None], positions, cache)[:, -1])  # [B,V]
+            hidden = self.backend.decode(tokens[:, None], positions, cache)[:, -1]  # [B,dim]
+            picked = self.backend.greedy(hidden) if greedy_only(active) else None
+            if picked is None:
+                logits = self.model.logits(hidden)  # [B,V]
 
     def _speculate(
         self, seqs: list[SequenceState], cache: KVCache, logits: torch.Tensor, spec: Speculation

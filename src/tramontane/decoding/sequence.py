@@ -206,6 +206,12 @@ def _bias_arrays(
     return *arrays, len(set(given.tolist())) == len(given)
 
 
+def greedy_only(seqs: Sequence[SequenceState]) -> bool:
+    """Whether each row's token is the plain argmax of its logits and nothing else reads them (no
+    logit_bias, no logprobs): then a backend's `greedy` may pick the tokens from the hidden states."""
+    return all(_plain_greedy(s) and not s.params.logit_bias and s.params.logprobs is None for s in seqs)
+
+
 def _plain_greedy(s: SequenceState) -> bool:
     """The argmax of the logits plus the row's logit_bias is this row's token: greedy, and nothing else
     that changes the logits (penalties, a grammar) or masks them (top-k, top-p, min-p: ties at the top

@@ -29,7 +29,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ import torch
 from ..build.backend import select_backend
 from ..config import ModelConfig
 from ..decoding.sampling import SamplingParams
-from ..decoding.sequence import Delta, SequenceState, pick_tokens
+from ..decoding.sequence import Delta, SequenceState, TokenLogprob, greedy_only, pick_tokens
 from ..decoding.speculative import Drafter, Speculation, SpeculationStats, accept
 from ..model.cache import PagedCache
 from ..model.kv_types import KvType
@@ -416,7 +416,8 @@ class AsyncEngine:
             if not self.backend.current():  # a module swap since (adapters applied to the model): pick again
                 self.backend = select_backend(self.model, PagedCache, self.pool.kv)
             self._flush()  # anything emitted since the loop's top (a hopeless request's end)
-            out = run_step(self.backend, self.pool, batch, self.config.sliding_window, self._buffers)
+            greedy = greedy_only([seq.state for seq, _ in batch if not seq.background])
+            out = run_step(self.backend, self.pool, batch, self.config.sliding_window, self._buffers, greedy)
             self.scheduler.after_step(batch)
             self._sample(batch, out)
             self._fold(batch, starts, out)
@@ -492,6 +493,9 @@ class AsyncEngine:
         if not rows:
             return
         seqs = [batch[i][0] for i in rows]
+        if step.tokens is not None:  # the backend's greedy tokens of every row (run_step)
+            self._emit_tokens([(seq, token, None) for seq, token in zip(seqs, step.tokens[rows].tolist())])
+            return
         # the usual step samples every row, in order: the logits as they are, or a view (16 rows: 3 MB;
         # a torch call costs ~30 us here)
         if rows[-1] != len(rows) - 1:
@@ -503,6 +507,10 @@ class AsyncEngine:
             picked = list(zip(seqs, tokens.tolist(), logprobs))
         except Exception:  # noqa: BLE001 - find the request at fault: sample the rows one by one
             picked = self._pick_each(seqs, chosen)
+        self._emit_tokens(picked)
+
+    def _emit_tokens(self, picked: Sequence[tuple[EngineSequence, int, TokenLogprob | None]]) -> None:
+        """Each request's new token into its state and out to its client (or its end)."""
         now = time.monotonic()
         for seq, token, lp in picked:
             try:

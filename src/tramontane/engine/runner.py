@@ -125,6 +125,8 @@ class StepOutput(NamedTuple):
     scored: dict[int, slice]  # per scored batch entry, its slice of `logits` (logit_rows)
     seconds: float  # the forward's wall time (model and logits)
     drafted: dict[int, slice] = {}  # per batch entry verifying a draft, its rows before its last (logit_rows)
+    tokens: torch.Tensor | None = None  # [R] each row's greedy token, where a `greedy` step's backend picked
+    # them from the hidden states (Backend.greedy); `logits` is then empty
 
     def verify_logits(self, i: int) -> torch.Tensor:
         """Batch entry i's logits for verifying its draft of k tokens: [k + 1, V], in order."""
@@ -157,11 +159,14 @@ def run_step(
     batch: Sequence[tuple[EngineSequence, int]],
     window: int | None,
     buffers: StepBuffers | None = None,
+    greedy: bool = False,
 ) -> StepOutput:
     """Forward the batch: the hidden states of every token, and the logits of `logit_rows(batch)`.
     Requests with different LoRA adapters (and none) share the step: each token gets its request's
     adapter. Under torchrun the other ranks are told the step first (see `follow`). `buffers`: where
-    the engine's steps are laid out (`StepBuffers`)."""
+    the engine's steps are laid out (`StepBuffers`). greedy: each row's token is the plain argmax of its
+    logits and nothing else reads them (decoding.sequence.greedy_only); in a decoding step where the
+    backend picks them without every logit, the output holds the tokens instead of the logits."""
     tokens, positions, step = layout(pool, batch, window, buffers)
     rows, scored, drafted = logit_rows(batch)
     adapters = adapter_rows(batch)
@@ -169,8 +174,9 @@ def run_step(
     if is_parallel():
         broadcast_object(("step", tokens, positions, step.parts(), rows, adapters, copies))
     began = time.perf_counter()
-    hidden, logits = forward_step(backend, tokens, positions, step, rows, adapters)
-    return StepOutput(hidden, logits, scored, time.perf_counter() - began, drafted)
+    greedy = greedy and not scored and not drafted and not is_parallel()
+    hidden, logits, picked = forward_step(backend, tokens, positions, step, rows, adapters, greedy)
+    return StepOutput(hidden, logits, scored, time.perf_counter() - began, drafted, picked)
 
 
 def forward_step(
@@ -180,8 +186,11 @@ def forward_step(
     step: PagedCache,
     rows: list[int],
     adapters: tuple[torch.Tensor, list[str]] | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states [N,dim] of every token and logits [R,V] of `rows`."""
+    greedy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Hidden states [N,dim] of every token and logits [R,V] of `rows`; with `greedy` in a decoding step
+    (one row a token), where the backend picks each row's token without every logit (Backend.greedy),
+    those tokens [R] and empty logits instead."""
     model = backend.model
     if adapters is not None:
         from ..lora.layers import set_rows
@@ -191,7 +200,10 @@ def forward_step(
         with torch.inference_mode():
             h = backend.prefill(tokens, positions, step)[0]  # [N,dim]: prefill chunks and decode tokens together
             every = len(rows) == h.shape[0] and rows == list(range(len(rows)))  # a decoding step: no copy
-            return h, model.logits(h if every else h[rows])  # [R,V]
+            picked = backend.greedy(h) if greedy and every else None
+            if picked is not None:
+                return h, h.new_empty(0, 0), picked
+            return h, model.logits(h if every else h[rows]), None  # [R,V]
     finally:
         if adapters is not None:
             set_rows(model, None, [])

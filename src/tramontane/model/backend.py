@@ -52,6 +52,11 @@ class Backend(Protocol):
         equal maxima, the first NaN where a row has one (numpy's rule, and torch's)."""
         ...
 
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Each row's greedy token from final hidden states [B,dim]: argmax(model.logits(hidden)) as `argmax`
+        takes it -> [B] int64, where the backend finds it without every logit; None where it does not."""
+        ...
+
 
 class ModuleBackend:
     """The PyTorch module path: every layer as modules, any cache."""
@@ -75,6 +80,9 @@ class ModuleBackend:
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         return rows_argmax(logits)
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return None  # the modules compute every logit
 
 
 def rows_argmax(logits: torch.Tensor) -> torch.Tensor:

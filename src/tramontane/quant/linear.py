@@ -17,7 +17,7 @@ from torch import nn
 from ..model.layers import FeedForward, empty_embedding
 from ..model.transformer import Transformer
 from ..weights.gguf_quants import GGML_TYPES
-from .kernels import dequantize_packed, ggml_blocks, interleaved, lookup_rows, type_name
+from .kernels import dequantize_packed, ggml_blocks, greedy_rows, interleaved, lookup_rows, type_name
 from .pages import huge_empty
 
 # GGML type ids the packed kernels execute; other types are dequantized at load.
@@ -49,6 +49,13 @@ class PackedLinear(nn.Module):
         run = x.shape[-2] if x.dim() >= 3 else 1
         y = packed_matmul(x.reshape(-1, self.in_features), self.packed, self.qtype, self.in_features, run)  # [M,N]
         return y.view(*x.shape[:-1], self.out_features)
+
+    def greedy(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Each row's argmax of self(x) for float32 rows x [M, in] -> [M] int64, where the kernels find it
+        without every output (a Q8_0 head); None where they do not."""
+        if x.dim() != 2 or x.dtype is not torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+            return None
+        return greedy_rows(x.contiguous(), self.packed, self.qtype, self.in_features, torch.get_num_threads())
 
     @classmethod
     def concat(cls, parts: list[PackedLinear]) -> PackedLinear:

@@ -33,7 +33,7 @@ from ..model.layers import FeedForward, RMSNorm, rope_cos_sin
 from ..model.moe import MoeFeedForward
 from ..model.transformer import Transformer, TransformerBlock
 from . import kernels
-from .linear import PackedEmbedding, PackedExperts, fuse_projections
+from .linear import PackedEmbedding, PackedExperts, PackedLinear, fuse_projections
 from .step_adapters import (
     GROUPS,
     adapter_names,
@@ -176,6 +176,12 @@ class CompiledStep:
         out = torch.empty(logits.shape[0], dtype=torch.int64)
         self._argmax(_buffer(logits), _buffer(out), logits.shape[0], logits.shape[1], torch.get_num_threads())
         return out
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """A packed Q8_0 head's argmax without every logit (csrc/greedy.c): at 16 rows SmolLM2's head
+        computed x's rounding to int8 once where it was twice, and the exact logits of a few groups."""
+        head = self.model.output
+        return head.greedy(hidden) if isinstance(head, PackedLinear) else None
 
     def _same_objects(self) -> bool:
         return len(self.model.layers) == len(self._weights) and all(

@@ -11,6 +11,8 @@
  *                         simd_avx512.c: decoders, fused small-M kernels, tiled path, attention
  *   isa.c                 which instruction set runs (chosen at run time, settable for tests)
  *   matmul.c              matmul and dequantize over threads (row splitting)
+ *   greedy.c              greedy tokens from a Q8_0 head: a bound pass, then the exact logits of a few groups
+ *   rows.c                each row's argmax of a step's logits, the rows over the threads
  *   tiles_bf16.c          prompt chunks' matmuls on AMX-BF16 tiles (weights decoded to bfloat16 per panel)
  *   block_step.c          one transformer block of a one-token decoding step
  *   module.c              the Python bindings: argument parsing, extent checks, module init
@@ -172,6 +174,13 @@ typedef long (*argmax_fn)(const float *x, long n);
 /* n floats -> a KV cache's row of their type at out, bit for bit blocks.c's tram_enc_row. */
 typedef void (*enc_fn)(const float *x, long n, uint8_t *out);
 
+/* Greedy decoding's first look at a Q8_0 head (interleaved, T_Q8_0_R8): rows [0, n) of w (whole pairs
+ * of groups of 8) against M <= 16 rows of x rounded to int8 (q1, as q16's first rows) given as q1 + 128
+ * (xu, rows K apart) and their scales dx (rows K / 32 apart): per row j, ghi[j * ldg + g] the largest
+ * bound P + cE of group g's logits and lo[j] raised to the largest P - cE, bad[j] set where any is not a
+ * finite number (simd_q8.inc, greedy.c); ab: room for 16 K / 32 floats. */
+typedef void (*bound_fn)(const uint8_t *w, size_t rb, long n, const uint8_t *xu, const float *dx, long M, long K,
+                         float c, float *ab, float *ghi, long ldg, float *lo, uint8_t *bad);
 /* The kernels of one instruction set. */
 typedef struct {
     const char *name;
@@ -187,6 +196,7 @@ typedef struct {
     attend16_fn attend_f16, attend_bf16;  /* over a 16-bit cache's own rows (NULL: decoded first) */
     enc_fn enc_f16;                       /* a float16 cache's rows (NULL: tram_enc_row) */
     argmax_fn argmax;
+    bound_fn bound_q8r8;  /* NULL where the pass has no VNNI */
 } isa_ops;
 
 static inline int visible(int64_t kp, int64_t qpos, long window) {
@@ -235,6 +245,15 @@ TRAM_HIDDEN int tram_isa_names(const char *names[3]);
 /* Use `name` ('avx512', 'avx2', 'scalar' or 'best'); returns 0, or -1 when this CPU cannot. */
 TRAM_HIDDEN int tram_isa_select(const char *name);
 
+/* matmul.c. x [M, K] as the interleaved kernels' q16 pairs per 32 elements (2M int8 rows, pair set) into
+ * xq, their memory *mem (malloc'd, the caller's to free); returns 0, or -1 when out of memory. */
+TRAM_HIDDEN int tram_q16_rows(const isa_ops *ops, const float *x, long M, long K, q8_rows *xq, void **mem);
+/* greedy.c. out[m] = the argmax of row m of x [M, K] @ W^T, W a Q8_0 head (T_Q8_0_R8, N rows), the
+ * logits as tram_matmul computes them under q16 without computing them all; returns 0, -1 when out of
+ * memory, or 1 where it does not apply (another type or setting, a pass without VNNI): then nothing
+ * was written. */
+TRAM_HIDDEN int tram_greedy_rows(const isa_ops *ops, const float *x, const uint8_t *w, long M, long N, long K,
+                                 int qtype, int n_threads, int64_t *out);
 /* rows.c. out[m] = argmax of row m of x [M, N] (argmax_fn), rows split over n_threads threads. */
 TRAM_HIDDEN void tram_argmax_rows(const isa_ops *ops, const float *x, long M, long N, int64_t *out, int n_threads);
 

@@ -201,6 +201,15 @@ static void q8_fill(const isa_ops *ops, const float *x, long m0, long m1, long K
             ops->quantize_q8(x + m * K, nb, blk, NULL, b->q + m * b->ld, b->d + m * nb, b->bs + m * (K / 16));
 }
 
+int tram_q16_rows(const isa_ops *ops, const float *x, long M, long K, q8_rows *xq, void **mem) {
+    q8_buf b;
+    if (q8_alloc(M, K, 32, 1, &b)) return -1;
+    q8_fill(ops, x, 0, M, K, 32, 1, &b);
+    *xq = (q8_rows){b.q, b.ld, b.d, b.bs, 1, NULL, NULL};
+    *mem = b.mem;
+    return 0;
+}
+
 void tram_round_q16(const isa_ops *ops, const float *x, long K, long ld, long blk, int8_t *q, float *d, int16_t *bs) {
     const long nb = K / blk;
     ops->round_q16(x, nb, blk, q, d, bs, q + ld, d + nb, bs + K / 16);

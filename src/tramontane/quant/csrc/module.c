@@ -24,6 +24,10 @@
  *       blocks.h) or back.
  *   rms_norm(x, w, out, B, n, eps)
  *       the blocks' RMSNorm of B rows (a step's final norm; out may be x).
+ *   greedy_rows(x, w, out, M, N, K, qtype, n_threads)
+ *       out[m] (int64) = the argmax of row m of matmul's y (the first maximum, the first NaN) for a Q8_0 head
+ *       under q16, computing only the logits that can be the largest (greedy.c); False where that does not
+ *       apply (nothing written), True where it did.
  *   argmax_rows(x, out, M, N, n_threads)
  *       out[m] (int64) = the argmax of row m of x, float32 [M,N] (numpy's: the first maximum, the first NaN).
  *   decode_block(shape, buffers, eps, window, n_threads)
@@ -228,6 +232,34 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
     tram_rms_norm_rows((const float *)(uintptr_t)x.ptr, (const float *)(uintptr_t)w.ptr, eps, (long)B, (long)n,
                        (float *)(uintptr_t)out.ptr);
     Py_RETURN_NONE;
+}
+
+static PyObject *py_greedy_rows(PyObject *self, PyObject *args) {
+    buffer x, w, out;
+    Py_ssize_t M, N, K;
+    int qtype, nth;
+    size_t need_x, need_w, need_out;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "(Kn)(Kn)(Kn)nnnii", &x.ptr, &x.nbytes, &w.ptr, &w.nbytes, &out.ptr, &out.nbytes, &M,
+                          &N, &K, &qtype, &nth))
+        return NULL;
+    if (check_common((long)N, (long)K, qtype, nth)) return NULL;
+    if (M < 0) return PyErr_Format(PyExc_ValueError, "greedy_rows: bad M=%zd", M);
+    if (tram_extent(&need_x, 4, M, K, 1, 1) || tram_packed_extent(&need_w, qtype, N, K) ||
+        tram_extent(&need_out, 8, M, 1, 1, 1))
+        return too_large("greedy_rows");
+    if (check_extent("greedy_rows", "x", &x, need_x) || check_extent("greedy_rows", "w", &w, need_w) ||
+        check_extent("greedy_rows", "out", &out, need_out))
+        return NULL;
+    if (M == 0 || N == 0) Py_RETURN_TRUE;
+    const isa_ops *ops = tram_isa_current();
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = tram_greedy_rows(ops, (const float *)(uintptr_t)x.ptr, (const uint8_t *)(uintptr_t)w.ptr, (long)M, (long)N,
+                          (long)K, qtype, nth, (int64_t *)(uintptr_t)out.ptr);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) return PyErr_NoMemory();
+    return PyBool_FromLong(rc == 0);
 }
 
 static PyObject *py_argmax_rows(PyObject *self, PyObject *args) {
@@ -631,6 +663,10 @@ static PyMethodDef METHODS[] = {
     {"rms_norm", py_rms_norm, METH_VARARGS,
      "rms_norm(x, w, out, B, n, eps): out[b] = x[b] / sqrt(mean(x[b]^2) + eps) * w, float32, B rows of n (out may "
      "be x itself), as the compiled step's blocks normalise. x, w, out: (data_ptr, nbytes), checked against the extent."},
+    {"greedy_rows", py_greedy_rows, METH_VARARGS,
+     "greedy_rows(x, w, out, M, N, K, qtype, n_threads): out[m] (int64) = the argmax of row m of matmul's "
+     "y = x @ W^T, computing only the logits that can be the largest (a Q8_0 head under q16: greedy.c); "
+     "returns False, writing nothing, where that does not apply. x, w, out: (data_ptr, nbytes) tuples."},
     {"argmax_rows", py_argmax_rows, METH_VARARGS,
      "argmax_rows(x, out, M, N, n_threads): out[m] (int64) = argmax of row m of float32 x [M,N] (the first maximum, the first NaN)"},
     {"interleave", py_interleave, METH_VARARGS,
