@@ -82,13 +82,32 @@ def matmul_argmax(x: torch.Tensor, packed: torch.Tensor, qt: int, k: int, thread
     return y.numpy().argmax(axis=-1).tolist()
 
 
-def greedy(x: torch.Tensor, packed: torch.Tensor, qt: int, k: int, threads: int = 2) -> list[int] | None:
+def greedy(
+    x: torch.Tensor, packed: torch.Tensor, qt: int, k: int, threads: int = 2, bias: tuple[tuple[int, float], ...] = ()
+) -> list[int] | None:
     out = torch.full((x.shape[0],), -7, dtype=torch.int64)
-    ran = ext.greedy_rows(buf(x), buf(packed), buf(out), x.shape[0], packed.shape[0], k, qt, threads)
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.int64)
+    values = torch.tensor([v for _, v in bias], dtype=torch.float32)
+    n = packed.shape[0]
+    ran = ext.greedy_rows(
+        buf(x), buf(packed), buf(out), x.shape[0], n, k, qt, buf(ids), buf(values), len(bias), threads
+    )
     if not ran:
         assert (out == -7).all()  # nothing written
         return None
     return out.tolist()
+
+
+def biased_argmax(
+    x: torch.Tensor, packed: torch.Tensor, qt: int, k: int, bias: tuple[tuple[int, float], ...]
+) -> list[int]:
+    """numpy's argmax of the matmul's logits with the bias added in float32."""
+    y = torch.empty(x.shape[0], packed.shape[0])
+    ext.matmul(buf(x), buf(packed), buf(y), x.shape[0], packed.shape[0], k, qt, 2)
+    rows = y.numpy()
+    for t, v in bias:
+        rows[:, t] += np.float32(v)
+    return rows.argmax(axis=-1).tolist()
 
 
 def applies(isa: str) -> bool:
@@ -222,8 +241,19 @@ def test_other_types_and_short_buffers() -> None:
     assert greedy(torch.randn(16, 64), packed, qt, 64) is None
     q8, qt8 = interleaved(q8_0_rows(rng.standard_normal((64, 64))), 64)
     x, out = torch.randn(17, 64), torch.empty(16, dtype=torch.int64)
+    ids, vals = torch.tensor([3, 64], dtype=torch.int64), torch.zeros(2)
     with pytest.raises(ValueError, match="greedy_rows: buffer out holds"):
-        ext.greedy_rows(buf(x), buf(q8), buf(out), 17, 64, 64, qt8, 2)
+        ext.greedy_rows(buf(x), buf(q8), buf(out), 17, 64, 64, qt8, buf(ids), buf(vals), 0, 2)
+    with pytest.raises(ValueError, match="greedy_rows: bias token 64 out of"):
+        ext.greedy_rows(buf(x), buf(q8), buf(out), 16, 64, 64, qt8, buf(ids), buf(vals), 2, 2)
+    ids[1] = 3
+    with pytest.raises(ValueError, match="named twice"):
+        ext.greedy_rows(buf(x), buf(q8), buf(out), 16, 64, 64, qt8, buf(ids), buf(vals), 2, 2)
+    with pytest.raises(ValueError, match="buffer bias_vals holds"):
+        ext.greedy_rows(buf(x), buf(q8), buf(out), 16, 64, 64, qt8, buf(ids), buf(vals[:1]), 2, 2)
+    head = PackedLinear(q8, qt8, 64)
+    assert head.greedy(x[:16], ((3, 1.0), (3, 2.0))) is None  # a token named twice: left to the logits
+    assert head.greedy(x[:16], ((64, 1.0),)) is None
 
 
 def test_the_packed_head_takes_it_from_greedy_from_m_rows(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,8 +281,8 @@ def test_offline_greedy_decoding_takes_the_head_s_argmax(tmp_path) -> None:
     backend = llm._generator.backend
     original = backend.greedy
 
-    def counted(hidden: torch.Tensor) -> torch.Tensor | None:
-        tokens = original(hidden)
+    def counted(hidden: torch.Tensor, bias: tuple[tuple[int, float], ...] = ()) -> torch.Tensor | None:
+        tokens = original(hidden, bias)
         taken.append(tokens is not None)
         return tokens
 
@@ -263,6 +293,18 @@ def test_offline_greedy_decoding_takes_the_head_s_argmax(tmp_path) -> None:
     llm._generator.backend = ModuleBackend(llm.model)
     plain = [c.token_ids for c in llm.generate(prompts, temperature=0, max_tokens=12, ignore_eos=True)]
     assert fast == plain and all(len(t) == 12 for t in fast)
+    banned = {t: -100.0 for t in {t for ids in plain for t in ids[:3]}}  # each answer's first tokens
+    taken.clear()
+    llm._generator.backend = backend
+    fast = [
+        c.token_ids for c in llm.generate(prompts, temperature=0, max_tokens=12, ignore_eos=True, logit_bias=banned)
+    ]
+    assert any(taken) == applies(kernels.isa())
+    llm._generator.backend = ModuleBackend(llm.model)
+    plain_banned = [
+        c.token_ids for c in llm.generate(prompts, temperature=0, max_tokens=12, ignore_eos=True, logit_bias=banned)
+    ]
+    assert fast == plain_banned and fast != plain and not set(banned) & {t for ids in fast for t in ids}
     logprobs = llm.generate(prompts, temperature=0, max_tokens=3, ignore_eos=True, logprobs=2)
     assert all(c.logprobs for c in logprobs)  # logprobs read the logits: never the head's greedy
 
@@ -282,8 +324,8 @@ def test_served_greedy_steps_take_the_head_s_argmax(tmp_path) -> None:
     taken: list[bool] = []
     original = CompiledStep.greedy
 
-    def counted(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        tokens = original(self, hidden)
+    def counted(self, hidden: torch.Tensor, bias: tuple[tuple[int, float], ...] = ()) -> torch.Tensor | None:
+        tokens = original(self, hidden, bias)
         taken.append(tokens is not None)
         return tokens
 
@@ -310,3 +352,43 @@ def test_served_greedy_steps_take_the_head_s_argmax(tmp_path) -> None:
         asking = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2)
         assert served([GREEDY] * 15 + [asking]) == want
         assert not any(taken)
+        banning = SamplingParams(
+            temperature=0, max_tokens=20, ignore_eos=True, logit_bias={t: -100.0 for t in want[0][:4]}
+        )
+        want_banned = sequential(llm, ps, banning)
+        assert want_banned != want
+        assert served([banning] * 16) == want_banned
+        assert any(taken) == applies(kernels.isa())
+
+
+@pytest.mark.parametrize("kind", ["ban_the_top", "ban_a_far_top", "raise_a_low_one", "ban_many", "near_tie"])
+def test_a_shared_logit_bias(isa: str, kind: str) -> None:
+    """A logit bias every row shares, added as float32 sums: the banned top tokens of every row (the
+    served benchmark's bans), a banned token far above every other (its bound's floor is no floor for
+    the rest), a low token raised past them all, 300 bans, a near tie's winner banned."""
+    if not applies(isa):
+        pytest.skip("greedy_rows runs on the AVX-512 pass")
+    rng = np.random.default_rng(12)
+    n, k, m = 1024, 128, 16
+    packed, qt = interleaved(q8_0_rows(rng.standard_normal((n, k)) * 0.05), k)
+    x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32))
+    plain = matmul_argmax(x, packed, qt, k)
+    if kind == "ban_the_top":
+        bias = tuple((t, -100.0) for t in sorted(set(plain)))
+    elif kind == "ban_a_far_top":
+        w = rng.standard_normal((n, k)).astype(np.float32) * 0.05
+        packed, qt = interleaved(q8_0_rows(w), k)
+        x = torch.from_numpy(w[500] * 200 + rng.standard_normal((m, k)).astype(np.float32))
+        assert matmul_argmax(x, packed, qt, k) == [500] * m
+        bias = ((500, -100.0),)
+    elif kind == "raise_a_low_one":
+        bias = ((int(np.argmin(plain)) * 7 + 1, 100.0), (plain[0], -50.0))
+    elif kind == "ban_many":
+        bias = tuple((int(t), float(rng.uniform(-100, 0))) for t in rng.choice(n, 300, replace=False))
+    else:
+        x, rows, a, _ = near_tie()
+        packed, qt = interleaved(rows, x.shape[1])
+        k, bias = x.shape[1], ((a, -0.5), (5, 0.25))
+    want = biased_argmax(x, packed, qt, k, bias)
+    assert greedy(x, packed, qt, k, bias=bias) == want
+    assert greedy(x, packed, qt, k, threads=1, bias=bias) == want

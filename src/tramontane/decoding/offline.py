@@ -20,7 +20,7 @@ from ..model import Backend, KVCache, KvType, Transformer, kv_type
 from ..model.kv_types import F32
 from ..text.tokenizer import Tokenizer
 from .sampling import SamplingParams
-from .sequence import Completion, Delta, SequenceState, greedy_only, pick_tokens
+from .sequence import Completion, Delta, SequenceState, greedy_bias, pick_tokens
 from .speculative import Speculation, SpeculationStats, accept
 
 PREFILL_CHUNK = 512  # tokens per row per prefill step: bounds activation memory on long prompts
@@ -113,7 +113,8 @@ class Generator:
             positions = torch.tensor([[s.length - 1] for s in active])  # [B,1]
             cache.ensure_capacity(int(positions.max()) + 1, limit=self.config.max_seq_len)
             hidden = self.backend.decode(tokens[:, None], positions, cache)[:, -1]  # [B,dim]
-            picked = self.backend.greedy(hidden) if greedy_only(active) else None
+            bias = greedy_bias(active)
+            picked = self.backend.greedy(hidden, bias) if bias is not None else None
             if picked is None:
                 logits = self.model.logits(hidden)  # [B,V]
 

@@ -206,10 +206,14 @@ def _bias_arrays(
     return *arrays, len(set(given.tolist())) == len(given)
 
 
-def greedy_only(seqs: Sequence[SequenceState]) -> bool:
-    """Whether each row's token is the plain argmax of its logits and nothing else reads them (no
-    logit_bias, no logprobs): then a backend's `greedy` may pick the tokens from the hidden states."""
-    return all(_plain_greedy(s) and not s.params.logit_bias and s.params.logprobs is None for s in seqs)
+def greedy_bias(seqs: Sequence[SequenceState]) -> tuple[tuple[int, float], ...] | None:
+    """The logit_bias every row shares (() for none) where each row's token is the plain argmax of its
+    logits plus it and nothing else reads them (no logprobs): then a backend's `greedy` may pick the
+    tokens from the hidden states; else None."""
+    if not seqs or not all(_plain_greedy(s) and s.params.logprobs is None for s in seqs):
+        return None
+    bias = seqs[0].params.logit_bias
+    return bias if all(s.params.logit_bias == bias for s in seqs) else None
 
 
 def _plain_greedy(s: SequenceState) -> bool:

@@ -37,7 +37,7 @@ import torch
 from ..build.backend import select_backend
 from ..config import ModelConfig
 from ..decoding.sampling import SamplingParams
-from ..decoding.sequence import Delta, SequenceState, TokenLogprob, greedy_only, pick_tokens
+from ..decoding.sequence import Delta, SequenceState, TokenLogprob, greedy_bias, pick_tokens
 from ..decoding.speculative import Drafter, Speculation, SpeculationStats, accept
 from ..model.cache import PagedCache
 from ..model.kv_types import KvType
@@ -416,8 +416,8 @@ class AsyncEngine:
             if not self.backend.current():  # a module swap since (adapters applied to the model): pick again
                 self.backend = select_backend(self.model, PagedCache, self.pool.kv)
             self._flush()  # anything emitted since the loop's top (a hopeless request's end)
-            greedy = greedy_only([seq.state for seq, _ in batch if not seq.background])
-            out = run_step(self.backend, self.pool, batch, self.config.sliding_window, self._buffers, greedy)
+            bias = greedy_bias([seq.state for seq, _ in batch if not seq.background])
+            out = run_step(self.backend, self.pool, batch, self.config.sliding_window, self._buffers, bias)
             self.scheduler.after_step(batch)
             self._sample(batch, out)
             self._fold(batch, starts, out)

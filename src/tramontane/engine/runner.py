@@ -159,14 +159,15 @@ def run_step(
     batch: Sequence[tuple[EngineSequence, int]],
     window: int | None,
     buffers: StepBuffers | None = None,
-    greedy: bool = False,
+    greedy: tuple[tuple[int, float], ...] | None = None,
 ) -> StepOutput:
     """Forward the batch: the hidden states of every token, and the logits of `logit_rows(batch)`.
     Requests with different LoRA adapters (and none) share the step: each token gets its request's
     adapter. Under torchrun the other ranks are told the step first (see `follow`). `buffers`: where
-    the engine's steps are laid out (`StepBuffers`). greedy: each row's token is the plain argmax of its
-    logits and nothing else reads them (decoding.sequence.greedy_only); in a decoding step where the
-    backend picks them without every logit, the output holds the tokens instead of the logits."""
+    the engine's steps are laid out (`StepBuffers`). greedy: where each row's token is the plain argmax of
+    its logits plus this logit_bias (all rows share it) and nothing else reads them
+    (decoding.sequence.greedy_bias); in a decoding step where the backend picks them without every
+    logit, the output holds the tokens instead of the logits."""
     tokens, positions, step = layout(pool, batch, window, buffers)
     rows, scored, drafted = logit_rows(batch)
     adapters = adapter_rows(batch)
@@ -174,7 +175,7 @@ def run_step(
     if is_parallel():
         broadcast_object(("step", tokens, positions, step.parts(), rows, adapters, copies))
     began = time.perf_counter()
-    greedy = greedy and not scored and not drafted and not is_parallel()
+    greedy = None if scored or drafted or is_parallel() else greedy
     hidden, logits, picked = forward_step(backend, tokens, positions, step, rows, adapters, greedy)
     return StepOutput(hidden, logits, scored, time.perf_counter() - began, drafted, picked)
 
@@ -186,11 +187,11 @@ def forward_step(
     step: PagedCache,
     rows: list[int],
     adapters: tuple[torch.Tensor, list[str]] | None,
-    greedy: bool = False,
+    greedy: tuple[tuple[int, float], ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Hidden states [N,dim] of every token and logits [R,V] of `rows`; with `greedy` in a decoding step
-    (one row a token), where the backend picks each row's token without every logit (Backend.greedy),
-    those tokens [R] and empty logits instead."""
+    """Hidden states [N,dim] of every token and logits [R,V] of `rows`; with `greedy` (a logit_bias every
+    row shares) in a decoding step (one row a token), where the backend picks each row's token without
+    every logit (Backend.greedy), those tokens [R] and empty logits instead."""
     model = backend.model
     if adapters is not None:
         from ..lora.layers import set_rows
@@ -200,7 +201,7 @@ def forward_step(
         with torch.inference_mode():
             h = backend.prefill(tokens, positions, step)[0]  # [N,dim]: prefill chunks and decode tokens together
             every = len(rows) == h.shape[0] and rows == list(range(len(rows)))  # a decoding step: no copy
-            picked = backend.greedy(h) if greedy and every else None
+            picked = backend.greedy(h, greedy) if greedy is not None and every else None
             if picked is not None:
                 return h, h.new_empty(0, 0), picked
             return h, model.logits(h if every else h[rows]), None  # [R,V]

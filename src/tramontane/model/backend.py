@@ -52,9 +52,10 @@ class Backend(Protocol):
         equal maxima, the first NaN where a row has one (numpy's rule, and torch's)."""
         ...
 
-    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Each row's greedy token from final hidden states [B,dim]: argmax(model.logits(hidden)) as `argmax`
-        takes it -> [B] int64, where the backend finds it without every logit; None where it does not."""
+    def greedy(self, hidden: torch.Tensor, bias: tuple[tuple[int, float], ...] = ()) -> torch.Tensor | None:
+        """Each row's greedy token from final hidden states [B,dim]: the argmax of model.logits(hidden) plus
+        `bias` (a logit_bias every row shares, as apply_logit_bias adds it) as `argmax` takes it -> [B]
+        int64, where the backend finds it without every logit; None where it does not."""
         ...
 
 
@@ -81,7 +82,7 @@ class ModuleBackend:
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         return rows_argmax(logits)
 
-    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def greedy(self, hidden: torch.Tensor, bias: tuple[tuple[int, float], ...] = ()) -> torch.Tensor | None:
         return None  # the modules compute every logit
 
 

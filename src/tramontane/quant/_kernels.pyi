@@ -4,7 +4,20 @@ Buffer = tuple[int, int]  # (data_ptr, nbytes): the C side checks nbytes against
 PackedBuffer = tuple[int, int, int]  # (data_ptr, nbytes, GGML type id)
 
 def matmul(x: Buffer, w: Buffer, y: Buffer, m: int, n: int, k: int, qtype: int, n_threads: int, /) -> None: ...
-def greedy_rows(x: Buffer, w: Buffer, out: Buffer, m: int, n: int, k: int, qtype: int, n_threads: int, /) -> bool: ...
+def greedy_rows(
+    x: Buffer,
+    w: Buffer,
+    out: Buffer,
+    m: int,
+    n: int,
+    k: int,
+    qtype: int,
+    bias_ids: Buffer,
+    bias_vals: Buffer,
+    n_bias: int,
+    n_threads: int,
+    /,
+) -> bool: ...
 def dequantize_rows(w: Buffer, out: Buffer, n: int, k: int, qtype: int, n_threads: int, /) -> None: ...
 def lookup_rows(w: Buffer, idx: Buffer, out: Buffer, n: int, k: int, qtype: int, /) -> None: ...
 def encode_rows(x: Buffer, out: Buffer, n: int, k: int, type: int, /) -> None: ...

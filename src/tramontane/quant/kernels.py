@@ -417,14 +417,21 @@ def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, thread
 GREEDY_FROM_M = 8
 
 
-def greedy_rows(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, threads: int) -> torch.Tensor | None:
-    """Each row's argmax of matmul_2d(x2, packed, qtype, k, threads) (the first of equal maxima), [M]
-    int64, computing only the logits that can be the largest (a Q8_0 head: csrc/greedy.c); None where
-    that does not apply (fewer rows than GREEDY_FROM_M, another type, the exact setting, a pass without
-    VNNI)."""
+def greedy_rows(
+    x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, threads: int, bias: tuple[tuple[int, float], ...] = ()
+) -> torch.Tensor | None:
+    """Each row's argmax of matmul_2d(x2, packed, qtype, k, threads) plus `bias` (a logit_bias every row
+    shares: (token, value) pairs added as float32 sums; the first of equal maxima), [M] int64, computing
+    only the logits that can be the largest (a Q8_0 head: csrc/greedy.c); None where that does not apply
+    (fewer rows than GREEDY_FROM_M, another type, the exact setting, a pass without VNNI, a token named
+    twice or past the head, x not finite)."""
     m, n = x2.shape[0], packed.shape[0]
     if _ext is None or m < GREEDY_FROM_M or bf16_gemm(qtype, m) or (use_dense(m) and not _integer_kernel(qtype, n, k)):
         return None
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.int64)
+    if len(set(ids.tolist())) < len(bias) or any(not 0 <= t < n for t, _ in bias):
+        return None
+    values = torch.tensor([v for _, v in bias], dtype=torch.float32)
     out = torch.empty(m, dtype=torch.int64)
     ran = _ext.greedy_rows(
         (x2.data_ptr(), x2.numel() * 4),
@@ -434,6 +441,9 @@ def greedy_rows(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, thre
         n,
         k,
         qtype,
+        (ids.data_ptr(), ids.numel() * 8),
+        (values.data_ptr(), values.numel() * 4),
+        len(bias),
         threads,
     )
     return out if ran else None

@@ -50,12 +50,12 @@ class PackedLinear(nn.Module):
         y = packed_matmul(x.reshape(-1, self.in_features), self.packed, self.qtype, self.in_features, run)  # [M,N]
         return y.view(*x.shape[:-1], self.out_features)
 
-    def greedy(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Each row's argmax of self(x) for float32 rows x [M, in] -> [M] int64, where the kernels find it
-        without every output (a Q8_0 head); None where they do not."""
+    def greedy(self, x: torch.Tensor, bias: tuple[tuple[int, float], ...] = ()) -> torch.Tensor | None:
+        """Each row's argmax of self(x) plus `bias` (a logit_bias all rows share) for float32 rows x [M, in]
+        -> [M] int64, where the kernels find it without every output (a Q8_0 head); None where they do not."""
         if x.dim() != 2 or x.dtype is not torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
             return None
-        return greedy_rows(x.contiguous(), self.packed, self.qtype, self.in_features, torch.get_num_threads())
+        return greedy_rows(x.contiguous(), self.packed, self.qtype, self.in_features, torch.get_num_threads(), bias)
 
     @classmethod
     def concat(cls, parts: list[PackedLinear]) -> PackedLinear:

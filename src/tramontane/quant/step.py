@@ -177,11 +177,11 @@ class CompiledStep:
         self._argmax(_buffer(logits), _buffer(out), logits.shape[0], logits.shape[1], torch.get_num_threads())
         return out
 
-    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def greedy(self, hidden: torch.Tensor, bias: tuple[tuple[int, float], ...] = ()) -> torch.Tensor | None:
         """A packed Q8_0 head's argmax without every logit (csrc/greedy.c): at 16 rows SmolLM2's head
         computed x's rounding to int8 once where it was twice, and the exact logits of a few groups."""
         head = self.model.output
-        return head.greedy(hidden) if isinstance(head, PackedLinear) else None
+        return head.greedy(hidden, bias) if isinstance(head, PackedLinear) else None
 
     def _same_objects(self) -> bool:
         return len(self.model.layers) == len(self._weights) and all(

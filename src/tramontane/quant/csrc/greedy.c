@@ -10,7 +10,8 @@
  * largest P - E (lo), so a logit with P + E < lo is not the largest, and only the groups of 8 rows that
  * reach lo are computed as the matmul computes them (its own kernel at one q16 pair: the same bits as
  * every other row count, matmul.c). Among those exact logits the first of the largest is the token:
- * exactly the argmax of the matmul's logits (numpy's rule). SmolLM2's hidden states of 200 decoding
+ * exactly the argmax of the matmul's logits (numpy's rule); with a logit bias shared by the rows (a
+ * served benchmark's banned tokens), of the logits plus the bias (row_token). SmolLM2's hidden states of 200 decoding
  * steps left 2 groups to compute in the median row, 32 at most, of 6144.
  *
  * Rounding: P and L are both sums of at most nb + 1 float roundings of terms whose magnitudes add to at
@@ -56,32 +57,63 @@ static q8_rows rows_from(const q8_rows *xq, long m0, long K) {
     return (q8_rows){xq->q + 2 * m0 * xq->ld, xq->ld, xq->d + 2 * m0 * nb, xq->bs + 2 * m0 * (K / 16), 1, NULL, NULL};
 }
 
-/* Row xr's token: every logit where `bad` (y: room for N), else the groups whose bound reaches lo. */
-static int64_t row_token(const isa_ops *ops, const uint8_t *w, size_t rb, long N, long K, const q8_rows *xr,
-                         const float *ghi, float lo, int bad, float *y) {
-    const fused_q8_fn exact = ops->fused_q8[T_Q8_0_R8];
-    int64_t best = -1;
-    float top = 0.0f;
-    for (long g = 0; !bad && g < N / 8; g++) {
-        if (!(ghi[g] >= lo)) continue;
-        exact(w + (size_t)8 * g * rb, rb, 8, xr, NULL, 2, K, y, 8);
-        for (int r = 0; r < 8; r++)
-            if (best < 0 || y[r] > top) best = 8 * g + r, top = y[r];
-    }
-    if (best >= 0) return best;
-    exact(w, rb, N, xr, NULL, 2, K, y, N);
-    return ops->argmax(y, N);
+/* One row's search for its token among the exact logits (plus the bias) of the groups it computes. */
+typedef struct {
+    const isa_ops *ops;
+    const uint8_t *w;
+    size_t rb;
+    long K;
+    const q8_rows *xr;
+    const tram_bias *bias;
+    float *y;        /* room for the row's N logits (its fallback), its first 8 a group's */
+    uint8_t *done;   /* the groups computed */
+    int64_t best;    /* the first index of the largest so far (-1: none) */
+    float top;
+} row_search;
+
+/* Group g's logits as the matmul computes them, each biased token's with its bias added (float32 sums,
+ * as apply_logit_bias), into the search; the lowest index wins a tie whatever the order of groups. */
+static void visit(row_search *s, long g) {
+    if (s->done[g]) return;
+    s->done[g] = 1;
+    s->ops->fused_q8[T_Q8_0_R8](s->w + (size_t)8 * g * s->rb, s->rb, 8, s->xr, NULL, 2, s->K, s->y, 8);
+    for (long b = 0; b < s->bias->n; b++)
+        if (s->bias->ids[b] / 8 == g) s->y[s->bias->ids[b] % 8] += s->bias->vals[b];
+    for (int r = 0; r < 8; r++)
+        if (s->best < 0 || s->y[r] > s->top || (s->y[r] == s->top && 8 * g + r < s->best))
+            s->best = 8 * g + r, s->top = s->y[r];
 }
 
-/* The bound pass's inputs and outputs: x's first rows as q1 + 128 (xu [M][K]) and their scales (dx
- * [M][K / 32]); ghi [M][N / 8]; lo and bad [threads][M]; per thread, ab (16 K / 32) and y (N). */
+/* Row xr's token (s: its search, nothing done), from its groups' bounds ghi and its largest P - E (lo):
+ * every group whose bound reaches the largest logit known so far, which starts at lo; with a bias (lo
+ * may be a banned token's), at the exact logits of the group of the largest bound and of every biased
+ * token's group (a raised token's bound does not hold its bias). A bad row computes every logit. */
+static int64_t row_token(row_search *s, long N, const float *ghi, float lo, int bad) {
+    const long G = N / 8;
+    if (bad) {
+        s->ops->fused_q8[T_Q8_0_R8](s->w, s->rb, N, s->xr, NULL, 2, s->K, s->y, N);
+        for (long b = 0; b < s->bias->n; b++) s->y[s->bias->ids[b]] += s->bias->vals[b];
+        return s->ops->argmax(s->y, N);
+    }
+    if (s->bias->n) {  /* lo may be a lowered token's: the floor is an exact logit */
+        long first = 0;
+        for (long g = 1; g < G; g++) first = ghi[g] > ghi[first] ? g : first;
+        visit(s, first);
+        for (long b = 0; b < s->bias->n; b++) visit(s, s->bias->ids[b] / 8);
+        lo = s->top;
+    }
+    for (long g = 0; g < G; g++)
+        if (ghi[g] >= (s->best >= 0 && s->top > lo ? s->top : lo)) visit(s, g);
+    return s->best;
+}
+
 typedef struct {
-    uint8_t *xu, *bad;
+    uint8_t *xu, *bad, *done;
     float *dx, *ghi, *lo, *ab, *y;
 } greedy_mem;
 
 static void greedy_free(greedy_mem *g) {
-    free(g->xu), free(g->bad), free(g->dx), free(g->ghi), free(g->lo), free(g->ab), free(g->y);
+    free(g->xu), free(g->bad), free(g->done), free(g->dx), free(g->ghi), free(g->lo), free(g->ab), free(g->y);
 }
 
 static int greedy_alloc(greedy_mem *g, long M, long N, long K, int nth) {
@@ -93,7 +125,8 @@ static int greedy_alloc(greedy_mem *g, long M, long N, long K, int nth) {
     g->lo = malloc(sizeof(float) * (size_t)(M * nth));
     g->ab = malloc(sizeof(float) * 16 * (size_t)(nb * nth));
     g->y = malloc(sizeof(float) * (size_t)(N * nth));
-    if (g->xu && g->bad && g->dx && g->ghi && g->lo && g->ab && g->y) return 0;
+    g->done = malloc((size_t)(N / 8 * nth));
+    if (g->xu && g->bad && g->done && g->dx && g->ghi && g->lo && g->ab && g->y) return 0;
     greedy_free(g);
     return -1;
 }
@@ -123,7 +156,7 @@ static void bound_share(const isa_ops *ops, const uint8_t *w, size_t rb, long M,
 
 /* Thread t's rows' tokens, once every share of the bound pass is in. */
 static void tokens_share(const isa_ops *ops, const uint8_t *w, size_t rb, const q8_rows *xq, long M, long N, long K,
-                         int t, int nt, const greedy_mem *g, int64_t *out) {
+                         const tram_bias *bias, int t, int nt, const greedy_mem *g, int64_t *out) {
     const long G = N / 8;
     for (long m = t; m < M; m += nt) {
         float lo = -INFINITY;
@@ -134,12 +167,14 @@ static void tokens_share(const isa_ops *ops, const uint8_t *w, size_t rb, const 
         }
         if (G % 2) g->ghi[m * G + G - 1] = INFINITY; /* a last group without its pair: computed */
         const q8_rows xr = rows_from(xq, m, K);
-        out[m] = row_token(ops, w, rb, N, K, &xr, g->ghi + m * G, lo, bad, g->y + N * t);
+        row_search s = {ops, w, rb, K, &xr, bias, g->y + N * t, g->done + G * t, -1, 0.0f};
+        memset(s.done, 0, (size_t)G);
+        out[m] = row_token(&s, N, g->ghi + m * G, lo, bad);
     }
 }
 
 int tram_greedy_rows(const isa_ops *ops, const float *x, const uint8_t *w, long M, long N, long K, int qtype,
-                     int n_threads, int64_t *out) {
+                     const tram_bias *bias, int n_threads, int64_t *out) {
     if (!ops->bound_q8r8 || !ops->fused_q8[T_Q8_0_R8] || qtype != T_Q8_0_R8 || tram_q8() != 2 || K % 32 || N % 8 ||
         M < 1)
         return 1;
@@ -171,7 +206,7 @@ int tram_greedy_rows(const isa_ops *ops, const float *x, const uint8_t *w, long 
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-        tokens_share(ops, w, rb, &xq, M, N, K, t, nt, &g, out);
+        tokens_share(ops, w, rb, &xq, M, N, K, bias, t, nt, &g, out);
     }
     greedy_free(&g);
     free(rows);

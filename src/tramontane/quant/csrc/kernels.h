@@ -248,12 +248,18 @@ TRAM_HIDDEN int tram_isa_select(const char *name);
 /* matmul.c. x [M, K] as the interleaved kernels' q16 pairs per 32 elements (2M int8 rows, pair set) into
  * xq, their memory *mem (malloc'd, the caller's to free); returns 0, or -1 when out of memory. */
 TRAM_HIDDEN int tram_q16_rows(const isa_ops *ops, const float *x, long M, long K, q8_rows *xq, void **mem);
-/* greedy.c. out[m] = the argmax of row m of x [M, K] @ W^T, W a Q8_0 head (T_Q8_0_R8, N rows), the
- * logits as tram_matmul computes them under q16 without computing them all; returns 0, -1 when out of
- * memory, or 1 where it does not apply (another type or setting, a pass without VNNI): then nothing
- * was written. */
+/* A logit bias every row shares: vals[i] added to the logit of token ids[i] (n distinct ids in [0, N)). */
+typedef struct {
+    const int64_t *ids;
+    const float *vals;
+    long n;
+} tram_bias;
+/* greedy.c. out[m] = the argmax of row m of x [M, K] @ W^T plus the bias (float32 sums), W a Q8_0 head
+ * (T_Q8_0_R8, N rows), the logits as tram_matmul computes them under q16 without computing them all;
+ * returns 0, -1 when out of memory, or 1 where it does not apply (another type or setting, a pass
+ * without VNNI, x not finite): then nothing was written. */
 TRAM_HIDDEN int tram_greedy_rows(const isa_ops *ops, const float *x, const uint8_t *w, long M, long N, long K,
-                                 int qtype, int n_threads, int64_t *out);
+                                 int qtype, const tram_bias *bias, int n_threads, int64_t *out);
 /* rows.c. out[m] = argmax of row m of x [M, N] (argmax_fn), rows split over n_threads threads. */
 TRAM_HIDDEN void tram_argmax_rows(const isa_ops *ops, const float *x, long M, long N, int64_t *out, int n_threads);
 

@@ -24,10 +24,11 @@
  *       blocks.h) or back.
  *   rms_norm(x, w, out, B, n, eps)
  *       the blocks' RMSNorm of B rows (a step's final norm; out may be x).
- *   greedy_rows(x, w, out, M, N, K, qtype, n_threads)
- *       out[m] (int64) = the argmax of row m of matmul's y (the first maximum, the first NaN) for a Q8_0 head
- *       under q16, computing only the logits that can be the largest (greedy.c); False where that does not
- *       apply (nothing written), True where it did.
+ *   greedy_rows(x, w, out, M, N, K, qtype, bias_ids, bias_vals, n_bias, n_threads)
+ *       out[m] (int64) = the argmax of row m of matmul's y plus the bias every row shares (bias_vals[i],
+ *       float32, added at token bias_ids[i], int64: n_bias distinct ids in [0, N)), the first maximum, for a
+ *       Q8_0 head under q16, computing only the logits that can be the largest (greedy.c); False where that
+ *       does not apply (nothing written), True where it did.
  *   argmax_rows(x, out, M, N, n_threads)
  *       out[m] (int64) = the argmax of row m of x, float32 [M,N] (numpy's: the first maximum, the first NaN).
  *   decode_block(shape, buffers, eps, window, n_threads)
@@ -234,14 +235,40 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* The bias's buffers hold n entries, each id in [0, N) and named once (seen: room for N flags). */
+static int check_bias(buffer *ids, buffer *vals, Py_ssize_t n, Py_ssize_t N) {
+    size_t need_ids, need_vals;
+    if (n < 0 || tram_extent(&need_ids, 8, n, 1, 1, 1) || tram_extent(&need_vals, 4, n, 1, 1, 1)) {
+        PyErr_Format(PyExc_ValueError, "greedy_rows: bad bias count %zd", n);
+        return -1;
+    }
+    if (check_extent("greedy_rows", "bias_ids", ids, need_ids) || check_extent("greedy_rows", "bias_vals", vals, need_vals))
+        return -1;
+    unsigned char *seen = calloc((size_t)N + 1, 1);
+    if (!seen) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    const int64_t *id = (const int64_t *)(uintptr_t)ids->ptr;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (id[i] < 0 || id[i] >= N || seen[id[i]]++) {
+            PyErr_Format(PyExc_ValueError, "greedy_rows: bias token %lld out of [0, %zd) or named twice", (long long)id[i], N);
+            free(seen);
+            return -1;
+        }
+    }
+    free(seen);
+    return 0;
+}
+
 static PyObject *py_greedy_rows(PyObject *self, PyObject *args) {
-    buffer x, w, out;
-    Py_ssize_t M, N, K;
+    buffer x, w, out, ids, vals;
+    Py_ssize_t M, N, K, nbias;
     int qtype, nth;
     size_t need_x, need_w, need_out;
     (void)self;
-    if (!PyArg_ParseTuple(args, "(Kn)(Kn)(Kn)nnnii", &x.ptr, &x.nbytes, &w.ptr, &w.nbytes, &out.ptr, &out.nbytes, &M,
-                          &N, &K, &qtype, &nth))
+    if (!PyArg_ParseTuple(args, "(Kn)(Kn)(Kn)nnni(Kn)(Kn)ni", &x.ptr, &x.nbytes, &w.ptr, &w.nbytes, &out.ptr,
+                          &out.nbytes, &M, &N, &K, &qtype, &ids.ptr, &ids.nbytes, &vals.ptr, &vals.nbytes, &nbias, &nth))
         return NULL;
     if (check_common((long)N, (long)K, qtype, nth)) return NULL;
     if (M < 0) return PyErr_Format(PyExc_ValueError, "greedy_rows: bad M=%zd", M);
@@ -249,14 +276,15 @@ static PyObject *py_greedy_rows(PyObject *self, PyObject *args) {
         tram_extent(&need_out, 8, M, 1, 1, 1))
         return too_large("greedy_rows");
     if (check_extent("greedy_rows", "x", &x, need_x) || check_extent("greedy_rows", "w", &w, need_w) ||
-        check_extent("greedy_rows", "out", &out, need_out))
+        check_extent("greedy_rows", "out", &out, need_out) || check_bias(&ids, &vals, nbias, N))
         return NULL;
     if (M == 0 || N == 0) Py_RETURN_TRUE;
     const isa_ops *ops = tram_isa_current();
+    const tram_bias bias = {(const int64_t *)(uintptr_t)ids.ptr, (const float *)(uintptr_t)vals.ptr, (long)nbias};
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = tram_greedy_rows(ops, (const float *)(uintptr_t)x.ptr, (const uint8_t *)(uintptr_t)w.ptr, (long)M, (long)N,
-                          (long)K, qtype, nth, (int64_t *)(uintptr_t)out.ptr);
+                          (long)K, qtype, &bias, nth, (int64_t *)(uintptr_t)out.ptr);
     Py_END_ALLOW_THREADS
     if (rc < 0) return PyErr_NoMemory();
     return PyBool_FromLong(rc == 0);
@@ -664,9 +692,10 @@ static PyMethodDef METHODS[] = {
      "rms_norm(x, w, out, B, n, eps): out[b] = x[b] / sqrt(mean(x[b]^2) + eps) * w, float32, B rows of n (out may "
      "be x itself), as the compiled step's blocks normalise. x, w, out: (data_ptr, nbytes), checked against the extent."},
     {"greedy_rows", py_greedy_rows, METH_VARARGS,
-     "greedy_rows(x, w, out, M, N, K, qtype, n_threads): out[m] (int64) = the argmax of row m of matmul's "
-     "y = x @ W^T, computing only the logits that can be the largest (a Q8_0 head under q16: greedy.c); "
-     "returns False, writing nothing, where that does not apply. x, w, out: (data_ptr, nbytes) tuples."},
+     "greedy_rows(x, w, out, M, N, K, qtype, bias_ids, bias_vals, n_bias, n_threads): out[m] (int64) = the "
+     "argmax of row m of matmul's y = x @ W^T plus a bias every row shares, computing only the logits that "
+     "can be the largest (a Q8_0 head under q16: greedy.c); returns False, writing nothing, where that does "
+     "not apply. Buffers: (data_ptr, nbytes) tuples."},
     {"argmax_rows", py_argmax_rows, METH_VARARGS,
      "argmax_rows(x, out, M, N, n_threads): out[m] (int64) = argmax of row m of float32 x [M,N] (the first maximum, the first NaN)"},
     {"interleave", py_interleave, METH_VARARGS,
