@@ -10,15 +10,16 @@
  * largest P - E (lo), so a logit with P + E < lo is not the largest, and only the groups of 8 rows that
  * reach lo are computed as the matmul computes them (its own kernel at one q16 pair: the same bits as
  * every other row count, matmul.c). Among those exact logits the first of the largest is the token:
- * exactly the argmax of the matmul's logits (numpy's rule); with a logit bias shared by the rows (a
- * served benchmark's banned tokens), of the logits plus the bias (row_token). SmolLM2's hidden states of 200 decoding
- * steps left 2 groups to compute in the median row, 32 at most, of 6144.
+ * exactly the argmax of the matmul's logits (numpy's rule); with a logit bias every row shares (a served
+ * benchmark's banned tokens), of the logits plus the bias (row_token). SmolLM2's hidden states of 200
+ * decoding steps left 2 groups to compute in the median row, 32 at most, of 6144.
  *
  * Rounding: P and L are both sums of at most nb + 1 float roundings of terms whose magnitudes add to at
  * most 128 sum_b A_b dx_b (|q1 + q2 / 256| <= 127.5), and P +- E round once more, so E is widened by
  * (nb + 16) 2^-15 of sum_b A_b dx_b (2 * 128 * (nb + 8) * 2^-24, with room). A row whose scales could
- * make subnormal products (0 < dx < 2^-60), or whose bounds are not finite numbers below 1e30 (an
- * infinite or NaN scale in x or in the head), takes every logit and the instruction set's argmax.
+ * make subnormal products (0 < dx < 2^-60) or overflow (dx > 1e30), or whose bounds are not finite
+ * numbers below 1e30 (an infinite or NaN scale in the head), takes every logit and the instruction
+ * set's argmax; a call with a NaN or an infinity in x is left to the matmul (rounded_alike).
  */
 #include <math.h>
 #include <stdlib.h>
