@@ -87,8 +87,9 @@ static void visit(row_search *s, long g) {
 
 /* Row xr's token (s: its search, nothing done), from its groups' bounds ghi and its largest P - E (lo):
  * every group whose bound reaches the largest logit known so far, which starts at lo; with a bias (lo
- * may be a banned token's), at the exact logits of the group of the largest bound and of every biased
- * token's group (a raised token's bound does not hold its bias). A bad row computes every logit. */
+ * may be a lowered token's), at the exact logits of the group of the largest bound and of every raised
+ * token's group (a raised token's bound does not hold its bias; a lowered one's still bounds it). A
+ * bad row computes every logit. */
 static int64_t row_token(row_search *s, long N, const float *ghi, float lo, int bad) {
     const long G = N / 8;
     if (bad) {
@@ -100,7 +101,8 @@ static int64_t row_token(row_search *s, long N, const float *ghi, float lo, int 
         long first = 0;
         for (long g = 1; g < G; g++) first = ghi[g] > ghi[first] ? g : first;
         visit(s, first);
-        for (long b = 0; b < s->bias->n; b++) visit(s, s->bias->ids[b] / 8);
+        for (long b = 0; b < s->bias->n; b++)
+            if (s->bias->vals[b] > 0.0f) visit(s, s->bias->ids[b] / 8);
         lo = s->top;
     }
     for (long g = 0; g < G; g++)
