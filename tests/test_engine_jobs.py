@@ -104,9 +104,9 @@ def steps_recorded(monkeypatch) -> list[tuple[int, int]]:
     seen: list[tuple[int, int]] = []
     real = engine_module.run_step
 
-    def recording(backend, pool, batch, window, buffers=None):
+    def recording(backend, pool, batch, *rest):
         seen.append((sum(n for s, n in batch if not s.background), sum(n for s, n in batch if s.background)))
-        return real(backend, pool, batch, window, buffers)
+        return real(backend, pool, batch, *rest)
 
     monkeypatch.setattr(engine_module, "run_step", recording)
     return seen
