@@ -139,8 +139,11 @@ def test_a_departed_callers_job_stops_within_a_step(models, monkeypatch):
 
     async def leave():
         task = asyncio.ensure_future(engine.embed(prompts(40, seed=6, low=40, high=60)))
-        while sum(bg for _, bg in seen) < 40:  # some of the work has run
+        for _ in range(6000):  # some of the work has run (a generous minute: a failing step fails here)
+            if sum(bg for _, bg in seen) >= 40:
+                break
             await asyncio.sleep(0.01)
+        assert sum(bg for _, bg in seen) >= 40, "the job's steps did not run"
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
