@@ -178,8 +178,9 @@ class CompiledStep:
         return out
 
     def greedy(self, hidden: torch.Tensor, bias: tuple[tuple[int, float], ...] = ()) -> torch.Tensor | None:
-        """A packed Q8_0 head's argmax without every logit (csrc/greedy.c): at 16 rows SmolLM2's head
-        computed x's rounding to int8 once where it was twice, and the exact logits of a few groups."""
+        """A packed Q8_0 head's argmax without every logit (csrc/greedy.c): its rows against x's first
+        rounding to int8 alone (half the products of q16's two), then the exact logits of the few groups
+        of rows that can hold the largest: SmolLM2's head at 16 rows in 0.69-0.81 of the matmul's time."""
         head = self.model.output
         return head.greedy(hidden, bias) if isinstance(head, PackedLinear) else None
 
