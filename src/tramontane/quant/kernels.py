@@ -417,6 +417,18 @@ def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, thread
 GREEDY_FROM_M = 8
 
 
+@functools.lru_cache(maxsize=64)
+def _bias_tensors(bias: tuple[tuple[int, float], ...], n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A shared logit_bias as greedy_rows hands it to the kernel (token ids int64, values float32), made
+    once per bias and head, not once a step (a served request's bias meets every one of its steps);
+    None where a token is named twice or lies past the head's n rows."""
+    if len({t for t, _ in bias}) < len(bias) or any(not 0 <= t < n for t, _ in bias):
+        return None
+    return torch.tensor([t for t, _ in bias], dtype=torch.int64), torch.tensor(
+        [v for _, v in bias], dtype=torch.float32
+    )
+
+
 def greedy_rows(
     x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, threads: int, bias: tuple[tuple[int, float], ...] = ()
 ) -> torch.Tensor | None:
@@ -428,10 +440,10 @@ def greedy_rows(
     m, n = x2.shape[0], packed.shape[0]
     if _ext is None or m < GREEDY_FROM_M or bf16_gemm(qtype, m) or (use_dense(m) and not _integer_kernel(qtype, n, k)):
         return None
-    ids = torch.tensor([t for t, _ in bias], dtype=torch.int64)
-    if len(set(ids.tolist())) < len(bias) or any(not 0 <= t < n for t, _ in bias):
+    arrays = _bias_tensors(bias, n)
+    if arrays is None:
         return None
-    values = torch.tensor([v for _, v in bias], dtype=torch.float32)
+    ids, values = arrays
     out = torch.empty(m, dtype=torch.int64)
     ran = _ext.greedy_rows(
         (x2.data_ptr(), x2.numel() * 4),
