@@ -885,7 +885,7 @@ def q8_reference(
 
 @needs_ext
 @pytest.mark.parametrize("qtype", Q8_TYPES, ids=lambda t: t.name)
-def test_q8_kernels_match_their_emulation(isa: str, integer: str, qtype: QT, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_q8_kernels_match_their_emulation(isa: str, integer: str, qtype: QT) -> None:
     """q8 and q16 (x and what its rounding left at 1/256 of its step, as two int8 rows: 128-256x closer). Every M (the groups of 4 rows, their remainders, and blocks of 32 rows), ragged N: the integer
     kernels equal the emulation to float32 rounding and stay within the rounding bound of the exact
     result (the portable C pass has no integer kernels: it stays exact). One kernel at every M, the
@@ -906,15 +906,17 @@ def test_q8_kernels_match_their_emulation(isa: str, integer: str, qtype: QT, mon
             assert err <= 1e-5 * magnitude, (isa, m, n)
             assert ((y - exact).abs() <= bound * 1.001 + 1e-5 * exact.abs().max()).all(), (isa, m, n)
     # Through the wrapper past the dense route's M (the passes that have one: AVX2's, the portable C's):
-    # a small matrix goes through dequantize + sgemm (exact), a large one (here: any, with the threshold
-    # at 0) stays on the integer kernel; without a dense route (AVX-512) the integer kernel takes both.
+    # the vector passes stay on the integer kernel, whatever the matrix's size, each row's bits those it
+    # has alone (AVX2's dense route took small matrices past 64 rows: other bits than below); the
+    # portable pass goes through dequantize + sgemm (exact).
     x = activations(100, k)
     emulated = q8_reference(x, dense, qtype, two=integer == "q16")
     want = reference(x, dense) if isa == "scalar" else emulated
-    small = reference(x, dense) if kernels.use_dense(100) else want
-    assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), small) < 1e-5
-    monkeypatch.setattr(kernels, "INTEGER_ABOVE_BYTES", 0)
-    assert rel_err(kernels.qmatmul(x, packed, int(qtype), k), want) < 1e-5
+    many = kernels.qmatmul(x, packed, int(qtype), k)
+    assert rel_err(many, want) < 1e-5
+    if isa != "scalar":
+        alone = torch.cat([kernels.qmatmul(x[i : i + 1], packed, int(qtype), k) for i in (0, 99)])
+        assert torch.equal(many[[0, 99]], alone)
 
 
 @needs_ext

@@ -5,8 +5,9 @@
 setup.py, optional) decodes the blocks in registers and accumulates in float32, threaded over the N
 output rows; without it, the weight is dequantized with `weights.gguf_quants` and F.linear runs.
 
-For many activation rows (M > DEQUANTIZE_ABOVE_M[isa]) the weight is dequantized once, threaded, and
-F.linear's sgemm does the rest; with AVX-512 the packed kernel is faster at every M measured. The
+For many activation rows (M > DEQUANTIZE_ABOVE_M[isa]) under the exact setting, or of a type without
+an integer kernel, the weight is dequantized once, threaded, and F.linear's sgemm does the rest; with
+AVX-512 the packed kernel is faster at every M measured. The
 prompt of 64+ tokens takes AMX-BF16 tiles where the CPU has them (`tiles_from`, below).
 
 Activations. The packed kernels of the K-quants (Q2_K to Q6_K) take x rounded to int8 per 256
@@ -28,9 +29,8 @@ two as one integer, 256 q1 + q2, and scale it once (Q8_0's, for many rows, as on
 multiplies of two int8 rows).
 The integer kernel runs at every M (decode's few rows keep their accumulators in registers), so that a
 row's result does not depend on how many rows share the call: a served request's answer does not depend
-on the batch it lands in. In the module path, past DEQUANTIZE_ABOVE_M rows a matrix whose float32 copy
-would exceed INTEGER_ABOVE_BYTES stays on the integer kernel, a smaller one goes through dequantize +
-sgemm (exact). "f32" (the exact path: `set_activations("f32")`, the environment variable
+on the batch it lands in, the module path's included (its dense route, past DEQUANTIZE_ABOVE_M rows,
+takes only the types without an integer kernel and the exact setting). "f32" (the exact path: `set_activations("f32")`, the environment variable
 TRAMONTANE_ACTIVATIONS=f32, or the CLI's --exact) keeps every activation float32: results then match
 `x @ dequantize(W).T` to float32 rounding. Every other type always runs float32 activations.
 
@@ -102,7 +102,8 @@ _GEOMETRY = {t: (GGML_TYPES[t].block_size, GGML_TYPES[t].type_size) for t in SUP
 _GEOMETRY |= {r8: _GEOMETRY[base] for r8, base in _BASE.items()}  # per row; rows come in groups of 8
 
 # Above this many activation rows (per instruction set of the compiled kernels), dequantize once and
-# let F.linear's sgemm do the work; None: the packed kernel at every M. Measured on the dev machine
+# let F.linear's sgemm do the work where the integer kernels do not run (_integer_kernel); None: the
+# packed kernel at every M. Measured on the dev machine
 # (AMD EPYC, 2 threads, Q4_1 1536x576): the AVX-512 kernel beat dequantize + F.linear (and even a
 # pre-dequantized dense F.linear) at every M up to 512; the AVX2 kernel up to about M=64; the portable
 # C path only for a few rows.
@@ -278,21 +279,14 @@ def use_dense(m: int) -> bool:
     return limit is not None and m > limit
 
 
-# Past DEQUANTIZE_ABOVE_M rows, a matrix whose float32 copy is larger than this runs the integer kernel
-# instead of dequantize + sgemm: writing and reading the copy then costs more than sgemm saves (Mixtral
-# 8x7B's experts, 235 MB as float32: 2.5x faster on the dev machine); a smaller one stays in cache and
-# sgemm's float32 throughput wins (1024x1024 at M = 512: 2x faster than the row-by-row integer kernel).
-# The interleaved types' kernels (Q4_0_R8 ... Q5_1_R8) run at every M: as fast as sgemm on dense
-# prompts and faster on a Mixtral's experts, whose ~M/4 tokens each do not pay back a dequantized copy
-# (small Mixtral, 512-token prompt, same run: Q4_K 260-276 against 205-213 tok/s, Q4_0 266-275 against
-# 163-177; a dense Mistral-shaped Q4_0 130 against 118-130).
-INTEGER_ABOVE_BYTES = 32 << 20
-
-
-def _integer_kernel(qtype: int, n: int, k: int) -> bool:
-    """Whether a matmul past the dense route's M runs the extension's integer kernel instead."""
-    big = n * k * 4 > INTEGER_ABOVE_BYTES or qtype in _BASE
-    return _integer() and big and qtype in Q8_TYPES and k % Q8_TYPES[qtype] == 0 and isa() != "scalar"
+def _integer_kernel(qtype: int, k: int) -> bool:
+    """Whether a matmul past the dense route's M runs the extension's integer kernel instead: wherever the
+    integer activations meet a type that has one, at every M, so that a row's result does not depend on
+    how many rows share the call. (Dequantize + sgemm is faster for a small plain K-quant matrix at many
+    rows on AVX2, measured on a Zen 3: Q5_K 1024 x 1024 at M = 512 2.5x, at 128 1.7x, at 65 1.1x; it gave
+    the module path's rows other bits past 64 rows than below, a prompt's logits other bits than the
+    decoding rows' beside it.)"""
+    return _integer() and qtype in Q8_TYPES and k % Q8_TYPES[qtype] == 0 and isa() != "scalar"
 
 
 def integer_everywhere(qtypes: Iterable[int]) -> bool:
@@ -390,7 +384,7 @@ def matmul_2d(x2: torch.Tensor, packed: torch.Tensor, qtype: int, k: int, thread
     m, n = x2.shape[0], packed.shape[0]
     if bf16_gemm(qtype, m):
         return F.linear(x2.to(torch.bfloat16), packed.view(torch.bfloat16)).float()
-    if _ext is None or (use_dense(m) and not _integer_kernel(qtype, n, k)):
+    if _ext is None or (use_dense(m) and not _integer_kernel(qtype, k)):
         return F.linear(x2, dequantize_packed(packed, qtype, k, threads))
     y = torch.empty(m, n, dtype=torch.float32)
     tiles = run > 1 and 0 < tiles_from() <= run  # (decoding's rows of their own: no call)
@@ -438,7 +432,7 @@ def greedy_rows(
     (fewer rows than GREEDY_FROM_M, another type, the exact setting, a pass without VNNI, a token named
     twice or past the head, x not finite)."""
     m, n = x2.shape[0], packed.shape[0]
-    if _ext is None or m < GREEDY_FROM_M or bf16_gemm(qtype, m) or (use_dense(m) and not _integer_kernel(qtype, n, k)):
+    if _ext is None or m < GREEDY_FROM_M or bf16_gemm(qtype, m) or (use_dense(m) and not _integer_kernel(qtype, k)):
         return None
     arrays = _bias_tensors(bias, n)
     if arrays is None:
