@@ -446,8 +446,8 @@ def test_real_server_streams_an_answer(browser, smollm2_path, tmp_path):
         # survives_reload's to check, against a server that paces them
         body = {"model": "SmolLM2-135M-Instruct.Q4_1", "stream": True, "temperature": 0, "max_tokens": 24}
         body["messages"] = [{"role": "user", "content": "What is the capital of France?"}]
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k3y"},
-                          timeout=60) as r:  # fmt: skip
+        key = {"Authorization": "Bearer k3y"}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers=key, timeout=60) as r:
             events = [line for line in r.iter_lines() if line.startswith("data: {")]
         pieces = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events)
         assert len(events) > 2 and pieces == seen[-1], events

@@ -7,8 +7,8 @@ output rows; without it, the weight is dequantized with `weights.gguf_quants` an
 
 For many activation rows (M > DEQUANTIZE_ABOVE_M[isa]) under the exact setting, or of a type without
 an integer kernel, the weight is dequantized once, threaded, and F.linear's sgemm does the rest; with
-AVX-512 the packed kernel is faster at every M measured. The
-prompt of 64+ tokens takes AMX-BF16 tiles where the CPU has them (`tiles_from`, below).
+AVX-512 the packed kernel is faster at every M measured. The prompt of 64+ tokens takes AMX-BF16 tiles
+where the CPU has them (`tiles_from`, below).
 
 Activations. The packed kernels of the K-quants (Q2_K to Q6_K) take x rounded to int8 per 256
 elements, those of Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 per 32 (integer kernels, AVX2 and AVX-512 with
@@ -30,8 +30,8 @@ multiplies of two int8 rows).
 The integer kernel runs at every M (decode's few rows keep their accumulators in registers), so that a
 row's result does not depend on how many rows share the call: a served request's answer does not depend
 on the batch it lands in, the module path's included (its dense route, past DEQUANTIZE_ABOVE_M rows,
-takes only the types without an integer kernel and the exact setting). "f32" (the exact path: `set_activations("f32")`, the environment variable
-TRAMONTANE_ACTIVATIONS=f32, or the CLI's --exact) keeps every activation float32: results then match
+takes only the types without an integer kernel and the exact setting). "f32" (the exact path:
+`set_activations("f32")`, the environment variable TRAMONTANE_ACTIVATIONS=f32, or the CLI's --exact) keeps every activation float32: results then match
 `x @ dequantize(W).T` to float32 rounding. Every other type always runs float32 activations.
 
 Interleaved Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q6_K and Q3_K. Where the integer kernel runs, the loader
@@ -103,10 +103,9 @@ _GEOMETRY |= {r8: _GEOMETRY[base] for r8, base in _BASE.items()}  # per row; row
 
 # Above this many activation rows (per instruction set of the compiled kernels), dequantize once and
 # let F.linear's sgemm do the work where the integer kernels do not run (_integer_kernel); None: the
-# packed kernel at every M. Measured on the dev machine
-# (AMD EPYC, 2 threads, Q4_1 1536x576): the AVX-512 kernel beat dequantize + F.linear (and even a
-# pre-dequantized dense F.linear) at every M up to 512; the AVX2 kernel up to about M=64; the portable
-# C path only for a few rows.
+# packed kernel at every M. Measured on the dev machine (AMD EPYC, 2 threads, Q4_1 1536x576): the
+# AVX-512 kernel beat dequantize + F.linear (and even a pre-dequantized dense F.linear) at every M up to
+# 512; the AVX2 kernel up to about M=64; the portable C path only for a few rows.
 DEQUANTIZE_ABOVE_M: dict[str, int | None] = {"avx512": None, "avx2": 64, "scalar": 4}
 
 
