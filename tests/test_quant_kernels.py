@@ -584,11 +584,14 @@ def test_subnormal_key_weights_leave_the_caller_s_floating_point_state(isa: str,
 
 @needs_ext
 @pytest.mark.parametrize("kv", ["f32", "bf16", "f16"])
-def test_decode_block_reads_16_bit_rows_of_any_head_dim(isa: str, kv: str) -> None:
+@pytest.mark.parametrize("head_dim", [36, 64, 128])
+def test_decode_block_reads_16_bit_rows_of_any_head_dim(isa: str, kv: str, head_dim: int) -> None:
     """A 16-bit cache's rows are widened in registers as they are attended (simd_step.inc): a head dim
     that is not a whole number of vectors (36 = 4 x 8 + 4 floats, 2 x 16 + 4) takes the element-wise
-    tails of the scores and the values, against the same float64 block."""
-    check_kv_type(isa, kv, 1e-5, (3, 64, 8, 2, 36, 96, 80))
+    tails of the scores and the values, against the same float64 block. Four query heads a kv head: three
+    share each pass over the keys and values (one after them alone), on AVX2 four keys' scores and four
+    vectors of values at a time (64 and 128: two and four such passes a value row)."""
+    check_kv_type(isa, kv, 1e-5, (3, 64, 8, 2, head_dim, 96, 80))
 
 
 def check_kv_type(
