@@ -1070,7 +1070,7 @@ def test_interleaved_rows_walked_in_streams_are_those_of_a_batch(isa: str, integ
 def test_large_matrices_give_the_same_bits_taken_in_chunks(isa: str, integer: str, interleave: bool) -> None:
     """Past 4 MiB of weights at one to four activation rows (a decoding step's head, a 7B model's
     matrices), the threads take the output rows in chunks as they free up (matmul.c): every row's bits
-    are still those one thread computes, and those of the fixed halves that more rows take."""
+    are still those one thread computes, and those of the chunks from both ends that more rows take."""
     if isa == "scalar":
         pytest.skip("the portable pass has no integer kernels")
     n, k = 4096, 1024  # Q8_0: 4.25 MiB
@@ -1083,11 +1083,32 @@ def test_large_matrices_give_the_same_bits_taken_in_chunks(isa: str, integer: st
 
     run = partial(raw_rows, packed, n, k, qt)
 
-    halves = run(x, 2)  # six rows: each thread its fixed half of the output rows
+    halves = run(x, 2)  # six rows: two threads meet from both ends of the output rows
     assert not halves.isnan().any()
     for m in (1, 2, 4):
         for threads in (1, 2, 3):
             assert torch.equal(run(x[:m], threads), halves[:m]), (m, threads)
+
+
+@needs_ext
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
+def test_two_threads_meeting_from_both_ends_give_the_bits_of_one(isa: str, integer: str, qtype: QT) -> None:
+    """Past four activation rows, two threads take chunks of the output rows from both ends of the
+    matrix until they meet (matmul.c's end_chunk): each row's bits are those one thread computes, for
+    any count of rows and however the chunks fall (37 groups of 8 rows in chunks of 4: 10 chunks, the
+    last of one group), whether the first or the second thread takes the middle ones."""
+    if isa == "scalar":
+        pytest.skip("the portable pass has no integer kernels")
+    n, k = 8 * 37, 512
+    packed, dense = weight(qtype, n, k)
+    packed, qt = kernels.regroup(packed, int(qtype), k)
+    x = activations(63, k, seed=11)
+    run = partial(raw_rows, packed, n, k, qt)
+    for m in (5, 16, 63):
+        one = run(x[:m], 1)
+        assert rel_err(one, reference(x[:m], dense)) < 2e-2
+        for _ in range(3):  # the threads' meeting point moves from call to call
+            assert torch.equal(run(x[:m], 2), one), m
 
 
 @needs_ext

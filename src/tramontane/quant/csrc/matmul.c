@@ -1,7 +1,8 @@
 /*
  * matmul.c: the packed matmul and the row dequantizer over OpenMP threads. Owns the split of the N
  * output rows between threads (whole RN-row groups: a fixed contiguous share each, or, for a big matrix
- * at a few rows, chunks taken as the threads free up; the result does not depend on the thread count),
+ * at a few rows, chunks taken as the threads free up, or, two threads at more rows, chunks from both ends;
+ * the result does not depend on the thread count),
  * the choice between an instruction set's fused small-M kernel and its tiled path (or, in the integer
  * modes, a type's integer-activation kernel: x rounded to int8 once per call, per 256 for the K-quants
  * and per 32 for Q4_0/Q4_1/Q8_0; in the default "q16" mode twice, x and what the first rounding left at
@@ -30,9 +31,9 @@ static void split_rows(long N, int t, int nt, long unit, long *n0, long *n1) {
  * often streamed its half 10-25% slower than the other here). Measured against the fixed halves, builds
  * alternating in one process, M = 1: SmolLM2's tied Q8_0 head (49152 x 576) 10-19% faster, a Mistral-7B
  * layer's Q4_0 matrices 7-8%. Smaller matrices keep the fixed halves (SmolLM2's blocks: 32% slower in
- * chunks, whose starts cost more than they even out), and so do many rows, whose kernels walk the
- * activations once per chunk (6% slower at M = 16 and 512). Each row computes alike in any chunk and on
- * any thread. */
+ * chunks, whose starts cost more than they even out); more rows walk the activations once per chunk,
+ * and took these chunks 6% slower at M = 16 and 512 (end_chunk's, below, keep each thread's side in
+ * order). Each row computes alike in any chunk and on any thread. */
 #define CHUNKS 8
 #define DYNAMIC_M 4
 #define DYNAMIC_WORK (4L << 20)
@@ -48,6 +49,25 @@ static long take_chunk(long *next, long n) {
         *next += n;
     }
     return u;
+}
+
+/* Two threads on more rows than DYNAMIC_M (a batch of decoding rows: compute-bound, where a chunk's start
+ * costs little) take chunks of one range from both ends as they free up: thread 0 from the front, thread
+ * 1 from the back, each walking its side in order as with a fixed half, the two sides meeting wherever
+ * the threads' speeds put them. Every claim counts against one total (take_chunk on `next`), so the two
+ * sides never share a chunk. A served step's threads share the 2 cores with the server's event loop and
+ * its clients: with fixed halves, one thread waited at the end of each projection for the other (the
+ * worker 8% of a 16-client run's samples in the barrier), and here, where one core often ran a third
+ * slower than the other, so did an offline batch. Measured against the fixed halves on a Zen 3, builds
+ * alternating in one process: SmolLM2's Q4_0 / Q8_0 head (49152 x 576) at 16 rows 0.88 / 0.88 of the
+ * time, 1536 x 576 at 8 rows 0.82 / 0.97, 576 x 576 at 16 rows 1.02 / 0.96; Q4_K / Q6_K 1536 x 1024
+ * 0.87 / 1.07, 4096 x 4096 1.02 / 0.87; SmolLM2 Q4_0's 16-row decoding blocks 0.94; `tramontane serve`
+ * with 16 clients (benchmarks/serve_load.py, runs alternating) 352-358 -> 384-441 tok/s. Returns the
+ * chunk index of thread t's next claim (`mine`: how many it made), or -1 when all are taken. */
+static long end_chunk(long *next, long chunks, int t, long *mine) {
+    if (take_chunk(next, 1) >= chunks) return -1;
+    const long k = (*mine)++;
+    return t == 0 ? k : chunks - 1 - k;
 }
 
 /* From ROW_CHUNKS_FROM activation rows on (prompt chunks), the integer kernels' threads take chunks of
@@ -306,8 +326,10 @@ int tram_matmul_hooked(const isa_ops *ops, const float *x, const uint8_t *w, flo
     const long unit = base >= 0 ? 8 : RN, units = (N + unit - 1) / unit;
     const int dynamic = nth > 1 && M <= DYNAMIC_M && (double)rb * (double)N >= (double)DYNAMIC_WORK;
     const int by_rows = fused_q8 && nth > 1 && M >= ROW_CHUNKS_FROM;
+    const int ends = nth == 2 && !by_rows && M > DYNAMIC_M;
     long chunk = units / ((long)CHUNKS * nth), next = 0;  /* whole groups; next: the first not taken */
     if (chunk < 4) chunk = units < 4 ? units : 4;  /* (decoding's interleaved rows walk 4 groups at once) */
+    const long chunks = (units + chunk - 1) / chunk;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
@@ -332,9 +354,11 @@ int tram_matmul_hooked(const isa_ops *ops, const float *x, const uint8_t *w, flo
                 run_after(h, y, N, m0, m1, 0, N);
             }
         } else {
-            long u, take;  /* this thread's first range of units: a chunk of them, or its fixed share */
+            long u, take, mine = 0, c = 0;  /* this thread's first range of units: a chunk, or its fixed share */
             if (dynamic)
                 u = take_chunk(&next, chunk), take = chunk;
+            else if (ends)
+                c = end_chunk(&next, chunks, t, &mine), u = c < 0 ? units : c * chunk, take = chunk;
             else
                 split_rows(units, t, nt, 1, &u, &take), take -= u;
             while (u < units && take > 0) {
@@ -348,7 +372,10 @@ int tram_matmul_hooked(const isa_ops *ops, const float *x, const uint8_t *w, flo
                     ops->tile(ops->dec[qtype], ti.block, ti.size, w, rb, n0, n1, x, M, K, y, N);
                 if (y2) sum_pairs(y, y2, N, 0, M, n0, n1);
                 run_after(h, y, N, 0, M, n0, n1);
-                u = dynamic ? take_chunk(&next, chunk) : units;  /* the next free chunk, or done */
+                if (ends)  /* the next chunk from this thread's end, or done */
+                    c = end_chunk(&next, chunks, t, &mine), u = c < 0 ? units : c * chunk;
+                else
+                    u = dynamic ? take_chunk(&next, chunk) : units;  /* the next free chunk, or done */
             }
         }
     }
