@@ -409,7 +409,7 @@ def paged_run(model, backend, isa: str, block_size: int = 4, adapters: list[str 
     config, kind = model.config, kv_type(kv)
     blocks, gen = 40, torch.Generator().manual_seed(7)
     free = torch.randperm(blocks, generator=gen).tolist()
-    shape = (blocks * block_size, config.n_kv_heads, kind.width(config.head_dim))
+    shape = (blocks, config.n_kv_heads, block_size, kind.width(config.head_dim))
     k = [torch.zeros(shape, dtype=kind.storage) for _ in range(config.n_layers)]
     v = [torch.zeros(shape, dtype=kind.storage) for _ in range(config.n_layers)]
     tables, done, window = [[] for _ in range(3)], [0, 0, 0], config.sliding_window
@@ -600,7 +600,7 @@ def test_paged_rows_out_of_range_are_refused(tmp_path):
     """The kernel checks each row's sequence, its table's blocks and its span before reading the pool."""
     model = load_model(save_gguf(hf_model("llama", seed=2), tmp_path / "m.gguf", "Q8_0"), packed=True).model
     step, config = CompiledStep(model), model.config
-    pool = [torch.zeros(8, config.n_kv_heads, config.head_dim) for _ in range(config.n_layers)]
+    pool = [torch.zeros(2, config.n_kv_heads, 4, config.head_dim) for _ in range(config.n_layers)]
 
     def run(table, seq, positions):
         cache = PagedCache(
@@ -757,7 +757,7 @@ def test_a_windowed_chunk_computes_alike_in_any_row_order_and_thread_count(tmp_p
     tables = torch.tensor([list(range(19)), [19] + [-1] * 18], dtype=torch.int32)
 
     def run(order: list[int]) -> torch.Tensor:
-        pool = [torch.zeros(20 * bs, config.n_kv_heads, config.head_dim) for _ in range(2 * config.n_layers)]
+        pool = [torch.zeros(20, config.n_kv_heads, bs, config.head_dim) for _ in range(2 * config.n_layers)]
         step = CompiledStep(model)
         chunk = [(0, p, tokens[p]) for p in order] + [(1, 0, 17)]
         for rows in ([(0, p, tokens[p]) for p in range(10)], chunk):
@@ -793,7 +793,7 @@ def test_a_prompt_computes_offline_as_served(tmp_path, activations):
     try:
         offline, _ = offline_prefill(model, step, [prompt, [4, 4, 50, 9]])
         config = model.config
-        pool = [torch.zeros(32, config.n_kv_heads, config.head_dim) for _ in range(2 * config.n_layers)]
+        pool = [torch.zeros(8, config.n_kv_heads, 4, config.head_dim) for _ in range(2 * config.n_layers)]
         tables = torch.tensor([[5, 6], [2, -1]], dtype=torch.int32)
         seq = torch.tensor([0] * 6 + [1] * 3, dtype=torch.int32)
         positions = torch.tensor(list(range(6)) + [0, 1, 2])
@@ -810,7 +810,7 @@ def _paged_step(model, step, chunks: list[list[int]]) -> torch.Tensor:
     prompt."""
     config, bs = model.config, 4
     blocks = [-(-len(c) // bs) for c in chunks]
-    pool = [torch.zeros(sum(blocks) * bs, config.n_kv_heads, config.head_dim) for _ in range(2 * config.n_layers)]
+    pool = [torch.zeros(sum(blocks), config.n_kv_heads, bs, config.head_dim) for _ in range(2 * config.n_layers)]
     starts = [sum(blocks[:i]) for i in range(len(chunks))]
     tables = torch.tensor([[s + j for j in range(max(blocks))] for s in starts], dtype=torch.int32)
     seq = torch.tensor([i for i, c in enumerate(chunks) for _ in c], dtype=torch.int32)
@@ -861,7 +861,7 @@ def _paged_steps(model, step, prompt: list[int], cuts: list[int], length: int) -
     steps on one pool, cut at `cuts`: the logits of every position, each from the step that ran it."""
     config, bs = model.config, 4
     tokens = [*prompt, *((5 * i) % 80 + 2 for i in range(length - len(prompt)))]
-    pool = [torch.zeros(-(-length // bs) * bs, config.n_kv_heads, config.head_dim) for _ in range(2 * config.n_layers)]
+    pool = [torch.zeros(-(-length // bs), config.n_kv_heads, bs, config.head_dim) for _ in range(2 * config.n_layers)]
     tables = torch.arange(-(-length // bs), dtype=torch.int32)[None]
     logits = []
     for start, end in zip([0, *cuts], [*cuts, length]):

@@ -181,13 +181,13 @@ def test_partial_blocks_are_reused_by_hand():
     assert other.reused == (5, 2, [first.reused[2][0], tail])
     full = tail  # now full, findable by key: 9 12 13 14; its first 2 slots copied for a prompt parting after them
     assert pool._at[("m", other.keys[0])] == {full: (9, 12, 13, 14)}
-    for layer in (*pool.k, *pool.v):
-        layer[4 * full : 4 * full + 4] = torch.arange(4.0)[:, None, None] + 1
+    for layer in (*pool.k, *pool.v):  # [blocks,Hkv,bs,D]: slot i of the block holds i + 1
+        layer[full] = torch.arange(4.0)[:, None] + 1
     copied = ran([5, 6, 7, 8, 9, 12, 30])
     block = copied.reused[2][1]
     assert copied.reused[:2] == (6, 1) and block != full and pool.copied[-1] == (full, block, 2)
     for layer in (*pool.k, *pool.v):
-        assert layer[4 * block : 4 * block + 2].unique().tolist() == [1.0, 2.0]
+        assert layer[block, :, :2].unique().tolist() == [1.0, 2.0] and not layer[block, :, 2:].any()
     fresh = ran([5, 6, 7, 8, 1, 2])
     assert fresh.reused[:2] == (4, 2) and fresh.reused[2][1] not in (full, block)
     assert pool.allocate(5) is not None and not pool._at and not pool._place_of  # evicted: forgotten
@@ -249,15 +249,15 @@ def test_an_idle_pool_is_not_resident():
     before = rss()
     pool = BlockPool(config, (1 << 30) // per_block, 16)
     assert rss() - before < 64 << 20
-    assert pool.k[3].shape == (pool.num_blocks * 16, 2, 16) and pool.v[0].is_contiguous()
+    assert pool.k[3].shape == (pool.num_blocks, 2, 16, 16) and pool.v[0].is_contiguous()  # [blocks,Hkv,bs,D]
     assert not pool.k[3][-5:].any() and not pool.v[0][:5].any()
     written = rss()
-    for t in (*pool.k, *pool.v):  # a first prompt's 35 slots in every layer: pages, not huge pages
-        t[:35] = 1.0
-    assert rss() - written < 4 << 20, f"{(rss() - written) / 2**20:.1f} MiB for 35 slots of {len(pool.k)} layers"
+    for t in (*pool.k, *pool.v):  # a first prompt's 3 blocks (35 slots) in every layer: pages, not huge pages
+        t[:3] = 1.0
+    assert rss() - written < 4 << 20, f"{(rss() - written) / 2**20:.1f} MiB for 3 blocks of {len(pool.k)} layers"
     pool.k[1].fill_(1.0)  # written: resident
     assert rss() - before > 100 << 20
-    assert not pool.k[0][35:].any() and not pool.v[1][35:].any()  # the layers do not overlap
+    assert not pool.k[0][3:].any() and not pool.v[1][3:].any()  # the layers do not overlap
 
 
 def test_layout_of_a_mixed_step_by_hand():

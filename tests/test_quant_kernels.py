@@ -701,11 +701,11 @@ def test_decode_block_reads_a_paged_pool(isa: str) -> None:
     size, order = 4, [5, 2, 7, 0, 3, 6]  # blocks of 4 slots; pool of 8 blocks, these handed out in turn
     tables = torch.full((2, 3), -1, dtype=torch.int32)
     tables[0, :2], tables[1, 1:] = torch.tensor(order[:2]), torch.tensor(order[2:4])
-    pool_k, pool_v = torch.zeros(8 * size, hkv, d), torch.zeros(8 * size, hkv, d)
+    pool_k, pool_v = torch.zeros(8, hkv, size, d), torch.zeros(8, hkv, size, d)  # a block's rows head by head
     for row, q in enumerate(case["qpos"].tolist()[:2]):
         for p in range(max(0, q - s + 1), q):  # the earlier positions the row sees
-            slot = int(tables[row, p // size]) * size + p % size
-            pool_k[slot], pool_v[slot] = case["k_cache"][row, :, p % s], case["v_cache"][row, :, p % s]
+            at = (int(tables[row, p // size]), slice(None), p % size)
+            pool_k[at], pool_v[at] = case["k_cache"][row, :, p % s], case["v_cache"][row, :, p % s]
     buffers = {
         name: (*buf(case[name]), case["qtype"]) if name in PACKED else buf(case[name])
         for name in ("x", "attn_norm", "ffn_norm", *PACKED, "cos_sin", "qpos")
@@ -717,10 +717,8 @@ def test_decode_block_reads_a_paged_pool(isa: str) -> None:
     ext.decode_block((*BLOCK_SHAPE, 0, 0, 8 * size, size, 2, 3), buffers, 1e-5, s, 2)
     assert rel_err(case["x"], want_x) < 1e-4, isa
     for row, q in enumerate(case["qpos"].tolist()[:2]):
-        slot = int(tables[row, q // size]) * size + q % size
-        assert (
-            rel_err(pool_k[slot], want_k[row, :, q % s]) < 1e-4 and rel_err(pool_v[slot], want_v[row, :, q % s]) < 1e-4
-        )
+        at = (int(tables[row, q // size]), slice(None), q % size)
+        assert rel_err(pool_k[at], want_k[row, :, q % s]) < 1e-4 and rel_err(pool_v[at], want_v[row, :, q % s]) < 1e-4
     with pytest.raises(ValueError, match=r"row 1 \(position 11\).*out of range"):
         ext.decode_block((*BLOCK_SHAPE, 0, 0, 8 * size, size, 2, 3), buffers, 1e-5, s + 1, 2)  # needs block 0
     with pytest.raises(ValueError, match="bad paged cache"):

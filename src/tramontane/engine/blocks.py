@@ -76,8 +76,9 @@ class BlockPool:
             raise ValueError("the KV pool needs at least one block")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.kv = kv_type(dtype)  # how rows are stored (model/kv_types.py)
-        shape = (num_blocks * block_size, config.n_kv_heads, self.kv.width(config.head_dim))  # [slots,Hkv,D] stored
-        layers = self._layers = untouched_zeros((2 * config.n_layers, *shape), self.kv.storage)  # [2L,slots,Hkv,D]
+        # [blocks,Hkv,block_size,D] stored (model/cache.py's PagedCache: each block's rows head by head)
+        shape = (num_blocks, config.n_kv_heads, block_size, self.kv.width(config.head_dim))
+        layers = self._layers = untouched_zeros((2 * config.n_layers, *shape), self.kv.storage)  # [2L,blocks,...]
         self.k, self.v = list(layers[: config.n_layers]), list(layers[config.n_layers :])
         self.refs = [0] * num_blocks
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # never hashed; pop() = lowest id
@@ -184,9 +185,8 @@ class BlockPool:
 
     def apply_copies(self, copies: Sequence[tuple[int, int, int]]) -> None:
         """Copy slots between blocks: this pool's own reuse, or another rank's (`copied`) in its order."""
-        size = self.block_size
         for source, target, n in copies:
-            self._layers[:, target * size : target * size + n] = self._layers[:, source * size : source * size + n]
+            self._layers[:, target, :, :n] = self._layers[:, source, :, :n]
 
     def _index(self, block: int, place: Place, tokens: Sequence[int]) -> None:
         self._at.setdefault(place, {})[block] = tuple(tokens)

@@ -266,12 +266,17 @@ class KVCache(Cache):
 class PagedCache(Cache):
     """One serving step's view of the paged KV pool: the tokens of many sequences in one row [1,N].
 
-    The pool holds, per layer, keys and values [P,Hkv,D] in P = blocks x block_size slots, stored as
-    `kv` (model/kv_types.py; a Q8_0 pool's rows are uint8 [P,Hkv,D/32*34]). Each of the
-    step's R sequences has a block table (a row of `tables` [R,T] int32, -1 = no block): its token at
-    position p lives in slot tables[r, p // block_size] * block_size + p % block_size. Worked example,
-    block_size 4, table [7, 2, -1]: position 5 -> block 2, offset 1 -> slot 9. A -1 is a block not yet
-    needed, or released because it fell out of the sliding window.
+    The pool holds, per layer, keys and values [blocks,Hkv,block_size,D], stored as `kv`
+    (model/kv_types.py; a Q8_0 pool's rows are uint8 [...,D/32*34]). Each of the step's R sequences has a
+    block table (a row of `tables` [R,T] int32, -1 = no block): its token at position p lives in slot
+    tables[r, p // block_size] * block_size + p % block_size, that is offset p % block_size of the block.
+    Worked example, block_size 4, table [7, 2, -1]: position 5 -> block 2, offset 1 -> slot 9, kv head h's
+    row [2, h, 1]. A -1 is a block not yet needed, or released because it fell out of the sliding window.
+    Within a block the rows go head by head, so that a kv head's keys of a block lie together as the
+    compiled step's attention reads them (one head of one row at a time): with each slot's heads side by
+    side ([slots,Hkv,D], a head's rows 128 of every 384 bytes) the attention of SmolLM2's 16-request
+    decoding steps (~80 keys a row) took 1.22-1.56x the time of the same steps' q/k/v projection, head by
+    head 1.03-1.11x (builds alternating, 6 runs each).
 
     Token i of the step belongs to sequence seq[i] and sits at positions[i]; it is a prompt token where
     positions[i] < prompts[seq[i]] (each sequence's prompt length [R], where the runner gives them: a
@@ -294,7 +299,7 @@ class PagedCache(Cache):
         span: int | None = None,
         prompts: torch.Tensor | None = None,
     ) -> None:
-        self.k, self.v, self.block_size, self.window = k, v, block_size, window  # [P,Hkv,D] per layer
+        self.k, self.v, self.block_size, self.window = k, v, block_size, window  # [blocks,Hkv,bs,D] per layer
         self.kv = kv if kv is not None else kv_type(k[0].dtype)
         self.tables, self.seq, self.positions = tables, seq, positions  # [R,T] int32, [N] int32, [N] int64
         self.span = span  # the largest position + 1, where the caller knows it (else read from positions)
@@ -332,11 +337,13 @@ class PagedCache(Cache):
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """k, v [1,N,Hkv,D] -> keys, values [1,Hkv,S,D] and their positions [1,S]."""
         slots, key_slots, key_pos, _ = self._keys()
-        pk, pv = self.k[layer], self.v[layer]  # [P,Hkv,D]
-        pk[slots] = self.kv.encode(k[0])
-        pv[slots] = self.kv.encode(v[0])
-        keys = self.kv.decode(pk[key_slots]).transpose(0, 1)[None]  # [S,Hkv,D] -> [1,Hkv,S,D]
-        values = self.kv.decode(pv[key_slots]).transpose(0, 1)[None]
+        pk, pv = self.k[layer], self.v[layer]  # [blocks,Hkv,bs,D]
+        size = self.block_size
+        new, held = (slots // size, slice(None), slots % size), (key_slots // size, slice(None), key_slots % size)
+        pk[new] = self.kv.encode(k[0])  # [N,Hkv,D] into each slot's rows
+        pv[new] = self.kv.encode(v[0])
+        keys = self.kv.decode(pk[held]).transpose(0, 1)[None]  # [S,Hkv,D] -> [1,Hkv,S,D]
+        values = self.kv.decode(pv[held]).transpose(0, 1)[None]
         return keys, values, key_pos[None]
 
     def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -370,7 +370,7 @@ def _paged_layers(cache: PagedCache, span: int, per_layer: list[dict[str, tuple[
     tables, seq = cache.tables.contiguous(), cache.seq.contiguous()
     common = {"kpos": _UNUSED, "tables": _buffer(tables), "seq": _buffer(seq)}
     common["prompts"] = _prompts(cache.prompts, tables.shape[0])
-    slots = cache.k[0].shape[0]
+    slots = cache.k[0].shape[0] * cache.k[0].shape[2]  # [blocks,Hkv,bs,D]
     return (S, slots, cache.block_size, *tables.shape), per_layer, common
 
 

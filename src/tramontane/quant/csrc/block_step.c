@@ -192,9 +192,12 @@ static size_t paged_slot(const block_args *a, long b, int64_t p) {
 }
 
 /* Cache row (of D elements) of kv head g of row b's key at its new position (offline: [B, Hkv, S];
- * paged: [P, Hkv]). */
+ * paged: [P / bs, Hkv, bs], each block's rows head by head). */
 static size_t store_at(const block_args *a, long b, long g) {
-    if (a->P > 0) return paged_slot(a, b, a->qpos[b]) * a->Hkv + g;
+    if (a->P > 0) {
+        const size_t slot = paged_slot(a, b, a->qpos[b]);
+        return (slot / (size_t)a->bs * (size_t)a->Hkv + (size_t)g) * (size_t)a->bs + slot % (size_t)a->bs;
+    }
     return ((size_t)cache_row(a, b) * a->Hkv + g) * a->S + a->qpos[b] % a->S;
 }
 
@@ -235,7 +238,7 @@ static void row_keys(const block_args *a, long b, size_t *off, long *n) {
         const int32_t *table = a->tables + (size_t)a->seq[b] * a->T;
         int64_t j = lo / bs, o = lo % bs;
         for (int64_t p = lo; p <= q; p++) {
-            off[count++] = ((size_t)table[j] * (size_t)bs + (size_t)o) * stride;
+            off[count++] = (size_t)table[j] * (size_t)bs * stride + (size_t)o;  /* kv head 0's row */
             if (++o == bs) o = 0, j++;
         }
         *n = count;
@@ -252,7 +255,7 @@ static void row_keys(const block_args *a, long b, size_t *off, long *n) {
 
 /* The cache row where kv head g's keys of row b start (values: the same row of vc). */
 static size_t key_base(const block_args *a, long b, long g) {
-    return a->P > 0 ? (size_t)g : ((size_t)cache_row(a, b) * a->Hkv + g) * a->S;
+    return a->P > 0 ? (size_t)g * (size_t)a->bs : ((size_t)cache_row(a, b) * a->Hkv + g) * a->S;
 }
 
 /* Rows of one sequence at consecutive positions attend in tiles of up to ATT_RT rows (ATT_RT_TILES for

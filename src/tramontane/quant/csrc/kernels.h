@@ -339,8 +339,9 @@ typedef struct {
     int tk, tv, t3;
     long rows_qkv[3], rows_13[2];
     const float *cs;                    /* [B, D/2, 2] cos, sin of each row's position */
-    uint8_t *kc, *vc;                   /* this layer's cache: offline [B, Hkv, S, D], paged [P, Hkv, D], each
-                                           row of D elements stored as type kvt (F32, F16, BF16 or Q8_0) */
+    uint8_t *kc, *vc;                   /* this layer's cache: offline [B, Hkv, S, D], paged [P / bs, Hkv, bs,
+                                           D] (a block's rows head by head), each row of D elements stored
+                                           as type kvt (F32, F16, BF16 or Q8_0) */
     int kvt;
     long S;                             /* offline: slots per row; paged: the most keys a row attends */
     const int64_t *kpos;                /* offline: [B, S] position held by each slot (-1 = empty), this
