@@ -63,11 +63,13 @@ static long take_chunk(long *next, long n) {
  * time, 1536 x 576 at 8 rows 0.82 / 0.97, 576 x 576 at 16 rows 1.02 / 0.96; Q4_K / Q6_K 1536 x 1024
  * 0.87 / 1.07, 4096 x 4096 1.02 / 0.87; SmolLM2 Q4_0's 16-row decoding blocks 0.94; `tramontane serve`
  * with 16 clients (benchmarks/serve_load.py, runs alternating) 352-358 -> 384-441 tok/s. Returns the
- * chunk index of thread t's next claim (`mine`: how many it made), or -1 when all are taken. */
-static long end_chunk(long *next, long chunks, int t, long *mine) {
-    if (take_chunk(next, 1) >= chunks) return -1;
+ * first of `units` of thread t's next chunk of `chunk` units (`mine`: how many it claimed), or `units`
+ * when all are taken. */
+static long end_chunk(long *next, long chunk, long units, int t, long *mine) {
+    const long chunks = (units + chunk - 1) / chunk;
+    if (take_chunk(next, 1) >= chunks) return units;
     const long k = (*mine)++;
-    return t == 0 ? k : chunks - 1 - k;
+    return (t == 0 ? k : chunks - 1 - k) * chunk;
 }
 
 /* From ROW_CHUNKS_FROM activation rows on (prompt chunks), the integer kernels' threads take chunks of
@@ -329,7 +331,6 @@ int tram_matmul_hooked(const isa_ops *ops, const float *x, const uint8_t *w, flo
     const int ends = nth == 2 && !by_rows && M > DYNAMIC_M;
     long chunk = units / ((long)CHUNKS * nth), next = 0;  /* whole groups; next: the first not taken */
     if (chunk < 4) chunk = units < 4 ? units : 4;  /* (decoding's interleaved rows walk 4 groups at once) */
-    const long chunks = (units + chunk - 1) / chunk;
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nth) if (nth > 1)
 #endif
@@ -354,11 +355,11 @@ int tram_matmul_hooked(const isa_ops *ops, const float *x, const uint8_t *w, flo
                 run_after(h, y, N, m0, m1, 0, N);
             }
         } else {
-            long u, take, mine = 0, c = 0;  /* this thread's first range of units: a chunk, or its fixed share */
+            long u, take, mine = 0;  /* this thread's first range of units: a chunk, or its fixed share */
             if (dynamic)
                 u = take_chunk(&next, chunk), take = chunk;
             else if (ends)
-                c = end_chunk(&next, chunks, t, &mine), u = c < 0 ? units : c * chunk, take = chunk;
+                u = end_chunk(&next, chunk, units, t, &mine), take = chunk;
             else
                 split_rows(units, t, nt, 1, &u, &take), take -= u;
             while (u < units && take > 0) {
@@ -373,7 +374,7 @@ int tram_matmul_hooked(const isa_ops *ops, const float *x, const uint8_t *w, flo
                 if (y2) sum_pairs(y, y2, N, 0, M, n0, n1);
                 run_after(h, y, N, 0, M, n0, n1);
                 if (ends)  /* the next chunk from this thread's end, or done */
-                    c = end_chunk(&next, chunks, t, &mine), u = c < 0 ? units : c * chunk;
+                    u = end_chunk(&next, chunk, units, t, &mine);
                 else
                     u = dynamic ? take_chunk(&next, chunk) : units;  /* the next free chunk, or done */
             }
